@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Static checks: ruff (format + lint), mypy, cython-lint. Run by `make test` and so by .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=.venv/bin
+$bin/ruff format --check .
+$bin/ruff check .
+$bin/mypy pkcs11ws
+$bin/cython-lint --max-line-length 100 pkcs11ws/_native
+echo "checks: ok"

@@ -1,0 +1,453 @@
+"""The wire protocol between the module (client) and the key service: written down once.
+
+JSON over HTTPS with mutual TLS. Binary fields travel as standard base64. This module owns:
+the attribute table (which CKA travels and how), the request/response structures, the endpoint
+table, the error codes with their HTTP status and the CKR each maps to, strict decoding (unknown
+fields and malformed base64 are rejected), and the OpenAPI and Markdown renderings of all of it.
+The client (pkcs11ws.client) and the server (pkcs11ws.server) both import it; nothing else defines
+a field or an error.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from pkcs11ws import constants as C
+
+VERSION: Final = "1.0"
+OPENAPI_PATH: Final = "/openapi.json"
+HEALTH_PATH: Final = "/health"
+IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
+TOKEN_HEADER: Final = "Authorization"  # "Bearer <activation token>"
+MAX_PASSPHRASE: Final = 256
+NAME_RE: Final = re.compile(r"^[A-Za-z0-9]{1,64}$")
+IDEMPOTENCY_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{8,128}$")
+
+
+class ProtocolError(Exception):
+    """A request or response that does not fit the schema; code is one of ERRORS."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: stable code -> HTTP status and the CKR the module returns for it.
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    code: str
+    http: int
+    ckr: int
+    doc: str
+
+
+ERRORS: Final[dict[str, ErrorCode]] = {
+    e.code: e
+    for e in (
+        ErrorCode("BAD_REQUEST", 400, C.CKR_ARGUMENTS_BAD, "Body not JSON or off the schema."),
+        ErrorCode("UNKNOWN_FIELD", 400, C.CKR_ARGUMENTS_BAD, "A field the schema does not know."),
+        ErrorCode("BAD_BASE64", 400, C.CKR_ARGUMENTS_BAD, "A binary field is not strict base64."),
+        ErrorCode("IDEMPOTENCY_KEY_REQUIRED", 400, C.CKR_ARGUMENTS_BAD,
+                  "A create or destroy request without a valid Idempotency-Key header."),
+        ErrorCode("IDEMPOTENCY_CONFLICT", 422, C.CKR_FUNCTION_FAILED,
+                  "The Idempotency-Key was used before for a different request."),
+        ErrorCode("NOT_FOUND", 404, C.CKR_FUNCTION_NOT_SUPPORTED, "No such endpoint."),
+        ErrorCode("METHOD_NOT_ALLOWED", 405, C.CKR_FUNCTION_NOT_SUPPORTED,
+                  "The endpoint exists but not with this method."),
+        ErrorCode("BODY_TOO_LARGE", 413, C.CKR_DATA_LEN_RANGE,
+                  "The request body is over the service's configured limit."),
+        ErrorCode("INVALID_NAME", 400, C.CKR_ARGUMENTS_BAD,
+                  "Softcard names are 1-64 letters and digits (no special characters)."),
+        ErrorCode("PASSPHRASE_LEN_RANGE", 400, C.CKR_PIN_LEN_RANGE,
+                  "Passphrases are 1 to 256 bytes."),
+        ErrorCode("SOFTCARD_EXISTS", 409, C.CKR_FUNCTION_FAILED, "A softcard has that name."),
+        ErrorCode("SOFTCARD_NOT_FOUND", 404, C.CKR_TOKEN_NOT_PRESENT, "No softcard with that ID."),
+        ErrorCode("SOFTCARD_NOT_EMPTY", 409, C.CKR_FUNCTION_FAILED,
+                  "The softcard still holds keys; delete them first or force."),
+        ErrorCode("PASSPHRASE_INCORRECT", 403, C.CKR_PIN_INCORRECT, "Wrong passphrase."),
+        ErrorCode("PASSPHRASE_LOCKED", 429, C.CKR_PIN_LOCKED,
+                  "Too many wrong passphrases: the card refuses activation for a while "
+                  "(the message says how long)."),
+        ErrorCode("NOT_ACTIVATED", 401, C.CKR_USER_NOT_LOGGED_IN,
+                  "No, an expired or a revoked activation token for this softcard."),
+        ErrorCode("OBJECT_NOT_FOUND", 404, C.CKR_OBJECT_HANDLE_INVALID, "No such object."),
+        ErrorCode("KEY_NOT_FOUND", 404, C.CKR_KEY_HANDLE_INVALID, "No such key."),
+        ErrorCode("KEY_TYPE_INCONSISTENT", 400, C.CKR_KEY_TYPE_INCONSISTENT,
+                  "The key's type does not fit the mechanism."),
+        ErrorCode("KEY_FUNCTION_NOT_PERMITTED", 403, C.CKR_KEY_FUNCTION_NOT_PERMITTED,
+                  "The key's usage flags (CKA_ENCRYPT/DECRYPT/SIGN/VERIFY) forbid this."),
+        ErrorCode("KEY_SIZE_RANGE", 400, C.CKR_KEY_SIZE_RANGE, "Key length not allowed."),
+        ErrorCode("MECHANISM_INVALID", 400, C.CKR_MECHANISM_INVALID,
+                  "Unknown mechanism or not valid for this operation."),
+        ErrorCode("MECHANISM_PARAM_INVALID", 400, C.CKR_MECHANISM_PARAM_INVALID,
+                  "Missing or wrong-length IV, or MAC length out of range."),
+        ErrorCode("DATA_LEN_RANGE", 400, C.CKR_DATA_LEN_RANGE,
+                  "Plaintext not a multiple of 16 bytes for CKM_AES_CBC."),
+        ErrorCode("ENCRYPTED_DATA_LEN_RANGE", 400, C.CKR_ENCRYPTED_DATA_LEN_RANGE,
+                  "Ciphertext not a non-zero multiple of 16 bytes."),
+        ErrorCode("ENCRYPTED_DATA_INVALID", 400, C.CKR_ENCRYPTED_DATA_INVALID, "Bad padding."),
+        ErrorCode("SIGNATURE_INVALID", 422, C.CKR_SIGNATURE_INVALID, "The MAC does not verify."),
+        ErrorCode("SIGNATURE_LEN_RANGE", 422, C.CKR_SIGNATURE_LEN_RANGE,
+                  "The MAC has the wrong length for the mechanism."),
+        ErrorCode("TEMPLATE_INCOMPLETE", 400, C.CKR_TEMPLATE_INCOMPLETE,
+                  "A required attribute is missing."),
+        ErrorCode("TEMPLATE_INCONSISTENT", 400, C.CKR_TEMPLATE_INCONSISTENT,
+                  "Attributes contradict each other or the service's rules."),
+        ErrorCode("ATTRIBUTE_TYPE_INVALID", 400, C.CKR_ATTRIBUTE_TYPE_INVALID,
+                  "An attribute this object class does not have."),
+        ErrorCode("ATTRIBUTE_VALUE_INVALID", 400, C.CKR_ATTRIBUTE_VALUE_INVALID,
+                  "An attribute value the service refuses (for example CKA_VALUE not DER X.509)."),
+        ErrorCode("INTERNAL", 500, C.CKR_DEVICE_ERROR, "An unexpected failure in the service."),
+        ErrorCode("UNAVAILABLE", 503, C.CKR_DEVICE_ERROR, "The service is starting or stopping."),
+    )
+}  # fmt: skip
+
+
+def ckr_for(code: str, http: int = 0) -> int:
+    """The CKR for an error code; unknown codes fall back on the HTTP status (design.md 4)."""
+    err = ERRORS.get(code)
+    if err is not None:
+        return err.ckr
+    if http in (401, 403):
+        return C.CKR_USER_NOT_LOGGED_IN
+    if http == 404:
+        return C.CKR_OBJECT_HANDLE_INVALID
+    if http == 413:
+        return C.CKR_DATA_LEN_RANGE
+    if 400 <= http < 500:
+        return C.CKR_ARGUMENTS_BAD
+    return C.CKR_DEVICE_ERROR
+
+
+# --------------------------------------------------------------------------------------------
+# Attributes: which CKA travel, and as what JSON type.
+
+BOOL, ULONG, BYTES = "bool", "ulong", "bytes"
+
+
+@dataclass(frozen=True)
+class Attr:
+    name: str
+    code: int
+    kind: str  # BOOL | ULONG | BYTES
+
+
+ATTRIBUTES: Final[tuple[Attr, ...]] = tuple(
+    Attr(n, getattr(C, n), k)
+    for n, k in (
+        ("CKA_CLASS", ULONG), ("CKA_TOKEN", BOOL), ("CKA_PRIVATE", BOOL), ("CKA_LABEL", BYTES),
+        ("CKA_APPLICATION", BYTES), ("CKA_VALUE", BYTES), ("CKA_OBJECT_ID", BYTES),
+        ("CKA_CERTIFICATE_TYPE", ULONG), ("CKA_ISSUER", BYTES), ("CKA_SERIAL_NUMBER", BYTES),
+        ("CKA_TRUSTED", BOOL), ("CKA_CERTIFICATE_CATEGORY", ULONG), ("CKA_CHECK_VALUE", BYTES),
+        ("CKA_KEY_TYPE", ULONG), ("CKA_SUBJECT", BYTES), ("CKA_ID", BYTES),
+        ("CKA_SENSITIVE", BOOL), ("CKA_ENCRYPT", BOOL), ("CKA_DECRYPT", BOOL), ("CKA_WRAP", BOOL),
+        ("CKA_UNWRAP", BOOL), ("CKA_SIGN", BOOL), ("CKA_SIGN_RECOVER", BOOL),
+        ("CKA_VERIFY", BOOL), ("CKA_VERIFY_RECOVER", BOOL), ("CKA_DERIVE", BOOL),
+        ("CKA_START_DATE", BYTES), ("CKA_END_DATE", BYTES), ("CKA_VALUE_LEN", ULONG),
+        ("CKA_EXTRACTABLE", BOOL), ("CKA_LOCAL", BOOL), ("CKA_NEVER_EXTRACTABLE", BOOL),
+        ("CKA_ALWAYS_SENSITIVE", BOOL), ("CKA_KEY_GEN_MECHANISM", ULONG),
+        ("CKA_MODIFIABLE", BOOL), ("CKA_COPYABLE", BOOL), ("CKA_DESTROYABLE", BOOL),
+        ("CKA_WRAP_WITH_TRUSTED", BOOL), ("CKA_ALWAYS_AUTHENTICATE", BOOL),
+    )
+)  # fmt: skip
+ATTR_BY_NAME: Final[dict[str, Attr]] = {a.name: a for a in ATTRIBUTES}
+ATTR_BY_CODE: Final[dict[int, Attr]] = {a.code: a for a in ATTRIBUTES}
+
+AttrValue = bool | int | bytes
+Attrs = dict[str, AttrValue]
+
+
+# --------------------------------------------------------------------------------------------
+# Structures: a field is (name, kind, required). Kinds: str, bytes (base64), int, bool, attrs,
+# or the name of another structure, optionally as "list:NAME".
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: str
+    required: bool = True
+    doc: str = ""
+    max_len: int = 0  # for str/bytes: maximum length in characters/bytes (0: no limit)
+
+
+@dataclass(frozen=True)
+class Struct:
+    name: str
+    fields: tuple[Field, ...]
+    doc: str = ""
+    by_name: dict[str, Field] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.by_name.update({f.name: f for f in self.fields})
+
+
+def _s(name: str, doc: str, *fields: Field) -> Struct:
+    return Struct(name, tuple(fields), doc)
+
+
+F = Field
+STRUCTS: Final[dict[str, Struct]] = {
+    s.name: s
+    for s in (
+        _s("Empty", "No fields."),
+        _s("Health", "Service liveness.", F("status", "str"), F("version", "str"),
+           F("protocol", "str")),
+        _s("SoftcardCreate", "Create a softcard.",
+           F("name", "str", doc="letters and digits, 1-64", max_len=64),
+           F("passphrase", "bytes", doc="1-256 bytes", max_len=MAX_PASSPHRASE)),
+        _s("Softcard", "A softcard (protection domain).",
+           F("id", "str", doc="UUID of the softcard"), F("name", "str"),
+           F("keys", "int", doc="number of secret keys"),
+           F("certificates", "int", doc="number of certificates"),
+           F("data", "int", doc="number of data objects"), F("created", "str")),
+        _s("SoftcardList", "All softcards.", F("softcards", "list:Softcard")),
+        _s("Activate", "Log in to a softcard.",
+           F("passphrase", "bytes", max_len=MAX_PASSPHRASE)),
+        _s("Activation", "A sealed activation token; send it as 'Authorization: Bearer TOKEN'.",
+           F("token", "str"), F("expires_in", "int", doc="seconds")),
+        _s("Object", "A stored object: its handle (UUID) and its readable attributes. "
+           "CKA_VALUE of secret keys is never returned.",
+           F("handle", "str"), F("attrs", "attrs")),
+        _s("ObjectList", "Search results.", F("objects", "list:Object")),
+        _s("ObjectCreate", "Create a data object, a certificate or import a secret key.",
+           F("attrs", "attrs")),
+        _s("Search", "Find objects whose attributes equal every given one (empty: all).",
+           F("attrs", "attrs")),
+        _s("KeyGenerate", "Generate a secret key in the service.",
+           F("mechanism", "str", doc="CKM_AES_KEY_GEN, CKM_SHA256_KEY_GEN, ..."),
+           F("attrs", "attrs")),
+        _s("Cipher", "AES-CBC or AES-CBC-PAD over data.",
+           F("key", "str", doc="key handle (UUID)"), F("mechanism", "str"),
+           F("iv", "bytes", doc="16 bytes"), F("data", "bytes")),
+        _s("CipherResult", "The output, and the last ciphertext block (the IV that continues "
+           "the chain for a following call).",
+           F("data", "bytes"), F("last_block", "bytes")),
+        _s("Sign", "HMAC over data.", F("key", "str"), F("mechanism", "str"), F("data", "bytes"),
+           F("mac_length", "int", required=False,
+             doc="_GENERAL mechanisms: output length, half to full size")),
+        _s("Signature", "The MAC.", F("signature", "bytes")),
+        _s("Verify", "Check a MAC (constant time).", F("key", "str"), F("mechanism", "str"),
+           F("data", "bytes"), F("signature", "bytes"),
+           F("mac_length", "int", required=False)),
+        _s("Verified", "The MAC verified (a mismatch is the error SIGNATURE_INVALID).",
+           F("valid", "bool")),
+        _s("Random", "Random bytes.", F("length", "int", doc="1-65536")),
+        _s("RandomResult", "Random bytes.", F("data", "bytes")),
+        _s("Error", "Every failure.", F("code", "str"), F("message", "str")),
+    )
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Endpoints.
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    op: str
+    method: str
+    path: str
+    request: str  # struct name ("Empty" for none)
+    response: str
+    doc: str
+    auth: bool = False  # needs an activation token for the softcard
+    idempotent: bool = False  # needs an Idempotency-Key header (create/destroy)
+    errors: tuple[str, ...] = ()
+    query: tuple[str, ...] = ()  # query parameters (boolean flags)
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile(
+            "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[A-Za-z0-9-]{1,64})", self.path) + "$"
+        )
+
+
+_CARD = "/km/v1/softcards/{card}"
+_KEY_ERRS = (
+    "NOT_ACTIVATED",
+    "KEY_NOT_FOUND",
+    "KEY_TYPE_INCONSISTENT",
+    "KEY_FUNCTION_NOT_PERMITTED",
+    "MECHANISM_INVALID",
+    "MECHANISM_PARAM_INVALID",
+)
+ENDPOINTS: Final[tuple[Endpoint, ...]] = (
+    Endpoint("health", "GET", HEALTH_PATH, "Empty", "Health", "Liveness and versions."),
+    Endpoint("list_softcards", "GET", "/km/v1/softcards", "Empty", "SoftcardList",
+             "List softcards with their object counts."),
+    Endpoint("create_softcard", "POST", "/km/v1/softcards", "SoftcardCreate", "Softcard",
+             "Create a softcard protected by a passphrase.", idempotent=True,
+             errors=("INVALID_NAME", "PASSPHRASE_LEN_RANGE", "SOFTCARD_EXISTS")),
+    Endpoint("get_softcard", "GET", _CARD, "Empty", "Softcard", "One softcard.",
+             errors=("SOFTCARD_NOT_FOUND",)),
+    Endpoint("delete_softcard", "DELETE", _CARD, "Empty", "Empty",
+             "Delete a softcard; refused while it holds keys unless ?force=true.",
+             idempotent=True, query=("force",),
+             errors=("SOFTCARD_NOT_FOUND", "SOFTCARD_NOT_EMPTY")),
+    Endpoint("activate", "POST", _CARD + "/activate", "Activate", "Activation",
+             "Log in: check the passphrase and return a sealed activation token.",
+             errors=("SOFTCARD_NOT_FOUND", "PASSPHRASE_INCORRECT", "PASSPHRASE_LOCKED",
+                     "PASSPHRASE_LEN_RANGE")),
+    Endpoint("deactivate", "POST", _CARD + "/deactivate", "Empty", "Empty",
+             "Log out: revoke the activation token.", auth=True, errors=("NOT_ACTIVATED",)),
+    Endpoint("search_objects", "POST", _CARD + "/objects/search", "Search", "ObjectList",
+             "Find objects by class, key type, label, id, application (any attributes).",
+             auth=True, errors=("NOT_ACTIVATED", "ATTRIBUTE_TYPE_INVALID")),
+    Endpoint("create_object", "POST", _CARD + "/objects", "ObjectCreate", "Object",
+             "Create a data object or X.509 certificate, or import a secret key.",
+             auth=True, idempotent=True,
+             errors=("NOT_ACTIVATED", "TEMPLATE_INCOMPLETE", "TEMPLATE_INCONSISTENT",
+                     "ATTRIBUTE_TYPE_INVALID", "ATTRIBUTE_VALUE_INVALID", "KEY_SIZE_RANGE")),
+    Endpoint("get_object", "GET", _CARD + "/objects/{handle}", "Empty", "Object",
+             "One object's attributes.", auth=True, errors=("NOT_ACTIVATED", "OBJECT_NOT_FOUND")),
+    Endpoint("delete_object", "DELETE", _CARD + "/objects/{handle}", "Empty", "Empty",
+             "Destroy an object.", auth=True, idempotent=True,
+             errors=("NOT_ACTIVATED", "OBJECT_NOT_FOUND")),
+    Endpoint("generate_key", "POST", _CARD + "/keys/generate", "KeyGenerate", "Object",
+             "Generate an AES or HMAC key; its value never leaves the service.",
+             auth=True, idempotent=True,
+             errors=("NOT_ACTIVATED", "MECHANISM_INVALID", "TEMPLATE_INCOMPLETE",
+                     "TEMPLATE_INCONSISTENT", "KEY_SIZE_RANGE")),
+    Endpoint("encrypt", "POST", "/crypto/v1/encrypt", "Cipher", "CipherResult",
+             "AES-CBC(-PAD) encryption.", auth=True, errors=(*_KEY_ERRS, "DATA_LEN_RANGE")),
+    Endpoint("decrypt", "POST", "/crypto/v1/decrypt", "Cipher", "CipherResult",
+             "AES-CBC(-PAD) decryption.", auth=True,
+             errors=(*_KEY_ERRS, "ENCRYPTED_DATA_LEN_RANGE", "ENCRYPTED_DATA_INVALID")),
+    Endpoint("sign", "POST", "/crypto/v1/sign", "Sign", "Signature", "HMAC sign.", auth=True,
+             errors=_KEY_ERRS),
+    Endpoint("verify", "POST", "/crypto/v1/verify", "Verify", "Verified", "HMAC verify.",
+             auth=True, errors=(*_KEY_ERRS, "SIGNATURE_INVALID", "SIGNATURE_LEN_RANGE")),
+    Endpoint("random", "POST", "/crypto/v1/random", "Random", "RandomResult",
+             "Random bytes from the service's CSPRNG (no login needed).",
+             errors=("BAD_REQUEST",)),
+)  # fmt: skip
+ENDPOINT_BY_OP: Final[dict[str, Endpoint]] = {e.op: e for e in ENDPOINTS}
+COMMON_ERRORS: Final = ("BAD_REQUEST", "UNKNOWN_FIELD", "BAD_BASE64", "BODY_TOO_LARGE",
+                        "INTERNAL", "UNAVAILABLE")  # fmt: skip
+
+
+def path_for(op: str, **params: str) -> str:
+    """The concrete path of an endpoint, e.g. path_for("activate", card=uuid)."""
+    return ENDPOINT_BY_OP[op].path.format(**params)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding and strict decoding.
+
+
+def b64e(data: bytes) -> str:
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
+
+
+def b64d(text: object, where: str) -> bytes:
+    if not isinstance(text, str):
+        raise ProtocolError("BAD_REQUEST", f"{where}: expected a base64 string")
+    try:
+        return binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("BAD_BASE64", f"{where}: malformed base64") from None
+
+
+def encode_attrs(attrs: Attrs) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in attrs.items():
+        a = ATTR_BY_NAME[name]
+        out[name] = b64e(value) if a.kind == BYTES else value  # type: ignore[arg-type]
+    return out
+
+
+def decode_attrs(obj: object, where: str = "attrs") -> Attrs:
+    if not isinstance(obj, dict):
+        raise ProtocolError("BAD_REQUEST", f"{where}: expected an object")
+    out: Attrs = {}
+    for name, value in obj.items():
+        a = ATTR_BY_NAME.get(name)
+        if a is None:
+            raise ProtocolError("ATTRIBUTE_TYPE_INVALID", f"{where}: unknown attribute {name!r}")
+        if a.kind == BOOL:
+            if not isinstance(value, bool):
+                raise ProtocolError("BAD_REQUEST", f"{where}.{name}: expected true or false")
+            out[name] = value
+        elif a.kind == ULONG:
+            if type(value) is not int or not 0 <= value <= 0xFFFFFFFFFFFFFFFF:
+                raise ProtocolError("BAD_REQUEST", f"{where}.{name}: expected an unsigned integer")
+            out[name] = value
+        else:
+            out[name] = b64d(value, f"{where}.{name}")
+    return out
+
+
+def _check(kind: str, value: object, where: str) -> Any:
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ProtocolError("BAD_REQUEST", f"{where}: expected a string")
+        return value
+    if kind == "bytes":
+        return b64d(value, where)
+    if kind == "int":
+        if type(value) is not int or not 0 <= value <= 0xFFFFFFFFFFFFFFFF:
+            raise ProtocolError("BAD_REQUEST", f"{where}: expected an unsigned integer")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ProtocolError("BAD_REQUEST", f"{where}: expected true or false")
+        return value
+    if kind == "attrs":
+        return decode_attrs(value, where)
+    if kind.startswith("list:"):
+        if not isinstance(value, list):
+            raise ProtocolError("BAD_REQUEST", f"{where}: expected a list")
+        sub = STRUCTS[kind[5:]]
+        return [decode(sub, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return decode(STRUCTS[kind], value, where)
+
+
+def decode(struct: Struct, obj: object, where: str = "body") -> dict[str, Any]:
+    """Validate a parsed JSON value against a structure; bytes fields come back as bytes."""
+    if not isinstance(obj, dict):
+        raise ProtocolError("BAD_REQUEST", f"{where}: expected a JSON object")
+    out: dict[str, Any] = {}
+    for name, value in obj.items():
+        f = struct.by_name.get(name)
+        if f is None:
+            raise ProtocolError("UNKNOWN_FIELD", f"{where}: unknown field {name!r}")
+        v = _check(f.kind, value, f"{where}.{name}")
+        if f.max_len and len(v) > f.max_len:
+            code = "PASSPHRASE_LEN_RANGE" if name == "passphrase" else "BAD_REQUEST"
+            raise ProtocolError(code, f"{where}.{name}: longer than {f.max_len}")
+        out[name] = v
+    for f in struct.fields:
+        if f.required and f.name not in out:
+            raise ProtocolError("BAD_REQUEST", f"{where}: missing field {f.name!r}")
+    return out
+
+
+def _enc(kind: str, value: Any) -> Any:
+    if kind == "bytes":
+        return b64e(value)
+    if kind == "attrs":
+        return encode_attrs(value)
+    if kind.startswith("list:"):
+        sub = STRUCTS[kind[5:]]
+        return [encode(sub, v) for v in value]
+    if kind in STRUCTS:
+        return encode(STRUCTS[kind], value)
+    return value
+
+
+def encode(struct: Struct, values: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-ready form of a structure (bytes to base64); unknown keys are a bug."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        out[name] = _enc(struct.by_name[name].kind, value)
+    return out
