@@ -1,0 +1,190 @@
+"""The module's log, in the WSOP format (user guide 3.2.3), to file, stdout and syslog.
+
+Levels: 0 None, 1 Fatal, 2 Error, 3 Warning, 4 Debug1, 5 Debug3, 6 Debug9; a message at level L is
+written when L <= LOGLEVEL. Each line starts with
+
+    [yyyy-mm-dd hh:mm:ss] <pid> <LEVEL> <session handle> libpkcs11ws: message
+
+and at DEBUG9 the thread ID follows the PID. The log is off until configure() is called, and the
+level check is one comparison, so callers on the hot path pay nearly nothing when it is off.
+
+Lines are written with one os.write() each: appends from several processes do not interleave, and
+nothing is buffered that a fork() could duplicate. There is deliberately no helper that formats a
+request or response body: PINs, passphrases, key material and plaintext are never logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import syslog
+import threading
+import time
+import weakref
+from typing import Final
+
+from pkcs11ws.config import Config
+
+NONE, FATAL, ERROR, WARNING, DEBUG1, DEBUG3, DEBUG9 = range(7)
+LEVEL_NAMES: Final = ("NONE", "FATAL", "ERROR", "WARNING", "DEBUG1", "DEBUG3", "DEBUG9")
+LIBRARY_NAME: Final = "libpkcs11ws"
+_SYSLOG_PRIORITY: Final = (
+    syslog.LOG_DEBUG,
+    syslog.LOG_CRIT,
+    syslog.LOG_ERR,
+    syslog.LOG_WARNING,
+    syslog.LOG_DEBUG,
+    syslog.LOG_DEBUG,
+    syslog.LOG_DEBUG,
+)
+# Paths we already complained about on stderr (warn once per process and path).
+_warned_paths: set[str] = set()
+# Every Logger, so the fork hook can renew their locks.
+_loggers: weakref.WeakSet[Logger] = weakref.WeakSet()
+
+
+def _one_line(msg: str) -> str:
+    # A message never spans lines: a newline inside could forge a log entry.
+    if "\n" in msg or "\r" in msg:
+        return msg.replace("\r", "\\r").replace("\n", "\\n")
+    return msg
+
+
+class Logger:
+    """Thread-safe writer of WSOP-format log lines; LOG is the module's one instance."""
+
+    def __init__(self) -> None:
+        self._level = NONE
+        self._fd = -1
+        self._path = ""
+        self._stdout = False
+        self._syslog = False
+        self._lock = threading.Lock()
+        _loggers.add(self)
+
+    # -- configuration --------------------------------------------------------------------
+
+    def configure(self, cfg: Config) -> None:
+        """Apply LOGLEVEL, LOGFILEPATH, LOGSTDOUT and LOGSYS (called by C_Initialize)."""
+        with self._lock:
+            self._level = NONE
+            if self._fd >= 0 and (cfg.logfilepath != self._path or cfg.loglevel == NONE):
+                self._close_fd()
+            if cfg.loglevel > NONE and self._fd < 0:
+                self._open(cfg.logfilepath)
+            self._stdout = cfg.logstdout
+            want_syslog = cfg.logsys and cfg.loglevel > NONE
+            if want_syslog and not self._syslog:
+                syslog.openlog(LIBRARY_NAME, syslog.LOG_PID, syslog.LOG_USER)
+            elif self._syslog and not want_syslog:
+                syslog.closelog()
+            self._syslog = want_syslog
+            self._level = cfg.loglevel
+
+    def _open(self, path: str) -> None:
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            self._path = path
+        except OSError as e:
+            self._fd = -1
+            self._path = ""
+            if path not in _warned_paths:
+                _warned_paths.add(path)
+                with contextlib.suppress(OSError):
+                    os.write(
+                        2,
+                        f"{LIBRARY_NAME}: WARNING: cannot open log file {path}: {e.strerror}; "
+                        "logging to it is disabled\n".encode(errors="replace"),
+                    )
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd = -1
+        self._path = ""
+
+    def close(self) -> None:
+        """Stop logging and release the file and syslog (C_Finalize)."""
+        with self._lock:
+            self._level = NONE
+            self._close_fd()
+            if self._syslog:
+                syslog.closelog()
+            self._syslog = False
+            self._stdout = False
+
+    def _after_fork_child(self) -> None:
+        # Another thread may have held the lock at fork(); the child has only this thread.
+        self._lock = threading.Lock()
+
+    # -- writing --------------------------------------------------------------------------
+
+    @property
+    def level(self) -> int:
+        return self._level
+
+    def enabled(self, level: int) -> bool:
+        return level <= self._level
+
+    def log(self, level: int, msg: str, session: int = 0) -> None:
+        if level > self._level or level <= NONE:
+            return
+        now = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        name = LEVEL_NAMES[level]
+        if level == DEBUG9:
+            head = f"{os.getpid()} {threading.get_native_id()} {name} {session} {LIBRARY_NAME}"
+        else:
+            head = f"{os.getpid()} {name} {session} {LIBRARY_NAME}"
+        body = f"{head}: {_one_line(msg)}"
+        data = f"[{now}] {body}\n".encode(errors="replace")
+        with self._lock:
+            if self._fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(self._fd, data)
+            if self._stdout:
+                with contextlib.suppress(OSError):
+                    os.write(1, data)
+            if self._syslog:
+                # syslog stamps its own time; it gets the rest of the line unchanged.
+                syslog.syslog(_SYSLOG_PRIORITY[level], body)
+
+    def fatal(self, msg: str, session: int = 0) -> None:
+        if self._level >= FATAL:
+            self.log(FATAL, msg, session)
+
+    def error(self, msg: str, session: int = 0) -> None:
+        if self._level >= ERROR:
+            self.log(ERROR, msg, session)
+
+    def warning(self, msg: str, session: int = 0) -> None:
+        if self._level >= WARNING:
+            self.log(WARNING, msg, session)
+
+    def debug1(self, msg: str, session: int = 0) -> None:
+        if self._level >= DEBUG1:
+            self.log(DEBUG1, msg, session)
+
+    def debug3(self, msg: str, session: int = 0) -> None:
+        if self._level >= DEBUG3:
+            self.log(DEBUG3, msg, session)
+
+    def debug9(self, msg: str, session: int = 0) -> None:
+        if self._level >= DEBUG9:
+            self.log(DEBUG9, msg, session)
+
+
+LOG: Final = Logger()
+
+
+def close() -> None:
+    """Close the module's log (C_Finalize)."""
+    LOG.close()
+
+
+def _after_fork_child() -> None:
+    for logger in list(_loggers):
+        logger._after_fork_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_child)

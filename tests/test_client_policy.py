@@ -1,0 +1,242 @@
+"""KeyServiceClient's retry policy and error mapping for answers the real key service does not
+give on demand (5xx, non-JSON bodies, a dead kept-alive connection): a scripted transport stands
+in for the network here; tests/test_client.py covers the same client against the real service.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pycurl
+import pytest
+
+from pkcs11ws import constants as C
+from pkcs11ws.client import CurlFailure, KeyServiceClient
+from pkcs11ws.config import Config
+from pkcs11ws.errors import ServiceError, TransportError
+from pkcs11ws.log import Logger
+
+
+def make_cfg(tmp_path: Path, **kw) -> Config:
+    base = Config(
+        host="localhost",
+        port=18001,
+        cert="c",
+        key="k",
+        auth="a",
+        loglevel=6,
+        logstdout=False,
+        logsys=False,
+        logfilepath=str(tmp_path / "p11.log"),
+        maxretries=3,
+        retrydelay=0,
+        connecttimeout=1,
+        timeout=1,
+        path="x",
+        overrides=(),
+        warnings=(),
+    )
+    return dataclasses.replace(base, **kw)
+
+
+Step = tuple[int, bytes] | CurlFailure
+
+
+class Scripted:
+    """Answers each request with the next scripted step and records what was sent."""
+
+    base_url = "https://localhost:18001"
+
+    def __init__(self, steps: list[Step]) -> None:
+        self.steps = steps
+        self.sent: list[tuple[str, str, bytes | None, Sequence[str]]] = []
+
+    def request(
+        self, method: str, path: str, body: bytes | None, headers: Sequence[str]
+    ) -> tuple[int, bytes]:
+        self.sent.append((method, path, body, headers))
+        step = self.steps.pop(0)
+        if isinstance(step, CurlFailure):
+            raise step
+        return step
+
+
+def client(tmp_path: Path, steps: list[Step], **kw) -> tuple[KeyServiceClient, Scripted, Path]:
+    cfg = make_cfg(tmp_path, **kw)
+    lg = Logger()
+    lg.configure(cfg)
+    t = Scripted(steps)
+    return KeyServiceClient(cfg, lg, transport=t), t, tmp_path / "p11.log"  # type: ignore[arg-type]
+
+
+def err(code: str, msg: str = "m") -> bytes:
+    return json.dumps({"code": code, "message": msg}).encode()
+
+
+RANDOM_OK = (200, b'{"data":"AAEC"}')
+DOWN = CurlFailure(pycurl.E_COULDNT_CONNECT, "Connection refused", reused=False)
+
+
+def test_5xx_retried_then_succeeds(tmp_path: Path) -> None:
+    cl, t, logf = client(tmp_path, [(503, err("UNAVAILABLE")), (500, b"oops"), RANDOM_OK])
+    assert cl.random(3) == b"\0\1\2"
+    assert len(t.sent) == 3
+    log = logf.read_text()
+    assert log.count(" WARNING ") == 2 and "retry 1/3" in log and "retry 2/3" in log
+
+
+def test_5xx_after_last_retry_raises_last_service_error(tmp_path: Path) -> None:
+    steps: list[Step] = [(503, err("UNAVAILABLE"))] * 3 + [(500, err("INTERNAL", "last"))]
+    cl, t, logf = client(tmp_path, steps)
+    with pytest.raises(ServiceError) as ei:
+        cl.random(3)
+    assert (ei.value.code, ei.value.http, ei.value.ckr) == ("INTERNAL", 500, C.CKR_DEVICE_ERROR)
+    assert ei.value.message == "last"
+    assert len(t.sent) == 4
+    assert logf.read_text().count(" ERROR ") == 1
+
+
+def test_network_failure_exhausts_retries_with_transport_error(tmp_path: Path) -> None:
+    cl, t, logf = client(tmp_path, [DOWN] * 4)
+    with pytest.raises(TransportError) as ei:
+        cl.health()
+    assert ei.value.ckr == C.CKR_DEVICE_ERROR
+    assert "after 3 retries" in ei.value.message
+    assert len(t.sent) == 4
+    text = logf.read_text()
+    assert text.count(" WARNING ") == 3 and text.count(" ERROR ") == 1
+
+
+def test_maxretries_zero_means_one_attempt(tmp_path: Path) -> None:
+    cl, t, _ = client(tmp_path, [DOWN], maxretries=0)
+    with pytest.raises(TransportError):
+        cl.health()
+    assert len(t.sent) == 1
+
+
+def test_tls_verification_failure_is_not_retried(tmp_path: Path) -> None:
+    bad = CurlFailure(pycurl.E_PEER_FAILED_VERIFICATION, "SSL certificate problem", False)
+    cl, t, _ = client(tmp_path, [bad])
+    with pytest.raises(TransportError, match="SSL certificate problem"):
+        cl.health()
+    assert len(t.sent) == 1
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 413, 422, 429])
+def test_4xx_never_retried(tmp_path: Path, status: int) -> None:
+    cl, t, logf = client(tmp_path, [(status, err("BAD_REQUEST"))])
+    with pytest.raises(ServiceError):
+        cl.random(3)
+    assert len(t.sent) == 1
+    assert " WARNING " not in logf.read_text()
+
+
+@pytest.mark.parametrize(
+    ("status", "ckr"),
+    [
+        (401, C.CKR_USER_NOT_LOGGED_IN),
+        (403, C.CKR_USER_NOT_LOGGED_IN),
+        (404, C.CKR_OBJECT_HANDLE_INVALID),
+        (413, C.CKR_DATA_LEN_RANGE),
+        (400, C.CKR_ARGUMENTS_BAD),
+        (418, C.CKR_ARGUMENTS_BAD),
+    ],
+)
+def test_non_json_error_maps_by_status(tmp_path: Path, status: int, ckr: int) -> None:
+    cl, _, _ = client(tmp_path, [(status, b"<html>nope</html>")])
+    with pytest.raises(ServiceError) as ei:
+        cl.health()
+    assert (ei.value.ckr, ei.value.http) == (ckr, status)
+
+
+def test_malformed_success_body_is_device_error(tmp_path: Path) -> None:
+    cl, _, _ = client(tmp_path, [(200, b'{"data":"not base64!"}')])
+    with pytest.raises(ServiceError) as ei:
+        cl.random(3)
+    assert (ei.value.code, ei.value.ckr) == ("BAD_RESPONSE", C.CKR_DEVICE_ERROR)
+
+
+def test_dead_kept_alive_connection_replaced_without_counting(tmp_path: Path) -> None:
+    dead = CurlFailure(pycurl.E_GOT_NOTHING, "Empty reply from server", reused=True)
+    cl, t, _ = client(tmp_path, [dead, RANDOM_OK], maxretries=0)
+    assert cl.random(3) == b"\0\1\2"
+    assert len(t.sent) == 2
+    # Only once per call: a second dead connection is a real failure.
+    cl, t, _ = client(tmp_path, [dead, dead], maxretries=0)
+    with pytest.raises(TransportError):
+        cl.random(3)
+    # A failure on a fresh connection is not the "dead idle connection" case.
+    fresh = CurlFailure(pycurl.E_GOT_NOTHING, "Empty reply from server", reused=False)
+    cl, t, _ = client(tmp_path, [fresh], maxretries=0)
+    with pytest.raises(TransportError):
+        cl.random(3)
+    assert len(t.sent) == 1
+
+
+def test_idempotency_key_generated_once_and_reused_by_retries(tmp_path: Path) -> None:
+    card = {"id": "u1", "name": "n", "keys": 0, "certificates": 0, "data": 0, "created": "t"}
+    cl, t, _ = client(tmp_path, [DOWN, (503, b""), (200, json.dumps(card).encode())])
+    assert cl.create_softcard("n", b"secret") == card
+    keys = [[h for h in sent[3] if h.startswith("Idempotency-Key: ")] for sent in t.sent]
+    assert all(len(k) == 1 for k in keys)
+    assert keys[0] == keys[1] == keys[2]
+    # A second logical call gets a new key.
+    t.steps.append((200, json.dumps(card).encode()))
+    cl.create_softcard("n", b"secret")
+    assert [h for h in t.sent[3][3] if h.startswith("Idempotency-Key: ")] != keys[0]
+    # Non-idempotent operations carry none.
+    t.steps.append(RANDOM_OK)
+    cl.random(3)
+    assert not any(h.startswith("Idempotency-Key") for h in t.sent[4][3])
+
+
+def test_request_shapes(tmp_path: Path) -> None:
+    valid = (200, b'{"valid":true}')
+    cl, t, _ = client(tmp_path, [(200, b"{}"), (204, b""), valid, valid])
+    cl.deactivate("card-1", "tok")
+    cl.delete_softcard("card-1", force=True)
+    cl.verify("tok", "key-1", "CKM_SHA256_HMAC", b"d", b"s")
+    cl.verify("tok", "key-1", "CKM_SHA256_HMAC", b"d", b"s")
+    (m1, p1, b1, h1), (m2, p2, b2, _), (m3, p3, b3, h3), (_, _, _, h4) = t.sent
+    assert (m1, p1, b1) == ("POST", "/km/v1/softcards/card-1/deactivate", b"{}")
+    assert "Authorization: Bearer tok" in h1 and "Expect:" in h1
+    assert (m2, p2, b2) == ("DELETE", "/km/v1/softcards/card-1?force=true", None)
+    assert m3 == "POST" and p3 == "/crypto/v1/verify"
+    assert json.loads(b3 or b"") == {
+        "key": "key-1",
+        "mechanism": "CKM_SHA256_HMAC",
+        "data": "ZA==",
+        "signature": "cw==",
+    }
+    # The same token reuses the same header tuple (no per-call rebuilding) ...
+    assert h3 is h4 and "Authorization: Bearer tok" in h3
+    # ... until deactivate forgets it.
+    assert h1 is not h3 and h1 == h3
+
+
+def test_verify_false_is_signature_invalid(tmp_path: Path) -> None:
+    cl, _, _ = client(tmp_path, [(200, b'{"valid":false}')])
+    with pytest.raises(ServiceError) as ei:
+        cl.verify("tok", "k", "CKM_SHA256_HMAC", b"d", b"s")
+    assert ei.value.ckr == C.CKR_SIGNATURE_INVALID
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", "a?b", "x" * 65, "a b"])
+def test_bad_path_parameters_never_reach_the_wire(tmp_path: Path, bad: str) -> None:
+    cl, t, _ = client(tmp_path, [])
+    with pytest.raises(Exception) as ei:
+        cl.get_object("card", "tok", bad)
+    assert getattr(ei.value, "ckr", None) == C.CKR_ARGUMENTS_BAD
+    assert t.sent == []
+
+
+def test_logs_never_contain_bodies(tmp_path: Path) -> None:
+    cl, _, logf = client(tmp_path, [(503, b""), (200, b'{"token":"SEKRET","expires_in":5}')])
+    assert cl.activate("card", b"hunter2-passphrase") == ("SEKRET", 5)
+    text = logf.read_text()
+    assert "activate" in text
+    for secret in ("hunter2", "aHVudGVyMi1wYXNzcGhyYXNl", "SEKRET"):
+        assert secret not in text
