@@ -25,16 +25,14 @@ venv: $(VENV)/.deps-stamp
 
 $(VENV)/.deps-stamp: pyproject.toml
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel
-	@# pycurl from source against the system libcurl (design.md section 3): never the bundled wheel.
-	$(PIP) install -q --no-binary pycurl --force-reinstall --no-deps "pycurl>=7.45"
-	$(PIP) install -q --no-binary pycurl "pycurl>=7.45" "cryptography>=42" "PyYAML>=6" "uvicorn>=0.30" \
-	  "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6.100" "ruff>=0.6" "mypy>=1.10" types-PyYAML \
-	  "cython-lint>=0.16" "Cython>=3.0"
+	$(PIP) install -q --upgrade pip setuptools wheel "Cython>=3.0"
+	@# pycurl from source against the system libcurl (design.md section 3): never the bundled
+	@# wheel, whose own libcurl/OpenSSL crash inside hosts that link the system OpenSSL.
+	$(PIP) install -q --no-binary pycurl --no-build-isolation -e ".[dev]"
 	@touch $@
 
 build: venv
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PIP) install -q --no-binary pycurl --no-build-isolation --no-deps -e .
 
 test: check pytest
 

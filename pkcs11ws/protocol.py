@@ -351,9 +351,14 @@ def b64d(text: object, where: str) -> bytes:
     if not isinstance(text, str):
         raise ProtocolError("BAD_REQUEST", f"{where}: expected a base64 string")
     try:
-        return binascii.a2b_base64(text, strict_mode=True)
+        data = binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError):
         raise ProtocolError("BAD_BASE64", f"{where}: malformed base64") from None
+    # strict_mode still lets excess padding ("QUJD====") and non-zero trailing bits through:
+    # accept only the canonical encoding, so one value has exactly one spelling on the wire.
+    if binascii.b2a_base64(data, newline=False) != text.encode("ascii"):
+        raise ProtocolError("BAD_BASE64", f"{where}: non-canonical base64")
+    return data
 
 
 def encode_attrs(attrs: Attrs) -> dict[str, Any]:
@@ -410,6 +415,9 @@ def _check(kind: str, value: object, where: str) -> Any:
     return decode(STRUCTS[kind], value, where)
 
 
+_LEN_CODES: Final = {"passphrase": "PASSPHRASE_LEN_RANGE", "name": "INVALID_NAME"}
+
+
 def decode(struct: Struct, obj: object, where: str = "body") -> dict[str, Any]:
     """Validate a parsed JSON value against a structure; bytes fields come back as bytes."""
     if not isinstance(obj, dict):
@@ -421,7 +429,7 @@ def decode(struct: Struct, obj: object, where: str = "body") -> dict[str, Any]:
             raise ProtocolError("UNKNOWN_FIELD", f"{where}: unknown field {name!r}")
         v = _check(f.kind, value, f"{where}.{name}")
         if f.max_len and len(v) > f.max_len:
-            code = "PASSPHRASE_LEN_RANGE" if name == "passphrase" else "BAD_REQUEST"
+            code = _LEN_CODES.get(name, "BAD_REQUEST")
             raise ProtocolError(code, f"{where}.{name}: longer than {f.max_len}")
         out[name] = v
     for f in struct.fields:

@@ -59,7 +59,7 @@ def test_decode_rejects_unknown_fields_and_bad_base64() -> None:
     with pytest.raises(P.ProtocolError) as e:
         P.decode(sign, {**ok, "extra": 1})
     assert e.value.code == "UNKNOWN_FIELD"
-    for bad in ("AAE", "AA=C", "A AEC", "AAEC\n", "@@@@"):
+    for bad in ("AAE", "AA=C", "A AEC", "AAEC\n", "@@@@", "QUJD=", "QUJD===="):
         with pytest.raises(P.ProtocolError) as e:
             P.decode(sign, {**ok, "data": bad})
         assert e.value.code == "BAD_BASE64", bad

@@ -1,0 +1,168 @@
+"""The `pkcs11ws-server` command: `init DIR` (development PKI and config) and `serve`.
+
+`serve` runs uvicorn in the foreground over TLS 1.2+ with a required client certificate verified
+against the configured CA. The app is built by an import-string factory in each worker process
+(the config path travels in PKCS11WS_SERVER_CONFIG), so `--workers N` gives N processes on one
+store. SIGTERM (or Ctrl-C) stops it cleanly: uvicorn finishes in-flight requests, then the app
+closes its store connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import ssl
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pkcs11ws.server import pki
+from pkcs11ws.server import settings as settings_mod
+
+APP_FACTORY = "pkcs11ws.server.app:create_app"
+LOOP_FACTORY = "pkcs11ws.server.cli:event_loop"
+# After sending its TLS close_notify, asyncio waits this long for the peer's (default 30 s).
+# Idle keep-alive clients never answer it, so a graceful stop would otherwise hang on them.
+SSL_SHUTDOWN_TIMEOUT = 1.0
+log = logging.getLogger("pkcs11ws.server")
+
+
+class _ShortTLSShutdown:
+    """Mixin for an event loop: a short TLS shutdown timeout on the listening servers."""
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_shutdown_timeout", SSL_SHUTDOWN_TIMEOUT)
+        server: asyncio.Server = await super().create_server(*args, **kwargs)  # type: ignore[misc]
+        return server
+
+
+class _StdlibLoop(_ShortTLSShutdown, asyncio.SelectorEventLoop):
+    pass
+
+
+def event_loop() -> asyncio.AbstractEventLoop:
+    """uvicorn loop factory: uvloop when installed (cheaper TLS and I/O), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return _StdlibLoop()
+
+    class _UvLoop(_ShortTLSShutdown, uvloop.Loop):  # type: ignore[misc]
+        pass
+
+    return _UvLoop()
+
+
+def tls_context(config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """uvicorn ssl_context_factory: TLS 1.2 minimum, client certificate required."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+    ctx.load_verify_locations(cafile=config.ssl_ca_certs)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    return ctx
+
+
+def _exit_zero(signum: int, frame: object) -> None:
+    sys.exit(0)
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    try:
+        res = pki.init(Path(args.dir), port=args.port, force=args.force, scrypt_n=args.scrypt_n)
+    except pki.InitError as exc:
+        print(f"pkcs11ws-server init: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {res.server_yaml}")
+    print(f"wrote {res.client_cfg}")
+    print(f"wrote {res.dir / 'pki'} (ca, server and client certificates and keys)")
+    print(f"wrote {res.dir / 'master.key'}")
+    print(f"start with: pkcs11ws-server serve --config {res.server_yaml}")
+    return 0
+
+
+def _check_files(s: settings_mod.Settings) -> None:
+    for what, p in (("tls.cert", s.tls_cert), ("tls.key", s.tls_key), ("tls.ca", s.tls_ca),
+                    ("master_key", s.master_key)):  # fmt: skip
+        if not p.is_file():
+            raise settings_mod.SettingsError(f"{what}: {p} does not exist")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pkcs11ws.server.app import configure_logging, open_store
+    from pkcs11ws.server.sealing import load_master_key
+
+    try:
+        s = settings_mod.load(args.config)
+        _check_files(s)
+        load_master_key(s.master_key)
+    except (settings_mod.SettingsError, ValueError, OSError) as exc:
+        print(f"pkcs11ws-server serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(s)
+    # Create the schema once here, so worker processes never race to create it.
+    open_store(s).close()
+    os.environ[settings_mod.CONFIG_ENV] = str(s.path)
+    workers = args.workers if args.workers is not None else s.workers
+    port = args.port if args.port is not None else s.port
+    log.info("serving on https://%s:%d with %d worker(s), store %s", s.host, port, workers,
+             s.database_path)  # fmt: skip
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal so the default action
+    # would kill the process with status -15; a handler turns that into a clean exit 0.
+    signal.signal(signal.SIGTERM, _exit_zero)
+    uvicorn.run(
+        APP_FACTORY,
+        factory=True,
+        host=s.host,
+        port=port,
+        workers=workers,
+        ssl_certfile=str(s.tls_cert),
+        ssl_keyfile=str(s.tls_key),
+        ssl_ca_certs=str(s.tls_ca),
+        ssl_cert_reqs=ssl.CERT_REQUIRED,
+        ssl_context_factory=tls_context,
+        log_config=None,
+        log_level=s.log_level.lower(),
+        access_log=False,  # the app writes its own access line (no bodies, no secrets)
+        server_header=False,
+        lifespan="on",
+        loop=LOOP_FACTORY,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pkcs11ws-server", description="pkcs11ws key service")
+    sub = p.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("init", help="write a development PKI, master key and config files")
+    i.add_argument("dir", help="folder to write into (created if missing)")
+    i.add_argument("--port", type=int, default=settings_mod.DEFAULT_PORT)
+    i.add_argument("--force", action="store_true", help="overwrite an existing configuration")
+    i.add_argument("--scrypt-n", type=int, default=settings_mod.DEFAULT_SCRYPT["n"],
+                   help="scrypt cost for new softcards (lower only for tests)")  # fmt: skip
+    i.set_defaults(func=_cmd_init)
+    s = sub.add_parser("serve", help="run the key service in the foreground")
+    s.add_argument("--config", required=True, help="path to server.yaml")
+    s.add_argument("--port", type=int, default=None, help="override the configured port")
+    s.add_argument("--workers", type=int, default=None, help="worker processes (one store)")
+    s.set_defaults(func=_cmd_serve)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

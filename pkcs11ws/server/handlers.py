@@ -1,0 +1,414 @@
+"""The key service's operations, one method per endpoint op (protocol.ENDPOINTS).
+
+Each handler gets a decoded Request and returns a Response (status and JSON body bytes); failures
+are raised as ProtocolError with a protocol error code. Nothing here depends on this process's
+memory beyond caches: sessions, lockouts and idempotency records live in the store, so any worker
+can answer any request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from pkcs11ws import __version__, mechanisms, protocol
+from pkcs11ws import constants as C
+from pkcs11ws.protocol import STRUCTS, Attrs, Endpoint
+from pkcs11ws.protocol import ProtocolError as ApiError
+from pkcs11ws.server import ops, sealing
+from pkcs11ws.server.objects import CLASS_ATTRS, NewObject, generated_key, new_object
+from pkcs11ws.server.sealing import MasterKeys, SealError, TokenClaims
+from pkcs11ws.server.settings import Settings
+from pkcs11ws.server.store import CardCounts, CardRow, IdempotencyRow, ObjectRow, Store, WriteTx
+
+_KEY_META_CACHE_MAX: Final = 20000
+
+
+@dataclass(frozen=True)
+class Idem:
+    key: str
+    fingerprint: bytes
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+
+
+@dataclass
+class Request:
+    ep: Endpoint
+    params: dict[str, str]
+    query: dict[str, str]
+    body: dict[str, Any]
+    claims: TokenClaims | None
+    idem: Idem | None
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def ok(struct: str, values: dict[str, Any], status: int = 200) -> Response:
+    return Response(status, dumps(protocol.encode(STRUCTS[struct], values)))
+
+
+_EMPTY: Final = Response(200, b"{}")
+
+
+@dataclass(frozen=True)
+class _KeyMeta:
+    key_type: int
+    usage: frozenset[str]
+
+
+class Service:
+    """The endpoint operations over one store and one set of master keys."""
+
+    def __init__(self, settings: Settings, store: Store, keys: MasterKeys) -> None:
+        self.settings = settings
+        self.store = store
+        self.keys = keys
+        # Objects never change after creation and handles are never reused, so parsed key
+        # attributes can be cached; whether the key still exists is always asked of the store.
+        self._key_meta: dict[str, _KeyMeta] = {}
+
+    # ---------------------------------------------------------------- plumbing
+
+    def authenticate(self, authorization: bytes | None, path_card: str | None) -> TokenClaims:
+        if not authorization or not authorization.startswith(b"Bearer "):
+            raise ApiError("NOT_ACTIVATED", "no activation token: activate the softcard first")
+        try:
+            claims = self.keys.open_token(authorization[7:].decode("ascii").strip())
+        except (SealError, UnicodeDecodeError):
+            raise ApiError("NOT_ACTIVATED", "the activation token is not valid") from None
+        now = time.time()
+        if claims.expires <= now:
+            raise ApiError("NOT_ACTIVATED", "the activation has expired")
+        if path_card is not None and path_card != claims.card:
+            raise ApiError("NOT_ACTIVATED", "the activation token is for another softcard")
+        if not self.store.session_valid(claims.session, claims.card, now):
+            raise ApiError("NOT_ACTIVATED", "the activation was ended (deactivated or deleted)")
+        return claims
+
+    def _fresh(self, row: IdempotencyRow | None, now: float) -> bytes | None:
+        """The stored response body of a still-valid idempotency record, else None."""
+        if row is None or row.created < now - self.settings.idempotency_ttl:
+            return None
+        try:
+            return self.keys.open_response(row.body, row.key)
+        except SealError:  # sealed under a previous master key: treat as expired
+            return None
+
+    def replay(self, idem: Idem, row: IdempotencyRow | None) -> Response | None:
+        body = self._fresh(row, time.time())
+        if body is None or row is None:
+            return None
+        if not hmac.compare_digest(row.fingerprint, idem.fingerprint):
+            raise ApiError(
+                "IDEMPOTENCY_CONFLICT", "this Idempotency-Key was used for a different request"
+            )
+        return Response(row.status, body)
+
+    def _commit_sync(self, idem: Idem | None, change: Callable[[WriteTx], Response]) -> Response:
+        with self.store.write() as tx:
+            now = time.time()
+            if idem is not None:
+                done = self.replay(idem, tx.idempotency_get(idem.key))
+                if done is not None:
+                    return done
+            resp = change(tx)
+            if idem is not None and 200 <= resp.status < 300:
+                tx.idempotency_expire(now - self.settings.idempotency_ttl)
+                sealed = self.keys.seal_response(resp.body, idem.key)
+                tx.idempotency_put(IdempotencyRow(idem.key, idem.fingerprint, resp.status,
+                                                  sealed, now))  # fmt: skip
+            return resp
+
+    async def commit(self, idem: Idem | None, change: Callable[[WriteTx], Response]) -> Response:
+        """Run a change (and record its idempotent answer) in one transaction, off the loop."""
+        return await asyncio.to_thread(self._commit_sync, idem, change)
+
+    # ---------------------------------------------------------------- softcards
+
+    async def health(self, req: Request) -> Response:
+        return ok("Health", {"status": "ok", "version": __version__, "protocol": protocol.VERSION})
+
+    @staticmethod
+    def _card_json(card: CardRow, counts: CardCounts) -> dict[str, Any]:
+        return {"id": card.id, "name": card.name, "keys": counts.keys,
+                "certificates": counts.certificates, "data": counts.data,
+                "created": card.created}  # fmt: skip
+
+    def _card(self, card_id: str) -> CardRow:
+        card = self.store.card_get(card_id)
+        if card is None:
+            raise ApiError("SOFTCARD_NOT_FOUND", "no softcard with that ID")
+        return card
+
+    async def list_softcards(self, req: Request) -> Response:
+        cards = [self._card_json(c, n) for c, n in self.store.card_list()]
+        return ok("SoftcardList", {"softcards": cards})
+
+    async def get_softcard(self, req: Request) -> Response:
+        card = self._card(req.params["card"])
+        return ok("Softcard", self._card_json(card, self.store.card_counts(card.id)))
+
+    async def create_softcard(self, req: Request) -> Response:
+        name: str = req.body["name"]
+        passphrase: bytes = req.body["passphrase"]
+        if not protocol.NAME_RE.match(name):
+            raise ApiError("INVALID_NAME", "softcard names are 1-64 letters and digits")
+        _check_passphrase(passphrase)
+        sc = self.settings.scrypt
+        card_id = str(uuid.uuid4())
+        salt = os.urandom(sealing.SALT_LEN)
+        card_key = os.urandom(sealing.CARD_KEY_LEN)
+        kek = await asyncio.to_thread(sealing.kek, passphrase, salt, sc.n, sc.r, sc.p)
+        created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        row = CardRow(card_id, name, created, salt, sc.n, sc.r, sc.p,
+                      sealing.wrap_card_key(kek, card_key, card_id))  # fmt: skip
+
+        def change(tx: WriteTx) -> Response:
+            if not tx.card_insert(row):
+                raise ApiError("SOFTCARD_EXISTS", f"a softcard named {name!r} exists")
+            return ok("Softcard", self._card_json(row, CardCounts(0, 0, 0)))
+
+        return await self.commit(req.idem, change)
+
+    async def delete_softcard(self, req: Request) -> Response:
+        card_id = req.params["card"]
+        force = req.query.get("force") == "true"
+
+        def change(tx: WriteTx) -> Response:
+            if tx.card_get(card_id) is None:
+                raise ApiError("SOFTCARD_NOT_FOUND", "no softcard with that ID")
+            keys = tx.card_counts(card_id).keys
+            if keys and not force:
+                raise ApiError(
+                    "SOFTCARD_NOT_EMPTY",
+                    f"the softcard holds {keys} keys; delete them or use force=true",
+                )
+            tx.card_delete(card_id)
+            return _EMPTY
+
+        return await self.commit(req.idem, change)
+
+    async def activate(self, req: Request) -> Response:
+        card = self._card(req.params["card"])
+        passphrase: bytes = req.body["passphrase"]
+        _check_passphrase(passphrase)
+        now = time.time()
+        if card.locked_until > now:
+            raise _locked(card.locked_until - now)
+        kek = await asyncio.to_thread(
+            sealing.kek, passphrase, card.salt, card.kdf_n, card.kdf_r, card.kdf_p
+        )
+        try:
+            card_key = sealing.unwrap_card_key(kek, card.wrapped_key, card.id)
+        except SealError:
+            await asyncio.to_thread(self._record_failure, card.id)
+            raise ApiError("PASSPHRASE_INCORRECT", "wrong passphrase") from None
+        session = str(uuid.uuid4())
+        ttl = self.settings.activation_ttl
+        expires = int(time.time()) + ttl
+
+        def change(tx: WriteTx) -> Response:
+            current = tx.card_get(card.id)
+            if current is None:
+                raise ApiError("SOFTCARD_NOT_FOUND", "no softcard with that ID")
+            if current.failures or current.locked_until:
+                tx.card_set_failures(card.id, 0, 0.0)
+            tx.session_expire(time.time())
+            tx.session_insert(session, card.id, float(expires))
+            token = self.keys.seal_token(TokenClaims(session, card.id, card_key, expires))
+            return ok("Activation", {"token": token, "expires_in": ttl})
+
+        return await self.commit(None, change)
+
+    def _record_failure(self, card_id: str) -> None:
+        threshold = self.settings.lockout_threshold
+        with self.store.write() as tx:
+            current = tx.card_get(card_id)
+            if current is None:
+                return
+            failures = current.failures + 1
+            locked = current.locked_until
+            if failures >= threshold:
+                wait = min(2 ** min(failures - threshold, 30), self.settings.lockout_max_seconds)
+                locked = time.time() + wait
+            tx.card_set_failures(card_id, failures, locked)
+
+    async def deactivate(self, req: Request) -> Response:
+        assert req.claims is not None
+        session = req.claims.session
+
+        def change(tx: WriteTx) -> Response:
+            if not tx.session_delete(session):
+                raise ApiError("NOT_ACTIVATED", "the activation was already ended")
+            return _EMPTY
+
+        return await self.commit(None, change)
+
+    # ---------------------------------------------------------------- objects
+
+    def _visible(self, row: ObjectRow, card_key: bytes) -> Attrs:
+        attrs = protocol.decode_attrs(json.loads(row.attrs_json))
+        if row.cls != C.CKO_SECRET_KEY and row.secret is not None:
+            attrs["CKA_VALUE"] = sealing.decrypt_value(card_key, row.handle, row.secret)
+        return attrs
+
+    async def _store_new(self, req: Request, obj: NewObject) -> Response:
+        assert req.claims is not None
+        claims = req.claims
+        handle = str(uuid.uuid4())
+        row = ObjectRow(handle, claims.card, obj.cls, obj.key_type,
+                        json.dumps(protocol.encode_attrs(obj.attrs), separators=(",", ":")),
+                        sealing.encrypt_value(claims.card_key, handle, obj.value))  # fmt: skip
+        visible = dict(obj.attrs)
+        if obj.cls != C.CKO_SECRET_KEY:
+            visible["CKA_VALUE"] = obj.value
+
+        def change(tx: WriteTx) -> Response:
+            tx.object_insert(row)
+            return ok("Object", {"handle": handle, "attrs": visible})
+
+        return await self.commit(req.idem, change)
+
+    async def create_object(self, req: Request) -> Response:
+        return await self._store_new(req, new_object(req.body["attrs"]))
+
+    async def generate_key(self, req: Request) -> Response:
+        return await self._store_new(req, generated_key(req.body["mechanism"], req.body["attrs"]))
+
+    async def get_object(self, req: Request) -> Response:
+        assert req.claims is not None
+        row = self.store.object_get(req.claims.card, req.params["handle"])
+        if row is None:
+            raise ApiError("OBJECT_NOT_FOUND", "no such object")
+        return ok(
+            "Object", {"handle": row.handle, "attrs": self._visible(row, req.claims.card_key)}
+        )
+
+    async def delete_object(self, req: Request) -> Response:
+        assert req.claims is not None
+        card, handle = req.claims.card, req.params["handle"]
+
+        def change(tx: WriteTx) -> Response:
+            if not tx.object_delete(card, handle):
+                raise ApiError("OBJECT_NOT_FOUND", "no such object")
+            return _EMPTY
+
+        return await self.commit(req.idem, change)
+
+    async def search_objects(self, req: Request) -> Response:
+        assert req.claims is not None
+        want: Attrs = req.body["attrs"]
+        cls, key_type = want.get("CKA_CLASS"), want.get("CKA_KEY_TYPE")
+        found: list[dict[str, Any]] = []
+        # Values outside what the store can hold match nothing (and must not reach the SQL).
+        if (cls is None or (isinstance(cls, int) and cls in CLASS_ATTRS)) and (
+            key_type is None
+            or (isinstance(key_type, int) and key_type in mechanisms.KEY_TYPE_NAMES)
+        ):
+            for row in self.store.object_search(req.claims.card, cls, key_type):
+                # Secret keys carry no CKA_VALUE here, so a search on it never matches them.
+                attrs = self._visible(row, req.claims.card_key)
+                if all(attrs.get(n) == v for n, v in want.items()):
+                    found.append({"handle": row.handle, "attrs": attrs})
+        return ok("ObjectList", {"objects": found})
+
+    # ---------------------------------------------------------------- crypto
+
+    def _key(self, claims: TokenClaims, handle: str, mech: mechanisms.Mechanism, use: str) -> bytes:
+        row = self.store.object_get(claims.card, handle)
+        if row is None or row.cls != C.CKO_SECRET_KEY or row.secret is None:
+            raise ApiError("KEY_NOT_FOUND", "no such key")
+        meta = self._key_meta.get(handle)
+        if meta is None:
+            attrs = json.loads(row.attrs_json)
+            meta = _KeyMeta(attrs["CKA_KEY_TYPE"], frozenset(u for u in
+                            ("CKA_ENCRYPT", "CKA_DECRYPT", "CKA_SIGN", "CKA_VERIFY")
+                            if attrs.get(u) is True))  # fmt: skip
+            if len(self._key_meta) >= _KEY_META_CACHE_MAX:
+                self._key_meta.clear()
+            self._key_meta[handle] = meta
+        if meta.key_type not in mech.key_types:
+            raise ApiError("KEY_TYPE_INCONSISTENT", f"{mech.name} cannot use this key type")
+        if use not in meta.usage:
+            raise ApiError("KEY_FUNCTION_NOT_PERMITTED", f"the key's {use} is false")
+        try:
+            value = sealing.decrypt_value(claims.card_key, handle, row.secret)
+        except SealError:
+            raise ApiError("KEY_NOT_FOUND", "the key does not open with this softcard") from None
+        if not mech.min_key <= len(value) <= mech.max_key:
+            raise ApiError("KEY_SIZE_RANGE", f"a {len(value)}-byte key does not fit {mech.name}")
+        return value
+
+    @staticmethod
+    def _mech(name: str, op: mechanisms.Op) -> mechanisms.Mechanism:
+        mech = mechanisms.by_name(name)
+        if mech is None or mech.op is not op:
+            raise ApiError("MECHANISM_INVALID", f"{name!r} is not valid for this operation")
+        return mech
+
+    async def encrypt(self, req: Request) -> Response:
+        assert req.claims is not None
+        b = req.body
+        mech = self._mech(b["mechanism"], mechanisms.Op.CIPHER)
+        key = self._key(req.claims, b["key"], mech, "CKA_ENCRYPT")
+        data, last = ops.encrypt(mech, key, b["iv"], b["data"])
+        return ok("CipherResult", {"data": data, "last_block": last})
+
+    async def decrypt(self, req: Request) -> Response:
+        assert req.claims is not None
+        b = req.body
+        mech = self._mech(b["mechanism"], mechanisms.Op.CIPHER)
+        key = self._key(req.claims, b["key"], mech, "CKA_DECRYPT")
+        data, last = ops.decrypt(mech, key, b["iv"], b["data"])
+        return ok("CipherResult", {"data": data, "last_block": last})
+
+    async def sign(self, req: Request) -> Response:
+        assert req.claims is not None
+        b = req.body
+        mech = self._mech(b["mechanism"], mechanisms.Op.MAC)
+        key = self._key(req.claims, b["key"], mech, "CKA_SIGN")
+        length = ops.mac_length(mech, b.get("mac_length"))
+        return ok("Signature", {"signature": ops.sign(mech, key, b["data"], length)})
+
+    async def verify(self, req: Request) -> Response:
+        assert req.claims is not None
+        b = req.body
+        mech = self._mech(b["mechanism"], mechanisms.Op.MAC)
+        key = self._key(req.claims, b["key"], mech, "CKA_VERIFY")
+        length = ops.mac_length(mech, b.get("mac_length"))
+        ops.verify(mech, key, b["data"], b["signature"], length)
+        return ok("Verified", {"valid": True})
+
+    async def random(self, req: Request) -> Response:
+        n = req.body["length"]
+        if not 1 <= n <= ops.MAX_RANDOM:
+            raise ApiError("BAD_REQUEST", f"length must be 1 to {ops.MAX_RANDOM}")
+        return ok("RandomResult", {"data": os.urandom(n)})
+
+
+def _check_passphrase(passphrase: bytes) -> None:
+    if not 1 <= len(passphrase) <= protocol.MAX_PASSPHRASE:
+        raise ApiError("PASSPHRASE_LEN_RANGE", "passphrases are 1 to 256 bytes")
+
+
+def _locked(seconds: float) -> ApiError:
+    return ApiError(
+        "PASSPHRASE_LOCKED",
+        f"too many wrong passphrases: activation is refused for {math.ceil(seconds)} more s",
+    )

@@ -1,0 +1,228 @@
+"""`pkcs11ws-server init DIR`: a development PKI, the master key and both configuration files.
+
+Writes DIR/pki/{ca,server,client}.{pem,key} (EC P-256; the server certificate names localhost,
+127.0.0.1 and ::1; the client certificate has the clientAuth EKU), DIR/master.key (32 random
+bytes), DIR/server.yaml (the service) and DIR/pkcs11webservices.cfg (the module, WSOP format),
+and creates DIR/log/. Private keys and the master key are written with mode 0600. Paths written
+into the two config files are absolute, resolved from DIR now.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from pkcs11ws.server import settings
+
+CA_DAYS: Final = 3650
+LEAF_DAYS: Final = 825
+
+
+class InitError(Exception):
+    """init refused (for example: it would overwrite an existing configuration)."""
+
+
+@dataclass(frozen=True)
+class InitResult:
+    dir: Path
+    server_yaml: Path
+    client_cfg: Path
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply when the file already existed
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    path.chmod(0o644)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pkcs11ws development PKI"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public: ec.EllipticCurvePublicKey,
+             days: int) -> x509.CertificateBuilder:  # fmt: skip
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+    )
+
+
+def make_pki(pki: Path) -> None:
+    """CA, server and client certificates with their keys, into the folder pki."""
+    pki.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = _name("pkcs11ws development CA")
+    ca_cert = (
+        _builder(ca_name, ca_name, ca_key.public_key(), CA_DAYS)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    leaf_usage = x509.KeyUsage(digital_signature=True, content_commitment=False,
+                               key_encipherment=False, data_encipherment=False,
+                               key_agreement=True, key_cert_sign=False, crl_sign=False,
+                               encipher_only=False, decipher_only=False)  # fmt: skip
+
+    def leaf(cn: str, eku: x509.ObjectIdentifier, san: x509.SubjectAlternativeName | None) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (
+            _builder(_name(cn), ca_name, key.public_key(), LEAF_DAYS)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(leaf_usage, critical=True)
+            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+            .add_extension(aki, critical=False)
+        )
+        if san is not None:
+            b = b.add_extension(san, critical=False)
+        cert = b.sign(ca_key, hashes.SHA256())
+        stem = "server" if eku == ExtendedKeyUsageOID.SERVER_AUTH else "client"
+        _write_private(pki / f"{stem}.key", _key_pem(key))
+        _write_public(pki / f"{stem}.pem", cert.public_bytes(serialization.Encoding.PEM))
+
+    san = x509.SubjectAlternativeName(
+        [
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("::1")),
+        ]
+    )
+    leaf("localhost", ExtendedKeyUsageOID.SERVER_AUTH, san)
+    leaf("pkcs11ws client", ExtendedKeyUsageOID.CLIENT_AUTH, None)
+    _write_private(pki / "ca.key", _key_pem(ca_key))
+    _write_public(pki / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM))
+
+
+def q(path: Path) -> str:
+    """A path as a YAML double-quoted scalar (JSON strings are valid YAML)."""
+    return json.dumps(str(path))
+
+
+def server_yaml(d: Path, port: int, scrypt_n: int) -> str:
+    s = settings.DEFAULT_SCRYPT
+    return f"""\
+# pkcs11ws key service configuration (written by `pkcs11ws-server init`).
+# Relative paths are relative to this file's folder.
+host: 127.0.0.1
+port: {port}
+workers: 1                      # worker processes sharing one store (serve --workers overrides)
+tls:                            # TLS 1.2+; a client certificate signed by `ca` is required
+  cert: {q(d / "pki" / "server.pem")}
+  key: {q(d / "pki" / "server.key")}
+  ca: {q(d / "pki" / "ca.pem")}
+master_key: {q(d / "master.key")}  # seals activation tokens and idempotent answers
+database:
+  backend: sqlite
+  path: {q(d / "keys.db")}
+  synchronous: FULL             # FULL: an acknowledged write survives a power cut
+max_body: {settings.DEFAULT_MAX_BODY}              # bytes
+activation_ttl: {settings.DEFAULT_ACTIVATION_TTL}           # seconds a softcard activation lasts
+idempotency_ttl: 86400          # seconds an Idempotency-Key is remembered
+lockout:                        # wrong passphrases: after `threshold` in a row the softcard
+  threshold: 5                  # refuses activation for min(2^(n - threshold), max_seconds) s
+  max_seconds: 300
+scrypt:                         # passphrase key derivation for new softcards
+  n: {scrypt_n}
+  r: {s["r"]}
+  p: {s["p"]}
+log:
+  level: INFO
+  file: null                    # null: standard error; or a path
+  access: true                  # one line per request: method, path, status, duration
+"""
+
+
+def client_cfg(d: Path, port: int) -> str:
+    return f"""\
+# pkcs11ws / WSOP PKCS#11 module configuration (written by `pkcs11ws-server init`).
+# Web Services server host name and port.
+HOST 127.0.0.1
+PORT {port}
+# Client TLS certificate and key, and the CA that signed the server certificate.
+CERT {d}/pki/client.pem
+KEY {d}/pki/client.key
+AUTH {d}/pki/ca.pem
+# 0 none, 1 fatal, 2 error, 3 warning, 4 debug1, 5 debug3, 6 debug9.
+LOGLEVEL 4
+LOGSTDOUT 0
+LOGFILEPATH {d}/log/pkcs11webservices.log
+# Retries of a failed request, and the delay (seconds) between them.
+MAXRETRIES 5
+RETRYDELAY 1
+"""
+
+
+def init(directory: Path, port: int = settings.DEFAULT_PORT, force: bool = False,
+         scrypt_n: int = settings.DEFAULT_SCRYPT["n"]) -> InitResult:  # fmt: skip
+    d = directory.expanduser().resolve()
+    yaml_path = d / "server.yaml"
+    if yaml_path.exists() and not force:
+        raise InitError(f"{yaml_path} exists; use --force to overwrite the configuration")
+    if not 1 <= port <= 65535:
+        raise InitError(f"port {port} out of range")
+    if scrypt_n < 2 or scrypt_n & (scrypt_n - 1):
+        raise InitError("scrypt n must be a power of two")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "log").mkdir(exist_ok=True)
+    make_pki(d / "pki")
+    _write_private(d / "master.key", os.urandom(32))
+    yaml_path.write_text(server_yaml(d, port, scrypt_n), encoding="utf-8")
+    cfg = d / "pkcs11webservices.cfg"
+    cfg.write_text(client_cfg(d, port), encoding="utf-8")
+    settings.load(yaml_path)  # what we wrote must load
+    return InitResult(d, yaml_path, cfg, d / "pki" / "ca.pem", d / "pki" / "client.pem",
+                      d / "pki" / "client.key")  # fmt: skip

@@ -1,0 +1,285 @@
+"""SQLite backend of the key service store: WAL mode, one connection per thread.
+
+Writes take the database lock up front (`BEGIN IMMEDIATE`) so a transaction never fails half way
+on a lock upgrade; busy_timeout makes concurrent writers (other threads, other worker processes)
+wait instead of failing. synchronous=FULL by default: an acknowledged write survives a power cut.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Final
+
+from pkcs11ws import constants as C
+from pkcs11ws.server.store import (
+    CardCounts,
+    CardRow,
+    IdempotencyRow,
+    ObjectRow,
+    Store,
+    WriteTx,
+)
+
+SCHEMA_VERSION: Final = 1
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS softcards (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created TEXT NOT NULL,
+    salt BLOB NOT NULL,
+    kdf_n INTEGER NOT NULL, kdf_r INTEGER NOT NULL, kdf_p INTEGER NOT NULL,
+    wrapped_key BLOB NOT NULL,
+    failures INTEGER NOT NULL DEFAULT 0,
+    locked_until REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS objects (
+    handle TEXT PRIMARY KEY,
+    card TEXT NOT NULL REFERENCES softcards(id) ON DELETE CASCADE,
+    cls INTEGER NOT NULL,
+    key_type INTEGER,
+    attrs TEXT NOT NULL,
+    secret BLOB
+);
+CREATE INDEX IF NOT EXISTS objects_card ON objects(card, cls, key_type);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    card TEXT NOT NULL REFERENCES softcards(id) ON DELETE CASCADE,
+    expires REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_expires ON sessions(expires);
+CREATE INDEX IF NOT EXISTS sessions_card ON sessions(card);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    fingerprint BLOB NOT NULL,
+    status INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency(created);
+"""
+
+_CARD_COLS: Final = (
+    "id, name, created, salt, kdf_n, kdf_r, kdf_p, wrapped_key, failures, locked_until"
+)
+_COUNT: Final = "(SELECT COUNT(*) FROM objects o WHERE o.card = s.id AND o.cls = {})"
+_COUNTS_SQL: Final = ",".join(
+    _COUNT.format(c) for c in (C.CKO_SECRET_KEY, C.CKO_CERTIFICATE, C.CKO_DATA)
+)
+
+
+def _card(row: tuple[object, ...]) -> CardRow:
+    return CardRow(*row)  # type: ignore[arg-type]
+
+
+def _counts(con: sqlite3.Connection, card: str) -> CardCounts:
+    row = con.execute(
+        "SELECT COALESCE(SUM(cls = ?), 0), COALESCE(SUM(cls = ?), 0), COALESCE(SUM(cls = ?), 0)"
+        " FROM objects WHERE card = ?",
+        (C.CKO_SECRET_KEY, C.CKO_CERTIFICATE, C.CKO_DATA, card),
+    ).fetchone()
+    return CardCounts(int(row[0]), int(row[1]), int(row[2]))
+
+
+class _Tx(WriteTx):
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self.con = con
+
+    def idempotency_get(self, key: str) -> IdempotencyRow | None:
+        row = self.con.execute(
+            "SELECT key, fingerprint, status, body, created FROM idempotency WHERE key = ?", (key,)
+        ).fetchone()
+        return IdempotencyRow(*row) if row else None
+
+    def idempotency_put(self, row: IdempotencyRow) -> None:
+        self.con.execute(
+            "INSERT OR REPLACE INTO idempotency (key, fingerprint, status, body, created)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (row.key, row.fingerprint, row.status, row.body, row.created),
+        )
+
+    def idempotency_expire(self, before: float) -> None:
+        self.con.execute("DELETE FROM idempotency WHERE created < ?", (before,))
+
+    def card_insert(self, row: CardRow) -> bool:
+        try:
+            self.con.execute(
+                f"INSERT INTO softcards ({_CARD_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (row.id, row.name, row.created, row.salt, row.kdf_n, row.kdf_r, row.kdf_p,
+                 row.wrapped_key, row.failures, row.locked_until),
+            )  # fmt: skip
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def card_get(self, card: str) -> CardRow | None:
+        row = self.con.execute(f"SELECT {_CARD_COLS} FROM softcards WHERE id = ?", (card,))
+        r = row.fetchone()
+        return _card(r) if r else None
+
+    def card_counts(self, card: str) -> CardCounts:
+        return _counts(self.con, card)
+
+    def card_delete(self, card: str) -> None:
+        self.con.execute("DELETE FROM objects WHERE card = ?", (card,))
+        self.con.execute("DELETE FROM sessions WHERE card = ?", (card,))
+        self.con.execute("DELETE FROM softcards WHERE id = ?", (card,))
+
+    def card_set_failures(self, card: str, failures: int, locked_until: float) -> None:
+        self.con.execute(
+            "UPDATE softcards SET failures = ?, locked_until = ? WHERE id = ?",
+            (failures, locked_until, card),
+        )
+
+    def session_insert(self, session: str, card: str, expires: float) -> None:
+        self.con.execute(
+            "INSERT INTO sessions (id, card, expires) VALUES (?, ?, ?)", (session, card, expires)
+        )
+
+    def session_delete(self, session: str) -> bool:
+        return self.con.execute("DELETE FROM sessions WHERE id = ?", (session,)).rowcount > 0
+
+    def session_expire(self, before: float) -> None:
+        self.con.execute("DELETE FROM sessions WHERE expires < ?", (before,))
+
+    def object_insert(self, row: ObjectRow) -> None:
+        self.con.execute(
+            "INSERT INTO objects (handle, card, cls, key_type, attrs, secret)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (row.handle, row.card, row.cls, row.key_type, row.attrs_json, row.secret),
+        )
+
+    def object_delete(self, card: str, handle: str) -> bool:
+        cur = self.con.execute("DELETE FROM objects WHERE card = ? AND handle = ?", (card, handle))
+        return cur.rowcount > 0
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: Path, synchronous: str = "FULL", busy_timeout_ms: int = 15000) -> None:
+        self.path = path
+        self._sync = synchronous
+        self._busy = busy_timeout_ms
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def _con(self) -> sqlite3.Connection:
+        con: sqlite3.Connection | None = getattr(self._local, "con", None)
+        if con is None:
+            # isolation_level=None: autocommit, transactions only where we say BEGIN.
+            con = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=self._busy / 1000
+            )
+            con.execute(f"PRAGMA busy_timeout = {int(self._busy)}")
+            con.execute("PRAGMA journal_mode = WAL")
+            con.execute(f"PRAGMA synchronous = {self._sync}")
+            con.execute("PRAGMA foreign_keys = ON")
+            self._local.con = con
+            with self._lock:
+                self._all.append(con)
+        return con
+
+    def init_schema(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = self._con()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    con.execute(stmt)
+            con.execute(
+                "INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+            )
+            version = con.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()[0]
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+        if int(version) != SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path}: schema version {version}, expected {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            cons, self._all = self._all, []
+        for con in cons:
+            with suppress(sqlite3.Error):
+                con.close()
+        self._local = threading.local()
+
+    @contextmanager
+    def write(self) -> Iterator[WriteTx]:
+        con = self._con()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield _Tx(con)
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+
+    def card_get(self, card: str) -> CardRow | None:
+        r = self._con().execute(f"SELECT {_CARD_COLS} FROM softcards WHERE id = ?", (card,))
+        row = r.fetchone()
+        return _card(row) if row else None
+
+    def card_list(self) -> list[tuple[CardRow, CardCounts]]:
+        rows = self._con().execute(
+            f"SELECT {_CARD_COLS}, {_COUNTS_SQL} FROM softcards s ORDER BY s.name"
+        )
+        return [(_card(r[:10]), CardCounts(r[10], r[11], r[12])) for r in rows]
+
+    def card_counts(self, card: str) -> CardCounts:
+        return _counts(self._con(), card)
+
+    def session_valid(self, session: str, card: str, now: float) -> bool:
+        row = (
+            self._con()
+            .execute(
+                "SELECT 1 FROM sessions WHERE id = ? AND card = ? AND expires > ?",
+                (session, card, now),
+            )
+            .fetchone()
+        )
+        return row is not None
+
+    def object_get(self, card: str, handle: str) -> ObjectRow | None:
+        row = (
+            self._con()
+            .execute(
+                "SELECT handle, card, cls, key_type, attrs, secret FROM objects"
+                " WHERE handle = ? AND card = ?",
+                (handle, card),
+            )
+            .fetchone()
+        )
+        return ObjectRow(*row) if row else None
+
+    def object_search(
+        self, card: str, cls: int | None, key_type: int | None
+    ) -> Iterator[ObjectRow]:
+        sql = "SELECT handle, card, cls, key_type, attrs, secret FROM objects WHERE card = ?"
+        args: list[object] = [card]
+        if cls is not None:
+            sql += " AND cls = ?"
+            args.append(cls)
+        if key_type is not None:
+            sql += " AND key_type = ?"
+            args.append(key_type)
+        # fetchall: the cursor must not stay open across an await on this thread's connection.
+        for row in self._con().execute(sql + " ORDER BY rowid", args).fetchall():
+            yield ObjectRow(*row)
+
+    def idempotency_get(self, key: str) -> IdempotencyRow | None:
+        row = (
+            self._con()
+            .execute(
+                "SELECT key, fingerprint, status, body, created FROM idempotency WHERE key = ?",
+                (key,),
+            )
+            .fetchone()
+        )
+        return IdempotencyRow(*row) if row else None

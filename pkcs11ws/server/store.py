@@ -1,0 +1,141 @@
+"""The storage interface of the key service, independent of the database.
+
+Rows hold only what may rest on disk: wrapped card keys, sealed object values, sealed idempotent
+responses, and attributes that are not secret. Reads are single statements; every change runs in
+one write transaction (`Store.write()`), which is also where the idempotency record of that change
+is written, so a change and its record commit together or not at all.
+
+SQLiteStore (sqlite_store.py) is the embedded backend; a PostgreSQL backend implements the same
+two abstract classes (Store and WriteTx) with its own SQL.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CardRow:
+    id: str
+    name: str
+    created: str  # ISO 8601 UTC
+    salt: bytes
+    kdf_n: int
+    kdf_r: int
+    kdf_p: int
+    wrapped_key: bytes
+    failures: int = 0  # consecutive wrong passphrases
+    locked_until: float = 0.0  # unix time before which activation is refused
+
+
+@dataclass(frozen=True)
+class CardCounts:
+    keys: int
+    certificates: int
+    data: int
+
+
+@dataclass(frozen=True)
+class ObjectRow:
+    handle: str
+    card: str
+    cls: int
+    key_type: int | None
+    attrs_json: str  # the non-secret attributes, as protocol.encode_attrs JSON
+    secret: bytes | None  # sealed CKA_VALUE (under the card key, AAD = handle)
+
+
+@dataclass(frozen=True)
+class IdempotencyRow:
+    key: str
+    fingerprint: bytes
+    status: int
+    body: bytes  # sealed under the master key's response subkey
+    created: float
+
+
+class WriteTx(abc.ABC):
+    """The operations allowed inside one write transaction."""
+
+    @abc.abstractmethod
+    def idempotency_get(self, key: str) -> IdempotencyRow | None: ...
+
+    @abc.abstractmethod
+    def idempotency_put(self, row: IdempotencyRow) -> None:
+        """Insert or replace (an expired row with the same key may still be there)."""
+
+    @abc.abstractmethod
+    def idempotency_expire(self, before: float) -> None: ...
+
+    @abc.abstractmethod
+    def card_insert(self, row: CardRow) -> bool:
+        """False when the name is taken."""
+
+    @abc.abstractmethod
+    def card_get(self, card: str) -> CardRow | None: ...
+
+    @abc.abstractmethod
+    def card_counts(self, card: str) -> CardCounts: ...
+
+    @abc.abstractmethod
+    def card_delete(self, card: str) -> None:
+        """The card, its objects and its sessions."""
+
+    @abc.abstractmethod
+    def card_set_failures(self, card: str, failures: int, locked_until: float) -> None: ...
+
+    @abc.abstractmethod
+    def session_insert(self, session: str, card: str, expires: float) -> None: ...
+
+    @abc.abstractmethod
+    def session_delete(self, session: str) -> bool: ...
+
+    @abc.abstractmethod
+    def session_expire(self, before: float) -> None: ...
+
+    @abc.abstractmethod
+    def object_insert(self, row: ObjectRow) -> None: ...
+
+    @abc.abstractmethod
+    def object_delete(self, card: str, handle: str) -> bool: ...
+
+
+class Store(abc.ABC):
+    """A key service database. Safe to use from several threads and several processes."""
+
+    @abc.abstractmethod
+    def init_schema(self) -> None:
+        """Create the tables if missing (idempotent; safe when workers race)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def write(self) -> AbstractContextManager[WriteTx]:
+        """One write transaction: commit on normal exit, roll back on an exception."""
+
+    @abc.abstractmethod
+    def card_get(self, card: str) -> CardRow | None: ...
+
+    @abc.abstractmethod
+    def card_list(self) -> list[tuple[CardRow, CardCounts]]: ...
+
+    @abc.abstractmethod
+    def card_counts(self, card: str) -> CardCounts: ...
+
+    @abc.abstractmethod
+    def session_valid(self, session: str, card: str, now: float) -> bool: ...
+
+    @abc.abstractmethod
+    def object_get(self, card: str, handle: str) -> ObjectRow | None: ...
+
+    @abc.abstractmethod
+    def object_search(
+        self, card: str, cls: int | None, key_type: int | None
+    ) -> Iterator[ObjectRow]: ...
+
+    @abc.abstractmethod
+    def idempotency_get(self, key: str) -> IdempotencyRow | None: ...
