@@ -49,4 +49,4 @@ bench:
 	$(PY) -m bench
 
 clean:
-	rm -rf build $(VENV) pkcs11ws/_native/*.c pkcs11ws/_native/*.so *.egg-info
+	rm -rf build $(VENV) pkcs11ws/_native/core.c pkcs11ws/_native/core_api.h pkcs11ws/_native/*.so *.egg-info

@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.venv/bin
+export PATH="$PWD/$bin:$PATH"  # cython-lint runs pycodestyle by name
 $bin/ruff format --check .
 $bin/ruff check .
 $bin/mypy pkcs11ws

@@ -184,6 +184,31 @@ CKU_SO: Final = 0
 CKU_USER: Final = 1
 CKU_CONTEXT_SPECIFIC: Final = 2
 
+# Slot, token, session, initialisation and interface flags (the module's own structures)
+CK_INVALID_HANDLE: Final = 0
+CKF_TOKEN_PRESENT: Final = 0x00000001
+CKF_REMOVABLE_DEVICE: Final = 0x00000002
+CKF_HW_SLOT: Final = 0x00000004
+CKF_RNG: Final = 0x00000001
+CKF_WRITE_PROTECTED: Final = 0x00000002
+CKF_LOGIN_REQUIRED: Final = 0x00000004
+CKF_USER_PIN_INITIALIZED: Final = 0x00000008
+CKF_TOKEN_INITIALIZED: Final = 0x00000400
+CKF_RW_SESSION: Final = 0x00000002
+CKF_SERIAL_SESSION: Final = 0x00000004
+CKF_LIBRARY_CANT_CREATE_OS_THREADS: Final = 0x00000001
+CKF_OS_LOCKING_OK: Final = 0x00000002
+CKF_DONT_BLOCK: Final = 0x00000001
+CKF_INTERFACE_FORK_SAFE: Final = 0x00000001
+CKF_FIND_OBJECTS: Final = 0x00000040  # C_SessionCancel (3.0)
+
+# Session states
+CKS_RO_PUBLIC_SESSION: Final = 0
+CKS_RO_USER_FUNCTIONS: Final = 1
+CKS_RW_PUBLIC_SESSION: Final = 2
+CKS_RW_USER_FUNCTIONS: Final = 3
+CKS_RW_SO_FUNCTIONS: Final = 4
+
 
 def _names(prefix: str) -> dict[int, str]:
     return {v: k for k, v in globals().items() if k.startswith(prefix) and isinstance(v, int)}

@@ -52,6 +52,7 @@ class Mechanism:
 
 
 _AES = (C.CKK_AES,)
+HMAC_MAX_KEY: Final = 1024
 _CIPHER_FLAGS = C.CKF_ENCRYPT | C.CKF_DECRYPT
 _MAC_FLAGS = C.CKF_SIGN | C.CKF_VERIFY
 
@@ -59,12 +60,11 @@ _MAC_FLAGS = C.CKF_SIGN | C.CKF_VERIFY
 def _hmac_rows(bits: int, key_type: int, code: int, code_general: int) -> list[Mechanism]:
     digest = f"sha{bits}"
     kt = (key_type, C.CKK_GENERIC_SECRET)
-    # Key sizes: 1 byte up to the HMAC block size times 8; longer keys are hashed by HMAC anyway.
-    max_key = 128 if bits > 256 else 64
+    # Key sizes in bytes: any length HMAC accepts, up to the limit the key service stores.
     return [
-        Mechanism(f"CKM_SHA{bits}_HMAC", code, _MAC_FLAGS, kt, 1, max_key * 8, Param.NONE,
+        Mechanism(f"CKM_SHA{bits}_HMAC", code, _MAC_FLAGS, kt, 1, HMAC_MAX_KEY, Param.NONE,
                   Op.MAC, digest, bits // 8),
-        Mechanism(f"CKM_SHA{bits}_HMAC_GENERAL", code_general, _MAC_FLAGS, kt, 1, max_key * 8,
+        Mechanism(f"CKM_SHA{bits}_HMAC_GENERAL", code_general, _MAC_FLAGS, kt, 1, HMAC_MAX_KEY,
                   Param.MAC_LEN, Op.MAC, digest, bits // 8),
     ]  # fmt: skip
 
@@ -79,13 +79,13 @@ MECHANISMS: Final[tuple[Mechanism, ...]] = (
     *_hmac_rows(384, C.CKK_SHA384_HMAC, C.CKM_SHA384_HMAC, C.CKM_SHA384_HMAC_GENERAL),
     *_hmac_rows(512, C.CKK_SHA512_HMAC, C.CKM_SHA512_HMAC, C.CKM_SHA512_HMAC_GENERAL),
     Mechanism("CKM_SHA256_KEY_GEN", C.CKM_SHA256_KEY_GEN, C.CKF_GENERATE, (C.CKK_SHA256_HMAC,),
-              1, 512, Param.NONE, Op.KEYGEN, gen_key_type=C.CKK_SHA256_HMAC),
+              1, HMAC_MAX_KEY, Param.NONE, Op.KEYGEN, gen_key_type=C.CKK_SHA256_HMAC),
     Mechanism("CKM_SHA384_KEY_GEN", C.CKM_SHA384_KEY_GEN, C.CKF_GENERATE, (C.CKK_SHA384_HMAC,),
-              1, 1024, Param.NONE, Op.KEYGEN, gen_key_type=C.CKK_SHA384_HMAC),
+              1, HMAC_MAX_KEY, Param.NONE, Op.KEYGEN, gen_key_type=C.CKK_SHA384_HMAC),
     Mechanism("CKM_SHA512_KEY_GEN", C.CKM_SHA512_KEY_GEN, C.CKF_GENERATE, (C.CKK_SHA512_HMAC,),
-              1, 1024, Param.NONE, Op.KEYGEN, gen_key_type=C.CKK_SHA512_HMAC),
+              1, HMAC_MAX_KEY, Param.NONE, Op.KEYGEN, gen_key_type=C.CKK_SHA512_HMAC),
     Mechanism("CKM_GENERIC_SECRET_KEY_GEN", C.CKM_GENERIC_SECRET_KEY_GEN, C.CKF_GENERATE,
-              (C.CKK_GENERIC_SECRET,), 1, 1024, Param.NONE, Op.KEYGEN,
+              (C.CKK_GENERIC_SECRET,), 1, HMAC_MAX_KEY, Param.NONE, Op.KEYGEN,
               gen_key_type=C.CKK_GENERIC_SECRET),
 )  # fmt: skip
 
@@ -118,5 +118,5 @@ def key_size_ok(key_type: int, length: int) -> bool:
     if key_type == C.CKK_AES:
         return length in AES_KEY_SIZES
     if key_type in KEY_TYPE_NAMES:
-        return 1 <= length <= 1024
+        return 1 <= length <= HMAC_MAX_KEY
     return False

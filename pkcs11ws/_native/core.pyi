@@ -1,0 +1,19 @@
+"""Type stubs for the Cython core (pkcs11ws/_native/core.pyx): the hooks the provider calls."""
+
+def slot_update(
+    slot_id: int, present: bool, label: bytes, description: bytes, serial: bytes
+) -> None: ...
+def slot_set_login(slot_id: int, logged_in: bool) -> None: ...
+def object_put(
+    handle: int,
+    slot_id: int,
+    cls: int,
+    key_type: int,
+    encrypt: bool,
+    decrypt: bool,
+    sign: bool,
+    verify: bool,
+) -> int: ...
+def object_drop(handle: int) -> None: ...
+def current_provider() -> object: ...
+def cryptoki_version() -> tuple[int, int]: ...

@@ -1,0 +1,343 @@
+# Included by core.pyx: key generation, single-part encrypt/decrypt/sign/verify, random.
+# (Multi-part: multipart.pxi.)
+# C_*Init is checked entirely here (session, mechanism, parameter, key, login, usage) without
+# the GIL. The output length is computed from the mechanism and input size, so the two-call
+# length convention never costs a round trip; the one request is made by the call that has a
+# big enough buffer. An operation ends on any result but CKR_BUFFER_TOO_SMALL or a successful
+# length query.
+
+cdef CK_FLAGS _op_flag(int which) noexcept nogil:
+    if which == OP_ENCRYPT:
+        return CKF_ENCRYPT
+    if which == OP_DECRYPT:
+        return CKF_DECRYPT
+    if which == OP_SIGN:
+        return CKF_SIGN
+    return CKF_VERIFY
+
+
+cdef CK_RV _op_check(CK_SLOT_ID slot, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key, int which,
+                     Op* op) noexcept nogil:
+    cdef ObjRow obj
+    cdef int row
+    cdef CK_ULONG v
+    if m == NULL:
+        return CKR_ARGUMENTS_BAD
+    if _obj_get(key, &obj) != 0 or obj.slot != slot:
+        return CKR_KEY_HANDLE_INVALID
+    if not _slot_logged_in(slot):
+        return CKR_USER_NOT_LOGGED_IN
+    row = _mech_find(m.mechanism)
+    if row < 0 or not (g_mechs[row].flags & _op_flag(which)):
+        return CKR_MECHANISM_INVALID
+    memset(op, 0, sizeof(Op))
+    op.row = row
+    op.mech = m.mechanism
+    op.key = key
+    op.mac_len = g_mechs[row].out_len
+    if g_mechs[row].param == PARAM_IV16:
+        if m.pParameter == NULL or m.ulParameterLen != 16:
+            return CKR_MECHANISM_PARAM_INVALID
+        memcpy(op.iv, m.pParameter, 16)
+    elif g_mechs[row].param == PARAM_MAC_LEN:
+        if m.pParameter == NULL or m.ulParameterLen != sizeof(CK_MAC_GENERAL_PARAMS):
+            return CKR_MECHANISM_PARAM_INVALID
+        v = (<CK_MAC_GENERAL_PARAMS*>m.pParameter)[0]
+        # The _GENERAL HMACs give half to all of the hash's output (guide 6.3).
+        if v * 2 < g_mechs[row].out_len or v > g_mechs[row].out_len:
+            return CKR_MECHANISM_PARAM_INVALID
+        op.mac_len = v
+    elif m.ulParameterLen != 0:
+        return CKR_MECHANISM_PARAM_INVALID
+    if obj.cls != CKO_SECRET_KEY or not _mech_takes_key(row, obj.key_type):
+        return CKR_KEY_TYPE_INCONSISTENT
+    if not (obj.usage & (<CK_ULONG>1 << which)):
+        return CKR_KEY_FUNCTION_NOT_PERMITTED
+    op.active = 1
+    return CKR_OK
+
+
+cdef CK_RV _op_init(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key,
+                    int which) noexcept nogil:
+    cdef CK_RV rv = _ready()
+    cdef Session* s
+    cdef Op op
+    if rv != CKR_OK:
+        return rv
+    s = _session_get(h)
+    if s == NULL:
+        return CKR_SESSION_HANDLE_INVALID
+    if s.ops[which].active:
+        rv = CKR_OPERATION_ACTIVE
+    else:
+        rv = _op_check(s.slot, m, key, which, &op)
+    if rv == CKR_OK:
+        pthread_mutex_lock(&g_sess_lock)
+        if s.ops[which].active:
+            rv = CKR_OPERATION_ACTIVE
+        else:
+            s.ops[which] = op
+        pthread_mutex_unlock(&g_sess_lock)
+    _session_put(s)
+    return rv
+
+
+cdef void _op_end(Session* s, int which) noexcept nogil:
+    pthread_mutex_lock(&g_sess_lock)
+    _op_clear(&s.ops[which])
+    pthread_mutex_unlock(&g_sess_lock)
+
+
+cdef CK_RV _out_len(Op* op, int which, CK_ULONG n, CK_ULONG* out) noexcept nogil:
+    cdef MechRow* row = &g_mechs[op.row]
+    if which == OP_ENCRYPT:
+        if row.padded:
+            out[0] = n + 16 - n % 16
+        elif n % 16:
+            return CKR_DATA_LEN_RANGE
+        else:
+            out[0] = n
+    elif which == OP_DECRYPT:
+        if n % 16 or (row.padded and n == 0):
+            return CKR_ENCRYPTED_DATA_LEN_RANGE
+        # CBC-PAD: an upper bound (the spec allows it); the exact length comes with the data.
+        out[0] = n
+    else:
+        out[0] = op.mac_len
+    return CKR_OK
+
+
+cdef bint _kept_matches(Op* op, CK_BYTE_PTR data, CK_ULONG n) noexcept nogil:
+    return (op.kept_out != NULL and op.kept_in_len == n
+            and (n == 0 or memcmp(op.kept_in, data, n) == 0))
+
+
+cdef CK_RV _keep(Session* s, int which, CK_BYTE_PTR data, CK_ULONG n, bytes result) except? 1:
+    """Keep an over-long result for the retry (with the GIL; takes the session lock)."""
+    cdef Py_ssize_t size = len(result)
+    cdef const unsigned char* src = result
+    cdef CK_BYTE* kin = <CK_BYTE*>malloc(n or 1)
+    cdef CK_BYTE* kout = <CK_BYTE*>malloc(size or 1)
+    if kin == NULL or kout == NULL:
+        free(kin)
+        free(kout)
+        raise MemoryError()
+    memcpy(kin, data, n)
+    memcpy(kout, src, size)
+    pthread_mutex_lock(&g_sess_lock)
+    free(s.ops[which].kept_in)
+    free(s.ops[which].kept_out)
+    s.ops[which].kept_in = kin
+    s.ops[which].kept_in_len = n
+    s.ops[which].kept_out = kout
+    s.ops[which].kept_out_len = size
+    pthread_mutex_unlock(&g_sess_lock)
+    return CKR_OK
+
+
+cdef CK_RV _single(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pIn, CK_ULONG ulIn,
+                   CK_BYTE_PTR pOut, CK_ULONG_PTR pulOut) noexcept nogil:
+    """C_Encrypt, C_Decrypt and C_Sign: one request, made once the buffer is big enough."""
+    cdef CK_RV rv = _ready()
+    cdef Session* s
+    cdef Op op
+    cdef CK_ULONG need = 0
+    cdef Py_ssize_t size
+    cdef const unsigned char* src
+    if rv != CKR_OK:
+        return rv
+    s = _session_get(h)
+    if s == NULL:
+        return CKR_SESSION_HANDLE_INVALID
+    pthread_mutex_lock(&g_sess_lock)
+    op = s.ops[which]
+    pthread_mutex_unlock(&g_sess_lock)
+    if not op.active:
+        _session_put(s)
+        return CKR_OPERATION_NOT_INITIALIZED
+    if op.multi:
+        # A multi-part operation ends only with its C_*Final.
+        _session_put(s)
+        return CKR_OPERATION_ACTIVE
+    if pulOut == NULL or (pIn == NULL and ulIn > 0):
+        rv = CKR_ARGUMENTS_BAD
+    else:
+        rv = _out_len(&op, which, ulIn, &need)
+    if rv == CKR_OK and which == OP_DECRYPT and _kept_matches(&op, pIn, ulIn):
+        if pOut == NULL or pulOut[0] < op.kept_out_len:
+            pulOut[0] = op.kept_out_len
+            _session_put(s)
+            return CKR_OK if pOut == NULL else CKR_BUFFER_TOO_SMALL
+        memcpy(pOut, op.kept_out, op.kept_out_len)
+        pulOut[0] = op.kept_out_len
+    elif rv == CKR_OK:
+        if pOut == NULL:
+            pulOut[0] = need
+            _session_put(s)
+            return CKR_OK
+        if pulOut[0] < need and not (which == OP_DECRYPT and g_mechs[op.row].padded):
+            pulOut[0] = need
+            _session_put(s)
+            return CKR_BUFFER_TOO_SMALL
+        if need == 0:
+            # Unpadded CBC of nothing is nothing: no request needed.
+            pulOut[0] = 0
+        else:
+            p11ws_adopt_thread()
+            with gil:
+                try:
+                    data = (<char*>pIn)[:ulIn] if ulIn else b""
+                    if which == OP_SIGN:
+                        out = _prov().sign(s.slot, op.key, op.mech, data, op.mac_len)
+                    elif which == OP_ENCRYPT:
+                        out = _prov().encrypt(s.slot, op.key, op.mech, (<char*>op.iv)[:16],
+                                              data)
+                    else:
+                        out = _prov().decrypt(s.slot, op.key, op.mech, (<char*>op.iv)[:16],
+                                              data)
+                    size = len(out)
+                    if <CK_ULONG>size > pulOut[0]:
+                        _keep(s, which, pIn, ulIn, out)
+                        pulOut[0] = size
+                        rv = CKR_BUFFER_TOO_SMALL
+                    else:
+                        src = <bytes>out
+                        memcpy(pOut, src, size)
+                        pulOut[0] = size
+                except BaseException as e:
+                    rv = _ckr(e)
+    if rv != CKR_BUFFER_TOO_SMALL:
+        _op_end(s, which)
+    _session_put(s)
+    return rv
+
+
+cdef CK_RV f_EncryptInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
+                         CK_OBJECT_HANDLE hKey) noexcept nogil:
+    return _op_init(hSession, pMechanism, hKey, OP_ENCRYPT)
+
+
+cdef CK_RV f_DecryptInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
+                         CK_OBJECT_HANDLE hKey) noexcept nogil:
+    return _op_init(hSession, pMechanism, hKey, OP_DECRYPT)
+
+
+cdef CK_RV f_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
+                      CK_OBJECT_HANDLE hKey) noexcept nogil:
+    return _op_init(hSession, pMechanism, hKey, OP_SIGN)
+
+
+cdef CK_RV f_VerifyInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
+                        CK_OBJECT_HANDLE hKey) noexcept nogil:
+    return _op_init(hSession, pMechanism, hKey, OP_VERIFY)
+
+
+cdef CK_RV f_Encrypt(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
+                     CK_BYTE_PTR pEncryptedData, CK_ULONG_PTR pulEncryptedDataLen) noexcept nogil:
+    return _single(hSession, OP_ENCRYPT, pData, ulDataLen, pEncryptedData, pulEncryptedDataLen)
+
+
+cdef CK_RV f_Decrypt(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pEncryptedData,
+                     CK_ULONG ulEncryptedDataLen, CK_BYTE_PTR pData,
+                     CK_ULONG_PTR pulDataLen) noexcept nogil:
+    return _single(hSession, OP_DECRYPT, pEncryptedData, ulEncryptedDataLen, pData, pulDataLen)
+
+
+cdef CK_RV f_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
+                  CK_BYTE_PTR pSignature, CK_ULONG_PTR pulSignatureLen) noexcept nogil:
+    return _single(hSession, OP_SIGN, pData, ulDataLen, pSignature, pulSignatureLen)
+
+
+cdef CK_RV f_Verify(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
+                    CK_BYTE_PTR pSignature, CK_ULONG ulSignatureLen) noexcept nogil:
+    cdef CK_RV rv = _ready()
+    cdef Session* s
+    cdef Op op
+    if rv != CKR_OK:
+        return rv
+    s = _session_get(hSession)
+    if s == NULL:
+        return CKR_SESSION_HANDLE_INVALID
+    pthread_mutex_lock(&g_sess_lock)
+    op = s.ops[OP_VERIFY]
+    pthread_mutex_unlock(&g_sess_lock)
+    if not op.active:
+        _session_put(s)
+        return CKR_OPERATION_NOT_INITIALIZED
+    if op.multi:
+        _session_put(s)
+        return CKR_OPERATION_ACTIVE
+    if (pData == NULL and ulDataLen > 0) or (pSignature == NULL and ulSignatureLen > 0):
+        rv = CKR_ARGUMENTS_BAD
+    elif ulSignatureLen != op.mac_len:
+        rv = CKR_SIGNATURE_LEN_RANGE
+    else:
+        p11ws_adopt_thread()
+        with gil:
+            try:
+                _prov().verify(s.slot, op.key, op.mech,
+                               (<char*>pData)[:ulDataLen] if ulDataLen else b"",
+                               (<char*>pSignature)[:ulSignatureLen], op.mac_len)
+            except BaseException as e:
+                rv = _ckr(e)
+    _op_end(s, OP_VERIFY)
+    _session_put(s)
+    return rv
+
+
+cdef CK_RV f_GenerateKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
+                         CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount,
+                         CK_OBJECT_HANDLE_PTR phKey) noexcept nogil:
+    cdef CK_RV rv = _ready()
+    cdef CK_SLOT_ID slot
+    cdef CK_FLAGS flags
+    cdef int row
+    if rv != CKR_OK:
+        return rv
+    rv = _session_slot(hSession, &slot, &flags)
+    if rv != CKR_OK:
+        return rv
+    if pMechanism == NULL or phKey == NULL or (pTemplate == NULL and ulCount > 0):
+        return CKR_ARGUMENTS_BAD
+    row = _mech_find(pMechanism.mechanism)
+    if row < 0 or not (g_mechs[row].flags & CKF_GENERATE):
+        return CKR_MECHANISM_INVALID
+    if pMechanism.ulParameterLen != 0:
+        return CKR_MECHANISM_PARAM_INVALID
+    if not (flags & CKF_RW_SESSION):
+        return CKR_SESSION_READ_ONLY
+    p11ws_adopt_thread()
+    with gil:
+        try:
+            phKey[0] = _prov().generate_key(slot, pMechanism.mechanism,
+                                            _template(pTemplate, ulCount))
+        except BaseException as e:
+            return _ckr(e)
+    return CKR_OK
+
+
+cdef CK_RV f_GenerateRandom(CK_SESSION_HANDLE hSession, CK_BYTE_PTR RandomData,
+                            CK_ULONG ulRandomLen) noexcept nogil:
+    cdef CK_RV rv = _ready()
+    cdef CK_SLOT_ID slot
+    cdef const unsigned char* src
+    if rv != CKR_OK:
+        return rv
+    rv = _session_slot(hSession, &slot, NULL)
+    if rv != CKR_OK:
+        return rv
+    if RandomData == NULL and ulRandomLen > 0:
+        return CKR_ARGUMENTS_BAD
+    if ulRandomLen == 0:
+        return CKR_OK
+    p11ws_adopt_thread()
+    with gil:
+        try:
+            out = _prov().random(ulRandomLen)
+            if <CK_ULONG>len(out) != ulRandomLen:
+                raise RuntimeError("random: wrong length from the provider")
+            src = <bytes>out
+            memcpy(RandomData, src, ulRandomLen)
+        except BaseException as e:
+            return _ckr(e)
+    return CKR_OK

@@ -1,0 +1,273 @@
+/*
+ * loader.c: libpkcs11ws.so, the PKCS#11 module a host dlopen()s.
+ *
+ * It exports only the C_* functions (one-line trampolines generated into trampolines.h) and on
+ * the first call: refuses to run inside a host whose Python is another minor version, re-opens
+ * libpython RTLD_GLOBAL (hosts load modules RTLD_LOCAL, and the extension modules we import need
+ * libpython's symbols), boots an isolated CPython (or attaches to the host's), imports the Cython
+ * core pkcs11ws._native.core and takes its CK_FUNCTION_LIST_3_0 through a `cdef api` capsule.
+ * From then on every C_* call goes straight into the core; the loader adds no hop. It also owns
+ * the fork handlers that keep the interpreter consistent across fork() (design.md section 2).
+ * Python is never finalised: the host may be Python itself, and threads may still be inside.
+ *
+ * Build-time facts come from setup.py as macros: P11WS_PYTHON_EXE (the interpreter whose
+ * environment, e.g. a venv's site-packages, the booted Python uses), P11WS_PKG_PARENT (where
+ * the pkcs11ws package was at build time, used only when the loader does not sit inside it) and
+ * P11WS_SITE (that interpreter's site-packages: appended to a host interpreter's sys.path so
+ * the provider's dependencies import inside, say, the system python3 running PyKCS11).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <dlfcn.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "pkcs11ws_ck.h"
+#include "pyglue.h"
+#include "core_api.h"
+
+#ifndef P11WS_PYTHON_EXE
+#error "P11WS_PYTHON_EXE must be defined by the build"
+#endif
+#ifndef P11WS_PKG_PARENT
+#define P11WS_PKG_PARENT ""
+#endif
+#ifndef P11WS_SITE
+#define P11WS_SITE ""
+#endif
+
+#define P11WS_EXPORT __attribute__((visibility("default")))
+
+static CK_FUNCTION_LIST_3_0 *p11ws_list;
+static pthread_mutex_t p11ws_boot_lock = PTHREAD_MUTEX_INITIALIZER;
+static int p11ws_boot_failed;
+
+static void p11ws_say(const char *msg, const char *detail)
+{
+    fprintf(stderr, "libpkcs11ws: %s%s%s\n", msg, detail ? ": " : "", detail ? detail : "");
+    fflush(stderr);
+}
+
+/* ---- fork handlers ---------------------------------------------------------------------- */
+
+static int p11ws_fork_stepped_aside;
+static PyGILState_STATE p11ws_fork_gil;
+
+static void p11ws_fork_prepare(void)
+{
+    if (p11ws_list == NULL)
+        return;
+    if (PyGILState_Check()) {
+        /* The forking thread holds the GIL: Python's own os.fork() is running and does
+         * PyOS_BeforeFork/AfterFork itself; taking the GIL again would deadlock. */
+        p11ws_fork_stepped_aside = 1;
+    } else {
+        p11ws_fork_stepped_aside = 0;
+        p11ws_adopt_thread();
+        p11ws_fork_gil = PyGILState_Ensure();
+        PyOS_BeforeFork();
+    }
+    p11ws_core_fork(0);
+}
+
+static void p11ws_fork_parent(void)
+{
+    if (p11ws_list == NULL)
+        return;
+    p11ws_core_fork(1);
+    if (!p11ws_fork_stepped_aside) {
+        PyOS_AfterFork_Parent();
+        PyGILState_Release(p11ws_fork_gil);
+    }
+}
+
+static void p11ws_fork_child(void)
+{
+    if (p11ws_list == NULL)
+        return;
+    p11ws_core_fork(2);
+    if (!p11ws_fork_stepped_aside) {
+        /* Runs the os.register_at_fork(after_in_child=...) hooks, which drop the inherited
+         * curl handles without closing them (pkcs11ws.client.transport.reset_after_fork). */
+        PyOS_AfterFork_Child();
+        PyGILState_Release(p11ws_fork_gil);
+    }
+}
+
+/* ---- start-up ---------------------------------------------------------------------------- */
+
+/* Directory that holds the pkcs11ws package: from the loader's own path when it sits inside
+ * it (pkcs11ws/_native/libpkcs11ws.so), else the build-time location. */
+static int p11ws_package_parent(char *out, size_t n)
+{
+    Dl_info info;
+    char real[PATH_MAX], probe[PATH_MAX + 32];
+    if (dladdr((void *)&p11ws_package_parent, &info) && info.dli_fname &&
+        realpath(info.dli_fname, real) != NULL) {
+        for (int up = 0; up < 3; up++) {
+            char *slash = strrchr(real, '/');
+            if (slash == NULL)
+                break;
+            *slash = '\0';
+        }
+        snprintf(probe, sizeof probe, "%s/pkcs11ws/_native", real);
+        if (access(probe, F_OK) == 0 && strlen(real) < n) {
+            strcpy(out, real);
+            return 0;
+        }
+    }
+    if (P11WS_PKG_PARENT[0] != '\0' && strlen(P11WS_PKG_PARENT) < n) {
+        strcpy(out, P11WS_PKG_PARENT);
+        return 0;
+    }
+    return -1;
+}
+
+static int p11ws_version_ok(void)
+{
+    char want[16];
+    const char *have = Py_GetVersion();
+    snprintf(want, sizeof want, "%d.%d.", PY_MAJOR_VERSION, PY_MINOR_VERSION);
+    if (strncmp(have, want, strlen(want)) == 0)
+        return 1;
+    char msg[160];
+    snprintf(msg, sizeof msg, "built for Python %d.%d but the host process runs Python %.*s",
+             PY_MAJOR_VERSION, PY_MINOR_VERSION, (int)strcspn(have, " "), have);
+    p11ws_say("refusing to load", msg);
+    return 0;
+}
+
+static int p11ws_start_python(void)
+{
+    PyStatus status;
+    PyConfig config;
+    PyConfig_InitIsolatedConfig(&config);
+    /* The host (a JVM, a C program) owns the signals. */
+    config.install_signal_handlers = 0;
+    config.site_import = 1;
+    status = PyConfig_SetBytesString(&config, &config.program_name, P11WS_PYTHON_EXE);
+    if (!PyStatus_Exception(status))
+        status = PyConfig_SetBytesString(&config, &config.executable, P11WS_PYTHON_EXE);
+    if (!PyStatus_Exception(status))
+        status = Py_InitializeFromConfig(&config);
+    PyConfig_Clear(&config);
+    if (PyStatus_Exception(status)) {
+        p11ws_say("cannot start Python", status.err_msg);
+        return -1;
+    }
+    /* Keep the main thread state (this thread stays known to Python) but drop the GIL. */
+    (void)PyEval_SaveThread();
+    return 0;
+}
+
+/* Append a directory to sys.path unless it is there (with the GIL). */
+static int p11ws_path_append(PyObject *path, const char *entry)
+{
+    if (entry[0] == '\0')
+        return 0;
+    PyObject *dir = PyUnicode_DecodeFSDefault(entry);
+    int rc = dir == NULL ? -1 : PySequence_Contains(path, dir);
+    if (rc == 0)
+        rc = PyList_Append(path, dir);
+    Py_XDECREF(dir);
+    return rc < 0 ? -1 : 0;
+}
+
+/* With the GIL: make pkcs11ws importable and import the core. */
+static int p11ws_import_core(const char *parent, int booted)
+{
+    PyObject *path = PySys_GetObject("path"); /* borrowed */
+    int rc = -1;
+    if (path == NULL || !PyList_Check(path))
+        goto out;
+    if (booted) {
+        PyObject *dir = PyUnicode_DecodeFSDefault(parent);
+        rc = dir == NULL ? -1 : PyList_Insert(path, 0, dir);
+        Py_XDECREF(dir);
+        if (rc < 0)
+            goto out;
+    } else if (p11ws_path_append(path, parent) < 0 || p11ws_path_append(path, P11WS_SITE) < 0) {
+        /* Attached to a host interpreter: its own modules come first. */
+        goto out;
+    }
+    rc = import_pkcs11ws___native__core();
+out:
+    if (rc < 0) {
+        p11ws_say("cannot import pkcs11ws._native.core", NULL);
+        if (PyErr_Occurred())
+            PyErr_Print();
+    }
+    return rc;
+}
+
+static int p11ws_boot_locked(void)
+{
+    char parent[PATH_MAX];
+    Dl_info info;
+    int booted = 0;
+
+    if (!p11ws_version_ok())
+        return -1;
+    if (p11ws_package_parent(parent, sizeof parent) < 0) {
+        p11ws_say("cannot find the pkcs11ws package next to the module", NULL);
+        return -1;
+    }
+    /* Hosts dlopen modules RTLD_LOCAL: promote libpython so extensions resolve its symbols. */
+    if (dladdr((void *)&Py_IsInitialized, &info) && info.dli_fname)
+        (void)dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD | RTLD_GLOBAL);
+
+    if (!Py_IsInitialized()) {
+        if (p11ws_start_python() < 0)
+            return -1;
+        booted = 1;
+    }
+    p11ws_adopt_thread();
+    PyGILState_STATE g = PyGILState_Ensure();
+    int rc = p11ws_import_core(parent, booted);
+    CK_FUNCTION_LIST_3_0 *list = rc == 0 ? p11ws_core_function_list() : NULL;
+    PyGILState_Release(g);
+    if (list == NULL)
+        return -1;
+    if (pthread_atfork(p11ws_fork_prepare, p11ws_fork_parent, p11ws_fork_child) != 0) {
+        p11ws_say("cannot install fork handlers", NULL);
+        return -1;
+    }
+    __atomic_store_n(&p11ws_list, list, __ATOMIC_RELEASE);
+    return 0;
+}
+
+static int p11ws_boot(void)
+{
+    int rc;
+    /* A caller that holds the GIL (a Python host) must not sleep on the boot lock with it:
+     * the thread that is booting may need the GIL to finish. */
+    int held = Py_IsInitialized() && PyGILState_Check();
+    PyThreadState *saved = held ? PyEval_SaveThread() : NULL;
+    pthread_mutex_lock(&p11ws_boot_lock);
+    if (saved != NULL)
+        PyEval_RestoreThread(saved);
+    if (p11ws_list != NULL)
+        rc = 0;
+    else if (p11ws_boot_failed)
+        rc = -1;
+    else {
+        rc = p11ws_boot_locked();
+        p11ws_boot_failed = rc != 0;
+    }
+    pthread_mutex_unlock(&p11ws_boot_lock);
+    return rc;
+}
+
+#define P11WS_ENTER()                                                                   \
+    do {                                                                                \
+        if (__builtin_expect(__atomic_load_n(&p11ws_list, __ATOMIC_ACQUIRE) == NULL, 0) \
+            && p11ws_boot() != 0)                                                       \
+            return CKR_GENERAL_ERROR;                                                   \
+    } while (0)
+
+#include "trampolines.h"

@@ -1,0 +1,237 @@
+# Included by core.pyx: object management, search and attribute output.
+# Templates cross to Python as [(CKA type, raw value bytes)]; the provider decodes them by the
+# attribute table. Attribute values come back as raw bytes (or a CKR for that attribute) and the
+# length-query rules are applied here.
+
+cdef list _template(CK_ATTRIBUTE_PTR t, CK_ULONG n):
+    """A caller's CK_ATTRIBUTE array as [(type, value)] (with the GIL)."""
+    cdef CK_ULONG i
+    out = []
+    for i in range(n):
+        if t[i].pValue == NULL:
+            if t[i].ulValueLen != 0:
+                raise PKCS11Error(CKR_ARGUMENTS_BAD, "attribute value NULL with a length")
+            out.append((t[i].type, b""))
+        else:
+            out.append((t[i].type, (<char*>t[i].pValue)[:t[i].ulValueLen]))
+    return out
+
+
+cdef CK_RV f_CreateObject(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate,
+                          CK_ULONG ulCount, CK_OBJECT_HANDLE_PTR phObject) noexcept nogil:
+    cdef CK_RV rv = _ready()
+    cdef CK_SLOT_ID slot
+    cdef CK_FLAGS flags
+    if rv != CKR_OK:
+        return rv
+    rv = _session_slot(hSession, &slot, &flags)
+    if rv != CKR_OK:
+        return rv
+    if phObject == NULL or (pTemplate == NULL and ulCount > 0):
+        return CKR_ARGUMENTS_BAD
+    if not (flags & CKF_RW_SESSION):
+        # Every object is a token object (CKA_TOKEN must be true).
+        return CKR_SESSION_READ_ONLY
+    p11ws_adopt_thread()
+    with gil:
+        try:
+            phObject[0] = _prov().create_object(slot, _template(pTemplate, ulCount))
+        except BaseException as e:
+            return _ckr(e)
+    return CKR_OK
+
+
+cdef CK_RV f_DestroyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject) noexcept nogil:
+    cdef CK_RV rv = _ready()
+    cdef CK_SLOT_ID slot
+    cdef CK_FLAGS flags
+    cdef ObjRow obj
+    if rv != CKR_OK:
+        return rv
+    rv = _session_slot(hSession, &slot, &flags)
+    if rv != CKR_OK:
+        return rv
+    if _obj_get(hObject, &obj) != 0 or obj.slot != slot:
+        return CKR_OBJECT_HANDLE_INVALID
+    if not (flags & CKF_RW_SESSION):
+        return CKR_SESSION_READ_ONLY
+    p11ws_adopt_thread()
+    with gil:
+        try:
+            _prov().destroy_object(slot, hObject)
+        except BaseException as e:
+            return _ckr(e)
+    return CKR_OK
+
+
+cdef CK_RV f_GetObjectSize(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject,
+                           CK_ULONG_PTR pulSize) noexcept nogil:
+    cdef CK_RV rv = _ready()
+    cdef CK_SLOT_ID slot
+    cdef ObjRow obj
+    if rv != CKR_OK:
+        return rv
+    rv = _session_slot(hSession, &slot, NULL)
+    if rv != CKR_OK:
+        return rv
+    if pulSize == NULL:
+        return CKR_ARGUMENTS_BAD
+    if _obj_get(hObject, &obj) != 0 or obj.slot != slot or not _slot_logged_in(slot):
+        return CKR_OBJECT_HANDLE_INVALID
+    # Objects live on the service, which does not say what they occupy (the spec's answer).
+    pulSize[0] = CK_UNAVAILABLE_INFORMATION
+    return CKR_OK
+
+
+cdef CK_RV f_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject,
+                               CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount) noexcept nogil:
+    cdef CK_RV rv = _ready()
+    cdef CK_SLOT_ID slot
+    cdef ObjRow obj
+    if rv != CKR_OK:
+        return rv
+    rv = _session_slot(hSession, &slot, NULL)
+    if rv != CKR_OK:
+        return rv
+    if pTemplate == NULL and ulCount > 0:
+        return CKR_ARGUMENTS_BAD
+    if _obj_get(hObject, &obj) != 0 or obj.slot != slot:
+        return CKR_OBJECT_HANDLE_INVALID
+    p11ws_adopt_thread()
+    with gil:
+        try:
+            types = [pTemplate[i].type for i in range(ulCount)]
+            values = _prov().get_attributes(slot, hObject, types)
+            return _write_attributes(pTemplate, ulCount, values)
+        except BaseException as e:
+            return _ckr(e)
+
+
+cdef CK_RV _write_attributes(CK_ATTRIBUTE_PTR t, CK_ULONG n, list values) except? 0xFFFFFFFF:
+    """Apply the C_GetAttributeValue rules to every attribute; the first problem is returned.
+
+    values[i] is the attribute's encoded value, or the CKR for it (ATTRIBUTE_SENSITIVE,
+    ATTRIBUTE_TYPE_INVALID). NULL pValue: report the length. Too small: BUFFER_TOO_SMALL.
+    Every failed attribute gets ulValueLen = CK_UNAVAILABLE_INFORMATION.
+    """
+    cdef CK_RV rv = CKR_OK
+    cdef CK_ULONG i
+    cdef const unsigned char* src
+    cdef Py_ssize_t size
+    if <CK_ULONG>len(values) != n:
+        raise RuntimeError("provider returned a wrong number of attribute values")
+    for i in range(n):
+        v = values[i]
+        if isinstance(v, int):
+            t[i].ulValueLen = CK_UNAVAILABLE_INFORMATION
+            if rv == CKR_OK:
+                rv = v
+            continue
+        b = <bytes>v
+        size = len(b)
+        if t[i].pValue == NULL:
+            t[i].ulValueLen = size
+        elif t[i].ulValueLen >= <CK_ULONG>size:
+            src = b
+            memcpy(t[i].pValue, src, size)
+            t[i].ulValueLen = size
+        else:
+            t[i].ulValueLen = CK_UNAVAILABLE_INFORMATION
+            if rv == CKR_OK:
+                rv = CKR_BUFFER_TOO_SMALL
+    return rv
+
+
+cdef CK_RV f_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate,
+                             CK_ULONG ulCount) noexcept nogil:
+    cdef CK_RV rv = _ready()
+    cdef Session* s
+    cdef CK_OBJECT_HANDLE* found = NULL
+    cdef CK_ULONG nfound = 0, i
+    if rv != CKR_OK:
+        return rv
+    if pTemplate == NULL and ulCount > 0:
+        return CKR_ARGUMENTS_BAD
+    s = _session_get(hSession)
+    if s == NULL:
+        return CKR_SESSION_HANDLE_INVALID
+    pthread_mutex_lock(&g_sess_lock)
+    if s.find_active:
+        rv = CKR_OPERATION_ACTIVE
+    else:
+        s.find_active = 2  # being set up: a concurrent init sees it active
+    pthread_mutex_unlock(&g_sess_lock)
+    if rv == CKR_OK:
+        p11ws_adopt_thread()
+        with gil:
+            try:
+                handles = _prov().find(s.slot, _template(pTemplate, ulCount))
+                nfound = len(handles)
+                found = <CK_OBJECT_HANDLE*>malloc((nfound or 1) * sizeof(CK_OBJECT_HANDLE))
+                if found == NULL:
+                    raise MemoryError()
+                for i in range(nfound):
+                    found[i] = handles[i]
+            except BaseException as e:
+                rv = _ckr(e)
+        pthread_mutex_lock(&g_sess_lock)
+        if rv == CKR_OK:
+            s.found = found
+            s.nfound = nfound
+            s.found_pos = 0
+            s.find_active = 1
+        else:
+            free(found)
+            s.find_active = 0
+        pthread_mutex_unlock(&g_sess_lock)
+    _session_put(s)
+    return rv
+
+
+cdef CK_RV f_FindObjects(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE_PTR phObject,
+                         CK_ULONG ulMaxObjectCount, CK_ULONG_PTR pulObjectCount) noexcept nogil:
+    cdef CK_RV rv = _ready()
+    cdef Session* s
+    cdef CK_ULONG n = 0
+    if rv != CKR_OK:
+        return rv
+    s = _session_get(hSession)
+    if s == NULL:
+        return CKR_SESSION_HANDLE_INVALID
+    pthread_mutex_lock(&g_sess_lock)
+    if s.find_active != 1:
+        rv = CKR_OPERATION_NOT_INITIALIZED
+    elif pulObjectCount == NULL or (phObject == NULL and ulMaxObjectCount > 0):
+        rv = CKR_ARGUMENTS_BAD
+    else:
+        n = s.nfound - s.found_pos
+        if n > ulMaxObjectCount:
+            n = ulMaxObjectCount
+        if n:
+            memcpy(phObject, &s.found[s.found_pos], n * sizeof(CK_OBJECT_HANDLE))
+        s.found_pos += n
+        pulObjectCount[0] = n
+    pthread_mutex_unlock(&g_sess_lock)
+    _session_put(s)
+    return rv
+
+
+cdef CK_RV f_FindObjectsFinal(CK_SESSION_HANDLE hSession) noexcept nogil:
+    cdef CK_RV rv = _ready()
+    cdef Session* s
+    if rv != CKR_OK:
+        return rv
+    s = _session_get(hSession)
+    if s == NULL:
+        return CKR_SESSION_HANDLE_INVALID
+    pthread_mutex_lock(&g_sess_lock)
+    if s.find_active != 1:
+        rv = CKR_OPERATION_NOT_INITIALIZED
+    else:
+        free(s.found)
+        s.found = NULL
+        s.nfound = s.found_pos = 0
+        s.find_active = 0
+    pthread_mutex_unlock(&g_sess_lock)
+    _session_put(s)
+    return rv

@@ -1,0 +1,177 @@
+"""The module's object rules: template decoding, the WSOP attribute policy, value encoding.
+
+Templates arrive from the Cython core as [(CKA type, raw bytes)] exactly as the application
+passed them; values leave as the raw bytes PKCS#11 defines (CK_BBOOL one byte, CK_ULONG native
+unsigned long). Which attribute travels as what comes from protocol.ATTRIBUTES.
+
+The policy of the WSOP guide (section 6.4) is checked here before any round trip, so a template
+the service would refuse costs nothing: CKA_TOKEN and CKA_PRIVATE must be present and true (no
+session or public objects); the classes are CKO_DATA, CKO_CERTIFICATE (CKC_X_509 only) and
+CKO_SECRET_KEY (AES and the HMAC key types); some attributes must be false and, for keys, some
+true when given. The service enforces the same rules again (it trusts no client).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import Final
+
+from pkcs11ws import constants as C
+from pkcs11ws import mechanisms, protocol
+from pkcs11ws.errors import PKCS11Error
+from pkcs11ws.protocol import Attrs
+
+RawTemplate = list[tuple[int, bytes]]
+ULONG_SIZE: Final = 8  # sizeof(CK_ULONG) on LP64 Linux
+
+CLASSES: Final = (C.CKO_DATA, C.CKO_CERTIFICATE, C.CKO_SECRET_KEY)
+HIDDEN_CLASSES: Final = (C.CKO_PUBLIC_KEY, C.CKO_PRIVATE_KEY)  # never returned by C_FindObjects
+MUST_BE_FALSE: Final = ("CKA_DERIVE", "CKA_EXTRACTABLE", "CKA_COPYABLE", "CKA_TRUSTED",
+                        "CKA_UNWRAP", "CKA_WRAP", "CKA_WRAP_WITH_TRUSTED")  # fmt: skip
+KEY_MUST_BE_TRUE: Final = ("CKA_ALWAYS_SENSITIVE", "CKA_NEVER_EXTRACTABLE", "CKA_LOCAL",
+                           "CKA_SENSITIVE")  # fmt: skip
+
+
+def _fail(ckr: int, msg: str) -> PKCS11Error:
+    return PKCS11Error(ckr, msg)
+
+
+def decode_value(attr: protocol.Attr, raw: bytes) -> protocol.AttrValue:
+    """One raw attribute value as its protocol type; ATTRIBUTE_VALUE_INVALID if malformed."""
+    if attr.kind == protocol.BOOL:
+        if len(raw) != 1:
+            raise _fail(C.CKR_ATTRIBUTE_VALUE_INVALID, f"{attr.name}: a CK_BBOOL is one byte")
+        return raw != b"\x00"
+    if attr.kind == protocol.ULONG:
+        if len(raw) != ULONG_SIZE:
+            raise _fail(C.CKR_ATTRIBUTE_VALUE_INVALID, f"{attr.name}: a CK_ULONG is 8 bytes")
+        return int.from_bytes(raw, sys.byteorder)
+    return bytes(raw)
+
+
+def encode_value(attr: protocol.Attr, value: protocol.AttrValue) -> bytes:
+    """A protocol value as the bytes C_GetAttributeValue hands out."""
+    if attr.kind == protocol.BOOL:
+        return b"\x01" if value else b"\x00"
+    if attr.kind == protocol.ULONG:
+        assert isinstance(value, int)
+        return value.to_bytes(ULONG_SIZE, sys.byteorder)
+    assert isinstance(value, bytes)
+    return value
+
+
+def decode_template(template: Iterable[tuple[int, bytes]]) -> Attrs:
+    """A creation template by attribute name; unknown types are ATTRIBUTE_TYPE_INVALID."""
+    out: Attrs = {}
+    for code, raw in template:
+        attr = protocol.ATTR_BY_CODE.get(code)
+        if attr is None:
+            raise _fail(C.CKR_ATTRIBUTE_TYPE_INVALID, f"attribute 0x{code:X} is not supported")
+        value = decode_value(attr, raw)
+        if attr.name in out and out[attr.name] != value:
+            raise _fail(C.CKR_TEMPLATE_INCONSISTENT, f"{attr.name} given twice, differently")
+        out[attr.name] = value
+    return out
+
+
+def decode_search(template: Iterable[tuple[int, bytes]]) -> Attrs | None:
+    """A search template by name, or None when no object can match it (an attribute nothing
+    has, or a class the module never shows)."""
+    out: Attrs = {}
+    for code, raw in template:
+        attr = protocol.ATTR_BY_CODE.get(code)
+        if attr is None:
+            return None
+        value = decode_value(attr, raw)
+        if attr.name in out and out[attr.name] != value:
+            return None
+        out[attr.name] = value
+    if out.get("CKA_CLASS") in HIDDEN_CLASSES:
+        return None
+    return out
+
+
+def _check_common(t: Attrs) -> None:
+    for name in ("CKA_TOKEN", "CKA_PRIVATE"):
+        if name not in t:
+            raise _fail(
+                C.CKR_TEMPLATE_INCOMPLETE,
+                f"{name} is required (only token, private objects are supported)",
+            )
+        if t[name] is not True:
+            raise _fail(C.CKR_TEMPLATE_INCONSISTENT,
+                        f"{name} must be true (no session or public objects)")  # fmt: skip
+    for name in MUST_BE_FALSE:
+        if t.get(name, False) is not False:
+            raise _fail(C.CKR_TEMPLATE_INCONSISTENT, f"{name} must be false")
+
+
+def _check_key(t: Attrs) -> None:
+    for name in KEY_MUST_BE_TRUE:
+        if t.get(name, True) is not True:
+            raise _fail(C.CKR_TEMPLATE_INCONSISTENT, f"{name} must be true for keys")
+
+
+def check_create(t: Attrs) -> int:
+    """C_CreateObject's template; returns the object class."""
+    _check_common(t)
+    cls = t.get("CKA_CLASS")
+    if cls is None:
+        raise _fail(C.CKR_TEMPLATE_INCOMPLETE, "CKA_CLASS is required")
+    if cls not in CLASSES:
+        raise _fail(C.CKR_ATTRIBUTE_VALUE_INVALID, f"object class {cls!r} is not supported")
+    assert isinstance(cls, int)
+    if cls == C.CKO_CERTIFICATE:
+        ctype = t.get("CKA_CERTIFICATE_TYPE")
+        if ctype is None:
+            raise _fail(C.CKR_TEMPLATE_INCOMPLETE, "CKA_CERTIFICATE_TYPE is required")
+        if ctype != C.CKC_X_509:
+            raise _fail(C.CKR_ATTRIBUTE_VALUE_INVALID, "only CKC_X_509 certificates")
+        for name in ("CKA_VALUE", "CKA_SUBJECT"):
+            if name not in t:
+                raise _fail(C.CKR_TEMPLATE_INCOMPLETE, f"{name} is required for a certificate")
+    elif cls == C.CKO_SECRET_KEY:
+        _check_key(t)
+        kt = t.get("CKA_KEY_TYPE")
+        if kt is None:
+            raise _fail(C.CKR_TEMPLATE_INCOMPLETE, "CKA_KEY_TYPE is required")
+        if kt not in mechanisms.KEY_TYPE_NAMES:
+            raise _fail(C.CKR_ATTRIBUTE_VALUE_INVALID, f"key type {kt!r} is not supported")
+        if "CKA_VALUE" not in t:
+            raise _fail(C.CKR_TEMPLATE_INCOMPLETE, "CKA_VALUE is required to import a key")
+    return cls
+
+
+def check_generate(mech: mechanisms.Mechanism, t: Attrs) -> None:
+    """C_GenerateKey's template for a key generation mechanism."""
+    _check_common(t)
+    _check_key(t)
+    if t.get("CKA_CLASS", C.CKO_SECRET_KEY) != C.CKO_SECRET_KEY:
+        raise _fail(C.CKR_TEMPLATE_INCONSISTENT, f"{mech.name} makes secret keys")
+    if t.get("CKA_KEY_TYPE", mech.gen_key_type) != mech.gen_key_type:
+        name = mechanisms.KEY_TYPE_NAMES.get(mech.gen_key_type, "?")
+        raise _fail(C.CKR_TEMPLATE_INCONSISTENT, f"{mech.name} makes {name} keys")
+    if "CKA_VALUE" in t:
+        raise _fail(C.CKR_TEMPLATE_INCONSISTENT, "CKA_VALUE cannot be given for a generated key")
+    length = t.get("CKA_VALUE_LEN")
+    if length is None:
+        raise _fail(C.CKR_TEMPLATE_INCOMPLETE, f"CKA_VALUE_LEN is required for {mech.name}")
+    assert isinstance(length, int)
+    if not mechanisms.key_size_ok(mech.gen_key_type, length):
+        raise _fail(C.CKR_KEY_SIZE_RANGE, f"{length} bytes is out of range for {mech.name}")
+
+
+def attribute_values(attrs: Attrs, types: list[int]) -> list[bytes | int]:
+    """C_GetAttributeValue answers: each value's bytes, or the CKR for that attribute."""
+    secret = attrs.get("CKA_CLASS") == C.CKO_SECRET_KEY
+    out: list[bytes | int] = []
+    for code in types:
+        attr = protocol.ATTR_BY_CODE.get(code)
+        if attr is not None and attr.name in attrs:
+            out.append(encode_value(attr, attrs[attr.name]))
+        elif secret and code == C.CKA_VALUE:
+            out.append(C.CKR_ATTRIBUTE_SENSITIVE)
+        else:
+            out.append(C.CKR_ATTRIBUTE_TYPE_INVALID)
+    return out

@@ -1,0 +1,345 @@
+"""The Python provider behind the Cython core: slots, login, the object directory, requests.
+
+The core (pkcs11ws/_native/core.pyx) calls a Provider with the GIL, at most once per PKCS#11
+operation, and only for what needs the key service or a policy decision. Everything here raises
+PKCS11Error (with the CKR to return); the core's one funnel maps any other exception.
+
+- Slots: one per softcard, numbered 1, 2, ... in the order the process first sees each card and
+  stable for the life of the process (the WSOP guide: slot IDs are not the service's numbers).
+  A card deleted on the service keeps its slot with no token present.
+- Login: per slot, shared by every session of the process (the standard's model). The state is
+  an activation token from the service; its presence is mirrored into the core so that C_*Init
+  and C_GetSessionInfo need no Python. An answer NOT_ACTIVATED (expired or revoked) logs out.
+- Objects: handles are the core's (1, 2, ...), stable within the process, mapped here to the
+  service's UUIDs with each object's attributes cached from the answer that produced them, so
+  C_GetAttributeValue after C_FindObjects costs no round trip.
+- No lock is held across a request: threads overlap on the network (pycurl drops the GIL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from pkcs11ws import constants as C
+from pkcs11ws import mechanisms, objects
+from pkcs11ws.client.api import KeyServiceClient
+from pkcs11ws.config import load_config
+from pkcs11ws.errors import PKCS11Error, ServiceError
+from pkcs11ws.log import LOG
+from pkcs11ws.protocol import Attrs
+
+T = TypeVar("T")
+RANDOM_CHUNK = 65536  # the service's largest random request
+
+
+class Native(Protocol):
+    """The core's hooks (pkcs11ws._native.core)."""
+
+    def slot_update(
+        self, slot_id: int, present: bool, label: bytes, description: bytes, serial: bytes
+    ) -> None: ...
+
+    def slot_set_login(self, slot_id: int, logged_in: bool) -> None: ...
+
+    def object_put(
+        self, handle: int, slot_id: int, cls: int, key_type: int, encrypt: bool, decrypt: bool,
+        sign: bool, verify: bool,
+    ) -> int: ...  # fmt: skip
+
+    def object_drop(self, handle: int) -> None: ...
+
+
+@dataclasses.dataclass
+class Slot:
+    slot_id: int
+    card: str  # the softcard's UUID on the service
+    name: str
+    present: bool = True
+
+
+@dataclasses.dataclass
+class Obj:
+    handle: int
+    slot_id: int
+    uuid: str
+    attrs: Attrs
+
+
+class Directory:
+    """Slots and objects: lives for the process (across C_Finalize/C_Initialize)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.slots: dict[int, Slot] = {}
+        self.slot_by_card: dict[str, int] = {}
+        self.objects: dict[int, Obj] = {}
+        self.by_uuid: dict[tuple[int, str], int] = {}
+
+
+DIRECTORY = Directory()
+
+
+def _usage(attrs: Attrs) -> tuple[bool, bool, bool, bool]:
+    return (attrs.get("CKA_ENCRYPT") is True, attrs.get("CKA_DECRYPT") is True,
+            attrs.get("CKA_SIGN") is True, attrs.get("CKA_VERIFY") is True)  # fmt: skip
+
+
+class Provider:
+    """One C_Initialize .. C_Finalize: the configuration, the client, the login state."""
+
+    def __init__(self, config_path: str | None, native: Native) -> None:
+        cfg = load_config(config_path)
+        LOG.configure(cfg)
+        for warning in cfg.warnings:
+            LOG.warning(warning)
+        LOG.debug1(f"C_Initialize: configuration {cfg.path}, key service {cfg.host}:{cfg.port}")
+        self.cfg = cfg
+        self.native = native
+        self.dir = DIRECTORY
+        self.client = KeyServiceClient(cfg)
+        # Logging out is best effort and must not wait through MAXRETRIES x RETRYDELAY.
+        self._quick: KeyServiceClient | None = None
+        self._lock = threading.Lock()
+        self.tokens: dict[int, str] = {}  # slot ID -> activation token
+        self._login_locks: dict[int, threading.Lock] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def finalize(self) -> None:
+        with self._lock:
+            tokens, self.tokens = dict(self.tokens), {}
+        for slot_id, token in tokens.items():
+            self.native.slot_set_login(slot_id, False)
+            self._deactivate(slot_id, token)
+        self.client.close()
+        if self._quick is not None:
+            self._quick.close()
+        LOG.debug1("C_Finalize")
+        LOG.close()
+
+    def after_fork_child(self) -> None:
+        """In a forked child: never reuse nor close the parent's connections."""
+        self.tokens = {}
+        self.client.reset_after_fork()
+        if self._quick is not None:
+            self._quick.reset_after_fork()
+
+    # -- slots --------------------------------------------------------------------------------
+
+    def refresh_slots(self) -> None:
+        cards = self.client.list_softcards()
+        seen = set()
+        with self.dir.lock:
+            for card in cards:
+                seen.add(card["id"])
+                sid = self.dir.slot_by_card.get(card["id"])
+                if sid is None:
+                    sid = len(self.dir.slots) + 1
+                    self.dir.slot_by_card[card["id"]] = sid
+                    self.dir.slots[sid] = Slot(sid, card["id"], card["name"])
+                slot = self.dir.slots[sid]
+                slot.name = card["name"]
+                slot.present = True
+            for slot in self.dir.slots.values():
+                if slot.card not in seen:
+                    slot.present = False
+            rows = [dataclasses.replace(s) for s in self.dir.slots.values()]
+        for slot in rows:
+            if not slot.present:
+                self._forget_login(slot.slot_id)
+            name = slot.name.encode("utf-8", "replace")
+            self.native.slot_update(slot.slot_id, slot.present, name[:32],
+                                    b"pkcs11ws softcard " + name,
+                                    slot.card.replace("-", "").encode("ascii")[:16])  # fmt: skip
+        LOG.debug3(f"C_GetSlotList: {len(cards)} softcards")
+
+    def _slot(self, slot_id: int) -> Slot:
+        with self.dir.lock:
+            slot = self.dir.slots.get(slot_id)
+        if slot is None:
+            raise PKCS11Error(C.CKR_SLOT_ID_INVALID)
+        if not slot.present:
+            raise PKCS11Error(C.CKR_TOKEN_NOT_PRESENT, f"softcard {slot.name} is gone")
+        return slot
+
+    # -- login --------------------------------------------------------------------------------
+
+    def login(self, slot_id: int, pin: bytes) -> None:
+        slot = self._slot(slot_id)
+        with self._lock:
+            lock = self._login_locks.setdefault(slot_id, threading.Lock())
+        with lock:
+            if slot_id in self.tokens:
+                raise PKCS11Error(C.CKR_USER_ALREADY_LOGGED_IN)
+            token, expires = self.client.activate(slot.card, pin)
+            with self._lock:
+                self.tokens[slot_id] = token
+        LOG.debug1(f"C_Login: softcard {slot.name} activated for {expires} s")
+
+    def logout(self, slot_id: int) -> None:
+        with self._lock:
+            token = self.tokens.pop(slot_id, None)
+        if token is not None:
+            self._deactivate(slot_id, token)
+            LOG.debug1(f"C_Logout: slot {slot_id}")
+
+    def _deactivate(self, slot_id: int, token: str) -> None:
+        with self.dir.lock:
+            slot = self.dir.slots.get(slot_id)
+        if slot is None:
+            return
+        if self._quick is None:
+            self._quick = KeyServiceClient(dataclasses.replace(self.cfg, maxretries=0))
+        try:
+            self._quick.deactivate(slot.card, token)
+        except PKCS11Error as e:
+            # The token expires on its own; the local state is logged out either way.
+            LOG.warning(f"logout of softcard {slot.name}: {e}")
+
+    def _forget_login(self, slot_id: int) -> None:
+        with self._lock:
+            self.tokens.pop(slot_id, None)
+        self.native.slot_set_login(slot_id, False)
+
+    def _token(self, slot_id: int) -> str:
+        token = self.tokens.get(slot_id)
+        if token is None:
+            raise PKCS11Error(C.CKR_USER_NOT_LOGGED_IN)
+        return token
+
+    def _call(self, slot_id: int, fn: Callable[..., T], *args: Any, obj: Obj | None = None) -> T:
+        """One request for a slot; keeps the login state and the directory in step with it."""
+        try:
+            return fn(*args)
+        except ServiceError as e:
+            if e.code == "NOT_ACTIVATED":
+                LOG.warning(f"slot {slot_id}: the service ended the login ({e.message})")
+                self._forget_login(slot_id)
+            elif obj is not None and e.code in ("OBJECT_NOT_FOUND", "KEY_NOT_FOUND"):
+                self._drop(obj)
+            raise
+
+    # -- objects ------------------------------------------------------------------------------
+
+    def _remember(self, slot_id: int, found: dict[str, Any]) -> int:
+        uuid: str = found["handle"]
+        attrs: Attrs = found["attrs"]
+        cls = attrs.get("CKA_CLASS", C.CK_UNAVAILABLE_INFORMATION)
+        kt = attrs.get("CKA_KEY_TYPE", C.CK_UNAVAILABLE_INFORMATION)
+        assert isinstance(cls, int) and isinstance(kt, int)
+        with self.dir.lock:
+            handle = self.dir.by_uuid.get((slot_id, uuid), 0)
+            handle = self.native.object_put(handle, slot_id, cls, kt, *_usage(attrs))
+            self.dir.by_uuid[(slot_id, uuid)] = handle
+            self.dir.objects[handle] = Obj(handle, slot_id, uuid, attrs)
+        return handle
+
+    def _drop(self, obj: Obj) -> None:
+        with self.dir.lock:
+            self.dir.objects.pop(obj.handle, None)
+            self.dir.by_uuid.pop((obj.slot_id, obj.uuid), None)
+        self.native.object_drop(obj.handle)
+
+    def _object(self, slot_id: int, handle: int, ckr: int = C.CKR_OBJECT_HANDLE_INVALID) -> Obj:
+        with self.dir.lock:
+            obj = self.dir.objects.get(handle)
+        if obj is None or obj.slot_id != slot_id:
+            raise PKCS11Error(ckr)
+        return obj
+
+    def find(self, slot_id: int, template: objects.RawTemplate) -> list[int]:
+        if slot_id not in self.tokens:
+            return []  # every object is private: nothing is visible before C_Login
+        slot = self._slot(slot_id)
+        attrs = objects.decode_search(template)
+        if attrs is None:
+            return []
+        token = self._token(slot_id)
+        found = self._call(slot_id, self.client.search_objects, slot.card, token, attrs)
+        handles = []
+        for item in found:
+            if item["attrs"].get("CKA_CLASS") in objects.HIDDEN_CLASSES:
+                continue
+            handles.append(self._remember(slot_id, item))
+        LOG.debug3(f"C_FindObjectsInit: {len(handles)} objects on slot {slot_id}")
+        return handles
+
+    def get_attributes(self, slot_id: int, handle: int, types: list[int]) -> list[bytes | int]:
+        obj = self._object(slot_id, handle)
+        if obj.attrs.get("CKA_PRIVATE", True) and slot_id not in self.tokens:
+            raise PKCS11Error(C.CKR_OBJECT_HANDLE_INVALID, "private object, not logged in")
+        return objects.attribute_values(obj.attrs, types)
+
+    def create_object(self, slot_id: int, template: objects.RawTemplate) -> int:
+        slot = self._slot(slot_id)
+        attrs = objects.decode_template(template)
+        token = self._token(slot_id)
+        objects.check_create(attrs)
+        made = self._call(slot_id, self.client.create_object, slot.card, token, attrs)
+        handle = self._remember(slot_id, made)
+        LOG.debug1(f"C_CreateObject: object {handle} on slot {slot_id}")
+        return handle
+
+    def generate_key(self, slot_id: int, mechanism: int, template: objects.RawTemplate) -> int:
+        slot = self._slot(slot_id)
+        mech = mechanisms.by_code(mechanism)
+        if mech is None or mech.op is not mechanisms.Op.KEYGEN:
+            raise PKCS11Error(C.CKR_MECHANISM_INVALID)
+        attrs = objects.decode_template(template)
+        token = self._token(slot_id)
+        objects.check_generate(mech, attrs)
+        made = self._call(slot_id, self.client.generate_key, slot.card, token, mech.name, attrs)
+        handle = self._remember(slot_id, made)
+        LOG.debug1(f"C_GenerateKey: {mech.name} key {handle} on slot {slot_id}")
+        return handle
+
+    def destroy_object(self, slot_id: int, handle: int) -> None:
+        slot = self._slot(slot_id)
+        token = self._token(slot_id)
+        obj = self._object(slot_id, handle)
+        self._call(slot_id, self.client.delete_object, slot.card, token, obj.uuid, obj=obj)
+        self._drop(obj)
+        LOG.debug1(f"C_DestroyObject: object {handle} on slot {slot_id}")
+
+    # -- cryptography -------------------------------------------------------------------------
+
+    def _key(self, slot_id: int, handle: int) -> tuple[str, Obj]:
+        token = self._token(slot_id)
+        return token, self._object(slot_id, handle, C.CKR_KEY_HANDLE_INVALID)
+
+    def encrypt(self, slot_id: int, key: int, mech: int, iv: bytes, data: bytes) -> bytes:
+        token, obj = self._key(slot_id, key)
+        out, _ = self._call(slot_id, self.client.encrypt, token, obj.uuid,
+                            mechanisms.BY_CODE[mech].name, iv, data, obj=obj)  # fmt: skip
+        return out
+
+    def decrypt(self, slot_id: int, key: int, mech: int, iv: bytes, data: bytes) -> bytes:
+        token, obj = self._key(slot_id, key)
+        out, _ = self._call(slot_id, self.client.decrypt, token, obj.uuid,
+                            mechanisms.BY_CODE[mech].name, iv, data, obj=obj)  # fmt: skip
+        return out
+
+    def sign(self, slot_id: int, key: int, mech: int, data: bytes, mac_len: int) -> bytes:
+        token, obj = self._key(slot_id, key)
+        m = mechanisms.BY_CODE[mech]
+        return self._call(slot_id, self.client.sign, token, obj.uuid, m.name, data,
+                          mac_len if m.general else None, obj=obj)  # fmt: skip
+
+    def verify(
+        self, slot_id: int, key: int, mech: int, data: bytes, signature: bytes, mac_len: int
+    ) -> None:
+        token, obj = self._key(slot_id, key)
+        m = mechanisms.BY_CODE[mech]
+        self._call(slot_id, self.client.verify, token, obj.uuid, m.name, data, signature,
+                   mac_len if m.general else None, obj=obj)  # fmt: skip
+
+    def random(self, length: int) -> bytes:
+        parts = []
+        while length > 0:
+            n = min(length, RANDOM_CHUNK)
+            parts.append(self.client.random(n))
+            length -= n
+        return b"".join(parts)

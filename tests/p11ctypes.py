@@ -1,0 +1,247 @@
+"""A small ctypes binding to a PKCS#11 module, for the module's own tests.
+
+The function lists are built from the same table that generates the module's C declarations
+(pkcs11ws/ckfunctions.py, via tools/gen_native.py), so the tests call through the
+CK_FUNCTION_LIST exactly as a C host does.
+`Module(path)` calls with the GIL released (like python-pkcs11); `Module(path, hold_gil=True)`
+keeps the GIL across every call (like PyKCS11).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from ctypes import POINTER, Structure, byref, c_ubyte, c_ulong, c_void_p
+from typing import Any
+
+from pkcs11ws import ckfunctions
+from pkcs11ws import constants as C
+
+GEN = ckfunctions  # the one function table (also behind tools/gen_native.py)
+CK_ULONG = c_ulong
+CK_BBOOL = c_ubyte
+
+
+class CK_VERSION(Structure):
+    _fields_ = [("major", c_ubyte), ("minor", c_ubyte)]
+
+
+class CK_INFO(Structure):
+    _fields_ = [("cryptokiVersion", CK_VERSION), ("manufacturerID", c_ubyte * 32),
+                ("flags", CK_ULONG), ("libraryDescription", c_ubyte * 32),
+                ("libraryVersion", CK_VERSION)]  # fmt: skip
+
+
+class CK_SLOT_INFO(Structure):
+    _fields_ = [("slotDescription", c_ubyte * 64), ("manufacturerID", c_ubyte * 32),
+                ("flags", CK_ULONG), ("hardwareVersion", CK_VERSION),
+                ("firmwareVersion", CK_VERSION)]  # fmt: skip
+
+
+class CK_TOKEN_INFO(Structure):
+    _fields_ = [("label", c_ubyte * 32), ("manufacturerID", c_ubyte * 32), ("model", c_ubyte * 16),
+                ("serialNumber", c_ubyte * 16), ("flags", CK_ULONG),
+                ("ulMaxSessionCount", CK_ULONG), ("ulSessionCount", CK_ULONG),
+                ("ulMaxRwSessionCount", CK_ULONG), ("ulRwSessionCount", CK_ULONG),
+                ("ulMaxPinLen", CK_ULONG), ("ulMinPinLen", CK_ULONG),
+                ("ulTotalPublicMemory", CK_ULONG), ("ulFreePublicMemory", CK_ULONG),
+                ("ulTotalPrivateMemory", CK_ULONG), ("ulFreePrivateMemory", CK_ULONG),
+                ("hardwareVersion", CK_VERSION), ("firmwareVersion", CK_VERSION),
+                ("utcTime", c_ubyte * 16)]  # fmt: skip
+
+
+class CK_SESSION_INFO(Structure):
+    _fields_ = [("slotID", CK_ULONG), ("state", CK_ULONG), ("flags", CK_ULONG),
+                ("ulDeviceError", CK_ULONG)]  # fmt: skip
+
+
+class CK_ATTRIBUTE(Structure):
+    _fields_ = [("type", CK_ULONG), ("pValue", c_void_p), ("ulValueLen", CK_ULONG)]
+
+
+class CK_MECHANISM(Structure):
+    _fields_ = [("mechanism", CK_ULONG), ("pParameter", c_void_p), ("ulParameterLen", CK_ULONG)]
+
+
+class CK_MECHANISM_INFO(Structure):
+    _fields_ = [("ulMinKeySize", CK_ULONG), ("ulMaxKeySize", CK_ULONG), ("flags", CK_ULONG)]
+
+
+class CK_C_INITIALIZE_ARGS(Structure):
+    _fields_ = [("CreateMutex", c_void_p), ("DestroyMutex", c_void_p), ("LockMutex", c_void_p),
+                ("UnlockMutex", c_void_p), ("flags", CK_ULONG),
+                ("pReserved", c_void_p)]  # fmt: skip
+
+
+class CK_INTERFACE(Structure):
+    _fields_ = [("pInterfaceName", ctypes.c_char_p), ("pFunctionList", c_void_p),
+                ("flags", CK_ULONG)]  # fmt: skip
+
+
+def _ctype(t: str) -> Any:
+    if t == "CK_BBOOL":
+        return CK_BBOOL
+    if t.endswith("_PTR") or t.endswith("_PTR_PTR") or t == "CK_NOTIFY":
+        return c_void_p
+    return CK_ULONG
+
+
+def _list_type(funcs: list[Any], functype: Any, name: str) -> Any:
+    fields = [("version", CK_VERSION)]
+    fields += [(f.name, functype(CK_ULONG, *[_ctype(t) for t, _ in f.params])) for f in funcs]
+    return type(name, (Structure,), {"_fields_": fields})
+
+
+FunctionList = _list_type(GEN.V240, ctypes.CFUNCTYPE, "FunctionList")
+FunctionList30 = _list_type(GEN.ALL, ctypes.CFUNCTYPE, "FunctionList30")
+FunctionListGil = _list_type(GEN.V240, ctypes.PYFUNCTYPE, "FunctionListGil")
+
+
+class CKError(Exception):
+    def __init__(self, fn: str, rv: int) -> None:
+        super().__init__(f"{fn}: {C.ckr_name(rv)}")
+        self.fn = fn
+        self.rv = rv
+
+
+def text(arr: Any) -> str:
+    return bytes(arr).decode("utf-8").rstrip(" ")
+
+
+def ulong_bytes(v: int) -> bytes:
+    return v.to_bytes(8, sys.byteorder)
+
+
+class Template:
+    """A CK_ATTRIBUTE array that keeps its value buffers alive."""
+
+    def __init__(self, items: list[tuple[int, Any]]) -> None:
+        self.arr = (CK_ATTRIBUTE * max(1, len(items)))()
+        self.count = len(items)
+        self.bufs: list[Any] = []
+        for i, (t, v) in enumerate(items):
+            if isinstance(v, bool):
+                raw = b"\x01" if v else b"\x00"
+            elif isinstance(v, int):
+                raw = ulong_bytes(v)
+            else:
+                raw = bytes(v)
+            buf = ctypes.create_string_buffer(raw, max(1, len(raw)))
+            self.bufs.append(buf)
+            self.arr[i].type = t
+            self.arr[i].pValue = ctypes.addressof(buf)
+            self.arr[i].ulValueLen = len(raw)
+
+
+class Module:
+    """A loaded module and its function list; call(name, *args) returns the CK_RV."""
+
+    def __init__(self, path: str, hold_gil: bool = False) -> None:
+        self.lib = ctypes.PyDLL(path) if hold_gil else ctypes.CDLL(path)
+        fl = POINTER(FunctionListGil if hold_gil else FunctionList)()
+        rv = self.lib.C_GetFunctionList(byref(fl))
+        if rv != C.CKR_OK:
+            raise CKError("C_GetFunctionList", rv)
+        self.fl = fl.contents
+
+    def call(self, name: str, *args: Any) -> int:
+        rv: int = getattr(self.fl, name)(*args)
+        return rv
+
+    def ok(self, name: str, *args: Any) -> None:
+        rv = self.call(name, *args)
+        if rv != C.CKR_OK:
+            raise CKError(name, rv)
+
+    # -- conveniences ---------------------------------------------------------------------
+
+    def initialize(self, config: str | None = None, flags: int = C.CKF_OS_LOCKING_OK) -> int:
+        if config is None:
+            return self.call("C_Initialize", None)
+        self._reserved = ctypes.create_string_buffer(f"config={config}".encode())
+        args = CK_C_INITIALIZE_ARGS(None, None, None, None, flags,
+                                    ctypes.addressof(self._reserved))  # fmt: skip
+        return self.call("C_Initialize", byref(args))
+
+    def slots(self, present: bool = True) -> list[int]:
+        n = CK_ULONG()
+        self.ok("C_GetSlotList", CK_BBOOL(present), None, byref(n))
+        arr = (CK_ULONG * max(1, n.value))()
+        self.ok("C_GetSlotList", CK_BBOOL(present), arr, byref(n))
+        return list(arr[: n.value])
+
+    def token_info(self, slot: int) -> CK_TOKEN_INFO:
+        info = CK_TOKEN_INFO()
+        self.ok("C_GetTokenInfo", slot, byref(info))
+        return info
+
+    def slot_by_label(self, label: str) -> int:
+        for s in self.slots():
+            if text(self.token_info(s).label) == label:
+                return s
+        raise LookupError(label)
+
+    def open(self, slot: int, rw: bool = True) -> int:
+        h = CK_ULONG()
+        flags = C.CKF_SERIAL_SESSION | (C.CKF_RW_SESSION if rw else 0)
+        self.ok("C_OpenSession", slot, flags, None, None, byref(h))
+        return h.value
+
+    def login(self, session: int, pin: bytes) -> int:
+        buf = ctypes.create_string_buffer(pin, len(pin))
+        return self.call("C_Login", session, C.CKU_USER, buf, len(pin))
+
+    def create(self, session: int, items: list[tuple[int, Any]], fn: str = "C_CreateObject",
+               mech: CK_MECHANISM | None = None) -> int:  # fmt: skip
+        t = Template(items)
+        h = CK_ULONG()
+        if mech is not None:
+            self.ok(fn, session, byref(mech), t.arr, t.count, byref(h))
+        else:
+            self.ok(fn, session, t.arr, t.count, byref(h))
+        return h.value
+
+    def generate(self, session: int, mech: int, items: list[tuple[int, Any]]) -> int:
+        return self.create(session, items, "C_GenerateKey", CK_MECHANISM(mech, None, 0))
+
+    def find(self, session: int, items: list[tuple[int, Any]]) -> list[int]:
+        t = Template(items)
+        self.ok("C_FindObjectsInit", session, t.arr, t.count)
+        out: list[int] = []
+        arr = (CK_ULONG * 4)()
+        n = CK_ULONG()
+        while True:
+            self.ok("C_FindObjects", session, arr, 4, byref(n))
+            if n.value == 0:
+                break
+            out += arr[: n.value]
+        self.ok("C_FindObjectsFinal", session)
+        return out
+
+    def attr(self, session: int, obj: int, t: int) -> bytes:
+        a = CK_ATTRIBUTE(t, None, 0)
+        self.ok("C_GetAttributeValue", session, obj, byref(a), 1)
+        buf = ctypes.create_string_buffer(max(1, a.ulValueLen))
+        a.pValue = ctypes.addressof(buf)
+        self.ok("C_GetAttributeValue", session, obj, byref(a), 1)
+        return buf.raw[: a.ulValueLen]
+
+    def single(self, fn: str, session: int, data: bytes, size: int | None = None) -> bytes:
+        """C_Encrypt/C_Decrypt/C_Sign with the two-call length convention."""
+        n = CK_ULONG()
+        if size is None:
+            self.ok(fn, session, data or None, len(data), None, byref(n))
+            size = n.value
+        out = ctypes.create_string_buffer(max(1, size))
+        n.value = size
+        self.ok(fn, session, data or None, len(data), out, byref(n))
+        return out.raw[: n.value]
+
+
+def mechanism(mech: int, param: bytes | int | None = None) -> tuple[CK_MECHANISM, Any]:
+    """A CK_MECHANISM and the buffer its parameter lives in (keep both alive)."""
+    if param is None:
+        return CK_MECHANISM(mech, None, 0), None
+    raw = ulong_bytes(param) if isinstance(param, int) else param
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    return CK_MECHANISM(mech, ctypes.addressof(buf), len(raw)), buf

@@ -1,0 +1,148 @@
+"""OpenSC's pkcs11-tool drives libpkcs11ws.so against the real key service: the everyday admin
+view (-I, -L, -T, -M, -O), login, AES and generic-secret key generation, AES-CBC(-PAD)
+encryption round trips, HMAC sign/verify, and private data objects. The passphrase reaches
+pkcs11-tool through its `--pin env:VAR` form, never in argv (0.23 refuses to read a PIN from
+a stdin that is not a terminal: "util_getpass error").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pkcs11ws.__main__ import module_path
+from pkcs11ws.client.api import KeyServiceClient
+from pkcs11ws.config import load_config
+
+TOOL = shutil.which("pkcs11-tool")
+pytestmark = pytest.mark.skipif(TOOL is None, reason="pkcs11-tool (Debian opensc) is missing")
+
+
+class Tool:
+    def __init__(self, cfg: Path, card: str, pin: str) -> None:
+        self.env = {**os.environ, "PKCS11WS_CONFIG": str(cfg), "PKCS11WS_TEST_PIN": pin}
+        self.card = card
+        self.pin = pin
+
+    def run(self, *args: str, login: bool = True, token: bool = True, ok: bool = True):
+        argv = [str(TOOL), "--module", module_path()]
+        if token:
+            argv += ["--token-label", self.card]
+        argv += list(args)
+        if login:
+            argv += ["--login", "--pin", "env:PKCS11WS_TEST_PIN"]
+        r = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60)
+        if ok:
+            assert r.returncode == 0, f"{args}: {r.stdout}\n{r.stderr}"
+        assert "Segmentation" not in r.stderr
+        return r
+
+
+@pytest.fixture(scope="module")
+def cards(service):
+    client = KeyServiceClient(load_config(str(service.client_cfg)))
+    made = []
+    for _ in range(2):
+        name = "p" + uuid.uuid4().hex[:12]
+        pin = uuid.uuid4().hex
+        client.create_softcard(name, pin.encode())
+        made.append((name, pin))
+    client.close()
+    return made
+
+
+@pytest.fixture(scope="module")
+def tool(service, cards):
+    name, pin = cards[0]
+    return Tool(service.client_cfg, name, pin)
+
+
+def test_info_and_slot_list(tool, cards):
+    out = tool.run("-I", login=False, token=False).stdout
+    assert "Cryptoki version 2.40" in out and "pkcs11ws" in out
+    out = tool.run("-L", login=False, token=False).stdout
+    for name, _ in cards:
+        assert f"token label        : {name}" in out
+    assert "WSOP softcard" in out and "login required" in out
+    out = tool.run("-T", login=False, token=False).stdout
+    assert cards[1][0] in out
+
+
+def test_mechanisms(tool):
+    out = tool.run("-M", login=False).stdout
+    for name in ("AES-CBC,", "AES-CBC-PAD", "AES-KEY-GEN", "SHA256-HMAC", "SHA384-HMAC",
+                 "SHA512-HMAC", "GENERIC-SECRET-KEY-GEN"):  # fmt: skip
+        assert name in out
+
+
+def test_wrong_passphrase(service, cards):
+    bad = Tool(service.client_cfg, cards[0][0], "not-the-passphrase")
+    r = bad.run("-O", ok=False)
+    assert r.returncode != 0 and "CKR_PIN_INCORRECT" in r.stderr
+
+
+def test_aes_keygen_encrypt_decrypt(tool, tmp_path):
+    out = tool.run("--keygen", "--key-type", "AES:32", "--label", "tool-aes", "--id", "a1",
+                   "--private", "--sensitive").stdout  # fmt: skip
+    assert "AES length 32" in out
+    msg = tmp_path / "msg"
+    iv = os.urandom(16).hex()
+    # Under 1024 bytes pkcs11-tool uses C_Encrypt/C_Decrypt, above C_*Update/C_*Final.
+    for mech, size, ct_size in (
+        ("AES-CBC-PAD", 1000, 1008),
+        ("AES-CBC", 992, 992),
+        ("AES-CBC-PAD", 5000, 5008),
+        ("AES-CBC", 4096, 4096),
+    ):
+        msg.write_bytes(os.urandom(size))
+        tool.run("--encrypt", "--mechanism", mech, "--iv", iv, "--id", "a1", "-i", str(msg),
+                 "-o", str(tmp_path / "ct"))  # fmt: skip
+        tool.run("--decrypt", "--mechanism", mech, "--iv", iv, "--id", "a1",
+                 "-i", str(tmp_path / "ct"), "-o", str(tmp_path / "pt"))  # fmt: skip
+        assert (tmp_path / "pt").read_bytes() == msg.read_bytes()
+        assert (tmp_path / "ct").stat().st_size == ct_size
+
+
+def test_generic_secret_sign_verify(tool, tmp_path):
+    tool.run("--keygen", "--key-type", "GENERIC:32", "--label", "tool-mac", "--id", "b2",
+             "--private", "--sensitive", "--usage-sign")  # fmt: skip
+    msg = tmp_path / "msg"
+    msg.write_bytes(os.urandom(50000))  # pkcs11-tool signs that with C_SignUpdate/C_SignFinal
+    tool.run("--sign", "--mechanism", "SHA256-HMAC", "--id", "b2", "-i", str(msg),
+             "-o", str(tmp_path / "mac"))  # fmt: skip
+    out = tool.run("--verify", "--mechanism", "SHA256-HMAC", "--id", "b2", "-i", str(msg),
+                   "--signature-file", str(tmp_path / "mac")).stdout  # fmt: skip
+    assert "Signature is valid" in out
+    msg.write_bytes(b"sign me")
+    tool.run("--sign", "--mechanism", "SHA256-HMAC", "--id", "b2", "-i", str(msg),
+             "-o", str(tmp_path / "mac"))  # fmt: skip
+    assert (tmp_path / "mac").stat().st_size == 32
+    out = tool.run("--verify", "--mechanism", "SHA256-HMAC", "--id", "b2", "-i", str(msg),
+                   "--signature-file", str(tmp_path / "mac")).stdout  # fmt: skip
+    assert "Signature is valid" in out
+    msg.write_bytes(b"sign me!")
+    r = tool.run("--verify", "--mechanism", "SHA256-HMAC", "--id", "b2", "-i", str(msg),
+                 "--signature-file", str(tmp_path / "mac"), ok=False)  # fmt: skip
+    assert "Invalid signature" in r.stdout and "Signature is valid" not in r.stdout
+
+
+def test_private_data_object(tool, tmp_path):
+    blob = tmp_path / "data"
+    blob.write_bytes(b"<config> & \xc3\xa9 \x00\x01 </config>")
+    tool.run("--write-object", str(blob), "--type", "data", "--label", "tool-data", "--private")
+    tool.run("--read-object", "--type", "data", "--label", "tool-data", "-o",
+             str(tmp_path / "back"))  # fmt: skip
+    assert (tmp_path / "back").read_bytes() == blob.read_bytes()
+
+
+def test_list_objects_needs_login(tool):
+    tool.run("--keygen", "--key-type", "AES:16", "--label", "tool-listed", "--private",
+             "--sensitive")  # fmt: skip
+    out = tool.run("-O").stdout
+    assert "tool-listed" in out and "Secret Key Object" in out
+    assert "tool-listed" not in tool.run("-O", login=False).stdout
