@@ -1,0 +1,56 @@
+"""`python -m pkcs11ws`: small commands around the PKCS#11 module.
+
+module-path   print the absolute path of libpkcs11ws.so (for pkcs11-tool --module, p11-kit,
+              Java's SunPKCS11 "library =" line, ...)
+install       lay out the WSOP install tree under --prefix DIR (pkcs11ws/tools/install.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+MODULE_NAME = "libpkcs11ws.so"
+
+
+def module_path() -> str:
+    """The built PKCS#11 module inside the installed package (FileNotFoundError if not built)."""
+    from pkcs11ws import _native
+
+    path = os.path.join(os.path.dirname(os.path.abspath(_native.__file__)), MODULE_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is not built: run `make build` (pip install -e .)")
+    return path
+
+
+def _cmd_module_path(args: argparse.Namespace) -> int:
+    try:
+        print(module_path())
+    except FileNotFoundError as e:
+        print(f"pkcs11ws: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m pkcs11ws", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("module-path", help="print the absolute path of libpkcs11ws.so")
+    p.set_defaults(func=_cmd_module_path)
+    from pkcs11ws.tools import install
+
+    p = sub.add_parser("install", help=install.HELP, description=install.HELP)
+    install.add_arguments(p)
+    p.set_defaults(func=install.run)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The WSOP utilities: softcardtool, ckcheckinst, ckinfo-dynamic, cklist-dynamic, ckmechinfo."""

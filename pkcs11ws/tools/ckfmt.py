@@ -1,0 +1,106 @@
+"""How the ck* utilities print PKCS#11 values: names, flags, attribute values, counters.
+
+Names come from pkcs11ws.constants (the one place for CK* numbers); a number it does not name
+prints in hex (CKM_0x00001234), so every module's values still show. Flag words are decoded
+per structure, because the same bit means different things in slot, token and mechanism flags.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from pkcs11ws import constants as C
+from pkcs11ws import protocol
+from pkcs11ws.tools.ckabi import Sensitive, bytes_ulong
+
+SLOT_FLAGS: Final = ("CKF_TOKEN_PRESENT", "CKF_REMOVABLE_DEVICE", "CKF_HW_SLOT")
+TOKEN_FLAGS: Final = ("CKF_RNG", "CKF_WRITE_PROTECTED", "CKF_LOGIN_REQUIRED",
+                      "CKF_USER_PIN_INITIALIZED", "CKF_TOKEN_INITIALIZED")  # fmt: skip
+MECHANISM_FLAGS: Final = ("CKF_HW", "CKF_ENCRYPT", "CKF_DECRYPT", "CKF_DIGEST", "CKF_SIGN",
+                          "CKF_SIGN_RECOVER", "CKF_VERIFY", "CKF_VERIFY_RECOVER", "CKF_GENERATE",
+                          "CKF_GENERATE_KEY_PAIR", "CKF_WRAP", "CKF_UNWRAP",
+                          "CKF_DERIVE")  # fmt: skip
+# Attributes whose CK_ULONG value is itself a named constant.
+_ULONG_NAMES: Final[dict[str, dict[int, str]]] = {
+    "CKA_CLASS": C.CKO_NAMES,
+    "CKA_KEY_TYPE": C.CKK_NAMES,
+    "CKA_KEY_GEN_MECHANISM": C.CKM_NAMES,
+    "CKA_CERTIFICATE_TYPE": {C.CKC_X_509: "CKC_X_509"},
+}
+_TEXT_ATTRS: Final = ("CKA_LABEL", "CKA_APPLICATION")
+_DATE_ATTRS: Final = ("CKA_START_DATE", "CKA_END_DATE")
+HEX_SHOWN: Final = 32  # bytes of a long value shown before "..."
+
+
+def flags(value: int, names: tuple[str, ...]) -> str:
+    """'CKF_A | CKF_B' for the named bits, unknown bits in hex, 'none' for 0."""
+    words = []
+    rest = value
+    for name in names:
+        bit = int(getattr(C, name))
+        if value & bit:
+            words.append(name)
+            rest &= ~bit
+    if rest:
+        words.append(f"0x{rest:08X}")
+    return " | ".join(words) if words else "none"
+
+
+def mechanism_name(code: int) -> str:
+    return C.CKM_NAMES.get(code, f"CKM_0x{code:08X}")
+
+
+def attribute_name(code: int) -> str:
+    return C.CKA_NAMES.get(code, f"CKA_0x{code:08X}")
+
+
+def counter(value: int) -> str:
+    """A CK_TOKEN_INFO count: the two special values by name."""
+    if value == C.CK_UNAVAILABLE_INFORMATION:
+        return "unavailable"
+    if value == C.CK_EFFECTIVELY_INFINITE:
+        return "unlimited"
+    return str(value)
+
+
+def plain_counter(value: int) -> str:
+    """A count where 0 is just 0 (current session counts, memory)."""
+    return "unavailable" if value == C.CK_UNAVAILABLE_INFORMATION else str(value)
+
+
+def hexdump(raw: bytes) -> str:
+    if len(raw) <= HEX_SHOWN:
+        return raw.hex() if raw else "(empty)"
+    return f"{raw[:HEX_SHOWN].hex()}... ({len(raw)} bytes)"
+
+
+def attribute_value(code: int, value: bytes | Sensitive) -> str:
+    """One attribute value for display, by the attribute's kind in the protocol table."""
+    if isinstance(value, Sensitive):
+        return "<sensitive>"
+    name = C.CKA_NAMES.get(code, "")
+    spec = protocol.ATTR_BY_CODE.get(code)
+    kind = spec.kind if spec is not None else None
+    if kind == protocol.BOOL and len(value) == 1:
+        return "true" if value[0] else "false"
+    if kind == protocol.ULONG and len(value) in (4, 8):
+        n = bytes_ulong(value)
+        names = _ULONG_NAMES.get(name)
+        if names is not None:
+            return names.get(n, f"0x{n:08X}")
+        return str(n)
+    if name in _TEXT_ATTRS:
+        try:
+            s = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return hexdump(value)
+        if s.isprintable():
+            return f'"{s}"'
+        return hexdump(value)
+    if name in _DATE_ATTRS:
+        if not value:
+            return "(empty)"
+        if len(value) == 8 and value.isdigit():
+            d = value.decode()
+            return f"{d[:4]}-{d[4:6]}-{d[6:]}"
+    return hexdump(value)

@@ -1,0 +1,71 @@
+"""ckmechinfo: each mechanism of a slot with its flags and minimum/maximum key sizes.
+
+    ckmechinfo [--library PATH] [--slot N]
+
+Without --slot: the first slot with a token (else the first slot). Key sizes are as the module
+reports them (bytes for AES and HMAC keys, bits for RSA and EC keys, per the standard).
+Exit status 0, 1 when a PKCS#11 call fails or there is no slot, 2 on a usage or load error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pkcs11ws.tools import ckfmt
+from pkcs11ws.tools.ckabi import CKError, Library, LoadError
+from pkcs11ws.tools.ckinfo import library_argument
+from pkcs11ws.tools.common import err, library_or_default
+
+PROG = "ckmechinfo"
+
+
+def pick_slot(lib: Library, wanted: int | None) -> int | None:
+    with_token = lib.slots(token_present=True)  # some modules learn their slots only here
+    if wanted is not None:
+        return wanted
+    if with_token:
+        return with_token[0]
+    every = lib.slots(token_present=False)
+    return every[0] if every else None
+
+
+def run(lib: Library, wanted: int | None) -> int:
+    slot = pick_slot(lib, wanted)
+    if slot is None:
+        err(PROG, "the module has no slots (pkcs11ws shows one slot per softcard: create one "
+                  "with `softcardtool -g --name=NAME`)")  # fmt: skip
+        return 1
+    mechs = lib.mechanisms(slot)
+    print(f"Mechanisms of slot {slot} of {lib.path}: {len(mechs)}")
+    print(f"{'Mechanism':<28} {'Code':>10} {'Min key':>8} {'Max key':>8}  Flags")
+    for m in mechs:
+        mi = lib.mechanism_info(slot, m)
+        print(f"{ckfmt.mechanism_name(m):<28} 0x{m:08X} {mi.min_key:>8} {mi.max_key:>8}  "
+              f"{ckfmt.flags(mi.flags, ckfmt.MECHANISM_FLAGS)}")  # fmt: skip
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=PROG, description="List the mechanisms a PKCS#11 slot "
+                                 "supports, with their flags and key sizes.")  # fmt: skip
+    library_argument(ap)
+    ap.add_argument("--slot", type=int, metavar="N", help="slot ID (default: the first slot "
+                    "with a token)")  # fmt: skip
+    args = ap.parse_args(argv)
+    try:
+        lib = Library(library_or_default(args.library))
+    except (LoadError, FileNotFoundError) as e:
+        err(PROG, str(e))
+        return 2
+    try:
+        with lib:
+            return run(lib, args.slot)
+    except CKError as e:
+        sys.stdout.flush()
+        err(PROG, str(e))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

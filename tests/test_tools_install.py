@@ -1,0 +1,165 @@
+"""`python -m pkcs11ws install --prefix DIR`: the WSOP layout, the installed library loaded by
+pkcs11-tool, the launchers, and what a reinstall leaves alone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tools_util import clean_env, new_card, service_env
+
+from pkcs11ws.__main__ import module_path
+from pkcs11ws.tools import install
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ["ckcheckinst", "ckinfo-dynamic", "cklist-dynamic", "ckmechinfo", "softcardtool"]
+
+
+def run_install(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pkcs11ws", "install", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=clean_env(),
+    )
+
+
+def pkcs11_tool(lib: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["pkcs11-tool", "--module", str(lib), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def prefix(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("install") / "opt" / "pkcs11"
+    res = run_install("--prefix", str(d))
+    assert res.returncode == 0, res.stderr
+    return d
+
+
+def test_layout(prefix):
+    lib = prefix / "lib" / "libpkcs11webservices.so"
+    assert lib.is_symlink() and os.path.samefile(lib, module_path())
+    for t in TOOLS:
+        p = prefix / "bin" / t
+        assert p.is_file() and os.access(p, os.X_OK), t
+        text = p.read_text()
+        assert text.startswith("#!/bin/sh\n")
+        assert f"exec {sys.executable} -m {install.TOOLS[t]} " in text
+    example = (prefix / "conf" / "example_pkcs11webservices.cfg").read_text()
+    settings = [ln for ln in example.splitlines() if ln and not ln.startswith("#")]
+    assert f"CERT {prefix}/conf/client.crt" in settings
+    assert f"LOGFILEPATH {prefix}/log/pkcs11webservices.log" in settings
+    assert not any("/opt/nfast" in ln for ln in settings)
+    # Comments still describe the module's built-in default.
+    assert "/opt/nfast/webservices/pkcs11/conf/pkcs11webservices.cfg" in example
+    assert (prefix / "log").is_dir()
+    assert not (prefix / "conf" / "pkcs11webservices.cfg").exists()
+
+
+def test_pkcs11_tool_loads_the_installed_library(prefix, service):
+    card = new_card(service)
+    res = pkcs11_tool(prefix / "lib" / "libpkcs11webservices.so", service_env(service), "-L")
+    assert res.returncode == 0, res.stderr
+    assert f"token label        : {card.name}" in res.stdout
+    assert "token manufacturer : pkcs11ws" in res.stdout
+
+
+def test_launchers(prefix, service):
+    env = service_env(service)
+    card = new_card(service)
+    res = subprocess.run(
+        [str(prefix / "bin" / "softcardtool"), "-l"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert res.returncode == 0 and card.id in res.stdout, res.stderr
+    lib = str(prefix / "lib" / "libpkcs11webservices.so")
+    for t, args in (
+        ("ckinfo-dynamic", ["--library", lib]),
+        ("ckmechinfo", ["--library", lib]),
+        ("cklist-dynamic", ["--library", lib, "--token-label", card.name]),
+    ):
+        res = subprocess.run(
+            [str(prefix / "bin" / t), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+        assert res.returncode == 0, (t, res.stderr)
+    res = subprocess.run(
+        [str(prefix / "bin" / "ckcheckinst"), "--library", lib],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert res.returncode == 0, res.stdout
+    assert "checks passed" in res.stdout
+
+
+def test_launcher_defaults_to_the_prefix_config(prefix):
+    res = subprocess.run(
+        [str(prefix / "bin" / "ckcheckinst")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=clean_env(),
+    )
+    assert res.returncode == 1
+    cfg = prefix / "conf" / "pkcs11webservices.cfg"
+    first = next(ln for ln in res.stdout.splitlines() if ln.startswith("FAILED"))
+    assert f"{cfg}: configuration file not found" in first
+    assert "set by the install's launcher script" in first
+    assert f"Fix: copy {prefix}/conf/example_pkcs11webservices.cfg to {cfg}" in first
+
+
+def test_reinstall_keeps_the_config(prefix):
+    cfg = prefix / "conf" / "pkcs11webservices.cfg"
+    cfg.write_text("# mine\n")
+    try:
+        res = run_install("--prefix", str(prefix))
+        assert res.returncode == 0, res.stderr
+        assert cfg.read_text() == "# mine\n"
+        assert "next: copy" not in res.stdout
+    finally:
+        cfg.unlink()
+
+
+def test_copy_instead_of_symlink(tmp_path, service):
+    d = tmp_path / "copy"
+    res = run_install("--prefix", str(d), "--copy")
+    assert res.returncode == 0, res.stderr
+    lib = d / "lib" / "libpkcs11webservices.so"
+    assert lib.is_file() and not lib.is_symlink()
+    res = pkcs11_tool(lib, service_env(service), "-I")
+    editable = Path(module_path()).is_relative_to(ROOT)
+    if editable:
+        # The build recorded the source tree, so a copy outside the package still finds it.
+        assert res.returncode == 0 and "pkcs11ws" in res.stdout, res.stderr
+    else:
+        assert res.returncode != 0
+        assert "cannot find the pkcs11ws package next to the module" in res.stderr
+
+
+def test_usage_errors():
+    res = run_install()
+    assert res.returncode == 2 and "--prefix" in res.stderr
