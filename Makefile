@@ -4,9 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-APT_PKGS := build-essential pkg-config libcurl4-openssl-dev libssl-dev curl opensc softhsm2 openssl
+APT_PKGS := build-essential pkg-config libcurl4-openssl-dev libssl-dev curl opensc softhsm2 openssl \
+	p11-kit p11-kit-modules time gnutls-bin opensc-pkcs11 openjdk-17-jdk-headless
+# Consumers only in bookworm-backports (tests/test_dropin_openssl.py): see apt-backports.
+BACKPORTS_PKGS := pkcs11-provider
 
-.PHONY: setup apt venv build test check pytest demo bench clean
+.PHONY: setup apt apt-backports venv build test check pytest demo bench clean
 
 setup: apt venv build
 
@@ -20,6 +23,33 @@ apt:
 	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
+	@$(MAKE) --no-print-directory apt-backports
+
+# BACKPORTS_PKGS when missing, without changing the machine's apt sources: on bookworm a private
+# source list (the machine's own Debian mirror, suite bookworm-backports) with private list and
+# cache folders, used for this one install and then removed; on later releases from main.
+apt-backports:
+	@missing=""; for p in $(BACKPORTS_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	[ -n "$$missing" ] || exit 0; \
+	SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+	. /etc/os-release; \
+	if [ "$$VERSION_CODENAME" != bookworm ]; then \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; exit $$?; \
+	fi; \
+	mirror=$$(apt-get indextargets --format '$$(REPO_URI) $$(RELEASE)' 'Created-By: Packages' \
+	  | awk '$$2 == "bookworm" {print $$1; exit}'); \
+	[ -n "$$mirror" ] || { echo "apt-backports: no bookworm source to derive a mirror from"; exit 1; }; \
+	echo "installing from bookworm-backports:$$missing"; \
+	d=$$(mktemp -d); chmod 755 $$d; mkdir -p $$d/lists/partial $$d/cache/archives/partial; \
+	echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $$mirror bookworm-backports main" \
+	  > $$d/sources.list; \
+	o="-o Dir::Etc::SourceList=$$d/sources.list -o Dir::Etc::SourceParts=/dev/null"; \
+	o="$$o -o Dir::State::Lists=$$d/lists -o Dir::Cache=$$d/cache"; \
+	$$SUDO apt-get $$o update -qq \
+	  && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get $$o install -y -qq $$missing; \
+	rc=$$?; $$SUDO rm -rf $$d; exit $$rc
 
 venv: $(VENV)/.deps-stamp
 

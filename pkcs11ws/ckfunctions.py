@@ -48,14 +48,14 @@ C_Logout(CK_SESSION_HANDLE hSession) = core
 C_CreateObject(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount, \
 CK_OBJECT_HANDLE_PTR phObject) = core
 C_CopyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, CK_ATTRIBUTE_PTR pTemplate, \
-CK_ULONG ulCount, CK_OBJECT_HANDLE_PTR phNewObject) = CKR_FUNCTION_NOT_SUPPORTED
+CK_ULONG ulCount, CK_OBJECT_HANDLE_PTR phNewObject) = core
 C_DestroyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject) = core
 C_GetObjectSize(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, CK_ULONG_PTR pulSize) \
 = core
 C_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, \
 CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount) = core
 C_SetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, \
-CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount) = CKR_FUNCTION_NOT_SUPPORTED
+CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount) = core
 C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount) = core
 C_FindObjects(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE_PTR phObject, \
 CK_ULONG ulMaxObjectCount, CK_ULONG_PTR pulObjectCount) = core

@@ -153,6 +153,41 @@ def _read_lines(path: str) -> list[str]:
     return text.splitlines()
 
 
+_LOG_KEYS: Final = ("LOGLEVEL", "LOGFILEPATH", "LOGSTDOUT", "LOGSYS")
+
+
+def log_settings(
+    path: str | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[int, str, bool, bool]:
+    """(LOGLEVEL, LOGFILEPATH, LOGSTDOUT, LOGSYS) read leniently: a missing or invalid value,
+    or an unreadable file, gives the default. For reporting a configuration load_config refused.
+    """
+    env = os.environ if environ is None else environ
+    path = os.path.abspath(path or config_path(env))
+    raw: dict[str, str] = {}
+    try:
+        lines = _read_lines(path)
+    except ConfigError:
+        lines = []
+    for line in lines:
+        parts = line.strip().split(None, 1)
+        if len(parts) == 2 and parts[0].upper() in _LOG_KEYS:
+            raw[parts[0].upper()] = parts[1].strip()
+    out: list[Any] = []
+    for key in _LOG_KEYS:
+        spec = KEYS[key]
+        var = ENV_PREFIX + key
+        if var in env:
+            value, base = env[var].strip(), os.getcwd()
+        else:
+            value, base = raw.get(key, ""), os.path.dirname(path)
+        try:
+            out.append(spec.parse(value, base) if value else spec.default)
+        except _Invalid:
+            out.append(spec.default)
+    return out[0], out[1], out[2], out[3]
+
+
 def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate the configuration; raise ConfigError on the first invalid value."""
     env = os.environ if environ is None else environ

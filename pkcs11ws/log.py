@@ -5,8 +5,10 @@ written when L <= LOGLEVEL. Each line starts with
 
     [yyyy-mm-dd hh:mm:ss] <pid> <LEVEL> <session handle> libpkcs11ws: message
 
-and at DEBUG9 the thread ID follows the PID. The log is off until configure() is called, and the
-level check is one comparison, so callers on the hot path pay nearly nothing when it is off.
+and at DEBUG9 the thread ID follows the PID. The session handle is the one the calling thread
+works for (set_session(), called by the core before it reaches the provider; 0 outside a
+session). The log is off until configure() is called, and the level check is one comparison, so
+callers on the hot path pay nearly nothing when it is off.
 
 Lines are written with one os.write() each: appends from several processes do not interleave, and
 nothing is buffered that a fork() could duplicate. There is deliberately no helper that formats a
@@ -23,7 +25,7 @@ import time
 import weakref
 from typing import Final
 
-from pkcs11ws.config import Config
+from pkcs11ws.config import Config, log_settings
 
 NONE, FATAL, ERROR, WARNING, DEBUG1, DEBUG3, DEBUG9 = range(7)
 LEVEL_NAMES: Final = ("NONE", "FATAL", "ERROR", "WARNING", "DEBUG1", "DEBUG3", "DEBUG9")
@@ -41,6 +43,13 @@ _SYSLOG_PRIORITY: Final = (
 _warned_paths: set[str] = set()
 # Every Logger, so the fork hook can renew their locks.
 _loggers: weakref.WeakSet[Logger] = weakref.WeakSet()
+# The PKCS#11 session each thread is working for (set by the core before it calls the provider).
+_tls = threading.local()
+
+
+def set_session(handle: int) -> None:
+    """Name the session the calling thread works for (0: none); its log lines carry it."""
+    _tls.session = handle
 
 
 def _one_line(msg: str) -> str:
@@ -66,20 +75,24 @@ class Logger:
 
     def configure(self, cfg: Config) -> None:
         """Apply LOGLEVEL, LOGFILEPATH, LOGSTDOUT and LOGSYS (called by C_Initialize)."""
+        self.apply(cfg.loglevel, cfg.logfilepath, cfg.logstdout, cfg.logsys)
+
+    def apply(self, level: int, path: str, stdout: bool, use_syslog: bool) -> None:
+        """The four log settings, however they were obtained."""
         with self._lock:
             self._level = NONE
-            if self._fd >= 0 and (cfg.logfilepath != self._path or cfg.loglevel == NONE):
+            if self._fd >= 0 and (path != self._path or level == NONE):
                 self._close_fd()
-            if cfg.loglevel > NONE and self._fd < 0:
-                self._open(cfg.logfilepath)
-            self._stdout = cfg.logstdout
-            want_syslog = cfg.logsys and cfg.loglevel > NONE
+            if level > NONE and self._fd < 0:
+                self._open(path)
+            self._stdout = stdout
+            want_syslog = use_syslog and level > NONE
             if want_syslog and not self._syslog:
                 syslog.openlog(LIBRARY_NAME, syslog.LOG_PID, syslog.LOG_USER)
             elif self._syslog and not want_syslog:
                 syslog.closelog()
             self._syslog = want_syslog
-            self._level = cfg.loglevel
+            self._level = level
 
     def _open(self, path: str) -> None:
         try:
@@ -130,6 +143,8 @@ class Logger:
     def log(self, level: int, msg: str, session: int = 0) -> None:
         if level > self._level or level <= NONE:
             return
+        if not session:
+            session = getattr(_tls, "session", 0)
         now = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         name = LEVEL_NAMES[level]
         if level == DEBUG9:
@@ -175,6 +190,24 @@ class Logger:
 
 
 LOG: Final = Logger()
+
+
+def report_config_error(message: str, config_path: str | None) -> None:
+    """Write why C_Initialize refused a configuration to the log that configuration names.
+
+    The log settings come from the refused file and the environment as far as they are valid
+    (defaults otherwise), so the reason also reaches the log file, stdout or syslog the
+    administrator looks at, not only the host's stderr.
+    """
+    level, path, stdout, use_syslog = log_settings(config_path)
+    if level < ERROR:
+        return
+    logger = Logger()
+    try:
+        logger.apply(level, path, stdout, use_syslog)
+        logger.error(message)
+    finally:
+        logger.close()
 
 
 def close() -> None:

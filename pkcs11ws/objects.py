@@ -6,9 +6,12 @@ unsigned long). Which attribute travels as what comes from protocol.ATTRIBUTES.
 
 The policy of the WSOP guide (section 6.4) is checked here before any round trip, so a template
 the service would refuse costs nothing: CKA_TOKEN and CKA_PRIVATE must be present and true (no
-session or public objects); the classes are CKO_DATA, CKO_CERTIFICATE (CKC_X_509 only) and
-CKO_SECRET_KEY (AES and the HMAC key types); some attributes must be false and, for keys, some
-true when given. The service enforces the same rules again (it trusts no client).
+session or public objects; the one exception is a public X.509 certificate, CKA_PRIVATE false,
+as pkcs11-tool writes them and OpenSSL reads them before login); the classes are CKO_DATA,
+CKO_CERTIFICATE (CKC_X_509 only) and CKO_SECRET_KEY (AES and the HMAC key types); some
+attributes must be false and, for keys, some true when given. After creation only CKA_LABEL and
+CKA_ID change (C_SetAttributeValue, or in a C_CopyObject). The service enforces the same rules
+again (it trusts no client).
 """
 
 from __future__ import annotations
@@ -92,13 +95,19 @@ def decode_search(template: Iterable[tuple[int, bytes]]) -> Attrs | None:
     return out
 
 
-def _check_common(t: Attrs) -> None:
+RENAMABLE: Final = ("CKA_LABEL", "CKA_ID")  # the attributes C_SetAttributeValue may change
+ATTRIBUTE_HEADER: Final = 2 * ULONG_SIZE  # a CK_ATTRIBUTE's type and length, for size estimates
+
+
+def _check_common(t: Attrs, public_ok: bool = False) -> None:
     for name in ("CKA_TOKEN", "CKA_PRIVATE"):
         if name not in t:
             raise _fail(
                 C.CKR_TEMPLATE_INCOMPLETE,
                 f"{name} is required (only token, private objects are supported)",
             )
+        if name == "CKA_PRIVATE" and public_ok:
+            continue
         if t[name] is not True:
             raise _fail(C.CKR_TEMPLATE_INCONSISTENT,
                         f"{name} must be true (no session or public objects)")  # fmt: skip
@@ -115,8 +124,8 @@ def _check_key(t: Attrs) -> None:
 
 def check_create(t: Attrs) -> int:
     """C_CreateObject's template; returns the object class."""
-    _check_common(t)
     cls = t.get("CKA_CLASS")
+    _check_common(t, public_ok=cls == C.CKO_CERTIFICATE)
     if cls is None:
         raise _fail(C.CKR_TEMPLATE_INCOMPLETE, "CKA_CLASS is required")
     if cls not in CLASSES:
@@ -175,3 +184,37 @@ def attribute_values(attrs: Attrs, types: list[int]) -> list[bytes | int]:
         else:
             out.append(C.CKR_ATTRIBUTE_TYPE_INVALID)
     return out
+
+
+def check_copy(current: Attrs, t: Attrs) -> None:
+    """C_CopyObject's template against the object's attributes (the service checks the rest)."""
+    if current.get("CKA_COPYABLE") is False:
+        raise _fail(C.CKR_ACTION_PROHIBITED, "the object's CKA_COPYABLE is false")
+    if t.get("CKA_TOKEN", True) is not True:
+        raise _fail(C.CKR_TEMPLATE_INCONSISTENT, "copies are token objects (no session objects)")
+    if t.get("CKA_PRIVATE", True) is not True and current.get("CKA_CLASS") != C.CKO_CERTIFICATE:
+        raise _fail(C.CKR_TEMPLATE_INCONSISTENT, "only certificates can be public")
+
+
+def check_rename(current: Attrs, t: Attrs) -> None:
+    """C_SetAttributeValue's template: CKA_LABEL and CKA_ID only."""
+    for name in t:
+        if name not in RENAMABLE:
+            raise _fail(C.CKR_ATTRIBUTE_READ_ONLY, f"{name} cannot be changed")
+    if current.get("CKA_MODIFIABLE") is False:
+        raise _fail(C.CKR_ACTION_PROHIBITED, "the object's CKA_MODIFIABLE is false")
+
+
+def object_size(attrs: Attrs) -> int:
+    """C_GetObjectSize's estimate: every attribute as a CK_ATTRIBUTE with its value, plus the
+    secret value of a key (which the module never sees, but knows the length of)."""
+    size = 0
+    for name, value in attrs.items():
+        attr = protocol.ATTR_BY_NAME.get(name)
+        if attr is not None:
+            size += ATTRIBUTE_HEADER + len(encode_value(attr, value))
+    if attrs.get("CKA_CLASS") == C.CKO_SECRET_KEY:
+        length = attrs.get("CKA_VALUE_LEN", 0)
+        assert isinstance(length, int)
+        size += ATTRIBUTE_HEADER + length
+    return size

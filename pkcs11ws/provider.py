@@ -25,7 +25,9 @@ from typing import Any, Protocol, TypeVar
 
 from pkcs11ws import constants as C
 from pkcs11ws import mechanisms, objects
+from pkcs11ws.client import transport
 from pkcs11ws.client.api import KeyServiceClient
+from pkcs11ws.client.transport import Transport
 from pkcs11ws.config import load_config
 from pkcs11ws.errors import PKCS11Error, ServiceError
 from pkcs11ws.log import LOG
@@ -90,7 +92,7 @@ def _usage(attrs: Attrs) -> tuple[bool, bool, bool, bool]:
 class Provider:
     """One C_Initialize .. C_Finalize: the configuration, the client, the login state."""
 
-    def __init__(self, config_path: str | None, native: Native) -> None:
+    def __init__(self, config_path: str | None, native: Native, no_threads: bool = False) -> None:
         cfg = load_config(config_path)
         LOG.configure(cfg)
         for warning in cfg.warnings:
@@ -99,7 +101,9 @@ class Provider:
         self.cfg = cfg
         self.native = native
         self.dir = DIRECTORY
-        self.client = KeyServiceClient(cfg)
+        # no_threads: the host forbade new threads (CKF_LIBRARY_CANT_CREATE_OS_THREADS).
+        self.no_threads = no_threads
+        self.client = KeyServiceClient(cfg, transport=Transport(cfg, no_threads))
         # Logging out is best effort and must not wait through MAXRETRIES x RETRYDELAY.
         self._quick: KeyServiceClient | None = None
         self._lock = threading.Lock()
@@ -130,6 +134,12 @@ class Provider:
     # -- slots --------------------------------------------------------------------------------
 
     def refresh_slots(self) -> None:
+        if transport.nested():
+            # Called back from inside libcurl's start-up (OpenSSL loading pkcs11-provider
+            # early, which lists slots): the slots known so far must do, as a request from
+            # here cannot be made; failing would make that provider C_Finalize us.
+            LOG.debug1("C_GetSlotList: nested in a request, slot list not refreshed")
+            return
         cards = self.client.list_softcards()
         seen = set()
         with self.dir.lock:
@@ -192,7 +202,8 @@ class Provider:
         if slot is None:
             return
         if self._quick is None:
-            self._quick = KeyServiceClient(dataclasses.replace(self.cfg, maxretries=0))
+            quick = dataclasses.replace(self.cfg, maxretries=0)
+            self._quick = KeyServiceClient(quick, transport=Transport(quick, self.no_threads))
         try:
             self._quick.deactivate(slot.card, token)
         except PKCS11Error as e:
@@ -251,14 +262,18 @@ class Provider:
         return obj
 
     def find(self, slot_id: int, template: objects.RawTemplate) -> list[int]:
-        if slot_id not in self.tokens:
-            return []  # every object is private: nothing is visible before C_Login
         slot = self._slot(slot_id)
         attrs = objects.decode_search(template)
         if attrs is None:
             return []
-        token = self._token(slot_id)
-        found = self._call(slot_id, self.client.search_objects, slot.card, token, attrs)
+        token = self.tokens.get(slot_id)
+        if token is None:
+            # Before C_Login only public objects (certificates) are visible.
+            if attrs.get("CKA_PRIVATE", False) is not False:
+                return []
+            found = self.client.search_public(slot.card, attrs)
+        else:
+            found = self._call(slot_id, self.client.search_objects, slot.card, token, attrs)
         handles = []
         for item in found:
             if item["attrs"].get("CKA_CLASS") in objects.HIDDEN_CLASSES:
@@ -267,11 +282,42 @@ class Provider:
         LOG.debug3(f"C_FindObjectsInit: {len(handles)} objects on slot {slot_id}")
         return handles
 
-    def get_attributes(self, slot_id: int, handle: int, types: list[int]) -> list[bytes | int]:
+    def _visible(self, slot_id: int, handle: int) -> Obj:
         obj = self._object(slot_id, handle)
         if obj.attrs.get("CKA_PRIVATE", True) and slot_id not in self.tokens:
             raise PKCS11Error(C.CKR_OBJECT_HANDLE_INVALID, "private object, not logged in")
-        return objects.attribute_values(obj.attrs, types)
+        return obj
+
+    def get_attributes(self, slot_id: int, handle: int, types: list[int]) -> list[bytes | int]:
+        return objects.attribute_values(self._visible(slot_id, handle).attrs, types)
+
+    def object_size(self, slot_id: int, handle: int) -> int:
+        return objects.object_size(self._visible(slot_id, handle).attrs)
+
+    def copy_object(self, slot_id: int, handle: int, template: objects.RawTemplate) -> int:
+        slot = self._slot(slot_id)
+        obj = self._visible(slot_id, handle)
+        token = self._token(slot_id)
+        attrs = objects.decode_template(template)
+        objects.check_copy(obj.attrs, attrs)
+        made = self._call(slot_id, self.client.copy_object, slot.card, token, obj.uuid, attrs,
+                          obj=obj)  # fmt: skip
+        new = self._remember(slot_id, made)
+        LOG.debug1(f"C_CopyObject: object {handle} copied to {new} on slot {slot_id}")
+        return new
+
+    def set_attributes(self, slot_id: int, handle: int, template: objects.RawTemplate) -> None:
+        slot = self._slot(slot_id)
+        obj = self._visible(slot_id, handle)
+        attrs = objects.decode_template(template)
+        objects.check_rename(obj.attrs, attrs)
+        token = self._token(slot_id)
+        if not attrs:
+            return
+        made = self._call(slot_id, self.client.update_object, slot.card, token, obj.uuid, attrs,
+                          obj=obj)  # fmt: skip
+        self._remember(slot_id, made)
+        LOG.debug1(f"C_SetAttributeValue: object {handle} on slot {slot_id} renamed")
 
     def create_object(self, slot_id: int, template: objects.RawTemplate) -> int:
         slot = self._slot(slot_id)

@@ -30,8 +30,9 @@ print("C_GetFunctionList", rv)
 if rv:
     sys.exit(0)
 print("C_Initialize", lib.C_Initialize(None))
-n = CK_ULONG(64)
-slots = (CK_ULONG * 64)()
+n = CK_ULONG(0)
+lib.C_GetSlotList(1, None, ctypes.byref(n))  # the shared service may hold many softcards
+slots = (CK_ULONG * n.value)()
 print("C_GetSlotList", lib.C_GetSlotList(1, slots, ctypes.byref(n)))
 h = CK_ULONG()
 found = None

@@ -86,7 +86,9 @@ def test_data_object_defaults(api, card):
     card, token = card
     attrs = decode(api.ok(api.create(card, token, {"CKA_CLASS": C.CKO_DATA}))["attrs"])
     assert attrs["CKA_LABEL"] == b"" and attrs["CKA_VALUE"] == b""
-    assert attrs["CKA_DESTROYABLE"] is True and attrs["CKA_MODIFIABLE"] is False
+    # Renaming (CKA_LABEL, CKA_ID) and copying are supported: both default to true.
+    assert attrs["CKA_DESTROYABLE"] is True and attrs["CKA_MODIFIABLE"] is True
+    assert attrs["CKA_COPYABLE"] is True
 
 
 def test_certificate(api, card):
@@ -122,7 +124,8 @@ def test_certificate(api, card):
         ({"CKA_SUBJECT": None}, "TEMPLATE_INCOMPLETE"),
         ({"CKA_CERTIFICATE_TYPE": None}, "TEMPLATE_INCOMPLETE"),
         ({"CKA_CERTIFICATE_TYPE": 1}, "ATTRIBUTE_VALUE_INVALID"),
-        ({"CKA_PRIVATE": False}, "TEMPLATE_INCONSISTENT"),
+        ({"CKA_PRIVATE": False}, None),  # a public certificate
+        ({"CKA_TOKEN": False}, "TEMPLATE_INCONSISTENT"),
         ({"CKA_TRUSTED": True}, "TEMPLATE_INCONSISTENT"),
         ({"CKA_TRUSTED": False}, None),
         ({"CKA_START_DATE": b"2024-1-1"}, "ATTRIBUTE_VALUE_INVALID"),

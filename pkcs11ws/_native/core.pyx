@@ -24,6 +24,7 @@ import sys
 
 from pkcs11ws import mechanisms as _mechanisms
 from pkcs11ws.errors import ConfigError, PKCS11Error
+from pkcs11ws.log import set_session as _log_session
 
 include "tables.pxi"
 
@@ -84,6 +85,14 @@ cdef object _prov():
     p = g_provider
     if p is None:
         raise PKCS11Error(CKR_CRYPTOKI_NOT_INITIALIZED)
+    _log_session(0)
+    return p
+
+
+cdef object _prov_s(CK_SESSION_HANDLE h):
+    """The provider, for work on behalf of session h: the log lines it causes carry h."""
+    p = _prov()
+    _log_session(h)
     return p
 
 
@@ -228,7 +237,7 @@ cdef api void p11ws_core_fork(int phase) noexcept nogil:
 
 # ---- general purpose -------------------------------------------------------------------------
 
-cdef CK_RV _initialize(const char* reserved) noexcept:
+cdef CK_RV _initialize(const char* reserved, bint no_threads) noexcept:
     global g_provider
     path = None
     try:
@@ -238,16 +247,17 @@ cdef CK_RV _initialize(const char* reserved) noexcept:
                 path = os.fsdecode(text[7:])
         from pkcs11ws.provider import Provider
 
-        g_provider = Provider(path, sys.modules[__name__])
+        _log_session(0)
+        g_provider = Provider(path, sys.modules[__name__], no_threads=no_threads)
         return CKR_OK
     except ConfigError as e:
         # The log may not be configured (its settings are in the file that failed): stderr too.
         try:
             sys.stderr.write(f"libpkcs11ws: C_Initialize: {e.message}\n")
             sys.stderr.flush()
-            from pkcs11ws.log import LOG
+            from pkcs11ws.log import report_config_error
 
-            LOG.error(f"C_Initialize: {e.message}")
+            report_config_error(f"C_Initialize: {e.message}", path)
         except BaseException:
             pass
         return _ckr(e)
@@ -267,6 +277,7 @@ cdef CK_RV f_Initialize(CK_VOID_PTR pInitArgs) noexcept nogil:
     cdef const char* reserved = NULL
     cdef int nmutex
     cdef CK_RV rv
+    cdef bint no_threads = False
     if a != NULL:
         nmutex = ((a.CreateMutex != NULL) + (a.DestroyMutex != NULL) + (a.LockMutex != NULL)
                   + (a.UnlockMutex != NULL))
@@ -274,9 +285,9 @@ cdef CK_RV f_Initialize(CK_VOID_PTR pInitArgs) noexcept nogil:
             return CKR_ARGUMENTS_BAD
         if nmutex == 4 and not (a.flags & CKF_OS_LOCKING_OK):
             return CKR_CANT_LOCK
-        if a.flags & CKF_LIBRARY_CANT_CREATE_OS_THREADS:
-            # libcurl resolves host names on a thread of its own.
-            return CKR_NEED_TO_CREATE_THREADS
+        # GnuTLS (through p11-kit) sets it: then the client resolves the service's host name
+        # in the calling thread, so libcurl starts no resolver thread of its own.
+        no_threads = (a.flags & CKF_LIBRARY_CANT_CREATE_OS_THREADS) != 0
         reserved = <const char*>a.pReserved
     p11ws_lock_gil_aware(&g_state_lock)
     if g_state:
@@ -284,11 +295,27 @@ cdef CK_RV f_Initialize(CK_VOID_PTR pInitArgs) noexcept nogil:
         return CKR_CRYPTOKI_ALREADY_INITIALIZED
     p11ws_adopt_thread()
     with gil:
-        rv = _initialize(reserved)
+        rv = _initialize(reserved, no_threads)
     if rv == CKR_OK:
         p11ws_astore(&g_state, 1)
     pthread_mutex_unlock(&g_state_lock)
     return rv
+
+
+cdef bint _finalize_nested() noexcept nogil:
+    p11ws_adopt_thread()
+    with gil:
+        try:
+            from pkcs11ws.client.transport import nested
+
+            if nested():
+                from pkcs11ws.log import LOG
+
+                LOG.warning("C_Finalize refused: called from inside a key service request")
+                return True
+        except BaseException as e:
+            _ckr(e)
+    return False
 
 
 cdef CK_RV f_Finalize(CK_VOID_PTR pReserved) noexcept nogil:
@@ -301,6 +328,12 @@ cdef CK_RV f_Finalize(CK_VOID_PTR pReserved) noexcept nogil:
     if pReserved != NULL:
         pthread_mutex_unlock(&g_state_lock)
         return CKR_ARGUMENTS_BAD
+    if _finalize_nested():
+        # From inside one of our own requests on this thread (pkcs11-provider loaded early
+        # by OpenSSL while libcurl starts, giving up): finalizing would pull the state from
+        # under the request in progress, and the caller never initialised us anyway.
+        pthread_mutex_unlock(&g_state_lock)
+        return CKR_FUNCTION_FAILED
     p11ws_astore(&g_state, 0)
     _sessions_close_slot(0, True)
     pthread_mutex_lock(&g_slot_lock)
@@ -312,6 +345,7 @@ cdef CK_RV f_Finalize(CK_VOID_PTR pReserved) noexcept nogil:
         p = g_provider
         g_provider = None
         try:
+            _log_session(0)
             if p is not None:
                 p.finalize()
         except BaseException as e:
@@ -605,7 +639,7 @@ cdef CK_RV f_Login(CK_SESSION_HANDLE hSession, CK_USER_TYPE userType, CK_UTF8CHA
     p11ws_adopt_thread()
     with gil:
         try:
-            _prov().login(slot, (<char*>pPin)[:ulPinLen])
+            _prov_s(hSession).login(slot, (<char*>pPin)[:ulPinLen])
         except BaseException as e:
             return _ckr(e)
         _slot_set_login(slot, 1)
@@ -633,7 +667,7 @@ cdef CK_RV f_Logout(CK_SESSION_HANDLE hSession) noexcept nogil:
     p11ws_adopt_thread()
     with gil:
         try:
-            _prov().logout(slot)
+            _prov_s(hSession).logout(slot)
         except BaseException as e:
             return _ckr(e)
     return CKR_OK

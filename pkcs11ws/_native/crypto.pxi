@@ -188,13 +188,13 @@ cdef CK_RV _single(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pIn, CK_ULONG ulI
                 try:
                     data = (<char*>pIn)[:ulIn] if ulIn else b""
                     if which == OP_SIGN:
-                        out = _prov().sign(s.slot, op.key, op.mech, data, op.mac_len)
+                        out = _prov_s(h).sign(s.slot, op.key, op.mech, data, op.mac_len)
                     elif which == OP_ENCRYPT:
-                        out = _prov().encrypt(s.slot, op.key, op.mech, (<char*>op.iv)[:16],
-                                              data)
+                        out = _prov_s(h).encrypt(s.slot, op.key, op.mech,
+                                                 (<char*>op.iv)[:16], data)
                     else:
-                        out = _prov().decrypt(s.slot, op.key, op.mech, (<char*>op.iv)[:16],
-                                              data)
+                        out = _prov_s(h).decrypt(s.slot, op.key, op.mech,
+                                                 (<char*>op.iv)[:16], data)
                     size = len(out)
                     if <CK_ULONG>size > pulOut[0]:
                         _keep(s, which, pIn, ulIn, out)
@@ -275,9 +275,9 @@ cdef CK_RV f_Verify(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDa
         p11ws_adopt_thread()
         with gil:
             try:
-                _prov().verify(s.slot, op.key, op.mech,
-                               (<char*>pData)[:ulDataLen] if ulDataLen else b"",
-                               (<char*>pSignature)[:ulSignatureLen], op.mac_len)
+                _prov_s(hSession).verify(s.slot, op.key, op.mech,
+                                         (<char*>pData)[:ulDataLen] if ulDataLen else b"",
+                                         (<char*>pSignature)[:ulSignatureLen], op.mac_len)
             except BaseException as e:
                 rv = _ckr(e)
     _op_end(s, OP_VERIFY)
@@ -309,8 +309,8 @@ cdef CK_RV f_GenerateKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism
     p11ws_adopt_thread()
     with gil:
         try:
-            phKey[0] = _prov().generate_key(slot, pMechanism.mechanism,
-                                            _template(pTemplate, ulCount))
+            phKey[0] = _prov_s(hSession).generate_key(slot, pMechanism.mechanism,
+                                                      _template(pTemplate, ulCount))
         except BaseException as e:
             return _ckr(e)
     return CKR_OK
@@ -333,7 +333,7 @@ cdef CK_RV f_GenerateRandom(CK_SESSION_HANDLE hSession, CK_BYTE_PTR RandomData,
     p11ws_adopt_thread()
     with gil:
         try:
-            out = _prov().random(ulRandomLen)
+            out = _prov_s(hSession).random(ulRandomLen)
             if <CK_ULONG>len(out) != ulRandomLen:
                 raise RuntimeError("random: wrong length from the provider")
             src = <bytes>out

@@ -28,17 +28,6 @@ cdef CK_RV f_SetOperationState(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pOperatio
     return _unsupported(CKR_FUNCTION_NOT_SUPPORTED)
 
 
-cdef CK_RV f_CopyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject,
-                        CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount,
-                        CK_OBJECT_HANDLE_PTR phNewObject) noexcept nogil:
-    return _unsupported(CKR_FUNCTION_NOT_SUPPORTED)
-
-
-cdef CK_RV f_SetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject,
-                               CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount) noexcept nogil:
-    return _unsupported(CKR_FUNCTION_NOT_SUPPORTED)
-
-
 cdef CK_RV f_DigestInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism) noexcept nogil:
     return _unsupported(CKR_FUNCTION_NOT_SUPPORTED)
 

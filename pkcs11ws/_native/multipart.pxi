@@ -16,12 +16,12 @@ cdef CK_ULONG MAC_BUFFER_MAX = 4 * 1024 * 1024
 cdef CK_ULONG CIPHER_CHUNK = 1024 * 1024  # whole blocks per request (the service caps bodies)
 
 
-cdef object _cipher_request(int which, CK_SLOT_ID slot, CK_OBJECT_HANDLE key,
-                            CK_MECHANISM_TYPE mech, bytes iv, bytes data):
+cdef object _cipher_request(CK_SESSION_HANDLE h, int which, CK_SLOT_ID slot,
+                            CK_OBJECT_HANDLE key, CK_MECHANISM_TYPE mech, bytes iv, bytes data):
     """One CBC request (with the GIL); raises PKCS11Error."""
     if which == OP_ENCRYPT:
-        return _prov().encrypt(slot, key, mech, iv, data)
-    return _prov().decrypt(slot, key, mech, iv, data)
+        return _prov_s(h).encrypt(slot, key, mech, iv, data)
+    return _prov_s(h).decrypt(slot, key, mech, iv, data)
 
 
 cdef CK_RV _multi_begin(Session* s, int which, Op* op) noexcept nogil:
@@ -79,7 +79,7 @@ cdef CK_RV _cipher_update(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pIn, CK_UL
                     while done < send:
                         n = min(send - done, CIPHER_CHUNK)
                         chunk = data[done:done + n]
-                        out = _cipher_request(which, s.slot, op.key, CKM_AES_CBC, iv, chunk)
+                        out = _cipher_request(h, which, s.slot, op.key, CKM_AES_CBC, iv, chunk)
                         if <CK_ULONG>len(out) != n:
                             raise RuntimeError("CBC answer of the wrong length")
                         src = <bytes>out
@@ -159,7 +159,7 @@ cdef CK_RV _cipher_final(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pOut,
             p11ws_adopt_thread()
             with gil:
                 try:
-                    out = _cipher_request(which, s.slot, op.key, CKM_AES_CBC_PAD,
+                    out = _cipher_request(h, which, s.slot, op.key, CKM_AES_CBC_PAD,
                                           (<char*>op.iv)[:16], (<char*>op.part)[:op.partlen])
                     size = len(out)
                     if <CK_ULONG>size > pulOut[0]:
@@ -258,15 +258,15 @@ cdef CK_RV _mac_final(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pSig,
             try:
                 data = (<char*>op.acc)[:op.acclen] if op.acclen else b""
                 if which == OP_SIGN:
-                    out = _prov().sign(s.slot, op.key, op.mech, data, op.mac_len)
+                    out = _prov_s(h).sign(s.slot, op.key, op.mech, data, op.mac_len)
                     if <CK_ULONG>len(out) != op.mac_len:
                         raise RuntimeError("MAC of the wrong length")
                     src = <bytes>out
                     memcpy(pSig, src, op.mac_len)
                     pulSig[0] = op.mac_len
                 else:
-                    _prov().verify(s.slot, op.key, op.mech, data, (<char*>pSig)[:ulSig],
-                                   op.mac_len)
+                    _prov_s(h).verify(s.slot, op.key, op.mech, data, (<char*>pSig)[:ulSig],
+                                      op.mac_len)
             except BaseException as e:
                 rv = _ckr(e)
     _op_end(s, which)

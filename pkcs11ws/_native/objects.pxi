@@ -35,7 +35,7 @@ cdef CK_RV f_CreateObject(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate
     p11ws_adopt_thread()
     with gil:
         try:
-            phObject[0] = _prov().create_object(slot, _template(pTemplate, ulCount))
+            phObject[0] = _prov_s(hSession).create_object(slot, _template(pTemplate, ulCount))
         except BaseException as e:
             return _ckr(e)
     return CKR_OK
@@ -58,7 +58,63 @@ cdef CK_RV f_DestroyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject)
     p11ws_adopt_thread()
     with gil:
         try:
-            _prov().destroy_object(slot, hObject)
+            _prov_s(hSession).destroy_object(slot, hObject)
+        except BaseException as e:
+            return _ckr(e)
+    return CKR_OK
+
+
+cdef CK_RV f_CopyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject,
+                        CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount,
+                        CK_OBJECT_HANDLE_PTR phNewObject) noexcept nogil:
+    cdef CK_RV rv = _ready()
+    cdef CK_SLOT_ID slot
+    cdef CK_FLAGS flags
+    cdef ObjRow obj
+    if rv != CKR_OK:
+        return rv
+    rv = _session_slot(hSession, &slot, &flags)
+    if rv != CKR_OK:
+        return rv
+    if phNewObject == NULL or (pTemplate == NULL and ulCount > 0):
+        return CKR_ARGUMENTS_BAD
+    if _obj_get(hObject, &obj) != 0 or obj.slot != slot:
+        return CKR_OBJECT_HANDLE_INVALID
+    if not (flags & CKF_RW_SESSION):
+        # The copy is a token object.
+        return CKR_SESSION_READ_ONLY
+    p11ws_adopt_thread()
+    with gil:
+        try:
+            phNewObject[0] = _prov_s(hSession).copy_object(slot, hObject,
+                                                           _template(pTemplate, ulCount))
+        except BaseException as e:
+            return _ckr(e)
+    return CKR_OK
+
+
+cdef CK_RV f_SetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject,
+                               CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount) noexcept nogil:
+    cdef CK_RV rv = _ready()
+    cdef CK_SLOT_ID slot
+    cdef CK_FLAGS flags
+    cdef ObjRow obj
+    if rv != CKR_OK:
+        return rv
+    rv = _session_slot(hSession, &slot, &flags)
+    if rv != CKR_OK:
+        return rv
+    if pTemplate == NULL and ulCount > 0:
+        return CKR_ARGUMENTS_BAD
+    if _obj_get(hObject, &obj) != 0 or obj.slot != slot:
+        return CKR_OBJECT_HANDLE_INVALID
+    if not (flags & CKF_RW_SESSION):
+        # Every object is a token object: changing one needs a read/write session.
+        return CKR_SESSION_READ_ONLY
+    p11ws_adopt_thread()
+    with gil:
+        try:
+            _prov_s(hSession).set_attributes(slot, hObject, _template(pTemplate, ulCount))
         except BaseException as e:
             return _ckr(e)
     return CKR_OK
@@ -76,10 +132,15 @@ cdef CK_RV f_GetObjectSize(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject,
         return rv
     if pulSize == NULL:
         return CKR_ARGUMENTS_BAD
-    if _obj_get(hObject, &obj) != 0 or obj.slot != slot or not _slot_logged_in(slot):
+    if _obj_get(hObject, &obj) != 0 or obj.slot != slot:
         return CKR_OBJECT_HANDLE_INVALID
-    # Objects live on the service, which does not say what they occupy (the spec's answer).
-    pulSize[0] = CK_UNAVAILABLE_INFORMATION
+    # An estimate from the cached attributes: no round trip.
+    p11ws_adopt_thread()
+    with gil:
+        try:
+            pulSize[0] = _prov().object_size(slot, hObject)
+        except BaseException as e:
+            return _ckr(e)
     return CKR_OK
 
 
@@ -101,7 +162,7 @@ cdef CK_RV f_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObj
     with gil:
         try:
             types = [pTemplate[i].type for i in range(ulCount)]
-            values = _prov().get_attributes(slot, hObject, types)
+            values = _prov_s(hSession).get_attributes(slot, hObject, types)
             return _write_attributes(pTemplate, ulCount, values)
         except BaseException as e:
             return _ckr(e)
@@ -165,7 +226,7 @@ cdef CK_RV f_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTempl
         p11ws_adopt_thread()
         with gil:
             try:
-                handles = _prov().find(s.slot, _template(pTemplate, ulCount))
+                handles = _prov_s(hSession).find(s.slot, _template(pTemplate, ulCount))
                 nfound = len(handles)
                 found = <CK_OBJECT_HANDLE*>malloc((nfound or 1) * sizeof(CK_OBJECT_HANDLE))
                 if found == NULL:

@@ -28,7 +28,7 @@ from pkcs11ws import protocol
 from pkcs11ws.client.transport import BASE_HEADERS, CurlFailure, Transport
 from pkcs11ws.config import Config
 from pkcs11ws.errors import PKCS11Error, ServiceError, TransportError
-from pkcs11ws.log import DEBUG3, ERROR, LOG, WARNING, Logger
+from pkcs11ws.log import DEBUG3, DEBUG9, ERROR, LOG, WARNING, Logger
 
 _PATH_PARAM_CHARS: Final = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-"
@@ -165,6 +165,12 @@ class KeyServiceClient:
         replaced_dead = False
         while True:
             started = time.monotonic() if self.log.enabled(DEBUG3) else 0.0
+            if self.log.enabled(DEBUG9):
+                # The trace of every attempt; sizes only, never a body.
+                self.log.debug9(
+                    f"{spec.name} {spec.method} {path}: attempt {attempt + 1}, "
+                    f"{len(data) if data else 0} bytes"
+                )
             try:
                 status, raw = request(spec.method, path, data, headers)
             except CurlFailure as failure:
@@ -259,6 +265,32 @@ class KeyServiceClient:
         )
         objects: list[dict[str, Any]] = r["objects"]
         return objects
+
+    def search_public(self, card: str, attrs: protocol.Attrs) -> list[dict[str, Any]]:
+        """The card's public objects (no activation needed)."""
+        r = self.call("search_public", path_params={"card": card}, body={"attrs": attrs})
+        objects: list[dict[str, Any]] = r["objects"]
+        return objects
+
+    def copy_object(
+        self, card: str, token: str, handle: str, attrs: protocol.Attrs
+    ) -> dict[str, Any]:
+        return self.call(
+            "copy_object",
+            path_params={"card": card, "handle": handle},
+            token=token,
+            body={"attrs": attrs},
+        )
+
+    def update_object(
+        self, card: str, token: str, handle: str, attrs: protocol.Attrs
+    ) -> dict[str, Any]:
+        return self.call(
+            "update_object",
+            path_params={"card": card, "handle": handle},
+            token=token,
+            body={"attrs": attrs},
+        )
 
     def create_object(self, card: str, token: str, attrs: protocol.Attrs) -> dict[str, Any]:
         return self.call(

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import os
 import re
+import socket
 import threading
 import weakref
 from collections.abc import Sequence
@@ -44,8 +46,11 @@ PYCURL_FIX: Final = (
 _SYSTEM_LIBCURL_RE: Final = re.compile(r"^libcurl\.so\.4(\.[0-9.]+)?$")
 BASE_HEADERS: Final = ("Content-Type: application/json", "Accept: application/json", "Expect:")
 # Failures that no retry can cure: bad options, local certificate problems, an untrusted peer.
+# CURLE_RECURSIVE_API_CALL (pycurl has no name for it): a request from inside a request.
+E_RECURSIVE: Final = 93
 NOT_RETRYABLE: Final = frozenset(
     {
+        E_RECURSIVE,
         pycurl.E_UNSUPPORTED_PROTOCOL,
         pycurl.E_FAILED_INIT,
         pycurl.E_URL_MALFORMAT,
@@ -111,6 +116,18 @@ def _check_pycurl() -> None:
 
 
 _check_pycurl()
+
+# Per thread: inside libcurl (making a handle or performing). libcurl's first handle
+# initialises OpenSSL, which loads OPENSSL_CONF; a config that loads pkcs11-provider early
+# makes it call this module from inside that initialisation, on this thread. Such a nested
+# request would wait for the initialisation it is part of (a deadlock): it fails at once.
+_IN_CURL = threading.local()
+
+
+def nested() -> bool:
+    """True inside a request of this thread (a call nested in libcurl's start-up)."""
+    return bool(getattr(_IN_CURL, "active", False))
+
 
 # Objects deliberately never freed (inherited by a forked child); see _leak().
 _LEAKED: list[object] = []
@@ -208,15 +225,44 @@ class _Conn:
             self.close()
 
 
-class Transport:
-    """Sends one HTTP request and returns (status, body); raises CurlFailure without an answer."""
+def resolve_entry(host: str, port: int) -> str | None:
+    """A CURLOPT_RESOLVE entry for host:port resolved in the calling thread, or None for an IP
+    literal (which libcurl never resolves). Raises CurlFailure when the name does not resolve."""
+    bare = host.strip("[]")
+    try:
+        ipaddress.ip_address(bare)
+        return None
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise CurlFailure(pycurl.E_COULDNT_RESOLVE_HOST, f"{bare}: {e}", False) from None
+    addrs: list[str] = []
+    for family, _, _, _, sockaddr in infos:
+        addr = str(sockaddr[0])
+        addr = f"[{addr}]" if family == socket.AF_INET6 else addr
+        if addr not in addrs:
+            addrs.append(addr)
+    return f"{bare}:{port}:{','.join(addrs)}"
 
-    def __init__(self, cfg: Config) -> None:
+
+class Transport:
+    """Sends one HTTP request and returns (status, body); raises CurlFailure without an answer.
+
+    no_threads: the host forbade the library to start threads (C_Initialize with
+    CKF_LIBRARY_CANT_CREATE_OS_THREADS). libcurl's resolver runs on a thread of its own, so the
+    host name is then resolved here, in the calling thread, when a thread's handle is made, and
+    handed to libcurl as CURLOPT_RESOLVE (an IP literal HOST needs no resolving at all).
+    """
+
+    def __init__(self, cfg: Config, no_threads: bool = False) -> None:
         host = cfg.host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         self.base_url = f"https://{host}:{cfg.port}"
         self._cfg = cfg
+        self._no_threads = no_threads
         self._closed = False
         self._start(os.getpid())
 
@@ -233,7 +279,10 @@ class Transport:
     def _new_conn(self) -> _Conn:
         if self._closed:
             raise TransportError("the key service client was closed (C_Finalize)")
+        entry = resolve_entry(self._cfg.host, self._cfg.port) if self._no_threads else None
         conn = _Conn(self._cfg, self._share, self._pid)
+        if entry is not None:
+            conn.curl.setopt(pycurl.RESOLVE, [entry])
         self._local.conn = conn
         with self._lock:
             self._conns.add(conn)
@@ -245,6 +294,19 @@ class Transport:
         """One attempt. headers must include BASE_HEADERS; pass the same object to skip setopt."""
         if os.getpid() != self._pid:
             self.reset_after_fork()
+        if nested():
+            raise CurlFailure(E_RECURSIVE, "called from inside a request of this thread "
+                              "(OpenSSL loading a PKCS#11 provider while libcurl starts?)",
+                              False)  # fmt: skip
+        _IN_CURL.active = True
+        try:
+            return self._request(method, path, body, headers)
+        finally:
+            _IN_CURL.active = False
+
+    def _request(
+        self, method: str, path: str, body: bytes | None, headers: Sequence[str]
+    ) -> tuple[int, bytes]:
         try:
             conn: _Conn = self._local.conn
         except AttributeError:

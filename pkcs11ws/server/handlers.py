@@ -25,7 +25,15 @@ from pkcs11ws import constants as C
 from pkcs11ws.protocol import STRUCTS, Attrs, Endpoint
 from pkcs11ws.protocol import ProtocolError as ApiError
 from pkcs11ws.server import ops, sealing
-from pkcs11ws.server.objects import CLASS_ATTRS, NewObject, generated_key, new_object
+from pkcs11ws.server.objects import (
+    CLASS_ATTRS,
+    NewObject,
+    copied_attrs,
+    generated_key,
+    is_public,
+    new_object,
+    renamed_attrs,
+)
 from pkcs11ws.server.sealing import MasterKeys, SealError, TokenClaims
 from pkcs11ws.server.settings import Settings
 from pkcs11ws.server.store import CardCounts, CardRow, IdempotencyRow, ObjectRow, Store, WriteTx
@@ -79,8 +87,9 @@ class Service:
         self.settings = settings
         self.store = store
         self.keys = keys
-        # Objects never change after creation and handles are never reused, so parsed key
-        # attributes can be cached; whether the key still exists is always asked of the store.
+        # A key's type and usage never change after creation (renaming touches only CKA_LABEL
+        # and CKA_ID) and handles are never reused, so they can be cached; whether the key
+        # still exists is always asked of the store.
         self._key_meta: dict[str, _KeyMeta] = {}
 
     # ---------------------------------------------------------------- plumbing
@@ -263,18 +272,29 @@ class Service:
     # ---------------------------------------------------------------- objects
 
     def _visible(self, row: ObjectRow, card_key: bytes) -> Attrs:
+        # A public certificate's CKA_VALUE rests unsealed among its attributes.
         attrs = protocol.decode_attrs(json.loads(row.attrs_json))
         if row.cls != C.CKO_SECRET_KEY and row.secret is not None:
             attrs["CKA_VALUE"] = sealing.decrypt_value(card_key, row.handle, row.secret)
         return attrs
 
+    @staticmethod
+    def _row(handle: str, card: str, card_key: bytes, obj: NewObject) -> ObjectRow:
+        """The stored form: the value sealed under the card key, unless the object is public."""
+        attrs, secret = obj.attrs, None
+        if is_public(obj.cls, obj.attrs):
+            attrs = {**obj.attrs, "CKA_VALUE": obj.value}
+        else:
+            secret = sealing.encrypt_value(card_key, handle, obj.value)
+        return ObjectRow(handle, card, obj.cls, obj.key_type,
+                         json.dumps(protocol.encode_attrs(attrs), separators=(",", ":")),
+                         secret)  # fmt: skip
+
     async def _store_new(self, req: Request, obj: NewObject) -> Response:
         assert req.claims is not None
         claims = req.claims
         handle = str(uuid.uuid4())
-        row = ObjectRow(handle, claims.card, obj.cls, obj.key_type,
-                        json.dumps(protocol.encode_attrs(obj.attrs), separators=(",", ":")),
-                        sealing.encrypt_value(claims.card_key, handle, obj.value))  # fmt: skip
+        row = self._row(handle, claims.card, claims.card_key, obj)
         visible = dict(obj.attrs)
         if obj.cls != C.CKO_SECRET_KEY:
             visible["CKA_VALUE"] = obj.value
@@ -310,6 +330,66 @@ class Service:
             return _EMPTY
 
         return await self.commit(req.idem, change)
+
+    async def copy_object(self, req: Request) -> Response:
+        assert req.claims is not None
+        claims, source = req.claims, req.params["handle"]
+        handle = str(uuid.uuid4())
+
+        def change(tx: WriteTx) -> Response:
+            row = tx.object_get(claims.card, source)
+            if row is None:
+                raise ApiError("OBJECT_NOT_FOUND", "no such object")
+            visible = self._visible(row, claims.card_key)
+            value = visible.pop("CKA_VALUE", b"")
+            if row.cls == C.CKO_SECRET_KEY:
+                assert row.secret is not None
+                value = sealing.decrypt_value(claims.card_key, row.handle, row.secret)
+            assert isinstance(value, bytes)
+            attrs = copied_attrs(row.cls, visible, value, req.body["attrs"])
+            tx.object_insert(self._row(handle, claims.card, claims.card_key,
+                                       NewObject(row.cls, row.key_type, attrs, value)))  # fmt: skip
+            shown = dict(attrs)
+            if row.cls != C.CKO_SECRET_KEY:
+                shown["CKA_VALUE"] = value
+            return ok("Object", {"handle": handle, "attrs": shown})
+
+        return await self.commit(req.idem, change)
+
+    async def update_object(self, req: Request) -> Response:
+        assert req.claims is not None
+        claims, handle = req.claims, req.params["handle"]
+
+        def change(tx: WriteTx) -> Response:
+            row = tx.object_get(claims.card, handle)
+            if row is None:
+                raise ApiError("OBJECT_NOT_FOUND", "no such object")
+            stored = protocol.decode_attrs(json.loads(row.attrs_json))
+            attrs = renamed_attrs(row.cls, stored, req.body["attrs"])
+            text = json.dumps(protocol.encode_attrs(attrs), separators=(",", ":"))
+            tx.object_set_attrs(claims.card, handle, text)
+            renamed = ObjectRow(row.handle, row.card, row.cls, row.key_type, text, row.secret)
+            return ok(
+                "Object", {"handle": handle, "attrs": self._visible(renamed, claims.card_key)}
+            )
+
+        return await self.commit(None, change)
+
+    async def search_public(self, req: Request) -> Response:
+        card = self._card(req.params["card"])
+        want: Attrs = req.body["attrs"]
+        found: list[dict[str, Any]] = []
+        # Only certificates can be public; their rows hold no sealed value.
+        if want.get("CKA_CLASS", C.CKO_CERTIFICATE) == C.CKO_CERTIFICATE:
+            for row in self.store.object_search(card.id, C.CKO_CERTIFICATE, None):
+                if row.secret is not None:
+                    continue
+                attrs = protocol.decode_attrs(json.loads(row.attrs_json))
+                if attrs.get("CKA_PRIVATE") is False and all(
+                    attrs.get(n) == v for n, v in want.items()
+                ):
+                    found.append({"handle": row.handle, "attrs": attrs})
+        return ok("ObjectList", {"objects": found})
 
     async def search_objects(self, req: Request) -> Response:
         assert req.claims is not None

@@ -1,11 +1,15 @@
 """Object templates: which attributes each class has, the WSOP attribute rules, defaults.
 
 The rules (WSOP user guide 6.4): only token, private objects (CKA_TOKEN / CKA_PRIVATE true if
-given); CKA_DERIVE, CKA_EXTRACTABLE, CKA_COPYABLE, CKA_TRUSTED, CKA_UNWRAP, CKA_WRAP and
-CKA_WRAP_WITH_TRUSTED false if given; for keys CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE,
-CKA_LOCAL and CKA_SENSITIVE true if given. An attribute the class does not have is
-ATTRIBUTE_TYPE_INVALID. Objects cannot be modified after creation (no such endpoint), so
-CKA_MODIFIABLE is false, and they can always be destroyed.
+given), except that an X.509 certificate may be public (CKA_PRIVATE false: what pkcs11-tool
+writes and what OpenSSL looks up before login); CKA_DERIVE, CKA_EXTRACTABLE, CKA_COPYABLE,
+CKA_TRUSTED, CKA_UNWRAP, CKA_WRAP and CKA_WRAP_WITH_TRUSTED false if given; for keys
+CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE, CKA_LOCAL and CKA_SENSITIVE true if given. An
+attribute the class does not have is ATTRIBUTE_TYPE_INVALID. Objects can always be destroyed.
+
+After creation only the names change: CKA_LABEL and CKA_ID (C_SetAttributeValue), and a copy
+(C_CopyObject) may take new ones. So CKA_MODIFIABLE and CKA_COPYABLE are true unless the
+template asked for false (the WSOP rule above), and such an object refuses both.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ CLASS_ATTRS: Final[dict[int, frozenset[str]]] = {
 CLASS_NAMES: Final = {C.CKO_DATA: "data", C.CKO_CERTIFICATE: "certificate",
                       C.CKO_SECRET_KEY: "secret key"}  # fmt: skip
 _MUST_TRUE: Final = ("CKA_TOKEN", "CKA_PRIVATE", "CKA_DESTROYABLE")
+RENAMABLE: Final = ("CKA_LABEL", "CKA_ID")  # what C_SetAttributeValue may change
 _MUST_FALSE: Final = ("CKA_DERIVE", "CKA_EXTRACTABLE", "CKA_COPYABLE", "CKA_TRUSTED", "CKA_UNWRAP",
                       "CKA_WRAP", "CKA_WRAP_WITH_TRUSTED", "CKA_MODIFIABLE")  # fmt: skip
 _KEY_MUST_TRUE: Final = ("CKA_ALWAYS_SENSITIVE", "CKA_NEVER_EXTRACTABLE", "CKA_LOCAL",
@@ -70,6 +75,8 @@ def _check_common(cls: int, t: Attrs) -> None:
                 "ATTRIBUTE_TYPE_INVALID", f"{name} is not an attribute of a {CLASS_NAMES[cls]}"
             )
     for name in _MUST_TRUE:
+        if name == "CKA_PRIVATE" and cls == C.CKO_CERTIFICATE:
+            continue
         if t.get(name, True) is not True:
             raise _inconsistent(f"{name} must be true (token, private, destroyable objects only)")
     for name in _MUST_FALSE:
@@ -85,12 +92,50 @@ def _base(cls: int, t: Attrs) -> Attrs:
     return {
         "CKA_CLASS": cls,
         "CKA_TOKEN": True,
-        "CKA_PRIVATE": True,
+        "CKA_PRIVATE": t.get("CKA_PRIVATE", True) if cls == C.CKO_CERTIFICATE else True,
         "CKA_LABEL": t.get("CKA_LABEL", b""),
-        "CKA_MODIFIABLE": False,
-        "CKA_COPYABLE": False,
+        "CKA_MODIFIABLE": t.get("CKA_MODIFIABLE", True),
+        "CKA_COPYABLE": t.get("CKA_COPYABLE", True),
         "CKA_DESTROYABLE": True,
     }
+
+
+def is_public(cls: int, attrs: Attrs) -> bool:
+    """A public object (only certificates can be): its value rests unsealed, readable unlogged."""
+    return cls == C.CKO_CERTIFICATE and attrs.get("CKA_PRIVATE") is False
+
+
+def copied_attrs(cls: int, old: Attrs, value: bytes, t: Attrs) -> Attrs:
+    """The attributes (without CKA_VALUE) of a copy of an object (C_CopyObject) whose stored
+    attributes are `old` and value `value`, made with the template `t`."""
+    if old.get("CKA_COPYABLE") is False:
+        raise ApiError("ACTION_PROHIBITED", "the object's CKA_COPYABLE is false")
+    new = {k: v for k, v in old.items() if k != "CKA_VALUE"}
+    for name, v in t.items():
+        if name not in CLASS_ATTRS[cls]:
+            raise ApiError("ATTRIBUTE_TYPE_INVALID", f"a {CLASS_NAMES[cls]} has no {name}")
+        if name in RENAMABLE or (name == "CKA_PRIVATE" and cls == C.CKO_CERTIFICATE):
+            new[name] = v
+        elif name in ("CKA_COPYABLE", "CKA_MODIFIABLE") and v is False:
+            new[name] = v  # the standard lets a copy drop these, never gain them
+        elif name == "CKA_VALUE":
+            if cls == C.CKO_SECRET_KEY or v != value:
+                raise ApiError("ATTRIBUTE_READ_ONLY", "CKA_VALUE cannot be changed in a copy")
+        elif old.get(name) != v:
+            raise ApiError("ATTRIBUTE_READ_ONLY", f"{name} cannot be changed in a copy")
+    return new
+
+
+def renamed_attrs(cls: int, old: Attrs, t: Attrs) -> Attrs:
+    """The attributes after C_SetAttributeValue: only CKA_LABEL and CKA_ID change."""
+    for name in t:
+        if name not in CLASS_ATTRS[cls]:
+            raise ApiError("ATTRIBUTE_TYPE_INVALID", f"a {CLASS_NAMES[cls]} has no {name}")
+        if name not in RENAMABLE:
+            raise ApiError("ATTRIBUTE_READ_ONLY", f"{name} cannot be changed")
+    if t and old.get("CKA_MODIFIABLE") is False:
+        raise ApiError("ACTION_PROHIBITED", "the object's CKA_MODIFIABLE is false")
+    return {**old, **t}
 
 
 def _bytes(t: Attrs, name: str, default: bytes = b"") -> bytes:

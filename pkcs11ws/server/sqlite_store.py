@@ -157,6 +157,20 @@ class _Tx(WriteTx):
         cur = self.con.execute("DELETE FROM objects WHERE card = ? AND handle = ?", (card, handle))
         return cur.rowcount > 0
 
+    def object_get(self, card: str, handle: str) -> ObjectRow | None:
+        row = self.con.execute(
+            "SELECT handle, card, cls, key_type, attrs, secret FROM objects"
+            " WHERE handle = ? AND card = ?",
+            (handle, card),
+        ).fetchone()
+        return ObjectRow(*row) if row else None
+
+    def object_set_attrs(self, card: str, handle: str, attrs_json: str) -> bool:
+        cur = self.con.execute(
+            "UPDATE objects SET attrs = ? WHERE card = ? AND handle = ?", (attrs_json, card, handle)
+        )
+        return cur.rowcount > 0
+
 
 class SQLiteStore(Store):
     def __init__(self, path: Path, synchronous: str = "FULL", busy_timeout_ms: int = 15000) -> None:

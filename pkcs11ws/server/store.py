@@ -102,6 +102,13 @@ class WriteTx(abc.ABC):
     @abc.abstractmethod
     def object_delete(self, card: str, handle: str) -> bool: ...
 
+    @abc.abstractmethod
+    def object_get(self, card: str, handle: str) -> ObjectRow | None: ...
+
+    @abc.abstractmethod
+    def object_set_attrs(self, card: str, handle: str, attrs_json: str) -> bool:
+        """Replace an object's stored attributes (renaming); False if there is no such object."""
+
 
 class Store(abc.ABC):
     """A key service database. Safe to use from several threads and several processes."""

@@ -1,0 +1,337 @@
+"""The module rides out a key service restart and network trouble (WSOP MAXRETRIES/RETRYDELAY).
+
+One process, one C_Initialize, logged in (libpkcs11ws.so via ctypes, in this process), with
+RETRYDELAY 1 and MAXRETRIES 10, while the real key service is stopped (SIGTERM by PID) and
+started again on the same port with the same directory:
+
+- between calls: the session, the login and the handles keep working, without a new login;
+- during a call: C_GenerateKey issued while the service is down completes once it is back, and
+  makes exactly one key (counted on the service);
+- a first attempt that reached the service but whose answer was lost (a TCP relay between module
+  and service drops that answer and then refuses connections while the service restarts): the
+  retry carries the same Idempotency-Key, so the service makes exactly one key;
+- down for good: the call returns CKR_DEVICE_ERROR after the retries and the log says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from ctypes import byref
+from pathlib import Path
+
+import pytest
+from conftest import Api, Service
+from p11ctypes import CK_ULONG, Module, mechanism
+
+from pkcs11ws import constants as C
+from pkcs11ws.__main__ import module_path
+from pkcs11ws.client.api import KeyServiceClient
+from pkcs11ws.config import load_config
+
+KEY_BASE = [(C.CKA_TOKEN, True), (C.CKA_PRIVATE, True)]
+AES_GEN = [*KEY_BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_VALUE_LEN, 16),
+           (C.CKA_ENCRYPT, True), (C.CKA_DECRYPT, True)]  # fmt: skip
+
+
+def restart(svc: Service, made: list[Service], stop: bool = True) -> Service:
+    """Stop the service by PID (SIGTERM) unless it is down, start it again: same port and dir.
+    The new process is added to made (the `restarted` fixture stops them all)."""
+    if stop:
+        svc.stop()
+    with svc.log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pkcs11ws.server.cli", "serve", "--config",
+             str(svc.server_yaml)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    new = dataclasses.replace(svc, pid=proc.pid, proc=proc)
+    made.append(new)
+    api = Api(new)
+    deadline = time.monotonic() + 30
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the service did not restart:\n{new.log_text()}")
+            with contextlib.suppress(OSError):
+                if api.get("/health").status == 200:
+                    return new
+            if time.monotonic() > deadline:
+                new.stop()
+                raise RuntimeError("the restarted service did not answer /health")
+            time.sleep(0.05)
+    finally:
+        api.close()
+
+
+def object_count(svc: Service, card_id: str) -> int:
+    """The number of objects on a softcard, as the service counts them."""
+    client = KeyServiceClient(load_config(str(svc.client_cfg)))
+    try:
+        for card in client.list_softcards():
+            if card["id"] == card_id:
+                return int(card["keys"]) + int(card["certificates"]) + int(card["data"])
+    finally:
+        client.close()
+    raise LookupError(card_id)
+
+
+class Relay:
+    """A TCP relay in front of the service, to lose an answer and then refuse connections.
+
+    drop_next_answer(): the next bytes the service sends are discarded, that connection is
+    closed, and from then on new connections are reset at once until accept() is called.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.lock = threading.Lock()
+        self.drop = False
+        self.refusing = False
+        self.dropped = threading.Event()
+        self.refused = 0
+        self.closed = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def drop_next_answer(self) -> None:
+        with self.lock:
+            self.drop = True
+
+    def accept(self) -> None:
+        with self.lock:
+            self.refusing = False
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def _serve(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                refusing = self.refusing
+            if refusing:
+                self.refused += 1
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                client.close()  # RST: the peer sees a reset, as from a host that is down
+                continue
+            threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
+
+    def _pipe(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+        except OSError:
+            client.close()
+            return
+        socks = [client, upstream]
+        try:
+            while not self.closed:
+                ready, _, _ = select.select(socks, [], [], 0.5)
+                for s in ready:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    if s is upstream:
+                        with self.lock:
+                            lose = self.drop
+                            if lose:
+                                self.drop = False
+                                self.refusing = True
+                        if lose:
+                            self.dropped.set()
+                            return  # the answer is lost with the connection
+                        client.sendall(data)
+                    else:
+                        upstream.sendall(data)
+        except OSError:
+            return
+        finally:
+            client.close()
+            upstream.close()
+
+
+@pytest.fixture
+def restarted():
+    made: list[Service] = []
+    yield made
+    for svc in made:
+        svc.stop()
+
+
+@pytest.fixture
+def mod(monkeypatch):
+    for var in list(os.environ):
+        if var.startswith("PKCS11WS_"):
+            monkeypatch.delenv(var)
+    m = Module(module_path())
+    m.call("C_Finalize", None)
+    yield m
+    m.call("C_Finalize", None)
+
+
+def setup_card(svc: Service, mod: Module, cfg: Path) -> tuple[int, str]:
+    """A softcard on svc, the module initialised with cfg, a logged-in session."""
+    client = KeyServiceClient(load_config(str(svc.client_cfg)))
+    name = "r" + uuid.uuid4().hex[:12]
+    pin = uuid.uuid4().hex.encode()
+    card = client.create_softcard(name, pin)
+    client.close()
+    assert mod.initialize(str(cfg)) == C.CKR_OK
+    h = mod.open(mod.slot_by_label(name))
+    assert mod.login(h, pin) == C.CKR_OK
+    return h, card["id"]
+
+
+def write_cfg(svc: Service, path: Path, **settings: str) -> Path:
+    lines = [ln for ln in svc.client_cfg.read_text().splitlines()
+             if not ln.strip() or ln.split()[0].lower() not in settings]  # fmt: skip
+    path.write_text("\n".join(lines + [f"{k.upper()} {v}" for k, v in settings.items()]) + "\n")
+    return path
+
+
+def sign(mod: Module, h: int, key: int, data: bytes) -> bytes:
+    m, _ = mechanism(C.CKM_SHA256_HMAC)
+    mod.ok("C_SignInit", h, byref(m), key)
+    return mod.single("C_Sign", h, data)
+
+
+def test_service_restart_between_and_during_calls(mod, fresh_service, restarted, tmp_path):
+    svc = fresh_service()
+    log = tmp_path / "module.log"
+    cfg = write_cfg(svc, tmp_path / "p11.cfg", maxretries="10", retrydelay="1", loglevel="3",
+                    logfilepath=str(log))  # fmt: skip
+    h, card = setup_card(svc, mod, cfg)
+    key = mod.create(h, [*KEY_BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY),
+                         (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC), (C.CKA_SIGN, True),
+                         (C.CKA_VALUE, b"k" * 32)])  # fmt: skip
+    aes = mod.generate(h, C.CKM_AES_KEY_GEN, AES_GEN)
+    mac = sign(mod, h, key, b"before")
+    objects = sorted(mod.find(h, []))
+    assert len(objects) == 2 == object_count(svc, card)
+
+    # Between calls: same session, same login, same handles.
+    svc = restart(svc, restarted)
+    assert sign(mod, h, key, b"before") == mac
+    assert sorted(mod.find(h, [])) == objects
+
+    # During a call: the service is down when C_GenerateKey starts and back a moment later.
+    svc.stop()
+    result: dict[str, object] = {}
+
+    def generate() -> None:
+        try:
+            result["key"] = mod.generate(h, C.CKM_AES_KEY_GEN, AES_GEN)
+        except BaseException as e:
+            result["error"] = e
+
+    t = threading.Thread(target=generate)
+    t.start()
+    time.sleep(1.5)  # at least one failed attempt and one retry
+    svc = restart(svc, restarted, stop=False)
+    t.join(30)
+    assert not t.is_alive() and "error" not in result, result
+    new_key = result["key"]
+    assert object_count(svc, card) == 3
+    assert sorted(mod.find(h, [])) == sorted([*objects, new_key])
+    iv = os.urandom(16)
+    m, _buf = mechanism(C.CKM_AES_CBC, iv)
+    for k in (aes, new_key):
+        mod.ok("C_EncryptInit", h, byref(m), k)
+        assert len(mod.single("C_Encrypt", h, bytes(32))) == 32
+    text = log.read_text()
+    assert "retry 1/10 in 1s" in text and "Couldn't connect to server" in text
+
+
+def test_lost_answer_and_restart_make_one_object(mod, fresh_service, restarted, tmp_path):
+    svc = fresh_service()
+    relay = Relay(svc.port)
+    try:
+        log = tmp_path / "module.log"
+        cfg = write_cfg(svc, tmp_path / "relay.cfg", port=str(relay.port), maxretries="10",
+                        retrydelay="1", loglevel="3", logfilepath=str(log))  # fmt: skip
+        h, card = setup_card(svc, mod, cfg)
+        mod.generate(h, C.CKM_AES_KEY_GEN, AES_GEN)
+        assert object_count(svc, card) == 1
+
+        # The service makes the key but its answer is lost; the network stays down while the
+        # service restarts; the module's retries then reach the restarted service. The call
+        # runs on this thread, whose kept-alive connection carries the request.
+        def outage() -> None:
+            if not relay.dropped.wait(15):
+                return
+            restart(svc, restarted)
+            deadline = time.monotonic() + 10
+            while relay.refused == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)  # a retry met the outage
+            relay.accept()
+
+        helper = threading.Thread(target=outage)
+        helper.start()
+        relay.drop_next_answer()
+        try:
+            key = mod.generate(h, C.CKM_AES_KEY_GEN, AES_GEN)
+        finally:
+            helper.join(30)
+        assert relay.dropped.is_set() and relay.refused >= 1 and len(restarted) == 1
+        svc = restarted[0]
+        assert object_count(svc, card) == 2  # not 3: the retry did not make a second key
+        assert len(mod.find(h, [])) == 2
+        m, _buf = mechanism(C.CKM_AES_CBC, bytes(16))
+        mod.ok("C_EncryptInit", h, byref(m), key)
+        assert len(mod.single("C_Encrypt", h, bytes(16))) == 16
+        assert "retry 1/10" in log.read_text()
+        # The service did get the request whose answer was lost: three generate requests (the
+        # first key, the lost answer, the retry after the restart) made two keys.
+        generated = [ln for ln in svc.log_text().splitlines()
+                     if f"POST /km/v1/softcards/{card}/keys/generate 200" in ln]  # fmt: skip
+        assert len(generated) == 3, generated
+    finally:
+        relay.close()
+
+
+def test_service_down_for_good_is_device_error(mod, fresh_service, tmp_path):
+    svc = fresh_service()
+    log = tmp_path / "module.log"
+    cfg = write_cfg(svc, tmp_path / "p11.cfg", maxretries="2", retrydelay="1", loglevel="3",
+                    logfilepath=str(log))  # fmt: skip
+    h, _ = setup_card(svc, mod, cfg)
+    key = mod.create(h, [*KEY_BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY),
+                         (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC), (C.CKA_SIGN, True),
+                         (C.CKA_VALUE, os.urandom(32))])  # fmt: skip
+    sign(mod, h, key, b"up")
+    svc.stop()
+    m, _ = mechanism(C.CKM_SHA256_HMAC)
+    mod.ok("C_SignInit", h, byref(m), key)
+    out = ctypes.create_string_buffer(32)
+    n = CK_ULONG(32)
+    started = time.monotonic()
+    assert mod.call("C_Sign", h, b"down", 4, out, byref(n)) == C.CKR_DEVICE_ERROR
+    elapsed = time.monotonic() - started
+    assert 2.0 <= elapsed < 10, elapsed  # two retries, a second apart
+    # The error ended the operation.
+    assert mod.call("C_Sign", h, b"down", 4, out, byref(n)) == C.CKR_OPERATION_NOT_INITIALIZED
+    lines = log.read_text().splitlines()
+    retries = [ln for ln in lines if " WARNING " in ln and "sign POST /crypto/v1/sign" in ln]
+    assert len(retries) == 2 and "retry 2/2 in 1s" in retries[1]
+    errors = [ln for ln in lines if " ERROR " in ln and "sign POST /crypto/v1/sign" in ln]
+    assert len(errors) == 1
+    assert "failed after 3 attempt(s)" in errors[0] and "Couldn't connect to server" in errors[0]
+    assert str(svc.port) in errors[0]
