@@ -125,6 +125,20 @@ cdef CK_RV _refresh_slots() noexcept nogil:
     return CKR_OK
 
 
+cdef CK_RV _slot_find(CK_SLOT_ID slotID, SlotRow* row) noexcept nogil:
+    """A slot's row. An ID this process has not seen yet (a call before any C_GetSlotList, or a
+    softcard created since) costs one look at the service, then CKR_SLOT_ID_INVALID."""
+    cdef CK_RV rv
+    if _slot_get(slotID, row) == 0:
+        return CKR_OK
+    rv = _refresh_slots()
+    if rv != CKR_OK:
+        return rv
+    if _slot_get(slotID, row) != 0:
+        return CKR_SLOT_ID_INVALID
+    return CKR_OK
+
+
 cdef void _logout_quietly(CK_SLOT_ID slot) noexcept nogil:
     """The slot's last session closed: the login state returns to public (spec)."""
     if not _slot_logged_in(slot):
@@ -451,8 +465,9 @@ cdef CK_RV f_GetSlotInfo(CK_SLOT_ID slotID, CK_SLOT_INFO_PTR pInfo) noexcept nog
         return rv
     if pInfo == NULL:
         return CKR_ARGUMENTS_BAD
-    if _slot_get(slotID, &row) != 0:
-        return CKR_SLOT_ID_INVALID
+    rv = _slot_find(slotID, &row)
+    if rv != CKR_OK:
+        return rv
     memset(pInfo, 0, sizeof(CK_SLOT_INFO))
     memcpy(pInfo.slotDescription, row.desc, 64)
     _pad(pInfo.manufacturerID, 32, <const unsigned char*>b"pkcs11ws", 8)
@@ -472,8 +487,9 @@ cdef CK_RV f_GetTokenInfo(CK_SLOT_ID slotID, CK_TOKEN_INFO_PTR pInfo) noexcept n
         return rv
     if pInfo == NULL:
         return CKR_ARGUMENTS_BAD
-    if _slot_get(slotID, &row) != 0:
-        return CKR_SLOT_ID_INVALID
+    rv = _slot_find(slotID, &row)
+    if rv != CKR_OK:
+        return rv
     if not row.present:
         return CKR_TOKEN_NOT_PRESENT
     memset(pInfo, 0, sizeof(CK_TOKEN_INFO))
@@ -510,8 +526,9 @@ cdef CK_RV f_GetMechanismList(CK_SLOT_ID slotID, CK_MECHANISM_TYPE_PTR pMechanis
         return rv
     if pulCount == NULL:
         return CKR_ARGUMENTS_BAD
-    if _slot_get(slotID, &row) != 0:
-        return CKR_SLOT_ID_INVALID
+    rv = _slot_find(slotID, &row)
+    if rv != CKR_OK:
+        return rv
     if pMechanismList != NULL:
         if pulCount[0] < <CK_ULONG>g_nmechs:
             pulCount[0] = g_nmechs
@@ -531,8 +548,9 @@ cdef CK_RV f_GetMechanismInfo(CK_SLOT_ID slotID, CK_MECHANISM_TYPE type,
         return rv
     if pInfo == NULL:
         return CKR_ARGUMENTS_BAD
-    if _slot_get(slotID, &row) != 0:
-        return CKR_SLOT_ID_INVALID
+    rv = _slot_find(slotID, &row)
+    if rv != CKR_OK:
+        return rv
     i = _mech_find(type)
     if i < 0:
         return CKR_MECHANISM_INVALID
@@ -554,13 +572,9 @@ cdef CK_RV f_OpenSession(CK_SLOT_ID slotID, CK_FLAGS flags, CK_VOID_PTR pApplica
         return CKR_ARGUMENTS_BAD
     if not (flags & CKF_SERIAL_SESSION):
         return CKR_SESSION_PARALLEL_NOT_SUPPORTED
-    if _slot_get(slotID, &row) != 0:
-        # A slot ID from before this C_Initialize, or guessed: look at the service once.
-        rv = _refresh_slots()
-        if rv != CKR_OK:
-            return rv
-        if _slot_get(slotID, &row) != 0:
-            return CKR_SLOT_ID_INVALID
+    rv = _slot_find(slotID, &row)
+    if rv != CKR_OK:
+        return rv
     if not row.present:
         return CKR_TOKEN_NOT_PRESENT
     return _session_open(slotID, flags & (CKF_RW_SESSION | CKF_SERIAL_SESSION), phSession)
@@ -585,8 +599,9 @@ cdef CK_RV f_CloseAllSessions(CK_SLOT_ID slotID) noexcept nogil:
     cdef SlotRow row
     if rv != CKR_OK:
         return rv
-    if _slot_get(slotID, &row) != 0:
-        return CKR_SLOT_ID_INVALID
+    rv = _slot_find(slotID, &row)
+    if rv != CKR_OK:
+        return rv
     _sessions_close_slot(slotID, False)
     _logout_quietly(slotID)
     return CKR_OK
