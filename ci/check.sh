@@ -6,6 +6,6 @@ bin=.venv/bin
 export PATH="$PWD/$bin:$PATH"  # cython-lint runs pycodestyle by name
 $bin/ruff format --check .
 $bin/ruff check .
-$bin/mypy pkcs11ws
+$bin/mypy pkcs11ws bench
 $bin/cython-lint --max-line-length 100 pkcs11ws/_native
 echo "checks: ok"

@@ -1,0 +1,451 @@
+"""Turns a run's results into bench/results/latest.md (tables, the target ratios with met / not
+met) and bench/results/latest.png (throughput against threads, latency percentiles), both
+headed with the date, the machine (nproc, CPU model) and the git commit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import statistics
+import subprocess
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.build import ROOT
+
+Key = tuple[str, str, str, int]  # phase, variant, op, threads
+METRICS = ("ops_per_s", "p50_us", "p99_us", "cpu_us_per_op", "server_cpu_us_per_op",
+           "other_cpu_pct")  # fmt: skip
+
+
+def machine() -> dict[str, str]:
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
+        or "unknown"
+    )
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout.strip()
+    try:
+        import pycurl
+
+        curl = str(pycurl.version)
+    except ImportError:
+        curl = "?"
+    return {
+        "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "kernel": platform.release(),
+        "commit": commit + (" (with uncommitted changes)" if dirty else ""),
+        "python": platform.python_version(),
+        "curl": curl,
+    }
+
+
+@dataclass
+class Agg:
+    """Medians over the repetitions of one (phase, variant, op, threads)."""
+
+    n: int
+    med: dict[str, float]
+    new_conns: int
+    connects_window: int
+    errors: int
+
+
+def aggregate(results: Iterable[dict[str, Any]]) -> dict[Key, Agg]:
+    groups: dict[Key, list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        if "failed" not in r:
+            groups[(r["phase"], r["variant"], r["op"], int(r["threads"]))].append(r)
+    out = {}
+    for k, rs in groups.items():
+        med = {m: statistics.median(r[m] for r in rs) for m in METRICS if all(m in r for r in rs)}
+        out[k] = Agg(
+            len(rs),
+            med,
+            sum(int(r.get("new_connections", 0)) for r in rs),
+            sum(int(r.get("connects_window", 0)) for r in rs),
+            sum(int(r.get("errors", 0)) for r in rs),
+        )
+    return out
+
+
+def _f(x: float | None, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def _us(x: float | None) -> str:
+    """Microseconds with enough digits for sub-microsecond calls."""
+    if x is None:
+        return "-"
+    return _f(x, 3 if abs(x) < 10 else 1)
+
+
+@dataclass
+class Target:
+    name: str
+    measured: str
+    value: float | None
+    threshold: str
+    ok: bool | None
+
+
+def targets(agg: dict[Key, Agg], run: dict[str, Any]) -> list[Target]:
+    def m(variant: str, threads: int, metric: str, phase: str = "sweep") -> float | None:
+        a = agg.get((phase, variant, "sign64", threads))
+        return a.med.get(metric) if a else None
+
+    def ratio(
+        name: str,
+        a: float | None,
+        b: float | None,
+        what: str,
+        op: str,
+        limit: float,
+    ) -> Target:
+        if a is None or b is None or not b:
+            return Target(name, "not measured", None, f"{op} {limit}", None)
+        r = a / b
+        ok = r <= limit if op == "<=" else r >= limit
+        return Target(name, f"{what}: {_f(a)} / {_f(b)}", r, f"{op} {limit}", ok)
+
+    hi = max((k[3] for k in agg if k[0] == "sweep"), default=8)
+    out = [
+        ratio(
+            "1-thread C_Sign p50 latency: module (C host) / raw libcurl",
+            m("module-c", 1, "p50_us"),
+            m("libcurl-c", 1, "p50_us"),
+            "us",
+            "<=",
+            1.15,
+        ),
+        ratio(
+            f"{hi}-thread C_Sign throughput: module (C host) / raw libcurl",
+            m("module-c", hi, "ops_per_s"),
+            m("libcurl-c", hi, "ops_per_s"),
+            "ops/s",
+            ">=",
+            0.9,
+        ),
+        ratio(
+            f"key service sign, {hi} client threads / minimal ASGI HMAC floor (libcurl C)",
+            m("libcurl-c", hi, "ops_per_s"),
+            m("floor-libcurl", hi, "ops_per_s"),
+            "ops/s",
+            ">=",
+            0.7,
+        ),
+        ratio(
+            f"{hi}-thread throughput: module / p11-kit remoting of SoftHSM2",
+            m("module-c", hi, "ops_per_s"),
+            m("p11kit-softhsm", hi, "ops_per_s"),
+            "ops/s",
+            ">=",
+            0.75,
+        ),
+        ratio(
+            "1-thread p50 latency: module / p11-kit remoting of SoftHSM2",
+            m("module-c", 1, "p50_us"),
+            m("p11kit-softhsm", 1, "p50_us"),
+            "us",
+            "<=",
+            1.5,
+        ),
+    ]
+    for t in sorted({1, hi}):
+        out.append(
+            ratio(
+                f"{t}-thread throughput: python-pkcs11 host / C host (same module)",
+                m("python-pkcs11", t, "ops_per_s"),
+                m("module-c", t, "ops_per_s"),
+                "ops/s",
+                ">=",
+                0.85,
+            )
+        )
+    mod = [a for k, a in agg.items() if k[1].startswith("module-c")]
+    cur = [a for k, a in agg.items() if k[1].startswith("libcurl-c")]
+    if mod:
+        n = sum(a.new_conns for a in mod)
+        out.append(
+            Target(
+                "steady state: new TLS connections by the module (server side, all module-c runs)",
+                f"{n} in {sum(a.n for a in mod)} runs",
+                float(n),
+                "== 0",
+                n == 0,
+            )
+        )
+    if cur:
+        n = sum(a.connects_window for a in cur)
+        out.append(
+            Target(
+                "steady state: CURLINFO_NUM_CONNECTS in curlbench (all libcurl-c runs)",
+                f"{n} in {sum(a.n for a in cur)} runs",
+                float(n),
+                "== 0",
+                n == 0,
+            )
+        )
+    st = {s["subject"]: s for s in run.get("startup", [])}
+    if "libpkcs11ws" in st and "softhsm" in st:
+        a, b = st["libpkcs11ws"], st["softhsm"]
+        out.append(
+            ratio(
+                "start-up pkcs11-tool -L wall: module / SoftHSM2",
+                a["wall_ms"],
+                b["wall_ms"],
+                "ms",
+                "<=",
+                3.0,
+            )
+        )
+        out.append(
+            ratio(
+                "start-up pkcs11-tool -L peak RSS: module / SoftHSM2",
+                a["rss_kib"],
+                b["rss_kib"],
+                "KiB",
+                "<=",
+                2.5,
+            )
+        )
+    cnt = run.get("counter", [])
+    c_rows = [c for c in cnt if c["host"].startswith("p11bench")]
+    if len(c_rows) == 2:
+        plain, nulls = c_rows
+        ok = plain["requests"] == nulls["requests"] == plain["signatures"]
+        out.append(
+            Target(
+                "length query costs no request: requests for N x [C_Sign(NULL), "
+                "C_Sign] / N x C_Sign",
+                f"{nulls['requests']} / {plain['requests']} (N = {plain['signatures']})",
+                nulls["requests"] / max(1, plain["requests"]),
+                "== 1",
+                ok,
+            )
+        )
+    return out
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _rows(agg: dict[Key, Agg], phase: str, order: Callable[[Key], Any]) -> list[list[str]]:
+    rows = []
+    for k in sorted((k for k in agg if k[0] == phase), key=order):
+        a = agg[k]
+        med = a.med
+        conns = str(a.new_conns) if k[1] not in ("softhsm", "p11kit-softhsm") else "-"
+        rows.append(
+            [
+                k[1],
+                k[2],
+                str(k[3]),
+                _f(med.get("ops_per_s"), 0),
+                _us(med.get("p50_us")),
+                _us(med.get("p99_us")),
+                _us(med.get("cpu_us_per_op")),
+                _us(med.get("server_cpu_us_per_op")),
+                conns,
+                _f(med.get("other_cpu_pct"), 0),
+                str(a.errors),
+                str(a.n),
+            ]
+        )
+    return rows
+
+
+HEAD = [
+    "variant",
+    "op",
+    "threads",
+    "ops/s",
+    "p50 us",
+    "p99 us",
+    "client CPU us/op",
+    "server CPU us/op",
+    "new conns",
+    "noise CPU %",
+    "errors",
+    "reps",
+]
+
+
+def markdown(run: dict[str, Any], mach: dict[str, str]) -> str:
+    agg = aggregate(run["results"])
+    s = run["settings"]
+    variant_order = {n: i for i, n in enumerate(run.get("variant_order", []))}
+    lines = [
+        "# pkcs11ws benchmarks",
+        "",
+        f"- date: {mach['date']}; git commit: {mach['commit']}",
+        f"- machine: nproc {mach['nproc']}, CPU {mach['cpu']}, Linux {mach['kernel']}",
+        f"- Python {mach['python']}; {mach['curl']}",
+        f"- placement: {run['placement']}",
+        f"- {'quick run (BENCH_QUICK=1)' if s['quick'] else 'full run'}: {s['reps']} "
+        f"repetition(s) per point, {s['seconds']} s measured after {s['warmup']} s warm-up "
+        f"(other operations {s['other_seconds']} s); medians of the repetitions; "
+        f"total {run.get('elapsed_s', 0):.0f} s",
+        "- latency percentiles from per-thread log-linear histograms (about 1.6 % buckets) in "
+        "the C hosts, exact in the Python hosts; CPU per op from getrusage (client) and "
+        "/proc/PID/stat utime+stime of the server's process tree (server); noise CPU %: CPU "
+        "used by other processes of the machine during the window, in % of all CPUs "
+        "(/proc/stat busy time minus client and server)",
+        "",
+        "## Targets",
+        "",
+    ]
+    tr = [
+        [
+            t.name,
+            t.measured,
+            _f(t.value, 3),
+            t.threshold,
+            "not measured" if t.ok is None else ("met" if t.ok else "NOT MET"),
+        ]
+        for t in targets(agg, run)
+    ]
+    lines += _table(["target", "measured", "ratio", "threshold", "result"], tr)
+
+    def vorder(k: Key) -> Any:
+        return (k[2], k[3], variant_order.get(k[1], 99), k[1])
+
+    lines += ["", "## HMAC-SHA256 C_Sign of 64 bytes (and its transport floors)", ""]
+    lines += [f"- `{n}`: {d}" for n, d in run.get("variant_describe", {}).items()]
+    lines += ["", *_table(HEAD, _rows(agg, "sweep", vorder))]
+    lines += [
+        "",
+        "## Other operations (our module and its PKCS#11 peers)",
+        "",
+        "sign4k: HMAC-SHA256 of 4 KiB; verify64: C_Verify of a 64-byte MAC; encrypt4k: "
+        "AES-256-CBC C_Encrypt of 4 KiB; decrypt4k: AES-256-CBC-PAD C_Decrypt of 4 KiB; "
+        "find: C_FindObjectsInit/C_FindObjects/C_FindObjectsFinal over 100 data objects; "
+        "sessinfo: C_GetSessionInfo (the per-call floor without the network); noop: the "
+        "harness alone (two clock reads and the loop). Every op includes its *Init call.",
+        "",
+    ]
+    lines += _table(HEAD, _rows(agg, "other", vorder))
+    lines += ["", "## Key service scaling: 1 and 2 worker processes (nothing pinned)", ""]
+    lines += _table(HEAD, _rows(agg, "workers", lambda k: (k[3], k[1])))
+    if run.get("startup"):
+        lines += ["", "## Start-up: `pkcs11-tool --module M -L`", ""]
+        lines += _table(
+            ["module", "runs", "median wall ms", "min wall ms", "median peak RSS KiB"],
+            [
+                [
+                    x["subject"],
+                    str(x["runs"]),
+                    _f(x["wall_ms"]),
+                    _f(x["wall_ms_min"]),
+                    _f(x["rss_kib"], 0),
+                ]
+                for x in run["startup"]
+            ],
+        )
+    if run.get("counter"):
+        lines += ["", "## Request counter (key service access log lines for /crypto/v1/sign)", ""]
+        lines += _table(
+            ["host", "calls per signature", "signatures", "requests logged"],
+            [
+                [c["host"], c["calls"], str(c["signatures"]), str(c["requests"])]
+                for c in run["counter"]
+            ],
+        )
+    failed = [r for r in run["results"] if "failed" in r]
+    notes = list(run.get("notes", []))
+    redone = [r for r in run["results"] if r.get("noisy_retries")]
+    if redone:
+        notes.append(
+            f"{len(redone)} point(s) were measured again because other processes of the machine "
+            f"used over 10 % of its CPU during them ({sum(r['noisy_retries'] for r in redone)} "
+            "extra runs; the noise column shows the run that was kept)"
+        )
+    notes += [
+        f"{r['variant']} {r['op']} x{r['threads']} rep {r['rep'] + 1} failed: "
+        f"{r['failed'].splitlines()[-1] if r['failed'] else ''}"
+        for r in failed
+    ]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot(run: dict[str, Any], mach: dict[str, str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(run["results"])
+    order = run.get("variant_order") or sorted({k[1] for k in agg if k[0] == "sweep"})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 6))
+    for v in order:
+        pts = sorted(
+            (k[3], a.med["ops_per_s"])
+            for k, a in agg.items()
+            if k[0] == "sweep" and k[1] == v and k[2] == "sign64"
+        )
+        if pts:
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
+    ax1.set_xlabel("client threads")
+    ax1.set_ylabel("ops/s (HMAC-SHA256 sign of 64 B)")
+    ax1.set_yscale("log")
+    ax1.set_xticks(sorted({k[3] for k in agg if k[0] == "sweep"}))
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=8)
+    ax1.set_title("throughput against threads")
+    threads = sorted({k[3] for k in agg if k[0] == "sweep"})
+    show = [t for t in (threads[0], threads[-1])] if threads else []
+    labels, p50, p99 = [], [], []
+    for v in order:
+        for t in dict.fromkeys(show):
+            a = agg.get(("sweep", v, "sign64", t))
+            if a:
+                labels.append(f"{v} x{t}")
+                p50.append(a.med["p50_us"])
+                p99.append(a.med["p99_us"])
+    y = list(range(len(labels)))
+    ax2.barh([i + 0.2 for i in y], p99, height=0.4, label="p99", color="tab:orange")
+    ax2.barh([i - 0.2 for i in y], p50, height=0.4, label="p50", color="tab:blue")
+    ax2.set_yticks(y, labels, fontsize=8)
+    ax2.invert_yaxis()
+    ax2.set_xscale("log")
+    ax2.set_xlabel("latency per op (us)")
+    ax2.grid(True, axis="x", which="both", alpha=0.3)
+    ax2.legend()
+    ax2.set_title("latency percentiles")
+    fig.suptitle(
+        f"pkcs11ws benchmarks - {mach['date']} - commit {mach['commit']} - "
+        f"nproc {mach['nproc']} {mach['cpu']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
