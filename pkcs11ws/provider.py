@@ -104,7 +104,8 @@ class Provider:
         # no_threads: the host forbade new threads (CKF_LIBRARY_CANT_CREATE_OS_THREADS).
         self.no_threads = no_threads
         self.client = KeyServiceClient(cfg, transport=Transport(cfg, no_threads))
-        # Logging out is best effort and must not wait through MAXRETRIES x RETRYDELAY.
+        # Logging out is best effort and must not wait through MAXRETRIES x RETRYDELAY: a
+        # no-retry client over the same transport (the thread's connection, no new handshake).
         self._quick: KeyServiceClient | None = None
         self._lock = threading.Lock()
         self.tokens: dict[int, str] = {}  # slot ID -> activation token
@@ -118,18 +119,14 @@ class Provider:
         for slot_id, token in tokens.items():
             self.native.slot_set_login(slot_id, False)
             self._deactivate(slot_id, token)
-        self.client.close()
-        if self._quick is not None:
-            self._quick.close()
+        self.client.close()  # also the transport of self._quick
         LOG.debug1("C_Finalize")
         LOG.close()
 
     def after_fork_child(self) -> None:
         """In a forked child: never reuse nor close the parent's connections."""
         self.tokens = {}
-        self.client.reset_after_fork()
-        if self._quick is not None:
-            self._quick.reset_after_fork()
+        self.client.reset_after_fork()  # also the transport of self._quick
 
     # -- slots --------------------------------------------------------------------------------
 
@@ -203,7 +200,7 @@ class Provider:
             return
         if self._quick is None:
             quick = dataclasses.replace(self.cfg, maxretries=0)
-            self._quick = KeyServiceClient(quick, transport=Transport(quick, self.no_threads))
+            self._quick = KeyServiceClient(quick, transport=self.client.transport)
         try:
             self._quick.deactivate(slot.card, token)
         except PKCS11Error as e:
@@ -226,12 +223,15 @@ class Provider:
         try:
             return fn(*args)
         except ServiceError as e:
-            if e.code == "NOT_ACTIVATED":
-                LOG.warning(f"slot {slot_id}: the service ended the login ({e.message})")
-                self._forget_login(slot_id)
-            elif obj is not None and e.code in ("OBJECT_NOT_FOUND", "KEY_NOT_FOUND"):
-                self._drop(obj)
+            self._failed(slot_id, e, obj)
             raise
+
+    def _failed(self, slot_id: int, e: ServiceError, obj: Obj | None) -> None:
+        if e.code == "NOT_ACTIVATED":
+            LOG.warning(f"slot {slot_id}: the service ended the login ({e.message})")
+            self._forget_login(slot_id)
+        elif obj is not None and e.code in ("OBJECT_NOT_FOUND", "KEY_NOT_FOUND"):
+            self._drop(obj)
 
     # -- objects ------------------------------------------------------------------------------
 
@@ -352,35 +352,58 @@ class Provider:
 
     # -- cryptography -------------------------------------------------------------------------
 
+    # One request per operation: _token(), _object() and _call() are inlined here (the per
+    # operation path; each Python frame between the core and pycurl costs).
+
     def _key(self, slot_id: int, handle: int) -> tuple[str, Obj]:
-        token = self._token(slot_id)
-        return token, self._object(slot_id, handle, C.CKR_KEY_HANDLE_INVALID)
+        token = self.tokens.get(slot_id)
+        if token is None:
+            raise PKCS11Error(C.CKR_USER_NOT_LOGGED_IN)
+        with self.dir.lock:
+            obj = self.dir.objects.get(handle)
+        if obj is None or obj.slot_id != slot_id:
+            raise PKCS11Error(C.CKR_KEY_HANDLE_INVALID)
+        return token, obj
 
     def encrypt(self, slot_id: int, key: int, mech: int, iv: bytes, data: bytes) -> bytes:
         token, obj = self._key(slot_id, key)
-        out, _ = self._call(slot_id, self.client.encrypt, token, obj.uuid,
-                            mechanisms.BY_CODE[mech].name, iv, data, obj=obj)  # fmt: skip
-        return out
+        try:
+            return self.client.encrypt(token, obj.uuid, mechanisms.BY_CODE[mech].name, iv,
+                                       data)[0]  # fmt: skip
+        except ServiceError as e:
+            self._failed(slot_id, e, obj)
+            raise
 
     def decrypt(self, slot_id: int, key: int, mech: int, iv: bytes, data: bytes) -> bytes:
         token, obj = self._key(slot_id, key)
-        out, _ = self._call(slot_id, self.client.decrypt, token, obj.uuid,
-                            mechanisms.BY_CODE[mech].name, iv, data, obj=obj)  # fmt: skip
-        return out
+        try:
+            return self.client.decrypt(token, obj.uuid, mechanisms.BY_CODE[mech].name, iv,
+                                       data)[0]  # fmt: skip
+        except ServiceError as e:
+            self._failed(slot_id, e, obj)
+            raise
 
     def sign(self, slot_id: int, key: int, mech: int, data: bytes, mac_len: int) -> bytes:
         token, obj = self._key(slot_id, key)
         m = mechanisms.BY_CODE[mech]
-        return self._call(slot_id, self.client.sign, token, obj.uuid, m.name, data,
-                          mac_len if m.general else None, obj=obj)  # fmt: skip
+        try:
+            return self.client.sign(token, obj.uuid, m.name, data,
+                                    mac_len if m.general else None)  # fmt: skip
+        except ServiceError as e:
+            self._failed(slot_id, e, obj)
+            raise
 
     def verify(
         self, slot_id: int, key: int, mech: int, data: bytes, signature: bytes, mac_len: int
     ) -> None:
         token, obj = self._key(slot_id, key)
         m = mechanisms.BY_CODE[mech]
-        self._call(slot_id, self.client.verify, token, obj.uuid, m.name, data, signature,
-                   mac_len if m.general else None, obj=obj)  # fmt: skip
+        try:
+            self.client.verify(token, obj.uuid, m.name, data, signature,
+                               mac_len if m.general else None)  # fmt: skip
+        except ServiceError as e:
+            self._failed(slot_id, e, obj)
+            raise
 
     def random(self, length: int) -> bytes:
         parts = []

@@ -240,3 +240,80 @@ def test_logs_never_contain_bodies(tmp_path: Path) -> None:
     assert "activate" in text
     for secret in ("hunter2", "aHVudGVyMi1wYXNzcGhyYXNl", "SEKRET"):
         assert secret not in text
+
+
+# The per-operation calls (sign, verify, encrypt, decrypt) take a fast path whose first attempt
+# skips the retry loop unless debug tracing is on: both ways must behave alike.
+SIG = (200, b'{"signature":"AAECAw=="}')
+
+
+@pytest.mark.parametrize("loglevel", [3, 6])
+def test_fast_path_bodies_and_answers(tmp_path: Path, loglevel: int) -> None:
+    cipher = (200, b'{"data":"AAE=","last_block":"AgM="}')
+    steps: list[Step] = [SIG, SIG, cipher, cipher, (200, b'{"valid":true}')]
+    cl, t, _ = client(tmp_path, steps, loglevel=loglevel)
+    assert cl.sign("tok", "k-1", "CKM_SHA256_HMAC", b"d") == b"\0\1\2\3"
+    assert cl.sign("tok", "k-1", "CKM_SHA256_HMAC_GENERAL", b"\xff", 20) == b"\0\1\2\3"
+    assert cl.encrypt("tok", "k-2", "CKM_AES_CBC", b"\1" * 16, b"x") == (b"\0\1", b"\2\3")
+    assert cl.decrypt("tok", "k-2", "CKM_AES_CBC_PAD", b"\2" * 16, b"") == (b"\0\1", b"\2\3")
+    cl.verify("tok", "k-1", "CKM_SHA256_HMAC_GENERAL", b"d", b"s", 16)
+    bodies = [json.loads(sent[2] or b"") for sent in t.sent]
+    assert bodies == [
+        {"key": "k-1", "mechanism": "CKM_SHA256_HMAC", "data": "ZA=="},
+        {"key": "k-1", "mechanism": "CKM_SHA256_HMAC_GENERAL", "data": "/w==", "mac_length": 20},
+        {"key": "k-2", "mechanism": "CKM_AES_CBC", "iv": "AQEBAQEBAQEBAQEBAQEBAQ==",
+         "data": "eA=="},
+        {"key": "k-2", "mechanism": "CKM_AES_CBC_PAD", "iv": "AgICAgICAgICAgICAgICAg==",
+         "data": ""},
+        {"key": "k-1", "mechanism": "CKM_SHA256_HMAC_GENERAL", "data": "ZA==", "signature": "cw==",
+         "mac_length": 16},
+    ]  # fmt: skip
+    assert [sent[1] for sent in t.sent] == [
+        "/crypto/v1/sign", "/crypto/v1/sign", "/crypto/v1/encrypt", "/crypto/v1/decrypt",
+        "/crypto/v1/verify",
+    ]  # fmt: skip
+    assert all("Authorization: Bearer tok" in sent[3] for sent in t.sent)
+
+
+@pytest.mark.parametrize("loglevel", [3, 6])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b'{"signature":"AAECAw="}',  # bad padding
+        b'{"signature":"AAECAx=="}',  # non-canonical (trailing bits)
+        b'{"signature":"AAECAw==","extra":1}',
+        b'{"sig":"AAECAw=="}',
+        b'{"signature":5}',
+        b"[]",
+        b"not json",
+        b"",
+    ],
+)
+def test_fast_path_answers_stay_strict(tmp_path: Path, loglevel: int, answer: bytes) -> None:
+    cl, _, logf = client(tmp_path, [(200, answer)], loglevel=loglevel)
+    with pytest.raises(ServiceError) as ei:
+        cl.sign("tok", "k", "CKM_SHA256_HMAC", b"d")
+    assert (ei.value.code, ei.value.ckr) == ("BAD_RESPONSE", C.CKR_DEVICE_ERROR)
+    assert "sign: malformed answer" in logf.read_text()
+
+
+@pytest.mark.parametrize("loglevel", [3, 6])
+def test_fast_path_retry_policy(tmp_path: Path, loglevel: int) -> None:
+    cl, t, logf = client(tmp_path, [DOWN, (503, err("UNAVAILABLE")), SIG], loglevel=loglevel)
+    assert cl.sign("tok", "k", "CKM_SHA256_HMAC", b"d") == b"\0\1\2\3"
+    assert len(t.sent) == 3
+    assert logf.read_text().count(" WARNING ") == 2
+    # 4xx: one attempt, the service's error; a dead kept-alive connection does not count.
+    cl, t, _ = client(tmp_path, [(401, err("NOT_ACTIVATED"))], loglevel=loglevel)
+    with pytest.raises(ServiceError) as ei:
+        cl.encrypt("tok", "k", "CKM_AES_CBC", bytes(16), bytes(16))
+    assert (ei.value.code, len(t.sent)) == ("NOT_ACTIVATED", 1)
+    dead = CurlFailure(pycurl.E_GOT_NOTHING, "Empty reply from server", reused=True)
+    cl, t, _ = client(tmp_path, [dead, (200, b'{"valid":false}')], maxretries=0, loglevel=loglevel)
+    with pytest.raises(ServiceError) as ei:
+        cl.verify("tok", "k", "CKM_SHA256_HMAC", b"d", b"s")
+    assert (ei.value.ckr, len(t.sent)) == (C.CKR_SIGNATURE_INVALID, 2)
+    cl, t, logf = client(tmp_path, [DOWN], maxretries=0, loglevel=loglevel)
+    with pytest.raises(TransportError):
+        cl.decrypt("tok", "k", "CKM_AES_CBC", bytes(16), bytes(16))
+    assert len(t.sent) == 1 and logf.read_text().count(" ERROR ") == 1

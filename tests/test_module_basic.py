@@ -35,6 +35,7 @@ from pkcs11ws.__main__ import module_path
 from pkcs11ws._native import core
 from pkcs11ws.client.api import KeyServiceClient
 from pkcs11ws.config import load_config
+from pkcs11ws.errors import ServiceError
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +277,25 @@ def test_sessions_and_login_state(mod, client):
     )
     assert mod.token_info(slot).ulSessionCount == 0
     assert mod.call("C_CloseAllSessions", 999999) == C.CKR_SLOT_ID_INVALID
+
+
+def test_logout_reuses_the_connection(mod, client):
+    # Logging out (no retries) goes over the thread's kept-alive connection: no new handshake.
+    name, pin, card = new_card(client)
+    slot = mod.slot_by_label(name)
+    s = mod.open(slot)
+    assert mod.login(s, pin) == C.CKR_OK
+    prov = core.current_provider()
+    token = prov.tokens[slot]  # type: ignore[attr-defined]
+    before = prov.client.stats()  # type: ignore[attr-defined]
+    mod.ok("C_Logout", s)
+    after = prov.client.stats()  # type: ignore[attr-defined]
+    assert after["requests"] == before["requests"] + 1
+    assert after["connects"] == before["connects"]
+    with pytest.raises(ServiceError) as ei:
+        client.search_objects(card["id"], token, {})
+    assert ei.value.code == "NOT_ACTIVATED"
+    mod.ok("C_CloseSession", s)
 
 
 def test_session_handle_checks(mod):

@@ -149,7 +149,10 @@ static int p11ws_start_python(void)
     PyConfig_InitIsolatedConfig(&config);
     /* The host (a JVM, a C program) owns the signals. */
     config.install_signal_handlers = 0;
-    config.site_import = 1;
+    /* site.main() runs later, from p11ws_run_site(), without the .pth of an editable install of
+     * pkcs11ws (its finder alone costs ~10 ms of start-up; pkcs11ws is found through
+     * sys.path[0] anyway). */
+    config.site_import = 0;
     status = PyConfig_SetBytesString(&config, &config.program_name, P11WS_PYTHON_EXE);
     if (!PyStatus_Exception(status))
         status = PyConfig_SetBytesString(&config, &config.executable, P11WS_PYTHON_EXE);
@@ -178,6 +181,34 @@ static int p11ws_path_append(PyObject *path, const char *entry)
     return rc < 0 ? -1 : 0;
 }
 
+/* With the GIL, in an interpreter booted without site: site.main() as Py_Initialize would run
+ * it (a venv's prefix and site-packages, .pth files, sitecustomize), except for the .pth of an
+ * editable install of pkcs11ws itself. */
+static const char p11ws_site_main[] =
+    "import site\n"
+    "def _p11ws_addpackage(sitedir, name, known_paths, _orig=site.addpackage):\n"
+    "    if name.startswith('__editable__.pkcs11ws-'):\n"
+    "        return known_paths\n"
+    "    return _orig(sitedir, name, known_paths)\n"
+    "site.addpackage = _p11ws_addpackage\n"
+    "try:\n"
+    "    site.main()\n"
+    "finally:\n"
+    "    site.addpackage = _p11ws_addpackage.__defaults__[0]\n";
+
+static int p11ws_run_site(void)
+{
+    PyObject *globals = PyDict_New();
+    PyObject *r = NULL;
+    if (globals != NULL && PyDict_SetItemString(globals, "__builtins__", PyEval_GetBuiltins()) == 0)
+        r = PyRun_String(p11ws_site_main, Py_file_input, globals, globals);
+    Py_XDECREF(globals);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 /* With the GIL: make pkcs11ws importable and import the core. */
 static int p11ws_import_core(const char *parent, int booted)
 {
@@ -189,6 +220,8 @@ static int p11ws_import_core(const char *parent, int booted)
         PyObject *dir = PyUnicode_DecodeFSDefault(parent);
         rc = dir == NULL ? -1 : PyList_Insert(path, 0, dir);
         Py_XDECREF(dir);
+        if (rc == 0)
+            rc = p11ws_run_site();
         if (rc < 0)
             goto out;
     } else if (p11ws_path_append(path, parent) < 0 || p11ws_path_append(path, P11WS_SITE) < 0) {

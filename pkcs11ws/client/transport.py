@@ -21,11 +21,8 @@ ones.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ipaddress
 import os
 import re
-import socket
 import threading
 import weakref
 from collections.abc import Sequence
@@ -140,6 +137,8 @@ def _leak(obj: object) -> None:
     """
     _LEAKED.append(obj)
     with contextlib.suppress(Exception):
+        import ctypes  # only here (fork, C_Finalize during a call): kept out of start-up
+
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
 
 
@@ -172,13 +171,14 @@ def _new_share() -> Any:
 class _Conn:
     """One thread's easy handle and what it remembers between requests."""
 
-    __slots__ = ("__weakref__", "chunks", "curl", "headers", "method", "pid", "used")
+    __slots__ = ("__weakref__", "chunks", "curl", "headers", "method", "path", "pid", "used")
 
     def __init__(self, cfg: Config, share: Any, pid: int) -> None:
         self.pid = pid
         self.chunks: list[bytes] = []
         self.headers: Sequence[str] | None = None
         self.method = "GET"
+        self.path = ""  # the path in the handle's URL (setting CURLOPT_URL costs libcurl a parse)
         self.used = False
         c = pycurl.Curl()
         self.curl: Any = c
@@ -228,6 +228,10 @@ class _Conn:
 def resolve_entry(host: str, port: int) -> str | None:
     """A CURLOPT_RESOLVE entry for host:port resolved in the calling thread, or None for an IP
     literal (which libcurl never resolves). Raises CurlFailure when the name does not resolve."""
+    # Only hosts that forbid threads need this: imported here to keep them out of start-up.
+    import ipaddress
+    import socket
+
     bare = host.strip("[]")
     try:
         ipaddress.ip_address(bare)
@@ -294,63 +298,61 @@ class Transport:
         """One attempt. headers must include BASE_HEADERS; pass the same object to skip setopt."""
         if os.getpid() != self._pid:
             self.reset_after_fork()
-        if nested():
+        if getattr(_IN_CURL, "active", False):  # nested() inlined: this is the per-request path
             raise CurlFailure(E_RECURSIVE, "called from inside a request of this thread "
                               "(OpenSSL loading a PKCS#11 provider while libcurl starts?)",
                               False)  # fmt: skip
+        # Making the first handle initialises OpenSSL too: the flag covers it (see _IN_CURL).
         _IN_CURL.active = True
         try:
-            return self._request(method, path, body, headers)
-        finally:
-            _IN_CURL.active = False
-
-    def _request(
-        self, method: str, path: str, body: bytes | None, headers: Sequence[str]
-    ) -> tuple[int, bytes]:
-        try:
-            conn: _Conn = self._local.conn
-        except AttributeError:
-            conn = self._new_conn()
-        c = conn.curl
-        if c is None:
-            conn = self._new_conn()
+            try:
+                conn: _Conn = self._local.conn
+            except AttributeError:
+                conn = self._new_conn()
             c = conn.curl
-        c.setopt(pycurl.URL, self.base_url + path)
-        if method == "POST":
-            if conn.method == "DELETE":
-                c.setopt(pycurl.CUSTOMREQUEST, None)
-            c.setopt(pycurl.POSTFIELDS, body or b"")
-        elif method != conn.method:
-            c.setopt(pycurl.HTTPGET, 1)
-            c.setopt(pycurl.CUSTOMREQUEST, "DELETE" if method == "DELETE" else None)
-        conn.method = method
-        if headers is not conn.headers:
-            c.setopt(pycurl.HTTPHEADER, headers)
-            conn.headers = headers
-        chunks = conn.chunks
-        try:
-            c.perform()
-        except pycurl.error as e:
-            chunks.clear()
-            code = e.args[0] if e.args else -1
-            message = e.args[1] if len(e.args) > 1 else str(e)
+            if c is None:
+                conn = self._new_conn()
+                c = conn.curl
+            if path != conn.path:
+                c.setopt(pycurl.URL, self.base_url + path)
+                conn.path = path
+            if method == "POST":
+                if conn.method == "DELETE":
+                    c.setopt(pycurl.CUSTOMREQUEST, None)
+                c.setopt(pycurl.POSTFIELDS, body or b"")
+            elif method != conn.method:
+                c.setopt(pycurl.HTTPGET, 1)
+                c.setopt(pycurl.CUSTOMREQUEST, "DELETE" if method == "DELETE" else None)
+            conn.method = method
+            if headers is not conn.headers:
+                c.setopt(pycurl.HTTPHEADER, headers)
+                conn.headers = headers
+            chunks = conn.chunks
+            try:
+                c.perform()
+            except pycurl.error as e:
+                chunks.clear()
+                code = e.args[0] if e.args else -1
+                message = e.args[1] if len(e.args) > 1 else str(e)
+                connects = c.getinfo(pycurl.NUM_CONNECTS)
+                reused = conn.used and connects == 0
+                conn.used = False  # the handle's connection is gone either way
+                with self._lock:
+                    self._requests += 1
+                    self._connects += connects
+                    self._failures += 1
+                raise CurlFailure(code, message, reused) from None
+            status: int = c.getinfo(pycurl.RESPONSE_CODE)
             connects = c.getinfo(pycurl.NUM_CONNECTS)
-            reused = conn.used and connects == 0
-            conn.used = False  # the handle's connection is gone either way
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            conn.used = True
             with self._lock:
                 self._requests += 1
                 self._connects += connects
-                self._failures += 1
-            raise CurlFailure(code, message, reused) from None
-        status: int = c.getinfo(pycurl.RESPONSE_CODE)
-        connects = c.getinfo(pycurl.NUM_CONNECTS)
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        conn.used = True
-        with self._lock:
-            self._requests += 1
-            self._connects += connects
-        return status, data
+            return status, data
+        finally:
+            _IN_CURL.active = False
 
     def stats(self) -> dict[str, int]:
         """Requests sent and new connections (TLS handshakes) made, since start or fork."""
