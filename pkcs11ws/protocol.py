@@ -449,7 +449,12 @@ def decode(struct: Struct, obj: object, where: str = "body") -> dict[str, Any]:
         f = struct.by_name.get(name)
         if f is None:
             raise ProtocolError("UNKNOWN_FIELD", f"{where}: unknown field {name!r}")
-        v = _check(f.kind, value, f"{where}.{name}")
+        kind = f.kind
+        # Hot path (every crypto request): well-formed strings skip building the error location.
+        if kind == "str" and type(value) is str:
+            v: Any = value
+        else:
+            v = _check(kind, value, f"{where}.{name}")
         if f.max_len and len(v) > f.max_len:
             code = _LEN_CODES.get(name, "BAD_REQUEST")
             raise ProtocolError(code, f"{where}.{name}: longer than {f.max_len}")

@@ -26,6 +26,7 @@ from pkcs11ws import protocol
 from pkcs11ws.protocol import ERRORS, STRUCTS, Endpoint
 from pkcs11ws.protocol import ProtocolError as ApiError
 from pkcs11ws.server import settings as settings_mod
+from pkcs11ws.server.accesslog import LOG_FORMAT, AccessLog
 from pkcs11ws.server.handlers import Idem, Request, Response, Service, dumps
 from pkcs11ws.server.sealing import MasterKeys, load_master_key
 from pkcs11ws.server.settings import Settings
@@ -38,13 +39,16 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Handler = Callable[[Request], Awaitable[Response]]
 
-access_log = logging.getLogger("pkcs11ws.server.access")
 error_log = logging.getLogger("pkcs11ws.server")
 
 _JSON_HEADERS: Final = [
     (b"content-type", b"application/json"),
     (b"cache-control", b"no-store"),
 ]
+
+
+# Endpoints whose handler checks the session together with the key (Service._key).
+_KEYED_OPS: Final = frozenset({"encrypt", "decrypt", "sign", "verify"})
 
 
 class _Disconnected(Exception):
@@ -88,6 +92,7 @@ class App:
             route.methods[ep.method] = (ep, handler)
         self._openapi: bytes | None = None
         self._access = s.access_log
+        self._access_log = AccessLog()
 
     # ------------------------------------------------------------------ ASGI entry
 
@@ -129,9 +134,7 @@ class App:
         if self._access:
             # The path is percent-decoded: escape it so it cannot forge or split a log line.
             shown = path if path.isprintable() and " " not in path else ascii(path)
-            access_log.info(
-                "%s %s %d %.2fms", method, shown, resp.status, (time.perf_counter() - start) * 1e3
-            )
+            self._access_log.write(method, shown, resp.status, (time.perf_counter() - start) * 1e3)
 
     # ------------------------------------------------------------------ request handling
 
@@ -171,7 +174,13 @@ class App:
                 idem_key = value
         raw = await self._body(receive, length)
         query = _query(ep, scope.get("query_string", b""))
-        claims = self.service.authenticate(authorization, params.get("card")) if ep.auth else None
+        # The keyed crypto endpoints check the session in the same store query as the key.
+        deferred = ep.op in _KEYED_OPS
+        claims = (
+            self.service.authenticate(authorization, params.get("card"), not deferred)
+            if ep.auth
+            else None
+        )
         idem: Idem | None = None
         if ep.idempotent:
             key = idem_key.decode("latin-1") if idem_key is not None else ""
@@ -187,7 +196,13 @@ class App:
             done = self.service.replay(idem, self.store.idempotency_get(key))
             if done is not None:
                 return done
-        body = _decode(ep.request, raw)
+        try:
+            body = _decode(ep.request, raw)
+        except ApiError:
+            if deferred and claims is not None:
+                # An ended session outranks a bad body, as when it is checked up front.
+                self.service.check_session(claims, time.time())
+            raise
         return await handler(Request(ep, params, query, body, claims, idem))
 
     async def _body(self, receive: Receive, length: bytes | None) -> bytes:
@@ -234,7 +249,12 @@ def _decode(struct: str, raw: bytes) -> dict[str, Any]:
             return {}
         raise ApiError("BAD_REQUEST", "the body must be a JSON object")
     try:
-        obj = json.loads(raw)
+        # json.loads(bytes) sniffs the encoding first; a body opening with "{" and no NUL after
+        # it is UTF-8 to that sniffing, so decode it as json.loads would and skip the sniff.
+        if raw[:1] == b"{" and raw[1:2] != b"\0":
+            obj = json.loads(raw.decode("utf-8", "surrogatepass"))
+        else:
+            obj = json.loads(raw)
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueError
         raise ApiError("BAD_REQUEST", "the body is not valid JSON") from None
     try:
@@ -268,9 +288,7 @@ def configure_logging(s: Settings) -> None:
         handler = logging.FileHandler(s.log_file, encoding="utf-8")
     else:
         handler = logging.StreamHandler()
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    )
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     for name in ("pkcs11ws", "uvicorn"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]

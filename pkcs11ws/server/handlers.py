@@ -9,6 +9,7 @@ can answer any request.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import hmac
 import json
 import math
@@ -39,6 +40,9 @@ from pkcs11ws.server.settings import Settings
 from pkcs11ws.server.store import CardCounts, CardRow, IdempotencyRow, ObjectRow, Store, WriteTx
 
 _KEY_META_CACHE_MAX: Final = 20000
+_TOKEN_CACHE_MAX: Final = 10000
+_ATTRS_CACHE_MAX: Final = 4096  # entries can hold a public certificate: keep it small
+_KEY_VALUE_CACHE_MAX: Final = 20000
 
 
 @dataclass(frozen=True)
@@ -47,20 +51,34 @@ class Idem:
     fingerprint: bytes
 
 
-@dataclass(frozen=True)
 class Response:
-    status: int
-    body: bytes
+    """A status and a JSON body (a plain slotted class: built once per request, kept cheap)."""
+
+    __slots__ = ("body", "status")
+
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status = status
+        self.body = body
 
 
-@dataclass
 class Request:
-    ep: Endpoint
-    params: dict[str, str]
-    query: dict[str, str]
-    body: dict[str, Any]
-    claims: TokenClaims | None
-    idem: Idem | None
+    __slots__ = ("body", "claims", "ep", "idem", "params", "query")
+
+    def __init__(
+        self,
+        ep: Endpoint,
+        params: dict[str, str],
+        query: dict[str, str],
+        body: dict[str, Any],
+        claims: TokenClaims | None,
+        idem: Idem | None,
+    ) -> None:
+        self.ep = ep
+        self.params = params
+        self.query = query
+        self.body = body
+        self.claims = claims
+        self.idem = idem
 
 
 def dumps(obj: Any) -> bytes:
@@ -72,6 +90,17 @@ def ok(struct: str, values: dict[str, Any], status: int = 200) -> Response:
 
 
 _EMPTY: Final = Response(200, b"{}")
+_VERIFIED: Final = Response(200, b'{"valid":true}')
+_CIPHER: Final = mechanisms.Op.CIPHER
+_MAC: Final = mechanisms.Op.MAC
+
+
+def _b64(data: bytes) -> bytes:
+    return binascii.b2a_base64(data, newline=False)
+
+
+def _cipher_result(data: bytes, last: bytes) -> Response:
+    return Response(200, b'{"data":"' + _b64(data) + b'","last_block":"' + _b64(last) + b'"}')
 
 
 @dataclass(frozen=True)
@@ -91,24 +120,45 @@ class Service:
         # and CKA_ID) and handles are never reused, so they can be cached; whether the key
         # still exists is always asked of the store.
         self._key_meta: dict[str, _KeyMeta] = {}
+        self._tokens: dict[bytes, TokenClaims] = {}
+        self._attrs: dict[str, tuple[Attrs, dict[str, Any]]] = {}
+        # Unwrapped key values by (handle, sealed blob, card key): a handle is never reused and
+        # a blob never changes meaning, so a hit is exactly what decrypting would give; the
+        # row itself (does the key still exist?) is still read from the store every request.
+        self._key_values: dict[tuple[str, bytes, bytes], bytes] = {}
 
     # ---------------------------------------------------------------- plumbing
 
-    def authenticate(self, authorization: bytes | None, path_card: str | None) -> TokenClaims:
+    def authenticate(
+        self, authorization: bytes | None, path_card: str | None, check_session: bool = True
+    ) -> TokenClaims:
+        """The token's claims. With check_session False the caller must still ask the store
+        whether the session lives (the crypto endpoints do it in the same query as the key)."""
         if not authorization or not authorization.startswith(b"Bearer "):
             raise ApiError("NOT_ACTIVATED", "no activation token: activate the softcard first")
-        try:
-            claims = self.keys.open_token(authorization[7:].decode("ascii").strip())
-        except (SealError, UnicodeDecodeError):
-            raise ApiError("NOT_ACTIVATED", "the activation token is not valid") from None
+        # A sealed token's content never changes, so its opened claims can be cached by the
+        # token's bytes; expiry and the session row (revocation) are still checked every time.
+        claims = self._tokens.get(authorization)
+        if claims is None:
+            try:
+                claims = self.keys.open_token(authorization[7:].decode("ascii").strip())
+            except (SealError, UnicodeDecodeError):
+                raise ApiError("NOT_ACTIVATED", "the activation token is not valid") from None
+            if len(self._tokens) >= _TOKEN_CACHE_MAX:
+                self._tokens.clear()
+            self._tokens[authorization] = claims
         now = time.time()
         if claims.expires <= now:
             raise ApiError("NOT_ACTIVATED", "the activation has expired")
         if path_card is not None and path_card != claims.card:
             raise ApiError("NOT_ACTIVATED", "the activation token is for another softcard")
-        if not self.store.session_valid(claims.session, claims.card, now):
-            raise ApiError("NOT_ACTIVATED", "the activation was ended (deactivated or deleted)")
+        if check_session:
+            self.check_session(claims, now)
         return claims
+
+    def check_session(self, claims: TokenClaims, now: float) -> None:
+        if not self.store.session_valid(claims.session, claims.card, now):
+            raise _ended()
 
     def _fresh(self, row: IdempotencyRow | None, now: float) -> bytes | None:
         """The stored response body of a still-valid idempotency record, else None."""
@@ -271,9 +321,21 @@ class Service:
 
     # ---------------------------------------------------------------- objects
 
+    def _stored(self, attrs_json: str) -> tuple[Attrs, dict[str, Any]]:
+        """A row's clear attributes, decoded and in wire form (the stored JSON is exactly
+        protocol.encode_attrs of them). Cached by the text: shared, callers copy to change."""
+        hit = self._attrs.get(attrs_json)
+        if hit is None:
+            wire = json.loads(attrs_json)
+            hit = (protocol.decode_attrs(wire), wire)
+            if len(self._attrs) >= _ATTRS_CACHE_MAX:
+                self._attrs.clear()
+            self._attrs[attrs_json] = hit
+        return hit
+
     def _visible(self, row: ObjectRow, card_key: bytes) -> Attrs:
         # A public certificate's CKA_VALUE rests unsealed among its attributes.
-        attrs = protocol.decode_attrs(json.loads(row.attrs_json))
+        attrs = dict(self._stored(row.attrs_json)[0])
         if row.cls != C.CKO_SECRET_KEY and row.secret is not None:
             attrs["CKA_VALUE"] = sealing.decrypt_value(card_key, row.handle, row.secret)
         return attrs
@@ -393,25 +455,45 @@ class Service:
 
     async def search_objects(self, req: Request) -> Response:
         assert req.claims is not None
+        claims = req.claims
         want: Attrs = req.body["attrs"]
         cls, key_type = want.get("CKA_CLASS"), want.get("CKA_KEY_TYPE")
+        value_wanted = want.get("CKA_VALUE")
+        clear_want = [(n, v) for n, v in want.items() if n != "CKA_VALUE"]
         found: list[dict[str, Any]] = []
         # Values outside what the store can hold match nothing (and must not reach the SQL).
         if (cls is None or (isinstance(cls, int) and cls in CLASS_ATTRS)) and (
             key_type is None
             or (isinstance(key_type, int) and key_type in mechanisms.KEY_TYPE_NAMES)
         ):
-            for row in self.store.object_search(req.claims.card, cls, key_type):
+            for row in self.store.object_search(claims.card, cls, key_type):
+                # Match the clear attributes first: only candidates get their value decrypted.
+                attrs, wire = self._stored(row.attrs_json)
+                if not all(attrs.get(n) == v for n, v in clear_want):
+                    continue
                 # Secret keys carry no CKA_VALUE here, so a search on it never matches them.
-                attrs = self._visible(row, req.claims.card_key)
-                if all(attrs.get(n) == v for n, v in want.items()):
-                    found.append({"handle": row.handle, "attrs": attrs})
-        return ok("ObjectList", {"objects": found})
+                if row.cls != C.CKO_SECRET_KEY and row.secret is not None:
+                    value = sealing.decrypt_value(claims.card_key, row.handle, row.secret)
+                    if value_wanted is not None and value != value_wanted:
+                        continue
+                    wire = {**wire, "CKA_VALUE": protocol.b64e(value)}
+                elif value_wanted is not None and attrs.get("CKA_VALUE") != value_wanted:
+                    continue
+                # Wire form directly: what ok("ObjectList", ...) would encode, without the
+                # decode-encode round trip of every attribute.
+                found.append({"handle": row.handle, "attrs": wire})
+        return Response(200, dumps({"objects": found}))
 
     # ---------------------------------------------------------------- crypto
 
-    def _key(self, claims: TokenClaims, handle: str, mech: mechanisms.Mechanism, use: str) -> bytes:
-        row = self.store.object_get(claims.card, handle)
+    def _key(self, claims: TokenClaims, handle: str, mech_name: str, op: mechanisms.Op,
+             use: str) -> tuple[mechanisms.Mechanism, bytes]:  # fmt: skip
+        """The mechanism and the key's value, after the checks in the order the protocol
+        promises: live session (deferred from authenticate), mechanism, key, type, usage."""
+        live, row = self.store.session_object(claims.session, claims.card, time.time(), handle)
+        if not live:
+            raise _ended()
+        mech = self._mech(mech_name, op)
         if row is None or row.cls != C.CKO_SECRET_KEY or row.secret is None:
             raise ApiError("KEY_NOT_FOUND", "no such key")
         meta = self._key_meta.get(handle)
@@ -427,13 +509,21 @@ class Service:
             raise ApiError("KEY_TYPE_INCONSISTENT", f"{mech.name} cannot use this key type")
         if use not in meta.usage:
             raise ApiError("KEY_FUNCTION_NOT_PERMITTED", f"the key's {use} is false")
-        try:
-            value = sealing.decrypt_value(claims.card_key, handle, row.secret)
-        except SealError:
-            raise ApiError("KEY_NOT_FOUND", "the key does not open with this softcard") from None
+        cache_key = (handle, row.secret, claims.card_key)
+        value = self._key_values.get(cache_key)
+        if value is None:
+            try:
+                value = sealing.decrypt_value(claims.card_key, handle, row.secret)
+            except SealError:
+                raise ApiError(
+                    "KEY_NOT_FOUND", "the key does not open with this softcard"
+                ) from None
+            if len(self._key_values) >= _KEY_VALUE_CACHE_MAX:
+                self._key_values.clear()
+            self._key_values[cache_key] = value
         if not mech.min_key <= len(value) <= mech.max_key:
             raise ApiError("KEY_SIZE_RANGE", f"a {len(value)}-byte key does not fit {mech.name}")
-        return value
+        return mech, value
 
     @staticmethod
     def _mech(name: str, op: mechanisms.Op) -> mechanisms.Mechanism:
@@ -442,44 +532,48 @@ class Service:
             raise ApiError("MECHANISM_INVALID", f"{name!r} is not valid for this operation")
         return mech
 
+    # The crypto answers are built directly (same bytes as ok(): compact JSON, fields in
+    # struct order, base64 needs no JSON escaping): they are the hot path.
+
     async def encrypt(self, req: Request) -> Response:
         assert req.claims is not None
         b = req.body
-        mech = self._mech(b["mechanism"], mechanisms.Op.CIPHER)
-        key = self._key(req.claims, b["key"], mech, "CKA_ENCRYPT")
+        mech, key = self._key(req.claims, b["key"], b["mechanism"], _CIPHER, "CKA_ENCRYPT")
         data, last = ops.encrypt(mech, key, b["iv"], b["data"])
-        return ok("CipherResult", {"data": data, "last_block": last})
+        return _cipher_result(data, last)
 
     async def decrypt(self, req: Request) -> Response:
         assert req.claims is not None
         b = req.body
-        mech = self._mech(b["mechanism"], mechanisms.Op.CIPHER)
-        key = self._key(req.claims, b["key"], mech, "CKA_DECRYPT")
+        mech, key = self._key(req.claims, b["key"], b["mechanism"], _CIPHER, "CKA_DECRYPT")
         data, last = ops.decrypt(mech, key, b["iv"], b["data"])
-        return ok("CipherResult", {"data": data, "last_block": last})
+        return _cipher_result(data, last)
 
     async def sign(self, req: Request) -> Response:
         assert req.claims is not None
         b = req.body
-        mech = self._mech(b["mechanism"], mechanisms.Op.MAC)
-        key = self._key(req.claims, b["key"], mech, "CKA_SIGN")
+        mech, key = self._key(req.claims, b["key"], b["mechanism"], _MAC, "CKA_SIGN")
         length = ops.mac_length(mech, b.get("mac_length"))
-        return ok("Signature", {"signature": ops.sign(mech, key, b["data"], length)})
+        sig = _b64(ops.sign(mech, key, b["data"], length))
+        return Response(200, b'{"signature":"' + sig + b'"}')
 
     async def verify(self, req: Request) -> Response:
         assert req.claims is not None
         b = req.body
-        mech = self._mech(b["mechanism"], mechanisms.Op.MAC)
-        key = self._key(req.claims, b["key"], mech, "CKA_VERIFY")
+        mech, key = self._key(req.claims, b["key"], b["mechanism"], _MAC, "CKA_VERIFY")
         length = ops.mac_length(mech, b.get("mac_length"))
         ops.verify(mech, key, b["data"], b["signature"], length)
-        return ok("Verified", {"valid": True})
+        return _VERIFIED
 
     async def random(self, req: Request) -> Response:
         n = req.body["length"]
         if not 1 <= n <= ops.MAX_RANDOM:
             raise ApiError("BAD_REQUEST", f"length must be 1 to {ops.MAX_RANDOM}")
         return ok("RandomResult", {"data": os.urandom(n)})
+
+
+def _ended() -> ApiError:
+    return ApiError("NOT_ACTIVATED", "the activation was ended (deactivated or deleted)")
 
 
 def _check_passphrase(passphrase: bytes) -> None:

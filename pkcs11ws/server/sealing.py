@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
@@ -141,9 +142,14 @@ def unwrap_card_key(kek_bytes: bytes, wrapped: bytes, card_id: str) -> bytes:
     return unseal(AESGCM(kek_bytes), wrapped, b"card " + card_id.encode())
 
 
+# Building an AESGCM (OpenSSL key schedule) costs more than opening a short value: keep one per
+# card key recently used (searches open one value per object found).
+_card_aead: Final = functools.lru_cache(maxsize=256)(AESGCM)
+
+
 def encrypt_value(card_key: bytes, handle: str, value: bytes) -> bytes:
-    return seal(AESGCM(card_key), value, handle.encode())
+    return seal(_card_aead(card_key), value, handle.encode())
 
 
 def decrypt_value(card_key: bytes, handle: str, blob: bytes) -> bytes:
-    return unseal(AESGCM(card_key), blob, handle.encode())
+    return unseal(_card_aead(card_key), blob, handle.encode())

@@ -272,6 +272,25 @@ class SQLiteStore(Store):
         )
         return ObjectRow(*row) if row else None
 
+    def session_object(
+        self, session: str, card: str, now: float, handle: str
+    ) -> tuple[bool, ObjectRow | None]:
+        # One indexed statement (two primary-key lookups): no row means no live session, a row
+        # of NULLs means the session lives but the object does not.
+        row = (
+            self._con()
+            .execute(
+                "SELECT o.handle, o.card, o.cls, o.key_type, o.attrs, o.secret FROM sessions s"
+                " LEFT JOIN objects o ON o.handle = ? AND o.card = s.card"
+                " WHERE s.id = ? AND s.card = ? AND s.expires > ?",
+                (handle, session, card, now),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return False, None
+        return True, (ObjectRow(*row) if row[0] is not None else None)
+
     def object_search(
         self, card: str, cls: int | None, key_type: int | None
     ) -> Iterator[ObjectRow]:
@@ -284,8 +303,9 @@ class SQLiteStore(Store):
             sql += " AND key_type = ?"
             args.append(key_type)
         # fetchall: the cursor must not stay open across an await on this thread's connection.
-        for row in self._con().execute(sql + " ORDER BY rowid", args).fetchall():
-            yield ObjectRow(*row)
+        yield from map(
+            ObjectRow._make, self._con().execute(sql + " ORDER BY rowid", args).fetchall()
+        )
 
     def idempotency_get(self, key: str) -> IdempotencyRow | None:
         row = (

@@ -15,6 +15,7 @@ import abc
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,9 @@ class CardCounts:
     data: int
 
 
-@dataclass(frozen=True)
-class ObjectRow:
+class ObjectRow(NamedTuple):
+    """A tuple, not a dataclass: searches build one per stored object, and tuples are cheap."""
+
     handle: str
     card: str
     cls: int
@@ -138,6 +140,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def object_get(self, card: str, handle: str) -> ObjectRow | None: ...
+
+    def session_object(
+        self, session: str, card: str, now: float, handle: str
+    ) -> tuple[bool, ObjectRow | None]:
+        """(does the session live, the card's object with that handle) as of now: the check
+        every crypto request makes. Backends should answer it in one query; this default
+        asks twice."""
+        if not self.session_valid(session, card, now):
+            return False, None
+        return True, self.object_get(card, handle)
 
     @abc.abstractmethod
     def object_search(
