@@ -140,8 +140,20 @@ def _run(demo: Demo, cfg_path: str, server: subprocess.Popen[bytes]) -> int:
         client.verify(state["token"], key["handle"], "CKM_SHA256_HMAC", b"hello", sig)
         return f"HMAC-SHA256 key generated, {len(sig)}-byte MAC signed and verified"
 
+    def checkinst() -> str:
+        r = subprocess.run(
+            [_bin("ckcheckinst"), "--config", cfg_path, "--softcard", name],
+            input=passphrase + "\n", capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        print("\n".join("         | " + line for line in r.stdout.splitlines()))
+        if r.returncode != 0:
+            raise RuntimeError(f"ckcheckinst exit {r.returncode}: {r.stderr.strip()[-300:]}")
+        checks = sum(line.lstrip().startswith("OK") for line in r.stdout.splitlines())
+        return f"{checks} checks OK, self-test included"
+
     for title, fn in (
         ("create softcard", create_card),
+        ("ckcheckinst with the self-test", checkinst),
         ("log in (activate)", activate),
         ("AES key generation and encrypt/decrypt", aes),
         ("HMAC key generation and sign/verify", hmac),
