@@ -8,11 +8,16 @@ tests all read this table; adding a mechanism is one row here plus its server op
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
-from typing import Final
 
 from pkcs11ws import constants as C
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+    from typing import Final
+else:  # dataclasses imports inspect: too heavy for the module's start-up
+    from pkcs11ws._lite import dataclass
 
 
 class Param(Enum):

@@ -17,13 +17,16 @@ again (it trusts no client).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
-from typing import Final
 
 from pkcs11ws import constants as C
 from pkcs11ws import mechanisms, protocol
 from pkcs11ws.errors import PKCS11Error
 from pkcs11ws.protocol import Attrs
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
+if TYPE_CHECKING:  # annotations only: typing costs ~2.5 ms and ~1.9 MB at start-up
+    from collections.abc import Iterable
+    from typing import Final
 
 RawTemplate = list[tuple[int, bytes]]
 ULONG_SIZE: Final = 8  # sizeof(CK_ULONG) on LP64 Linux

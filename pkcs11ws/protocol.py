@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import binascii
 import re
-from dataclasses import dataclass, field
-from typing import Any, Final
 
 from pkcs11ws import constants as C
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
+if TYPE_CHECKING:
+    from dataclasses import dataclass, field
+    from typing import Any, Final
+else:  # dataclasses imports inspect: too heavy for the module's start-up
+    from pkcs11ws._lite import dataclass, field
 
 VERSION: Final = "1.0"
 OPENAPI_PATH: Final = "/openapi.json"

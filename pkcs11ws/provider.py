@@ -18,13 +18,10 @@ PKCS11Error (with the CKR to return); the core's one funnel maps any other excep
 
 from __future__ import annotations
 
-import dataclasses
 import threading
-from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
 
+from pkcs11ws import _lite, mechanisms, objects
 from pkcs11ws import constants as C
-from pkcs11ws import mechanisms, objects
 from pkcs11ws.client import transport
 from pkcs11ws.client.api import KeyServiceClient
 from pkcs11ws.client.transport import Transport
@@ -33,7 +30,18 @@ from pkcs11ws.errors import PKCS11Error, ServiceError
 from pkcs11ws.log import LOG
 from pkcs11ws.protocol import Attrs
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from dataclasses import dataclass
+    from typing import Any, Protocol, TypeVar
+
+    T = TypeVar("T")
+else:  # typing and dataclasses (inspect) are too heavy for the module's start-up
+    from pkcs11ws._lite import dataclass
+
+    Protocol = object
+
 RANDOM_CHUNK = 65536  # the service's largest random request
 
 
@@ -54,7 +62,7 @@ class Native(Protocol):
     def object_drop(self, handle: int) -> None: ...
 
 
-@dataclasses.dataclass
+@dataclass()
 class Slot:
     slot_id: int
     card: str  # the softcard's UUID on the service
@@ -62,7 +70,7 @@ class Slot:
     present: bool = True
 
 
-@dataclasses.dataclass
+@dataclass()
 class Obj:
     handle: int
     slot_id: int
@@ -153,7 +161,7 @@ class Provider:
             for slot in self.dir.slots.values():
                 if slot.card not in seen:
                     slot.present = False
-            rows = [dataclasses.replace(s) for s in self.dir.slots.values()]
+            rows = [_lite.replace(s) for s in self.dir.slots.values()]
         for slot in rows:
             if not slot.present:
                 self._forget_login(slot.slot_id)
@@ -199,7 +207,7 @@ class Provider:
         if slot is None:
             return
         if self._quick is None:
-            quick = dataclasses.replace(self.cfg, maxretries=0)
+            quick = _lite.replace(self.cfg, maxretries=0)
             self._quick = KeyServiceClient(quick, transport=self.client.transport)
         try:
             self._quick.deactivate(slot.card, token)

@@ -1,0 +1,188 @@
+"""Light stand-ins for the standard library helpers on the PKCS#11 module's import path.
+
+Every process that loads libpkcs11ws.so imports the provider; these keep heavy modules out of
+that start-up. ``dataclasses`` pulls in ``inspect`` (and with it ``ast``, ``dis``,
+``tokenize``): about 7 ms and 2.7 MB; ``contextlib`` another ~1 ms, for ``suppress`` alone.
+
+``dataclass``/``field``/``replace``: the classes on that path only need the generated
+``__init__`` (with defaults and ``default_factory``), ``__post_init__``, ``__repr__``,
+``__eq__``, ``__hash__`` for frozen classes, and frozen attribute setting. Type checkers see
+the real ``dataclass`` (modules do ``if TYPE_CHECKING: from dataclasses import dataclass``), so
+signatures stay checked. ``dataclasses.replace()``/``fields()``/``is_dataclass()`` keep working
+on these classes: the ``__dataclass_fields__`` they read is built on first use, from a real
+dataclass made with the same fields, so only the callers that use them import ``dataclasses``.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeVar, dataclass_transform
+else:
+
+    def dataclass_transform(**_kw: object) -> object:  # type checkers only
+        return lambda fn: fn
+
+    def TypeVar(name: str) -> None:
+        return None
+
+
+_MISSING = object()
+_R = TypeVar("_R")
+
+
+class _FieldSpec:
+    __slots__ = ("compare", "default", "default_factory", "repr")
+
+    def __init__(self, default: object, default_factory: object, compare: bool, repr: bool):
+        self.default = default
+        self.default_factory = default_factory
+        self.compare = compare
+        self.repr = repr
+
+
+def field(
+    *,
+    default: object = _MISSING,
+    default_factory: object = _MISSING,
+    compare: bool = True,
+    repr: bool = True,
+) -> object:
+    """The subset of ``dataclasses.field`` the module-path classes use."""
+    return _FieldSpec(default, default_factory, compare, repr)
+
+
+class FrozenInstanceError(AttributeError):
+    """Assigning to a field of a frozen record (like ``dataclasses.FrozenInstanceError``)."""
+
+
+class _LazyFields:
+    """``__dataclass_fields__`` computed on first access from a real dataclass twin."""
+
+    def __init__(self, specs: dict[str, _FieldSpec | None], frozen: bool):
+        self.specs = specs
+        self.frozen = frozen
+
+    def __get__(self, obj: object, owner: type) -> object:
+        import dataclasses
+
+        ns: dict[str, object] = {"__annotations__": {n: object for n in self.specs}}
+        for name, spec in self.specs.items():
+            if spec is None:
+                continue
+            kw: dict[str, object] = {"compare": spec.compare, "repr": spec.repr}
+            if spec.default is not _MISSING:
+                kw["default"] = spec.default
+            if spec.default_factory is not _MISSING:
+                kw["default_factory"] = spec.default_factory
+            ns[name] = dataclasses.field(**kw)  # type: ignore[call-overload]
+        twin: type = dataclasses.dataclass(frozen=self.frozen)(type(owner.__name__, (), ns))
+        fields = twin.__dataclass_fields__  # type: ignore[attr-defined]
+        type.__setattr__(owner, "__dataclass_fields__", fields)
+        return fields
+
+
+def _frozen_setattr(self: object, name: str, value: object) -> None:
+    raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+
+def _frozen_delattr(self: object, name: str) -> None:
+    raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+
+@dataclass_transform(field_specifiers=(field,))
+def dataclass(*, frozen: bool = False) -> Callable[[type], type]:
+    """Decorate a class like ``@dataclass(frozen=...)`` (eq=True, no ordering)."""
+
+    def wrap(cls: type) -> type:
+        # inspect.get_annotations would import inspect, the very thing this module avoids
+        names = list(cls.__dict__.get("__annotations__", {}))  # noqa: RUF063
+        specs: dict[str, _FieldSpec | None] = {}
+        glob: dict[str, object] = {"_MISSING": _MISSING, "_set": object.__setattr__}
+        params: list[str] = []
+        body: list[str] = []
+        for name in names:
+            value = cls.__dict__.get(name, _MISSING)
+            spec = value if isinstance(value, _FieldSpec) else None
+            if spec is None and value is not _MISSING:
+                spec = _FieldSpec(value, _MISSING, True, True)
+            specs[name] = spec
+            if spec is not None and spec.default_factory is not _MISSING:
+                glob[f"_f_{name}"] = spec.default_factory
+                params.append(f"{name}=_MISSING")
+                init = f"_f_{name}() if {name} is _MISSING else {name}"
+            elif spec is not None:
+                glob[f"_d_{name}"] = spec.default
+                params.append(f"{name}=_d_{name}")
+                init = name
+            else:
+                params.append(name)
+                init = name
+            if spec is not None and name in cls.__dict__:
+                if spec.default is _MISSING:
+                    type.__delattr__(cls, name)
+                else:
+                    type.__setattr__(cls, name, spec.default)
+            if frozen:
+                body.append(f"  _set(self, {name!r}, {init})")
+            else:
+                body.append(f"  self.{name} = {init}")
+        if hasattr(cls, "__post_init__"):
+            body.append("  self.__post_init__()")
+        src = f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body or ["  pass"])
+        exec(src, glob)
+        init_fn = glob["__init__"]
+        init_fn.__qualname__ = f"{cls.__qualname__}.__init__"  # type: ignore[attr-defined]
+        shown = [n for n in names if specs[n] is None or specs[n].repr]  # type: ignore[union-attr]
+        compared = tuple(n for n in names if specs[n] is None or specs[n].compare)  # type: ignore[union-attr]
+
+        def __repr__(self: object) -> str:
+            inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in shown)
+            return f"{type(self).__qualname__}({inner})"
+
+        def __eq__(self: object, other: object) -> bool:
+            if other.__class__ is not self.__class__:
+                return NotImplemented
+            return tuple(getattr(self, n) for n in compared) == tuple(
+                getattr(other, n) for n in compared
+            )
+
+        def __hash__(self: object) -> int:
+            return hash(tuple(getattr(self, n) for n in compared))
+
+        type.__setattr__(cls, "__init__", init_fn)
+        type.__setattr__(cls, "__repr__", __repr__)
+        type.__setattr__(cls, "__eq__", __eq__)
+        type.__setattr__(cls, "__hash__", __hash__ if frozen else None)
+        if frozen:
+            type.__setattr__(cls, "__setattr__", _frozen_setattr)
+            type.__setattr__(cls, "__delattr__", _frozen_delattr)
+        type.__setattr__(cls, "__match_args__", tuple(names))
+        type.__setattr__(cls, "__dataclass_fields__", _LazyFields(specs, frozen))
+        return cls
+
+    return wrap
+
+
+def replace(obj: _R, /, **changes: object) -> _R:
+    """``dataclasses.replace`` for records (no ``InitVar``/``init=False`` fields here)."""
+    for name in type(obj).__match_args__:  # type: ignore[attr-defined]
+        if name not in changes:
+            changes[name] = getattr(obj, name)
+    return type(obj)(**changes)
+
+
+class suppress:
+    """``contextlib.suppress``: ignore the given exceptions raised in the ``with`` body."""
+
+    __slots__ = ("_kinds",)
+
+    def __init__(self, *kinds: type[BaseException]) -> None:
+        self._kinds = kinds
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: object, tb: object) -> bool:
+        return kind is not None and issubclass(kind, self._kinds)

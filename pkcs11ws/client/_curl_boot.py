@@ -1,0 +1,56 @@
+"""Import pycurl without its asyncio helper, so loading the PKCS#11 module stays light.
+
+pycurl's package ``__init__`` is three lines: import the ``_pycurl`` extension, re-export its
+public names, and import ``pycurl.async_multi`` for ``AsyncCurlMulti``. That last import pulls
+in ``dataclasses`` (and so ``inspect``, ``ast``, ``dis``) and ``typing``: ~11 ms and ~2.5 MB in
+every process that loads libpkcs11ws.so, for a class the module never uses. When pycurl is not
+imported yet, this builds the same package module (same names, same ``__all__``) with
+``AsyncCurlMulti`` imported on first access instead. If pycurl is already imported, or its
+layout is not the one described above, it does nothing and ``import pycurl`` runs as usual.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def _module_getattr(name: str) -> object:
+    if name == "AsyncCurlMulti":
+        import importlib
+
+        cls: object = importlib.import_module("pycurl.async_multi").AsyncCurlMulti
+        setattr(sys.modules["pycurl"], name, cls)
+        return cls
+    raise AttributeError(f"module 'pycurl' has no attribute {name!r}")
+
+
+def _boot() -> None:
+    if "pycurl" in sys.modules:
+        return
+    import importlib.machinery  # importlib.util would import contextlib
+
+    spec = importlib.machinery.PathFinder.find_spec("pycurl")
+    if spec is None or not spec.submodule_search_locations:
+        return  # not a package here: let `import pycurl` report it
+    # What importlib.util.module_from_spec sets on a package from a file location.
+    pkg = type(sys)(spec.name)
+    pkg.__spec__ = spec
+    pkg.__loader__ = spec.loader
+    pkg.__package__ = spec.name
+    pkg.__path__ = list(spec.submodule_search_locations)
+    pkg.__file__ = spec.origin
+    pkg.__cached__ = spec.cached  # type: ignore[attr-defined]
+    sys.modules["pycurl"] = pkg
+    try:
+        from pycurl import _pycurl
+    except BaseException:
+        del sys.modules["pycurl"]
+        raise
+    public = [name for name in dir(_pycurl) if not name.startswith("_")]
+    for name in public:
+        setattr(pkg, name, getattr(_pycurl, name))
+    pkg.__all__ = [*public, "AsyncCurlMulti"]  # type: ignore[attr-defined]
+    pkg.__getattr__ = _module_getattr  # type: ignore[method-assign]
+
+
+_boot()
