@@ -60,18 +60,31 @@ def _compile(
     return out
 
 
+COMMON_H = BENCH_DIR / "benchcommon.h"  # shared by both hosts
+
+
 def build_p11bench(build_dir: Path = DEFAULT_BUILD_DIR) -> Path:
-    deps = sorted(INCLUDE.glob("*.h"))
+    deps = [*sorted(INCLUDE.glob("*.h")), COMMON_H]
     if not (INCLUDE / "pkcs11ws_ck.h").exists():
         raise BuildError(f"{INCLUDE / 'pkcs11ws_ck.h'} is missing")
     return _compile(
-        BENCH_DIR / "p11bench.c", build_dir / "p11bench", ["-I", str(INCLUDE)], ["-ldl"], deps
+        BENCH_DIR / "p11bench.c",
+        build_dir / "p11bench",
+        ["-I", str(INCLUDE), "-I", str(BENCH_DIR)],
+        ["-ldl"],
+        deps,
     )
 
 
 def build_curlbench(build_dir: Path = DEFAULT_BUILD_DIR) -> Path:
     cflags, libs = _curl_flags()
-    return _compile(BENCH_DIR / "curlbench.c", build_dir / "curlbench", cflags, libs, [])
+    return _compile(
+        BENCH_DIR / "curlbench.c",
+        build_dir / "curlbench",
+        [*cflags, "-I", str(BENCH_DIR)],
+        libs,
+        [COMMON_H],
+    )
 
 
 def build_all(build_dir: Path = DEFAULT_BUILD_DIR) -> dict[str, Path]:

@@ -21,45 +21,10 @@
 #include <sys/resource.h>
 #include <time.h>
 
+#include "benchcommon.h"
+
 #define MAX_THREADS 256
 #define MAX_ERRORS 50
-#define SUB_BITS 6
-#define SUB (1u << SUB_BITS)
-#define NBUCKETS ((64 - SUB_BITS + 1) * SUB)
-
-typedef struct {
-    uint64_t count[NBUCKETS];
-    uint64_t n, sum_ns, max_ns;
-} hist_t;
-
-static unsigned bucket_of(uint64_t v)
-{
-    if (v < SUB) return (unsigned)v;
-    unsigned msb = 63u - (unsigned)__builtin_clzll(v);
-    unsigned shift = msb - SUB_BITS;
-    return (shift + 1) * SUB + (unsigned)((v >> shift) & (SUB - 1));
-}
-
-static double bucket_mid(unsigned b)
-{
-    if (b < SUB) return b;
-    unsigned shift = b / SUB - 1;
-    uint64_t lo = ((uint64_t)(SUB + b % SUB)) << shift;
-    return (double)lo + (double)(1ull << shift) / 2.0;
-}
-
-static double hist_pct(const hist_t *h, double pct)
-{
-    if (!h->n) return 0.0;
-    uint64_t want = (uint64_t)((double)h->n * pct / 100.0);
-    if (want >= h->n) want = h->n - 1;
-    uint64_t seen = 0;
-    for (unsigned i = 0; i < NBUCKETS; i++) {
-        seen += h->count[i];
-        if (seen > want) return bucket_mid(i);
-    }
-    return (double)h->max_ns;
-}
 
 static struct {
     const char *url, *body_file, *token_env, *cert, *key, *ca, *user_agent, *expect;
@@ -86,20 +51,6 @@ typedef struct {
     char resp[65536];
     size_t resp_len;
 } worker_t;
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static void sleep_s(double s)
-{
-    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
-    while (nanosleep(&ts, &ts) == -1 && errno == EINTR) {
-    }
-}
 
 static void lock_cb(CURL *h, curl_lock_data data, curl_lock_access access, void *user)
 {
@@ -205,11 +156,7 @@ static void *worker_main(void *arg)
             continue;
         }
         if (in_window) {
-            hist_t *h = &w->hist;
-            h->count[bucket_of(t1 - t0)]++;
-            h->n++;
-            h->sum_ns += t1 - t0;
-            if (t1 - t0 > h->max_ns) h->max_ns = t1 - t0;
+            hist_add(&w->hist, t1 - t0);
             w->ops++;
         }
     }
@@ -223,24 +170,6 @@ static void usage(void)
                     "                 [--token-env VAR] [--threads N] [--seconds S] [--warmup S]\n"
                     "                 [--count N] [--user-agent UA] [--expect TEXT] [--sync]\n");
     exit(2);
-}
-
-/* Print a marker line; with --sync, wait until the driver answers a line on stdin (so that it
- * samples the server at exactly this point, before the run moves on). */
-static void marker(const char *what)
-{
-    printf("#%s\n", what);
-    fflush(stdout);
-    if (opt.sync) {
-        int c;
-        while ((c = getchar()) != EOF && c != '\n') {
-        }
-    }
-}
-
-static double tv_s(struct timeval tv)
-{
-    return (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
 }
 
 int main(int argc, char **argv)
@@ -311,7 +240,7 @@ int main(int argc, char **argv)
     struct rusage ru0, ru1;
     uint64_t t0, t1;
     if (!opt.count) sleep_s(opt.warmup);
-    marker("measure-start");
+    marker("measure-start", opt.sync);
     getrusage(RUSAGE_SELF, &ru0);
     t0 = now_ns();
     atomic_store(&phase, 1);
@@ -323,7 +252,7 @@ int main(int argc, char **argv)
     }
     t1 = now_ns();
     getrusage(RUSAGE_SELF, &ru1);
-    marker("measure-stop");
+    marker("measure-stop", opt.sync);
     if (!opt.count)
         for (int i = 0; i < opt.threads; i++) pthread_join(workers[i].tid, NULL);
 
@@ -333,10 +262,7 @@ int main(int argc, char **argv)
     int first_code = 0;
     for (int i = 0; i < opt.threads; i++) {
         worker_t *w = &workers[i];
-        for (unsigned b = 0; b < NBUCKETS; b++) all.count[b] += w->hist.count[b];
-        all.n += w->hist.n;
-        all.sum_ns += w->hist.sum_ns;
-        if (w->hist.max_ns > all.max_ns) all.max_ns = w->hist.max_ns;
+        hist_merge(&all, &w->hist);
         ops += w->ops;
         if (w->errors && !errors) {
             first_status = w->first_status;

@@ -27,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "benchcommon.h"
 #include "pkcs11ws_ck.h"
 
 #define LABEL_HMAC "p11bench-hmac"
@@ -34,63 +35,6 @@
 #define APP_TAG "p11bench"
 #define MAX_THREADS 256
 #define MAX_ERRORS 50
-
-/* ---- log-linear latency histogram (about 1.6 % resolution) ------------------------------- */
-
-#define SUB_BITS 6
-#define SUB (1u << SUB_BITS)
-#define NBUCKETS ((64 - SUB_BITS + 1) * SUB)
-
-typedef struct {
-    uint64_t count[NBUCKETS];
-    uint64_t n, sum_ns, max_ns;
-} hist_t;
-
-static unsigned bucket_of(uint64_t v)
-{
-    if (v < SUB) return (unsigned)v;
-    unsigned msb = 63u - (unsigned)__builtin_clzll(v);
-    unsigned shift = msb - SUB_BITS;
-    return (shift + 1) * SUB + (unsigned)((v >> shift) & (SUB - 1));
-}
-
-/* Midpoint of a bucket, in ns. */
-static double bucket_mid(unsigned b)
-{
-    if (b < SUB) return b;
-    unsigned shift = b / SUB - 1;
-    uint64_t lo = ((uint64_t)(SUB + b % SUB)) << shift;
-    return (double)lo + (double)(1ull << shift) / 2.0;
-}
-
-static void hist_add(hist_t *h, uint64_t ns)
-{
-    h->count[bucket_of(ns)]++;
-    h->n++;
-    h->sum_ns += ns;
-    if (ns > h->max_ns) h->max_ns = ns;
-}
-
-static void hist_merge(hist_t *into, const hist_t *from)
-{
-    for (unsigned i = 0; i < NBUCKETS; i++) into->count[i] += from->count[i];
-    into->n += from->n;
-    into->sum_ns += from->sum_ns;
-    if (from->max_ns > into->max_ns) into->max_ns = from->max_ns;
-}
-
-static double hist_pct(const hist_t *h, double pct)
-{
-    if (!h->n) return 0.0;
-    uint64_t want = (uint64_t)((double)h->n * pct / 100.0);
-    if (want >= h->n) want = h->n - 1;
-    uint64_t seen = 0;
-    for (unsigned i = 0; i < NBUCKETS; i++) {
-        seen += h->count[i];
-        if (seen > want) return bucket_mid(i);
-    }
-    return (double)h->max_ns;
-}
 
 /* ---- options and shared state ------------------------------------------------------------ */
 
@@ -133,20 +77,6 @@ static void die(const char *what, CK_RV rv)
 }
 
 #define CK(call) do { CK_RV rv_ = (call); if (rv_ != CKR_OK) die(#call, rv_); } while (0)
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static void sleep_s(double s)
-{
-    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
-    while (nanosleep(&ts, &ts) == -1 && errno == EINTR) {
-    }
-}
 
 static const char *pin_from_env(const char *var)
 {
@@ -426,23 +356,6 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-static double tv_s(struct timeval tv)
-{
-    return (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
-}
-
-/* Print a marker line; with --sync, wait until the driver answers a line on stdin (so that it
- * samples the server at exactly this point, before the run moves on). */
-static void marker(const char *what)
-{
-    printf("#%s\n", what);
-    fflush(stdout);
-    if (opt.sync) {
-        int c;
-        while ((c = getchar()) != EOF && c != '\n') {
-        }
-    }
-}
 
 /* ---- modes -------------------------------------------------------------------------------- */
 
@@ -567,17 +480,17 @@ int main(int argc, char **argv)
     struct rusage ru0, ru1;
     uint64_t t0, t1;
     if (opt.count) {
-        marker("measure-start");
+        marker("measure-start", opt.sync);
         getrusage(RUSAGE_SELF, &ru0);
         t0 = now_ns();
         atomic_store(&phase, 1);
         for (int i = 0; i < opt.threads; i++) pthread_join(workers[i].tid, NULL);
         t1 = now_ns();
         getrusage(RUSAGE_SELF, &ru1);
-        marker("measure-stop");
+        marker("measure-stop", opt.sync);
     } else {
         sleep_s(opt.warmup);
-        marker("measure-start");
+        marker("measure-start", opt.sync);
         getrusage(RUSAGE_SELF, &ru0);
         t0 = now_ns();
         atomic_store(&phase, 1);
@@ -585,7 +498,7 @@ int main(int argc, char **argv)
         atomic_store(&phase, 2);
         t1 = now_ns();
         getrusage(RUSAGE_SELF, &ru1);
-        marker("measure-stop");
+        marker("measure-stop", opt.sync);
         for (int i = 0; i < opt.threads; i++) pthread_join(workers[i].tid, NULL);
     }
 
