@@ -296,8 +296,31 @@ def configure_logging(s: Settings) -> None:
         logger.propagate = False
 
 
+def die_with_supervisor(supervisor: int) -> None:
+    """In a --workers N worker: be killed when the supervisor dies, however it dies.
+
+    Without this a `kill -9` of the supervisor left the workers serving with PPID 1, holding the
+    port, so a restart failed with "Address already in use". SIGKILL: the supervisor is gone
+    abruptly, nothing is left to wait for the worker's drain (a normal SIGTERM of the supervisor
+    stops its workers itself, before it exits). The PPID check closes the window in which the
+    supervisor died before the prctl.
+    """
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != supervisor:
+        os._exit(1)
+
+
 def create_app() -> App:
     """uvicorn factory (one call per worker process): config path from PKCS11WS_SERVER_CONFIG."""
+    supervisor = os.environ.get(settings_mod.SUPERVISOR_ENV)
+    if supervisor and int(supervisor) != os.getpid():
+        die_with_supervisor(int(supervisor))
     path = os.environ.get(settings_mod.CONFIG_ENV)
     if not path:
         raise RuntimeError(f"{settings_mod.CONFIG_ENV} is not set")

@@ -113,6 +113,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     os.environ[settings_mod.CONFIG_ENV] = str(s.path)
     workers = args.workers if args.workers is not None else s.workers
     port = args.port if args.port is not None else s.port
+    if workers > 1:
+        os.environ[settings_mod.SUPERVISOR_ENV] = str(os.getpid())
+    else:
+        os.environ.pop(settings_mod.SUPERVISOR_ENV, None)
     log.info("serving on https://%s:%d with %d worker(s), store %s", s.host, port, workers,
              s.database_path)  # fmt: skip
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal so the default action

@@ -14,6 +14,8 @@ from typing import Any, Final
 import yaml
 
 CONFIG_ENV: Final = "PKCS11WS_SERVER_CONFIG"  # how `serve` hands the yaml path to workers
+# With --workers N > 1: the supervisor's PID, so that a worker knows it is one (app.create_app).
+SUPERVISOR_ENV: Final = "PKCS11WS_SERVER_SUPERVISOR"
 DEFAULT_PORT: Final = 18001
 DEFAULT_MAX_BODY: Final = 8 * 1024 * 1024
 DEFAULT_ACTIVATION_TTL: Final = 8 * 3600
