@@ -33,10 +33,20 @@ ULONG_SIZE: Final = 8  # sizeof(CK_ULONG) on LP64 Linux
 
 CLASSES: Final = (C.CKO_DATA, C.CKO_CERTIFICATE, C.CKO_SECRET_KEY)
 HIDDEN_CLASSES: Final = (C.CKO_PUBLIC_KEY, C.CKO_PRIVATE_KEY)  # never returned by C_FindObjects
-MUST_BE_FALSE: Final = ("CKA_DERIVE", "CKA_EXTRACTABLE", "CKA_COPYABLE", "CKA_TRUSTED",
-                        "CKA_UNWRAP", "CKA_WRAP", "CKA_WRAP_WITH_TRUSTED")  # fmt: skip
+# CKA_COPYABLE is on the WSOP guide's list too, for a library without C_CopyObject; this one
+# copies, so CKA_COPYABLE (like CKA_MODIFIABLE) may be given either way and is enforced as read.
+MUST_BE_FALSE: Final = ("CKA_DERIVE", "CKA_EXTRACTABLE", "CKA_TRUSTED", "CKA_UNWRAP", "CKA_WRAP",
+                        "CKA_WRAP_WITH_TRUSTED")  # fmt: skip
 KEY_MUST_BE_TRUE: Final = ("CKA_ALWAYS_SENSITIVE", "CKA_NEVER_EXTRACTABLE", "CKA_LOCAL",
                            "CKA_SENSITIVE")  # fmt: skip
+# An imported key was not always sensitive, may have been extracted and was not made here: these
+# read back false on it, so they may only be given false.
+IMPORTED_FALSE: Final = ("CKA_ALWAYS_SENSITIVE", "CKA_NEVER_EXTRACTABLE", "CKA_LOCAL")
+# The WSOP guide requires CKA_CLASS, CKA_KEY_TYPE, CKA_VALUE_LEN and CKA_LABEL in a key
+# generation template. CKA_KEY_TYPE and CKA_LABEL are not enforced: Java SunPKCS11's
+# KeyGenerator sends neither (the mechanism implies the type) and pkcs11-tool --keygen sends no
+# label without --label; both must keep working (tests/test_dropin_java.py, test_module_pkcs11tool).
+GENERATE_REQUIRED: Final = ("CKA_CLASS", "CKA_VALUE_LEN")
 
 
 def _fail(ckr: int, msg: str) -> PKCS11Error:
@@ -119,9 +129,12 @@ def _check_common(t: Attrs, public_ok: bool = False) -> None:
             raise _fail(C.CKR_TEMPLATE_INCONSISTENT, f"{name} must be false")
 
 
-def _check_key(t: Attrs) -> None:
+def _check_key(t: Attrs, imported: bool = False) -> None:
     for name in KEY_MUST_BE_TRUE:
-        if t.get(name, True) is not True:
+        if imported and name in IMPORTED_FALSE:
+            if t.get(name, False) is not False:
+                raise _fail(C.CKR_TEMPLATE_INCONSISTENT, f"{name} must be false for an import")
+        elif t.get(name, True) is not True:
             raise _fail(C.CKR_TEMPLATE_INCONSISTENT, f"{name} must be true for keys")
 
 
@@ -144,7 +157,7 @@ def check_create(t: Attrs) -> int:
             if name not in t:
                 raise _fail(C.CKR_TEMPLATE_INCOMPLETE, f"{name} is required for a certificate")
     elif cls == C.CKO_SECRET_KEY:
-        _check_key(t)
+        _check_key(t, imported=True)
         kt = t.get("CKA_KEY_TYPE")
         if kt is None:
             raise _fail(C.CKR_TEMPLATE_INCOMPLETE, "CKA_KEY_TYPE is required")
@@ -157,6 +170,9 @@ def check_create(t: Attrs) -> int:
 
 def check_generate(mech: mechanisms.Mechanism, t: Attrs) -> None:
     """C_GenerateKey's template for a key generation mechanism."""
+    for name in GENERATE_REQUIRED:
+        if name not in t:
+            raise _fail(C.CKR_TEMPLATE_INCOMPLETE, f"{name} is required for {mech.name}")
     _check_common(t)
     _check_key(t)
     if t.get("CKA_CLASS", C.CKO_SECRET_KEY) != C.CKO_SECRET_KEY:

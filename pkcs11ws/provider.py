@@ -13,6 +13,9 @@ PKCS11Error (with the CKR to return); the core's one funnel maps any other excep
 - Objects: handles are the core's (1, 2, ...), stable within the process, mapped here to the
   service's UUIDs with each object's attributes cached from the answer that produced them, so
   C_GetAttributeValue after C_FindObjects costs no round trip.
+- A create, copy or destroy that got no answer keeps its idempotency key (PENDING) for the
+  application's retry with the same template, which then returns the object the service may have
+  made instead of a second one.
 - No lock is held across a request: threads overlap on the network (pycurl drops the GIL).
 """
 
@@ -23,7 +26,7 @@ import threading
 from pkcs11ws import _lite, mechanisms, objects
 from pkcs11ws import constants as C
 from pkcs11ws.client import transport
-from pkcs11ws.client.api import KeyServiceClient
+from pkcs11ws.client.api import KeyServiceClient, PendingKeys
 from pkcs11ws.client.transport import Transport
 from pkcs11ws.config import load_config
 from pkcs11ws.errors import PKCS11Error, ServiceError
@@ -90,6 +93,25 @@ class Directory:
 
 
 DIRECTORY = Directory()
+# Idempotency keys of creates (and destroys) that got no answer: kept across C_Finalize/
+# C_Initialize so that the application's retry of the same call returns the object the service
+# may have made (client/api.py).
+PENDING = PendingKeys()
+
+
+class _refusal:
+    """Logs a template the module refuses at DEBUG1: the call and the reason, which names the
+    offending attribute (objects.py never puts a value that could be secret in a message)."""
+
+    def __init__(self, fn: str) -> None:
+        self.fn = fn
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, e: BaseException | None, tb: object) -> None:
+        if isinstance(e, PKCS11Error):
+            LOG.debug1(f"{self.fn}: template refused, {C.ckr_name(e.ckr)}: {e.message}")
 
 
 def _usage(attrs: Attrs) -> tuple[bool, bool, bool, bool]:
@@ -111,7 +133,7 @@ class Provider:
         self.dir = DIRECTORY
         # no_threads: the host forbade new threads (CKF_LIBRARY_CANT_CREATE_OS_THREADS).
         self.no_threads = no_threads
-        self.client = KeyServiceClient(cfg, transport=Transport(cfg, no_threads))
+        self.client = KeyServiceClient(cfg, transport=Transport(cfg, no_threads), pending=PENDING)
         # Logging out is best effort and must not wait through MAXRETRIES x RETRYDELAY: a
         # no-retry client over the same transport (the thread's connection, no new handshake).
         self._quick: KeyServiceClient | None = None
@@ -189,7 +211,12 @@ class Provider:
         with lock:
             if slot_id in self.tokens:
                 raise PKCS11Error(C.CKR_USER_ALREADY_LOGGED_IN)
-            token, expires = self.client.activate(slot.card, pin)
+            try:
+                token, expires = self.client.activate(slot.card, pin)
+            except ServiceError as e:
+                if e.ckr in (C.CKR_PIN_INCORRECT, C.CKR_PIN_LOCKED):
+                    LOG.warning(f"C_Login: softcard {slot.name}: {e.message}")
+                raise
             with self._lock:
                 self.tokens[slot_id] = token
         LOG.debug1(f"C_Login: softcard {slot.name} activated for {expires} s")
@@ -208,7 +235,7 @@ class Provider:
             return
         if self._quick is None:
             quick = _lite.replace(self.cfg, maxretries=0)
-            self._quick = KeyServiceClient(quick, transport=self.client.transport)
+            self._quick = KeyServiceClient(quick, transport=self.client.transport, pending=PENDING)
         try:
             self._quick.deactivate(slot.card, token)
         except PKCS11Error as e:
@@ -306,8 +333,9 @@ class Provider:
         slot = self._slot(slot_id)
         obj = self._visible(slot_id, handle)
         token = self._token(slot_id)
-        attrs = objects.decode_template(template)
-        objects.check_copy(obj.attrs, attrs)
+        with _refusal("C_CopyObject"):
+            attrs = objects.decode_template(template)
+            objects.check_copy(obj.attrs, attrs)
         made = self._call(slot_id, self.client.copy_object, slot.card, token, obj.uuid, attrs,
                           obj=obj)  # fmt: skip
         new = self._remember(slot_id, made)
@@ -317,8 +345,9 @@ class Provider:
     def set_attributes(self, slot_id: int, handle: int, template: objects.RawTemplate) -> None:
         slot = self._slot(slot_id)
         obj = self._visible(slot_id, handle)
-        attrs = objects.decode_template(template)
-        objects.check_rename(obj.attrs, attrs)
+        with _refusal("C_SetAttributeValue"):
+            attrs = objects.decode_template(template)
+            objects.check_rename(obj.attrs, attrs)
         token = self._token(slot_id)
         if not attrs:
             return
@@ -329,9 +358,12 @@ class Provider:
 
     def create_object(self, slot_id: int, template: objects.RawTemplate) -> int:
         slot = self._slot(slot_id)
-        attrs = objects.decode_template(template)
+        # The template before the login: an invalid one is a template error either way
+        # (pkcs11test's CreateObjectInvalid), and it costs no round trip.
+        with _refusal("C_CreateObject"):
+            attrs = objects.decode_template(template)
+            objects.check_create(attrs)
         token = self._token(slot_id)
-        objects.check_create(attrs)
         made = self._call(slot_id, self.client.create_object, slot.card, token, attrs)
         handle = self._remember(slot_id, made)
         LOG.debug1(f"C_CreateObject: object {handle} on slot {slot_id}")
@@ -342,9 +374,10 @@ class Provider:
         mech = mechanisms.by_code(mechanism)
         if mech is None or mech.op is not mechanisms.Op.KEYGEN:
             raise PKCS11Error(C.CKR_MECHANISM_INVALID)
-        attrs = objects.decode_template(template)
+        with _refusal("C_GenerateKey"):
+            attrs = objects.decode_template(template)
+            objects.check_generate(mech, attrs)
         token = self._token(slot_id)
-        objects.check_generate(mech, attrs)
         made = self._call(slot_id, self.client.generate_key, slot.card, token, mech.name, attrs)
         handle = self._remember(slot_id, made)
         LOG.debug1(f"C_GenerateKey: {mech.name} key {handle} on slot {slot_id}")

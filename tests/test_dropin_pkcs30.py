@@ -82,7 +82,8 @@ SCRIPT = textwrap.dedent(
         assert init(h, byref(cbc), key) == 0  # a new operation can start
         assert fl.C_SessionCancel(h, flags) == 0
     mac = CK_MECHANISM(C.CKM_SHA256_HMAC, None, 0)
-    t2 = Template([(C.CKA_TOKEN, True), (C.CKA_PRIVATE, True), (C.CKA_VALUE_LEN, 32)])
+    t2 = Template([(C.CKA_TOKEN, True), (C.CKA_PRIVATE, True), (C.CKA_CLASS, C.CKO_SECRET_KEY),
+                   (C.CKA_VALUE_LEN, 32)])  # fmt: skip
     mkey = CK_ULONG()
     gen2 = CK_MECHANISM(C.CKM_SHA256_KEY_GEN, None, 0)
     assert fl.C_GenerateKey(h, byref(gen2), t2.arr, t2.count, byref(mkey)) == 0

@@ -187,8 +187,8 @@ def test_imported_secret_key_attributes(api, card):
         "CKA_VERIFY": False,
         "CKA_SENSITIVE": True,
         "CKA_EXTRACTABLE": False,
-        "CKA_ALWAYS_SENSITIVE": True,
-        "CKA_NEVER_EXTRACTABLE": True,
+        "CKA_ALWAYS_SENSITIVE": False,  # imported: it was known outside before
+        "CKA_NEVER_EXTRACTABLE": False,
         "CKA_LOCAL": False,
         "CKA_DERIVE": False,
         "CKA_WRAP": False,
@@ -234,13 +234,13 @@ _AES = {"CKA_CLASS": C.CKO_SECRET_KEY, "CKA_KEY_TYPE": C.CKK_AES, "CKA_VALUE": b
             for n in (
                 "CKA_DERIVE",
                 "CKA_EXTRACTABLE",
-                "CKA_COPYABLE",
                 "CKA_TRUSTED",
                 "CKA_UNWRAP",
                 "CKA_WRAP",
                 "CKA_WRAP_WITH_TRUSTED",
             )
         ],
+        *[({n: v}, None) for n in ("CKA_COPYABLE", "CKA_MODIFIABLE") for v in (True, False)],
         *[
             ({n: False}, None)
             for n in (
@@ -253,15 +253,14 @@ _AES = {"CKA_CLASS": C.CKO_SECRET_KEY, "CKA_KEY_TYPE": C.CKK_AES, "CKA_VALUE": b
                 "CKA_WRAP_WITH_TRUSTED",
             )
         ],
+        # An imported key: CKA_SENSITIVE true if given; never always sensitive, never local.
+        ({"CKA_SENSITIVE": False}, "TEMPLATE_INCONSISTENT"),
+        ({"CKA_SENSITIVE": True}, None),
         *[
-            ({n: False}, "TEMPLATE_INCONSISTENT")
-            for n in ("CKA_ALWAYS_SENSITIVE", "CKA_NEVER_EXTRACTABLE", "CKA_SENSITIVE")
+            ({n: v}, None if v is False else "TEMPLATE_INCONSISTENT")
+            for n in ("CKA_ALWAYS_SENSITIVE", "CKA_NEVER_EXTRACTABLE", "CKA_LOCAL")
+            for v in (True, False)
         ],
-        *[
-            ({n: True}, None)
-            for n in ("CKA_ALWAYS_SENSITIVE", "CKA_NEVER_EXTRACTABLE", "CKA_SENSITIVE")
-        ],
-        ({"CKA_LOCAL": True}, "TEMPLATE_INCONSISTENT"),  # imported: not local
         ({"CKA_VALUE_LEN": 16}, None),
         ({"CKA_VALUE_LEN": 32}, "TEMPLATE_INCONSISTENT"),
         ({"CKA_VALUE": bytes(20)}, "KEY_SIZE_RANGE"),
@@ -272,7 +271,6 @@ _AES = {"CKA_CLASS": C.CKO_SECRET_KEY, "CKA_KEY_TYPE": C.CKK_AES, "CKA_VALUE": b
         ({"CKA_CLASS": C.CKO_PRIVATE_KEY}, "ATTRIBUTE_VALUE_INVALID"),
         ({"CKA_APPLICATION": b"x"}, "ATTRIBUTE_TYPE_INVALID"),
         ({"CKA_SIGN_RECOVER": False}, "ATTRIBUTE_TYPE_INVALID"),
-        ({"CKA_MODIFIABLE": True}, "TEMPLATE_INCONSISTENT"),
         ({"CKA_DESTROYABLE": False}, "TEMPLATE_INCONSISTENT"),
         ({"CKA_CHECK_VALUE": bytes.fromhex("000000")}, "ATTRIBUTE_VALUE_INVALID"),
         ({"CKA_CHECK_VALUE": bytes.fromhex("66e94b")}, None),  # AES-128 zero key, zero block

@@ -5,9 +5,12 @@ Retry policy (WSOP user guide 3.2.5 and design.md 4): an attempt that gets no an
 TLS, timeout) or a 5xx answer is retried up to MAXRETRIES times, RETRYDELAY seconds apart; a 4xx
 answer never is. Create and destroy requests carry an Idempotency-Key generated once per logical
 call and reused by every retry, so a retry whose first attempt did reach the service never makes
-a second object. A kept-alive connection the service closed while idle is replaced at once,
-without counting as a retry. After the last attempt the caller gets TransportError
-(CKR_DEVICE_ERROR) or the last ServiceError.
+a second object. When every attempt fails, the key is kept (PendingKeys) for the next call of
+the same operation with the same path and body bytes: an application that retries a create whose
+first attempt the service committed but whose answer was lost gets the first object back (the
+service replays its stored answer), never a second one. A kept-alive connection the service
+closed while idle is replaced at once, without counting as a retry. After the last attempt the
+caller gets TransportError (CKR_DEVICE_ERROR) or the last ServiceError.
 
 Error answers are JSON {"code", "message"} mapped through protocol.ckr_for(); anything else maps
 by HTTP status alone. Request and response bodies are never logged.
@@ -32,7 +35,7 @@ from pkcs11ws import protocol
 from pkcs11ws.client.transport import BASE_HEADERS, CurlFailure, Transport
 from pkcs11ws.config import Config
 from pkcs11ws.errors import PKCS11Error, ServiceError, TransportError
-from pkcs11ws.log import DEBUG3, DEBUG9, ERROR, LOG, WARNING, Logger
+from pkcs11ws.log import DEBUG1, DEBUG3, DEBUG9, ERROR, LOG, WARNING, Logger
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
@@ -104,6 +107,49 @@ def _new_idempotency_key() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+class PendingKeys:
+    """Idempotency keys of requests that got no answer, by (operation, path, body digest).
+
+    Shared by the clients of one process (the module's survives C_Finalize/C_Initialize). A key
+    is taken out while a request uses it (so two threads never share one) and dropped once a
+    request with it succeeds. The service remembers a key for its idempotency_ttl (24 h by
+    default); a key kept longer is harmless: the service then treats it as new. Bounded: the
+    oldest keys go first.
+    """
+
+    MAX = 256
+    MAX_AGE = 24 * 3600.0
+
+    def __init__(self) -> None:
+        self._keys: dict[tuple[str, str, bytes], tuple[str, float]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    @staticmethod
+    def slot(op: str, path: str, data: bytes | None) -> tuple[str, str, bytes]:
+        import hashlib  # only after a failure: kept out of start-up
+
+        return op, path, hashlib.sha256(data or b"").digest()
+
+    def take(self, slot: tuple[str, str, bytes]) -> str | None:
+        found = self._keys.pop(slot, None)  # atomic under the GIL
+        if found is None or found[1] < time.monotonic() - self.MAX_AGE:
+            return None
+        return found[0]
+
+    def keep(self, slot: tuple[str, str, bytes], key: str) -> None:
+        while len(self._keys) >= self.MAX:
+            try:
+                del self._keys[next(iter(self._keys))]
+            except (StopIteration, KeyError, RuntimeError):  # emptied by another thread
+                break
+        self._keys[slot] = (key, time.monotonic())
+
+    def clear(self) -> None:
+        self._keys.clear()
+
+
 def _canonical_b64(value: object) -> bytes | None:
     """value decoded when it is canonical strict base64 (as protocol.b64d accepts), else None."""
     if type(value) is not str:
@@ -128,9 +174,14 @@ class KeyServiceClient:
     """Talks to one key service (HOST:PORT of a Config) with mutual TLS."""
 
     def __init__(
-        self, cfg: Config, logger: Logger | None = None, transport: Transport | None = None
+        self,
+        cfg: Config,
+        logger: Logger | None = None,
+        transport: Transport | None = None,
+        pending: PendingKeys | None = None,
     ) -> None:
         self.cfg = cfg
+        self.pending = pending if pending is not None else PendingKeys()
         self.log = logger if logger is not None else LOG
         self.transport = transport if transport is not None else Transport(cfg)
         self.maxretries = cfg.maxretries
@@ -146,6 +197,7 @@ class KeyServiceClient:
 
     def reset_after_fork(self) -> None:
         self.transport.reset_after_fork()
+        self.pending.clear()  # the parent may retry with them: the child must not
 
     def close(self) -> None:
         self.transport.close()
@@ -191,10 +243,33 @@ class KeyServiceClient:
         data: bytes | None = None
         if spec.has_body:
             data = _dumps(protocol.encode(spec.request, body or {})).encode()
+        slot: tuple[str, str, bytes] | None = None
+        reused = False
         if spec.idempotent and idempotency_key is None:
-            idempotency_key = _new_idempotency_key()
-        headers = self._headers(token, idempotency_key)
-        status, raw = self._send(spec, path, data, headers)
+            if self.pending:
+                slot = PendingKeys.slot(op, path, data)
+                idempotency_key = self.pending.take(slot)
+                reused = idempotency_key is not None
+                if reused and self.log.enabled(DEBUG1):
+                    self.log.debug1(f"{op}: reusing the Idempotency-Key of an unanswered request")
+            if idempotency_key is None:
+                idempotency_key = _new_idempotency_key()
+            try:
+                status, raw = self._send(spec, path, data, self._headers(token, idempotency_key))
+            except PKCS11Error as e:
+                # Without an answer (or with a 5xx) the service may have committed an attempt:
+                # the same request again must carry this key to get that answer back. A key
+                # kept from such a failure stays kept through later refusals (e.g. a login
+                # that ended in between).
+                if (
+                    reused
+                    or isinstance(e, TransportError)
+                    or (isinstance(e, ServiceError) and e.http >= 500)
+                ):
+                    self.pending.keep(slot or PendingKeys.slot(op, path, data), idempotency_key)
+                raise
+        else:
+            status, raw = self._send(spec, path, data, self._headers(token, idempotency_key))
         if status == 204 or (not raw and spec.response.name == "Empty"):
             return {}
         return self._decode(spec, status, raw)

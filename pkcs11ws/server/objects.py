@@ -2,14 +2,15 @@
 
 The rules (WSOP user guide 6.4): only token, private objects (CKA_TOKEN / CKA_PRIVATE true if
 given), except that an X.509 certificate may be public (CKA_PRIVATE false: what pkcs11-tool
-writes and what OpenSSL looks up before login); CKA_DERIVE, CKA_EXTRACTABLE, CKA_COPYABLE,
+writes and what OpenSSL looks up before login); CKA_DERIVE, CKA_EXTRACTABLE,
 CKA_TRUSTED, CKA_UNWRAP, CKA_WRAP and CKA_WRAP_WITH_TRUSTED false if given; for keys
-CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE, CKA_LOCAL and CKA_SENSITIVE true if given. An
+CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE, CKA_LOCAL and CKA_SENSITIVE true if given (an
+imported key reads the first three back false, so there they may only be given false). An
 attribute the class does not have is ATTRIBUTE_TYPE_INVALID. Objects can always be destroyed.
 
 After creation only the names change: CKA_LABEL and CKA_ID (C_SetAttributeValue), and a copy
-(C_CopyObject) may take new ones. So CKA_MODIFIABLE and CKA_COPYABLE are true unless the
-template asked for false (the WSOP rule above), and such an object refuses both.
+(C_CopyObject) may take new ones. CKA_MODIFIABLE and CKA_COPYABLE are true unless the template
+asked for false, and an object that reads false refuses the rename or the copy.
 """
 
 from __future__ import annotations
@@ -48,8 +49,13 @@ CLASS_NAMES: Final = {C.CKO_DATA: "data", C.CKO_CERTIFICATE: "certificate",
                       C.CKO_SECRET_KEY: "secret key"}  # fmt: skip
 _MUST_TRUE: Final = ("CKA_TOKEN", "CKA_PRIVATE", "CKA_DESTROYABLE")
 RENAMABLE: Final = ("CKA_LABEL", "CKA_ID")  # what C_SetAttributeValue may change
-_MUST_FALSE: Final = ("CKA_DERIVE", "CKA_EXTRACTABLE", "CKA_COPYABLE", "CKA_TRUSTED", "CKA_UNWRAP",
-                      "CKA_WRAP", "CKA_WRAP_WITH_TRUSTED", "CKA_MODIFIABLE")  # fmt: skip
+# CKA_COPYABLE and CKA_MODIFIABLE may be given either way: what an object reads back is what
+# C_CopyObject and C_SetAttributeValue enforce (the WSOP list has CKA_COPYABLE for a library
+# that cannot copy).
+_MUST_FALSE: Final = ("CKA_DERIVE", "CKA_EXTRACTABLE", "CKA_TRUSTED", "CKA_UNWRAP", "CKA_WRAP",
+                      "CKA_WRAP_WITH_TRUSTED")  # fmt: skip
+# An imported key was not always sensitive, may have been extracted and was not made here.
+_IMPORTED_FALSE: Final = ("CKA_ALWAYS_SENSITIVE", "CKA_NEVER_EXTRACTABLE", "CKA_LOCAL")
 _KEY_MUST_TRUE: Final = ("CKA_ALWAYS_SENSITIVE", "CKA_NEVER_EXTRACTABLE", "CKA_LOCAL",
                          "CKA_SENSITIVE")  # fmt: skip
 _USAGE: Final = ("CKA_ENCRYPT", "CKA_DECRYPT", "CKA_SIGN", "CKA_VERIFY")
@@ -217,8 +223,12 @@ def _certificate(t: Attrs, attrs: Attrs) -> NewObject:
 
 
 def _key_attrs(t: Attrs, attrs: Attrs, key_type: int, value: bytes, gen_mech: int) -> Attrs:
+    local = gen_mech != C.CK_UNAVAILABLE_INFORMATION
     for name in _KEY_MUST_TRUE:
-        if t.get(name, True) is not True:
+        if not local and name in _IMPORTED_FALSE:
+            if t.get(name, False) is not False:
+                raise _inconsistent(f"{name} must be false for an imported key")
+        elif t.get(name, True) is not True:
             raise _inconsistent(f"{name} must be true for keys")
     mac = key_type != C.CKK_AES
     attrs.update(
@@ -228,7 +238,7 @@ def _key_attrs(t: Attrs, attrs: Attrs, key_type: int, value: bytes, gen_mech: in
             "CKA_START_DATE": _bytes(t, "CKA_START_DATE"),
             "CKA_END_DATE": _bytes(t, "CKA_END_DATE"),
             "CKA_DERIVE": False,
-            "CKA_LOCAL": gen_mech != C.CK_UNAVAILABLE_INFORMATION,
+            "CKA_LOCAL": local,
             "CKA_KEY_GEN_MECHANISM": gen_mech,
             "CKA_SENSITIVE": True,
             "CKA_ENCRYPT": t.get("CKA_ENCRYPT", not mac),
@@ -238,8 +248,8 @@ def _key_attrs(t: Attrs, attrs: Attrs, key_type: int, value: bytes, gen_mech: in
             "CKA_WRAP": False,
             "CKA_UNWRAP": False,
             "CKA_EXTRACTABLE": False,
-            "CKA_ALWAYS_SENSITIVE": True,
-            "CKA_NEVER_EXTRACTABLE": True,
+            "CKA_ALWAYS_SENSITIVE": local,
+            "CKA_NEVER_EXTRACTABLE": local,
             "CKA_CHECK_VALUE": _check_value_given(t, check_value(key_type, value)),
             "CKA_WRAP_WITH_TRUSTED": False,
             "CKA_TRUSTED": False,
@@ -263,8 +273,6 @@ def _imported_key(t: Attrs, attrs: Attrs) -> NewObject:
         raise ApiError("KEY_SIZE_RANGE", f"a {len(value)}-byte key is not allowed for this type")
     if t.get("CKA_VALUE_LEN", len(value)) != len(value):
         raise _inconsistent("CKA_VALUE_LEN does not match the length of CKA_VALUE")
-    if "CKA_LOCAL" in t:
-        raise _inconsistent("CKA_LOCAL cannot be set on an imported key")
     if t.get("CKA_KEY_GEN_MECHANISM", C.CK_UNAVAILABLE_INFORMATION) != C.CK_UNAVAILABLE_INFORMATION:
         raise _inconsistent("CKA_KEY_GEN_MECHANISM cannot be set on an imported key")
     _key_attrs(t, attrs, key_type, value, C.CK_UNAVAILABLE_INFORMATION)
