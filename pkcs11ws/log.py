@@ -3,12 +3,14 @@
 Levels: 0 None, 1 Fatal, 2 Error, 3 Warning, 4 Debug1, 5 Debug3, 6 Debug9; a message at level L is
 written when L <= LOGLEVEL. Each line starts with
 
-    [yyyy-mm-dd hh:mm:ss] <pid> <LEVEL> <session handle> libpkcs11ws: message
+    [yyyy-mm-dd hh:mm:ss] <pid> <LEVEL> <session handle> <library>: message
 
-and at DEBUG9 the thread ID follows the PID. The session handle is the one the calling thread
-works for (set_session(), called by the core before it reaches the provider; 0 outside a
-session). The log is off until configure() is called, and the level check is one comparison, so
-callers on the hot path pay nearly nothing when it is off.
+where <library> is the name of the file the host loaded the module as, without ".so"
+(libpkcs11webservices when loaded as libpkcs11webservices.so, the WSOP name; libpkcs11ws by
+default and outside a host), and at DEBUG9 the thread ID follows the PID. The session handle
+is the one the calling thread works for (set_session(), called by the core before it reaches
+the provider; 0 outside a session). The log is off until configure() is called, and the level
+check is one comparison, so callers on the hot path pay nearly nothing when it is off.
 
 Lines are written with one os.write() each: appends from several processes do not interleave, and
 nothing is buffered that a fork() could duplicate. There is deliberately no helper that formats a
@@ -28,7 +30,7 @@ from pkcs11ws.config import Config, log_settings
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:  # annotations only: typing costs ~2.5 ms and ~1.9 MB at start-up
-    from typing import Final
+    from typing import Any, Final
 
 NONE, FATAL, ERROR, WARNING, DEBUG1, DEBUG3, DEBUG9 = range(7)
 LEVEL_NAMES: Final = ("NONE", "FATAL", "ERROR", "WARNING", "DEBUG1", "DEBUG3", "DEBUG9")
@@ -91,7 +93,7 @@ class Logger:
             self._stdout = stdout
             want_syslog = use_syslog and level > NONE
             if want_syslog and not self._syslog:
-                syslog.openlog(LIBRARY_NAME, syslog.LOG_PID, syslog.LOG_USER)
+                syslog.openlog(_library_name(), syslog.LOG_PID, syslog.LOG_USER)
             elif self._syslog and not want_syslog:
                 syslog.closelog()
             self._syslog = want_syslog
@@ -109,7 +111,7 @@ class Logger:
                 with suppress(OSError):
                     os.write(
                         2,
-                        f"{LIBRARY_NAME}: WARNING: cannot open log file {path}: {e.strerror}; "
+                        f"{_library_name()}: WARNING: cannot open log file {path}: {e.strerror}; "
                         "logging to it is disabled\n".encode(errors="replace"),
                     )
 
@@ -150,10 +152,11 @@ class Logger:
             session = getattr(_tls, "session", 0)
         now = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         name = LEVEL_NAMES[level]
+        lib = _library_name()
         if level == DEBUG9:
-            head = f"{os.getpid()} {threading.get_native_id()} {name} {session} {LIBRARY_NAME}"
+            head = f"{os.getpid()} {threading.get_native_id()} {name} {session} {lib}"
         else:
-            head = f"{os.getpid()} {name} {session} {LIBRARY_NAME}"
+            head = f"{os.getpid()} {name} {session} {lib}"
         body = f"{head}: {_one_line(msg)}"
         data = f"[{now}] {body}\n".encode(errors="replace")
         with self._lock:
@@ -193,6 +196,56 @@ class Logger:
 
 
 LOG: Final = Logger()
+_loaded_as: list[str] = []
+
+
+def _library_name() -> str:
+    """The name the host loaded the module's file as (a symlink keeps its own name), found
+    once, on the first line written: the loaded objects whose file is the built loader."""
+    if _loaded_as:
+        return _loaded_as[0]
+    name = LIBRARY_NAME
+    with suppress(Exception):  # best effort: the log must never fail for its header
+        name = _find_loaded_name() or LIBRARY_NAME
+    _loaded_as.append(name)
+    return name
+
+
+def _find_loaded_name() -> str | None:
+    import ctypes
+
+    ours = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native", "libpkcs11ws.so")
+    try:
+        st = os.stat(ours)
+    except OSError:
+        return None
+    target = (st.st_dev, st.st_ino)
+    found: list[str] = []
+
+    class DlPhdrInfo(ctypes.Structure):
+        _fields_ = [("addr", ctypes.c_void_p), ("name", ctypes.c_char_p)]
+
+    callback_t = ctypes.CFUNCTYPE(
+        ctypes.c_int, ctypes.POINTER(DlPhdrInfo), ctypes.c_size_t, ctypes.c_void_p
+    )
+
+    def visit(info: Any, size: int, data: object) -> int:
+        raw = info.contents.name
+        if raw:
+            path = os.fsdecode(raw)
+            with suppress(OSError):
+                s = os.stat(path)
+                if (s.st_dev, s.st_ino) == target:
+                    found.append(os.path.basename(path))
+                    return 1
+        return 0
+
+    libc = ctypes.CDLL(None)
+    libc.dl_iterate_phdr(callback_t(visit), None)
+    if not found:
+        return None
+    base = found[0]
+    return base[:-3] if base.endswith(".so") else base
 
 
 def report_config_error(message: str, config_path: str | None) -> None:
@@ -203,12 +256,13 @@ def report_config_error(message: str, config_path: str | None) -> None:
     administrator looks at, not only the host's stderr.
     """
     level, path, stdout, use_syslog = log_settings(config_path)
-    if level < ERROR:
+    if level < FATAL:
         return
     logger = Logger()
     try:
         logger.apply(level, path, stdout, use_syslog)
-        logger.error(message)
+        # FATAL: the module cannot work at all, so even LOGLEVEL 1 says why.
+        logger.fatal(message)
     finally:
         logger.close()
 

@@ -134,7 +134,7 @@ def test_invalid_value_is_general_error_on_stderr_and_in_the_log(
     want = f"C_Initialize: {cfg}:{lineno}: {key}: "
     assert f"libpkcs11ws: {want}" in err and reason in err, err
     lines = read_log(log)
-    assert [(ln.level, ln.pid) for ln in lines] == [("ERROR", os.getpid())], lines
+    assert [(ln.level, ln.pid) for ln in lines] == [("FATAL", os.getpid())], lines
     assert lines[0].msg.startswith(want) and reason in lines[0].msg
     # A valid configuration works right after.
     assert mod.initialize(str(service.client_cfg)) == C.CKR_OK

@@ -35,7 +35,7 @@ from pkcs11ws.config import DEFAULT_PATH, ENV_CONFIG, Config, load_config
 from pkcs11ws.errors import ConfigError
 from pkcs11ws.tools import ckfmt, selftest
 from pkcs11ws.tools.ckabi import CKError, Library, LoadError
-from pkcs11ws.tools.common import UsageError, default_library, err, read_passphrase
+from pkcs11ws.tools.common import UsageError, default_library, err, pipe_safe, read_passphrase
 
 PROG = "ckcheckinst"
 # Set by the launchers `python -m pkcs11ws install` writes, when they chose the config file.
@@ -413,6 +413,7 @@ def run_checks(args: argparse.Namespace, passphrase: bytes | None, out: TextIO) 
     return rep
 
 
+@pipe_safe
 def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog=PROG,

@@ -14,7 +14,7 @@ import sys
 from pkcs11ws import __version__
 from pkcs11ws.tools import ckfmt
 from pkcs11ws.tools.ckabi import CKError, Library, LoadError, TokenInfo
-from pkcs11ws.tools.common import err, library_or_default
+from pkcs11ws.tools.common import err, library_or_default, pipe_safe
 
 PROG = "ckinfo-dynamic"
 
@@ -78,6 +78,7 @@ def run(lib: Library) -> None:
             print("  Token             (not present)")
 
 
+@pipe_safe
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description="Print the PKCS#11 module's information "
                                  "and that of every slot and token.")  # fmt: skip

@@ -21,7 +21,7 @@ from pkcs11ws import constants as C
 from pkcs11ws.tools import ckfmt
 from pkcs11ws.tools.ckabi import CKError, Library, LoadError, Session
 from pkcs11ws.tools.ckinfo import library_argument
-from pkcs11ws.tools.common import UsageError, err, library_or_default, read_passphrase
+from pkcs11ws.tools.common import UsageError, err, library_or_default, pipe_safe, read_passphrase
 
 PROG = "cklist-dynamic"
 # Shown first, in this order; then every other named attribute in code order.
@@ -81,6 +81,7 @@ def run(lib: Library, args: argparse.Namespace, stdin: TextIO) -> int:
     return 0
 
 
+@pipe_safe
 def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description="List the objects of each token with "
                                  "their attributes.")  # fmt: skip

@@ -4,7 +4,10 @@
 
 Without --slot: the first slot with a token (else the first slot). Key sizes are as the module
 reports them (bytes for AES and HMAC keys, bits for RSA and EC keys, per the standard).
-Exit status 0, 1 when a PKCS#11 call fails or there is no slot, 2 on a usage or load error.
+A pkcs11ws module with no slot (a key service with no softcard yet) has nothing to ask, so its
+mechanisms are listed from the table the module itself answers from (pkcs11ws.mechanisms).
+Exit status 0, 1 when a PKCS#11 call fails or another module has no slot, 2 on a usage or load
+error.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 from pkcs11ws.tools import ckfmt
 from pkcs11ws.tools.ckabi import CKError, Library, LoadError
 from pkcs11ws.tools.ckinfo import library_argument
-from pkcs11ws.tools.common import err, library_or_default
+from pkcs11ws.tools.common import err, library_or_default, pipe_safe
 
 PROG = "ckmechinfo"
 
@@ -30,22 +33,39 @@ def pick_slot(lib: Library, wanted: int | None) -> int | None:
     return every[0] if every else None
 
 
+HEADER = f"{'Mechanism':<28} {'Code':>10} {'Min key':>8} {'Max key':>8}  Flags"
+
+
+def _row(code: int, min_key: int, max_key: int, flags: int) -> str:
+    return (f"{ckfmt.mechanism_name(code):<28} 0x{code:08X} {min_key:>8} {max_key:>8}  "
+            f"{ckfmt.flags(flags, ckfmt.MECHANISM_FLAGS)}")  # fmt: skip
+
+
 def run(lib: Library, wanted: int | None) -> int:
     slot = pick_slot(lib, wanted)
+    if slot is None and lib.info().manufacturer == "pkcs11ws":
+        from pkcs11ws import mechanisms
+
+        print(f"Mechanisms of {lib.path} (no slot: no softcard on the key service yet; "
+              f"from the module's mechanism table): {len(mechanisms.MECHANISMS)}")  # fmt: skip
+        print(HEADER)
+        for row in mechanisms.MECHANISMS:
+            print(_row(row.code, row.min_key, row.max_key, row.flags))
+        return 0
     if slot is None:
         err(PROG, "the module has no slots (pkcs11ws shows one slot per softcard: create one "
                   "with `softcardtool -g --name=NAME`)")  # fmt: skip
         return 1
     mechs = lib.mechanisms(slot)
     print(f"Mechanisms of slot {slot} of {lib.path}: {len(mechs)}")
-    print(f"{'Mechanism':<28} {'Code':>10} {'Min key':>8} {'Max key':>8}  Flags")
+    print(HEADER)
     for m in mechs:
         mi = lib.mechanism_info(slot, m)
-        print(f"{ckfmt.mechanism_name(m):<28} 0x{m:08X} {mi.min_key:>8} {mi.max_key:>8}  "
-              f"{ckfmt.flags(mi.flags, ckfmt.MECHANISM_FLAGS)}")  # fmt: skip
+        print(_row(m, mi.min_key, mi.max_key, mi.flags))
     return 0
 
 
+@pipe_safe
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description="List the mechanisms a PKCS#11 slot "
                                  "supports, with their flags and key sizes.")  # fmt: skip

@@ -6,12 +6,16 @@ one line is read from standard input (so scripts can pipe them in).
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 import sys
-from typing import TextIO
+from collections.abc import Callable
+from typing import ParamSpec, TextIO
 
 from pkcs11ws import protocol
+
+P = ParamSpec("P")
 
 
 class UsageError(Exception):
@@ -54,3 +58,25 @@ def library_or_default(path: str | None) -> str:
 
 def err(prog: str, message: str) -> None:
     print(f"{prog}: {message}", file=sys.stderr)
+
+
+def pipe_safe(main: Callable[P, int]) -> Callable[P, int]:
+    """A tool's main() that ends quietly when its reader goes away (`ckmechinfo | head`).
+
+    The remaining output goes to /dev/null, so neither the tool nor the interpreter's final
+    flush prints a BrokenPipeError traceback; the status is 141 (128 + SIGPIPE), as for a C tool.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> int:
+        try:
+            rv = main(*args, **kwargs)
+            sys.stdout.flush()
+            return rv
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return 141
+
+    return wrapper

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TextIO
 from pkcs11ws import __version__, protocol
 from pkcs11ws.config import DEFAULT_PATH, ENV_CONFIG
 from pkcs11ws.errors import ConfigError, PKCS11Error, ServiceError
-from pkcs11ws.tools.common import UsageError, err, read_passphrase
+from pkcs11ws.tools.common import UsageError, err, pipe_safe, read_passphrase
 
 if TYPE_CHECKING:
     from pkcs11ws.client.api import KeyServiceClient
@@ -96,6 +96,7 @@ def parse(argv: list[str]) -> dict[str, object]:
     return opts
 
 
+@pipe_safe
 def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     stdin = stdin or sys.stdin
