@@ -7,9 +7,13 @@ PKCS11Error (with the CKR to return); the core's one funnel maps any other excep
 - Slots: one per softcard, numbered 1, 2, ... in the order the process first sees each card and
   stable for the life of the process (the WSOP guide: slot IDs are not the service's numbers).
   A card deleted on the service keeps its slot with no token present.
-- Login: per slot, shared by every session of the process (the standard's model). The state is
-  an activation token from the service; its presence is mirrored into the core so that C_*Init
-  and C_GetSessionInfo need no Python. An answer NOT_ACTIVATED (expired or revoked) logs out.
+- Login: per slot, shared by every session of the process (the standard's model). The token's
+  CKF_USER_PIN_COUNT_LOW / FINAL_TRY / LOCKED flags come from the service's count of wrong
+  passphrases, as of this process's last C_GetSlotList or C_Login on the slot (C_GetTokenInfo
+  costs no round trip; another process's wrong passphrases show after the next C_GetSlotList).
+  The state is an activation token from the service; its presence is mirrored into the core so
+  that C_*Init and C_GetSessionInfo need no Python. An answer NOT_ACTIVATED (expired or
+  revoked) logs out.
 - Objects: handles are the core's (1, 2, ...), stable within the process, mapped here to the
   service's UUIDs with each object's attributes cached from the answer that produced them, so
   C_GetAttributeValue after C_FindObjects costs no round trip.
@@ -57,6 +61,8 @@ class Native(Protocol):
 
     def slot_set_login(self, slot_id: int, logged_in: bool) -> None: ...
 
+    def slot_set_pin_flags(self, slot_id: int, flags: int) -> None: ...
+
     def object_put(
         self, handle: int, slot_id: int, cls: int, key_type: int, encrypt: bool, decrypt: bool,
         sign: bool, verify: bool,
@@ -71,6 +77,7 @@ class Slot:
     card: str  # the softcard's UUID on the service
     name: str
     present: bool = True
+    pin_flags: int = 0
 
 
 @dataclass()
@@ -112,6 +119,20 @@ class _refusal:
     def __exit__(self, kind: object, e: BaseException | None, tb: object) -> None:
         if isinstance(e, PKCS11Error):
             LOG.debug1(f"{self.fn}: template refused, {C.ckr_name(e.ckr)}: {e.message}")
+
+
+def pin_flags(card: dict[str, Any]) -> int:
+    """The token's CKF_USER_PIN_* flags from a softcard as the service describes it."""
+    failures: int = card.get("failures", 0)
+    threshold: int = card.get("failure_threshold", 0)
+    flags = 0
+    if failures > 0:
+        flags |= C.CKF_USER_PIN_COUNT_LOW
+    if card.get("locked_for", 0) > 0:
+        flags |= C.CKF_USER_PIN_LOCKED
+    elif threshold and failures >= threshold - 1:
+        flags |= C.CKF_USER_PIN_FINAL_TRY  # the next wrong passphrase locks the card
+    return flags
 
 
 def _usage(attrs: Attrs) -> tuple[bool, bool, bool, bool]:
@@ -180,6 +201,7 @@ class Provider:
                 slot = self.dir.slots[sid]
                 slot.name = card["name"]
                 slot.present = True
+                slot.pin_flags = pin_flags(card)
             for slot in self.dir.slots.values():
                 if slot.card not in seen:
                     slot.present = False
@@ -191,6 +213,7 @@ class Provider:
             self.native.slot_update(slot.slot_id, slot.present, name[:32],
                                     b"pkcs11ws softcard " + name,
                                     slot.card.replace("-", "").encode("ascii")[:16])  # fmt: skip
+            self.native.slot_set_pin_flags(slot.slot_id, slot.pin_flags)
         LOG.debug3(f"C_GetSlotList: {len(cards)} softcards")
 
     def _slot(self, slot_id: int) -> Slot:
@@ -216,10 +239,25 @@ class Provider:
             except ServiceError as e:
                 if e.ckr in (C.CKR_PIN_INCORRECT, C.CKR_PIN_LOCKED):
                     LOG.warning(f"C_Login: softcard {slot.name}: {e.message}")
+                    self._update_pin_flags(slot)
                 raise
             with self._lock:
                 self.tokens[slot_id] = token
+        if slot.pin_flags:
+            slot.pin_flags = 0  # a good passphrase resets the service's count
+            self.native.slot_set_pin_flags(slot_id, 0)
         LOG.debug1(f"C_Login: softcard {slot.name} activated for {expires} s")
+
+    def _update_pin_flags(self, slot: Slot) -> None:
+        """After a wrong passphrase: the count as the service now has it, for C_GetTokenInfo
+        (one request on this failure path only; C_GetTokenInfo itself never asks)."""
+        try:
+            card = self._quick_client().get_softcard(slot.card)
+        except PKCS11Error as e:
+            LOG.debug1(f"C_Login: softcard {slot.name}: passphrase count not read ({e})")
+            return
+        slot.pin_flags = pin_flags(card)
+        self.native.slot_set_pin_flags(slot.slot_id, slot.pin_flags)
 
     def logout(self, slot_id: int) -> None:
         with self._lock:
@@ -233,14 +271,17 @@ class Provider:
             slot = self.dir.slots.get(slot_id)
         if slot is None:
             return
-        if self._quick is None:
-            quick = _lite.replace(self.cfg, maxretries=0)
-            self._quick = KeyServiceClient(quick, transport=self.client.transport, pending=PENDING)
         try:
-            self._quick.deactivate(slot.card, token)
+            self._quick_client().deactivate(slot.card, token)
         except PKCS11Error as e:
             # The token expires on its own; the local state is logged out either way.
             LOG.warning(f"logout of softcard {slot.name}: {e}")
+
+    def _quick_client(self) -> KeyServiceClient:
+        if self._quick is None:
+            quick = _lite.replace(self.cfg, maxretries=0)
+            self._quick = KeyServiceClient(quick, transport=self.client.transport, pending=PENDING)
+        return self._quick
 
     def _forget_login(self, slot_id: int) -> None:
         with self._lock:

@@ -186,6 +186,15 @@ def slot_set_login(slot_id: int, logged_in: bool) -> None:
     _slot_set_login(slot_id, 1 if logged_in else 0)
 
 
+def slot_set_pin_flags(slot_id: int, flags: int) -> None:
+    """The token's CKF_USER_PIN_* flags (wrong passphrases counted by the key service)."""
+    cdef CK_ULONG sid = slot_id
+    pthread_mutex_lock(&g_slot_lock)
+    if 1 <= sid <= g_nslots:
+        g_slots[sid - 1].pin_flags = flags
+    pthread_mutex_unlock(&g_slot_lock)
+
+
 def object_put(handle: int, slot_id: int, cls: int, key_type: int, encrypt: bool,
                decrypt: bool, sign: bool, verify: bool) -> int:
     """Record an object (handle 0: allocate one); returns its handle."""
@@ -498,7 +507,7 @@ cdef CK_RV f_GetTokenInfo(CK_SLOT_ID slotID, CK_TOKEN_INFO_PTR pInfo) noexcept n
     _pad(pInfo.model, 16, <const unsigned char*>b"WSOP softcard", 13)
     memcpy(pInfo.serialNumber, row.serial, 16)
     pInfo.flags = (CKF_RNG | CKF_LOGIN_REQUIRED | CKF_USER_PIN_INITIALIZED
-                   | CKF_TOKEN_INITIALIZED)
+                   | CKF_TOKEN_INITIALIZED | row.pin_flags)
     pInfo.ulMaxSessionCount = CK_EFFECTIVELY_INFINITE
     pInfo.ulSessionCount = row.sessions
     pInfo.ulMaxRwSessionCount = CK_EFFECTIVELY_INFINITE

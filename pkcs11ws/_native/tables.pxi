@@ -88,6 +88,7 @@ cdef struct SlotRow:
     int known
     int present
     int logged_in
+    CK_FLAGS pin_flags  # CKF_USER_PIN_COUNT_LOW/FINAL_TRY/LOCKED, as the provider last saw
     CK_ULONG sessions
     CK_ULONG rw_sessions
     CK_UTF8CHAR label[32]

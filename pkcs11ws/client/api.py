@@ -418,6 +418,9 @@ class KeyServiceClient:
         result: list[dict[str, Any]] = self.call("list_softcards")["softcards"]
         return result
 
+    def get_softcard(self, card: str) -> dict[str, Any]:
+        return self.call("get_softcard", path_params={"card": card})
+
     def create_softcard(self, name: str, passphrase: bytes) -> dict[str, Any]:
         return self.call("create_softcard", body={"name": name, "passphrase": passphrase})
 

@@ -203,11 +203,14 @@ class Service:
     async def health(self, req: Request) -> Response:
         return ok("Health", {"status": "ok", "version": __version__, "protocol": protocol.VERSION})
 
-    @staticmethod
-    def _card_json(card: CardRow, counts: CardCounts) -> dict[str, Any]:
+    def _card_json(self, card: CardRow, counts: CardCounts) -> dict[str, Any]:
+        # The wrong-passphrase count lets the module set the token's CKF_USER_PIN_* flags.
+        locked_for = max(0, math.ceil(card.locked_until - time.time()))
         return {"id": card.id, "name": card.name, "keys": counts.keys,
                 "certificates": counts.certificates, "data": counts.data,
-                "created": card.created}  # fmt: skip
+                "created": card.created, "failures": card.failures,
+                "failure_threshold": self.settings.lockout_threshold,
+                "locked_for": locked_for}  # fmt: skip
 
     def _card(self, card_id: str) -> CardRow:
         card = self.store.card_get(card_id)
