@@ -4,9 +4,10 @@ The core (pkcs11ws/_native/core.pyx) calls a Provider with the GIL, at most once
 operation, and only for what needs the key service or a policy decision. Everything here raises
 PKCS11Error (with the CKR to return); the core's one funnel maps any other exception.
 
-- Slots: one per softcard, numbered 1, 2, ... in the order the process first sees each card and
-  stable for the life of the process (the WSOP guide: slot IDs are not the service's numbers).
-  A card deleted on the service keeps its slot with no token present.
+- Slots: one per softcard (token label: token_label(), unique even for long names), numbered
+  1, 2, ... in the order the process first sees each card and stable for the life of the
+  process (the WSOP guide: slot IDs are not the service's numbers). A card deleted on the
+  service keeps its slot with no token present.
 - Login: per slot, shared by every session of the process (the standard's model). The token's
   CKF_USER_PIN_COUNT_LOW / FINAL_TRY / LOCKED flags come from the service's count of wrong
   passphrases, as of this process's last C_GetSlotList or C_Login on the slot (C_GetTokenInfo
@@ -121,6 +122,24 @@ class _refusal:
             LOG.debug1(f"{self.fn}: template refused, {C.ckr_name(e.ckr)}: {e.message}")
 
 
+LABEL_LEN = 32  # CK_TOKEN_INFO.label
+_LONG_PREFIX = 23
+
+
+def token_label(name: str) -> bytes:
+    """The token label of a softcard: its name when it fits the 32 bytes, else the first 23
+    characters, "~" and 8 hex digits of the SHA-256 of the whole name. Names are letters and
+    digits, so a shortened label never equals a name, and two names sharing their first 32
+    characters get different labels (the same in every process, as it depends on the name only).
+    The slot description carries the whole name."""
+    raw = name.encode("utf-8", "replace")
+    if len(raw) <= LABEL_LEN:
+        return raw
+    import hashlib  # names over 32 characters only: kept out of start-up
+
+    return raw[:_LONG_PREFIX] + b"~" + hashlib.sha256(raw).hexdigest()[:8].encode("ascii")
+
+
 def pin_flags(card: dict[str, Any]) -> int:
     """The token's CKF_USER_PIN_* flags from a softcard as the service describes it."""
     failures: int = card.get("failures", 0)
@@ -210,8 +229,8 @@ class Provider:
             if not slot.present:
                 self._forget_login(slot.slot_id)
             name = slot.name.encode("utf-8", "replace")
-            self.native.slot_update(slot.slot_id, slot.present, name[:32],
-                                    b"pkcs11ws softcard " + name,
+            self.native.slot_update(slot.slot_id, slot.present, token_label(slot.name),
+                                    b"pkcs11ws softcard " + name if len(name) <= 46 else name,
                                     slot.card.replace("-", "").encode("ascii")[:16])  # fmt: skip
             self.native.slot_set_pin_flags(slot.slot_id, slot.pin_flags)
         LOG.debug3(f"C_GetSlotList: {len(cards)} softcards")

@@ -198,3 +198,43 @@ def test_utilities_quiet_when_piped_into_head(fresh_service):
         if reader != "true":
             assert r.stdout.startswith("Mechanisms of"), r.stdout
         assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr, r.stderr
+
+
+def test_token_labels_unique_when_names_share_32_characters(mod, service, tmp_path):
+    from p11ctypes import CK_SLOT_INFO, text
+
+    from pkcs11ws.provider import token_label
+
+    stem = "L" + uuid.uuid4().hex  # 33 characters: both names share more than 32
+    names = [stem + "a" * 31, stem + "b" * 31]  # 64 characters, the longest allowed
+    short = "s" + uuid.uuid4().hex[:12]
+    client = KeyServiceClient(load_config(str(service.client_cfg)))
+    for name in (*names, short):
+        client.create_softcard(name, b"a passphrase")
+    client.close()
+    assert mod.initialize(str(write_cfg(service, tmp_path / "p11.cfg"))) == C.CKR_OK
+    by_label = {text(mod.token_info(s).label): s for s in mod.slots()}
+    labels = [token_label(n).decode() for n in names]
+    assert labels[0] != labels[1] and all(len(lb) == 32 for lb in labels)
+    assert labels[0].startswith(stem[:23] + "~")
+    for name, label in zip(names, labels, strict=True):
+        info = CK_SLOT_INFO()
+        mod.ok("C_GetSlotInfo", by_label[label], byref(info))
+        assert text(info.slotDescription) == name  # the whole name
+    assert short in by_label  # names that fit are the label as they are
+
+
+def test_cklist_says_private_objects_need_login(fresh_service):
+    from tools_util import PASSPHRASE, generate, new_card
+
+    svc = fresh_service()
+    card = new_card(svc)
+    generate(svc, card, "CKM_AES_KEY_GEN", CKA_VALUE_LEN=16, CKA_LABEL=b"hidden")
+    env = service_env(svc)
+    r = tool("cklist", "--library", module_path(), "--token-label", card.name, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "0 object(s)" in r.stdout and "--login" in r.stdout and "hidden" not in r.stdout
+    r = tool("cklist", "--library", module_path(), "--token-label", card.name, "--login",
+             env=env, stdin=PASSPHRASE + "\n")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "1 object(s)" in r.stdout and "hidden" in r.stdout

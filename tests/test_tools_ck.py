@@ -203,7 +203,10 @@ def test_ckmechinfo_bad_slot(service, card):
 def test_cklist_our_module_without_login_sees_no_private_objects(service, card):
     res = tool("cklist", "--token-label", card.name, env=service_env(service))
     assert res.returncode == 0, res.stderr
-    assert f"token {card.name!r} (not logged in: public objects only)" in res.stdout
+    assert (
+        f"token {card.name!r} (not logged in: public objects only; private objects need --login)"
+        in res.stdout
+    )
     assert res.stdout.rstrip().endswith("0 object(s)")
 
 

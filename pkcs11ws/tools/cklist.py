@@ -7,7 +7,7 @@ CKR_ATTRIBUTE_TYPE_INVALID for those an object does not have: not shown), so val
 withholds show as <sensitive>. With --login it logs in to each listed token as the user first:
 the passphrase is prompted for without echo on a terminal, else one line per token is read from
 standard input; it never comes from argv. Without a login only public objects are visible (every
-pkcs11ws object is private).
+pkcs11ws key and data object is private), and the listing says that --login shows the others.
 Exit status 0, 1 when a PKCS#11 call fails, 2 on a usage or load error.
 """
 
@@ -66,7 +66,8 @@ def run(lib: Library, args: argparse.Namespace, stdin: TextIO) -> int:
         print("No tokens.")
     for slot, label in tokens:
         with lib.open_session(slot) as session:
-            state = "not logged in: public objects only"
+            # The WSOP tool prompts for the passphrase; this one says how to see the rest.
+            state = "not logged in: public objects only; private objects need --login"
             if args.login:
                 pin = read_passphrase(stdin, f"Passphrase for token {label!r}: ")
                 session.login(pin)
