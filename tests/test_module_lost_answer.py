@@ -1,4 +1,5 @@
-"""A create whose answer was lost and whose retries ran out is not made twice by a retry.
+"""A create whose answer was lost and whose retries ran out is not made twice by a retry (and a
+retried destroy is answered as the first one was).
 
 The service commits C_CreateObject (C_GenerateKey, C_CopyObject) but the answer never reaches the
 module (a real TCP relay between module and service drops it, then resets connections), so the
@@ -122,6 +123,13 @@ def test_retried_create_after_lost_answer_returns_the_first_object(mod, fresh_se
         )
         mod.create(h, data_template(label))  # a new random CKA_VALUE: other bytes
         assert object_count(svc, card) == base + 6
+
+        # C_DestroyObject: the service destroyed it, the answer was lost; the retry is answered
+        # as the first request was (CKR_OK), not CKR_OBJECT_HANDLE_INVALID.
+        assert lose(mod, relay, "C_DestroyObject", h, again) == C.CKR_DEVICE_ERROR
+        assert object_count(svc, card) == base + 5
+        assert mod.call("C_DestroyObject", h, again) == C.CKR_OK
+        assert mod.call("C_DestroyObject", h, again) == C.CKR_OBJECT_HANDLE_INVALID
     finally:
         relay.close()
 
