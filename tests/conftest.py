@@ -89,6 +89,7 @@ def init_dir(directory: Path, port: int, *extra: str) -> subprocess.CompletedPro
             str(port),
             "--scrypt-n",
             str(SCRYPT_N_TESTS),
+            *(() if "--admin-port" in extra else ("--admin-port", str(free_port()))),
             *extra,
         ],
         capture_output=True,

@@ -79,16 +79,49 @@ def test_init_writes_pki_and_configs(tmp_path):
 def test_init_refuses_overwrite_without_force(tmp_path):
     d = tmp_path / "kit"
     assert init_dir(d, 18124).returncode == 0
-    before = (d / "pki" / "ca.pem").read_bytes()
+    ca, master = (d / "pki" / "ca.pem").read_bytes(), (d / "master.key").read_bytes()
+    client = (d / "pki" / "client.pem").read_bytes()
     res = init_dir(d, 18125)
     assert res.returncode != 0
     assert "--force" in res.stderr
-    assert (d / "pki" / "ca.pem").read_bytes() == before
+    assert (d / "pki" / "ca.pem").read_bytes() == ca
     assert "PORT 18124" in (d / "pkcs11webservices.cfg").read_text()
+    # --force rewrites the configuration files but never replaces the CA or the master key.
     res = init_dir(d, 18125, "--force")
     assert res.returncode == 0, res.stderr
-    assert (d / "pki" / "ca.pem").read_bytes() != before
+    assert "kept" in res.stdout
     assert "PORT 18125" in (d / "pkcs11webservices.cfg").read_text()
+    assert (d / "pki" / "ca.pem").read_bytes() == ca
+    assert (d / "pki" / "client.pem").read_bytes() == client
+    assert (d / "master.key").read_bytes() == master
+    assert settings.load(d / "server.yaml").port == 18125
+
+
+def test_init_replaces_ca_and_master_key_only_when_told(tmp_path):
+    d = tmp_path / "kit"
+    assert init_dir(d, 18127).returncode == 0
+    ca, master = (d / "pki" / "ca.pem").read_bytes(), (d / "master.key").read_bytes()
+    # A lone master key or CA (no server.yaml) is refused too: init never replaces either.
+    (d / "server.yaml").unlink()
+    res = init_dir(d, 18127)
+    assert res.returncode != 0
+    assert "--replace-ca-and-master-key" in res.stderr
+    assert (d / "master.key").read_bytes() == master
+    assert not (d / "server.yaml").exists()
+    res = init_dir(d, 18127, "--replace-ca-and-master-key")
+    assert res.returncode == 0, res.stderr
+    assert (d / "pki" / "ca.pem").read_bytes() != ca
+    assert (d / "master.key").read_bytes() != master
+    assert stat.S_IMODE((d / "master.key").stat().st_mode) == 0o600
+
+
+def test_init_admin_port(tmp_path):
+    d = tmp_path / "kit"
+    assert init_dir(d, 18128, "--admin-port", "18200").returncode == 0
+    assert settings.load(d / "server.yaml").admin_port == 18200
+    res = init_dir(tmp_path / "k2", 18129, "--admin-port", "18129")
+    assert res.returncode != 0
+    assert "two different ports" in res.stderr
 
 
 def test_settings_relative_paths_and_defaults(tmp_path):

@@ -75,14 +75,19 @@ def _exit_zero(signum: int, frame: object) -> None:
 
 def _cmd_init(args: argparse.Namespace) -> int:
     try:
-        res = pki.init(Path(args.dir), port=args.port, force=args.force, scrypt_n=args.scrypt_n)
+        res = pki.init(Path(args.dir), port=args.port, force=args.force, scrypt_n=args.scrypt_n,
+                       replace_ca_and_master_key=args.replace_ca_and_master_key,
+                       admin_port=args.admin_port)  # fmt: skip
     except pki.InitError as exc:
         print(f"pkcs11ws-server init: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {res.server_yaml}")
     print(f"wrote {res.client_cfg}")
-    print(f"wrote {res.dir / 'pki'} (ca, server and client certificates and keys)")
-    print(f"wrote {res.dir / 'master.key'}")
+    print(
+        f"{'kept' if res.kept_pki else 'wrote'} {res.dir / 'pki'} "
+        "(ca, server and client certificates and keys)"
+    )
+    print(f"{'kept' if res.kept_master_key else 'wrote'} {res.dir / 'master.key'}")
     print(f"start with: pkcs11ws-server serve --config {res.server_yaml}")
     return 0
 
@@ -153,7 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("init", help="write a development PKI, master key and config files")
     i.add_argument("dir", help="folder to write into (created if missing)")
     i.add_argument("--port", type=int, default=settings_mod.DEFAULT_PORT)
-    i.add_argument("--force", action="store_true", help="overwrite an existing configuration")
+    i.add_argument("--admin-port", type=int, default=None,
+                   help="admin listener port on 127.0.0.1 (default: --port + 1)")  # fmt: skip
+    i.add_argument(
+        "--force",
+        action="store_true",
+        help="rewrite existing configuration files; keeps an existing CA and master key",
+    )
+    i.add_argument("--replace-ca-and-master-key", action="store_true",
+                   help="replace an existing CA and master key: keys stored under the old master "
+                   "key and certificates issued by the old CA become unusable")  # fmt: skip
     i.add_argument("--scrypt-n", type=int, default=settings_mod.DEFAULT_SCRYPT["n"],
                    help="scrypt cost for new softcards (lower only for tests)")  # fmt: skip
     i.set_defaults(func=_cmd_init)

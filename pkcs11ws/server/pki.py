@@ -40,6 +40,8 @@ class InitResult:
     ca: Path
     cert: Path
     key: Path
+    kept_pki: bool = False  # an existing CA (and what it issued) was kept
+    kept_master_key: bool = False
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -152,13 +154,14 @@ def q(path: Path) -> str:
     return json.dumps(str(path))
 
 
-def server_yaml(d: Path, port: int, scrypt_n: int) -> str:
+def server_yaml(d: Path, port: int, scrypt_n: int, admin_port: int) -> str:
     s = settings.DEFAULT_SCRYPT
     return f"""\
 # pkcs11ws key service configuration (written by `pkcs11ws-server init`).
 # Relative paths are relative to this file's folder.
 host: 127.0.0.1
 port: {port}
+admin_port: {admin_port}              # /healthz /readyz /metrics over plain HTTP on 127.0.0.1
 workers: 1                      # worker processes sharing one store (serve --workers overrides)
 tls:                            # TLS 1.2+; a client certificate signed by `ca` is required
   cert: {q(d / "pki" / "server.pem")}
@@ -207,22 +210,45 @@ RETRYDELAY 1
 
 
 def init(directory: Path, port: int = settings.DEFAULT_PORT, force: bool = False,
-         scrypt_n: int = settings.DEFAULT_SCRYPT["n"]) -> InitResult:  # fmt: skip
+         scrypt_n: int = settings.DEFAULT_SCRYPT["n"], replace_ca_and_master_key: bool = False,
+         admin_port: int | None = None) -> InitResult:  # fmt: skip
+    """Write the kit into `directory`.
+
+    `admin_port` defaults to `port` + 1. `force` rewrites the two configuration files but keeps
+    an existing CA (with the certificates it issued) and master key. Only `replace_ca_and_master_key` replaces those: a new master key
+    makes every stored softcard unreadable and a new CA invalidates every issued client
+    certificate, so that can never be a side effect of another flag.
+    """
     d = directory.expanduser().resolve()
     yaml_path = d / "server.yaml"
-    if yaml_path.exists() and not force:
-        raise InitError(f"{yaml_path} exists; use --force to overwrite the configuration")
-    if not 1 <= port <= 65535:
-        raise InitError(f"port {port} out of range")
+    ca, master = d / "pki" / "ca.pem", d / "master.key"
+    if yaml_path.exists() and not (force or replace_ca_and_master_key):
+        raise InitError(f"{yaml_path} exists; use --force to rewrite the configuration files "
+                        "(the CA and master key are kept)")  # fmt: skip
+    if admin_port is None:
+        admin_port = port + 1
+    if not 1 <= port <= 65535 or not 1 <= admin_port <= 65535 or port == admin_port:
+        raise InitError(f"ports {port} and {admin_port}: two different ports in 1-65535")
     if scrypt_n < 2 or scrypt_n & (scrypt_n - 1):
         raise InitError("scrypt n must be a power of two")
+    existing = [p for p in (ca, master) if p.exists()]
+    if existing and not force and not replace_ca_and_master_key:
+        raise InitError(
+            f"{', '.join(map(str, existing))} exist(s); use --force to keep them and write the "
+            "configuration files, or --replace-ca-and-master-key to replace them (stored keys "
+            "and issued certificates become unusable)"
+        )
     d.mkdir(parents=True, exist_ok=True)
     (d / "log").mkdir(exist_ok=True)
-    make_pki(d / "pki")
-    _write_private(d / "master.key", os.urandom(32))
-    yaml_path.write_text(server_yaml(d, port, scrypt_n), encoding="utf-8")
+    kept_pki = ca.exists() and not replace_ca_and_master_key
+    kept_master_key = master.exists() and not replace_ca_and_master_key
+    if not kept_pki:
+        make_pki(d / "pki")
+    if not kept_master_key:
+        _write_private(master, os.urandom(32))
+    yaml_path.write_text(server_yaml(d, port, scrypt_n, admin_port), encoding="utf-8")
     cfg = d / "pkcs11webservices.cfg"
     cfg.write_text(client_cfg(d, port), encoding="utf-8")
     settings.load(yaml_path)  # what we wrote must load
     return InitResult(d, yaml_path, cfg, d / "pki" / "ca.pem", d / "pki" / "client.pem",
-                      d / "pki" / "client.key")  # fmt: skip
+                      d / "pki" / "client.key", kept_pki, kept_master_key)  # fmt: skip

@@ -6,7 +6,9 @@ Relative paths are resolved against the folder holding the yaml file.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -17,6 +19,7 @@ CONFIG_ENV: Final = "PKCS11WS_SERVER_CONFIG"  # how `serve` hands the yaml path 
 # With --workers N > 1: the supervisor's PID, so that a worker knows it is one (app.create_app).
 SUPERVISOR_ENV: Final = "PKCS11WS_SERVER_SUPERVISOR"
 DEFAULT_PORT: Final = 18001
+DEFAULT_ADMIN_PORT: Final = DEFAULT_PORT + 1  # what `init` writes: the service port + 1
 DEFAULT_MAX_BODY: Final = 8 * 1024 * 1024
 DEFAULT_ACTIVATION_TTL: Final = 8 * 3600
 DEFAULT_SCRYPT: Final = {"n": 2**15, "r": 8, "p": 1}
@@ -25,6 +28,63 @@ LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 class SettingsError(Exception):
     """server.yaml is missing, unreadable or holds an invalid value."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One server.yaml key: its dotted name, YAML type, default and meaning.
+
+    KEYS below is the one table of server.yaml: load() takes types and defaults from it and
+    docs/server-yaml.md is generated from it (`python -m pkcs11ws.server.settings >
+    docs/server-yaml.md`; a test checks it is current).
+    """
+
+    name: str  # dotted for nested keys: "lockout.threshold"
+    kind: type  # int, str, bool (the YAML scalar type); paths and enumerations are str
+    default: Any  # None: no default (required, or absent means "off"; the doc says which)
+    doc: str
+
+
+# fmt: off
+KEYS: Final[tuple[Key, ...]] = (
+    Key("host", str, "127.0.0.1", "Address the TLS listener binds."),
+    Key("port", int, DEFAULT_PORT, "TLS port of the key service (1-65535)."),
+    Key("admin_port", int, None, "Port of the admin listener on 127.0.0.1, plain HTTP: "
+        "`/healthz`, `/readyz`, `/metrics`. Absent or null: no admin listener. `init` writes "
+        "the service port + 1."),
+    Key("workers", int, 1, "Worker processes sharing one store (1-64); `serve --workers` "
+        "overrides."),
+    Key("tls.cert", str, None, "Required. Server certificate chain (PEM path)."),
+    Key("tls.key", str, None, "Required. Server private key (PEM path)."),
+    Key("tls.ca", str, None, "Required. CA certificates that sign accepted client "
+        "certificates (PEM path); a client certificate is always required."),
+    Key("master_key", str, "master.key", "Path of the 32-byte master key: seals activation "
+        "tokens, idempotent answers and (through each softcard's passphrase) stored keys."),
+    Key("database.backend", str, "sqlite", "Store backend: `sqlite`."),
+    Key("database.path", str, "keys.db", "SQLite database file (WAL mode; keep it on a local "
+        "disk)."),
+    Key("database.synchronous", str, "FULL", "SQLite `synchronous`: `NORMAL`, `FULL` (an "
+        "acknowledged write survives a power cut) or `EXTRA`."),
+    Key("max_body", int, DEFAULT_MAX_BODY, "Largest request body in bytes (>= 1024)."),
+    Key("activation_ttl", int, DEFAULT_ACTIVATION_TTL, "Seconds a softcard activation lasts."),
+    Key("idempotency_ttl", int, 24 * 3600, "Seconds an `Idempotency-Key` and its answer are "
+        "remembered."),
+    Key("lockout.threshold", int, 5, "Wrong passphrases in a row before a softcard refuses "
+        "activation (1-1000)."),
+    Key("lockout.max_seconds", int, 300, "Longest refusal: after n failures the card refuses "
+        "for min(2^(n - threshold), max_seconds) seconds."),
+    Key("scrypt.n", int, DEFAULT_SCRYPT["n"], "scrypt cost N for new softcards (a power of two, "
+        "2 to 2^20)."),
+    Key("scrypt.r", int, DEFAULT_SCRYPT["r"], "scrypt block size r for new softcards (1-32)."),
+    Key("scrypt.p", int, DEFAULT_SCRYPT["p"], "scrypt parallelism p for new softcards (1-16)."),
+    Key("log.level", str, "INFO", "One of " + ", ".join(LOG_LEVELS) + "."),
+    Key("log.file", str, None, "Log file path; absent or null: standard error."),
+    Key("log.access", bool, True, "One access line per request: method, path, status, "
+        "duration (never bodies)."),
+)
+# fmt: on
+_BY_NAME: Final = {k.name: k for k in KEYS}
+_SECTIONS: Final = frozenset(k.name.split(".")[0] for k in KEYS if "." in k.name)
 
 
 @dataclass(frozen=True)
@@ -39,6 +99,7 @@ class Settings:
     path: Path  # the yaml file
     host: str
     port: int
+    admin_port: int | None
     workers: int
     tls_cert: Path
     tls_key: Path
@@ -58,18 +119,21 @@ class Settings:
     access_log: bool
 
 
-def _get(d: dict[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
-    value = d.get(key, default)
-    if value is None and default is None:
+def _v(raw: dict[str, Any], name: str) -> Any:
+    """The value of KEYS[name] in the loaded yaml (its default when absent), type-checked."""
+    key = _BY_NAME[name]
+    section, _, leaf = name.rpartition(".")
+    d = (raw.get(section) or {}) if section else raw
+    value = d.get(leaf, key.default)
+    if value is None and key.default is None:
         return None
+    kind = key.kind
     if kind is int and (type(value) is not int):
-        raise SettingsError(f"{where}{key}: expected an integer, got {value!r}")
+        raise SettingsError(f"{name}: expected an integer, got {value!r}")
     if kind is bool and not isinstance(value, bool):
-        raise SettingsError(f"{where}{key}: expected true or false, got {value!r}")
+        raise SettingsError(f"{name}: expected true or false, got {value!r}")
     if kind is str and not isinstance(value, str):
-        raise SettingsError(f"{where}{key}: expected a string, got {value!r}")
-    if kind is dict and not isinstance(value, dict):
-        raise SettingsError(f"{where}{key}: expected a mapping")
+        raise SettingsError(f"{name}: expected a string, got {value!r}")
     return value
 
 
@@ -96,65 +160,86 @@ def load(path: str | os.PathLike[str]) -> Settings:
     if not isinstance(raw, dict):
         raise SettingsError(f"{p}: expected a mapping at the top level")
     base = p.parent
-    known = {"host", "port", "workers", "tls", "master_key", "database", "max_body",
-             "activation_ttl", "idempotency_ttl", "lockout", "scrypt", "log"}  # fmt: skip
-    unknown = set(raw) - known
+    unknown = set(raw) - {k.name.split(".")[0] for k in KEYS}
+    for section in _SECTIONS & set(raw):
+        if raw[section] is not None and not isinstance(raw[section], dict):
+            raise SettingsError(f"{section}: expected a mapping")
+        leaves = {k.name for k in KEYS if k.name.startswith(section + ".")}
+        unknown |= {f"{section}.{k}" for k in raw[section] or {}} - leaves
     if unknown:
         raise SettingsError(f"{p}: unknown keys {sorted(unknown)}")
 
-    tls = _get(raw, "tls", dict, {}, "")
-    for k in ("cert", "key", "ca"):
-        if not isinstance(tls.get(k), str):
-            raise SettingsError(f"tls.{k}: required (a path)")
-    db = _get(raw, "database", dict, {}, "")
-    backend = _get(db, "backend", str, "sqlite", "database.")
+    for k in ("tls.cert", "tls.key", "tls.ca"):
+        if _v(raw, k) is None:
+            raise SettingsError(f"{k}: required (a path)")
+    backend = _v(raw, "database.backend")
     if backend != "sqlite":
         raise SettingsError(f"database.backend: {backend!r} is not supported (sqlite)")
-    sync = _get(db, "synchronous", str, "FULL", "database.").upper()
+    sync = _v(raw, "database.synchronous").upper()
     if sync not in ("NORMAL", "FULL", "EXTRA"):
         raise SettingsError("database.synchronous: NORMAL, FULL or EXTRA")
-    sc = _get(raw, "scrypt", dict, dict(DEFAULT_SCRYPT), "")
-    n = _get(sc, "n", int, DEFAULT_SCRYPT["n"], "scrypt.")
+    n = _v(raw, "scrypt.n")
     if n < 2 or n & (n - 1):
         raise SettingsError("scrypt.n: a power of two >= 2")
     scrypt = ScryptParams(
         n=_positive("scrypt.n", n, 2, 2**20),
-        r=_positive("scrypt.r", _get(sc, "r", int, DEFAULT_SCRYPT["r"], "scrypt."), 1, 32),
-        p=_positive("scrypt.p", _get(sc, "p", int, DEFAULT_SCRYPT["p"], "scrypt."), 1, 16),
+        r=_positive("scrypt.r", _v(raw, "scrypt.r"), 1, 32),
+        p=_positive("scrypt.p", _v(raw, "scrypt.p"), 1, 16),
     )
-    log = _get(raw, "log", dict, {}, "")
-    level = _get(log, "level", str, "INFO", "log.").upper()
+    level = _v(raw, "log.level").upper()
     if level not in LOG_LEVELS:
         raise SettingsError(f"log.level: one of {', '.join(LOG_LEVELS)}")
-    log_file = _get(log, "file", str, None, "log.")
-    lockout = _get(raw, "lockout", dict, {}, "")
+    log_file = _v(raw, "log.file")
+    admin_port = _v(raw, "admin_port")
     return Settings(
         path=p,
-        host=_get(raw, "host", str, "127.0.0.1", ""),
-        port=_positive("port", _get(raw, "port", int, DEFAULT_PORT, ""), 1, 65535),
-        workers=_positive("workers", _get(raw, "workers", int, 1, ""), 1, 64),
-        tls_cert=_path(base, tls["cert"]),
-        tls_key=_path(base, tls["key"]),
-        tls_ca=_path(base, tls["ca"]),
-        master_key=_path(base, _get(raw, "master_key", str, "master.key", "")),
+        host=_v(raw, "host"),
+        port=_positive("port", _v(raw, "port"), 1, 65535),
+        admin_port=None if admin_port is None else _positive("admin_port", admin_port, 1, 65535),
+        workers=_positive("workers", _v(raw, "workers"), 1, 64),
+        tls_cert=_path(base, _v(raw, "tls.cert")),
+        tls_key=_path(base, _v(raw, "tls.key")),
+        tls_ca=_path(base, _v(raw, "tls.ca")),
+        master_key=_path(base, _v(raw, "master_key")),
         database_backend=backend,
-        database_path=_path(base, _get(db, "path", str, "keys.db", "database.")),
+        database_path=_path(base, _v(raw, "database.path")),
         database_synchronous=sync,
-        max_body=_positive("max_body", _get(raw, "max_body", int, DEFAULT_MAX_BODY, ""), 1024),
-        activation_ttl=_positive(
-            "activation_ttl", _get(raw, "activation_ttl", int, DEFAULT_ACTIVATION_TTL, "")
-        ),
-        idempotency_ttl=_positive(
-            "idempotency_ttl", _get(raw, "idempotency_ttl", int, 24 * 3600, "")
-        ),
-        lockout_threshold=_positive(
-            "lockout.threshold", _get(lockout, "threshold", int, 5, "lockout."), 1, 1000
-        ),
-        lockout_max_seconds=_positive(
-            "lockout.max_seconds", _get(lockout, "max_seconds", int, 300, "lockout."), 1
-        ),
+        max_body=_positive("max_body", _v(raw, "max_body"), 1024),
+        activation_ttl=_positive("activation_ttl", _v(raw, "activation_ttl")),
+        idempotency_ttl=_positive("idempotency_ttl", _v(raw, "idempotency_ttl")),
+        lockout_threshold=_positive("lockout.threshold", _v(raw, "lockout.threshold"), 1, 1000),
+        lockout_max_seconds=_positive("lockout.max_seconds", _v(raw, "lockout.max_seconds"), 1),
         scrypt=scrypt,
         log_level=level,
         log_file=_path(base, log_file) if log_file else None,
-        access_log=_get(log, "access", bool, True, "log."),
+        access_log=_v(raw, "log.access"),
     )
+
+
+def markdown() -> str:
+    """docs/server-yaml.md: the reference of every key, from KEYS."""
+    out = [
+        "# server.yaml reference",
+        "",
+        "<!-- Generated by `python -m pkcs11ws.server.settings`; edit KEYS in "
+        "pkcs11ws/server/settings.py. -->",
+        "",
+        "The key service reads one YAML file (`pkcs11ws-server serve --config server.yaml`), "
+        "once at start-up in each worker process. `pkcs11ws-server init DIR` writes a complete "
+        "one. Nested keys are written as mappings (`lockout.threshold` is `threshold:` under "
+        "`lockout:`). Relative paths are relative to the folder holding the file; `~` is "
+        "expanded. Unknown keys are an error, so a misspelt key never silently falls back to "
+        "its default.",
+        "",
+        "| key | type | default | description |",
+        "|---|---|---|---|",
+    ]
+    for k in KEYS:
+        default = "-" if k.default is None else f"`{json.dumps(k.default)}`"
+        out.append(f"| `{k.name}` | {k.kind.__name__} | {default} | {k.doc} |")
+    out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown())
