@@ -215,9 +215,10 @@ def init(directory: Path, port: int = settings.DEFAULT_PORT, force: bool = False
     """Write the kit into `directory`.
 
     `admin_port` defaults to `port` + 1. `force` rewrites the two configuration files but keeps
-    an existing CA (with the certificates it issued) and master key. Only `replace_ca_and_master_key` replaces those: a new master key
-    makes every stored softcard unreadable and a new CA invalidates every issued client
-    certificate, so that can never be a side effect of another flag.
+    an existing CA (with the certificates it issued) and master key. Only
+    `replace_ca_and_master_key` replaces those: a new master key makes every stored softcard
+    unreadable and a new CA invalidates every issued client certificate, so that can never be
+    a side effect of another flag.
     """
     d = directory.expanduser().resolve()
     yaml_path = d / "server.yaml"
