@@ -71,11 +71,20 @@ def open_store(s: Settings) -> Store:
     return store
 
 
+# Where _dispatch leaves the routed operation in the ASGI scope, for the metrics.
+_OP: Final = "pkcs11ws.op"
+
+
 class App:
     def __init__(self, s: Settings, store: Store | None = None) -> None:
+        from pkcs11ws.server import metrics  # after `serve` chose prometheus-client's mode
+
         self.settings = s
         self.max_body = s.max_body
         self.store = store if store is not None else open_store(s)
+        metrics.time_store(self.store, metrics.STORE_METHODS)
+        self._request_done = metrics.request_done
+        self._ready = metrics.WORKERS_READY
         self.service = Service(s, self.store, MasterKeys(load_master_key(s.master_key)))
         self._static: dict[str, _Route] = {}
         self._dynamic: list[_Route] = []
@@ -109,8 +118,10 @@ class App:
             if msg["type"] == "lifespan.startup":
                 loop = type(asyncio.get_running_loop()).__name__
                 error_log.info("worker ready (event loop %s)", loop)
+                self._ready.inc()  # the master key is loaded and the store open (__init__)
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                self._ready.dec()
                 self.store.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -119,22 +130,27 @@ class App:
         start = time.perf_counter()
         method: str = scope["method"]
         path: str = scope["path"]
+        code: str | None = None
         try:
             resp = await self._dispatch(scope, method, path, receive)
         except ApiError as exc:
-            resp = _error(exc.code, exc.message)
+            code = exc.code
+            resp = _error(code, exc.message)
         except _Disconnected:
             return
         except Exception:
             error_log.exception("internal error on %s %s", method, path)
-            resp = _error("INTERNAL", "internal error (logged by the service)")
+            code = "INTERNAL"
+            resp = _error(code, "internal error (logged by the service)")
         headers = [*_JSON_HEADERS, (b"content-length", str(len(resp.body)).encode())]
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": resp.body})
+        elapsed = time.perf_counter() - start
+        self._request_done(scope.get(_OP, "unrouted"), resp.status, elapsed, code)
         if self._access:
             # The path is percent-decoded: escape it so it cannot forge or split a log line.
             shown = path if path.isprintable() and " " not in path else ascii(path)
-            self._access_log.write(method, shown, resp.status, (time.perf_counter() - start) * 1e3)
+            self._access_log.write(method, shown, resp.status, elapsed * 1e3)
 
     # ------------------------------------------------------------------ request handling
 
@@ -160,8 +176,10 @@ class App:
 
     async def _dispatch(self, scope: Scope, method: str, path: str, receive: Receive) -> Response:
         if path == protocol.OPENAPI_PATH and method == "GET":
+            scope[_OP] = "openapi"
             return self._openapi_doc()
         ep, handler, params = self._route(method, path)
+        scope[_OP] = ep.op
         length: bytes | None = None
         authorization: bytes | None = None
         idem_key: bytes | None = None

@@ -13,9 +13,11 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import ssl
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,13 +34,46 @@ log = logging.getLogger("pkcs11ws.server")
 
 
 class _ShortTLSShutdown:
-    """Mixin for an event loop: a short TLS shutdown timeout on the listening servers."""
+    """Mixin for an event loop: a short TLS shutdown timeout on the listening servers, and the
+    TLS connections counted for the metrics (once per connection, never per request)."""
 
     async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
         if kwargs.get("ssl") is not None:
             kwargs.setdefault("ssl_shutdown_timeout", SSL_SHUTDOWN_TIMEOUT)
+            if args:
+                args = (_counted(args[0]), *args[1:])
+            else:
+                kwargs["protocol_factory"] = _counted(kwargs["protocol_factory"])
         server: asyncio.Server = await super().create_server(*args, **kwargs)  # type: ignore[misc]
         return server
+
+
+def _counted(factory: Callable[[], Any]) -> Callable[[], Any]:
+    """A protocol factory whose protocols count their connection opening and closing."""
+    from pkcs11ws.server import metrics  # in a worker, after `serve` chose the metrics mode
+
+    opened, closed = metrics.connection_opened, metrics.connection_closed
+
+    def make() -> Any:
+        proto = factory()
+        made, lost = proto.connection_made, proto.connection_lost
+        counted = False
+
+        def connection_made(transport: Any) -> None:
+            nonlocal counted
+            counted = True
+            opened()
+            made(transport)
+
+        def connection_lost(exc: Exception | None) -> None:
+            if counted:
+                closed()
+            lost(exc)
+
+        proto.connection_made, proto.connection_lost = connection_made, connection_lost
+        return proto
+
+    return make
 
 
 class _StdlibLoop(_ShortTLSShutdown, asyncio.SelectorEventLoop):
@@ -100,55 +135,103 @@ def _check_files(s: settings_mod.Settings) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from pkcs11ws.server.app import configure_logging, open_store
-    from pkcs11ws.server.sealing import load_master_key
-
     try:
         s = settings_mod.load(args.config)
         _check_files(s)
+    except settings_mod.SettingsError as exc:
+        print(f"pkcs11ws-server serve: {exc}", file=sys.stderr)
+        return 2
+    # Metrics in multiprocess mode, one private folder per run (metrics.py says why); set
+    # before anything imports prometheus-client, inherited by the worker processes.
+    metrics_dir = tempfile.mkdtemp(prefix="pkcs11ws-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        return _serve(args, s)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
+    import uvicorn
+
+    from pkcs11ws.server import backup
+    from pkcs11ws.server.app import configure_logging, open_store
+    from pkcs11ws.server.sealing import load_master_key
+
+    workers = args.workers if args.workers is not None else s.workers
+    port = args.port if args.port is not None else s.port
+    admin = None
+    try:
         load_master_key(s.master_key)
-    except (settings_mod.SettingsError, ValueError, OSError) as exc:
+        # Held while serving: `restore` refuses to replace a store a service has open.
+        in_use = backup.hold_store(s)
+        if s.admin_port is not None:
+            from pkcs11ws.server.admin import Admin
+
+            admin = Admin(s, open_store(s), workers, s.admin_port)
+    except (backup.BackupError, ValueError, OSError) as exc:
         print(f"pkcs11ws-server serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(s)
     # Create the schema once here, so worker processes never race to create it.
     open_store(s).close()
     os.environ[settings_mod.CONFIG_ENV] = str(s.path)
-    workers = args.workers if args.workers is not None else s.workers
-    port = args.port if args.port is not None else s.port
     if workers > 1:
         os.environ[settings_mod.SUPERVISOR_ENV] = str(os.getpid())
     else:
         os.environ.pop(settings_mod.SUPERVISOR_ENV, None)
+    if admin is not None:
+        admin.start()
     log.info("serving on https://%s:%d with %d worker(s), store %s", s.host, port, workers,
              s.database_path)  # fmt: skip
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal so the default action
     # would kill the process with status -15; a handler turns that into a clean exit 0.
     signal.signal(signal.SIGTERM, _exit_zero)
-    uvicorn.run(
-        APP_FACTORY,
-        factory=True,
-        host=s.host,
-        port=port,
-        workers=workers,
-        ssl_certfile=str(s.tls_cert),
-        ssl_keyfile=str(s.tls_key),
-        ssl_ca_certs=str(s.tls_ca),
-        ssl_cert_reqs=ssl.CERT_REQUIRED,
-        ssl_context_factory=tls_context,
-        log_config=None,
-        log_level=s.log_level.lower(),
-        access_log=False,  # the app writes its own access line (no bodies, no secrets)
-        server_header=False,
-        # Clients connect directly over mutual TLS and nothing reads the client address: the
-        # X-Forwarded-* rewriting middleware would only cost CPU on every request.
-        proxy_headers=False,
-        lifespan="on",
-        loop=LOOP_FACTORY,
-        timeout_graceful_shutdown=10,
-    )
+    try:
+        uvicorn.run(
+            APP_FACTORY,
+            factory=True,
+            host=s.host,
+            port=port,
+            workers=workers,
+            ssl_certfile=str(s.tls_cert),
+            ssl_keyfile=str(s.tls_key),
+            ssl_ca_certs=str(s.tls_ca),
+            ssl_cert_reqs=ssl.CERT_REQUIRED,
+            ssl_context_factory=tls_context,
+            log_config=None,
+            log_level=s.log_level.lower(),
+            access_log=False,  # the app writes its own access line (no bodies, no secrets)
+            server_header=False,
+            # Clients connect directly over mutual TLS and nothing reads the client address: the
+            # X-Forwarded-* rewriting middleware would only cost CPU on every request.
+            proxy_headers=False,
+            lifespan="on",
+            loop=LOOP_FACTORY,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        # Also on the SystemExit(0) that _exit_zero raises from inside uvicorn.run.
+        if admin is not None:
+            admin.stop()
+        in_use.close()
+    return 0
+
+
+def _cmd_backup(args: argparse.Namespace) -> int:
+    from pkcs11ws.server import backup
+
+    try:
+        s = settings_mod.load(args.config)
+        if args.command == "backup":
+            cards, objects = backup.backup(s, Path(args.out))
+            print(f"backed up {cards} softcard(s), {objects} object(s) to {Path(args.out)}")
+        else:
+            cards, objects = backup.restore(s, Path(args.backup), args.overwrite)
+            print(f"restored {cards} softcard(s), {objects} object(s) to {s.database_path}")
+    except (settings_mod.SettingsError, backup.BackupError, OSError) as exc:
+        print(f"pkcs11ws-server {args.command}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -176,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="override the configured port")
     s.add_argument("--workers", type=int, default=None, help="worker processes (one store)")
     s.set_defaults(func=_cmd_serve)
+    b = sub.add_parser("backup", help="copy the store consistently, also while serving")
+    b.add_argument("--config", required=True, help="path to server.yaml")
+    b.add_argument("out", help="the backup file to write (must not exist)")
+    b.set_defaults(func=_cmd_backup)
+    r = sub.add_parser("restore", help="put a backup in place as the store (service stopped)")
+    r.add_argument("--config", required=True, help="path to server.yaml")
+    r.add_argument("backup", help="a file written by `backup`")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    r.set_defaults(func=_cmd_backup)
     return p
 
 

@@ -21,6 +21,7 @@ from pkcs11ws.server.store import (
     IdempotencyRow,
     ObjectRow,
     Store,
+    StoreActivity,
     WriteTx,
 )
 
@@ -317,3 +318,15 @@ class SQLiteStore(Store):
             .fetchone()
         )
         return IdempotencyRow(*row) if row else None
+
+    def activity(self, now: float) -> StoreActivity:
+        row = (
+            self._con()
+            .execute(
+                "SELECT (SELECT COUNT(*) FROM sessions WHERE expires > ?),"
+                " (SELECT COUNT(*) FROM softcards WHERE locked_until > ?)",
+                (now, now),
+            )
+            .fetchone()
+        )
+        return StoreActivity(int(row[0]), int(row[1]))

@@ -59,6 +59,14 @@ class IdempotencyRow:
     created: float
 
 
+@dataclass(frozen=True)
+class StoreActivity:
+    """What the admin listener's /metrics and /readyz read from the store (one query)."""
+
+    active_sessions: int  # activations that have not expired
+    locked_cards: int  # softcards refusing activation now (passphrase lockout)
+
+
 class WriteTx(abc.ABC):
     """The operations allowed inside one write transaction."""
 
@@ -158,3 +166,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def idempotency_get(self, key: str) -> IdempotencyRow | None: ...
+
+    @abc.abstractmethod
+    def activity(self, now: float) -> StoreActivity:
+        """Live activations and locked softcards as of now; also the readiness probe's query."""
