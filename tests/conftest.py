@@ -118,11 +118,17 @@ def start_service(
         doc = yaml.safe_load(yaml_path.read_text())
         _merge(doc, overrides)
         yaml_path.write_text(yaml.safe_dump(doc))
+    return serve_dir(directory, port, workers)
+
+
+def serve_dir(directory: Path, port: int, workers: int = 1) -> Service:
+    """`serve` the kit already in `directory` (its server.yaml listens on `port`)."""
+    yaml_path = directory / "server.yaml"
     log = directory / "log" / "server.out"
     cmd = [sys.executable, "-m", "pkcs11ws.server.cli", "serve", "--config", str(yaml_path)]
     if workers != 1:
         cmd += ["--workers", str(workers)]
-    with log.open("wb") as out:
+    with log.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     pki = directory / "pki"
     svc = Service(
