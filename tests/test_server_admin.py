@@ -40,13 +40,29 @@ def _get(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def _scrape_when(svc: Any, ready: Any) -> dict:
+    """Scrape until ready(samples): workers publish their request counts every
+    metrics.FLUSH_SECONDS, so a scrape right after a request may not show it yet."""
+    deadline = time.monotonic() + 60
+    while True:
+        samples = _scrape(svc)
+        if ready(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.2)
+
+
+def _saw_startup_probe(samples: dict) -> bool:
+    # The fixture's readiness probe (one GET /health) has been published.
+    return _get(samples, "pkcs11ws_requests_total", operation="health", status="200") >= 1
+
+
 def test_metrics_move_with_traffic(fresh_service) -> None:
     svc = fresh_service(overrides={"lockout": {"threshold": 1, "max_seconds": 60}})
     assert _admin(svc, "/healthz")[0] == 200
     status, _, why = _admin(svc, "/readyz")
     assert status == 200, why
     assert _admin(svc, "/nope")[0] == 404
-    before = _scrape(svc)
+    before = _scrape_when(svc, _saw_startup_probe)
     assert _get(before, "pkcs11ws_workers_ready") == 1
     assert _get(before, "pkcs11ws_store_up") == 1
 
@@ -63,10 +79,12 @@ def test_metrics_move_with_traffic(fresh_service) -> None:
         assert _get(mid, "pkcs11ws_tls_connections_open") >= 1  # this keep-alive connection
     finally:
         api.close()
-    after = _scrape(svc)
 
     def moved(name: str, **labels: str) -> float:
         return _get(after, name, **labels) - _get(before, name, **labels)
+
+    last = {"operation": "activate", "status": str(ERRORS["PASSPHRASE_LOCKED"].http)}
+    after = _scrape_when(svc, lambda a: _get(a, "pkcs11ws_requests_total", **last) > 0)
 
     assert moved("pkcs11ws_requests_total", operation="create_softcard", status="200") == 1
     assert moved("pkcs11ws_requests_total", operation="activate", status="200") == 1
@@ -97,7 +115,7 @@ def test_metrics_add_up_across_workers(fresh_service) -> None:
         assert status == 503 and "of 2 workers ready" in why, why
         time.sleep(0.2)
     assert status == 200 and "2 workers" in why, why
-    before = _scrape(svc)
+    before = _scrape_when(svc, _saw_startup_probe)
     assert _get(before, "pkcs11ws_workers_ready") == 2
     n = 12
     for _ in range(n):  # a new connection each time: the kernel spreads them over the workers
@@ -106,9 +124,13 @@ def test_metrics_add_up_across_workers(fresh_service) -> None:
             assert api.get("/health").status == 200
         finally:
             api.close()
-    after = _scrape(svc)
     key = ("pkcs11ws_requests_total", {"operation": "health", "status": "200"})
-    assert _get(after, key[0], **key[1]) - _get(before, key[0], **key[1]) == n
+
+    def moved(a: dict) -> float:
+        return _get(a, key[0], **key[1]) - _get(before, key[0], **key[1])
+
+    after = _scrape_when(svc, lambda a: moved(a) >= n)
+    assert moved(after) == n
     assert (
         _get(after, "pkcs11ws_tls_connections_total")
         - _get(before, "pkcs11ws_tls_connections_total")

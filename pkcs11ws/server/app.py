@@ -85,6 +85,9 @@ class App:
         metrics.time_store(self.store, metrics.STORE_METHODS)
         self._request_done = metrics.request_done
         self._ready = metrics.WORKERS_READY
+        self._flush = metrics.flush
+        self._flush_every = metrics.FLUSH_SECONDS
+        self._flusher: asyncio.Task[None] | None = None
         self.service = Service(s, self.store, MasterKeys(load_master_key(s.master_key)))
         self._static: dict[str, _Route] = {}
         self._dynamic: list[_Route] = []
@@ -119,12 +122,22 @@ class App:
                 loop = type(asyncio.get_running_loop()).__name__
                 error_log.info("worker ready (event loop %s)", loop)
                 self._ready.inc()  # the master key is loaded and the store open (__init__)
+                self._flusher = asyncio.create_task(self._flush_metrics())
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                if self._flusher is not None:
+                    self._flusher.cancel()
+                self._flush()
                 self._ready.dec()
                 self.store.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _flush_metrics(self) -> None:
+        # Off the request path: requests only add to per-process numbers (metrics.py).
+        while True:
+            await asyncio.sleep(self._flush_every)
+            self._flush()
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()

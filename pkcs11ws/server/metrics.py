@@ -9,14 +9,17 @@ cases; nothing crosses processes per request. prometheus-client picks its value 
 first imported, so this module must be imported only after `serve` has set the variable (app.py
 and cli.py import it lazily or from code that runs in the workers).
 
-Cost on the hot path: one dict lookup for the (operation, status) pair's cached children, then a
-counter increment and a histogram observation (each a lock and a write into the mapped file), and
-one observation per store call. The measured numbers are in docs/design.md (Operations).
+Cost on the hot path: a request or a store call only adds to plain per-process numbers (a dict
+lookup, a bisect, three integer/float additions: about 1 us); flush(), which the worker's event
+loop runs every FLUSH_SECONDS and at shutdown, moves them into prometheus-client's
+memory-mapped values (several us per value written, measured: docs/design.md, Operations). A
+scrape therefore sees a worker's requests up to FLUSH_SECONDS late.
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Final
@@ -71,22 +74,65 @@ STORE_METHODS: Final = (
     "session_object", "object_search", "idempotency_get",
 )  # fmt: skip
 
-_children: dict[tuple[str, int], tuple[Any, Any]] = {}
-_lockout_child = LOCKOUT_REFUSALS
+FLUSH_SECONDS: Final = 0.5
+
+
+class _Series:
+    """One histogram label set (and, for requests, one counter per status) not yet flushed."""
+
+    __slots__ = ("bounds", "buckets", "count", "hist", "sum")
+
+    def __init__(self, hist: Any) -> None:
+        self.hist = hist  # the prometheus-client child: flush() adds to its values
+        self.bounds = hist._upper_bounds
+        self.buckets = [0] * len(self.bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def add(self, seconds: float) -> None:
+        self.buckets[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def flush(self) -> None:
+        if not self.count:
+            return
+        # Bulk add through the child's values: Histogram has no public "add n observations".
+        values = self.hist._buckets
+        for i, n in enumerate(self.buckets):
+            if n:
+                values[i].inc(n)
+                self.buckets[i] = 0
+        self.hist._sum.inc(self.sum)
+        self.sum = 0.0
+        self.count = 0
+
+
+_latency: dict[str, _Series] = {}
+_requests: dict[tuple[str, int], int] = {}
+_store: list[_Series] = []
 
 
 def request_done(operation: str, status: int, seconds: float, code: str | None = None) -> None:
     """Count one answered request (code: the protocol error code when it failed)."""
-    pair = _children.get((operation, status))
-    if pair is None:
-        pair = _children[(operation, status)] = (
-            REQUESTS.labels(operation, str(status)),
-            LATENCY.labels(operation),
-        )
-    pair[0].inc()
-    pair[1].observe(seconds)
+    key = (operation, status)
+    _requests[key] = _requests.get(key, 0) + 1
+    series = _latency.get(operation)
+    if series is None:
+        series = _latency[operation] = _Series(LATENCY.labels(operation))
+    series.add(seconds)
     if code == "PASSPHRASE_LOCKED":
-        _lockout_child.inc()
+        LOCKOUT_REFUSALS.inc()
+
+
+def flush() -> None:
+    """Move what this process counted since the last flush into the shared values."""
+    for key, n in list(_requests.items()):
+        if n:
+            REQUESTS.labels(key[0], str(key[1])).inc(n)
+            _requests[key] = 0
+    for series in (*_latency.values(), *_store):
+        series.flush()
 
 
 def connection_opened() -> None:
@@ -103,7 +149,8 @@ def time_store(store: Any, methods: tuple[str, ...]) -> None:
     context manager: its whole transaction is timed."""
     for name in methods:
         original = getattr(store, name)
-        child = STORE.labels(name)
+        child = _Series(STORE.labels(name))
+        _store.append(child)
         if name == "write":
             setattr(store, name, _timed_cm(original, child))
         elif name == "object_search":
@@ -120,7 +167,7 @@ def _timed(fn: Callable[..., Any], child: Any) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         finally:
-            child.observe(perf() - start)
+            child.add(perf() - start)
 
     return call
 
@@ -135,7 +182,7 @@ def _timed_cm(fn: Callable[..., Any], child: Any) -> Callable[..., Any]:
             with fn(*args, **kwargs) as tx:
                 yield tx
         finally:
-            child.observe(perf() - start)
+            child.add(perf() - start)
 
     return call
 
@@ -148,6 +195,6 @@ def _timed_iter(fn: Callable[..., Any], child: Any) -> Callable[..., Any]:
         try:
             return iter(list(fn(*args, **kwargs)))
         finally:
-            child.observe(perf() - start)
+            child.add(perf() - start)
 
     return call
