@@ -4,8 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-APT_PKGS := build-essential pkg-config libcurl4-openssl-dev libssl-dev curl opensc softhsm2 openssl \
-	p11-kit p11-kit-modules time gnutls-bin opensc-pkcs11 openjdk-17-jdk-headless
+# python3-venv (ensurepip, for `python3 -m venv`) and python3-dev (Python.h and libpython for the
+# Cython core and the C loader) are not on a stock Debian 12; systemd gives systemd-analyze, which
+# checks conf/pkcs11ws-server.service (tests/test_server_systemd.py).
+APT_PKGS := build-essential pkg-config python3-venv python3-dev libcurl4-openssl-dev libssl-dev curl \
+	opensc softhsm2 openssl p11-kit p11-kit-modules time gnutls-bin opensc-pkcs11 \
+	openjdk-17-jdk-headless systemd
 # Consumers only in bookworm-backports (tests/test_dropin_openssl.py): see apt-backports.
 BACKPORTS_PKGS := pkcs11-provider
 
