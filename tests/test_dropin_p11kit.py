@@ -116,3 +116,20 @@ def test_p11tool_tokens_and_certificates(fresh_service, tmp_path):
         assert "Label: gnutls-cert" in listed and "id=%0C%0D" in listed
         exported = run([p11tool, "--export", f"{uri};object=gnutls-cert;type=cert"], env).stdout
     assert x509.load_pem_x509_certificate(exported.encode()).public_bytes(Encoding.DER) == der
+
+
+def test_enable_in_keeps_unnamed_programs_out(service, card, tmp_path):
+    # The README's system-wide registration names the programs that may load the module:
+    # pkcs11-tool through p11-kit's proxy is not named, so it must not see the softcards.
+    tool = require(shutil.which("pkcs11-tool"), "OpenSC pkcs11-tool", "opensc")
+    proxies = sorted(Path("/usr/lib").glob("*/p11-kit-proxy.so"))
+    proxy = require(str(proxies[0]) if proxies else None, "p11-kit-proxy.so", "p11-kit-modules")
+    text = snippet("p11kit-module", {MODULE_PLACEHOLDER: module_path(),
+                                     CONFIG_PLACEHOLDER: str(service.client_cfg)})  # fmt: skip
+    assert "\nenable-in: p11-kit, p11tool\n" in text
+    for named in (False, True):
+        body = text.replace("p11tool\n", "p11tool, pkcs11-tool\n") if named else text
+        with module_file(body, tmp_path) as (_, extra):
+            env = consumer_env(service.client_cfg, **extra)
+            out = run([tool, "--module", proxy, "-L"], env).stdout
+        assert (f"token label        : {card[0]}" in out) is named, out

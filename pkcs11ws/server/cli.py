@@ -165,10 +165,11 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
         load_master_key(s.master_key)
         # Held while serving: `restore` refuses to replace a store a service has open.
         in_use = backup.hold_store(s)
-        if s.admin_port is not None:
+        admin_port = args.admin_port if args.admin_port is not None else s.admin_port
+        if admin_port:
             from pkcs11ws.server.admin import Admin
 
-            admin = Admin(s, open_store(s), workers, s.admin_port)
+            admin = Admin(s, open_store(s), workers, admin_port)
     except (backup.BackupError, ValueError, OSError) as exc:
         print(f"pkcs11ws-server serve: {exc}", file=sys.stderr)
         return 2
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="path to server.yaml")
     s.add_argument("--port", type=int, default=None, help="override the configured port")
     s.add_argument("--workers", type=int, default=None, help="worker processes (one store)")
+    s.add_argument("--admin-port", type=int, default=None,
+                   help="override the configured admin_port (0: no admin listener)")  # fmt: skip
     s.set_defaults(func=_cmd_serve)
     b = sub.add_parser("backup", help="copy the store consistently, also while serving")
     b.add_argument("--config", required=True, help="path to server.yaml")
