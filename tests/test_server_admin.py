@@ -100,6 +100,9 @@ def test_metrics_move_with_traffic(fresh_service) -> None:
     assert moved("pkcs11ws_store_duration_seconds_count", method="card_get") >= 1
     assert moved("pkcs11ws_lockout_refusals_total") == 1
     assert moved("pkcs11ws_tls_connections_total") >= 1
+    # The client closed its connection: the open-connections gauge comes back down.
+    closed = _scrape_when(svc, lambda a: _get(a, "pkcs11ws_tls_connections_open") == 0)
+    assert _get(closed, "pkcs11ws_tls_connections_open") == 0
     assert _get(after, "pkcs11ws_activations_active") == 1
     assert _get(after, "pkcs11ws_softcards_locked") == 1
 
