@@ -1,10 +1,12 @@
-"""The `pkcs11ws-server` command: `init DIR` (development PKI and config) and `serve`.
+"""The `pkcs11ws-server` command: `init DIR` (development PKI and config), `serve`, and
+`backup` / `restore` of the store (backup.py).
 
 `serve` runs uvicorn in the foreground over TLS 1.2+ with a required client certificate verified
 against the configured CA. The app is built by an import-string factory in each worker process
 (the config path travels in PKCS11WS_SERVER_CONFIG), so `--workers N` gives N processes on one
-store. SIGTERM (or Ctrl-C) stops it cleanly: uvicorn finishes in-flight requests, then the app
-closes its store connections.
+store. SIGTERM (or Ctrl-C) stops it cleanly: uvicorn closes the listener, finishes in-flight
+requests, then the app closes its store connections; exit status 0. `serve` also runs the
+admin listener (admin.py) and holds the store's serving lock that `restore` checks.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ first imported, so this module must be imported only after `serve` has set the v
 and cli.py import it lazily or from code that runs in the workers).
 
 Cost on the hot path: a request or a store call only adds to plain per-process numbers (a dict
-lookup, a bisect, three integer/float additions: about 1 us); flush(), which the worker's event
-loop runs every FLUSH_SECONDS and at shutdown, moves them into prometheus-client's
-memory-mapped values (several us per value written, measured: docs/design.md, Operations). A
-scrape therefore sees a worker's requests up to FLUSH_SECONDS late.
+lookup, a bisect, a few additions); flush(), which the worker's event loop runs every
+FLUSH_SECONDS and at shutdown, moves them into prometheus-client's memory-mapped values, which
+cost several us per value written. Measured numbers: docs/design.md section 8. A scrape
+therefore sees a worker's requests up to FLUSH_SECONDS late.
 """
 
 from __future__ import annotations
