@@ -10,6 +10,10 @@ wins and Config.overrides names the variables that applied. Relative file paths 
 resolved against the file's directory (so a generated config can sit next to its certificates);
 relative paths in the environment against the current directory.
 
+HOST may list several key service replicas, comma-separated: `a.example:18001, b.example`; an
+entry without a port takes PORT, an IPv6 literal is written in brackets (`[2001:db8::1]:18001`).
+Config.servers is that list as (host, port) pairs, in the order given.
+
 Invalid values raise ConfigError naming the file and line (or the variable) and the reason.
 Windows-only, unknown and duplicate keys only warn; Config.warnings carries the text so the
 provider can log it once logging is configured.
@@ -56,14 +60,25 @@ class Config:
     overrides: tuple[str, ...]
     warnings: tuple[str, ...]
 
+    @property
+    def servers(self) -> tuple[tuple[str, int], ...]:
+        """The key services HOST lists, as (host, port); host is bare (no IPv6 brackets)."""
+        return parse_servers(self.host, self.port)
+
+    def where(self) -> str:
+        """The key service(s) for messages: host:port[, host:port ...]."""
+        return ", ".join(server_label(h, p) for h, p in self.servers)
+
 
 class _Invalid(Exception):
     """A value a parser refuses; the caller adds where it came from."""
 
 
 _INT_RE: Final = re.compile(r"^[0-9]+$")
-# Host names, IPv4 literals, and IPv6 literals with or without brackets.
-_HOST_RE: Final = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[?[0-9A-Fa-f:.]+\]?)$")
+# Host names and IPv4 literals.
+_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")
+_IPV6_RE: Final = re.compile(r"^[0-9A-Fa-f:.]+$")
+MAX_SERVERS: Final = 16
 
 
 def _int(lo: int, hi: int | None) -> Callable[[str, str], Any]:
@@ -85,12 +100,68 @@ def _flag(value: str, base: str) -> bool:
     return value == "1"
 
 
+def server_label(host: str, port: int) -> str:
+    """host:port as a URL writes it (IPv6 literals in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _server(entry: str, port: int) -> tuple[str, int]:
+    """One HOST entry: name, name:port, IPv4[:port], [IPv6][:port] or a bare IPv6 literal."""
+    if "://" in entry or "/" in entry:
+        raise _Invalid(f"{entry!r} is not a host name (give the name only, no scheme or path)")
+    host, sep, port_text = entry, "", ""
+    if entry.startswith("["):
+        close = entry.find("]")
+        host, rest = entry[1:close], entry[close + 1 :]
+        if close < 0 or not _IPV6_RE.match(host) or host.count(":") < 2 or "[" in host:
+            raise _Invalid(f"{entry!r} is not a valid [IPv6] address")
+        if rest:
+            sep, port_text = rest[:1], rest[1:]
+            if sep != ":":
+                raise _Invalid(f"{entry!r}: expected :PORT after the ]")
+    elif entry.count(":") == 1:
+        host, sep, port_text = entry.partition(":")
+    elif ":" in entry:  # a bare IPv6 literal takes PORT
+        if not _IPV6_RE.match(entry) or entry.count(":") < 2:
+            raise _Invalid(f"{entry!r} is not a valid host name or address")
+        return entry, port
+    if ":" not in host and not _NAME_RE.match(host):
+        raise _Invalid(f"{entry!r} is not a valid host name or address")
+    if sep:
+        if not _INT_RE.match(port_text) or not 1 <= int(port_text) <= 65535:
+            raise _Invalid(f"{entry!r}: the port must be 1..65535")
+        port = int(port_text)
+    return host, port
+
+
+def parse_servers(value: str, port: int) -> tuple[tuple[str, int], ...]:
+    """HOST's list of servers as (host, port) pairs; raises ValueError on junk."""
+    try:
+        return _servers(value, port)
+    except _Invalid as e:
+        raise ValueError(str(e)) from None
+
+
+def _servers(value: str, port: int) -> tuple[tuple[str, int], ...]:
+    entries = [e.strip() for e in value.split(",")]
+    if any(not e for e in entries):
+        raise _Invalid(f"{value!r} has an empty entry (servers are separated by one comma)")
+    if len(entries) > MAX_SERVERS:
+        raise _Invalid(f"{len(entries)} servers listed; at most {MAX_SERVERS}")
+    out: list[tuple[str, int]] = []
+    for entry in entries:
+        if any(c.isspace() for c in entry):
+            raise _Invalid(f"{entry!r} contains a blank (separate servers with commas)")
+        server = _server(entry, port)
+        if (server[0].lower(), server[1]) in {(h.lower(), p) for h, p in out}:
+            raise _Invalid(f"{server_label(*server)} is listed twice")
+        out.append(server)
+    return tuple(out)
+
+
 def _host(value: str, base: str) -> str:
-    if "://" in value or "/" in value:
-        raise _Invalid(f"{value!r} is not a host name (give the name only, no scheme or path)")
-    if not _HOST_RE.match(value):
-        raise _Invalid(f"{value!r} is not a valid host name or address")
-    return value
+    _servers(value, 1)  # syntax only: the ports of bare entries are checked against PORT later
+    return ", ".join(e.strip() for e in value.split(","))
 
 
 def _abspath(value: str, base: str) -> str:
@@ -131,9 +202,11 @@ KEYS: Final[dict[str, _Key]] = {
     "LOGFILEPATH": _Key(_log_path, DEFAULT_LOGFILEPATH),
     "MAXRETRIES": _Key(_int(0, 256), 5),
     "RETRYDELAY": _Key(_int(0, None), 10),
-    # Our own keys (not in WSOP): libcurl connect timeout and total time per request attempt.
+    # Our own keys (not in WSOP): libcurl's connect timeout per attempt, and the total time one
+    # call may take with all its attempts, failovers and retry delays (issue 10: a call must
+    # never block for minutes when the service is down).
     "CONNECTTIMEOUT": _Key(_int(1, 3600), 10),
-    "TIMEOUT": _Key(_int(1, 86400), 60),
+    "TIMEOUT": _Key(_int(1, 3600), 30),
 }
 
 
@@ -248,6 +321,11 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
         else:
             values[key.lower()] = spec.default
 
+    if "host" in values:
+        try:
+            _servers(values["host"], values["port"])
+        except _Invalid as e:  # a duplicate only once bare names took PORT
+            raise ConfigError(f"{path}: HOST: {e}") from None
     return Config(
         **values,
         path=path,

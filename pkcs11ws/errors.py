@@ -46,3 +46,11 @@ class ConfigError(PKCS11Error):
 
     def __init__(self, message: str) -> None:
         super().__init__(C.CKR_GENERAL_ERROR, message)
+
+
+class CertificateRejected(TransportError):
+    """The key service refused the client certificate (expired, another CA): a configuration
+    error no retry can cure. CKR_GENERAL_ERROR, as for an invalid configuration."""
+
+    def __init__(self, message: str) -> None:
+        PKCS11Error.__init__(self, C.CKR_GENERAL_ERROR, message)

@@ -27,13 +27,14 @@ PKCS11Error (with the CKR to return); the core's one funnel maps any other excep
 from __future__ import annotations
 
 import threading
+import time
 
 from pkcs11ws import _lite, mechanisms, objects
 from pkcs11ws import constants as C
 from pkcs11ws.client import transport
 from pkcs11ws.client.api import KeyServiceClient, PendingKeys
 from pkcs11ws.client.transport import Transport
-from pkcs11ws.config import load_config
+from pkcs11ws.config import Config, load_config
 from pkcs11ws.errors import PKCS11Error, ServiceError
 from pkcs11ws.log import LOG
 from pkcs11ws.protocol import Attrs
@@ -167,7 +168,8 @@ class Provider:
         LOG.configure(cfg)
         for warning in cfg.warnings:
             LOG.warning(warning)
-        LOG.debug1(f"C_Initialize: configuration {cfg.path}, key service {cfg.host}:{cfg.port}")
+        LOG.debug1(f"C_Initialize: configuration {cfg.path}, key service {cfg.where()}")
+        self._check_cert(cfg)
         self.cfg = cfg
         self.native = native
         self.dir = DIRECTORY
@@ -182,6 +184,21 @@ class Provider:
         self._login_locks: dict[int, threading.Lock] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_cert(cfg: Config) -> None:
+        """Warn when CERT has expired or expires soon: the service would refuse it (issue 10)."""
+        from pkcs11ws.client.certinfo import expiry_warning
+
+        warning = expiry_warning(cfg.cert, time.time())
+        if warning is not None:
+            LOG.warning(f"C_Initialize: {warning}")
+
+    def abort(self) -> None:
+        """End the requests other threads are waiting on (for C_Finalize during calls): their
+        calls fail with CKR_DEVICE_ERROR at once, and so does every later request; finalize()
+        must follow. Safe to call from any thread, more than once."""
+        self.client.abort()
 
     def finalize(self) -> None:
         with self._lock:

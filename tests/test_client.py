@@ -301,7 +301,7 @@ def test_keep_alive_one_connect_for_100_requests(service) -> None:
     c.close()
 
 
-def test_one_handle_per_thread(service) -> None:
+def test_threads_share_the_pooled_handles(service) -> None:
     c = make_client(service)
     barrier = threading.Barrier(4)
     errors: list[BaseException] = []
@@ -320,7 +320,11 @@ def test_one_handle_per_thread(service) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert c.stats() == {"requests": 100, "connects": 4, "failures": 0}
+    # At most one handle (and connection) per request in flight: handles are pooled per server
+    # and taken by whichever thread needs one (issue 16), not bound to a thread.
+    stats = c.stats()
+    assert stats["requests"] == 100 and stats["failures"] == 0
+    assert 1 <= stats["connects"] == c.transport.handles() <= 4
     c.close()
 
 

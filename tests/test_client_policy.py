@@ -55,13 +55,17 @@ class Scripted:
         self.sent: list[tuple[str, str, bytes | None, Sequence[str]]] = []
 
     def request(
-        self, method: str, path: str, body: bytes | None, headers: Sequence[str]
-    ) -> tuple[int, bytes]:
+        self, method: str, path: str, body: bytes | None, headers: Sequence[str],
+        deadline: float = 0.0,
+    ) -> tuple[int, bytes]:  # fmt: skip
         self.sent.append((method, path, body, headers))
         step = self.steps.pop(0)
         if isinstance(step, CurlFailure):
             raise step
         return step
+
+    def pause(self, seconds: float) -> bool:
+        return False  # the retry delay (0 in these tests) with nothing aborting it
 
 
 def client(tmp_path: Path, steps: list[Step], **kw) -> tuple[KeyServiceClient, Scripted, Path]:

@@ -43,7 +43,7 @@ def test_minimal_file_gets_every_default(pki: Path) -> None:
     assert (c.loglevel, c.logstdout, c.logsys) == (4, False, False)
     assert c.logfilepath == DEFAULT_LOGFILEPATH
     assert (c.maxretries, c.retrydelay) == (5, 10)
-    assert (c.connecttimeout, c.timeout) == (10, 60)
+    assert (c.connecttimeout, c.timeout) == (10, 30)  # TIMEOUT: the per-call deadline (issue 10)
     assert c.path == path
     assert c.overrides == () and c.warnings == ()
 

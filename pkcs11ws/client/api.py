@@ -12,6 +12,30 @@ service replays its stored answer), never a second one. A kept-alive connection 
 closed while idle is replaced at once, without counting as a retry. After the last attempt the
 caller gets TransportError (CKR_DEVICE_ERROR) or the last ServiceError.
 
+With several servers in HOST, one attempt is one round over them (the transport fails over at
+once, with the same Idempotency-Key: another replica on the same store answers a repeat with the
+first answer); MAXRETRIES and RETRYDELAY count rounds in which every server failed.
+
+Why every request may be sent again, to the same service or another replica: create_softcard,
+create_object, copy_object, generate_key, delete_object and delete_softcard carry the
+Idempotency-Key (the service answers a repeat with the first answer); update_object sets
+absolute values; deactivate revokes (twice is once); activate makes one more token (a wrong
+passphrase whose answer was lost counts twice toward the lockout, as with the seed's retries);
+the rest only read or compute.
+
+Deadline (issue 10): a call ends within TIMEOUT seconds, whatever MAXRETRIES x RETRYDELAY
+says: each attempt's timeout is cut to the time left, and a retry that could not start before
+the deadline is not waited for (the call fails at once, "connection refused" included).
+
+Certificate rejection (issue 10): the service refuses an expired client certificate, or one
+from another CA, by dropping the TLS handshake; libcurl reports that like a broken connection
+(curl errors 35/52/56 on a new connection, see transport.REJECTION). One more attempt on a new
+connection, at once, tells it from a service that died at that moment; a second such failure is
+a configuration error: no retry, one ERROR line saying "the service refused this client
+certificate (expired? other CA?)", and CertificateRejected (CKR_GENERAL_ERROR: nothing but the
+operator can fix it, as for an invalid configuration; an unreachable service stays
+CKR_DEVICE_ERROR).
+
 Error answers are JSON {"code", "message"} mapped through protocol.ckr_for(); anything else maps
 by HTTP status alone. Request and response bodies are never logged.
 
@@ -34,7 +58,7 @@ from pkcs11ws import constants as C
 from pkcs11ws import protocol
 from pkcs11ws.client.transport import BASE_HEADERS, CurlFailure, Transport
 from pkcs11ws.config import Config
-from pkcs11ws.errors import PKCS11Error, ServiceError, TransportError
+from pkcs11ws.errors import CertificateRejected, PKCS11Error, ServiceError, TransportError
 from pkcs11ws.log import DEBUG1, DEBUG3, DEBUG9, ERROR, LOG, WARNING, Logger
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
@@ -56,6 +80,8 @@ _decode_json = json.JSONDecoder().decode
 _json_str = json.encoder.encode_basestring_ascii
 _b64 = binascii.b2a_base64
 _unb64 = binascii.a2b_base64
+_monotonic = time.monotonic
+REJECTED: Final = "the service refused this client certificate (expired? other CA?)"
 
 
 def _loads(raw: bytes) -> Any:
@@ -183,9 +209,10 @@ class KeyServiceClient:
         self.cfg = cfg
         self.pending = pending if pending is not None else PendingKeys()
         self.log = logger if logger is not None else LOG
-        self.transport = transport if transport is not None else Transport(cfg)
+        self.transport = transport if transport is not None else Transport(cfg, log=self.log)
         self.maxretries = cfg.maxretries
         self.retrydelay = cfg.retrydelay
+        self.timeout = cfg.timeout
         self._token_headers: dict[str, tuple[str, ...]] = {}
         # (op, key, mechanism) -> the request JSON up to the first base64 field's opening quote.
         self._prefixes: dict[tuple[str, str, str], bytes] = {}
@@ -198,6 +225,12 @@ class KeyServiceClient:
     def reset_after_fork(self) -> None:
         self.transport.reset_after_fork()
         self.pending.clear()  # the parent may retry with them: the child must not
+
+    def abort(self) -> None:
+        """End the calls in progress now (C_Finalize while threads are inside calls): their
+        transfers fail, retry waits end, and they raise TransportError (CKR_DEVICE_ERROR);
+        later calls fail the same way without touching the network. close() must follow."""
+        self.transport.abort()
 
     def close(self) -> None:
         self.transport.close()
@@ -299,13 +332,15 @@ class KeyServiceClient:
         if self.log.level >= DEBUG3:
             status, raw = self._send(spec, spec.path, data, headers)
         else:
+            started = _monotonic()
             try:
                 status, raw = self.transport.request(spec.method, spec.path, data, headers)
             except CurlFailure as failure:
-                status, raw = self._send(spec, spec.path, data, headers, failure)
+                status, raw = self._send(spec, spec.path, data, headers, failure, started)
             else:
                 if status >= 300:
-                    status, raw = self._send(spec, spec.path, data, headers, (status, raw))
+                    status, raw = self._send(spec, spec.path, data, headers, (status, raw),
+                                             started)  # fmt: skip
         try:
             return status, _loads(raw)
         except ValueError:
@@ -330,14 +365,20 @@ class KeyServiceClient:
         data: bytes | None,
         headers: Sequence[str],
         first: tuple[int, bytes] | CurlFailure | None = None,
+        started: float = 0.0,
     ) -> tuple[int, bytes]:
         """Send with the retry policy; return a 2xx answer or raise. first: the outcome of a
-        first attempt the caller already made (the fast path), counted as attempt 1."""
-        request = self.transport.request
+        first attempt the caller already made (the fast path), counted as attempt 1, which
+        started at started."""
+        transport = self.transport
+        request = transport.request
+        deadline = (started or _monotonic()) + self.timeout
         attempt = 0
         replaced_dead = False
+        confirmed = False
+        err: ServiceError | None
         while True:
-            started = time.monotonic() if self.log.enabled(DEBUG3) else 0.0
+            t0 = _monotonic() if self.log.enabled(DEBUG3) else 0.0
             if first is None and self.log.enabled(DEBUG9):
                 # The trace of every attempt; sizes only, never a body.
                 self.log.debug9(
@@ -346,13 +387,15 @@ class KeyServiceClient:
                 )
             try:
                 if first is None:
-                    status, raw = request(spec.method, path, data, headers)
+                    status, raw = request(spec.method, path, data, headers, deadline)
                 else:
                     outcome, first = first, None
                     if isinstance(outcome, CurlFailure):
                         raise outcome
                     status, raw = outcome
             except CurlFailure as failure:
+                if failure.aborted:
+                    raise TransportError(f"{spec.name}: {failure.message}") from None
                 if failure.dead_connection and not replaced_dead:
                     replaced_dead = True
                     if self.log.enabled(WARNING):
@@ -361,18 +404,20 @@ class KeyServiceClient:
                             f"({failure}); reconnecting"
                         )
                     continue
+                if failure.rejected:
+                    if not confirmed and _monotonic() < deadline:
+                        confirmed = True  # once more on a new connection, at once (see above)
+                        continue
+                    self._rejected(spec, path, failure)
                 why = str(failure)
                 if not failure.retryable or attempt >= self.maxretries:
                     self._give_up(spec, path, why, attempt)
-                    raise TransportError(
-                        f"{spec.name}: no answer from the key service at "
-                        f"{self.transport.base_url}: {why}"
-                        + (f" (after {attempt} retries)" if attempt else "")
-                    ) from None
+                    raise self._no_answer(spec, why, attempt) from None
+                err = None
             else:
                 if status < 300:
                     if self.log.enabled(DEBUG3):
-                        ms = (time.monotonic() - started) * 1000
+                        ms = (_monotonic() - t0) * 1000
                         self.log.debug3(f"{spec.name} {spec.method} {path}: {status} {ms:.2f}ms")
                     return status, raw
                 err = self._service_error(status, raw)
@@ -383,14 +428,40 @@ class KeyServiceClient:
                         self.log.debug3(f"{spec.name} {spec.method} {path}: {err}")
                     raise err
                 why = str(err)
+            if _monotonic() + self.retrydelay >= deadline:
+                # The retry could not start before the deadline: fail now rather than wait.
+                why = f"{why}; no retry within TIMEOUT {self.timeout}s"
+                self._give_up(spec, path, why, attempt)
+                if err is not None:
+                    raise err
+                raise self._no_answer(spec, why, attempt)
             attempt += 1
             if self.log.enabled(WARNING):
                 self.log.warning(
                     f"{spec.name} {spec.method} {path}: {why}; "
                     f"retry {attempt}/{self.maxretries} in {self.retrydelay}s"
                 )
-            if self.retrydelay:
-                time.sleep(self.retrydelay)
+            if self.retrydelay and transport.pause(self.retrydelay):
+                raise TransportError(f"{spec.name}: aborted: the module is finalizing")
+
+    def _no_answer(self, spec: _Op, why: str, attempt: int) -> TransportError:
+        return TransportError(
+            f"{spec.name}: no answer from the key service at {self.transport.base_url}: {why}"
+            + (f" (after {attempt} retries)" if attempt else "")
+        )
+
+    def _rejected(self, spec: _Op, path: str, failure: CurlFailure) -> None:
+        """The service refused the client certificate: log it once, raise; never retried."""
+        from pkcs11ws.client.certinfo import expiry_warning  # rare: kept out of start-up
+
+        where = failure.server or self.transport.base_url
+        note = expiry_warning(self.cfg.cert, time.time())
+        text = (f"{spec.name} {spec.method} {path}: {REJECTED}: key service {where}, CERT "
+                f"{self.cfg.cert} ({failure})" + (f"; {note}" if note else ""))  # fmt: skip
+        if self.log.enabled(ERROR):
+            self.log.error(text)
+        raise CertificateRejected(f"{spec.name}: {REJECTED} (key service {where}, CERT "
+                                  f"{self.cfg.cert})")  # fmt: skip
 
     def _give_up(self, spec: _Op, path: str, why: str, attempt: int) -> None:
         if self.log.enabled(ERROR):

@@ -1,13 +1,31 @@
-"""HTTPS transport to the key service: pycurl on the system libcurl, one reused handle per thread.
+"""HTTPS transport to the key service(s): pycurl on the system libcurl, a pool of kept-alive
+easy handles per server, failover between the servers HOST lists.
 
 design.md section 3 decides the shape: pycurl must be the build linked to Debian's libcurl (the
 PyPI wheel bundles its own libcurl and OpenSSL, which crashed pkcs11-tool); this module refuses to
-import otherwise. Each thread gets one easy handle that keeps its connection alive between
-requests (a fresh TLS handshake costs milliseconds, a reused connection tens of microseconds).
-The handles share a CurlShare for DNS and TLS sessions, so a new thread's first connection
-resumes a TLS session. Connections themselves are NOT shared: libcurl documents that sharing the
+import otherwise. A fresh TLS handshake costs milliseconds, a reused connection tens of
+microseconds, so connections are kept alive and reused.
+
+Handles outlive threads (issue 16): each server has a pool of idle easy handles; a request takes
+the most recently used idle handle of its server (its connection is the warmest), performs, and
+puts it back. A new or short-lived host thread thus reuses a connected handle instead of paying
+a handshake, and the number of connections per server follows the number of requests in flight,
+not the number of threads ever seen. The handles share a CurlShare for DNS and TLS sessions.
+Connections themselves are never shared between handles: libcurl documents that sharing the
 connection cache between concurrently running threads is unsupported (CURL_LOCK_DATA_CONNECT,
-curl issues #4544, #13347), so each thread's handle keeps its own.
+curl issues #4544, #13347); a handle is used by one thread at a time.
+
+Several servers (issue 12): one request tries the servers in turn, healthy ones first, starting
+at a rotating position (this spreads the load); a connection error, a timeout or a 5xx answer
+puts that server in a cool-down of COOLDOWN seconds (it is tried last until then, and the next
+request after that probes it) and the request goes on to the next server at once. Every request
+of the protocol is safe to send again to another replica: creates and destroys carry an
+Idempotency-Key the service keeps in the shared store, the other writes set absolute values, and
+the rest only read (see api.py). The caller's retry policy (MAXRETRIES, RETRYDELAY) applies when
+every server failed.
+
+Deadline (issue 10): request() takes the call's deadline; each attempt's libcurl timeout is cut
+to the time left (shared between the servers still to try), so no call outlives TIMEOUT.
 
 TLS is always verified: only the CA in AUTH is trusted (the system CA path is switched off),
 the host name is checked, the client presents CERT/KEY, TLS 1.2 is the minimum.
@@ -15,7 +33,12 @@ the host name is checked, the client presents CERT/KEY, TLS 1.2 is the minimum.
 Fork: a child must never use nor cleanly close handles inherited from its parent (closing sends a
 TLS close_notify on the parent's connection). The child's handles and share are leaked on
 purpose, never freed; a pid check on every request (and reset_after_fork()) gives the child fresh
-ones.
+pools.
+
+Abort (C_Finalize during calls): abort() makes every transfer in progress fail at once (it shuts
+down the sockets the handles have open: libcurl tells us each socket it opens and closes, through
+CURLOPT_SOCKOPTFUNCTION / CURLOPT_CLOSESOCKETFUNCTION, so nothing runs per request), wakes calls
+sleeping between retries, and makes later requests fail without touching the network.
 """
 
 from __future__ import annotations
@@ -23,14 +46,16 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 import weakref
 
 import pycurl
 
 from pkcs11ws import __version__
 from pkcs11ws._lite import suppress
-from pkcs11ws.config import Config
+from pkcs11ws.config import Config, server_label
 from pkcs11ws.errors import TransportError
+from pkcs11ws.log import LOG, WARNING, Logger
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:  # annotations only: typing costs ~2.5 ms and ~1.9 MB at start-up
@@ -69,6 +94,17 @@ NOT_RETRYABLE: Final = frozenset(
 )
 # Failures that on a reused connection mean the service closed it while it sat idle.
 DEAD_CONNECTION: Final = frozenset({pycurl.E_SEND_ERROR, pycurl.E_RECV_ERROR, pycurl.E_GOT_NOTHING})
+# How the key service refuses a client certificate (expired, from another CA): it drops the TLS
+# handshake without an alert. With TLS 1.2 libcurl sees EOF inside SSL_connect (35,
+# SSL_ERROR_SYSCALL); with TLS 1.3 the client's side of the handshake is already complete, so
+# the drop shows as an empty reply (52) or a failed read (56). Always on a new connection.
+REJECTION: Final = frozenset({pycurl.E_SSL_CONNECT_ERROR, pycurl.E_GOT_NOTHING,
+                              pycurl.E_RECV_ERROR})  # fmt: skip
+# ... unless the message says the peer does not speak TLS at all (a plain HTTP port).
+_NOT_TLS: Final = ("wrong version number", "unknown protocol", "packet length too long",
+                   "record layer failure", "http/0.9")  # fmt: skip
+COOLDOWN: Final = 5.0  # seconds a failed server is skipped (tried last) before it is probed
+MAX_IDLE: Final = 64  # idle handles kept per server; more are closed when they come back
 
 
 def _mapped_files(maps: str) -> set[str]:
@@ -146,21 +182,35 @@ def _leak(obj: object) -> None:
 
 
 class CurlFailure(Exception):
-    """One attempt got no HTTP answer. reused: it failed on a kept-alive connection."""
+    """One attempt got no HTTP answer. reused: it failed on a kept-alive connection; connected:
+    it opened a new TCP connection; server: host:port of the server it went to ("" unknown);
+    aborted: abort() ended it."""
 
-    def __init__(self, code: int, message: str, reused: bool) -> None:
+    def __init__(self, code: int, message: str, reused: bool, connected: bool = False,
+                 server: str = "", aborted: bool = False) -> None:  # fmt: skip
         super().__init__(f"curl error {code}: {message}")
         self.code = code
         self.message = message
         self.reused = reused
+        self.connected = connected
+        self.server = server
+        self.aborted = aborted
 
     @property
     def retryable(self) -> bool:
-        return self.code not in NOT_RETRYABLE
+        return self.code not in NOT_RETRYABLE and not self.aborted
 
     @property
     def dead_connection(self) -> bool:
         return self.reused and self.code in DEAD_CONNECTION
+
+    @property
+    def rejected(self) -> bool:
+        """Looks like the service refusing the client certificate (see REJECTION)."""
+        if not self.connected or self.reused or self.code not in REJECTION or self.aborted:
+            return False
+        m = self.message.lower()
+        return not any(s in m for s in _NOT_TLS)
 
 
 def _new_share() -> Any:
@@ -171,18 +221,52 @@ def _new_share() -> Any:
     return share
 
 
+class _Sockets:
+    """The sockets libcurl has open, per handle, so abort() can shut them down.
+
+    libcurl reports each socket it opens (SOCKOPTFUNCTION) and lets us close it
+    (CLOSESOCKETFUNCTION): both run under the lock, so abort() never shuts down a descriptor
+    number that was closed and reused by someone else in the meantime.
+    """
+
+    __slots__ = ("fds", "lock")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.fds: set[int] = set()
+        self.lock = lock
+
+    def opened(self, fd: int, purpose: int) -> int:
+        with self.lock:
+            self.fds.add(fd)
+        return 0  # CURL_SOCKOPT_OK
+
+    def close(self, fd: int) -> int:
+        with self.lock:
+            self.fds.discard(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                return 1
+        return 0
+
+
 class _Conn:
-    """One thread's easy handle and what it remembers between requests."""
+    """An easy handle of one server's pool and what it remembers between requests."""
 
-    __slots__ = ("__weakref__", "chunks", "curl", "headers", "method", "path", "pid", "used")
+    __slots__ = ("__weakref__", "chunks", "curl", "headers", "method", "path", "pid", "server",
+                 "socks", "timeout_ms", "used")  # fmt: skip
 
-    def __init__(self, cfg: Config, share: Any, pid: int) -> None:
+    def __init__(self, cfg: Config, share: Any, pid: int, server: _Server,
+                 socks: _Sockets) -> None:  # fmt: skip
         self.pid = pid
+        self.server = server
+        self.socks = socks
         self.chunks: list[bytes] = []
         self.headers: Sequence[str] | None = None
         self.method = "GET"
         self.path = ""  # the path in the handle's URL (setting CURLOPT_URL costs libcurl a parse)
         self.used = False
+        self.timeout_ms = cfg.timeout * 1000  # the handle's CURLOPT_TIMEOUT_MS now
         c = pycurl.Curl()
         self.curl: Any = c
         c.setopt(pycurl.SHARE, share)
@@ -200,23 +284,28 @@ class _Conn:
         c.setopt(pycurl.CAPATH, None)  # Debian builds in /etc/ssl/certs: trust AUTH only
         c.setopt(pycurl.SSLCERT, cfg.cert)
         c.setopt(pycurl.SSLKEY, cfg.key)
-        c.setopt(pycurl.CONNECTTIMEOUT, cfg.connecttimeout)
-        c.setopt(pycurl.TIMEOUT, cfg.timeout)
+        c.setopt(pycurl.CONNECTTIMEOUT_MS, cfg.connecttimeout * 1000)
+        c.setopt(pycurl.TIMEOUT_MS, self.timeout_ms)
         c.setopt(pycurl.TCP_NODELAY, 1)
         c.setopt(pycurl.TCP_KEEPALIVE, 1)
         c.setopt(pycurl.TCP_KEEPIDLE, 30)
         c.setopt(pycurl.TCP_KEEPINTVL, 10)
+        c.setopt(pycurl.SOCKOPTFUNCTION, socks.opened)
+        c.setopt(pycurl.CLOSESOCKETFUNCTION, socks.close)
         c.setopt(pycurl.WRITEFUNCTION, self.chunks.append)
         c.setopt(pycurl.HTTPGET, 1)
 
     def close(self) -> None:
-        """Free the handle (and its connection): only in the process that made it."""
+        """Free the handle (and its connection): only in the process that made it, and only
+        while no transfer runs on it."""
         c, self.curl = self.curl, None
         if c is None:
             return
         if os.getpid() != self.pid:
             _leak(c)
             return
+        # The handle's socket is closed through _Sockets.close (never unset that callback:
+        # pycurl 7.49 then crashes in curl_easy_cleanup).
         try:
             c.close()
         except pycurl.error:
@@ -226,6 +315,21 @@ class _Conn:
     def __del__(self) -> None:
         with suppress(Exception):
             self.close()
+
+
+class _Server:
+    """One key service of HOST's list: its idle handles and its health."""
+
+    __slots__ = ("failing", "host", "idle", "label", "port", "retry_at", "url")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.label = server_label(host, port)
+        self.url = f"https://{self.label}"
+        self.idle: list[_Conn] = []  # list.append/pop are atomic: no lock on the request path
+        self.failing = False
+        self.retry_at = 0.0  # monotonic time until which it is tried last
 
 
 def resolve_entry(host: str, port: int) -> str | None:
@@ -259,65 +363,175 @@ class Transport:
 
     no_threads: the host forbade the library to start threads (C_Initialize with
     CKF_LIBRARY_CANT_CREATE_OS_THREADS). libcurl's resolver runs on a thread of its own, so the
-    host name is then resolved here, in the calling thread, when a thread's handle is made, and
-    handed to libcurl as CURLOPT_RESOLVE (an IP literal HOST needs no resolving at all).
+    host name is then resolved here, in the calling thread, when a handle is made, and handed
+    to libcurl as CURLOPT_RESOLVE (an IP literal HOST needs no resolving at all).
     """
 
-    def __init__(self, cfg: Config, no_threads: bool = False) -> None:
-        host = cfg.host
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        self.base_url = f"https://{host}:{cfg.port}"
+    def __init__(self, cfg: Config, no_threads: bool = False, log: Logger | None = None) -> None:
         self._cfg = cfg
+        self._servers_cfg = cfg.servers
+        self.base_url = ", ".join(f"https://{server_label(h, p)}" for h, p in self._servers_cfg)
+        self._timeout = float(cfg.timeout)
         self._no_threads = no_threads
+        self.log = log if log is not None else LOG
         self._closed = False
+        self.aborted = False
+        self._wake = threading.Event()
         self._start(os.getpid())
 
     def _start(self, pid: int) -> None:
         self._pid = pid
         self._share = _new_share()
-        self._local = threading.local()
+        self.servers = [_Server(h, p) for h, p in self._servers_cfg]
         self._conns: weakref.WeakSet[_Conn] = weakref.WeakSet()
         self._lock = threading.Lock()
+        self._socks_lock = threading.Lock()
+        self._rotation = 0
         self._requests = 0
         self._connects = 0
         self._failures = 0
+        self._handles = 0
 
-    def _new_conn(self) -> _Conn:
+    def _new_conn(self, server: _Server) -> _Conn:
         if self._closed:
             raise TransportError("the key service client was closed (C_Finalize)")
-        entry = resolve_entry(self._cfg.host, self._cfg.port) if self._no_threads else None
-        conn = _Conn(self._cfg, self._share, self._pid)
+        entry = resolve_entry(server.host, server.port) if self._no_threads else None
+        conn = _Conn(self._cfg, self._share, self._pid, server, _Sockets(self._socks_lock))
         if entry is not None:
             conn.curl.setopt(pycurl.RESOLVE, [entry])
-        self._local.conn = conn
         with self._lock:
             self._conns.add(conn)
+            self._handles += 1
         return conn
 
     def request(
-        self, method: str, path: str, body: bytes | None, headers: Sequence[str]
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: Sequence[str],
+        deadline: float = 0.0,
     ) -> tuple[int, bytes]:
-        """One attempt. headers must include BASE_HEADERS; pass the same object to skip setopt."""
+        """One attempt (on each server, with several). headers must include BASE_HEADERS; pass
+        the same object to skip setopt. deadline: time.monotonic() by which the call must end
+        (0: TIMEOUT from now)."""
         if os.getpid() != self._pid:
             self.reset_after_fork()
         if getattr(_IN_CURL, "active", False):  # nested() inlined: this is the per-request path
             raise CurlFailure(E_RECURSIVE, "called from inside a request of this thread "
                               "(OpenSSL loading a PKCS#11 provider while libcurl starts?)",
                               False)  # fmt: skip
+        if self.aborted:
+            raise CurlFailure(pycurl.E_ABORTED_BY_CALLBACK, "aborted: the module is finalizing",
+                              False, aborted=True)  # fmt: skip
         # Making the first handle initialises OpenSSL too: the flag covers it (see _IN_CURL).
         _IN_CURL.active = True
         try:
+            servers = self.servers
+            if len(servers) == 1:
+                return self._attempt(servers[0], method, path, body, headers, deadline, 1)
+            return self._round(method, path, body, headers, deadline)
+        finally:
+            _IN_CURL.active = False
+
+    def _order(self, now: float) -> list[_Server]:
+        """This round's servers: the healthy ones from a rotating start, then those cooling
+        down, the one whose cool-down ends first first."""
+        healthy = [s for s in self.servers if s.retry_at <= now]
+        cooling = sorted((s for s in self.servers if s.retry_at > now), key=_retry_at)
+        if len(healthy) > 1:
+            self._rotation = i = (self._rotation + 1) % len(healthy)  # races only skew the spread
+            healthy = healthy[i:] + healthy[:i]
+        return healthy + cooling
+
+    def _round(self, method: str, path: str, body: bytes | None, headers: Sequence[str],
+               deadline: float) -> tuple[int, bytes]:  # fmt: skip
+        """Try the servers in turn until one answers below 500; raise or return the last
+        failure when none did."""
+        now = time.monotonic()
+        if not deadline:
+            deadline = now + self._timeout
+        order = self._order(now)
+        last: tuple[int, bytes] | CurlFailure | None = None
+        for i, server in enumerate(order):
             try:
-                conn: _Conn = self._local.conn
-            except AttributeError:
-                conn = self._new_conn()
+                status, data = self._attempt(server, method, path, body, headers, deadline,
+                                             len(order) - i)  # fmt: skip
+            except CurlFailure as failure:
+                if not failure.retryable:
+                    raise
+                # A kept-alive connection the service closed while idle says nothing about it.
+                if not failure.dead_connection:
+                    self._failed(server, str(failure))
+                last = failure
+                continue
+            if status >= 500:
+                self._failed(server, f"HTTP {status}")
+                last = (status, data)
+                continue
+            if server.failing:
+                self._recovered(server)
+            return status, data
+        if isinstance(last, CurlFailure):
+            raise last
+        assert last is not None
+        return last
+
+    def _failed(self, server: _Server, why: str) -> None:
+        server.retry_at = time.monotonic() + COOLDOWN
+        if not server.failing:
+            server.failing = True
+            if self.log.enabled(WARNING):
+                self.log.warning(
+                    f"key service {server.label} failed ({why}): the other servers "
+                    f"take its requests; probing it again in {COOLDOWN:g}s"
+                )
+            return
+
+    def _recovered(self, server: _Server) -> None:
+        server.failing = False
+        server.retry_at = 0.0
+        if self.log.enabled(WARNING):
+            self.log.warning(f"key service {server.label} answers again")
+
+    def _attempt(
+        self,
+        server: _Server,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: Sequence[str],
+        deadline: float,
+        share: int,
+    ) -> tuple[int, bytes]:
+        """One request to one server on an idle handle of its pool. share: the number of
+        servers (this one included) the time left must still be shared with."""
+        idle = server.idle
+        try:
+            conn = idle.pop()
+        except IndexError:
+            conn = self._new_conn(server)
+        try:
             c = conn.curl
-            if c is None:
-                conn = self._new_conn()
+            if c is None:  # closed under us (C_Finalize): a fresh handle, which refuses then
+                conn = self._new_conn(server)
                 c = conn.curl
+            timeout_ms = conn.timeout_ms
+            if deadline or share > 1:
+                left = (deadline or time.monotonic() + self._timeout) - time.monotonic()
+                if left <= 0.001:
+                    raise CurlFailure(pycurl.E_OPERATION_TIMEDOUT, "the call's deadline "
+                                      f"(TIMEOUT {self._cfg.timeout}s) has passed", False,
+                                      server=server.label)  # fmt: skip
+                timeout_ms = max(1, int(left * 1000 / share))
+            elif timeout_ms != self._cfg.timeout * 1000:
+                timeout_ms = self._cfg.timeout * 1000
+            if timeout_ms != conn.timeout_ms:
+                c.setopt(pycurl.TIMEOUT_MS, timeout_ms)
+                c.setopt(pycurl.CONNECTTIMEOUT_MS, min(timeout_ms, self._cfg.connecttimeout * 1000))
+                conn.timeout_ms = timeout_ms
             if path != conn.path:
-                c.setopt(pycurl.URL, self.base_url + path)
+                c.setopt(pycurl.URL, server.url + path)
                 conn.path = path
             if method == "POST":
                 if conn.method == "DELETE":
@@ -344,7 +558,11 @@ class Transport:
                     self._requests += 1
                     self._connects += connects
                     self._failures += 1
-                raise CurlFailure(code, message, reused) from None
+                aborted = self.aborted
+                if aborted:
+                    message = f"aborted: the module is finalizing ({message})"
+                raise CurlFailure(code, message, reused, connects > 0, server.label,
+                                  aborted) from None  # fmt: skip
             status: int = c.getinfo(pycurl.RESPONSE_CODE)
             connects = c.getinfo(pycurl.NUM_CONNECTS)
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -355,7 +573,37 @@ class Transport:
                 self._connects += connects
             return status, data
         finally:
-            _IN_CURL.active = False
+            # Back to the pool, unless the transport was closed (C_Finalize) or forked since.
+            if self._closed or conn.pid != self._pid or len(idle) >= MAX_IDLE:
+                conn.close()
+            else:
+                idle.append(conn)
+
+    def pause(self, seconds: float) -> bool:
+        """Sleep between retries; True (at once) when abort() was or is called meanwhile."""
+        return self._wake.wait(seconds) or self.aborted
+
+    def abort(self) -> None:
+        """End every transfer in progress now (they fail with aborted CurlFailures), wake the
+        calls waiting to retry, and fail later requests at once. For C_Finalize while other
+        threads are inside calls; close() still has to follow. A connect still in progress is
+        not interrupted: it ends within CONNECTTIMEOUT."""
+        import socket  # only here: kept out of start-up
+
+        self.aborted = True
+        self._wake.set()
+        with self._lock:
+            conns = list(self._conns)
+        with self._socks_lock:
+            for conn in conns:
+                for fd in list(conn.socks.fds):
+                    with suppress(OSError):
+                        # A duplicate of the descriptor: shutdown() acts on the socket itself.
+                        s = socket.socket(fileno=os.dup(fd))
+                        try:
+                            s.shutdown(socket.SHUT_RDWR)
+                        finally:
+                            s.close()
 
     def stats(self) -> dict[str, int]:
         """Requests sent and new connections (TLS handshakes) made, since start or fork."""
@@ -365,6 +613,11 @@ class Transport:
                 "connects": self._connects,
                 "failures": self._failures,
             }
+
+    def handles(self) -> int:
+        """Easy handles made since start or fork (each idle one is reused before a new one)."""
+        with self._lock:
+            return self._handles
 
     def reset_after_fork(self) -> None:
         """In a forked child: abandon (never free) the parent's handles and share, start anew."""
@@ -376,12 +629,16 @@ class Transport:
         self._start(os.getpid())
 
     def close(self) -> None:
-        """Close every thread's handle and connection (C_Finalize); later requests fail."""
+        """Close every idle handle and its connection (C_Finalize); handles in use close when
+        their request ends; later requests fail."""
         if os.getpid() != self._pid:
             self.reset_after_fork()
         self._closed = True
-        with self._lock:
-            conns = list(self._conns)
-        for conn in conns:
-            conn.close()
-        self._local = threading.local()
+        for server in self.servers:
+            while server.idle:
+                with suppress(IndexError):
+                    server.idle.pop().close()
+
+
+def _retry_at(server: _Server) -> float:
+    return server.retry_at
