@@ -28,8 +28,9 @@ says: each attempt's timeout is cut to the time left, and a retry that could not
 the deadline is not waited for (the call fails at once, "connection refused" included).
 
 Certificate rejection (issue 10): the service refuses an expired client certificate, or one
-from another CA, by dropping the TLS handshake; libcurl reports that like a broken connection
-(curl errors 35/52/56 on a new connection, see transport.REJECTION). One more attempt on a new
+from another CA, by dropping the connection right after the TLS handshake; libcurl reports that
+like a broken connection (curl error 52 or 56 on a new connection whose handshake completed, see
+transport.REJECTION). One more attempt on a new
 connection, at once, tells it from a service that died at that moment; a second such failure is
 a configuration error: no retry, one ERROR line saying "the service refused this client
 certificate (expired? other CA?)", and CertificateRejected (CKR_GENERAL_ERROR: nothing but the

@@ -94,15 +94,18 @@ NOT_RETRYABLE: Final = frozenset(
 )
 # Failures that on a reused connection mean the service closed it while it sat idle.
 DEAD_CONNECTION: Final = frozenset({pycurl.E_SEND_ERROR, pycurl.E_RECV_ERROR, pycurl.E_GOT_NOTHING})
-# How the key service refuses a client certificate (expired, from another CA): it drops the TLS
-# handshake without an alert. With TLS 1.2 libcurl sees EOF inside SSL_connect (35,
-# SSL_ERROR_SYSCALL); with TLS 1.3 the client's side of the handshake is already complete, so
-# the drop shows as an empty reply (52) or a failed read (56). Always on a new connection.
-REJECTION: Final = frozenset({pycurl.E_SSL_CONNECT_ERROR, pycurl.E_GOT_NOTHING,
-                              pycurl.E_RECV_ERROR})  # fmt: skip
-# ... unless the message says the peer does not speak TLS at all (a plain HTTP port).
-_NOT_TLS: Final = ("wrong version number", "unknown protocol", "packet length too long",
-                   "record layer failure", "http/0.9")  # fmt: skip
+# How the key service refuses a client certificate (expired, from another CA): it drops the
+# connection without a TLS alert. TLS 1.3 (what the service speaks) lets the client finish its
+# side of the handshake first, so libcurl sees a completed handshake (CURLINFO_APPCONNECT_TIME
+# > 0) on a new connection, then no answer at all (52 empty reply, or 56 on a reset). A load
+# balancer resetting connections to a dead backend, or a service killed before its handshake,
+# fails before the handshake completes and stays an outage. A server that does send an alert
+# naming the certificate is recognised by the alert.
+REJECTION: Final = frozenset({pycurl.E_GOT_NOTHING, pycurl.E_RECV_ERROR})
+_ALERT_CODES: Final = frozenset({pycurl.E_SSL_CONNECT_ERROR, pycurl.E_RECV_ERROR})
+_CERT_ALERTS: Final = ("bad certificate", "certificate expired", "unknown ca",
+                       "certificate required", "certificate revoked", "certificate unknown",
+                       "unsupported certificate", "access denied")  # fmt: skip
 COOLDOWN: Final = 5.0  # seconds a failed server is skipped (tried last) before it is probed
 MAX_IDLE: Final = 64  # idle handles kept per server; more are closed when they come back
 
@@ -187,7 +190,8 @@ class CurlFailure(Exception):
     aborted: abort() ended it."""
 
     def __init__(self, code: int, message: str, reused: bool, connected: bool = False,
-                 server: str = "", aborted: bool = False) -> None:  # fmt: skip
+                 server: str = "", aborted: bool = False, handshaken: bool = False,
+                 ) -> None:  # fmt: skip
         super().__init__(f"curl error {code}: {message}")
         self.code = code
         self.message = message
@@ -195,6 +199,7 @@ class CurlFailure(Exception):
         self.connected = connected
         self.server = server
         self.aborted = aborted
+        self.handshaken = handshaken  # the TLS handshake completed on this attempt's connection
 
     @property
     def retryable(self) -> bool:
@@ -207,10 +212,12 @@ class CurlFailure(Exception):
     @property
     def rejected(self) -> bool:
         """Looks like the service refusing the client certificate (see REJECTION)."""
-        if not self.connected or self.reused or self.code not in REJECTION or self.aborted:
+        if not self.connected or self.reused or self.aborted:
             return False
+        if self.handshaken and self.code in REJECTION:
+            return True
         m = self.message.lower()
-        return not any(s in m for s in _NOT_TLS)
+        return self.code in _ALERT_CODES and "alert" in m and any(a in m for a in _CERT_ALERTS)
 
 
 def _new_share() -> Any:
@@ -553,6 +560,7 @@ class Transport:
                 message = e.args[1] if len(e.args) > 1 else str(e)
                 connects = c.getinfo(pycurl.NUM_CONNECTS)
                 reused = conn.used and connects == 0
+                handshaken = connects > 0 and c.getinfo(pycurl.APPCONNECT_TIME) > 0
                 conn.used = False  # the handle's connection is gone either way
                 with self._lock:
                     self._requests += 1
@@ -561,8 +569,8 @@ class Transport:
                 aborted = self.aborted
                 if aborted:
                     message = f"aborted: the module is finalizing ({message})"
-                raise CurlFailure(code, message, reused, connects > 0, server.label,
-                                  aborted) from None  # fmt: skip
+                raise CurlFailure(code, message, reused, connects > 0, server.label, aborted,
+                                  handshaken) from None  # fmt: skip
             status: int = c.getinfo(pycurl.RESPONSE_CODE)
             connects = c.getinfo(pycurl.NUM_CONNECTS)
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
