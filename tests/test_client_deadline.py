@@ -213,8 +213,7 @@ def test_refused_client_certificate_is_a_configuration_error(service, tmp_path: 
     good.close()
 
 
-def test_untrusted_service_certificate_is_not_called_a_refused_client(service,
-                                                                      tmp_path: Path) -> None:  # fmt: skip
+def test_untrusted_service_is_not_called_a_refused_client(service, tmp_path: Path) -> None:
     # The other way round (the service is not signed by AUTH): libcurl's own verification
     # error, never retried, never blamed on the client certificate.
     _, _ = issue(tmp_path, "x", ca=None, not_before=NOW, not_after=NOW + dt.timedelta(days=1))
@@ -235,8 +234,9 @@ def test_untrusted_service_certificate_is_not_called_a_refused_client(service,
 
 def test_certificate_reader_agrees_with_cryptography(tmp_path: Path) -> None:
     paths = sorted(glob.glob("/usr/share/ca-certificates/mozilla/*.crt"))[:60]
-    far = issue(tmp_path, "far", ca=None, not_before=dt.datetime(1999, 12, 31, 23, 59, 58,
-                tzinfo=dt.UTC), not_after=dt.datetime(2061, 3, 1, 0, 0, 1, tzinfo=dt.UTC))[0]  # fmt: skip
+    start = dt.datetime(1999, 12, 31, 23, 59, 58, tzinfo=dt.UTC)
+    end = dt.datetime(2061, 3, 1, 0, 0, 1, tzinfo=dt.UTC)
+    far = issue(tmp_path, "far", ca=None, not_before=start, not_after=end)[0]
     paths.append(str(far))  # GeneralizedTime after 2049, UTCTime before
     for path in paths:
         pem = Path(path).read_bytes()
