@@ -1,0 +1,253 @@
+"""Issue 12 item 4: HOST lists several key services; the client spreads requests over the healthy
+ones, fails over at once when one dies, skips it for a cool-down, and uses it again once it is
+back. Two real key service processes serve the same SQLite store, master key and PKI on two
+ports (the replica's server.yaml is a copy of the first with another `port:`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from ctypes import byref
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import Api, Service, free_port
+from p11ctypes import Module, mechanism
+
+from pkcs11ws import constants as C
+from pkcs11ws.__main__ import module_path
+from pkcs11ws.client import KeyServiceClient
+from pkcs11ws.client.transport import COOLDOWN
+from pkcs11ws.config import load_config
+from pkcs11ws.errors import TransportError
+from pkcs11ws.log import Logger
+
+PASS = b"correct horse 1"
+
+
+def serve(svc: Service, yaml_path: Path, port: int, log: Path) -> Service:
+    """Start a key service from yaml_path (listening on port); wait for /health."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pkcs11ws.server.cli", "serve", "--config", str(yaml_path)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    new = dataclasses.replace(svc, port=port, url=f"https://127.0.0.1:{port}",
+                              server_yaml=yaml_path, pid=proc.pid, log=log, proc=proc)  # fmt: skip
+    api = Api(new)
+    deadline = time.monotonic() + 30
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the replica exited:\n{new.log_text()}")
+            with contextlib.suppress(OSError):
+                if api.get("/health").status == 200:
+                    return new
+            if time.monotonic() > deadline:
+                new.stop()
+                raise RuntimeError("the replica did not answer /health")
+            time.sleep(0.05)
+    finally:
+        api.close()
+
+
+@pytest.fixture
+def replicas(fresh_service, tmp_path: Path):
+    """(a, b, started): two services on one store; started collects every process to stop."""
+    a = fresh_service()
+    doc = yaml.safe_load(a.server_yaml.read_text())
+    port = free_port()
+    doc["port"] = port
+    b_yaml = tmp_path / "replica.yaml"
+    b_yaml.write_text(yaml.safe_dump(doc))
+    started: list[Service] = []
+    b = serve(a, b_yaml, port, tmp_path / "replica.out")
+    started.append(b)
+    try:
+        yield a, b, started
+    finally:
+        for svc in started:
+            svc.stop()
+
+
+def kill9(svc: Service) -> None:
+    os.kill(svc.pid, signal.SIGKILL)
+    svc.proc.wait(10)
+
+
+def served(svc: Service, what: str) -> int:
+    """How many requests (access-log lines containing what) svc answered."""
+    return sum(1 for ln in svc.log_text().splitlines() if "pkcs11ws.server.access" in ln
+               and what in ln)  # fmt: skip
+
+
+def host_list(a: Service, b: Service) -> str:
+    # Both spellings the service's certificate names: an address and a bare-name entry.
+    return f"127.0.0.1:{a.port}, localhost:{b.port}"
+
+
+def client(a: Service, b: Service, log: Path, **overrides: object) -> KeyServiceClient:
+    env = {f"PKCS11WS_{k.upper()}": str(v) for k, v in overrides.items()}
+    env["PKCS11WS_HOST"] = host_list(a, b)
+    env["PKCS11WS_LOGLEVEL"] = "3"
+    env["PKCS11WS_LOGFILEPATH"] = str(log)
+    cfg = load_config(str(a.client_cfg), environ=env)
+    logger = Logger()
+    logger.configure(cfg)
+    return KeyServiceClient(cfg, logger)
+
+
+def test_requests_spread_over_both_and_an_activation_works_on_either(replicas, tmp_path):
+    a, b, _ = replicas
+    c = client(a, b, tmp_path / "p11.log", maxretries=0)
+    assert [s.label for s in c.transport.servers] == [f"127.0.0.1:{a.port}",
+                                                      f"localhost:{b.port}"]  # fmt: skip
+    card = c.create_softcard("f" + uuid.uuid4().hex[:12], PASS)
+    token, _ = c.activate(card["id"], PASS)
+    key = c.create_object(card["id"], token, {"CKA_CLASS": C.CKO_SECRET_KEY,
+                          "CKA_KEY_TYPE": C.CKK_SHA256_HMAC, "CKA_VALUE": b"k" * 32})["handle"]  # fmt: skip
+    macs = {c.sign(token, key, "CKM_SHA256_HMAC", b"spread") for _ in range(40)}
+    assert len(macs) == 1
+    # Both replicas signed with the one activation token (sealed, opened by either).
+    assert served(a, "POST /crypto/v1/sign 200") >= 10
+    assert served(b, "POST /crypto/v1/sign 200") >= 10
+    assert c.stats()["failures"] == 0
+    c.close()
+
+
+def test_kill9_one_replica_then_restart(replicas, tmp_path):
+    a, b, started = replicas
+    log = tmp_path / "p11.log"
+    c = client(a, b, log, maxretries=0)  # no retries: only failover can hide the dead one
+    card = c.create_softcard("f" + uuid.uuid4().hex[:12], PASS)
+    token, _ = c.activate(card["id"], PASS)
+    for _ in range(10):
+        c.random(8)
+    kill9(b)
+    for _ in range(40):  # no error: every request B would have had goes to A
+        assert len(c.random(8)) == 8
+    failures = c.stats()["failures"]
+    assert 1 <= failures <= 2  # B refused once (or once more after a kept-alive connection)
+    text = log.read_text()
+    assert f"key service localhost:{b.port} failed" in text
+    # During the cool-down B is not tried again: no new failures.
+    for _ in range(20):
+        c.random(8)
+    assert c.stats()["failures"] == failures
+    # B comes back (same configuration, same port) and is used again after its cool-down.
+    b2 = serve(b, b.server_yaml, b.port, tmp_path / "replica-again.out")
+    started.append(b2)
+    time.sleep(COOLDOWN + 0.5)
+    for _ in range(20):
+        c.random(8)
+    assert served(b2, "POST /crypto/v1/random 200") >= 5
+    assert f"key service localhost:{b.port} answers again" in log.read_text()
+    # The activation made before the outage still works on both.
+    assert c.search_objects(card["id"], token, {}) == []
+    c.close()
+
+
+def test_every_server_failed_is_one_attempt_of_maxretries(tmp_path):
+    # Two closed ports: each round tries both at once; MAXRETRIES counts rounds.
+    env = {"PKCS11WS_HOST": f"127.0.0.1:{free_port()},localhost:{free_port()}",
+           "PKCS11WS_MAXRETRIES": "2", "PKCS11WS_RETRYDELAY": "0"}  # fmt: skip
+    cfg_path = tmp_path / "p11.cfg"
+    for name in ("ca.pem", "client.pem", "client.key"):
+        (tmp_path / name).write_text("unused: nothing is reached\n")
+    cfg_path.write_text("CERT client.pem\nKEY client.key\nAUTH ca.pem\nLOGLEVEL 0\n")
+    c = KeyServiceClient(load_config(str(cfg_path), environ=env), Logger())
+    with pytest.raises(TransportError) as ei:
+        c.health()
+    assert ei.value.ckr == C.CKR_DEVICE_ERROR and "after 2 retries" in ei.value.message
+    assert c.stats()["requests"] == 6  # 3 rounds x 2 servers
+    c.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Through the module: application threads sign while a replica is killed -9 and restarted.
+
+
+@pytest.fixture
+def mod(monkeypatch):
+    for var in list(os.environ):
+        if var.startswith("PKCS11WS_"):
+            monkeypatch.delenv(var)
+    m = Module(module_path())
+    m.call("C_Finalize", None)
+    yield m
+    m.call("C_Finalize", None)
+
+
+def test_module_threads_ride_through_a_replica_kill(mod, replicas, tmp_path):
+    a, b, started = replicas
+    setup = KeyServiceClient(load_config(str(a.client_cfg)))
+    name = "m" + uuid.uuid4().hex[:12]
+    pin = uuid.uuid4().hex.encode()
+    setup.create_softcard(name, pin)
+    setup.close()
+    log = tmp_path / "module.log"
+    cfg = tmp_path / "p11.cfg"
+    lines = [ln for ln in a.client_cfg.read_text().splitlines()
+             if not ln.strip() or ln.split()[0].upper() not in
+             ("HOST", "MAXRETRIES", "RETRYDELAY", "LOGLEVEL", "LOGFILEPATH")]  # fmt: skip
+    cfg.write_text("\n".join([*lines, f"HOST {host_list(a, b)}", "MAXRETRIES 0",
+                              "RETRYDELAY 0", "LOGLEVEL 3", f"LOGFILEPATH {log}"]) + "\n")  # fmt: skip
+    assert mod.initialize(str(cfg)) == C.CKR_OK
+    slot = mod.slot_by_label(name)
+    h = mod.open(slot)
+    assert mod.login(h, pin) == C.CKR_OK
+    key = mod.create(h, [(C.CKA_TOKEN, True), (C.CKA_PRIVATE, True),
+                         (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC),
+                         (C.CKA_SIGN, True), (C.CKA_VALUE, b"s" * 32)])  # fmt: skip
+    stop = threading.Event()
+    errors: list[str] = []
+    done = [0] * 4
+
+    def work(i: int) -> None:
+        session = mod.open(slot)
+        m, _ = mechanism(C.CKM_SHA256_HMAC)
+        try:
+            while not stop.is_set():
+                try:
+                    mod.ok("C_SignInit", session, byref(m), key)
+                    if len(mod.single("C_Sign", session, b"data %d" % i)) != 32:
+                        errors.append("short MAC")
+                except Exception as e:
+                    errors.append(repr(e))
+                    return
+                done[i] += 1
+        finally:
+            mod.call("C_CloseSession", session)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.5)
+        kill9(b)
+        time.sleep(2.0)
+        b2 = serve(b, b.server_yaml, b.port, tmp_path / "replica-again.out")
+        started.append(b2)
+        time.sleep(COOLDOWN + 1.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert errors == []
+    assert all(n > 0 for n in done), done
+    assert served(b2, "POST /crypto/v1/sign 200") > 0  # the restarted replica signs again
+    text = log.read_text()
+    assert f"key service localhost:{b.port} failed" in text
+    # The login survived: no re-login was needed, the session still signs.
+    m, _ = mechanism(C.CKM_SHA256_HMAC)
+    mod.ok("C_SignInit", h, byref(m), key)
+    assert len(mod.single("C_Sign", h, b"after")) == 32
