@@ -113,8 +113,8 @@ def test_requests_spread_over_both_and_an_activation_works_on_either(replicas, t
                                                       f"localhost:{b.port}"]  # fmt: skip
     card = c.create_softcard("f" + uuid.uuid4().hex[:12], PASS)
     token, _ = c.activate(card["id"], PASS)
-    key = c.create_object(card["id"], token, {"CKA_CLASS": C.CKO_SECRET_KEY,
-                          "CKA_KEY_TYPE": C.CKK_SHA256_HMAC, "CKA_VALUE": b"k" * 32})["handle"]  # fmt: skip
+    attrs = {"CKA_CLASS": C.CKO_SECRET_KEY, "CKA_KEY_TYPE": C.CKK_SHA256_HMAC, "CKA_VALUE": b"k" * 32}
+    key = c.create_object(card["id"], token, attrs)["handle"]
     macs = {c.sign(token, key, "CKM_SHA256_HMAC", b"spread") for _ in range(40)}
     assert len(macs) == 1
     # Both replicas signed with the one activation token (sealed, opened by either).
@@ -199,8 +199,9 @@ def test_module_threads_ride_through_a_replica_kill(mod, replicas, tmp_path):
     lines = [ln for ln in a.client_cfg.read_text().splitlines()
              if not ln.strip() or ln.split()[0].upper() not in
              ("HOST", "MAXRETRIES", "RETRYDELAY", "LOGLEVEL", "LOGFILEPATH")]  # fmt: skip
-    cfg.write_text("\n".join([*lines, f"HOST {host_list(a, b)}", "MAXRETRIES 0",
-                              "RETRYDELAY 0", "LOGLEVEL 3", f"LOGFILEPATH {log}"]) + "\n")  # fmt: skip
+    extra = [f"HOST {host_list(a, b)}", "MAXRETRIES 0", "RETRYDELAY 0", "LOGLEVEL 3",
+             f"LOGFILEPATH {log}"]  # fmt: skip
+    cfg.write_text("\n".join([*lines, *extra]) + "\n")
     assert mod.initialize(str(cfg)) == C.CKR_OK
     slot = mod.slot_by_label(name)
     h = mod.open(slot)
