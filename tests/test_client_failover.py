@@ -113,7 +113,11 @@ def test_requests_spread_over_both_and_an_activation_works_on_either(replicas, t
                                                       f"localhost:{b.port}"]  # fmt: skip
     card = c.create_softcard("f" + uuid.uuid4().hex[:12], PASS)
     token, _ = c.activate(card["id"], PASS)
-    attrs = {"CKA_CLASS": C.CKO_SECRET_KEY, "CKA_KEY_TYPE": C.CKK_SHA256_HMAC, "CKA_VALUE": b"k" * 32}
+    attrs = {
+        "CKA_CLASS": C.CKO_SECRET_KEY,
+        "CKA_KEY_TYPE": C.CKK_SHA256_HMAC,
+        "CKA_VALUE": b"k" * 32,
+    }
     key = c.create_object(card["id"], token, attrs)["handle"]
     macs = {c.sign(token, key, "CKM_SHA256_HMAC", b"spread") for _ in range(40)}
     assert len(macs) == 1
