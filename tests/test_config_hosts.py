@@ -33,7 +33,7 @@ def cfg_with(d: Path, host: str, port: str | None = None) -> Path:
         (
             "a.example , b.example:443,10.0.0.7",
             [("a.example", 18001), ("b.example", 443), ("10.0.0.7", 18001)],
-        ),  # fmt: skip
+        ),
         ("10.0.0.1:1,10.0.0.1:2", [("10.0.0.1", 1), ("10.0.0.1", 2)]),
         ("[2001:db8::1]:9000, [::1]", [("2001:db8::1", 9000), ("::1", 18001)]),
         ("::1", [("::1", 18001)]),  # a bare IPv6 literal (no port: use brackets for one)
