@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from pkcs11ws import __version__, protocol
-from pkcs11ws.config import DEFAULT_PATH, ENV_CONFIG, Config, load_config
+from pkcs11ws.config import DEFAULT_PATH, ENV_CONFIG, Config, load_config, server_label
 from pkcs11ws.errors import ConfigError
 from pkcs11ws.tools import ckfmt, selftest
 from pkcs11ws.tools.ckabi import CKError, Library, LoadError
@@ -112,7 +112,7 @@ def check_config(rep: Report, explicit: bool) -> Config | None:
         if cfg.overrides
         else "no PKCS11WS_* environment overrides"
     )
-    rep.ok("configuration", f"{cfg.path} ({source}); HOST {cfg.host} PORT {cfg.port}",
+    rep.ok("configuration", f"{cfg.path} ({source}); key service {cfg.where()}",
            [overrides])  # fmt: skip
     for w in cfg.warnings:
         rep.warn("configuration", w)
@@ -237,6 +237,9 @@ def connection_fix(message: str, cfg: Config) -> str:
     """What to do about a failed connection, from libcurl's message."""
     m = message.lower()
     where = f"{cfg.host}:{cfg.port}"
+    if "refused this client certificate" in m:
+        return ("CERT must be a valid (not expired) client certificate signed by a CA the key "
+                "service trusts (its tls.ca), with KEY its private key")  # fmt: skip
     if "resolve" in m:
         return f"HOST {cfg.host} does not resolve: correct HOST"
     if "refused" in m or "couldn't connect" in m or "failed to connect" in m:
@@ -267,11 +270,21 @@ def connection_fix(message: str, cfg: Config) -> str:
 
 
 def check_service(rep: Report, cfg: Config) -> bool:
+    """Check every key service HOST lists (one line each); True when at least one answers."""
+    servers = cfg.servers
+    ok = False
+    for i, (host, port) in enumerate(servers, 1):
+        one = dataclasses.replace(cfg, host=f"[{host}]" if ":" in host else host, port=port)
+        name = "key service" if len(servers) == 1 else f"key service #{i}"
+        ok = _check_one_service(rep, one, name) or ok
+    return ok
+
+
+def _check_one_service(rep: Report, cfg: Config, name: str) -> bool:
     from pkcs11ws.client.api import KeyServiceClient
     from pkcs11ws.errors import PKCS11Error, ServiceError
 
-    name = "key service"
-    url = f"https://{cfg.host}:{cfg.port}"
+    url = f"https://{server_label(*cfg.servers[0])}"
     # One attempt: a check reports at once instead of waiting through MAXRETRIES x RETRYDELAY.
     quick = dataclasses.replace(cfg, maxretries=0, connecttimeout=min(cfg.connecttimeout, 10),
                                 timeout=min(cfg.timeout, 30))  # fmt: skip
@@ -287,7 +300,8 @@ def check_service(rep: Report, cfg: Config) -> bool:
                  "check that HOST and PORT name a pkcs11ws key service")  # fmt: skip
         return False
     except PKCS11Error as e:
-        rep.fail(name, e.message, connection_fix(e.message, cfg))
+        text = e.message if url in e.message else f"{url}: {e.message}"
+        rep.fail(name, text, connection_fix(e.message, cfg))
         return False
     finally:
         client.close()

@@ -164,7 +164,7 @@ def _run(action: str, opts: dict[str, object], stdin: TextIO) -> int:
         if opts["verbose"]:
             h = client.health()
             server = f"pkcs11ws-server {h['version']}, protocol {h['protocol']}"
-            print(f"Connected to key service https://{cfg.host}:{cfg.port} ({server}) "
+            print(f"Connected to key service {client.transport.base_url} ({server}) "
                   f"using {cfg.path}")  # fmt: skip
         if action == "generate":
             card = client.create_softcard(name, passphrase)
