@@ -256,3 +256,110 @@ def test_module_threads_ride_through_a_replica_kill(mod, replicas, tmp_path):
     m, _ = mechanism(C.CKM_SHA256_HMAC)
     mod.ok("C_SignInit", h, byref(m), key)
     assert len(mod.single("C_Sign", h, b"after")) == 32
+
+
+# --------------------------------------------------------------------------------------------
+# Failover on a 5xx answer and on a server that accepts but never answers.
+
+
+class Broken:
+    """A TLS endpoint with the service's own certificate (so the client trusts it) that requires
+    the client certificate like the service and then answers every request with 503, or never
+    answers at all (mute)."""
+
+    def __init__(self, svc: Service, mute: bool = False) -> None:
+        import ssl
+
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(svc.ca))
+        self.ctx.load_cert_chain(str(svc.dir / "pki" / "server.pem"),
+                                 str(svc.dir / "pki" / "server.key"))  # fmt: skip
+        self.ctx.verify_mode = ssl.CERT_REQUIRED
+        self.sock = __import__("socket").create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.mute = mute
+        self.requests = 0
+        self.held: list[Any] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.mute:
+                self.held.append(raw)  # accepted, never answered
+                continue
+            threading.Thread(target=self._answer, args=(raw,), daemon=True).start()
+
+    def _answer(self, raw: Any) -> None:
+        try:
+            with self.ctx.wrap_socket(raw, server_side=True) as s:
+                buf = b""
+                while True:
+                    while b"\r\n\r\n" not in buf:
+                        chunk = s.recv(65536)
+                        if not chunk:
+                            return
+                        buf += chunk
+                    head, _, buf = buf.partition(b"\r\n\r\n")
+                    length = 0
+                    for line in head.split(b"\r\n"):
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":")[1])
+                    while len(buf) < length:
+                        buf += s.recv(65536)
+                    buf = buf[length:]
+                    self.requests += 1
+                    body = b'{"code":"UNAVAILABLE","message":"store down"}'
+                    s.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                              b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                              % (len(body), body))  # fmt: skip
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self.sock.close()
+        for s in self.held:
+            s.close()
+
+
+def test_a_5xx_answer_fails_over_and_cools_the_server_down(service, tmp_path):
+    broken = Broken(service)
+    try:
+        env = {"PKCS11WS_HOST": f"localhost:{broken.port}, 127.0.0.1:{service.port}",
+               "PKCS11WS_MAXRETRIES": "0", "PKCS11WS_LOGLEVEL": "3",
+               "PKCS11WS_LOGFILEPATH": str(tmp_path / "p11.log")}  # fmt: skip
+        cfg = load_config(str(service.client_cfg), environ=env)
+        c = KeyServiceClient(cfg, Logger())
+        c.log.configure(cfg)
+        for _ in range(10):
+            assert len(c.random(8)) == 8  # never the 503
+        assert broken.requests == 1  # then skipped for the cool-down
+        assert (
+            f"key service localhost:{broken.port} failed (HTTP 503)"
+            in (tmp_path / "p11.log").read_text()
+        )
+        c.close()
+    finally:
+        broken.close()
+
+
+def test_a_mute_server_costs_one_share_of_the_deadline_then_is_skipped(service, tmp_path):
+    mute = Broken(service, mute=True)
+    try:
+        env = {"PKCS11WS_HOST": f"localhost:{mute.port}, 127.0.0.1:{service.port}",
+               "PKCS11WS_MAXRETRIES": "0", "PKCS11WS_TIMEOUT": "4"}  # fmt: skip
+        c = KeyServiceClient(load_config(str(service.client_cfg), environ=env), Logger())
+        took = []
+        for _ in range(6):
+            t0 = time.monotonic()
+            assert len(c.random(8)) == 8
+            took.append(time.monotonic() - t0)
+        # The round that met the mute server waited for its share (TIMEOUT 4 / 2 servers)...
+        assert 1.5 <= max(took) < 4, took
+        # ... and no other call waited: it was cooling down.
+        assert sorted(took)[-2] < 1.0, took
+        c.close()
+    finally:
+        mute.close()
