@@ -10,6 +10,8 @@ import contextlib
 import dataclasses
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -268,17 +270,15 @@ class Broken:
     answers at all (mute)."""
 
     def __init__(self, svc: Service, mute: bool = False) -> None:
-        import ssl
-
         self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(svc.ca))
         self.ctx.load_cert_chain(str(svc.dir / "pki" / "server.pem"),
                                  str(svc.dir / "pki" / "server.key"))  # fmt: skip
         self.ctx.verify_mode = ssl.CERT_REQUIRED
-        self.sock = __import__("socket").create_server(("127.0.0.1", 0))
+        self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.mute = mute
         self.requests = 0
-        self.held: list[Any] = []
+        self.held: list[socket.socket] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -292,7 +292,7 @@ class Broken:
                 continue
             threading.Thread(target=self._answer, args=(raw,), daemon=True).start()
 
-    def _answer(self, raw: Any) -> None:
+    def _answer(self, raw: socket.socket) -> None:
         try:
             with self.ctx.wrap_socket(raw, server_side=True) as s:
                 buf = b""
