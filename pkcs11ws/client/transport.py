@@ -383,7 +383,6 @@ class Transport:
         self.log = log if log is not None else LOG
         self._closed = False
         self.aborted = False
-        self._wake = threading.Event()
         self._start(os.getpid())
 
     def _start(self, pid: int) -> None:
@@ -393,6 +392,9 @@ class Transport:
         self._conns: weakref.WeakSet[_Conn] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._socks_lock = threading.Lock()
+        self._wake = threading.Event()  # set by abort() and close(): ends retry waits
+        if self.aborted or self._closed:
+            self._wake.set()
         self._rotation = 0
         self._requests = 0
         self._connects = 0
@@ -588,8 +590,9 @@ class Transport:
                 idle.append(conn)
 
     def pause(self, seconds: float) -> bool:
-        """Sleep between retries; True (at once) when abort() was or is called meanwhile."""
-        return self._wake.wait(seconds) or self.aborted
+        """Sleep between retries; True (at once) when abort() or close() was or is called
+        meanwhile: the call must end."""
+        return self._wake.wait(seconds) or self.aborted or self._closed
 
     def abort(self) -> None:
         """End every transfer in progress now (they fail with aborted CurlFailures), wake the
@@ -642,6 +645,7 @@ class Transport:
         if os.getpid() != self._pid:
             self.reset_after_fork()
         self._closed = True
+        self._wake.set()  # calls waiting to retry end now
         for server in self.servers:
             while server.idle:
                 with suppress(IndexError):
