@@ -30,12 +30,11 @@ the deadline is not waited for (the call fails at once, "connection refused" inc
 Certificate rejection (issue 10): the service refuses an expired client certificate, or one
 from another CA, by dropping the connection right after the TLS handshake; libcurl reports that
 like a broken connection (curl error 52 or 56 on a new connection whose handshake completed, see
-transport.REJECTION). One more attempt on a new
-connection, at once, tells it from a service that died at that moment; a second such failure is
-a configuration error: no retry, one ERROR line saying "the service refused this client
-certificate (expired? other CA?)", and CertificateRejected (CKR_GENERAL_ERROR: nothing but the
-operator can fix it, as for an invalid configuration; an unreachable service stays
-CKR_DEVICE_ERROR).
+transport.REJECTION). One more attempt on a new connection, at once, tells it from a service
+that died at that moment; a second such failure is a configuration error: no retry, one ERROR
+line saying "the service refused this client certificate (expired? other CA?)", and
+CertificateRejected (CKR_GENERAL_ERROR: nothing but the operator can fix it, as for an invalid
+configuration; an unreachable service stays CKR_DEVICE_ERROR).
 
 Error answers are JSON {"code", "message"} mapped through protocol.ckr_for(); anything else maps
 by HTTP status alone. Request and response bodies are never logged.
