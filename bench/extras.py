@@ -4,11 +4,15 @@
   for our module and for SoftHSM2, alternated, median of several runs;
 - the request counter: requests the key service logs (its access log lines) for N x
   C_Sign(buf) against N x [C_Sign(NULL) then C_Sign(buf)], and for python-pkcs11 (which always
-  makes the length query first).
+  makes the length query first);
+- thread churn (issue 16): python-pkcs11 signing on 4 fixed threads against 4 slots that start
+  a new thread (with its own session) every 100 signatures: ops/s and the TLS connections the
+  module opened in the window (0 expected: a new thread takes an idle pooled handle).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -127,4 +131,37 @@ def request_counter(lab: Lab, n: int) -> list[dict[str, Any]]:
             "requests": got,
         }
     )
+    return out
+
+
+def thread_churn(lab: Lab, seconds: float, reps: int, threads: int = 4,
+                 per_thread: int = 100) -> list[dict[str, Any]]:  # fmt: skip
+    """Fixed threads vs a new thread every per_thread signatures (python-pkcs11 host), alternated;
+    the medians of reps runs each."""
+    base = [sys.executable, "-m", "bench.pyhosts", "pkcs11", "--module", lab.module, "--token",
+            TOKEN_LABEL, "--threads", str(threads), "--seconds", str(seconds), "--warmup",
+            "0.3"]  # fmt: skip
+    env = {**os.environ, **lab.module_env(), "PYTHONPATH": str(ROOT)}
+    runs: dict[int, list[dict[str, Any]]] = {0: [], per_thread: []}
+    for _ in range(reps):
+        for churn in runs:
+            cmd = pinned(base + (["--churn", str(churn)] if churn else []), lab.placement.client)
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+            if r.returncode != 0 or not r.stdout.strip():
+                raise RuntimeError(f"pyhosts churn {churn} failed: {r.stderr.strip()[-500:]}")
+            runs[churn].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    out = []
+    for churn, rs in runs.items():
+        out.append(
+            {
+                "host": "python-pkcs11",
+                "threads": threads,
+                "new_thread_every": churn,
+                "ops_per_s": statistics.median(x["ops_per_s"] for x in rs),
+                "p50_us": statistics.median(x["p50_us"] for x in rs),
+                "threads_started": statistics.median(x.get("threads_started", 0) for x in rs),
+                "module_connects": max(x.get("module_connects", -1) for x in rs),
+                "errors": sum(x["errors"] for x in rs),
+            }
+        )
     return out

@@ -7,6 +7,11 @@
   pkcs11   python-pkcs11 (PyPI) signing through a PKCS#11 module (ours in the benchmarks):
            a Python host of the module
 
+--churn N (pkcs11 mode): thread churn, as hosts with elastic thread pools make it: each of the
+--threads slots runs its signatures on short-lived threads, a new one (with its own session:
+C_OpenSession, C_FindObjects, then N x C_Sign, C_CloseSession) every N signatures. The result
+adds the threads started and the TLS connections the module opened in the measured window.
+
 Secrets come from the environment: BENCH_TOKEN (activation token), P11BENCH_PIN (the PIN).
 Run: python -m bench.pyhosts MODE [options]
 """
@@ -93,6 +98,7 @@ def run_loop(
     if not count:
         time.sleep(warmup)
     _marker("measure-start", sync)
+    c0 = module_connects()
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     phase[0] = 1
@@ -104,6 +110,7 @@ def run_loop(
         phase[0] = 2
     t1 = time.perf_counter()
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    c1 = module_connects()
     _marker("measure-stop", sync)
     for t in ts:
         t.join()
@@ -126,6 +133,90 @@ def run_loop(
         "cpu_us_per_op": cpu * 1e6 / ops if ops else 0.0,
         "user_s": ru1.ru_utime - ru0.ru_utime,
         "sys_s": ru1.ru_stime - ru0.ru_stime,
+        "module_connects": c1 - c0 if c0 >= 0 else -1,  # TLS connections in the window
+    }
+
+
+def module_connects() -> int:
+    """TLS connections our module made in this process so far (-1: not loaded here)."""
+    core = sys.modules.get("pkcs11ws._native.core")
+    provider = core.current_provider() if core is not None else None
+    if provider is None:
+        return -1
+    return int(provider.client.stats()["connects"])
+
+
+def run_churn(
+    make_op: Callable[[int], Op], threads: int, seconds: float, warmup: float, per_thread: int
+) -> dict[str, Any]:
+    """run_loop's measurement with thread churn: slot i runs make_op(i) and then per_thread
+    ops on a new thread, again and again (the op's `close` attribute, if any, ends its session)."""
+    phase = [0]  # 0 warm-up, 1 measuring, 2 stop
+    lat: list[list[int]] = [[] for _ in range(threads)]
+    errors: list[str] = []
+    started = [0] * threads
+    clock = time.perf_counter_ns
+
+    def life(i: int) -> None:
+        try:
+            op = make_op(i)
+            try:
+                mine = lat[i]
+                for _ in range(per_thread):
+                    if phase[0] == 2:
+                        return
+                    t0 = clock()
+                    op()
+                    t1 = clock()
+                    if phase[0] == 1:
+                        mine.append(t1 - t0)
+            finally:
+                close = getattr(op, "close", None)
+                if close is not None:
+                    close()
+        except Exception as e:
+            errors.append(f"{e!r}")
+
+    def slot(i: int) -> None:
+        while phase[0] != 2 and not errors:
+            t = threading.Thread(target=life, args=(i,))
+            t.start()
+            t.join()
+            if phase[0] == 1:
+                started[i] += 1
+
+    slots = [threading.Thread(target=slot, args=(i,), daemon=True) for i in range(threads)]
+    for t in slots:
+        t.start()
+    time.sleep(warmup)
+    c0 = module_connects()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    phase[0] = 1
+    time.sleep(seconds)
+    phase[0] = 2
+    t1 = time.perf_counter()
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    c1 = module_connects()
+    for t in slots:
+        t.join()
+    every = sorted(x for per in lat for x in per)
+    ops = len(every)
+    secs = t1 - t0
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    return {
+        "threads": threads,
+        "churn": per_thread,
+        "seconds": round(secs, 4),
+        "ops": ops,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else "",
+        "ops_per_s": ops / secs if secs > 0 else 0.0,
+        "p50_us": _pct(every, 50),
+        "p99_us": _pct(every, 99),
+        "cpu_us_per_op": cpu * 1e6 / ops if ops else 0.0,
+        "threads_started": sum(started),
+        "module_connects": c1 - c0 if c0 >= 0 else -1,
     }
 
 
@@ -220,13 +311,15 @@ def pkcs11_ops(a: argparse.Namespace) -> Callable[[int], Op]:
 
     def make(i: int) -> Op:
         s = token.open(rw=True)
-        sessions.append(s)
+        if not a.churn:
+            sessions.append(s)  # kept open (churn: closed by run_churn through op.close)
         key: Any = s.get_key(object_class=ObjectClass.SECRET_KEY, label="p11bench-hmac")
 
         def op() -> None:
             if len(key.sign(data, mechanism=Mechanism.SHA256_HMAC)) != 32:
                 raise RuntimeError("bad MAC length")
 
+        op.close = s.close  # type: ignore[attr-defined]
         return op
 
     return make
@@ -249,9 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--key-handle", help="the HMAC key's service handle (client mode)")
     ap.add_argument("--module", help="PKCS#11 module (pkcs11 mode)")
     ap.add_argument("--token", default="bench", help="token label (pkcs11 mode)")
+    ap.add_argument("--churn", type=int, default=0, help="a new thread every N ops (pkcs11)")
     a = ap.parse_args(argv)
     make = {"pycurl": pycurl_ops, "client": client_ops, "pkcs11": pkcs11_ops}[a.mode](a)
-    result = run_loop(make, a.threads, a.seconds, a.warmup, a.count, a.sync)
+    if a.churn:
+        result = run_churn(make, a.threads, a.seconds, a.warmup, a.churn)
+    else:
+        result = run_loop(make, a.threads, a.seconds, a.warmup, a.count, a.sync)
     print(json.dumps({"tool": f"pyhosts-{a.mode}", "op": "sign64", **result}), flush=True)
     sys.stdout.flush()
     # Skip interpreter teardown: a PKCS#11 module's threads and handles may still be live.

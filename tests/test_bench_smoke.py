@@ -292,3 +292,34 @@ def test_p11bench_through_our_module(bins, service):
         # At most one connection per thread (the zero-new-connections target: make bench).
         assert r["new_connections"] <= 2, r
         assert r["server_cpu_us_per_op"] > 0
+
+
+def test_python_host_thread_churn_reuses_pooled_connections(service):
+    # bench.pyhosts --churn: each slot starts a new thread (its own session) every 10 signatures;
+    # the module's handles outlive those threads, so the window opens (almost) no connection.
+    from pkcs11ws import constants as C
+    from pkcs11ws.__main__ import module_path
+    from pkcs11ws.client.api import KeyServiceClient
+    from pkcs11ws.config import load_config
+
+    client = KeyServiceClient(load_config(str(service.client_cfg)))
+    name = "c" + uuid.uuid4().hex[:12]
+    pin = uuid.uuid4().hex
+    card = client.create_softcard(name, pin.encode())
+    token, _ = client.activate(card["id"], pin.encode())
+    attrs = {"CKA_CLASS": C.CKO_SECRET_KEY, "CKA_KEY_TYPE": C.CKK_SHA256_HMAC, "CKA_SIGN": True,
+             "CKA_VALUE": os.urandom(32), "CKA_LABEL": b"p11bench-hmac", "CKA_TOKEN": True,
+             "CKA_PRIVATE": True}  # fmt: skip
+    client.create_object(card["id"], token, attrs)
+    client.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PKCS11WS_")}
+    env.update(PKCS11WS_CONFIG=str(service.client_cfg), P11BENCH_PIN=pin, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "bench.pyhosts", "pkcs11", "--module", module_path(),
+           "--token", name, "--threads", "2", "--seconds", "0.5", "--warmup", "0.3",
+           "--churn", "10"]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["errors"] == 0 and out["ops"] > 0, out
+    assert out["churn"] == 10 and out["threads_started"] >= 1, out
+    assert 0 <= out["module_connects"] <= 2, out  # not one per thread started
