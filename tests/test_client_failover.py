@@ -363,3 +363,46 @@ def test_a_mute_server_costs_one_share_of_the_deadline_then_is_skipped(service, 
         c.close()
     finally:
         mute.close()
+
+
+def test_ipv6_literal_in_brackets(fresh_service, tmp_path):
+    # A replica listening on ::1 only, listed as [::1]:PORT next to an IPv4 one: the URL, the
+    # TLS host check (the dev certificate names ::1) and the spread all work.
+    a = fresh_service()
+    doc = yaml.safe_load(a.server_yaml.read_text())
+    port = free_port()
+    doc.update(host="::1", port=port)
+    v6_yaml = tmp_path / "v6.yaml"
+    v6_yaml.write_text(yaml.safe_dump(doc))
+    with (tmp_path / "v6.out").open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pkcs11ws.server.cli", "serve", "--config", str(v6_yaml)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    v6 = dataclasses.replace(a, port=port, server_yaml=v6_yaml, pid=proc.pid,
+                             log=tmp_path / "v6.out", proc=proc)  # fmt: skip
+    try:
+        only = {"PKCS11WS_HOST": f"[::1]:{port}", "PKCS11WS_MAXRETRIES": "0"}
+        probe = KeyServiceClient(load_config(str(a.client_cfg), environ=only), Logger())
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, v6.log_text()
+            try:
+                probe.health()
+                break
+            except TransportError:
+                assert time.monotonic() < deadline, v6.log_text()
+                time.sleep(0.1)
+        probe.close()
+        env = {"PKCS11WS_HOST": f"[::1]:{port}, 127.0.0.1:{a.port}", "PKCS11WS_MAXRETRIES": "0"}
+        c = KeyServiceClient(load_config(str(a.client_cfg), environ=env), Logger())
+        assert [s.url for s in c.transport.servers] == [f"https://[::1]:{port}",
+                                                        f"https://127.0.0.1:{a.port}"]  # fmt: skip
+        for _ in range(20):
+            assert len(c.random(8)) == 8
+        assert c.stats()["failures"] == 0
+        assert served(v6, "POST /crypto/v1/random 200") >= 5
+        assert served(a, "POST /crypto/v1/random 200") >= 5
+        c.close()
+    finally:
+        v6.stop()
