@@ -41,6 +41,13 @@ class TransportError(PKCS11Error):
         super().__init__(C.CKR_DEVICE_ERROR, message)
 
 
+class Finalizing(PKCS11Error):
+    """C_Finalize ran (or runs) while this call waited for the key service: it ends at once."""
+
+    def __init__(self) -> None:
+        super().__init__(C.CKR_CRYPTOKI_NOT_INITIALIZED, "C_Finalize ended the call")
+
+
 class ConfigError(PKCS11Error):
     """The configuration file or an override is invalid: C_Initialize fails with GENERAL_ERROR."""
 

@@ -196,8 +196,9 @@ class Provider:
 
     def abort(self) -> None:
         """End the requests other threads are waiting on (for C_Finalize during calls): their
-        calls fail with CKR_DEVICE_ERROR at once, and so does every later request; finalize()
-        must follow. Safe to call from any thread, more than once."""
+        calls fail with CKR_CRYPTOKI_NOT_INITIALIZED at once, and so does every later request;
+        finalize() (whose client.close() does this too, then waits for them) must follow. Safe
+        to call from any thread, more than once."""
         self.client.abort()
 
     def finalize(self) -> None:

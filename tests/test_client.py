@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 from pkcs11ws import constants as C
 from pkcs11ws.client import KeyServiceClient
 from pkcs11ws.config import load_config
-from pkcs11ws.errors import ServiceError, TransportError
+from pkcs11ws.errors import Finalizing, ServiceError, TransportError
 from pkcs11ws.log import Logger
 
 PASS = b"correct horse 1"
@@ -332,8 +332,43 @@ def test_close_then_calls_fail(service) -> None:
     c = make_client(service)
     c.health()
     c.close()
-    with pytest.raises(TransportError, match="closed"):
+    # What a call racing C_Finalize gets: CKR_CRYPTOKI_NOT_INITIALIZED, not a device error.
+    with pytest.raises(Finalizing, match="C_Finalize") as e:
         c.health()
+    assert e.value.ckr == C.CKR_CRYPTOKI_NOT_INITIALIZED
+
+
+def test_close_cancels_calls_waiting_in_retries(service) -> None:
+    """C_Finalize during an outage: calls sleeping between retries (RETRYDELAY 30) and calls
+    spinning through connection-refused retries (RETRYDELAY 0) end at once with Finalizing."""
+    slow = make_client(service, port=_free_port(), maxretries=256, retrydelay=30)
+    fast = make_client(service, port=_free_port(), maxretries=256, retrydelay=0)
+    outcome: list[BaseException | None] = []
+
+    def call(c: KeyServiceClient) -> None:
+        try:
+            while True:  # 256 refused connects can all happen before close(): call again
+                try:
+                    c.health()
+                except TransportError:
+                    continue
+                outcome.append(None)
+                return
+        except BaseException as e:
+            outcome.append(e)
+
+    threads = [threading.Thread(target=call, args=(c,)) for c in (slow, slow, fast, fast)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # all four are in their retries now
+    started = time.monotonic()
+    slow.close()
+    fast.close()
+    for t in threads:
+        t.join(60)
+    # Generous bound (loaded CI); without the cancel the slow ones would sleep 30 s.
+    assert time.monotonic() - started < 20
+    assert len(outcome) == 4 and all(isinstance(e, Finalizing) for e in outcome), outcome
 
 
 def test_fork_child_gets_fresh_connection_parent_keeps_its_own(service) -> None:

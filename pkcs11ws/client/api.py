@@ -58,7 +58,13 @@ from pkcs11ws import constants as C
 from pkcs11ws import protocol
 from pkcs11ws.client.transport import BASE_HEADERS, CurlFailure, Transport
 from pkcs11ws.config import Config
-from pkcs11ws.errors import CertificateRejected, PKCS11Error, ServiceError, TransportError
+from pkcs11ws.errors import (
+    CertificateRejected,
+    Finalizing,
+    PKCS11Error,
+    ServiceError,
+    TransportError,
+)
 from pkcs11ws.log import DEBUG1, DEBUG3, DEBUG9, ERROR, LOG, WARNING, Logger
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
@@ -228,8 +234,8 @@ class KeyServiceClient:
 
     def abort(self) -> None:
         """End the calls in progress now (C_Finalize while threads are inside calls): their
-        transfers fail, retry waits end, and they raise TransportError (CKR_DEVICE_ERROR);
-        later calls fail the same way without touching the network. close() must follow."""
+        transfers fail, retry waits end, and they raise Finalizing (CKR_CRYPTOKI_NOT_INITIALIZED);
+        later calls fail the same way without touching the network. close() does this too."""
         self.transport.abort()
 
     def close(self) -> None:
@@ -296,7 +302,7 @@ class KeyServiceClient:
                 # that ended in between).
                 if (
                     reused
-                    or isinstance(e, TransportError)
+                    or isinstance(e, (TransportError, Finalizing))  # Finalizing: cut short
                     or (isinstance(e, ServiceError) and e.http >= 500)
                 ):
                     self.pending.keep(slot or PendingKeys.slot(op, path, data), idempotency_key)
@@ -394,8 +400,6 @@ class KeyServiceClient:
                         raise outcome
                     status, raw = outcome
             except CurlFailure as failure:
-                if failure.aborted:
-                    raise TransportError(f"{spec.name}: {failure.message}") from None
                 if failure.dead_connection and not replaced_dead:
                     replaced_dead = True
                     if self.log.enabled(WARNING):
@@ -441,8 +445,8 @@ class KeyServiceClient:
                     f"{spec.name} {spec.method} {path}: {why}; "
                     f"retry {attempt}/{self.maxretries} in {self.retrydelay}s"
                 )
-            if self.retrydelay and transport.pause(self.retrydelay):
-                raise TransportError(f"{spec.name}: aborted: the module is finalizing")
+            if self.retrydelay:
+                transport.pause(self.retrydelay)  # C_Finalize cuts it short
 
     def _no_answer(self, spec: _Op, why: str, attempt: int) -> TransportError:
         return TransportError(

@@ -35,10 +35,13 @@ TLS close_notify on the parent's connection). The child's handles and share are 
 purpose, never freed; a pid check on every request (and reset_after_fork()) gives the child fresh
 pools.
 
-Abort (C_Finalize during calls): abort() makes every transfer in progress fail at once (it shuts
-down the sockets the handles have open: libcurl tells us each socket it opens and closes, through
-CURLOPT_SOCKOPTFUNCTION / CURLOPT_CLOSESOCKETFUNCTION, so nothing runs per request), wakes calls
-sleeping between retries, and makes later requests fail without touching the network.
+C_Finalize during calls: close() (and abort(), which it starts with) makes every transfer in
+progress fail at once: it shuts down the sockets the handles have open, connects in progress
+included (libcurl tells us each socket it opens and closes, through CURLOPT_SOCKOPTFUNCTION /
+CURLOPT_CLOSESOCKETFUNCTION, so nothing runs per request). It wakes calls sleeping between
+retries, waits a bounded time for the requests in progress to end, and closes the idle handles;
+a handle still in use is closed by its own thread when its request ends, never under it. Calls
+cut short, and requests after close(), raise Finalizing (CKR_CRYPTOKI_NOT_INITIALIZED).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ import pycurl
 from pkcs11ws import __version__
 from pkcs11ws._lite import suppress
 from pkcs11ws.config import Config, server_label
-from pkcs11ws.errors import TransportError
+from pkcs11ws.errors import Finalizing
 from pkcs11ws.log import LOG, WARNING, Logger
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
@@ -187,23 +190,21 @@ def _leak(obj: object) -> None:
 class CurlFailure(Exception):
     """One attempt got no HTTP answer. reused: it failed on a kept-alive connection; connected:
     it opened a new TCP connection; server: host:port of the server it went to ("" unknown);
-    aborted: abort() ended it."""
+    handshaken: the TLS handshake completed on that new connection."""
 
     def __init__(self, code: int, message: str, reused: bool, connected: bool = False,
-                 server: str = "", aborted: bool = False, handshaken: bool = False,
-                 ) -> None:  # fmt: skip
+                 server: str = "", handshaken: bool = False) -> None:  # fmt: skip
         super().__init__(f"curl error {code}: {message}")
         self.code = code
         self.message = message
         self.reused = reused
         self.connected = connected
         self.server = server
-        self.aborted = aborted
-        self.handshaken = handshaken  # the TLS handshake completed on this attempt's connection
+        self.handshaken = handshaken
 
     @property
     def retryable(self) -> bool:
-        return self.code not in NOT_RETRYABLE and not self.aborted
+        return self.code not in NOT_RETRYABLE
 
     @property
     def dead_connection(self) -> bool:
@@ -212,7 +213,7 @@ class CurlFailure(Exception):
     @property
     def rejected(self) -> bool:
         """Looks like the service refusing the client certificate (see REJECTION)."""
-        if not self.connected or self.reused or self.aborted:
+        if not self.connected or self.reused:
             return False
         if self.handshaken and self.code in REJECTION:
             return True
@@ -260,12 +261,13 @@ class _Sockets:
 class _Conn:
     """An easy handle of one server's pool and what it remembers between requests."""
 
-    __slots__ = ("__weakref__", "chunks", "curl", "headers", "method", "path", "pid", "server",
-                 "socks", "timeout_ms", "used")  # fmt: skip
+    __slots__ = ("__weakref__", "busy", "chunks", "curl", "headers", "method", "path", "pid",
+                 "server", "socks", "timeout_ms", "used")  # fmt: skip
 
     def __init__(self, cfg: Config, share: Any, pid: int, server: _Server,
                  socks: _Sockets) -> None:  # fmt: skip
         self.pid = pid
+        self.busy = False  # a request runs on it: close() waits for it
         self.server = server
         self.socks = socks
         self.chunks: list[bytes] = []
@@ -401,9 +403,13 @@ class Transport:
         self._failures = 0
         self._handles = 0
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def _new_conn(self, server: _Server) -> _Conn:
         if self._closed:
-            raise TransportError("the key service client was closed (C_Finalize)")
+            raise Finalizing()
         entry = resolve_entry(server.host, server.port) if self._no_threads else None
         conn = _Conn(self._cfg, self._share, self._pid, server, _Sockets(self._socks_lock))
         if entry is not None:
@@ -430,9 +436,8 @@ class Transport:
             raise CurlFailure(E_RECURSIVE, "called from inside a request of this thread "
                               "(OpenSSL loading a PKCS#11 provider while libcurl starts?)",
                               False)  # fmt: skip
-        if self.aborted:
-            raise CurlFailure(pycurl.E_ABORTED_BY_CALLBACK, "aborted: the module is finalizing",
-                              False, aborted=True)  # fmt: skip
+        if self.aborted or self._closed:
+            raise Finalizing()
         # Making the first handle initialises OpenSSL too: the flag covers it (see _IN_CURL).
         _IN_CURL.active = True
         try:
@@ -520,7 +525,13 @@ class Transport:
             conn = idle.pop()
         except IndexError:
             conn = self._new_conn(server)
+        # busy first, then the check: close() sets aborted first, then looks at busy (both
+        # under the GIL), so either this request ends here or close() waits for it (and its
+        # socket, once libcurl opens it, is shut down by abort() or ends with the deadline).
+        conn.busy = True
         try:
+            if self.aborted:
+                raise Finalizing()
             c = conn.curl
             if c is None:  # closed under us (C_Finalize): a fresh handle, which refuses then
                 conn = self._new_conn(server)
@@ -568,10 +579,9 @@ class Transport:
                     self._requests += 1
                     self._connects += connects
                     self._failures += 1
-                aborted = self.aborted
-                if aborted:
-                    message = f"aborted: the module is finalizing ({message})"
-                raise CurlFailure(code, message, reused, connects > 0, server.label, aborted,
+                if self.aborted:
+                    raise Finalizing() from None
+                raise CurlFailure(code, message, reused, connects > 0, server.label,
                                   handshaken) from None  # fmt: skip
             status: int = c.getinfo(pycurl.RESPONSE_CODE)
             connects = c.getinfo(pycurl.NUM_CONNECTS)
@@ -588,17 +598,17 @@ class Transport:
                 conn.close()
             else:
                 idle.append(conn)
+            conn.busy = False
 
-    def pause(self, seconds: float) -> bool:
-        """Sleep between retries; True (at once) when abort() or close() was or is called
-        meanwhile: the call must end."""
-        return self._wake.wait(seconds) or self.aborted or self._closed
+    def pause(self, seconds: float) -> None:
+        """Sleep between retries; close() or abort() cuts it short (then Finalizing)."""
+        if self._wake.wait(seconds) or self.aborted or self._closed:
+            raise Finalizing()
 
     def abort(self) -> None:
-        """End every transfer in progress now (they fail with aborted CurlFailures), wake the
-        calls waiting to retry, and fail later requests at once. For C_Finalize while other
-        threads are inside calls; close() still has to follow. A connect still in progress is
-        not interrupted: it ends within CONNECTTIMEOUT."""
+        """End every transfer in progress now, connects included (their calls raise
+        Finalizing), wake the calls waiting to retry, and fail later requests at once. The first
+        step of close(); callable alone, from any thread, more than once."""
         import socket  # only here: kept out of start-up
 
         self.aborted = True
@@ -639,13 +649,20 @@ class Transport:
         _leak(self._share)
         self._start(os.getpid())
 
-    def close(self) -> None:
-        """Close every idle handle and its connection (C_Finalize); handles in use close when
-        their request ends; later requests fail."""
+    def close(self, wait: float = 10.0) -> None:
+        """C_Finalize: abort() the requests in progress, wait (at most `wait` seconds) for them
+        to end, close every idle handle and its connection; later requests raise Finalizing. A
+        handle still in use after the wait is closed by its own thread when its request ends."""
         if os.getpid() != self._pid:
             self.reset_after_fork()
         self._closed = True
-        self._wake.set()  # calls waiting to retry end now
+        self.abort()
+        with self._lock:
+            conns = list(self._conns)
+        deadline = time.monotonic() + wait
+        for conn in conns:
+            while conn.busy and time.monotonic() < deadline:
+                time.sleep(0.002)  # releases the GIL: the request can finish
         for server in self.servers:
             while server.idle:
                 with suppress(IndexError):
