@@ -2,9 +2,9 @@
 
 Phases: (1) the sign64 sweep over every variant and thread count; (2) the other operations for
 the three PKCS#11 modules (ours, SoftHSM2, SoftHSM2 behind p11-kit); (3) key service scaling
-with 1 and 2 workers (unpinned); (4) start-up; (5) the request counter; (6) thread churn.
-Within a phase the variants alternate (A B C A B C ...) for each repetition, and medians of the
-repetitions are reported, so slow drifts of a shared machine hit every variant alike.
+with 1 and 2 workers (unpinned); (4) start-up; (5) the request counter. Within a phase the
+variants alternate (A B C A B C ...) for each repetition, and medians of the repetitions are
+reported, so slow drifts of a shared machine hit every variant alike.
 """
 
 from __future__ import annotations
@@ -223,6 +223,7 @@ def run_all(s: Settings, work: Path | None = None) -> dict[str, Any]:
             out["counter"] = extras.request_counter(lab, s.counter_n)
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
             lab.notes.append(f"request counter failed: {e}")
+        # After the counter (extras.thread_churn): thread churn in a Python host, python-pkcs11.
         prog.say("thread churn: python-pkcs11, fixed threads vs a new thread every 100 signatures")
         try:
             out["churn"] = extras.thread_churn(lab, s.seconds, s.reps)
