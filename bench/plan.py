@@ -226,7 +226,7 @@ def run_all(s: Settings, work: Path | None = None) -> dict[str, Any]:
         # After the counter (extras.thread_churn): thread churn in a Python host, python-pkcs11.
         prog.say("thread churn: python-pkcs11, fixed threads vs a new thread every 100 signatures")
         try:
-            out["churn"] = extras.thread_churn(lab, s.seconds, s.reps)
+            out["churn_python"] = extras.thread_churn(lab, s.seconds, s.reps)
         except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as e:
             lab.notes.append(f"thread churn failed: {e}")
         out["notes"] = lab.notes

@@ -378,8 +378,8 @@ def markdown(run: dict[str, Any], mach: dict[str, str]) -> str:
                 for c in run["counter"]
             ],
         )
-    if run.get("churn"):
-        lines += ["", "## Thread churn (python-pkcs11 host; 0: fixed threads)", ""]
+    if run.get("churn_python"):
+        lines += ["", "## Thread churn in a Python host (python-pkcs11; 0: fixed threads)", ""]
         lines += _table(
             ["host", "threads", "new thread every N signatures", "ops/s", "p50 us",
              "threads started", "new TLS connections in the window", "errors"],
@@ -387,7 +387,7 @@ def markdown(run: dict[str, Any], mach: dict[str, str]) -> str:
                 [c["host"], str(c["threads"]), str(c["new_thread_every"]), _f(c["ops_per_s"]),
                  _f(c["p50_us"]), _f(c["threads_started"], 0), str(c["module_connects"]),
                  str(c["errors"])]
-                for c in run["churn"]
+                for c in run["churn_python"]
             ],
         )  # fmt: skip
     failed = [r for r in run["results"] if "failed" in r]
