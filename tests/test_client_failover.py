@@ -69,6 +69,7 @@ def replicas(fresh_service, tmp_path: Path):
     doc = yaml.safe_load(a.server_yaml.read_text())
     port = free_port()
     doc["port"] = port
+    doc["admin_port"] = None  # the first one's admin listener keeps its port
     b_yaml = tmp_path / "replica.yaml"
     b_yaml.write_text(yaml.safe_dump(doc))
     started: list[Service] = []
@@ -371,7 +372,7 @@ def test_ipv6_literal_in_brackets(fresh_service, tmp_path):
     a = fresh_service()
     doc = yaml.safe_load(a.server_yaml.read_text())
     port = free_port()
-    doc.update(host="::1", port=port)
+    doc.update(host="::1", port=port, admin_port=None)
     v6_yaml = tmp_path / "v6.yaml"
     v6_yaml.write_text(yaml.safe_dump(doc))
     with (tmp_path / "v6.out").open("ab") as out:
