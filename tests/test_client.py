@@ -109,11 +109,11 @@ def test_health(cl: KeyServiceClient) -> None:
 
 def test_softcard_lifecycle(cl: KeyServiceClient) -> None:
     name = unique_name()
-    sc = cl.create_softcard(name, b"p")
+    sc = cl.create_softcard(name, b"p-8bytes")
     assert sc["name"] == name and sc["keys"] == 0
     listed = {c["id"]: c for c in cl.list_softcards()}
     assert listed[sc["id"]]["name"] == name
-    token, _ = cl.activate(sc["id"], b"p")
+    token, _ = cl.activate(sc["id"], b"p-8bytes")
     cl.generate_key(sc["id"], token, "CKM_AES_KEY_GEN", {"CKA_VALUE_LEN": 16})
     assert ckr_of(cl.delete_softcard, sc["id"]) == (C.CKR_FUNCTION_FAILED, "SOFTCARD_NOT_EMPTY")
     cl.delete_softcard(sc["id"], force=True)
@@ -219,8 +219,8 @@ def test_random(cl: KeyServiceClient) -> None:
 
 
 def test_deactivate_ends_the_token(cl: KeyServiceClient) -> None:
-    sc = cl.create_softcard(unique_name(), b"pw")
-    token, _ = cl.activate(sc["id"], b"pw")
+    sc = cl.create_softcard(unique_name(), b"pw-8bytes")
+    token, _ = cl.activate(sc["id"], b"pw-8bytes")
     assert cl.search_objects(sc["id"], token, {}) == []
     cl.deactivate(sc["id"], token)
     assert ckr_of(cl.search_objects, sc["id"], token, {})[0] == C.CKR_USER_NOT_LOGGED_IN

@@ -41,10 +41,10 @@ def mod(service):
 def keys(mod, service):
     client = KeyServiceClient(load_config(str(service.client_cfg)))
     name = "u" + uuid.uuid4().hex[:12]
-    client.create_softcard(name, b"multi")
+    client.create_softcard(name, b"multi-part")
     client.close()
     h = mod.open(mod.slot_by_label(name))
-    assert mod.login(h, b"multi") == C.CKR_OK
+    assert mod.login(h, b"multi-part") == C.CKR_OK
     aes = os.urandom(32)
     mac = os.urandom(48)
     ka = mod.create(h, [*BASE, (C.CKA_KEY_TYPE, C.CKK_AES), (C.CKA_ENCRYPT, True),

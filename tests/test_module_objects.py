@@ -387,9 +387,9 @@ def test_objects_of_one_token_are_invisible_from_another(mod, card, client):
     _, h, _ = card
     key = aes_key(mod, h)
     name = "x" + uuid.uuid4().hex[:12]
-    client.create_softcard(name, b"other")
+    client.create_softcard(name, b"other-card")
     other = mod.open(mod.slot_by_label(name))
-    assert mod.login(other, b"other") == C.CKR_OK
+    assert mod.login(other, b"other-card") == C.CKR_OK
     assert mod.find(other, []) == []
     m, _ = mechanism(C.CKM_AES_CBC, bytes(16))
     assert mod.call("C_EncryptInit", other, byref(m), key) == C.CKR_KEY_HANDLE_INVALID

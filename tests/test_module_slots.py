@@ -33,7 +33,7 @@ print("bad", mod.call("C_GetTokenInfo", ctypes.c_ulong(999999), ctypes.byref(inf
 def test_slot_ids_work_before_get_slot_list(service):
     client = KeyServiceClient(load_config(str(service.client_cfg)))
     try:
-        client.create_softcard("s" + uuid.uuid4().hex[:10], b"pass")
+        client.create_softcard("s" + uuid.uuid4().hex[:10], b"pass-word")
     finally:
         client.close()
     env = {**os.environ, "PKCS11WS_CONFIG": str(service.client_cfg)}

@@ -353,7 +353,7 @@ def test_workers_share_one_store(fresh_service, make_api):
 def test_short_lifetimes_body_limit_and_sigterm(fresh_service, make_api):
     svc = fresh_service(overrides={"activation_ttl": 2, "idempotency_ttl": 2, "max_body": 4096})
     api: Api = make_api(svc)
-    card, token = api.new_card(b"short")
+    card, token = api.new_card(b"short lived")
     t0 = time.monotonic()
     idem = new_idem()
     tmpl = {"attrs": {"CKA_CLASS": 0, "CKA_LABEL": b64(b"short-lived")}}
@@ -386,7 +386,7 @@ def test_short_lifetimes_body_limit_and_sigterm(fresh_service, make_api):
     r = api.post(f"/km/v1/softcards/{card}/objects/search", {"attrs": {}}, token=token)
     assert r.status == 401 and r.code == "NOT_ACTIVATED"
     assert "expired" in r.json["message"]
-    token = api.activate(card, b"short")
+    token = api.activate(card, b"short lived")
     # The idempotency record expired: the same key now makes a second object.
     later = api.post(f"/km/v1/softcards/{card}/objects", tmpl, token=token, idem=idem)
     assert later.status == 200 and later.json["handle"] != first.json["handle"]
@@ -402,7 +402,7 @@ def test_lockout_state_is_in_the_store(fresh_service, make_api):
     """Wrong passphrases counted by one service process hold for the next one on that store."""
     svc = fresh_service()
     api = make_api(svc)
-    card, _ = api.new_card(b"right")
+    card, _ = api.new_card(b"right passphrase")
     for _ in range(5):
         r = api.post(f"/km/v1/softcards/{card}/activate", {"passphrase": b64(b"wrong")})
         assert r.code == "PASSPHRASE_INCORRECT"
@@ -432,7 +432,9 @@ def test_lockout_state_is_in_the_store(fresh_service, make_api):
         # The 5th failure locked the card for a second; whether or not that second has passed,
         # the count (5) survived the restart: this 6th failure is not a first one.
         if r.code == "PASSPHRASE_INCORRECT":
-            r = api2.post(f"/km/v1/softcards/{card}/activate", {"passphrase": b64(b"right")})
+            r = api2.post(
+                f"/km/v1/softcards/{card}/activate", {"passphrase": b64(b"right passphrase")}
+            )
         assert r.code == "PASSPHRASE_LOCKED", r.body
     finally:
         svc.stop()

@@ -106,7 +106,7 @@ def structured_body(struct_name: str) -> st.SearchStrategy[object]:
 @pytest.fixture(scope="module")
 def fuzz(service):
     api = Api(service)
-    card, token = api.new_card(b"fuzz")
+    card, token = api.new_card(b"fuzz passphrase")
     key = api.import_key(card, token, 0x1F, bytes(16))
     hkey = api.import_key(card, token, 0x2B, bytes(32))
     # Objects the fuzzer's deletes may hit instead of the keys.
@@ -167,7 +167,7 @@ def test_random_json_and_bytes(fuzz, ep):
 
 def test_deactivate_random_bodies(service):
     api = Api(service)
-    card, token = api.new_card(b"deact")
+    card, token = api.new_card(b"deact passphrase")
     ep = protocol.ENDPOINT_BY_OP["deactivate"]
 
     @FUZZ_SETTINGS

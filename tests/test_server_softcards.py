@@ -13,7 +13,7 @@ from pkcs11ws import protocol
 CARDS = "/km/v1/softcards"
 
 
-def _create(api, name, passphrase=b"pw", idem=None):
+def _create(api, name, passphrase=b"pw-at-least-8", idem=None):
     return api.post(CARDS, {"name": name, "passphrase": b64(passphrase)}, idem=idem or new_idem())
 
 
@@ -62,7 +62,7 @@ def test_name_limits_and_duplicates(api):
     name = "N" + uuid.uuid4().hex + "x" * 31
     assert len(name) == 64
     assert _create(api, name).status == 200
-    r = _create(api, name, b"other")
+    r = _create(api, name, b"other passphrase")
     assert (r.status, r.code) == (409, "SOFTCARD_EXISTS")
 
 
@@ -170,7 +170,7 @@ def test_force_delete(api):
 
 
 def test_rate_limit_on_wrong_passphrases(api):
-    card, _ = api.new_card(b"good")
+    card, _ = api.new_card(b"good passphrase")
     act = f"{CARDS}/{card}/activate"
 
     def attempt(p):
@@ -183,33 +183,35 @@ def test_rate_limit_on_wrong_passphrases(api):
     r = attempt(b"bad")
     assert (r.status, r.code) == (429, "PASSPHRASE_LOCKED")
     assert "1 more s" in r.json["message"]
-    assert attempt(b"good").code == "PASSPHRASE_LOCKED"  # even the right one, while locked
+    assert (
+        attempt(b"good passphrase").code == "PASSPHRASE_LOCKED"
+    )  # even the right one, while locked
     time.sleep(max(0.0, 1.1 - (time.monotonic() - t_lock)))
     r = attempt(b"bad")  # the 6th failure: locked for 2 s now
     assert r.code == "PASSPHRASE_INCORRECT"
-    r = attempt(b"good")
+    r = attempt(b"good passphrase")
     assert r.code == "PASSPHRASE_LOCKED" and "2 more s" in r.json["message"]
     time.sleep(2.1)
-    assert attempt(b"good").status == 200
+    assert attempt(b"good passphrase").status == 200
     # Success reset the count: one more failure does not lock.
     assert attempt(b"bad").code == "PASSPHRASE_INCORRECT"
-    assert attempt(b"good").status == 200
+    assert attempt(b"good passphrase").status == 200
 
 
 def test_idempotent_create_softcard(api):
     name = "Idem" + uuid.uuid4().hex[:8]
     key = new_idem()
-    first = _create(api, name, b"pw", idem=key)
-    second = _create(api, name, b"pw", idem=key)
+    first = _create(api, name, b"pw-at-least-8", idem=key)
+    second = _create(api, name, b"pw-at-least-8", idem=key)
     assert first.status == second.status == 200
     assert first.body == second.body
     assert [c["name"] for c in api.ok(api.get(CARDS))["softcards"]].count(name) == 1
     r = _create(api, name, b"pw2", idem=key)
     assert (r.status, r.code) == (422, "IDEMPOTENCY_CONFLICT")
-    r = _create(api, name + "x", b"pw", idem=key)
+    r = _create(api, name + "x", b"pw-at-least-8", idem=key)
     assert (r.status, r.code) == (422, "IDEMPOTENCY_CONFLICT")
     # A new key for the same name: the name is taken.
-    assert _create(api, name, b"pw").code == "SOFTCARD_EXISTS"
+    assert _create(api, name, b"pw-at-least-8").code == "SOFTCARD_EXISTS"
 
 
 @pytest.mark.parametrize("key", [None, "", "short", "x" * 129, "bad key!", "ok-but-é-no"])

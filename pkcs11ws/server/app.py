@@ -25,10 +25,12 @@ from typing import Any, Final
 from pkcs11ws import protocol
 from pkcs11ws.protocol import ERRORS, STRUCTS, Endpoint
 from pkcs11ws.protocol import ProtocolError as ApiError
+from pkcs11ws.server import conn
 from pkcs11ws.server import settings as settings_mod
 from pkcs11ws.server.accesslog import LOG_FORMAT, AccessLog
 from pkcs11ws.server.handlers import Idem, Request, Response, Service, dumps
-from pkcs11ws.server.sealing import MasterKeys, load_master_key
+from pkcs11ws.server.masterkey import open_master_key
+from pkcs11ws.server.sealing import MasterKeys
 from pkcs11ws.server.settings import Settings
 from pkcs11ws.server.sqlite_store import SQLiteStore
 from pkcs11ws.server.store import Store
@@ -65,9 +67,12 @@ class _Route:
         self.pattern = Endpoint("", "", path, "", "", "").pattern
 
 
-def open_store(s: Settings) -> Store:
+def open_store(s: Settings, keys: MasterKeys | None = None) -> Store:
+    """The configured store, its schema current. keys: needed to migrate a store holding cards
+    from before schema 3 (their card keys are wrapped under the master key then)."""
     store = SQLiteStore(s.database_path, s.database_synchronous)
-    store.init_schema()
+    rewrap = None if keys is None else (lambda card_id, inner: keys.wrap_card(inner, card_id))
+    store.init_schema(rewrap)
     return store
 
 
@@ -81,14 +86,15 @@ class App:
 
         self.settings = s
         self.max_body = s.max_body
-        self.store = store if store is not None else open_store(s)
+        keys = MasterKeys(open_master_key(s))
+        self.store = store if store is not None else open_store(s, keys)
         metrics.time_store(self.store, metrics.STORE_METHODS)
         self._request_done = metrics.request_done
         self._ready = metrics.WORKERS_READY
         self._flush = metrics.flush
         self._flush_every = metrics.FLUSH_SECONDS
         self._flusher: asyncio.Task[None] | None = None
-        self.service = Service(s, self.store, MasterKeys(load_master_key(s.master_key)))
+        self.service = Service(s, self.store, keys)
         self._static: dict[str, _Route] = {}
         self._dynamic: list[_Route] = []
         routes: dict[str, _Route] = {}
@@ -130,6 +136,7 @@ class App:
                 self._flush()
                 self._ready.dec()
                 self.store.close()
+                self.service.keys.master.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -270,6 +277,26 @@ class App:
         return Response(200, self._openapi)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: a duplicate is refused, not resolved
+    (a last-one-wins reading lets a proxy and the service see different requests)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
+    return obj
+
+
+_DECODER: Final = json.JSONDecoder(object_pairs_hook=_unique)
+
+
 def _error(code: str, message: str) -> Response:
     return Response(ERRORS[code].http, dumps({"code": code, "message": message}))
 
@@ -280,13 +307,15 @@ def _decode(struct: str, raw: bytes) -> dict[str, Any]:
             return {}
         raise ApiError("BAD_REQUEST", "the body must be a JSON object")
     try:
-        # json.loads(bytes) sniffs the encoding first; a body opening with "{" and no NUL after
-        # it is UTF-8 to that sniffing, so decode it as json.loads would and skip the sniff.
-        if raw[:1] == b"{" and raw[1:2] != b"\0":
-            obj = json.loads(raw.decode("utf-8", "surrogatepass"))
-        else:
-            obj = json.loads(raw)
-    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueError
+        # UTF-8 only (RFC 8259 8.1): json.loads(bytes) would also take UTF-16 and UTF-32.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError("BAD_REQUEST", "the body is not UTF-8") from None
+    try:
+        obj = _DECODER.decode(text)
+    except _DuplicateKey as exc:
+        raise ApiError("BAD_REQUEST", f"duplicate key {exc.args[0]!r} in the body") from None
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         raise ApiError("BAD_REQUEST", "the body is not valid JSON") from None
     try:
         return protocol.decode(STRUCTS[struct], obj)
@@ -315,7 +344,8 @@ def _query(ep: Endpoint, qs: bytes) -> dict[str, str]:
 def configure_logging(s: Settings) -> None:
     handler: logging.Handler
     if s.log_file is not None:
-        s.log_file.parent.mkdir(parents=True, exist_ok=True)
+        s.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(s.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
         handler = logging.FileHandler(s.log_file, encoding="utf-8")
     else:
         handler = logging.StreamHandler()
@@ -356,5 +386,7 @@ def create_app() -> App:
     if not path:
         raise RuntimeError(f"{settings_mod.CONFIG_ENV} is not set")
     s = settings_mod.load(Path(path))
+    os.umask(0o077)  # whatever this process creates later (logs, database files) is owner-only
     configure_logging(s)
+    conn.configure(s)
     return App(s)

@@ -36,12 +36,16 @@ log = logging.getLogger("pkcs11ws.server")
 
 
 class _ShortTLSShutdown:
-    """Mixin for an event loop: a short TLS shutdown timeout on the listening servers, and the
-    TLS connections counted for the metrics (once per connection, never per request)."""
+    """Mixin for an event loop: short TLS handshake and shutdown timeouts on the listening
+    servers (a TCP connection that never starts TLS is dropped after handshake_timeout), and
+    the TLS connections counted for the metrics (once per connection, never per request)."""
 
     async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
         if kwargs.get("ssl") is not None:
+            from pkcs11ws.server import conn
+
             kwargs.setdefault("ssl_shutdown_timeout", SSL_SHUTDOWN_TIMEOUT)
+            kwargs.setdefault("ssl_handshake_timeout", float(conn.limits().handshake_timeout))
             if args:
                 args = (_counted(args[0]), *args[1:])
             else:
@@ -130,13 +134,13 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _check_files(s: settings_mod.Settings) -> None:
-    for what, p in (("tls.cert", s.tls_cert), ("tls.key", s.tls_key), ("tls.ca", s.tls_ca),
-                    ("master_key", s.master_key)):  # fmt: skip
+    for what, p in (("tls.cert", s.tls_cert), ("tls.key", s.tls_key), ("tls.ca", s.tls_ca)):
         if not p.is_file():
             raise settings_mod.SettingsError(f"{what}: {p} does not exist")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    os.umask(0o077)  # state files this process and its workers create are owner-only
     try:
         s = settings_mod.load(args.config)
         _check_files(s)
@@ -158,13 +162,24 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
 
     from pkcs11ws.server import backup
     from pkcs11ws.server.app import configure_logging, open_store
-    from pkcs11ws.server.sealing import load_master_key
+    from pkcs11ws.server.masterkey import MasterKeyError, open_master_key
+    from pkcs11ws.server.sealing import MasterKeys
 
     workers = args.workers if args.workers is not None else s.workers
     port = args.port if args.port is not None else s.port
     admin = None
     try:
-        load_master_key(s.master_key)
+        master = open_master_key(s)
+    except MasterKeyError as exc:
+        print(f"pkcs11ws-server serve: {exc}", file=sys.stderr)
+        print("pkcs11ws-server serve: not started: the service refuses to run without its "
+              "master key", file=sys.stderr)  # fmt: skip
+        return 2
+    configure_logging(s)
+    try:
+        # Create (or migrate) the schema once here, before anything else opens the store, so
+        # worker processes never race to do it.
+        open_store(s, MasterKeys(master)).close()
         # Held while serving: `restore` refuses to replace a store a service has open.
         in_use = backup.hold_store(s)
         admin_port = args.admin_port if args.admin_port is not None else s.admin_port
@@ -172,12 +187,11 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
             from pkcs11ws.server.admin import Admin
 
             admin = Admin(s, open_store(s), workers, admin_port)
-    except (backup.BackupError, ValueError, OSError) as exc:
+    except (backup.BackupError, RuntimeError, ValueError, OSError) as exc:
         print(f"pkcs11ws-server serve: {exc}", file=sys.stderr)
         return 2
-    configure_logging(s)
-    # Create the schema once here, so worker processes never race to create it.
-    open_store(s).close()
+    finally:
+        master.close()
     os.environ[settings_mod.CONFIG_ENV] = str(s.path)
     if workers > 1:
         os.environ[settings_mod.SUPERVISOR_ENV] = str(os.getpid())
@@ -210,6 +224,8 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
             # X-Forwarded-* rewriting middleware would only cost CPU on every request.
             proxy_headers=False,
             lifespan="on",
+            http="pkcs11ws.server.conn:GuardedHttpToolsProtocol",
+            timeout_keep_alive=s.connections.keep_alive_timeout,
             loop=LOOP_FACTORY,
             timeout_graceful_shutdown=10,
         )

@@ -12,14 +12,16 @@ import asyncio
 import binascii
 import hmac
 import json
+import logging
 import math
 import os
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from pkcs11ws import __version__, mechanisms, protocol
 from pkcs11ws import constants as C
@@ -39,6 +41,11 @@ from pkcs11ws.server.sealing import MasterKeys, SealError, TokenClaims
 from pkcs11ws.server.settings import Settings
 from pkcs11ws.server.store import CardCounts, CardRow, IdempotencyRow, ObjectRow, Store, WriteTx
 
+_T = TypeVar("_T")
+log = logging.getLogger("pkcs11ws.server")
+# The lock a reservation that reaches the threshold holds while it is evaluated (it is replaced
+# when the attempt settles; it only runs out if the process died mid-evaluation).
+_LEASE_MIN: Final = 60.0
 _KEY_META_CACHE_MAX: Final = 20000
 _TOKEN_CACHE_MAX: Final = 10000
 _ATTRS_CACHE_MAX: Final = 4096  # entries can hold a public certificate: keep it small
@@ -126,6 +133,7 @@ class Service:
         # a blob never changes meaning, so a hit is exactly what decrypting would give; the
         # row itself (does the key still exist?) is still read from the store every request.
         self._key_values: dict[tuple[str, bytes, bytes], bytes] = {}
+        self._kdf_pool = ThreadPoolExecutor(settings.scrypt_concurrency, "scrypt")
 
     # ---------------------------------------------------------------- plumbing
 
@@ -232,14 +240,22 @@ class Service:
         if not protocol.NAME_RE.match(name):
             raise ApiError("INVALID_NAME", "softcard names are 1-64 letters and digits")
         _check_passphrase(passphrase)
+        minimum = self.settings.passphrase_min_length
+        if len(passphrase) < minimum:
+            raise ApiError("PASSPHRASE_LEN_RANGE",
+                           f"the passphrase must be at least {minimum} bytes")  # fmt: skip
         sc = self.settings.scrypt
         card_id = str(uuid.uuid4())
         salt = os.urandom(sealing.SALT_LEN)
         card_key = os.urandom(sealing.CARD_KEY_LEN)
-        kek = await asyncio.to_thread(sealing.kek, passphrase, salt, sc.n, sc.r, sc.p)
+
+        def wrap() -> bytes:
+            kek = sealing.kek(passphrase, salt, sc.n, sc.r, sc.p)
+            return self.keys.wrap_card(sealing.wrap_card_key(kek, card_key, card_id), card_id)
+
+        wrapped = await self._slow(wrap)
         created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        row = CardRow(card_id, name, created, salt, sc.n, sc.r, sc.p,
-                      sealing.wrap_card_key(kek, card_key, card_id))  # fmt: skip
+        row = CardRow(card_id, name, created, salt, sc.n, sc.r, sc.p, wrapped)
 
         def change(tx: WriteTx) -> Response:
             if not tx.card_insert(row):
@@ -270,17 +286,48 @@ class Service:
         card = self._card(req.params["card"])
         passphrase: bytes = req.body["passphrase"]
         _check_passphrase(passphrase)
+        s = self.settings
         now = time.time()
-        if card.locked_until > now:
+        if card.locked_until > now:  # the common refusal, without a write
+            _login_event(card.id, "locked")
             raise _locked(card.locked_until - now)
-        kek = await asyncio.to_thread(
-            sealing.kek, passphrase, card.salt, card.kdf_n, card.kdf_r, card.kdf_p
-        )
+        # Reserve the attempt before the slow hash: a burst of parallel guesses gets at most
+        # `threshold` reservations; the rest are refused here without running scrypt.
+        lease = now + max(_LEASE_MIN, s.lockout_max_seconds)
+        count = await asyncio.to_thread(self.store.card_reserve_attempt, card.id, now,
+                                        s.lockout_threshold, lease)  # fmt: skip
+        if count is None:
+            current = self._card(card.id)
+            _login_event(card.id, "locked")
+            raise _locked(max(current.locked_until - time.time(), 1.0))
+
+        def open_card() -> bytes:
+            try:
+                inner = self.keys.unwrap_card(card.wrapped_key, card.id)
+            except SealError:
+                raise _MasterMismatch from None
+            kek = sealing.kek(passphrase, card.salt, card.kdf_n, card.kdf_r, card.kdf_p)
+            return sealing.unwrap_card_key(kek, inner, card.id)
+
         try:
-            card_key = sealing.unwrap_card_key(kek, card.wrapped_key, card.id)
+            card_key = await self._slow(open_card)
         except SealError:
-            await asyncio.to_thread(self._record_failure, card.id)
+            locked: float | None = None
+            if count >= s.lockout_threshold:
+                wait = min(2 ** min(count - s.lockout_threshold, 30), s.lockout_max_seconds)
+                locked = time.time() + wait
+            await asyncio.to_thread(self.store.card_settle_attempt, card.id, False, locked)
+            _login_event(card.id, "wrong passphrase", count)
             raise ApiError("PASSPHRASE_INCORRECT", "wrong passphrase") from None
+        except _MasterMismatch:
+            await asyncio.to_thread(self.store.card_settle_attempt, card.id, True, None)
+            log.error(
+                "softcard %s: its card key is not wrapped under this service's master key "
+                "(a store from another service, or the wrong master key)",
+                card.id,
+            )
+            raise ApiError("INTERNAL", "the softcard cannot be opened with this service's "
+                           "master key (logged by the service)") from None  # fmt: skip
         session = str(uuid.uuid4())
         ttl = self.settings.activation_ttl
         expires = int(time.time()) + ttl
@@ -289,8 +336,7 @@ class Service:
             current = tx.card_get(card.id)
             if current is None:
                 raise ApiError("SOFTCARD_NOT_FOUND", "no softcard with that ID")
-            if current.failures or current.locked_until:
-                tx.card_set_failures(card.id, 0, 0.0)
+            tx.card_set_failures(card.id, 0, 0.0)  # settles the reservation: success
             tx.session_expire(time.time())
             tx.session_insert(session, card.id, float(expires))
             token = self.keys.seal_token(TokenClaims(session, card.id, card_key, expires))
@@ -298,18 +344,11 @@ class Service:
 
         return await self.commit(None, change)
 
-    def _record_failure(self, card_id: str) -> None:
-        threshold = self.settings.lockout_threshold
-        with self.store.write() as tx:
-            current = tx.card_get(card_id)
-            if current is None:
-                return
-            failures = current.failures + 1
-            locked = current.locked_until
-            if failures >= threshold:
-                wait = min(2 ** min(failures - threshold, 30), self.settings.lockout_max_seconds)
-                locked = time.time() + wait
-            tx.card_set_failures(card_id, failures, locked)
+    async def _slow(self, fn: Callable[[], _T]) -> _T:
+        """Run scrypt work in the capped pool (scrypt.max_concurrent threads), so a burst of
+        guesses or creates queues there instead of taking every thread of the loop's executor
+        (which the store writes of the other requests use)."""
+        return await asyncio.get_running_loop().run_in_executor(self._kdf_pool, fn)
 
     async def deactivate(self, req: Request) -> Response:
         assert req.claims is not None
@@ -582,6 +621,19 @@ def _ended() -> ApiError:
 def _check_passphrase(passphrase: bytes) -> None:
     if not 1 <= len(passphrase) <= protocol.MAX_PASSPHRASE:
         raise ApiError("PASSPHRASE_LEN_RANGE", "passphrases are 1 to 256 bytes")
+
+
+class _MasterMismatch(Exception):
+    """The outer wrap of a card key does not open under this service's master key."""
+
+
+def _login_event(card: str, outcome: str, count: int | None = None) -> None:
+    """A failed or refused login, for the operator (never the passphrase). The audit log of
+    issue 9 item 7 records these too."""
+    if count is None:
+        log.warning("login refused: softcard %s: %s", card, outcome)
+    else:
+        log.warning("login failed: softcard %s: %s (%d in a row)", card, outcome, count)
 
 
 def _locked(seconds: float) -> ApiError:

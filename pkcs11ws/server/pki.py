@@ -156,6 +156,7 @@ def q(path: Path) -> str:
 
 def server_yaml(d: Path, port: int, scrypt_n: int, admin_port: int) -> str:
     s = settings.DEFAULT_SCRYPT
+    c = settings.DEFAULT_CONNECTIONS
     return f"""\
 # pkcs11ws key service configuration (written by `pkcs11ws-server init`).
 # Relative paths are relative to this file's folder.
@@ -167,7 +168,13 @@ tls:                            # TLS 1.2+; a client certificate signed by `ca` 
   cert: {q(d / "pki" / "server.pem")}
   key: {q(d / "pki" / "server.key")}
   ca: {q(d / "pki" / "ca.pem")}
-master_key: {q(d / "master.key")}  # seals activation tokens and idempotent answers
+# The service secret that is never in the database: it wraps every softcard key (over the
+# passphrase) and seals activation tokens. A file (0600), or a key inside a PKCS#11 token:
+#   master_pkcs11: {{module: /usr/lib/softhsm/libsofthsm2.so, token: LABEL, key: LABEL,
+#                   pin_file: hsm.pin}}
+# Recovery needs the database, this master key and the softcard passphrases.
+master_key: {q(d / "master.key")}
+passphrase_min_length: {settings.DEFAULT_PASSPHRASE_MIN}        # bytes, for new softcards
 database:
   backend: sqlite
   path: {q(d / "keys.db")}
@@ -182,6 +189,14 @@ scrypt:                         # passphrase key derivation for new softcards
   n: {scrypt_n}
   r: {s["r"]}
   p: {s["p"]}
+  max_concurrent: {settings.DEFAULT_SCRYPT_CONCURRENCY}               # per worker; the rest queue
+connections:                    # limits per worker process
+  max: {c["max"]}                     # established connections; new ones beyond are closed
+  handshake_timeout: {c["handshake_timeout"]}          # seconds
+  keep_alive_timeout: {c["keep_alive_timeout"]}         # seconds idle between requests
+  header_timeout: {c["header_timeout"]}            # seconds from a request's first byte to its body
+  max_header_bytes: {c["max_header_bytes"]}       # beyond it: 431
+  max_headers: {c["max_headers"]}              # header lines; beyond it: 431
 log:
   level: INFO
   file: null                    # null: standard error; or a path
@@ -239,8 +254,10 @@ def init(directory: Path, port: int = settings.DEFAULT_PORT, force: bool = False
             "configuration files, or --replace-ca-and-master-key to replace them (stored keys "
             "and issued certificates become unusable)"
         )
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "log").mkdir(exist_ok=True)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    d.chmod(0o700)  # the service directory holds the master key and the store: owner-only
+    (d / "log").mkdir(mode=0o700, exist_ok=True)
+    (d / "log").chmod(0o700)
     kept_pki = ca.exists() and not replace_ca_and_master_key
     kept_master_key = master.exists() and not replace_ca_and_master_key
     if not kept_pki:

@@ -1,10 +1,13 @@
 """The key service's own cryptography: master-key sealing and passphrase-based key wrapping.
 
 Key hierarchy:
-- master.key (32 random bytes in the config folder) -> HKDF subkeys, one per purpose: sealing
-  activation tokens, fingerprinting idempotent requests (HMAC) and sealing stored responses.
-- per softcard: a random 32-byte card key, stored only wrapped (AES-GCM) under
-  KEK = scrypt(passphrase, per-card salt). A wrong passphrase fails the unwrap.
+- the master key (masterkey.py: a 0600 file, or an AES key inside a PKCS#11 token) -> subkeys,
+  one per purpose: sealing activation tokens, fingerprinting idempotent requests (HMAC) and
+  sealing stored responses.
+- per softcard: a random 32-byte card key, wrapped (AES-GCM) under KEK = scrypt(passphrase,
+  per-card salt), and that blob wrapped again under the master key (the outer wrap), which is
+  what the store holds. Without the master key the passphrase layer cannot even be reached, so
+  a copy of the database allows no offline guessing; a wrong passphrase fails the inner unwrap.
 - per object: secret values (key bytes, data and certificate values) AES-GCM under the card key
   with the object handle as associated data, so a ciphertext cannot be moved to another object.
 """
@@ -20,20 +23,19 @@ import os
 import struct
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-MASTER_KEY_LEN: Final = 32
+from pkcs11ws.server.masterkey import MasterKey, UnwrapError
+
 CARD_KEY_LEN: Final = 32
 SALT_LEN: Final = 16
 NONCE_LEN: Final = 12
 TOKEN_PREFIX: Final = "v1."
 _TOKEN_AAD: Final = b"pkcs11ws activation token v1"
+_CARD_AAD: Final = b"pkcs11ws outer card key "
 _TOKEN_PLAIN: Final = struct.Struct(">16s16s32sQ")  # session id, card id, card key, expiry
 
 
@@ -47,17 +49,6 @@ class TokenClaims:
     card: str  # UUID
     card_key: bytes
     expires: int  # unix seconds
-
-
-def load_master_key(path: Path) -> bytes:
-    data = path.read_bytes()
-    if len(data) != MASTER_KEY_LEN:
-        raise ValueError(f"{path}: the master key must be exactly {MASTER_KEY_LEN} bytes")
-    return data
-
-
-def _subkey(master: bytes, purpose: bytes) -> bytes:
-    return HKDF(hashes.SHA256(), 32, salt=None, info=b"pkcs11ws " + purpose).derive(master)
 
 
 def seal(aead: AESGCM, plain: bytes, aad: bytes) -> bytes:
@@ -77,10 +68,22 @@ def unseal(aead: AESGCM, blob: bytes, aad: bytes) -> bytes:
 class MasterKeys:
     """Purpose-bound keys derived from the service master key (built once per process)."""
 
-    def __init__(self, master: bytes) -> None:
-        self._token = AESGCM(_subkey(master, b"token"))
-        self._fingerprint = _subkey(master, b"idempotency fingerprint")
-        self._response = AESGCM(_subkey(master, b"idempotency response"))
+    def __init__(self, master: MasterKey) -> None:
+        self.master = master
+        self._token = AESGCM(master.subkey(b"token"))
+        self._fingerprint = master.subkey(b"idempotency fingerprint")
+        self._response = AESGCM(master.subkey(b"idempotency response"))
+
+    def wrap_card(self, inner: bytes, card_id: str) -> bytes:
+        """The outer wrap of a passphrase-wrapped card key (what the store keeps)."""
+        return self.master.wrap(inner, _CARD_AAD + card_id.encode())
+
+    def unwrap_card(self, outer: bytes, card_id: str) -> bytes:
+        """The passphrase-wrapped card key; SealError under another master key."""
+        try:
+            return self.master.unwrap(outer, _CARD_AAD + card_id.encode())
+        except UnwrapError:
+            raise SealError("the card key is not wrapped under this master key") from None
 
     def seal_token(self, claims: TokenClaims) -> str:
         plain = _TOKEN_PLAIN.pack(

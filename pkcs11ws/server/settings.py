@@ -24,6 +24,19 @@ DEFAULT_MAX_BODY: Final = 8 * 1024 * 1024
 DEFAULT_ACTIVATION_TTL: Final = 8 * 3600
 DEFAULT_SCRYPT: Final = {"n": 2**15, "r": 8, "p": 1}
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_PASSPHRASE_MIN: Final = 8
+DEFAULT_SCRYPT_CONCURRENCY: Final = 2
+# Connection hygiene (connections: in server.yaml). The handshake and header timeouts bound what
+# a client that opens a socket and stalls can hold; the keep-alive timeout only runs while no
+# request is in progress, so a client in use never loses its connection to it.
+DEFAULT_CONNECTIONS: Final = {
+    "max": 1000,
+    "handshake_timeout": 5,
+    "keep_alive_timeout": 5,
+    "header_timeout": 10,
+    "max_header_bytes": 16384,
+    "max_headers": 100,
+}
 
 
 class SettingsError(Exception):
@@ -58,8 +71,19 @@ KEYS: Final[tuple[Key, ...]] = (
     Key("tls.key", str, None, "Required. Server private key (PEM path)."),
     Key("tls.ca", str, None, "Required. CA certificates that sign accepted client "
         "certificates (PEM path); a client certificate is always required."),
-    Key("master_key", str, "master.key", "Path of the 32-byte master key: seals activation "
-        "tokens, idempotent answers and (through each softcard's passphrase) stored keys."),
+    Key("master_key", str, "master.key", "Path of the 32-byte master key file (mode 0600): "
+        "wraps every softcard key over its passphrase wrap and seals activation tokens and "
+        "idempotent answers. Never in the database; the service does not start without it. "
+        "Not used when `master_pkcs11.module` is set."),
+    Key("master_pkcs11.module", str, None, "PKCS#11 library holding the master key instead of "
+        "the file (for SoftHSM2: libsofthsm2.so; needs python-pkcs11). The key never leaves "
+        "the token: it wraps and unwraps card keys and derives the service subkeys at start."),
+    Key("master_pkcs11.token", str, None, "Label of the token holding the master key."),
+    Key("master_pkcs11.key", str, None, "Label of the AES master key in that token "
+        "(`pkcs11ws-server master-key` creates it, non-extractable)."),
+    Key("master_pkcs11.pin_file", str, None, "File (mode 0600) holding the token's user PIN."),
+    Key("passphrase_min_length", int, DEFAULT_PASSPHRASE_MIN, "Shortest passphrase of a new "
+        "softcard, in bytes (1-256); existing softcards keep theirs."),
     Key("database.backend", str, "sqlite", "Store backend: `sqlite`."),
     Key("database.path", str, "keys.db", "SQLite database file (WAL mode; keep it on a local "
         "disk)."),
@@ -77,6 +101,22 @@ KEYS: Final[tuple[Key, ...]] = (
         "2 to 2^20)."),
     Key("scrypt.r", int, DEFAULT_SCRYPT["r"], "scrypt block size r for new softcards (1-32)."),
     Key("scrypt.p", int, DEFAULT_SCRYPT["p"], "scrypt parallelism p for new softcards (1-16)."),
+    Key("scrypt.max_concurrent", int, DEFAULT_SCRYPT_CONCURRENCY, "scrypt evaluations run at "
+        "once per worker (1-64); the rest queue, so a guessing burst cannot take the threads "
+        "other requests use."),
+    Key("connections.max", int, DEFAULT_CONNECTIONS["max"], "Established TLS connections per "
+        "worker; beyond it a new connection is closed at once (and logged), existing ones go "
+        "on."),
+    Key("connections.handshake_timeout", int, DEFAULT_CONNECTIONS["handshake_timeout"],
+        "Seconds a connection may take to complete its TLS handshake."),
+    Key("connections.keep_alive_timeout", int, DEFAULT_CONNECTIONS["keep_alive_timeout"],
+        "Seconds a connection may sit idle before its first request or between requests."),
+    Key("connections.header_timeout", int, DEFAULT_CONNECTIONS["header_timeout"], "Seconds from "
+        "a request's first byte to the end of its headers (slow senders are closed)."),
+    Key("connections.max_header_bytes", int, DEFAULT_CONNECTIONS["max_header_bytes"], "Largest "
+        "request line and headers, in bytes; beyond: 431."),
+    Key("connections.max_headers", int, DEFAULT_CONNECTIONS["max_headers"], "Most header lines "
+        "of a request; beyond: 431."),
     Key("log.level", str, "INFO", "One of " + ", ".join(LOG_LEVELS) + "."),
     Key("log.file", str, None, "Log file path; absent or null: standard error."),
     Key("log.access", bool, True, "One access line per request: method, path, status, "
@@ -95,6 +135,26 @@ class ScryptParams:
 
 
 @dataclass(frozen=True)
+class Pkcs11Master:
+    """master_pkcs11: an AES key held by a PKCS#11 token (python-pkcs11)."""
+
+    module: Path  # the PKCS#11 library (for SoftHSM2: libsofthsm2.so)
+    token: str  # token label
+    key: str  # key label
+    pin_file: Path | None  # a 0600 file holding the user PIN (never in the yaml or argv)
+
+
+@dataclass(frozen=True)
+class Connections:
+    max: int
+    handshake_timeout: int
+    keep_alive_timeout: int
+    header_timeout: int
+    max_header_bytes: int
+    max_headers: int
+
+
+@dataclass(frozen=True)
 class Settings:
     path: Path  # the yaml file
     host: str
@@ -104,7 +164,7 @@ class Settings:
     tls_cert: Path
     tls_key: Path
     tls_ca: Path
-    master_key: Path
+    master_key: Path | None  # the master key file; None when master_pkcs11 is set
     database_backend: str
     database_path: Path
     database_synchronous: str
@@ -117,6 +177,10 @@ class Settings:
     log_level: str
     log_file: Path | None
     access_log: bool
+    master_pkcs11: Pkcs11Master | None = None
+    passphrase_min_length: int = DEFAULT_PASSPHRASE_MIN
+    scrypt_concurrency: int = DEFAULT_SCRYPT_CONCURRENCY
+    connections: Connections = Connections(**DEFAULT_CONNECTIONS)
 
 
 def _v(raw: dict[str, Any], name: str) -> Any:
@@ -191,6 +255,21 @@ def load(path: str | os.PathLike[str]) -> Settings:
         raise SettingsError(f"log.level: one of {', '.join(LOG_LEVELS)}")
     log_file = _v(raw, "log.file")
     admin_port = _v(raw, "admin_port")
+    pkcs11 = {k: _v(raw, f"master_pkcs11.{k}") for k in ("module", "token", "key", "pin_file")}
+    master_pkcs11 = None
+    if any(v is not None for v in pkcs11.values()):
+        for k, v in pkcs11.items():
+            if v is None:
+                raise SettingsError(f"master_pkcs11.{k}: required with the other master_pkcs11 "
+                                    "keys")  # fmt: skip
+        master_pkcs11 = Pkcs11Master(
+            module=_path(base, pkcs11["module"]), token=pkcs11["token"], key=pkcs11["key"],
+            pin_file=_path(base, pkcs11["pin_file"]),
+        )  # fmt: skip
+    conns = Connections(**{
+        k: _positive(f"connections.{k}", _v(raw, f"connections.{k}"), 1)
+        for k in DEFAULT_CONNECTIONS
+    })  # fmt: skip
     return Settings(
         path=p,
         host=_v(raw, "host"),
@@ -200,7 +279,15 @@ def load(path: str | os.PathLike[str]) -> Settings:
         tls_cert=_path(base, _v(raw, "tls.cert")),
         tls_key=_path(base, _v(raw, "tls.key")),
         tls_ca=_path(base, _v(raw, "tls.ca")),
-        master_key=_path(base, _v(raw, "master_key")),
+        master_key=None if master_pkcs11 else _path(base, _v(raw, "master_key")),
+        master_pkcs11=master_pkcs11,
+        passphrase_min_length=_positive(
+            "passphrase_min_length", _v(raw, "passphrase_min_length"), 1, 256
+        ),
+        scrypt_concurrency=_positive(
+            "scrypt.max_concurrent", _v(raw, "scrypt.max_concurrent"), 1, 64
+        ),
+        connections=conns,
         database_backend=backend,
         database_path=_path(base, _v(raw, "database.path")),
         database_synchronous=sync,

@@ -1,5 +1,12 @@
 """SQLite backend of the key service store: WAL mode, one connection per thread.
 
+The database and its -wal/-shm files are owner-only: the file is created 0600 before SQLite
+opens it (SQLite gives the -wal and -shm files the mode of the database file) and its folder
+0700 when this creates it; existing files are narrowed to 0600 when opened.
+
+Schema: version 1 is _SCHEMA; later changes are the numbered steps of _MIGRATIONS, each run in
+one transaction that also records the new version in meta.
+
 Writes take the database lock up front (`BEGIN IMMEDIATE`) so a transaction never fails half way
 on a lock upgrade; busy_timeout makes concurrent writers (other threads, other worker processes)
 wait instead of failing. synchronous=FULL by default: an acknowledged write survives a power cut.
@@ -7,9 +14,10 @@ wait instead of failing. synchronous=FULL by default: an acknowledged write surv
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Final
@@ -17,6 +25,7 @@ from typing import Final
 from pkcs11ws import constants as C
 from pkcs11ws.server.store import (
     CardCounts,
+    CardRewrap,
     CardRow,
     IdempotencyRow,
     ObjectRow,
@@ -25,7 +34,7 @@ from pkcs11ws.server.store import (
     WriteTx,
 )
 
-SCHEMA_VERSION: Final = 1
+FIRST_VERSION: Final = 1
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS softcards (
@@ -63,6 +72,26 @@ CREATE TABLE IF NOT EXISTS idempotency (
 );
 CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency(created);
 """
+
+
+def _step3_outer_wrap(con: sqlite3.Connection, rewrap: CardRewrap | None) -> None:
+    """Schema 3: every card key also wrapped under the master key (no passphrase needed: the
+    passphrase-wrapped blob is wrapped as it is)."""
+    rows = con.execute("SELECT id, wrapped_key FROM softcards").fetchall()
+    if rows and rewrap is None:
+        raise RuntimeError("migration step 3 (master-key wrapping) needs the master key")
+    for card_id, wrapped in rows:
+        assert rewrap is not None
+        con.execute(
+            "UPDATE softcards SET wrapped_key = ? WHERE id = ?", (rewrap(card_id, wrapped), card_id)
+        )
+
+
+# (version reached, step): in order. Step 2 belongs to the client identities (issue 9, authz).
+_MIGRATIONS: Final[list[tuple[int, Callable[[sqlite3.Connection, CardRewrap | None], None]]]] = [
+    (3, _step3_outer_wrap),
+]
+SCHEMA_VERSION: Final = _MIGRATIONS[-1][0]
 
 _CARD_COLS: Final = (
     "id, name, created, salt, kdf_n, kdf_r, kdf_p, wrapped_key, failures, locked_until"
@@ -185,6 +214,7 @@ class SQLiteStore(Store):
     def _con(self) -> sqlite3.Connection:
         con: sqlite3.Connection | None = getattr(self._local, "con", None)
         if con is None:
+            _owner_only(self.path)
             # isolation_level=None: autocommit, transactions only where we say BEGIN.
             con = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=self._busy / 1000
@@ -198,24 +228,38 @@ class SQLiteStore(Store):
                 self._all.append(con)
         return con
 
-    def init_schema(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def init_schema(self, card_rewrap: CardRewrap | None = None) -> None:
+        if not self.path.parent.exists():
+            self.path.parent.mkdir(mode=0o700, parents=True)
         con = self._con()
-        con.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx(con):
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     con.execute(stmt)
             con.execute(
-                "INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+                "INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', ?)", (str(FIRST_VERSION),)
             )
-            version = con.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()[0]
+        for target, step in _MIGRATIONS:
+            with self._tx(con):
+                # Read inside the transaction: another process may have run this step already.
+                version = int(con.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()[0])
+                if version < target:
+                    step(con, card_rewrap)
+                    con.execute("UPDATE meta SET v = ? WHERE k = 'schema'", (str(target),))
+        version = int(con.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()[0])
+        if version != SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path}: schema version {version}, expected {SCHEMA_VERSION}")
+
+    @staticmethod
+    @contextmanager
+    def _tx(con: sqlite3.Connection) -> Iterator[None]:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield
         except BaseException:
             con.execute("ROLLBACK")
             raise
         con.execute("COMMIT")
-        if int(version) != SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path}: schema version {version}, expected {SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:
@@ -249,6 +293,30 @@ class SQLiteStore(Store):
 
     def card_counts(self, card: str) -> CardCounts:
         return _counts(self._con(), card)
+
+    def card_reserve_attempt(
+        self, card: str, now: float, threshold: int, lease_until: float
+    ) -> int | None:
+        # One statement, so one write lock: concurrent reservations (threads or processes)
+        # serialise here and each sees the count the previous one left.
+        row = (
+            self._con()
+            .execute(
+                "UPDATE softcards SET failures = failures + 1, locked_until = CASE"
+                " WHEN failures + 1 >= ? THEN ? ELSE locked_until END"
+                " WHERE id = ? AND locked_until <= ? RETURNING failures",
+                (threshold, lease_until, card, now),
+            )
+            .fetchall()  # all rows: the statement is finished (so committed) here
+        )
+        return int(row[0][0]) if row else None
+
+    def card_settle_attempt(self, card: str, success: bool, locked_until: float | None) -> None:
+        con = self._con()
+        if success:
+            con.execute("UPDATE softcards SET failures = 0, locked_until = 0 WHERE id = ?", (card,))
+        elif locked_until is not None:
+            con.execute("UPDATE softcards SET locked_until = ? WHERE id = ?", (locked_until, card))
 
     def session_valid(self, session: str, card: str, now: float) -> bool:
         row = (
@@ -330,3 +398,17 @@ class SQLiteStore(Store):
             .fetchone()
         )
         return StoreActivity(int(row[0]), int(row[1]))
+
+
+def _owner_only(path: Path) -> None:
+    """Create the database file 0600 if missing (so SQLite's -wal/-shm get 0600 too); narrow
+    an existing one and its companions to 0600."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    except OSError:
+        return  # let sqlite3.connect report it
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with suppress(FileNotFoundError):
+            p = Path(str(path) + suffix)
+            if p.stat().st_mode & 0o077:
+                p.chmod(0o600)

@@ -12,10 +12,14 @@ two abstract classes (Store and WriteTx) with its own SQL.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import NamedTuple
+
+# Migration step 3 (keystore) re-wraps every stored card key under the master key without
+# knowing any passphrase: (card id, stored wrapped_key) -> the new wrapped_key.
+CardRewrap = Callable[[str, bytes], bytes]
 
 
 @dataclass(frozen=True)
@@ -27,8 +31,8 @@ class CardRow:
     kdf_n: int
     kdf_r: int
     kdf_p: int
-    wrapped_key: bytes
-    failures: int = 0  # consecutive wrong passphrases
+    wrapped_key: bytes  # from schema 3 on: master-key wrap of the passphrase (scrypt) wrap
+    failures: int = 0  # consecutive wrong passphrases, counting attempts still being evaluated
     locked_until: float = 0.0  # unix time before which activation is refused
 
 
@@ -124,8 +128,10 @@ class Store(abc.ABC):
     """A key service database. Safe to use from several threads and several processes."""
 
     @abc.abstractmethod
-    def init_schema(self) -> None:
-        """Create the tables if missing (idempotent; safe when workers race)."""
+    def init_schema(self, card_rewrap: CardRewrap | None = None) -> None:
+        """Create the tables if missing and run the pending migration steps, each in one
+        transaction (idempotent; safe when workers race). card_rewrap is needed by step 3 when
+        the store holds cards from before it; without it that step raises RuntimeError."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -139,6 +145,20 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def card_list(self) -> list[tuple[CardRow, CardCounts]]: ...
+
+    @abc.abstractmethod
+    def card_reserve_attempt(
+        self, card: str, now: float, threshold: int, lease_until: float
+    ) -> int | None:
+        """Reserve one passphrase evaluation, atomically (one statement), before the slow hash:
+        unless the card is locked (locked_until > now), add 1 to failures and return the new
+        count; when that count reaches threshold, also lock the card until lease_until, so no
+        other attempt runs while this one is evaluated. None: locked (or no such card)."""
+
+    @abc.abstractmethod
+    def card_settle_attempt(self, card: str, success: bool, locked_until: float | None) -> None:
+        """After the evaluation: success clears failures and the lock; a failure keeps its
+        reserved count and, when locked_until is given, sets the lock to it."""
 
     @abc.abstractmethod
     def card_counts(self, card: str) -> CardCounts: ...

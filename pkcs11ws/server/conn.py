@@ -1,0 +1,173 @@
+"""Connection hygiene of the key service: uvicorn's httptools protocol with limits.
+
+What a client may hold without doing useful work is bounded (server.yaml `connections:`):
+- the TLS handshake: `handshake_timeout` (the listening server's ssl_handshake_timeout, set by
+  cli.event_loop's create_server);
+- an idle connection, before its first request or between requests: `keep_alive_timeout`
+  (uvicorn arms its timer only after a response; here it is also armed when the connection
+  is made, so a client that completes the handshake and sends nothing is closed too);
+- a request's headers: at most `max_header_bytes` and `max_headers` (431 beyond), received
+  within `header_timeout` of the request's first byte (slow-header clients are closed);
+- established connections per worker: `max`; beyond it a new connection is closed at once
+  and a warning is logged (at most one line per 10 s, with the count), while the connections
+  already there keep being served.
+None of these runs while a request is being answered, so a client in steady use never loses
+its kept-alive connection to them. The per-request cost is a few attribute updates; the
+slow-header check is one sweep per second over the connections, not a timer per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Final
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from pkcs11ws.server.settings import DEFAULT_CONNECTIONS, Connections, Settings
+
+log = logging.getLogger("pkcs11ws.server")
+_limits: Connections = Connections(**DEFAULT_CONNECTIONS)
+_REFUSAL_LOG_EVERY: Final = 10.0
+_REJECT_431: Final = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+)
+
+
+def configure(s: Settings) -> None:
+    """Called once per worker process (create_app), before any connection."""
+    global _limits
+    _limits = s.connections
+
+
+def limits() -> Connections:
+    return _limits
+
+
+class _HeaderLimit(Exception):
+    pass
+
+
+class _Sweeper:
+    """Once a second: close connections whose request headers are overdue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, connections: set[Any]) -> None:
+        self.loop = loop
+        self.connections = connections
+        self.refused = 0
+        self.last_refusal_log = 0.0
+        loop.call_later(1.0, self.sweep)
+
+    def sweep(self) -> None:
+        deadline = time.monotonic() - _limits.header_timeout
+        for proto in list(self.connections):
+            started = getattr(proto, "_hdr_started", None)
+            if started is not None and started < deadline and not proto.transport.is_closing():
+                log.info("closed a connection: request headers incomplete after %d s",
+                         _limits.header_timeout)  # fmt: skip
+                proto.transport.close()
+        self.loop.call_later(1.0, self.sweep)
+
+    def refuse(self) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self.last_refusal_log >= _REFUSAL_LOG_EVERY:
+            log.warning("connection limit (%d) reached: closed %d new connection(s)",
+                        _limits.max, self.refused)  # fmt: skip
+            self.refused = 0
+            self.last_refusal_log = now
+
+
+_sweepers: dict[int, _Sweeper] = {}
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits above (uvicorn Config `http=`)."""
+
+    _hdr_started: float | None = None  # monotonic time of the first byte of incomplete headers
+    _hdr_bytes = 0
+    _hdr_count = 0
+    _reject: bytes | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        sweeper = _sweepers.get(id(self.loop))
+        if sweeper is None:
+            sweeper = _sweepers[id(self.loop)] = _Sweeper(self.loop, self.connections)
+        if len(self.connections) >= _limits.max:
+            self.transport = transport
+            sweeper.refuse()
+            transport.close()
+            return
+        super().connection_made(transport)
+        # Idle before the first request: the keep-alive timeout applies (uvicorn only arms it
+        # after a response).
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self._hdr_started is not None or self.cycle is None or self.cycle.response_complete:
+            # Receiving headers (of this or the next request): count what they may hold before
+            # the parser has called back (a single huge header is buffered inside it).
+            self._hdr_bytes += len(data)
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self._reject is not None:
+                self._send_reject()
+                return
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        if self._hdr_started is not None and self._hdr_bytes > _limits.max_header_bytes:
+            self._reject = b"the request headers are over %d bytes" % _limits.max_header_bytes
+            self._send_reject()
+
+    def _send_reject(self) -> None:
+        assert self._reject is not None
+        body = b'{"code":"BAD_REQUEST","message":"%s"}' % self._reject
+        log.info("refused a request with status 431: %s", self._reject.decode())
+        self._hdr_started = None
+        if not self.transport.is_closing():
+            self.transport.write(_REJECT_431 % (len(body), body))
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        self._hdr_started = time.monotonic()
+        self._hdr_count = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.url) > _limits.max_header_bytes:
+            self._reject = b"the request line is over %d bytes" % _limits.max_header_bytes
+            raise _HeaderLimit
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._hdr_count += 1
+        if self._hdr_count > _limits.max_headers:
+            self._reject = b"more than %d header lines" % _limits.max_headers
+            raise _HeaderLimit
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._hdr_bytes > _limits.max_header_bytes:
+            # Headers and body arrived in one read: compare the headers alone.
+            size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+            if size > _limits.max_header_bytes:
+                self._reject = b"the request headers are over %d bytes" % _limits.max_header_bytes
+                raise _HeaderLimit
+        self._hdr_started = None
+        self._hdr_bytes = 0
+        super().on_headers_complete()
