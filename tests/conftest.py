@@ -6,9 +6,11 @@ SIGKILL if stuck) at the end. It has the attributes
     dir, port, url, client_cfg, ca, cert, key, server_yaml, pid
 (plus log: the server's stdout/stderr file, and proc: its Popen).
 
-`fresh_service` (function scope): a factory `fresh_service(workers=1, overrides=None)` for a test
-that needs its own service (overrides: server.yaml keys to change, nested dicts merged one
-level); every service it made is stopped when the test ends.
+`fresh_service` (function scope): a factory `fresh_service(workers=1, overrides=None,
+prepare=None, directory=None)` for a test that needs its own service (overrides: server.yaml
+keys to change, nested dicts merged one level; prepare(dir): called before serve; directory:
+serve a folder made before again, on a new port); every service it made is stopped when the
+test ends.
 
 `api` / `make_api`: a small stdlib HTTPS client (http.client + ssl with the client certificate)
 for the contract tests; it does not use pkcs11ws.client on purpose.
@@ -28,7 +30,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,16 +110,28 @@ def _merge(doc: dict[str, Any], overrides: dict[str, Any]) -> None:
 
 
 def start_service(
-    directory: Path, workers: int = 1, overrides: dict[str, Any] | None = None
+    directory: Path,
+    workers: int = 1,
+    overrides: dict[str, Any] | None = None,
+    prepare: Callable[[Path], None] | None = None,
+    init: bool = True,
 ) -> Service:
-    port = free_port()
-    res = init_dir(directory, port)
-    assert res.returncode == 0, res.stderr
+    """init (unless init is False: a folder made before), apply overrides, call prepare(dir),
+    then serve and wait for /health."""
     yaml_path = directory / "server.yaml"
+    if init:
+        port = free_port()
+        res = init_dir(directory, port)
+        assert res.returncode == 0, res.stderr
+    else:
+        port = free_port()
+        overrides = {**(overrides or {}), "port": port}
     if overrides:
         doc = yaml.safe_load(yaml_path.read_text())
         _merge(doc, overrides)
         yaml_path.write_text(yaml.safe_dump(doc))
+    if prepare is not None:
+        prepare(directory)
     return serve_dir(directory, port, workers)
 
 
@@ -128,7 +142,7 @@ def serve_dir(directory: Path, port: int, workers: int = 1) -> Service:
     cmd = [sys.executable, "-m", "pkcs11ws.server.cli", "serve", "--config", str(yaml_path)]
     if workers != 1:
         cmd += ["--workers", str(workers)]
-    with log.open("ab") as out:
+    with log.open("ab") as out:  # appended: a restarted service keeps the earlier lines
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     pki = directory / "pki"
     svc = Service(
@@ -175,8 +189,17 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 def fresh_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     made: list[Service] = []
 
-    def make(workers: int = 1, overrides: dict[str, Any] | None = None) -> Service:
-        svc = start_service(tmp_path_factory.mktemp("fresh"), workers, overrides)
+    def make(
+        workers: int = 1,
+        overrides: dict[str, Any] | None = None,
+        prepare: Callable[[Path], None] | None = None,
+        directory: Path | None = None,
+    ) -> Service:
+        """directory: restart a service on a folder made before (no init)."""
+        if directory is not None:
+            svc = start_service(directory, workers, overrides, prepare, init=False)
+        else:
+            svc = start_service(tmp_path_factory.mktemp("fresh"), workers, overrides, prepare)
         made.append(svc)
         return svc
 

@@ -254,6 +254,39 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_master_key(args: argparse.Namespace) -> int:
+    """Create the configured master key if it does not exist yet (the token key for
+    master_key.pkcs11, a 0600 file otherwise); an existing key is never replaced."""
+    from pkcs11ws.server.masterkey import MASTER_KEY_LEN, MasterKeyError, create_token_key
+
+    os.umask(0o077)
+    try:
+        s = settings_mod.load(args.config)
+        if s.master_pkcs11 is not None:
+            made = create_token_key(s.master_pkcs11)
+            where = f"key {s.master_pkcs11.key!r} in token {s.master_pkcs11.token!r}"
+        else:
+            assert s.master_key is not None
+            try:
+                fd = os.open(s.master_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                made = False
+            else:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(os.urandom(MASTER_KEY_LEN))
+                made = True
+            where = str(s.master_key)
+    except (settings_mod.SettingsError, MasterKeyError, OSError) as exc:
+        print(f"pkcs11ws-server master-key: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # python-pkcs11 errors: the token refused
+        print(f"pkcs11ws-server master-key: the token refused: {type(exc).__name__} {exc}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"created the master key: {where}" if made else f"the master key exists: {where}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pkcs11ws-server", description="pkcs11ws key service")
     sub = p.add_subparsers(dest="command", required=True)
@@ -289,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("backup", help="a file written by `backup`")
     r.add_argument("--overwrite", action="store_true", help="replace an existing store")
     r.set_defaults(func=_cmd_backup)
+    m = sub.add_parser("master-key", help="create the configured master key if it is missing")
+    m.add_argument("--config", required=True, help="path to server.yaml")
+    m.set_defaults(func=_cmd_master_key)
     return p
 
 

@@ -117,6 +117,7 @@ def read_key_file(path: Path) -> bytes:
 def _pkcs11() -> Any:
     try:
         import pkcs11
+        import pkcs11.mechanisms
     except ImportError:
         raise MasterKeyError(
             "master_pkcs11 needs python-pkcs11 (pip install 'pkcs11ws[hsm]')"
@@ -167,6 +168,11 @@ class TokenMasterKey(MasterKey):
                 "`pkcs11ws-server master-key --config server.yaml`"
             ) from None
 
+    def _gcm(self, nonce: bytes, aad: bytes) -> Any:
+        # python-pkcs11 >= 0.8 takes a GCMParams object; older releases took a tuple.
+        params = getattr(self._p.mechanisms, "GCMParams", None)
+        return (nonce, aad, _TAG_BITS) if params is None else params(nonce, aad, _TAG_BITS)
+
     def subkey(self, purpose: bytes) -> bytes:
         label = b"pkcs11ws subkey " + purpose
         with self._lock:
@@ -180,7 +186,7 @@ class TokenMasterKey(MasterKey):
         nonce = os.urandom(NONCE_LEN)
         with self._lock:
             ct = self._key.encrypt(
-                plain, mechanism=self._p.Mechanism.AES_GCM, mechanism_param=(nonce, aad, _TAG_BITS)
+                plain, mechanism=self._p.Mechanism.AES_GCM, mechanism_param=self._gcm(nonce, aad)
             )
         return nonce + bytes(ct)
 
@@ -192,7 +198,7 @@ class TokenMasterKey(MasterKey):
                 pt = self._key.decrypt(
                     blob[NONCE_LEN:],
                     mechanism=self._p.Mechanism.AES_GCM,
-                    mechanism_param=(blob[:NONCE_LEN], aad, _TAG_BITS),
+                    mechanism_param=self._gcm(blob[:NONCE_LEN], aad),
                 )
         except self._p.PKCS11Error:
             raise UnwrapError("wrapped blob does not open") from None
