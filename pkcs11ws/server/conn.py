@@ -31,6 +31,7 @@ from pkcs11ws.server.settings import DEFAULT_CONNECTIONS, Connections, Settings
 log = logging.getLogger("pkcs11ws.server")
 _limits: Connections = Connections(**DEFAULT_CONNECTIONS)
 _REFUSAL_LOG_EVERY: Final = 10.0
+_DRAIN_SECONDS: Final = 1.0
 _REJECT_431: Final = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
     b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
@@ -91,6 +92,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     _hdr_bytes = 0
     _hdr_count = 0
     _reject: bytes | None = None
+    _draining = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         sweeper = _sweepers.get(id(self.loop))
@@ -109,6 +111,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         )
 
     def data_received(self, data: bytes) -> None:
+        if self._draining:
+            return
         if self._hdr_started is not None or self.cycle is None or self.cycle.response_complete:
             # Receiving headers (of this or the next request): count what they may hold before
             # the parser has called back (a single huge header is buffered inside it).
@@ -141,7 +145,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._hdr_started = None
         if not self.transport.is_closing():
             self.transport.write(_REJECT_431 % (len(body), body))
-            self.transport.close()
+            # Closing with the client's bytes still unread would reset the connection and
+            # could destroy the answer before the client reads it: discard what still comes
+            # for a moment, then close.
+            self._draining = True
+            self.loop.call_later(_DRAIN_SECONDS, self.transport.close)
 
     def on_message_begin(self) -> None:
         self._hdr_started = time.monotonic()
