@@ -213,11 +213,12 @@ def test_body_must_be_utf8(svc, make_api, body):
 def test_duplicate_keys_are_refused(svc, make_api):
     api = make_api(svc)
     p = b64(b"duplicate keys")
-    body = ('{"name": "first", "name": "second", "passphrase": "%s"}' % p).encode()
+    body = b'{"name": "first", "name": "second", "passphrase": "' + p.encode() + b'"}'
     r = api.post("/km/v1/softcards", body, idem=new_idem())
     assert (r.status, r.code) == (400, "BAD_REQUEST") and "duplicate key" in r.json["message"]
-    nested = ('{"name": "n%s", "passphrase": "%s", "x": {"a": 1, "a": 2}}' % (1, p)).encode()
-    assert api.post("/km/v1/softcards", nested, idem=new_idem()).code == "BAD_REQUEST"
+    nested = b'{"name": "n1", "passphrase": "' + p.encode() + b'", "x": {"a": 1, "a": 2}}'
+    r = api.post("/km/v1/softcards", nested, idem=new_idem())
+    assert r.code == "BAD_REQUEST" and "duplicate key 'a'" in r.json["message"]
 
 
 def test_connection_cap(fresh_service, make_api):

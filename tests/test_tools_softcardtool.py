@@ -184,7 +184,7 @@ def test_delete_unknown_and_malformed_ids(service):
 
 def test_duplicate_name_is_refused(service):
     card = new_card(service)
-    res = sct("-g", f"--name={card.name}", env=service_env(service), stdin="another\n")
+    res = sct("-g", f"--name={card.name}", env=service_env(service), stdin="another passphrase\n")
     assert res.returncode == 1
     assert "SOFTCARD_EXISTS" in res.stderr and "Softcard generated" not in res.stdout
 
@@ -195,6 +195,15 @@ def test_missing_or_empty_passphrase(service):
     assert res.returncode == 2 and "no passphrase on standard input" in res.stderr
     res = sct("-g", "--name=nopass" + os.urandom(4).hex(), env=env, stdin="\n")
     assert res.returncode == 2 and "the passphrase must be 1 to 256 bytes" in res.stderr
+
+
+def test_short_passphrase_is_refused_with_the_rule(service):
+    name = "short" + os.urandom(4).hex()
+    res = sct("-g", f"--name={name}", env=service_env(service), stdin="7 bytes\n")
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert "the passphrase must be at least 8 bytes" in res.stderr
+    assert "Softcard generated" not in res.stdout and "7 bytes" not in res.stderr
+    assert name not in sct("-l", env=service_env(service)).stdout
 
 
 def test_verbose_alone_verifies_the_connection(service):
@@ -232,7 +241,7 @@ def test_no_logging_even_at_the_highest_level(service, tmp_path):
         service, PKCS11WS_LOGLEVEL="6", PKCS11WS_LOGSTDOUT="1", PKCS11WS_LOGFILEPATH=str(log)
     )
     name = "nolog" + os.urandom(4).hex()
-    res = sct("-v", "-g", f"--name={name}", env=env, stdin="pw\n")
+    res = sct("-v", "-g", f"--name={name}", env=env, stdin="pw no log\n")
     assert res.returncode == 0, res.stderr
     assert len(res.stdout.splitlines()) == 2 and res.stderr == ""
     res = sct("-l", env=env)

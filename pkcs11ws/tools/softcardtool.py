@@ -167,7 +167,12 @@ def _run(action: str, opts: dict[str, object], stdin: TextIO) -> int:
             print(f"Connected to key service {client.transport.base_url} ({server}) "
                   f"using {cfg.path}")  # fmt: skip
         if action == "generate":
-            card = client.create_softcard(name, passphrase)
+            try:
+                card = client.create_softcard(name, passphrase)
+            except ServiceError as e:
+                if e.code == "PASSPHRASE_LEN_RANGE":  # the service's rule (server.yaml)
+                    raise UsageError(f"{e.message}; choose a longer passphrase") from None
+                raise
             print(f"Softcard generated: ID {card['id']} name {card['name']}")
         elif action == "delete":
             return _delete(client, card_id)
