@@ -274,3 +274,37 @@ def test_softhsm_master_key_end_to_end(fresh_service, make_api, tmp_path, monkey
     svc.server_yaml.write_text(yaml.safe_dump(doc))
     res = _serve_exit(svc.server_yaml)
     assert res.returncode == 2 and "no-such-key" in res.stderr, res.stderr
+
+
+def test_settings_for_master_key_passphrase_and_connections(tmp_path):
+    from pkcs11ws.server import settings
+
+    tls = "tls: {cert: a, key: b, ca: c}\n"
+
+    def load(text: str) -> settings.Settings:
+        (tmp_path / "s.yaml").write_text(tls + text)
+        return settings.load(tmp_path / "s.yaml")
+
+    s = load("")
+    assert (s.master_key, s.master_pkcs11) == (tmp_path.resolve() / "master.key", None)
+    assert (s.passphrase_min_length, s.scrypt_concurrency) == (8, 2)
+    assert (s.connections.max, s.connections.handshake_timeout) == (1000, 5)
+    assert load("master_key: {file: k/mk}\n").master_key == tmp_path.resolve() / "k" / "mk"
+    s = load("master_key: {pkcs11: {module: /m.so, token: t, key: k, pin_file: pin}}\n")
+    assert s.master_key is None and s.master_pkcs11 is not None
+    assert (s.master_pkcs11.token, s.master_pkcs11.key) == ("t", "k")
+    assert s.master_pkcs11.pin_file == tmp_path.resolve() / "pin"
+    s = load("passphrase_min_length: 12\nscrypt: {max_concurrent: 4}\nconnections: {max: 9}\n")
+    assert (s.passphrase_min_length, s.scrypt_concurrency, s.connections.max) == (12, 4, 9)
+    assert s.connections.max_headers == 100  # the other keys keep their defaults
+    for bad, word in [
+        ("master_key: {pkcs11: {module: /m.so, token: t}}\n", "master_key.pkcs11.key"),
+        ("master_key: {pkcs11: {module: m, token: t, key: k, pin_file: p, pin: '1'}}\n", "pin"),
+        ("master_key: {file: a, pkcs11: {}}\n", "master_key"),
+        ("passphrase_min_length: 0\n", "passphrase_min_length"),
+        ("connections: {max: 0}\n", "connections.max"),
+        ("connections: {idle: 3}\n", "idle"),
+        ("scrypt: {max_concurrent: 0}\n", "scrypt.max_concurrent"),
+    ]:
+        with pytest.raises(settings.SettingsError, match=word):
+            load(bad)

@@ -320,7 +320,8 @@ class Service:
             _login_event(card.id, "wrong passphrase", count)
             raise ApiError("PASSPHRASE_INCORRECT", "wrong passphrase") from None
         except _MasterMismatch:
-            await asyncio.to_thread(self.store.card_settle_attempt, card.id, True, None)
+            # The reservation stays counted: nothing was learnt about the passphrase, and the
+            # card cannot be opened here anyway.
             log.error(
                 "softcard %s: its card key is not wrapped under this service's master key "
                 "(a store from another service, or the wrong master key)",
