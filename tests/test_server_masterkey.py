@@ -184,7 +184,14 @@ def _downgrade_to_v1(d: Path) -> list[bytes]:
         blobs.append(inner)
         con.execute("UPDATE softcards SET wrapped_key = ? WHERE id = ?", (inner, card_id))
     con.execute("UPDATE meta SET v = '1' WHERE k = 'schema'")
+    for column in ("pending", "pending_until"):  # step 3's lockout columns
+        con.execute(f"ALTER TABLE softcards DROP COLUMN {column}")
     con.execute("COMMIT")
+    con.close()
+    con = sqlite3.connect(d / "keys.db")
+    columns = [r[1] for r in con.execute("PRAGMA table_info(softcards)")]
+    assert columns == ["id", "name", "created", "salt", "kdf_n", "kdf_r", "kdf_p",
+                       "wrapped_key", "failures", "locked_until"]  # fmt: skip
     con.close()
     return blobs
 

@@ -100,6 +100,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             sweeper = _sweepers[id(self.loop)] = _Sweeper(self.loop, self.connections)
         if len(self.connections) >= _limits.max:
             self.transport = transport
+            self._draining = True  # whatever still arrives is dropped
             sweeper.refuse()
             transport.close()
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import functools
 import hmac
 import json
 import logging
@@ -43,9 +44,10 @@ from pkcs11ws.server.store import CardCounts, CardRow, IdempotencyRow, ObjectRow
 
 _T = TypeVar("_T")
 log = logging.getLogger("pkcs11ws.server")
-# The lock a reservation that reaches the threshold holds while it is evaluated (it is replaced
-# when the attempt settles; it only runs out if the process died mid-evaluation).
-_LEASE_MIN: Final = 60.0
+# How long a reservation counts if it is never settled (its process died mid-evaluation), and
+# how long an attempt waits for a place among those in flight.
+_LEASE: Final = 60.0
+_RESERVE_WAIT: Final = 30.0
 _KEY_META_CACHE_MAX: Final = 20000
 _TOKEN_CACHE_MAX: Final = 10000
 _ATTRS_CACHE_MAX: Final = 4096  # entries can hold a public certificate: keep it small
@@ -291,15 +293,7 @@ class Service:
         if card.locked_until > now:  # the common refusal, without a write
             _login_event(card.id, "locked")
             raise _locked(card.locked_until - now)
-        # Reserve the attempt before the slow hash: a burst of parallel guesses gets at most
-        # `threshold` reservations; the rest are refused here without running scrypt.
-        lease = now + max(_LEASE_MIN, s.lockout_max_seconds)
-        count = await asyncio.to_thread(self.store.card_reserve_attempt, card.id, now,
-                                        s.lockout_threshold, lease)  # fmt: skip
-        if count is None:
-            current = self._card(card.id)
-            _login_event(card.id, "locked")
-            raise _locked(max(current.locked_until - time.time(), 1.0))
+        count = await self._reserve(card.id)
 
         def open_card() -> bytes:
             try:
@@ -309,19 +303,18 @@ class Service:
             kek = sealing.kek(passphrase, card.salt, card.kdf_n, card.kdf_r, card.kdf_p)
             return sealing.unwrap_card_key(kek, inner, card.id)
 
+        settle = functools.partial(self.store.card_settle_attempt, card.id,
+                                   threshold=s.lockout_threshold,
+                                   max_seconds=s.lockout_max_seconds)  # fmt: skip
         try:
             card_key = await self._slow(open_card)
         except SealError:
-            locked: float | None = None
-            if count >= s.lockout_threshold:
-                wait = min(2 ** min(count - s.lockout_threshold, 30), s.lockout_max_seconds)
-                locked = time.time() + wait
-            await asyncio.to_thread(self.store.card_settle_attempt, card.id, False, locked)
+            await asyncio.to_thread(settle, False, time.time())
             _login_event(card.id, "wrong passphrase", count)
             raise ApiError("PASSPHRASE_INCORRECT", "wrong passphrase") from None
         except _MasterMismatch:
-            # The reservation stays counted: nothing was learnt about the passphrase, and the
-            # card cannot be opened here anyway.
+            # Left to its lease: nothing was learnt about the passphrase, and the card cannot
+            # be opened here anyway.
             log.error(
                 "softcard %s: its card key is not wrapped under this service's master key "
                 "(a store from another service, or the wrong master key)",
@@ -329,6 +322,7 @@ class Service:
             )
             raise ApiError("INTERNAL", "the softcard cannot be opened with this service's "
                            "master key (logged by the service)") from None  # fmt: skip
+        await asyncio.to_thread(settle, True, time.time())
         session = str(uuid.uuid4())
         ttl = self.settings.activation_ttl
         expires = int(time.time()) + ttl
@@ -337,13 +331,38 @@ class Service:
             current = tx.card_get(card.id)
             if current is None:
                 raise ApiError("SOFTCARD_NOT_FOUND", "no softcard with that ID")
-            tx.card_set_failures(card.id, 0, 0.0)  # settles the reservation: success
             tx.session_expire(time.time())
             tx.session_insert(session, card.id, float(expires))
             token = self.keys.seal_token(TokenClaims(session, card.id, card_key, expires))
             return ok("Activation", {"token": token, "expires_in": ttl})
 
         return await self.commit(None, change)
+
+    async def _reserve(self, card_id: str) -> int:
+        """Reserve a passphrase evaluation in the store before the slow hash (the count of
+        failures and attempts in flight). While the attempts in flight fill the quota, wait for
+        them to settle: right ones reopen it, wrong ones lock the card, and a locked card is
+        refused here, without scrypt. So parallel guesses get at most `threshold` evaluations,
+        and parallel logins with the right passphrase all succeed."""
+        s = self.settings
+        deadline = time.monotonic() + _RESERVE_WAIT
+        delay = 0.005
+        while True:
+            now = time.time()
+            count = await asyncio.to_thread(self.store.card_reserve_attempt, card_id, now,
+                                            s.lockout_threshold, now + _LEASE)  # fmt: skip
+            if count is not None:
+                return count
+            current = self._card(card_id)
+            now = time.time()
+            if current.locked_until > now:
+                _login_event(card_id, "locked")
+                raise _locked(current.locked_until - now)
+            if time.monotonic() > deadline:
+                _login_event(card_id, "too many attempts in flight")
+                raise ApiError("PASSPHRASE_LOCKED", "too many passphrase attempts in progress")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
     async def _slow(self, fn: Callable[[], _T]) -> _T:
         """Run scrypt work in the capped pool (scrypt.max_concurrent threads), so a burst of

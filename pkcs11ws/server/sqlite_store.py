@@ -76,7 +76,10 @@ CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency(created);
 
 def _step3_outer_wrap(con: sqlite3.Connection, rewrap: CardRewrap | None) -> None:
     """Schema 3: every card key also wrapped under the master key (no passphrase needed: the
-    passphrase-wrapped blob is wrapped as it is)."""
+    passphrase-wrapped blob is wrapped as it is), and the lockout's reservation columns
+    (passphrase evaluations in flight, and until when that count holds)."""
+    con.execute("ALTER TABLE softcards ADD COLUMN pending INTEGER NOT NULL DEFAULT 0")
+    con.execute("ALTER TABLE softcards ADD COLUMN pending_until REAL NOT NULL DEFAULT 0")
     rows = con.execute("SELECT id, wrapped_key FROM softcards").fetchall()
     if rows and rewrap is None:
         raise RuntimeError("migration step 3 (master-key wrapping) needs the master key")
@@ -298,25 +301,40 @@ class SQLiteStore(Store):
         self, card: str, now: float, threshold: int, lease_until: float
     ) -> int | None:
         # One statement, so one write lock: concurrent reservations (threads or processes)
-        # serialise here and each sees the count the previous one left.
-        row = (
+        # serialise here and each sees what the previous one left.
+        rows = (
             self._con()
             .execute(
-                "UPDATE softcards SET failures = failures + 1, locked_until = CASE"
-                " WHEN failures + 1 >= ? THEN ? ELSE locked_until END"
-                " WHERE id = ? AND locked_until <= ? RETURNING failures",
-                (threshold, lease_until, card, now),
+                "UPDATE softcards SET"
+                " pending = (CASE WHEN pending_until > :now THEN pending ELSE 0 END) + 1,"
+                " pending_until = :lease"
+                " WHERE id = :card AND locked_until <= :now"
+                " AND failures + (CASE WHEN pending_until > :now THEN pending ELSE 0 END)"
+                " < MAX(:threshold, failures + 1)"
+                " RETURNING failures + pending",
+                {"now": now, "lease": lease_until, "card": card, "threshold": threshold},
             )
             .fetchall()  # all rows: the statement is finished (so committed) here
         )
-        return int(row[0][0]) if row else None
+        return int(rows[0][0]) if rows else None
 
-    def card_settle_attempt(self, card: str, success: bool, locked_until: float | None) -> None:
-        con = self._con()
+    def card_settle_attempt(
+        self, card: str, success: bool, now: float, threshold: int, max_seconds: int
+    ) -> None:
         if success:
-            con.execute("UPDATE softcards SET failures = 0, locked_until = 0 WHERE id = ?", (card,))
-        elif locked_until is not None:
-            con.execute("UPDATE softcards SET locked_until = ? WHERE id = ?", (locked_until, card))
+            sql = (
+                "UPDATE softcards SET failures = 0, locked_until = 0,"
+                " pending = MAX(pending - 1, 0) WHERE id = :card"
+            )
+        else:
+            sql = (
+                "UPDATE softcards SET failures = failures + 1, pending = MAX(pending - 1, 0),"
+                " locked_until = CASE WHEN failures + 1 >= :threshold"
+                " THEN :now + MIN(1 << MIN(failures + 1 - :threshold, 30), :max)"
+                " ELSE locked_until END WHERE id = :card"
+            )
+        args = {"card": card, "now": now, "threshold": threshold, "max": max_seconds}
+        self._con().execute(sql, args)
 
     def session_valid(self, session: str, card: str, now: float) -> bool:
         row = (

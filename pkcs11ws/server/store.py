@@ -32,7 +32,7 @@ class CardRow:
     kdf_r: int
     kdf_p: int
     wrapped_key: bytes  # from schema 3 on: master-key wrap of the passphrase (scrypt) wrap
-    failures: int = 0  # consecutive wrong passphrases, counting attempts still being evaluated
+    failures: int = 0  # consecutive wrong passphrases
     locked_until: float = 0.0  # unix time before which activation is refused
 
 
@@ -150,15 +150,21 @@ class Store(abc.ABC):
     def card_reserve_attempt(
         self, card: str, now: float, threshold: int, lease_until: float
     ) -> int | None:
-        """Reserve one passphrase evaluation, atomically (one statement), before the slow hash:
-        unless the card is locked (locked_until > now), add 1 to failures and return the new
-        count; when that count reaches threshold, also lock the card until lease_until, so no
-        other attempt runs while this one is evaluated. None: locked (or no such card)."""
+        """Reserve one passphrase evaluation before the slow hash, atomically (one statement).
+
+        Refused (None) when the card is locked (locked_until > now), when the attempts in
+        flight already fill the quota (threshold - failures while below the threshold, one at
+        a time at or above it), or when there is no such card. Otherwise pending + 1 (pending
+        whose pending_until has passed counts as 0: a process died mid-evaluation),
+        pending_until = lease_until, and the result is failures + pending."""
 
     @abc.abstractmethod
-    def card_settle_attempt(self, card: str, success: bool, locked_until: float | None) -> None:
-        """After the evaluation: success clears failures and the lock; a failure keeps its
-        reserved count and, when locked_until is given, sets the lock to it."""
+    def card_settle_attempt(
+        self, card: str, success: bool, now: float, threshold: int, max_seconds: int
+    ) -> None:
+        """After the evaluation, atomically: pending - 1 (not below 0); success sets failures
+        and locked_until to 0; a failure adds 1 to failures and, when they reach threshold,
+        locks the card until now + min(2 ** (failures - threshold), max_seconds)."""
 
     @abc.abstractmethod
     def card_counts(self, card: str) -> CardCounts: ...
