@@ -181,18 +181,20 @@ def test_header_block_over_the_limit_gets_431(svc):
     assert b"over 16384 bytes" in answer
 
 
-def test_too_many_header_lines_get_431(svc):
+@pytest.mark.parametrize(("count", "reason"), [(10000, b"over 16384 bytes"),
+                                               (101, b"more than 100 header lines")])  # fmt: skip
+def test_too_many_header_lines_get_431(svc, count, reason):
     with _tls(svc) as s:
-        many = b"GET /health HTTP/1.1\r\n" + b"".join(b"h%d: v\r\n" % i for i in range(10000))
+        many = b"GET /health HTTP/1.1\r\n" + b"".join(b"h%d: v\r\n" % i for i in range(count))
         answer = _send_until_answered(s, many + b"\r\n")
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
-    assert b"more than 100 header lines" in answer
+    assert reason in answer
 
 
 def test_normal_headers_still_pass(svc, make_api):
     api = make_api(svc)
-    r = api.get("/health", headers={f"X-Pad-{i}": "v" * 100 for i in range(50)})
-    assert r.status == 200
+    r = api.get("/health", headers={f"X-Pad-{i}": "v" * 100 for i in range(90)})
+    assert r.status == 200  # 90 headers, about 10 KB: under both limits
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,10 @@ What a client may hold without doing useful work is bounded (server.yaml `connec
   and a warning is logged (at most one line per 10 s, with the count), while the connections
   already there keep being served.
 None of these runs while a request is being answered, so a client in steady use never loses
-its kept-alive connection to them. The per-request cost is a few attribute updates; the
-slow-header check is one sweep per second over the connections, not a timer per request.
+its kept-alive connection to them. The per-request cost is a few attribute updates and one
+overridden parser callback (on_headers_complete); the slow-header check is one sweep per
+second over the connections, not a timer per request. The header count is checked when the
+headers are complete: the byte limit already bounds what they can hold before that.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ class _Sweeper:
         loop.call_later(1.0, self.sweep)
 
     def sweep(self) -> None:
-        deadline = time.monotonic() - _limits.header_timeout
+        global _tick
+        _tick += 1
+        deadline = _tick - _limits.header_timeout
         for proto in list(self.connections):
             started = getattr(proto, "_hdr_started", None)
             if started is not None and started < deadline and not proto.transport.is_closing():
@@ -83,14 +87,17 @@ class _Sweeper:
 
 
 _sweepers: dict[int, _Sweeper] = {}
+# Seconds counted by the sweeper: what a request's headers are timed with (a global read per
+# request instead of a clock call; one second of resolution is plenty for a 10 s limit).
+_tick = 0
+_on_headers_complete: Final = HttpToolsProtocol.on_headers_complete  # without super() per request
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits above (uvicorn Config `http=`)."""
 
-    _hdr_started: float | None = None  # monotonic time of the first byte of incomplete headers
+    _hdr_started: int | None = None  # _tick at the first byte of incomplete headers
     _hdr_bytes = 0
-    _hdr_count = 0
     _reject: bytes | None = None
     _draining = False
 
@@ -114,9 +121,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._draining:
             return
-        if self._hdr_started is not None or self.cycle is None or self.cycle.response_complete:
-            # Receiving headers (of this or the next request): count what they may hold before
-            # the parser has called back (a single huge header is buffered inside it).
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or self._hdr_started is not None:
+            # Receiving headers (of this or the next request): count their bytes before the
+            # parser has called back (a single huge header is buffered whole inside it), and
+            # note when they began (the sweeper closes connections whose headers dawdle).
+            if self._hdr_started is None:
+                self._hdr_started = _tick
             self._hdr_bytes += len(data)
         self._unset_keepalive_if_required()
         try:
@@ -152,25 +163,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._draining = True
             self.loop.call_later(_DRAIN_SECONDS, self.transport.close)
 
-    def on_message_begin(self) -> None:
-        self._hdr_started = time.monotonic()
-        self._hdr_count = 0
-        super().on_message_begin()
-
-    def on_url(self, url: bytes) -> None:
-        super().on_url(url)
-        if len(self.url) > _limits.max_header_bytes:
-            self._reject = b"the request line is over %d bytes" % _limits.max_header_bytes
-            raise _HeaderLimit
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._hdr_count += 1
-        if self._hdr_count > _limits.max_headers:
+    def on_headers_complete(self) -> None:
+        if len(self.headers) > _limits.max_headers:
             self._reject = b"more than %d header lines" % _limits.max_headers
             raise _HeaderLimit
-        super().on_header(name, value)
-
-    def on_headers_complete(self) -> None:
         if self._hdr_bytes > _limits.max_header_bytes:
             # Headers and body arrived in one read: compare the headers alone.
             size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
@@ -179,4 +175,4 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 raise _HeaderLimit
         self._hdr_started = None
         self._hdr_bytes = 0
-        super().on_headers_complete()
+        _on_headers_complete(self)
