@@ -241,8 +241,8 @@ def test_softhsm_master_key_end_to_end(fresh_service, make_api, tmp_path, monkey
     pin = tmp_path / "hsm.pin"
     pin.write_text("4321")
     pin.chmod(0o600)
-    master = {"pkcs11": {"module": str(SOFTHSM), "token": "pkcs11ws", "key": "pkcs11ws-master",
-                         "pin_file": str(pin)}}  # fmt: skip
+    master = {"module": str(SOFTHSM), "token": "pkcs11ws", "key": "pkcs11ws-master",
+              "pin_file": str(pin)}  # fmt: skip
 
     def to_token(d: Path) -> None:
         (d / "master.key").unlink()  # the file must play no part
@@ -253,7 +253,7 @@ def test_softhsm_master_key_end_to_end(fresh_service, make_api, tmp_path, monkey
         again = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
         assert again.returncode == 0 and "exists" in again.stdout
 
-    svc = fresh_service(overrides={"master_key": master}, prepare=to_token)
+    svc = fresh_service(overrides={"master_pkcs11": master}, prepare=to_token)
     api = make_api(svc)
     card, token, key, _ = _card_with_key(api)
     mac = _sign(api, token, key)
@@ -277,7 +277,7 @@ def test_softhsm_master_key_end_to_end(fresh_service, make_api, tmp_path, monkey
 
     # The token's key is the only way in: with it gone from the config, no start.
     doc = yaml.safe_load(svc.server_yaml.read_text())
-    doc["master_key"]["pkcs11"]["key"] = "no-such-key"
+    doc["master_pkcs11"]["key"] = "no-such-key"
     svc.server_yaml.write_text(yaml.safe_dump(doc))
     res = _serve_exit(svc.server_yaml)
     assert res.returncode == 2 and "no-such-key" in res.stderr, res.stderr
@@ -296,8 +296,8 @@ def test_settings_for_master_key_passphrase_and_connections(tmp_path):
     assert (s.master_key, s.master_pkcs11) == (tmp_path.resolve() / "master.key", None)
     assert (s.passphrase_min_length, s.scrypt_concurrency) == (8, 2)
     assert (s.connections.max, s.connections.handshake_timeout) == (1000, 5)
-    assert load("master_key: {file: k/mk}\n").master_key == tmp_path.resolve() / "k" / "mk"
-    s = load("master_key: {pkcs11: {module: /m.so, token: t, key: k, pin_file: pin}}\n")
+    assert load("master_key: k/mk\n").master_key == tmp_path.resolve() / "k" / "mk"
+    s = load("master_pkcs11: {module: /m.so, token: t, key: k, pin_file: pin}\n")
     assert s.master_key is None and s.master_pkcs11 is not None
     assert (s.master_pkcs11.token, s.master_pkcs11.key) == ("t", "k")
     assert s.master_pkcs11.pin_file == tmp_path.resolve() / "pin"
@@ -305,9 +305,9 @@ def test_settings_for_master_key_passphrase_and_connections(tmp_path):
     assert (s.passphrase_min_length, s.scrypt_concurrency, s.connections.max) == (12, 4, 9)
     assert s.connections.max_headers == 100  # the other keys keep their defaults
     for bad, word in [
-        ("master_key: {pkcs11: {module: /m.so, token: t}}\n", "master_key.pkcs11.key"),
-        ("master_key: {pkcs11: {module: m, token: t, key: k, pin_file: p, pin: '1'}}\n", "pin"),
-        ("master_key: {file: a, pkcs11: {}}\n", "master_key"),
+        ("master_pkcs11: {module: /m.so, token: t}\n", "master_pkcs11.key"),
+        ("master_pkcs11: {module: m, token: t, key: k, pin_file: p, pin: '1'}\n", "pin"),
+        ("master_key: {file: a}\n", "master_key"),
         ("passphrase_min_length: 0\n", "passphrase_min_length"),
         ("connections: {max: 0}\n", "connections.max"),
         ("connections: {idle: 3}\n", "idle"),
