@@ -289,7 +289,12 @@ class Api:
                 conn.request(method, path, body=raw, headers=h)
                 r = conn.getresponse()
                 data = r.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            except (
+                http.client.RemoteDisconnected,
+                ConnectionResetError,
+                BrokenPipeError,
+                ssl.SSLEOFError,  # the service closed the idle connection (keep-alive timeout)
+            ):
                 self.close()
                 if new or attempt:  # only a stale keep-alive connection is worth a retry
                     raise

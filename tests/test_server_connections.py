@@ -181,14 +181,17 @@ def test_header_block_over_the_limit_gets_431(svc):
     assert b"over 16384 bytes" in answer
 
 
-@pytest.mark.parametrize(("count", "reason"), [(10000, b"over 16384 bytes"),
-                                               (101, b"more than 100 header lines")])  # fmt: skip
-def test_too_many_header_lines_get_431(svc, count, reason):
+@pytest.mark.parametrize("count", [10000, 101])
+def test_too_many_header_lines_get_431(svc, count):
     with _tls(svc) as s:
         many = b"GET /health HTTP/1.1\r\n" + b"".join(b"h%d: v\r\n" % i for i in range(count))
         answer = _send_until_answered(s, many + b"\r\n")
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
-    assert reason in answer
+    # 101 short lines fit the byte limit: the count refuses them. 10,000 (about 90 KB) are
+    # refused by whichever limit is hit first: bytes while they arrive, or the count when a
+    # single read held them all.
+    reasons = [b"more than 100 header lines"] + ([b"over 16384 bytes"] if count > 101 else [])
+    assert any(r in answer for r in reasons), answer
 
 
 def test_normal_headers_still_pass(svc, make_api):

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import b64, init_dir, new_idem, unb64
+from dropin_util import snippet
 
 from pkcs11ws import constants as C
 from pkcs11ws.server import sealing
@@ -241,8 +242,11 @@ def test_softhsm_master_key_end_to_end(fresh_service, make_api, tmp_path, monkey
     pin = tmp_path / "hsm.pin"
     pin.write_text("4321")
     pin.chmod(0o600)
-    master = {"module": str(SOFTHSM), "token": "pkcs11ws", "key": "pkcs11ws-master",
-              "pin_file": str(pin)}  # fmt: skip
+    # The README's server.yaml snippet, as written there (only the PIN file moved here).
+    doc = yaml.safe_load(snippet("master-key-token", {"hsm.pin": str(pin)}))
+    master = doc["master_pkcs11"]
+    assert (master["module"], master["token"], master["key"]) == (
+        str(SOFTHSM), "pkcs11ws", "pkcs11ws-master")  # fmt: skip
 
     def to_token(d: Path) -> None:
         (d / "master.key").unlink()  # the file must play no part

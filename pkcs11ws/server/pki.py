@@ -169,11 +169,14 @@ tls:                            # TLS 1.2+; a client certificate signed by `ca` 
   key: {q(d / "pki" / "server.key")}
   ca: {q(d / "pki" / "ca.pem")}
 # The service secret that is never in the database: it wraps every softcard key (over the
-# passphrase) and seals activation tokens. A file (0600), or a key inside a PKCS#11 token:
-#   master_pkcs11: {{module: /usr/lib/softhsm/libsofthsm2.so, token: LABEL, key: LABEL,
-#                   pin_file: hsm.pin}}
-# Recovery needs the database, this master key and the softcard passphrases.
+# passphrase) and seals activation tokens. Recovery needs the database, this master key and
+# the softcard passphrases. A file (0600):
 master_key: {q(d / "master.key")}
+master_pkcs11:                  # or a key inside a PKCS#11 token instead (set all four)
+  module: null                  # e.g. /usr/lib/softhsm/libsofthsm2.so
+  token: null                   # token label
+  key: null                     # AES key label (`pkcs11ws-server master-key` creates it)
+  pin_file: null                # a 0600 file holding the token's user PIN
 passphrase_min_length: {settings.DEFAULT_PASSPHRASE_MIN}        # bytes, for new softcards
 database:
   backend: sqlite
