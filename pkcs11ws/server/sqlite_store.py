@@ -420,9 +420,14 @@ class SQLiteStore(Store):
 
 def _owner_only(path: Path) -> None:
     """Create the database file 0600 if missing (so SQLite's -wal/-shm get 0600 too); narrow
-    an existing one and its companions to 0600."""
+    an existing one and its companions to 0600.
+
+    Never open (and so close) an existing database file here: closing any descriptor of it
+    drops every POSIX lock this process holds on it, SQLite's included."""
     try:
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
     except OSError:
         return  # let sqlite3.connect report it
     for suffix in ("", "-wal", "-shm", "-journal"):
