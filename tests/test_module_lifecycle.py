@@ -1,0 +1,93 @@
+"""libpkcs11ws.so's life cycle in a C host: C_Initialize arguments, C_Finalize under load.
+
+The host (tests/c/lifecycle.c) is compiled by the test against include/pkcs11ws_ck.h and
+dlopen()s the module RTLD_LOCAL, like pkcs11-tool or a JVM does.
+
+- pReserved: pointers a host gets wrong (unmapped, unterminated, too long) answer
+  CKR_ARGUMENTS_BAD instead of crashing the host (google pkcs11test's Init.InitArgsBadReserved
+  passes such a pointer); `config=PATH` and free-form strings keep working; mutex callbacks
+  all or none.
+- C_Finalize while 6 threads are inside C_GetSlotList: with the key service unreachable
+  (a closed port, MAXRETRIES 256, RETRYDELAY 0: the threads sit in retries), 100 rounds of
+  C_Finalize/C_Initialize, three runs; and the same against the live service. The host must
+  neither crash nor hang, and calls between C_Finalize and C_Initialize answer
+  CKR_CRYPTOKI_NOT_INITIALIZED.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+
+from pkcs11ws.__main__ import module_path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = Path(__file__).resolve().parent / "c" / "lifecycle.c"
+# Generous: CI runs on a loaded 2-core machine. A hang is what this catches, not slowness.
+RACE_TIMEOUT = 300
+
+
+def compile_host(out: Path, *flags: str) -> Path:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    subprocess.run([cc, "-O1", "-g", "-Wall", "-Wextra", "-Werror", *flags, "-I",
+                    str(ROOT / "include"), "-o", str(out), str(SOURCE), "-ldl", "-lpthread"],
+                   check=True)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_host(tmp_path_factory.mktemp("lifecycle") / "lifecycle")
+
+
+def run_host(host: Path, env: dict[str, str], *args: str, stdin: str = "",
+             timeout: float = RACE_TIMEOUT, prefix: tuple[str, ...] = ()):  # fmt: skip
+    full = {**os.environ, **env}
+    full.pop("PYTHONPATH", None)
+    return subprocess.run([*prefix, str(host), module_path(), *args], input=stdin, env=full,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def outage_env(service) -> dict[str, str]:
+    """The service's client configuration, pointed at a port nothing listens on."""
+    return {"PKCS11WS_CONFIG": str(service.client_cfg), "PKCS11WS_PORT": str(free_port()),
+            "PKCS11WS_MAXRETRIES": "256", "PKCS11WS_RETRYDELAY": "0",
+            "PKCS11WS_LOGLEVEL": "1"}  # fmt: skip
+
+
+def test_initialize_rejects_bad_reserved_pointers_and_keeps_strings(host, service):
+    r = run_host(host, {"PKCS11WS_CONFIG": str(service.client_cfg)}, "reserved",
+                 str(service.client_cfg), timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[-1] == "ok reserved", r.stdout
+
+
+def check_race(r: subprocess.CompletedProcess[str], rounds: int) -> re.Match[str]:
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
+    m = re.search(r"race rounds (\d+) calls (\d+) ok (\d+)", r.stdout)
+    assert m is not None and int(m.group(1)) == rounds, r.stdout
+    assert r.stdout.splitlines()[-1] == "ok race", r.stdout
+    return m
+
+
+@pytest.mark.parametrize("run", [1, 2, 3])
+def test_finalize_while_threads_retry_during_an_outage(host, service, run):
+    r = run_host(host, outage_env(service), "race", "100")
+    m = check_race(r, 100)
+    # Nothing answers on that port: no call can have succeeded... except none was made at all.
+    assert int(m.group(2)) > 0 and int(m.group(3)) == 0, r.stdout
+
+
+def test_finalize_while_threads_call_the_live_service(host, service):
+    env = {"PKCS11WS_CONFIG": str(service.client_cfg), "PKCS11WS_LOGLEVEL": "1"}
+    r = run_host(host, env, "race", "100")
+    m = check_race(r, 100)
+    assert int(m.group(3)) > 0, r.stdout
