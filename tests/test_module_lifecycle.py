@@ -17,7 +17,8 @@ dlopen()s the module RTLD_LOCAL, like pkcs11-tool or a JVM does.
   (a pthread key destructor in the loader), so RSS stays flat after the first 1,000 threads:
   under 8 MB of growth. CHURN_THREADS (env PKCS11WS_TEST_CHURN_THREADS) is 3,000 in CI, enough
   to show the slope (it was ~79 KB per thread, 79 MB per 1,000, before); 20,000 is the
-  documented manual setting of issue 16. The same with a Python host: python-pkcs11 driven from
+  documented manual setting of issue 16. Threads that end after C_Finalize, and threads of a
+  forked child, are freed too. The same with a Python host: python-pkcs11 driven from
   short-lived `threading` threads (Python owns those thread states; the module must leave them
   to Python and must not grow either).
 - The same C host built with AddressSanitizer (use after free, overflows, double frees in the
@@ -212,6 +213,17 @@ def test_thread_churn_in_a_python_host_does_not_grow(service, api):
     print(r.stdout)
 
 
+def test_thread_states_freed_after_finalize_and_in_a_forked_child(host, service, api):
+    stdin, pin = churn_input(api)
+    env = {"PKCS11WS_CONFIG": str(service.client_cfg), "PKCS11WS_LOGLEVEL": "1"}
+    r = run_host(host, env, "exits", "100", stdin=stdin, timeout=300)
+    assert pin not in r.stdout + r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "ok exits", r.stdout
+    assert any(line.startswith("child: 100 threads, thread states") for line in lines), r.stdout
+
+
 ASAN_CHURN_THREADS = 300
 
 
@@ -232,6 +244,7 @@ def test_c_host_under_address_sanitizer(asan_host, service, api):
         ({**outage_env(service), **asan}, ("race", "20"), ""),
         (live, ("race", "20"), ""),
         (live, ("churn", str(ASAN_CHURN_THREADS)), stdin),
+        (live, ("exits", "50"), stdin),
     ]
     for env, args, text in runs:
         r = run_host(asan_host, env, *args, stdin=text)

@@ -17,6 +17,9 @@
  *            message with CKM_SHA256_HMAC (compared with the expected MAC), closes the session
  *            and ends. Prints "rss <threads ended> <kB>" every 1,000 threads; fails unless the
  *            interpreter has as many thread states at the end as before the first thread.
+ *   exits N  4 threads sign, then end only after the main thread's C_Finalize; then a forked
+ *            child initialises, runs N churn threads and C_Finalizes. Thread states must not
+ *            outlive their threads in either case.
  *
  * Secrets come on stdin, never argv (race and reserved read nothing):
  *   TOKEN <label>
@@ -34,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -339,6 +343,73 @@ static void mode_churn(int count)
     CHECK(f->C_Finalize(NULL));
 }
 
+/* ---- exits: threads that end after C_Finalize, and thread churn in a forked child -------- */
+
+static pthread_barrier_t exits_signed, exits_finalized;
+
+static void *exits_worker(void *arg)
+{
+    churn_worker(arg);
+    pthread_barrier_wait(&exits_signed);
+    /* Ends only after the main thread's C_Finalize. */
+    pthread_barrier_wait(&exits_finalized);
+    return NULL;
+}
+
+static void mode_exits(int count)
+{
+    enum { LATE = 4 };
+    CK_SESSION_HANDLE login;
+    pthread_t th[LATE];
+    read_input();
+    CHECK(f->C_Initialize(NULL));
+    find_slot_and_key(&login);
+    long before = count_thread_states();
+    pthread_barrier_init(&exits_signed, NULL, LATE + 1);
+    pthread_barrier_init(&exits_finalized, NULL, LATE + 1);
+    for (int t = 0; t < LATE; t++)
+        if (pthread_create(&th[t], NULL, exits_worker, NULL) != 0)
+            FAIL("pthread_create");
+    pthread_barrier_wait(&exits_signed);
+    CHECK(f->C_Finalize(NULL));
+    pthread_barrier_wait(&exits_finalized);
+    for (int t = 0; t < LATE; t++)
+        pthread_join(th[t], NULL);
+    long after = count_thread_states();
+    if (after != before)
+        FAIL("threads ending after C_Finalize: %ld thread states left", after - before);
+    printf("after finalize: thread states before %ld after %ld\n", before, after);
+    fflush(stdout);
+
+    /* A forked child (the parent is not initialised now, so neither is the child): it
+     * initialises, churns threads and must free their thread states too. */
+    pid_t pid = fork();
+    if (pid < 0)
+        FAIL("fork");
+    if (pid == 0) {
+        slot = 0;
+        CHECK(f->C_Initialize(NULL));
+        find_slot_and_key(&login);
+        long cb = count_thread_states();
+        for (int i = 0; i < count; i++) {
+            pthread_t t;
+            if (pthread_create(&t, NULL, churn_worker, NULL) != 0)
+                FAIL("pthread_create");
+            pthread_join(t, NULL);
+        }
+        long ca = count_thread_states();
+        if (ca != cb)
+            FAIL("forked child: %ld thread states left", ca - cb);
+        printf("child: %d threads, thread states before %ld after %ld\n", count, cb, ca);
+        fflush(stdout);
+        CHECK(f->C_Finalize(NULL));
+        _exit(0);
+    }
+    int status;
+    if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        FAIL("forked child failed (status 0x%x)", status);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3)
@@ -358,6 +429,8 @@ int main(int argc, char **argv)
         mode_race(atoi(arg));
     else if (strcmp(mode, "churn") == 0)
         mode_churn(atoi(arg));
+    else if (strcmp(mode, "exits") == 0)
+        mode_exits(atoi(arg));
     else
         FAIL("unknown mode %s", mode);
     printf("ok %s\n", mode);
