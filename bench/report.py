@@ -352,6 +352,18 @@ def markdown(run: dict[str, Any], mach: dict[str, str]) -> str:
         "",
     ]
     lines += _table(HEAD, _rows(agg, "other", vorder))
+    if any(k[0] == "churn" for k in agg):
+        lines += [
+            "",
+            "## Thread churn: a new host thread every 100 operations",
+            "",
+            "`sign64/churn100`: each of the threads ends after 100 C_Sign calls and a new thread "
+            "(with a new session) takes its place, as elastic thread pools do; `sign64`: the same "
+            "threads for the whole window. new conns: TLS connections the service saw opened "
+            "inside the measured window.",
+            "",
+        ]
+        lines += _table(HEAD, _rows(agg, "churn", lambda k: (k[3], k[2])))
     lines += ["", "## Key service scaling: 1 and 2 worker processes (nothing pinned)", ""]
     lines += _table(HEAD, _rows(agg, "workers", lambda k: (k[3], k[1])))
     if run.get("startup"):

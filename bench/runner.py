@@ -32,6 +32,7 @@ class Point:
     warmup: float
     count: int = 0
     null_query: bool = False
+    churn: int = 0  # a new host thread every `churn` operations (0: fixed threads)
 
 
 @dataclass
@@ -139,6 +140,8 @@ def run_point(variant: Variant, point: Point, timeout: float = 120.0) -> dict[st
         raise PointError(f"{variant.name} {point.op} x{point.threads}: exit {rc}\n{tail}")
     result["variant"] = variant.name
     result["op"] = result.get("op", point.op)
+    if point.churn:
+        result["op"] = f"{result['op']}/churn{point.churn}"
     ops = int(result.get("ops", 0))
     if server is not None and ops:
         result["server_cpu_us_per_op"] = cpu_delta(cpu0, cpu1) * 1e6 / ops
