@@ -108,9 +108,10 @@ def test_finalize_while_threads_retry_during_an_outage(host, service, run):
     assert int(m.group(2)) > 0 and int(m.group(3)) == 0, r.stdout
 
 
-def test_finalize_while_threads_call_the_live_service(host, service):
+def test_finalize_while_threads_call_the_live_service(host, service, api):
+    churn_input(api)  # at least one softcard for the session threads
     env = {"PKCS11WS_CONFIG": str(service.client_cfg), "PKCS11WS_LOGLEVEL": "1"}
-    r = run_host(host, env, "race", "100")
+    r = run_host(host, env, "race", "100", "sessions")
     m = check_race(r, 100)
     assert int(m.group(3)) > 0, r.stdout
 
@@ -242,7 +243,7 @@ def test_c_host_under_address_sanitizer(asan_host, service, api):
     runs = [
         (live, ("reserved", str(service.client_cfg)), ""),
         ({**outage_env(service), **asan}, ("race", "20"), ""),
-        (live, ("race", "20"), ""),
+        (live, ("race", "20", "sessions"), ""),
         (live, ("churn", str(ASAN_CHURN_THREADS)), stdin),
         (live, ("exits", "50"), stdin),
     ]

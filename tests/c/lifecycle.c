@@ -10,9 +10,11 @@
  *            Readable strings keep working: a free-form string that is not `config=` (p11-kit's
  *            and pkcs11-provider's init strings) is ignored, "config=PATH" is read (a missing
  *            file fails, "config=CONFIG" works). Run it with $PKCS11WS_CONFIG set.
- *   race ROUNDS      6 threads loop C_GetSlotList while the main thread does ROUNDS x
+ *   race ROUNDS [sessions]  6 threads loop C_GetSlotList while the main thread does ROUNDS x
  *            (C_Finalize, C_Initialize). Every answer must be one a call may get during a
  *            shutdown (OK, NOT_INITIALIZED, DEVICE_ERROR, ...); the host must not crash or hang.
+ *            With "sessions" (a live service), 3 of the threads open, use and close sessions
+ *            instead, so the session table is freed under them.
  *   churn N  N short-lived threads, one at a time; each opens a session, signs a 64-byte
  *            message with CKM_SHA256_HMAC (compared with the expected MAC), closes the session
  *            and ends. Prints "rss <threads ended> <kB>" every 1,000 threads; fails unless the
@@ -150,11 +152,55 @@ static void mode_reserved(const char *config)
 
 static volatile int race_stop;
 static unsigned long race_calls[RACE_THREADS], race_ok[RACE_THREADS];
+static CK_SLOT_ID race_slot; /* sessions mode: the slot the workers open sessions on */
+
+/* An answer a session call may get while C_Finalize/C_Initialize run under it. */
+static void race_check(const char *what, CK_RV rv)
+{
+    switch (rv) {
+    case CKR_OK:
+    case CKR_CRYPTOKI_NOT_INITIALIZED:
+    case CKR_SESSION_HANDLE_INVALID:
+    case CKR_SESSION_CLOSED:
+    case CKR_OPERATION_NOT_INITIALIZED:
+    case CKR_SLOT_ID_INVALID:
+    case CKR_DEVICE_ERROR:
+    case CKR_FUNCTION_FAILED:
+        return;
+    default:
+        FAIL("%s during finalize = 0x%lx", what, (unsigned long)rv);
+    }
+}
+
+/* Open a session, use it (table lookups, a search that asks the service), close it. */
+static void race_session(void)
+{
+    CK_SESSION_HANDLE h;
+    CK_SESSION_INFO info;
+    CK_OBJECT_HANDLE found[4];
+    CK_ULONG n = 0;
+    CK_RV rv = f->C_OpenSession(race_slot, CKF_SERIAL_SESSION, NULL, NULL, &h);
+    race_check("C_OpenSession", rv);
+    if (rv != CKR_OK)
+        return;
+    race_check("C_GetSessionInfo", f->C_GetSessionInfo(h, &info));
+    if ((rv = f->C_FindObjectsInit(h, NULL, 0)) == CKR_OK) {
+        race_check("C_FindObjects", f->C_FindObjects(h, found, 4, &n));
+        race_check("C_FindObjectsFinal", f->C_FindObjectsFinal(h));
+    }
+    race_check("C_FindObjectsInit", rv);
+    race_check("C_CloseSession", f->C_CloseSession(h));
+}
 
 static void *race_worker(void *arg)
 {
     int t = (int)(intptr_t)arg;
     while (!__atomic_load_n(&race_stop, __ATOMIC_ACQUIRE)) {
+        if (race_slot && t % 2 == 0) {
+            race_session();
+            race_calls[t]++;
+            continue;
+        }
         CK_ULONG n = 0;
         CK_RV rv = f->C_GetSlotList(CK_FALSE, NULL, &n);
         race_calls[t]++;
@@ -173,11 +219,19 @@ static void *race_worker(void *arg)
     return NULL;
 }
 
-static void mode_race(int rounds)
+static void mode_race(int rounds, int sessions)
 {
     pthread_t th[RACE_THREADS];
     struct timespec t0, t1;
     CHECK(f->C_Initialize(NULL));
+    if (sessions) {
+        CK_SLOT_ID slots[64];
+        CK_ULONG n = 64;
+        CHECK(f->C_GetSlotList(CK_TRUE, slots, &n));
+        if (n == 0)
+            FAIL("sessions: the service has no softcard");
+        race_slot = slots[0];
+    }
     for (int t = 0; t < RACE_THREADS; t++)
         if (pthread_create(&th[t], NULL, race_worker, (void *)(intptr_t)t) != 0)
             FAIL("pthread_create");
@@ -426,7 +480,7 @@ int main(int argc, char **argv)
     if (strcmp(mode, "reserved") == 0)
         mode_reserved(arg);
     else if (strcmp(mode, "race") == 0)
-        mode_race(atoi(arg));
+        mode_race(atoi(arg), argc > 4 && strcmp(argv[4], "sessions") == 0);
     else if (strcmp(mode, "churn") == 0)
         mode_churn(atoi(arg));
     else if (strcmp(mode, "exits") == 0)
