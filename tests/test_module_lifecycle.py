@@ -239,13 +239,16 @@ def test_c_host_under_address_sanitizer(asan_host, service, api):
     asan = {"ASAN_OPTIONS": "detect_leaks=1:halt_on_error=1:detect_stack_use_after_return=0",
             "LSAN_OPTIONS": f"suppressions={supp}:print_suppressions=0"}  # fmt: skip
     live = {"PKCS11WS_CONFIG": str(service.client_cfg), "PKCS11WS_LOGLEVEL": "1", **asan}
+    no_leaks = asan["ASAN_OPTIONS"].replace("detect_leaks=1", "detect_leaks=0")
     stdin, _ = churn_input(api)
     runs = [
         (live, ("reserved", str(service.client_cfg)), ""),
         ({**outage_env(service), **asan}, ("race", "20"), ""),
         (live, ("race", "20", "sessions"), ""),
         (live, ("churn", str(ASAN_CHURN_THREADS)), stdin),
-        (live, ("exits", "50"), stdin),
+        # It exits with module threads still alive: LeakSanitizer's exit-time tracer crashes
+        # suspending them here ("Tracer caught signal 11"), so this run checks memory only.
+        ({**live, "ASAN_OPTIONS": no_leaks}, ("exits", "50"), stdin),
     ]
     for env, args, text in runs:
         r = run_host(asan_host, env, *args, stdin=text)

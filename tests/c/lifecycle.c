@@ -21,7 +21,8 @@
  *            interpreter has as many thread states at the end as before the first thread.
  *   exits N  4 threads sign, then end only after the main thread's C_Finalize; then a forked
  *            child initialises, runs N churn threads and C_Finalizes. Thread states must not
- *            outlive their threads in either case.
+ *            outlive their threads in either case. Then it initialises again, leaves 4 threads
+ *            that used the module idle, and returns from main() without C_Finalize.
  *
  * Secrets come on stdin, never argv (race and reserved read nothing):
  *   TOKEN <label>
@@ -410,6 +411,15 @@ static void *exits_worker(void *arg)
     return NULL;
 }
 
+static void *idle_worker(void *arg)
+{
+    churn_worker(arg);
+    pthread_barrier_wait(&exits_signed);
+    for (;;)
+        pause();
+    return NULL;
+}
+
 static void mode_exits(int count)
 {
     enum { LATE = 4 };
@@ -462,6 +472,16 @@ static void mode_exits(int count)
     int status;
     if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
         FAIL("forked child failed (status 0x%x)", status);
+
+    /* A host that never calls C_Finalize: initialised, threads that used the module still
+     * alive (idle), and main() returns; exit() must be clean (the caller checks the status). */
+    slot = 0;
+    CHECK(f->C_Initialize(NULL));
+    find_slot_and_key(&login);
+    for (int t = 0; t < LATE; t++)
+        if (pthread_create(&th[t], NULL, idle_worker, NULL) != 0)
+            FAIL("pthread_create");
+    pthread_barrier_wait(&exits_signed);
 }
 
 int main(int argc, char **argv)
