@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.build import ROOT
-from bench.procs import connection_ids, cpu_delta, new_connections, system_busy, tree_cpu
+from bench.procs import (
+    connection_ids,
+    cpu_delta,
+    new_connections,
+    system_busy,
+    tcp_passive_opens,
+    tree_cpu,
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,7 @@ def run_point(variant: Variant, point: Point, timeout: float = 120.0) -> dict[st
     cpu0: dict[int, float] = {}
     cpu1: dict[int, float] = {}
     busy0 = busy1 = 0.0
+    accepted0 = accepted1 = None
     before: set[tuple[int, int, int]] = set()
     seen: set[tuple[int, int, int]] = set()
     sampler: _Sampler | None = None
@@ -104,6 +112,7 @@ def run_point(variant: Variant, point: Point, timeout: float = 120.0) -> dict[st
             for raw in proc.stdout:
                 line = raw.decode("utf-8", "replace").strip()
                 if line == "#measure-start":
+                    accepted0 = tcp_passive_opens()
                     busy0 = system_busy()
                     if server is not None:
                         cpu0 = tree_cpu(server)
@@ -113,6 +122,7 @@ def run_point(variant: Variant, point: Point, timeout: float = 120.0) -> dict[st
                         sampler.start()
                     ack()
                 elif line == "#measure-stop":
+                    accepted1 = tcp_passive_opens()
                     busy1 = system_busy()
                     if server is not None:
                         cpu1 = tree_cpu(server)
@@ -153,6 +163,8 @@ def run_point(variant: Variant, point: Point, timeout: float = 120.0) -> dict[st
     result["other_cpu_pct"] = max(0.0, other - server_s) * 100 / secs / (os.cpu_count() or 1)
     if port is not None:
         result["new_connections"] = new_connections(port, before, seen)
+    if accepted0 is not None and accepted1 is not None:
+        result["tcp_accepted"] = accepted1 - accepted0
     if stderr.strip():
         result["stderr_tail"] = stderr.strip()[-300:]
     return result
