@@ -226,12 +226,17 @@ static void mode_race(int rounds, int sessions)
     struct timespec t0, t1;
     CHECK(f->C_Initialize(NULL));
     if (sessions) {
-        CK_SLOT_ID slots[64];
-        CK_ULONG n = 64;
+        /* The shared test service may hold many softcards: ask for the count first. */
+        CK_ULONG n = 0;
+        CHECK(f->C_GetSlotList(CK_TRUE, NULL, &n));
+        CK_SLOT_ID *slots = calloc(n + 1, sizeof *slots);
+        if (slots == NULL)
+            FAIL("calloc");
         CHECK(f->C_GetSlotList(CK_TRUE, slots, &n));
         if (n == 0)
             FAIL("sessions: the service has no softcard");
         race_slot = slots[0];
+        free(slots);
     }
     for (int t = 0; t < RACE_THREADS; t++)
         if (pthread_create(&th[t], NULL, race_worker, (void *)(intptr_t)t) != 0)
@@ -311,8 +316,11 @@ static long rss_kb(void)
 
 static void find_slot_and_key(CK_SESSION_HANDLE *login)
 {
-    CK_SLOT_ID slots[256];
-    CK_ULONG n = 256;
+    CK_ULONG n = 0;
+    CHECK(f->C_GetSlotList(CK_TRUE, NULL, &n));
+    CK_SLOT_ID *slots = calloc(n + 1, sizeof *slots);
+    if (slots == NULL)
+        FAIL("calloc");
     CHECK(f->C_GetSlotList(CK_TRUE, slots, &n));
     for (CK_ULONG i = 0; i < n && !slot; i++) {
         CK_TOKEN_INFO ti;
@@ -320,6 +328,7 @@ static void find_slot_and_key(CK_SESSION_HANDLE *login)
         if (memcmp(ti.label, token, 32) == 0)
             slot = slots[i];
     }
+    free(slots);
     if (!slot)
         FAIL("token not found");
     CHECK(f->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, login));
