@@ -62,7 +62,7 @@ $(VENV)/.deps-stamp: pyproject.toml
 	$(PIP) install -q --upgrade pip setuptools wheel "Cython>=3.0"
 	@# pycurl from source against the system libcurl (design.md section 3): never the bundled
 	@# wheel, whose own libcurl/OpenSSL crash inside hosts that link the system OpenSSL.
-	$(PIP) install -q --no-binary pycurl --no-build-isolation -e ".[dev]"
+	$(PIP) install -q --no-binary pycurl --no-build-isolation -e ".[server,dev]"
 	@touch $@
 
 build: venv

@@ -9,7 +9,7 @@ extensions and lands next to them in pkcs11ws/_native/, in two files (design.md 
                          libpython by soname, without an RPATH (it includes core_api.h, which
                          cythonize writes)
 Both use hidden visibility plus a version script and are linked -z nodelete. Only an in-place
-(editable) build, which is never shipped, records the interpreter that built it.
+(editable) build, never shipped, records the interpreter that built it, in a file beside them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import sysconfig
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 NATIVE = os.path.join("pkcs11ws", "_native")
 BOOT_NAME = "libpkcs11ws.so"
@@ -39,6 +40,23 @@ def _c_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+# conf/ holds the one example configuration; wheels carry it as package data (the install
+# command and `make dist` copy it from there).
+EXAMPLE_CONFIG = os.path.join("conf", "example_pkcs11webservices.cfg")
+DATA_DIR = os.path.join("pkcs11ws", "_data")
+
+
+class BuildPyWithData(build_py):
+    """build_py, plus conf/example_pkcs11webservices.cfg as pkcs11ws/_data/ package data."""
+
+    def run(self) -> None:
+        super().run()
+        if not self.editable_mode:
+            target = os.path.join(self.build_lib, DATA_DIR)
+            self.mkpath(target)
+            self.copy_file(EXAMPLE_CONFIG, target)
+
+
 class BuildExtWithLoader(build_ext):
     """build_ext, then the module's two shared objects into the same package directory."""
 
@@ -49,9 +67,10 @@ class BuildExtWithLoader(build_ext):
     def build_extensions(self) -> None:
         # Some interpreters (pyenv's) put -Wl,-rpath,<their lib dir> into LDSHARED: keep every
         # shipped object free of build-machine paths.
+        # Debug sections name the build folder and header paths: shipped objects go without.
         self.compiler.linker_so = [
             a for a in self.compiler.linker_so if not a.startswith(("-Wl,-rpath", "-Wl,-R"))
-        ]
+        ] + ["-Wl,--strip-debug"]
         super().build_extensions()
 
     def native_path(self, name: str) -> str:
@@ -90,6 +109,11 @@ class BuildExtWithLoader(build_ext):
                                               "-Wl,--no-undefined"])  # fmt: skip
 
     def build_module(self) -> None:
+        if self.inplace:
+            # An editable install: the package stays in the source tree, where no rule finds
+            # the interpreter; bootstrap.c reads it from this file (git-ignored, never shipped).
+            with open(os.path.join(NATIVE, "dev-interpreter"), "w") as f:
+                f.write(sys.executable + "\n")
         soname = sysconfig.get_config_var("INSTSONAME") or ""
         ldlib = sysconfig.get_config_var("LDLIBRARY") or ""
         if not sysconfig.get_config_var("Py_ENABLE_SHARED") or not ldlib.startswith("lib"):
@@ -106,10 +130,6 @@ class BuildExtWithLoader(build_ext):
                 ("P11WS_PY_SONAME", _c_string(soname)),
                 ("P11WS_MULTIARCH", _c_string(sysconfig.get_config_var("MULTIARCH") or "")),
             ]
-            if self.inplace:
-                # An editable install: the package stays in the source tree, where no rule finds
-                # the interpreter (this build is never shipped).
-                macros.append(("P11WS_DEV_PYTHON", _c_string(sys.executable)))
             self._link(BOOT_NAME, [os.path.join(NATIVE, "bootstrap.c")], BOOT_MAP, macros, [],
                        ["dl", "pthread"], [])  # fmt: skip
 
@@ -131,5 +151,5 @@ setup(
         language_level=3,
         compiler_directives={"boundscheck": False, "wraparound": False},
     ),
-    cmdclass={"build_ext": BuildExtWithLoader},
+    cmdclass={"build_ext": BuildExtWithLoader, "build_py": BuildPyWithData},
 )

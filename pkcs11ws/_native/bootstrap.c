@@ -14,8 +14,8 @@
  *     tree made by `python -m pkcs11ws install` and the client tarball: PREFIX/lib holds the
  *     module, PREFIX/runtime is a venv).
  *  2. The interpreter. When <site> is <env>/lib/pythonX.Y/site-packages, <env>/bin/pythonX.Y (a
- *     venv or a Python prefix). Only an in-place (editable) build, never shipped, records the
- *     interpreter that built it (P11WS_DEV_PYTHON) for a package in a source tree.
+ *     venv or a Python prefix). For a package in a source tree (an editable install), the
+ *     interpreter an in-place build wrote into pkcs11ws/_native/dev-interpreter (never shipped).
  *  3. libpython X.Y. Already in the process (a Python host): that one. Else, from the
  *     interpreter's home: `home` in <env>/pyvenv.cfg, or the real path of its bin/ directory;
  *     <home>/../lib/ then <home>/../lib/<multiarch>/; last, the soname through the system's
@@ -47,9 +47,7 @@
 #ifndef P11WS_MULTIARCH
 #define P11WS_MULTIARCH ""
 #endif
-#ifndef P11WS_DEV_PYTHON
-#define P11WS_DEV_PYTHON ""
-#endif
+#define P11WS_DEV_INTERPRETER "pkcs11ws/_native/dev-interpreter"
 
 #define P11WS_EXPORT __attribute__((visibility("default")))
 #define P11WS_STR2(x) #x
@@ -143,20 +141,27 @@ static int p11ws_find_python(const char *parent, char *exe, size_t n, char *site
         p11ws_say("cannot find the Python " P11WS_PYVER " runtime", msg);
         return -1;
     }
-    if (P11WS_DEV_PYTHON[0] != '\0' && strlen(P11WS_DEV_PYTHON) < n) {
+    char dev[PATH_MAX + 64];
+    snprintf(dev, sizeof dev, "%s/" P11WS_DEV_INTERPRETER, parent);
+    FILE *f = fopen(dev, "re");
+    if (f != NULL) {
         /* An in-place build: its interpreter's venv has lib/pythonX.Y/site-packages. */
-        strcpy(exe, P11WS_DEV_PYTHON);
-        char env2[PATH_MAX];
-        snprintf(env2, sizeof env2, "%s", exe);
-        if (p11ws_up(env2, 2) == 0)
-            snprintf(site, sn, "%s/lib/python" P11WS_PYVER "/site-packages", env2);
-        else
-            site[0] = '\0';
-        return 0;
+        int got = fgets(exe, (int)n, f) != NULL;
+        fclose(f);
+        exe[strcspn(exe, "\r\n")] = '\0';
+        if (got && exe[0] == '/' && p11ws_is_file(exe)) {
+            char env2[PATH_MAX];
+            snprintf(env2, sizeof env2, "%s", exe);
+            if (p11ws_up(env2, 2) == 0)
+                snprintf(site, sn, "%s/lib/python" P11WS_PYVER "/site-packages", env2);
+            else
+                site[0] = '\0';
+            return 0;
+        }
     }
     char msg[PATH_MAX + 96];
     snprintf(msg, sizeof msg, "the package in %s is not in a lib/python" P11WS_PYVER
-             "/site-packages folder", parent);
+             "/site-packages folder, and %s names no interpreter", parent, dev);
     p11ws_say("cannot find the Python " P11WS_PYVER " runtime", msg);
     return -1;
 }

@@ -22,6 +22,7 @@ from pkcs11ws._native.ck_gen cimport *  # noqa: F403
 import os
 import sys
 
+from pkcs11ws import __version__ as _version
 from pkcs11ws import mechanisms as _mechanisms
 from pkcs11ws.errors import ConfigError, PKCS11Error
 from pkcs11ws.log import set_session as _log_session
@@ -38,6 +39,9 @@ cdef extern from "probe.h" nogil:
 cdef enum:
     RESERVED_MAX = 4096
 
+# C_GetInfo's libraryVersion: major.minor of the package version (pkcs11ws/__init__.py).
+cdef unsigned char g_version_major = int(_version.split(".")[0])
+cdef unsigned char g_version_minor = int(_version.split(".")[1])
 cdef pthread_mutex_t g_state_lock
 cdef int g_state = 0                    # 1 between C_Initialize and C_Finalize
 cdef object g_provider = None           # pkcs11ws.provider.Provider while initialised
@@ -401,8 +405,8 @@ cdef CK_RV f_GetInfo(CK_INFO_PTR pInfo) noexcept nogil:
     pInfo.cryptokiVersion.minor = 40
     _pad(pInfo.manufacturerID, 32, <const unsigned char*>b"pkcs11ws", 8)
     _pad(pInfo.libraryDescription, 32, <const unsigned char*>b"pkcs11ws WSOP-compatible", 24)
-    pInfo.libraryVersion.major = 0
-    pInfo.libraryVersion.minor = 1
+    pInfo.libraryVersion.major = g_version_major
+    pInfo.libraryVersion.minor = g_version_minor
     return CKR_OK
 
 
