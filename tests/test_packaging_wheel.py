@@ -10,6 +10,7 @@ from __future__ import annotations
 import email
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -172,3 +173,34 @@ def test_versions_agree(fixed_venv):
         res = run([fixed_venv / "bin" / tool, "-V"], env)
         assert res.returncode == 0, (tool, res.stderr)
         assert f"(pkcs11ws {VERSION})" in res.stdout, (tool, res.stdout)
+
+
+def readme_block(first_line_start: str) -> str:
+    """The ```sh block of README.md whose first line starts with first_line_start."""
+    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    found = [b for b in blocks if b.startswith(first_line_start)]
+    assert len(found) == 1, f"README.md has no single ```sh block starting {first_line_start!r}"
+    return found[0]
+
+
+def test_readme_install_lines_as_written(service, tmp_path):
+    # The README's wheel block, run by sh from a folder holding dist/ with the built wheel; only
+    # its example venv path is moved into the test's folder. python3.11 on PATH=/usr/bin:/bin
+    # is Debian's, so this also drives the module on Debian's libpython.
+    _, wheel = sdist_and_wheel()
+    block = readme_block("python3.11 -m venv /srv/pkcs11ws\n")
+    assert f"dist/{wheel.name}" in block, "README.md names another wheel than the build makes"
+    (tmp_path / "dist").mkdir()
+    shutil.copy2(wheel, tmp_path / "dist" / wheel.name)
+    target = tmp_path / "srv" / "pkcs11ws"
+    res = subprocess.run(["sh", "-ec", block.replace("/srv/pkcs11ws", str(target))],
+                         capture_output=True, text=True, timeout=900, check=False,
+                         env=outside_env(), cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    module = res.stdout.strip().splitlines()[-1]
+    assert module == f"{target}/lib/python3.11/site-packages/pkcs11ws/_native/libpkcs11ws.so"
+    card = new_card(service)
+    env = outside_env(PKCS11WS_CONFIG=str(service.client_cfg))
+    res = run(["pkcs11-tool", "--module", module, "-L"], env)
+    assert res.returncode == 0, res.stderr
+    assert f"token label        : {card.name}" in res.stdout
