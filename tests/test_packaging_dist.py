@@ -3,7 +3,8 @@ machine where this checkout and the project's own Python are out of sight.
 
 The install runs in a private mount namespace (unshare --mount): a tmpfs over /opt takes the
 extraction (the machine's real /opt is untouched), and tmpfs mounts hide this checkout and the
-interpreter the project's venv is built on, so only Debian's python3.11 is left. Then
+interpreter the project's venv is built on, so only Debian's python3.11 is left. The README's
+install block runs as written (tar -xzf ... -C /, the example copied to the config). Then
 ckcheckinst (with a softcard self-test) and pkcs11-tool run from PATH=/usr/bin:/bin against the
 real key service, and a second extraction keeps conf/pkcs11webservices.cfg.
 """
@@ -11,6 +12,7 @@ real key service, and a second extraction keeps conf/pkcs11webservices.cfg.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,9 +69,11 @@ SCRIPT = r"""
 set -u
 mount -t tmpfs pkcs11ws-opt /opt || exit 90
 for d in $HIDE; do mount -t tmpfs pkcs11ws-hidden "$d" || exit 91; done
-cd /
-tar -xzf "$TARBALL" -C / || exit 92
 P=/opt/nfast/webservices/pkcs11
+cd "$(dirname "$TARBALL")"
+sh -ec "$README_INSTALL" || exit 92
+cmp -s $P/conf/example_pkcs11webservices.cfg $P/conf/pkcs11webservices.cfg || exit 94
+cd /
 cp "$CLIENT_CFG" $P/conf/pkcs11webservices.cfg
 echo "== checkout visible: $(ls -A "$CHECKOUT" | wc -l)"
 echo "== ckcheckinst"
@@ -85,6 +89,21 @@ echo "# the administrator's edit" >> $P/conf/pkcs11webservices.cfg
 tar -xzf "$TARBALL" -C / || exit 93
 tail -1 $P/conf/pkcs11webservices.cfg
 """
+
+
+def readme_install(tarball: Path) -> str:
+    """The README's tarball block as written, less its apt-get line (whose packages this
+    machine must already have: checked, not run)."""
+    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (block,) = [b for b in blocks if b.startswith("apt-get install ")]
+    apt, rest = block.split("\n", 1)
+    for pkg in apt.split()[2:]:
+        res = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True,
+                             text=True, check=False)  # fmt: skip
+        assert "install ok installed" in res.stdout, f"README names {pkg}, which is not installed"
+    name = tarball.name.replace(f"-linux-{os.uname().machine}.", "-linux-x86_64.")
+    assert f"tar -xzf {name} -C /" in rest, "README.md names another tarball than make dist"
+    return rest.replace(name, tarball.name)
 
 
 def sections(out: str) -> dict[str, str]:
@@ -108,7 +127,8 @@ def test_extracted_at_root_without_the_checkout(service, tmp_path):
     shutil.copy2(tarball, local)
     card = new_card(service)
     real_opt_had_it = Path("/opt/nfast/webservices/pkcs11").exists()
-    env = outside_env(TARBALL=str(local), CLIENT_CFG=str(service.client_cfg), CARD=card.name,
+    env = outside_env(TARBALL=str(local), README_INSTALL=readme_install(local),
+                      CLIENT_CFG=str(service.client_cfg), CARD=card.name,
                       CARD_PASSPHRASE=card.passphrase, HIDE=" ".join(_hidden()),
                       CHECKOUT=str(ROOT))  # fmt: skip
     res = subprocess.run(["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",

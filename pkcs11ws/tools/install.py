@@ -207,6 +207,12 @@ def install(prefix: Path, root: Path | None = None) -> list[str]:
     if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
         raise InstallError(f"{sys.executable} has no shared libpython for the module to load")
     example = example_source()
+    from pkcs11ws.errors import InstallationError
+
+    try:  # refuses the PyPI pycurl wheel (pkcs11ws/client/_curl_boot.py): never copy it
+        import pkcs11ws.client._curl_boot  # noqa: F401
+    except InstallationError as e:
+        raise InstallError(e.message) from None
     for sub in ("lib", "bin", "conf", "log"):
         (target / sub).mkdir(parents=True, exist_ok=True)
     done = make_runtime(target / RUNTIME, prefix / RUNTIME)
