@@ -97,12 +97,16 @@ def test_nothing_points_into_the_checkout(prefix):
     assert not (prefix / "conf" / "pkcs11webservices.cfg").exists()
 
 
-def test_pkcs11_tool_loads_the_installed_library(prefix, service):
+def test_pkcs11_tool_loads_the_installed_library(prefix, service, tmp_path):
     card = new_card(service)
-    res = pkcs11_tool(prefix / "lib" / "libpkcs11webservices.so", service_env(service), "-L")
+    log = tmp_path / "module.log"
+    env = service_env(service, PKCS11WS_LOGFILEPATH=str(log), PKCS11WS_LOGLEVEL="4")
+    res = pkcs11_tool(prefix / "lib" / "libpkcs11webservices.so", env, "-L")
     assert res.returncode == 0, res.stderr
     assert f"token label        : {card.name}" in res.stdout
     assert "token manufacturer : pkcs11ws" in res.stdout
+    # The log names the file the host loaded (a copy of the module), as the original does.
+    assert " libpkcs11webservices: " in log.read_text().splitlines()[0]
 
 
 def test_launchers(prefix, service):
