@@ -12,7 +12,6 @@ real key service, and a second extraction keeps conf/pkcs11webservices.cfg.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from dropin_util import snippet
 from packaging_util import ROOT, client_tarball, outside_env
 from tools_util import new_card
 
@@ -92,11 +92,11 @@ tail -1 $P/conf/pkcs11webservices.cfg
 
 
 def readme_install(tarball: Path) -> str:
-    """The README's tarball block as written, less its apt-get line (whose packages this
-    machine must already have: checked, not run)."""
-    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    (block,) = [b for b in blocks if b.startswith("apt-get install ")]
+    """The README's tarball block (snippet install-tarball) as written, less its apt-get line
+    (whose packages this machine must already have: checked, not run)."""
+    block = snippet("install-tarball")
     apt, rest = block.split("\n", 1)
+    assert apt.startswith("apt-get install ")
     for pkg in apt.split()[2:]:
         res = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True,
                              text=True, check=False)  # fmt: skip

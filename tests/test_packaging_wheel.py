@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from dropin_util import snippet
 from packaging_util import ROOT, outside_env, sdist_and_wheel, workdir
 from tools_util import new_card
 
@@ -175,21 +176,13 @@ def test_versions_agree(fixed_venv):
         assert f"(pkcs11ws {VERSION})" in res.stdout, (tool, res.stdout)
 
 
-def readme_block(first_line_start: str) -> str:
-    """The ```sh block of README.md whose first line starts with first_line_start."""
-    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    found = [b for b in blocks if b.startswith(first_line_start)]
-    assert len(found) == 1, f"README.md has no single ```sh block starting {first_line_start!r}"
-    return found[0]
-
-
 def test_readme_install_lines_as_written(service, tmp_path):
-    # The README's wheel block, run by sh from a folder holding dist/ with the built wheel; only
+    # The README's wheel block (its snippet install-wheel, which must name the wheel the build
+    # makes), run by sh from a folder holding dist/ with the built wheel; only
     # its example venv path is moved into the test's folder. python3.11 on PATH=/usr/bin:/bin
     # is Debian's, so this also drives the module on Debian's libpython.
     _, wheel = sdist_and_wheel()
-    block = readme_block("python3.11 -m venv /srv/pkcs11ws\n")
-    assert f"dist/{wheel.name}" in block, "README.md names another wheel than the build makes"
+    block = snippet("install-wheel", {f"dist/{wheel.name}": f"dist/{wheel.name}"})
     (tmp_path / "dist").mkdir()
     shutil.copy2(wheel, tmp_path / "dist" / wheel.name)
     target = tmp_path / "srv" / "pkcs11ws"
