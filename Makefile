@@ -10,7 +10,8 @@ PIP := $(PY) -m pip
 # libpython3.11: Debian's interpreter, which `make dist` builds the client tarball's runtime on.
 APT_PKGS := build-essential pkg-config python3-venv python3-dev libcurl4-openssl-dev libssl-dev curl \
 	opensc softhsm2 openssl p11-kit p11-kit-modules time gnutls-bin opensc-pkcs11 \
-	openjdk-17-jdk-headless systemd python3.11 python3.11-dev python3.11-venv libpython3.11
+	openjdk-17-jdk-headless systemd python3.11 python3.11-dev python3.11-venv libpython3.11 \
+	postgresql libpq5 libpq-dev
 # Consumers only in bookworm-backports (tests/test_dropin_openssl.py): see apt-backports.
 BACKPORTS_PKGS := pkcs11-provider
 
