@@ -3,7 +3,8 @@ temporary directory, a free port on 127.0.0.1, trust authentication for local te
 
 PostgreSQL refuses to run as root: as root the server runs as the `postgres` user
 (`runuser -u postgres --`) from a temporary directory that user owns (design.md section 7).
-Stopped with `pg_ctl stop -m fast`. No mock anywhere: the tests talk to this server.
+Stopped with `pg_ctl stop -m fast`. No mock anywhere: the tests talk to this server. Also used by
+bench/store_cpu.py (so it imports nothing from the tests).
 """
 
 from __future__ import annotations
@@ -12,14 +13,19 @@ import contextlib
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import tempfile
 import uuid
 from pathlib import Path
 
-from conftest import free_port
-
 PG_VERSIONS = ("15", "16", "17")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def bindir() -> Path | None:
