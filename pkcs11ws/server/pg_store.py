@@ -337,7 +337,11 @@ class PostgresStore(Store):
                     raise
         except _UNAVAILABLE as exc:
             self._after_loss(pool)
-            raise StoreUnavailable(f"database {self._shown}: {type(exc).__name__}") from None
+            # libpq's messages name the host and the reason, never the password.
+            why = (str(exc).splitlines() or [""])[0][:200]
+            raise StoreUnavailable(
+                f"database {self._shown} unavailable: {type(exc).__name__}: {why}"
+            ) from None
 
     def _after_loss(self, pool: psycopg_pool.ConnectionPool[Any]) -> None:
         # The other idle connections were most likely cut too: check them (in the background,
