@@ -4,7 +4,9 @@ Phases: (1) the sign64 sweep over every variant and thread count; (2) the other 
 the three PKCS#11 modules (ours, SoftHSM2, SoftHSM2 behind p11-kit); (2b) thread churn: our
 module's sign64 with a new host thread every CHURN_OPS operations, next to the same fixed
 threads (ops/s and new connections); (3) key service scaling with 1 and 2 workers (unpinned);
-(4) start-up; (5) the request counter. Within a phase the
+(4) start-up; (5) the request counter; (6) the stores: service CPU per operation on SQLite and
+PostgreSQL (bench/store_cpu.py), 1 and 2 replicas on PostgreSQL (bench/replicas.py). Within a
+phase the
 variants alternate (A B C A B C ...) for each repetition, and medians of the repetitions are
 reported, so slow drifts of a shared machine hit every variant alike.
 """
@@ -241,6 +243,14 @@ def run_all(s: Settings, work: Path | None = None) -> dict[str, Any]:
             out["churn_python"] = extras.thread_churn(lab, s.seconds, s.reps)
         except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as e:
             lab.notes.append(f"thread churn failed: {e}")
+        prog.say("stores: service CPU per operation on SQLite and PostgreSQL; 1 and 2 replicas")
+        try:
+            from bench import replicas, store_cpu
+
+            out["store_cpu"] = store_cpu.run(500 if s.quick else 3000)
+            out["replicas"] = replicas.run(8, 1.0 if s.quick else s.seconds)
+        except (RuntimeError, OSError, subprocess.SubprocessError, ImportError) as e:
+            lab.notes.append(f"store measurements failed: {e}")
         out["notes"] = lab.notes
         out["elapsed_s"] = time.monotonic() - prog.t0
     out["results"] = results

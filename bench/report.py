@@ -419,6 +419,16 @@ def markdown(run: dict[str, Any], mach: dict[str, str]) -> str:
                 for c in run["churn_python"]
             ],
         )  # fmt: skip
+    if run.get("store_cpu") or run.get("replicas"):
+        from bench import replicas, store_cpu
+
+        lines += ["", "## Stores: SQLite and PostgreSQL, 1 and 2 replicas", ""]
+        if run.get("store_cpu"):
+            lines += ["Key service CPU per operation, in process (bench/store_cpu.py):", ""]
+            lines += [store_cpu.table(run["store_cpu"]), ""]
+        if run.get("replicas"):
+            lines += ["sign64 through real mutual TLS with curlbench (bench/replicas.py):", ""]
+            lines += [replicas.table(run["replicas"])]
     failed = [r for r in run["results"] if "failed" in r]
     notes = list(run.get("notes", []))
     redone = [r for r in run["results"] if r.get("noisy_retries")]
