@@ -7,7 +7,10 @@ transaction whose isolation comes from explicit locks, as the store contract ask
 `card_get` / `object_get` inside a write transaction are `SELECT ... FOR UPDATE`, and
 `idempotency_get` first takes a transaction-scoped advisory lock on the key, so two replicas
 handling the same retried request run one after the other. No SERIALIZABLE, so no serialization
-retries; the lock order is fixed (idempotency key, then card, then object), so no deadlocks.
+retries. Locks are taken in one order (idempotency key, card, object) except that deleting a card
+removes its objects while copying one of them inserts under the card: should those two meet,
+PostgreSQL breaks the deadlock by failing one, which is answered 503 and retried by the client
+with its Idempotency-Key like any lost connection.
 
 Connection loss: any connection-level failure (server gone, restart, admin shutdown, a primary
 that became read-only after a switch, no free connection within database.pool_timeout) is
