@@ -511,17 +511,24 @@ class Service:
 
     # ---------------------------------------------------------------- crypto
 
-    async def _key(self, claims: TokenClaims, handle: str, mech_name: str, op: mechanisms.Op,
-                   use: str) -> tuple[mechanisms.Mechanism, bytes]:  # fmt: skip
-        """The mechanism and the key's value, after the checks in the order the protocol
-        promises: live session (deferred from authenticate), mechanism, key, type, usage."""
+    async def _found(self, claims: TokenClaims, handle: str) -> tuple[bool, ObjectRow | None]:
+        """session_object off the event loop (stores whose reads block)."""
         now = time.time()
         session, card = claims.session, claims.card
-        if self._reads_block:
-            live, row = await self.read(lambda r: r.session_object(session, card, now, handle))
-        else:  # the hot path: inline, without building a closure
+        return await self.read(lambda r: r.session_object(session, card, now, handle))
+
+    def _key(self, claims: TokenClaims, handle: str, mech_name: str, op: mechanisms.Op,
+             use: str, found: tuple[bool, ObjectRow | None] | None,
+             ) -> tuple[mechanisms.Mechanism, bytes]:  # fmt: skip
+        """The mechanism and the key's value, after the checks in the order the protocol
+        promises: live session (deferred from authenticate), mechanism, key, type, usage.
+        found: the session_object answer when the caller read it off the loop, else None (the
+        hot path on an embedded store: read here, no coroutine or closure in between)."""
+        if found is None:
             with self.store.read() as r:
-                live, row = r.session_object(session, card, now, handle)
+                live, row = r.session_object(claims.session, claims.card, time.time(), handle)
+        else:
+            live, row = found
         if not live:
             raise _ended()
         mech = self._mech(mech_name, op)
@@ -569,21 +576,24 @@ class Service:
     async def encrypt(self, req: Request) -> Response:
         assert req.claims is not None
         b = req.body
-        mech, key = await self._key(req.claims, b["key"], b["mechanism"], _CIPHER, "CKA_ENCRYPT")
+        found = await self._found(req.claims, b["key"]) if self._reads_block else None
+        mech, key = self._key(req.claims, b["key"], b["mechanism"], _CIPHER, "CKA_ENCRYPT", found)
         data, last = ops.encrypt(mech, key, b["iv"], b["data"])
         return _cipher_result(data, last)
 
     async def decrypt(self, req: Request) -> Response:
         assert req.claims is not None
         b = req.body
-        mech, key = await self._key(req.claims, b["key"], b["mechanism"], _CIPHER, "CKA_DECRYPT")
+        found = await self._found(req.claims, b["key"]) if self._reads_block else None
+        mech, key = self._key(req.claims, b["key"], b["mechanism"], _CIPHER, "CKA_DECRYPT", found)
         data, last = ops.decrypt(mech, key, b["iv"], b["data"])
         return _cipher_result(data, last)
 
     async def sign(self, req: Request) -> Response:
         assert req.claims is not None
         b = req.body
-        mech, key = await self._key(req.claims, b["key"], b["mechanism"], _MAC, "CKA_SIGN")
+        found = await self._found(req.claims, b["key"]) if self._reads_block else None
+        mech, key = self._key(req.claims, b["key"], b["mechanism"], _MAC, "CKA_SIGN", found)
         length = ops.mac_length(mech, b.get("mac_length"))
         sig = _b64(ops.sign(mech, key, b["data"], length))
         return Response(200, b'{"signature":"' + sig + b'"}')
@@ -591,7 +601,8 @@ class Service:
     async def verify(self, req: Request) -> Response:
         assert req.claims is not None
         b = req.body
-        mech, key = await self._key(req.claims, b["key"], b["mechanism"], _MAC, "CKA_VERIFY")
+        found = await self._found(req.claims, b["key"]) if self._reads_block else None
+        mech, key = self._key(req.claims, b["key"], b["mechanism"], _MAC, "CKA_VERIFY", found)
         length = ops.mac_length(mech, b.get("mac_length"))
         ops.verify(mech, key, b["data"], b["signature"], length)
         return _VERIFIED
