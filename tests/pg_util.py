@@ -39,7 +39,9 @@ def bindir() -> Path | None:
 class PgServer:
     """One PostgreSQL cluster. url(db) is a libpq URL; new_database() makes an empty database."""
 
-    def __init__(self) -> None:
+    def __init__(self, standby_of: PgServer | None = None) -> None:
+        """A new cluster; standby_of: a streaming-replication standby of that (running)
+        primary instead, cloned with pg_basebackup (promote() makes it the primary)."""
         found = bindir()
         if found is None:
             raise RuntimeError("PostgreSQL server binaries not found: run `make setup`")
@@ -53,8 +55,14 @@ class PgServer:
             pw = pwd.getpwnam("postgres")
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
         self.root.chmod(0o700)
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                  "--no-instructions", "--no-sync")  # fmt: skip
+        if standby_of is None:
+            self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E",
+                      "UTF8", "--no-instructions", "--no-sync")  # fmt: skip
+        else:
+            # -R: standby.signal and primary_conninfo; initdb's pg_hba lets local replication in.
+            self._run("pg_basebackup", "-h", "127.0.0.1", "-p", str(standby_of.port), "-U",
+                      "postgres", "-D", str(self.data), "-R", "-X", "stream", "-c", "fast",
+                      "--no-sync")  # fmt: skip
         self.start()
 
     def _run(self, tool: str, *args: str, timeout: float = 120) -> str:
@@ -76,6 +84,10 @@ class PgServer:
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+
+    def promote(self) -> None:
+        """Make this standby the primary (what Patroni, repmgr or pg_auto_failover do)."""
+        self._run("pg_ctl", "-D", str(self.data), "-w", "-t", "60", "promote")
 
     def running(self) -> bool:
         cmd = [str(self.bin / "pg_ctl"), "-D", str(self.data), "status"]
