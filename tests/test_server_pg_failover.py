@@ -69,8 +69,8 @@ def test_the_service_follows_a_promoted_standby(
             time.sleep(0.5)
         # Same activation, same key, same answer, now from the new primary.
         assert r.status == 200 and r.json == before
-        found = api.ok(api.post(f"/km/v1/softcards/{card}/objects/search",
-                                {"attrs": encode({"CKA_LABEL": b"kept"})}, token=token))  # fmt: skip
+        kept = {"attrs": encode({"CKA_LABEL": b"kept"})}
+        found = api.ok(api.post(f"/km/v1/softcards/{card}/objects/search", kept, token=token))
         assert [o["handle"] for o in found["objects"]] == [made["handle"]]
         # And it writes there.
         api.ok(api.post(f"/km/v1/softcards/{card}/objects",
