@@ -136,17 +136,22 @@ def test_a_later_step_runs_once_in_order(backend: str, tmp_path: Path, request: 
     store = open_store(cfg)
     base = store.schema_version()
     store.close()
+
+    def rows_by_code(con: Any, value: int) -> None:  # a step with code, given migrate's args
+        con.execute(f"INSERT INTO later_step VALUES ({int(value)})")
+
     step = Migration(base + 1, "a test step", (
-        "CREATE TABLE later_step (x INTEGER)", "INSERT INTO later_step VALUES (1)"))  # fmt: skip
+        "CREATE TABLE later_step (x INTEGER)", "INSERT INTO later_step VALUES (1)"),
+        rows_by_code)  # fmt: skip
     monkeypatch.setattr(module, "MIGRATIONS", (*module.MIGRATIONS, step))
     monkeypatch.setattr(module, "SCHEMA_VERSION", base + 1)
     store = backend_class(url).open(cfg)
     try:
-        assert store.migrate() == (base, base + 1)
-        assert store.migrate() == (base + 1, base + 1)
+        assert store.migrate(value=41) == (base, base + 1)
+        assert store.migrate(value=1000) == (base + 1, base + 1)  # done: not run again
         with store.write() as tx:
             con = tx.con  # type: ignore[attr-defined]
-            assert con.execute("SELECT COUNT(*) FROM later_step").fetchone()[0] == 1
+            assert con.execute("SELECT SUM(x) FROM later_step").fetchone()[0] == 42
     finally:
         store.close()
     # A step that fails leaves the version where it was (one transaction per step).

@@ -368,7 +368,7 @@ class PostgresStore(Store):
         with self._connection() as con:
             return _version(con)
 
-    def migrate(self) -> tuple[int, int]:
+    def migrate(self, **step_args: Any) -> tuple[int, int]:
         with self._connection() as con:
             before = _version(con)
             while True:
@@ -389,6 +389,8 @@ class PostgresStore(Store):
                     step = MIGRATIONS[current]
                     for stmt in step.sql:
                         con.execute(stmt)
+                    if step.run is not None:
+                        step.run(con, **step_args)
                     con.execute(
                         "INSERT INTO meta (k, v) VALUES ('schema', %s)"
                         " ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",

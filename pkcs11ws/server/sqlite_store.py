@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from pkcs11ws import constants as C
 from pkcs11ws.protocol import Attrs
@@ -297,7 +297,7 @@ class SQLiteStore(Store):
         row = con.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
         return int(row[0]) if row else 0
 
-    def migrate(self) -> tuple[int, int]:
+    def migrate(self, **step_args: Any) -> tuple[int, int]:
         before = self.schema_version()
         while True:
             with self._transaction() as con:
@@ -315,6 +315,8 @@ class SQLiteStore(Store):
                 step = MIGRATIONS[current]
                 for stmt in step.sql:
                     con.execute(stmt)
+                if step.run is not None:
+                    step.run(con, **step_args)
                 con.execute(
                     "INSERT OR REPLACE INTO meta (k, v) VALUES ('schema', ?)", (str(step.version),)
                 )

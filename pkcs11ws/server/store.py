@@ -42,7 +42,7 @@ from __future__ import annotations
 import abc
 import importlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, NamedTuple
@@ -258,7 +258,9 @@ class WriteTx(ReadTx):
 
 @dataclass(frozen=True)
 class Migration:
-    """One numbered schema step: `sql` statements run in one transaction with the version bump.
+    """One numbered schema step: its `sql` statements, then `run` (a step that needs code, e.g.
+    rewriting rows: called with the backend's own connection and the keyword arguments given to
+    Store.migrate), in one transaction with the version bump.
 
     Version 1 creates the schema; steps after it change it. Each backend keeps its ordered list
     (SQLite in sqlite_store.MIGRATIONS, PostgreSQL in pg_store.MIGRATIONS) with the same numbers
@@ -266,7 +268,8 @@ class Migration:
 
     version: int
     what: str
-    sql: tuple[str, ...]
+    sql: tuple[str, ...] = ()
+    run: Callable[..., None] | None = None
 
 
 def check_migrations(steps: tuple[Migration, ...]) -> int:
@@ -289,9 +292,10 @@ class Store(abc.ABC):
         """The backend for cfg.url (connections are made lazily or in the background)."""
 
     @abc.abstractmethod
-    def migrate(self) -> tuple[int, int]:
+    def migrate(self, **step_args: Any) -> tuple[int, int]:
         """Bring the schema to the newest version (creating it on an empty database).
-        Returns (version before, version after). StoreError if the database is newer."""
+        Returns (version before, version after). StoreError if the database is newer.
+        step_args: what steps with code need (passed to Migration.run)."""
 
     @abc.abstractmethod
     def schema_version(self) -> int:
