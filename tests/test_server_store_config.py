@@ -74,6 +74,12 @@ def test_bad_store_settings(initialised: Path, change: dict[str, Any], drop: tup
 def test_passwords_never_shown() -> None:
     assert redact("postgresql://u:s3cret@h:5432/db") == "postgresql://u:***@h:5432/db"
     assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert redact("postgresql://u:p@h1:5432,h2:5432/db?target_session_attrs=read-write") == (
+        "postgresql://u:***@h1:5432,h2:5432/db?target_session_attrs=read-write"
+    )
+    assert redact("postgresql://h/db?sslmode=require&password=s3cret&x=1") == (
+        "postgresql://h/db?sslmode=require&password=***&x=1"
+    )
 
 
 def test_init_with_a_postgres_store_and_migrate(postgres: Any, tmp_path: Path) -> None:

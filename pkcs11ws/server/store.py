@@ -42,6 +42,7 @@ from __future__ import annotations
 import abc
 import importlib
 import json
+import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -344,13 +345,15 @@ def scheme_of(url: str) -> str:
 
 
 def redact(url: str) -> str:
-    """A store URL without its password (user:secret@host -> user:***@host)."""
+    """A store URL without its password (user:secret@host -> user:***@host, and a password=
+    parameter)."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
+    rest = re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", rest)
     auth, at, host = rest.rpartition("@")
     if not at or ":" not in auth:
-        return url
+        return f"{scheme}://{rest}"
     return f"{scheme}://{auth.split(':', 1)[0]}:***@{host}"
 
 
