@@ -253,6 +253,11 @@ def _cmd_backup(args: argparse.Namespace) -> int:
 
     try:
         s = settings_mod.load(args.config)
+        if s.database_backend != "sqlite":
+            raise backup.BackupError(
+                f"{args.command} copies a SQLite store; back up PostgreSQL with its own tools"
+                " (pg_dump, pg_basebackup, pgBackRest, Barman: docs/postgresql.md)"
+            )
         if args.command == "backup":
             cards, objects = backup.backup(s, Path(args.out))
             print(f"backed up {cards} softcard(s), {objects} object(s) to {Path(args.out)}")
