@@ -158,10 +158,13 @@ def q(path: Path) -> str:
 def _database_yaml(d: Path, store: str | None) -> str:
     if store is None:
         return f"""\
-database:
+store: null                     # null: SQLite at database.path; postgresql://USER@HOST:PORT/DB
+database:                       #   for several replicas on PostgreSQL (docs/postgresql.md)
   backend: sqlite
   path: {q(d / "keys.db")}
   synchronous: FULL             # FULL: an acknowledged write survives a power cut
+  pool_size: 8                  # PostgreSQL only: connections per worker process
+  pool_timeout: 5               # PostgreSQL only: seconds to wait for one, then 503
 """
     return f"""\
 # The database: several replicas of this service may share it (docs/postgresql.md). Keep a
