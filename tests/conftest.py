@@ -7,10 +7,14 @@ SIGKILL if stuck) at the end. It has the attributes
 (plus log: the server's stdout/stderr file, and proc: its Popen).
 
 `fresh_service` (function scope): a factory `fresh_service(workers=1, overrides=None,
-prepare=None, directory=None)` for a test that needs its own service (overrides: server.yaml
-keys to change, nested dicts merged one level; prepare(dir): called before serve; directory:
-serve a folder made before again, on a new port); every service it made is stopped when the
-test ends.
+prepare=None, directory=None, store=None)` for a test that needs its own service (overrides:
+server.yaml keys to change, nested dicts merged one level; prepare(dir): called before serve;
+directory: serve a folder made before again, on a new port; store: a store URL for init);
+every service it made is stopped when the test ends.
+
+`postgres` (session scope): a real PostgreSQL 15 cluster (tests/pg_util.py) on a free port in a
+temporary folder, stopped at the end; `postgres.new_database()` gives the URL of an empty database.
+`start_service(..., store=URL)` runs a service on it.
 
 `api` / `make_api`: a small stdlib HTTPS client (http.client + ssl with the client certificate)
 for the contract tests; it does not use pkcs11ws.client on purpose.
@@ -115,13 +119,14 @@ def start_service(
     overrides: dict[str, Any] | None = None,
     prepare: Callable[[Path], None] | None = None,
     init: bool = True,
+    store: str | None = None,
 ) -> Service:
-    """init (unless init is False: a folder made before), apply overrides, call prepare(dir),
-    then serve and wait for /health."""
+    """init (unless init is False: a folder made before; store: `init --store URL`), apply
+    overrides, call prepare(dir), then serve and wait for /health."""
     yaml_path = directory / "server.yaml"
     if init:
         port = free_port()
-        res = init_dir(directory, port)
+        res = init_dir(directory, port, *(("--store", store) if store else ()))
         assert res.returncode == 0, res.stderr
     else:
         port = free_port()
@@ -137,11 +142,33 @@ def start_service(
 
 def serve_dir(directory: Path, port: int, workers: int = 1) -> Service:
     """`serve` the kit already in `directory` (its server.yaml listens on `port`)."""
-    yaml_path = directory / "server.yaml"
-    log = directory / "log" / "server.out"
+    return launch(directory, directory / "server.yaml", port, workers)
+
+
+def start_replica(svc: Service, port: int | None = None) -> Service:
+    """Another service process from svc's configuration (`serve --port`, no admin listener: the
+    configured one is the first replica's): a replica on the same store, same PKI and master
+    key."""
+    port = port or free_port()
+    return launch(svc.dir, svc.server_yaml, port, 1, f"server-{port}.out", explicit_port=True)
+
+
+def launch(
+    directory: Path,
+    yaml_path: Path,
+    port: int,
+    workers: int = 1,
+    log_name: str = "server.out",
+    explicit_port: bool = False,
+) -> Service:
+    """Run `serve` on yaml_path and wait for /health. explicit_port: `--port port --admin-port 0`
+    (another replica of a configuration, or one restarted on its own port)."""
+    log = directory / "log" / log_name
     cmd = [sys.executable, "-m", "pkcs11ws.server.cli", "serve", "--config", str(yaml_path)]
     if workers != 1:
         cmd += ["--workers", str(workers)]
+    if explicit_port:
+        cmd += ["--port", str(port), "--admin-port", "0"]
     with log.open("ab") as out:  # appended: a restarted service keeps the earlier lines
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     pki = directory / "pki"
@@ -185,6 +212,17 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         svc.stop()
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    from pg_util import PgServer
+
+    server = PgServer()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
 @pytest.fixture
 def fresh_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     made: list[Service] = []
@@ -194,12 +232,15 @@ def fresh_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         overrides: dict[str, Any] | None = None,
         prepare: Callable[[Path], None] | None = None,
         directory: Path | None = None,
+        store: str | None = None,
     ) -> Service:
-        """directory: restart a service on a folder made before (no init)."""
+        """directory: restart a service on a folder made before (no init); store: a store URL
+        for init."""
         if directory is not None:
             svc = start_service(directory, workers, overrides, prepare, init=False)
         else:
-            svc = start_service(tmp_path_factory.mktemp("fresh"), workers, overrides, prepare)
+            mk = tmp_path_factory.mktemp("fresh")
+            svc = start_service(mk, workers, overrides, prepare, store=store)
         made.append(svc)
         return svc
 

@@ -142,38 +142,3 @@ def test_parallel_right_passphrases_all_get_in(fresh_service, make_api):
     results = _burst(svc, f"/km/v1/softcards/{card}/activate", [body] * 30)
     assert [status for status, _ in results] == [200] * 30, results
     assert _evaluated(svc, card) == 0
-
-
-def test_store_reservation_rules(tmp_path):
-    """The store operations alone (the contract a PostgreSQL store must meet too)."""
-    from pkcs11ws.server.sqlite_store import SQLiteStore
-    from pkcs11ws.server.store import CardRow
-
-    store = SQLiteStore(tmp_path / "k.db")
-    store.init_schema()
-    with store.write() as tx:
-        assert tx.card_insert(CardRow("c1", "n1", "2026-01-01T00:00:00Z", b"s", 2, 1, 1, b"w"))
-    now = 1000.0
-    reserve = lambda t: store.card_reserve_attempt("c1", t, 3, t + 60)  # noqa: E731
-    assert [reserve(now) for _ in range(4)] == [1, 2, 3, None]  # quota: threshold in flight
-    assert store.card_reserve_attempt("nope", now, 3, now + 60) is None
-    store.card_settle_attempt("c1", False, now, 3, 300)
-    store.card_settle_attempt("c1", False, now, 3, 300)
-    assert reserve(now) is None  # 2 failed + 1 in flight fill the quota of 3
-    store.card_settle_attempt("c1", False, now, 3, 300)  # the 3rd failure locks for 1 s
-    card = store.card_get("c1")
-    assert card is not None and (card.failures, card.locked_until) == (3, now + 1)
-    assert reserve(now + 0.5) is None  # locked
-    assert reserve(now + 1) == 4  # lock over: one attempt at a time
-    assert reserve(now + 1) is None
-    store.card_settle_attempt("c1", False, now + 2, 3, 300)
-    card = store.card_get("c1")
-    assert card is not None and (card.failures, card.locked_until) == (4, now + 2 + 2)
-    assert reserve(now + 4) == 5
-    # A reservation whose process died runs out with its lease: the next one may go.
-    assert reserve(now + 4 + 61) == 5
-    store.card_settle_attempt("c1", True, now + 66, 3, 300)
-    card = store.card_get("c1")
-    assert card is not None and (card.failures, card.locked_until) == (0, 0)
-    assert [reserve(now + 70) for _ in range(3)] == [1, 2, 3]
-    store.close()

@@ -25,7 +25,7 @@ from conftest import b64, init_dir, new_idem, unb64
 from dropin_util import snippet
 
 from pkcs11ws import constants as C
-from pkcs11ws.server import sealing
+from pkcs11ws.server import sealing, sqlite_store
 from pkcs11ws.server.masterkey import FileMasterKey
 from pkcs11ws.server.sealing import MasterKeys, SealError
 
@@ -185,7 +185,7 @@ def _downgrade_to_v1(d: Path) -> list[bytes]:
         blobs.append(inner)
         con.execute("UPDATE softcards SET wrapped_key = ? WHERE id = ?", (inner, card_id))
     con.execute("UPDATE meta SET v = '1' WHERE k = 'schema'")
-    for column in ("pending", "pending_until"):  # step 3's lockout columns
+    for column in ("pending", "pending_until"):  # the master-key step's lockout columns
         con.execute(f"ALTER TABLE softcards DROP COLUMN {column}")
     con.execute("COMMIT")
     con.close()
@@ -220,7 +220,8 @@ def test_v1_store_is_migrated_without_passphrases(fresh_service, make_api):
         token = api2.activate(card, PASS)
         assert _sign(api2, token, key) == mac
     con = sqlite3.connect(svc.dir / "keys.db")
-    assert con.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()[0] == "3"
+    newest = str(sqlite_store.SCHEMA_VERSION)
+    assert con.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()[0] == newest
     stored = [r[0] for r in con.execute("SELECT wrapped_key FROM softcards")]
     con.close()
     assert not set(stored) & set(v1)  # no scrypt-only blob is left on disk

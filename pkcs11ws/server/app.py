@@ -4,7 +4,8 @@ A plain ASGI callable (no framework: design.md 6 measured Starlette at 1.7x the 
 Per request: one dict lookup or a few precompiled regexes to route, strict decoding with
 protocol.decode, one handler call, one JSON answer. Every failure becomes
 {"code", "message"} with the status from protocol.ERRORS; an unexpected exception is INTERNAL
-(500) with its traceback logged, never a crash of the connection.
+(500) with its traceback logged, never a crash of the connection; a database that cannot be
+reached (store.StoreUnavailable) is UNAVAILABLE (503), which clients retry.
 
 `create_app()` is the uvicorn factory: it reads the config path from PKCS11WS_SERVER_CONFIG so
 that each worker process builds its own app (and its own store connections) on the shared store.
@@ -32,8 +33,8 @@ from pkcs11ws.server.handlers import Idem, Request, Response, Service, dumps
 from pkcs11ws.server.masterkey import open_master_key
 from pkcs11ws.server.sealing import MasterKeys
 from pkcs11ws.server.settings import Settings
-from pkcs11ws.server.sqlite_store import SQLiteStore
-from pkcs11ws.server.store import Store
+from pkcs11ws.server.store import Store, StoreUnavailable
+from pkcs11ws.server.store import open_store as _open_store
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -67,13 +68,14 @@ class _Route:
         self.pattern = Endpoint("", "", path, "", "", "").pattern
 
 
-def open_store(s: Settings, keys: MasterKeys | None = None) -> Store:
-    """The configured store, its schema current. keys: needed to migrate a store holding cards
-    from before schema 3 (their card keys are wrapped under the master key then)."""
-    store = SQLiteStore(s.database_path, s.database_synchronous)
-    rewrap = None if keys is None else (lambda card_id, inner: keys.wrap_card(inner, card_id))
-    store.init_schema(rewrap)
-    return store
+def open_store(s: Settings, migrate: bool = True, keys: MasterKeys | None = None) -> Store:
+    """The configured store (server.yaml `store:`), its schema brought up to date. keys: needed
+    to migrate a store holding cards from before the master-key step (their card keys are
+    wrapped under the master key then); without them that step refuses such a store."""
+    if keys is None:
+        return _open_store(s.store, migrate)
+    k = keys
+    return _open_store(s.store, migrate, card_rewrap=lambda card, inner: k.wrap_card(inner, card))
 
 
 # Where _dispatch leaves the routed operation in the ASGI scope, for the metrics.
@@ -87,7 +89,7 @@ class App:
         self.settings = s
         self.max_body = s.max_body
         keys = MasterKeys(open_master_key(s))
-        self.store = store if store is not None else open_store(s, keys)
+        self.store = store if store is not None else open_store(s, keys=keys)
         metrics.time_store(self.store, metrics.STORE_METHODS)
         self._request_done = metrics.request_done
         self._ready = metrics.WORKERS_READY
@@ -158,6 +160,9 @@ class App:
             resp = _error(code, exc.message)
         except _Disconnected:
             return
+        except StoreUnavailable as exc:
+            error_log.warning("%s %s: %s", method, path, exc)
+            resp = _error("UNAVAILABLE", "the database is unavailable: retry")
         except Exception:
             error_log.exception("internal error on %s %s", method, path)
             code = "INTERNAL"
@@ -214,11 +219,9 @@ class App:
         query = _query(ep, scope.get("query_string", b""))
         # The keyed crypto endpoints check the session in the same store query as the key.
         deferred = ep.op in _KEYED_OPS
-        claims = (
-            self.service.authenticate(authorization, params.get("card"), not deferred)
-            if ep.auth
-            else None
-        )
+        claims = self.service.authenticate(authorization, params.get("card")) if ep.auth else None
+        if claims is not None and not deferred:
+            await self.service.check_session(claims, time.time())
         idem: Idem | None = None
         if ep.idempotent:
             key = idem_key.decode("latin-1") if idem_key is not None else ""
@@ -231,7 +234,9 @@ class App:
                 method.encode(), path.encode(), scope.get("query_string", b""), raw
             )
             idem = Idem(key, fp)
-            done = self.service.replay(idem, self.store.idempotency_get(key))
+            done = self.service.replay(
+                idem, await self.service.read(lambda r: r.idempotency_get(key))
+            )
             if done is not None:
                 return done
         try:
@@ -239,7 +244,7 @@ class App:
         except ApiError:
             if deferred and claims is not None:
                 # An ended session outranks a bad body, as when it is checked up front.
-                self.service.check_session(claims, time.time())
+                await self.service.check_session(claims, time.time())
             raise
         return await handler(Request(ep, params, query, body, claims, idem))
 

@@ -1,5 +1,6 @@
-"""The `pkcs11ws-server` command: `init DIR` (development PKI and config), `serve`, and
-`backup` / `restore` of the store (backup.py).
+"""The `pkcs11ws-server` command: `init DIR` (development PKI and config), `migrate` (bring the
+store's schema up to date), `serve` (which migrates first too), and `backup` / `restore` of the
+store (backup.py).
 
 `serve` runs uvicorn in the foreground over TLS 1.2+ with a required client certificate verified
 against the configured CA. The app is built by an import-string factory in each worker process
@@ -118,7 +119,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     try:
         res = pki.init(Path(args.dir), port=args.port, force=args.force, scrypt_n=args.scrypt_n,
                        replace_ca_and_master_key=args.replace_ca_and_master_key,
-                       admin_port=args.admin_port)  # fmt: skip
+                       admin_port=args.admin_port, store=args.store)  # fmt: skip
     except pki.InitError as exc:
         print(f"pkcs11ws-server init: {exc}", file=sys.stderr)
         return 1
@@ -137,6 +138,37 @@ def _check_files(s: settings_mod.Settings) -> None:
     for what, p in (("tls.cert", s.tls_cert), ("tls.key", s.tls_key), ("tls.ca", s.tls_ca)):
         if not p.is_file():
             raise settings_mod.SettingsError(f"{what}: {p} does not exist")
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from pkcs11ws.server.masterkey import MasterKeyError, open_master_key
+    from pkcs11ws.server.sealing import MasterKeys
+    from pkcs11ws.server.store import StoreError, StoreUnavailable, backend_class
+
+    try:
+        s = settings_mod.load(args.config)
+        store = backend_class(s.store.url).open(s.store)
+        try:
+            # The master-key step re-wraps stored card keys: it needs the master key.
+            master = open_master_key(s)
+            try:
+                keys = MasterKeys(master)
+                before, after = store.migrate(
+                    card_rewrap=lambda card, inner: keys.wrap_card(inner, card)
+                )
+            finally:
+                master.close()
+        finally:
+            store.close()
+    except (settings_mod.SettingsError, MasterKeyError, StoreError, StoreUnavailable) as exc:
+        print(f"pkcs11ws-server migrate: {exc}", file=sys.stderr)
+        return 2
+    shown = settings_mod.describe_store(s)
+    if before == after:
+        print(f"{shown}: schema version {after}, up to date")
+    else:
+        print(f"{shown}: schema version {before} -> {after}")
+    return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -164,6 +196,7 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
     from pkcs11ws.server.app import configure_logging, open_store
     from pkcs11ws.server.masterkey import MasterKeyError, open_master_key
     from pkcs11ws.server.sealing import MasterKeys
+    from pkcs11ws.server.store import StoreError, StoreUnavailable
 
     workers = args.workers if args.workers is not None else s.workers
     port = args.port if args.port is not None else s.port
@@ -178,8 +211,8 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
     configure_logging(s)
     try:
         # Create (or migrate) the schema once here, before anything else opens the store, so
-        # worker processes never race to do it.
-        open_store(s, MasterKeys(master)).close()
+        # worker processes never race to do it (they only check it).
+        open_store(s, keys=MasterKeys(master)).close()
         # Held while serving: `restore` refuses to replace a store a service has open.
         in_use = backup.hold_store(s)
         admin_port = args.admin_port if args.admin_port is not None else s.admin_port
@@ -187,7 +220,8 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
             from pkcs11ws.server.admin import Admin
 
             admin = Admin(s, open_store(s), workers, admin_port)
-    except (backup.BackupError, RuntimeError, ValueError, OSError) as exc:
+    except (backup.BackupError, StoreError, StoreUnavailable, RuntimeError, ValueError,
+            OSError) as exc:  # fmt: skip
         print(f"pkcs11ws-server serve: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -200,7 +234,7 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
     if admin is not None:
         admin.start()
     log.info("serving on https://%s:%d with %d worker(s), store %s", s.host, port, workers,
-             s.database_path)  # fmt: skip
+             settings_mod.describe_store(s))  # fmt: skip
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal so the default action
     # would kill the process with status -15; a handler turns that into a clean exit 0.
     signal.signal(signal.SIGTERM, _exit_zero)
@@ -242,6 +276,11 @@ def _cmd_backup(args: argparse.Namespace) -> int:
 
     try:
         s = settings_mod.load(args.config)
+        if s.database_backend != "sqlite":
+            raise backup.BackupError(
+                f"{args.command} copies a SQLite store; back up PostgreSQL with its own tools"
+                " (pg_dump, pg_basebackup, pgBackRest, Barman: docs/postgresql.md)"
+            )
         if args.command == "backup":
             cards, objects = backup.backup(s, Path(args.out))
             print(f"backed up {cards} softcard(s), {objects} object(s) to {Path(args.out)}")
@@ -305,10 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "key and certificates issued by the old CA become unusable")  # fmt: skip
     i.add_argument("--scrypt-n", type=int, default=settings_mod.DEFAULT_SCRYPT["n"],
                    help="scrypt cost for new softcards (lower only for tests)")  # fmt: skip
+    i.add_argument("--store", default=None, metavar="URL",
+                   help="a PostgreSQL database: postgresql://USER@HOST:PORT/DB (default: SQLite"
+                   " in DIR)")  # fmt: skip
     i.set_defaults(func=_cmd_init)
+    m = sub.add_parser("migrate", help="bring the store's schema to this version (serve does too)")
+    m.add_argument("--config", required=True, help="path to server.yaml")
+    m.set_defaults(func=_cmd_migrate)
     s = sub.add_parser("serve", help="run the key service in the foreground")
     s.add_argument("--config", required=True, help="path to server.yaml")
-    s.add_argument("--port", type=int, default=None, help="override the configured port")
+    s.add_argument(
+        "--port", type=int, default=None,
+        help="override the configured port (several replicas from one config)",
+    )  # fmt: skip
     s.add_argument("--workers", type=int, default=None, help="worker processes (one store)")
     s.add_argument("--admin-port", type=int, default=None,
                    help="override the configured admin_port (0: no admin listener)")  # fmt: skip

@@ -3,14 +3,15 @@
 Each handler gets a decoded Request and returns a Response (status and JSON body bytes); failures
 are raised as ProtocolError with a protocol error code. Nothing here depends on this process's
 memory beyond caches: sessions, lockouts and idempotency records live in the store, so any worker
-can answer any request.
+or replica can answer any request. Store access follows the store contract (store.py): reads
+through `Service.read` (off the event loop when the backend's reads block), changes through
+`Service.commit` (always in a worker thread, one write transaction).
 """
 
 from __future__ import annotations
 
 import asyncio
 import binascii
-import functools
 import hmac
 import json
 import logging
@@ -40,7 +41,15 @@ from pkcs11ws.server.objects import (
 )
 from pkcs11ws.server.sealing import MasterKeys, SealError, TokenClaims
 from pkcs11ws.server.settings import Settings
-from pkcs11ws.server.store import CardCounts, CardRow, IdempotencyRow, ObjectRow, Store, WriteTx
+from pkcs11ws.server.store import (
+    CardCounts,
+    CardRow,
+    IdempotencyRow,
+    ObjectRow,
+    ReadTx,
+    Store,
+    WriteTx,
+)
 
 _T = TypeVar("_T")
 log = logging.getLogger("pkcs11ws.server")
@@ -50,7 +59,6 @@ _LEASE: Final = 60.0
 _RESERVE_WAIT: Final = 30.0
 _KEY_META_CACHE_MAX: Final = 20000
 _TOKEN_CACHE_MAX: Final = 10000
-_ATTRS_CACHE_MAX: Final = 4096  # entries can hold a public certificate: keep it small
 _KEY_VALUE_CACHE_MAX: Final = 20000
 
 
@@ -130,7 +138,7 @@ class Service:
         # still exists is always asked of the store.
         self._key_meta: dict[str, _KeyMeta] = {}
         self._tokens: dict[bytes, TokenClaims] = {}
-        self._attrs: dict[str, tuple[Attrs, dict[str, Any]]] = {}
+        self._reads_block = store.reads_block
         # Unwrapped key values by (handle, sealed blob, card key): a handle is never reused and
         # a blob never changes meaning, so a hit is exactly what decrypting would give; the
         # row itself (does the key still exist?) is still read from the store every request.
@@ -139,11 +147,21 @@ class Service:
 
     # ---------------------------------------------------------------- plumbing
 
-    def authenticate(
-        self, authorization: bytes | None, path_card: str | None, check_session: bool = True
-    ) -> TokenClaims:
-        """The token's claims. With check_session False the caller must still ask the store
-        whether the session lives (the crypto endpoints do it in the same query as the key)."""
+    def _read_sync(self, fn: Callable[[ReadTx], _T]) -> _T:
+        with self.store.read() as r:
+            return fn(r)
+
+    async def read(self, fn: Callable[[ReadTx], _T]) -> _T:
+        """fn on a ReadTx: in a worker thread when the store's reads wait on the network, else
+        right here (a thread hop would cost more than an embedded read: store.py)."""
+        if self._reads_block:
+            return await asyncio.to_thread(self._read_sync, fn)
+        with self.store.read() as r:
+            return fn(r)
+
+    def authenticate(self, authorization: bytes | None, path_card: str | None) -> TokenClaims:
+        """The token's claims. The caller must still ask the store whether the session lives
+        (check_session; the crypto endpoints do it in the same query as the key)."""
         if not authorization or not authorization.startswith(b"Bearer "):
             raise ApiError("NOT_ACTIVATED", "no activation token: activate the softcard first")
         # A sealed token's content never changes, so its opened claims can be cached by the
@@ -162,12 +180,10 @@ class Service:
             raise ApiError("NOT_ACTIVATED", "the activation has expired")
         if path_card is not None and path_card != claims.card:
             raise ApiError("NOT_ACTIVATED", "the activation token is for another softcard")
-        if check_session:
-            self.check_session(claims, now)
         return claims
 
-    def check_session(self, claims: TokenClaims, now: float) -> None:
-        if not self.store.session_valid(claims.session, claims.card, now):
+    async def check_session(self, claims: TokenClaims, now: float) -> None:
+        if not await self.read(lambda r: r.session_valid(claims.session, claims.card, now)):
             raise _ended()
 
     def _fresh(self, row: IdempotencyRow | None, now: float) -> bytes | None:
@@ -222,19 +238,26 @@ class Service:
                 "failure_threshold": self.settings.lockout_threshold,
                 "locked_for": locked_for}  # fmt: skip
 
-    def _card(self, card_id: str) -> CardRow:
-        card = self.store.card_get(card_id)
+    async def _card(self, card_id: str) -> CardRow:
+        card = await self.read(lambda r: r.card_get(card_id))
         if card is None:
             raise ApiError("SOFTCARD_NOT_FOUND", "no softcard with that ID")
         return card
 
     async def list_softcards(self, req: Request) -> Response:
-        cards = [self._card_json(c, n) for c, n in self.store.card_list()]
+        cards = [self._card_json(c, n) for c, n in await self.read(lambda r: r.card_list())]
         return ok("SoftcardList", {"softcards": cards})
 
     async def get_softcard(self, req: Request) -> Response:
-        card = self._card(req.params["card"])
-        return ok("Softcard", self._card_json(card, self.store.card_counts(card.id)))
+        card_id = req.params["card"]
+
+        def both(r: ReadTx) -> tuple[CardRow | None, CardCounts]:
+            return r.card_get(card_id), r.card_counts(card_id)
+
+        card, counts = await self.read(both)
+        if card is None:
+            raise ApiError("SOFTCARD_NOT_FOUND", "no softcard with that ID")
+        return ok("Softcard", self._card_json(card, counts))
 
     async def create_softcard(self, req: Request) -> Response:
         name: str = req.body["name"]
@@ -285,7 +308,7 @@ class Service:
         return await self.commit(req.idem, change)
 
     async def activate(self, req: Request) -> Response:
-        card = self._card(req.params["card"])
+        card = await self._card(req.params["card"])
         passphrase: bytes = req.body["passphrase"]
         _check_passphrase(passphrase)
         s = self.settings
@@ -303,9 +326,11 @@ class Service:
             kek = sealing.kek(passphrase, card.salt, card.kdf_n, card.kdf_r, card.kdf_p)
             return sealing.unwrap_card_key(kek, inner, card.id)
 
-        settle = functools.partial(self.store.card_settle_attempt, card.id,
-                                   threshold=s.lockout_threshold,
-                                   max_seconds=s.lockout_max_seconds)  # fmt: skip
+        def settle(success: bool, when: float) -> None:
+            with self.store.write() as tx:  # one statement, committed at once
+                tx.card_settle_attempt(card.id, success, when, s.lockout_threshold,
+                                       s.lockout_max_seconds)  # fmt: skip
+
         try:
             card_key = await self._slow(open_card)
         except SealError:
@@ -344,16 +369,14 @@ class Service:
         them to settle: right ones reopen it, wrong ones lock the card, and a locked card is
         refused here, without scrypt. So parallel guesses get at most `threshold` evaluations,
         and parallel logins with the right passphrase all succeed."""
-        s = self.settings
         deadline = time.monotonic() + _RESERVE_WAIT
         delay = 0.005
         while True:
             now = time.time()
-            count = await asyncio.to_thread(self.store.card_reserve_attempt, card_id, now,
-                                            s.lockout_threshold, now + _LEASE)  # fmt: skip
+            count = await asyncio.to_thread(self._reserve_sync, card_id, now)
             if count is not None:
                 return count
-            current = self._card(card_id)
+            current = await self._card(card_id)
             now = time.time()
             if current.locked_until > now:
                 _login_event(card_id, "locked")
@@ -363,6 +386,13 @@ class Service:
                 raise ApiError("PASSPHRASE_LOCKED", "too many passphrase attempts in progress")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+    def _reserve_sync(self, card_id: str, now: float) -> int | None:
+        # Its own write transaction, committed before the hash runs: the reservation must be
+        # what concurrent attempts (other workers, other replicas) see.
+        with self.store.write() as tx:
+            return tx.card_reserve_attempt(card_id, now, self.settings.lockout_threshold,
+                                           now + _LEASE)  # fmt: skip
 
     async def _slow(self, fn: Callable[[], _T]) -> _T:
         """Run scrypt work in the capped pool (scrypt.max_concurrent threads), so a burst of
@@ -383,21 +413,10 @@ class Service:
 
     # ---------------------------------------------------------------- objects
 
-    def _stored(self, attrs_json: str) -> tuple[Attrs, dict[str, Any]]:
-        """A row's clear attributes, decoded and in wire form (the stored JSON is exactly
-        protocol.encode_attrs of them). Cached by the text: shared, callers copy to change."""
-        hit = self._attrs.get(attrs_json)
-        if hit is None:
-            wire = json.loads(attrs_json)
-            hit = (protocol.decode_attrs(wire), wire)
-            if len(self._attrs) >= _ATTRS_CACHE_MAX:
-                self._attrs.clear()
-            self._attrs[attrs_json] = hit
-        return hit
-
-    def _visible(self, row: ObjectRow, card_key: bytes) -> Attrs:
+    @staticmethod
+    def _visible(row: ObjectRow, card_key: bytes) -> Attrs:
         # A public certificate's CKA_VALUE rests unsealed among its attributes.
-        attrs = dict(self._stored(row.attrs_json)[0])
+        attrs = dict(row.attrs)
         if row.cls != C.CKO_SECRET_KEY and row.secret is not None:
             attrs["CKA_VALUE"] = sealing.decrypt_value(card_key, row.handle, row.secret)
         return attrs
@@ -410,9 +429,7 @@ class Service:
             attrs = {**obj.attrs, "CKA_VALUE": obj.value}
         else:
             secret = sealing.encrypt_value(card_key, handle, obj.value)
-        return ObjectRow(handle, card, obj.cls, obj.key_type,
-                         json.dumps(protocol.encode_attrs(attrs), separators=(",", ":")),
-                         secret)  # fmt: skip
+        return ObjectRow.new(handle, card, obj.cls, obj.key_type, attrs, secret)
 
     async def _store_new(self, req: Request, obj: NewObject) -> Response:
         assert req.claims is not None
@@ -437,7 +454,8 @@ class Service:
 
     async def get_object(self, req: Request) -> Response:
         assert req.claims is not None
-        row = self.store.object_get(req.claims.card, req.params["handle"])
+        card, handle = req.claims.card, req.params["handle"]
+        row = await self.read(lambda r: r.object_get(card, handle))
         if row is None:
             raise ApiError("OBJECT_NOT_FOUND", "no such object")
         return ok(
@@ -488,11 +506,9 @@ class Service:
             row = tx.object_get(claims.card, handle)
             if row is None:
                 raise ApiError("OBJECT_NOT_FOUND", "no such object")
-            stored = protocol.decode_attrs(json.loads(row.attrs_json))
-            attrs = renamed_attrs(row.cls, stored, req.body["attrs"])
-            text = json.dumps(protocol.encode_attrs(attrs), separators=(",", ":"))
-            tx.object_set_attrs(claims.card, handle, text)
-            renamed = ObjectRow(row.handle, row.card, row.cls, row.key_type, text, row.secret)
+            attrs = renamed_attrs(row.cls, row.attrs, req.body["attrs"])
+            tx.object_set_attrs(claims.card, handle, attrs)
+            renamed = ObjectRow.new(row.handle, row.card, row.cls, row.key_type, attrs, row.secret)
             return ok(
                 "Object", {"handle": handle, "attrs": self._visible(renamed, claims.card_key)}
             )
@@ -500,15 +516,24 @@ class Service:
         return await self.commit(None, change)
 
     async def search_public(self, req: Request) -> Response:
-        card = self._card(req.params["card"])
+        card_id = req.params["card"]
         want: Attrs = req.body["attrs"]
         found: list[dict[str, Any]] = []
+
+        def certificates(r: ReadTx) -> list[ObjectRow] | None:
+            if r.card_get(card_id) is None:
+                return None
+            return list(r.object_search(card_id, C.CKO_CERTIFICATE, None))
+
+        rows = await self.read(certificates)
+        if rows is None:
+            raise ApiError("SOFTCARD_NOT_FOUND", "no softcard with that ID")
         # Only certificates can be public; their rows hold no sealed value.
         if want.get("CKA_CLASS", C.CKO_CERTIFICATE) == C.CKO_CERTIFICATE:
-            for row in self.store.object_search(card.id, C.CKO_CERTIFICATE, None):
+            for row in rows:
                 if row.secret is not None:
                     continue
-                attrs = protocol.decode_attrs(json.loads(row.attrs_json))
+                attrs = row.attrs
                 if attrs.get("CKA_PRIVATE") is False and all(
                     attrs.get(n) == v for n, v in want.items()
                 ):
@@ -528,9 +553,11 @@ class Service:
             key_type is None
             or (isinstance(key_type, int) and key_type in mechanisms.KEY_TYPE_NAMES)
         ):
-            for row in self.store.object_search(claims.card, cls, key_type):
+            card = claims.card
+            rows = await self.read(lambda r: list(r.object_search(card, cls, key_type)))
+            for row in rows:
                 # Match the clear attributes first: only candidates get their value decrypted.
-                attrs, wire = self._stored(row.attrs_json)
+                attrs, wire = row.attrs, row.wire
                 if not all(attrs.get(n) == v for n, v in clear_want):
                     continue
                 # Secret keys carry no CKA_VALUE here, so a search on it never matches them.
@@ -548,11 +575,24 @@ class Service:
 
     # ---------------------------------------------------------------- crypto
 
+    async def _found(self, claims: TokenClaims, handle: str) -> tuple[bool, ObjectRow | None]:
+        """session_object off the event loop (stores whose reads block)."""
+        now = time.time()
+        session, card = claims.session, claims.card
+        return await self.read(lambda r: r.session_object(session, card, now, handle))
+
     def _key(self, claims: TokenClaims, handle: str, mech_name: str, op: mechanisms.Op,
-             use: str) -> tuple[mechanisms.Mechanism, bytes]:  # fmt: skip
+             use: str, found: tuple[bool, ObjectRow | None] | None,
+             ) -> tuple[mechanisms.Mechanism, bytes]:  # fmt: skip
         """The mechanism and the key's value, after the checks in the order the protocol
-        promises: live session (deferred from authenticate), mechanism, key, type, usage."""
-        live, row = self.store.session_object(claims.session, claims.card, time.time(), handle)
+        promises: live session (deferred from authenticate), mechanism, key, type, usage.
+        found: the session_object answer when the caller read it off the loop, else None (the
+        hot path on an embedded store: read here, no coroutine or closure in between)."""
+        if found is None:
+            with self.store.read() as r:
+                live, row = r.session_object(claims.session, claims.card, time.time(), handle)
+        else:
+            live, row = found
         if not live:
             raise _ended()
         mech = self._mech(mech_name, op)
@@ -560,8 +600,8 @@ class Service:
             raise ApiError("KEY_NOT_FOUND", "no such key")
         meta = self._key_meta.get(handle)
         if meta is None:
-            attrs = json.loads(row.attrs_json)
-            meta = _KeyMeta(attrs["CKA_KEY_TYPE"], frozenset(u for u in
+            attrs = row.attrs
+            meta = _KeyMeta(int(attrs["CKA_KEY_TYPE"]), frozenset(u for u in
                             ("CKA_ENCRYPT", "CKA_DECRYPT", "CKA_SIGN", "CKA_VERIFY")
                             if attrs.get(u) is True))  # fmt: skip
             if len(self._key_meta) >= _KEY_META_CACHE_MAX:
@@ -600,21 +640,24 @@ class Service:
     async def encrypt(self, req: Request) -> Response:
         assert req.claims is not None
         b = req.body
-        mech, key = self._key(req.claims, b["key"], b["mechanism"], _CIPHER, "CKA_ENCRYPT")
+        found = await self._found(req.claims, b["key"]) if self._reads_block else None
+        mech, key = self._key(req.claims, b["key"], b["mechanism"], _CIPHER, "CKA_ENCRYPT", found)
         data, last = ops.encrypt(mech, key, b["iv"], b["data"])
         return _cipher_result(data, last)
 
     async def decrypt(self, req: Request) -> Response:
         assert req.claims is not None
         b = req.body
-        mech, key = self._key(req.claims, b["key"], b["mechanism"], _CIPHER, "CKA_DECRYPT")
+        found = await self._found(req.claims, b["key"]) if self._reads_block else None
+        mech, key = self._key(req.claims, b["key"], b["mechanism"], _CIPHER, "CKA_DECRYPT", found)
         data, last = ops.decrypt(mech, key, b["iv"], b["data"])
         return _cipher_result(data, last)
 
     async def sign(self, req: Request) -> Response:
         assert req.claims is not None
         b = req.body
-        mech, key = self._key(req.claims, b["key"], b["mechanism"], _MAC, "CKA_SIGN")
+        found = await self._found(req.claims, b["key"]) if self._reads_block else None
+        mech, key = self._key(req.claims, b["key"], b["mechanism"], _MAC, "CKA_SIGN", found)
         length = ops.mac_length(mech, b.get("mac_length"))
         sig = _b64(ops.sign(mech, key, b["data"], length))
         return Response(200, b'{"signature":"' + sig + b'"}')
@@ -622,7 +665,8 @@ class Service:
     async def verify(self, req: Request) -> Response:
         assert req.claims is not None
         b = req.body
-        mech, key = self._key(req.claims, b["key"], b["mechanism"], _MAC, "CKA_VERIFY")
+        found = await self._found(req.claims, b["key"]) if self._reads_block else None
+        mech, key = self._key(req.claims, b["key"], b["mechanism"], _MAC, "CKA_VERIFY", found)
         length = ops.mac_length(mech, b.get("mac_length"))
         ops.verify(mech, key, b["data"], b["signature"], length)
         return _VERIFIED

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pkcs11ws.server import settings
+from pkcs11ws.server.store import StoreError, scheme_of
 
 CA_DAYS: Final = 3650
 LEAF_DAYS: Final = 825
@@ -154,7 +155,30 @@ def q(path: Path) -> str:
     return json.dumps(str(path))
 
 
-def server_yaml(d: Path, port: int, scrypt_n: int, admin_port: int) -> str:
+def _database_yaml(d: Path, store: str | None) -> str:
+    if store is None:
+        return f"""\
+store: null                     # null: SQLite at database.path; postgresql://USER@HOST:PORT/DB
+database:                       #   for several replicas on PostgreSQL (docs/postgresql.md)
+  backend: sqlite
+  path: {q(d / "keys.db")}
+  synchronous: FULL             # FULL: an acknowledged write survives a power cut
+  pool_size: 8                  # PostgreSQL only: connections per worker process
+  pool_timeout: 5               # PostgreSQL only: seconds to wait for one, then 503
+"""
+    return f"""\
+# The database: several replicas of this service may share it (docs/postgresql.md). Keep a
+# password out of this file: libpq reads ~/.pgpass or PGPASSFILE.
+store: {json.dumps(store)}
+database:
+  pool_size: 8                  # connections per worker process
+  pool_timeout: 5               # seconds to wait for a connection before answering 503
+"""
+
+
+def server_yaml(
+    d: Path, port: int, scrypt_n: int, admin_port: int, store: str | None = None
+) -> str:
     s = settings.DEFAULT_SCRYPT
     c = settings.DEFAULT_CONNECTIONS
     return f"""\
@@ -178,11 +202,7 @@ master_pkcs11:                  # or a key inside a PKCS#11 token instead (set a
   key: null                     # AES key label (`pkcs11ws-server master-key` creates it)
   pin_file: null                # a 0600 file holding the token's user PIN
 passphrase_min_length: {settings.DEFAULT_PASSPHRASE_MIN}        # bytes, for new softcards
-database:
-  backend: sqlite
-  path: {q(d / "keys.db")}
-  synchronous: FULL             # FULL: an acknowledged write survives a power cut
-max_body: {settings.DEFAULT_MAX_BODY}              # bytes
+{_database_yaml(d, store)}max_body: {settings.DEFAULT_MAX_BODY}              # bytes
 activation_ttl: {settings.DEFAULT_ACTIVATION_TTL}           # seconds a softcard activation lasts
 idempotency_ttl: 86400          # seconds an Idempotency-Key is remembered
 lockout:                        # wrong passphrases: after `threshold` in a row the softcard
@@ -229,14 +249,14 @@ RETRYDELAY 1
 
 def init(directory: Path, port: int = settings.DEFAULT_PORT, force: bool = False,
          scrypt_n: int = settings.DEFAULT_SCRYPT["n"], replace_ca_and_master_key: bool = False,
-         admin_port: int | None = None) -> InitResult:  # fmt: skip
+         admin_port: int | None = None, store: str | None = None) -> InitResult:  # fmt: skip
     """Write the kit into `directory`.
 
     `admin_port` defaults to `port` + 1. `force` rewrites the two configuration files but keeps
     an existing CA (with the certificates it issued) and master key. Only
     `replace_ca_and_master_key` replaces those: a new master key makes every stored softcard
     unreadable and a new CA invalidates every issued client certificate, so that can never be
-    a side effect of another flag.
+    a side effect of another flag. `store`: a PostgreSQL URL for the store (default: SQLite).
     """
     d = directory.expanduser().resolve()
     yaml_path = d / "server.yaml"
@@ -250,6 +270,12 @@ def init(directory: Path, port: int = settings.DEFAULT_PORT, force: bool = False
         raise InitError(f"ports {port} and {admin_port}: two different ports in 1-65535")
     if scrypt_n < 2 or scrypt_n & (scrypt_n - 1):
         raise InitError("scrypt n must be a power of two")
+    if store is not None:
+        try:
+            if scheme_of(store) == "sqlite":
+                raise InitError("--store: only for PostgreSQL (SQLite is the default)")
+        except StoreError as exc:
+            raise InitError(str(exc)) from None
     existing = [p for p in (ca, master) if p.exists()]
     if existing and not force and not replace_ca_and_master_key:
         raise InitError(
@@ -267,7 +293,7 @@ def init(directory: Path, port: int = settings.DEFAULT_PORT, force: bool = False
         make_pki(d / "pki")
     if not kept_master_key:
         _write_private(master, os.urandom(32))
-    yaml_path.write_text(server_yaml(d, port, scrypt_n, admin_port), encoding="utf-8")
+    yaml_path.write_text(server_yaml(d, port, scrypt_n, admin_port, store), encoding="utf-8")
     cfg = d / "pkcs11webservices.cfg"
     cfg.write_text(client_cfg(d, port), encoding="utf-8")
     settings.load(yaml_path)  # what we wrote must load
