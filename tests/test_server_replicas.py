@@ -8,6 +8,7 @@ one replica did, the other sees: an activation, a lockout, an idempotent create 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -122,6 +123,46 @@ def test_concurrent_wrong_passphrases_on_both_replicas_are_all_counted(
         row = con.execute("SELECT failures FROM softcards WHERE id = %s", (card,)).fetchone()
     assert row is not None
     assert row[0] == codes.count("PASSPHRASE_INCORRECT") >= THRESHOLD
+
+
+def test_a_guessing_burst_over_both_replicas_gets_at_most_threshold_evaluations(
+    pair: list[Service],
+) -> None:
+    # 30 wrong passphrases at once, half to each replica, each on its own connection: the
+    # reservation in the shared database lets at most THRESHOLD reach scrypt, on both together.
+    card = new_card(Api(pair[0]))
+    results: list[str | None] = []
+    lock = threading.Lock()
+    start = threading.Barrier(30, timeout=300)
+
+    def attempt(svc: Service) -> None:
+        api = Api(svc)
+        try:
+            api.get("/health")  # connected before the barrier
+            start.wait()
+            r = api.post(f"/km/v1/softcards/{card}/activate", {"passphrase": b64(b"guess")})
+            with lock:
+                results.append(r.code)
+        finally:
+            api.close()
+
+    threads = [threading.Thread(target=attempt, args=(pair[i % 2],)) for i in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(results) == 30
+    incorrect = results.count("PASSPHRASE_INCORRECT")
+    assert incorrect + results.count("PASSPHRASE_LOCKED") == 30, results
+    assert 1 <= incorrect <= THRESHOLD, results
+    # Server side: scrypt ran once per "incorrect" answer, counting both replicas' logs.
+    line = f"login failed: softcard {card}: wrong passphrase"
+    deadline = time.monotonic() + 10
+    while sum(svc.log_text().count(line) for svc in pair) < incorrect:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert sum(svc.log_text().count(line) for svc in pair) == incorrect
 
 
 def test_an_idempotent_create_retried_on_the_other_replica_returns_the_first_answer(
