@@ -59,7 +59,17 @@ def main() -> int:
     port = _free_port()
     print(f"pkcs11ws demo: key service on 127.0.0.1:{port}, state in {WORK.resolve()}")
     subprocess.run(
-        [_bin("pkcs11ws-server"), "init", str(WORK), "--port", str(port)],
+        # A free admin port too: init's default (port + 1) may be taken on a busy machine, and
+        # then the service exits before the first step.
+        [
+            _bin("pkcs11ws-server"),
+            "init",
+            str(WORK),
+            "--port",
+            str(port),
+            "--admin-port",
+            str(_free_port()),
+        ],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -98,7 +108,11 @@ def _run(demo: Demo, cfg_path: str, server: subprocess.Popen[bytes]) -> int:
                 h = client.health()
                 return f"service {h['version']}, protocol {h['protocol']}"
             except Exception:
-                if time.monotonic() > deadline or server.poll() is not None:
+                if server.poll() is not None:
+                    raise RuntimeError(
+                        f"the key service exited ({server.returncode}); see {WORK / 'server.log'}"
+                    ) from None
+                if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
 
