@@ -18,6 +18,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from pkcs11ws._native.ck cimport *  # noqa: F403
 from pkcs11ws._native.ck_gen cimport *  # noqa: F403
+from pkcs11ws._native.tables cimport *  # noqa: F403
 
 import os
 import sys

@@ -17,7 +17,7 @@ cdef CK_FLAGS _op_flag(int which) noexcept nogil:
 
 
 cdef CK_RV _op_check(CK_SLOT_ID slot, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key, int which,
-                     Op* op) noexcept nogil:
+                     OpState* op) noexcept nogil:
     cdef ObjRow obj
     cdef int row
     cdef CK_ULONG v
@@ -30,7 +30,7 @@ cdef CK_RV _op_check(CK_SLOT_ID slot, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key, 
     row = _mech_find(m.mechanism)
     if row < 0 or not (g_mechs[row].flags & _op_flag(which)):
         return CKR_MECHANISM_INVALID
-    memset(op, 0, sizeof(Op))
+    memset(op, 0, sizeof(OpState))
     op.row = row
     op.mech = m.mechanism
     op.key = key
@@ -61,7 +61,7 @@ cdef CK_RV _op_init(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE ke
                     int which) noexcept nogil:
     cdef CK_RV rv = _ready()
     cdef Session* s
-    cdef Op op
+    cdef OpState op
     if rv != CKR_OK:
         return rv
     s = _session_get(h)
@@ -88,7 +88,7 @@ cdef void _op_end(Session* s, int which) noexcept nogil:
     pthread_mutex_unlock(&g_sess_lock)
 
 
-cdef CK_RV _out_len(Op* op, int which, CK_ULONG n, CK_ULONG* out) noexcept nogil:
+cdef CK_RV _out_len(OpState* op, int which, CK_ULONG n, CK_ULONG* out) noexcept nogil:
     cdef MechRow* row = &g_mechs[op.row]
     if which == OP_ENCRYPT:
         if row.padded:
@@ -107,7 +107,7 @@ cdef CK_RV _out_len(Op* op, int which, CK_ULONG n, CK_ULONG* out) noexcept nogil
     return CKR_OK
 
 
-cdef bint _kept_matches(Op* op, CK_BYTE_PTR data, CK_ULONG n) noexcept nogil:
+cdef bint _kept_matches(OpState* op, CK_BYTE_PTR data, CK_ULONG n) noexcept nogil:
     return (op.kept_out != NULL and op.kept_in_len == n
             and (n == 0 or memcmp(op.kept_in, data, n) == 0))
 
@@ -140,7 +140,7 @@ cdef CK_RV _single(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pIn, CK_ULONG ulI
     """C_Encrypt, C_Decrypt and C_Sign: one request, made once the buffer is big enough."""
     cdef CK_RV rv = _ready()
     cdef Session* s
-    cdef Op op
+    cdef OpState op
     cdef CK_ULONG need = 0
     cdef Py_ssize_t size
     cdef const unsigned char* src
@@ -252,7 +252,7 @@ cdef CK_RV f_Verify(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDa
                     CK_BYTE_PTR pSignature, CK_ULONG ulSignatureLen) noexcept nogil:
     cdef CK_RV rv = _ready()
     cdef Session* s
-    cdef Op op
+    cdef OpState op
     if rv != CKR_OK:
         return rv
     s = _session_get(hSession)

@@ -24,7 +24,7 @@ cdef object _cipher_request(CK_SESSION_HANDLE h, int which, CK_SLOT_ID slot,
     return _prov_s(h).decrypt(slot, key, mech, iv, data)
 
 
-cdef CK_RV _multi_begin(Session* s, int which, Op* op) noexcept nogil:
+cdef CK_RV _multi_begin(Session* s, int which, OpState* op) noexcept nogil:
     """Copy the operation state; NOT_INITIALIZED if none. Marks it multi-part."""
     pthread_mutex_lock(&g_sess_lock)
     op[0] = s.ops[which]
@@ -38,7 +38,7 @@ cdef CK_RV _cipher_update(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pIn, CK_UL
                           CK_BYTE_PTR pOut, CK_ULONG_PTR pulOut) noexcept nogil:
     cdef CK_RV rv = _ready()
     cdef Session* s
-    cdef Op op
+    cdef OpState op
     cdef CK_ULONG total, send, keep, used, done, n
     cdef bint padded
     cdef const unsigned char* src
@@ -114,7 +114,7 @@ cdef CK_RV _cipher_final(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pOut,
                          CK_ULONG_PTR pulOut) noexcept nogil:
     cdef CK_RV rv = _ready()
     cdef Session* s
-    cdef Op op
+    cdef OpState op
     cdef CK_ULONG need = 0
     cdef Py_ssize_t size
     cdef bint padded
@@ -182,7 +182,7 @@ cdef CK_RV _mac_update(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pPart,
                        CK_ULONG ulPartLen) noexcept nogil:
     cdef CK_RV rv = _ready()
     cdef Session* s
-    cdef Op* op
+    cdef OpState* op
     cdef CK_ULONG cap
     cdef CK_BYTE* grown
     if rv != CKR_OK:
@@ -226,7 +226,7 @@ cdef CK_RV _mac_final(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pSig,
     """C_SignFinal (which OP_SIGN, pulSig) and C_VerifyFinal (OP_VERIFY, ulSig)."""
     cdef CK_RV rv = _ready()
     cdef Session* s
-    cdef Op op
+    cdef OpState op
     cdef const unsigned char* src
     if rv != CKR_OK:
         return rv
