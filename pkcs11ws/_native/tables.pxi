@@ -182,15 +182,16 @@ cdef int _session_close(CK_SESSION_HANDLE h, CK_SLOT_ID* slot_out) noexcept nogi
     cdef SlotRow row
     if s == NULL:
         return -1
-    pthread_mutex_lock(&g_sess_lock)
-    if s.closed:
+    try:
+        pthread_mutex_lock(&g_sess_lock)
+        if s.closed:
+            pthread_mutex_unlock(&g_sess_lock)
+            return -1
+        _session_unlink(s)
+        slot_out[0] = s.slot
         pthread_mutex_unlock(&g_sess_lock)
+    finally:
         _session_put(s)
-        return -1
-    _session_unlink(s)
-    slot_out[0] = s.slot
-    pthread_mutex_unlock(&g_sess_lock)
-    _session_put(s)
     last = _slot_get(slot_out[0], &row) == 0 and row.sessions == 0
     return 1 if last else 0
 
