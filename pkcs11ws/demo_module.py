@@ -20,7 +20,7 @@ class _Steps(Protocol):
 
 
 def module_path() -> str:
-    from pkcs11ws.__main__ import module_path as mp
+    from pkcs11ws.paths import module_path as mp
 
     return mp()
 

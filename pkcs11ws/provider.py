@@ -216,10 +216,17 @@ class Provider:
         self.tokens = {}
         self.client.reset_after_fork()  # also the transport of self._quick
 
+    @staticmethod
+    def in_request() -> bool:
+        """True when this thread is inside one of our key service requests: a call nested in
+        libcurl's start-up (OpenSSL loading pkcs11-provider early). The core asks before
+        C_Finalize; the transport is the layer that knows."""
+        return transport.nested()
+
     # -- slots --------------------------------------------------------------------------------
 
     def refresh_slots(self) -> None:
-        if transport.nested():
+        if self.in_request():
             # Called back from inside libcurl's start-up (OpenSSL loading pkcs11-provider
             # early, which lists slots): the slots known so far must do, as a request from
             # here cannot be made; failing would make that provider C_Finalize us.

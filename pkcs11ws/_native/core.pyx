@@ -400,9 +400,7 @@ cdef CK_RV f_Initialize(CK_VOID_PTR pInitArgs) noexcept nogil:
 
 
 cdef CK_RV _py_nested(Call* c) except? 0xFFFFFFFF:
-    from pkcs11ws.client.transport import nested
-
-    if nested():
+    if _prov().in_request():
         from pkcs11ws.log import LOG
 
         LOG.warning("C_Finalize refused: called from inside a key service request")
