@@ -16,8 +16,9 @@ Layout follows the standard's Unix conventions: natural alignment, no packing, C
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Final
+
+from pkcs11ws._lite import dataclass
 
 # One row per scalar type: "NAME = C type". Every type also gets a NAME_PTR; CK_VOID_PTR is
 # `void *` and has a CK_VOID_PTR_PTR.

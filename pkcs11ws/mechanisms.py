@@ -11,13 +11,11 @@ from __future__ import annotations
 from enum import Enum
 
 from pkcs11ws import constants as C
+from pkcs11ws._lite import dataclass
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
-    from dataclasses import dataclass
     from typing import Final
-else:  # dataclasses imports inspect: too heavy for the module's start-up
-    from pkcs11ws._lite import dataclass
 
 
 class Param(Enum):

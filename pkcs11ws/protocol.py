@@ -14,13 +14,11 @@ import binascii
 import re
 
 from pkcs11ws import constants as C
+from pkcs11ws._lite import dataclass, field
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
-    from dataclasses import dataclass, field
     from typing import Any, Final
-else:  # dataclasses imports inspect: too heavy for the module's start-up
-    from pkcs11ws._lite import dataclass, field
 
 VERSION: Final = "1.0"
 OPENAPI_PATH: Final = "/openapi.json"

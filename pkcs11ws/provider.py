@@ -31,6 +31,7 @@ import time
 
 from pkcs11ws import _lite, mechanisms, objects
 from pkcs11ws import constants as C
+from pkcs11ws._lite import dataclass
 from pkcs11ws.client import transport
 from pkcs11ws.client.api import KeyServiceClient, PendingKeys
 from pkcs11ws.client.transport import Transport
@@ -42,13 +43,10 @@ from pkcs11ws.protocol import Attrs
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from dataclasses import dataclass
     from typing import Any, Protocol, TypeVar
 
     T = TypeVar("T")
-else:  # typing and dataclasses (inspect) are too heavy for the module's start-up
-    from pkcs11ws._lite import dataclass
-
+else:  # typing is too heavy for the module's start-up
     Protocol = object
 
 RANDOM_CHUNK = 65536  # the service's largest random request

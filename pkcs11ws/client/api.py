@@ -56,6 +56,7 @@ import time
 
 from pkcs11ws import constants as C
 from pkcs11ws import protocol
+from pkcs11ws._lite import dataclass
 from pkcs11ws.client.transport import BASE_HEADERS, CurlFailure, Transport
 from pkcs11ws.config import Config
 from pkcs11ws.errors import (
@@ -70,10 +71,7 @@ from pkcs11ws.log import DEBUG1, DEBUG3, DEBUG9, ERROR, LOG, WARNING, Logger
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from dataclasses import dataclass
     from typing import Any, Final
-else:  # dataclasses imports inspect: too heavy for the module's start-up
-    from pkcs11ws._lite import dataclass
 
 _PATH_PARAM_CHARS: Final = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-"

@@ -13,10 +13,10 @@ import ctypes
 import sys
 from collections.abc import Iterator, Sequence
 from ctypes import POINTER, byref, c_void_p
-from dataclasses import dataclass
 from typing import Any, Final
 
 from pkcs11ws import constants as C
+from pkcs11ws._lite import dataclass
 from pkcs11ws.abi_ctypes import (
     CK_ATTRIBUTE,
     CK_BBOOL,
