@@ -8,7 +8,7 @@ tests/test_module_generated.py checks that both are current.
 from __future__ import annotations
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
-if TYPE_CHECKING:  # annotations only: typing costs ~2.5 ms and ~1.9 MB at start-up
+if TYPE_CHECKING:  # annotations only: typing stays off the start-up path (test_startup_imports)
     from typing import Final
 
 
