@@ -93,19 +93,18 @@ cdef CK_RV _unsupported(CK_RV rv) noexcept nogil:
     return rv
 
 
-cdef object _prov():
+cdef object _prov_s(CK_SESSION_HANDLE h):
+    """The provider, for work on behalf of session h (0: none): the log lines it causes carry
+    h (one set_session per call)."""
     p = g_provider
     if p is None:
         raise PKCS11Error(CKR_CRYPTOKI_NOT_INITIALIZED)
-    _log_session(0)
-    return p
-
-
-cdef object _prov_s(CK_SESSION_HANDLE h):
-    """The provider, for work on behalf of session h: the log lines it causes carry h."""
-    p = _prov()
     _log_session(h)
     return p
+
+
+cdef object _prov():
+    return _prov_s(0)
 
 
 # ---- the one door into Python ----------------------------------------------------------------

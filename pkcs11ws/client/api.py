@@ -83,7 +83,6 @@ _decode_json = json.JSONDecoder().decode
 # The string encoder _dumps itself uses (the C one where available).
 _json_str = json.encoder.encode_basestring_ascii
 _b64 = binascii.b2a_base64
-_unb64 = binascii.a2b_base64
 _monotonic = time.monotonic
 REJECTED: Final = "the service refused this client certificate (expired? other CA?)"
 
@@ -184,13 +183,7 @@ def _canonical_b64(value: object) -> bytes | None:
     """value decoded when it is canonical strict base64 (as protocol.b64d accepts), else None."""
     if type(value) is not str:
         return None
-    try:
-        data = _unb64(value, strict_mode=True)
-    except (binascii.Error, ValueError):
-        return None
-    if _b64(data, newline=False) != value.encode("ascii"):
-        return None
-    return data
+    return protocol.canonical_b64(value)
 
 
 def _path_param(name: str, value: str) -> str:
