@@ -32,9 +32,26 @@ def instructions(lab: Lab, op: str, n: int, out: Path) -> int:
     """Ir of one p11bench process doing n operations."""
     assert lab.service is not None
     env = {**os.environ, **lab.module_env(lab.service.port)}
-    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-           str(lab.bins["p11bench"]), "--module", lab.module, "--token", TOKEN_LABEL, "--op", op,
-           "--threads", "1", "--seconds", "1", "--warmup", "0", "--count", str(n)]  # fmt: skip
+    cmd = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out}",
+        str(lab.bins["p11bench"]),
+        "--module",
+        lab.module,
+        "--token",
+        TOKEN_LABEL,
+        "--op",
+        op,
+        "--threads",
+        "1",
+        "--seconds",
+        "1",
+        "--warmup",
+        "0",
+        "--count",
+        str(n),
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
     m = re.search(r"Collected : (\d+)", r.stderr)
     if r.returncode != 0 or m is None:

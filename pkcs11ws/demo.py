@@ -133,10 +133,19 @@ def _run(demo: Demo, cfg_path: str, server: subprocess.Popen[bytes]) -> int:
 
     def aes() -> str:
         key = client.generate_key(
-            state["card"], state["token"], "CKM_AES_KEY_GEN",
-            {"CKA_CLASS": 4, "CKA_KEY_TYPE": 0x1F, "CKA_VALUE_LEN": 32, "CKA_TOKEN": True,
-             "CKA_PRIVATE": True, "CKA_LABEL": b"demo-aes", "CKA_ID": b"\x01"},
-        )  # fmt: skip
+            state["card"],
+            state["token"],
+            "CKM_AES_KEY_GEN",
+            {
+                "CKA_CLASS": 4,
+                "CKA_KEY_TYPE": 0x1F,
+                "CKA_VALUE_LEN": 32,
+                "CKA_TOKEN": True,
+                "CKA_PRIVATE": True,
+                "CKA_LABEL": b"demo-aes",
+                "CKA_ID": b"\x01",
+            },
+        )
         iv, msg = os.urandom(16), b"attack at dawn, bring the keys"
         ct, _ = client.encrypt(state["token"], key["handle"], "CKM_AES_CBC_PAD", iv, msg)
         pt, _ = client.decrypt(state["token"], key["handle"], "CKM_AES_CBC_PAD", iv, ct)
@@ -146,10 +155,19 @@ def _run(demo: Demo, cfg_path: str, server: subprocess.Popen[bytes]) -> int:
 
     def hmac() -> str:
         key = client.generate_key(
-            state["card"], state["token"], "CKM_SHA256_KEY_GEN",
-            {"CKA_CLASS": 4, "CKA_KEY_TYPE": 0x2B, "CKA_VALUE_LEN": 32, "CKA_TOKEN": True,
-             "CKA_PRIVATE": True, "CKA_LABEL": b"demo-hmac", "CKA_ID": b"\x02"},
-        )  # fmt: skip
+            state["card"],
+            state["token"],
+            "CKM_SHA256_KEY_GEN",
+            {
+                "CKA_CLASS": 4,
+                "CKA_KEY_TYPE": 0x2B,
+                "CKA_VALUE_LEN": 32,
+                "CKA_TOKEN": True,
+                "CKA_PRIVATE": True,
+                "CKA_LABEL": b"demo-hmac",
+                "CKA_ID": b"\x02",
+            },
+        )
         sig = client.sign(state["token"], key["handle"], "CKM_SHA256_HMAC", b"hello")
         client.verify(state["token"], key["handle"], "CKM_SHA256_HMAC", b"hello", sig)
         return f"HMAC-SHA256 key generated, {len(sig)}-byte MAC signed and verified"
@@ -157,8 +175,11 @@ def _run(demo: Demo, cfg_path: str, server: subprocess.Popen[bytes]) -> int:
     def checkinst() -> str:
         r = subprocess.run(
             [_bin("ckcheckinst"), "--config", cfg_path, "--softcard", name],
-            input=passphrase + "\n", capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            input=passphrase + "\n",
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         print("\n".join("         | " + line for line in r.stdout.splitlines()))
         if r.returncode != 0:
             raise RuntimeError(f"ckcheckinst exit {r.returncode}: {r.stderr.strip()[-300:]}")

@@ -123,8 +123,7 @@ class Module:
         if config is None:
             return self.call("C_Initialize", None)
         self._reserved = ctypes.create_string_buffer(f"config={config}".encode())
-        args = CK_C_INITIALIZE_ARGS(None, None, None, None, flags,
-                                    ctypes.addressof(self._reserved))  # fmt: skip
+        args = CK_C_INITIALIZE_ARGS(None, None, None, None, flags, ctypes.addressof(self._reserved))
         return self.call("C_Initialize", byref(args))
 
     def slots(self, present: bool = True) -> list[int]:
@@ -155,8 +154,13 @@ class Module:
         buf = ctypes.create_string_buffer(pin, len(pin))
         return self.call("C_Login", session, C.CKU_USER, buf, len(pin))
 
-    def create(self, session: int, items: list[tuple[int, Any]], fn: str = "C_CreateObject",
-               mech: CK_MECHANISM | None = None) -> int:  # fmt: skip
+    def create(
+        self,
+        session: int,
+        items: list[tuple[int, Any]],
+        fn: str = "C_CreateObject",
+        mech: CK_MECHANISM | None = None,
+    ) -> int:
         t = Template(items)
         h = CK_ULONG()
         if mech is not None:

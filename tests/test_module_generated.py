@@ -19,8 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_generated_files_are_current():
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_native.py"), "--check"],
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "gen_native.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -29,8 +32,12 @@ def test_function_table_matches_the_standard_order():
     assert len(names) == 68 and names[0] == "C_Initialize" and names[-1] == "C_WaitForSlotEvent"
     assert names.index("C_GetFunctionList") == 3 and names.index("C_Login") == 18
     assert names.index("C_GenerateRandom") == 64
-    assert [f.name for f in P.GEN.V30[:4]] == ["C_GetInterfaceList", "C_GetInterface",
-                                               "C_LoginUser", "C_SessionCancel"]  # fmt: skip
+    assert [f.name for f in P.GEN.V30[:4]] == [
+        "C_GetInterfaceList",
+        "C_GetInterface",
+        "C_LoginUser",
+        "C_SessionCancel",
+    ]
     assert P.GEN.V30[-1].name == "C_MessageVerifyFinal"
 
 
@@ -51,8 +58,12 @@ def test_struct_table_makes_every_binding():
 def test_header_layout_and_constants(tmp_path):
     """Every structure of the table, compiled from the C header, has the size and field offsets
     of the ctypes binding."""
-    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "pkcs11ws_ck.h"',
-             "int main(void) {"]  # fmt: skip
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        '#include "pkcs11ws_ck.h"',
+        "int main(void) {",
+    ]
     for s in abi.STRUCT_TYPES:
         lines.append(f'printf("{s.name} %zu\\n", sizeof({s.name}));')
         for f in s.fields:
@@ -65,8 +76,19 @@ def test_header_layout_and_constants(tmp_path):
     lines += ["return 0;", "}"]
     (tmp_path / "layout.c").write_text("\n".join(lines) + "\n")
     exe = tmp_path / "layout"
-    subprocess.run(["gcc", "-Wall", "-Werror", "-I", str(ROOT / "include"), "-o", str(exe),
-                    str(tmp_path / "layout.c")], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            "gcc",
+            "-Wall",
+            "-Werror",
+            "-I",
+            str(ROOT / "include"),
+            "-o",
+            str(exe),
+            str(tmp_path / "layout.c"),
+        ],
+        check=True,
+    )
     got = dict(
         line.split(" ", 1)
         for line in subprocess.run(

@@ -113,8 +113,13 @@ def test_attrs_round_trip(parts: list[dict[str, object]]) -> None:
 @given(data=st.binary(max_size=512), key=st.text(max_size=40), n=st.integers(0, 2**64 - 1))
 def test_struct_round_trip(data: bytes, key: str, n: int) -> None:
     s = P.STRUCTS["Verify"]
-    values = {"key": key, "mechanism": "CKM_SHA256_HMAC", "data": data, "signature": data[:32],
-              "mac_length": n}  # fmt: skip
+    values = {
+        "key": key,
+        "mechanism": "CKM_SHA256_HMAC",
+        "data": data,
+        "signature": data[:32],
+        "mac_length": n,
+    }
     assert P.decode(s, P.encode(s, values)) == values
 
 

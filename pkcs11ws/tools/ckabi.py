@@ -227,8 +227,13 @@ class Library:
     def info(self) -> Info:
         i = CK_INFO()
         self.check("C_GetInfo", byref(i))
-        return Info(version(i.cryptokiVersion), text(i.manufacturerID), int(i.flags),
-                    text(i.libraryDescription), version(i.libraryVersion))  # fmt: skip
+        return Info(
+            version(i.cryptokiVersion),
+            text(i.manufacturerID),
+            int(i.flags),
+            text(i.libraryDescription),
+            version(i.libraryVersion),
+        )
 
     # -- slots and tokens -----------------------------------------------------------------------
 
@@ -249,20 +254,37 @@ class Library:
     def slot_info(self, slot: int) -> SlotInfo:
         i = CK_SLOT_INFO()
         self.check("C_GetSlotInfo", slot, byref(i))
-        return SlotInfo(text(i.slotDescription), text(i.manufacturerID), int(i.flags),
-                        version(i.hardwareVersion), version(i.firmwareVersion))  # fmt: skip
+        return SlotInfo(
+            text(i.slotDescription),
+            text(i.manufacturerID),
+            int(i.flags),
+            version(i.hardwareVersion),
+            version(i.firmwareVersion),
+        )
 
     def token_info(self, slot: int) -> TokenInfo:
         i = CK_TOKEN_INFO()
         self.check("C_GetTokenInfo", slot, byref(i))
         return TokenInfo(
-            text(i.label), text(i.manufacturerID), text(i.model), text(i.serialNumber),
-            int(i.flags), int(i.ulMaxSessionCount), int(i.ulSessionCount),
-            int(i.ulMaxRwSessionCount), int(i.ulRwSessionCount), int(i.ulMaxPinLen),
-            int(i.ulMinPinLen), int(i.ulTotalPublicMemory), int(i.ulFreePublicMemory),
-            int(i.ulTotalPrivateMemory), int(i.ulFreePrivateMemory),
-            version(i.hardwareVersion), version(i.firmwareVersion), text(i.utcTime),
-        )  # fmt: skip
+            text(i.label),
+            text(i.manufacturerID),
+            text(i.model),
+            text(i.serialNumber),
+            int(i.flags),
+            int(i.ulMaxSessionCount),
+            int(i.ulSessionCount),
+            int(i.ulMaxRwSessionCount),
+            int(i.ulRwSessionCount),
+            int(i.ulMaxPinLen),
+            int(i.ulMinPinLen),
+            int(i.ulTotalPublicMemory),
+            int(i.ulFreePublicMemory),
+            int(i.ulTotalPrivateMemory),
+            int(i.ulFreePrivateMemory),
+            version(i.hardwareVersion),
+            version(i.firmwareVersion),
+            text(i.utcTime),
+        )
 
     def mechanisms(self, slot: int) -> list[int]:
         n = CK_ULONG()
