@@ -99,7 +99,9 @@ def dataclass(*, frozen: bool = False) -> Callable[[type], type]:
 
     def wrap(cls: type) -> type:
         # inspect.get_annotations would import inspect, the very thing this module avoids
-        names = list(cls.__dict__.get("__annotations__", {}))  # noqa: RUF063
+        annotations = cls.__dict__.get("__annotations__", {})  # noqa: RUF063
+        # A ClassVar is no field (as in dataclasses); annotations are strings here.
+        names = [n for n, a in annotations.items() if not str(a).startswith("ClassVar")]
         specs: dict[str, _FieldSpec | None] = {}
         glob: dict[str, object] = {"_MISSING": _MISSING, "_set": object.__setattr__}
         params: list[str] = []
