@@ -22,12 +22,12 @@ import hmac
 import os
 import struct
 import uuid
-from dataclasses import dataclass
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from pkcs11ws._lite import dataclass
 from pkcs11ws.server.masterkey import MasterKey, UnwrapError
 
 CARD_KEY_LEN: Final = 32
