@@ -25,9 +25,12 @@ from typing import Any, Final
 from pkcs11ws import protocol
 from pkcs11ws.protocol import ERRORS, STRUCTS, Endpoint
 from pkcs11ws.protocol import ProtocolError as ApiError
+from pkcs11ws.server import audit, pipeline, reload
 from pkcs11ws.server import settings as settings_mod
 from pkcs11ws.server.accesslog import LOG_FORMAT, AccessLog
-from pkcs11ws.server.handlers import Idem, Request, Response, Service, dumps
+from pkcs11ws.server.handlers import Service
+from pkcs11ws.server.identity import Clients
+from pkcs11ws.server.pipeline import Idem, Request, Response, dumps
 from pkcs11ws.server.sealing import MasterKeys, load_master_key
 from pkcs11ws.server.settings import Settings
 from pkcs11ws.server.sqlite_store import SQLiteStore
@@ -88,7 +91,10 @@ class App:
         self._flush = metrics.flush
         self._flush_every = metrics.FLUSH_SECONDS
         self._flusher: asyncio.Task[None] | None = None
-        self.service = Service(s, self.store, MasterKeys(load_master_key(s.master_key)))
+        self.clients = Clients(s.clients, s.unlisted_clients, s.crl, s.tls_ca)
+        self.service = Service(
+            s, self.store, MasterKeys(load_master_key(s.master_key)), self.clients
+        )
         self._static: dict[str, _Route] = {}
         self._dynamic: list[_Route] = []
         routes: dict[str, _Route] = {}
@@ -119,12 +125,17 @@ class App:
         while True:
             msg = await receive()
             if msg["type"] == "lifespan.startup":
-                loop = type(asyncio.get_running_loop()).__name__
-                error_log.info("worker ready (event loop %s)", loop)
+                running = asyncio.get_running_loop()
+                reload.register(self.clients.reload)
+                reload.register(audit.reopen)
+                reload.install(running)
+                error_log.info("worker ready (event loop %s)", type(running).__name__)
                 self._ready.inc()  # the master key is loaded and the store open (__init__)
                 self._flusher = asyncio.create_task(self._flush_metrics())
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                reload.unregister(self.clients.reload)
+                reload.unregister(audit.reopen)
                 if self._flusher is not None:
                     self._flusher.cancel()
                 self._flush()
@@ -143,9 +154,12 @@ class App:
         start = time.perf_counter()
         method: str = scope["method"]
         path: str = scope["path"]
+        # What the audit line needs, filled in by _dispatch as it learns it: endpoint,
+        # identity, path parameters, decoded body.
+        seen: list[Any] = [None, None, _NO_PARAMS, None]
         code: str | None = None
         try:
-            resp = await self._dispatch(scope, method, path, receive)
+            resp = await self._dispatch(scope, method, path, receive, seen)
         except ApiError as exc:
             code = exc.code
             resp = _error(code, exc.message)
@@ -155,6 +169,11 @@ class App:
             error_log.exception("internal error on %s %s", method, path)
             code = "INTERNAL"
             resp = _error(code, "internal error (logged by the service)")
+        if resp.status >= 300 or (seen[0] is not None and seen[0].changes):
+            if code is None and resp.status >= 400:
+                code = _code_of(resp.body)
+            pipeline.audit_outcome(seen[0], seen[1], seen[2], seen[3], resp.status, code,
+                                   resp.body)  # fmt: skip
         headers = [*_JSON_HEADERS, (b"content-length", str(len(resp.body)).encode())]
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": resp.body})
@@ -187,12 +206,9 @@ class App:
             raise ApiError("METHOD_NOT_ALLOWED", f"{method} is not allowed on {path}")
         raise ApiError("NOT_FOUND", f"no endpoint {path}")
 
-    async def _dispatch(self, scope: Scope, method: str, path: str, receive: Receive) -> Response:
-        if path == protocol.OPENAPI_PATH and method == "GET":
-            scope[_OP] = "openapi"
-            return self._openapi_doc()
-        ep, handler, params = self._route(method, path)
-        scope[_OP] = ep.op
+    async def _dispatch(
+        self, scope: Scope, method: str, path: str, receive: Receive, seen: list[Any]
+    ) -> Response:
         length: bytes | None = None
         authorization: bytes | None = None
         idem_key: bytes | None = None
@@ -203,12 +219,27 @@ class App:
                 authorization = value
             elif name == b"idempotency-key":
                 idem_key = value
+            elif name == b"x-request-id":
+                rid = value.decode("latin-1")
+                if protocol.REQUEST_ID_RE.match(rid):
+                    audit.REQUEST_ID.set(rid)
+        ident, peer = pipeline.identify(self.clients, scope)
+        if ident is None:
+            raise pipeline.refuse_unknown(peer)
+        seen[1] = ident
+        if path == protocol.OPENAPI_PATH and method == "GET":
+            scope[_OP] = "openapi"
+            return self._openapi_doc()
+        ep, handler, params = self._route(method, path)
+        scope[_OP] = ep.op
+        seen[0] = ep
+        seen[2] = params
         raw = await self._body(receive, length)
         query = _query(ep, scope.get("query_string", b""))
         # The keyed crypto endpoints check the session in the same store query as the key.
         deferred = ep.op in _KEYED_OPS
         claims = (
-            self.service.authenticate(authorization, params.get("card"), not deferred)
+            self.service.authenticate(authorization, params.get("card"), ident, not deferred)
             if ep.auth
             else None
         )
@@ -223,10 +254,14 @@ class App:
             fp = self.service.keys.fingerprint(
                 method.encode(), path.encode(), scope.get("query_string", b""), raw
             )
-            idem = Idem(key, fp)
-            done = self.service.replay(idem, self.store.idempotency_get(key))
+            # Keys are per identity: one identity can neither replay nor probe another's.
+            idem = Idem(ident.name + "/" + key, fp)
+            # Keys are per identity, so only the identity that made a change sees its replay
+            # (a repeated delete answers as the first did, though the card is gone now).
+            done = self.service.replay(idem, self.store.idempotency_get(idem.key))
             if done is not None:
                 return done
+        card = pipeline.authorize(self.store, ep, ident, params)
         try:
             body = _decode(ep.request, raw)
         except ApiError:
@@ -234,7 +269,8 @@ class App:
                 # An ended session outranks a bad body, as when it is checked up front.
                 self.service.check_session(claims, time.time())
             raise
-        return await handler(Request(ep, params, query, body, claims, idem))
+        seen[3] = body
+        return await handler(Request(ep, params, query, body, claims, idem, ident, card))
 
     async def _body(self, receive: Receive, length: bytes | None) -> bytes:
         if length is not None:
@@ -268,6 +304,17 @@ class App:
                 raise ApiError("NOT_FOUND", "the OpenAPI document is not available") from None
             self._openapi = dumps(protocol_docs.openapi())
         return Response(200, self._openapi)
+
+
+_NO_PARAMS: Final[dict[str, str]] = {}
+
+
+def _code_of(body: bytes) -> str | None:
+    try:
+        code = json.loads(body).get("code")
+    except (ValueError, AttributeError):
+        return None
+    return code if isinstance(code, str) else None
 
 
 def _error(code: str, message: str) -> Response:
@@ -357,4 +404,7 @@ def create_app() -> App:
         raise RuntimeError(f"{settings_mod.CONFIG_ENV} is not set")
     s = settings_mod.load(Path(path))
     configure_logging(s)
+    audit.configure(s.audit_log)
+    # Until lifespan start-up installs the reload handler, SIGHUP must not kill this worker.
+    reload.ignore_sighup()
     return App(s)

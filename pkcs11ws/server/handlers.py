@@ -23,9 +23,10 @@ from typing import Any, Final
 
 from pkcs11ws import __version__, mechanisms, protocol
 from pkcs11ws import constants as C
-from pkcs11ws.protocol import STRUCTS, Attrs, Endpoint
+from pkcs11ws.protocol import Attrs
 from pkcs11ws.protocol import ProtocolError as ApiError
-from pkcs11ws.server import ops, sealing
+from pkcs11ws.server import ops, pipeline, sealing
+from pkcs11ws.server.identity import Clients, Identity
 from pkcs11ws.server.objects import (
     CLASS_ATTRS,
     NewObject,
@@ -35,6 +36,7 @@ from pkcs11ws.server.objects import (
     new_object,
     renamed_attrs,
 )
+from pkcs11ws.server.pipeline import Idem, Request, Response, dumps, ok
 from pkcs11ws.server.sealing import MasterKeys, SealError, TokenClaims
 from pkcs11ws.server.settings import Settings
 from pkcs11ws.server.store import CardCounts, CardRow, IdempotencyRow, ObjectRow, Store, WriteTx
@@ -43,50 +45,6 @@ _KEY_META_CACHE_MAX: Final = 20000
 _TOKEN_CACHE_MAX: Final = 10000
 _ATTRS_CACHE_MAX: Final = 4096  # entries can hold a public certificate: keep it small
 _KEY_VALUE_CACHE_MAX: Final = 20000
-
-
-@dataclass(frozen=True)
-class Idem:
-    key: str
-    fingerprint: bytes
-
-
-class Response:
-    """A status and a JSON body (a plain slotted class: built once per request, kept cheap)."""
-
-    __slots__ = ("body", "status")
-
-    def __init__(self, status: int, body: bytes) -> None:
-        self.status = status
-        self.body = body
-
-
-class Request:
-    __slots__ = ("body", "claims", "ep", "idem", "params", "query")
-
-    def __init__(
-        self,
-        ep: Endpoint,
-        params: dict[str, str],
-        query: dict[str, str],
-        body: dict[str, Any],
-        claims: TokenClaims | None,
-        idem: Idem | None,
-    ) -> None:
-        self.ep = ep
-        self.params = params
-        self.query = query
-        self.body = body
-        self.claims = claims
-        self.idem = idem
-
-
-def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def ok(struct: str, values: dict[str, Any], status: int = 200) -> Response:
-    return Response(status, dumps(protocol.encode(STRUCTS[struct], values)))
 
 
 _EMPTY: Final = Response(200, b"{}")
@@ -112,10 +70,13 @@ class _KeyMeta:
 class Service:
     """The endpoint operations over one store and one set of master keys."""
 
-    def __init__(self, settings: Settings, store: Store, keys: MasterKeys) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, keys: MasterKeys, clients: Clients
+    ) -> None:
         self.settings = settings
         self.store = store
         self.keys = keys
+        self.clients = clients
         # A key's type and usage never change after creation (renaming touches only CKA_LABEL
         # and CKA_ID) and handles are never reused, so they can be cached; whether the key
         # still exists is always asked of the store.
@@ -130,10 +91,15 @@ class Service:
     # ---------------------------------------------------------------- plumbing
 
     def authenticate(
-        self, authorization: bytes | None, path_card: str | None, check_session: bool = True
+        self,
+        authorization: bytes | None,
+        path_card: str | None,
+        ident: Identity,
+        check_session: bool = True,
     ) -> TokenClaims:
-        """The token's claims. With check_session False the caller must still ask the store
-        whether the session lives (the crypto endpoints do it in the same query as the key)."""
+        """The token's claims, for the identity it was issued to only. With check_session False
+        the caller must still ask the store whether the session lives (the crypto endpoints do
+        it in the same query as the key)."""
         if not authorization or not authorization.startswith(b"Bearer "):
             raise ApiError("NOT_ACTIVATED", "no activation token: activate the softcard first")
         # A sealed token's content never changes, so its opened claims can be cached by the
@@ -147,6 +113,7 @@ class Service:
             if len(self._tokens) >= _TOKEN_CACHE_MAX:
                 self._tokens.clear()
             self._tokens[authorization] = claims
+        pipeline.check_token(claims, ident)
         now = time.time()
         if claims.expires <= now:
             raise ApiError("NOT_ACTIVATED", "the activation has expired")
@@ -210,20 +177,22 @@ class Service:
                 "certificates": counts.certificates, "data": counts.data,
                 "created": card.created, "failures": card.failures,
                 "failure_threshold": self.settings.lockout_threshold,
-                "locked_for": locked_for}  # fmt: skip
+                "locked_for": locked_for, "owner": card.owner}  # fmt: skip
 
-    def _card(self, card_id: str) -> CardRow:
-        card = self.store.card_get(card_id)
-        if card is None:
-            raise ApiError("SOFTCARD_NOT_FOUND", "no softcard with that ID")
-        return card
+    @staticmethod
+    def _card(req: Request) -> CardRow:
+        """The softcard of a "card"/"owner" endpoint: loaded and authorized by the pipeline."""
+        assert req.card is not None
+        return req.card
 
     async def list_softcards(self, req: Request) -> Response:
-        cards = [self._card_json(c, n) for c, n in self.store.card_list()]
+        ident = req.ident
+        rows = self.store.card_list(None if ident.admin else ident.name)
+        cards = [self._card_json(c, n) for c, n in rows]
         return ok("SoftcardList", {"softcards": cards})
 
     async def get_softcard(self, req: Request) -> Response:
-        card = self._card(req.params["card"])
+        card = self._card(req)
         return ok("Softcard", self._card_json(card, self.store.card_counts(card.id)))
 
     async def create_softcard(self, req: Request) -> Response:
@@ -239,7 +208,8 @@ class Service:
         kek = await asyncio.to_thread(sealing.kek, passphrase, salt, sc.n, sc.r, sc.p)
         created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         row = CardRow(card_id, name, created, salt, sc.n, sc.r, sc.p,
-                      sealing.wrap_card_key(kek, card_key, card_id))  # fmt: skip
+                      sealing.wrap_card_key(kek, card_key, card_id),
+                      owner=req.ident.name)  # fmt: skip
 
         def change(tx: WriteTx) -> Response:
             if not tx.card_insert(row):
@@ -249,7 +219,10 @@ class Service:
         return await self.commit(req.idem, change)
 
     async def delete_softcard(self, req: Request) -> Response:
-        card_id = req.params["card"]
+        # The pipeline let only the owner or an admin through; no passphrase is asked (see
+        # the README: deleting is about who may, and an admin must be able to clean up a card
+        # whose passphrase is lost).
+        card_id = self._card(req).id
         force = req.query.get("force") == "true"
 
         def change(tx: WriteTx) -> Response:
@@ -267,7 +240,8 @@ class Service:
         return await self.commit(req.idem, change)
 
     async def activate(self, req: Request) -> Response:
-        card = self._card(req.params["card"])
+        card = self._card(req)
+        client = req.ident.name
         passphrase: bytes = req.body["passphrase"]
         _check_passphrase(passphrase)
         now = time.time()
@@ -292,9 +266,61 @@ class Service:
             if current.failures or current.locked_until:
                 tx.card_set_failures(card.id, 0, 0.0)
             tx.session_expire(time.time())
-            tx.session_insert(session, card.id, float(expires))
-            token = self.keys.seal_token(TokenClaims(session, card.id, card_key, expires))
+            tx.session_insert(session, card.id, float(expires), client)
+            token = self.keys.seal_token(TokenClaims(session, card.id, card_key, expires, client))
             return ok("Activation", {"token": token, "expires_in": ttl})
+
+        return await self.commit(None, change)
+
+    async def renew(self, req: Request) -> Response:
+        """A fresh token for a live session (renew-while-in-use, see the README)."""
+        claims = req.claims
+        assert claims is not None
+        card = self.store.card_get(claims.card)
+        # The role or grants may have changed since the activation: ask again.
+        if card is None or not pipeline.sees(self.store, req.ident, card):
+            raise pipeline.not_found()
+        ttl = self.settings.activation_ttl
+        expires = int(time.time()) + ttl
+
+        def change(tx: WriteTx) -> Response:
+            if not tx.session_extend(claims.session, claims.card, float(expires)):
+                raise _ended()
+            renewed = TokenClaims(
+                claims.session, claims.card, claims.card_key, expires, claims.client
+            )
+            token = self.keys.seal_token(renewed)
+            return ok("Activation", {"token": token, "expires_in": ttl})
+
+        return await self.commit(None, change)
+
+    # ---------------------------------------------------------------- grants
+
+    async def list_grants(self, req: Request) -> Response:
+        names = self.store.grant_list(self._card(req).id)
+        return ok("GrantList", {"grants": [{"client": n} for n in names]})
+
+    def _grantee(self, req: Request) -> str:
+        name = req.params["client"]
+        if name not in self.clients.names:
+            raise ApiError("UNKNOWN_CLIENT", "the clients file names no such identity")
+        return name
+
+    async def grant(self, req: Request) -> Response:
+        card, name = self._card(req).id, self._grantee(req)
+
+        def change(tx: WriteTx) -> Response:
+            tx.grant_put(card, name)
+            return _EMPTY
+
+        return await self.commit(None, change)
+
+    async def revoke_grant(self, req: Request) -> Response:
+        card, name = self._card(req).id, self._grantee(req)
+
+        def change(tx: WriteTx) -> Response:
+            tx.grant_delete(card, name)
+            return _EMPTY
 
         return await self.commit(None, change)
 
@@ -441,7 +467,7 @@ class Service:
         return await self.commit(None, change)
 
     async def search_public(self, req: Request) -> Response:
-        card = self._card(req.params["card"])
+        card = self._card(req)
         want: Attrs = req.body["attrs"]
         found: list[dict[str, Any]] = []
         # Only certificates can be public; their rows hold no sealed value.

@@ -81,6 +81,17 @@ KEYS: Final[tuple[Key, ...]] = (
     Key("log.file", str, None, "Log file path; absent or null: standard error."),
     Key("log.access", bool, True, "One access line per request: method, path, status, "
         "duration (never bodies)."),
+    Key("log.audit", str, "log/audit.log", "Audit trail (mode 0600): one JSON line per state "
+        "change, refused request and refused TLS handshake (time, request id, client identity, "
+        "op, softcard, handle, outcome, code; never a secret)."),
+    Key("clients", str, "clients.yaml", "Client identities: certificate fingerprint and/or "
+        "subject -> name and role (`admin` or `app`), plus a `deny` list of revoked "
+        "fingerprints. `issue-client` adds to it; re-read on SIGHUP."),
+    Key("unlisted_clients", str, "refuse", "A certificate of the CA that `clients` does not "
+        "list: `refuse` (403 CLIENT_NOT_AUTHORIZED, audited) or `app` (an app identity named "
+        "`cert-` + 16 hex digits of its fingerprint)."),
+    Key("crl", str, None, "A CRL of the CA (PEM or DER path): certificates it revokes are "
+        "refused; re-read on SIGHUP. Absent or null: none."),
 )
 # fmt: on
 _BY_NAME: Final = {k.name: k for k in KEYS}
@@ -117,6 +128,10 @@ class Settings:
     log_level: str
     log_file: Path | None
     access_log: bool
+    audit_log: Path
+    clients: Path  # the clients file (identities and roles, identity.py)
+    unlisted_clients: str  # "refuse" | "app": certificates of the CA the clients file omits
+    crl: Path | None  # a CRL of the CA: revoked serial numbers (re-read on SIGHUP)
 
 
 def _v(raw: dict[str, Any], name: str) -> Any:
@@ -191,6 +206,10 @@ def load(path: str | os.PathLike[str]) -> Settings:
         raise SettingsError(f"log.level: one of {', '.join(LOG_LEVELS)}")
     log_file = _v(raw, "log.file")
     admin_port = _v(raw, "admin_port")
+    unlisted = _v(raw, "unlisted_clients")
+    if unlisted not in ("refuse", "app"):
+        raise SettingsError("unlisted_clients: refuse or app")
+    crl = _v(raw, "crl")
     return Settings(
         path=p,
         host=_v(raw, "host"),
@@ -213,6 +232,10 @@ def load(path: str | os.PathLike[str]) -> Settings:
         log_level=level,
         log_file=_path(base, log_file) if log_file else None,
         access_log=_v(raw, "log.access"),
+        audit_log=_path(base, _v(raw, "log.audit")),
+        clients=_path(base, _v(raw, "clients")),
+        unlisted_clients=unlisted,
+        crl=_path(base, crl) if crl else None,
     )
 
 

@@ -25,7 +25,26 @@ from pkcs11ws.server.store import (
     WriteTx,
 )
 
-SCHEMA_VERSION: Final = 1
+# Schema changes after version 1 are numbered steps, applied in order, each in one transaction
+# (meta 'schema' holds the version reached). Step 2 (authz): softcard owners, grants, and the
+# identity each activation is bound to; softcards made before it have no owner (admins only).
+MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
+    (
+        2,
+        """
+ALTER TABLE softcards ADD COLUMN owner TEXT;
+CREATE INDEX IF NOT EXISTS softcards_owner ON softcards(owner);
+CREATE TABLE IF NOT EXISTS grants (
+    card TEXT NOT NULL REFERENCES softcards(id) ON DELETE CASCADE,
+    client TEXT NOT NULL,
+    PRIMARY KEY (card, client)
+);
+CREATE INDEX IF NOT EXISTS grants_client ON grants(client);
+ALTER TABLE sessions ADD COLUMN client TEXT NOT NULL DEFAULT '';
+""",
+    ),
+)
+SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS softcards (
@@ -65,8 +84,9 @@ CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency(created);
 """
 
 _CARD_COLS: Final = (
-    "id, name, created, salt, kdf_n, kdf_r, kdf_p, wrapped_key, failures, locked_until"
+    "id, name, created, salt, kdf_n, kdf_r, kdf_p, wrapped_key, failures, locked_until, owner"
 )
+_NCOLS: Final = _CARD_COLS.count(",") + 1
 _COUNT: Final = "(SELECT COUNT(*) FROM objects o WHERE o.card = s.id AND o.cls = {})"
 _COUNTS_SQL: Final = ",".join(
     _COUNT.format(c) for c in (C.CKO_SECRET_KEY, C.CKO_CERTIFICATE, C.CKO_DATA)
@@ -109,9 +129,9 @@ class _Tx(WriteTx):
     def card_insert(self, row: CardRow) -> bool:
         try:
             self.con.execute(
-                f"INSERT INTO softcards ({_CARD_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO softcards ({_CARD_COLS}) VALUES ({', '.join('?' * _NCOLS)})",
                 (row.id, row.name, row.created, row.salt, row.kdf_n, row.kdf_r, row.kdf_p,
-                 row.wrapped_key, row.failures, row.locked_until),
+                 row.wrapped_key, row.failures, row.locked_until, row.owner),
             )  # fmt: skip
         except sqlite3.IntegrityError:
             return False
@@ -128,6 +148,7 @@ class _Tx(WriteTx):
     def card_delete(self, card: str) -> None:
         self.con.execute("DELETE FROM objects WHERE card = ?", (card,))
         self.con.execute("DELETE FROM sessions WHERE card = ?", (card,))
+        self.con.execute("DELETE FROM grants WHERE card = ?", (card,))
         self.con.execute("DELETE FROM softcards WHERE id = ?", (card,))
 
     def card_set_failures(self, card: str, failures: int, locked_until: float) -> None:
@@ -136,10 +157,27 @@ class _Tx(WriteTx):
             (failures, locked_until, card),
         )
 
-    def session_insert(self, session: str, card: str, expires: float) -> None:
+    def session_insert(self, session: str, card: str, expires: float, client: str) -> None:
         self.con.execute(
-            "INSERT INTO sessions (id, card, expires) VALUES (?, ?, ?)", (session, card, expires)
+            "INSERT INTO sessions (id, card, expires, client) VALUES (?, ?, ?, ?)",
+            (session, card, expires, client),
         )
+
+    def session_extend(self, session: str, card: str, expires: float) -> bool:
+        cur = self.con.execute(
+            "UPDATE sessions SET expires = ? WHERE id = ? AND card = ?", (expires, session, card)
+        )
+        return cur.rowcount > 0
+
+    def grant_put(self, card: str, client: str) -> None:
+        self.con.execute(
+            "INSERT OR IGNORE INTO grants (card, client) VALUES (?, ?)", (card, client)
+        )
+
+    def grant_delete(self, card: str, client: str) -> bool:
+        cur = self.con.execute("DELETE FROM grants WHERE card = ? AND client = ?", (card, client))
+        self.con.execute("DELETE FROM sessions WHERE card = ? AND client = ?", (card, client))
+        return cur.rowcount > 0
 
     def session_delete(self, session: str) -> bool:
         return self.con.execute("DELETE FROM sessions WHERE id = ?", (session,)).rowcount > 0
@@ -206,14 +244,26 @@ class SQLiteStore(Store):
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     con.execute(stmt)
-            con.execute(
-                "INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
-            )
-            version = con.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()[0]
+            con.execute("INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', '1')")
         except BaseException:
             con.execute("ROLLBACK")
             raise
         con.execute("COMMIT")
+        for step, script in MIGRATIONS:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                # Read under the write lock: another worker may have just applied the step.
+                version = int(con.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()[0])
+                if version < step:
+                    for stmt in script.split(";"):
+                        if stmt.strip():
+                            con.execute(stmt)
+                    con.execute("UPDATE meta SET v = ? WHERE k = 'schema'", (str(step),))
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+        version = con.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()[0]
         if int(version) != SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: schema version {version}, expected {SCHEMA_VERSION}")
 
@@ -241,11 +291,27 @@ class SQLiteStore(Store):
         row = r.fetchone()
         return _card(row) if row else None
 
-    def card_list(self) -> list[tuple[CardRow, CardCounts]]:
-        rows = self._con().execute(
-            f"SELECT {_CARD_COLS}, {_COUNTS_SQL} FROM softcards s ORDER BY s.name"
+    def card_list(self, visible_to: str | None = None) -> list[tuple[CardRow, CardCounts]]:
+        sql = f"SELECT {_CARD_COLS}, {_COUNTS_SQL} FROM softcards s"
+        args: tuple[str, ...] = ()
+        if visible_to is not None:
+            sql += " WHERE s.owner = ? OR s.id IN (SELECT card FROM grants WHERE client = ?)"
+            args = (visible_to, visible_to)
+        rows = self._con().execute(sql + " ORDER BY s.name", args)
+        n = _NCOLS
+        return [(_card(r[:n]), CardCounts(r[n], r[n + 1], r[n + 2])) for r in rows]
+
+    def grant_exists(self, card: str, client: str) -> bool:
+        row = self._con().execute(
+            "SELECT 1 FROM grants WHERE card = ? AND client = ?", (card, client)
         )
-        return [(_card(r[:10]), CardCounts(r[10], r[11], r[12])) for r in rows]
+        return row.fetchone() is not None
+
+    def grant_list(self, card: str) -> list[str]:
+        rows = self._con().execute(
+            "SELECT client FROM grants WHERE card = ? ORDER BY client", (card,)
+        )
+        return [str(r[0]) for r in rows]
 
     def card_counts(self, card: str) -> CardCounts:
         return _counts(self._con(), card)

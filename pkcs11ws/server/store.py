@@ -30,6 +30,7 @@ class CardRow:
     wrapped_key: bytes
     failures: int = 0  # consecutive wrong passphrases
     locked_until: float = 0.0  # unix time before which activation is refused
+    owner: str | None = None  # the identity that created it (None: made before identities)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,20 @@ class WriteTx(abc.ABC):
     def card_set_failures(self, card: str, failures: int, locked_until: float) -> None: ...
 
     @abc.abstractmethod
-    def session_insert(self, session: str, card: str, expires: float) -> None: ...
+    def session_insert(self, session: str, card: str, expires: float, client: str) -> None:
+        """client: the identity the activation is bound to (its grant can end it)."""
+
+    @abc.abstractmethod
+    def session_extend(self, session: str, card: str, expires: float) -> bool:
+        """Move a live session's expiry (renewal); False when there is no such session."""
+
+    @abc.abstractmethod
+    def grant_put(self, card: str, client: str) -> None:
+        """Let identity client use the card (no-op when it already may)."""
+
+    @abc.abstractmethod
+    def grant_delete(self, card: str, client: str) -> bool:
+        """Withdraw a grant and end that identity's activations of the card; False if none."""
 
     @abc.abstractmethod
     def session_delete(self, session: str) -> bool: ...
@@ -138,7 +152,15 @@ class Store(abc.ABC):
     def card_get(self, card: str) -> CardRow | None: ...
 
     @abc.abstractmethod
-    def card_list(self) -> list[tuple[CardRow, CardCounts]]: ...
+    def card_list(self, visible_to: str | None = None) -> list[tuple[CardRow, CardCounts]]:
+        """All cards, or (visible_to: an identity name) those it owns or was granted."""
+
+    @abc.abstractmethod
+    def grant_exists(self, card: str, client: str) -> bool: ...
+
+    @abc.abstractmethod
+    def grant_list(self, card: str) -> list[str]:
+        """The identities granted use of the card, sorted."""
 
     @abc.abstractmethod
     def card_counts(self, card: str) -> CardCounts: ...
