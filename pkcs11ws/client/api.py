@@ -39,6 +39,10 @@ configuration; an unreachable service stays CKR_DEVICE_ERROR).
 Error answers are JSON {"code", "message"} mapped through protocol.ckr_for(); anything else maps
 by HTTP status alone. Request and response bodies are never logged.
 
+Every logical request carries an X-Request-Id (a per-process random prefix and a counter; its
+retries reuse it), logged here at DEBUG3 and written by the service in its audit trail, so one
+operation can be followed across both logs.
+
 sign, verify, encrypt and decrypt (the per-operation calls) take a fast path: the request JSON is
 assembled directly (a cached prefix per key and mechanism, binascii base64), the first attempt
 goes straight to the transport (the retry loop runs only after a failure, and only when no debug
@@ -50,6 +54,7 @@ and every error are the same as on the generic path.
 from __future__ import annotations
 
 import binascii
+import itertools
 import json
 import os
 import time
@@ -128,6 +133,29 @@ _SIGN: Final = _OPS["sign"]
 _VERIFY: Final = _OPS["verify"]
 _ENCRYPT: Final = _OPS["encrypt"]
 _DECRYPT: Final = _OPS["decrypt"]
+
+
+class _RequestIds:
+    """X-Request-Id values: a random prefix per process (renewed in a forked child) + a count."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._prefix = f"{protocol.REQUEST_ID_HEADER}: {os.urandom(5).hex()}-"
+        self._count = itertools.count(1)
+
+    def header(self) -> str:
+        return self._prefix + str(next(self._count))
+
+
+_REQUEST_IDS: Final = _RequestIds()
+_RID_SKIP: Final = len(protocol.REQUEST_ID_HEADER) + 2
+
+
+def _rid(headers: Sequence[str]) -> str:
+    """The request id in a header list (for the log)."""
+    return headers[-1][_RID_SKIP:]
 
 
 def _new_idempotency_key() -> str:
@@ -229,6 +257,7 @@ class KeyServiceClient:
         return self.transport.stats()
 
     def reset_after_fork(self) -> None:
+        _REQUEST_IDS.reset()
         self.transport.reset_after_fork()
         self.pending.clear()  # the parent may retry with them: the child must not
 
@@ -294,7 +323,8 @@ class KeyServiceClient:
             if idempotency_key is None:
                 idempotency_key = _new_idempotency_key()
             try:
-                status, raw = self._send(spec, path, data, self._headers(token, idempotency_key))
+                headers = (*self._headers(token, idempotency_key), _REQUEST_IDS.header())
+                status, raw = self._send(spec, path, data, headers)
             except PKCS11Error as e:
                 # Without an answer (or with a 5xx) the service may have committed an attempt:
                 # the same request again must carry this key to get that answer back. A key
@@ -308,7 +338,8 @@ class KeyServiceClient:
                     self.pending.keep(slot or PendingKeys.slot(op, path, data), idempotency_key)
                 raise
         else:
-            status, raw = self._send(spec, path, data, self._headers(token, idempotency_key))
+            headers = (*self._headers(token, idempotency_key), _REQUEST_IDS.header())
+            status, raw = self._send(spec, path, data, headers)
         if status == 204 or (not raw and spec.response.name == "Empty"):
             return {}
         return self._decode(spec, status, raw)
@@ -332,9 +363,10 @@ class KeyServiceClient:
         The retry policy is the same as call()'s: the first attempt's outcome is handed to
         _send() when it is not a 2xx answer, or when debug tracing wants every attempt logged.
         """
-        headers: Sequence[str] | None = self._token_headers.get(token)
-        if headers is None:
-            headers = self._headers(token, None)
+        cached: Sequence[str] | None = self._token_headers.get(token)
+        if cached is None:
+            cached = self._headers(token, None)
+        headers = (*cached, _REQUEST_IDS.header())
         if self.log.level >= DEBUG3:
             status, raw = self._send(spec, spec.path, data, headers)
         else:
@@ -388,7 +420,7 @@ class KeyServiceClient:
             if first is None and self.log.enabled(DEBUG9):
                 # The trace of every attempt; sizes only, never a body.
                 self.log.debug9(
-                    f"{spec.name} {spec.method} {path}: attempt {attempt + 1}, "
+                    f"{spec.name} {spec.method} {path} [{_rid(headers)}]: attempt {attempt + 1}, "
                     f"{len(data) if data else 0} bytes"
                 )
             try:
@@ -415,21 +447,26 @@ class KeyServiceClient:
                     self._rejected(spec, path, failure)
                 why = str(failure)
                 if not failure.retryable or attempt >= self.maxretries:
-                    self._give_up(spec, path, why, attempt)
+                    self._give_up(spec, f"{path} [{_rid(headers)}]", why, attempt)
                     raise self._no_answer(spec, why, attempt) from None
                 err = None
             else:
                 if status < 300:
                     if self.log.enabled(DEBUG3):
                         ms = (_monotonic() - t0) * 1000
-                        self.log.debug3(f"{spec.name} {spec.method} {path}: {status} {ms:.2f}ms")
+                        self.log.debug3(
+                            f"{spec.name} {spec.method} {path} [{_rid(headers)}]: {status} "
+                            f"{ms:.2f}ms"
+                        )
                     return status, raw
                 err = self._service_error(status, raw)
                 if status < 500 or attempt >= self.maxretries:
                     if status >= 500:
-                        self._give_up(spec, path, str(err), attempt)
+                        self._give_up(spec, f"{path} [{_rid(headers)}]", str(err), attempt)
                     elif self.log.enabled(DEBUG3):
-                        self.log.debug3(f"{spec.name} {spec.method} {path}: {err}")
+                        self.log.debug3(
+                            f"{spec.name} {spec.method} {path} [{_rid(headers)}]: {err}"
+                        )
                     raise err
                 why = str(err)
             if _monotonic() + self.retrydelay >= deadline:
@@ -442,7 +479,7 @@ class KeyServiceClient:
             attempt += 1
             if self.log.enabled(WARNING):
                 self.log.warning(
-                    f"{spec.name} {spec.method} {path}: {why}; "
+                    f"{spec.name} {spec.method} {path} [{_rid(headers)}]: {why}; "
                     f"retry {attempt}/{self.maxretries} in {self.retrydelay}s"
                 )
             if self.retrydelay:
@@ -508,6 +545,12 @@ class KeyServiceClient:
 
     def activate(self, card: str, passphrase: bytes) -> tuple[str, int]:
         r = self.call("activate", path_params={"card": card}, body={"passphrase": passphrase})
+        return r["token"], r["expires_in"]
+
+    def renew(self, card: str, token: str) -> tuple[str, int]:
+        """A fresh token for a live activation (the old one stays valid until it expires)."""
+        r = self.call("renew", path_params={"card": card}, token=token)
+        self._token_headers.pop(token, None)
         return r["token"], r["expires_in"]
 
     def deactivate(self, card: str, token: str) -> None:
