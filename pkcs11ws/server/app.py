@@ -30,6 +30,7 @@ from pkcs11ws.server import settings as settings_mod
 from pkcs11ws.server.accesslog import LOG_FORMAT, AccessLog
 from pkcs11ws.server.handlers import Service
 from pkcs11ws.server.identity import Clients
+from pkcs11ws.server.peer import PEER_KEY
 from pkcs11ws.server.pipeline import Idem, Request, Response, dumps
 from pkcs11ws.server.sealing import MasterKeys, load_master_key
 from pkcs11ws.server.settings import Settings
@@ -223,7 +224,13 @@ class App:
                 rid = value.decode("latin-1")
                 if protocol.REQUEST_ID_RE.match(rid):
                     audit.REQUEST_ID.set(rid)
-        ident, peer = pipeline.identify(self.clients, scope)
+        # The identity cached on the connection (pipeline.identify, inlined: every request).
+        state = scope.get("state")
+        peer = state.get(PEER_KEY) if state is not None else None
+        if peer is not None and peer.generation == self.clients.generation:
+            ident = peer.identity
+        else:
+            ident, peer = pipeline.identify(self.clients, scope)
         if ident is None:
             raise pipeline.refuse_unknown(peer)
         seen[1] = ident
