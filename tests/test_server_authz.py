@@ -312,6 +312,14 @@ def test_refused_delete_is_audited_with_the_client(people: dict[str, Who], servi
         "SOFTCARD_NOT_FOUND",
     )
     assert set(line) >= {"time", "request", "client", "op", "card", "handle", "outcome", "code"}
+    # A failed login is a refused request: audited with the identity and the card.
+    rid2 = "rid-" + uuid.uuid4().hex[:12]
+    r = people["alice"].api.post(f"{CARDS}/{s.card}/activate", {"passphrase": b64(b"wrong!!!")},
+                                 headers={"X-Request-Id": rid2})  # fmt: skip
+    assert r.code == "PASSPHRASE_INCORRECT"
+    (line,) = [x for x in _audit(service) if x["request"] == rid2]
+    assert (line["client"], line["op"], line["card"], line["code"]) == (
+        people["alice"].name, "activate", s.card, "PASSPHRASE_INCORRECT")  # fmt: skip
     # The changes alice made are there too, and no line holds a passphrase or a token.
     mine = [x for x in _audit(service) if x["client"] == people["alice"].name]
     assert {"create_softcard", "activate", "create_object"} <= {x["op"] for x in mine}
