@@ -261,10 +261,10 @@ class App:
             fp = self.service.keys.fingerprint(
                 method.encode(), path.encode(), scope.get("query_string", b""), raw
             )
-            # Keys are per identity: one identity can neither replay nor probe another's.
+            # Keys are per identity: one identity can neither replay nor probe another's, so
+            # the replay may come before authorization (a repeated delete answers as the
+            # first did, though the card is gone now).
             idem = Idem(ident.name + "/" + key, fp)
-            # Keys are per identity, so only the identity that made a change sees its replay
-            # (a repeated delete answers as the first did, though the card is gone now).
             done = self.service.replay(idem, self.store.idempotency_get(idem.key))
             if done is not None:
                 return done
