@@ -70,6 +70,7 @@ def test_deny_list_and_sighup_with_two_workers(fresh_service, tmp_path: Path) ->
         fresh.close()
         lines = (svc.dir / "log" / "audit.log").read_text()
         assert '"code":"CLIENT_NOT_AUTHORIZED"' in lines
+        assert lines.count('"op":"reload"') == 2  # one line per worker
         assert "reloaded (SIGHUP)" in svc.log_text()
     finally:
         for api in [*apis, admin]:

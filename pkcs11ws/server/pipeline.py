@@ -126,7 +126,13 @@ def authorize(
     if access != "card" and access != "owner":
         return None
     card = store.card_get(params["card"])
-    if card is None or not sees(store, ident, card):
+    if card is None:
+        if not ident.admin:
+            # The same store queries as for someone else's softcard, so that the time of the
+            # answer does not tell "missing" from "not yours" either.
+            store.grant_exists(params["card"], ident.name)
+        raise not_found()
+    if not sees(store, ident, card):
         raise not_found()
     if access == "owner" and not (ident.admin or card.owner == ident.name):
         raise ApiError("FORBIDDEN", "only the softcard's owner or an admin may do this")

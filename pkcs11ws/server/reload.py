@@ -40,6 +40,9 @@ def run_hooks() -> None:
         except Exception:
             log.exception("reload hook %s failed; its previous state stays", fn)
     log.info("reloaded (SIGHUP): %d hook(s)", len(_hooks))
+    from pkcs11ws.server import audit
+
+    audit.record(op="reload", client=None, outcome="ok")
 
 
 def ignore_sighup() -> None:
