@@ -1,4 +1,4 @@
-# Entry points (stable): setup, test, demo, bench. See README.md.
+# Entry points (stable): setup, test, demo, bench, dist. See README.md.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -6,14 +6,16 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # python3-venv (ensurepip, for `python3 -m venv`) and python3-dev (Python.h and libpython for the
 # Cython core and the C loader) are not on a stock Debian 12; systemd gives systemd-analyze, which
-# checks conf/pkcs11ws-server.service (tests/test_server_systemd.py).
+# checks conf/pkcs11ws-server.service (tests/test_server_systemd.py). python3.11, -dev, -venv and
+# libpython3.11: Debian's interpreter, which `make dist` builds the client tarball's runtime on.
 APT_PKGS := build-essential pkg-config python3-venv python3-dev libcurl4-openssl-dev libssl-dev curl \
 	opensc softhsm2 openssl p11-kit p11-kit-modules time gnutls-bin opensc-pkcs11 \
-	openjdk-17-jdk-headless systemd
+	openjdk-17-jdk-headless systemd python3.11 python3.11-dev python3.11-venv libpython3.11 \
+	postgresql libpq5 libpq-dev
 # Consumers only in bookworm-backports (tests/test_dropin_openssl.py): see apt-backports.
 BACKPORTS_PKGS := pkcs11-provider
 
-.PHONY: setup apt apt-backports venv build test check pytest demo bench clean
+.PHONY: setup apt apt-backports venv build test check pytest demo bench dist clean
 
 setup: apt venv build
 
@@ -62,7 +64,7 @@ $(VENV)/.deps-stamp: pyproject.toml
 	$(PIP) install -q --upgrade pip setuptools wheel "Cython>=3.0"
 	@# pycurl from source against the system libcurl (design.md section 3): never the bundled
 	@# wheel, whose own libcurl/OpenSSL crash inside hosts that link the system OpenSSL.
-	$(PIP) install -q --no-binary pycurl --no-build-isolation -e ".[dev]"
+	$(PIP) install -q --no-binary pycurl --no-build-isolation -e ".[server,dev]"
 	@touch $@
 
 build: venv
@@ -82,5 +84,11 @@ demo:
 bench:
 	$(PY) -m bench
 
+# The client tarball dist/pkcs11ws-client-<version>-linux-<arch>.tar.gz (tools/make_dist.py):
+# a runtime on Debian's python3.11 (DIST_PYTHON), to extract at / on an application server.
+DIST_PYTHON ?= /usr/bin/python3.11
+dist: venv
+	$(PY) tools/make_dist.py --python $(DIST_PYTHON)
+
 clean:
-	rm -rf build $(VENV) pkcs11ws/_native/core.c pkcs11ws/_native/core_api.h pkcs11ws/_native/*.so *.egg-info
+	rm -rf build dist $(VENV) pkcs11ws/_native/core.c pkcs11ws/_native/dev-interpreter pkcs11ws/_native/core_api.h pkcs11ws/_native/*.so *.egg-info

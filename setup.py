@@ -1,11 +1,15 @@
-"""Build glue: the Cython core (pkcs11ws/_native/core) and the C loader libpkcs11ws.so.
+"""Build glue: the Cython core (pkcs11ws/_native/core) and the two halves of the PKCS#11 module.
 
-The loader is not a Python extension: it is the PKCS#11 module hosts dlopen(). It is compiled
-after the extensions (it includes core_api.h, which cythonize writes) and lands next to them in
-pkcs11ws/_native/. It exports only C_* (hidden visibility plus a version script), links libpython
-with an RPATH to its directory, and is linked -z nodelete (design.md section 2). The interpreter
-that runs this build is baked in as the one the loader boots (its venv's site-packages are then
-importable from inside any host).
+The module is not a Python extension: it is what hosts dlopen(). It is built after the
+extensions and lands next to them in pkcs11ws/_native/, in two files (design.md section 2):
+  libpkcs11ws.so         bootstrap.c: exports only C_*, links no libpython and holds no path;
+                         at first use it finds the Python runtime from its own location (rules in
+                         bootstrap.c and the README) and loads that runtime's libpython
+  libpkcs11ws-python.so  loader.c: boots or attaches to Python and imports the core; links
+                         libpython by soname, without an RPATH (it includes core_api.h, which
+                         cythonize writes)
+Both use hidden visibility plus a version script and are linked -z nodelete. Only an in-place
+(editable) build, never shipped, records the interpreter that built it, in a file beside them.
 """
 
 from __future__ import annotations
@@ -17,72 +21,117 @@ import sysconfig
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 NATIVE = os.path.join("pkcs11ws", "_native")
-LOADER_NAME = "libpkcs11ws.so"
-LOADER_SOURCES = [os.path.join(NATIVE, "loader.c")]
-LOADER_DEPENDS = [
-    os.path.join(NATIVE, n) for n in ("trampolines.h", "pyglue.h", "core_api.h", "loader.c")
-] + [os.path.join("include", n) for n in ("pkcs11ws_ck.h", "pkcs11ws_const.h", "pkcs11ws_funcs.h")]
-VERSION_SCRIPT = "{ global: C_*; local: *; };\n"
+BOOT_NAME = "libpkcs11ws.so"
+LOADER_NAME = "libpkcs11ws-python.so"
+HEADERS = [os.path.join("include", n) for n in ("pkcs11ws_ck.h", "pkcs11ws_const.h",
+                                                "pkcs11ws_funcs.h")]  # fmt: skip
+BOOT_DEPENDS = [os.path.join(NATIVE, n) for n in ("bootstrap.c", "trampolines.h", "runtime.h")]
+LOADER_DEPENDS = [os.path.join(NATIVE, n) for n in ("loader.c", "pyglue.h", "core_api.h",
+                                                    "runtime.h")]  # fmt: skip
+BOOT_MAP = "{ global: C_*; local: *; };\n"
+LOADER_MAP = "{ global: p11ws_loader_boot; local: *; };\n"
+CFLAGS = ["-fvisibility=hidden", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fPIC"]
 
 
 def _c_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-class BuildExtWithLoader(build_ext):
-    """build_ext, then the loader into the same package directory."""
+# conf/ holds the one example configuration; wheels carry it as package data (the install
+# command and `make dist` copy it from there).
+EXAMPLE_CONFIG = os.path.join("conf", "example_pkcs11webservices.cfg")
+DATA_DIR = os.path.join("pkcs11ws", "_data")
+
+
+class BuildPyWithData(build_py):
+    """build_py, plus conf/example_pkcs11webservices.cfg as pkcs11ws/_data/ package data."""
 
     def run(self) -> None:
         super().run()
-        self.build_loader()
+        if not self.editable_mode:
+            target = os.path.join(self.build_lib, DATA_DIR)
+            self.mkpath(target)
+            self.copy_file(EXAMPLE_CONFIG, target)
 
-    def loader_path(self) -> str:
+
+class BuildExtWithLoader(build_ext):
+    """build_ext, then the module's two shared objects into the same package directory."""
+
+    def run(self) -> None:
+        super().run()
+        self.build_module()
+
+    def build_extensions(self) -> None:
+        # Some interpreters (pyenv's) put -Wl,-rpath,<their lib dir> into LDSHARED: keep every
+        # shipped object free of build-machine paths.
+        # Debug sections name the build folder and header paths: shipped objects go without.
+        self.compiler.linker_so = [
+            a for a in self.compiler.linker_so if not a.startswith(("-Wl,-rpath", "-Wl,-R"))
+        ] + ["-Wl,--strip-debug"]
+        super().build_extensions()
+
+    def native_path(self, name: str) -> str:
         core = self.get_ext_fullpath("pkcs11ws._native.core")
-        return os.path.join(os.path.dirname(core), LOADER_NAME)
+        return os.path.join(os.path.dirname(core), name)
 
     def get_outputs(self) -> list[str]:
-        return [*super().get_outputs(), self.loader_path()]
+        return [*super().get_outputs(), self.native_path(BOOT_NAME),
+                self.native_path(LOADER_NAME)]  # fmt: skip
 
-    def build_loader(self) -> None:
-        out = self.loader_path()
-        newest = max(os.path.getmtime(p) for p in [*LOADER_DEPENDS, __file__])
-        if not self.force and os.path.exists(out) and os.path.getmtime(out) >= newest:
-            return
-        libdir = sysconfig.get_config_var("LIBDIR")
+    def _stale(self, out: str, depends: list[str]) -> bool:
+        newest = max(os.path.getmtime(p) for p in [*depends, *HEADERS, __file__])
+        return self.force or not os.path.exists(out) or os.path.getmtime(out) < newest
+
+    def _link(
+        self,
+        name: str,
+        sources: list[str],
+        version_map: str,
+        macros: list[tuple[str, str]],
+        include_dirs: list[str],
+        libraries: list[str],
+        library_dirs: list[str],
+    ) -> None:
+        os.makedirs(self.build_temp, exist_ok=True)
+        script = os.path.join(self.build_temp, name + ".map")
+        with open(script, "w") as f:
+            f.write(version_map)
+        cc = self.compiler
+        objects = cc.compile(sources, output_dir=self.build_temp, macros=macros,
+                             include_dirs=["include", NATIVE, *include_dirs],
+                             extra_postargs=CFLAGS)  # fmt: skip
+        cc.link_shared_object(objects, self.native_path(name), libraries=libraries,
+                              library_dirs=library_dirs,
+                              extra_postargs=[f"-Wl,--version-script={script}", "-Wl,-z,nodelete",
+                                              "-Wl,--no-undefined"])  # fmt: skip
+
+    def build_module(self) -> None:
+        if self.inplace:
+            # An editable install: the package stays in the source tree, where no rule finds
+            # the interpreter; bootstrap.c reads it from this file (git-ignored, never shipped).
+            with open(os.path.join(NATIVE, "dev-interpreter"), "w") as f:
+                f.write(sys.executable + "\n")
+        soname = sysconfig.get_config_var("INSTSONAME") or ""
         ldlib = sysconfig.get_config_var("LDLIBRARY") or ""
         if not sysconfig.get_config_var("Py_ENABLE_SHARED") or not ldlib.startswith("lib"):
             raise SystemExit("libpkcs11ws.so needs a Python built with --enable-shared")
-        pylib = ldlib[3:].split(".so")[0]
-        macros = [("P11WS_PYTHON_EXE", _c_string(sys.executable)),
-                  ("P11WS_SITE", _c_string(sysconfig.get_paths()["purelib"]))]  # fmt: skip
-        if self.inplace:
-            # An editable install: the package stays in the source tree.
-            macros.append(("P11WS_PKG_PARENT", _c_string(HERE)))
-        os.makedirs(self.build_temp, exist_ok=True)
-        script = os.path.join(self.build_temp, "libpkcs11ws.map")
-        with open(script, "w") as f:
-            f.write(VERSION_SCRIPT)
-        cc = self.compiler
-        objects = cc.compile(
-            LOADER_SOURCES,
-            output_dir=self.build_temp,
-            macros=macros,
-            include_dirs=["include", NATIVE, sysconfig.get_paths()["include"]],
-            extra_postargs=["-fvisibility=hidden", "-O2", "-Wall", "-Wextra",
-                            "-Wno-unused-parameter", "-fPIC"],
-        )  # fmt: skip
-        cc.link_shared_object(
-            objects,
-            out,
-            libraries=[pylib, "dl", "pthread"],
-            library_dirs=[libdir],
-            runtime_library_dirs=[libdir],
-            extra_postargs=[f"-Wl,--version-script={script}", "-Wl,-z,nodelete",
-                            "-Wl,--no-undefined"],
-        )  # fmt: skip
+        if self._stale(self.native_path(LOADER_NAME), LOADER_DEPENDS):
+            # libpython by soname at link time only: no RPATH/RUNPATH (bootstrap.c loads it).
+            self._link(LOADER_NAME, [os.path.join(NATIVE, "loader.c")], LOADER_MAP, [],
+                       [sysconfig.get_paths()["include"]], [ldlib[3:].split(".so")[0], "dl",
+                       "pthread"], [sysconfig.get_config_var("LIBDIR")])  # fmt: skip
+        if self._stale(self.native_path(BOOT_NAME), BOOT_DEPENDS):
+            macros = [
+                ("P11WS_PY_MAJOR", str(sys.version_info.major)),
+                ("P11WS_PY_MINOR", str(sys.version_info.minor)),
+                ("P11WS_PY_SONAME", _c_string(soname)),
+                ("P11WS_MULTIARCH", _c_string(sysconfig.get_config_var("MULTIARCH") or "")),
+            ]
+            self._link(BOOT_NAME, [os.path.join(NATIVE, "bootstrap.c")], BOOT_MAP, macros, [],
+                       ["dl", "pthread"], [])  # fmt: skip
 
 
 extensions = [
@@ -92,7 +141,7 @@ extensions = [
         include_dirs=["include", NATIVE],
         depends=[os.path.join(NATIVE, n) for n in ("tables.pxi", "objects.pxi", "crypto.pxi",
                                                    "multipart.pxi", "funcs.pxi", "ck.pxd",
-                                                   "ck_gen.pxd", "pyglue.h")],
+                                                   "ck_gen.pxd", "pyglue.h", "probe.h")],
     ),
 ]  # fmt: skip
 
@@ -102,5 +151,5 @@ setup(
         language_level=3,
         compiler_directives={"boundscheck": False, "wraparound": False},
     ),
-    cmdclass={"build_ext": BuildExtWithLoader},
+    cmdclass={"build_ext": BuildExtWithLoader, "build_py": BuildPyWithData},
 )

@@ -199,6 +199,8 @@ class Lab:
                 cmd += ["--count", str(p.count)]
             if p.null_query:
                 cmd.append("--null-query")
+            if p.churn:
+                cmd += ["--churn", str(p.churn)]
             return pinned(cmd, cpus), env
 
         pid = (lambda: service.pid) if service is not None else (lambda: None)

@@ -9,6 +9,10 @@
  * getrusage(). Output: "#measure-start" / "#measure-stop" marker lines (so a driver can sample
  * server CPU at the same moments) and one JSON result line, all on stdout.
  *
+ * --churn K: thread churn (issue 16). Each worker's OS thread ends after K operations and a
+ * new thread takes its place (opening its own session), as hosts with elastic thread pools do;
+ * ops/s then includes the cost of the new threads, and the driver counts the new connections.
+ *
  * Other modes: --setup (create keys/objects and exit), --init-token (C_InitToken on the first
  * slot whose token is not initialised, then C_InitPIN; SO PIN and PIN from the environment).
  *
@@ -46,7 +50,7 @@ static const char *const OP_NAMES[] = {"noop", "sessinfo", "sign64", "sign4k", "
 static struct {
     const char *module, *token, *pin_env, *so_pin_env;
     enum op op;
-    int threads, count, objects, null_query, setup, init_token, sync;
+    int threads, count, objects, null_query, setup, init_token, sync, churn;
     double seconds, warmup;
 } opt = {.token = "bench", .pin_env = "P11BENCH_PIN", .so_pin_env = "P11BENCH_SO_PIN",
          .op = OP_SIGN64, .threads = 1, .objects = 100, .seconds = 2.0, .warmup = 0.5};
@@ -313,9 +317,49 @@ static void record_error(worker_t *w, CK_RV rv, const char *where)
     }
 }
 
+/* One short-lived thread of a --churn worker: its own session, up to opt.churn operations. */
+static void *churn_thread(void *arg)
+{
+    worker_t *w = arg;
+    CK_RV rv = F->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &w->s);
+    if (rv != CKR_OK) {
+        record_error(w, rv, "C_OpenSession");
+        return NULL;
+    }
+    if ((rv = prepare(w)) != CKR_OK) record_error(w, rv, "prepare");
+    for (int i = 0; i < opt.churn && !w->errors; i++) {
+        if (atomic_load_explicit(&phase, memory_order_relaxed) == 2) break;
+        uint64_t t0 = now_ns();
+        rv = do_op(w);
+        uint64_t t1 = now_ns();
+        if (rv != CKR_OK) {
+            record_error(w, rv, OP_NAMES[opt.op]);
+            break;
+        }
+        if (atomic_load_explicit(&phase, memory_order_relaxed) == 1) {
+            hist_add(&w->hist, t1 - t0);
+            w->ops++;
+        }
+    }
+    F->C_CloseSession(w->s);
+    return NULL;
+}
+
 static void *worker_main(void *arg)
 {
     worker_t *w = arg;
+    if (opt.churn) {
+        pthread_barrier_wait(&ready);
+        while (!w->errors && atomic_load_explicit(&phase, memory_order_relaxed) != 2) {
+            pthread_t t;
+            if (pthread_create(&t, NULL, churn_thread, w) != 0) {
+                record_error(w, CKR_HOST_MEMORY, "pthread_create");
+                break;
+            }
+            pthread_join(t, NULL);
+        }
+        return NULL;
+    }
     CK_RV rv = F->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &w->s);
     if (rv != CKR_OK) record_error(w, rv, "C_OpenSession");
     else if ((rv = prepare(w)) != CKR_OK) record_error(w, rv, "prepare");
@@ -390,7 +434,8 @@ static void usage(void)
     fprintf(stderr,
             "usage: p11bench --module PATH [--token LABEL] [--pin-env VAR] [--op OP]\n"
             "                [--threads N] [--seconds S] [--warmup S] [--count N]\n"
-            "                [--null-query] [--objects N] [--sync] [--setup | --init-token]\n"
+            "                [--null-query] [--objects N] [--churn K] [--sync]\n"
+            "                [--setup | --init-token]\n"
             "ops: noop sessinfo sign64 sign4k verify64 encrypt4k decrypt4k find\n");
     exit(2);
 }
@@ -410,6 +455,7 @@ static void parse(int argc, char **argv)
         else if (TAKE("--warmup")) opt.warmup = atof(v);
         else if (TAKE("--count")) opt.count = atoi(v);
         else if (TAKE("--objects")) opt.objects = atoi(v);
+        else if (TAKE("--churn")) opt.churn = atoi(v);
         else if (TAKE("--op")) {
             int k = 0;
             while (OP_NAMES[k] && strcmp(OP_NAMES[k], v) != 0) k++;
@@ -422,7 +468,9 @@ static void parse(int argc, char **argv)
         else usage();
 #undef TAKE
     }
-    if (!opt.module || opt.threads < 1 || opt.threads > MAX_THREADS || opt.seconds <= 0) usage();
+    if (!opt.module || opt.threads < 1 || opt.threads > MAX_THREADS || opt.seconds <= 0 ||
+        opt.churn < 0 || (opt.churn && opt.count))
+        usage();
 }
 
 int main(int argc, char **argv)
@@ -520,12 +568,12 @@ int main(int argc, char **argv)
     double secs = (double)(t1 - t0) / 1e9;
     double user = tv_s(ru1.ru_utime) - tv_s(ru0.ru_utime);
     double sys = tv_s(ru1.ru_stime) - tv_s(ru0.ru_stime);
-    printf("{\"tool\":\"p11bench\",\"op\":\"%s\",\"threads\":%d,\"null_query\":%s,"
+    printf("{\"tool\":\"p11bench\",\"op\":\"%s\",\"threads\":%d,\"churn\":%d,\"null_query\":%s,"
            "\"seconds\":%.4f,\"ops\":%llu,\"errors\":%llu,\"first_error\":\"0x%lx\","
            "\"error_where\":\"%s\",\"ops_per_s\":%.1f,\"mean_us\":%.3f,\"p50_us\":%.3f,"
            "\"p90_us\":%.3f,\"p99_us\":%.3f,\"max_us\":%.3f,\"cpu_us_per_op\":%.3f,"
            "\"user_s\":%.4f,\"sys_s\":%.4f,\"found\":%lu}\n",
-           OP_NAMES[opt.op], opt.threads, opt.null_query ? "true" : "false", secs,
+           OP_NAMES[opt.op], opt.threads, opt.churn, opt.null_query ? "true" : "false", secs,
            (unsigned long long)ops, (unsigned long long)errors, (unsigned long)first_error,
            where, secs > 0 ? (double)ops / secs : 0.0,
            all.n ? (double)all.sum_ns / (double)all.n / 1e3 : 0.0, hist_pct(&all, 50) / 1e3,

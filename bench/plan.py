@@ -1,8 +1,12 @@
 """What a benchmark run measures and in which order.
 
 Phases: (1) the sign64 sweep over every variant and thread count; (2) the other operations for
-the three PKCS#11 modules (ours, SoftHSM2, SoftHSM2 behind p11-kit); (3) key service scaling
-with 1 and 2 workers (unpinned); (4) start-up; (5) the request counter. Within a phase the
+the three PKCS#11 modules (ours, SoftHSM2, SoftHSM2 behind p11-kit); (2b) thread churn: our
+module's sign64 with a new host thread every CHURN_OPS operations, next to the same fixed
+threads (ops/s and new connections); (3) key service scaling with 1 and 2 workers (unpinned);
+(4) start-up; (5) the request counter; (6) the stores: service CPU per operation on SQLite and
+PostgreSQL (bench/store_cpu.py), 1 and 2 replicas on PostgreSQL (bench/replicas.py). Within a
+phase the
 variants alternate (A B C A B C ...) for each repetition, and medians of the repetitions are
 reported, so slow drifts of a shared machine hit every variant alike.
 """
@@ -39,6 +43,7 @@ class Settings:
     worker_threads: tuple[int, ...]
     startup_runs: int
     counter_n: int
+    churn_threads: tuple[int, ...] = (1, 8)
 
 
 def settings(quick: bool | None = None) -> Settings:
@@ -59,6 +64,7 @@ def settings(quick: bool | None = None) -> Settings:
             (8,),
             2,
             50,
+            churn_threads=(8,),
         )
     else:
         s = Settings(
@@ -82,6 +88,7 @@ def settings(quick: bool | None = None) -> Settings:
     return s
 
 
+CHURN_OPS = 100  # operations per host thread in the thread-churn phase (issue 16)
 NOISY_PCT = 10.0  # CPU % of the machine used by other processes that makes a point redone
 MAX_RETRIES = 2
 
@@ -172,6 +179,7 @@ def run_all(s: Settings, work: Path | None = None) -> dict[str, Any]:
             len(s.other_threads) * s.reps * sum(op in v.ops for op in s.other_ops for v in peers)
         )
         n_other += 1
+        n_other += len(s.churn_threads) * s.reps * 2
         n_workers = len(s.worker_threads) * s.reps * 4
         prog.total = n_sweep + n_other + n_workers
 
@@ -188,6 +196,12 @@ def run_all(s: Settings, work: Path | None = None) -> dict[str, Any]:
                         _run(
                             results, prog, "other", v, Point(op, t, s.other_seconds, s.warmup), rep
                         )
+
+        for t in s.churn_threads:
+            for rep in range(s.reps):
+                for churn in (0, CHURN_OPS):
+                    point = Point("sign64", t, s.other_seconds, s.warmup, churn=churn)
+                    _run(results, prog, "churn", peers[0], point, rep)
 
         prog.say("starting key services with 1 and 2 workers (unpinned) for the scaling runs")
         assert lab.ksd is not None
@@ -229,6 +243,14 @@ def run_all(s: Settings, work: Path | None = None) -> dict[str, Any]:
             out["churn_python"] = extras.thread_churn(lab, s.seconds, s.reps)
         except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as e:
             lab.notes.append(f"thread churn failed: {e}")
+        prog.say("stores: service CPU per operation on SQLite and PostgreSQL; 1 and 2 replicas")
+        try:
+            from bench import replicas, store_cpu
+
+            out["store_cpu"] = store_cpu.run(500 if s.quick else 3000)
+            out["replicas"] = replicas.run(8, 1.0 if s.quick else s.seconds)
+        except (RuntimeError, OSError, subprocess.SubprocessError, ImportError) as e:
+            lab.notes.append(f"store measurements failed: {e}")
         out["notes"] = lab.notes
         out["elapsed_s"] = time.monotonic() - prog.t0
     out["results"] = results

@@ -20,7 +20,7 @@ from bench.build import ROOT
 
 Key = tuple[str, str, str, int]  # phase, variant, op, threads
 METRICS = ("ops_per_s", "p50_us", "p99_us", "cpu_us_per_op", "server_cpu_us_per_op",
-           "other_cpu_pct")  # fmt: skip
+           "other_cpu_pct", "tcp_accepted")  # fmt: skip
 
 
 def machine() -> dict[str, str]:
@@ -352,6 +352,35 @@ def markdown(run: dict[str, Any], mach: dict[str, str]) -> str:
         "",
     ]
     lines += _table(HEAD, _rows(agg, "other", vorder))
+    if any(k[0] == "churn" for k in agg):
+        lines += [
+            "",
+            "## Thread churn: a new host thread every 100 operations",
+            "",
+            "`sign64/churn100`: each of the threads ends after 100 C_Sign calls and a new thread "
+            "(with a new session) takes its place, as elastic thread pools do; `sign64`: the same "
+            "threads for the whole window. new conns: sockets to the service sampled every 0.2 s "
+            "(a connection that lives shorter and ends with a reset is missed); accepted: the "
+            "kernel's count of TCP connections accepted on the host in the window (exact, but "
+            "any other server on the machine adds to it).",
+            "",
+        ]
+        churn_keys = sorted((k for k in agg if k[0] == "churn"), key=lambda k: (k[3], k[2]))
+        lines += _table(HEAD, _rows(agg, "churn", lambda k: (k[3], k[2])))
+        lines += [""]
+        lines += _table(
+            ["variant", "op", "threads", "ops/s", "accepted TCP connections (median)"],
+            [
+                [
+                    k[1],
+                    k[2],
+                    str(k[3]),
+                    _f(agg[k].med.get("ops_per_s"), 0),
+                    _f(agg[k].med.get("tcp_accepted"), 0),
+                ]
+                for k in churn_keys
+            ],
+        )
     lines += ["", "## Key service scaling: 1 and 2 worker processes (nothing pinned)", ""]
     lines += _table(HEAD, _rows(agg, "workers", lambda k: (k[3], k[1])))
     if run.get("startup"):
@@ -390,6 +419,16 @@ def markdown(run: dict[str, Any], mach: dict[str, str]) -> str:
                 for c in run["churn_python"]
             ],
         )  # fmt: skip
+    if run.get("store_cpu") or run.get("replicas"):
+        from bench import replicas, store_cpu
+
+        lines += ["", "## Stores: SQLite and PostgreSQL, 1 and 2 replicas", ""]
+        if run.get("store_cpu"):
+            lines += ["Key service CPU per operation, in process (bench/store_cpu.py):", ""]
+            lines += [store_cpu.table(run["store_cpu"]), ""]
+        if run.get("replicas"):
+            lines += ["sign64 through real mutual TLS with curlbench (bench/replicas.py):", ""]
+            lines += [replicas.table(run["replicas"])]
     failed = [r for r in run["results"] if "failed" in r]
     notes = list(run.get("notes", []))
     redone = [r for r in run["results"] if r.get("noisy_retries")]

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.build import ROOT
-from bench.procs import connection_ids, cpu_delta, new_connections, system_busy, tree_cpu
+from bench.procs import (
+    connection_ids,
+    cpu_delta,
+    new_connections,
+    system_busy,
+    tcp_passive_opens,
+    tree_cpu,
+)
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class Point:
     warmup: float
     count: int = 0
     null_query: bool = False
+    churn: int = 0  # a new host thread every `churn` operations (0: fixed threads)
 
 
 @dataclass
@@ -77,6 +85,7 @@ def run_point(variant: Variant, point: Point, timeout: float = 120.0) -> dict[st
     cpu0: dict[int, float] = {}
     cpu1: dict[int, float] = {}
     busy0 = busy1 = 0.0
+    accepted0 = accepted1 = None
     before: set[tuple[int, int, int]] = set()
     seen: set[tuple[int, int, int]] = set()
     sampler: _Sampler | None = None
@@ -103,6 +112,7 @@ def run_point(variant: Variant, point: Point, timeout: float = 120.0) -> dict[st
             for raw in proc.stdout:
                 line = raw.decode("utf-8", "replace").strip()
                 if line == "#measure-start":
+                    accepted0 = tcp_passive_opens()
                     busy0 = system_busy()
                     if server is not None:
                         cpu0 = tree_cpu(server)
@@ -112,6 +122,7 @@ def run_point(variant: Variant, point: Point, timeout: float = 120.0) -> dict[st
                         sampler.start()
                     ack()
                 elif line == "#measure-stop":
+                    accepted1 = tcp_passive_opens()
                     busy1 = system_busy()
                     if server is not None:
                         cpu1 = tree_cpu(server)
@@ -139,6 +150,8 @@ def run_point(variant: Variant, point: Point, timeout: float = 120.0) -> dict[st
         raise PointError(f"{variant.name} {point.op} x{point.threads}: exit {rc}\n{tail}")
     result["variant"] = variant.name
     result["op"] = result.get("op", point.op)
+    if point.churn:
+        result["op"] = f"{result['op']}/churn{point.churn}"
     ops = int(result.get("ops", 0))
     if server is not None and ops:
         result["server_cpu_us_per_op"] = cpu_delta(cpu0, cpu1) * 1e6 / ops
@@ -150,6 +163,8 @@ def run_point(variant: Variant, point: Point, timeout: float = 120.0) -> dict[st
     result["other_cpu_pct"] = max(0.0, other - server_s) * 100 / secs / (os.cpu_count() or 1)
     if port is not None:
         result["new_connections"] = new_connections(port, before, seen)
+    if accepted0 is not None and accepted1 is not None:
+        result["tcp_accepted"] = accepted1 - accepted0
     if stderr.strip():
         result["stderr_tail"] = stderr.strip()[-300:]
     return result

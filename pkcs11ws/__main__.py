@@ -1,4 +1,6 @@
-"""`python -m pkcs11ws`: small commands around the PKCS#11 module.
+"""`python -m pkcs11ws` (also the console script `pkcs11ws`): small commands around the module.
+
+--version     print the package version (the one the utilities' -V and C_GetInfo report)
 
 module-path   print the absolute path of libpkcs11ws.so (for pkcs11-tool --module, p11-kit,
               Java's SunPKCS11 "library =" line, ...)
@@ -34,7 +36,10 @@ def _cmd_module_path(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m pkcs11ws", description=__doc__.splitlines()[0])
+    from pkcs11ws import __version__
+
+    ap = argparse.ArgumentParser(prog="pkcs11ws", description=__doc__.splitlines()[0])
+    ap.add_argument("-V", "--version", action="version", version=f"pkcs11ws {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("module-path", help="print the absolute path of libpkcs11ws.so")
     p.set_defaults(func=_cmd_module_path)

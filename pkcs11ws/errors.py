@@ -61,3 +61,10 @@ class CertificateRejected(TransportError):
 
     def __init__(self, message: str) -> None:
         PKCS11Error.__init__(self, C.CKR_GENERAL_ERROR, message)
+
+
+class InstallationError(ConfigError, ImportError):
+    """The installation cannot work (pycurl is the PyPI wheel, ...): C_Initialize fails with
+    GENERAL_ERROR after one line, on stderr and in the log, that gives the exact fix; the
+    utilities print that line instead of a traceback. An ImportError too, for code that treats
+    a missing piece as one."""

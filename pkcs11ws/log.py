@@ -201,7 +201,8 @@ _loaded_as: list[str] = []
 
 def _library_name() -> str:
     """The name the host loaded the module's file as (a symlink keeps its own name), found
-    once, on the first line written: the loaded objects whose file is the built loader."""
+    once, on the first line written: the loaded objects whose file is the built loader, or a
+    copy of it (an install tree's lib/libpkcs11webservices.so)."""
     if _loaded_as:
         return _loaded_as[0]
     name = LIBRARY_NAME
@@ -221,6 +222,18 @@ def _find_loaded_name() -> str | None:
         return None
     target = (st.st_dev, st.st_ino)
     found: list[str] = []
+    content: list[bytes] = []
+
+    def same_file(path: str, s: os.stat_result) -> bool:
+        if (s.st_dev, s.st_ino) == target:
+            return True
+        if s.st_size != st.st_size or not path.endswith(".so"):
+            return False
+        if not content:
+            with open(ours, "rb") as f:
+                content.append(f.read())
+        with open(path, "rb") as f:
+            return f.read() == content[0]
 
     class DlPhdrInfo(ctypes.Structure):
         _fields_ = [("addr", ctypes.c_void_p), ("name", ctypes.c_char_p)]
@@ -235,7 +248,7 @@ def _find_loaded_name() -> str | None:
             path = os.fsdecode(raw)
             with suppress(OSError):
                 s = os.stat(path)
-                if (s.st_dev, s.st_ino) == target:
+                if same_file(path, s):
                     found.append(os.path.basename(path))
                     return 1
         return 0

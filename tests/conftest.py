@@ -10,6 +10,10 @@ SIGKILL if stuck) at the end. It has the attributes
 that needs its own service (overrides: server.yaml keys to change, nested dicts merged one
 level); every service it made is stopped when the test ends.
 
+`postgres` (session scope): a real PostgreSQL 15 cluster (tests/pg_util.py) on a free port in a
+temporary folder, stopped at the end; `postgres.new_database()` gives the URL of an empty database.
+`start_service(..., store=URL)` runs a service on it.
+
 `api` / `make_api`: a small stdlib HTTPS client (http.client + ssl with the client certificate)
 for the contract tests; it does not use pkcs11ws.client on purpose.
 """
@@ -108,26 +112,51 @@ def _merge(doc: dict[str, Any], overrides: dict[str, Any]) -> None:
 
 
 def start_service(
-    directory: Path, workers: int = 1, overrides: dict[str, Any] | None = None
+    directory: Path,
+    workers: int = 1,
+    overrides: dict[str, Any] | None = None,
+    store: str | None = None,
 ) -> Service:
     port = free_port()
-    res = init_dir(directory, port)
+    res = init_dir(directory, port, *(("--store", store) if store else ()))
     assert res.returncode == 0, res.stderr
     yaml_path = directory / "server.yaml"
     if overrides:
         doc = yaml.safe_load(yaml_path.read_text())
         _merge(doc, overrides)
         yaml_path.write_text(yaml.safe_dump(doc))
-    return serve_dir(directory, port, workers)
+    return launch(directory, yaml_path, port, workers)
 
 
 def serve_dir(directory: Path, port: int, workers: int = 1) -> Service:
     """`serve` the kit already in `directory` (its server.yaml listens on `port`)."""
-    yaml_path = directory / "server.yaml"
-    log = directory / "log" / "server.out"
+    return launch(directory, directory / "server.yaml", port, workers)
+
+
+def start_replica(svc: Service, port: int | None = None) -> Service:
+    """Another service process from svc's configuration (`serve --port`, no admin listener: the
+    configured one is the first replica's): a replica on the same store, same PKI and master
+    key."""
+    port = port or free_port()
+    return launch(svc.dir, svc.server_yaml, port, 1, f"server-{port}.out", explicit_port=True)
+
+
+def launch(
+    directory: Path,
+    yaml_path: Path,
+    port: int,
+    workers: int = 1,
+    log_name: str = "server.out",
+    explicit_port: bool = False,
+) -> Service:
+    """Run `serve` on yaml_path and wait for /health. explicit_port: `--port port --admin-port 0`
+    (another replica of a configuration, or one restarted on its own port)."""
+    log = directory / "log" / log_name
     cmd = [sys.executable, "-m", "pkcs11ws.server.cli", "serve", "--config", str(yaml_path)]
     if workers != 1:
         cmd += ["--workers", str(workers)]
+    if explicit_port:
+        cmd += ["--port", str(port), "--admin-port", "0"]
     with log.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     pki = directory / "pki"
@@ -169,6 +198,17 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         yield svc
     finally:
         svc.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    from pg_util import PgServer
+
+    server = PgServer()
+    try:
+        yield server
+    finally:
+        server.destroy()
 
 
 @pytest.fixture

@@ -283,6 +283,7 @@ def test_p11bench_through_our_module(bins, service):
             "--objects",
             "3",
             "--sync",
+            *(["--churn", str(p.churn)] if p.churn else []),
         ], env
 
     v = Variant("module-c", "", cmd, lambda: service.pid, service.port)
@@ -292,6 +293,11 @@ def test_p11bench_through_our_module(bins, service):
         # At most one connection per thread (the zero-new-connections target: make bench).
         assert r["new_connections"] <= 2, r
         assert r["server_cpu_us_per_op"] > 0
+    # Thread churn (make bench's churn phase): a new host thread every 5 operations.
+    r = run_point(v, Point("sign64", 2, 0.5, 0.1, churn=5))
+    _check(r, 2)
+    assert r["op"] == "sign64/churn5" and r["churn"] == 5, r
+    assert r["tcp_accepted"] >= 0, r  # the kernel's exact count (the socket sampler misses some)
 
 
 def test_python_host_thread_churn_reuses_pooled_connections(service):

@@ -52,7 +52,7 @@ def test_bundled_libcurl_refused_with_the_fix(libcurl: str) -> None:
     with pytest.raises(ImportError) as ei:
         transport.check_system_libcurl(WHEEL_VERSION, maps, SITE)
     assert libcurl in str(ei.value)
-    assert "pip install --no-binary pycurl" in str(ei.value)
+    assert "-m pip install --force-reinstall --no-deps --no-binary pycurl pycurl" in str(ei.value)
 
 
 def test_non_openssl_or_unknown_build_refused() -> None:
@@ -80,3 +80,19 @@ def test_deleted_suffix_and_anonymous_mappings_are_handled() -> None:
     )
     assert transport._mapped_files(maps) == {"/usr/lib/x86_64-linux-gnu/libcurl.so.4.8.0"}
     transport.check_system_libcurl(SYSTEM_VERSION, maps, SITE)
+
+
+def test_wheel_layout_refused_before_import(tmp_path) -> None:
+    # The PyPI wheel is recognised from its files (pycurl.libs beside the package), so its
+    # libcurl and OpenSSL are never loaded into the host.
+    from pkcs11ws.client import _curl_boot
+    from pkcs11ws.errors import InstallationError
+
+    (tmp_path / "pycurl").mkdir()
+    _curl_boot.check_not_wheel(str(tmp_path / "pycurl"))
+    (tmp_path / "pycurl.libs").mkdir()
+    with pytest.raises(InstallationError) as ei:
+        _curl_boot.check_not_wheel(str(tmp_path / "pycurl"))
+    assert f"{tmp_path}/pycurl.libs" in ei.value.message
+    assert "is the PyPI wheel" in ei.value.message
+    assert "fix: " in ei.value.message and "--no-binary pycurl pycurl" in ei.value.message

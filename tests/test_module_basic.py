@@ -8,6 +8,7 @@ argument and state checks. Objects and cryptography: test_module_objects.py.
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 import sys
 import uuid
@@ -65,14 +66,25 @@ def requests() -> int:
     return int(prov.client.stats()["requests"])  # type: ignore[attr-defined]
 
 
-def test_exports_only_c_functions_and_links_libpython():
-    path = module_path()
+def _dynamic(path: str) -> tuple[list[str], str]:
     nm = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True)
     names = [line.split()[-1] for line in nm.stdout.splitlines() if line.strip()]
+    return names, subprocess.run(["readelf", "-d", path], capture_output=True, text=True).stdout
+
+
+def test_exports_only_c_functions_and_holds_no_path():
+    # libpkcs11ws.so: only C_*, no libpython and no RPATH (it finds the runtime at run time).
+    path = module_path()
+    names, dyn = _dynamic(path)
     assert sorted(names) == sorted(f.name for f in GEN.ALL)
-    dyn = subprocess.run(["readelf", "-d", path], capture_output=True, text=True).stdout
-    assert "libpython3.11.so" in dyn
-    assert "RUNPATH" in dyn or "RPATH" in dyn
+    assert "libpython" not in dyn
+    assert "RUNPATH" not in dyn and "RPATH" not in dyn
+    assert "NODELETE" in dyn
+    # libpkcs11ws-python.so: libpython by soname only, one entry point for the bootstrap.
+    names, dyn = _dynamic(os.path.join(os.path.dirname(path), "libpkcs11ws-python.so"))
+    assert names == ["p11ws_loader_boot"]
+    assert "[libpython3.11.so.1.0]" in dyn
+    assert "RUNPATH" not in dyn and "RPATH" not in dyn
     assert "NODELETE" in dyn
 
 

@@ -1,9 +1,11 @@
-"""`python -m pkcs11ws install --prefix DIR`: the WSOP layout, the installed library loaded by
-pkcs11-tool, the launchers, and what a reinstall leaves alone."""
+"""`python -m pkcs11ws install --prefix DIR`: the WSOP layout of real files (nothing points back
+into this checkout), the installed library loaded by pkcs11-tool, the launchers run from outside
+the tree, and what a reinstall leaves alone."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,13 +52,40 @@ def prefix(tmp_path_factory) -> Path:
 
 def test_layout(prefix):
     lib = prefix / "lib" / "libpkcs11webservices.so"
-    assert lib.is_symlink() and os.path.samefile(lib, module_path())
+    assert lib.is_file() and not lib.is_symlink()
+    assert lib.read_bytes() == Path(module_path()).read_bytes()
     for t in TOOLS:
         p = prefix / "bin" / t
         assert p.is_file() and os.access(p, os.X_OK), t
         text = p.read_text()
         assert text.startswith("#!/bin/sh\n")
-        assert f"exec {sys.executable} -m {install.TOOLS[t]} " in text
+        assert f'exec "$prefix/runtime/bin/python3.11" -I -m {install.TOOLS[t]} "$@"' in text
+    runtime = prefix / "runtime"
+    assert (runtime / "pyvenv.cfg").is_file()
+    site = runtime / "lib" / "python3.11" / "site-packages"
+    for name in (
+        "pkcs11ws/_native/libpkcs11ws.so",
+        "pkcs11ws/_native/libpkcs11ws-python.so",
+        "pkcs11ws/_data/example_pkcs11webservices.cfg",
+        "pycurl",
+        "cryptography",
+    ):
+        assert (site / name).exists(), name
+    assert not list(site.glob("pkcs11ws/_native/*.pyx"))
+    assert not (site / "uvicorn").exists()  # the [server] extra stays out
+
+
+def test_nothing_points_into_the_checkout(prefix):
+    # Real files only: no symlink but the runtime venv's own, no file naming this tree
+    # (neither text nor the shared objects, nor the byte-compiled files).
+    for path in prefix.rglob("*"):
+        if path.is_symlink():
+            # The venv's interpreter links (to the base Python) and lib64 -> lib.
+            assert path.parent in (prefix / "runtime" / "bin", prefix / "runtime"), path
+            assert not Path(os.path.realpath(path)).is_relative_to(ROOT), path
+            continue
+        if path.is_file():
+            assert str(ROOT).encode() not in path.read_bytes(), path
     example = (prefix / "conf" / "example_pkcs11webservices.cfg").read_text()
     settings = [ln for ln in example.splitlines() if ln and not ln.startswith("#")]
     assert f"CERT {prefix}/conf/client.crt" in settings
@@ -68,12 +97,16 @@ def test_layout(prefix):
     assert not (prefix / "conf" / "pkcs11webservices.cfg").exists()
 
 
-def test_pkcs11_tool_loads_the_installed_library(prefix, service):
+def test_pkcs11_tool_loads_the_installed_library(prefix, service, tmp_path):
     card = new_card(service)
-    res = pkcs11_tool(prefix / "lib" / "libpkcs11webservices.so", service_env(service), "-L")
+    log = tmp_path / "module.log"
+    env = service_env(service, PKCS11WS_LOGFILEPATH=str(log), PKCS11WS_LOGLEVEL="4")
+    res = pkcs11_tool(prefix / "lib" / "libpkcs11webservices.so", env, "-L")
     assert res.returncode == 0, res.stderr
     assert f"token label        : {card.name}" in res.stdout
     assert "token manufacturer : pkcs11ws" in res.stdout
+    # The log names the file the host loaded (a copy of the module), as the original does.
+    assert " libpkcs11webservices: " in log.read_text().splitlines()[0]
 
 
 def test_launchers(prefix, service):
@@ -144,20 +177,27 @@ def test_reinstall_keeps_the_config(prefix):
         cfg.unlink()
 
 
-def test_copy_instead_of_symlink(tmp_path, service):
-    d = tmp_path / "copy"
-    res = run_install("--prefix", str(d), "--copy")
+def test_the_tree_can_be_moved(prefix, tmp_path, service):
+    # The module and the launchers find the runtime from their own location.
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(prefix, moved, symlinks=True)
+    card = new_card(service)
+    res = pkcs11_tool(moved / "lib" / "libpkcs11webservices.so", service_env(service), "-L")
     assert res.returncode == 0, res.stderr
-    lib = d / "lib" / "libpkcs11webservices.so"
-    assert lib.is_file() and not lib.is_symlink()
-    res = pkcs11_tool(lib, service_env(service), "-I")
-    editable = Path(module_path()).is_relative_to(ROOT)
-    if editable:
-        # The build recorded the source tree, so a copy outside the package still finds it.
-        assert res.returncode == 0 and "pkcs11ws" in res.stdout, res.stderr
-    else:
-        assert res.returncode != 0
-        assert "cannot find the pkcs11ws package next to the module" in res.stderr
+    assert f"token label        : {card.name}" in res.stdout
+    res = subprocess.run([str(moved / "bin" / "softcardtool"), "-l"], capture_output=True,
+                         text=True, timeout=60, check=False, env=service_env(service))  # fmt: skip
+    assert res.returncode == 0 and card.id in res.stdout, res.stderr
+
+
+def test_module_refuses_a_tree_without_runtime(tmp_path):
+    lib = tmp_path / "lib" / "libpkcs11webservices.so"
+    lib.parent.mkdir()
+    shutil.copy2(module_path(), lib)
+    res = pkcs11_tool(lib, clean_env(), "-I")
+    assert res.returncode != 0
+    assert "libpkcs11ws: cannot find the pkcs11ws package next to the module" in res.stderr
+    assert f"{tmp_path}/lib/../runtime/lib/python3.11/site-packages/pkcs11ws/_native" in res.stderr
 
 
 def test_usage_errors():

@@ -138,7 +138,7 @@ def gen_pxi() -> str:
 
 def gen_trampolines() -> str:
     lines = [f"/* {GEN}",
-             " * Included by loader.c: every exported C_* enters the core's 3.0 function list. */",
+             " * Included by bootstrap.c: exported C_* enter the core's 3.0 function list. */",
              ""]  # fmt: skip
     for f in ALL:
         lines += [

@@ -22,6 +22,7 @@ from pkcs11ws._native.ck_gen cimport *  # noqa: F403
 import os
 import sys
 
+from pkcs11ws import __version__ as _version
 from pkcs11ws import mechanisms as _mechanisms
 from pkcs11ws.errors import ConfigError, PKCS11Error
 from pkcs11ws.log import set_session as _log_session
@@ -31,6 +32,16 @@ include "tables.pxi"
 cdef extern from "<string.h>" nogil:
     size_t strnlen(const char*, size_t)
 
+cdef extern from "probe.h" nogil:
+    long p11ws_copy_cstring(const void* src, char* out, size_t cap)
+
+# The longest pReserved string read (with its NUL): `config=` and a path.
+cdef enum:
+    RESERVED_MAX = 4096
+
+# C_GetInfo's libraryVersion: major.minor of the package version (pkcs11ws/__init__.py).
+cdef unsigned char g_version_major = int(_version.split(".")[0])
+cdef unsigned char g_version_minor = int(_version.split(".")[1])
 cdef pthread_mutex_t g_state_lock
 cdef int g_state = 0                    # 1 between C_Initialize and C_Finalize
 cdef object g_provider = None           # pkcs11ws.provider.Provider while initialised
@@ -265,7 +276,7 @@ cdef CK_RV _initialize(const char* reserved, bint no_threads) noexcept:
     path = None
     try:
         if reserved != NULL:
-            text = <bytes>reserved[:strnlen(reserved, 4096)]
+            text = <bytes>reserved[:strnlen(reserved, RESERVED_MAX)]
             if text.startswith(b"config="):
                 path = os.fsdecode(text[7:])
         from pkcs11ws.provider import Provider
@@ -298,6 +309,7 @@ cdef CK_RV _initialize(const char* reserved, bint no_threads) noexcept:
 cdef CK_RV f_Initialize(CK_VOID_PTR pInitArgs) noexcept nogil:
     cdef CK_C_INITIALIZE_ARGS* a = <CK_C_INITIALIZE_ARGS*>pInitArgs
     cdef const char* reserved = NULL
+    cdef char reserved_copy[RESERVED_MAX]
     cdef int nmutex
     cdef CK_RV rv
     cdef bint no_threads = False
@@ -311,7 +323,12 @@ cdef CK_RV f_Initialize(CK_VOID_PTR pInitArgs) noexcept nogil:
         # GnuTLS (through p11-kit) sets it: then the client resolves the service's host name
         # in the calling thread, so libcurl starts no resolver thread of its own.
         no_threads = (a.flags & CKF_LIBRARY_CANT_CREATE_OS_THREADS) != 0
-        reserved = <const char*>a.pReserved
+        if a.pReserved != NULL:
+            # A string (p11-kit and pkcs11-provider pass free-form ones; `config=PATH` is read,
+            # anything else ignored) or a pointer the host got wrong: copied without faulting.
+            if p11ws_copy_cstring(a.pReserved, reserved_copy, RESERVED_MAX) < 0:
+                return CKR_ARGUMENTS_BAD
+            reserved = reserved_copy
     p11ws_lock_gil_aware(&g_state_lock)
     if g_state:
         pthread_mutex_unlock(&g_state_lock)
@@ -388,8 +405,8 @@ cdef CK_RV f_GetInfo(CK_INFO_PTR pInfo) noexcept nogil:
     pInfo.cryptokiVersion.minor = 40
     _pad(pInfo.manufacturerID, 32, <const unsigned char*>b"pkcs11ws", 8)
     _pad(pInfo.libraryDescription, 32, <const unsigned char*>b"pkcs11ws WSOP-compatible", 24)
-    pInfo.libraryVersion.major = 0
-    pInfo.libraryVersion.minor = 1
+    pInfo.libraryVersion.major = g_version_major
+    pInfo.libraryVersion.minor = g_version_minor
     return CKR_OK
 
 

@@ -1,8 +1,9 @@
 /*
- * loader.c: libpkcs11ws.so, the PKCS#11 module a host dlopen()s.
+ * loader.c: libpkcs11ws-python.so, the half of the PKCS#11 module that links libpython.
  *
- * It exports only the C_* functions (one-line trampolines generated into trampolines.h) and on
- * the first call: refuses to run inside a host whose Python is another minor version, re-opens
+ * Hosts dlopen() libpkcs11ws.so (bootstrap.c), which exports the C_* functions (one-line
+ * trampolines generated into trampolines.h), finds the Python runtime, loads its libpython and
+ * then this file, and calls p11ws_loader_boot() once, which: refuses to run inside a host whose Python is another minor version, re-opens
  * libpython RTLD_GLOBAL (hosts load modules RTLD_LOCAL, and the extension modules we import need
  * libpython's symbols), boots an isolated CPython (or attaches to the host's), imports the Cython
  * core pkcs11ws._native.core and takes its CK_FUNCTION_LIST_3_0 through a `cdef api` capsule.
@@ -10,11 +11,11 @@
  * the fork handlers that keep the interpreter consistent across fork() (design.md section 2).
  * Python is never finalised: the host may be Python itself, and threads may still be inside.
  *
- * Build-time facts come from setup.py as macros: P11WS_PYTHON_EXE (the interpreter whose
- * environment, e.g. a venv's site-packages, the booted Python uses), P11WS_PKG_PARENT (where
- * the pkcs11ws package was at build time, used only when the loader does not sit inside it) and
- * P11WS_SITE (that interpreter's site-packages: appended to a host interpreter's sys.path so
- * the provider's dependencies import inside, say, the system python3 running PyKCS11).
+ * It holds no path: bootstrap.c passes the runtime it found (runtime.h): the interpreter (whose
+ * environment, e.g. a venv's site-packages, the booted Python uses), the directory holding the
+ * pkcs11ws package, and that interpreter's site-packages (appended to a host interpreter's
+ * sys.path so the provider's dependencies import inside, say, the system python3 running PyKCS11).
+ * It links libpython by soname with no RPATH: bootstrap.c has loaded the right one already.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -30,22 +31,14 @@
 #include "pkcs11ws_ck.h"
 #include "pyglue.h"
 #include "core_api.h"
-
-#ifndef P11WS_PYTHON_EXE
-#error "P11WS_PYTHON_EXE must be defined by the build"
-#endif
-#ifndef P11WS_PKG_PARENT
-#define P11WS_PKG_PARENT ""
-#endif
-#ifndef P11WS_SITE
-#define P11WS_SITE ""
-#endif
+#include "runtime.h"
 
 #define P11WS_EXPORT __attribute__((visibility("default")))
 
 static CK_FUNCTION_LIST_3_0 *p11ws_list;
 static pthread_mutex_t p11ws_boot_lock = PTHREAD_MUTEX_INITIALIZER;
 static int p11ws_boot_failed;
+static const struct p11ws_runtime *p11ws_rt; /* bootstrap.c's, static there */
 
 static void p11ws_say(const char *msg, const char *detail)
 {
@@ -101,33 +94,6 @@ static void p11ws_fork_child(void)
 
 /* ---- start-up ---------------------------------------------------------------------------- */
 
-/* Directory that holds the pkcs11ws package: from the loader's own path when it sits inside
- * it (pkcs11ws/_native/libpkcs11ws.so), else the build-time location. */
-static int p11ws_package_parent(char *out, size_t n)
-{
-    Dl_info info;
-    char real[PATH_MAX], probe[PATH_MAX + 32];
-    if (dladdr((void *)&p11ws_package_parent, &info) && info.dli_fname &&
-        realpath(info.dli_fname, real) != NULL) {
-        for (int up = 0; up < 3; up++) {
-            char *slash = strrchr(real, '/');
-            if (slash == NULL)
-                break;
-            *slash = '\0';
-        }
-        snprintf(probe, sizeof probe, "%s/pkcs11ws/_native", real);
-        if (access(probe, F_OK) == 0 && strlen(real) < n) {
-            strcpy(out, real);
-            return 0;
-        }
-    }
-    if (P11WS_PKG_PARENT[0] != '\0' && strlen(P11WS_PKG_PARENT) < n) {
-        strcpy(out, P11WS_PKG_PARENT);
-        return 0;
-    }
-    return -1;
-}
-
 static int p11ws_version_ok(void)
 {
     char want[16];
@@ -153,9 +119,9 @@ static int p11ws_start_python(void)
      * pkcs11ws (its finder alone costs ~10 ms of start-up; pkcs11ws is found through
      * sys.path[0] anyway). */
     config.site_import = 0;
-    status = PyConfig_SetBytesString(&config, &config.program_name, P11WS_PYTHON_EXE);
+    status = PyConfig_SetBytesString(&config, &config.program_name, p11ws_rt->executable);
     if (!PyStatus_Exception(status))
-        status = PyConfig_SetBytesString(&config, &config.executable, P11WS_PYTHON_EXE);
+        status = PyConfig_SetBytesString(&config, &config.executable, p11ws_rt->executable);
     if (!PyStatus_Exception(status))
         status = Py_InitializeFromConfig(&config);
     PyConfig_Clear(&config);
@@ -224,7 +190,7 @@ static int p11ws_import_core(const char *parent, int booted)
             rc = p11ws_run_site();
         if (rc < 0)
             goto out;
-    } else if (p11ws_path_append(path, parent) < 0 || p11ws_path_append(path, P11WS_SITE) < 0) {
+    } else if (p11ws_path_append(path, parent) < 0 || p11ws_path_append(path, p11ws_rt->site) < 0) {
         /* Attached to a host interpreter: its own modules come first. */
         goto out;
     }
@@ -240,16 +206,12 @@ out:
 
 static int p11ws_boot_locked(void)
 {
-    char parent[PATH_MAX];
+    const char *parent = p11ws_rt->pkg_parent;
     Dl_info info;
     int booted = 0;
 
     if (!p11ws_version_ok())
         return -1;
-    if (p11ws_package_parent(parent, sizeof parent) < 0) {
-        p11ws_say("cannot find the pkcs11ws package next to the module", NULL);
-        return -1;
-    }
     /* Hosts dlopen modules RTLD_LOCAL: promote libpython so extensions resolve its symbols. */
     if (dladdr((void *)&Py_IsInitialized, &info) && info.dli_fname)
         (void)dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD | RTLD_GLOBAL);
@@ -296,11 +258,16 @@ static int p11ws_boot(void)
     return rc;
 }
 
-#define P11WS_ENTER()                                                                   \
-    do {                                                                                \
-        if (__builtin_expect(__atomic_load_n(&p11ws_list, __ATOMIC_ACQUIRE) == NULL, 0) \
-            && p11ws_boot() != 0)                                                       \
-            return CKR_GENERAL_ERROR;                                                   \
-    } while (0)
-
-#include "trampolines.h"
+P11WS_EXPORT CK_FUNCTION_LIST_3_0 *p11ws_loader_boot(const struct p11ws_runtime *rt)
+{
+    if (rt == NULL || rt->abi != P11WS_RUNTIME_ABI) {
+        p11ws_say("libpkcs11ws.so and libpkcs11ws-python.so come from different builds", NULL);
+        return NULL;
+    }
+    if (__atomic_load_n(&p11ws_list, __ATOMIC_ACQUIRE) == NULL) {
+        p11ws_rt = rt;
+        if (p11ws_boot() != 0)
+            return NULL;
+    }
+    return p11ws_list;
+}

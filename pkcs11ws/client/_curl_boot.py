@@ -7,10 +7,17 @@ every process that loads libpkcs11ws.so, for a class the module never uses. When
 imported yet, this builds the same package module (same names, same ``__all__``) with
 ``AsyncCurlMulti`` imported on first access instead. If pycurl is already imported, or its
 layout is not the one described above, it does nothing and ``import pycurl`` runs as usual.
+
+Before loading pycurl it refuses the PyPI wheel (design.md section 3): auditwheel puts the
+libcurl and OpenSSL that wheel bundles in a ``pycurl.libs`` folder beside the package, and once
+those are loaded inside a C host (pkcs11-tool) the damage is done, so the check looks at the
+files (one stat) instead of importing first. pkcs11ws.client.transport checks the loaded
+library again after the import.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -24,6 +31,27 @@ def _module_getattr(name: str) -> object:
     raise AttributeError(f"module 'pycurl' has no attribute {name!r}")
 
 
+def pycurl_fix() -> str:
+    """The exact command that replaces pycurl with a build on the system libcurl."""
+    return (
+        f"fix: {sys.executable} -m pip install --force-reinstall --no-deps --no-binary pycurl "
+        "pycurl (needs gcc and the Debian packages libcurl4-openssl-dev and libssl-dev)"
+    )
+
+
+def check_not_wheel(package_dir: str) -> None:
+    """InstallationError when the pycurl package in package_dir is the PyPI wheel."""
+    site = os.path.dirname(package_dir.rstrip("/"))
+    libs = os.path.join(site, "pycurl.libs")
+    if os.path.isdir(libs):
+        from pkcs11ws.errors import InstallationError
+
+        raise InstallationError(
+            f"pycurl in {site} is the PyPI wheel, whose own libcurl and OpenSSL ({libs}) crash "
+            f"inside PKCS#11 hosts; {pycurl_fix()}"
+        )
+
+
 def _boot() -> None:
     if "pycurl" in sys.modules:
         return
@@ -32,6 +60,7 @@ def _boot() -> None:
     spec = importlib.machinery.PathFinder.find_spec("pycurl")
     if spec is None or not spec.submodule_search_locations:
         return  # not a package here: let `import pycurl` report it
+    check_not_wheel(next(iter(spec.submodule_search_locations)))
     # What importlib.util.module_from_spec sets on a package from a file location.
     pkg = type(sys)(spec.name)
     pkg.__spec__ = spec

@@ -56,8 +56,9 @@ import pycurl
 
 from pkcs11ws import __version__
 from pkcs11ws._lite import suppress
+from pkcs11ws.client._curl_boot import pycurl_fix
 from pkcs11ws.config import Config, server_label
-from pkcs11ws.errors import Finalizing
+from pkcs11ws.errors import Finalizing, InstallationError
 from pkcs11ws.log import LOG, WARNING, Logger
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
@@ -65,11 +66,7 @@ if TYPE_CHECKING:  # annotations only: typing costs ~2.5 ms and ~1.9 MB at start
     from collections.abc import Sequence
     from typing import Any, Final
 
-PYCURL_FIX: Final = (
-    "install pycurl built against the system libcurl: "
-    "pip install --no-binary pycurl --force-reinstall pycurl "
-    "(needs the Debian packages libcurl4-openssl-dev and libssl-dev)"
-)
+PYCURL_FIX: Final = "install pycurl built against the system libcurl; " + pycurl_fix()
 # The Debian OpenSSL flavour of libcurl; auditwheel-renamed copies look like libcurl-1a2b3c4d.so.4.
 _SYSTEM_LIBCURL_RE: Final = re.compile(r"^libcurl\.so\.4(\.[0-9.]+)?$")
 BASE_HEADERS: Final = ("Content-Type: application/json", "Accept: application/json", "Expect:")
@@ -123,18 +120,18 @@ def _mapped_files(maps: str) -> set[str]:
 
 
 def check_system_libcurl(version: str, maps: str | None, package_dir: str) -> None:
-    """Raise ImportError unless pycurl runs on the system libcurl (OpenSSL flavour).
+    """Raise InstallationError unless pycurl runs on the system libcurl (OpenSSL flavour).
 
     version is pycurl.version, maps the text of /proc/self/maps after pycurl was imported (None
     where /proc is missing), package_dir the directory holding the pycurl package.
     """
     if "libcurl/" not in version or "OpenSSL/" not in version:
-        raise ImportError(f"pycurl reports {version!r}: not libcurl on OpenSSL; {PYCURL_FIX}")
+        raise InstallationError(f"pycurl reports {version!r}: not libcurl on OpenSSL; {PYCURL_FIX}")
     if maps is None:
         return
     libcurls = {p for p in _mapped_files(maps) if os.path.basename(p).startswith("libcurl")}
     if not libcurls:
-        raise ImportError(f"pycurl is loaded but no shared libcurl is mapped; {PYCURL_FIX}")
+        raise InstallationError(f"pycurl is loaded but no shared libcurl is mapped; {PYCURL_FIX}")
     for path in sorted(libcurls):
         bundled = (
             not _SYSTEM_LIBCURL_RE.match(os.path.basename(path))
@@ -142,7 +139,7 @@ def check_system_libcurl(version: str, maps: str | None, package_dir: str) -> No
             or ".libs/" in path
         )
         if bundled:
-            raise ImportError(
+            raise InstallationError(
                 f"pycurl uses a bundled libcurl ({path}), not the system libcurl.so.4; {PYCURL_FIX}"
             )
 

@@ -85,7 +85,8 @@ class Admin:
 
     def activity(self) -> StoreActivity | None:
         try:
-            act = self.store.activity(time.time())
+            with self.store.read() as r:
+                act = r.activity(time.time())
         except Exception as exc:  # any backend's error: the answer is "not ready", with why
             self._last_error = f"store: {type(exc).__name__}: {exc}"
             return None

@@ -4,7 +4,8 @@ A plain ASGI callable (no framework: design.md 6 measured Starlette at 1.7x the 
 Per request: one dict lookup or a few precompiled regexes to route, strict decoding with
 protocol.decode, one handler call, one JSON answer. Every failure becomes
 {"code", "message"} with the status from protocol.ERRORS; an unexpected exception is INTERNAL
-(500) with its traceback logged, never a crash of the connection.
+(500) with its traceback logged, never a crash of the connection; a database that cannot be
+reached (store.StoreUnavailable) is UNAVAILABLE (503), which clients retry.
 
 `create_app()` is the uvicorn factory: it reads the config path from PKCS11WS_SERVER_CONFIG so
 that each worker process builds its own app (and its own store connections) on the shared store.
@@ -34,8 +35,8 @@ from pkcs11ws.server.peer import PEER_KEY
 from pkcs11ws.server.pipeline import Idem, Request, Response, dumps
 from pkcs11ws.server.sealing import MasterKeys, load_master_key
 from pkcs11ws.server.settings import Settings
-from pkcs11ws.server.sqlite_store import SQLiteStore
-from pkcs11ws.server.store import Store
+from pkcs11ws.server.store import Store, StoreUnavailable
+from pkcs11ws.server.store import open_store as _open_store
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -69,10 +70,9 @@ class _Route:
         self.pattern = Endpoint("", "", path, "", "", "").pattern
 
 
-def open_store(s: Settings) -> Store:
-    store = SQLiteStore(s.database_path, s.database_synchronous)
-    store.init_schema()
-    return store
+def open_store(s: Settings, migrate: bool = True) -> Store:
+    """The configured store (server.yaml `store:`), its schema brought up to date."""
+    return _open_store(s.store, migrate)
 
 
 # Where _dispatch leaves the routed operation in the ASGI scope, for the metrics.
@@ -166,6 +166,9 @@ class App:
             resp = _error(code, exc.message)
         except _Disconnected:
             return
+        except StoreUnavailable as exc:
+            error_log.warning("%s %s: %s", method, path, exc)
+            resp = _error("UNAVAILABLE", "the database is unavailable: retry")
         except Exception:
             error_log.exception("internal error on %s %s", method, path)
             code = "INTERNAL"
@@ -246,10 +249,10 @@ class App:
         # The keyed crypto endpoints check the session in the same store query as the key.
         deferred = ep.op in _KEYED_OPS
         claims = (
-            self.service.authenticate(authorization, params.get("card"), ident, not deferred)
-            if ep.auth
-            else None
+            self.service.authenticate(authorization, params.get("card"), ident) if ep.auth else None
         )
+        if claims is not None and not deferred:
+            await self.service.check_session(claims, time.time())
         idem: Idem | None = None
         if ep.idempotent:
             key = idem_key.decode("latin-1") if idem_key is not None else ""
@@ -265,16 +268,23 @@ class App:
             # the replay may come before authorization (a repeated delete answers as the
             # first did, though the card is gone now).
             idem = Idem(ident.name + "/" + key, fp)
-            done = self.service.replay(idem, self.store.idempotency_get(idem.key))
+            idem_key_str = idem.key
+            done = self.service.replay(
+                idem, await self.service.read(lambda r: r.idempotency_get(idem_key_str))
+            )
             if done is not None:
                 return done
-        card = pipeline.authorize(self.store, ep, ident, params)
+        card = (
+            await self.service.read(lambda r: pipeline.authorize(r, ep, ident, params))
+            if ep.access in pipeline.CARD_ACCESS
+            else None
+        )
         try:
             body = _decode(ep.request, raw)
         except ApiError:
             if deferred and claims is not None:
                 # An ended session outranks a bad body, as when it is checked up front.
-                self.service.check_session(claims, time.time())
+                await self.service.check_session(claims, time.time())
             raise
         seen[3] = body
         return await handler(Request(ep, params, query, body, claims, idem, ident, card))

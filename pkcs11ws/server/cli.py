@@ -1,6 +1,7 @@
 """The `pkcs11ws-server` command: `init DIR` (development PKI and config), `issue-client`
-(a client identity: certificate, key, module config, registered in the clients file), `serve`,
-and `backup` / `restore` of the store (backup.py).
+(a client identity: certificate, key, module config, registered in the clients file), `migrate`
+(bring the store's schema up to date), `serve` (which migrates first too), and `backup` /
+`restore` of the store (backup.py).
 
 `serve` runs uvicorn in the foreground over TLS 1.2+ with a required client certificate verified
 against the configured CA. The app is built by an import-string factory in each worker process
@@ -118,7 +119,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
     try:
         res = pki.init(Path(args.dir), port=args.port, force=args.force, scrypt_n=args.scrypt_n,
                        replace_ca_and_master_key=args.replace_ca_and_master_key,
-                       admin_port=args.admin_port, sans=args.san)  # fmt: skip
+                       admin_port=args.admin_port, store=args.store,
+                       sans=args.san)  # fmt: skip
     except pki.InitError as exc:
         print(f"pkcs11ws-server init: {exc}", file=sys.stderr)
         return 1
@@ -156,6 +158,27 @@ def _check_files(s: settings_mod.Settings) -> None:
             raise settings_mod.SettingsError(f"{what}: {p} does not exist")
 
 
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from pkcs11ws.server.store import StoreError, StoreUnavailable, backend_class
+
+    try:
+        s = settings_mod.load(args.config)
+        store = backend_class(s.store.url).open(s.store)
+        try:
+            before, after = store.migrate()
+        finally:
+            store.close()
+    except (settings_mod.SettingsError, StoreError, StoreUnavailable) as exc:
+        print(f"pkcs11ws-server migrate: {exc}", file=sys.stderr)
+        return 2
+    shown = settings_mod.describe_store(s)
+    if before == after:
+        print(f"{shown}: schema version {after}, up to date")
+    else:
+        print(f"{shown}: schema version {before} -> {after}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         s = settings_mod.load(args.config)
@@ -179,6 +202,7 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
     from pkcs11ws.server import backup
     from pkcs11ws.server.app import configure_logging, open_store
     from pkcs11ws.server.sealing import load_master_key
+    from pkcs11ws.server.store import StoreError, StoreUnavailable
 
     workers = args.workers if args.workers is not None else s.workers
     port = args.port if args.port is not None else s.port
@@ -197,8 +221,12 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
         print(f"pkcs11ws-server serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(s)
-    # Create the schema once here, so worker processes never race to create it.
-    open_store(s).close()
+    # Migrate the schema once here, before the worker processes start (they only check it).
+    try:
+        open_store(s).close()
+    except (StoreError, StoreUnavailable) as exc:
+        print(f"pkcs11ws-server serve: {exc}", file=sys.stderr)
+        return 2
     os.environ[settings_mod.CONFIG_ENV] = str(s.path)
     if workers > 1:
         os.environ[settings_mod.SUPERVISOR_ENV] = str(os.getpid())
@@ -207,7 +235,7 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
     if admin is not None:
         admin.start()
     log.info("serving on https://%s:%d with %d worker(s), store %s", s.host, port, workers,
-             s.database_path)  # fmt: skip
+             settings_mod.describe_store(s))  # fmt: skip
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal so the default action
     # would kill the process with status -15; a handler turns that into a clean exit 0.
     signal.signal(signal.SIGTERM, _exit_zero)
@@ -256,6 +284,11 @@ def _cmd_backup(args: argparse.Namespace) -> int:
 
     try:
         s = settings_mod.load(args.config)
+        if s.database_backend != "sqlite":
+            raise backup.BackupError(
+                f"{args.command} copies a SQLite store; back up PostgreSQL with its own tools"
+                " (pg_dump, pg_basebackup, pgBackRest, Barman: docs/postgresql.md)"
+            )
         if args.command == "backup":
             cards, objects = backup.backup(s, Path(args.out))
             print(f"backed up {cards} softcard(s), {objects} object(s) to {Path(args.out)}")
@@ -289,7 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--san", action="append", default=[], metavar="NAME",
                    help="another host name or IP address for the server certificate "
                    "(repeatable; localhost, 127.0.0.1 and ::1 are always in it)")  # fmt: skip
+    i.add_argument("--store", default=None, metavar="URL",
+                   help="a PostgreSQL database: postgresql://USER@HOST:PORT/DB (default: SQLite"
+                   " in DIR)")  # fmt: skip
     i.set_defaults(func=_cmd_init)
+    m = sub.add_parser("migrate", help="bring the store's schema to this version (serve does too)")
+    m.add_argument("--config", required=True, help="path to server.yaml")
+    m.set_defaults(func=_cmd_migrate)
     c = sub.add_parser("issue-client", help="make a client identity: certificate, key, config")
     c.add_argument("--config", required=True, help="path to server.yaml")
     c.add_argument("--name", required=True, help="identity name (letters, digits, '-')")
@@ -302,7 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_issue_client)
     s = sub.add_parser("serve", help="run the key service in the foreground")
     s.add_argument("--config", required=True, help="path to server.yaml")
-    s.add_argument("--port", type=int, default=None, help="override the configured port")
+    s.add_argument(
+        "--port", type=int, default=None,
+        help="override the configured port (several replicas from one config)",
+    )  # fmt: skip
     s.add_argument("--workers", type=int, default=None, help="worker processes (one store)")
     s.add_argument("--admin-port", type=int, default=None,
                    help="override the configured admin_port (0: no admin listener)")  # fmt: skip

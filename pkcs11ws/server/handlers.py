@@ -3,7 +3,9 @@
 Each handler gets a decoded Request and returns a Response (status and JSON body bytes); failures
 are raised as ProtocolError with a protocol error code. Nothing here depends on this process's
 memory beyond caches: sessions, lockouts and idempotency records live in the store, so any worker
-can answer any request.
+or replica can answer any request. Store access follows the store contract (store.py): reads
+through `Service.read` (off the event loop when the backend's reads block), changes through
+`Service.commit` (always in a worker thread, one write transaction).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import binascii
 import hmac
-import json
 import math
 import os
 import time
@@ -19,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from pkcs11ws import __version__, mechanisms, protocol
 from pkcs11ws import constants as C
@@ -39,12 +40,20 @@ from pkcs11ws.server.objects import (
 from pkcs11ws.server.pipeline import Idem, Request, Response, dumps, ok
 from pkcs11ws.server.sealing import MasterKeys, SealError, TokenClaims
 from pkcs11ws.server.settings import Settings
-from pkcs11ws.server.store import CardCounts, CardRow, IdempotencyRow, ObjectRow, Store, WriteTx
+from pkcs11ws.server.store import (
+    CardCounts,
+    CardRow,
+    IdempotencyRow,
+    ObjectRow,
+    ReadTx,
+    Store,
+    WriteTx,
+)
 
 _KEY_META_CACHE_MAX: Final = 20000
 _TOKEN_CACHE_MAX: Final = 10000
-_ATTRS_CACHE_MAX: Final = 4096  # entries can hold a public certificate: keep it small
 _KEY_VALUE_CACHE_MAX: Final = 20000
+_T = TypeVar("_T")
 
 
 _EMPTY: Final = Response(200, b"{}")
@@ -82,7 +91,7 @@ class Service:
         # still exists is always asked of the store.
         self._key_meta: dict[str, _KeyMeta] = {}
         self._tokens: dict[bytes, TokenClaims] = {}
-        self._attrs: dict[str, tuple[Attrs, dict[str, Any]]] = {}
+        self._reads_block = store.reads_block
         # Unwrapped key values by (handle, sealed blob, card key): a handle is never reused and
         # a blob never changes meaning, so a hit is exactly what decrypting would give; the
         # row itself (does the key still exist?) is still read from the store every request.
@@ -90,16 +99,24 @@ class Service:
 
     # ---------------------------------------------------------------- plumbing
 
+    def _read_sync(self, fn: Callable[[ReadTx], _T]) -> _T:
+        with self.store.read() as r:
+            return fn(r)
+
+    async def read(self, fn: Callable[[ReadTx], _T]) -> _T:
+        """fn on a ReadTx: in a worker thread when the store's reads wait on the network, else
+        right here (a thread hop would cost more than an embedded read: store.py)."""
+        if self._reads_block:
+            return await asyncio.to_thread(self._read_sync, fn)
+        with self.store.read() as r:
+            return fn(r)
+
     def authenticate(
-        self,
-        authorization: bytes | None,
-        path_card: str | None,
-        ident: Identity,
-        check_session: bool = True,
+        self, authorization: bytes | None, path_card: str | None, ident: Identity
     ) -> TokenClaims:
-        """The token's claims, for the identity it was issued to only. With check_session False
-        the caller must still ask the store whether the session lives (the crypto endpoints do
-        it in the same query as the key)."""
+        """The token's claims, for the identity it was issued to only. The caller must still
+        ask the store whether the session lives (check_session; the crypto endpoints do it in
+        the same query as the key)."""
         if not authorization or not authorization.startswith(b"Bearer "):
             raise ApiError("NOT_ACTIVATED", "no activation token: activate the softcard first")
         # A sealed token's content never changes, so its opened claims can be cached by the
@@ -119,12 +136,10 @@ class Service:
             raise ApiError("NOT_ACTIVATED", "the activation has expired")
         if path_card is not None and path_card != claims.card:
             raise ApiError("NOT_ACTIVATED", "the activation token is for another softcard")
-        if check_session:
-            self.check_session(claims, now)
         return claims
 
-    def check_session(self, claims: TokenClaims, now: float) -> None:
-        if not self.store.session_valid(claims.session, claims.card, now):
+    async def check_session(self, claims: TokenClaims, now: float) -> None:
+        if not await self.read(lambda r: r.session_valid(claims.session, claims.card, now)):
             raise _ended()
 
     def _fresh(self, row: IdempotencyRow | None, now: float) -> bytes | None:
@@ -187,13 +202,16 @@ class Service:
 
     async def list_softcards(self, req: Request) -> Response:
         ident = req.ident
-        rows = self.store.card_list(None if ident.admin else ident.name)
+        visible_to = None if ident.admin else ident.name
+        rows = await self.read(lambda r: r.card_list(visible_to))
         cards = [self._card_json(c, n) for c, n in rows]
         return ok("SoftcardList", {"softcards": cards})
 
     async def get_softcard(self, req: Request) -> Response:
         card = self._card(req)
-        return ok("Softcard", self._card_json(card, self.store.card_counts(card.id)))
+        return ok(
+            "Softcard", self._card_json(card, await self.read(lambda r: r.card_counts(card.id)))
+        )
 
     async def create_softcard(self, req: Request) -> Response:
         name: str = req.body["name"]
@@ -259,10 +277,14 @@ class Service:
         ttl = self.settings.activation_ttl
         expires = int(time.time()) + ttl
 
+        ident = req.ident
+
         def change(tx: WriteTx) -> Response:
-            current = tx.card_get(card.id)
-            if current is None:
-                raise ApiError("SOFTCARD_NOT_FOUND", "no softcard with that ID")
+            current = tx.card_get(card.id)  # locks the card: grant changes wait (store.py)
+            # Asked again under that lock: a grant withdrawn since the pipeline's read must not
+            # leave this activation behind (the withdrawal ends only committed sessions).
+            if current is None or not pipeline.sees(tx, ident, current):
+                raise pipeline.not_found()
             if current.failures or current.locked_until:
                 tx.card_set_failures(card.id, 0, 0.0)
             tx.session_expire(time.time())
@@ -276,14 +298,16 @@ class Service:
         """A fresh token for a live session (renew-while-in-use, see the README)."""
         claims = req.claims
         assert claims is not None
-        card = self.store.card_get(claims.card)
-        # The role or grants may have changed since the activation: ask again.
-        if card is None or not pipeline.sees(self.store, req.ident, card):
-            raise pipeline.not_found()
+        ident = req.ident
         ttl = self.settings.activation_ttl
         expires = int(time.time()) + ttl
 
         def change(tx: WriteTx) -> Response:
+            # The role or grants may have changed since the activation: ask again, under the
+            # card's lock (a grant withdrawn meanwhile has ended the session too).
+            card = tx.card_get(claims.card)
+            if card is None or not pipeline.sees(tx, ident, card):
+                raise pipeline.not_found()
             if not tx.session_extend(claims.session, claims.card, float(expires)):
                 raise _ended()
             renewed = TokenClaims(
@@ -297,7 +321,8 @@ class Service:
     # ---------------------------------------------------------------- grants
 
     async def list_grants(self, req: Request) -> Response:
-        names = self.store.grant_list(self._card(req).id)
+        card_id = self._card(req).id
+        names = await self.read(lambda r: r.grant_list(card_id))
         return ok("GrantList", {"grants": [{"client": n} for n in names]})
 
     def _grantee(self, req: Request) -> str:
@@ -310,6 +335,8 @@ class Service:
         card, name = self._card(req).id, self._grantee(req)
 
         def change(tx: WriteTx) -> Response:
+            if tx.card_get(card) is None:  # deleted since the pipeline read it
+                raise pipeline.not_found()
             tx.grant_put(card, name)
             return _EMPTY
 
@@ -319,6 +346,8 @@ class Service:
         card, name = self._card(req).id, self._grantee(req)
 
         def change(tx: WriteTx) -> Response:
+            if tx.card_get(card) is None:
+                raise pipeline.not_found()
             tx.grant_delete(card, name)
             return _EMPTY
 
@@ -350,21 +379,10 @@ class Service:
 
     # ---------------------------------------------------------------- objects
 
-    def _stored(self, attrs_json: str) -> tuple[Attrs, dict[str, Any]]:
-        """A row's clear attributes, decoded and in wire form (the stored JSON is exactly
-        protocol.encode_attrs of them). Cached by the text: shared, callers copy to change."""
-        hit = self._attrs.get(attrs_json)
-        if hit is None:
-            wire = json.loads(attrs_json)
-            hit = (protocol.decode_attrs(wire), wire)
-            if len(self._attrs) >= _ATTRS_CACHE_MAX:
-                self._attrs.clear()
-            self._attrs[attrs_json] = hit
-        return hit
-
-    def _visible(self, row: ObjectRow, card_key: bytes) -> Attrs:
+    @staticmethod
+    def _visible(row: ObjectRow, card_key: bytes) -> Attrs:
         # A public certificate's CKA_VALUE rests unsealed among its attributes.
-        attrs = dict(self._stored(row.attrs_json)[0])
+        attrs = dict(row.attrs)
         if row.cls != C.CKO_SECRET_KEY and row.secret is not None:
             attrs["CKA_VALUE"] = sealing.decrypt_value(card_key, row.handle, row.secret)
         return attrs
@@ -377,9 +395,7 @@ class Service:
             attrs = {**obj.attrs, "CKA_VALUE": obj.value}
         else:
             secret = sealing.encrypt_value(card_key, handle, obj.value)
-        return ObjectRow(handle, card, obj.cls, obj.key_type,
-                         json.dumps(protocol.encode_attrs(attrs), separators=(",", ":")),
-                         secret)  # fmt: skip
+        return ObjectRow.new(handle, card, obj.cls, obj.key_type, attrs, secret)
 
     async def _store_new(self, req: Request, obj: NewObject) -> Response:
         assert req.claims is not None
@@ -404,7 +420,8 @@ class Service:
 
     async def get_object(self, req: Request) -> Response:
         assert req.claims is not None
-        row = self.store.object_get(req.claims.card, req.params["handle"])
+        card, handle = req.claims.card, req.params["handle"]
+        row = await self.read(lambda r: r.object_get(card, handle))
         if row is None:
             raise ApiError("OBJECT_NOT_FOUND", "no such object")
         return ok(
@@ -455,11 +472,9 @@ class Service:
             row = tx.object_get(claims.card, handle)
             if row is None:
                 raise ApiError("OBJECT_NOT_FOUND", "no such object")
-            stored = protocol.decode_attrs(json.loads(row.attrs_json))
-            attrs = renamed_attrs(row.cls, stored, req.body["attrs"])
-            text = json.dumps(protocol.encode_attrs(attrs), separators=(",", ":"))
-            tx.object_set_attrs(claims.card, handle, text)
-            renamed = ObjectRow(row.handle, row.card, row.cls, row.key_type, text, row.secret)
+            attrs = renamed_attrs(row.cls, row.attrs, req.body["attrs"])
+            tx.object_set_attrs(claims.card, handle, attrs)
+            renamed = ObjectRow.new(row.handle, row.card, row.cls, row.key_type, attrs, row.secret)
             return ok(
                 "Object", {"handle": handle, "attrs": self._visible(renamed, claims.card_key)}
             )
@@ -467,15 +482,24 @@ class Service:
         return await self.commit(None, change)
 
     async def search_public(self, req: Request) -> Response:
-        card = self._card(req)
+        card_id = self._card(req).id
         want: Attrs = req.body["attrs"]
         found: list[dict[str, Any]] = []
+
+        def certificates(r: ReadTx) -> list[ObjectRow] | None:
+            if r.card_get(card_id) is None:
+                return None
+            return list(r.object_search(card_id, C.CKO_CERTIFICATE, None))
+
+        rows = await self.read(certificates)
+        if rows is None:
+            raise ApiError("SOFTCARD_NOT_FOUND", "no softcard with that ID")
         # Only certificates can be public; their rows hold no sealed value.
         if want.get("CKA_CLASS", C.CKO_CERTIFICATE) == C.CKO_CERTIFICATE:
-            for row in self.store.object_search(card.id, C.CKO_CERTIFICATE, None):
+            for row in rows:
                 if row.secret is not None:
                     continue
-                attrs = protocol.decode_attrs(json.loads(row.attrs_json))
+                attrs = row.attrs
                 if attrs.get("CKA_PRIVATE") is False and all(
                     attrs.get(n) == v for n, v in want.items()
                 ):
@@ -495,9 +519,11 @@ class Service:
             key_type is None
             or (isinstance(key_type, int) and key_type in mechanisms.KEY_TYPE_NAMES)
         ):
-            for row in self.store.object_search(claims.card, cls, key_type):
+            card = claims.card
+            rows = await self.read(lambda r: list(r.object_search(card, cls, key_type)))
+            for row in rows:
                 # Match the clear attributes first: only candidates get their value decrypted.
-                attrs, wire = self._stored(row.attrs_json)
+                attrs, wire = row.attrs, row.wire
                 if not all(attrs.get(n) == v for n, v in clear_want):
                     continue
                 # Secret keys carry no CKA_VALUE here, so a search on it never matches them.
@@ -515,11 +541,24 @@ class Service:
 
     # ---------------------------------------------------------------- crypto
 
+    async def _found(self, claims: TokenClaims, handle: str) -> tuple[bool, ObjectRow | None]:
+        """session_object off the event loop (stores whose reads block)."""
+        now = time.time()
+        session, card = claims.session, claims.card
+        return await self.read(lambda r: r.session_object(session, card, now, handle))
+
     def _key(self, claims: TokenClaims, handle: str, mech_name: str, op: mechanisms.Op,
-             use: str) -> tuple[mechanisms.Mechanism, bytes]:  # fmt: skip
+             use: str, found: tuple[bool, ObjectRow | None] | None,
+             ) -> tuple[mechanisms.Mechanism, bytes]:  # fmt: skip
         """The mechanism and the key's value, after the checks in the order the protocol
-        promises: live session (deferred from authenticate), mechanism, key, type, usage."""
-        live, row = self.store.session_object(claims.session, claims.card, time.time(), handle)
+        promises: live session (deferred from authenticate), mechanism, key, type, usage.
+        found: the session_object answer when the caller read it off the loop, else None (the
+        hot path on an embedded store: read here, no coroutine or closure in between)."""
+        if found is None:
+            with self.store.read() as r:
+                live, row = r.session_object(claims.session, claims.card, time.time(), handle)
+        else:
+            live, row = found
         if not live:
             raise _ended()
         mech = self._mech(mech_name, op)
@@ -527,8 +566,8 @@ class Service:
             raise ApiError("KEY_NOT_FOUND", "no such key")
         meta = self._key_meta.get(handle)
         if meta is None:
-            attrs = json.loads(row.attrs_json)
-            meta = _KeyMeta(attrs["CKA_KEY_TYPE"], frozenset(u for u in
+            attrs = row.attrs
+            meta = _KeyMeta(int(attrs["CKA_KEY_TYPE"]), frozenset(u for u in
                             ("CKA_ENCRYPT", "CKA_DECRYPT", "CKA_SIGN", "CKA_VERIFY")
                             if attrs.get(u) is True))  # fmt: skip
             if len(self._key_meta) >= _KEY_META_CACHE_MAX:
@@ -567,21 +606,24 @@ class Service:
     async def encrypt(self, req: Request) -> Response:
         assert req.claims is not None
         b = req.body
-        mech, key = self._key(req.claims, b["key"], b["mechanism"], _CIPHER, "CKA_ENCRYPT")
+        found = await self._found(req.claims, b["key"]) if self._reads_block else None
+        mech, key = self._key(req.claims, b["key"], b["mechanism"], _CIPHER, "CKA_ENCRYPT", found)
         data, last = ops.encrypt(mech, key, b["iv"], b["data"])
         return _cipher_result(data, last)
 
     async def decrypt(self, req: Request) -> Response:
         assert req.claims is not None
         b = req.body
-        mech, key = self._key(req.claims, b["key"], b["mechanism"], _CIPHER, "CKA_DECRYPT")
+        found = await self._found(req.claims, b["key"]) if self._reads_block else None
+        mech, key = self._key(req.claims, b["key"], b["mechanism"], _CIPHER, "CKA_DECRYPT", found)
         data, last = ops.decrypt(mech, key, b["iv"], b["data"])
         return _cipher_result(data, last)
 
     async def sign(self, req: Request) -> Response:
         assert req.claims is not None
         b = req.body
-        mech, key = self._key(req.claims, b["key"], b["mechanism"], _MAC, "CKA_SIGN")
+        found = await self._found(req.claims, b["key"]) if self._reads_block else None
+        mech, key = self._key(req.claims, b["key"], b["mechanism"], _MAC, "CKA_SIGN", found)
         length = ops.mac_length(mech, b.get("mac_length"))
         sig = _b64(ops.sign(mech, key, b["data"], length))
         return Response(200, b'{"signature":"' + sig + b'"}')
@@ -589,7 +631,8 @@ class Service:
     async def verify(self, req: Request) -> Response:
         assert req.claims is not None
         b = req.body
-        mech, key = self._key(req.claims, b["key"], b["mechanism"], _MAC, "CKA_VERIFY")
+        found = await self._found(req.claims, b["key"]) if self._reads_block else None
+        mech, key = self._key(req.claims, b["key"], b["mechanism"], _MAC, "CKA_VERIFY", found)
         length = ops.mac_length(mech, b.get("mac_length"))
         ops.verify(mech, key, b["data"], b["signature"], length)
         return _VERIFIED

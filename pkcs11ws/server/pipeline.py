@@ -27,7 +27,7 @@ from pkcs11ws.server import audit
 from pkcs11ws.server.identity import Clients, Identity, Peer
 from pkcs11ws.server.peer import PEER_KEY
 from pkcs11ws.server.sealing import TokenClaims
-from pkcs11ws.server.store import CardRow, Store
+from pkcs11ws.server.store import CardRow, ReadTx
 
 
 @dataclass(frozen=True)
@@ -111,28 +111,31 @@ def refuse_unknown(peer: Peer) -> ApiError:
 # ------------------------------------------------------------------------------ authorization
 
 
-def sees(store: Store, ident: Identity, card: CardRow) -> bool:
+# The accesses whose softcard authorize loads (the others need no store read here).
+CARD_ACCESS: Final = frozenset({"card", "owner"})
+
+
+def sees(r: ReadTx, ident: Identity, card: CardRow) -> bool:
     """May this identity see (and so activate and use) the softcard?"""
     if ident.admin or card.owner == ident.name:
         return True
-    return store.grant_exists(card.id, ident.name)
+    return r.grant_exists(card.id, ident.name)
 
 
-def authorize(
-    store: Store, ep: Endpoint, ident: Identity, params: dict[str, str]
-) -> CardRow | None:
-    """Enforce protocol.ACCESS for the "card" and "owner" endpoints; returns their softcard."""
+def authorize(r: ReadTx, ep: Endpoint, ident: Identity, params: dict[str, str]) -> CardRow | None:
+    """Enforce protocol.ACCESS for the "card" and "owner" endpoints; returns their softcard.
+    Reads only: a grant withdrawn a moment later also ends the sessions it allowed."""
     access = ep.access
-    if access != "card" and access != "owner":
+    if access not in CARD_ACCESS:
         return None
-    card = store.card_get(params["card"])
+    card = r.card_get(params["card"])
     if card is None:
         if not ident.admin:
             # The same store queries as for someone else's softcard, so that the time of the
             # answer does not tell "missing" from "not yours" either.
-            store.grant_exists(params["card"], ident.name)
+            r.grant_exists(params["card"], ident.name)
         raise not_found()
-    if not sees(store, ident, card):
+    if not sees(r, ident, card):
         raise not_found()
     if access == "owner" and not (ident.admin or card.owner == ident.name):
         raise ApiError("FORBIDDEN", "only the softcard's owner or an admin may do this")

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pkcs11ws.server import identity, settings
+from pkcs11ws.server.store import StoreError, scheme_of
 
 CA_DAYS: Final = 3650
 LEAF_DAYS: Final = 825
@@ -179,7 +180,30 @@ def q(path: Path) -> str:
     return json.dumps(str(path))
 
 
-def server_yaml(d: Path, port: int, scrypt_n: int, admin_port: int) -> str:
+def _database_yaml(d: Path, store: str | None) -> str:
+    if store is None:
+        return f"""\
+store: null                     # null: SQLite at database.path; postgresql://USER@HOST:PORT/DB
+database:                       #   for several replicas on PostgreSQL (docs/postgresql.md)
+  backend: sqlite
+  path: {q(d / "keys.db")}
+  synchronous: FULL             # FULL: an acknowledged write survives a power cut
+  pool_size: 8                  # PostgreSQL only: connections per worker process
+  pool_timeout: 5               # PostgreSQL only: seconds to wait for one, then 503
+"""
+    return f"""\
+# The database: several replicas of this service may share it (docs/postgresql.md). Keep a
+# password out of this file: libpq reads ~/.pgpass or PGPASSFILE.
+store: {json.dumps(store)}
+database:
+  pool_size: 8                  # connections per worker process
+  pool_timeout: 5               # seconds to wait for a connection before answering 503
+"""
+
+
+def server_yaml(
+    d: Path, port: int, scrypt_n: int, admin_port: int, store: str | None = None
+) -> str:
     s = settings.DEFAULT_SCRYPT
     return f"""\
 # pkcs11ws key service configuration (written by `pkcs11ws-server init`).
@@ -196,11 +220,7 @@ master_key: {q(d / "master.key")}  # seals activation tokens and idempotent answ
 clients: {q(d / "clients.yaml")}  # client identities and roles (issue-client adds to it)
 unlisted_clients: refuse        # a CA certificate clients.yaml omits: refuse (403) or app
 crl: null                       # or a CRL file of the CA (revoked serials; re-read on SIGHUP)
-database:
-  backend: sqlite
-  path: {q(d / "keys.db")}
-  synchronous: FULL             # FULL: an acknowledged write survives a power cut
-max_body: {settings.DEFAULT_MAX_BODY}              # bytes
+{_database_yaml(d, store)}max_body: {settings.DEFAULT_MAX_BODY}              # bytes
 activation_ttl: {settings.DEFAULT_ACTIVATION_TTL}           # seconds a softcard activation lasts
 idempotency_ttl: 86400          # seconds an Idempotency-Key is remembered
 lockout:                        # wrong passphrases: after `threshold` in a row the softcard
@@ -243,15 +263,16 @@ RETRYDELAY 1
 
 def init(directory: Path, port: int = settings.DEFAULT_PORT, force: bool = False,
          scrypt_n: int = settings.DEFAULT_SCRYPT["n"], replace_ca_and_master_key: bool = False,
-         admin_port: int | None = None, sans: list[str] | None = None) -> InitResult:  # fmt: skip
+         admin_port: int | None = None, store: str | None = None,
+         sans: list[str] | None = None) -> InitResult:  # fmt: skip
     """Write the kit into `directory`.
 
     `admin_port` defaults to `port` + 1. `force` rewrites the two configuration files but keeps
     an existing CA (with the certificates it issued), the client identities (clients.yaml) and
     master key. Only `replace_ca_and_master_key` replaces those: a new master key makes every
     stored softcard unreadable and a new CA invalidates every issued client certificate, so
-    that can never be a side effect of another flag. `sans` (--san) with a kept CA re-issues
-    only the server certificate.
+    that can never be a side effect of another flag. `store`: a PostgreSQL URL for the store
+    (default: SQLite). `sans` (--san) with a kept CA re-issues only the server certificate.
     """
     d = directory.expanduser().resolve()
     yaml_path = d / "server.yaml"
@@ -265,6 +286,12 @@ def init(directory: Path, port: int = settings.DEFAULT_PORT, force: bool = False
         raise InitError(f"ports {port} and {admin_port}: two different ports in 1-65535")
     if scrypt_n < 2 or scrypt_n & (scrypt_n - 1):
         raise InitError("scrypt n must be a power of two")
+    if store is not None:
+        try:
+            if scheme_of(store) == "sqlite":
+                raise InitError("--store: only for PostgreSQL (SQLite is the default)")
+        except StoreError as exc:
+            raise InitError(str(exc)) from None
     existing = [p for p in (ca, master) if p.exists()]
     if existing and not force and not replace_ca_and_master_key:
         raise InitError(
@@ -288,7 +315,7 @@ def init(directory: Path, port: int = settings.DEFAULT_PORT, force: bool = False
         _reissue_server(d / "pki", sans)
     if not kept_master_key:
         _write_private(master, os.urandom(32))
-    yaml_path.write_text(server_yaml(d, port, scrypt_n, admin_port), encoding="utf-8")
+    yaml_path.write_text(server_yaml(d, port, scrypt_n, admin_port, store), encoding="utf-8")
     if not clients.exists():
         admin_fp = identity.fingerprint_of_pem((d / "pki" / "client.pem").read_bytes())
         identity.add_client(clients, "admin", "admin", admin_fp)

@@ -15,6 +15,8 @@ from typing import Any, Final
 
 import yaml
 
+from pkcs11ws.server.store import StoreConfig, StoreError, redact, scheme_of
+
 CONFIG_ENV: Final = "PKCS11WS_SERVER_CONFIG"  # how `serve` hands the yaml path to workers
 # With --workers N > 1: the supervisor's PID, so that a worker knows it is one (app.create_app).
 SUPERVISOR_ENV: Final = "PKCS11WS_SERVER_SUPERVISOR"
@@ -24,6 +26,11 @@ DEFAULT_MAX_BODY: Final = 8 * 1024 * 1024
 DEFAULT_ACTIVATION_TTL: Final = 8 * 3600
 DEFAULT_SCRYPT: Final = {"n": 2**15, "r": 8, "p": 1}
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def describe_store(s: Settings) -> str:
+    """The store for logs and messages (no password)."""
+    return redact(s.store.url)
 
 
 class SettingsError(Exception):
@@ -60,11 +67,17 @@ KEYS: Final[tuple[Key, ...]] = (
         "certificates (PEM path); a client certificate is always required."),
     Key("master_key", str, "master.key", "Path of the 32-byte master key: seals activation "
         "tokens, idempotent answers and (through each softcard's passphrase) stored keys."),
-    Key("database.backend", str, "sqlite", "Store backend: `sqlite`."),
+    Key("store", str, None, "The store as a URL: `sqlite:///PATH` (relative to this file's "
+        "folder; `sqlite:////PATH` absolute) or `postgresql://USER@HOST:PORT/DB` (a libpq URL, "
+        "several hosts allowed; see docs/postgresql.md). Absent: SQLite at `database.path`."),
+    Key("database.backend", str, "sqlite", "Store backend when `store` is absent: `sqlite`."),
     Key("database.path", str, "keys.db", "SQLite database file (WAL mode; keep it on a local "
         "disk)."),
     Key("database.synchronous", str, "FULL", "SQLite `synchronous`: `NORMAL`, `FULL` (an "
         "acknowledged write survives a power cut) or `EXTRA`."),
+    Key("database.pool_size", int, 8, "PostgreSQL: connections per worker process (1-1000)."),
+    Key("database.pool_timeout", int, 5, "PostgreSQL: seconds a request waits for a database "
+        "connection before it is answered 503, which clients retry (1-3600)."),
     Key("max_body", int, DEFAULT_MAX_BODY, "Largest request body in bytes (>= 1024)."),
     Key("activation_ttl", int, DEFAULT_ACTIVATION_TTL, "Seconds a softcard activation lasts."),
     Key("idempotency_ttl", int, 24 * 3600, "Seconds an `Idempotency-Key` and its answer are "
@@ -116,9 +129,10 @@ class Settings:
     tls_key: Path
     tls_ca: Path
     master_key: Path
-    database_backend: str
-    database_path: Path
+    database_backend: str  # the store's scheme: "sqlite" or "postgresql"
+    database_path: Path  # the SQLite file (meaningful when database_backend is "sqlite")
     database_synchronous: str
+    store: StoreConfig  # what store.open_store opens
     max_body: int
     activation_ttl: int
     idempotency_ttl: int
@@ -189,10 +203,39 @@ def load(path: str | os.PathLike[str]) -> Settings:
             raise SettingsError(f"{k}: required (a path)")
     backend = _v(raw, "database.backend")
     if backend != "sqlite":
-        raise SettingsError(f"database.backend: {backend!r} is not supported (sqlite)")
+        raise SettingsError(
+            f"database.backend: {backend!r} is not supported (sqlite; for PostgreSQL set"
+            " store: postgresql://USER@HOST:PORT/DB)"
+        )
     sync = _v(raw, "database.synchronous").upper()
     if sync not in ("NORMAL", "FULL", "EXTRA"):
         raise SettingsError("database.synchronous: NORMAL, FULL or EXTRA")
+    db_path = _path(base, _v(raw, "database.path"))
+    url = _v(raw, "store")
+    if url is None:
+        url = f"sqlite:///{db_path}"  # the database: keys of before the store: URL
+    else:
+        try:
+            scheme = scheme_of(url)
+        except StoreError as exc:
+            raise SettingsError(str(exc)) from None
+        if scheme == "sqlite":
+            if "path" in (raw.get("database") or {}):
+                raise SettingsError("store and database.path both name the SQLite file")
+            # sqlite:///rel/path is relative to this file's folder, sqlite:////abs/path absolute.
+            rest = url.partition("://")[2]
+            if not rest.startswith("/") or len(rest) < 2:
+                raise SettingsError(f"store: {url!r}: expected sqlite:///PATH")
+            db_path = _path(base, rest[1:])
+            url = f"sqlite:///{db_path}"
+        else:
+            backend = "postgresql"
+    store = StoreConfig(
+        url=url,
+        synchronous=sync,
+        pool_size=_positive("database.pool_size", _v(raw, "database.pool_size"), 1, 1000),
+        pool_timeout=_positive("database.pool_timeout", _v(raw, "database.pool_timeout"), 1, 3600),
+    )
     n = _v(raw, "scrypt.n")
     if n < 2 or n & (n - 1):
         raise SettingsError("scrypt.n: a power of two >= 2")
@@ -221,8 +264,9 @@ def load(path: str | os.PathLike[str]) -> Settings:
         tls_ca=_path(base, _v(raw, "tls.ca")),
         master_key=_path(base, _v(raw, "master_key")),
         database_backend=backend,
-        database_path=_path(base, _v(raw, "database.path")),
+        database_path=db_path,
         database_synchronous=sync,
+        store=store,
         max_body=_positive("max_body", _v(raw, "max_body"), 1024),
         activation_ttl=_positive("activation_ttl", _v(raw, "activation_ttl")),
         idempotency_ttl=_positive("idempotency_ttl", _v(raw, "idempotency_ttl")),

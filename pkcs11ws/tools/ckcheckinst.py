@@ -281,15 +281,19 @@ def check_service(rep: Report, cfg: Config) -> bool:
 
 
 def _check_one_service(rep: Report, cfg: Config, name: str) -> bool:
-    from pkcs11ws.client.api import KeyServiceClient
-    from pkcs11ws.errors import PKCS11Error, ServiceError
+    from pkcs11ws.errors import InstallationError, PKCS11Error, ServiceError
 
     url = f"https://{server_label(*cfg.servers[0])}"
     # One attempt: a check reports at once instead of waiting through MAXRETRIES x RETRYDELAY.
     quick = dataclasses.replace(cfg, maxretries=0, connecttimeout=min(cfg.connecttimeout, 10),
                                 timeout=min(cfg.timeout, 30))  # fmt: skip
     try:
+        from pkcs11ws.client.api import KeyServiceClient
+
         client = KeyServiceClient(quick)
+    except InstallationError as e:
+        rep.fail(name, f"the HTTPS client cannot start: {e.message}", "run the fix it gives")
+        return False
     except ImportError as e:
         rep.fail(name, f"the HTTPS client cannot start: {e}", "reinstall pycurl as it says")
         return False

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from pkcs11ws import __version__, protocol
 from pkcs11ws.config import DEFAULT_PATH, ENV_CONFIG
-from pkcs11ws.errors import ConfigError, PKCS11Error, ServiceError
+from pkcs11ws.errors import ConfigError, InstallationError, PKCS11Error, ServiceError
 from pkcs11ws.tools.common import UsageError, err, pipe_safe, read_passphrase
 
 if TYPE_CHECKING:
@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     except UsageError as e:
         err(PROG, str(e))
         return 2
+    except InstallationError as e:
+        err(PROG, e.message)
+        return 1
     except ConfigError as e:
         err(PROG, f"{e.message} (set {ENV_CONFIG} to the configuration file, or create "
                   f"{DEFAULT_PATH})")  # fmt: skip

@@ -1,0 +1,214 @@
+"""Key service CPU per operation by store backend, in process: `python -m bench.store_cpu`.
+
+The key service's ASGI app is driven directly (no TLS, no HTTP parsing, no client: those cost
+the same whatever the store) on uvloop, for SQLite and for PostgreSQL (a throw-away cluster
+started like the tests do, tests/pg_util.py). Per operation it reports the service process's
+CPU (all its threads: the event loop and the store's worker threads) and, for PostgreSQL, the
+database server's CPU (every process of the cluster, from /proc), and the wall time per
+request with one request at a time.
+
+Operations: HMAC-SHA256 sign (the hot path: one store read), create a data object (one write
+transaction with its idempotency record), search a card of 20 objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from bench.build import BENCH_DIR
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+    return total
+
+
+def _cluster_pids(data_dir: Path) -> list[int]:
+    """The postmaster and its children (backends, checkpointer, walwriter...)."""
+    head = int((data_dir / "postmaster.pid").read_text().split()[0])
+    pids = [head]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == head:
+                pids.append(int(entry.name))
+    return pids
+
+
+class Driver:
+    """Calls into one App as uvicorn would, one request at a time."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def call(self, method: str, path: str, body: Any = None, token: str | None = None,
+                   idem: str | None = None) -> tuple[int, Any]:  # fmt: skip
+        raw = b"" if body is None else json.dumps(body).encode()
+        headers = [(b"content-length", str(len(raw)).encode())]
+        if token:
+            headers.append((b"authorization", f"Bearer {token}".encode()))
+        if idem:
+            headers.append((b"idempotency-key", idem.encode()))
+        scope = {"type": "http", "method": method, "path": path, "headers": headers,
+                 "query_string": b""}  # fmt: skip
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        async def send(msg: dict[str, Any]) -> None:
+            sent.append(msg)
+
+        await self.app(scope, receive, send)
+        status = sent[0]["status"]
+        return status, json.loads(sent[1]["body"] or b"null")
+
+
+def b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+async def _measure(
+    n: int, op: Callable[[int], Awaitable[None]], data_dir: Path | None
+) -> dict[str, float]:
+    for i in range(min(50, n)):  # warm caches and prepared statements
+        await op(i)
+    db_pids = _cluster_pids(data_dir) if data_dir else []  # now that the backends exist
+    cpu0, db0, t0 = time.process_time(), _proc_cpu(db_pids), time.perf_counter()
+    for i in range(n):
+        await op(i)
+    cpu1, db1, t1 = time.process_time(), _proc_cpu(db_pids), time.perf_counter()
+    return {"service_us": (cpu1 - cpu0) / n * 1e6, "db_us": (db1 - db0) / n * 1e6,
+            "wall_us": (t1 - t0) / n * 1e6}  # fmt: skip
+
+
+async def _run(workdir: Path, store: str | None, n: int, data_dir: Path | None) -> dict[str, Any]:
+    from pkcs11ws.server import pki, settings
+    from pkcs11ws.server.app import App
+
+    kw: dict[str, Any] = {"store": store} if store else {}
+    res = pki.init(workdir, port=18001, scrypt_n=2**10, **kw)
+    s = settings.load(res.server_yaml)
+    s = type(s)(**{**s.__dict__, "access_log": False})
+    app = App(s)
+    d = Driver(app)
+    status, card = await d.call("POST", "/km/v1/softcards",
+                                {"name": uuid.uuid4().hex[:16], "passphrase": b64(b"pw")},
+                                idem=uuid.uuid4().hex)  # fmt: skip
+    assert status in (200, 201), card
+    cid = card["id"]
+    status, act = await d.call(
+        "POST", f"/km/v1/softcards/{cid}/activate", {"passphrase": b64(b"pw")}
+    )
+    token = act["token"]
+    key_attrs = {"CKA_CLASS": 4, "CKA_KEY_TYPE": 0x2B, "CKA_VALUE": b64(b"k" * 32),
+                 "CKA_SIGN": True}  # fmt: skip
+    status, key = await d.call("POST", f"/km/v1/softcards/{cid}/objects", {"attrs": key_attrs},
+                               token=token, idem=uuid.uuid4().hex)  # fmt: skip
+    assert status in (200, 201), key
+    sign = {"mechanism": "CKM_SHA256_HMAC", "key": key["handle"], "data": b64(b"x" * 64)}
+
+    async def do_sign(i: int) -> None:
+        st, _ = await d.call("POST", "/crypto/v1/sign", sign, token=token)
+        assert st == 200
+
+    async def do_create(i: int) -> None:
+        body = {"attrs": {"CKA_CLASS": 0, "CKA_LABEL": b64(b"d%d" % i), "CKA_VALUE": b64(b"v")}}
+        st, _ = await d.call("POST", f"/km/v1/softcards/{cid}/objects", body, token=token,
+                             idem=uuid.uuid4().hex)  # fmt: skip
+        assert st in (200, 201)
+
+    # A second card with 20 objects to search.
+    status, card2 = await d.call("POST", "/km/v1/softcards",
+                                 {"name": uuid.uuid4().hex[:16], "passphrase": b64(b"pw")},
+                                 idem=uuid.uuid4().hex)  # fmt: skip
+    c2 = card2["id"]
+    _, act2 = await d.call("POST", f"/km/v1/softcards/{c2}/activate", {"passphrase": b64(b"pw")})
+    for i in range(20):
+        await d.call("POST", f"/km/v1/softcards/{c2}/objects",
+                     {"attrs": {"CKA_CLASS": 0, "CKA_LABEL": b64(b"s%d" % i)}},
+                     token=act2["token"], idem=uuid.uuid4().hex)  # fmt: skip
+
+    async def do_search(i: int) -> None:
+        st, _ = await d.call("POST", f"/km/v1/softcards/{c2}/objects/search", {"attrs": {}},
+                             token=act2["token"])  # fmt: skip
+        assert st == 200
+
+    out = {
+        "sign": await _measure(n, do_sign, data_dir),
+        "create": await _measure(max(50, n // 10), do_create, data_dir),
+        "search20": await _measure(max(50, n // 5), do_search, data_dir),
+    }
+    app.store.close()
+    return out
+
+
+def run(n: int = 3000, backends: tuple[str, ...] = ("sqlite", "postgresql")) -> dict[str, Any]:
+    import uvloop
+
+    results: dict[str, Any] = {}
+    for backend in backends:
+        with tempfile.TemporaryDirectory(prefix="pkcs11ws-storecpu-") as tmp:
+            if backend == "sqlite":
+                results[backend] = uvloop.run(_run(Path(tmp) / "svc", None, n, None))
+                continue
+            sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
+            from pg_util import PgServer  # type: ignore[import-not-found]
+
+            pg = PgServer()
+            try:
+                url = pg.new_database()
+                results[backend] = uvloop.run(_run(Path(tmp) / "svc", url, n, pg.data))
+            finally:
+                pg.destroy()
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = ["| store | operation | service CPU us/op | database CPU us/op | wall us/op |",
+             "|---|---|---:|---:|---:|"]  # fmt: skip
+    for backend, ops in results.items():
+        for op, m in ops.items():
+            db = f"{m['db_us']:.0f}" if backend != "sqlite" else "(in service)"
+            lines.append(
+                f"| {backend} | {op} | {m['service_us']:.0f} | {db} | {m['wall_us']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.store_cpu", description=__doc__.splitlines()[0]
+    )
+    ap.add_argument("-n", type=int, default=3000, help="sign requests (creates: n/10)")
+    ap.add_argument("--backend", action="append", choices=("sqlite", "postgresql"))
+    a = ap.parse_args(argv)
+    res = run(a.n, tuple(a.backend or ("sqlite", "postgresql")))
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
