@@ -141,7 +141,8 @@ extensions = [
         include_dirs=["include", NATIVE],
         depends=[os.path.join(NATIVE, n) for n in ("tables.pxi", "objects.pxi", "crypto.pxi",
                                                    "multipart.pxi", "funcs.pxi", "ck.pxd",
-                                                   "ck_gen.pxd", "pyglue.h", "probe.h")],
+                                                   "ck_gen.pxd", "tables.pxd", "pyglue.h",
+                                                   "probe.h")],
     ),
 ]  # fmt: skip
 

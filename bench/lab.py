@@ -81,9 +81,9 @@ class Lab:
 
     def start_service_only(self, say: Callable[[str], None] = print) -> None:
         """The key service, a softcard, the keys and data objects, the sign request body."""
-        from pkcs11ws.__main__ import module_path
         from pkcs11ws.client.api import KeyServiceClient
         from pkcs11ws.config import load_config
+        from pkcs11ws.paths import module_path
         from pkcs11ws.protocol import STRUCTS, encode
 
         if not self.bins:

@@ -10,20 +10,11 @@ install       lay out the WSOP install tree under --prefix DIR (pkcs11ws/tools/i
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-MODULE_NAME = "libpkcs11ws.so"
+from pkcs11ws.paths import MODULE_NAME, module_path
 
-
-def module_path() -> str:
-    """The built PKCS#11 module inside the installed package (FileNotFoundError if not built)."""
-    from pkcs11ws import _native
-
-    path = os.path.join(os.path.dirname(os.path.abspath(_native.__file__)), MODULE_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is not built: run `make build` (pip install -e .)")
-    return path
+__all__ = ["MODULE_NAME", "build_parser", "main", "module_path"]
 
 
 def _cmd_module_path(args: argparse.Namespace) -> int:

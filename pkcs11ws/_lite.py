@@ -1,14 +1,16 @@
 """Light stand-ins for the standard library helpers on the PKCS#11 module's import path.
 
 Every process that loads libpkcs11ws.so imports the provider; these keep heavy modules out of
-that start-up. ``dataclasses`` pulls in ``inspect`` (and with it ``ast``, ``dis``,
-``tokenize``): about 7 ms and 2.7 MB; ``contextlib`` another ~1 ms, for ``suppress`` alone.
+that start-up: ``dataclasses`` pulls in ``inspect`` (and with it ``ast``, ``dis``,
+``tokenize``), ``contextlib`` is imported for ``suppress`` alone. tests/test_startup_imports.py
+keeps them out; what they cost is measured by the benchmark, not written here.
 
 ``dataclass``/``field``/``replace``: the classes on that path only need the generated
 ``__init__`` (with defaults and ``default_factory``), ``__post_init__``, ``__repr__``,
-``__eq__``, ``__hash__`` for frozen classes, and frozen attribute setting. Type checkers see
-the real ``dataclass`` (modules do ``if TYPE_CHECKING: from dataclasses import dataclass``), so
-signatures stay checked. ``dataclasses.replace()``/``fields()``/``is_dataclass()`` keep working
+``__eq__``, ``__hash__`` for frozen classes, and frozen attribute setting. It is the one way
+records are declared in the package (``from pkcs11ws._lite import dataclass``, server side too);
+``dataclass_transform`` tells type checkers it behaves like the real one, so signatures stay
+checked. ``dataclasses.replace()``/``fields()``/``is_dataclass()`` keep working
 on these classes: the ``__dataclass_fields__`` they read is built on first use, from a real
 dataclass made with the same fields, so only the callers that use them import ``dataclasses``.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import TypeVar, dataclass_transform
+    from typing import Any, TypeVar, dataclass_transform
 else:
 
     def dataclass_transform(**_kw: object) -> object:  # type checkers only
@@ -48,7 +50,7 @@ def field(
     default_factory: object = _MISSING,
     compare: bool = True,
     repr: bool = True,
-) -> object:
+) -> Any:
     """The subset of ``dataclasses.field`` the module-path classes use."""
     return _FieldSpec(default, default_factory, compare, repr)
 
@@ -97,7 +99,9 @@ def dataclass(*, frozen: bool = False) -> Callable[[type], type]:
 
     def wrap(cls: type) -> type:
         # inspect.get_annotations would import inspect, the very thing this module avoids
-        names = list(cls.__dict__.get("__annotations__", {}))  # noqa: RUF063
+        annotations = cls.__dict__.get("__annotations__", {})  # noqa: RUF063
+        # A ClassVar is no field (as in dataclasses); annotations are strings here.
+        names = [n for n, a in annotations.items() if not str(a).startswith("ClassVar")]
         specs: dict[str, _FieldSpec | None] = {}
         glob: dict[str, object] = {"_MISSING": _MISSING, "_set": object.__setattr__}
         params: list[str] = []

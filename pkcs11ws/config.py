@@ -24,15 +24,13 @@ from __future__ import annotations
 import os
 import re
 
+from pkcs11ws._lite import dataclass
 from pkcs11ws.errors import ConfigError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
-    from dataclasses import dataclass
     from typing import Any, Final
-else:  # dataclasses imports inspect: too heavy for the module's start-up
-    from pkcs11ws._lite import dataclass
 
 DEFAULT_PATH: Final = "/opt/nfast/webservices/pkcs11/conf/pkcs11webservices.cfg"
 DEFAULT_LOGFILEPATH: Final = "/opt/nfast/webservices/pkcs11/log/pkcs11webservices.log"

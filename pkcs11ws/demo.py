@@ -59,7 +59,17 @@ def main() -> int:
     port = _free_port()
     print(f"pkcs11ws demo: key service on 127.0.0.1:{port}, state in {WORK.resolve()}")
     subprocess.run(
-        [_bin("pkcs11ws-server"), "init", str(WORK), "--port", str(port)],
+        # A free admin port too: init's default (port + 1) may be taken on a busy machine, and
+        # then the service exits before the first step.
+        [
+            _bin("pkcs11ws-server"),
+            "init",
+            str(WORK),
+            "--port",
+            str(port),
+            "--admin-port",
+            str(_free_port()),
+        ],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -98,7 +108,11 @@ def _run(demo: Demo, cfg_path: str, server: subprocess.Popen[bytes]) -> int:
                 h = client.health()
                 return f"service {h['version']}, protocol {h['protocol']}"
             except Exception:
-                if time.monotonic() > deadline or server.poll() is not None:
+                if server.poll() is not None:
+                    raise RuntimeError(
+                        f"the key service exited ({server.returncode}); see {WORK / 'server.log'}"
+                    ) from None
+                if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
 
@@ -119,10 +133,19 @@ def _run(demo: Demo, cfg_path: str, server: subprocess.Popen[bytes]) -> int:
 
     def aes() -> str:
         key = client.generate_key(
-            state["card"], state["token"], "CKM_AES_KEY_GEN",
-            {"CKA_CLASS": 4, "CKA_KEY_TYPE": 0x1F, "CKA_VALUE_LEN": 32, "CKA_TOKEN": True,
-             "CKA_PRIVATE": True, "CKA_LABEL": b"demo-aes", "CKA_ID": b"\x01"},
-        )  # fmt: skip
+            state["card"],
+            state["token"],
+            "CKM_AES_KEY_GEN",
+            {
+                "CKA_CLASS": 4,
+                "CKA_KEY_TYPE": 0x1F,
+                "CKA_VALUE_LEN": 32,
+                "CKA_TOKEN": True,
+                "CKA_PRIVATE": True,
+                "CKA_LABEL": b"demo-aes",
+                "CKA_ID": b"\x01",
+            },
+        )
         iv, msg = os.urandom(16), b"attack at dawn, bring the keys"
         ct, _ = client.encrypt(state["token"], key["handle"], "CKM_AES_CBC_PAD", iv, msg)
         pt, _ = client.decrypt(state["token"], key["handle"], "CKM_AES_CBC_PAD", iv, ct)
@@ -132,10 +155,19 @@ def _run(demo: Demo, cfg_path: str, server: subprocess.Popen[bytes]) -> int:
 
     def hmac() -> str:
         key = client.generate_key(
-            state["card"], state["token"], "CKM_SHA256_KEY_GEN",
-            {"CKA_CLASS": 4, "CKA_KEY_TYPE": 0x2B, "CKA_VALUE_LEN": 32, "CKA_TOKEN": True,
-             "CKA_PRIVATE": True, "CKA_LABEL": b"demo-hmac", "CKA_ID": b"\x02"},
-        )  # fmt: skip
+            state["card"],
+            state["token"],
+            "CKM_SHA256_KEY_GEN",
+            {
+                "CKA_CLASS": 4,
+                "CKA_KEY_TYPE": 0x2B,
+                "CKA_VALUE_LEN": 32,
+                "CKA_TOKEN": True,
+                "CKA_PRIVATE": True,
+                "CKA_LABEL": b"demo-hmac",
+                "CKA_ID": b"\x02",
+            },
+        )
         sig = client.sign(state["token"], key["handle"], "CKM_SHA256_HMAC", b"hello")
         client.verify(state["token"], key["handle"], "CKM_SHA256_HMAC", b"hello", sig)
         return f"HMAC-SHA256 key generated, {len(sig)}-byte MAC signed and verified"
@@ -143,8 +175,11 @@ def _run(demo: Demo, cfg_path: str, server: subprocess.Popen[bytes]) -> int:
     def checkinst() -> str:
         r = subprocess.run(
             [_bin("ckcheckinst"), "--config", cfg_path, "--softcard", name],
-            input=passphrase + "\n", capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            input=passphrase + "\n",
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         print("\n".join("         | " + line for line in r.stdout.splitlines()))
         if r.returncode != 0:
             raise RuntimeError(f"ckcheckinst exit {r.returncode}: {r.stderr.strip()[-300:]}")

@@ -20,7 +20,7 @@ class _Steps(Protocol):
 
 
 def module_path() -> str:
-    from pkcs11ws.__main__ import module_path as mp
+    from pkcs11ws.paths import module_path as mp
 
     return mp()
 
@@ -49,28 +49,87 @@ def run(demo: _Steps, cfg_path: str, card: str, passphrase: str) -> bool:
         return f"pkcs11-tool -L lists token {card!r}"
 
     def aes() -> str:
-        p11("--keygen", "--key-type", "AES:32", "--label", "p11-aes", "--id", "a1",
-            "--private", "--sensitive")  # fmt: skip
+        p11(
+            "--keygen",
+            "--key-type",
+            "AES:32",
+            "--label",
+            "p11-aes",
+            "--id",
+            "a1",
+            "--private",
+            "--sensitive",
+        )
         msg = tmp / "msg.txt"
         msg.write_bytes(b"pkcs11ws: a PKCS#11 module with its keys over mutual TLS\n")
         iv = os.urandom(16).hex()
-        p11("--encrypt", "--mechanism", "AES-CBC-PAD", "--iv", iv, "--id", "a1",
-            "-i", str(msg), "-o", str(tmp / "ct.bin"))  # fmt: skip
-        p11("--decrypt", "--mechanism", "AES-CBC-PAD", "--iv", iv, "--id", "a1",
-            "-i", str(tmp / "ct.bin"), "-o", str(tmp / "pt.txt"))  # fmt: skip
+        p11(
+            "--encrypt",
+            "--mechanism",
+            "AES-CBC-PAD",
+            "--iv",
+            iv,
+            "--id",
+            "a1",
+            "-i",
+            str(msg),
+            "-o",
+            str(tmp / "ct.bin"),
+        )
+        p11(
+            "--decrypt",
+            "--mechanism",
+            "AES-CBC-PAD",
+            "--iv",
+            iv,
+            "--id",
+            "a1",
+            "-i",
+            str(tmp / "ct.bin"),
+            "-o",
+            str(tmp / "pt.txt"),
+        )
         if (tmp / "pt.txt").read_bytes() != msg.read_bytes():
             raise AssertionError("pkcs11-tool decrypt(encrypt(m)) != m")
         ct = (tmp / "ct.bin").stat().st_size
         return f"C_GenerateKey AES-256, C_Encrypt/C_Decrypt CBC-PAD round trip ({ct}-byte ct)"
 
     def hmac() -> str:
-        p11("--keygen", "--key-type", "GENERIC:32", "--label", "p11-hmac", "--id", "a2",
-            "--private", "--sensitive", "--usage-sign")  # fmt: skip
+        p11(
+            "--keygen",
+            "--key-type",
+            "GENERIC:32",
+            "--label",
+            "p11-hmac",
+            "--id",
+            "a2",
+            "--private",
+            "--sensitive",
+            "--usage-sign",
+        )
         msg = tmp / "msg.txt"
-        p11("--sign", "--mechanism", "SHA256-HMAC", "--id", "a2", "-i", str(msg),
-            "-o", str(tmp / "mac.bin"))  # fmt: skip
-        out = p11("--verify", "--mechanism", "SHA256-HMAC", "--id", "a2", "-i", str(msg),
-                  "--signature-file", str(tmp / "mac.bin"))  # fmt: skip
+        p11(
+            "--sign",
+            "--mechanism",
+            "SHA256-HMAC",
+            "--id",
+            "a2",
+            "-i",
+            str(msg),
+            "-o",
+            str(tmp / "mac.bin"),
+        )
+        out = p11(
+            "--verify",
+            "--mechanism",
+            "SHA256-HMAC",
+            "--id",
+            "a2",
+            "-i",
+            str(msg),
+            "--signature-file",
+            str(tmp / "mac.bin"),
+        )
         if "Signature is valid" not in out:
             raise AssertionError(f"verify said: {out.strip()}")
         size = (tmp / "mac.bin").stat().st_size

@@ -29,7 +29,7 @@ from pkcs11ws._lite import suppress
 from pkcs11ws.config import Config, log_settings
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
-if TYPE_CHECKING:  # annotations only: typing costs ~2.5 ms and ~1.9 MB at start-up
+if TYPE_CHECKING:  # annotations only: typing stays off the start-up path (test_startup_imports)
     from typing import Any, Final
 
 NONE, FATAL, ERROR, WARNING, DEBUG1, DEBUG3, DEBUG9 = range(7)

@@ -9,15 +9,14 @@ tests all read this table; adding a mechanism is one row here plus its server op
 from __future__ import annotations
 
 from enum import Enum
+from functools import cached_property
 
 from pkcs11ws import constants as C
+from pkcs11ws._lite import dataclass
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
-    from dataclasses import dataclass
     from typing import Final
-else:  # dataclasses imports inspect: too heavy for the module's start-up
-    from pkcs11ws._lite import dataclass
 
 
 class Param(Enum):
@@ -51,8 +50,10 @@ class Mechanism:
     padded: bool = False  # CBC-PAD (PKCS#7 padding)
     gen_key_type: int = -1  # key type a KEYGEN mechanism makes
 
-    @property
+    @cached_property
     def general(self) -> bool:
+        """The caller picks the MAC length (CK_MAC_GENERAL_PARAMS). Cached in the instance:
+        the sign and verify path reads it per call."""
         return self.param is Param.MAC_LEN
 
 

@@ -14,13 +14,11 @@ import binascii
 import re
 
 from pkcs11ws import constants as C
+from pkcs11ws._lite import dataclass, field
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
-    from dataclasses import dataclass, field
     from typing import Any, Final
-else:  # dataclasses imports inspect: too heavy for the module's start-up
-    from pkcs11ws._lite import dataclass, field
 
 VERSION: Final = "1.0"
 OPENAPI_PATH: Final = "/openapi.json"
@@ -433,17 +431,41 @@ def b64e(data: bytes) -> str:
     return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
-def b64d(text: object, where: str) -> bytes:
-    if not isinstance(text, str):
-        raise ProtocolError("BAD_REQUEST", f"{where}: expected a base64 string")
+# The characters whose 6-bit value has its low 4 (or 2) bits zero: what the last character
+# before "==" (or "=") of a canonical encoding must be.
+_ZERO_LOW4: Final = frozenset("AQgw")
+_ZERO_LOW2: Final = frozenset("AEIMQUYcgkosw048")
+
+
+def canonical_b64(text: str) -> bytes | None:
+    """text decoded when it is the canonical strict base64 of its bytes, else None.
+
+    strict_mode still lets excess padding ("QUJD====") and non-zero trailing bits through; the
+    length and the unused bits of the last character are checked here (cheaper than encoding
+    the result again and comparing), so one value has exactly one spelling on the wire.
+    """
     try:
         data = binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError):
-        raise ProtocolError("BAD_BASE64", f"{where}: malformed base64") from None
-    # strict_mode still lets excess padding ("QUJD====") and non-zero trailing bits through:
-    # accept only the canonical encoding, so one value has exactly one spelling on the wire.
-    if binascii.b2a_base64(data, newline=False) != text.encode("ascii"):
-        raise ProtocolError("BAD_BASE64", f"{where}: non-canonical base64")
+        return None
+    n = len(text)
+    if n != (len(data) + 2) // 3 * 4:
+        return None
+    if n and text[-1] == "=":
+        if text[-2] == "=":
+            if text[-3] not in _ZERO_LOW4:
+                return None
+        elif text[-2] not in _ZERO_LOW2:
+            return None
+    return data
+
+
+def b64d(text: object, where: str) -> bytes:
+    if not isinstance(text, str):
+        raise ProtocolError("BAD_REQUEST", f"{where}: expected a base64 string")
+    data = canonical_b64(text)
+    if data is None:
+        raise ProtocolError("BAD_BASE64", f"{where}: malformed or non-canonical base64")
     return data
 
 

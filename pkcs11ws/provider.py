@@ -33,6 +33,7 @@ import time
 
 from pkcs11ws import _lite, mechanisms, objects
 from pkcs11ws import constants as C
+from pkcs11ws._lite import dataclass
 from pkcs11ws.client import transport
 from pkcs11ws.client.api import KeyServiceClient, PendingKeys
 from pkcs11ws.client.transport import Transport
@@ -44,13 +45,10 @@ from pkcs11ws.protocol import Attrs
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from dataclasses import dataclass
     from typing import Any, Protocol, TypeVar
 
     T = TypeVar("T")
-else:  # typing and dataclasses (inspect) are too heavy for the module's start-up
-    from pkcs11ws._lite import dataclass
-
+else:  # typing is too heavy for the module's start-up
     Protocol = object
 
 RANDOM_CHUNK = 65536  # the service's largest random request
@@ -222,10 +220,17 @@ class Provider:
         self.tokens = {}
         self.client.reset_after_fork()  # also the transport of self._quick
 
+    @staticmethod
+    def in_request() -> bool:
+        """True when this thread is inside one of our key service requests: a call nested in
+        libcurl's start-up (OpenSSL loading pkcs11-provider early). The core asks before
+        C_Finalize; the transport is the layer that knows."""
+        return transport.nested()
+
     # -- slots --------------------------------------------------------------------------------
 
     def refresh_slots(self) -> None:
-        if transport.nested():
+        if self.in_request():
             # Called back from inside libcurl's start-up (OpenSSL loading pkcs11-provider
             # early, which lists slots): the slots known so far must do, as a request from
             # here cannot be made; failing would make that provider C_Finalize us.

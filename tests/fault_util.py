@@ -33,10 +33,18 @@ def restart(svc: Service, made: list[Service], stop: bool = True) -> Service:
         svc.stop()
     with svc.log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pkcs11ws.server.cli", "serve", "--config",
-             str(svc.server_yaml)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pkcs11ws.server.cli",
+                "serve",
+                "--config",
+                str(svc.server_yaml),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     new = dataclasses.replace(svc, pid=proc.pid, proc=proc)
     made.append(new)
     api = Api(new)
@@ -165,7 +173,10 @@ def setup_card(svc: Service, mod: Module, cfg: Path, pin: bytes | None = None) -
 
 
 def write_cfg(svc: Service, path: Path, **settings: str) -> Path:
-    lines = [ln for ln in svc.client_cfg.read_text().splitlines()
-             if not ln.strip() or ln.split()[0].lower() not in settings]  # fmt: skip
+    lines = [
+        ln
+        for ln in svc.client_cfg.read_text().splitlines()
+        if not ln.strip() or ln.split()[0].lower() not in settings
+    ]
     path.write_text("\n".join(lines + [f"{k.upper()} {v}" for k, v in settings.items()]) + "\n")
     return path

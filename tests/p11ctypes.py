@@ -1,7 +1,7 @@
 """A small ctypes binding to a PKCS#11 module, for the module's own tests.
 
-The function lists are built from the same table that generates the module's C declarations
-(pkcs11ws/ckfunctions.py, via tools/gen_native.py), so the tests call through the
+Structures and function lists come from the one ctypes binding (pkcs11ws/abi_ctypes.py,
+generated with the module's C declarations from pkcs11ws/abi.py), so the tests call through the
 CK_FUNCTION_LIST exactly as a C host does.
 `Module(path)` calls with the GIL released (like python-pkcs11); `Module(path, hold_gil=True)`
 keeps the GIL across every call (like PyKCS11).
@@ -11,90 +11,54 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from ctypes import POINTER, Structure, byref, c_ubyte, c_ulong, c_void_p
+from ctypes import POINTER, byref
 from typing import Any
 
-from pkcs11ws import ckfunctions
+from pkcs11ws import abi
 from pkcs11ws import constants as C
+from pkcs11ws.abi_ctypes import (
+    CK_ATTRIBUTE,
+    CK_BBOOL,
+    CK_C_INITIALIZE_ARGS,
+    CK_FUNCTION_LIST,
+    CK_FUNCTION_LIST_3_0,
+    CK_INFO,
+    CK_INTERFACE,
+    CK_MECHANISM,
+    CK_MECHANISM_INFO,
+    CK_SESSION_INFO,
+    CK_SLOT_INFO,
+    CK_TOKEN_INFO,
+    CK_ULONG,
+    CK_VERSION,
+    function_list,
+)
 
-GEN = ckfunctions  # the one function table (also behind tools/gen_native.py)
-CK_ULONG = c_ulong
-CK_BBOOL = c_ubyte
+__all__ = [
+    "CK_ATTRIBUTE",
+    "CK_BBOOL",
+    "CK_C_INITIALIZE_ARGS",
+    "CK_INFO",
+    "CK_INTERFACE",
+    "CK_MECHANISM",
+    "CK_MECHANISM_INFO",
+    "CK_SESSION_INFO",
+    "CK_SLOT_INFO",
+    "CK_TOKEN_INFO",
+    "CK_ULONG",
+    "CK_VERSION",
+    "CKError",
+    "Module",
+    "Template",
+    "mechanism",
+    "text",
+    "ulong_bytes",
+]
 
-
-class CK_VERSION(Structure):
-    _fields_ = [("major", c_ubyte), ("minor", c_ubyte)]
-
-
-class CK_INFO(Structure):
-    _fields_ = [("cryptokiVersion", CK_VERSION), ("manufacturerID", c_ubyte * 32),
-                ("flags", CK_ULONG), ("libraryDescription", c_ubyte * 32),
-                ("libraryVersion", CK_VERSION)]  # fmt: skip
-
-
-class CK_SLOT_INFO(Structure):
-    _fields_ = [("slotDescription", c_ubyte * 64), ("manufacturerID", c_ubyte * 32),
-                ("flags", CK_ULONG), ("hardwareVersion", CK_VERSION),
-                ("firmwareVersion", CK_VERSION)]  # fmt: skip
-
-
-class CK_TOKEN_INFO(Structure):
-    _fields_ = [("label", c_ubyte * 32), ("manufacturerID", c_ubyte * 32), ("model", c_ubyte * 16),
-                ("serialNumber", c_ubyte * 16), ("flags", CK_ULONG),
-                ("ulMaxSessionCount", CK_ULONG), ("ulSessionCount", CK_ULONG),
-                ("ulMaxRwSessionCount", CK_ULONG), ("ulRwSessionCount", CK_ULONG),
-                ("ulMaxPinLen", CK_ULONG), ("ulMinPinLen", CK_ULONG),
-                ("ulTotalPublicMemory", CK_ULONG), ("ulFreePublicMemory", CK_ULONG),
-                ("ulTotalPrivateMemory", CK_ULONG), ("ulFreePrivateMemory", CK_ULONG),
-                ("hardwareVersion", CK_VERSION), ("firmwareVersion", CK_VERSION),
-                ("utcTime", c_ubyte * 16)]  # fmt: skip
-
-
-class CK_SESSION_INFO(Structure):
-    _fields_ = [("slotID", CK_ULONG), ("state", CK_ULONG), ("flags", CK_ULONG),
-                ("ulDeviceError", CK_ULONG)]  # fmt: skip
-
-
-class CK_ATTRIBUTE(Structure):
-    _fields_ = [("type", CK_ULONG), ("pValue", c_void_p), ("ulValueLen", CK_ULONG)]
-
-
-class CK_MECHANISM(Structure):
-    _fields_ = [("mechanism", CK_ULONG), ("pParameter", c_void_p), ("ulParameterLen", CK_ULONG)]
-
-
-class CK_MECHANISM_INFO(Structure):
-    _fields_ = [("ulMinKeySize", CK_ULONG), ("ulMaxKeySize", CK_ULONG), ("flags", CK_ULONG)]
-
-
-class CK_C_INITIALIZE_ARGS(Structure):
-    _fields_ = [("CreateMutex", c_void_p), ("DestroyMutex", c_void_p), ("LockMutex", c_void_p),
-                ("UnlockMutex", c_void_p), ("flags", CK_ULONG),
-                ("pReserved", c_void_p)]  # fmt: skip
-
-
-class CK_INTERFACE(Structure):
-    _fields_ = [("pInterfaceName", ctypes.c_char_p), ("pFunctionList", c_void_p),
-                ("flags", CK_ULONG)]  # fmt: skip
-
-
-def _ctype(t: str) -> Any:
-    if t == "CK_BBOOL":
-        return CK_BBOOL
-    if t.endswith("_PTR") or t.endswith("_PTR_PTR") or t == "CK_NOTIFY":
-        return c_void_p
-    return CK_ULONG
-
-
-def _list_type(funcs: list[Any], functype: Any, name: str) -> Any:
-    fields = [("version", CK_VERSION)]
-    fields += [(f.name, functype(CK_ULONG, *[_ctype(t) for t, _ in f.params])) for f in funcs]
-    return type(name, (Structure,), {"_fields_": fields})
-
-
-FunctionList = _list_type(GEN.V240, ctypes.CFUNCTYPE, "FunctionList")
-FunctionList30 = _list_type(GEN.ALL, ctypes.CFUNCTYPE, "FunctionList30")
-FunctionListGil = _list_type(GEN.V240, ctypes.PYFUNCTYPE, "FunctionListGil")
+GEN = abi  # the one ABI table (also behind tools/gen_native.py and abi_ctypes)
+FunctionList = CK_FUNCTION_LIST
+FunctionList30 = CK_FUNCTION_LIST_3_0
+FunctionListGil = function_list(abi.V240, ctypes.PYFUNCTYPE, "FunctionListGil")
 
 
 class CKError(Exception):
@@ -159,8 +123,7 @@ class Module:
         if config is None:
             return self.call("C_Initialize", None)
         self._reserved = ctypes.create_string_buffer(f"config={config}".encode())
-        args = CK_C_INITIALIZE_ARGS(None, None, None, None, flags,
-                                    ctypes.addressof(self._reserved))  # fmt: skip
+        args = CK_C_INITIALIZE_ARGS(None, None, None, None, flags, ctypes.addressof(self._reserved))
         return self.call("C_Initialize", byref(args))
 
     def slots(self, present: bool = True) -> list[int]:
@@ -191,8 +154,13 @@ class Module:
         buf = ctypes.create_string_buffer(pin, len(pin))
         return self.call("C_Login", session, C.CKU_USER, buf, len(pin))
 
-    def create(self, session: int, items: list[tuple[int, Any]], fn: str = "C_CreateObject",
-               mech: CK_MECHANISM | None = None) -> int:  # fmt: skip
+    def create(
+        self,
+        session: int,
+        items: list[tuple[int, Any]],
+        fn: str = "C_CreateObject",
+        mech: CK_MECHANISM | None = None,
+    ) -> int:
         t = Template(items)
         h = CK_ULONG()
         if mech is not None:

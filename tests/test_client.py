@@ -293,6 +293,27 @@ def test_errors_are_not_retried(service) -> None:
 # Connections: keep-alive, threads, fork.
 
 
+def test_statistics_exact_across_threads_and_close(service) -> None:
+    """Each handle counts its own requests (no lock per request): the sum is exact with
+    threads sharing the pool, and survives the handles being closed."""
+    c = make_client(service)
+
+    def work() -> None:
+        for _ in range(25):
+            c.health()
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    got = c.stats()
+    assert got["requests"] == 200 and got["failures"] == 0
+    assert 1 <= got["connects"] <= 8
+    c.close()
+    assert c.stats() == got
+
+
 def test_keep_alive_one_connect_for_100_requests(service) -> None:
     c = make_client(service)
     for _ in range(100):

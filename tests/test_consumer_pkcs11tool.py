@@ -89,8 +89,9 @@ def test_token_and_mechanisms(tool):
 
 def test_wrong_passphrase(tool):
     bad = Tool(Path(tool.env["PKCS11WS_CONFIG"]), tool.card, "wrong-" + tool.env["P11_TEST_PIN"])
-    r = bad.run("--keygen", "--key-type", "AES:16", "--label", "never", "--private",
-                "--sensitive", ok=False)  # fmt: skip
+    r = bad.run(
+        "--keygen", "--key-type", "AES:16", "--label", "never", "--private", "--sensitive", ok=False
+    )
     assert r.returncode == 1
     assert "CKR_PIN_INCORRECT" in r.stderr
     assert "never" not in tool.run("-O").stdout
@@ -98,27 +99,71 @@ def test_wrong_passphrase(tool):
 
 @pytest.mark.parametrize("size", [16, 24])
 def test_aes_keygen_sizes(tool, tmp_path, size):
-    out = tool.run("--keygen", "--key-type", f"AES:{size}", "--label", f"aes{size}", "--id",
-                   f"{size:02x}", "--private", "--sensitive").stdout  # fmt: skip
+    out = tool.run(
+        "--keygen",
+        "--key-type",
+        f"AES:{size}",
+        "--label",
+        f"aes{size}",
+        "--id",
+        f"{size:02x}",
+        "--private",
+        "--sensitive",
+    ).stdout
     assert f"AES length {size}" in out
     msg = tmp_path / "msg"
     msg.write_bytes(os.urandom(777))
     iv = os.urandom(16).hex()
-    tool.run("--encrypt", "--mechanism", "AES-CBC-PAD", "--iv", iv, "--id", f"{size:02x}",
-             "-i", str(msg), "-o", str(tmp_path / "ct"))  # fmt: skip
+    tool.run(
+        "--encrypt",
+        "--mechanism",
+        "AES-CBC-PAD",
+        "--iv",
+        iv,
+        "--id",
+        f"{size:02x}",
+        "-i",
+        str(msg),
+        "-o",
+        str(tmp_path / "ct"),
+    )
     assert (tmp_path / "ct").stat().st_size == 784
-    tool.run("--decrypt", "--mechanism", "AES-CBC-PAD", "--iv", iv, "--id", f"{size:02x}",
-             "-i", str(tmp_path / "ct"), "-o", str(tmp_path / "pt"))  # fmt: skip
+    tool.run(
+        "--decrypt",
+        "--mechanism",
+        "AES-CBC-PAD",
+        "--iv",
+        iv,
+        "--id",
+        f"{size:02x}",
+        "-i",
+        str(tmp_path / "ct"),
+        "-o",
+        str(tmp_path / "pt"),
+    )
     assert (tmp_path / "pt").read_bytes() == msg.read_bytes()
 
 
-def import_secret(tool: Tool, tmp_path: Path, value: bytes, key_type: str, key_id: str,
-                  *usage: str) -> None:  # fmt: skip
+def import_secret(
+    tool: Tool, tmp_path: Path, value: bytes, key_type: str, key_id: str, *usage: str
+) -> None:
     src = tmp_path / f"key-{key_id}"
     src.write_bytes(value)
-    out = tool.run("--write-object", str(src), "--type", "secrkey", "--key-type",
-                   f"{key_type}:{len(value)}", "--id", key_id, "--label", f"imported-{key_id}",
-                   "--private", "--sensitive", *usage).stdout  # fmt: skip
+    out = tool.run(
+        "--write-object",
+        str(src),
+        "--type",
+        "secrkey",
+        "--key-type",
+        f"{key_type}:{len(value)}",
+        "--id",
+        key_id,
+        "--label",
+        f"imported-{key_id}",
+        "--private",
+        "--sensitive",
+        *usage,
+    ).stdout
     assert "Created secret key" in out
     src.unlink()
 
@@ -129,12 +174,34 @@ def test_nist_cbc_known_answers_with_imported_keys(tool, tmp_path):
     for n, v in enumerate(CBC_VECTORS):
         key_id = f"a{n}"
         import_secret(tool, tmp_path, v.key, "AES", key_id, "--usage-decrypt")
-        tool.run("--encrypt", "--mechanism", "AES-CBC", "--iv", CBC_IV.hex(), "--id", key_id,
-                 "-i", str(pt), "-o", str(tmp_path / "ct"))  # fmt: skip
+        tool.run(
+            "--encrypt",
+            "--mechanism",
+            "AES-CBC",
+            "--iv",
+            CBC_IV.hex(),
+            "--id",
+            key_id,
+            "-i",
+            str(pt),
+            "-o",
+            str(tmp_path / "ct"),
+        )
         assert (tmp_path / "ct").read_bytes() == v.ciphertext, v.name
         (tmp_path / "ct").write_bytes(v.ciphertext)
-        tool.run("--decrypt", "--mechanism", "AES-CBC", "--iv", CBC_IV.hex(), "--id", key_id,
-                 "-i", str(tmp_path / "ct"), "-o", str(tmp_path / "back"))  # fmt: skip
+        tool.run(
+            "--decrypt",
+            "--mechanism",
+            "AES-CBC",
+            "--iv",
+            CBC_IV.hex(),
+            "--id",
+            key_id,
+            "-i",
+            str(tmp_path / "ct"),
+            "-o",
+            str(tmp_path / "back"),
+        )
         assert (tmp_path / "back").read_bytes() == CBC_PLAINTEXT, v.name
     out = tool.run("-O", "--type", "secrkey").stdout
     assert out.count("Access:     sensitive") == 3
@@ -149,11 +216,21 @@ def import_generic(tool: Tool, value: bytes, key_id: str) -> None:
     client = KeyServiceClient(load_config(tool.env["PKCS11WS_CONFIG"]))
     try:
         token, _ = client.activate(tool.card_id, tool.env["P11_TEST_PIN"].encode())
-        client.create_object(tool.card_id, token, {
-            "CKA_CLASS": C.CKO_SECRET_KEY, "CKA_KEY_TYPE": C.CKK_GENERIC_SECRET,
-            "CKA_TOKEN": True, "CKA_PRIVATE": True, "CKA_SIGN": True, "CKA_VERIFY": True,
-            "CKA_ID": bytes.fromhex(key_id), "CKA_LABEL": b"rfc4231", "CKA_VALUE": value,
-        })  # fmt: skip
+        client.create_object(
+            tool.card_id,
+            token,
+            {
+                "CKA_CLASS": C.CKO_SECRET_KEY,
+                "CKA_KEY_TYPE": C.CKK_GENERIC_SECRET,
+                "CKA_TOKEN": True,
+                "CKA_PRIVATE": True,
+                "CKA_SIGN": True,
+                "CKA_VERIFY": True,
+                "CKA_ID": bytes.fromhex(key_id),
+                "CKA_LABEL": b"rfc4231",
+                "CKA_VALUE": value,
+            },
+        )
         client.deactivate(tool.card_id, token)
     finally:
         client.close()
@@ -167,34 +244,87 @@ def test_rfc4231_hmac_with_imported_generic_keys(tool, tmp_path):
         msg.write_bytes(v.data)
         for bits in (256, 384, 512):
             mac = tmp_path / f"mac{v.case}-{bits}"
-            tool.run("--sign", "--mechanism", f"SHA{bits}-HMAC", "--id", key_id, "-i", str(msg),
-                     "-o", str(mac))  # fmt: skip
+            tool.run(
+                "--sign",
+                "--mechanism",
+                f"SHA{bits}-HMAC",
+                "--id",
+                key_id,
+                "-i",
+                str(msg),
+                "-o",
+                str(mac),
+            )
             assert mac.read_bytes() == v.mac(bits), (v.case, bits)
-            out = tool.run("--verify", "--mechanism", f"SHA{bits}-HMAC", "--id", key_id,
-                           "-i", str(msg), "--signature-file", str(mac)).stdout  # fmt: skip
+            out = tool.run(
+                "--verify",
+                "--mechanism",
+                f"SHA{bits}-HMAC",
+                "--id",
+                key_id,
+                "-i",
+                str(msg),
+                "--signature-file",
+                str(mac),
+            ).stdout
             assert "Signature is valid" in out
         mac.write_bytes(v.mac(512)[:-1] + bytes([v.mac(512)[-1] ^ 1]))
-        r = tool.run("--verify", "--mechanism", "SHA512-HMAC", "--id", key_id, "-i", str(msg),
-                     "--signature-file", str(mac), ok=False)  # fmt: skip
+        r = tool.run(
+            "--verify",
+            "--mechanism",
+            "SHA512-HMAC",
+            "--id",
+            key_id,
+            "-i",
+            str(msg),
+            "--signature-file",
+            str(mac),
+            ok=False,
+        )
         assert "Invalid signature" in r.stdout
 
 
 def test_data_objects_with_application(tool, tmp_path):
     blob = tmp_path / "blob"
     blob.write_bytes(b"\x00\x01 data & <value> \xff")
-    out = tool.run("--write-object", str(blob), "--type", "data", "--label", "cfg",
-                   "--application-label", "my-app", "--application-id", "1.2.840.113549.1",
-                   "--private").stdout  # fmt: skip
+    out = tool.run(
+        "--write-object",
+        str(blob),
+        "--type",
+        "data",
+        "--label",
+        "cfg",
+        "--application-label",
+        "my-app",
+        "--application-id",
+        "1.2.840.113549.1",
+        "--private",
+    ).stdout
     assert "Created Data Object" in out
     listing = tool.run("-O", "--type", "data").stdout
     assert "label:          'cfg'" in listing and "application:    'my-app'" in listing
     assert "app_id:         1.2.840.113549.1" in listing and "private" in listing
-    tool.run("--read-object", "--type", "data", "--application-label", "my-app", "-o",
-             str(tmp_path / "back"))  # fmt: skip
+    tool.run(
+        "--read-object",
+        "--type",
+        "data",
+        "--application-label",
+        "my-app",
+        "-o",
+        str(tmp_path / "back"),
+    )
     assert (tmp_path / "back").read_bytes() == blob.read_bytes()
     tool.run("--delete-object", "--type", "data", "--application-label", "my-app")
-    r = tool.run("--read-object", "--type", "data", "--application-label", "my-app", "-o",
-                 str(tmp_path / "gone"), ok=False)  # fmt: skip
+    r = tool.run(
+        "--read-object",
+        "--type",
+        "data",
+        "--application-label",
+        "my-app",
+        "-o",
+        str(tmp_path / "gone"),
+        ok=False,
+    )
     assert r.returncode != 0
     assert "cfg" not in tool.run("-O", "--type", "data").stdout
     # Without --private pkcs11-tool makes CKA_PRIVATE false: WSOP stores no public data object.

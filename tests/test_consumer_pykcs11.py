@@ -41,8 +41,11 @@ T, F = PyKCS11.CK_TRUE, PyKCS11.CK_FALSE
 BASE = [(C.CKA_TOKEN, T), (C.CKA_PRIVATE, T)]
 HMAC_KT = {256: C.CKK_SHA256_HMAC, 384: C.CKK_SHA384_HMAC, 512: C.CKK_SHA512_HMAC}
 HMAC_M = {256: C.CKM_SHA256_HMAC, 384: C.CKM_SHA384_HMAC, 512: C.CKM_SHA512_HMAC}
-HMAC_G = {256: C.CKM_SHA256_HMAC_GENERAL, 384: C.CKM_SHA384_HMAC_GENERAL,
-          512: C.CKM_SHA512_HMAC_GENERAL}  # fmt: skip
+HMAC_G = {
+    256: C.CKM_SHA256_HMAC_GENERAL,
+    384: C.CKM_SHA384_HMAC_GENERAL,
+    512: C.CKM_SHA512_HMAC_GENERAL,
+}
 KEY_GEN = {256: C.CKM_SHA256_KEY_GEN, 384: C.CKM_SHA384_KEY_GEN, 512: C.CKM_SHA512_KEY_GEN}
 # The WSOP guide's table 6.3 (functions) with the key sizes in bytes.
 WSOP = [
@@ -110,16 +113,33 @@ def se(p11, card):
 
 def import_aes(se, value: bytes, *extra):
     """An imported AES key; extra (attribute, value) pairs replace the defaults."""
-    items = dict([*BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, C.CKK_AES),
-                  (C.CKA_ENCRYPT, T), (C.CKA_DECRYPT, T), (C.CKA_LABEL, "aes"),
-                  (C.CKA_VALUE, value), *extra])  # fmt: skip
+    items = dict(
+        [
+            *BASE,
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, C.CKK_AES),
+            (C.CKA_ENCRYPT, T),
+            (C.CKA_DECRYPT, T),
+            (C.CKA_LABEL, "aes"),
+            (C.CKA_VALUE, value),
+            *extra,
+        ]
+    )
     return se.createObject(list(items.items()))
 
 
 def import_mac(se, key_type: int, value: bytes):
-    return se.createObject([*BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, key_type),
-                            (C.CKA_SIGN, T), (C.CKA_VERIFY, T), (C.CKA_LABEL, "mac"),
-                            (C.CKA_VALUE, value)])  # fmt: skip
+    return se.createObject(
+        [
+            *BASE,
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, key_type),
+            (C.CKA_SIGN, T),
+            (C.CKA_VERIFY, T),
+            (C.CKA_LABEL, "mac"),
+            (C.CKA_VALUE, value),
+        ]
+    )
 
 
 def cbc(iv: bytes, pad: bool = False) -> Mechanism:
@@ -208,16 +228,53 @@ def key_attrs(se, key, *types):
 
 @pytest.mark.parametrize("size", [16, 24, 32])
 def test_generate_aes(se, size):
-    key = se.generateKey([*BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, C.CKK_AES),
-                          (C.CKA_VALUE_LEN, size), (C.CKA_ENCRYPT, T), (C.CKA_DECRYPT, T),
-                          (C.CKA_LABEL, f"aes{size}"), (C.CKA_ID, b"\x07")],
-                         Mechanism(C.CKM_AES_KEY_GEN))  # fmt: skip
-    got = key_attrs(se, key, C.CKA_CLASS, C.CKA_KEY_TYPE, C.CKA_VALUE_LEN, C.CKA_LABEL, C.CKA_ID,
-                    C.CKA_KEY_GEN_MECHANISM, C.CKA_LOCAL, C.CKA_SENSITIVE, C.CKA_EXTRACTABLE,
-                    C.CKA_NEVER_EXTRACTABLE, C.CKA_ALWAYS_SENSITIVE, C.CKA_TOKEN, C.CKA_PRIVATE,
-                    C.CKA_VALUE)  # fmt: skip
-    assert got == [C.CKO_SECRET_KEY, C.CKK_AES, size, f"aes{size}", (7,), C.CKM_AES_KEY_GEN,
-                   True, True, False, True, True, True, True, None]  # fmt: skip
+    key = se.generateKey(
+        [
+            *BASE,
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, C.CKK_AES),
+            (C.CKA_VALUE_LEN, size),
+            (C.CKA_ENCRYPT, T),
+            (C.CKA_DECRYPT, T),
+            (C.CKA_LABEL, f"aes{size}"),
+            (C.CKA_ID, b"\x07"),
+        ],
+        Mechanism(C.CKM_AES_KEY_GEN),
+    )
+    got = key_attrs(
+        se,
+        key,
+        C.CKA_CLASS,
+        C.CKA_KEY_TYPE,
+        C.CKA_VALUE_LEN,
+        C.CKA_LABEL,
+        C.CKA_ID,
+        C.CKA_KEY_GEN_MECHANISM,
+        C.CKA_LOCAL,
+        C.CKA_SENSITIVE,
+        C.CKA_EXTRACTABLE,
+        C.CKA_NEVER_EXTRACTABLE,
+        C.CKA_ALWAYS_SENSITIVE,
+        C.CKA_TOKEN,
+        C.CKA_PRIVATE,
+        C.CKA_VALUE,
+    )
+    assert got == [
+        C.CKO_SECRET_KEY,
+        C.CKK_AES,
+        size,
+        f"aes{size}",
+        (7,),
+        C.CKM_AES_KEY_GEN,
+        True,
+        True,
+        False,
+        True,
+        True,
+        True,
+        True,
+        None,
+    ]
     iv = os.urandom(16)
     data = os.urandom(100)
     ct = bytes(se.encrypt(key, data, cbc(iv, pad=True)))
@@ -227,11 +284,22 @@ def test_generate_aes(se, size):
 
 @pytest.mark.parametrize("bits", [256, 384, 512])
 def test_generate_hmac(se, bits):
-    key = se.generateKey([*BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_VALUE_LEN, bits // 8),
-                          (C.CKA_SIGN, T), (C.CKA_VERIFY, T), (C.CKA_LABEL, "h")],
-                         Mechanism(KEY_GEN[bits]))  # fmt: skip
+    key = se.generateKey(
+        [
+            *BASE,
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_VALUE_LEN, bits // 8),
+            (C.CKA_SIGN, T),
+            (C.CKA_VERIFY, T),
+            (C.CKA_LABEL, "h"),
+        ],
+        Mechanism(KEY_GEN[bits]),
+    )
     assert key_attrs(se, key, C.CKA_KEY_TYPE, C.CKA_KEY_GEN_MECHANISM, C.CKA_VALUE_LEN) == [
-        HMAC_KT[bits], KEY_GEN[bits], bits // 8]  # fmt: skip
+        HMAC_KT[bits],
+        KEY_GEN[bits],
+        bits // 8,
+    ]
     mac = bytes(se.sign(key, b"data", Mechanism(HMAC_M[bits])))
     assert len(mac) == bits // 8
     assert se.verify(key, b"data", mac, Mechanism(HMAC_M[bits]))
@@ -241,9 +309,16 @@ def test_generate_hmac(se, bits):
 
 
 def test_generate_generic_secret(se):
-    key = se.generateKey([*BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_VALUE_LEN, 20),
-                          (C.CKA_SIGN, T), (C.CKA_VERIFY, T)],
-                         Mechanism(C.CKM_GENERIC_SECRET_KEY_GEN))  # fmt: skip
+    key = se.generateKey(
+        [
+            *BASE,
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_VALUE_LEN, 20),
+            (C.CKA_SIGN, T),
+            (C.CKA_VERIFY, T),
+        ],
+        Mechanism(C.CKM_GENERIC_SECRET_KEY_GEN),
+    )
     assert key_attrs(se, key, C.CKA_KEY_TYPE) == [C.CKK_GENERIC_SECRET]
     for bits, m in HMAC_M.items():
         mac = se.sign(key, b"x", Mechanism(m))
@@ -259,8 +334,9 @@ def test_nist_sp800_38a_cbc(se, vector):
     # Multi-part, in uneven parts. (Each part must complete a block: for an update with no
     # output PyKCS11 makes both of its calls with a NULL buffer, i.e. two length queries.)
     se.encryptInit(cbc(CBC_IV), key)
-    out = b"".join(bytes(se.encryptUpdate(CBC_PLAINTEXT[a:b]))
-                   for a, b in ((0, 17), (17, 40), (40, 64)))  # fmt: skip
+    out = b"".join(
+        bytes(se.encryptUpdate(CBC_PLAINTEXT[a:b])) for a, b in ((0, 17), (17, 40), (40, 64))
+    )
     assert out + bytes(se.encryptFinal()) == vector.ciphertext
     se.decryptInit(cbc(CBC_IV, pad=True), key)
     padded = bytes(se.encrypt(key, CBC_PLAINTEXT, cbc(CBC_IV, pad=True)))
@@ -346,7 +422,9 @@ def test_data_and_certificate_objects(se):
     assert bytes(got[0]) == der and bytes(got[1]) == cert.subject.public_bytes()
     assert bytes(got[2]) == ulong(C.CKC_X_509) and bytes(got[3]) == bytes(got[4]) == b"\x01"
     assert se.getAttributeValue(c, [C.CKA_START_DATE, C.CKA_END_DATE], allAsBinary=True) == [
-        (50, 48, 50, 53, 48, 49, 48, 49), (50, 48, 51, 53, 49, 50, 51, 49)]  # fmt: skip
+        (50, 48, 50, 53, 48, 49, 48, 49),
+        (50, 48, 51, 53, 49, 50, 51, 49),
+    ]
     assert [h.value() for h in se.findObjects([(C.CKA_CLASS, C.CKO_CERTIFICATE)])] == [c.value()]
     assert [h.value() for h in se.findObjects([(C.CKA_APPLICATION, "app")])] == [data.value()]
     assert sorted(h.value() for h in se.findObjects()) == sorted([data.value(), c.value()])
@@ -359,8 +437,14 @@ def test_data_and_certificate_objects(se):
 # ---- the WSOP attribute rules ----------------------------------------------------------------
 
 # CKA_COPYABLE is on the WSOP list but this module copies: it may be given either way.
-MUST_BE_FALSE = (C.CKA_DERIVE, C.CKA_EXTRACTABLE, C.CKA_TRUSTED, C.CKA_UNWRAP, C.CKA_WRAP,
-                 C.CKA_WRAP_WITH_TRUSTED)  # fmt: skip
+MUST_BE_FALSE = (
+    C.CKA_DERIVE,
+    C.CKA_EXTRACTABLE,
+    C.CKA_TRUSTED,
+    C.CKA_UNWRAP,
+    C.CKA_WRAP,
+    C.CKA_WRAP_WITH_TRUSTED,
+)
 MUST_BE_TRUE = (C.CKA_ALWAYS_SENSITIVE, C.CKA_NEVER_EXTRACTABLE, C.CKA_LOCAL, C.CKA_SENSITIVE)
 IMPORTED_FALSE = (C.CKA_ALWAYS_SENSITIVE, C.CKA_NEVER_EXTRACTABLE, C.CKA_LOCAL)
 

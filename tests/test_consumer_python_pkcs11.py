@@ -54,11 +54,17 @@ def mech(code: int, name: str) -> Mechanism:
     return m
 
 
-KEY_GEN = {256: mech(0x4005, "SHA256_KEY_GEN"), 384: mech(0x4006, "SHA384_KEY_GEN"),
-           512: mech(0x4007, "SHA512_KEY_GEN")}  # fmt: skip
+KEY_GEN = {
+    256: mech(0x4005, "SHA256_KEY_GEN"),
+    384: mech(0x4006, "SHA384_KEY_GEN"),
+    512: mech(0x4007, "SHA512_KEY_GEN"),
+}
 HMAC = {256: Mechanism.SHA256_HMAC, 384: Mechanism.SHA384_HMAC, 512: Mechanism.SHA512_HMAC}
-HMAC_GENERAL = {256: Mechanism.SHA256_HMAC_GENERAL, 384: Mechanism.SHA384_HMAC_GENERAL,
-                512: Mechanism.SHA512_HMAC_GENERAL}  # fmt: skip
+HMAC_GENERAL = {
+    256: Mechanism.SHA256_HMAC_GENERAL,
+    384: Mechanism.SHA384_HMAC_GENERAL,
+    512: Mechanism.SHA512_HMAC_GENERAL,
+}
 DIGEST = {256: hashlib.sha256, 384: hashlib.sha384, 512: hashlib.sha512}
 
 # The WSOP guide's table 6.3: each mechanism's functions, and the key sizes `ckmechinfo` shows.
@@ -74,11 +80,20 @@ WSOP_MECHANISMS = {
     **{KEY_GEN[b]: (GEN, 1, 1024) for b in KEY_GEN},
     Mechanism.GENERIC_SECRET_KEY_GEN: (GEN, 1, 1024),
 }
-OP_FLAGS = (MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT | MechanismFlag.SIGN
-            | MechanismFlag.VERIFY | MechanismFlag.GENERATE | MechanismFlag.WRAP
-            | MechanismFlag.UNWRAP | MechanismFlag.DIGEST | MechanismFlag.DERIVE
-            | MechanismFlag.SIGN_RECOVER | MechanismFlag.VERIFY_RECOVER
-            | MechanismFlag.GENERATE_KEY_PAIR)  # fmt: skip
+OP_FLAGS = (
+    MechanismFlag.ENCRYPT
+    | MechanismFlag.DECRYPT
+    | MechanismFlag.SIGN
+    | MechanismFlag.VERIFY
+    | MechanismFlag.GENERATE
+    | MechanismFlag.WRAP
+    | MechanismFlag.UNWRAP
+    | MechanismFlag.DIGEST
+    | MechanismFlag.DERIVE
+    | MechanismFlag.SIGN_RECOVER
+    | MechanismFlag.VERIFY_RECOVER
+    | MechanismFlag.GENERATE_KEY_PAIR
+)
 
 
 def ulong(v: int) -> bytes:
@@ -113,20 +128,34 @@ def session(card):
 
 
 def aes_key(session, value: bytes, extra: dict | None = None):
-    return session.create_object({
-        Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
-        Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.ENCRYPT: True,
-        Attribute.DECRYPT: True, Attribute.LABEL: "imported-aes", Attribute.VALUE: value,
-        **(extra or {}),
-    })  # fmt: skip
+    return session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.ENCRYPT: True,
+            Attribute.DECRYPT: True,
+            Attribute.LABEL: "imported-aes",
+            Attribute.VALUE: value,
+            **(extra or {}),
+        }
+    )
 
 
 def hmac_key(session, key_type: KeyType, value: bytes):
-    return session.create_object({
-        Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: key_type,
-        Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SIGN: True,
-        Attribute.VERIFY: True, Attribute.LABEL: "imported-mac", Attribute.VALUE: value,
-    })  # fmt: skip
+    return session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: key_type,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SIGN: True,
+            Attribute.VERIFY: True,
+            Attribute.LABEL: "imported-mac",
+            Attribute.VALUE: value,
+        }
+    )
 
 
 # ---- library, slots, tokens, mechanisms ------------------------------------------------------
@@ -143,8 +172,12 @@ def test_library_slot_and_token_info(lib, card):
     assert slot.flags & pkcs11.SlotFlag.TOKEN_PRESENT
     assert token.manufacturer_id == "pkcs11ws" and token.model == "WSOP softcard"
     assert len(token.serial) == 16
-    want = (pkcs11.TokenFlag.LOGIN_REQUIRED | pkcs11.TokenFlag.USER_PIN_INITIALIZED
-            | pkcs11.TokenFlag.TOKEN_INITIALIZED | pkcs11.TokenFlag.RNG)  # fmt: skip
+    want = (
+        pkcs11.TokenFlag.LOGIN_REQUIRED
+        | pkcs11.TokenFlag.USER_PIN_INITIALIZED
+        | pkcs11.TokenFlag.TOKEN_INITIALIZED
+        | pkcs11.TokenFlag.RNG
+    )
     assert token.flags == want
 
 
@@ -182,8 +215,14 @@ def test_login_logout_and_pin_errors(card):
     # Closing the logged-in session logged out (C_Logout) for every session of the token.
     assert list(public.get_objects()) == []
     with pytest.raises(E.UserNotLoggedIn):
-        public.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True,
-                              Attribute.PRIVATE: True, Attribute.VALUE: b"v"})  # fmt: skip
+        public.create_object(
+            {
+                Attribute.CLASS: ObjectClass.DATA,
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: True,
+                Attribute.VALUE: b"v",
+            }
+        )
     ro = token.open(user_pin=pin)  # read-only: no object can be made (all are token objects)
     with pytest.raises(E.SessionReadOnly):
         ro.generate_key(KeyType.AES, 128, store=True, capabilities=ENC)
@@ -199,17 +238,26 @@ def test_login_logout_and_pin_errors(card):
 
 @pytest.mark.parametrize("bits", [128, 192, 256])
 def test_generate_aes_keys(session, bits):
-    key = session.generate_key(KeyType.AES, bits, id=b"\x01\x02", label=f"aes{bits}", store=True,
-                               capabilities=ENC)  # fmt: skip
+    key = session.generate_key(
+        KeyType.AES, bits, id=b"\x01\x02", label=f"aes{bits}", store=True, capabilities=ENC
+    )
     assert key.key_type == KeyType.AES and key.key_length == bits
     assert key.label == f"aes{bits}" and key.id == b"\x01\x02"
     assert key[Attribute.VALUE_LEN] == bits // 8
-    for attr, want in ((Attribute.TOKEN, True), (Attribute.PRIVATE, True),
-                       (Attribute.LOCAL, True), (Attribute.SENSITIVE, True),
-                       (Attribute.ALWAYS_SENSITIVE, True), (Attribute.NEVER_EXTRACTABLE, True),
-                       (Attribute.EXTRACTABLE, False), (Attribute.ENCRYPT, True),
-                       (Attribute.DECRYPT, True), (Attribute.SIGN, False),
-                       (Attribute.WRAP, False), (Attribute.DERIVE, False)):  # fmt: skip
+    for attr, want in (
+        (Attribute.TOKEN, True),
+        (Attribute.PRIVATE, True),
+        (Attribute.LOCAL, True),
+        (Attribute.SENSITIVE, True),
+        (Attribute.ALWAYS_SENSITIVE, True),
+        (Attribute.NEVER_EXTRACTABLE, True),
+        (Attribute.EXTRACTABLE, False),
+        (Attribute.ENCRYPT, True),
+        (Attribute.DECRYPT, True),
+        (Attribute.SIGN, False),
+        (Attribute.WRAP, False),
+        (Attribute.DERIVE, False),
+    ):
         assert key[attr] is want, attr
     assert key[Attribute.KEY_GEN_MECHANISM] == Mechanism.AES_KEY_GEN
     with pytest.raises(E.AttributeSensitive):
@@ -224,10 +272,15 @@ def test_generate_aes_keys(session, bits):
     ct = key.encrypt(data, mechanism=Mechanism.AES_CBC, mechanism_param=iv)
     assert len(ct) == 96
     chunks = [data[:5], data[5:40], data[40:]]  # multi-part: C_EncryptUpdate/C_EncryptFinal
-    assert b"".join(key.encrypt(iter(chunks), mechanism=Mechanism.AES_CBC,
-                                mechanism_param=iv)) == ct  # fmt: skip
-    assert b"".join(key.decrypt(iter([ct[:17], ct[17:]]), mechanism=Mechanism.AES_CBC,
-                                mechanism_param=iv)) == data  # fmt: skip
+    assert (
+        b"".join(key.encrypt(iter(chunks), mechanism=Mechanism.AES_CBC, mechanism_param=iv)) == ct
+    )
+    assert (
+        b"".join(
+            key.decrypt(iter([ct[:17], ct[17:]]), mechanism=Mechanism.AES_CBC, mechanism_param=iv)
+        )
+        == data
+    )
 
 
 def test_generate_aes_key_size_out_of_range(session):
@@ -237,8 +290,14 @@ def test_generate_aes_key_size_out_of_range(session):
 
 @pytest.mark.parametrize("bits", [256, 384, 512])
 def test_generate_hmac_keys(session, bits):
-    key = session.generate_key(HMAC_KEY_TYPES[bits], bits, label=f"mac{bits}", store=True,
-                               capabilities=MAC, mechanism=KEY_GEN[bits])  # fmt: skip
+    key = session.generate_key(
+        HMAC_KEY_TYPES[bits],
+        bits,
+        label=f"mac{bits}",
+        store=True,
+        capabilities=MAC,
+        mechanism=KEY_GEN[bits],
+    )
     # (CKA_KEY_GEN_MECHANISM is CKM_SHA*_KEY_GEN, which python-pkcs11 cannot decode: the
     # PyKCS11 suite reads it.)
     assert key.key_type == HMAC_KEY_TYPES[bits] and key[Attribute.VALUE_LEN] == bits // 8
@@ -263,8 +322,9 @@ def test_generate_hmac_keys(session, bits):
 
 
 def test_generate_generic_secret_for_every_hmac(session):
-    key = session.generate_key(KeyType.GENERIC_SECRET, 256, label="generic", store=True,
-                               capabilities=MAC)  # CKM_GENERIC_SECRET_KEY_GEN  # fmt: skip
+    key = session.generate_key(
+        KeyType.GENERIC_SECRET, 256, label="generic", store=True, capabilities=MAC
+    )  # CKM_GENERIC_SECRET_KEY_GEN
     assert key.key_type == KeyType.GENERIC_SECRET
     for bits in HMAC:
         mac = key.sign(b"generic", mechanism=HMAC[bits])
@@ -280,10 +340,15 @@ def test_nist_sp800_38a_cbc(session, vector):
     assert key.key_length == len(vector.key) * 8 and key[Attribute.LOCAL] is False
     ct = key.encrypt(CBC_PLAINTEXT, mechanism=Mechanism.AES_CBC, mechanism_param=CBC_IV)
     assert ct == vector.ciphertext  # F.2.1 / F.2.3 / F.2.5
-    assert key.decrypt(vector.ciphertext, mechanism=Mechanism.AES_CBC,
-                       mechanism_param=CBC_IV) == CBC_PLAINTEXT  # F.2.2 / F.2.4 / F.2.6 # fmt: skip
-    parts = key.encrypt(iter([CBC_PLAINTEXT[:7], CBC_PLAINTEXT[7:50], CBC_PLAINTEXT[50:]]),
-                        mechanism=Mechanism.AES_CBC, mechanism_param=CBC_IV)  # fmt: skip
+    assert (
+        key.decrypt(vector.ciphertext, mechanism=Mechanism.AES_CBC, mechanism_param=CBC_IV)
+        == CBC_PLAINTEXT
+    )  # F.2.2 / F.2.4 / F.2.6
+    parts = key.encrypt(
+        iter([CBC_PLAINTEXT[:7], CBC_PLAINTEXT[7:50], CBC_PLAINTEXT[50:]]),
+        mechanism=Mechanism.AES_CBC,
+        mechanism_param=CBC_IV,
+    )
     assert b"".join(parts) == vector.ciphertext
     padded = key.encrypt(CBC_PLAINTEXT, mechanism=Mechanism.AES_CBC_PAD, mechanism_param=CBC_IV)
     assert padded[:64] == vector.ciphertext and len(padded) == 80
@@ -329,14 +394,26 @@ def test_imported_generic_secret_known_answer(session):
 def test_data_objects(session):
     value = b"<config> & \x00\x01\xff"
     oid = bytes.fromhex("06082b06010401823702")  # a DER OBJECT IDENTIFIER
-    obj = session.create_object({
-        Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True, Attribute.PRIVATE: True,
-        Attribute.LABEL: "config", Attribute.APPLICATION: "pkcs11ws-tests",
-        Attribute.OBJECT_ID: oid, Attribute.VALUE: value,
-    })  # fmt: skip
-    empty = session.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True,
-                                   Attribute.PRIVATE: True, Attribute.LABEL: "empty",
-                                   Attribute.VALUE: b""})  # fmt: skip
+    obj = session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.DATA,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.LABEL: "config",
+            Attribute.APPLICATION: "pkcs11ws-tests",
+            Attribute.OBJECT_ID: oid,
+            Attribute.VALUE: value,
+        }
+    )
+    empty = session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.DATA,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.LABEL: "empty",
+            Attribute.VALUE: b"",
+        }
+    )
     assert obj[Attribute.VALUE] == value and obj[Attribute.OBJECT_ID] == oid
     assert obj[Attribute.APPLICATION] == "pkcs11ws-tests" and obj[Attribute.LABEL] == "config"
     assert obj[Attribute.TOKEN] is True and obj[Attribute.PRIVATE] is True
@@ -360,21 +437,34 @@ def self_signed() -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pkcs11ws test")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .sign(key, hashes.SHA256()))  # fmt: skip
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
     return cert.public_bytes(serialization.Encoding.DER)
 
 
 def test_private_x509_certificate(session):
     der = self_signed()
     # (python-pkcs11 crashes encoding a None value: drop the absent issuer key hash.)
-    attrs = {k: v for k, v in decode_x509_certificate(der, extended_set=True).items()
-             if v is not None}  # fmt: skip
-    attrs.update({Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.LABEL: "cert",
-                  Attribute.ID: b"\x42"})  # fmt: skip
+    attrs = {
+        k: v for k, v in decode_x509_certificate(der, extended_set=True).items() if v is not None
+    }
+    attrs.update(
+        {
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.LABEL: "cert",
+            Attribute.ID: b"\x42",
+        }
+    )
     # The extended set names CKA_HASH_OF_SUBJECT_PUBLIC_KEY, which WSOP does not support.
     with pytest.raises(E.AttributeTypeInvalid):
         session.create_object(attrs)
@@ -390,7 +480,7 @@ def test_private_x509_certificate(session):
         Attribute.LABEL,
         Attribute.ID,
     ):
-        assert cert[attr] == attrs[attr], attr  # fmt: skip
+        assert cert[attr] == attrs[attr], attr
     assert cert[Attribute.CERTIFICATE_TYPE] == pkcs11.CertificateType.X_509
     assert cert[Attribute.PRIVATE] is True
     found = list(session.get_objects({Attribute.CLASS: ObjectClass.CERTIFICATE}))
@@ -405,10 +495,20 @@ def test_private_x509_certificate(session):
 # ---- the WSOP attribute rules ----------------------------------------------------------------
 
 # CKA_COPYABLE is on the WSOP list but this module copies: it may be given either way.
-MUST_BE_FALSE = (Attribute.DERIVE, Attribute.EXTRACTABLE, Attribute.TRUSTED, Attribute.UNWRAP,
-                 Attribute.WRAP, Attribute.WRAP_WITH_TRUSTED)  # fmt: skip
-MUST_BE_TRUE = (Attribute.ALWAYS_SENSITIVE, Attribute.NEVER_EXTRACTABLE, Attribute.LOCAL,
-                Attribute.SENSITIVE)  # fmt: skip
+MUST_BE_FALSE = (
+    Attribute.DERIVE,
+    Attribute.EXTRACTABLE,
+    Attribute.TRUSTED,
+    Attribute.UNWRAP,
+    Attribute.WRAP,
+    Attribute.WRAP_WITH_TRUSTED,
+)
+MUST_BE_TRUE = (
+    Attribute.ALWAYS_SENSITIVE,
+    Attribute.NEVER_EXTRACTABLE,
+    Attribute.LOCAL,
+    Attribute.SENSITIVE,
+)
 
 
 def test_attribute_rules(session):
@@ -428,8 +528,12 @@ def test_attribute_rules(session):
         session.generate_key(KeyType.AES, 128, label="session", store=False, capabilities=ENC)
     with pytest.raises(E.TemplateInconsistent):
         session.generate_key(KeyType.AES, 128, template={Attribute.PRIVATE: False}, **gen)
-    data = {Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True, Attribute.PRIVATE: True,
-            Attribute.VALUE: b"v"}  # fmt: skip
+    data = {
+        Attribute.CLASS: ObjectClass.DATA,
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.VALUE: b"v",
+    }
     for attr in (Attribute.TOKEN, Attribute.PRIVATE):
         with pytest.raises(E.TemplateIncomplete):
             session.create_object({k: v for k, v in data.items() if k != attr})
@@ -477,13 +581,15 @@ def test_cipher_error_codes(session):
 def test_operation_active_and_errors_end_operations(session):
     key = aes_key(session, os.urandom(16))
     iv = bytes(16)
-    running = key.encrypt(iter([bytes(16), bytes(16)]), mechanism=Mechanism.AES_CBC,
-                          mechanism_param=iv)  # fmt: skip
+    running = key.encrypt(
+        iter([bytes(16), bytes(16)]), mechanism=Mechanism.AES_CBC, mechanism_param=iv
+    )
     first = next(running)  # C_EncryptInit + C_EncryptUpdate: the operation is active
     with pytest.raises(E.OperationActive):
         key.encrypt(bytes(16), mechanism=Mechanism.AES_CBC, mechanism_param=iv)
-    assert first + b"".join(running) == key.encrypt(bytes(32), mechanism=Mechanism.AES_CBC,
-                                                    mechanism_param=iv)  # fmt: skip
+    assert first + b"".join(running) == key.encrypt(
+        bytes(32), mechanism=Mechanism.AES_CBC, mechanism_param=iv
+    )
     mac = hmac_key(session, KeyType.SHA256_HMAC, b"k" * 32)
     with pytest.raises(E.MechanismParamInvalid):
         mac.sign(b"x", mechanism=Mechanism.SHA256_HMAC_GENERAL, mechanism_param=ulong(8))
@@ -498,8 +604,14 @@ def test_handle_and_login_error_codes(card):
     public = token.open(rw=True)
     user = token.open(rw=True, user_pin=pin)
     key = user.generate_key(KeyType.AES, 128, label="h", store=True, capabilities=ENC)
-    data = user.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True,
-                               Attribute.PRIVATE: True, Attribute.LABEL: "d"})  # fmt: skip
+    data = user.create_object(
+        {
+            Attribute.CLASS: ObjectClass.DATA,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.LABEL: "d",
+        }
+    )
     seen = public.get_key(label="h")  # the same object, through the public session
     assert seen.handle == key.handle
     with pytest.raises(E.AttributeSensitive):
@@ -555,8 +667,12 @@ def test_threads_with_their_own_sessions(card):
                 aes = s.get_key(label="kat-aes")
                 mac = s.get_key(label="imported-mac")
                 for _ in range(10):
-                    assert aes.encrypt(CBC_PLAINTEXT, mechanism=Mechanism.AES_CBC,
-                                       mechanism_param=CBC_IV) == v.ciphertext  # fmt: skip
+                    assert (
+                        aes.encrypt(
+                            CBC_PLAINTEXT, mechanism=Mechanism.AES_CBC, mechanism_param=CBC_IV
+                        )
+                        == v.ciphertext
+                    )
                     assert (
                         mac.sign(HMAC_VECTORS[3].data, mechanism=Mechanism.SHA512_HMAC)
                         == HMAC_VECTORS[3].sha512
@@ -581,5 +697,7 @@ def test_finalize_and_initialize_again(lib, card):
     token = lib.get_token(token_label=token.label)
     with token.open(user_pin=pin) as s:
         key = s.get_key(label="survives")
-        assert key.decrypt(key.encrypt(b"again", mechanism_param=bytes(16)),
-                           mechanism_param=bytes(16)) == b"again"  # fmt: skip
+        assert (
+            key.decrypt(key.encrypt(b"again", mechanism_param=bytes(16)), mechanism_param=bytes(16))
+            == b"again"
+        )

@@ -8,8 +8,13 @@ import sys
 
 def test_demo_runs_twice(tmp_path):
     for _ in range(2):
-        r = subprocess.run([sys.executable, "-m", "pkcs11ws.demo"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-m", "pkcs11ws.demo"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         assert "FAILED" not in r.stdout
         last = r.stdout.strip().splitlines()[-1]

@@ -29,8 +29,9 @@ CHECKS = 16  # PASS lines P11Test prints
 def compiled(tmp_path_factory) -> Path:
     javac = require(shutil.which("javac"), "JDK 17 (javac)", "openjdk-17-jdk-headless")
     out = tmp_path_factory.mktemp("java")
-    r = subprocess.run([javac, "-d", str(out), str(JAVA_SRC)], capture_output=True, text=True,
-                       timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [javac, "-d", str(out), str(JAVA_SRC)], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return out
 
@@ -43,8 +44,13 @@ def test_sunpkcs11(fresh_service, compiled, tmp_path):
     # The configuration README.md shows (one softcard: slotListIndex = 0).
     cfg.write_text(snippet("java-provider-config", {MODULE_PLACEHOLDER: module_path()}))
     env = consumer_env(svc.client_cfg, pin)
-    r = subprocess.run([java, "-cp", str(compiled), "P11Test", str(cfg)], env=env,
-                       capture_output=True, text=True, timeout=180)  # fmt: skip
+    r = subprocess.run(
+        [java, "-cp", str(compiled), "P11Test", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "ALL PASSED" in r.stdout, out
     assert r.stdout.count("PASS ") == CHECKS, out

@@ -38,8 +38,7 @@ MACS = {
 }
 MAC_BOUND = 4 * 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = settings(max_examples=40, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+EXAMPLES = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +52,20 @@ def env(service):
     aes = {}
     for size in (16, 24, 32):
         usage = [(C.CKA_ENCRYPT, True), (C.CKA_DECRYPT, True)]
-        aes[size] = m.create(h, [*SECRET, (C.CKA_KEY_TYPE, C.CKK_AES), *usage,
-                                 (C.CKA_VALUE, os.urandom(size))])  # fmt: skip
+        aes[size] = m.create(
+            h, [*SECRET, (C.CKA_KEY_TYPE, C.CKK_AES), *usage, (C.CKA_VALUE, os.urandom(size))]
+        )
     mac_value = os.urandom(64)
-    mac = m.create(h, [*SECRET, (C.CKA_KEY_TYPE, C.CKK_GENERIC_SECRET), (C.CKA_SIGN, True),
-                       (C.CKA_VERIFY, True), (C.CKA_VALUE, mac_value)])  # fmt: skip
+    mac = m.create(
+        h,
+        [
+            *SECRET,
+            (C.CKA_KEY_TYPE, C.CKK_GENERIC_SECRET),
+            (C.CKA_SIGN, True),
+            (C.CKA_VERIFY, True),
+            (C.CKA_VALUE, mac_value),
+        ],
+    )
     yield m, h, aes, mac, mac_value
     m.call("C_CloseSession", h)
     m.call("C_Finalize", None)

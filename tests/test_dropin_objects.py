@@ -62,8 +62,15 @@ def requests() -> int:
 
 
 def aes(mod, h, value: bytes, label: bytes = b"orig", extra=()) -> int:
-    items = [*SECRET, (C.CKA_KEY_TYPE, C.CKK_AES), (C.CKA_LABEL, label), (C.CKA_ID, b"\x01"),
-             (C.CKA_ENCRYPT, True), (C.CKA_DECRYPT, True), (C.CKA_VALUE, value)]  # fmt: skip
+    items = [
+        *SECRET,
+        (C.CKA_KEY_TYPE, C.CKK_AES),
+        (C.CKA_LABEL, label),
+        (C.CKA_ID, b"\x01"),
+        (C.CKA_ENCRYPT, True),
+        (C.CKA_DECRYPT, True),
+        (C.CKA_VALUE, value),
+    ]
     return mod.create(h, [*items, *extra])
 
 
@@ -86,9 +93,17 @@ def set_attrs(mod, h, obj: int, items) -> int:
 
 def certificate(mod, h, private: bool, label: bytes, cid: bytes = b"\xc1") -> tuple[int, bytes]:
     der, subject, issuer = self_signed(label.decode())
-    items = [(C.CKA_TOKEN, True), (C.CKA_PRIVATE, private), (C.CKA_CLASS, C.CKO_CERTIFICATE),
-             (C.CKA_CERTIFICATE_TYPE, C.CKC_X_509), (C.CKA_VALUE, der), (C.CKA_SUBJECT, subject),
-             (C.CKA_ISSUER, issuer), (C.CKA_LABEL, label), (C.CKA_ID, cid)]  # fmt: skip
+    items = [
+        (C.CKA_TOKEN, True),
+        (C.CKA_PRIVATE, private),
+        (C.CKA_CLASS, C.CKO_CERTIFICATE),
+        (C.CKA_CERTIFICATE_TYPE, C.CKC_X_509),
+        (C.CKA_VALUE, der),
+        (C.CKA_SUBJECT, subject),
+        (C.CKA_ISSUER, issuer),
+        (C.CKA_LABEL, label),
+        (C.CKA_ID, cid),
+    ]
     return mod.create(h, items), der
 
 
@@ -155,8 +170,9 @@ def test_copy_object_errors(mod, card):
 
 def test_copy_data_object_and_certificate(mod, card):
     _, h, _ = card
-    data = mod.create(h, [*TOKEN, (C.CKA_CLASS, C.CKO_DATA), (C.CKA_LABEL, b"d"),
-                          (C.CKA_VALUE, b"payload")])  # fmt: skip
+    data = mod.create(
+        h, [*TOKEN, (C.CKA_CLASS, C.CKO_DATA), (C.CKA_LABEL, b"d"), (C.CKA_VALUE, b"payload")]
+    )
     rv, new = copy(mod, h, data, [(C.CKA_LABEL, b"d2")])
     assert rv == C.CKR_OK and mod.attr(h, new, C.CKA_VALUE) == b"payload"
     assert copy(mod, h, data, [(C.CKA_ID, b"1")])[0] == C.CKR_ATTRIBUTE_TYPE_INVALID
@@ -254,13 +270,16 @@ def test_generic_secret_hmac_keys(mod, card):
     every HMAC mechanism, generated or imported (then compared with the hmac module)."""
     _, h, _ = card
     usage = [(C.CKA_SIGN, True), (C.CKA_VERIFY, True)]
-    gen = mod.generate(h, C.CKM_GENERIC_SECRET_KEY_GEN,
-                       [*SECRET, (C.CKA_KEY_TYPE, C.CKK_GENERIC_SECRET), (C.CKA_VALUE_LEN, 32),
-                        *usage])  # fmt: skip
+    gen = mod.generate(
+        h,
+        C.CKM_GENERIC_SECRET_KEY_GEN,
+        [*SECRET, (C.CKA_KEY_TYPE, C.CKK_GENERIC_SECRET), (C.CKA_VALUE_LEN, 32), *usage],
+    )
     assert int.from_bytes(mod.attr(h, gen, C.CKA_KEY_TYPE), "little") == C.CKK_GENERIC_SECRET
     value = os.urandom(40)
-    imp = mod.create(h, [*SECRET, (C.CKA_KEY_TYPE, C.CKK_GENERIC_SECRET), (C.CKA_VALUE, value),
-                         *usage])  # fmt: skip
+    imp = mod.create(
+        h, [*SECRET, (C.CKA_KEY_TYPE, C.CKK_GENERIC_SECRET), (C.CKA_VALUE, value), *usage]
+    )
     msg = os.urandom(300)
     for mech, digest in {**HMACS, **GENERAL}.items():
         full = digest().digest_size

@@ -47,8 +47,11 @@ def modules_dir() -> Path:
 @pytest.fixture(scope="module")
 def provider_so() -> str:
     require(shutil.which("openssl"), "openssl", "openssl")
-    return require(str(modules_dir() / "pkcs11.so"), "OpenSSL pkcs11-provider",
-                   "pkcs11-provider from bookworm-backports")  # fmt: skip
+    return require(
+        str(modules_dir() / "pkcs11.so"),
+        "OpenSSL pkcs11-provider",
+        "pkcs11-provider from bookworm-backports",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +67,20 @@ def card(service):
     ders = []
     for label, private in ((b"tls-cert", False), (b"hidden-cert", True)):
         der, subject, issuer = self_signed(label.decode())
-        m.create(h, [(C.CKA_TOKEN, True), (C.CKA_PRIVATE, private),
-                     (C.CKA_CLASS, C.CKO_CERTIFICATE), (C.CKA_CERTIFICATE_TYPE, C.CKC_X_509),
-                     (C.CKA_VALUE, der), (C.CKA_SUBJECT, subject), (C.CKA_ISSUER, issuer),
-                     (C.CKA_LABEL, label), (C.CKA_ID, bytes([0x41 + private]))])  # fmt: skip
+        m.create(
+            h,
+            [
+                (C.CKA_TOKEN, True),
+                (C.CKA_PRIVATE, private),
+                (C.CKA_CLASS, C.CKO_CERTIFICATE),
+                (C.CKA_CERTIFICATE_TYPE, C.CKC_X_509),
+                (C.CKA_VALUE, der),
+                (C.CKA_SUBJECT, subject),
+                (C.CKA_ISSUER, issuer),
+                (C.CKA_LABEL, label),
+                (C.CKA_ID, bytes([0x41 + private])),
+            ],
+        )
         ders.append(der)
     m.call("C_CloseSession", h)
     if rv == C.CKR_OK:
@@ -81,8 +94,13 @@ def pem_certs(text: str) -> list[bytes]:
 
 
 def storeutl(env: dict[str, str], uri: str, *provider_args: str):
-    r = subprocess.run(["openssl", "storeutl", *provider_args, "-certs", uri], env=env,
-                       capture_output=True, text=True, timeout=90)  # fmt: skip
+    r = subprocess.run(
+        ["openssl", "storeutl", *provider_args, "-certs", uri],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     return r
 
 
@@ -102,8 +120,11 @@ def test_storeutl_reads_public_certificate(service, card, provider_so):
     env = consumer_env(service.client_cfg, PKCS11_PROVIDER_MODULE=module_path())
     args = ("-provider", "pkcs11", "-provider", "default")
     token = urllib.parse.quote(name)
-    for uri in (f"pkcs11:token={token};object=tls-cert", f"pkcs11:token={token};id=%41",
-                f"pkcs11:token={token};type=cert"):  # fmt: skip
+    for uri in (
+        f"pkcs11:token={token};object=tls-cert",
+        f"pkcs11:token={token};id=%41",
+        f"pkcs11:token={token};type=cert",
+    ):
         r = storeutl(env, uri, *args)
         assert r.returncode == 0, r.stdout + r.stderr
         # Not logged in: only the public certificate exists for OpenSSL.
@@ -118,8 +139,9 @@ def test_global_openssl_conf_keeps_our_tls_working(service, card, provider_so, t
     name, pin, public, _ = card
     cnf = openssl_cnf(tmp_path / "openssl.cnf", provider_so, early)
     log = tmp_path / "p11prov.log"
-    env = consumer_env(service.client_cfg, pin, OPENSSL_CONF=str(cnf),
-                       PKCS11_PROVIDER_DEBUG=f"file:{log},level:1")  # fmt: skip
+    env = consumer_env(
+        service.client_cfg, pin, OPENSSL_CONF=str(cnf), PKCS11_PROVIDER_DEBUG=f"file:{log},level:1"
+    )
     # The provider comes from the configuration alone (no -provider option).
     r = storeutl(env, f"pkcs11:token={urllib.parse.quote(name)};object=tls-cert")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -128,12 +150,32 @@ def test_global_openssl_conf_keeps_our_tls_working(service, card, provider_so, t
     # A consumer that loads our module itself while OpenSSL loads the provider for the
     # process: login, key generation and a MAC all go over our TLS, without recursing.
     tool = require(shutil.which("pkcs11-tool"), "OpenSC pkcs11-tool", "opensc")
-    base = [tool, "--module", module_path(), "--token-label", name, "--login", "--pin",
-            f"env:{PIN_ENV}"]  # fmt: skip
+    base = [
+        tool,
+        "--module",
+        module_path(),
+        "--token-label",
+        name,
+        "--login",
+        "--pin",
+        f"env:{PIN_ENV}",
+    ]
     label = f"conf-{'early' if early else 'late'}"
-    for extra in (["--keygen", "--key-type", "GENERIC:32", "--label", label, "--id", "77",
-                   "--private", "--sensitive", "--usage-sign"], ["-O"]):  # fmt: skip
-        r = subprocess.run([*base, *extra], env=env, capture_output=True, text=True,
-                           timeout=60)  # fmt: skip
+    for extra in (
+        [
+            "--keygen",
+            "--key-type",
+            "GENERIC:32",
+            "--label",
+            label,
+            "--id",
+            "77",
+            "--private",
+            "--sensitive",
+            "--usage-sign",
+        ],
+        ["-O"],
+    ):
+        r = subprocess.run([*base, *extra], env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
     assert label in r.stdout and "tls-cert" in r.stdout and "hidden-cert" in r.stdout

@@ -80,8 +80,10 @@ def section(text: str, start: str) -> str:
 
 def test_p11kit_list_modules_with_reserved_config(service, card, tmp_path):
     p11kit = require(shutil.which("p11-kit"), "p11-kit", "p11-kit")
-    text = snippet("p11kit-module", {MODULE_PLACEHOLDER: module_path(),
-                                     CONFIG_PLACEHOLDER: str(service.client_cfg)})  # fmt: skip
+    text = snippet(
+        "p11kit-module",
+        {MODULE_PLACEHOLDER: module_path(), CONFIG_PLACEHOLDER: str(service.client_cfg)},
+    )
     with module_file(text, tmp_path) as (name, extra):
         # $PKCS11WS_CONFIG points nowhere: the path can only come from x-init-reserved.
         env = consumer_env(service.client_cfg, **extra)
@@ -110,8 +112,21 @@ def test_p11tool_tokens_and_certificates(fresh_service, tmp_path):
         assert f"Module: {module_path()}" in out
         uri = f"pkcs11:token={name}"
         # GnuTLS takes the PIN from $GNUTLS_PIN (never argv); it writes certificates public.
-        run([p11tool, "--login", "--write", "--load-certificate", str(pem), "--label",
-             "gnutls-cert", "--id", "0c0d", uri], {**env, "GNUTLS_PIN": pin})  # fmt: skip
+        run(
+            [
+                p11tool,
+                "--login",
+                "--write",
+                "--load-certificate",
+                str(pem),
+                "--label",
+                "gnutls-cert",
+                "--id",
+                "0c0d",
+                uri,
+            ],
+            {**env, "GNUTLS_PIN": pin},
+        )
         listed = run([p11tool, "--list-all-certs", uri], env).stdout
         assert "Label: gnutls-cert" in listed and "id=%0C%0D" in listed
         exported = run([p11tool, "--export", f"{uri};object=gnutls-cert;type=cert"], env).stdout
@@ -124,8 +139,10 @@ def test_enable_in_keeps_unnamed_programs_out(service, card, tmp_path):
     tool = require(shutil.which("pkcs11-tool"), "OpenSC pkcs11-tool", "opensc")
     proxies = sorted(Path("/usr/lib").glob("*/p11-kit-proxy.so"))
     proxy = require(str(proxies[0]) if proxies else None, "p11-kit-proxy.so", "p11-kit-modules")
-    text = snippet("p11kit-module", {MODULE_PLACEHOLDER: module_path(),
-                                     CONFIG_PLACEHOLDER: str(service.client_cfg)})  # fmt: skip
+    text = snippet(
+        "p11kit-module",
+        {MODULE_PLACEHOLDER: module_path(), CONFIG_PLACEHOLDER: str(service.client_cfg)},
+    )
     assert "\nenable-in: p11-kit, p11tool\n" in text
     for named in (False, True):
         body = text.replace("p11tool\n", "p11tool, pkcs11-tool\n") if named else text

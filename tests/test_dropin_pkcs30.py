@@ -83,7 +83,7 @@ SCRIPT = textwrap.dedent(
         assert fl.C_SessionCancel(h, flags) == 0
     mac = CK_MECHANISM(C.CKM_SHA256_HMAC, None, 0)
     t2 = Template([(C.CKA_TOKEN, True), (C.CKA_PRIVATE, True), (C.CKA_CLASS, C.CKO_SECRET_KEY),
-                   (C.CKA_VALUE_LEN, 32)])  # fmt: skip
+                   (C.CKA_VALUE_LEN, 32)])
     mkey = CK_ULONG()
     gen2 = CK_MECHANISM(C.CKM_SHA256_KEY_GEN, None, 0)
     assert fl.C_GenerateKey(h, byref(gen2), t2.arr, t2.count, byref(mkey)) == 0
@@ -108,11 +108,15 @@ SCRIPT = textwrap.dedent(
 def run(service, tmp_path: Path, reserved: str, env_config: str, card: str, pin: str):
     script = tmp_path / "host30.py"
     script.write_text(SCRIPT)
-    env = consumer_env(service.client_cfg, pin, RESERVED=reserved,
-                       PYTHONPATH=str(TESTS))  # fmt: skip
+    env = consumer_env(service.client_cfg, pin, RESERVED=reserved, PYTHONPATH=str(TESTS))
     env["PKCS11WS_CONFIG"] = env_config
-    r = subprocess.run([sys.executable, str(script), module_path(), card], env=env,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(script), module_path(), card],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line), r
 
@@ -139,11 +143,9 @@ def test_reserved_config_path_and_free_form_strings(service, tmp_path):
     name, pin = new_card(service.client_cfg, "i")
     # A free-form pReserved that is not ours (pkcs11-provider passes its own strings): ignored,
     # the environment's configuration is used.
-    out, r = run(service, tmp_path, "pkcs11-provider init args", str(service.client_cfg), name,
-                 pin)  # fmt: skip
+    out, r = run(service, tmp_path, "pkcs11-provider init args", str(service.client_cfg), name, pin)
     assert out["initialize"] == "CKR_OK" and "done" in r.stdout
     # config= naming a missing file fails cleanly, saying why on stderr.
-    out, r = run(service, tmp_path, "config=/nonexistent/p.cfg", str(service.client_cfg), name,
-                 pin)  # fmt: skip
+    out, r = run(service, tmp_path, "config=/nonexistent/p.cfg", str(service.client_cfg), name, pin)
     assert out["initialize"] == "CKR_GENERAL_ERROR"
     assert "/nonexistent/p.cfg" in r.stderr

@@ -20,9 +20,11 @@ def test_python_pkcs11_snippet(service, tmp_path):
     name, pin = new_card(service.client_cfg, "y")
     script = tmp_path / "example.py"
     script.write_text(snippet("python-pkcs11") + "print('snippet ok', len(ct), len(tag))\n")
-    env = consumer_env(service.client_cfg, PKCS11WS_MODULE=module_path(), PKCS11WS_TOKEN=name,
-                       PKCS11WS_PIN=pin)  # fmt: skip
-    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                       timeout=120)  # fmt: skip
+    env = consumer_env(
+        service.client_cfg, PKCS11WS_MODULE=module_path(), PKCS11WS_TOKEN=name, PKCS11WS_PIN=pin
+    )
+    r = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "snippet ok 16 32" in r.stdout

@@ -171,8 +171,14 @@ def test_environment_overrides_through_the_module(mod, service, tmp_path, monkey
     name, pin = new_card(service)
     log = tmp_path / "env.log"
     # The file points nowhere useful; the environment repairs it.
-    cfg = write_cfg(tmp_path, service, host="unused.invalid", port="1", loglevel="0",
-                    logfilepath=str(tmp_path / "file.log"))  # fmt: skip
+    cfg = write_cfg(
+        tmp_path,
+        service,
+        host="unused.invalid",
+        port="1",
+        loglevel="0",
+        logfilepath=str(tmp_path / "file.log"),
+    )
     monkeypatch.setenv("PKCS11WS_CONFIG", str(cfg))
     monkeypatch.setenv("PKCS11WS_HOST", "127.0.0.1")
     monkeypatch.setenv("PKCS11WS_PORT", str(service.port))
@@ -207,8 +213,15 @@ def test_environment_overrides_through_the_module(mod, service, tmp_path, monkey
 
 def test_maxretries_and_retrydelay_overrides(mod, service, tmp_path, monkeypatch):
     log = tmp_path / "retries.log"
-    cfg = write_cfg(tmp_path, service, port=str(free_port()), maxretries="9", retrydelay="30",
-                    loglevel="3", logfilepath=str(log))  # fmt: skip
+    cfg = write_cfg(
+        tmp_path,
+        service,
+        port=str(free_port()),
+        maxretries="9",
+        retrydelay="30",
+        loglevel="3",
+        logfilepath=str(log),
+    )
     monkeypatch.setenv("PKCS11WS_MAXRETRIES", "2")
     monkeypatch.setenv("PKCS11WS_RETRYDELAY", "0")
     assert mod.initialize(str(cfg)) == C.CKR_OK
@@ -236,8 +249,7 @@ def test_preserved_config_beats_the_environment(mod, service, tmp_path, monkeypa
     buf = ctypes.create_string_buffer(f"{service.client_cfg}".encode())
     from p11ctypes import CK_C_INITIALIZE_ARGS
 
-    args = CK_C_INITIALIZE_ARGS(None, None, None, None, C.CKF_OS_LOCKING_OK,
-                                ctypes.addressof(buf))  # fmt: skip
+    args = CK_C_INITIALIZE_ARGS(None, None, None, None, C.CKF_OS_LOCKING_OK, ctypes.addressof(buf))
     assert mod.call("C_Initialize", byref(args)) == C.CKR_GENERAL_ERROR  # $PKCS11WS_CONFIG used
 
 
@@ -249,9 +261,16 @@ def session_work(mod, service, name: str, pin: bytes) -> dict[str, int]:
     slot = mod.slot_by_label(name)
     h = mod.open(slot)
     assert mod.login(h, pin) == C.CKR_OK
-    key = mod.create(h, [*KEY_BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY),
-                         (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC), (C.CKA_SIGN, True),
-                         (C.CKA_VALUE, os.urandom(32))])  # fmt: skip
+    key = mod.create(
+        h,
+        [
+            *KEY_BASE,
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC),
+            (C.CKA_SIGN, True),
+            (C.CKA_VALUE, os.urandom(32)),
+        ],
+    )
     m, _ = mechanism(C.CKM_SHA256_HMAC)
     mod.ok("C_SignInit", h, byref(m), key)
     mod.single("C_Sign", h, b"message")
@@ -272,8 +291,16 @@ def session_work(mod, service, name: str, pin: bytes) -> dict[str, int]:
 
 def failing_work(mod, service, tmp_path, level: int, log: Path) -> None:
     """A configuration whose service is down: WARNING (retry) and ERROR (gave up) lines."""
-    cfg = write_cfg(tmp_path, service, "down.cfg", port=str(free_port()), maxretries="1",
-                    retrydelay="0", loglevel=str(level), logfilepath=str(log))  # fmt: skip
+    cfg = write_cfg(
+        tmp_path,
+        service,
+        "down.cfg",
+        port=str(free_port()),
+        maxretries="1",
+        retrydelay="0",
+        loglevel=str(level),
+        logfilepath=str(log),
+    )
     assert mod.initialize(str(cfg)) == C.CKR_OK
     n = CK_ULONG()
     assert mod.call("C_GetSlotList", 0, None, byref(n)) == C.CKR_DEVICE_ERROR
@@ -343,17 +370,42 @@ def test_full_session_at_debug9_logs_no_secret(mod, service, tmp_path):
     h = mod.open(slot)
     assert mod.login(h, wrong_pin) == C.CKR_PIN_INCORRECT
     assert mod.login(h, pin) == C.CKR_OK
-    gen = mod.generate(h, C.CKM_AES_KEY_GEN, [*KEY_BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY),
-                                              (C.CKA_VALUE_LEN, 32), (C.CKA_ENCRYPT, True),
-                                              (C.CKA_DECRYPT, True)])  # fmt: skip
-    aes = mod.create(h, [*KEY_BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, C.CKK_AES),
-                         (C.CKA_ENCRYPT, True), (C.CKA_DECRYPT, True),
-                         (C.CKA_VALUE, aes_value)])  # fmt: skip
-    mac = mod.create(h, [*KEY_BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY),
-                         (C.CKA_KEY_TYPE, C.CKK_SHA384_HMAC), (C.CKA_SIGN, True),
-                         (C.CKA_VERIFY, True), (C.CKA_VALUE, mac_value)])  # fmt: skip
-    data = mod.create(h, [*KEY_BASE, (C.CKA_CLASS, C.CKO_DATA), (C.CKA_LABEL, b"d"),
-                          (C.CKA_VALUE, data_value)])  # fmt: skip
+    gen = mod.generate(
+        h,
+        C.CKM_AES_KEY_GEN,
+        [
+            *KEY_BASE,
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_VALUE_LEN, 32),
+            (C.CKA_ENCRYPT, True),
+            (C.CKA_DECRYPT, True),
+        ],
+    )
+    aes = mod.create(
+        h,
+        [
+            *KEY_BASE,
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, C.CKK_AES),
+            (C.CKA_ENCRYPT, True),
+            (C.CKA_DECRYPT, True),
+            (C.CKA_VALUE, aes_value),
+        ],
+    )
+    mac = mod.create(
+        h,
+        [
+            *KEY_BASE,
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, C.CKK_SHA384_HMAC),
+            (C.CKA_SIGN, True),
+            (C.CKA_VERIFY, True),
+            (C.CKA_VALUE, mac_value),
+        ],
+    )
+    data = mod.create(
+        h, [*KEY_BASE, (C.CKA_CLASS, C.CKO_DATA), (C.CKA_LABEL, b"d"), (C.CKA_VALUE, data_value)]
+    )
     iv = os.urandom(16)
     for key in (gen, aes):
         cm, _b = mechanism(C.CKM_AES_CBC_PAD, iv)
@@ -381,12 +433,27 @@ def test_full_session_at_debug9_logs_no_secret(mod, service, tmp_path):
     raw = log.read_bytes()
     text = raw.decode()
     # The log did record this session (so the search below looks at something).
-    for what in ("C_Login", "C_CreateObject", "C_GenerateKey", "encrypt POST", "decrypt POST",
-                 "sign POST", "verify POST", "C_DestroyObject", "C_Logout", "DEBUG9"):  # fmt: skip
+    for what in (
+        "C_Login",
+        "C_CreateObject",
+        "C_GenerateKey",
+        "encrypt POST",
+        "decrypt POST",
+        "sign POST",
+        "verify POST",
+        "C_DestroyObject",
+        "C_Logout",
+        "DEBUG9",
+    ):
         assert what in text, what
-    for label, secret in (("passphrase", pin), ("wrong passphrase", wrong_pin),
-                          ("AES key", aes_value), ("HMAC key", mac_value),
-                          ("plaintext", plaintext), ("data value", data_value),
-                          ("signature", sig)):  # fmt: skip
+    for label, secret in (
+        ("passphrase", pin),
+        ("wrong passphrase", wrong_pin),
+        ("AES key", aes_value),
+        ("HMAC key", mac_value),
+        ("plaintext", plaintext),
+        ("data value", data_value),
+        ("signature", sig),
+    ):
         for needle in encodings(secret):
             assert needle not in raw, f"the {label} is in the log as {needle!r}"

@@ -61,9 +61,14 @@ def test_kill_restart_and_lost_answer_lose_and_duplicate_nothing(
     errors: list[str] = []
     lock = threading.Lock()
     try:
-        cfg = write_cfg(svc, tmp_path / "relay.cfg", port=str(relay.port),
-                        maxretries=str(MAXRETRIES), retrydelay=str(RETRYDELAY),
-                        timeout=str(TIMEOUT))  # fmt: skip
+        cfg = write_cfg(
+            svc,
+            tmp_path / "relay.cfg",
+            port=str(relay.port),
+            maxretries=str(MAXRETRIES),
+            retrydelay=str(RETRYDELAY),
+            timeout=str(TIMEOUT),
+        )
         h0, card = setup_card(svc, mod, cfg)
         info = CK_SESSION_INFO()
         mod.ok("C_GetSessionInfo", h0, byref(info))
@@ -75,12 +80,21 @@ def test_kill_restart_and_lost_answer_lose_and_duplicate_nothing(
             while not stop.is_set():
                 label = f"f{n}-{i}-{uuid.uuid4().hex[:6]}"
                 if i % 2:
-                    items = [*BASE, (C.CKA_CLASS, C.CKO_DATA), (C.CKA_LABEL, label.encode()),
-                             (C.CKA_VALUE, os.urandom(32))]  # fmt: skip
+                    items = [
+                        *BASE,
+                        (C.CKA_CLASS, C.CKO_DATA),
+                        (C.CKA_LABEL, label.encode()),
+                        (C.CKA_VALUE, os.urandom(32)),
+                    ]
                     mech = None
                 else:
-                    items = [*BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, C.CKK_AES),
-                             (C.CKA_VALUE_LEN, 16), (C.CKA_LABEL, label.encode())]  # fmt: skip
+                    items = [
+                        *BASE,
+                        (C.CKA_CLASS, C.CKO_SECRET_KEY),
+                        (C.CKA_KEY_TYPE, C.CKK_AES),
+                        (C.CKA_VALUE_LEN, 16),
+                        (C.CKA_LABEL, label.encode()),
+                    ]
                     mech = CK_MECHANISM(C.CKM_AES_KEY_GEN, None, 0)
                 t = Template(items)
                 out = CK_ULONG()

@@ -195,8 +195,22 @@ def host(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("host")
     (d / "host.c").write_text(HOST_C)
     exe = d / "host"
-    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-I", str(ROOT / "include"), "-o", str(exe),
-                    str(d / "host.c"), "-ldl", "-lpthread"], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            "gcc",
+            "-O1",
+            "-Wall",
+            "-Werror",
+            "-I",
+            str(ROOT / "include"),
+            "-o",
+            str(exe),
+            str(d / "host.c"),
+            "-ldl",
+            "-lpthread",
+        ],
+        check=True,
+    )
     return exe
 
 
@@ -208,11 +222,23 @@ def test_c_host_threads_fork_and_reinitialize(host, service):
     client.close()
     env = {**os.environ, "PKCS11WS_CONFIG": str(service.client_cfg)}
     env.pop("PYTHONPATH", None)
-    r = subprocess.run([str(host), module_path(), name, "8"], input=pin + "\n", env=env,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [str(host), module_path(), name, "8"],
+        input=pin + "\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.splitlines() == ["cryptoki 2.40", "round trip ok", "threads ok", "fork ok",
-                                     "fork while busy ok", "reinitialize ok"], r.stdout  # fmt: skip
+    assert r.stdout.splitlines() == [
+        "cryptoki 2.40",
+        "round trip ok",
+        "threads ok",
+        "fork ok",
+        "fork while busy ok",
+        "reinitialize ok",
+    ], r.stdout
     assert pin not in r.stderr
 
 
@@ -220,8 +246,14 @@ def test_c_host_reports_a_bad_configuration(host, tmp_path):
     cfg = tmp_path / "broken.cfg"
     cfg.write_text("HOST 127.0.0.1\nPORT 0\n")
     env = {**os.environ, "PKCS11WS_CONFIG": str(cfg)}
-    r = subprocess.run([str(host), module_path(), "none", "1"], input="x\n", env=env,
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [str(host), module_path(), "none", "1"],
+        input="x\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1
     assert "FAIL f->C_Initialize(NULL) = 0x5" in r.stdout  # CKR_GENERAL_ERROR
     assert "libpkcs11ws: C_Initialize:" in r.stderr and str(cfg) in r.stderr

@@ -37,14 +37,24 @@ def mod(monkeypatch):
 
 
 def data_template(label: str) -> list[tuple[int, object]]:
-    return [*KEY_BASE, (C.CKA_CLASS, C.CKO_DATA), (C.CKA_LABEL, label.encode()),
-            (C.CKA_VALUE, os.urandom(64))]  # fmt: skip
+    return [
+        *KEY_BASE,
+        (C.CKA_CLASS, C.CKO_DATA),
+        (C.CKA_LABEL, label.encode()),
+        (C.CKA_VALUE, os.urandom(64)),
+    ]
 
 
 def aes_template(label: str) -> list[tuple[int, object]]:
-    return [*KEY_BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, C.CKK_AES),
-            (C.CKA_VALUE_LEN, 16), (C.CKA_LABEL, label.encode()), (C.CKA_ENCRYPT, True),
-            (C.CKA_DECRYPT, True)]  # fmt: skip
+    return [
+        *KEY_BASE,
+        (C.CKA_CLASS, C.CKO_SECRET_KEY),
+        (C.CKA_KEY_TYPE, C.CKK_AES),
+        (C.CKA_VALUE_LEN, 16),
+        (C.CKA_LABEL, label.encode()),
+        (C.CKA_ENCRYPT, True),
+        (C.CKA_DECRYPT, True),
+    ]
 
 
 def lose(mod: Module, relay: Relay, fn: str, *args: object) -> int:
@@ -68,8 +78,15 @@ def test_retried_create_after_lost_answer_returns_the_first_object(mod, fresh_se
     relay = Relay(svc.port)
     try:
         log = tmp_path / "module.log"
-        cfg = write_cfg(svc, tmp_path / "relay.cfg", port=str(relay.port), maxretries="1",
-                        retrydelay="0", loglevel="4", logfilepath=str(log))  # fmt: skip
+        cfg = write_cfg(
+            svc,
+            tmp_path / "relay.cfg",
+            port=str(relay.port),
+            maxretries="1",
+            retrydelay="0",
+            loglevel="4",
+            logfilepath=str(log),
+        )
         h, card = setup_card(svc, mod, cfg)
         base = object_count(svc, card)
 
@@ -140,8 +157,9 @@ def test_lost_answer_key_survives_finalize(mod, fresh_service, tmp_path):
     svc = fresh_service()
     relay = Relay(svc.port)
     try:
-        cfg = write_cfg(svc, tmp_path / "relay.cfg", port=str(relay.port), maxretries="0",
-                        retrydelay="0")  # fmt: skip
+        cfg = write_cfg(
+            svc, tmp_path / "relay.cfg", port=str(relay.port), maxretries="0", retrydelay="0"
+        )
         pin = uuid.uuid4().hex.encode()
         h, card = setup_card(svc, mod, cfg, pin)
         label = "fin-" + uuid.uuid4().hex[:8]

@@ -75,8 +75,15 @@ def test_info_and_slot_list(tool, cards):
 
 def test_mechanisms(tool):
     out = tool.run("-M", login=False).stdout
-    for name in ("AES-CBC,", "AES-CBC-PAD", "AES-KEY-GEN", "SHA256-HMAC", "SHA384-HMAC",
-                 "SHA512-HMAC", "GENERIC-SECRET-KEY-GEN"):  # fmt: skip
+    for name in (
+        "AES-CBC,",
+        "AES-CBC-PAD",
+        "AES-KEY-GEN",
+        "SHA256-HMAC",
+        "SHA384-HMAC",
+        "SHA512-HMAC",
+        "GENERIC-SECRET-KEY-GEN",
+    ):
         assert name in out
 
 
@@ -87,8 +94,17 @@ def test_wrong_passphrase(service, cards):
 
 
 def test_aes_keygen_encrypt_decrypt(tool, tmp_path):
-    out = tool.run("--keygen", "--key-type", "AES:32", "--label", "tool-aes", "--id", "a1",
-                   "--private", "--sensitive").stdout  # fmt: skip
+    out = tool.run(
+        "--keygen",
+        "--key-type",
+        "AES:32",
+        "--label",
+        "tool-aes",
+        "--id",
+        "a1",
+        "--private",
+        "--sensitive",
+    ).stdout
     assert "AES length 32" in out
     msg = tmp_path / "msg"
     iv = os.urandom(16).hex()
@@ -100,34 +116,112 @@ def test_aes_keygen_encrypt_decrypt(tool, tmp_path):
         ("AES-CBC", 4096, 4096),
     ):
         msg.write_bytes(os.urandom(size))
-        tool.run("--encrypt", "--mechanism", mech, "--iv", iv, "--id", "a1", "-i", str(msg),
-                 "-o", str(tmp_path / "ct"))  # fmt: skip
-        tool.run("--decrypt", "--mechanism", mech, "--iv", iv, "--id", "a1",
-                 "-i", str(tmp_path / "ct"), "-o", str(tmp_path / "pt"))  # fmt: skip
+        tool.run(
+            "--encrypt",
+            "--mechanism",
+            mech,
+            "--iv",
+            iv,
+            "--id",
+            "a1",
+            "-i",
+            str(msg),
+            "-o",
+            str(tmp_path / "ct"),
+        )
+        tool.run(
+            "--decrypt",
+            "--mechanism",
+            mech,
+            "--iv",
+            iv,
+            "--id",
+            "a1",
+            "-i",
+            str(tmp_path / "ct"),
+            "-o",
+            str(tmp_path / "pt"),
+        )
         assert (tmp_path / "pt").read_bytes() == msg.read_bytes()
         assert (tmp_path / "ct").stat().st_size == ct_size
 
 
 def test_generic_secret_sign_verify(tool, tmp_path):
-    tool.run("--keygen", "--key-type", "GENERIC:32", "--label", "tool-mac", "--id", "b2",
-             "--private", "--sensitive", "--usage-sign")  # fmt: skip
+    tool.run(
+        "--keygen",
+        "--key-type",
+        "GENERIC:32",
+        "--label",
+        "tool-mac",
+        "--id",
+        "b2",
+        "--private",
+        "--sensitive",
+        "--usage-sign",
+    )
     msg = tmp_path / "msg"
     msg.write_bytes(os.urandom(50000))  # pkcs11-tool signs that with C_SignUpdate/C_SignFinal
-    tool.run("--sign", "--mechanism", "SHA256-HMAC", "--id", "b2", "-i", str(msg),
-             "-o", str(tmp_path / "mac"))  # fmt: skip
-    out = tool.run("--verify", "--mechanism", "SHA256-HMAC", "--id", "b2", "-i", str(msg),
-                   "--signature-file", str(tmp_path / "mac")).stdout  # fmt: skip
+    tool.run(
+        "--sign",
+        "--mechanism",
+        "SHA256-HMAC",
+        "--id",
+        "b2",
+        "-i",
+        str(msg),
+        "-o",
+        str(tmp_path / "mac"),
+    )
+    out = tool.run(
+        "--verify",
+        "--mechanism",
+        "SHA256-HMAC",
+        "--id",
+        "b2",
+        "-i",
+        str(msg),
+        "--signature-file",
+        str(tmp_path / "mac"),
+    ).stdout
     assert "Signature is valid" in out
     msg.write_bytes(b"sign me")
-    tool.run("--sign", "--mechanism", "SHA256-HMAC", "--id", "b2", "-i", str(msg),
-             "-o", str(tmp_path / "mac"))  # fmt: skip
+    tool.run(
+        "--sign",
+        "--mechanism",
+        "SHA256-HMAC",
+        "--id",
+        "b2",
+        "-i",
+        str(msg),
+        "-o",
+        str(tmp_path / "mac"),
+    )
     assert (tmp_path / "mac").stat().st_size == 32
-    out = tool.run("--verify", "--mechanism", "SHA256-HMAC", "--id", "b2", "-i", str(msg),
-                   "--signature-file", str(tmp_path / "mac")).stdout  # fmt: skip
+    out = tool.run(
+        "--verify",
+        "--mechanism",
+        "SHA256-HMAC",
+        "--id",
+        "b2",
+        "-i",
+        str(msg),
+        "--signature-file",
+        str(tmp_path / "mac"),
+    ).stdout
     assert "Signature is valid" in out
     msg.write_bytes(b"sign me!")
-    r = tool.run("--verify", "--mechanism", "SHA256-HMAC", "--id", "b2", "-i", str(msg),
-                 "--signature-file", str(tmp_path / "mac"), ok=False)  # fmt: skip
+    r = tool.run(
+        "--verify",
+        "--mechanism",
+        "SHA256-HMAC",
+        "--id",
+        "b2",
+        "-i",
+        str(msg),
+        "--signature-file",
+        str(tmp_path / "mac"),
+        ok=False,
+    )
     assert "Invalid signature" in r.stdout and "Signature is valid" not in r.stdout
 
 
@@ -135,14 +229,16 @@ def test_private_data_object(tool, tmp_path):
     blob = tmp_path / "data"
     blob.write_bytes(b"<config> & \xc3\xa9 \x00\x01 </config>")
     tool.run("--write-object", str(blob), "--type", "data", "--label", "tool-data", "--private")
-    tool.run("--read-object", "--type", "data", "--label", "tool-data", "-o",
-             str(tmp_path / "back"))  # fmt: skip
+    tool.run(
+        "--read-object", "--type", "data", "--label", "tool-data", "-o", str(tmp_path / "back")
+    )
     assert (tmp_path / "back").read_bytes() == blob.read_bytes()
 
 
 def test_list_objects_needs_login(tool):
-    tool.run("--keygen", "--key-type", "AES:16", "--label", "tool-listed", "--private",
-             "--sensitive")  # fmt: skip
+    tool.run(
+        "--keygen", "--key-type", "AES:16", "--label", "tool-listed", "--private", "--sensitive"
+    )
     out = tool.run("-O").stdout
     assert "tool-listed" in out and "Secret Key Object" in out
     assert "tool-listed" not in tool.run("-O", login=False).stdout

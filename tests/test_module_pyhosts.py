@@ -52,13 +52,22 @@ print("in", sys.version_info[:2], "pycurl from", "pycurl" in sys.modules)
 
 
 def run(python: str, *args: str, env: dict[str, str] | None = None):
-    return subprocess.run([python, "-c", SCRIPT, module_path(), *args], capture_output=True,
-                          text=True, timeout=120, env=env)  # fmt: skip
+    return subprocess.run(
+        [python, "-c", SCRIPT, module_path(), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 def version_of(python: str) -> tuple[int, int] | None:
-    r = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"],
-                       capture_output=True, text=True, timeout=30)  # fmt: skip
+    r = subprocess.run(
+        [python, "-c", "import sys; print(*sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if r.returncode != 0:
         return None
     major, minor = r.stdout.split()
@@ -78,8 +87,15 @@ def test_attaches_to_another_interpreter_of_the_same_version(service):
     env |= {"PKCS11WS_CONFIG": str(service.client_cfg), "TEST_PIN": pin}
     r = run(base, name, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    for fn in ("C_GetFunctionList", "C_Initialize", "C_GetSlotList", "C_OpenSession", "C_Login",
-               "C_GenerateRandom", "C_Finalize"):  # fmt: skip
+    for fn in (
+        "C_GetFunctionList",
+        "C_Initialize",
+        "C_GetSlotList",
+        "C_OpenSession",
+        "C_Login",
+        "C_GenerateRandom",
+        "C_Finalize",
+    ):
         assert f"{fn} 0\n" in r.stdout, r.stdout + r.stderr
     assert "in (3, 11) pycurl from True" in r.stdout
 

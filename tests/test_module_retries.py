@@ -30,8 +30,13 @@ from pkcs11ws import constants as C
 from pkcs11ws.__main__ import module_path
 
 KEY_BASE = [(C.CKA_TOKEN, True), (C.CKA_PRIVATE, True)]
-AES_GEN = [*KEY_BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_VALUE_LEN, 16),
-           (C.CKA_ENCRYPT, True), (C.CKA_DECRYPT, True)]  # fmt: skip
+AES_GEN = [
+    *KEY_BASE,
+    (C.CKA_CLASS, C.CKO_SECRET_KEY),
+    (C.CKA_VALUE_LEN, 16),
+    (C.CKA_ENCRYPT, True),
+    (C.CKA_DECRYPT, True),
+]
 
 
 @pytest.fixture
@@ -62,12 +67,25 @@ def sign(mod: Module, h: int, key: int, data: bytes) -> bytes:
 def test_service_restart_between_and_during_calls(mod, fresh_service, restarted, tmp_path):
     svc = fresh_service()
     log = tmp_path / "module.log"
-    cfg = write_cfg(svc, tmp_path / "p11.cfg", maxretries="10", retrydelay="1", loglevel="3",
-                    logfilepath=str(log))  # fmt: skip
+    cfg = write_cfg(
+        svc,
+        tmp_path / "p11.cfg",
+        maxretries="10",
+        retrydelay="1",
+        loglevel="3",
+        logfilepath=str(log),
+    )
     h, card = setup_card(svc, mod, cfg)
-    key = mod.create(h, [*KEY_BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY),
-                         (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC), (C.CKA_SIGN, True),
-                         (C.CKA_VALUE, b"k" * 32)])  # fmt: skip
+    key = mod.create(
+        h,
+        [
+            *KEY_BASE,
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC),
+            (C.CKA_SIGN, True),
+            (C.CKA_VALUE, b"k" * 32),
+        ],
+    )
     aes = mod.generate(h, C.CKM_AES_KEY_GEN, AES_GEN)
     mac = sign(mod, h, key, b"before")
     objects = sorted(mod.find(h, []))
@@ -111,8 +129,15 @@ def test_lost_answer_and_restart_make_one_object(mod, fresh_service, restarted, 
     relay = Relay(svc.port)
     try:
         log = tmp_path / "module.log"
-        cfg = write_cfg(svc, tmp_path / "relay.cfg", port=str(relay.port), maxretries="10",
-                        retrydelay="1", loglevel="3", logfilepath=str(log))  # fmt: skip
+        cfg = write_cfg(
+            svc,
+            tmp_path / "relay.cfg",
+            port=str(relay.port),
+            maxretries="10",
+            retrydelay="1",
+            loglevel="3",
+            logfilepath=str(log),
+        )
         h, card = setup_card(svc, mod, cfg)
         mod.generate(h, C.CKM_AES_KEY_GEN, AES_GEN)
         assert object_count(svc, card) == 1
@@ -146,8 +171,11 @@ def test_lost_answer_and_restart_make_one_object(mod, fresh_service, restarted, 
         assert "retry 1/10" in log.read_text()
         # The service did get the request whose answer was lost: three generate requests (the
         # first key, the lost answer, the retry after the restart) made two keys.
-        generated = [ln for ln in svc.log_text().splitlines()
-                     if f"POST /km/v1/softcards/{card}/keys/generate 200" in ln]  # fmt: skip
+        generated = [
+            ln
+            for ln in svc.log_text().splitlines()
+            if f"POST /km/v1/softcards/{card}/keys/generate 200" in ln
+        ]
         assert len(generated) == 3, generated
     finally:
         relay.close()
@@ -156,12 +184,25 @@ def test_lost_answer_and_restart_make_one_object(mod, fresh_service, restarted, 
 def test_service_down_for_good_is_device_error(mod, fresh_service, tmp_path):
     svc = fresh_service()
     log = tmp_path / "module.log"
-    cfg = write_cfg(svc, tmp_path / "p11.cfg", maxretries="2", retrydelay="1", loglevel="3",
-                    logfilepath=str(log))  # fmt: skip
+    cfg = write_cfg(
+        svc,
+        tmp_path / "p11.cfg",
+        maxretries="2",
+        retrydelay="1",
+        loglevel="3",
+        logfilepath=str(log),
+    )
     h, _ = setup_card(svc, mod, cfg)
-    key = mod.create(h, [*KEY_BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY),
-                         (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC), (C.CKA_SIGN, True),
-                         (C.CKA_VALUE, os.urandom(32))])  # fmt: skip
+    key = mod.create(
+        h,
+        [
+            *KEY_BASE,
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC),
+            (C.CKA_SIGN, True),
+            (C.CKA_VALUE, os.urandom(32)),
+        ],
+    )
     sign(mod, h, key, b"up")
     svc.stop()
     m, _ = mechanism(C.CKM_SHA256_HMAC)

@@ -59,8 +59,13 @@ def rv_create(mod: Module, h: int, items: list[tuple[int, object]]) -> int:
 
 def test_key_template_requires_class_and_value_len(mod, logged):
     h, _ = logged
-    full = [*BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, C.CKK_AES),
-            (C.CKA_VALUE_LEN, 16), (C.CKA_LABEL, b"seed")]  # fmt: skip
+    full = [
+        *BASE,
+        (C.CKA_CLASS, C.CKO_SECRET_KEY),
+        (C.CKA_KEY_TYPE, C.CKK_AES),
+        (C.CKA_VALUE_LEN, 16),
+        (C.CKA_LABEL, b"seed"),
+    ]
     assert rv_generate(mod, h, full) == C.CKR_OK
     for missing in (C.CKA_CLASS, C.CKA_VALUE_LEN):
         t = [a for a in full if a[0] != missing]
@@ -73,19 +78,32 @@ def test_key_template_requires_class_and_value_len(mod, logged):
 
 def test_imported_secret_key_is_not_local_nor_always_sensitive(mod, logged):
     h, _ = logged
-    imported = mod.create(h, [*BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, C.CKK_AES),
-                              (C.CKA_VALUE, os.urandom(16)), (C.CKA_ENCRYPT, True)])  # fmt: skip
+    imported = mod.create(
+        h,
+        [
+            *BASE,
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, C.CKK_AES),
+            (C.CKA_VALUE, os.urandom(16)),
+            (C.CKA_ENCRYPT, True),
+        ],
+    )
     for attr in (C.CKA_LOCAL, C.CKA_ALWAYS_SENSITIVE, C.CKA_NEVER_EXTRACTABLE):
         assert mod.attr(h, imported, attr) == b"\x00", hex(attr)
     assert mod.attr(h, imported, C.CKA_SENSITIVE) == b"\x01"
     # Claiming otherwise on import is inconsistent; false may be given.
     for attr in (C.CKA_LOCAL, C.CKA_ALWAYS_SENSITIVE, C.CKA_NEVER_EXTRACTABLE):
-        t = [*BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, C.CKK_AES),
-             (C.CKA_VALUE, os.urandom(16))]  # fmt: skip
+        t = [
+            *BASE,
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, C.CKK_AES),
+            (C.CKA_VALUE, os.urandom(16)),
+        ]
         assert rv_create(mod, h, [*t, (attr, True)]) == C.CKR_TEMPLATE_INCONSISTENT
         assert rv_create(mod, h, [*t, (attr, False)]) == C.CKR_OK
-    generated = mod.generate(h, C.CKM_AES_KEY_GEN, [*BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY),
-                                                    (C.CKA_VALUE_LEN, 16)])  # fmt: skip
+    generated = mod.generate(
+        h, C.CKM_AES_KEY_GEN, [*BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_VALUE_LEN, 16)]
+    )
     for attr in (C.CKA_LOCAL, C.CKA_ALWAYS_SENSITIVE, C.CKA_NEVER_EXTRACTABLE):
         assert mod.attr(h, generated, attr) == b"\x01", hex(attr)
 
@@ -131,8 +149,13 @@ def test_create_object_invalid_template_before_login(mod, service, tmp_path):
 def test_refused_template_logged_at_debug1_without_value(mod, logged):
     h, log = logged
     secret = os.urandom(16)
-    t = [*BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, C.CKK_AES), (C.CKA_VALUE, secret),
-         (C.CKA_DERIVE, True)]  # fmt: skip
+    t = [
+        *BASE,
+        (C.CKA_CLASS, C.CKO_SECRET_KEY),
+        (C.CKA_KEY_TYPE, C.CKK_AES),
+        (C.CKA_VALUE, secret),
+        (C.CKA_DERIVE, True),
+    ]
     assert rv_create(mod, h, t) == C.CKR_TEMPLATE_INCONSISTENT
     lines = [ln for ln in log.read_text().splitlines() if "template refused" in ln]
     assert len(lines) == 1 and " DEBUG1 " in lines[0] and "CKA_DERIVE" in lines[0], lines
@@ -170,8 +193,14 @@ def test_log_names_the_loaded_file_and_fatal_is_not_silent(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PKCS11WS_")}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=60, check=False)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     lines = log.read_text().splitlines()
     assert len(lines) == 1 and " FATAL 0 libpkcs11webservices: C_Initialize:" in lines[0], lines
@@ -193,8 +222,9 @@ def test_utilities_quiet_when_piped_into_head(fresh_service):
     env = service_env(svc)
     for reader in ("head -n 1", "true"):  # `true` has gone before the tool writes a byte
         cmd = f"{sys.executable} -m pkcs11ws.tools.ckmechinfo | {reader}"
-        r = subprocess.run(["sh", "-c", cmd], env=env, capture_output=True, text=True,
-                           timeout=60, check=False)  # fmt: skip
+        r = subprocess.run(
+            ["sh", "-c", cmd], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
         if reader != "true":
             assert r.stdout.startswith("Mechanisms of"), r.stdout
         assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr, r.stderr
@@ -234,7 +264,15 @@ def test_cklist_says_private_objects_need_login(fresh_service):
     r = tool("cklist", "--library", module_path(), "--token-label", card.name, env=env)
     assert r.returncode == 0, r.stderr
     assert "0 object(s)" in r.stdout and "--login" in r.stdout and "hidden" not in r.stdout
-    r = tool("cklist", "--library", module_path(), "--token-label", card.name, "--login",
-             env=env, stdin=PASSPHRASE + "\n")  # fmt: skip
+    r = tool(
+        "cklist",
+        "--library",
+        module_path(),
+        "--token-label",
+        card.name,
+        "--login",
+        env=env,
+        stdin=PASSPHRASE + "\n",
+    )
     assert r.returncode == 0, r.stderr
     assert "1 object(s)" in r.stdout and "hidden" in r.stdout

@@ -48,8 +48,23 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if cc is None:
         pytest.skip("no C compiler")
     exe = tmp_path_factory.mktemp("threads_fork") / "threads_fork"
-    subprocess.run([cc, "-O1", "-Wall", "-Wextra", "-Werror", "-I", str(ROOT / "include"),
-                    "-o", str(exe), str(SOURCE), "-ldl", "-lpthread"], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            cc,
+            "-O1",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-I",
+            str(ROOT / "include"),
+            "-o",
+            str(exe),
+            str(SOURCE),
+            "-ldl",
+            "-lpthread",
+        ],
+        check=True,
+    )
     return exe
 
 
@@ -75,8 +90,14 @@ def run_host(host: Path, service, *modes: str, timeout: float = 150):
     env = {**os.environ, "PKCS11WS_CONFIG": str(service.client_cfg)}
     env.pop("PYTHONPATH", None)
     stdin = host_input(pin, os.urandom(32), os.urandom(16), os.urandom(32))
-    r = subprocess.run([str(host), module_path(), name, *modes], input=stdin, env=env,
-                       capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    r = subprocess.run(
+        [str(host), module_path(), name, *modes],
+        input=stdin,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert pin not in r.stdout + r.stderr
     return r
 
@@ -104,6 +125,12 @@ def test_host_detects_a_wrong_value(host, service, tmp_path):
     mine = stdin.splitlines()
     stdin = "\n".join(mine[:3] + other[3:]) + "\n"
     env = {**os.environ, "PKCS11WS_CONFIG": str(service.client_cfg)}
-    r = subprocess.run([str(host), module_path(), name, "threads"], input=stdin, env=env,
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [str(host), module_path(), name, "threads"],
+        input=stdin,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1 and "FAIL MAC of message" in r.stdout, r.stdout + r.stderr

@@ -113,8 +113,13 @@ def test_attrs_round_trip(parts: list[dict[str, object]]) -> None:
 @given(data=st.binary(max_size=512), key=st.text(max_size=40), n=st.integers(0, 2**64 - 1))
 def test_struct_round_trip(data: bytes, key: str, n: int) -> None:
     s = P.STRUCTS["Verify"]
-    values = {"key": key, "mechanism": "CKM_SHA256_HMAC", "data": data, "signature": data[:32],
-              "mac_length": n}  # fmt: skip
+    values = {
+        "key": key,
+        "mechanism": "CKM_SHA256_HMAC",
+        "data": data,
+        "signature": data[:32],
+        "mac_length": n,
+    }
     assert P.decode(s, P.encode(s, values)) == values
 
 
@@ -123,3 +128,31 @@ def test_path_for_and_patterns() -> None:
     m = P.ENDPOINT_BY_OP["get_object"].pattern.match("/km/v1/softcards/c1/objects/h-2")
     assert m is not None and m.groupdict() == {"card": "c1", "handle": "h-2"}
     assert P.ENDPOINT_BY_OP["get_object"].pattern.match("/km/v1/softcards/c1/objects/../x") is None
+
+
+def test_canonical_b64_matches_the_reencode_rule():
+    """canonical_b64 (length and trailing-bit checks) accepts exactly what decoding then
+    encoding again and comparing accepts: every length 0..7, every last character, extra
+    padding, whitespace and foreign characters."""
+    import binascii
+    import itertools
+
+    def by_reencoding(text: str) -> bytes | None:
+        try:
+            data = binascii.a2b_base64(text, strict_mode=True)
+        except (binascii.Error, ValueError):
+            return None
+        return data if binascii.b2a_base64(data, newline=False).decode() == text else None
+
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    cases = [""]
+    for n in range(1, 8):
+        base = binascii.b2a_base64(bytes(range(7, 7 + n)), newline=False).decode()
+        stem = base.rstrip("=")
+        pad = base[len(stem) :]
+        cases += [stem[:-1] + c + pad for c in alphabet]  # every last data character
+        cases += [base + "=", base + "==", base + "====", stem, base + "\n", " " + base]
+    cases += ["QUJD====", "QQ=A", "Q===", "é" * 4, "AAECAx=="]
+    cases += ["".join(p) for p in itertools.product("AQ=", repeat=4)]
+    for text in cases:
+        assert P.canonical_b64(text) == by_reencoding(text), text

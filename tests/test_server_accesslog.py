@@ -29,8 +29,9 @@ def stream() -> Iterator[io.StringIO]:
 
 
 @pytest.mark.parametrize("now", [1795000000.0, 1795000000.999, 1795000123.0504])
-def test_same_line_as_logging(stream: io.StringIO, monkeypatch: pytest.MonkeyPatch,
-                              now: float) -> None:  # fmt: skip
+def test_same_line_as_logging(
+    stream: io.StringIO, monkeypatch: pytest.MonkeyPatch, now: float
+) -> None:
     monkeypatch.setattr(time, "time", lambda: now)
     AccessLog().write("POST", "/crypto/v1/sign", 200, 0.123456)
     fast = stream.getvalue()

@@ -113,14 +113,16 @@ def test_search_matches_clear_attributes_and_values(service, api):
     card, token = api.new_card(b"cache search")
 
     def search(**want):
-        r = api.post(f"/km/v1/softcards/{card}/objects/search", {"attrs": encode(want)},
-                     token=token)  # fmt: skip
+        r = api.post(
+            f"/km/v1/softcards/{card}/objects/search", {"attrs": encode(want)}, token=token
+        )
         return sorted(o["handle"] for o in api.ok(r)["objects"])
 
     data = {}
     for i in range(6):
-        r = api.create(card, token, {"CKA_CLASS": 0, "CKA_LABEL": b"d%d" % (i % 2),
-                                     "CKA_VALUE": b"v%d" % i})  # fmt: skip
+        r = api.create(
+            card, token, {"CKA_CLASS": 0, "CKA_LABEL": b"d%d" % (i % 2), "CKA_VALUE": b"v%d" % i}
+        )
         data[i] = api.ok(r)["handle"]
     key = api.import_key(card, token, HMAC_KEY, b"v1" + b"\0" * 30, CKA_LABEL=b"d1")
     assert search(CKA_VALUE=b"v3") == [data[3]]
@@ -129,8 +131,11 @@ def test_search_matches_clear_attributes_and_values(service, api):
     assert search(CKA_LABEL=b"d1") == sorted([data[1], data[3], data[5], key])
     # A secret key never matches on its value, and never shows it.
     assert search(CKA_VALUE=b"v1" + b"\0" * 30) == []
-    r = api.post(f"/km/v1/softcards/{card}/objects/search",
-                 {"attrs": encode({"CKA_LABEL": b"d1"})}, token=token)  # fmt: skip
+    r = api.post(
+        f"/km/v1/softcards/{card}/objects/search",
+        {"attrs": encode({"CKA_LABEL": b"d1"})},
+        token=token,
+    )
     shown = {o["handle"]: o["attrs"] for o in api.ok(r)["objects"]}
     assert "CKA_VALUE" not in shown[key]
     assert shown[data[5]]["CKA_VALUE"] == b64(b"v5")

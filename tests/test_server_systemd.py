@@ -44,15 +44,19 @@ def test_unit_verifies_cleanly(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is missing (Debian package systemd, in the Makefile)"
     unit = _unit_here(tmp_path)
-    res = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
-                         timeout=120, check=False)  # fmt: skip
+    res = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=120, check=False
+    )
     # verify exits 0 even when it ignores a bad line: any message is a failure.
     assert res.returncode == 0 and not res.stderr.strip() and not res.stdout.strip(), res.stderr
     # Exposure 0-10 (systemd's scale x10 for --threshold): below 2.0 is what the hardening gives.
     res = subprocess.run(
         [analyze, "security", "--offline=yes", "--threshold=20", str(unit)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr
 
 
@@ -62,8 +66,14 @@ def test_unit_hardening_and_commands() -> None:
     assert one["User"] not in ("", "root") and one["Group"] not in ("", "root")
     assert one["ProtectSystem"] == "strict"
     assert one["ReadWritePaths"] == "/var/lib/pkcs11ws"
-    for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome", "PrivateDevices",
-                "RestrictSUIDSGID", "ProtectKernelTunables"):  # fmt: skip
+    for key in (
+        "NoNewPrivileges",
+        "PrivateTmp",
+        "ProtectHome",
+        "PrivateDevices",
+        "RestrictSUIDSGID",
+        "ProtectKernelTunables",
+    ):
         assert one[key] == "yes", key
     assert one["CapabilityBoundingSet"] == "" and one["AmbientCapabilities"] == ""
     assert one["UMask"] == "0077"

@@ -79,10 +79,20 @@ def test_workers_die_with_a_killed_supervisor_and_restart_works(fresh_service):
         # The same command again, same port: it binds and serves.
         with svc.log.open("ab") as out:
             restarted = subprocess.Popen(
-                [sys.executable, "-m", "pkcs11ws.server.cli", "serve", "--config",
-                 str(svc.server_yaml), "--workers", "2"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "pkcs11ws.server.cli",
+                    "serve",
+                    "--config",
+                    str(svc.server_yaml),
+                    "--workers",
+                    "2",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         assert _healthy(svc, 30), svc.log_text()[-2000:]
         assert restarted.poll() is None
         assert "Address already in use" not in svc.log_text()

@@ -79,10 +79,23 @@ def test_lite_dataclass_mutable_and_dataclasses_compat() -> None:
     with pytest.raises(TypeError):
         hash(slot)  # eq without frozen: unhashable, like a dataclass
     cfg = config.Config(
-        host="h", port=1, cert="c", key="k", auth="a", loglevel=0, logstdout=False,
-        logsys=False, logfilepath="", maxretries=5, retrydelay=1, connecttimeout=1, timeout=1,
-        path="x", overrides=(), warnings=(),
-    )  # fmt: skip
+        host="h",
+        port=1,
+        cert="c",
+        key="k",
+        auth="a",
+        loglevel=0,
+        logstdout=False,
+        logsys=False,
+        logfilepath="",
+        maxretries=5,
+        retrydelay=1,
+        connecttimeout=1,
+        timeout=1,
+        path="x",
+        overrides=(),
+        warnings=(),
+    )
     quick = dataclasses.replace(cfg, maxretries=0)
     assert quick.maxretries == 0 and dataclasses.replace(quick, maxretries=cfg.maxretries) == cfg
     assert dataclasses.is_dataclass(cfg)

@@ -18,6 +18,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from pkcs11ws._native.ck cimport *  # noqa: F403
 from pkcs11ws._native.ck_gen cimport *  # noqa: F403
+from pkcs11ws._native.tables cimport *  # noqa: F403
 
 import os
 import sys
@@ -92,19 +93,69 @@ cdef CK_RV _unsupported(CK_RV rv) noexcept nogil:
     return rv
 
 
-cdef object _prov():
+cdef object _prov_s(CK_SESSION_HANDLE h):
+    """The provider, for work on behalf of session h (0: none): the log lines it causes carry
+    h (one set_session per call)."""
     p = g_provider
     if p is None:
         raise PKCS11Error(CKR_CRYPTOKI_NOT_INITIALIZED)
-    _log_session(0)
-    return p
-
-
-cdef object _prov_s(CK_SESSION_HANDLE h):
-    """The provider, for work on behalf of session h: the log lines it causes carry h."""
-    p = _prov()
     _log_session(h)
     return p
+
+
+cdef object _prov():
+    return _prov_s(0)
+
+
+# ---- the one door into Python ----------------------------------------------------------------
+
+cdef struct Call:
+    # The C values a work function (below, and in the .pxi files) reads and writes; which ones
+    # depends on the work. Made by _call() with everything else zero.
+    CK_SESSION_HANDLE h         # the session the work is for (its log lines carry it), or 0
+    CK_SLOT_ID slot
+    Session* s
+    int which                   # OP_ENCRYPT ... OP_VERIFY
+    OpState* op                 # a copy of the session's operation state
+    CK_MECHANISM_TYPE mech
+    CK_OBJECT_HANDLE obj
+    CK_BYTE* data
+    CK_ULONG data_len
+    CK_BYTE* data2
+    CK_ULONG data2_len
+    CK_BYTE* out
+    CK_ULONG* out_len
+    CK_ATTRIBUTE* tmpl
+    CK_ULONG count
+    CK_ULONG result             # a handle, a size, a flag: the work's one number
+    CK_OBJECT_HANDLE* found
+
+
+# A work function runs with the GIL and may raise anything; it returns the CKR (CKR_OK, or one
+# such as CKR_BUFFER_TOO_SMALL that is an answer rather than a failure). 0xFFFFFFFF is its
+# "look for an exception" marker (a literal: Cython compares it as written, and an enum constant
+# there is truncated to int).
+ctypedef CK_RV (*PyWork)(Call* c) except? 0xFFFFFFFF
+
+
+cdef inline Call _call(CK_SESSION_HANDLE h, CK_SLOT_ID slot) noexcept nogil:
+    cdef Call c
+    memset(&c, 0, sizeof(Call))
+    c.h = h
+    c.slot = slot
+    return c
+
+
+cdef CK_RV _in_python(PyWork work, Call* c) noexcept nogil:
+    """Every f_* that needs the provider goes through here: adopt the calling thread once
+    (pyglue.h), take the GIL, run `work`, and turn whatever it raises into a CKR through
+    _ckr(), the one error funnel."""
+    p11ws_adopt_thread()
+    with gil:
+        try:
+            return work(c)
+        except BaseException as e:
+            return _ckr(e)
 
 
 cdef double _now() noexcept nogil:
@@ -117,23 +168,27 @@ cdef CK_RV _session_slot(CK_SESSION_HANDLE h, CK_SLOT_ID* slot, CK_FLAGS* flags)
     cdef Session* s = _session_get(h)
     if s == NULL:
         return CKR_SESSION_HANDLE_INVALID
-    slot[0] = s.slot
-    if flags != NULL:
-        flags[0] = s.flags
-    _session_put(s)
+    try:
+        slot[0] = s.slot
+        if flags != NULL:
+            flags[0] = s.flags
+        return CKR_OK
+    finally:
+        _session_put(s)
+
+
+cdef CK_RV _py_refresh_slots(Call* c) except? 0xFFFFFFFF:
+    _prov().refresh_slots()
     return CKR_OK
 
 
 cdef CK_RV _refresh_slots() noexcept nogil:
     global g_slots_refreshed
-    p11ws_adopt_thread()
-    with gil:
-        try:
-            _prov().refresh_slots()
-        except BaseException as e:
-            return _ckr(e)
-    g_slots_refreshed = _now()
-    return CKR_OK
+    cdef Call c = _call(0, 0)
+    cdef CK_RV rv = _in_python(_py_refresh_slots, &c)
+    if rv == CKR_OK:
+        g_slots_refreshed = _now()
+    return rv
 
 
 cdef CK_RV _slot_find(CK_SLOT_ID slotID, SlotRow* row) noexcept nogil:
@@ -150,17 +205,18 @@ cdef CK_RV _slot_find(CK_SLOT_ID slotID, SlotRow* row) noexcept nogil:
     return CKR_OK
 
 
+cdef CK_RV _py_logout(Call* c) except? 0xFFFFFFFF:
+    _prov_s(c.h).logout(c.slot)
+    return CKR_OK
+
+
 cdef void _logout_quietly(CK_SLOT_ID slot) noexcept nogil:
     """The slot's last session closed: the login state returns to public (spec)."""
+    cdef Call c = _call(0, slot)
     if not _slot_logged_in(slot):
         return
     _slot_set_login(slot, 0)
-    p11ws_adopt_thread()
-    with gil:
-        try:
-            _prov().logout(slot)
-        except BaseException as e:
-            _ckr(e)
+    _in_python(_py_logout, &c)  # the CKR is logged by the funnel; the close succeeds anyway
 
 
 # ---- hooks the provider calls (with the GIL) -------------------------------------------------
@@ -342,20 +398,19 @@ cdef CK_RV f_Initialize(CK_VOID_PTR pInitArgs) noexcept nogil:
     return rv
 
 
+cdef CK_RV _py_nested(Call* c) except? 0xFFFFFFFF:
+    if _prov().in_request():
+        from pkcs11ws.log import LOG
+
+        LOG.warning("C_Finalize refused: called from inside a key service request")
+        c.result = 1
+    return CKR_OK
+
+
 cdef bint _finalize_nested() noexcept nogil:
-    p11ws_adopt_thread()
-    with gil:
-        try:
-            from pkcs11ws.client.transport import nested
-
-            if nested():
-                from pkcs11ws.log import LOG
-
-                LOG.warning("C_Finalize refused: called from inside a key service request")
-                return True
-        except BaseException as e:
-            _ckr(e)
-    return False
+    cdef Call c = _call(0, 0)
+    _in_python(_py_nested, &c)
+    return c.result == 1
 
 
 cdef CK_RV f_Finalize(CK_VOID_PTR pReserved) noexcept nogil:
@@ -656,10 +711,16 @@ cdef CK_RV f_GetSessionInfo(CK_SESSION_HANDLE hSession, CK_SESSION_INFO_PTR pInf
     return CKR_OK
 
 
+cdef CK_RV _py_login(Call* c) except? 0xFFFFFFFF:
+    _prov_s(c.h).login(c.slot, (<char*>c.data)[:c.data_len])
+    return CKR_OK
+
+
 cdef CK_RV f_Login(CK_SESSION_HANDLE hSession, CK_USER_TYPE userType, CK_UTF8CHAR_PTR pPin,
                    CK_ULONG ulPinLen) noexcept nogil:
     cdef CK_RV rv = _ready()
     cdef CK_SLOT_ID slot
+    cdef Call c
     if rv != CKR_OK:
         return rv
     rv = _session_slot(hSession, &slot, NULL)
@@ -677,14 +738,13 @@ cdef CK_RV f_Login(CK_SESSION_HANDLE hSession, CK_USER_TYPE userType, CK_UTF8CHA
         return CKR_ARGUMENTS_BAD
     if ulPinLen < 1 or ulPinLen > 256:
         return CKR_PIN_LEN_RANGE
-    p11ws_adopt_thread()
-    with gil:
-        try:
-            _prov_s(hSession).login(slot, (<char*>pPin)[:ulPinLen])
-        except BaseException as e:
-            return _ckr(e)
+    c = _call(hSession, slot)
+    c.data = pPin
+    c.data_len = ulPinLen
+    rv = _in_python(_py_login, &c)
+    if rv == CKR_OK:
         _slot_set_login(slot, 1)
-    return CKR_OK
+    return rv
 
 
 cdef CK_RV f_LoginUser(CK_SESSION_HANDLE hSession, CK_USER_TYPE userType, CK_UTF8CHAR_PTR pPin,
@@ -697,6 +757,7 @@ cdef CK_RV f_LoginUser(CK_SESSION_HANDLE hSession, CK_USER_TYPE userType, CK_UTF
 cdef CK_RV f_Logout(CK_SESSION_HANDLE hSession) noexcept nogil:
     cdef CK_RV rv = _ready()
     cdef CK_SLOT_ID slot
+    cdef Call c
     if rv != CKR_OK:
         return rv
     rv = _session_slot(hSession, &slot, NULL)
@@ -705,13 +766,8 @@ cdef CK_RV f_Logout(CK_SESSION_HANDLE hSession) noexcept nogil:
     if not _slot_logged_in(slot):
         return CKR_USER_NOT_LOGGED_IN
     _slot_set_login(slot, 0)
-    p11ws_adopt_thread()
-    with gil:
-        try:
-            _prov_s(hSession).logout(slot)
-        except BaseException as e:
-            return _ckr(e)
-    return CKR_OK
+    c = _call(hSession, slot)
+    return _in_python(_py_logout, &c)
 
 
 cdef CK_RV f_SessionCancel(CK_SESSION_HANDLE hSession, CK_FLAGS flags) noexcept nogil:
@@ -728,18 +784,20 @@ cdef CK_RV f_SessionCancel(CK_SESSION_HANDLE hSession, CK_FLAGS flags) noexcept 
     bits[1] = CKF_DECRYPT
     bits[2] = CKF_SIGN
     bits[3] = CKF_VERIFY
-    pthread_mutex_lock(&g_sess_lock)
-    for i in range(N_OPS):
-        if flags & bits[i]:
-            _op_clear(&s.ops[i])
-    if flags & CKF_FIND_OBJECTS and s.find_active == 1:
-        free(s.found)
-        s.found = NULL
-        s.nfound = s.found_pos = 0
-        s.find_active = 0
-    pthread_mutex_unlock(&g_sess_lock)
-    _session_put(s)
-    return CKR_OK
+    try:
+        pthread_mutex_lock(&g_sess_lock)
+        for i in range(N_OPS):
+            if flags & bits[i]:
+                _op_clear(&s.ops[i])
+        if flags & CKF_FIND_OBJECTS and s.find_active == 1:
+            free(s.found)
+            s.found = NULL
+            s.nfound = s.found_pos = 0
+            s.find_active = 0
+        pthread_mutex_unlock(&g_sess_lock)
+        return CKR_OK
+    finally:
+        _session_put(s)
 
 
 include "objects.pxi"

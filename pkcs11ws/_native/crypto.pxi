@@ -17,7 +17,7 @@ cdef CK_FLAGS _op_flag(int which) noexcept nogil:
 
 
 cdef CK_RV _op_check(CK_SLOT_ID slot, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key, int which,
-                     Op* op) noexcept nogil:
+                     OpState* op) noexcept nogil:
     cdef ObjRow obj
     cdef int row
     cdef CK_ULONG v
@@ -30,7 +30,7 @@ cdef CK_RV _op_check(CK_SLOT_ID slot, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key, 
     row = _mech_find(m.mechanism)
     if row < 0 or not (g_mechs[row].flags & _op_flag(which)):
         return CKR_MECHANISM_INVALID
-    memset(op, 0, sizeof(Op))
+    memset(op, 0, sizeof(OpState))
     op.row = row
     op.mech = m.mechanism
     op.key = key
@@ -61,25 +61,26 @@ cdef CK_RV _op_init(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE ke
                     int which) noexcept nogil:
     cdef CK_RV rv = _ready()
     cdef Session* s
-    cdef Op op
+    cdef OpState op
     if rv != CKR_OK:
         return rv
     s = _session_get(h)
     if s == NULL:
         return CKR_SESSION_HANDLE_INVALID
-    if s.ops[which].active:
-        rv = CKR_OPERATION_ACTIVE
-    else:
-        rv = _op_check(s.slot, m, key, which, &op)
-    if rv == CKR_OK:
-        pthread_mutex_lock(&g_sess_lock)
+    try:
         if s.ops[which].active:
-            rv = CKR_OPERATION_ACTIVE
-        else:
-            s.ops[which] = op
-        pthread_mutex_unlock(&g_sess_lock)
-    _session_put(s)
-    return rv
+            return CKR_OPERATION_ACTIVE
+        rv = _op_check(s.slot, m, key, which, &op)
+        if rv == CKR_OK:
+            pthread_mutex_lock(&g_sess_lock)
+            if s.ops[which].active:
+                rv = CKR_OPERATION_ACTIVE
+            else:
+                s.ops[which] = op
+            pthread_mutex_unlock(&g_sess_lock)
+        return rv
+    finally:
+        _session_put(s)
 
 
 cdef void _op_end(Session* s, int which) noexcept nogil:
@@ -88,7 +89,7 @@ cdef void _op_end(Session* s, int which) noexcept nogil:
     pthread_mutex_unlock(&g_sess_lock)
 
 
-cdef CK_RV _out_len(Op* op, int which, CK_ULONG n, CK_ULONG* out) noexcept nogil:
+cdef CK_RV _out_len(OpState* op, int which, CK_ULONG n, CK_ULONG* out) noexcept nogil:
     cdef MechRow* row = &g_mechs[op.row]
     if which == OP_ENCRYPT:
         if row.padded:
@@ -107,7 +108,7 @@ cdef CK_RV _out_len(Op* op, int which, CK_ULONG n, CK_ULONG* out) noexcept nogil
     return CKR_OK
 
 
-cdef bint _kept_matches(Op* op, CK_BYTE_PTR data, CK_ULONG n) noexcept nogil:
+cdef bint _kept_matches(OpState* op, CK_BYTE_PTR data, CK_ULONG n) noexcept nogil:
     return (op.kept_out != NULL and op.kept_in_len == n
             and (n == 0 or memcmp(op.kept_in, data, n) == 0))
 
@@ -135,81 +136,85 @@ cdef CK_RV _keep(Session* s, int which, CK_BYTE_PTR data, CK_ULONG n, bytes resu
     return CKR_OK
 
 
+cdef CK_RV _py_single(Call* c) except? 0xFFFFFFFF:
+    cdef OpState* op = c.op
+    cdef Py_ssize_t size
+    cdef const unsigned char* src
+    data = (<char*>c.data)[:c.data_len] if c.data_len else b""
+    if c.which == OP_SIGN:
+        out = _prov_s(c.h).sign(c.slot, op.key, op.mech, data, op.mac_len)
+    elif c.which == OP_ENCRYPT:
+        out = _prov_s(c.h).encrypt(c.slot, op.key, op.mech, (<char*>op.iv)[:16], data)
+    else:
+        out = _prov_s(c.h).decrypt(c.slot, op.key, op.mech, (<char*>op.iv)[:16], data)
+    size = len(out)
+    if <CK_ULONG>size > c.out_len[0]:
+        _keep(c.s, c.which, c.data, c.data_len, out)
+        c.out_len[0] = size
+        return CKR_BUFFER_TOO_SMALL
+    src = <bytes>out
+    memcpy(c.out, src, size)
+    c.out_len[0] = size
+    return CKR_OK
+
+
 cdef CK_RV _single(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pIn, CK_ULONG ulIn,
                    CK_BYTE_PTR pOut, CK_ULONG_PTR pulOut) noexcept nogil:
     """C_Encrypt, C_Decrypt and C_Sign: one request, made once the buffer is big enough."""
     cdef CK_RV rv = _ready()
     cdef Session* s
-    cdef Op op
+    cdef OpState op
     cdef CK_ULONG need = 0
-    cdef Py_ssize_t size
-    cdef const unsigned char* src
+    cdef Call c
     if rv != CKR_OK:
         return rv
     s = _session_get(h)
     if s == NULL:
         return CKR_SESSION_HANDLE_INVALID
-    pthread_mutex_lock(&g_sess_lock)
-    op = s.ops[which]
-    pthread_mutex_unlock(&g_sess_lock)
-    if not op.active:
-        _session_put(s)
-        return CKR_OPERATION_NOT_INITIALIZED
-    if op.multi:
-        # A multi-part operation ends only with its C_*Final.
-        _session_put(s)
-        return CKR_OPERATION_ACTIVE
-    if pulOut == NULL or (pIn == NULL and ulIn > 0):
-        rv = CKR_ARGUMENTS_BAD
-    else:
-        rv = _out_len(&op, which, ulIn, &need)
-    if rv == CKR_OK and which == OP_DECRYPT and _kept_matches(&op, pIn, ulIn):
-        if pOut == NULL or pulOut[0] < op.kept_out_len:
-            pulOut[0] = op.kept_out_len
-            _session_put(s)
-            return CKR_OK if pOut == NULL else CKR_BUFFER_TOO_SMALL
-        memcpy(pOut, op.kept_out, op.kept_out_len)
-        pulOut[0] = op.kept_out_len
-    elif rv == CKR_OK:
-        if pOut == NULL:
-            pulOut[0] = need
-            _session_put(s)
-            return CKR_OK
-        if pulOut[0] < need and not (which == OP_DECRYPT and g_mechs[op.row].padded):
-            pulOut[0] = need
-            _session_put(s)
-            return CKR_BUFFER_TOO_SMALL
-        if need == 0:
-            # Unpadded CBC of nothing is nothing: no request needed.
-            pulOut[0] = 0
+    try:
+        pthread_mutex_lock(&g_sess_lock)
+        op = s.ops[which]
+        pthread_mutex_unlock(&g_sess_lock)
+        if not op.active:
+            return CKR_OPERATION_NOT_INITIALIZED
+        if op.multi:
+            # A multi-part operation ends only with its C_*Final.
+            return CKR_OPERATION_ACTIVE
+        if pulOut == NULL or (pIn == NULL and ulIn > 0):
+            rv = CKR_ARGUMENTS_BAD
         else:
-            p11ws_adopt_thread()
-            with gil:
-                try:
-                    data = (<char*>pIn)[:ulIn] if ulIn else b""
-                    if which == OP_SIGN:
-                        out = _prov_s(h).sign(s.slot, op.key, op.mech, data, op.mac_len)
-                    elif which == OP_ENCRYPT:
-                        out = _prov_s(h).encrypt(s.slot, op.key, op.mech,
-                                                 (<char*>op.iv)[:16], data)
-                    else:
-                        out = _prov_s(h).decrypt(s.slot, op.key, op.mech,
-                                                 (<char*>op.iv)[:16], data)
-                    size = len(out)
-                    if <CK_ULONG>size > pulOut[0]:
-                        _keep(s, which, pIn, ulIn, out)
-                        pulOut[0] = size
-                        rv = CKR_BUFFER_TOO_SMALL
-                    else:
-                        src = <bytes>out
-                        memcpy(pOut, src, size)
-                        pulOut[0] = size
-                except BaseException as e:
-                    rv = _ckr(e)
-    if rv != CKR_BUFFER_TOO_SMALL:
-        _op_end(s, which)
-    _session_put(s)
-    return rv
+            rv = _out_len(&op, which, ulIn, &need)
+        if rv == CKR_OK and which == OP_DECRYPT and _kept_matches(&op, pIn, ulIn):
+            if pOut == NULL or pulOut[0] < op.kept_out_len:
+                pulOut[0] = op.kept_out_len
+                return CKR_OK if pOut == NULL else CKR_BUFFER_TOO_SMALL
+            memcpy(pOut, op.kept_out, op.kept_out_len)
+            pulOut[0] = op.kept_out_len
+        elif rv == CKR_OK:
+            if pOut == NULL:
+                pulOut[0] = need
+                return CKR_OK
+            if pulOut[0] < need and not (which == OP_DECRYPT and g_mechs[op.row].padded):
+                pulOut[0] = need
+                return CKR_BUFFER_TOO_SMALL
+            if need == 0:
+                # Unpadded CBC of nothing is nothing: no request needed.
+                pulOut[0] = 0
+            else:
+                c = _call(h, s.slot)
+                c.s = s
+                c.which = which
+                c.op = &op
+                c.data = pIn
+                c.data_len = ulIn
+                c.out = pOut
+                c.out_len = pulOut
+                rv = _in_python(_py_single, &c)
+        if rv != CKR_BUFFER_TOO_SMALL:
+            _op_end(s, which)
+        return rv
+    finally:
+        _session_put(s)
 
 
 cdef CK_RV f_EncryptInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
@@ -248,41 +253,53 @@ cdef CK_RV f_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulData
     return _single(hSession, OP_SIGN, pData, ulDataLen, pSignature, pulSignatureLen)
 
 
+cdef CK_RV _py_verify(Call* c) except? 0xFFFFFFFF:
+    data = (<char*>c.data)[:c.data_len] if c.data_len else b""
+    _prov_s(c.h).verify(c.slot, c.op.key, c.op.mech, data, (<char*>c.data2)[:c.data2_len],
+                        c.op.mac_len)
+    return CKR_OK
+
+
 cdef CK_RV f_Verify(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
                     CK_BYTE_PTR pSignature, CK_ULONG ulSignatureLen) noexcept nogil:
     cdef CK_RV rv = _ready()
     cdef Session* s
-    cdef Op op
+    cdef OpState op
+    cdef Call c
     if rv != CKR_OK:
         return rv
     s = _session_get(hSession)
     if s == NULL:
         return CKR_SESSION_HANDLE_INVALID
-    pthread_mutex_lock(&g_sess_lock)
-    op = s.ops[OP_VERIFY]
-    pthread_mutex_unlock(&g_sess_lock)
-    if not op.active:
+    try:
+        pthread_mutex_lock(&g_sess_lock)
+        op = s.ops[OP_VERIFY]
+        pthread_mutex_unlock(&g_sess_lock)
+        if not op.active:
+            return CKR_OPERATION_NOT_INITIALIZED
+        if op.multi:
+            return CKR_OPERATION_ACTIVE
+        if (pData == NULL and ulDataLen > 0) or (pSignature == NULL and ulSignatureLen > 0):
+            rv = CKR_ARGUMENTS_BAD
+        elif ulSignatureLen != op.mac_len:
+            rv = CKR_SIGNATURE_LEN_RANGE
+        else:
+            c = _call(hSession, s.slot)
+            c.op = &op
+            c.data = pData
+            c.data_len = ulDataLen
+            c.data2 = pSignature
+            c.data2_len = ulSignatureLen
+            rv = _in_python(_py_verify, &c)
+        _op_end(s, OP_VERIFY)
+        return rv
+    finally:
         _session_put(s)
-        return CKR_OPERATION_NOT_INITIALIZED
-    if op.multi:
-        _session_put(s)
-        return CKR_OPERATION_ACTIVE
-    if (pData == NULL and ulDataLen > 0) or (pSignature == NULL and ulSignatureLen > 0):
-        rv = CKR_ARGUMENTS_BAD
-    elif ulSignatureLen != op.mac_len:
-        rv = CKR_SIGNATURE_LEN_RANGE
-    else:
-        p11ws_adopt_thread()
-        with gil:
-            try:
-                _prov_s(hSession).verify(s.slot, op.key, op.mech,
-                                         (<char*>pData)[:ulDataLen] if ulDataLen else b"",
-                                         (<char*>pSignature)[:ulSignatureLen], op.mac_len)
-            except BaseException as e:
-                rv = _ckr(e)
-    _op_end(s, OP_VERIFY)
-    _session_put(s)
-    return rv
+
+
+cdef CK_RV _py_generate_key(Call* c) except? 0xFFFFFFFF:
+    c.result = _prov_s(c.h).generate_key(c.slot, c.mech, _template(c.tmpl, c.count))
+    return CKR_OK
 
 
 cdef CK_RV f_GenerateKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
@@ -292,6 +309,7 @@ cdef CK_RV f_GenerateKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism
     cdef CK_SLOT_ID slot
     cdef CK_FLAGS flags
     cdef int row
+    cdef Call c
     if rv != CKR_OK:
         return rv
     rv = _session_slot(hSession, &slot, &flags)
@@ -306,13 +324,23 @@ cdef CK_RV f_GenerateKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism
         return CKR_MECHANISM_PARAM_INVALID
     if not (flags & CKF_RW_SESSION):
         return CKR_SESSION_READ_ONLY
-    p11ws_adopt_thread()
-    with gil:
-        try:
-            phKey[0] = _prov_s(hSession).generate_key(slot, pMechanism.mechanism,
-                                                      _template(pTemplate, ulCount))
-        except BaseException as e:
-            return _ckr(e)
+    c = _call(hSession, slot)
+    c.mech = pMechanism.mechanism
+    c.tmpl = pTemplate
+    c.count = ulCount
+    rv = _in_python(_py_generate_key, &c)
+    if rv == CKR_OK:
+        phKey[0] = c.result
+    return rv
+
+
+cdef CK_RV _py_random(Call* c) except? 0xFFFFFFFF:
+    cdef const unsigned char* src
+    out = _prov_s(c.h).random(c.data_len)
+    if <CK_ULONG>len(out) != c.data_len:
+        raise RuntimeError("random: wrong length from the provider")
+    src = <bytes>out
+    memcpy(c.out, src, c.data_len)
     return CKR_OK
 
 
@@ -320,7 +348,7 @@ cdef CK_RV f_GenerateRandom(CK_SESSION_HANDLE hSession, CK_BYTE_PTR RandomData,
                             CK_ULONG ulRandomLen) noexcept nogil:
     cdef CK_RV rv = _ready()
     cdef CK_SLOT_ID slot
-    cdef const unsigned char* src
+    cdef Call c
     if rv != CKR_OK:
         return rv
     rv = _session_slot(hSession, &slot, NULL)
@@ -330,14 +358,7 @@ cdef CK_RV f_GenerateRandom(CK_SESSION_HANDLE hSession, CK_BYTE_PTR RandomData,
         return CKR_ARGUMENTS_BAD
     if ulRandomLen == 0:
         return CKR_OK
-    p11ws_adopt_thread()
-    with gil:
-        try:
-            out = _prov_s(hSession).random(ulRandomLen)
-            if <CK_ULONG>len(out) != ulRandomLen:
-                raise RuntimeError("random: wrong length from the provider")
-            src = <bytes>out
-            memcpy(RandomData, src, ulRandomLen)
-        except BaseException as e:
-            return _ckr(e)
-    return CKR_OK
+    c = _call(hSession, slot)
+    c.out = RandomData
+    c.data_len = ulRandomLen
+    return _in_python(_py_random, &c)

@@ -24,7 +24,7 @@ cdef object _cipher_request(CK_SESSION_HANDLE h, int which, CK_SLOT_ID slot,
     return _prov_s(h).decrypt(slot, key, mech, iv, data)
 
 
-cdef CK_RV _multi_begin(Session* s, int which, Op* op) noexcept nogil:
+cdef CK_RV _multi_begin(Session* s, int which, OpState* op) noexcept nogil:
     """Copy the operation state; NOT_INITIALIZED if none. Marks it multi-part."""
     pthread_mutex_lock(&g_sess_lock)
     op[0] = s.ops[which]
@@ -34,155 +34,169 @@ cdef CK_RV _multi_begin(Session* s, int which, Op* op) noexcept nogil:
     return CKR_OK if op.active else CKR_OPERATION_NOT_INITIALIZED
 
 
+cdef CK_RV _py_cipher_update(Call* c) except? 0xFFFFFFFF:
+    """Send the whole blocks (c.result bytes: held-back part + the head of c.data) in requests
+    of at most CIPHER_CHUNK, write them to c.out and leave the chaining value in c.op.iv."""
+    cdef OpState* op = c.op
+    cdef CK_ULONG send = c.result, done = 0, n
+    cdef const unsigned char* src
+    data = (<char*>op.part)[:op.partlen] + (<char*>c.data)[:send - op.partlen]
+    iv = (<char*>op.iv)[:16]
+    while done < send:
+        n = min(send - done, CIPHER_CHUNK)
+        chunk = data[done:done + n]
+        out = _cipher_request(c.h, c.which, c.slot, op.key, CKM_AES_CBC, iv, chunk)
+        if <CK_ULONG>len(out) != n:
+            raise RuntimeError("CBC answer of the wrong length")
+        src = <bytes>out
+        memcpy(c.out + done, src, n)
+        # The chaining value: the last ciphertext block of this request.
+        iv = (out if c.which == OP_ENCRYPT else chunk)[n - 16:]
+        done += n
+    src = <bytes>iv
+    memcpy(op.iv, src, 16)
+    return CKR_OK
+
+
 cdef CK_RV _cipher_update(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pIn, CK_ULONG ulIn,
                           CK_BYTE_PTR pOut, CK_ULONG_PTR pulOut) noexcept nogil:
     cdef CK_RV rv = _ready()
     cdef Session* s
-    cdef Op op
-    cdef CK_ULONG total, send, keep, used, done, n
+    cdef OpState op
+    cdef CK_ULONG total, send, keep, used
     cdef bint padded
-    cdef const unsigned char* src
+    cdef Call c
     if rv != CKR_OK:
         return rv
     s = _session_get(h)
     if s == NULL:
         return CKR_SESSION_HANDLE_INVALID
-    rv = _multi_begin(s, which, &op)
-    if rv != CKR_OK:
-        _session_put(s)
-        return rv
-    padded = g_mechs[op.row].padded
-    if pulOut == NULL or (pIn == NULL and ulIn > 0):
-        rv = CKR_ARGUMENTS_BAD
-    else:
-        total = op.partlen + ulIn
-        if which == OP_DECRYPT and padded:
-            send = ((total - 1) // 16) * 16 if total else 0
+    try:
+        rv = _multi_begin(s, which, &op)
+        if rv != CKR_OK:
+            return rv
+        padded = g_mechs[op.row].padded
+        if pulOut == NULL or (pIn == NULL and ulIn > 0):
+            rv = CKR_ARGUMENTS_BAD
         else:
-            send = total - total % 16
-        if pOut == NULL:
-            pulOut[0] = send
-            _session_put(s)
-            return CKR_OK
-        if pulOut[0] < send:
-            pulOut[0] = send
-            _session_put(s)
-            return CKR_BUFFER_TOO_SMALL
-        keep = total - send
-        if send > 0:
-            p11ws_adopt_thread()
-            with gil:
-                try:
-                    data = (<char*>op.part)[:op.partlen] + (<char*>pIn)[:send - op.partlen]
-                    iv = (<char*>op.iv)[:16]
-                    done = 0
-                    while done < send:
-                        n = min(send - done, CIPHER_CHUNK)
-                        chunk = data[done:done + n]
-                        out = _cipher_request(h, which, s.slot, op.key, CKM_AES_CBC, iv, chunk)
-                        if <CK_ULONG>len(out) != n:
-                            raise RuntimeError("CBC answer of the wrong length")
-                        src = <bytes>out
-                        memcpy(pOut + done, src, n)
-                        # The chaining value: the last ciphertext block of this request.
-                        iv = (out if which == OP_ENCRYPT else chunk)[n - 16:]
-                        done += n
-                    src = <bytes>iv
-                    memcpy(op.iv, src, 16)
-                except BaseException as e:
-                    rv = _ckr(e)
-        if rv == CKR_OK:
-            # The held-back tail: the last `keep` bytes of part + input.
-            used = send - op.partlen if send >= op.partlen else 0
-            if send == 0:
-                memcpy(op.part + op.partlen, pIn, ulIn)
+            total = op.partlen + ulIn
+            if which == OP_DECRYPT and padded:
+                send = ((total - 1) // 16) * 16 if total else 0
             else:
-                memcpy(op.part, pIn + used, keep)
-            pthread_mutex_lock(&g_sess_lock)
-            memcpy(s.ops[which].iv, op.iv, 16)
-            memcpy(s.ops[which].part, op.part, keep)
-            s.ops[which].partlen = keep
-            pthread_mutex_unlock(&g_sess_lock)
-            pulOut[0] = send
-    if rv != CKR_OK:
-        _op_end(s, which)
-    _session_put(s)
-    return rv
+                send = total - total % 16
+            if pOut == NULL:
+                pulOut[0] = send
+                return CKR_OK
+            if pulOut[0] < send:
+                pulOut[0] = send
+                return CKR_BUFFER_TOO_SMALL
+            keep = total - send
+            if send > 0:
+                c = _call(h, s.slot)
+                c.which = which
+                c.op = &op
+                c.data = pIn
+                c.out = pOut
+                c.result = send
+                rv = _in_python(_py_cipher_update, &c)
+            if rv == CKR_OK:
+                # The held-back tail: the last `keep` bytes of part + input.
+                used = send - op.partlen if send >= op.partlen else 0
+                if send == 0:
+                    memcpy(op.part + op.partlen, pIn, ulIn)
+                else:
+                    memcpy(op.part, pIn + used, keep)
+                pthread_mutex_lock(&g_sess_lock)
+                memcpy(s.ops[which].iv, op.iv, 16)
+                memcpy(s.ops[which].part, op.part, keep)
+                s.ops[which].partlen = keep
+                pthread_mutex_unlock(&g_sess_lock)
+                pulOut[0] = send
+        if rv != CKR_OK:
+            _op_end(s, which)
+        return rv
+    finally:
+        _session_put(s)
+
+
+cdef CK_RV _py_cipher_final(Call* c) except? 0xFFFFFFFF:
+    cdef OpState* op = c.op
+    cdef Py_ssize_t size
+    cdef const unsigned char* src
+    out = _cipher_request(c.h, c.which, c.slot, op.key, CKM_AES_CBC_PAD, (<char*>op.iv)[:16],
+                          (<char*>op.part)[:op.partlen])
+    size = len(out)
+    if <CK_ULONG>size > c.out_len[0]:
+        _keep(c.s, c.which, NULL, 0, out)
+        c.out_len[0] = size
+        return CKR_BUFFER_TOO_SMALL
+    src = <bytes>out
+    memcpy(c.out, src, size)
+    c.out_len[0] = size
+    return CKR_OK
 
 
 cdef CK_RV _cipher_final(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pOut,
                          CK_ULONG_PTR pulOut) noexcept nogil:
     cdef CK_RV rv = _ready()
     cdef Session* s
-    cdef Op op
+    cdef OpState op
     cdef CK_ULONG need = 0
-    cdef Py_ssize_t size
     cdef bint padded
-    cdef const unsigned char* src
+    cdef Call c
     if rv != CKR_OK:
         return rv
     s = _session_get(h)
     if s == NULL:
         return CKR_SESSION_HANDLE_INVALID
-    rv = _multi_begin(s, which, &op)
-    if rv != CKR_OK:
-        _session_put(s)
-        return rv
-    padded = g_mechs[op.row].padded
-    if pulOut == NULL:
-        rv = CKR_ARGUMENTS_BAD
-    elif op.kept_out != NULL:
-        # An earlier C_DecryptFinal had the plaintext but too small a buffer.
-        if pOut == NULL or pulOut[0] < op.kept_out_len:
+    try:
+        rv = _multi_begin(s, which, &op)
+        if rv != CKR_OK:
+            return rv
+        padded = g_mechs[op.row].padded
+        if pulOut == NULL:
+            rv = CKR_ARGUMENTS_BAD
+        elif op.kept_out != NULL:
+            # An earlier C_DecryptFinal had the plaintext but too small a buffer.
+            if pOut == NULL or pulOut[0] < op.kept_out_len:
+                pulOut[0] = op.kept_out_len
+                return CKR_OK if pOut == NULL else CKR_BUFFER_TOO_SMALL
+            memcpy(pOut, op.kept_out, op.kept_out_len)
             pulOut[0] = op.kept_out_len
-            _session_put(s)
-            return CKR_OK if pOut == NULL else CKR_BUFFER_TOO_SMALL
-        memcpy(pOut, op.kept_out, op.kept_out_len)
-        pulOut[0] = op.kept_out_len
-    elif which == OP_ENCRYPT and not padded and op.partlen:
-        rv = CKR_DATA_LEN_RANGE
-    elif which == OP_DECRYPT and op.partlen != (16 if padded else 0):
-        rv = CKR_ENCRYPTED_DATA_LEN_RANGE
-    else:
-        need = 16 if padded else 0
-        if pOut == NULL:
-            pulOut[0] = need
-            _session_put(s)
-            return CKR_OK
-        if which == OP_ENCRYPT and pulOut[0] < need:
-            pulOut[0] = need
-            _session_put(s)
-            return CKR_BUFFER_TOO_SMALL
-        if need == 0:
-            pulOut[0] = 0
+        elif which == OP_ENCRYPT and not padded and op.partlen:
+            rv = CKR_DATA_LEN_RANGE
+        elif which == OP_DECRYPT and op.partlen != (16 if padded else 0):
+            rv = CKR_ENCRYPTED_DATA_LEN_RANGE
         else:
-            p11ws_adopt_thread()
-            with gil:
-                try:
-                    out = _cipher_request(h, which, s.slot, op.key, CKM_AES_CBC_PAD,
-                                          (<char*>op.iv)[:16], (<char*>op.part)[:op.partlen])
-                    size = len(out)
-                    if <CK_ULONG>size > pulOut[0]:
-                        _keep(s, which, NULL, 0, out)
-                        pulOut[0] = size
-                        rv = CKR_BUFFER_TOO_SMALL
-                    else:
-                        src = <bytes>out
-                        memcpy(pOut, src, size)
-                        pulOut[0] = size
-                except BaseException as e:
-                    rv = _ckr(e)
-    if rv != CKR_BUFFER_TOO_SMALL:
-        _op_end(s, which)
-    _session_put(s)
-    return rv
+            need = 16 if padded else 0
+            if pOut == NULL:
+                pulOut[0] = need
+                return CKR_OK
+            if which == OP_ENCRYPT and pulOut[0] < need:
+                pulOut[0] = need
+                return CKR_BUFFER_TOO_SMALL
+            if need == 0:
+                pulOut[0] = 0
+            else:
+                c = _call(h, s.slot)
+                c.s = s
+                c.which = which
+                c.op = &op
+                c.out = pOut
+                c.out_len = pulOut
+                rv = _in_python(_py_cipher_final, &c)
+        if rv != CKR_BUFFER_TOO_SMALL:
+            _op_end(s, which)
+        return rv
+    finally:
+        _session_put(s)
 
 
 cdef CK_RV _mac_update(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pPart,
                        CK_ULONG ulPartLen) noexcept nogil:
     cdef CK_RV rv = _ready()
     cdef Session* s
-    cdef Op* op
+    cdef OpState* op
     cdef CK_ULONG cap
     cdef CK_BYTE* grown
     if rv != CKR_OK:
@@ -190,35 +204,54 @@ cdef CK_RV _mac_update(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pPart,
     s = _session_get(h)
     if s == NULL:
         return CKR_SESSION_HANDLE_INVALID
-    pthread_mutex_lock(&g_sess_lock)
-    op = &s.ops[which]
-    if not op.active:
-        rv = CKR_OPERATION_NOT_INITIALIZED
-    elif pPart == NULL and ulPartLen > 0:
-        rv = CKR_ARGUMENTS_BAD
-    elif ulPartLen > MAC_BUFFER_MAX - op.acclen:
-        # The service takes the whole message in one request.
-        rv = CKR_DATA_LEN_RANGE
+    try:
+        pthread_mutex_lock(&g_sess_lock)
+        op = &s.ops[which]
+        if not op.active:
+            rv = CKR_OPERATION_NOT_INITIALIZED
+        elif pPart == NULL and ulPartLen > 0:
+            rv = CKR_ARGUMENTS_BAD
+        elif ulPartLen > MAC_BUFFER_MAX - op.acclen:
+            # The service takes the whole message in one request.
+            rv = CKR_DATA_LEN_RANGE
+        else:
+            op.multi = 1
+            if op.acclen + ulPartLen > op.acccap:
+                cap = op.acccap * 2 if op.acccap else 4096
+                while cap < op.acclen + ulPartLen:
+                    cap *= 2
+                grown = <CK_BYTE*>realloc(op.acc, cap)
+                if grown == NULL:
+                    rv = CKR_HOST_MEMORY
+                else:
+                    op.acc = grown
+                    op.acccap = cap
+            if rv == CKR_OK and ulPartLen:
+                memcpy(op.acc + op.acclen, pPart, ulPartLen)
+                op.acclen += ulPartLen
+        if rv != CKR_OK and rv != CKR_OPERATION_NOT_INITIALIZED:
+            _op_clear(op)
+        pthread_mutex_unlock(&g_sess_lock)
+        return rv
+    finally:
+        _session_put(s)
+
+
+cdef CK_RV _py_mac_final(Call* c) except? 0xFFFFFFFF:
+    cdef OpState* op = c.op
+    cdef const unsigned char* src
+    data = (<char*>op.acc)[:op.acclen] if op.acclen else b""
+    if c.which == OP_SIGN:
+        out = _prov_s(c.h).sign(c.slot, op.key, op.mech, data, op.mac_len)
+        if <CK_ULONG>len(out) != op.mac_len:
+            raise RuntimeError("MAC of the wrong length")
+        src = <bytes>out
+        memcpy(c.out, src, op.mac_len)
+        c.out_len[0] = op.mac_len
     else:
-        op.multi = 1
-        if op.acclen + ulPartLen > op.acccap:
-            cap = op.acccap * 2 if op.acccap else 4096
-            while cap < op.acclen + ulPartLen:
-                cap *= 2
-            grown = <CK_BYTE*>realloc(op.acc, cap)
-            if grown == NULL:
-                rv = CKR_HOST_MEMORY
-            else:
-                op.acc = grown
-                op.acccap = cap
-        if rv == CKR_OK and ulPartLen:
-            memcpy(op.acc + op.acclen, pPart, ulPartLen)
-            op.acclen += ulPartLen
-    if rv != CKR_OK and rv != CKR_OPERATION_NOT_INITIALIZED:
-        _op_clear(op)
-    pthread_mutex_unlock(&g_sess_lock)
-    _session_put(s)
-    return rv
+        _prov_s(c.h).verify(c.slot, op.key, op.mech, data, (<char*>c.data2)[:c.data2_len],
+                            op.mac_len)
+    return CKR_OK
 
 
 cdef CK_RV _mac_final(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pSig,
@@ -226,52 +259,43 @@ cdef CK_RV _mac_final(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pSig,
     """C_SignFinal (which OP_SIGN, pulSig) and C_VerifyFinal (OP_VERIFY, ulSig)."""
     cdef CK_RV rv = _ready()
     cdef Session* s
-    cdef Op op
-    cdef const unsigned char* src
+    cdef OpState op
+    cdef Call c
     if rv != CKR_OK:
         return rv
     s = _session_get(h)
     if s == NULL:
         return CKR_SESSION_HANDLE_INVALID
-    rv = _multi_begin(s, which, &op)
-    if rv != CKR_OK:
-        _session_put(s)
-        return rv
-    if which == OP_SIGN:
-        if pulSig == NULL:
+    try:
+        rv = _multi_begin(s, which, &op)
+        if rv != CKR_OK:
+            return rv
+        if which == OP_SIGN:
+            if pulSig == NULL:
+                rv = CKR_ARGUMENTS_BAD
+            elif pSig == NULL:
+                pulSig[0] = op.mac_len
+                return CKR_OK
+            elif pulSig[0] < op.mac_len:
+                pulSig[0] = op.mac_len
+                return CKR_BUFFER_TOO_SMALL
+        elif pSig == NULL and ulSig > 0:
             rv = CKR_ARGUMENTS_BAD
-        elif pSig == NULL:
-            pulSig[0] = op.mac_len
-            _session_put(s)
-            return CKR_OK
-        elif pulSig[0] < op.mac_len:
-            pulSig[0] = op.mac_len
-            _session_put(s)
-            return CKR_BUFFER_TOO_SMALL
-    elif pSig == NULL and ulSig > 0:
-        rv = CKR_ARGUMENTS_BAD
-    elif ulSig != op.mac_len:
-        rv = CKR_SIGNATURE_LEN_RANGE
-    if rv == CKR_OK:
-        p11ws_adopt_thread()
-        with gil:
-            try:
-                data = (<char*>op.acc)[:op.acclen] if op.acclen else b""
-                if which == OP_SIGN:
-                    out = _prov_s(h).sign(s.slot, op.key, op.mech, data, op.mac_len)
-                    if <CK_ULONG>len(out) != op.mac_len:
-                        raise RuntimeError("MAC of the wrong length")
-                    src = <bytes>out
-                    memcpy(pSig, src, op.mac_len)
-                    pulSig[0] = op.mac_len
-                else:
-                    _prov_s(h).verify(s.slot, op.key, op.mech, data, (<char*>pSig)[:ulSig],
-                                      op.mac_len)
-            except BaseException as e:
-                rv = _ckr(e)
-    _op_end(s, which)
-    _session_put(s)
-    return rv
+        elif ulSig != op.mac_len:
+            rv = CKR_SIGNATURE_LEN_RANGE
+        if rv == CKR_OK:
+            c = _call(h, s.slot)
+            c.which = which
+            c.op = &op
+            c.out = pSig
+            c.out_len = pulSig
+            c.data2 = pSig
+            c.data2_len = ulSig
+            rv = _in_python(_py_mac_final, &c)
+        _op_end(s, which)
+        return rv
+    finally:
+        _session_put(s)
 
 
 cdef CK_RV f_EncryptUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen,

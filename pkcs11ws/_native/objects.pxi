@@ -17,11 +17,17 @@ cdef list _template(CK_ATTRIBUTE_PTR t, CK_ULONG n):
     return out
 
 
+cdef CK_RV _py_create_object(Call* c) except? 0xFFFFFFFF:
+    c.result = _prov_s(c.h).create_object(c.slot, _template(c.tmpl, c.count))
+    return CKR_OK
+
+
 cdef CK_RV f_CreateObject(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate,
                           CK_ULONG ulCount, CK_OBJECT_HANDLE_PTR phObject) noexcept nogil:
     cdef CK_RV rv = _ready()
     cdef CK_SLOT_ID slot
     cdef CK_FLAGS flags
+    cdef Call c
     if rv != CKR_OK:
         return rv
     rv = _session_slot(hSession, &slot, &flags)
@@ -32,12 +38,17 @@ cdef CK_RV f_CreateObject(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate
     if not (flags & CKF_RW_SESSION):
         # Every object is a token object (CKA_TOKEN must be true).
         return CKR_SESSION_READ_ONLY
-    p11ws_adopt_thread()
-    with gil:
-        try:
-            phObject[0] = _prov_s(hSession).create_object(slot, _template(pTemplate, ulCount))
-        except BaseException as e:
-            return _ckr(e)
+    c = _call(hSession, slot)
+    c.tmpl = pTemplate
+    c.count = ulCount
+    rv = _in_python(_py_create_object, &c)
+    if rv == CKR_OK:
+        phObject[0] = c.result
+    return rv
+
+
+cdef CK_RV _py_destroy_object(Call* c) except? 0xFFFFFFFF:
+    _prov_s(c.h).destroy_object(c.slot, c.obj)
     return CKR_OK
 
 
@@ -46,6 +57,7 @@ cdef CK_RV f_DestroyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject)
     cdef CK_SLOT_ID slot
     cdef CK_FLAGS flags
     cdef ObjRow obj
+    cdef Call c
     if rv != CKR_OK:
         return rv
     rv = _session_slot(hSession, &slot, &flags)
@@ -55,12 +67,13 @@ cdef CK_RV f_DestroyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject)
         return CKR_OBJECT_HANDLE_INVALID
     if not (flags & CKF_RW_SESSION):
         return CKR_SESSION_READ_ONLY
-    p11ws_adopt_thread()
-    with gil:
-        try:
-            _prov_s(hSession).destroy_object(slot, hObject)
-        except BaseException as e:
-            return _ckr(e)
+    c = _call(hSession, slot)
+    c.obj = hObject
+    return _in_python(_py_destroy_object, &c)
+
+
+cdef CK_RV _py_copy_object(Call* c) except? 0xFFFFFFFF:
+    c.result = _prov_s(c.h).copy_object(c.slot, c.obj, _template(c.tmpl, c.count))
     return CKR_OK
 
 
@@ -71,6 +84,7 @@ cdef CK_RV f_CopyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject,
     cdef CK_SLOT_ID slot
     cdef CK_FLAGS flags
     cdef ObjRow obj
+    cdef Call c
     if rv != CKR_OK:
         return rv
     rv = _session_slot(hSession, &slot, &flags)
@@ -83,13 +97,18 @@ cdef CK_RV f_CopyObject(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject,
     if not (flags & CKF_RW_SESSION):
         # The copy is a token object.
         return CKR_SESSION_READ_ONLY
-    p11ws_adopt_thread()
-    with gil:
-        try:
-            phNewObject[0] = _prov_s(hSession).copy_object(slot, hObject,
-                                                           _template(pTemplate, ulCount))
-        except BaseException as e:
-            return _ckr(e)
+    c = _call(hSession, slot)
+    c.obj = hObject
+    c.tmpl = pTemplate
+    c.count = ulCount
+    rv = _in_python(_py_copy_object, &c)
+    if rv == CKR_OK:
+        phNewObject[0] = c.result
+    return rv
+
+
+cdef CK_RV _py_set_attributes(Call* c) except? 0xFFFFFFFF:
+    _prov_s(c.h).set_attributes(c.slot, c.obj, _template(c.tmpl, c.count))
     return CKR_OK
 
 
@@ -99,6 +118,7 @@ cdef CK_RV f_SetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObj
     cdef CK_SLOT_ID slot
     cdef CK_FLAGS flags
     cdef ObjRow obj
+    cdef Call c
     if rv != CKR_OK:
         return rv
     rv = _session_slot(hSession, &slot, &flags)
@@ -111,12 +131,15 @@ cdef CK_RV f_SetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObj
     if not (flags & CKF_RW_SESSION):
         # Every object is a token object: changing one needs a read/write session.
         return CKR_SESSION_READ_ONLY
-    p11ws_adopt_thread()
-    with gil:
-        try:
-            _prov_s(hSession).set_attributes(slot, hObject, _template(pTemplate, ulCount))
-        except BaseException as e:
-            return _ckr(e)
+    c = _call(hSession, slot)
+    c.obj = hObject
+    c.tmpl = pTemplate
+    c.count = ulCount
+    return _in_python(_py_set_attributes, &c)
+
+
+cdef CK_RV _py_object_size(Call* c) except? 0xFFFFFFFF:
+    c.result = _prov().object_size(c.slot, c.obj)
     return CKR_OK
 
 
@@ -125,6 +148,7 @@ cdef CK_RV f_GetObjectSize(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject,
     cdef CK_RV rv = _ready()
     cdef CK_SLOT_ID slot
     cdef ObjRow obj
+    cdef Call c
     if rv != CKR_OK:
         return rv
     rv = _session_slot(hSession, &slot, NULL)
@@ -135,13 +159,18 @@ cdef CK_RV f_GetObjectSize(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject,
     if _obj_get(hObject, &obj) != 0 or obj.slot != slot:
         return CKR_OBJECT_HANDLE_INVALID
     # An estimate from the cached attributes: no round trip.
-    p11ws_adopt_thread()
-    with gil:
-        try:
-            pulSize[0] = _prov().object_size(slot, hObject)
-        except BaseException as e:
-            return _ckr(e)
-    return CKR_OK
+    c = _call(hSession, slot)
+    c.obj = hObject
+    rv = _in_python(_py_object_size, &c)
+    if rv == CKR_OK:
+        pulSize[0] = c.result
+    return rv
+
+
+cdef CK_RV _py_get_attributes(Call* c) except? 0xFFFFFFFF:
+    types = [c.tmpl[i].type for i in range(c.count)]
+    values = _prov_s(c.h).get_attributes(c.slot, c.obj, types)
+    return _write_attributes(c.tmpl, c.count, values)
 
 
 cdef CK_RV f_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject,
@@ -149,6 +178,7 @@ cdef CK_RV f_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObj
     cdef CK_RV rv = _ready()
     cdef CK_SLOT_ID slot
     cdef ObjRow obj
+    cdef Call c
     if rv != CKR_OK:
         return rv
     rv = _session_slot(hSession, &slot, NULL)
@@ -158,14 +188,11 @@ cdef CK_RV f_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObj
         return CKR_ARGUMENTS_BAD
     if _obj_get(hObject, &obj) != 0 or obj.slot != slot:
         return CKR_OBJECT_HANDLE_INVALID
-    p11ws_adopt_thread()
-    with gil:
-        try:
-            types = [pTemplate[i].type for i in range(ulCount)]
-            values = _prov_s(hSession).get_attributes(slot, hObject, types)
-            return _write_attributes(pTemplate, ulCount, values)
-        except BaseException as e:
-            return _ckr(e)
+    c = _call(hSession, slot)
+    c.obj = hObject
+    c.tmpl = pTemplate
+    c.count = ulCount
+    return _in_python(_py_get_attributes, &c)
 
 
 cdef CK_RV _write_attributes(CK_ATTRIBUTE_PTR t, CK_ULONG n, list values) except? 0xFFFFFFFF:
@@ -203,12 +230,24 @@ cdef CK_RV _write_attributes(CK_ATTRIBUTE_PTR t, CK_ULONG n, list values) except
     return rv
 
 
+cdef CK_RV _py_find(Call* c) except? 0xFFFFFFFF:
+    cdef CK_ULONG i, n
+    handles = _prov_s(c.h).find(c.slot, _template(c.tmpl, c.count))
+    n = len(handles)
+    c.found = <CK_OBJECT_HANDLE*>malloc((n or 1) * sizeof(CK_OBJECT_HANDLE))
+    if c.found == NULL:
+        raise MemoryError()
+    c.result = n
+    for i in range(n):
+        c.found[i] = handles[i]
+    return CKR_OK
+
+
 cdef CK_RV f_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate,
                              CK_ULONG ulCount) noexcept nogil:
     cdef CK_RV rv = _ready()
     cdef Session* s
-    cdef CK_OBJECT_HANDLE* found = NULL
-    cdef CK_ULONG nfound = 0, i
+    cdef Call c
     if rv != CKR_OK:
         return rv
     if pTemplate == NULL and ulCount > 0:
@@ -216,37 +255,32 @@ cdef CK_RV f_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTempl
     s = _session_get(hSession)
     if s == NULL:
         return CKR_SESSION_HANDLE_INVALID
-    pthread_mutex_lock(&g_sess_lock)
-    if s.find_active:
-        rv = CKR_OPERATION_ACTIVE
-    else:
-        s.find_active = 2  # being set up: a concurrent init sees it active
-    pthread_mutex_unlock(&g_sess_lock)
-    if rv == CKR_OK:
-        p11ws_adopt_thread()
-        with gil:
-            try:
-                handles = _prov_s(hSession).find(s.slot, _template(pTemplate, ulCount))
-                nfound = len(handles)
-                found = <CK_OBJECT_HANDLE*>malloc((nfound or 1) * sizeof(CK_OBJECT_HANDLE))
-                if found == NULL:
-                    raise MemoryError()
-                for i in range(nfound):
-                    found[i] = handles[i]
-            except BaseException as e:
-                rv = _ckr(e)
+    try:
+        pthread_mutex_lock(&g_sess_lock)
+        if s.find_active:
+            rv = CKR_OPERATION_ACTIVE
+        else:
+            s.find_active = 2  # being set up: a concurrent init sees it active
+        pthread_mutex_unlock(&g_sess_lock)
+        if rv != CKR_OK:
+            return rv
+        c = _call(hSession, s.slot)
+        c.tmpl = pTemplate
+        c.count = ulCount
+        rv = _in_python(_py_find, &c)
         pthread_mutex_lock(&g_sess_lock)
         if rv == CKR_OK:
-            s.found = found
-            s.nfound = nfound
+            s.found = c.found
+            s.nfound = c.result
             s.found_pos = 0
             s.find_active = 1
         else:
-            free(found)
+            free(c.found)
             s.find_active = 0
         pthread_mutex_unlock(&g_sess_lock)
-    _session_put(s)
-    return rv
+        return rv
+    finally:
+        _session_put(s)
 
 
 cdef CK_RV f_FindObjects(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE_PTR phObject,
@@ -259,22 +293,24 @@ cdef CK_RV f_FindObjects(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE_PTR phObje
     s = _session_get(hSession)
     if s == NULL:
         return CKR_SESSION_HANDLE_INVALID
-    pthread_mutex_lock(&g_sess_lock)
-    if s.find_active != 1:
-        rv = CKR_OPERATION_NOT_INITIALIZED
-    elif pulObjectCount == NULL or (phObject == NULL and ulMaxObjectCount > 0):
-        rv = CKR_ARGUMENTS_BAD
-    else:
-        n = s.nfound - s.found_pos
-        if n > ulMaxObjectCount:
-            n = ulMaxObjectCount
-        if n:
-            memcpy(phObject, &s.found[s.found_pos], n * sizeof(CK_OBJECT_HANDLE))
-        s.found_pos += n
-        pulObjectCount[0] = n
-    pthread_mutex_unlock(&g_sess_lock)
-    _session_put(s)
-    return rv
+    try:
+        pthread_mutex_lock(&g_sess_lock)
+        if s.find_active != 1:
+            rv = CKR_OPERATION_NOT_INITIALIZED
+        elif pulObjectCount == NULL or (phObject == NULL and ulMaxObjectCount > 0):
+            rv = CKR_ARGUMENTS_BAD
+        else:
+            n = s.nfound - s.found_pos
+            if n > ulMaxObjectCount:
+                n = ulMaxObjectCount
+            if n:
+                memcpy(phObject, &s.found[s.found_pos], n * sizeof(CK_OBJECT_HANDLE))
+            s.found_pos += n
+            pulObjectCount[0] = n
+        pthread_mutex_unlock(&g_sess_lock)
+        return rv
+    finally:
+        _session_put(s)
 
 
 cdef CK_RV f_FindObjectsFinal(CK_SESSION_HANDLE hSession) noexcept nogil:
@@ -285,14 +321,16 @@ cdef CK_RV f_FindObjectsFinal(CK_SESSION_HANDLE hSession) noexcept nogil:
     s = _session_get(hSession)
     if s == NULL:
         return CKR_SESSION_HANDLE_INVALID
-    pthread_mutex_lock(&g_sess_lock)
-    if s.find_active != 1:
-        rv = CKR_OPERATION_NOT_INITIALIZED
-    else:
-        free(s.found)
-        s.found = NULL
-        s.nfound = s.found_pos = 0
-        s.find_active = 0
-    pthread_mutex_unlock(&g_sess_lock)
-    _session_put(s)
-    return rv
+    try:
+        pthread_mutex_lock(&g_sess_lock)
+        if s.find_active != 1:
+            rv = CKR_OPERATION_NOT_INITIALIZED
+        else:
+            free(s.found)
+            s.found = NULL
+            s.nfound = s.found_pos = 0
+            s.find_active = 0
+        pthread_mutex_unlock(&g_sess_lock)
+        return rv
+    finally:
+        _session_put(s)

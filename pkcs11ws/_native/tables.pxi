@@ -1,110 +1,10 @@
-# Included by core.pyx: the C-side tables, each behind its own mutex, used without the GIL.
-#   slots:      slot ID -> present, logged in, session counts, label/description/serial strings
-#   sessions:   handle -> Session (slot, flags, operation state); handle = generation << 16 | index
-#   objects:    handle -> slot, class, key type, usage bits (what C_*Init checks without Python)
-#   mechanisms: copied once from pkcs11ws.mechanisms at import
-# The provider (Python, with the GIL) fills slots and objects through the hooks in core.pyx.
-# Lock order: sessions before slots; the GIL is never requested while one of these is held.
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    int pthread_mutex_init(pthread_mutex_t*, void*)
-    int pthread_mutex_lock(pthread_mutex_t*)
-    int pthread_mutex_unlock(pthread_mutex_t*)
-
-cdef extern from "pyglue.h" nogil:
-    void p11ws_adopt_thread()
-    void p11ws_lock_gil_aware(pthread_mutex_t*)
-    int p11ws_aload(const int*)
-    void p11ws_astore(int*, int)
-
-cdef enum:
-    OP_ENCRYPT = 0
-    OP_DECRYPT = 1
-    OP_SIGN = 2
-    OP_VERIFY = 3
-    N_OPS = 4
-    PARAM_NONE = 0
-    PARAM_IV16 = 1
-    PARAM_MAC_LEN = 2
-    MAX_MECHS = 32
-    MAX_SESSIONS = 65535
-    SESSION_INDEX_BITS = 16
+# Included by core.pyx: the C-side tables and the functions that use them. Their types, and
+# which lock guards what in which order, are the contract in tables.pxd.
 
 # Usage bits of a key, one per operation (bit OP_x).
 cdef CK_ULONG USE_ENCRYPT = 1, USE_DECRYPT = 2, USE_SIGN = 4, USE_VERIFY = 8
 
-
-cdef struct MechRow:
-    CK_MECHANISM_TYPE type
-    CK_FLAGS flags
-    CK_ULONG min_key
-    CK_ULONG max_key
-    int param
-    CK_ULONG out_len
-    int padded
-    int nkt
-    CK_KEY_TYPE key_types[4]
-
-
-cdef struct Op:
-    int active
-    int row
-    CK_MECHANISM_TYPE mech
-    CK_OBJECT_HANDLE key
-    CK_ULONG mac_len
-    CK_BYTE iv[16]
-    # CBC-PAD decryption into a buffer smaller than the bound: the result is kept so that
-    # the retry with a bigger buffer costs no second round trip.
-    CK_BYTE* kept_in
-    CK_ULONG kept_in_len
-    CK_BYTE* kept_out
-    CK_ULONG kept_out_len
-    # Multi-part (C_*Update/C_*Final): iv is then the CBC chaining value, part the bytes held
-    # back for the next request (at most one block), acc the data an HMAC accumulates.
-    int multi
-    CK_BYTE part[16]
-    CK_ULONG partlen
-    CK_BYTE* acc
-    CK_ULONG acclen
-    CK_ULONG acccap
-
-
-cdef struct Session:
-    CK_SESSION_HANDLE handle
-    CK_SLOT_ID slot
-    CK_FLAGS flags
-    int refs
-    int closed
-    Op ops[4]
-    int find_active
-    CK_OBJECT_HANDLE* found
-    CK_ULONG nfound
-    CK_ULONG found_pos
-
-
-cdef struct SlotRow:
-    int known
-    int present
-    int logged_in
-    CK_FLAGS pin_flags  # CKF_USER_PIN_COUNT_LOW/FINAL_TRY/LOCKED, as the provider last saw
-    CK_ULONG sessions
-    CK_ULONG rw_sessions
-    CK_UTF8CHAR label[32]
-    CK_UTF8CHAR desc[64]
-    CK_CHAR serial[16]
-
-
-cdef struct ObjRow:
-    int live
-    CK_SLOT_ID slot
-    CK_OBJECT_CLASS cls
-    CK_KEY_TYPE key_type
-    CK_ULONG usage
-
-
-cdef MechRow g_mechs[32]
+cdef MechRow g_mechs[MAX_MECHS]
 cdef int g_nmechs = 0
 
 cdef pthread_mutex_t g_sess_lock
@@ -198,11 +98,11 @@ cdef void _pad(CK_UTF8CHAR* dst, size_t n, const unsigned char* src, size_t srcl
 
 # ---- sessions --------------------------------------------------------------------------------
 
-cdef void _op_clear(Op* op) noexcept nogil:
+cdef void _op_clear(OpState* op) noexcept nogil:
     free(op.kept_in)
     free(op.kept_out)
     free(op.acc)
-    memset(op, 0, sizeof(Op))
+    memset(op, 0, sizeof(OpState))
 
 
 cdef void _session_free(Session* s) noexcept nogil:
@@ -282,15 +182,16 @@ cdef int _session_close(CK_SESSION_HANDLE h, CK_SLOT_ID* slot_out) noexcept nogi
     cdef SlotRow row
     if s == NULL:
         return -1
-    pthread_mutex_lock(&g_sess_lock)
-    if s.closed:
+    try:
+        pthread_mutex_lock(&g_sess_lock)
+        if s.closed:
+            pthread_mutex_unlock(&g_sess_lock)
+            return -1
+        _session_unlink(s)
+        slot_out[0] = s.slot
         pthread_mutex_unlock(&g_sess_lock)
+    finally:
         _session_put(s)
-        return -1
-    _session_unlink(s)
-    slot_out[0] = s.slot
-    pthread_mutex_unlock(&g_sess_lock)
-    _session_put(s)
     last = _slot_get(slot_out[0], &row) == 0 and row.sessions == 0
     return 1 if last else 0
 

@@ -61,6 +61,7 @@ import time
 
 from pkcs11ws import constants as C
 from pkcs11ws import protocol
+from pkcs11ws._lite import dataclass
 from pkcs11ws.client.transport import BASE_HEADERS, CurlFailure, Transport
 from pkcs11ws.config import Config
 from pkcs11ws.errors import (
@@ -75,10 +76,7 @@ from pkcs11ws.log import DEBUG1, DEBUG3, DEBUG9, ERROR, LOG, WARNING, Logger
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from dataclasses import dataclass
     from typing import Any, Final
-else:  # dataclasses imports inspect: too heavy for the module's start-up
-    from pkcs11ws._lite import dataclass
 
 _PATH_PARAM_CHARS: Final = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-"
@@ -90,7 +88,6 @@ _decode_json = json.JSONDecoder().decode
 # The string encoder _dumps itself uses (the C one where available).
 _json_str = json.encoder.encode_basestring_ascii
 _b64 = binascii.b2a_base64
-_unb64 = binascii.a2b_base64
 _monotonic = time.monotonic
 REJECTED: Final = "the service refused this client certificate (expired? other CA?)"
 
@@ -214,13 +211,7 @@ def _canonical_b64(value: object) -> bytes | None:
     """value decoded when it is canonical strict base64 (as protocol.b64d accepts), else None."""
     if type(value) is not str:
         return None
-    try:
-        data = _unb64(value, strict_mode=True)
-    except (binascii.Error, ValueError):
-        return None
-    if _b64(data, newline=False) != value.encode("ascii"):
-        return None
-    return data
+    return protocol.canonical_b64(value)
 
 
 def _path_param(name: str, value: str) -> str:

@@ -258,13 +258,19 @@ class _Sockets:
 class _Conn:
     """An easy handle of one server's pool and what it remembers between requests."""
 
-    __slots__ = ("__weakref__", "busy", "chunks", "curl", "headers", "method", "path", "pid",
-                 "server", "socks", "timeout_ms", "used")  # fmt: skip
+    __slots__ = ("__weakref__", "busy", "chunks", "connects", "curl", "failures", "headers",
+                 "method", "path", "pid", "requests", "server", "socks", "timeout_ms",
+                 "used")  # fmt: skip
 
     def __init__(self, cfg: Config, share: Any, pid: int, server: _Server,
                  socks: _Sockets) -> None:  # fmt: skip
         self.pid = pid
         self.busy = False  # a request runs on it: close() waits for it
+        # Statistics, counted by the one thread the handle is busy with (no lock per request);
+        # Transport.stats() adds them up, _retire() folds them in when the handle is closed.
+        self.requests = 0
+        self.connects = 0
+        self.failures = 0
         self.server = server
         self.socks = socks
         self.chunks: list[bytes] = []
@@ -395,7 +401,7 @@ class Transport:
         if self.aborted or self._closed:
             self._wake.set()
         self._rotation = 0
-        self._requests = 0
+        self._requests = 0  # of the handles closed since (_retire); the live ones count their own
         self._connects = 0
         self._failures = 0
         self._handles = 0
@@ -572,10 +578,9 @@ class Transport:
                 reused = conn.used and connects == 0
                 handshaken = connects > 0 and c.getinfo(pycurl.APPCONNECT_TIME) > 0
                 conn.used = False  # the handle's connection is gone either way
-                with self._lock:
-                    self._requests += 1
-                    self._connects += connects
-                    self._failures += 1
+                conn.requests += 1
+                conn.connects += connects
+                conn.failures += 1
                 if self.aborted:
                     raise Finalizing() from None
                 raise CurlFailure(code, message, reused, connects > 0, server.label,
@@ -585,14 +590,13 @@ class Transport:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             chunks.clear()
             conn.used = True
-            with self._lock:
-                self._requests += 1
-                self._connects += connects
+            conn.requests += 1
+            conn.connects += connects
             return status, data
         finally:
             # Back to the pool, unless the transport was closed (C_Finalize) or forked since.
             if self._closed or conn.pid != self._pid or len(idle) >= MAX_IDLE:
-                conn.close()
+                self._retire(conn)
             else:
                 idle.append(conn)
             conn.busy = False
@@ -623,14 +627,30 @@ class Transport:
                         finally:
                             s.close()
 
+    def _retire(self, conn: _Conn) -> None:
+        """Close a handle for good, keeping its statistics."""
+        with self._lock:
+            if conn in self._conns:
+                self._conns.discard(conn)
+                self._requests += conn.requests
+                self._connects += conn.connects
+                self._failures += conn.failures
+        conn.close()
+
     def stats(self) -> dict[str, int]:
         """Requests sent and new connections (TLS handshakes) made, since start or fork."""
         with self._lock:
-            return {
+            conns = list(self._conns)
+            out = {
                 "requests": self._requests,
                 "connects": self._connects,
                 "failures": self._failures,
             }
+        for conn in conns:
+            out["requests"] += conn.requests
+            out["connects"] += conn.connects
+            out["failures"] += conn.failures
+        return out
 
     def handles(self) -> int:
         """Easy handles made since start or fork (each idle one is reused before a new one)."""
@@ -663,7 +683,7 @@ class Transport:
         for server in self.servers:
             while server.idle:
                 with suppress(IndexError):
-                    server.idle.pop().close()
+                    self._retire(server.idle.pop())
 
 
 def _retry_at(server: _Server) -> float:

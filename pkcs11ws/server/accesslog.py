@@ -71,9 +71,16 @@ class AccessLog:
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
             self._second = second
         line = "%s,%03d %d INFO %s: %s %s %d %.2fms%s" % (  # noqa: UP031 (one format: cheapest)
-            self._stamp, int((now - second) * 1000), os.getpid(), NAME, method, path, status, ms,
+            self._stamp,
+            int((now - second) * 1000),
+            os.getpid(),
+            NAME,
+            method,
+            path,
+            status,
+            ms,
             handler.terminator,
-        )  # fmt: skip
+        )
         handler.acquire()
         try:
             handler.stream.write(line)

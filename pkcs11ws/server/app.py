@@ -316,7 +316,7 @@ class App:
     def _openapi_doc(self) -> Response:
         if self._openapi is None:
             try:
-                from pkcs11ws import protocol_docs  # the lead's module; imported when first asked
+                from pkcs11ws import protocol_docs  # on first use: off the start-up path
             except ImportError:
                 raise ApiError("NOT_FOUND", "the OpenAPI document is not available") from None
             self._openapi = dumps(protocol_docs.openapi())

@@ -18,12 +18,12 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
 from pkcs11ws import __version__, mechanisms, protocol
 from pkcs11ws import constants as C
+from pkcs11ws._lite import dataclass
 from pkcs11ws.protocol import Attrs
 from pkcs11ws.protocol import ProtocolError as ApiError
 from pkcs11ws.server import ops, pipeline, sealing

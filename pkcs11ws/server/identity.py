@@ -30,11 +30,12 @@ import logging
 import os
 import re
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import yaml
+
+from pkcs11ws._lite import dataclass
 
 ROLES: Final = ("admin", "app")
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
@@ -47,7 +48,7 @@ class ClientsError(Exception):
     """The clients file (or the CRL) is missing, unreadable or invalid."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Identity:
     name: str
     role: str

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from typing import Final
 
 from cryptography import x509
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from pkcs11ws import constants as C
 from pkcs11ws import mechanisms
+from pkcs11ws._lite import dataclass
 from pkcs11ws.protocol import Attrs
 from pkcs11ws.protocol import ProtocolError as ApiError
 

@@ -17,10 +17,10 @@ handler.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, Final
 
 from pkcs11ws import protocol
+from pkcs11ws._lite import dataclass
 from pkcs11ws.protocol import STRUCTS, Endpoint
 from pkcs11ws.protocol import ProtocolError as ApiError
 from pkcs11ws.server import audit

@@ -19,7 +19,6 @@ import datetime as dt
 import ipaddress
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from pkcs11ws._lite import dataclass
 from pkcs11ws.server import identity, settings
 from pkcs11ws.server.store import StoreError, scheme_of
 

@@ -19,7 +19,6 @@ import hmac
 import os
 import struct
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -27,6 +26,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from pkcs11ws._lite import dataclass
 
 MASTER_KEY_LEN: Final = 32
 CARD_KEY_LEN: Final = 32

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import yaml
 
+from pkcs11ws._lite import dataclass
 from pkcs11ws.server.store import StoreConfig, StoreError, redact, scheme_of
 
 CONFIG_ENV: Final = "PKCS11WS_SERVER_CONFIG"  # how `serve` hands the yaml path to workers

@@ -45,10 +45,10 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any, ClassVar, Final, NamedTuple
 
 from pkcs11ws import protocol
+from pkcs11ws._lite import dataclass
 from pkcs11ws.protocol import Attrs
 
 

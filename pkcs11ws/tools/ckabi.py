@@ -1,9 +1,8 @@
 """The utilities' binding to any PKCS#11 module through its C ABI (ctypes).
 
 dlopen() the library (RTLD_LOCAL, as hosts do), call C_GetFunctionList, and call every function
-through the returned CK_FUNCTION_LIST. The struct's field order comes from the one function table
-(pkcs11ws.ckfunctions), never from a second list. CK_ULONG is the platform's unsigned long and
-CK_BBOOL one byte, per the standard's Unix ABI; the structures below follow PKCS#11 v2.40.
+through the returned CK_FUNCTION_LIST. Every structure and the function list come from the one
+ctypes binding (pkcs11ws/abi_ctypes.py, generated from the rows of pkcs11ws/abi.py).
 Nothing here knows about pkcs11ws: the same code drives SoftHSM2 or any other module. Every
 failure is a CKError carrying the function name and the CKR; secrets passed in are not kept.
 """
@@ -13,104 +12,25 @@ from __future__ import annotations
 import ctypes
 import sys
 from collections.abc import Iterator, Sequence
-from ctypes import POINTER, Structure, byref, c_ubyte, c_ulong, c_void_p
-from dataclasses import dataclass
+from ctypes import POINTER, byref, c_void_p
 from typing import Any, Final
 
-from pkcs11ws import ckfunctions
 from pkcs11ws import constants as C
+from pkcs11ws._lite import dataclass
+from pkcs11ws.abi_ctypes import (
+    CK_ATTRIBUTE,
+    CK_BBOOL,
+    CK_C_INITIALIZE_ARGS,
+    CK_FUNCTION_LIST,
+    CK_INFO,
+    CK_MECHANISM,
+    CK_MECHANISM_INFO,
+    CK_SLOT_INFO,
+    CK_TOKEN_INFO,
+    CK_ULONG,
+)
 
-CK_ULONG = c_ulong
-CK_BBOOL = c_ubyte
 ULONG_SIZE: Final = ctypes.sizeof(CK_ULONG)
-
-
-class CK_VERSION(Structure):
-    _fields_ = [("major", c_ubyte), ("minor", c_ubyte)]
-
-
-class CK_INFO(Structure):
-    _fields_ = [
-        ("cryptokiVersion", CK_VERSION),
-        ("manufacturerID", c_ubyte * 32),
-        ("flags", CK_ULONG),
-        ("libraryDescription", c_ubyte * 32),
-        ("libraryVersion", CK_VERSION),
-    ]
-
-
-class CK_SLOT_INFO(Structure):
-    _fields_ = [
-        ("slotDescription", c_ubyte * 64),
-        ("manufacturerID", c_ubyte * 32),
-        ("flags", CK_ULONG),
-        ("hardwareVersion", CK_VERSION),
-        ("firmwareVersion", CK_VERSION),
-    ]
-
-
-class CK_TOKEN_INFO(Structure):
-    _fields_ = [
-        ("label", c_ubyte * 32),
-        ("manufacturerID", c_ubyte * 32),
-        ("model", c_ubyte * 16),
-        ("serialNumber", c_ubyte * 16),
-        ("flags", CK_ULONG),
-        ("ulMaxSessionCount", CK_ULONG),
-        ("ulSessionCount", CK_ULONG),
-        ("ulMaxRwSessionCount", CK_ULONG),
-        ("ulRwSessionCount", CK_ULONG),
-        ("ulMaxPinLen", CK_ULONG),
-        ("ulMinPinLen", CK_ULONG),
-        ("ulTotalPublicMemory", CK_ULONG),
-        ("ulFreePublicMemory", CK_ULONG),
-        ("ulTotalPrivateMemory", CK_ULONG),
-        ("ulFreePrivateMemory", CK_ULONG),
-        ("hardwareVersion", CK_VERSION),
-        ("firmwareVersion", CK_VERSION),
-        ("utcTime", c_ubyte * 16),
-    ]
-
-
-class CK_MECHANISM_INFO(Structure):
-    _fields_ = [("ulMinKeySize", CK_ULONG), ("ulMaxKeySize", CK_ULONG), ("flags", CK_ULONG)]
-
-
-class CK_ATTRIBUTE(Structure):
-    _fields_ = [("type", CK_ULONG), ("pValue", c_void_p), ("ulValueLen", CK_ULONG)]
-
-
-class CK_MECHANISM(Structure):
-    _fields_ = [("mechanism", CK_ULONG), ("pParameter", c_void_p), ("ulParameterLen", CK_ULONG)]
-
-
-class CK_C_INITIALIZE_ARGS(Structure):
-    _fields_ = [
-        ("CreateMutex", c_void_p),
-        ("DestroyMutex", c_void_p),
-        ("LockMutex", c_void_p),
-        ("UnlockMutex", c_void_p),
-        ("flags", CK_ULONG),
-        ("pReserved", c_void_p),
-    ]
-
-
-def _ctype(ctype: str) -> Any:
-    if ctype == "CK_BBOOL":
-        return CK_BBOOL
-    if ctype.endswith("_PTR") or ctype == "CK_NOTIFY":
-        return c_void_p
-    return CK_ULONG  # every other CK_* scalar is a CK_ULONG
-
-
-def _function_list_type() -> type[Structure]:
-    fields: list[tuple[str, Any]] = [("version", CK_VERSION)]
-    for f in ckfunctions.V240:
-        fields.append((f.name, ctypes.CFUNCTYPE(CK_ULONG, *[_ctype(t) for t, _ in f.params])))
-    return type("CK_FUNCTION_LIST", (Structure,), {"_fields_": fields})
-
-
-CK_FUNCTION_LIST: Final = _function_list_type()
 
 
 class LoadError(Exception):
@@ -307,8 +227,13 @@ class Library:
     def info(self) -> Info:
         i = CK_INFO()
         self.check("C_GetInfo", byref(i))
-        return Info(version(i.cryptokiVersion), text(i.manufacturerID), int(i.flags),
-                    text(i.libraryDescription), version(i.libraryVersion))  # fmt: skip
+        return Info(
+            version(i.cryptokiVersion),
+            text(i.manufacturerID),
+            int(i.flags),
+            text(i.libraryDescription),
+            version(i.libraryVersion),
+        )
 
     # -- slots and tokens -----------------------------------------------------------------------
 
@@ -329,20 +254,37 @@ class Library:
     def slot_info(self, slot: int) -> SlotInfo:
         i = CK_SLOT_INFO()
         self.check("C_GetSlotInfo", slot, byref(i))
-        return SlotInfo(text(i.slotDescription), text(i.manufacturerID), int(i.flags),
-                        version(i.hardwareVersion), version(i.firmwareVersion))  # fmt: skip
+        return SlotInfo(
+            text(i.slotDescription),
+            text(i.manufacturerID),
+            int(i.flags),
+            version(i.hardwareVersion),
+            version(i.firmwareVersion),
+        )
 
     def token_info(self, slot: int) -> TokenInfo:
         i = CK_TOKEN_INFO()
         self.check("C_GetTokenInfo", slot, byref(i))
         return TokenInfo(
-            text(i.label), text(i.manufacturerID), text(i.model), text(i.serialNumber),
-            int(i.flags), int(i.ulMaxSessionCount), int(i.ulSessionCount),
-            int(i.ulMaxRwSessionCount), int(i.ulRwSessionCount), int(i.ulMaxPinLen),
-            int(i.ulMinPinLen), int(i.ulTotalPublicMemory), int(i.ulFreePublicMemory),
-            int(i.ulTotalPrivateMemory), int(i.ulFreePrivateMemory),
-            version(i.hardwareVersion), version(i.firmwareVersion), text(i.utcTime),
-        )  # fmt: skip
+            text(i.label),
+            text(i.manufacturerID),
+            text(i.model),
+            text(i.serialNumber),
+            int(i.flags),
+            int(i.ulMaxSessionCount),
+            int(i.ulSessionCount),
+            int(i.ulMaxRwSessionCount),
+            int(i.ulRwSessionCount),
+            int(i.ulMaxPinLen),
+            int(i.ulMinPinLen),
+            int(i.ulTotalPublicMemory),
+            int(i.ulFreePublicMemory),
+            int(i.ulTotalPrivateMemory),
+            int(i.ulFreePrivateMemory),
+            version(i.hardwareVersion),
+            version(i.firmwareVersion),
+            text(i.utcTime),
+        )
 
     def mechanisms(self, slot: int) -> list[int]:
         n = CK_ULONG()

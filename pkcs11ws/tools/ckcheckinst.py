@@ -17,7 +17,6 @@ on failed). Exit status 0 when every check passed, 1 when one failed, 2 on a usa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import os
 import stat
@@ -30,7 +29,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from pkcs11ws import __version__, protocol
+from pkcs11ws import __version__, _lite, protocol
 from pkcs11ws.config import DEFAULT_PATH, ENV_CONFIG, Config, load_config, server_label
 from pkcs11ws.errors import ConfigError
 from pkcs11ws.tools import ckfmt, selftest
@@ -274,7 +273,7 @@ def check_service(rep: Report, cfg: Config) -> bool:
     servers = cfg.servers
     ok = False
     for i, (host, port) in enumerate(servers, 1):
-        one = dataclasses.replace(cfg, host=f"[{host}]" if ":" in host else host, port=port)
+        one = _lite.replace(cfg, host=f"[{host}]" if ":" in host else host, port=port)
         name = "key service" if len(servers) == 1 else f"key service #{i}"
         ok = _check_one_service(rep, one, name) or ok
     return ok
@@ -285,7 +284,7 @@ def _check_one_service(rep: Report, cfg: Config, name: str) -> bool:
 
     url = f"https://{server_label(*cfg.servers[0])}"
     # One attempt: a check reports at once instead of waiting through MAXRETRIES x RETRYDELAY.
-    quick = dataclasses.replace(cfg, maxretries=0, connecttimeout=min(cfg.connecttimeout, 10),
+    quick = _lite.replace(cfg, maxretries=0, connecttimeout=min(cfg.connecttimeout, 10),
                                 timeout=min(cfg.timeout, 30))  # fmt: skip
     try:
         from pkcs11ws.client.api import KeyServiceClient

@@ -14,12 +14,28 @@ from pkcs11ws import protocol
 from pkcs11ws.tools.ckabi import Sensitive, bytes_ulong
 
 SLOT_FLAGS: Final = ("CKF_TOKEN_PRESENT", "CKF_REMOVABLE_DEVICE", "CKF_HW_SLOT")
-TOKEN_FLAGS: Final = ("CKF_RNG", "CKF_WRITE_PROTECTED", "CKF_LOGIN_REQUIRED",
-                      "CKF_USER_PIN_INITIALIZED", "CKF_TOKEN_INITIALIZED")  # fmt: skip
-MECHANISM_FLAGS: Final = ("CKF_HW", "CKF_ENCRYPT", "CKF_DECRYPT", "CKF_DIGEST", "CKF_SIGN",
-                          "CKF_SIGN_RECOVER", "CKF_VERIFY", "CKF_VERIFY_RECOVER", "CKF_GENERATE",
-                          "CKF_GENERATE_KEY_PAIR", "CKF_WRAP", "CKF_UNWRAP",
-                          "CKF_DERIVE")  # fmt: skip
+TOKEN_FLAGS: Final = (
+    "CKF_RNG",
+    "CKF_WRITE_PROTECTED",
+    "CKF_LOGIN_REQUIRED",
+    "CKF_USER_PIN_INITIALIZED",
+    "CKF_TOKEN_INITIALIZED",
+)
+MECHANISM_FLAGS: Final = (
+    "CKF_HW",
+    "CKF_ENCRYPT",
+    "CKF_DECRYPT",
+    "CKF_DIGEST",
+    "CKF_SIGN",
+    "CKF_SIGN_RECOVER",
+    "CKF_VERIFY",
+    "CKF_VERIFY_RECOVER",
+    "CKF_GENERATE",
+    "CKF_GENERATE_KEY_PAIR",
+    "CKF_WRAP",
+    "CKF_UNWRAP",
+    "CKF_DERIVE",
+)
 # Attributes whose CK_ULONG value is itself a named constant.
 _ULONG_NAMES: Final[dict[str, dict[int, str]]] = {
     "CKA_CLASS": C.CKO_NAMES,

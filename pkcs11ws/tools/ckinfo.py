@@ -20,9 +20,12 @@ PROG = "ckinfo-dynamic"
 
 
 def library_argument(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--library", metavar="PATH",
-                    help="PKCS#11 module to load (default: the pkcs11ws module, "
-                         "as printed by `python -m pkcs11ws module-path`)")  # fmt: skip
+    ap.add_argument(
+        "--library",
+        metavar="PATH",
+        help="PKCS#11 module to load (default: the pkcs11ws module, "
+        "as printed by `python -m pkcs11ws module-path`)",
+    )
     ap.add_argument(
         "-V", "--version", action="version", version=f"%(prog)s (pkcs11ws {__version__})"
     )
@@ -35,19 +38,27 @@ def print_token(t: TokenInfo, indent: str = "    ") -> None:
         ("Model", t.model),
         ("Serial number", t.serial),
         ("Flags", ckfmt.flags(t.flags, ckfmt.TOKEN_FLAGS)),
-        ("Sessions", f"{ckfmt.plain_counter(t.sessions)} open, "
-                     f"max {ckfmt.counter(t.max_sessions)}"),
-        ("R/W sessions", f"{ckfmt.plain_counter(t.rw_sessions)} open, "
-                         f"max {ckfmt.counter(t.max_rw_sessions)}"),
+        (
+            "Sessions",
+            f"{ckfmt.plain_counter(t.sessions)} open, max {ckfmt.counter(t.max_sessions)}",
+        ),
+        (
+            "R/W sessions",
+            f"{ckfmt.plain_counter(t.rw_sessions)} open, max {ckfmt.counter(t.max_rw_sessions)}",
+        ),
         ("PIN length", f"{t.min_pin} to {t.max_pin}"),
-        ("Public memory", f"{ckfmt.plain_counter(t.free_public)} free of "
-                          f"{ckfmt.plain_counter(t.total_public)}"),
-        ("Private memory", f"{ckfmt.plain_counter(t.free_private)} free of "
-                           f"{ckfmt.plain_counter(t.total_private)}"),
+        (
+            "Public memory",
+            f"{ckfmt.plain_counter(t.free_public)} free of {ckfmt.plain_counter(t.total_public)}",
+        ),
+        (
+            "Private memory",
+            f"{ckfmt.plain_counter(t.free_private)} free of {ckfmt.plain_counter(t.total_private)}",
+        ),
         ("Hardware version", t.hardware_version),
         ("Firmware version", t.firmware_version),
         ("UTC time", t.utc_time or "(none)"),
-    ]  # fmt: skip
+    ]
     for k, v in rows:
         print(f"{indent}{k:<18}{v}")
 
@@ -80,8 +91,10 @@ def run(lib: Library) -> None:
 
 @pipe_safe
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=PROG, description="Print the PKCS#11 module's information "
-                                 "and that of every slot and token.")  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog=PROG,
+        description="Print the PKCS#11 module's information and that of every slot and token.",
+    )
     library_argument(ap)
     args = ap.parse_args(argv)
     try:

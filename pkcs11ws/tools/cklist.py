@@ -25,8 +25,16 @@ from pkcs11ws.tools.common import UsageError, err, library_or_default, pipe_safe
 
 PROG = "cklist-dynamic"
 # Shown first, in this order; then every other named attribute in code order.
-_LEADING = (C.CKA_CLASS, C.CKA_LABEL, C.CKA_ID, C.CKA_KEY_TYPE, C.CKA_CERTIFICATE_TYPE,
-            C.CKA_VALUE_LEN, C.CKA_TOKEN, C.CKA_PRIVATE)  # fmt: skip
+_LEADING = (
+    C.CKA_CLASS,
+    C.CKA_LABEL,
+    C.CKA_ID,
+    C.CKA_KEY_TYPE,
+    C.CKA_CERTIFICATE_TYPE,
+    C.CKA_VALUE_LEN,
+    C.CKA_TOKEN,
+    C.CKA_PRIVATE,
+)
 ATTRIBUTES = _LEADING + tuple(sorted(set(C.CKA_NAMES) - set(_LEADING)))
 
 
@@ -84,14 +92,19 @@ def run(lib: Library, args: argparse.Namespace, stdin: TextIO) -> int:
 
 @pipe_safe
 def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=PROG, description="List the objects of each token with "
-                                 "their attributes.")  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog=PROG, description="List the objects of each token with their attributes."
+    )
     library_argument(ap)
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--slot", type=int, metavar="N", help="only this slot ID")
     which.add_argument("--token-label", metavar="LABEL", help="only the token with this label")
-    ap.add_argument("--login", action="store_true", help="log in as the user first (the "
-                    "passphrase is prompted for, or read from standard input)")  # fmt: skip
+    ap.add_argument(
+        "--login",
+        action="store_true",
+        help="log in as the user first (the "
+        "passphrase is prompted for, or read from standard input)",
+    )
     args = ap.parse_args(argv)
     try:
         lib = Library(library_or_default(args.library))

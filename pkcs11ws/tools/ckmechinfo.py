@@ -37,8 +37,10 @@ HEADER = f"{'Mechanism':<28} {'Code':>10} {'Min key':>8} {'Max key':>8}  Flags"
 
 
 def _row(code: int, min_key: int, max_key: int, flags: int) -> str:
-    return (f"{ckfmt.mechanism_name(code):<28} 0x{code:08X} {min_key:>8} {max_key:>8}  "
-            f"{ckfmt.flags(flags, ckfmt.MECHANISM_FLAGS)}")  # fmt: skip
+    return (
+        f"{ckfmt.mechanism_name(code):<28} 0x{code:08X} {min_key:>8} {max_key:>8}  "
+        f"{ckfmt.flags(flags, ckfmt.MECHANISM_FLAGS)}"
+    )
 
 
 def run(lib: Library, wanted: int | None) -> int:
@@ -46,15 +48,20 @@ def run(lib: Library, wanted: int | None) -> int:
     if slot is None and lib.info().manufacturer == "pkcs11ws":
         from pkcs11ws import mechanisms
 
-        print(f"Mechanisms of {lib.path} (no slot: no softcard on the key service yet; "
-              f"from the module's mechanism table): {len(mechanisms.MECHANISMS)}")  # fmt: skip
+        print(
+            f"Mechanisms of {lib.path} (no slot: no softcard on the key service yet; "
+            f"from the module's mechanism table): {len(mechanisms.MECHANISMS)}"
+        )
         print(HEADER)
         for row in mechanisms.MECHANISMS:
             print(_row(row.code, row.min_key, row.max_key, row.flags))
         return 0
     if slot is None:
-        err(PROG, "the module has no slots (pkcs11ws shows one slot per softcard: create one "
-                  "with `softcardtool -g --name=NAME`)")  # fmt: skip
+        err(
+            PROG,
+            "the module has no slots (pkcs11ws shows one slot per softcard: create one "
+            "with `softcardtool -g --name=NAME`)",
+        )
         return 1
     mechs = lib.mechanisms(slot)
     print(f"Mechanisms of slot {slot} of {lib.path}: {len(mechs)}")
@@ -67,11 +74,14 @@ def run(lib: Library, wanted: int | None) -> int:
 
 @pipe_safe
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=PROG, description="List the mechanisms a PKCS#11 slot "
-                                 "supports, with their flags and key sizes.")  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog=PROG,
+        description="List the mechanisms a PKCS#11 slot supports, with their flags and key sizes.",
+    )
     library_argument(ap)
-    ap.add_argument("--slot", type=int, metavar="N", help="slot ID (default: the first slot "
-                    "with a token)")  # fmt: skip
+    ap.add_argument(
+        "--slot", type=int, metavar="N", help="slot ID (default: the first slot with a token)"
+    )
     args = ap.parse_args(argv)
     try:
         lib = Library(library_or_default(args.library))

@@ -45,7 +45,7 @@ def read_passphrase(
 def default_library() -> str:
     """Our own module (what `python -m pkcs11ws module-path` prints); FileNotFoundError if not
     built."""
-    from pkcs11ws.__main__ import module_path
+    from pkcs11ws.paths import module_path
 
     return module_path()
 

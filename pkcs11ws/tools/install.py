@@ -196,7 +196,7 @@ def make_runtime(runtime: Path, dest_runtime: Path) -> list[str]:
 
 def install(prefix: Path, root: Path | None = None) -> list[str]:
     """Lay out the tree for prefix, written under root (default /); returns what was done."""
-    from pkcs11ws.__main__ import module_path
+    from pkcs11ws.paths import module_path
 
     prefix = prefix.expanduser().absolute()
     target = prefix if root is None else root.absolute() / prefix.relative_to("/")

@@ -48,13 +48,16 @@ def _login_fix(e: CKError) -> str:
     return "see the module's log"
 
 
-def run(rep: Reporter, lib: Library, tokens: list[tuple[int, str]], card: str,
-        passphrase: bytes) -> None:  # fmt: skip
+def run(
+    rep: Reporter, lib: Library, tokens: list[tuple[int, str]], card: str, passphrase: bytes
+) -> None:
     slots = [s for s, label in tokens if label == card]
     if not slots:
-        rep.fail(f"softcard {card}", f"no token is labelled {card!r}",
-                 "`softcardtool -l` lists the softcards; create one with "
-                 "`softcardtool -g --name=NAME`")  # fmt: skip
+        rep.fail(
+            f"softcard {card}",
+            f"no token is labelled {card!r}",
+            "`softcardtool -l` lists the softcards; create one with `softcardtool -g --name=NAME`",
+        )
         return
     try:
         session = lib.open_session(slots[0], rw=True)
@@ -88,7 +91,7 @@ def _aes(rep: Reporter, s: Session, made: list[tuple[int, str]]) -> None:
             Mechanism(C.CKM_AES_KEY_GEN),
             _secret(label, C.CKK_AES, 32, (C.CKA_ENCRYPT, C.CKA_DECRYPT)),
         )
-    except CKError as e:  # fmt: skip
+    except CKError as e:
         rep.fail(name, f"generate an AES-256 key: {e}", "see the module's log")
         return
     made.append((key, label))
@@ -100,19 +103,27 @@ def _aes(rep: Reporter, s: Session, made: list[tuple[int, str]]) -> None:
         rep.fail(name, f"CKM_AES_CBC_PAD: {e}", "see the module's log")
         return
     if pt != MESSAGE or ct == MESSAGE or len(ct) != (len(MESSAGE) // 16 + 1) * 16:
-        rep.fail(name, "CKM_AES_CBC_PAD decrypt did not give back the plaintext",
-                 "report this: the module or the key service computes wrong results")  # fmt: skip
+        rep.fail(
+            name,
+            "CKM_AES_CBC_PAD decrypt did not give back the plaintext",
+            "report this: the module or the key service computes wrong results",
+        )
         return
-    rep.ok(name, f"generated a temporary AES-256 key {label!r} (CKM_AES_KEY_GEN), "
-                 f"CKM_AES_CBC_PAD encrypt and decrypt of {len(MESSAGE)} bytes agree")  # fmt: skip
+    rep.ok(
+        name,
+        f"generated a temporary AES-256 key {label!r} (CKM_AES_KEY_GEN), "
+        f"CKM_AES_CBC_PAD encrypt and decrypt of {len(MESSAGE)} bytes agree",
+    )
 
 
 def _hmac(rep: Reporter, s: Session, made: list[tuple[int, str]]) -> None:
     name = "self-test HMAC"
     label = f"ckcheckinst-{secrets.token_hex(4)}-hmac"
     usage = (C.CKA_SIGN, C.CKA_VERIFY)
-    tries = ((C.CKM_SHA256_KEY_GEN, C.CKK_SHA256_HMAC), (C.CKM_GENERIC_SECRET_KEY_GEN,
-                                                         C.CKK_GENERIC_SECRET))  # fmt: skip
+    tries = (
+        (C.CKM_SHA256_KEY_GEN, C.CKK_SHA256_HMAC),
+        (C.CKM_GENERIC_SECRET_KEY_GEN, C.CKK_GENERIC_SECRET),
+    )
     key = 0
     mech_name = ""
     for mech, key_type in tries:
@@ -135,12 +146,18 @@ def _hmac(rep: Reporter, s: Session, made: list[tuple[int, str]]) -> None:
         rep.fail(name, f"CKM_SHA256_HMAC: {e}", "see the module's log")
         return
     if len(mac) != 32 or good != C.CKR_OK or bad != C.CKR_SIGNATURE_INVALID:
-        rep.fail(name, f"CKM_SHA256_HMAC: {len(mac)}-byte MAC, verify gave "
-                       f"{C.ckr_name(good)}, a changed message gave {C.ckr_name(bad)}",
-                 "report this: the module or the key service computes wrong results")  # fmt: skip
+        rep.fail(
+            name,
+            f"CKM_SHA256_HMAC: {len(mac)}-byte MAC, verify gave "
+            f"{C.ckr_name(good)}, a changed message gave {C.ckr_name(bad)}",
+            "report this: the module or the key service computes wrong results",
+        )
         return
-    rep.ok(name, f"generated a temporary HMAC key {label!r} ({mech_name}), CKM_SHA256_HMAC "
-                 "sign and verify agree and a changed message does not verify")  # fmt: skip
+    rep.ok(
+        name,
+        f"generated a temporary HMAC key {label!r} ({mech_name}), CKM_SHA256_HMAC "
+        "sign and verify agree and a changed message does not verify",
+    )
 
 
 def _destroy(rep: Reporter, s: Session, made: list[tuple[int, str]]) -> None:
@@ -153,7 +170,10 @@ def _destroy(rep: Reporter, s: Session, made: list[tuple[int, str]]) -> None:
         except CKError as e:
             left.append(f"{label!r} ({e.name})")
     if left:
-        rep.fail("self-test cleanup", "could not destroy " + ", ".join(left),
-                 "delete those keys by their label with a PKCS#11 tool")  # fmt: skip
+        rep.fail(
+            "self-test cleanup",
+            "could not destroy " + ", ".join(left),
+            "delete those keys by their label with a PKCS#11 tool",
+        )
         return
     rep.ok("self-test cleanup", f"destroyed the {len(made)} temporary key(s) (C_DestroyObject)")

@@ -1,16 +1,96 @@
-"""The one table of PKCS#11 functions (v2.40 and 3.0), in the order of the standard's lists.
+"""The one source of the PKCS#11 C ABI (v2.40 and 3.0): its types, structures, callbacks and
+functions, as table rows written once.
 
-tools/gen_native.py generates the module's C and Cython glue from it (the CK_FUNCTION_LIST
-structs, the stubs, the loader's trampolines); pkcs11ws/tools/ckabi.py and tests/p11ctypes.py
-build their ctypes CK_FUNCTION_LIST from it, so every binding agrees on the field order.
-Edit the rows here, then run `python tools/gen_native.py`.
+tools/gen_native.py generates from these rows the C header include/pkcs11ws_ck.h (types and
+structures) and include/pkcs11ws_funcs.h (function lists), the Cython declarations
+pkcs11ws/_native/ck.pxd and ck_gen.pxd, the module's stubs and the loader's trampolines, and the
+one ctypes binding pkcs11ws/abi_ctypes.py that the utilities (pkcs11ws/tools/ckabi.py) and the
+tests (tests/p11ctypes.py) import. Adding a structure is one row in STRUCTS; a function, one row
+in FUNCTIONS_*. Edit the rows here, then run `python tools/gen_native.py`
+(tests/test_module_generated.py fails while a generated file is stale).
+
+Layout follows the standard's Unix conventions: natural alignment, no packing, CK_ULONG is
+`unsigned long` (64 bits on LP64).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Final
+
+from pkcs11ws._lite import dataclass
+
+# One row per scalar type: "NAME = C type". Every type also gets a NAME_PTR; CK_VOID_PTR is
+# `void *` and has a CK_VOID_PTR_PTR.
+TYPES = """
+CK_BYTE = unsigned char
+CK_CHAR = CK_BYTE
+CK_UTF8CHAR = CK_BYTE
+CK_BBOOL = CK_BYTE
+CK_ULONG = unsigned long
+CK_LONG = long
+CK_FLAGS = CK_ULONG
+CK_RV = CK_ULONG
+CK_SLOT_ID = CK_ULONG
+CK_SESSION_HANDLE = CK_ULONG
+CK_OBJECT_HANDLE = CK_ULONG
+CK_OBJECT_CLASS = CK_ULONG
+CK_KEY_TYPE = CK_ULONG
+CK_CERTIFICATE_TYPE = CK_ULONG
+CK_ATTRIBUTE_TYPE = CK_ULONG
+CK_MECHANISM_TYPE = CK_ULONG
+CK_USER_TYPE = CK_ULONG
+CK_STATE = CK_ULONG
+CK_NOTIFICATION = CK_ULONG
+CK_MAC_GENERAL_PARAMS = CK_ULONG
+CK_RSA_PKCS_MGF_TYPE = CK_ULONG
+CK_RSA_PKCS_OAEP_SOURCE_TYPE = CK_ULONG
+CK_EC_KDF_TYPE = CK_ULONG
+"""
+
+# One row per callback type the application hands to the module: "NAME(params)".
+CALLBACKS = """
+CK_NOTIFY(CK_SESSION_HANDLE hSession, CK_NOTIFICATION event, CK_VOID_PTR pApplication)
+CK_CREATEMUTEX(CK_VOID_PTR_PTR ppMutex)
+CK_DESTROYMUTEX(CK_VOID_PTR pMutex)
+CK_LOCKMUTEX(CK_VOID_PTR pMutex)
+CK_UNLOCKMUTEX(CK_VOID_PTR pMutex)
+"""
+
+# One row per structure, fields in the standard's order: "NAME(type field, type field[n], ...)".
+# A row may use the types above, the callbacks and the structures of earlier rows. Every
+# structure also gets NAME_PTR and NAME_PTR_PTR. In the ctypes binding a CK_CHAR_PTR field is a
+# NUL-terminated string (c_char_p); every other pointer is a c_void_p. CK_INTERFACE (3.0) names a
+# versioned function list: pFunctionList points at a CK_FUNCTION_LIST (2.x) or a
+# CK_FUNCTION_LIST_3_0, both starting with their CK_VERSION. The mechanism parameters at the end
+# (PSS, OAEP, GCM, ECDH1) are there for the asymmetric and AEAD mechanisms.
+STRUCTS = """
+CK_VERSION(CK_BYTE major, CK_BYTE minor)
+CK_INFO(CK_VERSION cryptokiVersion, CK_UTF8CHAR manufacturerID[32], CK_FLAGS flags, \
+CK_UTF8CHAR libraryDescription[32], CK_VERSION libraryVersion)
+CK_SLOT_INFO(CK_UTF8CHAR slotDescription[64], CK_UTF8CHAR manufacturerID[32], CK_FLAGS flags, \
+CK_VERSION hardwareVersion, CK_VERSION firmwareVersion)
+CK_TOKEN_INFO(CK_UTF8CHAR label[32], CK_UTF8CHAR manufacturerID[32], CK_UTF8CHAR model[16], \
+CK_CHAR serialNumber[16], CK_FLAGS flags, CK_ULONG ulMaxSessionCount, CK_ULONG ulSessionCount, \
+CK_ULONG ulMaxRwSessionCount, CK_ULONG ulRwSessionCount, CK_ULONG ulMaxPinLen, \
+CK_ULONG ulMinPinLen, CK_ULONG ulTotalPublicMemory, CK_ULONG ulFreePublicMemory, \
+CK_ULONG ulTotalPrivateMemory, CK_ULONG ulFreePrivateMemory, CK_VERSION hardwareVersion, \
+CK_VERSION firmwareVersion, CK_CHAR utcTime[16])
+CK_SESSION_INFO(CK_SLOT_ID slotID, CK_STATE state, CK_FLAGS flags, CK_ULONG ulDeviceError)
+CK_ATTRIBUTE(CK_ATTRIBUTE_TYPE type, CK_VOID_PTR pValue, CK_ULONG ulValueLen)
+CK_MECHANISM(CK_MECHANISM_TYPE mechanism, CK_VOID_PTR pParameter, CK_ULONG ulParameterLen)
+CK_MECHANISM_INFO(CK_ULONG ulMinKeySize, CK_ULONG ulMaxKeySize, CK_FLAGS flags)
+CK_C_INITIALIZE_ARGS(CK_CREATEMUTEX CreateMutex, CK_DESTROYMUTEX DestroyMutex, \
+CK_LOCKMUTEX LockMutex, CK_UNLOCKMUTEX UnlockMutex, CK_FLAGS flags, CK_VOID_PTR pReserved)
+CK_INTERFACE(CK_CHAR_PTR pInterfaceName, CK_VOID_PTR pFunctionList, CK_FLAGS flags)
+CK_RSA_PKCS_PSS_PARAMS(CK_MECHANISM_TYPE hashAlg, CK_RSA_PKCS_MGF_TYPE mgf, CK_ULONG sLen)
+CK_RSA_PKCS_OAEP_PARAMS(CK_MECHANISM_TYPE hashAlg, CK_RSA_PKCS_MGF_TYPE mgf, \
+CK_RSA_PKCS_OAEP_SOURCE_TYPE source, CK_VOID_PTR pSourceData, CK_ULONG ulSourceDataLen)
+CK_GCM_PARAMS(CK_BYTE_PTR pIv, CK_ULONG ulIvLen, CK_ULONG ulIvBits, CK_BYTE_PTR pAAD, \
+CK_ULONG ulAADLen, CK_ULONG ulTagBits)
+CK_ECDH1_DERIVE_PARAMS(CK_EC_KDF_TYPE kdf, CK_ULONG ulSharedDataLen, CK_BYTE_PTR pSharedData, \
+CK_ULONG ulPublicDataLen, CK_BYTE_PTR pPublicData)
+"""
 
 # One row per function, in the order of the standard's function lists. After "=": "core" when
 # pkcs11ws/_native implements it (as f_<Name>), else the CKR the generated stub returns once the
@@ -204,6 +284,9 @@ C_MessageVerifyFinal(CK_SESSION_HANDLE hSession) = CKR_FUNCTION_NOT_SUPPORTED
 """
 
 _ROW: Final = re.compile(r"^(C_\w+)\((.*)\)\s*=\s*(\w+)$")
+_DECL: Final = re.compile(r"^(CK_\w+)\((.*)\)$")
+_TYPE: Final = re.compile(r"^(CK_\w+)\s*=\s*(\w[\w ]*)$")
+_FIELD: Final = re.compile(r"^(\w+)\s+(\w+)(?:\[(\d+)\])?$")
 
 
 @dataclass(frozen=True)
@@ -228,23 +311,95 @@ class Func:
         return ", ".join(n for _, n in self.params)
 
 
+@dataclass(frozen=True)
+class Field:
+    """One member of a structure: its C type, its name and, for an array, its length."""
+
+    ctype: str
+    name: str
+    length: int | None = None
+
+    def c_decl(self) -> str:
+        return f"{self.ctype} {self.name}" + (f"[{self.length}]" if self.length else "")
+
+
+@dataclass(frozen=True)
+class Struct:
+    """One structure: its name and its fields in order."""
+
+    name: str
+    fields: tuple[Field, ...]
+
+
+def _rows(table: str) -> list[str]:
+    return [line.strip() for line in table.replace("\\\n", "").strip().splitlines()]
+
+
+def _params(text: str, row: str) -> tuple[tuple[str, str], ...]:
+    params = []
+    for p in text.split(","):
+        ctype, _, pname = p.strip().rpartition(" ")
+        if not ctype or not pname:
+            raise ValueError(f"bad parameter {p!r} in row {row!r}")
+        params.append((ctype, pname))
+    return tuple(params)
+
+
 def parse(table: str) -> list[Func]:
-    """The rows of a table string; ValueError on a row that does not parse."""
+    """The rows of a function table string; ValueError on a row that does not parse."""
     out = []
-    for line in table.replace("\\\n", "").strip().splitlines():
-        m = _ROW.match(line.strip())
+    for line in _rows(table):
+        m = _ROW.match(line)
         if m is None:
             raise ValueError(f"bad function row: {line!r}")
-        params = []
-        for p in m.group(2).split(","):
-            ctype, _, pname = p.strip().rpartition(" ")
-            if not ctype or not pname:
-                raise ValueError(f"bad parameter {p!r} in row {line!r}")
-            params.append((ctype, pname))
-        out.append(Func(m.group(1), tuple(params), m.group(3)))
+        out.append(Func(m.group(1), _params(m.group(2), line), m.group(3)))
     return out
 
 
+def parse_types(table: str) -> list[tuple[str, str]]:
+    """(name, C type) per row of TYPES; ValueError on a row that does not parse."""
+    out = []
+    for line in _rows(table):
+        m = _TYPE.match(line)
+        if m is None:
+            raise ValueError(f"bad type row: {line!r}")
+        out.append((m.group(1), m.group(2)))
+    return out
+
+
+def parse_callbacks(table: str) -> list[Func]:
+    """The rows of CALLBACKS, as functions (impl empty)."""
+    out = []
+    for line in _rows(table):
+        m = _DECL.match(line)
+        if m is None:
+            raise ValueError(f"bad callback row: {line!r}")
+        out.append(Func(m.group(1), _params(m.group(2), line), ""))
+    return out
+
+
+def parse_structs(table: str) -> list[Struct]:
+    """The rows of STRUCTS; ValueError on a row that does not parse."""
+    out = []
+    for line in _rows(table):
+        m = _DECL.match(line)
+        if m is None:
+            raise ValueError(f"bad struct row: {line!r}")
+        fields = []
+        for f in m.group(2).split(","):
+            fm = _FIELD.match(f.strip())
+            if fm is None:
+                raise ValueError(f"bad field {f!r} in row {line!r}")
+            fields.append(
+                Field(fm.group(1), fm.group(2), int(fm.group(3)) if fm.group(3) else None)
+            )
+        out.append(Struct(m.group(1), tuple(fields)))
+    return out
+
+
+TYPEDEFS: Final = parse_types(TYPES)
+CALLBACK_TYPES: Final = parse_callbacks(CALLBACKS)
+STRUCT_TYPES: Final = parse_structs(STRUCTS)
 V240: Final = parse(FUNCTIONS_240)
 V30: Final = parse(FUNCTIONS_30)
 ALL: Final = V240 + V30
