@@ -120,6 +120,9 @@ ERRORS: Final[dict[str, ErrorCode]] = {
                   "Only the softcard's owner or an admin may do this (delete, grants)."),
         ErrorCode("UNKNOWN_CLIENT", 400, C.CKR_ARGUMENTS_BAD,
                   "A grant names an identity the service does not know."),
+        ErrorCode("BATCH_TOO_LARGE", 413, C.CKR_DEVICE_ERROR,
+                  "A batch with more operations or bytes than the service's batch.max_items / "
+                  "batch.max_bytes (the module splits its batches below its BATCHSIZE)."),
         ErrorCode("INTERNAL", 500, C.CKR_DEVICE_ERROR, "An unexpected failure in the service."),
         ErrorCode("UNAVAILABLE", 503, C.CKR_DEVICE_ERROR, "The service is starting or stopping."),
     )
@@ -180,9 +183,16 @@ AttrValue = bool | int | bytes
 Attrs = dict[str, AttrValue]
 
 
+# The operations a batch may carry: the ones that change nothing (creates and destroys keep their
+# idempotent single requests).
+BATCHABLE: Final = frozenset({"sign", "verify", "encrypt", "decrypt", "random"})
+BATCH_PATH: Final = "/crypto/v1/batch"
+
+
 # --------------------------------------------------------------------------------------------
 # Structures: a field is (name, kind, required). Kinds: str, bytes (base64), int, bool, attrs,
-# or the name of another structure, optionally as "list:NAME".
+# object (any JSON object, decoded later by its own struct), or the name of another structure,
+# optionally as "list:NAME".
 
 
 @dataclass(frozen=True)
@@ -272,6 +282,18 @@ STRUCTS: Final[dict[str, Struct]] = {
         _s("Grant", "An identity allowed to use a softcard it does not own.",
            F("client", "str", doc="identity name")),
         _s("GrantList", "The identities granted use of a softcard.", F("grants", "list:Grant")),
+        _s("BatchItem", "One operation of a batch: what its single request would carry.",
+           F("op", "str", doc="one of " + ", ".join(sorted(BATCHABLE))),
+           F("token", "str", required=False,
+             doc="the activation token (the single request's 'Authorization: Bearer' value)"),
+           F("request", "object", doc="the single endpoint's request body (its struct)")),
+        _s("Batch", "Several read-only operations in one request (group commit).",
+           F("items", "list:BatchItem")),
+        _s("BatchAnswer", "One operation's outcome, in the order of the items.",
+           F("status", "int", doc="the HTTP status its single request would have got"),
+           F("answer", "object", doc="the single endpoint's response body, or an Error")),
+        _s("BatchResult", "The outcomes, one per item, in order.",
+           F("results", "list:BatchAnswer")),
         _s("Error", "Every failure.", F("code", "str"), F("message", "str")),
     )
 }  # fmt: skip
@@ -412,6 +434,12 @@ ENDPOINTS: Final[tuple[Endpoint, ...]] = (
     Endpoint("random", "POST", "/crypto/v1/random", "Random", "RandomResult",
              "Random bytes from the service's CSPRNG (no login needed).",
              errors=("BAD_REQUEST",)),
+    Endpoint("batch", "POST", BATCH_PATH, "Batch", "BatchResult",
+             "Group commit: several sign/verify/encrypt/decrypt/random operations, each with "
+             "its own token, answered in order, each with its own status and answer. Every "
+             "item passes the same authorization, audit and checks as its single request; a "
+             "refused item fails alone. Limits: batch.max_items, batch.max_bytes.",
+             errors=("BATCH_TOO_LARGE",)),
 )  # fmt: skip
 ENDPOINT_BY_OP: Final[dict[str, Endpoint]] = {e.op: e for e in ENDPOINTS}
 COMMON_ERRORS: Final = ("BAD_REQUEST", "UNKNOWN_FIELD", "BAD_BASE64", "BODY_TOO_LARGE",
@@ -515,6 +543,10 @@ def _check(kind: str, value: object, where: str) -> Any:
         return value
     if kind == "attrs":
         return decode_attrs(value, where)
+    if kind == "object":
+        if not isinstance(value, dict):
+            raise ProtocolError("BAD_REQUEST", f"{where}: expected a JSON object")
+        return value
     if kind.startswith("list:"):
         if not isinstance(value, list):
             raise ProtocolError("BAD_REQUEST", f"{where}: expected a list")

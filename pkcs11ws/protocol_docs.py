@@ -23,6 +23,8 @@ def _json_schema(kind: str) -> dict[str, Any]:
         return {"type": "integer", "minimum": 0}
     if kind == "bool":
         return {"type": "boolean"}
+    if kind == "object":
+        return {"type": "object"}
     if kind == "attrs":
         return {"$ref": "#/components/schemas/Attributes"}
     if kind.startswith("list:"):

@@ -98,7 +98,8 @@ def make_setup(people: dict[str, Who]) -> Setup:
 
 # ----------------------------------------------------------------------------- the cases
 
-GLOBAL_OPS = {"health", "random", "list_softcards", "create_softcard"}  # no softcard addressed
+# No softcard addressed (a batch item is checked as its own single request: test_server_batch).
+GLOBAL_OPS = {"health", "random", "list_softcards", "create_softcard", "batch"}
 KEYED_OPS = {ep.op for ep in protocol.ENDPOINTS if ep.auth and "{card}" not in ep.path}
 CARD_OPS = {ep.op for ep in protocol.ENDPOINTS if "{card}" in ep.path}
 
@@ -123,6 +124,7 @@ def body_for(op: str, key: str, mac: str) -> Any:
         "verify": {"key": mac, "mechanism": "CKM_SHA256_HMAC", "data": b64(b"data"),
                    "signature": sig},
         "random": {"length": 16},
+        "batch": {"items": [{"op": "random", "request": {"length": 16}}]},
     }  # fmt: skip
     ep = protocol.ENDPOINT_BY_OP[op]
     if ep.request == "Empty":

@@ -30,7 +30,7 @@ from pkcs11ws.server import audit, pipeline, reload
 from pkcs11ws.server import settings as settings_mod
 from pkcs11ws.server.accesslog import LOG_FORMAT, AccessLog
 from pkcs11ws.server.handlers import Service
-from pkcs11ws.server.identity import Clients
+from pkcs11ws.server.identity import Clients, Identity
 from pkcs11ws.server.peer import PEER_KEY
 from pkcs11ws.server.pipeline import Idem, Request, Response, dumps
 from pkcs11ws.server.sealing import MasterKeys, load_master_key
@@ -85,6 +85,8 @@ class App:
 
         self.settings = s
         self.max_body = s.max_body
+        self.batch_max_items = s.batch_max_items
+        self.batch_max_bytes = s.batch_max_bytes
         self.store = store if store is not None else open_store(s)
         metrics.time_store(self.store, metrics.STORE_METHODS)
         self._request_done = metrics.request_done
@@ -99,10 +101,13 @@ class App:
         self._static: dict[str, _Route] = {}
         self._dynamic: list[_Route] = []
         routes: dict[str, _Route] = {}
+        # The batch endpoint is served here: it runs its items through this app's pipeline.
+        self._handlers: dict[str, Handler] = {}
         for ep in protocol.ENDPOINTS:
-            handler = getattr(self.service, ep.op, None)
+            handler = self._batch if ep.op == "batch" else getattr(self.service, ep.op, None)
             if handler is None:
                 raise RuntimeError(f"no handler for endpoint {ep.op}")
+            self._handlers[ep.op] = handler
             route = routes.get(ep.path)
             if route is None:
                 route = routes[ep.path] = _Route(ep.path)
@@ -174,10 +179,7 @@ class App:
             code = "INTERNAL"
             resp = _error(code, "internal error (logged by the service)")
         if resp.status >= 300 or (seen[0] is not None and seen[0].changes):
-            if code is None and resp.status >= 400:
-                code = _code_of(resp.body)
-            pipeline.audit_outcome(seen[0], seen[1], seen[2], seen[3], resp.status, code,
-                                   resp.body)  # fmt: skip
+            _audit(seen, resp, code)
         headers = [*_JSON_HEADERS, (b"content-length", str(len(resp.body)).encode())]
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": resp.body})
@@ -244,8 +246,33 @@ class App:
         scope[_OP] = ep.op
         seen[0] = ep
         seen[2] = params
-        raw = await self._body(receive, length)
-        query = _query(ep, scope.get("query_string", b""))
+        if ep.op == "batch":
+            raw = await self._body(receive, length, self.batch_max_bytes, "BATCH_TOO_LARGE")
+        else:
+            raw = await self._body(receive, length, self.max_body, "BODY_TOO_LARGE")
+        qs = scope.get("query_string", b"")
+        return await self._operation(ep, handler, params, qs, path, raw, _UNPARSED,
+                                     authorization, idem_key, ident, seen)  # fmt: skip
+
+    async def _operation(
+        self,
+        ep: Endpoint,
+        handler: Handler,
+        params: dict[str, str],
+        qs: bytes,
+        path: str,
+        raw: bytes,
+        obj: object,
+        authorization: bytes | None,
+        idem_key: bytes | None,
+        ident: Identity,
+        seen: list[Any],
+    ) -> Response:
+        """One operation after routing: authentication, idempotency, authorization, strict
+        decoding, handler. A single request and every item of a batch go through here, so an
+        item is checked exactly as its single request would be. raw is the request body, or
+        obj its already parsed JSON (a batch item; raw is then unused)."""
+        query = _query(ep, qs)
         # The keyed crypto endpoints check the session in the same store query as the key.
         deferred = ep.op in _KEYED_OPS
         claims = (
@@ -261,9 +288,7 @@ class App:
                     "IDEMPOTENCY_KEY_REQUIRED",
                     f"{protocol.IDEMPOTENCY_HEADER}: 8-128 of A-Z a-z 0-9 _ . : -",
                 )
-            fp = self.service.keys.fingerprint(
-                method.encode(), path.encode(), scope.get("query_string", b""), raw
-            )
+            fp = self.service.keys.fingerprint(ep.method.encode(), path.encode(), qs, raw)
             # Keys are per identity: one identity can neither replay nor probe another's, so
             # the replay may come before authorization (a repeated delete answers as the
             # first did, though the card is gone now).
@@ -280,7 +305,7 @@ class App:
             else None
         )
         try:
-            body = _decode(ep.request, raw)
+            body = _decode(ep.request, raw) if obj is _UNPARSED else _decode_obj(ep.request, obj)
         except ApiError:
             if deferred and claims is not None:
                 # An ended session outranks a bad body, as when it is checked up front.
@@ -289,14 +314,50 @@ class App:
         seen[3] = body
         return await handler(Request(ep, params, query, body, claims, idem, ident, card))
 
-    async def _body(self, receive: Receive, length: bytes | None) -> bytes:
+    async def _batch(self, req: Request) -> Response:
+        """POST /crypto/v1/batch: each item through _operation, as its own single request
+        would go (token, identity binding, authorization, decoding, audit); one item's refusal
+        is its own answer and never fails the others."""
+        items: list[dict[str, Any]] = req.body["items"]
+        if len(items) > self.batch_max_items:
+            raise ApiError("BATCH_TOO_LARGE", f"a batch carries at most {self.batch_max_items} "
+                           f"operations, not {len(items)}")  # fmt: skip
+        ident = req.ident
+        parts: list[bytes] = []
+        for item in items:
+            op: str = item["op"]
+            seen: list[Any] = [None, ident, _NO_PARAMS, None]
+            code: str | None = None
+            try:
+                if op not in protocol.BATCHABLE:
+                    raise ApiError("BAD_REQUEST", f"{op!r} cannot be batched")
+                ep = protocol.ENDPOINT_BY_OP[op]
+                seen[0] = ep
+                token: str | None = item.get("token")
+                authorization = None if token is None else b"Bearer " + token.encode()
+                resp = await self._operation(ep, self._handlers[op], _NO_PARAMS, b"", ep.path,
+                                             b"", item["request"], authorization, None, ident,
+                                             seen)  # fmt: skip
+            except ApiError as exc:
+                code = exc.code
+                resp = _error(code, exc.message)
+            except Exception:
+                error_log.exception("internal error on a batched %s", op)
+                code = "INTERNAL"
+                resp = _error(code, "internal error (logged by the service)")
+            if resp.status >= 300:
+                _audit(seen, resp, code)
+            parts.append(b'{"status":%d,"answer":%s}' % (resp.status, resp.body))
+        return Response(200, b'{"results":[' + b",".join(parts) + b"]}")
+
+    async def _body(self, receive: Receive, length: bytes | None, limit: int, code: str) -> bytes:
         if length is not None:
             try:
                 declared = int(length)
             except ValueError:
                 raise ApiError("BAD_REQUEST", "invalid Content-Length") from None
-            if declared > self.max_body:
-                raise ApiError("BODY_TOO_LARGE", f"the body is over {self.max_body} bytes")
+            if declared > limit:
+                raise ApiError(code, f"the body is over {limit} bytes")
         chunks: list[bytes] = []
         total = 0
         while True:
@@ -306,8 +367,8 @@ class App:
             chunk: bytes = msg.get("body", b"")
             if chunk:
                 total += len(chunk)
-                if total > self.max_body:
-                    raise ApiError("BODY_TOO_LARGE", f"the body is over {self.max_body} bytes")
+                if total > limit:
+                    raise ApiError(code, f"the body is over {limit} bytes")
                 chunks.append(chunk)
             if not msg.get("more_body", False):
                 break
@@ -324,6 +385,14 @@ class App:
 
 
 _NO_PARAMS: Final[dict[str, str]] = {}
+_UNPARSED: Final = object()  # _operation's obj when the body is still raw bytes
+
+
+def _audit(seen: list[Any], resp: Response, code: str | None) -> None:
+    """The audit line of a refused request or a change (pipeline.audit_outcome)."""
+    if code is None and resp.status >= 400:
+        code = _code_of(resp.body)
+    pipeline.audit_outcome(seen[0], seen[1], seen[2], seen[3], resp.status, code, resp.body)
 
 
 def _code_of(body: bytes) -> str | None:
@@ -352,6 +421,14 @@ def _decode(struct: str, raw: bytes) -> dict[str, Any]:
             obj = json.loads(raw)
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueError
         raise ApiError("BAD_REQUEST", "the body is not valid JSON") from None
+    try:
+        return protocol.decode(STRUCTS[struct], obj)
+    except RecursionError:
+        raise ApiError("BAD_REQUEST", "the body is nested too deeply") from None
+
+
+def _decode_obj(struct: str, obj: object) -> dict[str, Any]:
+    """A batch item's request, parsed with its batch: the same strict struct check."""
     try:
         return protocol.decode(STRUCTS[struct], obj)
     except RecursionError:

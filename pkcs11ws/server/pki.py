@@ -221,6 +221,9 @@ clients: {q(d / "clients.yaml")}  # client identities and roles (issue-client ad
 unlisted_clients: refuse        # a CA certificate clients.yaml omits: refuse (403) or app
 crl: null                       # or a CRL file of the CA (revoked serials; re-read on SIGHUP)
 {_database_yaml(d, store)}max_body: {settings.DEFAULT_MAX_BODY}              # bytes
+batch:                          # POST /crypto/v1/batch (the module's group commit)
+  max_items: 64                 # operations per batch
+  max_bytes: 1048576            # bytes per batch request (<= max_body)
 activation_ttl: {settings.DEFAULT_ACTIVATION_TTL}           # seconds a softcard activation lasts
 idempotency_ttl: 86400          # seconds an Idempotency-Key is remembered
 lockout:                        # wrong passphrases: after `threshold` in a row the softcard

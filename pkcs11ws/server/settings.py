@@ -79,6 +79,10 @@ KEYS: Final[tuple[Key, ...]] = (
     Key("database.pool_timeout", int, 5, "PostgreSQL: seconds a request waits for a database "
         "connection before it is answered 503, which clients retry (1-3600)."),
     Key("max_body", int, DEFAULT_MAX_BODY, "Largest request body in bytes (>= 1024)."),
+    Key("batch.max_items", int, 64, "Most operations one `POST /crypto/v1/batch` may carry "
+        "(1-4096); more: 413 BATCH_TOO_LARGE."),
+    Key("batch.max_bytes", int, 1024 * 1024, "Largest batch request body in bytes (>= 1024; "
+        "max_body when that is smaller); more: 413 BATCH_TOO_LARGE."),
     Key("activation_ttl", int, DEFAULT_ACTIVATION_TTL, "Seconds a softcard activation lasts."),
     Key("idempotency_ttl", int, 24 * 3600, "Seconds an `Idempotency-Key` and its answer are "
         "remembered."),
@@ -134,6 +138,8 @@ class Settings:
     database_synchronous: str
     store: StoreConfig  # what store.open_store opens
     max_body: int
+    batch_max_items: int
+    batch_max_bytes: int
     activation_ttl: int
     idempotency_ttl: int
     lockout_threshold: int
@@ -253,6 +259,7 @@ def load(path: str | os.PathLike[str]) -> Settings:
     if unlisted not in ("refuse", "app"):
         raise SettingsError("unlisted_clients: refuse or app")
     crl = _v(raw, "crl")
+    max_body = _positive("max_body", _v(raw, "max_body"), 1024)
     return Settings(
         path=p,
         host=_v(raw, "host"),
@@ -267,7 +274,11 @@ def load(path: str | os.PathLike[str]) -> Settings:
         database_path=db_path,
         database_synchronous=sync,
         store=store,
-        max_body=_positive("max_body", _v(raw, "max_body"), 1024),
+        max_body=max_body,
+        batch_max_items=_positive("batch.max_items", _v(raw, "batch.max_items"), 1, 4096),
+        batch_max_bytes=min(
+            _positive("batch.max_bytes", _v(raw, "batch.max_bytes"), 1024), max_body
+        ),
         activation_ttl=_positive("activation_ttl", _v(raw, "activation_ttl")),
         idempotency_ttl=_positive("idempotency_ttl", _v(raw, "idempotency_ttl")),
         lockout_threshold=_positive("lockout.threshold", _v(raw, "lockout.threshold"), 1, 1000),
