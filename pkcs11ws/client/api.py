@@ -62,6 +62,7 @@ import time
 from pkcs11ws import constants as C
 from pkcs11ws import protocol
 from pkcs11ws._lite import dataclass
+from pkcs11ws.client.group import Call, GroupCommit
 from pkcs11ws.client.transport import BASE_HEADERS, CurlFailure, Transport
 from pkcs11ws.config import Config
 from pkcs11ws.errors import (
@@ -130,6 +131,11 @@ _SIGN: Final = _OPS["sign"]
 _VERIFY: Final = _OPS["verify"]
 _ENCRYPT: Final = _OPS["encrypt"]
 _DECRYPT: Final = _OPS["decrypt"]
+_RANDOM: Final = _OPS["random"]
+_BATCH: Final = _OPS["batch"]
+# A batch the service cannot take: an older service without the endpoint, or a batch over its
+# limits. The calls then go as single requests (and, without the endpoint, from then on).
+_NO_BATCH: Final = frozenset({"NOT_FOUND", "METHOD_NOT_ALLOWED", "BATCH_TOO_LARGE"})
 
 
 class _RequestIds:
@@ -241,6 +247,13 @@ class KeyServiceClient:
         self._token_headers: dict[str, tuple[str, ...]] = {}
         # (op, key, mechanism) -> the request JSON up to the first base64 field's opening quote.
         self._prefixes: dict[tuple[str, str, str], bytes] = {}
+        # (op, token) -> a batch item's JSON up to its request body.
+        self._items: dict[tuple[str, str | None], bytes] = {}
+        # Group commit (group.py): BATCHINFLIGHT requests in flight per server; 0: off.
+        self.group: GroupCommit | None = None
+        if cfg.batchinflight:
+            self.group = GroupCommit(cfg.batchinflight * len(cfg.servers), cfg.batchsize,
+                                     self._single, self._send_batch)  # fmt: skip
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -249,6 +262,8 @@ class KeyServiceClient:
 
     def reset_after_fork(self) -> None:
         _REQUEST_IDS.reset()
+        if self.group is not None:
+            self.group.reset()
         self.transport.reset_after_fork()
         self.pending.clear()  # the parent may retry with them: the child must not
 
@@ -348,13 +363,21 @@ class KeyServiceClient:
                 C.CKR_DEVICE_ERROR, "BAD_RESPONSE", status, "malformed answer from the key service"
             ) from None
 
-    def _fast(self, spec: _Op, data: bytes, token: str) -> tuple[int, Any]:
+    def _fast(self, spec: _Op, data: bytes, token: str | None) -> tuple[int, Any]:
+        """One crypto call: (2xx status, the parsed JSON answer), alone or in a batch."""
+        group = self.group
+        if group is None:
+            return self._single(spec.name, token, data)
+        return group.run(spec.name, token, data)
+
+    def _single(self, op: str, token: str | None, data: bytes) -> tuple[int, Any]:
         """One crypto request on the fast path: (status, the parsed JSON answer).
 
         The retry policy is the same as call()'s: the first attempt's outcome is handed to
         _send() when it is not a 2xx answer, or when debug tracing wants every attempt logged.
         """
-        cached: Sequence[str] | None = self._token_headers.get(token)
+        spec = _OPS[op]
+        cached: Sequence[str] | None = self._token_headers.get(token) if token else None
         if cached is None:
             cached = self._headers(token, None)
         headers = (*cached, _REQUEST_IDS.header())
@@ -374,6 +397,53 @@ class KeyServiceClient:
             return status, _loads(raw)
         except ValueError:
             return status, self._decode(spec, status, raw)  # raises BAD_RESPONSE
+
+    def _send_batch(self, calls: list[Call]) -> None:
+        """Send calls in one batch request; leave each its answer or error (never raises)."""
+        items = self._items
+        parts = []
+        for c in calls:
+            prefix = items.get((c.op, c.token))
+            if prefix is None:
+                if len(items) >= _MAX_PREFIXES:
+                    items.clear()
+                token = "" if c.token is None else f',"token":{_json_str(c.token)}'
+                prefix = f'{{"op":"{c.op}"{token},"request":'.encode("ascii")
+                items[(c.op, c.token)] = prefix
+            parts.append(prefix + c.data + b"}")
+        body = b'{"items":[' + b",".join(parts) + b"]}"
+        headers = (*BASE_HEADERS, _REQUEST_IDS.header())
+        try:
+            # One request for all: the deadline counts from the oldest call's start.
+            status, raw = self._send(_BATCH, _BATCH.path, body, headers, None,
+                                     min(c.started for c in calls))  # fmt: skip
+            results = self._decode(_BATCH, status, raw)["results"]
+            if len(results) != len(calls):
+                self.log.error(f"batch: {len(results)} answers to {len(calls)} calls")
+                raise ServiceError(C.CKR_DEVICE_ERROR, "BAD_RESPONSE", status,
+                                   "malformed answer from the key service")  # fmt: skip
+        except ServiceError as e:
+            if e.code in _NO_BATCH:
+                if e.code != "BATCH_TOO_LARGE" and self.group is not None:
+                    self.group.size = 1  # no batch endpoint there: single requests from now on
+                if self.log.enabled(WARNING):
+                    self.log.warning(f"batch refused ({e}): sending the calls one by one")
+                for c in calls:
+                    c.alone = True
+                return
+            for c in calls:
+                c.error = e
+            return
+        except BaseException as e:  # every carried call fails with it
+            for c in calls:
+                c.error = e
+            return
+        for c, r in zip(calls, results, strict=True):
+            st = r["status"]
+            if 200 <= st < 300:
+                c.status, c.answer = st, r["answer"]
+            else:
+                c.error = self._service_error(st, _dumps(r["answer"]).encode())
 
     def _prefix(self, op: str, key: str, mechanism: str, first: str) -> bytes:
         """The request JSON up to the opening quote of field first (the first base64 one)."""
@@ -667,5 +737,13 @@ class KeyServiceClient:
             )
 
     def random(self, length: int) -> bytes:
-        data: bytes = self.call("random", body={"length": length})["data"]
-        return data
+        if self.group is None:
+            data: bytes = self.call("random", body={"length": length})["data"]
+            return data
+        status, r = self._fast(_RANDOM, b'{"length":%d}' % length, None)
+        if type(r) is dict and len(r) == 1:
+            out = _canonical_b64(r.get("data"))
+            if out is not None:
+                return out
+        result: bytes = self._decode(_RANDOM, status, r)["data"]
+        return result
