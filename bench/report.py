@@ -96,7 +96,7 @@ def aggregate(results: Iterable[dict[str, Any]]) -> dict[Key, Agg]:
 
 
 def _sum_sizes(rs: list[dict[str, Any]]) -> dict[int, int] | None:
-    if not any("batch_sizes" in r for r in rs):
+    if not any(r.get("batch_sizes") for r in rs):
         return None
     out: dict[int, int] = defaultdict(int)
     for r in rs:
