@@ -2,7 +2,7 @@
 
 A call takes a slot when fewer than `limit` requests (BATCHINFLIGHT per key service) are in
 flight and sends its own single request at once: one thread alone never waits for anyone.
-A call that finds every slot busy queues and waits (threading.Event: the GIL is released).
+A call that finds every slot busy queues and waits on a lock (the GIL is released).
 When a request ends, its slot goes to the queue: the oldest waiting call becomes the sender of
 the next request, carrying up to `size` queued calls (and at most `max_bytes` of request bodies)
 to the batch endpoint; a lone call goes as its single request. Every call gets its own answer
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from _thread import allocate_lock
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
@@ -41,7 +42,11 @@ class Call:
         self.token = token
         self.data = data
         self.started = started  # time.monotonic() when the call began: its TIMEOUT counts from it
-        self.done = threading.Event()
+        # Released once when the call's answer (or its turn to send) is there. A bare lock, not
+        # a threading.Event: an Event is a Condition in Python code, several frames and a lock
+        # allocation more per wait (bench/results/profile-issue15.md).
+        self.done = allocate_lock()
+        self.done.acquire()
         self.status = 0
         self.answer: Any = None
         self.error: BaseException | None = None
@@ -90,7 +95,7 @@ class GroupCommit:
                 return self._single(op, token, data)
             finally:
                 self._release(1)
-        call.done.wait()
+        call.done.acquire()  # released by the sender: the GIL is released while blocked
         group = call.lead
         if group is not None:
             try:
@@ -104,7 +109,8 @@ class GroupCommit:
             finally:
                 self._release(len(group))
                 for other in group:
-                    other.done.set()
+                    if other is not call:
+                        other.done.release()
         if call.alone:
             return self._single(op, token, data)
         if call.error is not None:
@@ -129,4 +135,4 @@ class GroupCommit:
             del queue[:n]
         head = group[0]
         head.lead = group
-        head.done.set()
+        head.done.release()
