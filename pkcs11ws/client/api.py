@@ -269,8 +269,7 @@ class KeyServiceClient:
         # Group commit (group.py): BATCHINFLIGHT requests in flight per server; 0: off.
         self.group: GroupCommit | None = None
         if cfg.batchinflight:
-            self.group = GroupCommit(cfg.batchinflight * len(cfg.servers), cfg.batchsize,
-                                     self._single, self._send_batch)  # fmt: skip
+            self.group = GroupCommit(cfg.batchinflight * len(cfg.servers), cfg.batchsize)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -385,7 +384,7 @@ class KeyServiceClient:
         group = self.group
         if group is None:
             return self._single(spec.name, token, data)
-        return group.run(spec.name, token, data)
+        return group.run(spec.name, token, data, self._single, self._send_batch)
 
     def _single(self, op: str, token: str | None, data: bytes) -> tuple[int, Any]:
         """One crypto request on the fast path: (status, the parsed JSON answer).

@@ -59,18 +59,11 @@ class GroupCommit:
         self,
         limit: int,
         size: int,
-        single: Callable[[str, str | None, bytes], tuple[int, Any]],
-        batch: Callable[[list[Call]], None],
         max_bytes: int = MAX_BYTES,
     ) -> None:
-        """single(op, token, data) sends one call's own request and returns (status, answer)
-        or raises; batch(calls) sends them in one request and sets each call's status and
-        answer, error, or alone; it must not raise."""
         self.limit = limit
         self.size = size
         self.max_bytes = max_bytes
-        self._single = single
-        self._batch = batch
         self.sizes: dict[int, int] = {}  # requests sent by the number of calls they carried
         self.reset()
 
@@ -80,8 +73,19 @@ class GroupCommit:
         self._busy = 0
         self._queue: list[Call] = []
 
-    def run(self, op: str, token: str | None, data: bytes) -> tuple[int, Any]:
-        """(status, parsed answer) of one call, sent alone or with others."""
+    def run(
+        self,
+        op: str,
+        token: str | None,
+        data: bytes,
+        single: Callable[[str, str | None, bytes], tuple[int, Any]],
+        batch: Callable[[list[Call]], None],
+    ) -> tuple[int, Any]:
+        """(status, parsed answer) of one call, sent alone or with others. single(op, token,
+        data) sends one call's own request and returns (status, answer) or raises; batch(calls)
+        sends them in one request and sets each call's status and answer, error, or alone; it
+        must not raise. (Passed per call, not kept: the client owns the group, and a reference
+        back would make a cycle that keeps the client's curl handles alive past C_Finalize.)"""
         lock = self._lock
         with lock:
             if self._busy < self.limit:
@@ -92,7 +96,7 @@ class GroupCommit:
                 self._queue.append(call)
         if call is None:
             try:
-                return self._single(op, token, data)
+                return single(op, token, data)
             finally:
                 self._release(1)
         call.done.acquire()  # released by the sender: the GIL is released while blocked
@@ -101,18 +105,18 @@ class GroupCommit:
             try:
                 if len(group) == 1:
                     try:
-                        call.status, call.answer = self._single(op, token, data)
+                        call.status, call.answer = single(op, token, data)
                     except BaseException as e:  # handed to the caller below
                         call.error = e
                 else:
-                    self._batch(group)
+                    batch(group)
             finally:
                 self._release(len(group))
                 for other in group:
                     if other is not call:
                         other.done.release()
         if call.alone:
-            return self._single(op, token, data)
+            return single(op, token, data)
         if call.error is not None:
             raise call.error
         return call.status, call.answer
