@@ -310,6 +310,16 @@ class Lab:
         token_env = {"BENCH_TOKEN": self.token}
         out = [
             self.module_variant(svc),
+            self._p11(
+                "module-c-single",
+                "the same, group commit off (BATCHINFLIGHT 0: one request per call)",
+                self.module,
+                {**self.module_env(svc.port), "PKCS11WS_BATCHINFLIGHT": "0"},
+                svc,
+                svc.port,
+                P11_OPS,
+                cpu,
+            ),
             self._py(
                 "python-pkcs11",
                 "python-pkcs11 -> libpkcs11ws.so -> key service",

@@ -99,6 +99,7 @@ def run_loop(
         time.sleep(warmup)
     _marker("measure-start", sync)
     c0 = module_connects()
+    b0 = batch_sizes()
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     phase[0] = 1
@@ -111,6 +112,7 @@ def run_loop(
     t1 = time.perf_counter()
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     c1 = module_connects()
+    b1 = batch_sizes()
     _marker("measure-stop", sync)
     for t in ts:
         t.join()
@@ -134,7 +136,26 @@ def run_loop(
         "user_s": ru1.ru_utime - ru0.ru_utime,
         "sys_s": ru1.ru_stime - ru0.ru_stime,
         "module_connects": c1 - c0 if c0 >= 0 else -1,  # TLS connections in the window
+        # Requests the client sent in the window, by the number of calls each carried.
+        "batch_sizes": {n: k - b0.get(n, 0) for n, k in sorted(b1.items()) if k > b0.get(n, 0)},
     }
+
+
+_CLIENTS: list[Any] = []  # KeyServiceClients made here (client mode)
+
+
+def batch_sizes() -> dict[int, int]:
+    """The group commit's requests so far, by the number of calls each carried (client/group.py);
+    empty when batching is off or no client of ours is in this process."""
+    core = sys.modules.get("pkcs11ws._native.core")
+    provider = core.current_provider() if core is not None else None
+    clients = [*_CLIENTS, *([provider.client] if provider is not None else [])]
+    out: dict[int, int] = {}
+    for c in clients:
+        group = getattr(c, "group", None)
+        for n, k in dict(group.sizes if group is not None else {}).items():
+            out[n] = out.get(n, 0) + k
+    return out
 
 
 def module_connects() -> int:
@@ -284,6 +305,7 @@ def client_ops(a: argparse.Namespace) -> Callable[[int], Op]:
     from pkcs11ws.config import load_config
 
     client = KeyServiceClient(load_config(a.config))
+    _CLIENTS.append(client)
     token = os.environ["BENCH_TOKEN"]
     data = bytes(range(64))
 

@@ -71,6 +71,8 @@ class Agg:
     new_conns: int
     connects_window: int
     errors: int
+    ops_range: tuple[float, float] = (0.0, 0.0)  # lowest and highest ops/s of the repetitions
+    batch_sizes: dict[int, int] | None = None  # requests by calls carried, summed over reps
 
 
 def aggregate(results: Iterable[dict[str, Any]]) -> dict[Key, Agg]:
@@ -87,8 +89,30 @@ def aggregate(results: Iterable[dict[str, Any]]) -> dict[Key, Agg]:
             sum(int(r.get("new_connections", 0)) for r in rs),
             sum(int(r.get("connects_window", 0)) for r in rs),
             sum(int(r.get("errors", 0)) for r in rs),
+            (min(r.get("ops_per_s", 0.0) for r in rs), max(r.get("ops_per_s", 0.0) for r in rs)),
+            _sum_sizes(rs),
         )
     return out
+
+
+def _sum_sizes(rs: list[dict[str, Any]]) -> dict[int, int] | None:
+    if not any(r.get("batch_sizes") for r in rs):
+        return None
+    out: dict[int, int] = defaultdict(int)
+    for r in rs:
+        for n, k in r.get("batch_sizes", {}).items():
+            out[int(n)] += int(k)
+    return dict(sorted(out.items()))
+
+
+def size_summary(sizes: dict[int, int]) -> str:
+    """A batch size distribution in one cell: requests, calls per request, the histogram."""
+    reqs = sum(sizes.values())
+    calls = sum(n * k for n, k in sizes.items())
+    if not reqs:
+        return "-"
+    hist = " ".join(f"{n}:{k}" for n, k in sizes.items())
+    return f"{reqs:,} requests, {calls / reqs:.2f} calls/request ({hist})"
 
 
 def _f(x: float | None, digits: int = 1) -> str:
@@ -173,6 +197,41 @@ def targets(agg: dict[Key, Agg], run: dict[str, Any]) -> list[Target]:
             "us",
             "<=",
             1.5,
+        ),
+    ]
+    # Issue 15's targets.
+    out += [
+        ratio(
+            f"issue 15: {hi}-thread throughput: module / p11-kit remoting of SoftHSM2",
+            m("module-c", hi, "ops_per_s"),
+            m("p11kit-softhsm", hi, "ops_per_s"),
+            "ops/s",
+            ">=",
+            1.0,
+        ),
+        ratio(
+            "issue 15: 1-thread p50: module / libcurl from C to the minimal ASGI HMAC app",
+            m("module-c", 1, "p50_us"),
+            m("floor-libcurl", 1, "p50_us"),
+            "us",
+            "<=",
+            1.15,
+        ),
+        ratio(
+            f"issue 15: service CPU per signature at {hi} threads: module / minimal app",
+            m("module-c", hi, "server_cpu_us_per_op"),
+            m("floor-libcurl", hi, "server_cpu_us_per_op"),
+            "us",
+            "<=",
+            1.0,
+        ),
+        ratio(
+            "issue 15: nothing slower at 1 thread: module p50 with / without group commit",
+            m("module-c", 1, "p50_us"),
+            m("module-c-single", 1, "p50_us"),
+            "us",
+            "<=",
+            1.0,
         ),
     ]
     for t in sorted({1, hi}):
@@ -269,6 +328,7 @@ def _rows(agg: dict[Key, Agg], phase: str, order: Callable[[Key], Any]) -> list[
                 k[2],
                 str(k[3]),
                 _f(med.get("ops_per_s"), 0),
+                f"{_f(a.ops_range[0], 0)}-{_f(a.ops_range[1], 0)}",
                 _us(med.get("p50_us")),
                 _us(med.get("p99_us")),
                 _us(med.get("cpu_us_per_op")),
@@ -287,6 +347,7 @@ HEAD = [
     "op",
     "threads",
     "ops/s",
+    "ops/s min-max",
     "p50 us",
     "p99 us",
     "client CPU us/op",
@@ -340,6 +401,18 @@ def markdown(run: dict[str, Any], mach: dict[str, str]) -> str:
     lines += ["", "## HMAC-SHA256 C_Sign of 64 bytes (and its transport floors)", ""]
     lines += [f"- `{n}`: {d}" for n, d in run.get("variant_describe", {}).items()]
     lines += ["", *_table(HEAD, _rows(agg, "sweep", vorder))]
+    sized = [(k, a) for k, a in sorted(agg.items(), key=lambda ka: vorder(ka[0]))
+             if a.batch_sizes is not None and k[0] == "sweep"]  # fmt: skip
+    if sized:
+        lines += [
+            "",
+            "Group commit (Python hosts, where the client's counters are readable): requests "
+            "the module sent in the measured windows, by the number of calls each carried "
+            "(1: a single request).",
+            "",
+            *_table(["variant", "threads", "batch sizes"],
+                    [[k[1], str(k[3]), size_summary(a.batch_sizes or {})] for k, a in sized]),
+        ]  # fmt: skip
     lines += [
         "",
         "## Other operations (our module and its PKCS#11 peers)",

@@ -56,10 +56,19 @@ def _cluster_pids(data_dir: Path) -> list[int]:
 
 
 class Driver:
-    """Calls into one App as uvicorn would, one request at a time."""
+    """Calls into one App as uvicorn would, one request at a time, on one kept connection
+    whose client certificate is `client_pem` (server/peer.py puts it in the scope's state)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, client_pem: bytes) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        from pkcs11ws.server.identity import Peer
+        from pkcs11ws.server.peer import PEER_KEY
+
         self.app = app
+        der = x509.load_pem_x509_certificate(client_pem).public_bytes(Encoding.DER)
+        self.state = {PEER_KEY: Peer(der)}
 
     async def call(self, method: str, path: str, body: Any = None, token: str | None = None,
                    idem: str | None = None) -> tuple[int, Any]:  # fmt: skip
@@ -70,7 +79,7 @@ class Driver:
         if idem:
             headers.append((b"idempotency-key", idem.encode()))
         scope = {"type": "http", "method": method, "path": path, "headers": headers,
-                 "query_string": b""}  # fmt: skip
+                 "query_string": b"", "state": self.state}  # fmt: skip
         sent: list[dict[str, Any]] = []
 
         async def receive() -> dict[str, Any]:
@@ -113,7 +122,7 @@ async def _run(workdir: Path, store: str | None, n: int, data_dir: Path | None) 
     s = settings.load(res.server_yaml)
     s = type(s)(**{**s.__dict__, "access_log": False})
     app = App(s)
-    d = Driver(app)
+    d = Driver(app, (workdir / "pki" / "client.pem").read_bytes())  # the identity "admin"
     status, card = await d.call("POST", "/km/v1/softcards",
                                 {"name": uuid.uuid4().hex[:16], "passphrase": b64(b"pw")},
                                 idem=uuid.uuid4().hex)  # fmt: skip

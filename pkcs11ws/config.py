@@ -57,6 +57,8 @@ class Config:
     path: str
     overrides: tuple[str, ...]
     warnings: tuple[str, ...]
+    batchinflight: int = 2
+    batchsize: int = 32
 
     @property
     def servers(self) -> tuple[tuple[str, int], ...]:
@@ -205,6 +207,10 @@ KEYS: Final[dict[str, _Key]] = {
     # never block for minutes when the service is down).
     "CONNECTTIMEOUT": _Key(_int(1, 3600), 10),
     "TIMEOUT": _Key(_int(1, 3600), 30),
+    # Group commit (issue 15): crypto calls that arrive while BATCHINFLIGHT requests per server
+    # are in flight wait and leave together in one batch request of at most BATCHSIZE calls.
+    "BATCHINFLIGHT": _Key(_int(0, 64), 2),
+    "BATCHSIZE": _Key(_int(1, 4096), 32),
 }
 
 

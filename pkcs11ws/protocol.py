@@ -24,6 +24,8 @@ VERSION: Final = "1.0"
 OPENAPI_PATH: Final = "/openapi.json"
 HEALTH_PATH: Final = "/health"
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
+REQUEST_ID_HEADER: Final = "X-Request-Id"  # sent by the module, written in both logs
+REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 TOKEN_HEADER: Final = "Authorization"  # "Bearer <activation token>"
 MAX_PASSPHRASE: Final = 256
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9]{1,64}$")
@@ -112,6 +114,16 @@ ERRORS: Final[dict[str, ErrorCode]] = {
                   "An attribute that cannot be changed (only CKA_LABEL and CKA_ID can)."),
         ErrorCode("ACTION_PROHIBITED", 403, C.CKR_ACTION_PROHIBITED,
                   "The object's CKA_COPYABLE or CKA_MODIFIABLE is false."),
+        ErrorCode("CLIENT_NOT_AUTHORIZED", 403, C.CKR_DEVICE_ERROR,
+                  "The client certificate is not listed in the service's clients file, or was "
+                  "revoked: no request is served over it."),
+        ErrorCode("FORBIDDEN", 403, C.CKR_ACTION_PROHIBITED,
+                  "Only the softcard's owner or an admin may do this (delete, grants)."),
+        ErrorCode("UNKNOWN_CLIENT", 400, C.CKR_ARGUMENTS_BAD,
+                  "A grant names an identity the service does not know."),
+        ErrorCode("BATCH_TOO_LARGE", 413, C.CKR_DEVICE_ERROR,
+                  "A batch with more operations or bytes than the service's batch.max_items / "
+                  "batch.max_bytes (the module splits its batches below its BATCHSIZE)."),
         ErrorCode("INTERNAL", 500, C.CKR_DEVICE_ERROR, "An unexpected failure in the service."),
         ErrorCode("UNAVAILABLE", 503, C.CKR_DEVICE_ERROR, "The service is starting or stopping."),
     )
@@ -172,9 +184,16 @@ AttrValue = bool | int | bytes
 Attrs = dict[str, AttrValue]
 
 
+# The operations a batch may carry: the ones that change nothing (creates and destroys keep their
+# idempotent single requests).
+BATCHABLE: Final = frozenset({"sign", "verify", "encrypt", "decrypt", "random"})
+BATCH_PATH: Final = "/crypto/v1/batch"
+
+
 # --------------------------------------------------------------------------------------------
 # Structures: a field is (name, kind, required). Kinds: str, bytes (base64), int, bool, attrs,
-# or the name of another structure, optionally as "list:NAME".
+# object (any JSON object, decoded later by its own struct), or the name of another structure,
+# optionally as "list:NAME".
 
 
 @dataclass(frozen=True)
@@ -222,7 +241,9 @@ STRUCTS: Final[dict[str, Struct]] = {
            F("failure_threshold", "int", required=False,
              doc="the failures at which activation locks (server lockout.threshold)"),
            F("locked_for", "int", required=False,
-             doc="seconds activation stays locked (0: not locked)")),
+             doc="seconds activation stays locked (0: not locked)"),
+           F("owner", "str", required=False,
+             doc="the identity that created it (absent: made before identities existed)")),
         _s("SoftcardList", "All softcards.", F("softcards", "list:Softcard")),
         _s("Activate", "Log in to a softcard.",
            F("passphrase", "bytes", max_len=MAX_PASSPHRASE)),
@@ -260,6 +281,21 @@ STRUCTS: Final[dict[str, Struct]] = {
            F("valid", "bool")),
         _s("Random", "Random bytes.", F("length", "int", doc="1-65536")),
         _s("RandomResult", "Random bytes.", F("data", "bytes")),
+        _s("Grant", "An identity allowed to use a softcard it does not own.",
+           F("client", "str", doc="identity name")),
+        _s("GrantList", "The identities granted use of a softcard.", F("grants", "list:Grant")),
+        _s("BatchItem", "One operation of a batch: what its single request would carry.",
+           F("op", "str", doc="one of " + ", ".join(sorted(BATCHABLE))),
+           F("token", "str", required=False,
+             doc="the activation token (the single request's 'Authorization: Bearer' value)"),
+           F("request", "object", doc="the single endpoint's request body (its struct)")),
+        _s("Batch", "Several read-only operations in one request (group commit).",
+           F("items", "list:BatchItem")),
+        _s("BatchAnswer", "One operation's outcome, in the order of the items.",
+           F("status", "int", doc="the HTTP status its single request would have got"),
+           F("answer", "object", doc="the single endpoint's response body, or an Error")),
+        _s("BatchResult", "The outcomes, one per item, in order.",
+           F("results", "list:BatchAnswer")),
         _s("Error", "Every failure.", F("code", "str"), F("message", "str")),
     )
 }  # fmt: skip
@@ -281,6 +317,8 @@ class Endpoint:
     idempotent: bool = False  # needs an Idempotency-Key header (create/destroy)
     errors: tuple[str, ...] = ()
     query: tuple[str, ...] = ()  # query parameters (boolean flags)
+    access: str = "any"  # who may call it: a key of ACCESS
+    changes: bool = False  # a state change: audited when it succeeds (failures always are)
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -289,6 +327,17 @@ class Endpoint:
         )
 
 
+# Who may call an endpoint (every caller must first be a listed identity: CLIENT_NOT_AUTHORIZED).
+# The service enforces these in one place (server/pipeline.py); the docs render this table.
+ACCESS: Final[dict[str, str]] = {
+    "any": "any listed identity (list shows an app identity only its own and granted softcards)",
+    "card": "the softcard's owner, an identity it was granted to, or an admin; for anyone else "
+    "the softcard does not exist (SOFTCARD_NOT_FOUND, the same answer as for a missing one)",
+    "owner": "the softcard's owner or an admin; an identity it was granted to gets FORBIDDEN, "
+    "anyone else SOFTCARD_NOT_FOUND",
+    "token": "the identity the activation token was issued to, over a connection with that "
+    "identity's certificate; any other connection gets NOT_ACTIVATED",
+}
 _CARD = "/km/v1/softcards/{card}"
 _KEY_ERRS = (
     "NOT_ACTIVATED",
@@ -303,68 +352,100 @@ ENDPOINTS: Final[tuple[Endpoint, ...]] = (
     Endpoint("list_softcards", "GET", "/km/v1/softcards", "Empty", "SoftcardList",
              "List softcards with their object counts."),
     Endpoint("create_softcard", "POST", "/km/v1/softcards", "SoftcardCreate", "Softcard",
-             "Create a softcard protected by a passphrase.", idempotent=True,
+             "Create a softcard protected by a passphrase; the caller becomes its owner.",
+             idempotent=True, changes=True,
              errors=("INVALID_NAME", "PASSPHRASE_LEN_RANGE", "SOFTCARD_EXISTS")),
     Endpoint("get_softcard", "GET", _CARD, "Empty", "Softcard", "One softcard.",
-             errors=("SOFTCARD_NOT_FOUND",)),
+             errors=("SOFTCARD_NOT_FOUND",), access="card"),
     Endpoint("delete_softcard", "DELETE", _CARD, "Empty", "Empty",
              "Delete a softcard; refused while it holds keys unless ?force=true.",
              idempotent=True, query=("force",),
-             errors=("SOFTCARD_NOT_FOUND", "SOFTCARD_NOT_EMPTY")),
+             errors=("SOFTCARD_NOT_FOUND", "SOFTCARD_NOT_EMPTY", "FORBIDDEN"), access="owner",
+             changes=True),
     Endpoint("activate", "POST", _CARD + "/activate", "Activate", "Activation",
              "Log in: check the passphrase and return a sealed activation token.",
              errors=("SOFTCARD_NOT_FOUND", "PASSPHRASE_INCORRECT", "PASSPHRASE_LOCKED",
-                     "PASSPHRASE_LEN_RANGE")),
+                     "PASSPHRASE_LEN_RANGE"), access="card", changes=True),
     Endpoint("deactivate", "POST", _CARD + "/deactivate", "Empty", "Empty",
-             "Log out: revoke the activation token.", auth=True, errors=("NOT_ACTIVATED",)),
+             "Log out: revoke the activation token.", auth=True, errors=("NOT_ACTIVATED",),
+             access="token", changes=True),
+    Endpoint("renew", "POST", _CARD + "/renew", "Empty", "Activation",
+             "Renew a live activation: a fresh token for the same session, valid for the full "
+             "lifetime again (the module calls it once a token is past half its life).",
+             auth=True, errors=("NOT_ACTIVATED", "SOFTCARD_NOT_FOUND"), access="token",
+             changes=True),
+    Endpoint("list_grants", "GET", _CARD + "/grants", "Empty", "GrantList",
+             "The identities the softcard is granted to.",
+             errors=("SOFTCARD_NOT_FOUND", "FORBIDDEN"), access="owner"),
+    Endpoint("grant", "PUT", _CARD + "/grants/{client}", "Empty", "Empty",
+             "Let another identity see, activate (with the passphrase) and use the softcard.",
+             errors=("SOFTCARD_NOT_FOUND", "FORBIDDEN", "UNKNOWN_CLIENT"), access="owner",
+             changes=True),
+    Endpoint("revoke_grant", "DELETE", _CARD + "/grants/{client}", "Empty", "Empty",
+             "Withdraw a grant; the identity's activations of the softcard end at once.",
+             errors=("SOFTCARD_NOT_FOUND", "FORBIDDEN", "UNKNOWN_CLIENT"), access="owner",
+             changes=True),
     Endpoint("search_objects", "POST", _CARD + "/objects/search", "Search", "ObjectList",
              "Find objects by class, key type, label, id, application (any attributes).",
-             auth=True, errors=("NOT_ACTIVATED", "ATTRIBUTE_TYPE_INVALID")),
+             auth=True, errors=("NOT_ACTIVATED", "ATTRIBUTE_TYPE_INVALID"), access="token"),
     Endpoint("create_object", "POST", _CARD + "/objects", "ObjectCreate", "Object",
              "Create a data object or X.509 certificate, or import a secret key.",
              auth=True, idempotent=True,
              errors=("NOT_ACTIVATED", "TEMPLATE_INCOMPLETE", "TEMPLATE_INCONSISTENT",
-                     "ATTRIBUTE_TYPE_INVALID", "ATTRIBUTE_VALUE_INVALID", "KEY_SIZE_RANGE")),
+                     "ATTRIBUTE_TYPE_INVALID", "ATTRIBUTE_VALUE_INVALID", "KEY_SIZE_RANGE"),
+             access="token", changes=True),
     Endpoint("search_public", "POST", _CARD + "/public/search", "Search", "ObjectList",
              "Find the softcard's public objects (certificates with CKA_PRIVATE false) without "
              "an activation token, as PKCS#11 shows them before C_Login.",
-             errors=("SOFTCARD_NOT_FOUND", "ATTRIBUTE_TYPE_INVALID")),
+             errors=("SOFTCARD_NOT_FOUND", "ATTRIBUTE_TYPE_INVALID"), access="card"),
     Endpoint("copy_object", "POST", _CARD + "/objects/{handle}/copy", "ObjectCopy", "Object",
              "Copy an object under a new handle (C_CopyObject), changing the given attributes.",
              auth=True, idempotent=True,
              errors=("NOT_ACTIVATED", "OBJECT_NOT_FOUND", "ACTION_PROHIBITED",
-                     "ATTRIBUTE_READ_ONLY", "ATTRIBUTE_TYPE_INVALID")),
+                     "ATTRIBUTE_READ_ONLY", "ATTRIBUTE_TYPE_INVALID"), access="token",
+             changes=True),
     Endpoint("update_object", "POST", _CARD + "/objects/{handle}/attributes", "ObjectUpdate",
              "Object", "Rename an object: set CKA_LABEL and/or CKA_ID (C_SetAttributeValue).",
              auth=True,
              errors=("NOT_ACTIVATED", "OBJECT_NOT_FOUND", "ACTION_PROHIBITED",
-                     "ATTRIBUTE_READ_ONLY", "ATTRIBUTE_TYPE_INVALID")),
+                     "ATTRIBUTE_READ_ONLY", "ATTRIBUTE_TYPE_INVALID"), access="token",
+             changes=True),
     Endpoint("get_object", "GET", _CARD + "/objects/{handle}", "Empty", "Object",
-             "One object's attributes.", auth=True, errors=("NOT_ACTIVATED", "OBJECT_NOT_FOUND")),
+             "One object's attributes.", auth=True, errors=("NOT_ACTIVATED", "OBJECT_NOT_FOUND"),
+             access="token"),
     Endpoint("delete_object", "DELETE", _CARD + "/objects/{handle}", "Empty", "Empty",
              "Destroy an object.", auth=True, idempotent=True,
-             errors=("NOT_ACTIVATED", "OBJECT_NOT_FOUND")),
+             errors=("NOT_ACTIVATED", "OBJECT_NOT_FOUND"), access="token", changes=True),
     Endpoint("generate_key", "POST", _CARD + "/keys/generate", "KeyGenerate", "Object",
              "Generate an AES or HMAC key; its value never leaves the service.",
              auth=True, idempotent=True,
              errors=("NOT_ACTIVATED", "MECHANISM_INVALID", "TEMPLATE_INCOMPLETE",
-                     "TEMPLATE_INCONSISTENT", "KEY_SIZE_RANGE")),
+                     "TEMPLATE_INCONSISTENT", "KEY_SIZE_RANGE"), access="token", changes=True),
     Endpoint("encrypt", "POST", "/crypto/v1/encrypt", "Cipher", "CipherResult",
-             "AES-CBC(-PAD) encryption.", auth=True, errors=(*_KEY_ERRS, "DATA_LEN_RANGE")),
+             "AES-CBC(-PAD) encryption.", auth=True, errors=(*_KEY_ERRS, "DATA_LEN_RANGE"),
+             access="token"),
     Endpoint("decrypt", "POST", "/crypto/v1/decrypt", "Cipher", "CipherResult",
              "AES-CBC(-PAD) decryption.", auth=True,
-             errors=(*_KEY_ERRS, "ENCRYPTED_DATA_LEN_RANGE", "ENCRYPTED_DATA_INVALID")),
+             errors=(*_KEY_ERRS, "ENCRYPTED_DATA_LEN_RANGE", "ENCRYPTED_DATA_INVALID"),
+             access="token"),
     Endpoint("sign", "POST", "/crypto/v1/sign", "Sign", "Signature", "HMAC sign.", auth=True,
-             errors=_KEY_ERRS),
+             errors=_KEY_ERRS, access="token"),
     Endpoint("verify", "POST", "/crypto/v1/verify", "Verify", "Verified", "HMAC verify.",
-             auth=True, errors=(*_KEY_ERRS, "SIGNATURE_INVALID", "SIGNATURE_LEN_RANGE")),
+             auth=True, errors=(*_KEY_ERRS, "SIGNATURE_INVALID", "SIGNATURE_LEN_RANGE"),
+             access="token"),
     Endpoint("random", "POST", "/crypto/v1/random", "Random", "RandomResult",
              "Random bytes from the service's CSPRNG (no login needed).",
              errors=("BAD_REQUEST",)),
+    Endpoint("batch", "POST", BATCH_PATH, "Batch", "BatchResult",
+             "Group commit: several sign/verify/encrypt/decrypt/random operations, each with "
+             "its own token, answered in order, each with its own status and answer. Every "
+             "item passes the same authorization, audit and checks as its single request; a "
+             "refused item fails alone. Limits: batch.max_items, batch.max_bytes.",
+             errors=("BATCH_TOO_LARGE",)),
 )  # fmt: skip
 ENDPOINT_BY_OP: Final[dict[str, Endpoint]] = {e.op: e for e in ENDPOINTS}
 COMMON_ERRORS: Final = ("BAD_REQUEST", "UNKNOWN_FIELD", "BAD_BASE64", "BODY_TOO_LARGE",
-                        "INTERNAL", "UNAVAILABLE")  # fmt: skip
+                        "CLIENT_NOT_AUTHORIZED", "INTERNAL", "UNAVAILABLE")  # fmt: skip
 
 
 def path_for(op: str, **params: str) -> str:
@@ -464,6 +545,10 @@ def _check(kind: str, value: object, where: str) -> Any:
         return value
     if kind == "attrs":
         return decode_attrs(value, where)
+    if kind == "object":
+        if not isinstance(value, dict):
+            raise ProtocolError("BAD_REQUEST", f"{where}: expected a JSON object")
+        return value
     if kind.startswith("list:"):
         if not isinstance(value, list):
             raise ProtocolError("BAD_REQUEST", f"{where}: expected a list")

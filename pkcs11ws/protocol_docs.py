@@ -23,6 +23,8 @@ def _json_schema(kind: str) -> dict[str, Any]:
         return {"type": "integer", "minimum": 0}
     if kind == "bool":
         return {"type": "boolean"}
+    if kind == "object":
+        return {"type": "object"}
     if kind == "attrs":
         return {"$ref": "#/components/schemas/Attributes"}
     if kind.startswith("list:"):
@@ -93,7 +95,8 @@ def openapi() -> dict[str, Any]:
                 "description": "Error: " + ", ".join(codes),
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
             }
-        op: dict[str, Any] = {"operationId": ep.op, "summary": ep.doc, "responses": responses}
+        op: dict[str, Any] = {"operationId": ep.op, "summary": ep.doc, "responses": responses,
+                              "x-access": ep.access}  # fmt: skip
         if params:
             op["parameters"] = params
         if ep.request != "Empty" or ep.method == "POST":
@@ -136,17 +139,37 @@ def markdown() -> str:
         "below; the module returns the CKR listed. 5xx and network failures are retried by "
         "the module (MAXRETRIES, RETRYDELAY); 4xx never are.",
         "",
+        f"- Request ids: the module sends `{P.REQUEST_ID_HEADER}` "
+        f"(`{P.REQUEST_ID_RE.pattern}`) with every request; the service writes it in its audit "
+        "trail, so one operation can be followed across the module's log and the service's.",
+        "",
+        "## Identities and roles",
+        "",
+        "Every client certificate maps to a named identity in the service's clients file, with a "
+        "role: `admin` manages every softcard; `app` sees, activates and uses only the softcards "
+        "it created (it is their owner) or was granted by their owner, and deletes only those "
+        "it owns. Other softcards do not exist for it. A certificate "
+        "of the CA that the clients file does not list (or that was revoked) gets "
+        "`CLIENT_NOT_AUTHORIZED` on every request. An activation token works only over "
+        "connections of the identity that obtained it. Deleting a softcard needs its owner or "
+        "an admin, not the passphrase (the passphrase guards the keys' secrecy; an admin must "
+        "be able to remove a softcard whose passphrase is lost). A grant lets another identity "
+        "see the softcard and activate it with the passphrase; it never lets it delete the "
+        "softcard or grant further. The `who` column below refers to:",
+        "",
+        *(f"- `{name}`: {text}." for name, text in P.ACCESS.items()),
+        "",
         "## Endpoints",
         "",
-        "| method | path | request | response | flags | what |",
-        "|---|---|---|---|---|---|",
+        "| method | path | request | response | flags | who | what |",
+        "|---|---|---|---|---|---|---|",
     ]
     for ep in P.ENDPOINTS:
         flags = " ".join(f for f, on in (("auth", ep.auth), ("idem", ep.idempotent)) if on)
         q = "?" + "&".join(f"{n}=true" for n in ep.query) if ep.query else ""
         out.append(
-            f"| {ep.method} | `{ep.path}{q}` | {ep.request} | {ep.response} | {flags} | {ep.doc} "
-            f"Errors: {', '.join(ep.errors) or '-'}. |"
+            f"| {ep.method} | `{ep.path}{q}` | {ep.request} | {ep.response} | {flags} | "
+            f"{ep.access} | {ep.doc} Errors: {', '.join(ep.errors) or '-'}. |"
         )
     out += ["", "## Structures", ""]
     for s in P.STRUCTS.values():

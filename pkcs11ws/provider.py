@@ -14,7 +14,9 @@ PKCS11Error (with the CKR to return); the core's one funnel maps any other excep
   costs no round trip; another process's wrong passphrases show after the next C_GetSlotList).
   The state is an activation token from the service; its presence is mirrored into the core so
   that C_*Init and C_GetSessionInfo need no Python. An answer NOT_ACTIVATED (expired or
-  revoked) logs out.
+  revoked) logs out. A login in use never meets the activation lifetime: a token past half its
+  life is renewed (the service's `renew`) by the next operation that uses it, and swapped in
+  for every session.
 - Objects: handles are the core's (1, 2, ...), stable within the process, mapped here to the
   service's UUIDs with each object's attributes cached from the answer that produced them, so
   C_GetAttributeValue after C_FindObjects costs no round trip.
@@ -50,6 +52,8 @@ else:  # typing is too heavy for the module's start-up
     Protocol = object
 
 RANDOM_CHUNK = 65536  # the service's largest random request
+_NEVER = float("inf")
+RENEW_RETRY = 30.0  # seconds before retrying a renewal that got no answer
 
 
 class Native(Protocol):
@@ -179,6 +183,8 @@ class Provider:
         self._quick: KeyServiceClient | None = None
         self._lock = threading.Lock()
         self.tokens: dict[int, str] = {}  # slot ID -> activation token
+        # slot ID -> time.monotonic() at which its token is past half its life: renew then.
+        self.renew_at: dict[int, float] = {}
         self._login_locks: dict[int, threading.Lock] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -285,6 +291,7 @@ class Provider:
                 raise
             with self._lock:
                 self.tokens[slot_id] = token
+                self.renew_at[slot_id] = time.monotonic() + expires / 2
         if slot.pin_flags:
             slot.pin_flags = 0  # a good passphrase resets the service's count
             self.native.slot_set_pin_flags(slot_id, 0)
@@ -300,6 +307,38 @@ class Provider:
             return
         slot.pin_flags = pin_flags(card)
         self.native.slot_set_pin_flags(slot.slot_id, slot.pin_flags)
+
+    def _renew(self, slot_id: int, token: str) -> str:
+        """Renew-while-in-use: a token past half its life is swapped for a fresh one, so a
+        long-running application never meets the activation lifetime while it keeps working.
+        On no answer the old token is kept (it is still valid) and renewal is tried later."""
+        with self._lock:
+            lock = self._login_locks.setdefault(slot_id, threading.Lock())
+        with lock:
+            current = self.tokens.get(slot_id)
+            if current is None:
+                raise PKCS11Error(C.CKR_USER_NOT_LOGGED_IN)
+            if current != token or time.monotonic() < self.renew_at.get(slot_id, _NEVER):
+                return current  # another thread renewed it meanwhile
+            slot = self._slot(slot_id)
+            try:
+                fresh, expires = self.client.renew(slot.card, token)
+            except ServiceError as e:
+                if e.code == "NOT_ACTIVATED" or e.code == "SOFTCARD_NOT_FOUND":
+                    self._forget_login(slot_id)
+                    raise PKCS11Error(C.CKR_USER_NOT_LOGGED_IN, e.message) from None
+                LOG.warning(f"slot {slot_id}: renewing the login failed ({e}); retrying later")
+                self.renew_at[slot_id] = time.monotonic() + RENEW_RETRY
+                return token
+            except PKCS11Error as e:
+                LOG.warning(f"slot {slot_id}: renewing the login failed ({e}); retrying later")
+                self.renew_at[slot_id] = time.monotonic() + RENEW_RETRY
+                return token
+            with self._lock:
+                self.tokens[slot_id] = fresh
+                self.renew_at[slot_id] = time.monotonic() + expires / 2
+        LOG.debug1(f"slot {slot_id}: login renewed for {expires} s")
+        return fresh
 
     def logout(self, slot_id: int) -> None:
         with self._lock:
@@ -334,6 +373,8 @@ class Provider:
         token = self.tokens.get(slot_id)
         if token is None:
             raise PKCS11Error(C.CKR_USER_NOT_LOGGED_IN)
+        if time.monotonic() >= self.renew_at.get(slot_id, _NEVER):
+            return self._renew(slot_id, token)
         return token
 
     def _call(self, slot_id: int, fn: Callable[..., T], *args: Any, obj: Obj | None = None) -> T:
@@ -391,6 +432,8 @@ class Provider:
                 return []
             found = self.client.search_public(slot.card, attrs)
         else:
+            if time.monotonic() >= self.renew_at.get(slot_id, _NEVER):
+                token = self._renew(slot_id, token)
             found = self._call(slot_id, self.client.search_objects, slot.card, token, attrs)
         handles = []
         for item in found:
@@ -483,6 +526,8 @@ class Provider:
         token = self.tokens.get(slot_id)
         if token is None:
             raise PKCS11Error(C.CKR_USER_NOT_LOGGED_IN)
+        if time.monotonic() >= self.renew_at.get(slot_id, _NEVER):
+            token = self._renew(slot_id, token)
         with self.dir.lock:
             obj = self.dir.objects.get(handle)
         if obj is None or obj.slot_id != slot_id:

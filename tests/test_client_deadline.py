@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import datetime as dt
 import glob
+import hashlib
 import os
 import socket
 import threading
@@ -87,6 +88,14 @@ def issue(
         )
     )
     os.chmod(kp, 0o600)
+    clients = ca.parent / "clients.yaml" if ca is not None else None
+    if clients is not None and clients.exists():
+        # The service serves only identities its clients file lists: register this one (the
+        # service re-reads the file when an unknown certificate connects after it changed).
+        from pkcs11ws.server import identity
+
+        fp = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+        identity.add_client(clients, f"{name}-{os.urandom(4).hex()}", "app", fp)
     return pem, kp
 
 

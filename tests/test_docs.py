@@ -148,6 +148,8 @@ EXPECT = {
     "Use it from Java, OpenSSL, p11-kit, pkcs11-tool and Python": ("libpkcs11ws.so",),
     "OpenSSL 3 (pkcs11-provider)": ("BEGIN CERTIFICATE", "Total found: 1"),
     "OpenSC pkcs11-tool": ("token label        : mycard", "Created certificate"),
+    "Client identities, roles and grants": ("registered 'payments'",
+                                            "token label        : paycard"),
     "Running the key service": ('"status":"ok"', "pkcs11ws_workers_ready 2.0", "backed up",
                                 "restored"),
 }  # fmt: skip

@@ -85,7 +85,8 @@ def test_500_python_threads_open_a_handful_of_connections(service, tmp_path) -> 
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["n_errors"] == 0, out["errors"]
-    assert out["requests"] >= 1000  # each thread: a search and a sign
+    # Each thread: a search and a sign (signs of concurrent threads may share a batch request).
+    assert out["requests"] >= 500
     assert out["failures"] == 0
     # At most one handle per request in flight (4 threads, and the main thread's login), and
     # each handle connected once: not one connection per thread.

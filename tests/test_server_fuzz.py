@@ -117,7 +117,7 @@ def fuzz(service):
 
 def _path(ep: protocol.Endpoint, ctx: dict) -> str:
     card = str(uuid.uuid4()) if ep.op == "delete_softcard" else ctx["card"]
-    return ep.path.format(card=card, handle=ctx["victim"])
+    return ep.path.format(card=card, handle=ctx["victim"], client="nobody")
 
 
 def _check(r) -> None:

@@ -3,7 +3,8 @@
 - keys.db (with its WAL) copied without master.key opens nothing, even with the right
   passphrase: not offline (scrypt + AES-GCM by hand), not with the service code and another
   master key; and without its master key the service does not start.
-- a v1 store (card keys wrapped under scrypt only) is migrated by step 3 and every key works.
+- a v1 store (card keys wrapped under scrypt only) is migrated by steps 2 and 3 and every key
+  works.
 - a master key held by SoftHSM2 (python-pkcs11, key non-extractable) works end to end across a
   restart.
 - state files are owner-only; the minimum passphrase length is enforced and configurable.
@@ -187,6 +188,11 @@ def _downgrade_to_v1(d: Path) -> list[bytes]:
     con.execute("UPDATE meta SET v = '1' WHERE k = 'schema'")
     for column in ("pending", "pending_until"):  # the master-key step's lockout columns
         con.execute(f"ALTER TABLE softcards DROP COLUMN {column}")
+    # and what the identities' step 2 added (owners, grants, the identity of each session)
+    con.execute("DROP INDEX softcards_owner")
+    con.execute("ALTER TABLE softcards DROP COLUMN owner")
+    con.execute("DROP TABLE grants")
+    con.execute("ALTER TABLE sessions DROP COLUMN client")
     con.execute("COMMIT")
     con.close()
     con = sqlite3.connect(d / "keys.db")

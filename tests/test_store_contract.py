@@ -62,13 +62,14 @@ def store(make_store: Callable[[], Store]) -> Store:
     return make_store()
 
 
-def card_row(name: str | None = None) -> CardRow:
+def card_row(name: str | None = None, owner: str | None = None) -> CardRow:
     return CardRow(str(uuid.uuid4()), name or uuid.uuid4().hex[:20], "2026-01-02T03:04:05Z",
-                   b"\x00salt\xff" * 2, 4096, 8, 1, b"\x01wrapped\x00" * 6)  # fmt: skip
+                   b"\x00salt\xff" * 2, 4096, 8, 1, b"\x01wrapped\x00" * 6,
+                   owner=owner)  # fmt: skip
 
 
-def new_card(store: Store, name: str | None = None) -> CardRow:
-    row = card_row(name)
+def new_card(store: Store, name: str | None = None, owner: str | None = None) -> CardRow:
+    row = card_row(name, owner)
     with store.write() as tx:
         assert tx.card_insert(row)
     return row
@@ -187,8 +188,8 @@ def test_card_delete_takes_objects_and_sessions(store: Store) -> None:
     with store.write() as tx:
         tx.object_insert(ka)
         tx.object_insert(kb)
-        tx.session_insert("sa", a.id, now + 60)
-        tx.session_insert("sb", b.id, now + 60)
+        tx.session_insert("sa", a.id, now + 60, "app1")
+        tx.session_insert("sb", b.id, now + 60, "app1")
     with store.write() as tx:
         tx.card_delete(a.id)
     with store.read() as r:
@@ -209,6 +210,75 @@ def test_card_failures(store: Store) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# Owners and grants (schema step 2)
+
+
+def test_owners_and_visible_cards(store: Store) -> None:
+    mine = new_card(store, "mine", owner="alice")
+    theirs = new_card(store, "theirs", owner="bob")
+    legacy = new_card(store, "legacy")  # made before identities: no owner, admins only
+    with store.read() as r:
+        assert r.card_get(mine.id) == mine and r.card_get(legacy.id) == legacy
+        assert [c for c, _ in r.card_list()] == [legacy, mine, theirs]
+        assert [c for c, _ in r.card_list("alice")] == [mine]
+        assert r.card_list("carol") == []
+
+
+def test_grants_end_only_that_identitys_sessions(store: Store) -> None:
+    a = new_card(store, "granted", owner="alice")
+    b = new_card(store, "other", owner="alice")
+    now = time.time()
+    with store.write() as tx:
+        tx.grant_put(a.id, "bob")
+        tx.grant_put(a.id, "bob")  # already may: no-op
+        tx.grant_put(a.id, "carol")
+        tx.grant_put(b.id, "bob")
+        tx.session_insert("alice-a", a.id, now + 100, "alice")
+        tx.session_insert("bob-a", a.id, now + 100, "bob")
+        tx.session_insert("bob-b", b.id, now + 100, "bob")
+    with store.read() as r:
+        assert r.grant_list(a.id) == ["bob", "carol"]
+        assert r.grant_exists(a.id, "bob") and not r.grant_exists(a.id, "dave")
+        assert not r.grant_exists("no-such-card", "bob")
+        assert [c.id for c, _ in r.card_list("bob")] == [a.id, b.id]
+    with store.write() as tx:
+        assert tx.grant_delete(a.id, "bob")
+        assert not tx.grant_delete(a.id, "bob")  # none left
+        assert tx.grant_list(a.id) == ["carol"]  # a WriteTx sees its own change
+    with store.read() as r:
+        assert not r.session_valid("bob-a", a.id, now)  # ended with the grant
+        assert r.session_valid("alice-a", a.id, now)  # the owner's stays
+        assert r.session_valid("bob-b", b.id, now)  # bob's grant on the other card stays
+        assert [c.id for c, _ in r.card_list("bob")] == [b.id]
+    with store.write() as tx:
+        tx.card_delete(a.id)
+    with store.read() as r:
+        assert r.grant_list(a.id) == [] and not r.grant_exists(a.id, "carol")
+        assert r.card_list("carol") == []
+    # A new card that happens to reuse nothing inherits no grant.
+    with store.write() as tx:
+        assert tx.card_insert(card_row("granted", owner="alice"))
+    with store.read() as r:
+        assert r.card_list("carol") == []
+
+
+def test_session_extend(store: Store) -> None:
+    a = new_card(store, owner="alice")
+    now = time.time()
+    with store.write() as tx:
+        tx.session_insert("s", a.id, now + 10, "alice")
+    with store.write() as tx:
+        assert tx.session_extend("s", a.id, now + 1000)
+        assert not tx.session_extend("s", "another-card", now + 1000)
+        assert not tx.session_extend("no-such-session", a.id, now + 1000)
+    with store.read() as r:
+        assert r.session_valid("s", a.id, now + 500)
+    with store.write() as tx:
+        assert tx.session_delete("s")
+        assert not tx.session_extend("s", a.id, now + 2000)  # logout ends renewed logins too
+
+
+# ------------------------------------------------------------------------------------------
 # Sessions
 
 
@@ -216,8 +286,8 @@ def test_sessions(store: Store) -> None:
     a, b = new_card(store), new_card(store)
     now = time.time()
     with store.write() as tx:
-        tx.session_insert("live", a.id, now + 100)
-        tx.session_insert("old", a.id, now - 1)
+        tx.session_insert("live", a.id, now + 100, "app1")
+        tx.session_insert("old", a.id, now - 1, "app1")
     with store.read() as r:
         assert r.session_valid("live", a.id, now)
         assert not r.session_valid("live", b.id, now)  # another card's session
@@ -239,7 +309,7 @@ def test_session_object_in_one_answer(store: Store) -> None:
     with store.write() as tx:
         tx.object_insert(k)
         tx.object_insert(kb)
-        tx.session_insert("s", a.id, now + 100)
+        tx.session_insert("s", a.id, now + 100, "app1")
     with store.read() as r:
         assert r.session_object("s", a.id, now, k.handle) == (True, k)
         assert r.session_object("s", a.id, now, "missing") == (True, None)
@@ -473,6 +543,40 @@ def test_a_checked_empty_card_gains_no_key_before_delete(
         assert r.card_get(a.id) is None
 
 
+def test_a_withdrawn_grant_leaves_no_activation_behind(
+    make_store: Callable[[], Store], store: Store
+) -> None:
+    # activate: read the card in a write transaction (lock), check the grant, insert the session.
+    # A withdrawal racing it must either end that session or be seen by it: never a live
+    # session of an identity that has no grant any more.
+    a = new_card(store, owner="alice")
+    with store.write() as tx:
+        tx.grant_put(a.id, "bob")
+    now = time.time()
+
+    def job(s: Store, i: int) -> None:
+        if i == 0:
+            time.sleep(0.01)
+            with s.write() as tx:
+                assert tx.grant_delete(a.id, "bob")
+            return
+        for n in range(5):
+            with s.write() as tx:
+                card = tx.card_get(a.id)
+                assert card is not None
+                if not tx.grant_exists(a.id, "bob"):
+                    return
+                time.sleep(0.002)
+                tx.session_insert(f"s{i}-{n}", a.id, now + 100, "bob")
+
+    _in_parallel(make_store, job)
+    with store.read() as r:
+        assert not r.grant_exists(a.id, "bob")
+        live = [f"s{i}-{n}" for i in range(1, WORKERS) for n in range(5)
+                if r.session_valid(f"s{i}-{n}", a.id, now)]  # fmt: skip
+    assert live == []
+
+
 # ------------------------------------------------------------------------------------------
 # Lockout reservations (WriteTx.card_reserve_attempt / card_settle_attempt)
 
@@ -542,7 +646,7 @@ def test_parallel_reservations_never_exceed_the_quota(
 def test_master_key_step_rewraps_cards_of_an_earlier_schema(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A database left at version 1 (the first release) holding cards: the master-key step
+    # A database left just before the master-key step, holding cards: that step
     # rewrites every wrapped_key through card_rewrap, and refuses to run without it.
     from pkcs11ws.server import pg_store, sqlite_store
 

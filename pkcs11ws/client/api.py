@@ -39,6 +39,10 @@ configuration; an unreachable service stays CKR_DEVICE_ERROR).
 Error answers are JSON {"code", "message"} mapped through protocol.ckr_for(); anything else maps
 by HTTP status alone. Request and response bodies are never logged.
 
+Every logical request carries an X-Request-Id (a per-process random prefix and a counter; its
+retries reuse it), logged here at DEBUG3 and written by the service in its audit trail, so one
+operation can be followed across both logs.
+
 sign, verify, encrypt and decrypt (the per-operation calls) take a fast path: the request JSON is
 assembled directly (a cached prefix per key and mechanism, binascii base64), the first attempt
 goes straight to the transport (the retry loop runs only after a failure, and only when no debug
@@ -50,6 +54,7 @@ and every error are the same as on the generic path.
 from __future__ import annotations
 
 import binascii
+import itertools
 import json
 import os
 import time
@@ -57,6 +62,7 @@ import time
 from pkcs11ws import constants as C
 from pkcs11ws import protocol
 from pkcs11ws._lite import dataclass
+from pkcs11ws.client.group import Call, GroupCommit
 from pkcs11ws.client.transport import BASE_HEADERS, CurlFailure, Transport
 from pkcs11ws.config import Config
 from pkcs11ws.errors import (
@@ -125,6 +131,34 @@ _SIGN: Final = _OPS["sign"]
 _VERIFY: Final = _OPS["verify"]
 _ENCRYPT: Final = _OPS["encrypt"]
 _DECRYPT: Final = _OPS["decrypt"]
+_RANDOM: Final = _OPS["random"]
+_BATCH: Final = _OPS["batch"]
+# A batch the service cannot take: an older service without the endpoint, or a batch over its
+# limits. The calls then go as single requests (and, without the endpoint, from then on).
+_NO_BATCH: Final = frozenset({"NOT_FOUND", "METHOD_NOT_ALLOWED", "BATCH_TOO_LARGE"})
+
+
+class _RequestIds:
+    """X-Request-Id values: a random prefix per process (renewed in a forked child) + a count."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._prefix = f"{protocol.REQUEST_ID_HEADER}: {os.urandom(5).hex()}-"
+        self._count = itertools.count(1)
+
+    def header(self) -> str:
+        return self._prefix + str(next(self._count))
+
+
+_REQUEST_IDS: Final = _RequestIds()
+_RID_SKIP: Final = len(protocol.REQUEST_ID_HEADER) + 2
+
+
+def _rid(headers: Sequence[str]) -> str:
+    """The request id in a header list (for the log)."""
+    return headers[-1][_RID_SKIP:]
 
 
 def _new_idempotency_key() -> str:
@@ -186,6 +220,23 @@ def _canonical_b64(value: object) -> bytes | None:
     return protocol.canonical_b64(value)
 
 
+def _batch_results(raw: bytes) -> list[dict[str, Any]] | None:
+    """A batch answer's results when it has exactly the BatchResult shape (what the strict
+    protocol.decode accepts), else None: a few exact tests instead of the generic walk."""
+    try:
+        obj = _loads(raw)
+    except ValueError:
+        return None
+    results = obj.get("results") if type(obj) is dict and len(obj) == 1 else None
+    if type(results) is not list:
+        return None
+    for r in results:
+        if not (type(r) is dict and len(r) == 2 and type(r.get("answer")) is dict
+                and type(r.get("status")) is int and r["status"] >= 0):  # fmt: skip
+            return None
+    return results
+
+
 def _path_param(name: str, value: str) -> str:
     if not value or len(value) > 64 or not _PATH_PARAM_CHARS.issuperset(value):
         # Handles come from the service; anything else is a caller bug, never sent on the wire.
@@ -213,6 +264,12 @@ class KeyServiceClient:
         self._token_headers: dict[str, tuple[str, ...]] = {}
         # (op, key, mechanism) -> the request JSON up to the first base64 field's opening quote.
         self._prefixes: dict[tuple[str, str, str], bytes] = {}
+        # (op, token) -> a batch item's JSON up to its request body.
+        self._items: dict[tuple[str, str | None], bytes] = {}
+        # Group commit (group.py): BATCHINFLIGHT requests in flight per server; 0: off.
+        self.group: GroupCommit | None = None
+        if cfg.batchinflight:
+            self.group = GroupCommit(cfg.batchinflight * len(cfg.servers), cfg.batchsize)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -220,6 +277,9 @@ class KeyServiceClient:
         return self.transport.stats()
 
     def reset_after_fork(self) -> None:
+        _REQUEST_IDS.reset()
+        if self.group is not None:
+            self.group.reset()
         self.transport.reset_after_fork()
         self.pending.clear()  # the parent may retry with them: the child must not
 
@@ -285,7 +345,8 @@ class KeyServiceClient:
             if idempotency_key is None:
                 idempotency_key = _new_idempotency_key()
             try:
-                status, raw = self._send(spec, path, data, self._headers(token, idempotency_key))
+                headers = (*self._headers(token, idempotency_key), _REQUEST_IDS.header())
+                status, raw = self._send(spec, path, data, headers)
             except PKCS11Error as e:
                 # Without an answer (or with a 5xx) the service may have committed an attempt:
                 # the same request again must carry this key to get that answer back. A key
@@ -299,7 +360,8 @@ class KeyServiceClient:
                     self.pending.keep(slot or PendingKeys.slot(op, path, data), idempotency_key)
                 raise
         else:
-            status, raw = self._send(spec, path, data, self._headers(token, idempotency_key))
+            headers = (*self._headers(token, idempotency_key), _REQUEST_IDS.header())
+            status, raw = self._send(spec, path, data, headers)
         if status == 204 or (not raw and spec.response.name == "Empty"):
             return {}
         return self._decode(spec, status, raw)
@@ -317,15 +379,24 @@ class KeyServiceClient:
                 C.CKR_DEVICE_ERROR, "BAD_RESPONSE", status, "malformed answer from the key service"
             ) from None
 
-    def _fast(self, spec: _Op, data: bytes, token: str) -> tuple[int, Any]:
+    def _fast(self, spec: _Op, data: bytes, token: str | None) -> tuple[int, Any]:
+        """One crypto call: (2xx status, the parsed JSON answer), alone or in a batch."""
+        group = self.group
+        if group is None:
+            return self._single(spec.name, token, data)
+        return group.run(spec.name, token, data, self._single, self._send_batch)
+
+    def _single(self, op: str, token: str | None, data: bytes) -> tuple[int, Any]:
         """One crypto request on the fast path: (status, the parsed JSON answer).
 
         The retry policy is the same as call()'s: the first attempt's outcome is handed to
         _send() when it is not a 2xx answer, or when debug tracing wants every attempt logged.
         """
-        headers: Sequence[str] | None = self._token_headers.get(token)
-        if headers is None:
-            headers = self._headers(token, None)
+        spec = _OPS[op]
+        cached: Sequence[str] | None = self._token_headers.get(token) if token else None
+        if cached is None:
+            cached = self._headers(token, None)
+        headers = (*cached, _REQUEST_IDS.header())
         if self.log.level >= DEBUG3:
             status, raw = self._send(spec, spec.path, data, headers)
         else:
@@ -342,6 +413,55 @@ class KeyServiceClient:
             return status, _loads(raw)
         except ValueError:
             return status, self._decode(spec, status, raw)  # raises BAD_RESPONSE
+
+    def _send_batch(self, calls: list[Call]) -> None:
+        """Send calls in one batch request; leave each its answer or error (never raises)."""
+        items = self._items
+        parts = []
+        for c in calls:
+            prefix = items.get((c.op, c.token))
+            if prefix is None:
+                if len(items) >= _MAX_PREFIXES:
+                    items.clear()
+                token = "" if c.token is None else f',"token":{_json_str(c.token)}'
+                prefix = f'{{"op":"{c.op}"{token},"request":'.encode("ascii")
+                items[(c.op, c.token)] = prefix
+            parts.append(prefix + c.data + b"}")
+        body = b'{"items":[' + b",".join(parts) + b"]}"
+        headers = (*BASE_HEADERS, _REQUEST_IDS.header())
+        try:
+            # One request for all: the deadline counts from the oldest call's start.
+            status, raw = self._send(_BATCH, _BATCH.path, body, headers, None,
+                                     min(c.started for c in calls))  # fmt: skip
+            results = _batch_results(raw)
+            if results is None:  # not the expected shape: the strict decoder says why
+                results = self._decode(_BATCH, status, raw)["results"]
+            if len(results) != len(calls):
+                self.log.error(f"batch: {len(results)} answers to {len(calls)} calls")
+                raise ServiceError(C.CKR_DEVICE_ERROR, "BAD_RESPONSE", status,
+                                   "malformed answer from the key service")  # fmt: skip
+        except ServiceError as e:
+            if e.code in _NO_BATCH:
+                if e.code != "BATCH_TOO_LARGE" and self.group is not None:
+                    self.group.size = 1  # no batch endpoint there: single requests from now on
+                if self.log.enabled(WARNING):
+                    self.log.warning(f"batch refused ({e}): sending the calls one by one")
+                for c in calls:
+                    c.alone = True
+                return
+            for c in calls:
+                c.error = e
+            return
+        except BaseException as e:  # every carried call fails with it
+            for c in calls:
+                c.error = e
+            return
+        for c, r in zip(calls, results, strict=True):
+            st = r["status"]
+            if 200 <= st < 300:
+                c.status, c.answer = st, r["answer"]
+            else:
+                c.error = self._service_error(st, _dumps(r["answer"]).encode())
 
     def _prefix(self, op: str, key: str, mechanism: str, first: str) -> bytes:
         """The request JSON up to the opening quote of field first (the first base64 one)."""
@@ -379,7 +499,7 @@ class KeyServiceClient:
             if first is None and self.log.enabled(DEBUG9):
                 # The trace of every attempt; sizes only, never a body.
                 self.log.debug9(
-                    f"{spec.name} {spec.method} {path}: attempt {attempt + 1}, "
+                    f"{spec.name} {spec.method} {path} [{_rid(headers)}]: attempt {attempt + 1}, "
                     f"{len(data) if data else 0} bytes"
                 )
             try:
@@ -406,21 +526,26 @@ class KeyServiceClient:
                     self._rejected(spec, path, failure)
                 why = str(failure)
                 if not failure.retryable or attempt >= self.maxretries:
-                    self._give_up(spec, path, why, attempt)
+                    self._give_up(spec, f"{path} [{_rid(headers)}]", why, attempt)
                     raise self._no_answer(spec, why, attempt) from None
                 err = None
             else:
                 if status < 300:
                     if self.log.enabled(DEBUG3):
                         ms = (_monotonic() - t0) * 1000
-                        self.log.debug3(f"{spec.name} {spec.method} {path}: {status} {ms:.2f}ms")
+                        self.log.debug3(
+                            f"{spec.name} {spec.method} {path} [{_rid(headers)}]: {status} "
+                            f"{ms:.2f}ms"
+                        )
                     return status, raw
                 err = self._service_error(status, raw)
                 if status < 500 or attempt >= self.maxretries:
                     if status >= 500:
-                        self._give_up(spec, path, str(err), attempt)
+                        self._give_up(spec, f"{path} [{_rid(headers)}]", str(err), attempt)
                     elif self.log.enabled(DEBUG3):
-                        self.log.debug3(f"{spec.name} {spec.method} {path}: {err}")
+                        self.log.debug3(
+                            f"{spec.name} {spec.method} {path} [{_rid(headers)}]: {err}"
+                        )
                     raise err
                 why = str(err)
             if _monotonic() + self.retrydelay >= deadline:
@@ -433,7 +558,7 @@ class KeyServiceClient:
             attempt += 1
             if self.log.enabled(WARNING):
                 self.log.warning(
-                    f"{spec.name} {spec.method} {path}: {why}; "
+                    f"{spec.name} {spec.method} {path} [{_rid(headers)}]: {why}; "
                     f"retry {attempt}/{self.maxretries} in {self.retrydelay}s"
                 )
             if self.retrydelay:
@@ -499,6 +624,12 @@ class KeyServiceClient:
 
     def activate(self, card: str, passphrase: bytes) -> tuple[str, int]:
         r = self.call("activate", path_params={"card": card}, body={"passphrase": passphrase})
+        return r["token"], r["expires_in"]
+
+    def renew(self, card: str, token: str) -> tuple[str, int]:
+        """A fresh token for a live activation (the old one stays valid until it expires)."""
+        r = self.call("renew", path_params={"card": card}, token=token)
+        self._token_headers.pop(token, None)
         return r["token"], r["expires_in"]
 
     def deactivate(self, card: str, token: str) -> None:
@@ -624,5 +755,13 @@ class KeyServiceClient:
             )
 
     def random(self, length: int) -> bytes:
-        data: bytes = self.call("random", body={"length": length})["data"]
-        return data
+        if self.group is None:
+            data: bytes = self.call("random", body={"length": length})["data"]
+            return data
+        status, r = self._fast(_RANDOM, b'{"length":%d}' % length, None)
+        if type(r) is dict and len(r) == 1:
+            out = _canonical_b64(r.get("data"))
+            if out is not None:
+                return out
+        result: bytes = self._decode(_RANDOM, status, r)["data"]
+        return result

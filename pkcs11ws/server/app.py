@@ -26,11 +26,14 @@ from typing import Any, Final
 from pkcs11ws import protocol
 from pkcs11ws.protocol import ERRORS, STRUCTS, Endpoint
 from pkcs11ws.protocol import ProtocolError as ApiError
-from pkcs11ws.server import conn
+from pkcs11ws.server import audit, conn, pipeline, reload
 from pkcs11ws.server import settings as settings_mod
 from pkcs11ws.server.accesslog import LOG_FORMAT, AccessLog
-from pkcs11ws.server.handlers import Idem, Request, Response, Service, dumps
+from pkcs11ws.server.handlers import Service
+from pkcs11ws.server.identity import Clients, Identity
 from pkcs11ws.server.masterkey import open_master_key
+from pkcs11ws.server.peer import PEER_KEY
+from pkcs11ws.server.pipeline import Idem, Request, Response, dumps
 from pkcs11ws.server.sealing import MasterKeys
 from pkcs11ws.server.settings import Settings
 from pkcs11ws.server.store import Store, StoreUnavailable
@@ -88,6 +91,8 @@ class App:
 
         self.settings = s
         self.max_body = s.max_body
+        self.batch_max_items = s.batch_max_items
+        self.batch_max_bytes = s.batch_max_bytes
         keys = MasterKeys(open_master_key(s))
         self.store = store if store is not None else open_store(s, keys=keys)
         metrics.time_store(self.store, metrics.STORE_METHODS)
@@ -96,14 +101,18 @@ class App:
         self._flush = metrics.flush
         self._flush_every = metrics.FLUSH_SECONDS
         self._flusher: asyncio.Task[None] | None = None
-        self.service = Service(s, self.store, keys)
+        self.clients = Clients(s.clients, s.unlisted_clients, s.crl, s.tls_ca)
+        self.service = Service(s, self.store, keys, self.clients)
         self._static: dict[str, _Route] = {}
         self._dynamic: list[_Route] = []
         routes: dict[str, _Route] = {}
+        # The batch endpoint is served here: it runs its items through this app's pipeline.
+        self._handlers: dict[str, Handler] = {}
         for ep in protocol.ENDPOINTS:
-            handler = getattr(self.service, ep.op, None)
+            handler = self._batch if ep.op == "batch" else getattr(self.service, ep.op, None)
             if handler is None:
                 raise RuntimeError(f"no handler for endpoint {ep.op}")
+            self._handlers[ep.op] = handler
             route = routes.get(ep.path)
             if route is None:
                 route = routes[ep.path] = _Route(ep.path)
@@ -127,12 +136,17 @@ class App:
         while True:
             msg = await receive()
             if msg["type"] == "lifespan.startup":
-                loop = type(asyncio.get_running_loop()).__name__
-                error_log.info("worker ready (event loop %s)", loop)
+                running = asyncio.get_running_loop()
+                reload.register(self.clients.reload)
+                reload.register(audit.reopen)
+                reload.install(running)
+                error_log.info("worker ready (event loop %s)", type(running).__name__)
                 self._ready.inc()  # the master key is loaded and the store open (__init__)
                 self._flusher = asyncio.create_task(self._flush_metrics())
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                reload.unregister(self.clients.reload)
+                reload.unregister(audit.reopen)
                 if self._flusher is not None:
                     self._flusher.cancel()
                 self._flush()
@@ -152,9 +166,12 @@ class App:
         start = time.perf_counter()
         method: str = scope["method"]
         path: str = scope["path"]
+        # What the audit line needs, filled in by _dispatch as it learns it: endpoint,
+        # identity, path parameters, decoded body.
+        seen: list[Any] = [None, None, _NO_PARAMS, None]
         code: str | None = None
         try:
-            resp = await self._dispatch(scope, method, path, receive)
+            resp = await self._dispatch(scope, method, path, receive, seen)
         except ApiError as exc:
             code = exc.code
             resp = _error(code, exc.message)
@@ -167,6 +184,8 @@ class App:
             error_log.exception("internal error on %s %s", method, path)
             code = "INTERNAL"
             resp = _error(code, "internal error (logged by the service)")
+        if resp.status >= 300 or (seen[0] is not None and seen[0].changes):
+            _audit(seen, resp, code)
         headers = [*_JSON_HEADERS, (b"content-length", str(len(resp.body)).encode())]
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": resp.body})
@@ -199,12 +218,9 @@ class App:
             raise ApiError("METHOD_NOT_ALLOWED", f"{method} is not allowed on {path}")
         raise ApiError("NOT_FOUND", f"no endpoint {path}")
 
-    async def _dispatch(self, scope: Scope, method: str, path: str, receive: Receive) -> Response:
-        if path == protocol.OPENAPI_PATH and method == "GET":
-            scope[_OP] = "openapi"
-            return self._openapi_doc()
-        ep, handler, params = self._route(method, path)
-        scope[_OP] = ep.op
+    async def _dispatch(
+        self, scope: Scope, method: str, path: str, receive: Receive, seen: list[Any]
+    ) -> Response:
         length: bytes | None = None
         authorization: bytes | None = None
         idem_key: bytes | None = None
@@ -215,11 +231,59 @@ class App:
                 authorization = value
             elif name == b"idempotency-key":
                 idem_key = value
-        raw = await self._body(receive, length)
-        query = _query(ep, scope.get("query_string", b""))
+            elif name == b"x-request-id":
+                rid = value.decode("latin-1")
+                if protocol.REQUEST_ID_RE.match(rid):
+                    audit.REQUEST_ID.set(rid)
+        # The identity cached on the connection (pipeline.identify, inlined: every request).
+        state = scope.get("state")
+        peer = state.get(PEER_KEY) if state is not None else None
+        if peer is not None and peer.generation == self.clients.generation:
+            ident = peer.identity
+        else:
+            ident, peer = pipeline.identify(self.clients, scope)
+        if ident is None:
+            raise pipeline.refuse_unknown(peer)
+        seen[1] = ident
+        if path == protocol.OPENAPI_PATH and method == "GET":
+            scope[_OP] = "openapi"
+            return self._openapi_doc()
+        ep, handler, params = self._route(method, path)
+        scope[_OP] = ep.op
+        seen[0] = ep
+        seen[2] = params
+        if ep.op == "batch":
+            raw = await self._body(receive, length, self.batch_max_bytes, "BATCH_TOO_LARGE")
+        else:
+            raw = await self._body(receive, length, self.max_body, "BODY_TOO_LARGE")
+        qs = scope.get("query_string", b"")
+        return await self._operation(ep, handler, params, qs, path, raw, _UNPARSED,
+                                     authorization, idem_key, ident, seen)  # fmt: skip
+
+    async def _operation(
+        self,
+        ep: Endpoint,
+        handler: Handler,
+        params: dict[str, str],
+        qs: bytes,
+        path: str,
+        raw: bytes,
+        obj: object,
+        authorization: bytes | None,
+        idem_key: bytes | None,
+        ident: Identity,
+        seen: list[Any],
+    ) -> Response:
+        """One operation after routing: authentication, idempotency, authorization, strict
+        decoding, handler. A single request and every item of a batch go through here, so an
+        item is checked exactly as its single request would be. raw is the request body, or
+        obj its already parsed JSON (a batch item; raw is then unused)."""
+        query = _query(ep, qs)
         # The keyed crypto endpoints check the session in the same store query as the key.
         deferred = ep.op in _KEYED_OPS
-        claims = self.service.authenticate(authorization, params.get("card")) if ep.auth else None
+        claims = (
+            self.service.authenticate(authorization, params.get("card"), ident) if ep.auth else None
+        )
         if claims is not None and not deferred:
             await self.service.check_session(claims, time.time())
         idem: Idem | None = None
@@ -230,32 +294,76 @@ class App:
                     "IDEMPOTENCY_KEY_REQUIRED",
                     f"{protocol.IDEMPOTENCY_HEADER}: 8-128 of A-Z a-z 0-9 _ . : -",
                 )
-            fp = self.service.keys.fingerprint(
-                method.encode(), path.encode(), scope.get("query_string", b""), raw
-            )
-            idem = Idem(key, fp)
+            fp = self.service.keys.fingerprint(ep.method.encode(), path.encode(), qs, raw)
+            # Keys are per identity: one identity can neither replay nor probe another's, so
+            # the replay may come before authorization (a repeated delete answers as the
+            # first did, though the card is gone now).
+            idem = Idem(ident.name + "/" + key, fp)
+            idem_key_str = idem.key
             done = self.service.replay(
-                idem, await self.service.read(lambda r: r.idempotency_get(key))
+                idem, await self.service.read(lambda r: r.idempotency_get(idem_key_str))
             )
             if done is not None:
                 return done
+        card = (
+            await self.service.read(lambda r: pipeline.authorize(r, ep, ident, params))
+            if ep.access in pipeline.CARD_ACCESS
+            else None
+        )
         try:
-            body = _decode(ep.request, raw)
+            body = _decode(ep.request, raw) if obj is _UNPARSED else _decode_obj(ep.request, obj)
         except ApiError:
             if deferred and claims is not None:
                 # An ended session outranks a bad body, as when it is checked up front.
                 await self.service.check_session(claims, time.time())
             raise
-        return await handler(Request(ep, params, query, body, claims, idem))
+        seen[3] = body
+        return await handler(Request(ep, params, query, body, claims, idem, ident, card))
 
-    async def _body(self, receive: Receive, length: bytes | None) -> bytes:
+    async def _batch(self, req: Request) -> Response:
+        """POST /crypto/v1/batch: each item through _operation, as its own single request
+        would go (token, identity binding, authorization, decoding, audit); one item's refusal
+        is its own answer and never fails the others."""
+        items: list[dict[str, Any]] = req.body["items"]
+        if len(items) > self.batch_max_items:
+            raise ApiError("BATCH_TOO_LARGE", f"a batch carries at most {self.batch_max_items} "
+                           f"operations, not {len(items)}")  # fmt: skip
+        ident = req.ident
+        parts: list[bytes] = []
+        for item in items:
+            op: str = item["op"]
+            seen: list[Any] = [None, ident, _NO_PARAMS, None]
+            code: str | None = None
+            try:
+                if op not in protocol.BATCHABLE:
+                    raise ApiError("BAD_REQUEST", f"{op!r} cannot be batched")
+                ep = protocol.ENDPOINT_BY_OP[op]
+                seen[0] = ep
+                token: str | None = item.get("token")
+                authorization = None if token is None else b"Bearer " + token.encode()
+                resp = await self._operation(ep, self._handlers[op], _NO_PARAMS, b"", ep.path,
+                                             b"", item["request"], authorization, None, ident,
+                                             seen)  # fmt: skip
+            except ApiError as exc:
+                code = exc.code
+                resp = _error(code, exc.message)
+            except Exception:
+                error_log.exception("internal error on a batched %s", op)
+                code = "INTERNAL"
+                resp = _error(code, "internal error (logged by the service)")
+            if resp.status >= 300:
+                _audit(seen, resp, code)
+            parts.append(b'{"status":%d,"answer":%s}' % (resp.status, resp.body))
+        return Response(200, b'{"results":[' + b",".join(parts) + b"]}")
+
+    async def _body(self, receive: Receive, length: bytes | None, limit: int, code: str) -> bytes:
         if length is not None:
             try:
                 declared = int(length)
             except ValueError:
                 raise ApiError("BAD_REQUEST", "invalid Content-Length") from None
-            if declared > self.max_body:
-                raise ApiError("BODY_TOO_LARGE", f"the body is over {self.max_body} bytes")
+            if declared > limit:
+                raise ApiError(code, f"the body is over {limit} bytes")
         chunks: list[bytes] = []
         total = 0
         while True:
@@ -265,8 +373,8 @@ class App:
             chunk: bytes = msg.get("body", b"")
             if chunk:
                 total += len(chunk)
-                if total > self.max_body:
-                    raise ApiError("BODY_TOO_LARGE", f"the body is over {self.max_body} bytes")
+                if total > limit:
+                    raise ApiError(code, f"the body is over {limit} bytes")
                 chunks.append(chunk)
             if not msg.get("more_body", False):
                 break
@@ -302,6 +410,25 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _DECODER: Final = json.JSONDecoder(object_pairs_hook=_unique)
 
 
+_NO_PARAMS: Final[dict[str, str]] = {}
+_UNPARSED: Final = object()  # _operation's obj when the body is still raw bytes
+
+
+def _audit(seen: list[Any], resp: Response, code: str | None) -> None:
+    """The audit line of a refused request or a change (pipeline.audit_outcome)."""
+    if code is None and resp.status >= 400:
+        code = _code_of(resp.body)
+    pipeline.audit_outcome(seen[0], seen[1], seen[2], seen[3], resp.status, code, resp.body)
+
+
+def _code_of(body: bytes) -> str | None:
+    try:
+        code = json.loads(body).get("code")
+    except (ValueError, AttributeError):
+        return None
+    return code if isinstance(code, str) else None
+
+
 def _error(code: str, message: str) -> Response:
     return Response(ERRORS[code].http, dumps({"code": code, "message": message}))
 
@@ -322,6 +449,14 @@ def _decode(struct: str, raw: bytes) -> dict[str, Any]:
         raise ApiError("BAD_REQUEST", f"duplicate key {exc.args[0]!r} in the body") from None
     except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         raise ApiError("BAD_REQUEST", "the body is not valid JSON") from None
+    try:
+        return protocol.decode(STRUCTS[struct], obj)
+    except RecursionError:
+        raise ApiError("BAD_REQUEST", "the body is nested too deeply") from None
+
+
+def _decode_obj(struct: str, obj: object) -> dict[str, Any]:
+    """A batch item's request, parsed with its batch: the same strict struct check."""
     try:
         return protocol.decode(STRUCTS[struct], obj)
     except RecursionError:
@@ -394,4 +529,7 @@ def create_app() -> App:
     os.umask(0o077)  # whatever this process creates later (logs, database files) is owner-only
     configure_logging(s)
     conn.configure(s)
+    audit.configure(s.audit_log)
+    # Until lifespan start-up installs the reload handler, SIGHUP must not kill this worker.
+    reload.ignore_sighup()
     return App(s)

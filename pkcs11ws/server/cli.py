@@ -1,13 +1,16 @@
-"""The `pkcs11ws-server` command: `init DIR` (development PKI and config), `migrate` (bring the
-store's schema up to date), `serve` (which migrates first too), and `backup` / `restore` of the
-store (backup.py).
+"""The `pkcs11ws-server` command: `init DIR` (development PKI and config), `issue-client`
+(a client identity: certificate, key, module config, registered in the clients file), `migrate`
+(bring the store's schema up to date), `serve` (which migrates first too), and `backup` /
+`restore` of the store (backup.py).
 
 `serve` runs uvicorn in the foreground over TLS 1.2+ with a required client certificate verified
 against the configured CA. The app is built by an import-string factory in each worker process
 (the config path travels in PKCS11WS_SERVER_CONFIG), so `--workers N` gives N processes on one
 store. SIGTERM (or Ctrl-C) stops it cleanly: uvicorn closes the listener, finishes in-flight
 requests, then the app closes its store connections; exit status 0. `serve` also runs the
-admin listener (admin.py) and holds the store's serving lock that `restore` checks.
+admin listener (admin.py) and holds the store's serving lock that `restore` checks. SIGHUP reloads
+(server/reload.py): the clients file, the CRL and the audit file are re-read by every worker,
+without a restart and without dropping connections.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pkcs11ws.server import pki
+from pkcs11ws.server import identity, peer, pki, reload
 from pkcs11ws.server import settings as settings_mod
 
 APP_FACTORY = "pkcs11ws.server.app:create_app"
@@ -108,6 +111,7 @@ def tls_context(config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLC
     ctx.load_verify_locations(cafile=config.ssl_ca_certs)
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.options |= ssl.OP_NO_RENEGOTIATION
+    peer.audit_handshakes(ctx)
     return ctx
 
 
@@ -119,7 +123,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
     try:
         res = pki.init(Path(args.dir), port=args.port, force=args.force, scrypt_n=args.scrypt_n,
                        replace_ca_and_master_key=args.replace_ca_and_master_key,
-                       admin_port=args.admin_port, store=args.store)  # fmt: skip
+                       admin_port=args.admin_port, store=args.store,
+                       sans=args.san)  # fmt: skip
     except pki.InitError as exc:
         print(f"pkcs11ws-server init: {exc}", file=sys.stderr)
         return 1
@@ -130,7 +135,23 @@ def _cmd_init(args: argparse.Namespace) -> int:
         "(ca, server and client certificates and keys)"
     )
     print(f"{'kept' if res.kept_master_key else 'wrote'} {res.dir / 'master.key'}")
+    print(f"{res.dir / 'clients.yaml'}: the client certificate is the identity 'admin'")
     print(f"start with: pkcs11ws-server serve --config {res.server_yaml}")
+    return 0
+
+
+def _cmd_issue_client(args: argparse.Namespace) -> int:
+    try:
+        res = pki.issue_client(Path(args.config), args.name, args.role, Path(args.out),
+                               cert_pem=Path(args.cert) if args.cert else None,
+                               ca_key=Path(args.ca_key) if args.ca_key else None,
+                               host=args.host)  # fmt: skip
+    except (pki.InitError, settings_mod.SettingsError, OSError, ValueError) as exc:
+        print(f"pkcs11ws-server issue-client: {exc}", file=sys.stderr)
+        return 1
+    made = "client.pem, client.key" if res.key is not None else "client.pem"
+    print(f"wrote {res.out}: {made}, ca.pem, pkcs11webservices.cfg")
+    print(f"registered {args.name!r} (role {args.role}, SHA-256 {res.fingerprint})")
     return 0
 
 
@@ -220,8 +241,9 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
             from pkcs11ws.server.admin import Admin
 
             admin = Admin(s, open_store(s), workers, admin_port)
-    except (backup.BackupError, StoreError, StoreUnavailable, RuntimeError, ValueError,
-            OSError) as exc:  # fmt: skip
+        identity.Clients(s.clients, s.unlisted_clients, s.crl, s.tls_ca)  # must load
+    except (backup.BackupError, identity.ClientsError, StoreError, StoreUnavailable, RuntimeError,
+            ValueError, OSError) as exc:  # fmt: skip
         print(f"pkcs11ws-server serve: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -238,6 +260,14 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal so the default action
     # would kill the process with status -15; a handler turns that into a clean exit 0.
     signal.signal(signal.SIGTERM, _exit_zero)
+    # SIGHUP reloads in the workers (server/reload.py); here it must not kill the service.
+    reload.ignore_sighup()
+    if workers > 1:
+        from uvicorn.supervisors.multiprocess import Multiprocess
+
+        # uvicorn's supervisor replaces every worker on SIGHUP, dropping kept connections;
+        # pass the signal on instead, so each worker reloads in place.
+        Multiprocess.handle_hup = reload.forward_to_workers  # type: ignore[method-assign,assignment]
     try:
         uvicorn.run(
             APP_FACTORY,
@@ -258,9 +288,9 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
             # X-Forwarded-* rewriting middleware would only cost CPU on every request.
             proxy_headers=False,
             lifespan="on",
-            http="pkcs11ws.server.conn:GuardedHttpToolsProtocol",
             timeout_keep_alive=s.connections.keep_alive_timeout,
             loop=LOOP_FACTORY,
+            http=peer.PROTOCOL,  # connection limits (conn.py); the client certificate in the scope
             timeout_graceful_shutdown=10,
         )
     finally:
@@ -344,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "key and certificates issued by the old CA become unusable")  # fmt: skip
     i.add_argument("--scrypt-n", type=int, default=settings_mod.DEFAULT_SCRYPT["n"],
                    help="scrypt cost for new softcards (lower only for tests)")  # fmt: skip
+    i.add_argument("--san", action="append", default=[], metavar="NAME",
+                   help="another host name or IP address for the server certificate "
+                   "(repeatable; localhost, 127.0.0.1 and ::1 are always in it)")  # fmt: skip
     i.add_argument("--store", default=None, metavar="URL",
                    help="a PostgreSQL database: postgresql://USER@HOST:PORT/DB (default: SQLite"
                    " in DIR)")  # fmt: skip
@@ -351,6 +384,16 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("migrate", help="bring the store's schema to this version (serve does too)")
     m.add_argument("--config", required=True, help="path to server.yaml")
     m.set_defaults(func=_cmd_migrate)
+    c = sub.add_parser("issue-client", help="make a client identity: certificate, key, config")
+    c.add_argument("--config", required=True, help="path to server.yaml")
+    c.add_argument("--name", required=True, help="identity name (letters, digits, '-')")
+    c.add_argument("--role", choices=identity.ROLES, default="app",
+                   help="admin: every softcard; app (default): own and granted ones")  # fmt: skip
+    c.add_argument("--out", required=True, help="folder for client.pem, client.key, ca.pem, cfg")
+    c.add_argument("--cert", help="register this existing certificate (your own CA) instead")
+    c.add_argument("--ca-key", help="the CA key (default: ca.key next to tls.ca)")
+    c.add_argument("--host", help="HOST for the module config (default: the service's host)")
+    c.set_defaults(func=_cmd_issue_client)
     s = sub.add_parser("serve", help="run the key service in the foreground")
     s.add_argument("--config", required=True, help="path to server.yaml")
     s.add_argument(

@@ -71,7 +71,7 @@ WORKERS_READY: Final = Gauge(
 # iterator: it is timed to the end of the iteration, as the rows are fetched eagerly anyway.
 STORE_METHODS: Final = (
     "write", "card_get", "card_list", "card_counts", "session_valid", "object_get",
-    "session_object", "object_search", "idempotency_get",
+    "session_object", "object_search", "idempotency_get", "grant_exists", "grant_list",
 )  # fmt: skip
 
 FLUSH_SECONDS: Final = 0.5

@@ -104,7 +104,18 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             created DOUBLE PRECISION NOT NULL)""",
         "CREATE INDEX idempotency_created ON idempotency(created)",
     )),
-    Migration(2, "master-key wrap of card keys; lockout reservations", (
+    # authz: softcards made before this step have no owner (admins only).
+    Migration(2, "softcard owners, grants, the identity each activation is bound to", (
+        "ALTER TABLE softcards ADD COLUMN owner TEXT",
+        "CREATE INDEX softcards_owner ON softcards(owner)",
+        """CREATE TABLE grants (
+            card TEXT NOT NULL REFERENCES softcards(id) ON DELETE CASCADE,
+            client TEXT NOT NULL,
+            PRIMARY KEY (card, client))""",
+        "CREATE INDEX grants_client ON grants(client)",
+        "ALTER TABLE sessions ADD COLUMN client TEXT NOT NULL DEFAULT ''",
+    )),
+    Migration(3, "master-key wrap of card keys; lockout reservations", (
         "ALTER TABLE softcards ADD COLUMN pending INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE softcards ADD COLUMN pending_until DOUBLE PRECISION NOT NULL DEFAULT 0",
     ), _master_key_step),
@@ -117,8 +128,9 @@ _MIGRATE_LOCK: Final = 1
 _IDEM_LOCK: Final = 2
 
 _CARD_COLS: Final = (
-    "id, name, created, salt, kdf_n, kdf_r, kdf_p, wrapped_key, failures, locked_until"
+    "id, name, created, salt, kdf_n, kdf_r, kdf_p, wrapped_key, failures, locked_until, owner"
 )
+_NCOLS: Final = _CARD_COLS.count(",") + 1
 _OBJ_COLS: Final = "handle, card, cls, key_type, attrs, secret"
 _COUNTS_SQL: Final = ",".join(
     f"(SELECT COUNT(*) FROM objects o WHERE o.card = s.id AND o.cls = {c})"
@@ -150,11 +162,25 @@ class _Reads(ReadTx):
         row = self._one(f"SELECT {_CARD_COLS} FROM softcards WHERE id = %s{self._lock}", (card,))
         return _card(row) if row else None
 
-    def card_list(self) -> list[tuple[CardRow, CardCounts]]:
+    def card_list(self, visible_to: str | None = None) -> list[tuple[CardRow, CardCounts]]:
+        sql = f"SELECT {_CARD_COLS}, {_COUNTS_SQL} FROM softcards s"
+        args: tuple[str, ...] = ()
+        if visible_to is not None:
+            sql += " WHERE s.owner = %s OR s.id IN (SELECT card FROM grants WHERE client = %s)"
+            args = (visible_to, visible_to)
+        rows = self.con.execute(sql + " ORDER BY s.name", args).fetchall()
+        n = _NCOLS
+        return [(_card(r[:n]), CardCounts(r[n], r[n + 1], r[n + 2])) for r in rows]
+
+    def grant_exists(self, card: str, client: str) -> bool:
+        row = self._one("SELECT 1 FROM grants WHERE card = %s AND client = %s", (card, client))
+        return row is not None
+
+    def grant_list(self, card: str) -> list[str]:
         rows = self.con.execute(
-            f"SELECT {_CARD_COLS}, {_COUNTS_SQL} FROM softcards s ORDER BY s.name"
+            "SELECT client FROM grants WHERE card = %s ORDER BY client", (card,)
         ).fetchall()
-        return [(_card(r[:10]), CardCounts(r[10], r[11], r[12])) for r in rows]
+        return [str(r[0]) for r in rows]
 
     def card_counts(self, card: str) -> CardCounts:
         row = self._one(
@@ -250,15 +276,16 @@ class _Tx(_Reads, WriteTx):
     def card_insert(self, row: CardRow) -> bool:
         # ON CONFLICT DO NOTHING, not an exception: an error would abort the transaction.
         cur = self.con.execute(
-            f"INSERT INTO softcards ({_CARD_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            f"INSERT INTO softcards ({_CARD_COLS}) VALUES ({', '.join(['%s'] * _NCOLS)})"
             " ON CONFLICT DO NOTHING",
             (row.id, row.name, row.created, row.salt, row.kdf_n, row.kdf_r, row.kdf_p,
-             row.wrapped_key, row.failures, row.locked_until),
+             row.wrapped_key, row.failures, row.locked_until, row.owner),
         )  # fmt: skip
         return cur.rowcount == 1
 
     def card_delete(self, card: str) -> None:
-        self.con.execute("DELETE FROM softcards WHERE id = %s", (card,))  # cascades
+        # objects, sessions and grants cascade
+        self.con.execute("DELETE FROM softcards WHERE id = %s", (card,))
 
     def card_set_failures(self, card: str, failures: int, locked_until: float) -> None:
         self.con.execute(
@@ -301,10 +328,37 @@ class _Tx(_Reads, WriteTx):
         args = {"card": card, "now": now, "threshold": threshold, "max": max_seconds}
         self.con.execute(sql, args)
 
-    def session_insert(self, session: str, card: str, expires: float) -> None:
+    def session_insert(self, session: str, card: str, expires: float, client: str) -> None:
         self.con.execute(
-            "INSERT INTO sessions (id, card, expires) VALUES (%s, %s, %s)", (session, card, expires)
+            "INSERT INTO sessions (id, card, expires, client) VALUES (%s, %s, %s, %s)",
+            (session, card, expires, client),
         )
+
+    def session_extend(self, session: str, card: str, expires: float) -> bool:
+        cur = self.con.execute(
+            "UPDATE sessions SET expires = %s WHERE id = %s AND card = %s",
+            (expires, session, card),
+        )
+        return cur.rowcount > 0
+
+    def _lock_card(self, card: str) -> None:
+        # Grants change under the card's row lock, the lock an activation holds while it checks
+        # the grant and inserts its session (card_get FOR UPDATE): a withdrawal either ends an
+        # activation that committed first or is seen by one that comes after.
+        self.con.execute("SELECT 1 FROM softcards WHERE id = %s FOR UPDATE", (card,))
+
+    def grant_put(self, card: str, client: str) -> None:
+        self._lock_card(card)
+        self.con.execute(
+            "INSERT INTO grants (card, client) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            (card, client),
+        )
+
+    def grant_delete(self, card: str, client: str) -> bool:
+        self._lock_card(card)
+        cur = self.con.execute("DELETE FROM grants WHERE card = %s AND client = %s", (card, client))
+        self.con.execute("DELETE FROM sessions WHERE card = %s AND client = %s", (card, client))
+        return cur.rowcount > 0
 
     def session_delete(self, session: str) -> bool:
         return self.con.execute("DELETE FROM sessions WHERE id = %s", (session,)).rowcount > 0

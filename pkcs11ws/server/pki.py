@@ -1,10 +1,16 @@
-"""`pkcs11ws-server init DIR`: a development PKI, the master key and both configuration files.
+"""`pkcs11ws-server init DIR` and `issue-client`: a development PKI, the master key, the
+configuration files and the client identities.
 
-Writes DIR/pki/{ca,server,client}.{pem,key} (EC P-256; the server certificate names localhost,
-127.0.0.1 and ::1; the client certificate has the clientAuth EKU), DIR/master.key (32 random
-bytes), DIR/server.yaml (the service) and DIR/pkcs11webservices.cfg (the module, WSOP format),
-and creates DIR/log/. Private keys and the master key are written with mode 0600. Paths written
-into the two config files are absolute, resolved from DIR now.
+init writes DIR/pki/{ca,server,client}.{pem,key} (EC P-256; the server certificate names
+localhost, 127.0.0.1, ::1 and every --san; the client certificate has the clientAuth EKU),
+DIR/master.key (32 random bytes), DIR/server.yaml (the service), DIR/clients.yaml (the client
+certificate registered as the identity "admin", role admin) and DIR/pkcs11webservices.cfg (the
+module, WSOP format), and creates DIR/log/. Private keys and the master key are written with mode
+0600. Paths written into the config files are absolute, resolved from DIR now.
+
+issue_client() signs a new client certificate with the CA next to tls.ca (ca.key), writes it with
+its key, the CA certificate and a module configuration into one folder, and registers its
+fingerprint under a name and role in the clients file.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pkcs11ws._lite import dataclass
-from pkcs11ws.server import settings
+from pkcs11ws.server import identity, settings
 from pkcs11ws.server.store import StoreError, scheme_of
 
 CA_DAYS: Final = 3650
@@ -91,7 +97,48 @@ def _builder(subject: x509.Name, issuer: x509.Name, public: ec.EllipticCurvePubl
     )
 
 
-def make_pki(pki: Path) -> None:
+def _san(names: list[str]) -> x509.SubjectAlternativeName:
+    entries: list[x509.GeneralName] = []
+    for n in ["localhost", "127.0.0.1", "::1", *names]:
+        try:
+            entry: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(n))
+        except ValueError:
+            entry = x509.DNSName(n)
+        if entry not in entries:
+            entries.append(entry)
+    return x509.SubjectAlternativeName(entries)
+
+
+_LEAF_USAGE: Final = x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                   key_encipherment=False, data_encipherment=False,
+                                   key_agreement=True, key_cert_sign=False, crl_sign=False,
+                                   encipher_only=False, decipher_only=False)  # fmt: skip
+
+
+def sign_leaf(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    cn: str,
+    eku: x509.ObjectIdentifier,
+    san: x509.SubjectAlternativeName | None,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    b = (
+        _builder(_name(cn), ca_cert.subject, key.public_key(), LEAF_DAYS)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_LEAF_USAGE, critical=True)
+        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    if san is not None:
+        b = b.add_extension(san, critical=False)
+    return key, b.sign(ca_key, hashes.SHA256())
+
+
+def make_pki(pki: Path, sans: list[str] | None = None) -> None:
     """CA, server and client certificates with their keys, into the folder pki."""
     pki.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -115,36 +162,14 @@ def make_pki(pki: Path) -> None:
         )
         .sign(ca_key, hashes.SHA256())
     )
-    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
-    leaf_usage = x509.KeyUsage(digital_signature=True, content_commitment=False,
-                               key_encipherment=False, data_encipherment=False,
-                               key_agreement=True, key_cert_sign=False, crl_sign=False,
-                               encipher_only=False, decipher_only=False)  # fmt: skip
 
     def leaf(cn: str, eku: x509.ObjectIdentifier, san: x509.SubjectAlternativeName | None) -> None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        b = (
-            _builder(_name(cn), ca_name, key.public_key(), LEAF_DAYS)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(leaf_usage, critical=True)
-            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-            .add_extension(aki, critical=False)
-        )
-        if san is not None:
-            b = b.add_extension(san, critical=False)
-        cert = b.sign(ca_key, hashes.SHA256())
+        key, cert = sign_leaf(ca_key, ca_cert, cn, eku, san)
         stem = "server" if eku == ExtendedKeyUsageOID.SERVER_AUTH else "client"
         _write_private(pki / f"{stem}.key", _key_pem(key))
         _write_public(pki / f"{stem}.pem", cert.public_bytes(serialization.Encoding.PEM))
 
-    san = x509.SubjectAlternativeName(
-        [
-            x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            x509.IPAddress(ipaddress.ip_address("::1")),
-        ]
-    )
-    leaf("localhost", ExtendedKeyUsageOID.SERVER_AUTH, san)
+    leaf("localhost", ExtendedKeyUsageOID.SERVER_AUTH, _san(sans or []))
     leaf("pkcs11ws client", ExtendedKeyUsageOID.CLIENT_AUTH, None)
     _write_private(pki / "ca.key", _key_pem(ca_key))
     _write_public(pki / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM))
@@ -202,7 +227,13 @@ master_pkcs11:                  # or a key inside a PKCS#11 token instead (set a
   key: null                     # AES key label (`pkcs11ws-server master-key` creates it)
   pin_file: null                # a 0600 file holding the token's user PIN
 passphrase_min_length: {settings.DEFAULT_PASSPHRASE_MIN}        # bytes, for new softcards
+clients: {q(d / "clients.yaml")}  # client identities and roles (issue-client adds to it)
+unlisted_clients: refuse        # a CA certificate clients.yaml omits: refuse (403) or app
+crl: null                       # or a CRL file of the CA (revoked serials; re-read on SIGHUP)
 {_database_yaml(d, store)}max_body: {settings.DEFAULT_MAX_BODY}              # bytes
+batch:                          # POST /crypto/v1/batch (the module's group commit)
+  max_items: 64                 # operations per batch
+  max_bytes: 1048576            # bytes per batch request (<= max_body)
 activation_ttl: {settings.DEFAULT_ACTIVATION_TTL}           # seconds a softcard activation lasts
 idempotency_ttl: 86400          # seconds an Idempotency-Key is remembered
 lockout:                        # wrong passphrases: after `threshold` in a row the softcard
@@ -224,23 +255,27 @@ log:
   level: INFO
   file: null                    # null: standard error; or a path
   access: true                  # one line per request: method, path, status, duration
+  audit: {q(d / "log" / "audit.log")}  # one JSON line per change and per refused request
 """
 
 
-def client_cfg(d: Path, port: int) -> str:
+def client_cfg(d: Path, port: int, host: str = "127.0.0.1", pki: Path | None = None,
+               log: Path | None = None) -> str:  # fmt: skip
+    pki = pki if pki is not None else d / "pki"
+    log = log if log is not None else d / "log"
     return f"""\
-# pkcs11ws / WSOP PKCS#11 module configuration (written by `pkcs11ws-server init`).
+# pkcs11ws / WSOP PKCS#11 module configuration (written by `pkcs11ws-server`).
 # Web Services server host name and port.
-HOST 127.0.0.1
+HOST {host}
 PORT {port}
 # Client TLS certificate and key, and the CA that signed the server certificate.
-CERT {d}/pki/client.pem
-KEY {d}/pki/client.key
-AUTH {d}/pki/ca.pem
+CERT {pki}/client.pem
+KEY {pki}/client.key
+AUTH {pki}/ca.pem
 # 0 none, 1 fatal, 2 error, 3 warning, 4 debug1, 5 debug3, 6 debug9.
 LOGLEVEL 4
 LOGSTDOUT 0
-LOGFILEPATH {d}/log/pkcs11webservices.log
+LOGFILEPATH {log}/pkcs11webservices.log
 # Retries of a failed request, and the delay (seconds) between them.
 MAXRETRIES 5
 RETRYDELAY 1
@@ -249,14 +284,16 @@ RETRYDELAY 1
 
 def init(directory: Path, port: int = settings.DEFAULT_PORT, force: bool = False,
          scrypt_n: int = settings.DEFAULT_SCRYPT["n"], replace_ca_and_master_key: bool = False,
-         admin_port: int | None = None, store: str | None = None) -> InitResult:  # fmt: skip
+         admin_port: int | None = None, store: str | None = None,
+         sans: list[str] | None = None) -> InitResult:  # fmt: skip
     """Write the kit into `directory`.
 
     `admin_port` defaults to `port` + 1. `force` rewrites the two configuration files but keeps
-    an existing CA (with the certificates it issued) and master key. Only
-    `replace_ca_and_master_key` replaces those: a new master key makes every stored softcard
-    unreadable and a new CA invalidates every issued client certificate, so that can never be
-    a side effect of another flag. `store`: a PostgreSQL URL for the store (default: SQLite).
+    an existing CA (with the certificates it issued), the client identities (clients.yaml) and
+    master key. Only `replace_ca_and_master_key` replaces those: a new master key makes every
+    stored softcard unreadable and a new CA invalidates every issued client certificate, so
+    that can never be a side effect of another flag. `store`: a PostgreSQL URL for the store
+    (default: SQLite). `sans` (--san) with a kept CA re-issues only the server certificate.
     """
     d = directory.expanduser().resolve()
     yaml_path = d / "server.yaml"
@@ -287,15 +324,99 @@ def init(directory: Path, port: int = settings.DEFAULT_PORT, force: bool = False
     d.chmod(0o700)  # the service directory holds the master key and the store: owner-only
     (d / "log").mkdir(mode=0o700, exist_ok=True)
     (d / "log").chmod(0o700)
+    for n in sans or []:
+        if not n or any(c.isspace() for c in n) or "," in n:
+            raise InitError(f"--san {n!r}: a host name or an IP address")
     kept_pki = ca.exists() and not replace_ca_and_master_key
     kept_master_key = master.exists() and not replace_ca_and_master_key
+    clients = d / "clients.yaml"
     if not kept_pki:
-        make_pki(d / "pki")
+        make_pki(d / "pki", sans)
+        if clients.exists():
+            clients.unlink()  # the old identities name certificates of the old CA
+    elif sans:
+        _reissue_server(d / "pki", sans)
     if not kept_master_key:
         _write_private(master, os.urandom(32))
     yaml_path.write_text(server_yaml(d, port, scrypt_n, admin_port, store), encoding="utf-8")
+    if not clients.exists():
+        admin_fp = identity.fingerprint_of_pem((d / "pki" / "client.pem").read_bytes())
+        identity.add_client(clients, "admin", "admin", admin_fp)
     cfg = d / "pkcs11webservices.cfg"
     cfg.write_text(client_cfg(d, port), encoding="utf-8")
     settings.load(yaml_path)  # what we wrote must load
     return InitResult(d, yaml_path, cfg, d / "pki" / "ca.pem", d / "pki" / "client.pem",
                       d / "pki" / "client.key", kept_pki, kept_master_key)  # fmt: skip
+
+
+def _reissue_server(pki: Path, sans: list[str]) -> None:
+    """A new server certificate (with sans) from the kept CA."""
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise InitError(f"{pki / 'ca.key'}: not the EC key init writes")
+    ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    key, cert = sign_leaf(ca_key, ca_cert, "localhost", ExtendedKeyUsageOID.SERVER_AUTH,
+                          _san(sans))  # fmt: skip
+    _write_private(pki / "server.key", _key_pem(key))
+    _write_public(pki / "server.pem", cert.public_bytes(serialization.Encoding.PEM))
+
+
+@dataclass(frozen=True)
+class IssueResult:
+    out: Path
+    cert: Path
+    key: Path | None
+    ca: Path
+    cfg: Path
+    fingerprint: str
+
+
+def issue_client(config: Path, name: str, role: str, out: Path, cert_pem: Path | None = None,
+                 ca_key: Path | None = None, host: str | None = None) -> IssueResult:  # fmt: skip
+    """Make (or, with cert_pem, take) a client certificate and register it as identity name."""
+    s = settings.load(config)
+    if not identity.NAME_RE.match(name) or name.startswith(identity.UNLISTED_PREFIX):
+        raise InitError("--name: 1-64 letters, digits and '-', not starting with 'cert-'")
+    if role not in identity.ROLES:
+        raise InitError("--role: admin or app")
+    try:
+        if name in identity.load_doc(s.clients).get("clients", {}):
+            raise InitError(f"{s.clients}: a client named {name!r} exists")
+    except identity.ClientsError as exc:
+        raise InitError(str(exc)) from None
+    out = out.expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ca_pem = s.tls_ca.read_bytes()
+    key_path: Path | None = None
+    if cert_pem is not None:
+        pem = cert_pem.read_bytes()
+        x509.load_pem_x509_certificate(pem)  # must be a certificate
+    else:
+        ca_key_path = ca_key if ca_key is not None else s.tls_ca.with_name("ca.key")
+        try:
+            loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+        except OSError as exc:
+            raise InitError(
+                f"the CA key {ca_key_path}: {exc.strerror} (give --ca-key, or "
+                "issue the certificate with your CA and pass --cert)"
+            ) from None
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise InitError(f"{ca_key_path}: an EC CA key is needed to issue (or pass --cert)")
+        ca_cert = x509.load_pem_x509_certificate(ca_pem)
+        key, cert = sign_leaf(loaded, ca_cert, name, ExtendedKeyUsageOID.CLIENT_AUTH, None)
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        key_path = out / "client.key"
+        _write_private(key_path, _key_pem(key))
+    _write_public(out / "client.pem", pem)
+    _write_public(out / "ca.pem", ca_pem)
+    (out / "log").mkdir(exist_ok=True)
+    cfg = out / "pkcs11webservices.cfg"
+    server_host = host or ("127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host)
+    cfg.write_text(client_cfg(out, s.port, server_host, pki=out, log=out / "log"),
+                   encoding="utf-8")  # fmt: skip
+    fp = identity.fingerprint_of_pem(pem)
+    try:
+        identity.add_client(s.clients, name, role, fp)
+    except identity.ClientsError as exc:
+        raise InitError(str(exc)) from None
+    return IssueResult(out, out / "client.pem", key_path, out / "ca.pem", cfg, fp)

@@ -36,7 +36,8 @@ NONCE_LEN: Final = 12
 TOKEN_PREFIX: Final = "v1."
 _TOKEN_AAD: Final = b"pkcs11ws activation token v1"
 _CARD_AAD: Final = b"pkcs11ws outer card key "
-_TOKEN_PLAIN: Final = struct.Struct(">16s16s32sQ")  # session id, card id, card key, expiry
+# session id, card id, card key, expiry; then the identity name it is bound to (UTF-8).
+_TOKEN_PLAIN: Final = struct.Struct(">16s16s32sQ")
 
 
 class SealError(Exception):
@@ -49,6 +50,7 @@ class TokenClaims:
     card: str  # UUID
     card_key: bytes
     expires: int  # unix seconds
+    client: str = ""  # the identity that activated: the token works only over its connections
 
 
 def seal(aead: AESGCM, plain: bytes, aad: bytes) -> bytes:
@@ -91,7 +93,7 @@ class MasterKeys:
             uuid.UUID(claims.card).bytes,
             claims.card_key,
             claims.expires,
-        )
+        ) + claims.client.encode("utf-8")
         return TOKEN_PREFIX + _b64url(seal(self._token, plain, _TOKEN_AAD))
 
     def open_token(self, token: str) -> TokenClaims:
@@ -99,10 +101,16 @@ class MasterKeys:
             raise SealError("not an activation token")
         blob = _b64url_decode(token[len(TOKEN_PREFIX) :])
         plain = unseal(self._token, blob, _TOKEN_AAD)
-        if len(plain) != _TOKEN_PLAIN.size:
+        size = _TOKEN_PLAIN.size
+        if len(plain) < size:
             raise SealError("token has the wrong size")
-        sid, cid, card_key, expires = _TOKEN_PLAIN.unpack(plain)
-        return TokenClaims(str(uuid.UUID(bytes=sid)), str(uuid.UUID(bytes=cid)), card_key, expires)
+        sid, cid, card_key, expires = _TOKEN_PLAIN.unpack(plain[:size])
+        try:
+            client = plain[size:].decode("utf-8")
+        except UnicodeDecodeError:
+            raise SealError("token names no valid identity") from None
+        return TokenClaims(str(uuid.UUID(bytes=sid)), str(uuid.UUID(bytes=cid)), card_key, expires,
+                           client)  # fmt: skip
 
     def fingerprint(self, *parts: bytes) -> bytes:
         """HMAC of a request: never a plain hash, since bodies can hold passphrases."""

@@ -103,6 +103,10 @@ KEYS: Final[tuple[Key, ...]] = (
     Key("database.pool_timeout", int, 5, "PostgreSQL: seconds a request waits for a database "
         "connection before it is answered 503, which clients retry (1-3600)."),
     Key("max_body", int, DEFAULT_MAX_BODY, "Largest request body in bytes (>= 1024)."),
+    Key("batch.max_items", int, 64, "Most operations one `POST /crypto/v1/batch` may carry "
+        "(1-4096); more: 413 BATCH_TOO_LARGE."),
+    Key("batch.max_bytes", int, 1024 * 1024, "Largest batch request body in bytes (>= 1024; "
+        "max_body when that is smaller); more: 413 BATCH_TOO_LARGE."),
     Key("activation_ttl", int, DEFAULT_ACTIVATION_TTL, "Seconds a softcard activation lasts."),
     Key("idempotency_ttl", int, 24 * 3600, "Seconds an `Idempotency-Key` and its answer are "
         "remembered."),
@@ -134,6 +138,17 @@ KEYS: Final[tuple[Key, ...]] = (
     Key("log.file", str, None, "Log file path; absent or null: standard error."),
     Key("log.access", bool, True, "One access line per request: method, path, status, "
         "duration (never bodies)."),
+    Key("log.audit", str, "log/audit.log", "Audit trail (mode 0600): one JSON line per state "
+        "change, refused request and refused TLS handshake (time, request id, client identity, "
+        "op, softcard, handle, outcome, code; never a secret)."),
+    Key("clients", str, "clients.yaml", "Client identities: certificate fingerprint and/or "
+        "subject -> name and role (`admin` or `app`), plus a `deny` list of revoked "
+        "fingerprints. `issue-client` adds to it; re-read on SIGHUP."),
+    Key("unlisted_clients", str, "refuse", "A certificate of the CA that `clients` does not "
+        "list: `refuse` (403 CLIENT_NOT_AUTHORIZED, audited) or `app` (an app identity named "
+        "`cert-` + 16 hex digits of its fingerprint)."),
+    Key("crl", str, None, "A CRL of the CA (PEM or DER path): certificates it revokes are "
+        "refused; re-read on SIGHUP. Absent or null: none."),
 )
 # fmt: on
 _BY_NAME: Final = {k.name: k for k in KEYS}
@@ -183,6 +198,8 @@ class Settings:
     database_synchronous: str
     store: StoreConfig  # what store.open_store opens
     max_body: int
+    batch_max_items: int
+    batch_max_bytes: int
     activation_ttl: int
     idempotency_ttl: int
     lockout_threshold: int
@@ -191,6 +208,10 @@ class Settings:
     log_level: str
     log_file: Path | None
     access_log: bool
+    audit_log: Path
+    clients: Path  # the clients file (identities and roles, identity.py)
+    unlisted_clients: str  # "refuse" | "app": certificates of the CA the clients file omits
+    crl: Path | None  # a CRL of the CA: revoked serial numbers (re-read on SIGHUP)
     master_pkcs11: Pkcs11Master | None = None
     passphrase_min_length: int = DEFAULT_PASSPHRASE_MIN
     scrypt_concurrency: int = DEFAULT_SCRYPT_CONCURRENCY
@@ -313,6 +334,11 @@ def load(path: str | os.PathLike[str]) -> Settings:
         k: _positive(f"connections.{k}", _v(raw, f"connections.{k}"), 1)
         for k in DEFAULT_CONNECTIONS
     })  # fmt: skip
+    unlisted = _v(raw, "unlisted_clients")
+    if unlisted not in ("refuse", "app"):
+        raise SettingsError("unlisted_clients: refuse or app")
+    crl = _v(raw, "crl")
+    max_body = _positive("max_body", _v(raw, "max_body"), 1024)
     return Settings(
         path=p,
         host=_v(raw, "host"),
@@ -335,7 +361,11 @@ def load(path: str | os.PathLike[str]) -> Settings:
         database_path=db_path,
         database_synchronous=sync,
         store=store,
-        max_body=_positive("max_body", _v(raw, "max_body"), 1024),
+        max_body=max_body,
+        batch_max_items=_positive("batch.max_items", _v(raw, "batch.max_items"), 1, 4096),
+        batch_max_bytes=min(
+            _positive("batch.max_bytes", _v(raw, "batch.max_bytes"), 1024), max_body
+        ),
         activation_ttl=_positive("activation_ttl", _v(raw, "activation_ttl")),
         idempotency_ttl=_positive("idempotency_ttl", _v(raw, "idempotency_ttl")),
         lockout_threshold=_positive("lockout.threshold", _v(raw, "lockout.threshold"), 1, 1000),
@@ -344,6 +374,10 @@ def load(path: str | os.PathLike[str]) -> Settings:
         log_level=level,
         log_file=_path(base, log_file) if log_file else None,
         access_log=_v(raw, "log.access"),
+        audit_log=_path(base, _v(raw, "log.audit")),
+        clients=_path(base, _v(raw, "clients")),
+        unlisted_clients=unlisted,
+        crl=_path(base, crl) if crl else None,
     )
 
 

@@ -93,9 +93,20 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             created REAL NOT NULL)""",
         "CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency(created)",
     )),
+    # authz: softcards made before this step have no owner (admins only).
+    Migration(2, "softcard owners, grants, the identity each activation is bound to", (
+        "ALTER TABLE softcards ADD COLUMN owner TEXT",
+        "CREATE INDEX IF NOT EXISTS softcards_owner ON softcards(owner)",
+        """CREATE TABLE IF NOT EXISTS grants (
+            card TEXT NOT NULL REFERENCES softcards(id) ON DELETE CASCADE,
+            client TEXT NOT NULL,
+            PRIMARY KEY (card, client))""",
+        "CREATE INDEX IF NOT EXISTS grants_client ON grants(client)",
+        "ALTER TABLE sessions ADD COLUMN client TEXT NOT NULL DEFAULT ''",
+    )),
     # Card keys under the master key, and the lockout's reservation columns (passphrase
     # evaluations in flight, and until when that count holds: a dead process's lease runs out).
-    Migration(2, "master-key wrap of card keys; lockout reservations", (
+    Migration(3, "master-key wrap of card keys; lockout reservations", (
         "ALTER TABLE softcards ADD COLUMN pending INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE softcards ADD COLUMN pending_until REAL NOT NULL DEFAULT 0",
     ), _master_key_step),
@@ -103,8 +114,9 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
 SCHEMA_VERSION: Final = check_migrations(MIGRATIONS)
 
 _CARD_COLS: Final = (
-    "id, name, created, salt, kdf_n, kdf_r, kdf_p, wrapped_key, failures, locked_until"
+    "id, name, created, salt, kdf_n, kdf_r, kdf_p, wrapped_key, failures, locked_until, owner"
 )
+_NCOLS: Final = _CARD_COLS.count(",") + 1
 _OBJ_COLS: Final = "handle, card, cls, key_type, attrs, secret"
 _COUNT: Final = "(SELECT COUNT(*) FROM objects o WHERE o.card = s.id AND o.cls = {})"
 _COUNTS_SQL: Final = ",".join(
@@ -143,11 +155,27 @@ class _Reads(ReadTx):
         row = r.fetchone()
         return _card(row) if row else None
 
-    def card_list(self) -> list[tuple[CardRow, CardCounts]]:
+    def card_list(self, visible_to: str | None = None) -> list[tuple[CardRow, CardCounts]]:
+        sql = f"SELECT {_CARD_COLS}, {_COUNTS_SQL} FROM softcards s"
+        args: tuple[str, ...] = ()
+        if visible_to is not None:
+            sql += " WHERE s.owner = ? OR s.id IN (SELECT card FROM grants WHERE client = ?)"
+            args = (visible_to, visible_to)
+        rows = self.con.execute(sql + " ORDER BY s.name", args).fetchall()
+        n = _NCOLS
+        return [(_card(r[:n]), CardCounts(r[n], r[n + 1], r[n + 2])) for r in rows]
+
+    def grant_exists(self, card: str, client: str) -> bool:
+        row = self.con.execute(
+            "SELECT 1 FROM grants WHERE card = ? AND client = ?", (card, client)
+        ).fetchone()
+        return row is not None
+
+    def grant_list(self, card: str) -> list[str]:
         rows = self.con.execute(
-            f"SELECT {_CARD_COLS}, {_COUNTS_SQL} FROM softcards s ORDER BY s.name"
+            "SELECT client FROM grants WHERE card = ? ORDER BY client", (card,)
         ).fetchall()
-        return [(_card(r[:10]), CardCounts(r[10], r[11], r[12])) for r in rows]
+        return [str(r[0]) for r in rows]
 
     def card_counts(self, card: str) -> CardCounts:
         row = self.con.execute(
@@ -231,9 +259,9 @@ class _Tx(_Reads, WriteTx):
     def card_insert(self, row: CardRow) -> bool:
         try:
             self.con.execute(
-                f"INSERT INTO softcards ({_CARD_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO softcards ({_CARD_COLS}) VALUES ({', '.join('?' * _NCOLS)})",
                 (row.id, row.name, row.created, row.salt, row.kdf_n, row.kdf_r, row.kdf_p,
-                 row.wrapped_key, row.failures, row.locked_until),
+                 row.wrapped_key, row.failures, row.locked_until, row.owner),
             )  # fmt: skip
         except sqlite3.IntegrityError:
             return False
@@ -242,6 +270,7 @@ class _Tx(_Reads, WriteTx):
     def card_delete(self, card: str) -> None:
         self.con.execute("DELETE FROM objects WHERE card = ?", (card,))
         self.con.execute("DELETE FROM sessions WHERE card = ?", (card,))
+        self.con.execute("DELETE FROM grants WHERE card = ?", (card,))
         self.con.execute("DELETE FROM softcards WHERE id = ?", (card,))
 
     def card_set_failures(self, card: str, failures: int, locked_until: float) -> None:
@@ -283,10 +312,27 @@ class _Tx(_Reads, WriteTx):
         args = {"card": card, "now": now, "threshold": threshold, "max": max_seconds}
         self.con.execute(sql, args)
 
-    def session_insert(self, session: str, card: str, expires: float) -> None:
+    def session_insert(self, session: str, card: str, expires: float, client: str) -> None:
         self.con.execute(
-            "INSERT INTO sessions (id, card, expires) VALUES (?, ?, ?)", (session, card, expires)
+            "INSERT INTO sessions (id, card, expires, client) VALUES (?, ?, ?, ?)",
+            (session, card, expires, client),
         )
+
+    def session_extend(self, session: str, card: str, expires: float) -> bool:
+        cur = self.con.execute(
+            "UPDATE sessions SET expires = ? WHERE id = ? AND card = ?", (expires, session, card)
+        )
+        return cur.rowcount > 0
+
+    def grant_put(self, card: str, client: str) -> None:
+        self.con.execute(
+            "INSERT OR IGNORE INTO grants (card, client) VALUES (?, ?)", (card, client)
+        )
+
+    def grant_delete(self, card: str, client: str) -> bool:
+        cur = self.con.execute("DELETE FROM grants WHERE card = ? AND client = ?", (card, client))
+        self.con.execute("DELETE FROM sessions WHERE card = ? AND client = ?", (card, client))
+        return cur.rowcount > 0
 
     def session_delete(self, session: str) -> bool:
         return self.con.execute("DELETE FROM sessions WHERE id = ?", (session,)).rowcount > 0

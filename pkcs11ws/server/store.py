@@ -80,6 +80,7 @@ class CardRow:
     wrapped_key: bytes  # master-key wrap (migration "master key") of the passphrase wrap
     failures: int = 0  # consecutive wrong passphrases
     locked_until: float = 0.0  # unix time before which activation is refused
+    owner: str | None = None  # the identity that created it (None: made before identities)
 
 
 @dataclass(frozen=True)
@@ -186,8 +187,16 @@ class ReadTx(abc.ABC):
         """In a WriteTx: locks the card's row until the transaction ends."""
 
     @abc.abstractmethod
-    def card_list(self) -> list[tuple[CardRow, CardCounts]]:
-        """Every card with its object counts, by name."""
+    def card_list(self, visible_to: str | None = None) -> list[tuple[CardRow, CardCounts]]:
+        """Every card with its object counts, by name; with visible_to (an identity name) only
+        those it owns or was granted."""
+
+    @abc.abstractmethod
+    def grant_exists(self, card: str, client: str) -> bool: ...
+
+    @abc.abstractmethod
+    def grant_list(self, card: str) -> list[str]:
+        """The identities granted use of the card, sorted."""
 
     @abc.abstractmethod
     def card_counts(self, card: str) -> CardCounts: ...
@@ -238,7 +247,7 @@ class WriteTx(ReadTx):
 
     @abc.abstractmethod
     def card_delete(self, card: str) -> None:
-        """The card, its objects and its sessions."""
+        """The card, its objects, its sessions and its grants."""
 
     @abc.abstractmethod
     def card_set_failures(self, card: str, failures: int, locked_until: float) -> None: ...
@@ -266,7 +275,23 @@ class WriteTx(ReadTx):
         threshold, locks the card until now + min(2 ** (failures - threshold), max_seconds)."""
 
     @abc.abstractmethod
-    def session_insert(self, session: str, card: str, expires: float) -> None: ...
+    def session_insert(self, session: str, card: str, expires: float, client: str) -> None:
+        """client: the identity the activation is bound to (its grant can end it)."""
+
+    @abc.abstractmethod
+    def session_extend(self, session: str, card: str, expires: float) -> bool:
+        """Move a live session's expiry (renewal); False when there is no such session."""
+
+    @abc.abstractmethod
+    def grant_put(self, card: str, client: str) -> None:
+        """Let identity client use the (existing) card; no-op when it already may. Locks the
+        card's row like card_get."""
+
+    @abc.abstractmethod
+    def grant_delete(self, card: str, client: str) -> bool:
+        """Withdraw a grant and end that identity's activations of the card; False if none.
+        Locks the card's row like card_get, so an activation that checks the grant under that
+        lock either commits first (and its session is ended here) or sees no grant."""
 
     @abc.abstractmethod
     def session_delete(self, session: str) -> bool: ...
