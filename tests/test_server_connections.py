@@ -224,6 +224,15 @@ def test_duplicate_keys_are_refused(svc, make_api):
     nested = b'{"name": "n1", "passphrase": "' + p.encode() + b'", "x": {"a": 1, "a": 2}}'
     r = api.post("/km/v1/softcards", nested, idem=new_idem())
     assert r.code == "BAD_REQUEST" and "duplicate key 'a'" in r.json["message"]
+    # A batch's items are parsed with their batch: the same strictness reaches inside them
+    # (a duplicate inside one item refuses the whole batch, as any bad body).
+    item = b'{"op": "random", "request": {"length": 1, "length": 64}}'
+    r = api.post("/crypto/v1/batch", b'{"items": [' + item + b"]}")
+    assert r.code == "BAD_REQUEST" and "duplicate key 'length'" in r.json["message"], r.body
+    r = api.post("/crypto/v1/batch", '{"items": []}'.encode("utf-16"))
+    assert (r.status, r.code) == (400, "BAD_REQUEST"), r.body  # UTF-8 only
+    ok = api.post("/crypto/v1/batch", b'{"items": [{"op": "random", "request": {"length": 1}}]}')
+    assert ok.status == 200, ok.body
 
 
 def test_connection_cap(fresh_service, make_api):

@@ -91,6 +91,7 @@ _sweepers: dict[int, _Sweeper] = {}
 # request instead of a clock call; one second of resolution is plenty for a 10 s limit).
 _tick = 0
 _on_headers_complete: Final = HttpToolsProtocol.on_headers_complete  # without super() per request
+_on_message_complete: Final = HttpToolsProtocol.on_message_complete
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -100,6 +101,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     _hdr_bytes = 0
     _reject: bytes | None = None
     _draining = False
+    _in_body = False  # between a request's headers and the end of its body
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         sweeper = _sweepers.get(id(self.loop))
@@ -121,11 +123,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._draining:
             return
-        cycle = self.cycle
-        if cycle is None or cycle.response_complete or self._hdr_started is not None:
+        if not self._in_body:
             # Receiving headers (of this or the next request): count their bytes before the
             # parser has called back (a single huge header is buffered whole inside it), and
             # note when they began (the sweeper closes connections whose headers dawdle).
+            # Not the rest of a body still arriving after its request was answered early
+            # (e.g. 413): those bytes are no headers.
             if self._hdr_started is None:
                 self._hdr_started = _tick
             self._hdr_bytes += len(data)
@@ -175,4 +178,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 raise _HeaderLimit
         self._hdr_started = None
         self._hdr_bytes = 0
+        self._in_body = True
         _on_headers_complete(self)
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        _on_message_complete(self)
