@@ -1,7 +1,7 @@
 """OpenSSL 3 with pkcs11-provider using private keys held by the key service through
 libpkcs11ws.so: `openssl req -new -x509 -key pkcs11:...;type=private`, `openssl dgst -sign`
 checked against the exported public key, and a TLS 1.3 handshake where `openssl s_server` holds
-its EC key in the module and `openssl s_client` verifies the server's certificate.
+its RSA (PSS) or EC key in the module and `openssl s_client` verifies it.
 
 pkcs11-provider finds the public half (CKO_PUBLIC_KEY, same label and id) before login to learn
 the key's type; the PIN reaches it as `pkcs11-module-token-pin` in a 0600 openssl.cnf, never argv
@@ -86,10 +86,11 @@ def test_req_x509_and_dgst_sign(setup: dict[str, Any], label: str) -> None:
     assert r.returncode == 0 and b"Verified OK" in r.stdout, r
 
 
-def test_tls13_handshake_with_the_key_in_the_module(setup: dict[str, Any]) -> None:
+@pytest.mark.parametrize("label,sigtype", [("ossl-ec", "ECDSA"), ("ossl-rsa", "RSA-PSS")])
+def test_tls13_handshake_with_the_key_in_the_module(setup: dict[str, Any], label: str,
+                                                    sigtype: str) -> None:  # fmt: skip
     env, tmp = setup["env"], setup["tmp"]
-    label = "ossl-ec"
-    cert = tmp / "tls-ec.pem"
+    cert = tmp / f"tls-{label}.pem"
     r = _openssl(env, "req", "-new", "-x509", "-key", _uri(setup, label, "private"), "-subj",
                  "/CN=localhost", "-days", "2", "-out", str(cert))  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -113,7 +114,7 @@ def test_tls13_handshake_with_the_key_in_the_module(setup: dict[str, Any]) -> No
         out = r.stdout.decode(errors="replace")
         assert r.returncode == 0, out + r.stderr.decode(errors="replace")
         assert "Verification: OK" in out and "TLSv1.3" in out
-        assert "Peer signature type: ECDSA" in out or "ecdsa" in out.lower()
+        assert f"Peer signature type: {sigtype}" in out, out
     finally:
         server.terminate()
         server.wait(timeout=15)

@@ -154,3 +154,35 @@ def test_sign_and_verify_in_the_module(tool: Tool, rsa_key: str, ec_key: str,
         r = tool.run("--verify", "--id", key, "-m", mech, "-i", str(data), "--signature-file",
                      str(sig), ok=False)  # fmt: skip
         assert b"Invalid signature" in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("mech,digest", [("SHA256-RSA-PKCS-PSS", "sha256"),
+                                         ("SHA384-RSA-PKCS-PSS", "sha384")])  # fmt: skip
+def test_rsa_pss_checked_by_openssl(tool: Tool, rsa_key: str, tmp_path: Path, mech: str,
+                                    digest: str) -> None:  # fmt: skip
+    data = tmp_path / "data"
+    data.write_bytes(os.urandom(3000))
+    sig = tmp_path / "sig"
+    salt = {"sha256": "32", "sha384": "48"}[digest]
+    tool.run("--sign", "--id", rsa_key, "-m", mech, "--mgf", f"MGF1-{digest.upper()}",
+             "--salt-len", salt, "-i", str(data), "-o", str(sig))  # fmt: skip
+    pem = _pubkey(tool, rsa_key, tmp_path)
+    r = _openssl("dgst", f"-{digest}", "-sigopt", "rsa_padding_mode:pss", "-sigopt",
+                 f"rsa_pss_saltlen:{salt}", "-verify", str(pem), "-signature", str(sig),
+                 str(data))  # fmt: skip
+    assert r.returncode == 0 and b"Verified OK" in r.stdout, r
+
+
+def test_rsa_oaep_sha256_decrypt(tool: Tool, rsa_key: str, tmp_path: Path) -> None:
+    pem = _pubkey(tool, rsa_key, tmp_path)
+    secret = tmp_path / "secret"
+    secret.write_bytes(os.urandom(48))
+    ct = tmp_path / "ct"
+    r = _openssl("pkeyutl", "-encrypt", "-pubin", "-inkey", str(pem), "-pkeyopt",
+                 "rsa_padding_mode:oaep", "-pkeyopt", "rsa_oaep_md:sha256", "-pkeyopt",
+                 "rsa_mgf1_md:sha256", "-in", str(secret), "-out", str(ct))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    tool.run("--decrypt", "--id", rsa_key, "-m", "RSA-PKCS-OAEP", "--hash-algorithm", "SHA256",
+             "--mgf", "MGF1-SHA256", "-i", str(ct), "-o", str(out))  # fmt: skip
+    assert out.read_bytes() == secret.read_bytes()

@@ -805,6 +805,7 @@ cdef CK_RV f_SessionCancel(CK_SESSION_HANDLE hSession, CK_FLAGS flags) noexcept 
 
 
 include "objects.pxi"
+include "params.pxi"
 include "crypto.pxi"
 include "multipart.pxi"
 include "funcs.pxi"

@@ -22,6 +22,7 @@ cdef CK_RV _op_check(CK_SLOT_ID slot, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key, 
     cdef int row
     cdef CK_ULONG v
     cdef CK_OBJECT_CLASS want
+    cdef CK_RV rv
     if m == NULL:
         return CKR_ARGUMENTS_BAD
     if _obj_get(key, &obj) != 0 or obj.slot != slot:
@@ -49,8 +50,7 @@ cdef CK_RV _op_check(CK_SLOT_ID slot, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key, 
             return CKR_MECHANISM_PARAM_INVALID
         op.mac_len = v
     elif g_mechs[row].param != PARAM_NONE:
-        # PSS, OAEP, GCM: their parsers (branch asym-params) read the generated structs.
-        return CKR_MECHANISM_PARAM_INVALID
+        pass  # a struct (PSS, OAEP, GCM): parsed last, once nothing else can fail
     elif m.ulParameterLen != 0:
         return CKR_MECHANISM_PARAM_INVALID
     # A key pair's private half signs and decrypts, its public half verifies and encrypts.
@@ -63,6 +63,9 @@ cdef CK_RV _op_check(CK_SLOT_ID slot, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key, 
         op.mac_len = obj.size
     if not (obj.usage & (<CK_ULONG>1 << which)):
         return CKR_KEY_FUNCTION_NOT_PERMITTED
+    rv = _parse_param(g_mechs[row].param, m, op)
+    if rv != CKR_OK:
+        return rv
     op.active = 1
     return CKR_OK
 
@@ -85,6 +88,7 @@ cdef CK_RV _op_init(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE ke
             pthread_mutex_lock(&g_sess_lock)
             if s.ops[which].active:
                 rv = CKR_OPERATION_ACTIVE
+                free(op.prm)
             else:
                 s.ops[which] = op
             pthread_mutex_unlock(&g_sess_lock)
