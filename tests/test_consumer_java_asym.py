@@ -27,7 +27,7 @@ from pkcs11ws.__main__ import module_path
 
 JAVA_SRC = Path(__file__).resolve().parent / "java" / "P11AsymTest.java"
 CHECKS = {"basic": 5, "all": 6}  # PASS lines P11AsymTest prints
-LEVEL = "basic"  # "all" needs the GCM parameter parser (abi's CK_GCM_PARAMS)
+LEVEL = "all"
 
 
 def _p12(path: Path) -> None:
