@@ -17,7 +17,7 @@ cdef bint _tag_bits_ok(CK_ULONG bits) noexcept nogil:
     return bits == 32 or bits == 64 or (96 <= bits <= 128 and bits % 8 == 0)
 
 
-cdef CK_RV _blob(Op* op, CK_ULONG* nums, int n, const CK_BYTE* a, CK_ULONG alen,
+cdef CK_RV _blob(OpState* op, CK_ULONG* nums, int n, const CK_BYTE* a, CK_ULONG alen,
                  const CK_BYTE* b, CK_ULONG blen) noexcept nogil:
     cdef CK_ULONG size = n * sizeof(CK_ULONG) + alen + blen
     cdef CK_BYTE* p = <CK_BYTE*>malloc(size or 1)
@@ -33,7 +33,7 @@ cdef CK_RV _blob(Op* op, CK_ULONG* nums, int n, const CK_BYTE* a, CK_ULONG alen,
     return CKR_OK
 
 
-cdef CK_RV _parse_pss(CK_MECHANISM_PTR m, Op* op) noexcept nogil:
+cdef CK_RV _parse_pss(CK_MECHANISM_PTR m, OpState* op) noexcept nogil:
     cdef CK_RSA_PKCS_PSS_PARAMS* p
     cdef CK_ULONG nums[3]
     if m.pParameter == NULL or m.ulParameterLen != sizeof(CK_RSA_PKCS_PSS_PARAMS):
@@ -47,7 +47,7 @@ cdef CK_RV _parse_pss(CK_MECHANISM_PTR m, Op* op) noexcept nogil:
     return _blob(op, nums, 3, NULL, 0, NULL, 0)
 
 
-cdef CK_RV _parse_oaep(CK_MECHANISM_PTR m, Op* op) noexcept nogil:
+cdef CK_RV _parse_oaep(CK_MECHANISM_PTR m, OpState* op) noexcept nogil:
     cdef CK_RSA_PKCS_OAEP_PARAMS* p
     cdef CK_ULONG nums[2]
     if m.pParameter == NULL or m.ulParameterLen != sizeof(CK_RSA_PKCS_OAEP_PARAMS):
@@ -62,7 +62,7 @@ cdef CK_RV _parse_oaep(CK_MECHANISM_PTR m, Op* op) noexcept nogil:
     return _blob(op, nums, 2, <CK_BYTE*>p.pSourceData, p.ulSourceDataLen, NULL, 0)
 
 
-cdef CK_RV _parse_gcm(CK_MECHANISM_PTR m, Op* op) noexcept nogil:
+cdef CK_RV _parse_gcm(CK_MECHANISM_PTR m, OpState* op) noexcept nogil:
     cdef CK_GCM_PARAMS* p
     cdef CK_ULONG nums[2]
     if m.pParameter == NULL or m.ulParameterLen != sizeof(CK_GCM_PARAMS):
@@ -79,7 +79,7 @@ cdef CK_RV _parse_gcm(CK_MECHANISM_PTR m, Op* op) noexcept nogil:
     return _blob(op, nums, 2, p.pIv, p.ulIvLen, p.pAAD, p.ulAADLen)
 
 
-cdef CK_RV _parse_param(int kind, CK_MECHANISM_PTR m, Op* op) noexcept nogil:
+cdef CK_RV _parse_param(int kind, CK_MECHANISM_PTR m, OpState* op) noexcept nogil:
     if kind == PARAM_RSA_PSS:
         return _parse_pss(m, op)
     if kind == PARAM_RSA_OAEP:
