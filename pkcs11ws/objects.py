@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 
+from pkcs11ws import attributes as A
 from pkcs11ws import constants as C
 from pkcs11ws import mechanisms, protocol
 from pkcs11ws.errors import PKCS11Error
@@ -31,17 +32,17 @@ if TYPE_CHECKING:  # annotations only: typing stays off the start-up path (test_
 RawTemplate = list[tuple[int, bytes]]
 ULONG_SIZE: Final = 8  # sizeof(CK_ULONG) on LP64 Linux
 
-CLASSES: Final = (C.CKO_DATA, C.CKO_CERTIFICATE, C.CKO_SECRET_KEY)
-HIDDEN_CLASSES: Final = (C.CKO_PUBLIC_KEY, C.CKO_PRIVATE_KEY)  # never returned by C_FindObjects
+CLASSES: Final = (C.CKO_DATA, C.CKO_CERTIFICATE, C.CKO_SECRET_KEY, C.CKO_PRIVATE_KEY)
+# The forced values come from the attribute schema the service reads too (pkcs11ws/attributes.py).
 # CKA_COPYABLE is on the WSOP guide's list too, for a library without C_CopyObject; this one
 # copies, so CKA_COPYABLE (like CKA_MODIFIABLE) may be given either way and is enforced as read.
-MUST_BE_FALSE: Final = ("CKA_DERIVE", "CKA_EXTRACTABLE", "CKA_TRUSTED", "CKA_UNWRAP", "CKA_WRAP",
-                        "CKA_WRAP_WITH_TRUSTED")  # fmt: skip
-KEY_MUST_BE_TRUE: Final = ("CKA_ALWAYS_SENSITIVE", "CKA_NEVER_EXTRACTABLE", "CKA_LOCAL",
-                           "CKA_SENSITIVE")  # fmt: skip
+MUST_BE_FALSE: Final = A.having(C.CKO_SECRET_KEY, "F")
+KEY_MUST_BE_TRUE: Final = tuple(n for n in A.having(C.CKO_SECRET_KEY, "T") if n in
+                                ("CKA_ALWAYS_SENSITIVE", "CKA_NEVER_EXTRACTABLE", "CKA_LOCAL",
+                                 "CKA_SENSITIVE"))  # fmt: skip
 # An imported key was not always sensitive, may have been extracted and was not made here: these
 # read back false on it, so they may only be given false.
-IMPORTED_FALSE: Final = ("CKA_ALWAYS_SENSITIVE", "CKA_NEVER_EXTRACTABLE", "CKA_LOCAL")
+IMPORTED_FALSE: Final = A.having(C.CKO_SECRET_KEY, "I")
 # The WSOP guide requires CKA_CLASS, CKA_KEY_TYPE, CKA_VALUE_LEN and CKA_LABEL in a key
 # generation template. CKA_KEY_TYPE and CKA_LABEL are not enforced: Java SunPKCS11's
 # KeyGenerator sends neither (the mechanism implies the type) and pkcs11-tool --keygen sends no
@@ -63,6 +64,11 @@ def decode_value(attr: protocol.Attr, raw: bytes) -> protocol.AttrValue:
         if len(raw) != ULONG_SIZE:
             raise _fail(C.CKR_ATTRIBUTE_VALUE_INVALID, f"{attr.name}: a CK_ULONG is 8 bytes")
         return int.from_bytes(raw, sys.byteorder)
+    if attr.kind == protocol.ULONGS:
+        if len(raw) % ULONG_SIZE:
+            raise _fail(C.CKR_ATTRIBUTE_VALUE_INVALID, f"{attr.name}: an array of CK_ULONG")
+        return tuple(int.from_bytes(raw[i : i + ULONG_SIZE], sys.byteorder)
+                     for i in range(0, len(raw), ULONG_SIZE))  # fmt: skip
     return bytes(raw)
 
 
@@ -73,6 +79,9 @@ def encode_value(attr: protocol.Attr, value: protocol.AttrValue) -> bytes:
     if attr.kind == protocol.ULONG:
         assert isinstance(value, int)
         return value.to_bytes(ULONG_SIZE, sys.byteorder)
+    if attr.kind == protocol.ULONGS:
+        assert isinstance(value, tuple)
+        return b"".join(v.to_bytes(ULONG_SIZE, sys.byteorder) for v in value)
     assert isinstance(value, bytes)
     return value
 
@@ -103,17 +112,38 @@ def decode_search(template: Iterable[tuple[int, bytes]]) -> Attrs | None:
         if attr.name in out and out[attr.name] != value:
             return None
         out[attr.name] = value
-    if out.get("CKA_CLASS") in HIDDEN_CLASSES:
-        return None
     return out
 
 
-RENAMABLE: Final = ("CKA_LABEL", "CKA_ID")  # the attributes C_SetAttributeValue may change
+RENAMABLE: Final = A.RENAMABLE  # the attributes C_SetAttributeValue may change
 ATTRIBUTE_HEADER: Final = 2 * ULONG_SIZE  # a CK_ATTRIBUTE's type and length, for size estimates
+
+
+def _check_schema(cls: int, t: Attrs, imported: bool) -> None:
+    """The schema's forced values (T, F, I) for a class (the service checks the same)."""
+    rules = A.SCHEMA[cls]
+    for name, v in t.items():
+        flags = rules.get(name)
+        if flags is None:
+            raise _fail(C.CKR_ATTRIBUTE_TYPE_INVALID, f"{name} is not an attribute of a "
+                        f"{A.CLASS_NAMES[cls]}")  # fmt: skip
+        if "P" in flags:
+            continue
+        if "I" in flags and imported:
+            if v is not False:
+                raise _fail(C.CKR_TEMPLATE_INCONSISTENT, f"{name} must be false for an import")
+        elif "T" in flags and v is not True:
+            raise _fail(C.CKR_TEMPLATE_INCONSISTENT, f"{name} must be true")
+        elif "F" in flags and v is not False:
+            raise _fail(C.CKR_TEMPLATE_INCONSISTENT, f"{name} must be false")
 
 
 def _check_common(t: Attrs, public_ok: bool = False) -> None:
     for name in ("CKA_TOKEN", "CKA_PRIVATE"):
+        if name == "CKA_PRIVATE" and public_ok and name not in t:
+            # A certificate may leave it out (private then): Java's KeyStore stores the chain
+            # of a PrivateKeyEntry without it, whatever the provider configuration says.
+            continue
         if name not in t:
             raise _fail(
                 C.CKR_TEMPLATE_INCOMPLETE,
@@ -165,7 +195,39 @@ def check_create(t: Attrs) -> int:
             raise _fail(C.CKR_ATTRIBUTE_VALUE_INVALID, f"key type {kt!r} is not supported")
         if "CKA_VALUE" not in t:
             raise _fail(C.CKR_TEMPLATE_INCOMPLETE, "CKA_VALUE is required to import a key")
+    elif cls == C.CKO_PRIVATE_KEY:
+        # The components' checks need the key arithmetic: the service does them.
+        _check_schema(cls, t, imported=True)
+        kt = t.get("CKA_KEY_TYPE")
+        if kt is None:
+            raise _fail(C.CKR_TEMPLATE_INCOMPLETE, "CKA_KEY_TYPE is required")
+        if kt not in mechanisms.PAIR_KEY_TYPE_NAMES:
+            raise _fail(C.CKR_ATTRIBUTE_VALUE_INVALID, "private keys are CKK_RSA or CKK_EC")
     return cls
+
+
+def check_generate_pair(mech: mechanisms.Mechanism, pub: Attrs, priv: Attrs) -> None:
+    """C_GenerateKeyPair's templates. CKA_TOKEN and CKA_PRIVATE may be left out (token
+    objects; the private half private, the public half public unless asked otherwise), as
+    pkcs11-tool --keypairgen and Java's KeyPairGenerator leave them out; given, they follow
+    the schema."""
+    inputs = ("CKA_MODULUS_BITS", "CKA_PUBLIC_EXPONENT", "CKA_EC_PARAMS")
+    for cls, t in ((C.CKO_PUBLIC_KEY, pub), (C.CKO_PRIVATE_KEY, priv)):
+        if t.get("CKA_CLASS", cls) != cls:
+            raise _fail(C.CKR_TEMPLATE_INCONSISTENT, f"CKA_CLASS: {mech.name} makes a "
+                        f"{A.CLASS_NAMES[cls]} here")  # fmt: skip
+        if t.get("CKA_KEY_TYPE", mech.gen_key_type) != mech.gen_key_type:
+            raise _fail(C.CKR_TEMPLATE_INCONSISTENT, f"CKA_KEY_TYPE does not fit {mech.name}")
+        _check_schema(cls, {n: v for n, v in t.items() if n not in inputs}, imported=False)
+    given = {**pub, **priv}
+    if mech.gen_key_type == C.CKK_RSA:
+        bits = given.get("CKA_MODULUS_BITS")
+        if bits is None:
+            raise _fail(C.CKR_TEMPLATE_INCOMPLETE, "CKA_MODULUS_BITS is required for RSA")
+        if bits not in mechanisms.RSA_BITS:
+            raise _fail(C.CKR_KEY_SIZE_RANGE, f"RSA keys are {mechanisms.RSA_BITS} bits")
+    elif "CKA_EC_PARAMS" not in given:
+        raise _fail(C.CKR_TEMPLATE_INCOMPLETE, "CKA_EC_PARAMS is required for EC")
 
 
 def check_generate(mech: mechanisms.Mechanism, t: Attrs) -> None:
@@ -192,13 +254,14 @@ def check_generate(mech: mechanisms.Mechanism, t: Attrs) -> None:
 
 def attribute_values(attrs: Attrs, types: list[int]) -> list[bytes | int]:
     """C_GetAttributeValue answers: each value's bytes, or the CKR for that attribute."""
-    secret = attrs.get("CKA_CLASS") == C.CKO_SECRET_KEY
+    cls = attrs.get("CKA_CLASS")
+    assert isinstance(cls, int)
     out: list[bytes | int] = []
     for code in types:
         attr = protocol.ATTR_BY_CODE.get(code)
         if attr is not None and attr.name in attrs:
             out.append(encode_value(attr, attrs[attr.name]))
-        elif secret and code == C.CKA_VALUE:
+        elif attr is not None and A.sensitive(cls, attr.name):
             out.append(C.CKR_ATTRIBUTE_SENSITIVE)
         else:
             out.append(C.CKR_ATTRIBUTE_TYPE_INVALID)
@@ -211,8 +274,11 @@ def check_copy(current: Attrs, t: Attrs) -> None:
         raise _fail(C.CKR_ACTION_PROHIBITED, "the object's CKA_COPYABLE is false")
     if t.get("CKA_TOKEN", True) is not True:
         raise _fail(C.CKR_TEMPLATE_INCONSISTENT, "copies are token objects (no session objects)")
-    if t.get("CKA_PRIVATE", True) is not True and current.get("CKA_CLASS") != C.CKO_CERTIFICATE:
-        raise _fail(C.CKR_TEMPLATE_INCONSISTENT, "only certificates can be public")
+    cls = current.get("CKA_CLASS")
+    if t.get("CKA_PRIVATE", True) is not True and not (
+        isinstance(cls, int) and A.may_be_public(cls)
+    ):
+        raise _fail(C.CKR_TEMPLATE_INCONSISTENT, "only certificates and public keys can be public")
 
 
 def check_rename(current: Attrs, t: Attrs) -> None:

@@ -149,14 +149,14 @@ def ckr_for(code: str, http: int = 0) -> int:
 # --------------------------------------------------------------------------------------------
 # Attributes: which CKA travel, and as what JSON type.
 
-BOOL, ULONG, BYTES = "bool", "ulong", "bytes"
+BOOL, ULONG, BYTES, ULONGS = "bool", "ulong", "bytes", "ulongs"  # ULONGS: a CK_ULONG array
 
 
 @dataclass(frozen=True)
 class Attr:
     name: str
     code: int
-    kind: str  # BOOL | ULONG | BYTES
+    kind: str  # BOOL | ULONG | BYTES | ULONGS
 
 
 ATTRIBUTES: Final[tuple[Attr, ...]] = tuple(
@@ -175,12 +175,17 @@ ATTRIBUTES: Final[tuple[Attr, ...]] = tuple(
         ("CKA_ALWAYS_SENSITIVE", BOOL), ("CKA_KEY_GEN_MECHANISM", ULONG),
         ("CKA_MODIFIABLE", BOOL), ("CKA_COPYABLE", BOOL), ("CKA_DESTROYABLE", BOOL),
         ("CKA_WRAP_WITH_TRUSTED", BOOL), ("CKA_ALWAYS_AUTHENTICATE", BOOL),
+        ("CKA_MODULUS", BYTES), ("CKA_MODULUS_BITS", ULONG), ("CKA_PUBLIC_EXPONENT", BYTES),
+        ("CKA_PRIVATE_EXPONENT", BYTES), ("CKA_PRIME_1", BYTES), ("CKA_PRIME_2", BYTES),
+        ("CKA_EXPONENT_1", BYTES), ("CKA_EXPONENT_2", BYTES), ("CKA_COEFFICIENT", BYTES),
+        ("CKA_PUBLIC_KEY_INFO", BYTES), ("CKA_EC_PARAMS", BYTES), ("CKA_EC_POINT", BYTES),
+        ("CKA_ALLOWED_MECHANISMS", ULONGS),
     )
 )  # fmt: skip
 ATTR_BY_NAME: Final[dict[str, Attr]] = {a.name: a for a in ATTRIBUTES}
 ATTR_BY_CODE: Final[dict[int, Attr]] = {a.code: a for a in ATTRIBUTES}
 
-AttrValue = bool | int | bytes
+AttrValue = bool | int | bytes | tuple[int, ...]
 Attrs = dict[str, AttrValue]
 
 
@@ -264,16 +269,31 @@ STRUCTS: Final[dict[str, Struct]] = {
         _s("KeyGenerate", "Generate a secret key in the service.",
            F("mechanism", "str", doc="CKM_AES_KEY_GEN, CKM_SHA256_KEY_GEN, ..."),
            F("attrs", "attrs")),
-        _s("Cipher", "AES-CBC or AES-CBC-PAD over data.",
+        _s("KeyPairGenerate", "Generate an RSA or EC key pair in the service.",
+           F("mechanism", "str", doc="CKM_RSA_PKCS_KEY_PAIR_GEN or CKM_EC_KEY_PAIR_GEN"),
+           F("public_attrs", "attrs"), F("private_attrs", "attrs")),
+        _s("KeyPair", "The two halves of a new key pair.",
+           F("public", "Object"), F("private", "Object")),
+        _s("Cipher", "Encryption or decryption: AES-CBC(-PAD), AES-GCM, RSA (private key).",
            F("key", "str", doc="key handle (UUID)"), F("mechanism", "str"),
-           F("iv", "bytes", doc="16 bytes"), F("data", "bytes")),
+           F("iv", "bytes", required=False, doc="AES-CBC: 16 bytes; AES-GCM: 8-128 bytes"),
+           F("data", "bytes"),
+           F("aad", "bytes", required=False, doc="AES-GCM additional authenticated data"),
+           F("tag_bits", "int", required=False, doc="AES-GCM tag length in bits"),
+           F("hash", "str", required=False, doc="RSA-OAEP hash: sha1, sha256, sha384, sha512"),
+           F("mgf", "str", required=False, doc="RSA-OAEP MGF1 hash"),
+           F("label", "bytes", required=False, doc="RSA-OAEP label")),
         _s("CipherResult", "The output, and the last ciphertext block (the IV that continues "
            "the chain for a following call).",
            F("data", "bytes"), F("last_block", "bytes")),
-        _s("Sign", "HMAC over data.", F("key", "str"), F("mechanism", "str"), F("data", "bytes"),
+        _s("Sign", "HMAC over data, or an RSA/ECDSA signature with a private key.",
+           F("key", "str"), F("mechanism", "str"), F("data", "bytes"),
            F("mac_length", "int", required=False,
-             doc="_GENERAL mechanisms: output length, half to full size")),
-        _s("Signature", "The MAC.", F("signature", "bytes")),
+             doc="_GENERAL mechanisms: output length, half to full size"),
+           F("hash", "str", required=False, doc="RSA-PSS hash: sha1, sha256, sha384, sha512"),
+           F("mgf", "str", required=False, doc="RSA-PSS MGF1 hash"),
+           F("salt_length", "int", required=False, doc="RSA-PSS salt length in bytes")),
+        _s("Signature", "The MAC or signature (ECDSA: r || s).", F("signature", "bytes")),
         _s("Verify", "Check a MAC (constant time).", F("key", "str"), F("mechanism", "str"),
            F("data", "bytes"), F("signature", "bytes"),
            F("mac_length", "int", required=False)),
@@ -395,7 +415,8 @@ ENDPOINTS: Final[tuple[Endpoint, ...]] = (
                      "ATTRIBUTE_TYPE_INVALID", "ATTRIBUTE_VALUE_INVALID", "KEY_SIZE_RANGE"),
              access="token", changes=True),
     Endpoint("search_public", "POST", _CARD + "/public/search", "Search", "ObjectList",
-             "Find the softcard's public objects (certificates with CKA_PRIVATE false) without "
+             "Find the softcard's public objects (certificates and public keys with CKA_PRIVATE "
+             "false) without "
              "an activation token, as PKCS#11 shows them before C_Login.",
              errors=("SOFTCARD_NOT_FOUND", "ATTRIBUTE_TYPE_INVALID"), access="card"),
     Endpoint("copy_object", "POST", _CARD + "/objects/{handle}/copy", "ObjectCopy", "Object",
@@ -421,15 +442,22 @@ ENDPOINTS: Final[tuple[Endpoint, ...]] = (
              auth=True, idempotent=True,
              errors=("NOT_ACTIVATED", "MECHANISM_INVALID", "TEMPLATE_INCOMPLETE",
                      "TEMPLATE_INCONSISTENT", "KEY_SIZE_RANGE"), access="token", changes=True),
+    Endpoint("generate_key_pair", "POST", _CARD + "/keys/generate-pair", "KeyPairGenerate",
+             "KeyPair", "Generate an RSA or EC key pair; the private key never leaves the "
+             "service, the public key is a public object.", auth=True, idempotent=True,
+             errors=("NOT_ACTIVATED", "MECHANISM_INVALID", "TEMPLATE_INCOMPLETE",
+                     "TEMPLATE_INCONSISTENT", "ATTRIBUTE_VALUE_INVALID", "KEY_SIZE_RANGE"),
+             access="token", changes=True),
     Endpoint("encrypt", "POST", "/crypto/v1/encrypt", "Cipher", "CipherResult",
-             "AES-CBC(-PAD) encryption.", auth=True, errors=(*_KEY_ERRS, "DATA_LEN_RANGE"),
-             access="token"),
+             "AES-CBC(-PAD) or AES-GCM encryption.", auth=True,
+             errors=(*_KEY_ERRS, "DATA_LEN_RANGE"), access="token"),
     Endpoint("decrypt", "POST", "/crypto/v1/decrypt", "Cipher", "CipherResult",
-             "AES-CBC(-PAD) decryption.", auth=True,
+             "AES-CBC(-PAD), AES-GCM or RSA (PKCS#1 v1.5, OAEP) decryption.", auth=True,
              errors=(*_KEY_ERRS, "ENCRYPTED_DATA_LEN_RANGE", "ENCRYPTED_DATA_INVALID"),
              access="token"),
-    Endpoint("sign", "POST", "/crypto/v1/sign", "Sign", "Signature", "HMAC sign.", auth=True,
-             errors=_KEY_ERRS, access="token"),
+    Endpoint("sign", "POST", "/crypto/v1/sign", "Sign", "Signature",
+             "HMAC, RSA (PKCS#1 v1.5, PSS) or ECDSA signature.", auth=True,
+             errors=(*_KEY_ERRS, "DATA_LEN_RANGE"), access="token"),
     Endpoint("verify", "POST", "/crypto/v1/verify", "Verify", "Verified", "HMAC verify.",
              auth=True, errors=(*_KEY_ERRS, "SIGNATURE_INVALID", "SIGNATURE_LEN_RANGE"),
              access="token"),
@@ -503,7 +531,12 @@ def encode_attrs(attrs: Attrs) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in attrs.items():
         a = ATTR_BY_NAME[name]
-        out[name] = b64e(value) if a.kind == BYTES else value  # type: ignore[arg-type]
+        if a.kind == BYTES:
+            out[name] = b64e(value)  # type: ignore[arg-type]
+        elif a.kind == ULONGS:
+            out[name] = list(value)  # type: ignore[arg-type]
+        else:
+            out[name] = value
     return out
 
 
@@ -523,6 +556,12 @@ def decode_attrs(obj: object, where: str = "attrs") -> Attrs:
             if type(value) is not int or not 0 <= value <= 0xFFFFFFFFFFFFFFFF:
                 raise ProtocolError("BAD_REQUEST", f"{where}.{name}: expected an unsigned integer")
             out[name] = value
+        elif a.kind == ULONGS:
+            if not isinstance(value, list) or not all(
+                type(v) is int and 0 <= v <= 0xFFFFFFFFFFFFFFFF for v in value
+            ):
+                raise ProtocolError("BAD_REQUEST", f"{where}.{name}: expected unsigned integers")
+            out[name] = tuple(value)
         else:
             out[name] = b64d(value, f"{where}.{name}")
     return out

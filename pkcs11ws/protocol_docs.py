@@ -55,7 +55,8 @@ def _struct_schema(s: P.Struct) -> dict[str, Any]:
 
 def _attrs_schema() -> dict[str, Any]:
     kinds = {P.BOOL: {"type": "boolean"}, P.ULONG: {"type": "integer", "minimum": 0},
-             P.BYTES: {"type": "string", "format": "byte"}}  # fmt: skip
+             P.BYTES: {"type": "string", "format": "byte"},
+             P.ULONGS: {"type": "array", "items": {"type": "integer", "minimum": 0}}}  # fmt: skip
     return {
         "type": "object",
         "description": "PKCS#11 attributes by name; CK_BBOOL as boolean, CK_ULONG as integer, "
@@ -187,13 +188,15 @@ def markdown() -> str:
         "## Attributes",
         "",
         "Objects carry PKCS#11 attributes by name. CK_BBOOL travels as a JSON boolean, CK_ULONG "
-        "as an integer, byte arrays (labels, ids, values, dates) as base64, so every value "
+        "as an integer, a CK_ULONG array (CKA_ALLOWED_MECHANISMS) as a list of integers, byte "
+        "arrays (labels, ids, values, dates) as base64, so every value "
         "round-trips byte for byte.",
         "",
         "| attribute | code | JSON type |",
         "|---|---|---|",
     ]
-    kinds = {P.BOOL: "boolean", P.ULONG: "integer", P.BYTES: "base64"}
+    kinds = {P.BOOL: "boolean", P.ULONG: "integer", P.BYTES: "base64",
+             P.ULONGS: "list of integers"}  # fmt: skip
     out += [f"| `{a.name}` | 0x{a.code:08X} | {kinds[a.kind]} |" for a in P.ATTRIBUTES]
     out += ["", "## Error codes", "", "| code | HTTP | CKR | meaning |", "|---|---|---|---|"]
     out += [

@@ -31,7 +31,7 @@ from __future__ import annotations
 import threading
 import time
 
-from pkcs11ws import _lite, mechanisms, objects
+from pkcs11ws import _lite, mechanisms, objects, params
 from pkcs11ws import constants as C
 from pkcs11ws._lite import dataclass
 from pkcs11ws.client import transport
@@ -54,6 +54,7 @@ else:  # typing is too heavy for the module's start-up
 RANDOM_CHUNK = 65536  # the service's largest random request
 _NEVER = float("inf")
 RENEW_RETRY = 30.0  # seconds before retrying a renewal that got no answer
+_ENCRYPT, _DECRYPT, _SIGN, _VERIFY = 0, 1, 2, 3  # the core's OP_* numbers
 
 
 class Native(Protocol):
@@ -69,7 +70,7 @@ class Native(Protocol):
 
     def object_put(
         self, handle: int, slot_id: int, cls: int, key_type: int, encrypt: bool, decrypt: bool,
-        sign: bool, verify: bool,
+        sign: bool, verify: bool, size: int = 0,
     ) -> int: ...  # fmt: skip
 
     def object_drop(self, handle: int) -> None: ...
@@ -90,6 +91,7 @@ class Obj:
     slot_id: int
     uuid: str
     attrs: Attrs
+    public_key: Any = None  # a public key half, loaded for local verify/encrypt
 
 
 class Directory:
@@ -402,7 +404,8 @@ class Provider:
         assert isinstance(cls, int) and isinstance(kt, int)
         with self.dir.lock:
             handle = self.dir.by_uuid.get((slot_id, uuid), 0)
-            handle = self.native.object_put(handle, slot_id, cls, kt, *_usage(attrs))
+            handle = self.native.object_put(handle, slot_id, cls, kt, *_usage(attrs),
+                                            mechanisms.signature_size(attrs))  # fmt: skip
             self.dir.by_uuid[(slot_id, uuid)] = handle
             self.dir.objects[handle] = Obj(handle, slot_id, uuid, attrs)
         return handle
@@ -427,7 +430,7 @@ class Provider:
             return []
         token = self.tokens.get(slot_id)
         if token is None:
-            # Before C_Login only public objects (certificates) are visible.
+            # Before C_Login only public objects (certificates, public keys) are visible.
             if attrs.get("CKA_PRIVATE", False) is not False:
                 return []
             found = self.client.search_public(slot.card, attrs)
@@ -435,11 +438,7 @@ class Provider:
             if time.monotonic() >= self.renew_at.get(slot_id, _NEVER):
                 token = self._renew(slot_id, token)
             found = self._call(slot_id, self.client.search_objects, slot.card, token, attrs)
-        handles = []
-        for item in found:
-            if item["attrs"].get("CKA_CLASS") in objects.HIDDEN_CLASSES:
-                continue
-            handles.append(self._remember(slot_id, item))
+        handles = [self._remember(slot_id, item) for item in found]
         LOG.debug3(f"C_FindObjectsInit: {len(handles)} objects on slot {slot_id}")
         return handles
 
@@ -509,6 +508,24 @@ class Provider:
         LOG.debug1(f"C_GenerateKey: {mech.name} key {handle} on slot {slot_id}")
         return handle
 
+    def generate_key_pair(self, slot_id: int, mechanism: int, public: objects.RawTemplate,
+                          private: objects.RawTemplate) -> tuple[int, int]:  # fmt: skip
+        slot = self._slot(slot_id)
+        mech = mechanisms.by_code(mechanism)
+        if mech is None or mech.op is not mechanisms.Op.KEYPAIR:
+            raise PKCS11Error(C.CKR_MECHANISM_INVALID)
+        with _refusal("C_GenerateKeyPair"):
+            pub = objects.decode_template(public)
+            priv = objects.decode_template(private)
+            objects.check_generate_pair(mech, pub, priv)
+        token = self._token(slot_id)
+        made = self._call(slot_id, self.client.generate_key_pair, slot.card, token, mech.name,
+                          pub, priv)  # fmt: skip
+        handles = (self._remember(slot_id, made["public"]),
+                   self._remember(slot_id, made["private"]))  # fmt: skip
+        LOG.debug1(f"C_GenerateKeyPair: {mech.name} keys {handles} on slot {slot_id}")
+        return handles
+
     def destroy_object(self, slot_id: int, handle: int) -> None:
         slot = self._slot(slot_id)
         token = self._token(slot_id)
@@ -533,6 +550,41 @@ class Provider:
         if obj is None or obj.slot_id != slot_id:
             raise PKCS11Error(C.CKR_KEY_HANDLE_INVALID)
         return token, obj
+
+    def crypto(self, which: int, slot_id: int, key: int, mech: int, data: bytes, iv: bytes,
+               mac_len: int, param: bytes, signature: bytes | None) -> bytes | None:  # fmt: skip
+        """Every single-part or final operation the core hands over (which: 0 encrypt,
+        1 decrypt, 2 sign, 3 verify). A public key's work is done here; the rest is one
+        request to the key service."""
+        token, obj = self._key(slot_id, key)
+        m = mechanisms.BY_CODE[mech]
+        extra = params.decode(m.param, param) if param else None
+        if obj.attrs.get("CKA_CLASS") == C.CKO_PUBLIC_KEY:
+            from pkcs11ws import pubkey
+
+            if obj.public_key is None:
+                spki = obj.attrs.get("CKA_PUBLIC_KEY_INFO")
+                assert isinstance(spki, bytes)
+                obj.public_key = pubkey.load(spki)
+            if which == _VERIFY:
+                assert signature is not None
+                pubkey.verify(m, obj.public_key, data, signature, extra or {})
+                return None
+            return pubkey.encrypt(m, obj.public_key, data, extra or {})
+        try:
+            if which == _SIGN:
+                return self.client.sign(token, obj.uuid, m.name, data,
+                                        mac_len if m.general else None, extra)  # fmt: skip
+            if which == _VERIFY:
+                assert signature is not None
+                self.client.verify(token, obj.uuid, m.name, data, signature,
+                                   mac_len if m.general else None)  # fmt: skip
+                return None
+            fn = self.client.encrypt if which == _ENCRYPT else self.client.decrypt
+            return fn(token, obj.uuid, m.name, iv or None, data, extra)[0]
+        except ServiceError as e:
+            self._failed(slot_id, e, obj)
+            raise
 
     def encrypt(self, slot_id: int, key: int, mech: int, iv: bytes, data: bytes) -> bytes:
         token, obj = self._key(slot_id, key)

@@ -287,7 +287,7 @@ def test_template_policy_before_any_request(mod, card):
     for items, want in (
         ([(C.CKA_TOKEN, True), *data], C.CKR_TEMPLATE_INCOMPLETE),
         ([*KEY_BASE, (C.CKA_VALUE, b"v")], C.CKR_TEMPLATE_INCOMPLETE),
-        ([*KEY_BASE, (C.CKA_CLASS, C.CKO_PRIVATE_KEY)], C.CKR_ATTRIBUTE_VALUE_INVALID),
+        ([*KEY_BASE, (C.CKA_CLASS, C.CKO_PRIVATE_KEY)], C.CKR_TEMPLATE_INCOMPLETE),  # no key type
         ([*KEY_BASE, (C.CKA_CLASS, C.CKO_CERTIFICATE), (C.CKA_CERTIFICATE_TYPE, 1)],
          C.CKR_ATTRIBUTE_VALUE_INVALID),
         ([*KEY_BASE, (C.CKA_CLASS, C.CKO_CERTIFICATE), (C.CKA_CERTIFICATE_TYPE, C.CKC_X_509),

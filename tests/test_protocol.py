@@ -95,6 +95,8 @@ _attr_values = st.one_of(
             if a.kind == P.BOOL
             else {a.name: st.integers(0, 2**64 - 1)}
             if a.kind == P.ULONG
+            else {a.name: st.lists(st.integers(0, 2**64 - 1), max_size=8).map(tuple)}
+            if a.kind == P.ULONGS
             else {a.name: st.binary(max_size=64)}
         )
         for a in P.ATTRIBUTES

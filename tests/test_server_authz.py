@@ -29,6 +29,7 @@ from pkcs11ws import protocol
 
 PASS = b"alice passphrase"
 HMAC_VALUE = bytes(range(32))
+P256 = bytes.fromhex("06082a8648ce3d030107")  # CKA_EC_PARAMS of P-256
 CARDS = "/km/v1/softcards"
 
 
@@ -118,6 +119,9 @@ def body_for(op: str, key: str, mac: str) -> Any:
         "update_object": {"attrs": encode({"CKA_LABEL": b"renamed"})},
         "generate_key": {"mechanism": "CKM_AES_KEY_GEN",
                          "attrs": encode({"CKA_VALUE_LEN": 16, "CKA_TOKEN": True})},
+        "generate_key_pair": {"mechanism": "CKM_EC_KEY_PAIR_GEN",
+                              "public_attrs": encode({"CKA_EC_PARAMS": P256}),
+                              "private_attrs": {}},
         "encrypt": {"key": key, "mechanism": "CKM_AES_CBC_PAD", "iv": iv, "data": b64(b"x")},
         "decrypt": {"key": key, "mechanism": "CKM_AES_CBC", "iv": iv, "data": b64(bytes(16))},
         "sign": {"key": mac, "mechanism": "CKM_SHA256_HMAC", "data": b64(b"data")},

@@ -197,7 +197,7 @@ def test_aes_cbc_errors(api, card):
             assert (r.status, r.code) == (400, "MECHANISM_PARAM_INVALID"), (mech, len(iv))
             r = _enc(api, token, key, mech, iv, bytes(16), DEC)
             assert r.code == "MECHANISM_PARAM_INVALID"
-    for mech in ("CKM_SHA256_HMAC", "CKM_AES_KEY_GEN", "CKM_RSA_PKCS", "", "ckm_aes_cbc"):
+    for mech in ("CKM_SHA256_HMAC", "CKM_AES_KEY_GEN", "CKM_DES3_CBC", "", "ckm_aes_cbc"):
         r = _enc(api, token, key, mech, bytes(16), bytes(16))
         assert (r.status, r.code) == (400, "MECHANISM_INVALID"), mech
 

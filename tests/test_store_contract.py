@@ -120,7 +120,9 @@ def test_migrate_from_empty_in_parallel(make_store: Callable[[], Store], tmp_pat
             t.join(60)
         assert len(results) == 4, results
         assert all(r[1] == newest for r in results)
-        assert all(r[0] in (0, newest) for r in results)
+        # Each migrator reports the version it first saw: 0, or a step another one had
+        # already committed (steps commit one at a time), never past the newest.
+        assert all(0 <= r[0] <= newest for r in results)
         assert all(st.schema_version() == newest for st in stores)
     finally:
         for st in stores:

@@ -94,6 +94,7 @@ def test_all_checks_pass_with_the_self_test(service):
         f"softcard {card.name}",
         "self-test AES",
         "self-test HMAC",
+        "self-test EC key pair",
         "self-test cleanup",
     ]
     assert list(got) == names
@@ -104,6 +105,7 @@ def test_all_checks_pass_with_the_self_test(service):
     assert f"https://127.0.0.1:{service.port}" in got["key service"][1]
     assert re.search(rf"^ +slot \d+: token '{card.name}'", res.stdout, re.M)
     assert "CKM_SHA256_KEY_GEN" in got["self-test HMAC"][1]
+    assert "CKM_ECDSA_SHA256" in got["self-test EC key pair"][1]
     assert card.passphrase not in res.stdout + res.stderr
     counts = card_counts(service, card.id)
     assert counts is not None and counts["keys"] == 0  # the temporary keys are gone

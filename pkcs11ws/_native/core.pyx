@@ -127,7 +127,10 @@ cdef struct Call:
     CK_ULONG* out_len
     CK_ATTRIBUTE* tmpl
     CK_ULONG count
+    CK_ATTRIBUTE* tmpl2         # C_GenerateKeyPair: the private key's template
+    CK_ULONG count2
     CK_ULONG result             # a handle, a size, a flag: the work's one number
+    CK_ULONG result2            # C_GenerateKeyPair: the private key's handle
     CK_OBJECT_HANDLE* found
 
 
@@ -263,11 +266,12 @@ def slot_set_pin_flags(slot_id: int, flags: int) -> None:
 
 
 def object_put(handle: int, slot_id: int, cls: int, key_type: int, encrypt: bool,
-               decrypt: bool, sign: bool, verify: bool) -> int:
-    """Record an object (handle 0: allocate one); returns its handle."""
+               decrypt: bool, sign: bool, verify: bool, size: int = 0) -> int:
+    """Record an object (handle 0: allocate one); returns its handle. size: a key pair's
+    output length (RSA modulus bytes, ECDSA signature bytes)."""
     cdef CK_ULONG usage = ((USE_ENCRYPT if encrypt else 0) | (USE_DECRYPT if decrypt else 0)
                            | (USE_SIGN if sign else 0) | (USE_VERIFY if verify else 0))
-    cdef CK_OBJECT_HANDLE h = _obj_put(handle, slot_id, cls, key_type, usage)
+    cdef CK_OBJECT_HANDLE h = _obj_put(handle, slot_id, cls, key_type, usage, size)
     if h == 0:
         raise MemoryError()
     return h
@@ -801,6 +805,7 @@ cdef CK_RV f_SessionCancel(CK_SESSION_HANDLE hSession, CK_FLAGS flags) noexcept 
 
 
 include "objects.pxi"
+include "params.pxi"
 include "crypto.pxi"
 include "multipart.pxi"
 include "funcs.pxi"
@@ -810,7 +815,11 @@ include "funcs.pxi"
 
 cdef int _load_mechanisms() except -1:
     global g_nmechs
-    params = {"none": PARAM_NONE, "iv16": PARAM_IV16, "mac_len": PARAM_MAC_LEN}
+    params = {"none": PARAM_NONE, "iv16": PARAM_IV16, "mac_len": PARAM_MAC_LEN,
+              "rsa_pss": PARAM_RSA_PSS, "rsa_oaep": PARAM_RSA_OAEP, "gcm": PARAM_GCM}
+    rules = {"none": RULE_NONE, "cbc": RULE_CBC, "cbc_pad": RULE_CBC_PAD, "mac": RULE_MAC,
+             "modulus": RULE_MODULUS, "ec_sig": RULE_EC_SIG, "gcm": RULE_GCM}
+    multis = {"none": MULTI_NONE, "cbc": MULTI_CBC, "accumulate": MULTI_ACCUMULATE}
     rows = _mechanisms.MECHANISMS
     if len(rows) > MAX_MECHS:
         raise RuntimeError("mechanism table larger than the core's")
@@ -824,6 +833,9 @@ cdef int _load_mechanisms() except -1:
         g_mechs[i].param = params[m.param.value]
         g_mechs[i].out_len = m.out_len
         g_mechs[i].padded = 1 if m.padded else 0
+        g_mechs[i].rule = rules[m.out.value]
+        g_mechs[i].multi = multis[m.multi.value]
+        g_mechs[i].asym = 1 if m.private_key else 0
         g_mechs[i].nkt = len(m.key_types)
         for j, kt in enumerate(m.key_types):
             g_mechs[i].key_types[j] = kt

@@ -21,6 +21,8 @@ cdef CK_RV _op_check(CK_SLOT_ID slot, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key, 
     cdef ObjRow obj
     cdef int row
     cdef CK_ULONG v
+    cdef CK_OBJECT_CLASS want
+    cdef CK_RV rv
     if m == NULL:
         return CKR_ARGUMENTS_BAD
     if _obj_get(key, &obj) != 0 or obj.slot != slot:
@@ -47,12 +49,23 @@ cdef CK_RV _op_check(CK_SLOT_ID slot, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key, 
         if v * 2 < g_mechs[row].out_len or v > g_mechs[row].out_len:
             return CKR_MECHANISM_PARAM_INVALID
         op.mac_len = v
+    elif g_mechs[row].param != PARAM_NONE:
+        pass  # a struct (PSS, OAEP, GCM): parsed last, once nothing else can fail
     elif m.ulParameterLen != 0:
         return CKR_MECHANISM_PARAM_INVALID
-    if obj.cls != CKO_SECRET_KEY or not _mech_takes_key(row, obj.key_type):
+    # A key pair's private half signs and decrypts, its public half verifies and encrypts.
+    want = CKO_SECRET_KEY
+    if g_mechs[row].asym:
+        want = CKO_PRIVATE_KEY if which == OP_SIGN or which == OP_DECRYPT else CKO_PUBLIC_KEY
+    if obj.cls != want or not _mech_takes_key(row, obj.key_type):
         return CKR_KEY_TYPE_INCONSISTENT
+    if g_mechs[row].rule == RULE_MODULUS or g_mechs[row].rule == RULE_EC_SIG:
+        op.mac_len = obj.size
     if not (obj.usage & (<CK_ULONG>1 << which)):
         return CKR_KEY_FUNCTION_NOT_PERMITTED
+    rv = _parse_param(g_mechs[row].param, m, op)
+    if rv != CKR_OK:
+        return rv
     op.active = 1
     return CKR_OK
 
@@ -75,6 +88,7 @@ cdef CK_RV _op_init(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE ke
             pthread_mutex_lock(&g_sess_lock)
             if s.ops[which].active:
                 rv = CKR_OPERATION_ACTIVE
+                free(op.prm)
             else:
                 s.ops[which] = op
             pthread_mutex_unlock(&g_sess_lock)
@@ -90,22 +104,50 @@ cdef void _op_end(Session* s, int which) noexcept nogil:
 
 
 cdef CK_RV _out_len(OpState* op, int which, CK_ULONG n, CK_ULONG* out) noexcept nogil:
-    cdef MechRow* row = &g_mechs[op.row]
-    if which == OP_ENCRYPT:
-        if row.padded:
+    """The output length of one call by the mechanism's rule (mechanisms.OutLen)."""
+    cdef int rule = g_mechs[op.row].rule
+    if which == OP_SIGN or which == OP_VERIFY or rule == RULE_MODULUS:
+        # RSA decryption: the modulus is an upper bound, the exact length comes with the data.
+        if which == OP_DECRYPT and n != op.mac_len:
+            return CKR_ENCRYPTED_DATA_LEN_RANGE
+        out[0] = op.mac_len
+    elif rule == RULE_GCM:
+        if which == OP_ENCRYPT:
+            out[0] = n + op.tag_len
+        elif n < op.tag_len:
+            return CKR_ENCRYPTED_DATA_LEN_RANGE
+        else:
+            out[0] = n - op.tag_len
+    elif which == OP_ENCRYPT:
+        if rule == RULE_CBC_PAD:
             out[0] = n + 16 - n % 16
         elif n % 16:
             return CKR_DATA_LEN_RANGE
         else:
             out[0] = n
-    elif which == OP_DECRYPT:
-        if n % 16 or (row.padded and n == 0):
+    else:
+        if n % 16 or (rule == RULE_CBC_PAD and n == 0):
             return CKR_ENCRYPTED_DATA_LEN_RANGE
         # CBC-PAD: an upper bound (the spec allows it); the exact length comes with the data.
         out[0] = n
-    else:
-        out[0] = op.mac_len
     return CKR_OK
+
+
+cdef bint _upper_bound(OpState* op, int which) noexcept nogil:
+    """Whether _out_len gave an upper bound (the exact length comes with the answer)."""
+    return which == OP_DECRYPT and (g_mechs[op.row].rule == RULE_CBC_PAD
+                                    or g_mechs[op.row].rule == RULE_MODULUS)
+
+
+cdef object _crypt_call(CK_SESSION_HANDLE h, CK_SLOT_ID slot, OpState* op, int which,
+                        bytes data, bytes signature=None):
+    """The one way an operation reaches the provider (with the GIL): the data, and what the
+    operation state holds for the mechanism (CBC chaining value, MAC length, the serialised
+    struct parameter)."""
+    return _prov_s(h).crypto(which, slot, op.key, op.mech, data,
+                             (<char*>op.iv)[:16] if g_mechs[op.row].param == PARAM_IV16 else b"",
+                             op.mac_len, (<char*>op.prm)[:op.prmlen] if op.prmlen else b"",
+                             signature)
 
 
 cdef bint _kept_matches(OpState* op, CK_BYTE_PTR data, CK_ULONG n) noexcept nogil:
@@ -141,12 +183,7 @@ cdef CK_RV _py_single(Call* c) except? 0xFFFFFFFF:
     cdef Py_ssize_t size
     cdef const unsigned char* src
     data = (<char*>c.data)[:c.data_len] if c.data_len else b""
-    if c.which == OP_SIGN:
-        out = _prov_s(c.h).sign(c.slot, op.key, op.mech, data, op.mac_len)
-    elif c.which == OP_ENCRYPT:
-        out = _prov_s(c.h).encrypt(c.slot, op.key, op.mech, (<char*>op.iv)[:16], data)
-    else:
-        out = _prov_s(c.h).decrypt(c.slot, op.key, op.mech, (<char*>op.iv)[:16], data)
+    out = _crypt_call(c.h, c.slot, op, c.which, data)
     size = len(out)
     if <CK_ULONG>size > c.out_len[0]:
         _keep(c.s, c.which, c.data, c.data_len, out)
@@ -194,10 +231,10 @@ cdef CK_RV _single(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pIn, CK_ULONG ulI
             if pOut == NULL:
                 pulOut[0] = need
                 return CKR_OK
-            if pulOut[0] < need and not (which == OP_DECRYPT and g_mechs[op.row].padded):
+            if pulOut[0] < need and not _upper_bound(&op, which):
                 pulOut[0] = need
                 return CKR_BUFFER_TOO_SMALL
-            if need == 0:
+            if need == 0 and g_mechs[op.row].rule == RULE_CBC:
                 # Unpadded CBC of nothing is nothing: no request needed.
                 pulOut[0] = 0
             else:
@@ -255,8 +292,7 @@ cdef CK_RV f_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulData
 
 cdef CK_RV _py_verify(Call* c) except? 0xFFFFFFFF:
     data = (<char*>c.data)[:c.data_len] if c.data_len else b""
-    _prov_s(c.h).verify(c.slot, c.op.key, c.op.mech, data, (<char*>c.data2)[:c.data2_len],
-                        c.op.mac_len)
+    _crypt_call(c.h, c.slot, c.op, OP_VERIFY, data, (<char*>c.data2)[:c.data2_len])
     return CKR_OK
 
 
@@ -331,6 +367,54 @@ cdef CK_RV f_GenerateKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism
     rv = _in_python(_py_generate_key, &c)
     if rv == CKR_OK:
         phKey[0] = c.result
+    return rv
+
+
+cdef CK_RV _py_generate_key_pair(Call* c) except? 0xFFFFFFFF:
+    pub, priv = _prov_s(c.h).generate_key_pair(c.slot, c.mech, _template(c.tmpl, c.count),
+                                               _template(c.tmpl2, c.count2))
+    c.result = pub
+    c.result2 = priv
+    return CKR_OK
+
+
+cdef CK_RV f_GenerateKeyPair(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
+                             CK_ATTRIBUTE_PTR pPublicKeyTemplate,
+                             CK_ULONG ulPublicKeyAttributeCount,
+                             CK_ATTRIBUTE_PTR pPrivateKeyTemplate,
+                             CK_ULONG ulPrivateKeyAttributeCount, CK_OBJECT_HANDLE_PTR phPublicKey,
+                             CK_OBJECT_HANDLE_PTR phPrivateKey) noexcept nogil:
+    cdef CK_RV rv = _ready()
+    cdef CK_SLOT_ID slot
+    cdef CK_FLAGS flags
+    cdef int row
+    cdef Call c
+    if rv != CKR_OK:
+        return rv
+    rv = _session_slot(hSession, &slot, &flags)
+    if rv != CKR_OK:
+        return rv
+    if (pMechanism == NULL or phPublicKey == NULL or phPrivateKey == NULL
+            or (pPublicKeyTemplate == NULL and ulPublicKeyAttributeCount > 0)
+            or (pPrivateKeyTemplate == NULL and ulPrivateKeyAttributeCount > 0)):
+        return CKR_ARGUMENTS_BAD
+    row = _mech_find(pMechanism.mechanism)
+    if row < 0 or not (g_mechs[row].flags & CKF_GENERATE_KEY_PAIR):
+        return CKR_MECHANISM_INVALID
+    if pMechanism.ulParameterLen != 0:
+        return CKR_MECHANISM_PARAM_INVALID
+    if not (flags & CKF_RW_SESSION):
+        return CKR_SESSION_READ_ONLY
+    c = _call(hSession, slot)
+    c.mech = pMechanism.mechanism
+    c.tmpl = pPublicKeyTemplate
+    c.count = ulPublicKeyAttributeCount
+    c.tmpl2 = pPrivateKeyTemplate
+    c.count2 = ulPrivateKeyAttributeCount
+    rv = _in_python(_py_generate_key_pair, &c)
+    if rv == CKR_OK:
+        phPublicKey[0] = c.result
+        phPrivateKey[0] = c.result2
     return rv
 
 

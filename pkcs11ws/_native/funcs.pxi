@@ -96,15 +96,6 @@ cdef CK_RV f_DecryptVerifyUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pEncryp
     return _unsupported(CKR_FUNCTION_NOT_SUPPORTED)
 
 
-cdef CK_RV f_GenerateKeyPair(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
-                             CK_ATTRIBUTE_PTR pPublicKeyTemplate,
-                             CK_ULONG ulPublicKeyAttributeCount,
-                             CK_ATTRIBUTE_PTR pPrivateKeyTemplate,
-                             CK_ULONG ulPrivateKeyAttributeCount, CK_OBJECT_HANDLE_PTR phPublicKey,
-                             CK_OBJECT_HANDLE_PTR phPrivateKey) noexcept nogil:
-    return _unsupported(CKR_FUNCTION_NOT_SUPPORTED)
-
-
 cdef CK_RV f_WrapKey(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
                      CK_OBJECT_HANDLE hWrappingKey, CK_OBJECT_HANDLE hKey, CK_BYTE_PTR pWrappedKey,
                      CK_ULONG_PTR pulWrappedKeyLen) noexcept nogil:

@@ -242,15 +242,14 @@ cdef CK_RV _py_mac_final(Call* c) except? 0xFFFFFFFF:
     cdef const unsigned char* src
     data = (<char*>op.acc)[:op.acclen] if op.acclen else b""
     if c.which == OP_SIGN:
-        out = _prov_s(c.h).sign(c.slot, op.key, op.mech, data, op.mac_len)
+        out = _crypt_call(c.h, c.slot, op, OP_SIGN, data)
         if <CK_ULONG>len(out) != op.mac_len:
             raise RuntimeError("MAC of the wrong length")
         src = <bytes>out
         memcpy(c.out, src, op.mac_len)
         c.out_len[0] = op.mac_len
     else:
-        _prov_s(c.h).verify(c.slot, op.key, op.mech, data, (<char*>c.data2)[:c.data2_len],
-                            op.mac_len)
+        _crypt_call(c.h, c.slot, op, OP_VERIFY, data, (<char*>c.data2)[:c.data2_len])
     return CKR_OK
 
 
@@ -298,27 +297,124 @@ cdef CK_RV _mac_final(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pSig,
         _session_put(s)
 
 
+cdef int _op_multi(CK_SESSION_HANDLE h, int which) noexcept nogil:
+    """The multi-part mode of the session's active operation (MULTI_CBC when there is none:
+    that path then reports the error)."""
+    cdef Session* s = _session_get(h)
+    cdef int mode = MULTI_CBC
+    if s == NULL:
+        return mode
+    pthread_mutex_lock(&g_sess_lock)
+    if s.ops[which].active:
+        mode = g_mechs[s.ops[which].row].multi
+    pthread_mutex_unlock(&g_sess_lock)
+    _session_put(s)
+    return mode
+
+
+cdef CK_RV _acc_update(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pIn, CK_ULONG ulIn,
+                       CK_BYTE_PTR pOut, CK_ULONG_PTR pulOut) noexcept nogil:
+    """AES-GCM and RSA C_*Update: the data is accumulated, C_*Final makes the one request
+    (a GCM tag covers the whole message); no output before the end. A length query (NULL
+    output) takes nothing in."""
+    cdef CK_RV rv
+    if pulOut == NULL:
+        return CKR_ARGUMENTS_BAD
+    if pOut == NULL:
+        pulOut[0] = 0
+        return CKR_OK
+    rv = _mac_update(h, which, pIn, ulIn)
+    if rv == CKR_OK:
+        pulOut[0] = 0
+    return rv
+
+
+cdef CK_RV _py_acc_final(Call* c) except? 0xFFFFFFFF:
+    cdef OpState* op = c.op
+    cdef Py_ssize_t size
+    cdef const unsigned char* src
+    out = _crypt_call(c.h, c.slot, op, c.which, (<char*>op.acc)[:op.acclen] if op.acclen else b"")
+    size = len(out)
+    if <CK_ULONG>size > c.out_len[0]:
+        c.out_len[0] = size
+        return CKR_BUFFER_TOO_SMALL
+    src = <bytes>out
+    memcpy(c.out, src, size)
+    c.out_len[0] = size
+    return CKR_OK
+
+
+cdef CK_RV _acc_final(CK_SESSION_HANDLE h, int which, CK_BYTE_PTR pOut,
+                      CK_ULONG_PTR pulOut) noexcept nogil:
+    cdef CK_RV rv = _ready()
+    cdef Session* s
+    cdef OpState op
+    cdef CK_ULONG need = 0
+    cdef Call c
+    if rv != CKR_OK:
+        return rv
+    s = _session_get(h)
+    if s == NULL:
+        return CKR_SESSION_HANDLE_INVALID
+    try:
+        rv = _multi_begin(s, which, &op)
+        if rv != CKR_OK:
+            return rv
+        if pulOut == NULL:
+            rv = CKR_ARGUMENTS_BAD
+        else:
+            rv = _out_len(&op, which, op.acclen, &need)
+        if rv == CKR_OK:
+            if pOut == NULL:
+                pulOut[0] = need
+                return CKR_OK
+            if pulOut[0] < need and not _upper_bound(&op, which):
+                pulOut[0] = need
+                return CKR_BUFFER_TOO_SMALL
+            c = _call(h, s.slot)
+            c.which = which
+            c.op = &op
+            c.out = pOut
+            c.out_len = pulOut
+            rv = _in_python(_py_acc_final, &c)
+        if rv != CKR_BUFFER_TOO_SMALL:
+            _op_end(s, which)
+        return rv
+    finally:
+        _session_put(s)
+
+
 cdef CK_RV f_EncryptUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen,
                            CK_BYTE_PTR pEncryptedPart,
                            CK_ULONG_PTR pulEncryptedPartLen) noexcept nogil:
+    if _op_multi(hSession, OP_ENCRYPT) != MULTI_CBC:
+        return _acc_update(hSession, OP_ENCRYPT, pPart, ulPartLen, pEncryptedPart,
+                           pulEncryptedPartLen)
     return _cipher_update(hSession, OP_ENCRYPT, pPart, ulPartLen, pEncryptedPart,
                           pulEncryptedPartLen)
 
 
 cdef CK_RV f_EncryptFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pLastEncryptedPart,
                           CK_ULONG_PTR pulLastEncryptedPartLen) noexcept nogil:
+    if _op_multi(hSession, OP_ENCRYPT) != MULTI_CBC:
+        return _acc_final(hSession, OP_ENCRYPT, pLastEncryptedPart, pulLastEncryptedPartLen)
     return _cipher_final(hSession, OP_ENCRYPT, pLastEncryptedPart, pulLastEncryptedPartLen)
 
 
 cdef CK_RV f_DecryptUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pEncryptedPart,
                            CK_ULONG ulEncryptedPartLen, CK_BYTE_PTR pPart,
                            CK_ULONG_PTR pulPartLen) noexcept nogil:
+    if _op_multi(hSession, OP_DECRYPT) != MULTI_CBC:
+        return _acc_update(hSession, OP_DECRYPT, pEncryptedPart, ulEncryptedPartLen, pPart,
+                           pulPartLen)
     return _cipher_update(hSession, OP_DECRYPT, pEncryptedPart, ulEncryptedPartLen, pPart,
                           pulPartLen)
 
 
 cdef CK_RV f_DecryptFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pLastPart,
                           CK_ULONG_PTR pulLastPartLen) noexcept nogil:
+    if _op_multi(hSession, OP_DECRYPT) != MULTI_CBC:
+        return _acc_final(hSession, OP_DECRYPT, pLastPart, pulLastPartLen)
     return _cipher_final(hSession, OP_DECRYPT, pLastPart, pulLastPartLen)
 
 

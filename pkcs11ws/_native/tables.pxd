@@ -44,7 +44,21 @@ cdef enum:
     PARAM_NONE = 0
     PARAM_IV16 = 1
     PARAM_MAC_LEN = 2
-    MAX_MECHS = 32
+    PARAM_RSA_PSS = 3
+    PARAM_RSA_OAEP = 4
+    PARAM_GCM = 5
+    # Output-length rules (mechanisms.OutLen) and multi-part modes (mechanisms.Multi).
+    RULE_NONE = 0
+    RULE_CBC = 1
+    RULE_CBC_PAD = 2
+    RULE_MAC = 3
+    RULE_MODULUS = 4
+    RULE_EC_SIG = 5
+    RULE_GCM = 6
+    MULTI_NONE = 0
+    MULTI_CBC = 1
+    MULTI_ACCUMULATE = 2
+    MAX_MECHS = 64
     MAX_SESSIONS = 65535
     SESSION_INDEX_BITS = 16
 
@@ -57,6 +71,9 @@ cdef struct MechRow:
     int param
     CK_ULONG out_len
     int padded
+    int rule  # RULE_*
+    int multi  # MULTI_*
+    int asym  # private-key family: sign/decrypt with CKO_PRIVATE_KEY, the rest public
     int nkt
     CK_KEY_TYPE key_types[4]
 
@@ -67,8 +84,12 @@ cdef struct OpState:
     int row
     CK_MECHANISM_TYPE mech
     CK_OBJECT_HANDLE key
-    CK_ULONG mac_len
+    CK_ULONG mac_len  # MAC or signature length (RSA: the modulus' bytes)
+    CK_ULONG tag_len  # AES-GCM: the tag's bytes
     CK_BYTE iv[16]
+    # A struct parameter (PSS, OAEP, GCM) as its parser serialised it for the provider.
+    CK_BYTE* prm
+    CK_ULONG prmlen
     # CBC-PAD decryption into a buffer smaller than the bound: the result is kept so that
     # the retry with a bigger buffer costs no second round trip.
     CK_BYTE* kept_in
@@ -117,3 +138,4 @@ cdef struct ObjRow:
     CK_OBJECT_CLASS cls
     CK_KEY_TYPE key_type
     CK_ULONG usage
+    CK_ULONG size  # RSA: modulus bytes; EC: signature (r || s) bytes; else 0

@@ -102,6 +102,7 @@ cdef void _op_clear(OpState* op) noexcept nogil:
     free(op.kept_in)
     free(op.kept_out)
     free(op.acc)
+    free(op.prm)
     memset(op, 0, sizeof(OpState))
 
 
@@ -235,7 +236,7 @@ cdef int _obj_get(CK_OBJECT_HANDLE h, ObjRow* out) noexcept nogil:
 
 
 cdef CK_OBJECT_HANDLE _obj_put(CK_OBJECT_HANDLE h, CK_SLOT_ID slot, CK_OBJECT_CLASS cls,
-                               CK_KEY_TYPE kt, CK_ULONG usage) noexcept nogil:
+                               CK_KEY_TYPE kt, CK_ULONG usage, CK_ULONG size) noexcept nogil:
     """Record an object; h == 0 allocates the next handle. 0 on allocation failure."""
     cdef ObjRow* grown
     cdef CK_ULONG cap
@@ -258,6 +259,7 @@ cdef CK_OBJECT_HANDLE _obj_put(CK_OBJECT_HANDLE h, CK_SLOT_ID slot, CK_OBJECT_CL
     g_objs[h - 1].cls = cls
     g_objs[h - 1].key_type = kt
     g_objs[h - 1].usage = usage
+    g_objs[h - 1].size = size
     pthread_mutex_unlock(&g_obj_lock)
     return h
 

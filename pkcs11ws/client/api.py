@@ -213,6 +213,16 @@ class PendingKeys:
         self._keys.clear()
 
 
+def _tail(spec: _Op, params: dict[str, Any] | None) -> bytes:
+    """The end of a fast-path body after its last base64 field: the mechanism's parameters
+    (PSS, OAEP, GCM) as the protocol encodes them."""
+    fields = protocol.encode(spec.request, {k: v for k, v in (params or {}).items()
+                                            if v is not None})  # fmt: skip
+    if not fields:
+        return b'"}'
+    return b'",' + json.dumps(fields, separators=(",", ":"))[1:].encode("ascii")
+
+
 def _canonical_b64(value: object) -> bytes | None:
     """value decoded when it is canonical strict base64 (as protocol.b64d accepts), else None."""
     if type(value) is not str:
@@ -692,13 +702,29 @@ class KeyServiceClient:
             body={"mechanism": mechanism, "attrs": attrs},
         )
 
+    def generate_key_pair(
+        self, card: str, token: str, mechanism: str, public: protocol.Attrs,
+        private: protocol.Attrs,
+    ) -> dict[str, Any]:  # fmt: skip
+        return self.call(
+            "generate_key_pair",
+            path_params={"card": card},
+            token=token,
+            body={"mechanism": mechanism, "public_attrs": public, "private_attrs": private},
+        )
+
     # The per-operation calls: the fast path (see the module docstring).
 
     def _cipher(
-        self, spec: _Op, token: str, key: str, mechanism: str, iv: bytes, data: bytes
-    ) -> tuple[bytes, bytes]:
-        body = b"".join((self._prefix(spec.name, key, mechanism, "iv"), _b64(iv, newline=False),
-                         b'","data":"', _b64(data, newline=False), b'"}'))  # fmt: skip
+        self, spec: _Op, token: str, key: str, mechanism: str, iv: bytes | None, data: bytes,
+        params: dict[str, Any] | None = None,
+    ) -> tuple[bytes, bytes]:  # fmt: skip
+        if iv is None:
+            head = self._prefix(spec.name, key, mechanism, "data")
+        else:
+            head = b"".join((self._prefix(spec.name, key, mechanism, "iv"),
+                             _b64(iv, newline=False), b'","data":"'))  # fmt: skip
+        body = b"".join((head, _b64(data, newline=False), _tail(spec, params)))
         status, r = self._fast(spec, body, token)
         if type(r) is dict and len(r) == 2:
             out = _canonical_b64(r.get("data"))
@@ -709,19 +735,25 @@ class KeyServiceClient:
         return d["data"], d["last_block"]
 
     def encrypt(
-        self, token: str, key: str, mechanism: str, iv: bytes, data: bytes
-    ) -> tuple[bytes, bytes]:
-        return self._cipher(_ENCRYPT, token, key, mechanism, iv, data)
+        self, token: str, key: str, mechanism: str, iv: bytes | None, data: bytes,
+        params: dict[str, Any] | None = None,
+    ) -> tuple[bytes, bytes]:  # fmt: skip
+        return self._cipher(_ENCRYPT, token, key, mechanism, iv, data, params)
 
     def decrypt(
-        self, token: str, key: str, mechanism: str, iv: bytes, data: bytes
-    ) -> tuple[bytes, bytes]:
-        return self._cipher(_DECRYPT, token, key, mechanism, iv, data)
+        self, token: str, key: str, mechanism: str, iv: bytes | None, data: bytes,
+        params: dict[str, Any] | None = None,
+    ) -> tuple[bytes, bytes]:  # fmt: skip
+        return self._cipher(_DECRYPT, token, key, mechanism, iv, data, params)
 
     def sign(
-        self, token: str, key: str, mechanism: str, data: bytes, mac_length: int | None = None
-    ) -> bytes:
-        tail = b'"}' if mac_length is None else b'","mac_length":%d}' % mac_length
+        self, token: str, key: str, mechanism: str, data: bytes, mac_length: int | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> bytes:  # fmt: skip
+        if params:
+            tail = _tail(_SIGN, {**params, "mac_length": mac_length})
+        else:
+            tail = b'"}' if mac_length is None else b'","mac_length":%d}' % mac_length
         body = b"".join((self._prefix("sign", key, mechanism, "data"), _b64(data, newline=False),
                          tail))  # fmt: skip
         status, r = self._fast(_SIGN, body, token)

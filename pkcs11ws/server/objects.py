@@ -22,43 +22,20 @@ from typing import Final
 from cryptography import x509
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from pkcs11ws import attributes as A
 from pkcs11ws import constants as C
 from pkcs11ws import mechanisms
 from pkcs11ws._lite import dataclass
 from pkcs11ws.protocol import Attrs
 from pkcs11ws.protocol import ProtocolError as ApiError
+from pkcs11ws.server import keypairs
 
-_COMMON: Final = frozenset(
-    {"CKA_CLASS", "CKA_TOKEN", "CKA_PRIVATE", "CKA_LABEL", "CKA_MODIFIABLE", "CKA_COPYABLE",
-     "CKA_DESTROYABLE"}
-)  # fmt: skip
-CLASS_ATTRS: Final[dict[int, frozenset[str]]] = {
-    C.CKO_DATA: _COMMON | {"CKA_APPLICATION", "CKA_OBJECT_ID", "CKA_VALUE"},
-    C.CKO_CERTIFICATE: _COMMON | {
-        "CKA_CERTIFICATE_TYPE", "CKA_TRUSTED", "CKA_CERTIFICATE_CATEGORY", "CKA_CHECK_VALUE",
-        "CKA_START_DATE", "CKA_END_DATE", "CKA_SUBJECT", "CKA_ID", "CKA_ISSUER",
-        "CKA_SERIAL_NUMBER", "CKA_VALUE"},
-    C.CKO_SECRET_KEY: _COMMON | {
-        "CKA_KEY_TYPE", "CKA_ID", "CKA_START_DATE", "CKA_END_DATE", "CKA_DERIVE", "CKA_LOCAL",
-        "CKA_KEY_GEN_MECHANISM", "CKA_SENSITIVE", "CKA_ENCRYPT", "CKA_DECRYPT", "CKA_SIGN",
-        "CKA_VERIFY", "CKA_WRAP", "CKA_UNWRAP", "CKA_EXTRACTABLE", "CKA_ALWAYS_SENSITIVE",
-        "CKA_NEVER_EXTRACTABLE", "CKA_CHECK_VALUE", "CKA_WRAP_WITH_TRUSTED", "CKA_TRUSTED",
-        "CKA_VALUE", "CKA_VALUE_LEN"},
-}  # fmt: skip
-CLASS_NAMES: Final = {C.CKO_DATA: "data", C.CKO_CERTIFICATE: "certificate",
-                      C.CKO_SECRET_KEY: "secret key"}  # fmt: skip
-_MUST_TRUE: Final = ("CKA_TOKEN", "CKA_PRIVATE", "CKA_DESTROYABLE")
-RENAMABLE: Final = ("CKA_LABEL", "CKA_ID")  # what C_SetAttributeValue may change
+CLASS_ATTRS: Final[dict[int, frozenset[str]]] = {cls: A.allowed(cls) for cls in A.SCHEMA}
+CLASS_NAMES: Final = A.CLASS_NAMES
+RENAMABLE: Final = A.RENAMABLE  # what C_SetAttributeValue may change
 # CKA_COPYABLE and CKA_MODIFIABLE may be given either way: what an object reads back is what
 # C_CopyObject and C_SetAttributeValue enforce (the WSOP list has CKA_COPYABLE for a library
 # that cannot copy).
-_MUST_FALSE: Final = ("CKA_DERIVE", "CKA_EXTRACTABLE", "CKA_TRUSTED", "CKA_UNWRAP", "CKA_WRAP",
-                      "CKA_WRAP_WITH_TRUSTED")  # fmt: skip
-# An imported key was not always sensitive, may have been extracted and was not made here.
-_IMPORTED_FALSE: Final = ("CKA_ALWAYS_SENSITIVE", "CKA_NEVER_EXTRACTABLE", "CKA_LOCAL")
-_KEY_MUST_TRUE: Final = ("CKA_ALWAYS_SENSITIVE", "CKA_NEVER_EXTRACTABLE", "CKA_LOCAL",
-                         "CKA_SENSITIVE")  # fmt: skip
-_USAGE: Final = ("CKA_ENCRYPT", "CKA_DECRYPT", "CKA_SIGN", "CKA_VERIFY")
 
 
 @dataclass(frozen=True)
@@ -73,24 +50,27 @@ def _inconsistent(msg: str) -> ApiError:
     return ApiError("TEMPLATE_INCONSISTENT", msg)
 
 
-def _check_common(cls: int, t: Attrs) -> None:
-    allowed = CLASS_ATTRS[cls]
-    for name in t:
-        if name not in allowed:
+def _check_common(cls: int, t: Attrs, imported: bool = False) -> None:
+    """The schema's rules: attributes of the class only, forced values (T, F, I, P)."""
+    rules = A.SCHEMA[cls]
+    for name, v in t.items():
+        flags = rules.get(name)
+        if flags is None:
             raise ApiError(
                 "ATTRIBUTE_TYPE_INVALID", f"{name} is not an attribute of a {CLASS_NAMES[cls]}"
             )
-    for name in _MUST_TRUE:
-        if name == "CKA_PRIVATE" and cls == C.CKO_CERTIFICATE:
+        if "P" in flags:
             continue
-        if t.get(name, True) is not True:
-            raise _inconsistent(f"{name} must be true (token, private, destroyable objects only)")
-    for name in _MUST_FALSE:
-        if t.get(name, False) is not False:
+        if "I" in flags and imported:
+            if v is not False:
+                raise _inconsistent(f"{name} must be false for an imported key")
+        elif "T" in flags and v is not True:
+            raise _inconsistent(f"{name} must be true (token, private, sensitive objects only)")
+        elif "F" in flags and v is not False:
             raise _inconsistent(f"{name} must be false")
     for name in ("CKA_START_DATE", "CKA_END_DATE"):
-        v = t.get(name)
-        if v is not None and not (v == b"" or (len(v) == 8 and v.isdigit())):  # type: ignore[union-attr, arg-type]
+        d = t.get(name)
+        if d is not None and not (d == b"" or (len(d) == 8 and d.isdigit())):  # type: ignore[union-attr, arg-type]
             raise ApiError("ATTRIBUTE_VALUE_INVALID", f"{name} must be empty or YYYYMMDD")
 
 
@@ -98,7 +78,16 @@ def _base(cls: int, t: Attrs) -> Attrs:
     return {
         "CKA_CLASS": cls,
         "CKA_TOKEN": True,
-        "CKA_PRIVATE": t.get("CKA_PRIVATE", True) if cls == C.CKO_CERTIFICATE else True,
+        # Certificates are private unless asked. Public keys are always public objects:
+        # pkcs11-tool --keypairgen --private asks CKA_PRIVATE on both halves, yet OpenSSL's
+        # pkcs11-provider and ssh must find the public half before login.
+        "CKA_PRIVATE": (
+            False
+            if cls == C.CKO_PUBLIC_KEY
+            else t.get("CKA_PRIVATE", True)
+            if A.may_be_public(cls)
+            else True
+        ),
         "CKA_LABEL": t.get("CKA_LABEL", b""),
         "CKA_MODIFIABLE": t.get("CKA_MODIFIABLE", True),
         "CKA_COPYABLE": t.get("CKA_COPYABLE", True),
@@ -107,8 +96,9 @@ def _base(cls: int, t: Attrs) -> Attrs:
 
 
 def is_public(cls: int, attrs: Attrs) -> bool:
-    """A public object (only certificates can be): its value rests unsealed, readable unlogged."""
-    return cls == C.CKO_CERTIFICATE and attrs.get("CKA_PRIVATE") is False
+    """A public object (a certificate or public key with CKA_PRIVATE false): its value rests
+    unsealed, readable before login."""
+    return A.is_public(cls, attrs.get("CKA_PRIVATE"))
 
 
 def copied_attrs(cls: int, old: Attrs, value: bytes, t: Attrs) -> Attrs:
@@ -120,12 +110,12 @@ def copied_attrs(cls: int, old: Attrs, value: bytes, t: Attrs) -> Attrs:
     for name, v in t.items():
         if name not in CLASS_ATTRS[cls]:
             raise ApiError("ATTRIBUTE_TYPE_INVALID", f"a {CLASS_NAMES[cls]} has no {name}")
-        if name in RENAMABLE or (name == "CKA_PRIVATE" and cls == C.CKO_CERTIFICATE):
+        if name in RENAMABLE or (name == "CKA_PRIVATE" and A.may_be_public(cls)):
             new[name] = v
         elif name in ("CKA_COPYABLE", "CKA_MODIFIABLE") and v is False:
             new[name] = v  # the standard lets a copy drop these, never gain them
         elif name == "CKA_VALUE":
-            if cls == C.CKO_SECRET_KEY or v != value:
+            if A.sensitive(cls, "CKA_VALUE") or v != value:
                 raise ApiError("ATTRIBUTE_READ_ONLY", "CKA_VALUE cannot be changed in a copy")
         elif old.get(name) != v:
             raise ApiError("ATTRIBUTE_READ_ONLY", f"{name} cannot be changed in a copy")
@@ -175,7 +165,7 @@ def new_object(t: Attrs) -> NewObject:
     if cls not in CLASS_ATTRS:
         raise ApiError("ATTRIBUTE_VALUE_INVALID", f"object class {cls!r} is not supported")
     assert isinstance(cls, int)
-    _check_common(cls, t)
+    _check_common(cls, t, imported=cls in A.KEY_CLASSES)
     attrs = _base(cls, t)
     if cls == C.CKO_DATA:
         attrs["CKA_APPLICATION"] = _bytes(t, "CKA_APPLICATION")
@@ -183,6 +173,10 @@ def new_object(t: Attrs) -> NewObject:
         return NewObject(cls, None, attrs, _bytes(t, "CKA_VALUE"))
     if cls == C.CKO_CERTIFICATE:
         return _certificate(t, attrs)
+    if cls == C.CKO_PRIVATE_KEY:
+        return _private_key(keypairs.imported(t), t, attrs, C.CK_UNAVAILABLE_INFORMATION)
+    if cls == C.CKO_PUBLIC_KEY:
+        raise ApiError("ATTRIBUTE_VALUE_INVALID", "public keys come with their private key")
     return _imported_key(t, attrs)
 
 
@@ -224,12 +218,6 @@ def _certificate(t: Attrs, attrs: Attrs) -> NewObject:
 
 def _key_attrs(t: Attrs, attrs: Attrs, key_type: int, value: bytes, gen_mech: int) -> Attrs:
     local = gen_mech != C.CK_UNAVAILABLE_INFORMATION
-    for name in _KEY_MUST_TRUE:
-        if not local and name in _IMPORTED_FALSE:
-            if t.get(name, False) is not False:
-                raise _inconsistent(f"{name} must be false for an imported key")
-        elif t.get(name, True) is not True:
-            raise _inconsistent(f"{name} must be true for keys")
     mac = key_type != C.CKK_AES
     attrs.update(
         {
@@ -286,6 +274,8 @@ def generated_key(mechanism: str, t: Attrs) -> NewObject:
         raise ApiError("MECHANISM_INVALID", f"{mechanism!r} is not a key generation mechanism")
     key_type = mech.gen_key_type
     _check_common(C.CKO_SECRET_KEY, t)
+    if "CKA_ALLOWED_MECHANISMS" in t:
+        raise _inconsistent("CKA_ALLOWED_MECHANISMS is for key pairs")
     if t.get("CKA_CLASS", C.CKO_SECRET_KEY) != C.CKO_SECRET_KEY:
         raise _inconsistent(f"{mech.name} makes secret keys (CKA_CLASS)")
     if t.get("CKA_KEY_TYPE", key_type) != key_type:
@@ -303,3 +293,68 @@ def generated_key(mechanism: str, t: Attrs) -> NewObject:
     value = os.urandom(length)
     attrs = _key_attrs(t, _base(C.CKO_SECRET_KEY, t), key_type, value, mech.code)
     return NewObject(C.CKO_SECRET_KEY, key_type, attrs, value)
+
+
+def _pair_common(cls: int, key_type: int, t: Attrs, attrs: Attrs, gen_mech: int,
+                 public: Attrs) -> Attrs:  # fmt: skip
+    local = gen_mech != C.CK_UNAVAILABLE_INFORMATION
+    if t.get("CKA_KEY_TYPE", key_type) != key_type:
+        raise _inconsistent("CKA_KEY_TYPE does not match the key")
+    if t.get("CKA_KEY_GEN_MECHANISM", gen_mech) != gen_mech:
+        raise _inconsistent("CKA_KEY_GEN_MECHANISM is set by the service")
+    keypairs.check_public_repeats(t, public)
+    allowed = t.get("CKA_ALLOWED_MECHANISMS")
+    if allowed is not None:
+        assert isinstance(allowed, tuple)
+        for code in allowed:
+            m = mechanisms.by_code(code)
+            if m is None or key_type not in m.key_types:
+                raise ApiError("ATTRIBUTE_VALUE_INVALID", f"mechanism 0x{code:X} in "
+                               "CKA_ALLOWED_MECHANISMS is not one for this key")  # fmt: skip
+    attrs.update({"CKA_ID": _bytes(t, "CKA_ID"), "CKA_START_DATE": _bytes(t, "CKA_START_DATE"),
+                  "CKA_END_DATE": _bytes(t, "CKA_END_DATE"),
+                  "CKA_DERIVE": t.get("CKA_DERIVE", False),
+                  "CKA_LOCAL": local, "CKA_KEY_GEN_MECHANISM": gen_mech,
+                  "CKA_SUBJECT": _bytes(t, "CKA_SUBJECT"), **public,
+                  **keypairs.key_usage(cls, key_type, t)})  # fmt: skip
+    if allowed is not None:
+        attrs["CKA_ALLOWED_MECHANISMS"] = allowed
+    return attrs
+
+
+def _private_key(key: keypairs.PrivateKey, t: Attrs, attrs: Attrs, gen_mech: int) -> NewObject:
+    public = keypairs.public_attrs(key)
+    key_type = public["CKA_KEY_TYPE"]
+    assert isinstance(key_type, int)
+    local = gen_mech != C.CK_UNAVAILABLE_INFORMATION
+    # Components are inputs of an import, never stored in clear (the PKCS#8 value holds them).
+    given = {n: v for n, v in t.items() if not A.sensitive(C.CKO_PRIVATE_KEY, n)}
+    _pair_common(C.CKO_PRIVATE_KEY, key_type, given, attrs, gen_mech, public)
+    attrs.update({"CKA_SENSITIVE": True, "CKA_EXTRACTABLE": False,
+                  "CKA_ALWAYS_SENSITIVE": local, "CKA_NEVER_EXTRACTABLE": local,
+                  "CKA_WRAP_WITH_TRUSTED": False, "CKA_ALWAYS_AUTHENTICATE": False})  # fmt: skip
+    return NewObject(C.CKO_PRIVATE_KEY, key_type, attrs, keypairs.pkcs8(key))
+
+
+def generated_pair(mechanism: str, pub_t: Attrs, priv_t: Attrs) -> tuple[NewObject, NewObject]:
+    """A new key pair (public, private) made with a key pair generation mechanism."""
+    mech = mechanisms.by_name(mechanism)
+    if mech is None or mech.op is not mechanisms.Op.KEYPAIR:
+        raise ApiError("MECHANISM_INVALID", f"{mechanism!r} is not a key pair mechanism")
+    inputs = keypairs.GEN_INPUTS
+    for cls, t in ((C.CKO_PUBLIC_KEY, pub_t), (C.CKO_PRIVATE_KEY, priv_t)):
+        if t.get("CKA_CLASS", cls) != cls:
+            raise _inconsistent(f"{mech.name} makes a {CLASS_NAMES[cls]} here (CKA_CLASS)")
+        _check_common(cls, {n: v for n, v in t.items() if n not in inputs})
+        if "CKA_VALUE" in t:
+            raise _inconsistent("CKA_VALUE cannot be given for a generated key")
+    key = keypairs.generate(mech, pub_t, priv_t)
+
+    def strip(t: Attrs) -> Attrs:
+        return {n: v for n, v in t.items() if n not in inputs}
+
+    priv = _private_key(key, strip(priv_t), _base(C.CKO_PRIVATE_KEY, priv_t), mech.code)
+    public = keypairs.public_attrs(key)
+    pub_attrs = _pair_common(C.CKO_PUBLIC_KEY, mech.gen_key_type, strip(pub_t),
+                             _base(C.CKO_PUBLIC_KEY, pub_t), mech.code, public)  # fmt: skip
+    return NewObject(C.CKO_PUBLIC_KEY, mech.gen_key_type, pub_attrs, b""), priv

@@ -2,13 +2,15 @@
 
 Log in; generate a temporary AES-256 key (CKM_AES_KEY_GEN) and HMAC key (CKM_SHA256_KEY_GEN,
 or CKM_GENERIC_SECRET_KEY_GEN where the module lacks the 3.0 mechanism); AES-CBC-PAD encrypt and
-decrypt; HMAC-SHA256 sign, verify, and check that a changed message does not verify; destroy the
-keys whatever happened; log out. The keys are token objects (the WSOP rules allow no others) with
-a label that says where they came from, so a left-over is easy to find.
+decrypt; HMAC-SHA256 sign, verify, and check that a changed message does not verify; an EC P-256
+key pair (CKM_EC_KEY_PAIR_GEN) signs with CKM_ECDSA_SHA256 and its public half verifies; destroy
+the keys whatever happened; log out. The keys are token objects (the WSOP rules allow no others)
+with a label that says where they came from, so a left-over is easy to find.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from collections.abc import Sequence
@@ -75,6 +77,7 @@ def run(
         try:
             _aes(rep, session, made)
             _hmac(rep, session, made)
+            _ec(rep, session, made)
         finally:
             _destroy(rep, session, made)
             try:
@@ -158,6 +161,50 @@ def _hmac(rep: Reporter, s: Session, made: list[tuple[int, str]]) -> None:
         f"generated a temporary HMAC key {label!r} ({mech_name}), CKM_SHA256_HMAC "
         "sign and verify agree and a changed message does not verify",
     )
+
+
+P256 = bytes.fromhex("06082a8648ce3d030107")  # CKA_EC_PARAMS: the OID of P-256
+
+
+def _ec(rep: Reporter, s: Session, made: list[tuple[int, str]]) -> None:
+    name = "self-test EC key pair"
+    label = f"ckcheckinst-{secrets.token_hex(4)}-ec"
+    common: list[tuple[int, AttrIn]] = [(C.CKA_TOKEN, True), (C.CKA_LABEL, label.encode())]
+    try:
+        pub, priv = s.generate_key_pair(
+            Mechanism(C.CKM_EC_KEY_PAIR_GEN),
+            [*common, (C.CKA_EC_PARAMS, P256), (C.CKA_VERIFY, True)],
+            [*common, (C.CKA_PRIVATE, True), (C.CKA_SIGN, True)],
+        )
+    except CKError as e:
+        rep.fail(name, f"generate an EC P-256 key pair: {e}", "see the module's log")
+        return
+    made.extend(((priv, label), (pub, label + " (public)")))
+    # SoftHSM 2.6 has no CKM_ECDSA_SHA256: there the digest is made here and signed by CKM_ECDSA.
+    mech_name, msg, changed = "CKM_ECDSA_SHA256", MESSAGE, MESSAGE + b"!"
+    try:
+        try:
+            sig = s.sign(Mechanism(C.CKM_ECDSA_SHA256), priv, msg)
+        except CKError as e:
+            if e.rv != C.CKR_MECHANISM_INVALID:
+                raise
+            mech_name = "CKM_ECDSA"
+            msg, changed = hashlib.sha256(msg).digest(), hashlib.sha256(changed).digest()
+            sig = s.sign(Mechanism(C.CKM_ECDSA), priv, msg)
+        mech = Mechanism(getattr(C, mech_name))
+        good = s.verify(mech, pub, msg, sig)
+        bad = s.verify(mech, pub, changed, sig)
+    except CKError as e:
+        rep.fail(name, f"{mech_name}: {e}", "see the module's log")
+        return
+    if len(sig) != 64 or good != C.CKR_OK or bad != C.CKR_SIGNATURE_INVALID:
+        rep.fail(name, f"{mech_name}: {len(sig)}-byte signature, verify gave "
+                       f"{C.ckr_name(good)}, a changed message gave {C.ckr_name(bad)}",
+                 "report this: the module or the key service computes wrong results")  # fmt: skip
+        return
+    rep.ok(name, f"generated a temporary EC P-256 key pair {label!r} (CKM_EC_KEY_PAIR_GEN), "
+                 f"{mech_name} sign and verify agree and a changed message does not "
+                 "verify")  # fmt: skip
 
 
 def _destroy(rep: Reporter, s: Session, made: list[tuple[int, str]]) -> None:

@@ -1,0 +1,89 @@
+# Included by core.pyx: one parser per struct parameter kind (mechanisms.Param), without the GIL.
+# Each checks its CK_*_PARAMS (size, known hash and MGF, lengths) and serialises it for the
+# provider (pkcs11ws/params.py decodes it): CK_ULONG fields in native order (little-endian on
+# the LP64 hosts this builds for) followed by any byte strings. The struct layouts are the
+# generated declarations of pkcs11ws/abi.py (ck.pxd).
+
+cdef bint _hash_ok(CK_MECHANISM_TYPE h) noexcept nogil:
+    return h == CKM_SHA_1 or h == CKM_SHA256 or h == CKM_SHA384 or h == CKM_SHA512
+
+
+cdef bint _mgf_ok(CK_ULONG g) noexcept nogil:
+    return (g == CKG_MGF1_SHA1 or g == CKG_MGF1_SHA256 or g == CKG_MGF1_SHA384
+            or g == CKG_MGF1_SHA512)
+
+
+cdef bint _tag_bits_ok(CK_ULONG bits) noexcept nogil:
+    return bits == 32 or bits == 64 or (96 <= bits <= 128 and bits % 8 == 0)
+
+
+cdef CK_RV _blob(OpState* op, CK_ULONG* nums, int n, const CK_BYTE* a, CK_ULONG alen,
+                 const CK_BYTE* b, CK_ULONG blen) noexcept nogil:
+    cdef CK_ULONG size = n * sizeof(CK_ULONG) + alen + blen
+    cdef CK_BYTE* p = <CK_BYTE*>malloc(size or 1)
+    if p == NULL:
+        return CKR_HOST_MEMORY
+    memcpy(p, nums, n * sizeof(CK_ULONG))
+    if alen:
+        memcpy(p + n * sizeof(CK_ULONG), a, alen)
+    if blen:
+        memcpy(p + n * sizeof(CK_ULONG) + alen, b, blen)
+    op.prm = p
+    op.prmlen = size
+    return CKR_OK
+
+
+cdef CK_RV _parse_pss(CK_MECHANISM_PTR m, OpState* op) noexcept nogil:
+    cdef CK_RSA_PKCS_PSS_PARAMS* p
+    cdef CK_ULONG nums[3]
+    if m.pParameter == NULL or m.ulParameterLen != sizeof(CK_RSA_PKCS_PSS_PARAMS):
+        return CKR_MECHANISM_PARAM_INVALID
+    p = <CK_RSA_PKCS_PSS_PARAMS*>m.pParameter
+    if not _hash_ok(p.hashAlg) or not _mgf_ok(p.mgf):
+        return CKR_MECHANISM_PARAM_INVALID
+    nums[0] = p.hashAlg
+    nums[1] = p.mgf
+    nums[2] = p.sLen
+    return _blob(op, nums, 3, NULL, 0, NULL, 0)
+
+
+cdef CK_RV _parse_oaep(CK_MECHANISM_PTR m, OpState* op) noexcept nogil:
+    cdef CK_RSA_PKCS_OAEP_PARAMS* p
+    cdef CK_ULONG nums[2]
+    if m.pParameter == NULL or m.ulParameterLen != sizeof(CK_RSA_PKCS_OAEP_PARAMS):
+        return CKR_MECHANISM_PARAM_INVALID
+    p = <CK_RSA_PKCS_OAEP_PARAMS*>m.pParameter
+    if not _hash_ok(p.hashAlg) or not _mgf_ok(p.mgf):
+        return CKR_MECHANISM_PARAM_INVALID
+    if p.ulSourceDataLen and (p.source != CKZ_DATA_SPECIFIED or p.pSourceData == NULL):
+        return CKR_MECHANISM_PARAM_INVALID
+    nums[0] = p.hashAlg
+    nums[1] = p.mgf
+    return _blob(op, nums, 2, <CK_BYTE*>p.pSourceData, p.ulSourceDataLen, NULL, 0)
+
+
+cdef CK_RV _parse_gcm(CK_MECHANISM_PTR m, OpState* op) noexcept nogil:
+    cdef CK_GCM_PARAMS* p
+    cdef CK_ULONG nums[2]
+    if m.pParameter == NULL or m.ulParameterLen != sizeof(CK_GCM_PARAMS):
+        return CKR_MECHANISM_PARAM_INVALID
+    p = <CK_GCM_PARAMS*>m.pParameter
+    # IVs of 8 to 128 bytes (SP 800-38D allows longer; 12 is the recommended length).
+    if p.pIv == NULL or not 8 <= p.ulIvLen <= 128 or not _tag_bits_ok(p.ulTagBits):
+        return CKR_MECHANISM_PARAM_INVALID
+    if p.ulAADLen and p.pAAD == NULL:
+        return CKR_MECHANISM_PARAM_INVALID
+    op.tag_len = p.ulTagBits // 8
+    nums[0] = p.ulTagBits
+    nums[1] = p.ulIvLen
+    return _blob(op, nums, 2, p.pIv, p.ulIvLen, p.pAAD, p.ulAADLen)
+
+
+cdef CK_RV _parse_param(int kind, CK_MECHANISM_PTR m, OpState* op) noexcept nogil:
+    if kind == PARAM_RSA_PSS:
+        return _parse_pss(m, op)
+    if kind == PARAM_RSA_OAEP:
+        return _parse_oaep(m, op)
+    if kind == PARAM_GCM:
+        return _parse_gcm(m, op)
+    return CKR_OK

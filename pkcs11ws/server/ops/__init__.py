@@ -1,0 +1,30 @@
+"""The service's cryptographic operations: a registry of family modules keyed by family.
+
+Each family module (aes_cbc, aes_gcm, hmac, rsa, ec) offers the same five functions, all taking
+the decoded request body so that each family reads its own parameters:
+
+- load(value) -> key        the sealed value opened into what the family computes with (cached)
+- encrypt/decrypt(mech, key, body) -> (output, last block or b"")
+- sign(mech, key, body) -> signature;  verify(mech, key, body) -> None or ProtocolError
+- OFFLOAD: whether the work is heavy enough to run off the event loop (private-key arithmetic)
+
+A new family is one module here plus its rows in pkcs11ws/mechanisms.py.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Final
+
+from pkcs11ws.mechanisms import Family
+from pkcs11ws.server.ops import aes_cbc, aes_gcm, ec, hmac, rsa
+
+MAX_RANDOM: Final = 65536
+
+FAMILIES: Final[dict[Family, ModuleType]] = {
+    Family.AES_CBC: aes_cbc,
+    Family.AES_GCM: aes_gcm,
+    Family.HMAC: hmac,
+    Family.RSA: rsa,
+    Family.EC: ec,
+}

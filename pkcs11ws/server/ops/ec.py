@@ -1,0 +1,52 @@
+"""ECDSA with a private key on P-256, P-384 or P-521; signatures are r || s (PKCS#11's form).
+
+CKM_ECDSA signs a digest computed by the caller (SHA-1 or SHA-2 lengths); the CKM_ECDSA_SHA*
+forms hash the data here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+from pkcs11ws.mechanisms import Mechanism
+from pkcs11ws.protocol import ProtocolError as ApiError
+from pkcs11ws.server.ops.rsa import hash_of
+
+OFFLOAD: Final = True
+_BY_DIGEST_LEN: Final = {20: "sha1", 28: "sha224", 32: "sha256", 48: "sha384", 64: "sha512"}
+
+
+def load(value: bytes) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_der_private_key(value, None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key
+
+
+def sign(mech: Mechanism, key: ec.EllipticCurvePrivateKey, body: dict[str, Any]) -> bytes:
+    data: bytes = body["data"]
+    algo: hashes.HashAlgorithm | utils.Prehashed
+    if mech.digest:
+        algo = hash_of(mech.digest, "ECDSA")
+    else:
+        name = _BY_DIGEST_LEN.get(len(data))
+        if name is None:
+            raise ApiError("DATA_LEN_RANGE", "CKM_ECDSA signs a SHA-1 or SHA-2 digest")
+        algo = utils.Prehashed(hash_of(name, "ECDSA"))
+    r, s = utils.decode_dss_signature(key.sign(data, ec.ECDSA(algo)))
+    n = (key.curve.key_size + 7) // 8
+    return r.to_bytes(n, "big") + s.to_bytes(n, "big")
+
+
+def decrypt(mech: Mechanism, key: Any, body: dict[str, Any]) -> tuple[bytes, bytes]:
+    raise ApiError("MECHANISM_INVALID", f"{mech.name} does not decrypt")
+
+
+def encrypt(mech: Mechanism, key: Any, body: dict[str, Any]) -> tuple[bytes, bytes]:
+    raise ApiError("MECHANISM_INVALID", f"{mech.name} does not encrypt")
+
+
+def verify(mech: Mechanism, key: Any, body: dict[str, Any]) -> None:
+    raise ApiError("MECHANISM_INVALID", "ECDSA verification uses the public key (in the module)")
