@@ -6,13 +6,13 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # python3-venv (ensurepip, for `python3 -m venv`) and python3-dev (Python.h and libpython for the
 # Cython core and the C loader) are not on a stock Debian 12; systemd gives systemd-analyze, which
-# checks conf/pkcs11ws-server.service (tests/test_server_systemd.py). python3.11, -dev, -venv and
+# checks conf/pkcs11ws-server.service (tests/cli/test_server_systemd.py). python3.11, -dev, -venv and
 # libpython3.11: Debian's interpreter, which `make dist` builds the client tarball's runtime on.
 APT_PKGS := build-essential pkg-config python3-venv python3-dev libcurl4-openssl-dev libssl-dev curl \
 	opensc softhsm2 openssl p11-kit p11-kit-modules time gnutls-bin opensc-pkcs11 \
 	openjdk-17-jdk-headless systemd python3.11 python3.11-dev python3.11-venv libpython3.11 \
 	postgresql libpq5 libpq-dev
-# Consumers only in bookworm-backports (tests/test_dropin_openssl.py): see apt-backports.
+# Consumers only in bookworm-backports (tests/consumers/test_dropin_openssl.py): see apt-backports.
 BACKPORTS_PKGS := pkcs11-provider
 
 .PHONY: setup apt apt-backports venv build test check pytest demo bench dist clean

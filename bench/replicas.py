@@ -134,8 +134,7 @@ def _measure(name: str, d: KeyServiceDir, replicas: int, threads: int, seconds: 
 
 
 def run(threads: int = 8, seconds: float = 3.0) -> list[dict[str, Any]]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from pg_util import PgServer  # type: ignore[import-not-found]
+    from tests.support.pg_util import PgServer
 
     curlbench = build_curlbench()
     out: list[dict[str, Any]] = []

@@ -2,7 +2,7 @@
 
 The key service's ASGI app is driven directly (no TLS, no HTTP parsing, no client: those cost
 the same whatever the store) on uvloop, for SQLite and for PostgreSQL (a throw-away cluster
-started like the tests do, tests/pg_util.py). Per operation it reports the service process's
+started like the tests do, tests/support/pg_util.py). Per operation it reports the service process's
 CPU (all its threads: the event loop and the store's worker threads) and, for PostgreSQL, the
 database server's CPU (every process of the cluster, from /proc), and the wall time per
 request with one request at a time.
@@ -23,8 +23,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-
-from bench.build import BENCH_DIR
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -183,8 +181,7 @@ def run(n: int = 3000, backends: tuple[str, ...] = ("sqlite", "postgresql")) -> 
             if backend == "sqlite":
                 results[backend] = uvloop.run(_run(Path(tmp) / "svc", None, n, None))
                 continue
-            sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
-            from pg_util import PgServer  # type: ignore[import-not-found]
+            from tests.support.pg_util import PgServer
 
             pg = PgServer()
             try:

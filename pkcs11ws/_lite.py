@@ -2,7 +2,7 @@
 
 Every process that loads libpkcs11ws.so imports the provider; these keep heavy modules out of
 that start-up: ``dataclasses`` pulls in ``inspect`` (and with it ``ast``, ``dis``,
-``tokenize``), ``contextlib`` is imported for ``suppress`` alone. tests/test_startup_imports.py
+``tokenize``), ``contextlib`` is imported for ``suppress`` alone. tests/unit/test_startup_imports.py
 keeps them out; what they cost is measured by the benchmark, not written here.
 
 ``dataclass``/``field``/``replace``: the classes on that path only need the generated

@@ -5,9 +5,9 @@ tools/gen_native.py generates from these rows the C header include/pkcs11ws_ck.h
 structures) and include/pkcs11ws_funcs.h (function lists), the Cython declarations
 pkcs11ws/_native/ck.pxd and ck_gen.pxd, the module's stubs and the loader's trampolines, and the
 one ctypes binding pkcs11ws/abi_ctypes.py that the utilities (pkcs11ws/tools/ckabi.py) and the
-tests (tests/p11ctypes.py) import. Adding a structure is one row in STRUCTS; a function, one row
-in FUNCTIONS_*. Edit the rows here, then run `python tools/gen_native.py`
-(tests/test_module_generated.py fails while a generated file is stale).
+tests (tests/support/p11ctypes.py) import. Adding a structure is one row in STRUCTS; a function,
+one row in FUNCTIONS_*. Edit the rows here, then run `python tools/gen_native.py`
+(tests/unit/test_module_generated.py fails while a generated file is stale).
 
 Layout follows the standard's Unix conventions: natural alignment, no packing, CK_ULONG is
 `unsigned long` (64 bits on LP64).

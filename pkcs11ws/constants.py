@@ -2,7 +2,7 @@
 
 The one place for CK* numbers. tools/gen_native.py generates from it the C macros
 (include/pkcs11ws_const.h) and the Cython declarations (pkcs11ws/_native/ck_gen.pxd);
-tests/test_module_generated.py checks that both are current.
+tests/unit/test_module_generated.py checks that both are current.
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ IMPORTED_FALSE: Final = A.having(C.CKO_SECRET_KEY, "I")
 # The WSOP guide requires CKA_CLASS, CKA_KEY_TYPE, CKA_VALUE_LEN and CKA_LABEL in a key
 # generation template. CKA_KEY_TYPE and CKA_LABEL are not enforced: Java SunPKCS11's
 # KeyGenerator sends neither (the mechanism implies the type) and pkcs11-tool --keygen sends no
-# label without --label; both must keep working (tests/test_dropin_java.py, test_module_pkcs11tool).
+# label without --label; both must keep working (tests/consumers/test_dropin_java.py,
+# test_module_pkcs11tool).
 GENERATE_REQUIRED: Final = ("CKA_CLASS", "CKA_VALUE_LEN")
 
 

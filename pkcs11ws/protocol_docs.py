@@ -2,7 +2,7 @@
 
 Both are generated from the one schema, so they cannot drift from the code;
 `python -m pkcs11ws.protocol_docs > docs/protocol.md` regenerates the Markdown and
-tests/test_protocol.py checks the committed file is current.
+tests/unit/test_protocol.py checks the committed file is current.
 """
 
 from __future__ import annotations

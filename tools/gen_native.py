@@ -1,7 +1,7 @@
 """Generate every binding of the PKCS#11 C ABI from pkcs11ws/abi.py (types, structures,
 callbacks, functions) and pkcs11ws/constants.py (numbers).
 
-Outputs (committed; tests/test_module_generated.py fails when they are stale):
+Outputs (committed; tests/unit/test_module_generated.py fails when they are stale):
   include/pkcs11ws_ck.h             the C types, callbacks and structures
   include/pkcs11ws_const.h          every CK* number of pkcs11ws/constants.py as a CK_ULONG macro
   include/pkcs11ws_funcs.h          CK_C_* pointer types, CK_FUNCTION_LIST (v2.40, spec order)
@@ -164,7 +164,7 @@ CTYPES_HEAD = f'''"""{GEN} Source: pkcs11ws/abi.py
 The one ctypes binding of the PKCS#11 C ABI: its scalar types, structures and function lists,
 laid out as include/pkcs11ws_ck.h lays them out (the Unix convention: natural alignment,
 CK_ULONG = unsigned long). The utilities (pkcs11ws/tools/ckabi.py) and the tests
-(tests/p11ctypes.py) import it; no other file writes a structure layout.
+(tests/support/p11ctypes.py) import it; no other file writes a structure layout.
 """
 
 from __future__ import annotations

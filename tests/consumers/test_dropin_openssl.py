@@ -1,0 +1,183 @@
+"""OpenSSL 3 with pkcs11-provider (Debian bookworm-backports) as a consumer of libpkcs11ws.so.
+
+pkcs11-provider 1.0 has no symmetric ciphers or MACs, so through OpenSSL our module serves
+certificates: `openssl storeutl -certs 'pkcs11:...'` must find a public certificate written
+through the module, before any login. Then an openssl.cnf that activates pkcs11-provider for the
+whole process (OPENSSL_CONF): libcurl inside our module uses that same OpenSSL, so our own TLS
+to the key service must still work and must not recurse into the provider, including with
+`pkcs11-module-load-behavior = early`, where OpenSSL calls our module from inside libcurl's
+start-up.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import urllib.parse
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from pkcs11ws import constants as C
+from pkcs11ws.__main__ import module_path
+from tests.support.cards import client_card
+from tests.support.dropin_util import (
+    MODULE_PLACEHOLDER,
+    PIN_ENV,
+    consumer_env,
+    require,
+    self_signed,
+    snippet,
+)
+from tests.support.p11ctypes import Module
+
+DOC_PROVIDER = "/usr/lib/x86_64-linux-gnu/ossl-modules/pkcs11.so"  # as the docs spell it
+
+
+def modules_dir() -> Path:
+    out = subprocess.run(["openssl", "version", "-m"], capture_output=True, text=True, check=True)
+    m = re.search(r'MODULESDIR: "([^"]+)"', out.stdout)
+    assert m is not None, out.stdout
+    return Path(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def provider_so() -> str:
+    require(shutil.which("openssl"), "openssl", "openssl")
+    return require(
+        str(modules_dir() / "pkcs11.so"),
+        "OpenSSL pkcs11-provider",
+        "pkcs11-provider from bookworm-backports",
+    )
+
+
+@pytest.fixture(scope="module")
+def cert_card(service):
+    """A softcard holding a public certificate (written through the module) and a private
+    one: (name, passphrase, public DER, private DER)."""
+    name, pin = client_card(service.client_cfg, "s")
+    m = Module(module_path())
+    rv = m.initialize(str(service.client_cfg))
+    assert rv in (C.CKR_OK, C.CKR_CRYPTOKI_ALREADY_INITIALIZED)
+    h = m.open(m.slot_by_label(name))
+    assert m.login(h, pin.encode()) == C.CKR_OK
+    ders = []
+    for label, private in ((b"tls-cert", False), (b"hidden-cert", True)):
+        der, subject, issuer = self_signed(label.decode())
+        m.create(
+            h,
+            [
+                (C.CKA_TOKEN, True),
+                (C.CKA_PRIVATE, private),
+                (C.CKA_CLASS, C.CKO_CERTIFICATE),
+                (C.CKA_CERTIFICATE_TYPE, C.CKC_X_509),
+                (C.CKA_VALUE, der),
+                (C.CKA_SUBJECT, subject),
+                (C.CKA_ISSUER, issuer),
+                (C.CKA_LABEL, label),
+                (C.CKA_ID, bytes([0x41 + private])),
+            ],
+        )
+        ders.append(der)
+    m.call("C_CloseSession", h)
+    if rv == C.CKR_OK:
+        m.call("C_Finalize", None)
+    return name, pin, ders[0], ders[1]
+
+
+def pem_certs(text: str) -> list[bytes]:
+    found = re.findall(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", text, re.S)
+    return [x509.load_pem_x509_certificate(p.encode()).public_bytes(Encoding.DER) for p in found]
+
+
+def storeutl(env: dict[str, str], uri: str, *provider_args: str):
+    r = subprocess.run(
+        ["openssl", "storeutl", *provider_args, "-certs", uri],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    return r
+
+
+def openssl_cnf(path: Path, provider_so: str, early: bool) -> Path:
+    """The openssl.cnf of README.md (optionally with early loading)."""
+    path_line = f"pkcs11-module-path = {module_path()}\n"
+    text = snippet("openssl-cnf", {MODULE_PLACEHOLDER: module_path(), DOC_PROVIDER: provider_so})
+    if early:
+        assert path_line in text
+        text = text.replace(path_line, path_line + "pkcs11-module-load-behavior = early\n")
+    path.write_text(text)
+    return path
+
+
+def test_storeutl_reads_public_certificate(service, cert_card, provider_so):
+    name, _, public, _ = cert_card
+    env = consumer_env(service.client_cfg, PKCS11_PROVIDER_MODULE=module_path())
+    args = ("-provider", "pkcs11", "-provider", "default")
+    token = urllib.parse.quote(name)
+    for uri in (
+        f"pkcs11:token={token};object=tls-cert",
+        f"pkcs11:token={token};id=%41",
+        f"pkcs11:token={token};type=cert",
+    ):
+        r = storeutl(env, uri, *args)
+        assert r.returncode == 0, r.stdout + r.stderr
+        # Not logged in: only the public certificate exists for OpenSSL.
+        assert pem_certs(r.stdout) == [public], uri
+        assert "Total found: 1" in r.stdout
+    r = storeutl(env, f"pkcs11:token={token};object=no-such-cert", *args)
+    assert pem_certs(r.stdout) == [] and "Total found: 0" in r.stdout
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["default-load", "early-load"])
+def test_global_openssl_conf_keeps_our_tls_working(
+    service, cert_card, provider_so, tmp_path, early
+):
+    name, pin, public, _ = cert_card
+    cnf = openssl_cnf(tmp_path / "openssl.cnf", provider_so, early)
+    log = tmp_path / "p11prov.log"
+    env = consumer_env(
+        service.client_cfg, pin, OPENSSL_CONF=str(cnf), PKCS11_PROVIDER_DEBUG=f"file:{log},level:1"
+    )
+    # The provider comes from the configuration alone (no -provider option).
+    r = storeutl(env, f"pkcs11:token={urllib.parse.quote(name)};object=tls-cert")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert pem_certs(r.stdout) == [public]
+    assert "OSSL_provider_init" in log.read_text()
+    # A consumer that loads our module itself while OpenSSL loads the provider for the
+    # process: login, key generation and a MAC all go over our TLS, without recursing.
+    tool = require(shutil.which("pkcs11-tool"), "OpenSC pkcs11-tool", "opensc")
+    base = [
+        tool,
+        "--module",
+        module_path(),
+        "--token-label",
+        name,
+        "--login",
+        "--pin",
+        f"env:{PIN_ENV}",
+    ]
+    label = f"conf-{'early' if early else 'late'}"
+    for extra in (
+        [
+            "--keygen",
+            "--key-type",
+            "GENERIC:32",
+            "--label",
+            label,
+            "--id",
+            "77",
+            "--private",
+            "--sensitive",
+            "--usage-sign",
+        ],
+        ["-O"],
+    ):
+        r = subprocess.run([*base, *extra], env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert label in r.stdout and "tls-cert" in r.stdout and "hidden-cert" in r.stdout

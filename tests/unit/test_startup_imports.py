@@ -1,0 +1,115 @@
+"""What loading the module imports: the provider's import path stays free of heavy stdlib modules
+(dataclasses/inspect, typing, contextlib, pycurl's asyncio helper), and the light stand-ins in
+pkcs11ws/_lite.py behave like the dataclasses/contextlib features they replace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from pkcs11ws import _lite, config, mechanisms, protocol
+from pkcs11ws.provider import Slot
+
+REPO = Path(__file__).resolve().parents[2]
+HEAVY = ("dataclasses", "inspect", "ast", "dis", "typing", "contextlib", "pycurl.async_multi")
+
+
+def test_module_import_path_stays_light() -> None:
+    # -S as in the loader's boot (site runs without the editable install's .pth): only what
+    # pkcs11ws._native.core and the provider import themselves lands in sys.modules.
+    code = (
+        "import sys, json\n"
+        f"sys.path[:0] = [{str(REPO)!r}, {sysconfig.get_paths()['purelib']!r}]\n"
+        "import pkcs11ws._native.core, pkcs11ws.provider, pycurl\n"
+        "print(json.dumps([sorted(sys.modules), pycurl.Curl.__name__, len(pycurl.__all__)]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    mods, curl, n_all = json.loads(out)
+    assert [m for m in HEAVY if m in mods] == []
+    assert "pycurl._pycurl" in mods and curl == "Curl" and n_all > 100
+
+
+def test_pycurl_package_matches_the_real_one() -> None:
+    import pycurl
+
+    assert "AsyncCurlMulti" in pycurl.__all__
+    assert pycurl.AsyncCurlMulti.__name__ == "AsyncCurlMulti"  # imported on first access
+    assert pycurl.E_SEND_ERROR == pycurl._pycurl.E_SEND_ERROR
+
+
+@_lite.dataclass(frozen=True)
+class _Frozen:
+    a: int
+    b: str = "x"
+    c: dict[str, int] = _lite.field(default_factory=dict, compare=False, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.c["a"] = self.a
+
+
+def test_lite_dataclass_frozen_semantics() -> None:
+    one = _Frozen(1)
+    other: object = (1, "x")
+    assert one == _Frozen(1, "x") and one != _Frozen(1, "y") and one != other
+    assert hash(one) == hash(_Frozen(1, c={"z": 2}))  # c is not compared
+    assert repr(one) == "_Frozen(a=1, b='x')"
+    assert one.c == {"a": 1} and _Frozen(2).c is not one.c
+    with pytest.raises(AttributeError):
+        one.a = 2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        _Frozen()  # type: ignore[call-arg]
+    moved = _lite.replace(one, b="y")
+    assert moved == _Frozen(1, "y") and moved.c == {"a": 1}
+
+
+def test_lite_dataclass_mutable_and_dataclasses_compat() -> None:
+    slot = Slot(1, "card", "name")
+    assert slot.present is True and slot == Slot(1, "card", "name", True)
+    slot.present = False
+    assert slot != Slot(1, "card", "name")
+    with pytest.raises(TypeError):
+        hash(slot)  # eq without frozen: unhashable, like a dataclass
+    cfg = config.Config(
+        host="h",
+        port=1,
+        cert="c",
+        key="k",
+        auth="a",
+        loglevel=0,
+        logstdout=False,
+        logsys=False,
+        logfilepath="",
+        maxretries=5,
+        retrydelay=1,
+        connecttimeout=1,
+        timeout=1,
+        path="x",
+        overrides=(),
+        warnings=(),
+    )
+    quick = dataclasses.replace(cfg, maxretries=0)
+    assert quick.maxretries == 0 and dataclasses.replace(quick, maxretries=cfg.maxretries) == cfg
+    assert dataclasses.is_dataclass(cfg)
+    assert [f.name for f in dataclasses.fields(mechanisms.Mechanism)][:3] == [
+        "name",
+        "code",
+        "flags",
+    ]
+    struct = protocol.STRUCTS["Error"]
+    assert dataclasses.replace(struct).by_name.keys() == {"code", "message"}
+
+
+def test_lite_suppress() -> None:
+    with _lite.suppress(OSError):
+        raise FileNotFoundError
+    with pytest.raises(KeyError), _lite.suppress(OSError):
+        raise KeyError
