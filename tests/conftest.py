@@ -29,7 +29,9 @@ environment; the test initialises it with its own configuration (and may finalis
 (slot, logged-in read-write session, passphrase bytes); its sessions closed at the end.
 
 `pytest_collection_modifyitems` marks every test with its layer (the folder under tests/), so
-`pytest -m unit` (or service, module, consumers, cli) selects one layer.
+`pytest -m unit` (or service, module, consumers, cli) selects one layer. (A hook in any conftest
+sees every collected item, so this one marks for all layers.) The summary ends with the random
+order's seed (pytest-randomly).
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         parts = Path(str(item.path)).resolve().relative_to(TESTS).parts
         if parts and parts[0] in LAYERS:
             item.add_marker(getattr(pytest.mark, parts[0]))
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    # pytest-randomly prints its seed in the header, which -q (make test, CI) leaves out.
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int) and config.pluginmanager.hasplugin("randomly"):
+        terminalreporter.write_line(f"random order: replay with -p randomly --randomly-seed={seed}")
 
 
 @pytest.fixture(scope="session")
