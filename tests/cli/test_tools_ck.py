@@ -24,7 +24,6 @@ from tests.support.tools_util import (
     clean_env,
     create,
     generate,
-    make_softhsm,
     service_env,
     tool,
 )
@@ -63,11 +62,6 @@ def stocked_card(service) -> Card:
         CKA_APPLICATION=b"tests",
     )
     return c
-
-
-@pytest.fixture(scope="module")
-def hsm(tmp_path_factory):
-    return make_softhsm(tmp_path_factory.mktemp("softhsm"))
 
 
 def blocks(out: str) -> dict[str, list[str]]:

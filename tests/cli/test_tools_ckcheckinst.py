@@ -9,7 +9,6 @@ import re
 import time
 from pathlib import Path
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,7 +23,6 @@ from tests.support.tools_util import (
     activated_card,
     card_counts,
     clean_env,
-    make_softhsm,
     service_env,
     tool,
 )
@@ -246,11 +244,6 @@ def test_library_that_is_not_a_module(service, tmp_path):
     got = lines(res.stdout)
     assert got["module"][0] == "FAILED" and "cannot load" in got["module"][1]
     assert got["slots and tokens"][0] == "SKIPPED"
-
-
-@pytest.fixture(scope="module")
-def hsm(tmp_path_factory):
-    return make_softhsm(tmp_path_factory.mktemp("softhsm-check"))
 
 
 def test_self_test_on_softhsm(service, hsm):

@@ -18,20 +18,10 @@ from pathlib import Path
 import pytest
 
 from pkcs11ws.__main__ import module_path
-from tests.support.service import Api, Service, b64, new_idem
+from tests.support.service import Api, Service, b64, issue_client, new_idem
 
 PKCS11_TOOL = shutil.which("pkcs11-tool")
 PASS = "erin passphrase 42"
-
-
-def _issue(svc: Service, name: str, out: Path, role: str = "app") -> Path:
-    res = subprocess.run(
-        [sys.executable, "-m", "pkcs11ws.server.cli", "issue-client", "--config",
-         str(svc.server_yaml), "--name", name, "--role", role, "--out", str(out)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    return out
 
 
 def _env(cfg: Path, **extra: str) -> dict[str, str]:
@@ -40,7 +30,7 @@ def _env(cfg: Path, **extra: str) -> dict[str, str]:
 
 
 def test_issue_client_files(service: Service, tmp_path: Path) -> None:
-    d = _issue(service, "files-" + uuid.uuid4().hex[:6], tmp_path / "out")
+    d = issue_client(service, "files-" + uuid.uuid4().hex[:6], tmp_path / "out")
     assert {p.name for p in d.iterdir()} >= {"client.pem", "client.key", "ca.pem",
                                             "pkcs11webservices.cfg"}  # fmt: skip
     assert (d / "client.key").stat().st_mode & 0o777 == 0o600
@@ -65,7 +55,7 @@ def test_issued_identity_with_softcardtool_and_pkcs11_tool(service: Service, tmp
                         idem=new_idem()))  # fmt: skip
     admin.close()
     erin = "erin-" + uuid.uuid4().hex[:6]
-    d = _issue(service, erin, tmp_path / "erin")
+    d = issue_client(service, erin, tmp_path / "erin")
     env = _env(d / "pkcs11webservices.cfg")
     mine = "erin" + uuid.uuid4().hex[:10]
     tool = [sys.executable, "-m", "pkcs11ws.tools.softcardtool"]

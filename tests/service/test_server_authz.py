@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,22 +23,12 @@ from typing import Any
 import pytest
 
 from pkcs11ws import protocol
-from tests.support.service import Api, Resp, Service, b64, encode, new_idem
+from tests.support.service import Api, Resp, Service, b64, encode, issue_client, new_idem
 
 PASS = b"alice passphrase"
 HMAC_VALUE = bytes(range(32))
 P256 = bytes.fromhex("06082a8648ce3d030107")  # CKA_EC_PARAMS of P-256
 CARDS = "/km/v1/softcards"
-
-
-def issue(svc: Service, name: str, out: Path, role: str = "app") -> Path:
-    res = subprocess.run(
-        [sys.executable, "-m", "pkcs11ws.server.cli", "issue-client", "--config",
-         str(svc.server_yaml), "--name", name, "--role", role, "--out", str(out)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    return out
 
 
 @dataclass
@@ -55,7 +43,7 @@ def people(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     made: dict[str, Who] = {}
     for role in ("alice", "bob"):
         name = f"{role}-{uuid.uuid4().hex[:8]}"
-        d = issue(service, name, tmp_path_factory.mktemp(role))
+        d = issue_client(service, name, tmp_path_factory.mktemp(role))
         made[role] = Who(name, d, Api(service, d / "client.pem", d / "client.key"))
     made["admin"] = Who("admin", service.dir, Api(service))
     try:

@@ -11,32 +11,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pkcs11ws import protocol
-from tests.support.service import Api, Resp, Service, b64, unb64
+from tests.support.service import Api, Resp, Service, b64, issue_client, unb64
 
 BATCH = protocol.BATCH_PATH
 PASS = b"batch passphrase"
 HMAC_VALUE = bytes(range(32))
 AES_VALUE = bytes(range(16))
-
-
-def _issue(svc: Service, name: str, out: Path) -> Path:
-    res = subprocess.run(
-        [sys.executable, "-m", "pkcs11ws.server.cli", "issue-client", "--config",
-         str(svc.server_yaml), "--name", name, "--role", "app", "--out", str(out)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    return out
 
 
 class Who:
@@ -48,11 +35,15 @@ class Who:
 
 
 @pytest.fixture(scope="module")
-def people(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Who]]:
+def keyholders(
+    service: Service, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Who]]:
     made: dict[str, Who] = {}
     try:
         for role in ("alice", "bob"):
-            d = _issue(service, f"{role}-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp(role))
+            d = issue_client(
+                service, f"{role}-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp(role)
+            )
             made[role] = Who(Api(service, d / "client.pem", d / "client.key"))
         yield made
     finally:
@@ -95,8 +86,8 @@ def same_as_single(api: Api, items: list[dict[str, Any]]) -> list[tuple[int, byt
     return got
 
 
-def test_mixed_items_each_with_its_own_answer(people: dict[str, Who]) -> None:
-    a = people["alice"]
+def test_mixed_items_each_with_its_own_answer(keyholders: dict[str, Who]) -> None:
+    a = keyholders["alice"]
     t = a.token
     mac = hmac.digest(HMAC_VALUE, b"data", hashlib.sha256)
     iv = b64(bytes(16))
@@ -131,8 +122,8 @@ def test_mixed_items_each_with_its_own_answer(people: dict[str, Who]) -> None:
     assert len(unb64(json.loads(got[-1][1])["data"])) == 24
 
 
-def test_only_read_only_operations_are_batched(people: dict[str, Who]) -> None:
-    a = people["alice"]
+def test_only_read_only_operations_are_batched(keyholders: dict[str, Who]) -> None:
+    a = keyholders["alice"]
     changing = [
         item("generate_key", a.token, {"mechanism": "CKM_AES_KEY_GEN", "attrs": {}}),
         item("delete_object", a.token, {}),
@@ -146,9 +137,9 @@ def test_only_read_only_operations_are_batched(people: dict[str, Who]) -> None:
 
 
 def test_another_identitys_token_and_key_refused_per_item(
-    people: dict[str, Who], service: Service
+    keyholders: dict[str, Who], service: Service
 ) -> None:
-    a, b = people["alice"], people["bob"]
+    a, b = keyholders["alice"], keyholders["bob"]
     rid = "batch-" + uuid.uuid4().hex[:12]
     items = [
         item("sign", a.token, sign_body(a.mac)),  # alice's token over bob's connection
@@ -174,8 +165,8 @@ def test_another_identitys_token_and_key_refused_per_item(
     assert a.token not in (service.dir / "log" / "audit.log").read_text()
 
 
-def test_ended_session_refused_per_item(people: dict[str, Who], service: Service) -> None:
-    api = people["alice"].api
+def test_ended_session_refused_per_item(keyholders: dict[str, Who], service: Service) -> None:
+    api = keyholders["alice"].api
     card, token = api.new_card(PASS)
     key = api.import_key(card, token, 0x2B, HMAC_VALUE)
     assert batch(api, [item("sign", token, sign_body(key))])[0][0] == 200
@@ -185,15 +176,15 @@ def test_ended_session_refused_per_item(people: dict[str, Who], service: Service
     assert (status, json.loads(answer)["code"]) == (401, "NOT_ACTIVATED") and ok[0] == 200
 
 
-def test_limits_count_and_bytes(people: dict[str, Who], service: Service) -> None:
-    api = people["alice"].api
+def test_limits_count_and_bytes(keyholders: dict[str, Who], service: Service) -> None:
+    api = keyholders["alice"].api
     rnd = item("random", None, {"length": 1})
     assert len(batch(api, [rnd] * 64)) == 64  # batch.max_items default
     r = api.post(BATCH, {"items": [rnd] * 65})
     assert (r.status, r.code) == (413, "BATCH_TOO_LARGE")
     # batch.max_bytes (1 MiB by default), though a single request may be up to max_body (8 MiB).
     big = b64(bytes(600 * 1024))
-    a = people["alice"]
+    a = keyholders["alice"]
     two = [item("sign", a.token, sign_body(a.mac, bytes(600 * 1024)))] * 2
     r = api.post(BATCH, {"items": two})
     assert (r.status, r.code) == (413, "BATCH_TOO_LARGE")

@@ -14,19 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from tests.support.service import Api, Service
+from tests.support.service import Api, Service, issue_client
 
 CARDS = "/km/v1/softcards"
-
-
-def _issue(svc: Service, name: str, out: Path) -> Path:
-    res = subprocess.run(
-        [sys.executable, "-m", "pkcs11ws.server.cli", "issue-client", "--config",
-         str(svc.server_yaml), "--name", name, "--out", str(out)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    return out
 
 
 def _until(check, timeout: float = 20.0):  # type: ignore[no-untyped-def]
@@ -41,7 +31,7 @@ def _until(check, timeout: float = 20.0):  # type: ignore[no-untyped-def]
 def test_deny_list_and_sighup_with_two_workers(fresh_service, tmp_path: Path) -> None:
     svc: Service = fresh_service(workers=2)
     name = "carol-" + uuid.uuid4().hex[:6]
-    d = _issue(svc, name, tmp_path / "carol")
+    d = issue_client(svc, name, tmp_path / "carol")
     # Several kept-alive connections, so both workers hold one of carol's.
     apis = [Api(svc, d / "client.pem", d / "client.key") for _ in range(6)]
     admin = Api(svc)
@@ -118,7 +108,7 @@ def test_crl_revokes_by_serial_on_sighup(fresh_service, tmp_path: Path) -> None:
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     admin = Api(svc)
-    d = _issue(svc, "dave-" + uuid.uuid4().hex[:6], tmp_path / "dave")
+    d = issue_client(svc, "dave-" + uuid.uuid4().hex[:6], tmp_path / "dave")
     api = Api(svc, d / "client.pem", d / "client.key")
     try:
 
