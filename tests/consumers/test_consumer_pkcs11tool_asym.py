@@ -45,7 +45,7 @@ class Tool:
 
 
 @pytest.fixture(scope="module")
-def tool(service: Any) -> Tool:
+def asym_tool(service: Any) -> Tool:
     client = KeyServiceClient(load_config(str(service.client_cfg)))
     name, pin = "k" + uuid.uuid4().hex[:12], uuid.uuid4().hex
     client.create_softcard(name, pin.encode())
@@ -57,9 +57,9 @@ def _openssl(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([str(OPENSSL), *args], capture_output=True, timeout=60)
 
 
-def _pubkey(tool: Tool, key_id: str, tmp: Path, login: bool = False) -> Path:
+def _pubkey(asym_tool: Tool, key_id: str, tmp: Path, login: bool = False) -> Path:
     der = tmp / f"{key_id}.der"
-    tool.run("--read-object", "--type", "pubkey", "--id", key_id, "-o", str(der), login=login)
+    asym_tool.run("--read-object", "--type", "pubkey", "--id", key_id, "-o", str(der), login=login)
     pem = tmp / f"{key_id}.pem"
     r = _openssl("pkey", "-pubin", "-inform", "DER", "-in", str(der), "-out", str(pem))
     assert r.returncode == 0, r.stderr
@@ -67,27 +67,27 @@ def _pubkey(tool: Tool, key_id: str, tmp: Path, login: bool = False) -> Path:
 
 
 @pytest.fixture(scope="module")
-def rsa_key(tool: Tool) -> str:
-    out = tool.run("--keypairgen", "--key-type", "rsa:2048", "--id", "a1", "--label", "rsa1",
+def rsa_key(asym_tool: Tool) -> str:
+    out = asym_tool.run("--keypairgen", "--key-type", "rsa:2048", "--id", "a1", "--label", "rsa1",
                    "--private").stdout  # fmt: skip
     assert b"Private Key Object; RSA" in out and b"Public Key Object; RSA 2048 bits" in out
     return "a1"
 
 
 @pytest.fixture(scope="module")
-def ec_key(tool: Tool) -> str:
-    out = tool.run("--keypairgen", "--key-type", "EC:prime256v1", "--id", "e1", "--label",
+def ec_key(asym_tool: Tool) -> str:
+    out = asym_tool.run("--keypairgen", "--key-type", "EC:prime256v1", "--id", "e1", "--label",
                    "ec1", "--private").stdout  # fmt: skip
     assert b"Private Key Object; EC" in out and b"Public Key Object; EC" in out
     return "e1"
 
 
-def test_objects_before_and_after_login(tool: Tool, rsa_key: str, ec_key: str) -> None:
-    before = tool.run("-O", login=False).stdout
+def test_objects_before_and_after_login(asym_tool: Tool, rsa_key: str, ec_key: str) -> None:
+    before = asym_tool.run("-O", login=False).stdout
     assert b"Public Key Object; RSA 2048 bits" in before and b"Private Key Object" not in before
-    after = tool.run("-O").stdout
+    after = asym_tool.run("-O").stdout
     assert after.count(b"Private Key Object") == 2 and after.count(b"Public Key Object") == 2
-    mechs = tool.run("-M", login=False).stdout
+    mechs = asym_tool.run("-M", login=False).stdout
     for name in (b"RSA-PKCS-KEY-PAIR-GEN", b"RSA-PKCS,", b"SHA256-RSA-PKCS,", b"RSA-PKCS-PSS",
                  b"RSA-PKCS-OAEP", b"ECDSA,", b"ECDSA-SHA256", b"ECDSA-KEY-PAIR-GEN"):  # fmt: skip
         assert name in mechs, mechs
@@ -96,85 +96,86 @@ def test_objects_before_and_after_login(tool: Tool, rsa_key: str, ec_key: str) -
 @pytest.mark.parametrize("mech,digest", [("SHA256-RSA-PKCS", "sha256"),
                                          ("SHA384-RSA-PKCS", "sha384"),
                                          ("SHA512-RSA-PKCS", "sha512")])  # fmt: skip
-def test_rsa_sign_checked_by_openssl(tool: Tool, rsa_key: str, tmp_path: Path, mech: str,
+def test_rsa_sign_checked_by_openssl(asym_tool: Tool, rsa_key: str, tmp_path: Path, mech: str,
                                      digest: str) -> None:  # fmt: skip
     data = tmp_path / "data"
     data.write_bytes(os.urandom(5000))
     sig = tmp_path / "sig"
-    tool.run("--sign", "--id", rsa_key, "-m", mech, "-i", str(data), "-o", str(sig))
+    asym_tool.run("--sign", "--id", rsa_key, "-m", mech, "-i", str(data), "-o", str(sig))
     assert len(sig.read_bytes()) == 256
-    pem = _pubkey(tool, rsa_key, tmp_path)
+    pem = _pubkey(asym_tool, rsa_key, tmp_path)
     r = _openssl("dgst", f"-{digest}", "-verify", str(pem), "-signature", str(sig), str(data))
     assert r.returncode == 0 and b"Verified OK" in r.stdout, r
 
 
-def test_rsa_pkcs_of_a_digest_info(tool: Tool, rsa_key: str, tmp_path: Path) -> None:
+def test_rsa_pkcs_of_a_digest_info(asym_tool: Tool, rsa_key: str, tmp_path: Path) -> None:
     msg = os.urandom(100)
     info = bytes.fromhex("3031300d060960864801650304020105000420") + hashlib.sha256(msg).digest()
     (tmp_path / "info").write_bytes(info)
     (tmp_path / "msg").write_bytes(msg)
     sig = tmp_path / "sig"
-    tool.run("--sign", "--id", rsa_key, "-m", "RSA-PKCS", "-i", str(tmp_path / "info"), "-o",
+    asym_tool.run("--sign", "--id", rsa_key, "-m", "RSA-PKCS", "-i", str(tmp_path / "info"), "-o",
              str(sig))  # fmt: skip
-    pem = _pubkey(tool, rsa_key, tmp_path)
+    pem = _pubkey(asym_tool, rsa_key, tmp_path)
     r = _openssl("dgst", "-sha256", "-verify", str(pem), "-signature", str(sig),
                  str(tmp_path / "msg"))  # fmt: skip
     assert r.returncode == 0, r
 
 
 @pytest.mark.parametrize("mech", ["ECDSA", "ECDSA-SHA256"])
-def test_ecdsa_sign_checked_by_openssl(tool: Tool, ec_key: str, tmp_path: Path,
+def test_ecdsa_sign_checked_by_openssl(asym_tool: Tool, ec_key: str, tmp_path: Path,
                                        mech: str) -> None:  # fmt: skip
     msg = os.urandom(700)
     data = tmp_path / "data"
     data.write_bytes(hashlib.sha256(msg).digest() if mech == "ECDSA" else msg)
     (tmp_path / "msg").write_bytes(msg)
     sig = tmp_path / "sig"
-    tool.run("--sign", "--id", ec_key, "-m", mech, "--signature-format", "openssl", "-i",
+    asym_tool.run("--sign", "--id", ec_key, "-m", mech, "--signature-format", "openssl", "-i",
              str(data), "-o", str(sig))  # fmt: skip
-    pem = _pubkey(tool, ec_key, tmp_path)
+    pem = _pubkey(asym_tool, ec_key, tmp_path)
     r = _openssl("dgst", "-sha256", "-verify", str(pem), "-signature", str(sig),
                  str(tmp_path / "msg"))  # fmt: skip
     assert r.returncode == 0 and b"Verified OK" in r.stdout, r
 
 
-def test_sign_and_verify_in_the_module(tool: Tool, rsa_key: str, ec_key: str,
+def test_sign_and_verify_in_the_module(asym_tool: Tool, rsa_key: str, ec_key: str,
                                        tmp_path: Path) -> None:  # fmt: skip
     data = tmp_path / "data"
     data.write_bytes(b"verified by the public key in the module")
     for key, mech in ((rsa_key, "SHA256-RSA-PKCS"), (ec_key, "ECDSA-SHA256")):
         sig = tmp_path / f"{key}.sig"
-        tool.run("--sign", "--id", key, "-m", mech, "-i", str(data), "-o", str(sig))
-        out = tool.run("--verify", "--id", key, "-m", mech, "-i", str(data), "--signature-file",
-                       str(sig)).stdout  # fmt: skip
+        asym_tool.run("--sign", "--id", key, "-m", mech, "-i", str(data), "-o", str(sig))
+        out = asym_tool.run(
+            "--verify", "--id", key, "-m", mech, "-i", str(data), "--signature-file", str(sig)
+        ).stdout
         assert b"Signature is valid" in out
         bad = bytearray(sig.read_bytes())
         bad[5] ^= 1
         sig.write_bytes(bytes(bad))
-        r = tool.run("--verify", "--id", key, "-m", mech, "-i", str(data), "--signature-file",
+        r = asym_tool.run("--verify", "--id", key, "-m", mech, "-i", str(data), "--signature-file",
                      str(sig), ok=False)  # fmt: skip
         assert b"Invalid signature" in r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("mech,digest", [("SHA256-RSA-PKCS-PSS", "sha256"),
                                          ("SHA384-RSA-PKCS-PSS", "sha384")])  # fmt: skip
-def test_rsa_pss_checked_by_openssl(tool: Tool, rsa_key: str, tmp_path: Path, mech: str,
+def test_rsa_pss_checked_by_openssl(asym_tool: Tool, rsa_key: str, tmp_path: Path, mech: str,
                                     digest: str) -> None:  # fmt: skip
     data = tmp_path / "data"
     data.write_bytes(os.urandom(3000))
     sig = tmp_path / "sig"
     salt = {"sha256": "32", "sha384": "48"}[digest]
-    tool.run("--sign", "--id", rsa_key, "-m", mech, "--mgf", f"MGF1-{digest.upper()}",
+    asym_tool.run("--sign", "--id", rsa_key, "-m", mech, "--mgf", f"MGF1-{digest.upper()}",
              "--salt-len", salt, "-i", str(data), "-o", str(sig))  # fmt: skip
-    pem = _pubkey(tool, rsa_key, tmp_path)
+    pem = _pubkey(asym_tool, rsa_key, tmp_path)
     r = _openssl("dgst", f"-{digest}", "-sigopt", "rsa_padding_mode:pss", "-sigopt",
                  f"rsa_pss_saltlen:{salt}", "-verify", str(pem), "-signature", str(sig),
                  str(data))  # fmt: skip
     assert r.returncode == 0 and b"Verified OK" in r.stdout, r
 
 
-def test_rsa_oaep_sha256_decrypt(tool: Tool, rsa_key: str, tmp_path: Path) -> None:
-    pem = _pubkey(tool, rsa_key, tmp_path)
+def test_rsa_oaep_sha256_decrypt(asym_tool: Tool, rsa_key: str, tmp_path: Path) -> None:
+    pem = _pubkey(asym_tool, rsa_key, tmp_path)
     secret = tmp_path / "secret"
     secret.write_bytes(os.urandom(48))
     ct = tmp_path / "ct"
@@ -183,6 +184,6 @@ def test_rsa_oaep_sha256_decrypt(tool: Tool, rsa_key: str, tmp_path: Path) -> No
                  "rsa_mgf1_md:sha256", "-in", str(secret), "-out", str(ct))  # fmt: skip
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
-    tool.run("--decrypt", "--id", rsa_key, "-m", "RSA-PKCS-OAEP", "--hash-algorithm", "SHA256",
+    asym_tool.run("--decrypt", "--id", rsa_key, "-m", "RSA-PKCS-OAEP", "--hash-algorithm", "SHA256",
              "--mgf", "MGF1-SHA256", "-i", str(ct), "-o", str(out))  # fmt: skip
     assert out.read_bytes() == secret.read_bytes()

@@ -30,7 +30,7 @@ CAPS = (MechanismFlag.SIGN | MechanismFlag.VERIFY | MechanismFlag.ENCRYPT
 
 
 @pytest.fixture(scope="module")
-def session(service: Any) -> Any:
+def shared_session(service: Any) -> Any:
     client = KeyServiceClient(load_config(str(service.client_cfg)))
     name, pin = "pa" + uuid.uuid4().hex[:12], uuid.uuid4().hex
     client.create_softcard(name, pin.encode())
@@ -56,22 +56,23 @@ def _spki(pub: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def rsa_pair(session: Any) -> Any:
-    return session.generate_keypair(KeyType.RSA, 2048, store=True, label="py-rsa", id=b"\x10",
-                                    capabilities=CAPS)  # fmt: skip
+def pkcs11_rsa_pair(shared_session: Any) -> Any:
+    return shared_session.generate_keypair(
+        KeyType.RSA, 2048, store=True, label="py-rsa", id=b"\x10", capabilities=CAPS
+    )
 
 
 @pytest.fixture(scope="module")
-def ec_pair(session: Any) -> Any:
-    params = session.create_domain_parameters(
+def pkcs11_ec_pair(shared_session: Any) -> Any:
+    params = shared_session.create_domain_parameters(
         KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp384r1")}, local=True
     )
     caps = MechanismFlag.SIGN | MechanismFlag.VERIFY
     return params.generate_keypair(store=True, label="py-ec", id=b"\x11", capabilities=caps)
 
 
-def test_rsa_pair_attributes(session: Any, rsa_pair: Any) -> None:
-    pub, priv = rsa_pair
+def test_rsa_pair_attributes(shared_session: Any, pkcs11_rsa_pair: Any) -> None:
+    pub, priv = pkcs11_rsa_pair
     assert pub[Attribute.MODULUS_BITS] == 2048 and pub[Attribute.PUBLIC_EXPONENT] == b"\x01\x00\x01"
     assert priv[Attribute.MODULUS] == pub[Attribute.MODULUS]
     assert priv[Attribute.SENSITIVE] and not priv[Attribute.EXTRACTABLE]
@@ -79,13 +80,13 @@ def test_rsa_pair_attributes(session: Any, rsa_pair: Any) -> None:
     for attr in (Attribute.PRIVATE_EXPONENT, Attribute.PRIME_1, Attribute.VALUE):
         with pytest.raises(E.AttributeSensitive):
             priv[attr]
-    found = list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+    found = list(shared_session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
                                       Attribute.ID: b"\x10"}))  # fmt: skip
     assert [o.handle for o in found] == [priv.handle]
 
 
-def test_rsa_signatures_verify_in_cryptography(rsa_pair: Any) -> None:
-    pub, priv = rsa_pair
+def test_rsa_signatures_verify_in_cryptography(pkcs11_rsa_pair: Any) -> None:
+    pub, priv = pkcs11_rsa_pair
     key = _spki(pub)
     data = os.urandom(2000)
     sig = priv.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS)
@@ -108,8 +109,8 @@ OAEP_HASHES = [(Mechanism.SHA_1, MGF.SHA1, hashes.SHA1()),
 
 
 @pytest.mark.parametrize("h,mgf,algo", OAEP_HASHES)
-def test_rsa_oaep_both_ways(rsa_pair: Any, h: Any, mgf: Any, algo: Any) -> None:
-    pub, priv = rsa_pair
+def test_rsa_oaep_both_ways(pkcs11_rsa_pair: Any, h: Any, mgf: Any, algo: Any) -> None:
+    pub, priv = pkcs11_rsa_pair
     key = _spki(pub)
     ct = key.encrypt(b"from cryptography", padding.OAEP(padding.MGF1(algo), algo, None))
     assert priv.decrypt(ct, mechanism=Mechanism.RSA_PKCS_OAEP,
@@ -121,8 +122,8 @@ def test_rsa_oaep_both_ways(rsa_pair: Any, h: Any, mgf: Any, algo: Any) -> None:
                         mechanism_param=(h, mgf, None)) == b"from the module"  # fmt: skip
 
 
-def test_ecdsa_p384(ec_pair: Any) -> None:
-    pub, priv = ec_pair
+def test_ecdsa_p384(pkcs11_ec_pair: Any) -> None:
+    pub, priv = pkcs11_ec_pair
     key = _spki(pub)
     assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp384r1"
     data = os.urandom(500)
@@ -135,9 +136,9 @@ def test_ecdsa_p384(ec_pair: Any) -> None:
     assert not pub.verify(data, bytes(96), mechanism=Mechanism.ECDSA_SHA384)
 
 
-def test_aes_gcm_known_answer_single_and_multipart(session: Any) -> None:
+def test_aes_gcm_known_answer_single_and_multipart(shared_session: Any) -> None:
     key_bytes, iv, aad, pt, ct, tag = GCM_CASES["case 4"]
-    key = session.create_object({
+    key = shared_session.create_object({
         Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
         Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.ENCRYPT: True,
         Attribute.DECRYPT: True, Attribute.VALUE: key_bytes})  # fmt: skip

@@ -37,15 +37,15 @@ class Tool:
 
 
 @pytest.fixture(scope="module")
-def tool(service):
+def dropin_tool(service):
     name, pin = client_card(service.client_cfg, "t")
     return Tool(service.client_cfg, name, pin)
 
 
 @pytest.mark.parametrize("mech", ["SHA256-HMAC", "SHA384-HMAC", "SHA512-HMAC"])
-def test_generic_secret_hmac_by_id(tool, tmp_path, mech):
+def test_generic_secret_hmac_by_id(dropin_tool, tmp_path, mech):
     key_id = {"SHA256-HMAC": "a256", "SHA384-HMAC": "a384", "SHA512-HMAC": "a512"}[mech]
-    out = tool.run(
+    out = dropin_tool.run(
         "--keygen",
         "--key-type",
         "GENERIC:32",
@@ -62,9 +62,11 @@ def test_generic_secret_hmac_by_id(tool, tmp_path, mech):
     mac = tmp_path / "mac"
     for size in (100, 40000):  # small: C_Sign; large: C_SignUpdate / C_SignFinal
         msg.write_bytes(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
-        tool.run("--sign", "--mechanism", mech, "--id", key_id, "-i", str(msg), "-o", str(mac))
+        dropin_tool.run(
+            "--sign", "--mechanism", mech, "--id", key_id, "-i", str(msg), "-o", str(mac)
+        )
         assert mac.stat().st_size == int(mech[3:6]) // 8
-        out = tool.run(
+        out = dropin_tool.run(
             "--verify",
             "--mechanism",
             mech,
@@ -77,7 +79,7 @@ def test_generic_secret_hmac_by_id(tool, tmp_path, mech):
         ).stdout
         assert "Signature is valid" in out
         msg.write_bytes(msg.read_bytes() + b"!")
-        r = tool.run(
+        r = dropin_tool.run(
             "--verify",
             "--mechanism",
             mech,
@@ -93,10 +95,10 @@ def test_generic_secret_hmac_by_id(tool, tmp_path, mech):
         assert "Invalid signature" in r.stdout and "Signature is valid" not in r.stdout
 
 
-def test_public_certificate_write_and_read(tool, tmp_path):
+def test_public_certificate_write_and_read(dropin_tool, tmp_path):
     der, _, _ = self_signed("pkcs11-tool cert")
     (tmp_path / "cert.der").write_bytes(der)
-    out = tool.run(
+    out = dropin_tool.run(
         "--write-object",
         str(tmp_path / "cert.der"),
         "--type",
@@ -110,23 +112,25 @@ def test_public_certificate_write_and_read(tool, tmp_path):
     # Read back by id, logged in and not logged in (a public object).
     for login in (True, False):
         back = tmp_path / f"back-{login}.der"
-        tool.run("--read-object", "--type", "cert", "--id", "c0ffee", "-o", str(back), login=login)
+        dropin_tool.run(
+            "--read-object", "--type", "cert", "--id", "c0ffee", "-o", str(back), login=login
+        )
         assert back.read_bytes() == der
         assert x509.load_der_x509_certificate(back.read_bytes()).subject.rfc4514_string() == (
             "CN=pkcs11-tool cert"
         )
-    listed = tool.run("-O", login=False).stdout
+    listed = dropin_tool.run("-O", login=False).stdout
     assert "tool-cert" in listed and "Secret Key Object" not in listed
-    tool.run(
+    dropin_tool.run(
         "--keygen", "--key-type", "AES:16", "--label", "hidden-key", "--private", "--sensitive"
     )
-    assert "hidden-key" in tool.run("-O").stdout
-    assert "hidden-key" not in tool.run("-O", login=False).stdout
+    assert "hidden-key" in dropin_tool.run("-O").stdout
+    assert "hidden-key" not in dropin_tool.run("-O", login=False).stdout
 
 
-def test_rename_with_set_id(tool):
+def test_rename_with_set_id(dropin_tool):
     """pkcs11-tool --set-id changes CKA_ID through C_SetAttributeValue."""
-    tool.run(
+    dropin_tool.run(
         "--keygen",
         "--key-type",
         "AES:16",
@@ -137,12 +141,12 @@ def test_rename_with_set_id(tool):
         "--private",
         "--sensitive",
     )
-    tool.run("--set-id", "0202", "--id", "0101", "--type", "secrkey")
-    out = tool.run("-O", "--type", "secrkey").stdout
+    dropin_tool.run("--set-id", "0202", "--id", "0101", "--type", "secrkey")
+    out = dropin_tool.run("-O", "--type", "secrkey").stdout
     block = out[out.index("to-rename") :]
     assert "ID:         0202" in block.split("Secret Key Object")[0]
 
 
-def test_test_fork(tool):
-    r = tool.run("--test-fork")
+def test_test_fork(dropin_tool):
+    r = dropin_tool.run("--test-fork")
     assert "Calling C_Initialize in forked child process" in r.stdout + r.stderr

@@ -75,16 +75,22 @@ def compile_host(out: Path, *flags: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def lifecycle_host(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return compile_host(tmp_path_factory.mktemp("lifecycle") / "lifecycle")
 
 
-def run_host(host: Path, env: dict[str, str], *args: str, stdin: str = "",
+def run_host(lifecycle_host: Path, env: dict[str, str], *args: str, stdin: str = "",
              timeout: float = RACE_TIMEOUT, prefix: tuple[str, ...] = ()):  # fmt: skip
     full = {**os.environ, **env}
     full.pop("PYTHONPATH", None)
-    return subprocess.run([*prefix, str(host), module_path(), *args], input=stdin, env=full,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [*prefix, str(lifecycle_host), module_path(), *args],
+        input=stdin,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def outage_env(service) -> dict[str, str]:
@@ -94,8 +100,8 @@ def outage_env(service) -> dict[str, str]:
             "PKCS11WS_LOGLEVEL": "1"}  # fmt: skip
 
 
-def test_initialize_rejects_bad_reserved_pointers_and_keeps_strings(host, service):
-    r = run_host(host, {"PKCS11WS_CONFIG": str(service.client_cfg)}, "reserved",
+def test_initialize_rejects_bad_reserved_pointers_and_keeps_strings(lifecycle_host, service):
+    r = run_host(lifecycle_host, {"PKCS11WS_CONFIG": str(service.client_cfg)}, "reserved",
                  str(service.client_cfg), timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.splitlines()[-1] == "ok reserved", r.stdout
@@ -110,17 +116,17 @@ def check_race(r: subprocess.CompletedProcess[str], rounds: int) -> re.Match[str
 
 
 @pytest.mark.parametrize("run", [1, 2, 3])
-def test_finalize_while_threads_retry_during_an_outage(host, service, run):
-    r = run_host(host, outage_env(service), "race", "100")
+def test_finalize_while_threads_retry_during_an_outage(lifecycle_host, service, run):
+    r = run_host(lifecycle_host, outage_env(service), "race", "100")
     m = check_race(r, 100)
     # Nothing answers on that port: no call can have succeeded... except none was made at all.
     assert int(m.group(2)) > 0 and int(m.group(3)) == 0, r.stdout
 
 
-def test_finalize_while_threads_call_the_live_service(host, service, api):
+def test_finalize_while_threads_call_the_live_service(lifecycle_host, service, api):
     churn_input(api)  # at least one softcard for the session threads
     env = {"PKCS11WS_CONFIG": str(service.client_cfg), "PKCS11WS_LOGLEVEL": "1"}
-    r = run_host(host, env, "race", "100", "sessions")
+    r = run_host(lifecycle_host, env, "race", "100", "sessions")
     m = check_race(r, 100)
     assert int(m.group(3)) > 0, r.stdout
 
@@ -162,11 +168,11 @@ def connections_since(service, before: float) -> float:
     return tls_connections(service) - before
 
 
-def test_thread_churn_does_not_grow(host, service, api):
+def test_thread_churn_does_not_grow(lifecycle_host, service, api):
     stdin, pin = churn_input(api)
     env = {"PKCS11WS_CONFIG": str(service.client_cfg), "PKCS11WS_LOGLEVEL": "1"}
     before = tls_connections(service)
-    r = run_host(host, env, "churn", str(CHURN_THREADS), stdin=stdin, timeout=600)
+    r = run_host(lifecycle_host, env, "churn", str(CHURN_THREADS), stdin=stdin, timeout=600)
     connections = connections_since(service, before)
     assert pin not in r.stdout + r.stderr
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
@@ -247,10 +253,10 @@ def test_thread_churn_in_a_python_host_does_not_grow(service, api):
     assert 1 <= connections <= MAX_CHURN_CONNECTIONS, connections
 
 
-def test_thread_states_freed_after_finalize_and_in_a_forked_child(host, service, api):
+def test_thread_states_freed_after_finalize_and_in_a_forked_child(lifecycle_host, service, api):
     stdin, pin = churn_input(api)
     env = {"PKCS11WS_CONFIG": str(service.client_cfg), "PKCS11WS_LOGLEVEL": "1"}
-    r = run_host(host, env, "exits", "100", stdin=stdin, timeout=300)
+    r = run_host(lifecycle_host, env, "exits", "100", stdin=stdin, timeout=300)
     assert pin not in r.stdout + r.stderr
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     lines = r.stdout.splitlines()

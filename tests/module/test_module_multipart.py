@@ -28,7 +28,7 @@ BASE = [(C.CKA_TOKEN, True), (C.CKA_PRIVATE, True), (C.CKA_CLASS, C.CKO_SECRET_K
 
 
 @pytest.fixture(scope="module")
-def keys(mod, service):
+def module_keys(mod, service):
     client = KeyServiceClient(load_config(str(service.client_cfg)))
     name = "u" + uuid.uuid4().hex[:12]
     client.create_softcard(name, b"multi-part")
@@ -79,8 +79,8 @@ def multi(mod, h: int, update: str, final: str, data: bytes, sizes: list[int]) -
 
 @pytest.mark.parametrize("pad", [True, False])
 @pytest.mark.parametrize("sizes", [[1, 15, 16, 17, 100], [16, 16, 16], [7] * 30, [1000]])
-def test_cbc_any_split_equals_single_part(mod, keys, pad, sizes):
-    h, ka, aes, _, _ = keys
+def test_cbc_any_split_equals_single_part(mod, module_keys, pad, sizes):
+    h, ka, aes, _, _ = module_keys
     size = sum(sizes) if pad else sum(sizes) - sum(sizes) % 16
     data = os.urandom(size)
     iv = os.urandom(16)
@@ -92,8 +92,8 @@ def test_cbc_any_split_equals_single_part(mod, keys, pad, sizes):
     assert multi(mod, h, "C_DecryptUpdate", "C_DecryptFinal", ct, list(reversed(sizes))) == data
 
 
-def test_requests_and_length_rules(mod, keys):
-    h, ka, aes, _, _ = keys
+def test_requests_and_length_rules(mod, module_keys):
+    h, ka, aes, _, _ = module_keys
     iv = os.urandom(16)
     m, _buf = mechanism(C.CKM_AES_CBC_PAD, iv)
     n = CK_ULONG()
@@ -154,8 +154,8 @@ def test_requests_and_length_rules(mod, keys):
     assert out.raw[: n.value] == b"q" * 13 and requests() == r1 + 1
 
 
-def test_hmac_multi_part(mod, keys):
-    h, _, _, km, mac = keys
+def test_hmac_multi_part(mod, module_keys):
+    h, _, _, km, mac = module_keys
     m, _ = mechanism(C.CKM_SHA256_HMAC)
     parts = [b"", b"a", os.urandom(1000), b"tail"]
     want = hmac.new(mac, b"".join(parts), hashlib.sha256).digest()
@@ -186,9 +186,9 @@ def test_hmac_multi_part(mod, keys):
     assert mod.call("C_VerifyFinal", h, want, 32) == C.CKR_OPERATION_NOT_INITIALIZED
 
 
-def test_hmac_accumulation_bound(mod, keys):
+def test_hmac_accumulation_bound(mod, module_keys):
     """Up to 4 MiB is signed (in one request the service accepts); beyond is DATA_LEN_RANGE."""
-    h, _, _, km, mac = keys
+    h, _, _, km, mac = module_keys
     m, _ = mechanism(C.CKM_SHA256_HMAC)
     chunk = os.urandom(1024 * 1024)
     n = CK_ULONG(32)

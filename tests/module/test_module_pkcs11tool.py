@@ -57,24 +57,24 @@ def cards(service):
 
 
 @pytest.fixture(scope="module")
-def tool(service, cards):
+def cards_tool(service, cards):
     name, pin = cards[0]
     return Tool(service.client_cfg, name, pin)
 
 
-def test_info_and_slot_list(tool, cards):
-    out = tool.run("-I", login=False, token=False).stdout
+def test_info_and_slot_list(cards_tool, cards):
+    out = cards_tool.run("-I", login=False, token=False).stdout
     assert "Cryptoki version 2.40" in out and "pkcs11ws" in out
-    out = tool.run("-L", login=False, token=False).stdout
+    out = cards_tool.run("-L", login=False, token=False).stdout
     for name, _ in cards:
         assert f"token label        : {name}" in out
     assert "WSOP softcard" in out and "login required" in out
-    out = tool.run("-T", login=False, token=False).stdout
+    out = cards_tool.run("-T", login=False, token=False).stdout
     assert cards[1][0] in out
 
 
-def test_mechanisms(tool):
-    out = tool.run("-M", login=False).stdout
+def test_mechanisms(cards_tool):
+    out = cards_tool.run("-M", login=False).stdout
     for name in (
         "AES-CBC,",
         "AES-CBC-PAD",
@@ -93,8 +93,8 @@ def test_wrong_passphrase(service, cards):
     assert r.returncode != 0 and "CKR_PIN_INCORRECT" in r.stderr
 
 
-def test_aes_keygen_encrypt_decrypt(tool, tmp_path):
-    out = tool.run(
+def test_aes_keygen_encrypt_decrypt(cards_tool, tmp_path):
+    out = cards_tool.run(
         "--keygen",
         "--key-type",
         "AES:32",
@@ -116,7 +116,7 @@ def test_aes_keygen_encrypt_decrypt(tool, tmp_path):
         ("AES-CBC", 4096, 4096),
     ):
         msg.write_bytes(os.urandom(size))
-        tool.run(
+        cards_tool.run(
             "--encrypt",
             "--mechanism",
             mech,
@@ -129,7 +129,7 @@ def test_aes_keygen_encrypt_decrypt(tool, tmp_path):
             "-o",
             str(tmp_path / "ct"),
         )
-        tool.run(
+        cards_tool.run(
             "--decrypt",
             "--mechanism",
             mech,
@@ -146,8 +146,8 @@ def test_aes_keygen_encrypt_decrypt(tool, tmp_path):
         assert (tmp_path / "ct").stat().st_size == ct_size
 
 
-def test_generic_secret_sign_verify(tool, tmp_path):
-    tool.run(
+def test_generic_secret_sign_verify(cards_tool, tmp_path):
+    cards_tool.run(
         "--keygen",
         "--key-type",
         "GENERIC:32",
@@ -161,7 +161,7 @@ def test_generic_secret_sign_verify(tool, tmp_path):
     )
     msg = tmp_path / "msg"
     msg.write_bytes(os.urandom(50000))  # pkcs11-tool signs that with C_SignUpdate/C_SignFinal
-    tool.run(
+    cards_tool.run(
         "--sign",
         "--mechanism",
         "SHA256-HMAC",
@@ -172,7 +172,7 @@ def test_generic_secret_sign_verify(tool, tmp_path):
         "-o",
         str(tmp_path / "mac"),
     )
-    out = tool.run(
+    out = cards_tool.run(
         "--verify",
         "--mechanism",
         "SHA256-HMAC",
@@ -185,7 +185,7 @@ def test_generic_secret_sign_verify(tool, tmp_path):
     ).stdout
     assert "Signature is valid" in out
     msg.write_bytes(b"sign me")
-    tool.run(
+    cards_tool.run(
         "--sign",
         "--mechanism",
         "SHA256-HMAC",
@@ -197,7 +197,7 @@ def test_generic_secret_sign_verify(tool, tmp_path):
         str(tmp_path / "mac"),
     )
     assert (tmp_path / "mac").stat().st_size == 32
-    out = tool.run(
+    out = cards_tool.run(
         "--verify",
         "--mechanism",
         "SHA256-HMAC",
@@ -210,7 +210,7 @@ def test_generic_secret_sign_verify(tool, tmp_path):
     ).stdout
     assert "Signature is valid" in out
     msg.write_bytes(b"sign me!")
-    r = tool.run(
+    r = cards_tool.run(
         "--verify",
         "--mechanism",
         "SHA256-HMAC",
@@ -225,20 +225,22 @@ def test_generic_secret_sign_verify(tool, tmp_path):
     assert "Invalid signature" in r.stdout and "Signature is valid" not in r.stdout
 
 
-def test_private_data_object(tool, tmp_path):
+def test_private_data_object(cards_tool, tmp_path):
     blob = tmp_path / "data"
     blob.write_bytes(b"<config> & \xc3\xa9 \x00\x01 </config>")
-    tool.run("--write-object", str(blob), "--type", "data", "--label", "tool-data", "--private")
-    tool.run(
+    cards_tool.run(
+        "--write-object", str(blob), "--type", "data", "--label", "tool-data", "--private"
+    )
+    cards_tool.run(
         "--read-object", "--type", "data", "--label", "tool-data", "-o", str(tmp_path / "back")
     )
     assert (tmp_path / "back").read_bytes() == blob.read_bytes()
 
 
-def test_list_objects_needs_login(tool):
-    tool.run(
+def test_list_objects_needs_login(cards_tool):
+    cards_tool.run(
         "--keygen", "--key-type", "AES:16", "--label", "tool-listed", "--private", "--sensitive"
     )
-    out = tool.run("-O").stdout
+    out = cards_tool.run("-O").stdout
     assert "tool-listed" in out and "Secret Key Object" in out
-    assert "tool-listed" not in tool.run("-O", login=False).stdout
+    assert "tool-listed" not in cards_tool.run("-O", login=False).stdout

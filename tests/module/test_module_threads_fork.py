@@ -43,7 +43,7 @@ def message(t: int, i: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fork_host(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler")
@@ -80,7 +80,7 @@ def host_input(pin: str, aes_key: bytes, iv: bytes, mac_key: bytes) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_host(host: Path, service, *modes: str, timeout: float = 150):
+def run_host(fork_host: Path, service, *modes: str, timeout: float = 150):
     """A fresh softcard, fresh keys, and the host running the given modes on them."""
     client = KeyServiceClient(load_config(str(service.client_cfg)))
     name = "tf" + uuid.uuid4().hex[:12]
@@ -91,7 +91,7 @@ def run_host(host: Path, service, *modes: str, timeout: float = 150):
     env.pop("PYTHONPATH", None)
     stdin = host_input(pin, os.urandom(32), os.urandom(16), os.urandom(32))
     r = subprocess.run(
-        [str(host), module_path(), name, *modes],
+        [str(fork_host), module_path(), name, *modes],
         input=stdin,
         env=env,
         capture_output=True,
@@ -102,8 +102,8 @@ def run_host(host: Path, service, *modes: str, timeout: float = 150):
     return r
 
 
-def test_threads_fork_and_reinitialize(host, service):
-    r = run_host(host, service, "threads", "fork", "reinit")
+def test_threads_fork_and_reinitialize(fork_host, service):
+    r = run_host(fork_host, service, "threads", "fork", "reinit")
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == f"ok threads {NTHREADS} x {ITERS}", r.stdout
@@ -111,7 +111,7 @@ def test_threads_fork_and_reinitialize(host, service):
     assert lines[2:] == ["ok reinit"], r.stdout
 
 
-def test_host_detects_a_wrong_value(host, service, tmp_path):
+def test_host_detects_a_wrong_value(fork_host, service, tmp_path):
     """The checks above can fail: a host given a wrong expected MAC reports it."""
     client = KeyServiceClient(load_config(str(service.client_cfg)))
     name = "tf" + uuid.uuid4().hex[:12]
@@ -126,7 +126,7 @@ def test_host_detects_a_wrong_value(host, service, tmp_path):
     stdin = "\n".join(mine[:3] + other[3:]) + "\n"
     env = {**os.environ, "PKCS11WS_CONFIG": str(service.client_cfg)}
     r = subprocess.run(
-        [str(host), module_path(), name, "threads"],
+        [str(fork_host), module_path(), name, "threads"],
         input=stdin,
         env=env,
         capture_output=True,

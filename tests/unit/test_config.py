@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
-def pki(tmp_path: Path) -> Path:
+def pki_files(tmp_path: Path) -> Path:
     for name in ("client.crt", "client.key", "ca.crt"):
         (tmp_path / name).write_text(f"-- {name} --\n")
     return tmp_path
@@ -32,14 +32,14 @@ def write(d: Path, text: str, name: str = "pkcs11webservices.cfg") -> str:
 MINIMAL = "HOST ws.example\nCERT client.crt\nKEY client.key\nAUTH ca.crt\n"
 
 
-def test_minimal_file_gets_every_default(pki: Path) -> None:
-    path = write(pki, MINIMAL)
+def test_minimal_file_gets_every_default(pki_files: Path) -> None:
+    path = write(pki_files, MINIMAL)
     c = load_config(path, environ={})
     assert c.host == "ws.example"
     assert c.port == 18001
-    assert c.cert == str(pki / "client.crt")
-    assert c.key == str(pki / "client.key")
-    assert c.auth == str(pki / "ca.crt")
+    assert c.cert == str(pki_files / "client.crt")
+    assert c.key == str(pki_files / "client.key")
+    assert c.auth == str(pki_files / "ca.crt")
     assert (c.loglevel, c.logstdout, c.logsys) == (4, False, False)
     assert c.logfilepath == DEFAULT_LOGFILEPATH
     assert (c.maxretries, c.retrydelay) == (5, 10)
@@ -48,13 +48,13 @@ def test_minimal_file_gets_every_default(pki: Path) -> None:
     assert c.overrides == () and c.warnings == ()
 
 
-def test_every_key_parsed_with_comments_blanks_and_spacing(pki: Path) -> None:
+def test_every_key_parsed_with_comments_blanks_and_spacing(pki_files: Path) -> None:
     text = (
         "# a comment\n\n"
         "   # indented comment\n"
         "HOST\t10.1.2.3\n"
         "PORT    443\n"
-        f"CERT {pki / 'client.crt'}\n"
+        f"CERT {pki_files / 'client.crt'}\n"
         "KEY  client.key   \n"
         "auth ca.crt\n"  # keys are case-insensitive
         "LOGLEVEL 6\n"
@@ -66,12 +66,12 @@ def test_every_key_parsed_with_comments_blanks_and_spacing(pki: Path) -> None:
         "CONNECTTIMEOUT 3\n"
         "TIMEOUT 7\r\n"
     )
-    c = load_config(write(pki, text), environ={})
+    c = load_config(write(pki_files, text), environ={})
     assert c.host == "10.1.2.3" and c.port == 443
-    assert c.key == str(pki / "client.key")
-    assert c.auth == str(pki / "ca.crt")
+    assert c.key == str(pki_files / "client.key")
+    assert c.auth == str(pki_files / "ca.crt")
     assert (c.loglevel, c.logstdout, c.logsys) == (6, True, True)
-    assert c.logfilepath == str(pki / "logs" / "my file#1.log")
+    assert c.logfilepath == str(pki_files / "logs" / "my file#1.log")
     assert (c.maxretries, c.retrydelay, c.connecttimeout, c.timeout) == (256, 0, 3, 7)
     assert c.warnings == ()
 
@@ -100,8 +100,8 @@ def test_every_key_parsed_with_comments_blanks_and_spacing(pki: Path) -> None:
         ("PORT", "PORT has no value"),
     ],
 )
-def test_invalid_values_name_file_line_and_reason(pki: Path, line: str, reason: str) -> None:
-    path = write(pki, "# header\n" + MINIMAL + line + "\n")
+def test_invalid_values_name_file_line_and_reason(pki_files: Path, line: str, reason: str) -> None:
+    path = write(pki_files, "# header\n" + MINIMAL + line + "\n")
     with pytest.raises(ConfigError) as ei:
         load_config(path, environ={})
     msg = ei.value.message
@@ -110,18 +110,18 @@ def test_invalid_values_name_file_line_and_reason(pki: Path, line: str, reason: 
     assert line.split()[0] in msg
 
 
-def test_unreadable_file_value_is_refused(pki: Path) -> None:
+def test_unreadable_file_value_is_refused(pki_files: Path) -> None:
     if os.geteuid() == 0:
         pytest.skip("root can read any file")
-    (pki / "client.key").chmod(0)
+    (pki_files / "client.key").chmod(0)
     with pytest.raises(ConfigError, match=r":3: KEY: file .* is not readable"):
-        load_config(write(pki, MINIMAL), environ={})
+        load_config(write(pki_files, MINIMAL), environ={})
 
 
 @pytest.mark.parametrize("missing", ["HOST", "CERT", "KEY", "AUTH"])
-def test_required_keys(pki: Path, missing: str) -> None:
+def test_required_keys(pki_files: Path, missing: str) -> None:
     text = "".join(line + "\n" for line in MINIMAL.splitlines() if not line.startswith(missing))
-    path = write(pki, text)
+    path = write(pki_files, text)
     with pytest.raises(ConfigError) as ei:
         load_config(path, environ={})
     assert ei.value.message == (
@@ -135,21 +135,21 @@ def test_missing_file(tmp_path: Path) -> None:
         load_config(path, environ={})
 
 
-def test_not_utf8(pki: Path) -> None:
-    p = pki / "bad.cfg"
+def test_not_utf8(pki_files: Path) -> None:
+    p = pki_files / "bad.cfg"
     p.write_bytes(b"HOST \xff\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(str(p), environ={})
 
 
-def test_windows_unknown_and_duplicate_keys_warn(pki: Path) -> None:
+def test_windows_unknown_and_duplicate_keys_warn(pki_files: Path) -> None:
     text = (
         MINIMAL
         + "CERTNAME client\nCERTSTORE My\nSTORETYPE CurrentUser\nEVENTLOG 1\n"
         + "FROBNICATE 3\n"
         + "PORT 1000\nPORT 2000\n"
     )
-    path = write(pki, text)
+    path = write(pki_files, text)
     c = load_config(path, environ={})
     assert c.port == 2000  # last one wins
     w = c.warnings
@@ -160,10 +160,10 @@ def test_windows_unknown_and_duplicate_keys_warn(pki: Path) -> None:
     assert w[5] == f"{path}:11: duplicate key PORT (first at line 10); the last one wins"
 
 
-def test_env_overrides_win_and_are_reported(pki: Path, tmp_path_factory) -> None:
+def test_env_overrides_win_and_are_reported(pki_files: Path, tmp_path_factory) -> None:
     other = tmp_path_factory.mktemp("other")
-    shutil.copy(pki / "ca.crt", other / "ca2.crt")
-    path = write(pki, MINIMAL + "PORT 1000\nLOGLEVEL 2\n")
+    shutil.copy(pki_files / "ca.crt", other / "ca2.crt")
+    path = write(pki_files, MINIMAL + "PORT 1000\nLOGLEVEL 2\n")
     env = {
         "PKCS11WS_PORT": "2000",
         "PKCS11WS_LOGLEVEL": " 6 ",
@@ -186,8 +186,8 @@ def test_env_overrides_win_and_are_reported(pki: Path, tmp_path_factory) -> None
     }
 
 
-def test_env_can_supply_a_required_key(pki: Path) -> None:
-    path = write(pki, "CERT client.crt\nKEY client.key\nAUTH ca.crt\n")
+def test_env_can_supply_a_required_key(pki_files: Path) -> None:
+    path = write(pki_files, "CERT client.crt\nKEY client.key\nAUTH ca.crt\n")
     c = load_config(path, environ={"PKCS11WS_HOST": "h1"})
     assert c.host == "h1" and c.overrides == ("PKCS11WS_HOST",)
 
@@ -203,23 +203,23 @@ def test_env_can_supply_a_required_key(pki: Path) -> None:
     ],
 )
 def test_invalid_env_override_names_the_variable(
-    pki: Path, var: str, value: str, reason: str
+    pki_files: Path, var: str, value: str, reason: str
 ) -> None:
-    path = write(pki, MINIMAL)
+    path = write(pki_files, MINIMAL)
     with pytest.raises(ConfigError) as ei:
         load_config(path, environ={var: value})
     assert ei.value.message.startswith(f"environment variable {var}: ")
     assert reason in ei.value.message
 
 
-def test_env_relative_paths_are_relative_to_cwd(pki: Path, monkeypatch) -> None:
-    path = write(pki, MINIMAL)
-    monkeypatch.chdir(pki)
+def test_env_relative_paths_are_relative_to_cwd(pki_files: Path, monkeypatch) -> None:
+    path = write(pki_files, MINIMAL)
+    monkeypatch.chdir(pki_files)
     c = load_config(path, environ={"PKCS11WS_KEY": "client.key"})
-    assert c.key == str(pki / "client.key")
+    assert c.key == str(pki_files / "client.key")
 
 
-def test_default_path_logic(pki: Path, monkeypatch) -> None:
+def test_default_path_logic(pki_files: Path, monkeypatch) -> None:
     assert cfgmod.config_path({}) == DEFAULT_PATH
     assert DEFAULT_PATH == "/opt/nfast/webservices/pkcs11/conf/pkcs11webservices.cfg"
     assert cfgmod.config_path({"PKCS11WS_CONFIG": "/x/y.cfg"}) == "/x/y.cfg"
@@ -227,10 +227,10 @@ def test_default_path_logic(pki: Path, monkeypatch) -> None:
     monkeypatch.setenv("PKCS11WS_CONFIG", "/from/os/environ.cfg")
     assert cfgmod.config_path() == "/from/os/environ.cfg"
 
-    path = write(pki, MINIMAL, "via_env.cfg")
+    path = write(pki_files, MINIMAL, "via_env.cfg")
     assert load_config(environ={"PKCS11WS_CONFIG": path}).path == path
     # An explicit path beats the environment.
-    explicit = write(pki, MINIMAL.replace("ws.example", "explicit.example"), "explicit.cfg")
+    explicit = write(pki_files, MINIMAL.replace("ws.example", "explicit.example"), "explicit.cfg")
     c = load_config(explicit, environ={"PKCS11WS_CONFIG": path})
     assert (c.path, c.host) == (explicit, "explicit.example")
     # No explicit path, no variable: the WSOP default location.
@@ -239,7 +239,7 @@ def test_default_path_logic(pki: Path, monkeypatch) -> None:
             load_config(environ={})
 
 
-def test_example_config_is_valid_except_paths(pki: Path) -> None:
+def test_example_config_is_valid_except_paths(pki_files: Path) -> None:
     text = (ROOT / "conf" / "example_pkcs11webservices.cfg").read_text()
     keys = {
         line.split()[0]
@@ -248,11 +248,11 @@ def test_example_config_is_valid_except_paths(pki: Path) -> None:
     }
     assert keys == set(cfgmod.KEYS), "the example documents every key"
     env = {
-        "PKCS11WS_CERT": str(pki / "client.crt"),
-        "PKCS11WS_KEY": str(pki / "client.key"),
-        "PKCS11WS_AUTH": str(pki / "ca.crt"),
+        "PKCS11WS_CERT": str(pki_files / "client.crt"),
+        "PKCS11WS_KEY": str(pki_files / "client.key"),
+        "PKCS11WS_AUTH": str(pki_files / "ca.crt"),
     }
-    c = load_config(write(pki, text, "example.cfg"), environ=env)
+    c = load_config(write(pki_files, text, "example.cfg"), environ=env)
     assert c.warnings == ()
     assert (c.host, c.port, c.loglevel, c.maxretries, c.retrydelay) == (
         "localhost",
