@@ -14,6 +14,10 @@ server.yaml keys to change, nested dicts merged one level; prepare(dir): called 
 directory: serve a folder made before again, on a new port; store: a store URL for init);
 every service it made is stopped when the test ends.
 
+`own_service` (module scope): a key service for one test file alone, for consumers that see only
+the first few dozen slots (GnuTLS, p11-kit, the bench's C host take 48 or 64): on the shared
+`service` the softcards of every test before them pile up, so the order of the files would decide.
+
 `postgres` (session scope): a real PostgreSQL 15 cluster (tests/support/pg_util.py) on a free
 port in a temporary folder, stopped at the end; `postgres.new_database()` gives the URL of an
 empty database. `start_service(..., store=URL)` runs a service on it.
@@ -70,6 +74,15 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     svc = start_service(tmp_path_factory.mktemp("service"))
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="module")
+def own_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    svc = start_service(tmp_path_factory.mktemp("own-service"))
     try:
         yield svc
     finally:

@@ -253,17 +253,17 @@ def _has_matplotlib() -> bool:
     return True
 
 
-def test_p11bench_through_our_module(bins, service):
+def test_p11bench_through_our_module(bins, own_service):
     from pkcs11ws.__main__ import module_path
     from pkcs11ws.client.api import KeyServiceClient
     from pkcs11ws.config import load_config
 
-    client = KeyServiceClient(load_config(str(service.client_cfg)))
+    client = KeyServiceClient(load_config(str(own_service.client_cfg)))
     name = "b" + uuid.uuid4().hex[:12]
     pin = uuid.uuid4().hex
     client.create_softcard(name, pin.encode())
     client.close()
-    env = {**os.environ, "PKCS11WS_CONFIG": str(service.client_cfg), "P11BENCH_PIN": pin}
+    env = {**os.environ, "PKCS11WS_CONFIG": str(own_service.client_cfg), "P11BENCH_PIN": pin}
 
     def cmd(p: Point) -> tuple[list[str], dict[str, str]]:
         return [
@@ -286,7 +286,7 @@ def test_p11bench_through_our_module(bins, service):
             *(["--churn", str(p.churn)] if p.churn else []),
         ], env
 
-    v = Variant("module-c", "", cmd, lambda: service.pid, service.port)
+    v = Variant("module-c", "", cmd, lambda: own_service.pid, own_service.port)
     for op in ("sign64", "find"):
         r = run_point(v, Point(op, 2, 0.3, 0.1))
         _check(r, 2)
@@ -300,7 +300,7 @@ def test_p11bench_through_our_module(bins, service):
     assert r["tcp_accepted"] >= 0, r  # the kernel's exact count (the socket sampler misses some)
 
 
-def test_python_host_thread_churn_reuses_pooled_connections(service):
+def test_python_host_thread_churn_reuses_pooled_connections(own_service):
     # bench.pyhosts --churn: each slot starts a new thread (its own session) every 10 signatures;
     # the module's handles outlive those threads, so the window opens (almost) no connection.
     from pkcs11ws import constants as C
@@ -308,7 +308,7 @@ def test_python_host_thread_churn_reuses_pooled_connections(service):
     from pkcs11ws.client.api import KeyServiceClient
     from pkcs11ws.config import load_config
 
-    client = KeyServiceClient(load_config(str(service.client_cfg)))
+    client = KeyServiceClient(load_config(str(own_service.client_cfg)))
     name = "c" + uuid.uuid4().hex[:12]
     pin = uuid.uuid4().hex
     card = client.create_softcard(name, pin.encode())
@@ -319,7 +319,7 @@ def test_python_host_thread_churn_reuses_pooled_connections(service):
     client.create_object(card["id"], token, attrs)
     client.close()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PKCS11WS_")}
-    env.update(PKCS11WS_CONFIG=str(service.client_cfg), P11BENCH_PIN=pin, PYTHONPATH=str(ROOT))
+    env.update(PKCS11WS_CONFIG=str(own_service.client_cfg), P11BENCH_PIN=pin, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "bench.pyhosts", "pkcs11", "--module", module_path(),
            "--token", name, "--threads", "2", "--seconds", "0.5", "--warmup", "0.3",
            "--churn", "10"]  # fmt: skip

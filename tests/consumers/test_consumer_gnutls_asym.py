@@ -20,10 +20,10 @@ from tests.support.dropin_util import consumer_env, require
 
 
 @pytest.fixture(scope="module")
-def gnutls_card(service: Any) -> tuple[str, dict[str, str]]:
+def gnutls_card(own_service: Any) -> tuple[str, dict[str, str]]:
     require(shutil.which("p11tool"), "GnuTLS p11tool", "gnutls-bin")
-    name, pin = client_card(service.client_cfg, "g")
-    return urllib.parse.quote(name), consumer_env(service.client_cfg, pin, GNUTLS_PIN=pin)
+    name, pin = client_card(own_service.client_cfg, "g")
+    return urllib.parse.quote(name), consumer_env(own_service.client_cfg, pin, GNUTLS_PIN=pin)
 
 
 KINDS = [("rsa", ["--bits", "2048"], "gnutls-rsa"),

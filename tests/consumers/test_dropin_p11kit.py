@@ -56,8 +56,8 @@ def module_file(text: str, home: Path) -> Iterator[tuple[str, dict[str, str]]]:
 
 
 @pytest.fixture(scope="module")
-def p11kit_card(service):
-    return client_card(service.client_cfg, "k")
+def p11kit_card(own_service):
+    return client_card(own_service.client_cfg, "k")
 
 
 def run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -78,15 +78,15 @@ def section(text: str, start: str) -> str:
     return "\n".join(out)
 
 
-def test_p11kit_list_modules_with_reserved_config(service, p11kit_card, tmp_path):
+def test_p11kit_list_modules_with_reserved_config(own_service, p11kit_card, tmp_path):
     p11kit = require(shutil.which("p11-kit"), "p11-kit", "p11-kit")
     text = snippet(
         "p11kit-module",
-        {MODULE_PLACEHOLDER: module_path(), CONFIG_PLACEHOLDER: str(service.client_cfg)},
+        {MODULE_PLACEHOLDER: module_path(), CONFIG_PLACEHOLDER: str(own_service.client_cfg)},
     )
     with module_file(text, tmp_path) as (name, extra):
         # $PKCS11WS_CONFIG points nowhere: the path can only come from x-init-reserved.
-        env = consumer_env(service.client_cfg, **extra)
+        env = consumer_env(own_service.client_cfg, **extra)
         env["PKCS11WS_CONFIG"] = str(tmp_path / "missing.cfg")
         out = run([p11kit, "list-modules"], env).stdout
     block = section(out, f"{name}:")
@@ -100,13 +100,13 @@ def test_p11tool_tokens_and_certificates(fresh_service, tmp_path):
     # A service of its own: GnuTLS reads at most a few dozen slots (it passes a fixed-size
     # array to C_GetSlotList and gives up on CKR_BUFFER_TOO_SMALL), and the shared service
     # holds a softcard for every other test.
-    service = fresh_service()
-    name, pin = client_card(service.client_cfg, "k")
+    own_service = fresh_service()
+    name, pin = client_card(own_service.client_cfg, "k")
     der, _, _ = self_signed("p11tool cert")
     pem = tmp_path / "cert.pem"
     pem.write_bytes(x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM))
     with module_file(f"module: {module_path()}\n", tmp_path) as (_, extra):
-        env = consumer_env(service.client_cfg, **extra)
+        env = consumer_env(own_service.client_cfg, **extra)
         out = run([p11tool, "--list-tokens"], env).stdout
         assert f"Label: {name}" in out and "Model: WSOP softcard" in out
         assert f"Module: {module_path()}" in out
@@ -133,7 +133,7 @@ def test_p11tool_tokens_and_certificates(fresh_service, tmp_path):
     assert x509.load_pem_x509_certificate(exported.encode()).public_bytes(Encoding.DER) == der
 
 
-def test_enable_in_keeps_unnamed_programs_out(service, p11kit_card, tmp_path):
+def test_enable_in_keeps_unnamed_programs_out(own_service, p11kit_card, tmp_path):
     # The README's system-wide registration names the programs that may load the module:
     # pkcs11-tool through p11-kit's proxy is not named, so it must not see the softcards.
     tool = require(shutil.which("pkcs11-tool"), "OpenSC pkcs11-tool", "opensc")
@@ -141,12 +141,12 @@ def test_enable_in_keeps_unnamed_programs_out(service, p11kit_card, tmp_path):
     proxy = require(str(proxies[0]) if proxies else None, "p11-kit-proxy.so", "p11-kit-modules")
     text = snippet(
         "p11kit-module",
-        {MODULE_PLACEHOLDER: module_path(), CONFIG_PLACEHOLDER: str(service.client_cfg)},
+        {MODULE_PLACEHOLDER: module_path(), CONFIG_PLACEHOLDER: str(own_service.client_cfg)},
     )
     assert "\nenable-in: p11-kit, p11tool\n" in text
     for named in (False, True):
         body = text.replace("p11tool\n", "p11tool, pkcs11-tool\n") if named else text
         with module_file(body, tmp_path) as (_, extra):
-            env = consumer_env(service.client_cfg, **extra)
+            env = consumer_env(own_service.client_cfg, **extra)
             out = run([tool, "--module", proxy, "-L"], env).stdout
         assert (f"token label        : {p11kit_card[0]}" in out) is named, out

@@ -16,7 +16,7 @@ from pkcs11ws.__main__ import module_path
 from tests.support.cards import client_card
 from tests.support.dropin_util import consumer_env
 
-TESTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]  # the host imports tests.support.p11ctypes from here
 
 # Runs in the child: a C host's view, through the 3.0 interface only.
 SCRIPT = textwrap.dedent(
@@ -108,7 +108,7 @@ SCRIPT = textwrap.dedent(
 def run(service, tmp_path: Path, reserved: str, env_config: str, card: str, pin: str):
     script = tmp_path / "host30.py"
     script.write_text(SCRIPT)
-    env = consumer_env(service.client_cfg, pin, RESERVED=reserved, PYTHONPATH=str(TESTS))
+    env = consumer_env(service.client_cfg, pin, RESERVED=reserved, PYTHONPATH=str(ROOT))
     env["PKCS11WS_CONFIG"] = env_config
     r = subprocess.run(
         [sys.executable, str(script), module_path(), card],
