@@ -4,7 +4,7 @@
 
 module-path   print the absolute path of libpkcs11ws.so (for pkcs11-tool --module, p11-kit,
               Java's SunPKCS11 "library =" line, ...)
-install       lay out the WSOP install tree under --prefix DIR (pkcs11ws/tools/install.py)
+install       lay out the WSOP install tree under --prefix DIR (pkcs11ws/cli/install.py)
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("module-path", help="print the absolute path of libpkcs11ws.so")
     p.set_defaults(func=_cmd_module_path)
-    from pkcs11ws.tools import install
+    from pkcs11ws.cli import install
 
     p = sub.add_parser("install", help=install.HELP, description=install.HELP)
     install.add_arguments(p)

@@ -4,7 +4,7 @@ functions, as table rows written once.
 tools/gen_native.py generates from these rows the C header include/pkcs11ws_ck.h (types and
 structures) and include/pkcs11ws_funcs.h (function lists), the Cython declarations
 pkcs11ws/_native/ck.pxd and ck_gen.pxd, the module's stubs and the loader's trampolines, and the
-one ctypes binding pkcs11ws/abi_ctypes.py that the utilities (pkcs11ws/tools/ckabi.py) and the
+one ctypes binding pkcs11ws/abi_ctypes.py that the utilities (pkcs11ws/cli/ckabi.py) and the
 tests (tests/support/p11ctypes.py) import. Adding a structure is one row in STRUCTS; a function,
 one row in FUNCTIONS_*. Edit the rows here, then run `python tools/gen_native.py`
 (tests/unit/test_module_generated.py fails while a generated file is stale).

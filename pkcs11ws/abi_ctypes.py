@@ -2,7 +2,7 @@
 
 The one ctypes binding of the PKCS#11 C ABI: its scalar types, structures and function lists,
 laid out as include/pkcs11ws_ck.h lays them out (the Unix convention: natural alignment,
-CK_ULONG = unsigned long). The utilities (pkcs11ws/tools/ckabi.py) and the tests
+CK_ULONG = unsigned long). The utilities (pkcs11ws/cli/ckabi.py) and the tests
 (tests/support/p11ctypes.py) import it; no other file writes a structure layout.
 """
 

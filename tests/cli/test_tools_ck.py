@@ -14,7 +14,7 @@ import pytest
 from pkcs11ws import abi, abi_ctypes, mechanisms
 from pkcs11ws import constants as C
 from pkcs11ws.__main__ import module_path
-from pkcs11ws.tools import ckabi, ckfmt
+from pkcs11ws.cli import ckabi, ckfmt
 from tests.support.tools_util import (
     HSM_LABEL,
     HSM_PIN,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pkcs11ws.__main__ import module_path
-from pkcs11ws.tools import install
+from pkcs11ws.cli import install
 from tests.support.tools_util import activated_card, clean_env, service_env
 
 ROOT = Path(__file__).resolve().parents[2]

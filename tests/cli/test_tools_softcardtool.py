@@ -284,7 +284,7 @@ def test_terminal_prompts_twice_without_echo(service):
     env = service_env(service)
     name = "tty" + os.urandom(4).hex()
     rc, text = _pty_run(
-        ["pkcs11ws.tools.softcardtool", "-g", f"--name={name}"],
+        ["pkcs11ws.cli.softcardtool", "-g", f"--name={name}"],
         env,
         ["tty secret 1", "tty secret 1"],
     )
@@ -298,7 +298,5 @@ def test_terminal_prompts_twice_without_echo(service):
         api.activate(card_id.group(1), b"tty secret 1")
     finally:
         api.close()
-    rc, text = _pty_run(
-        ["pkcs11ws.tools.softcardtool", "-g", f"--name={name}x"], env, ["one", "two"]
-    )
+    rc, text = _pty_run(["pkcs11ws.cli.softcardtool", "-g", f"--name={name}x"], env, ["one", "two"])
     assert rc == 2 and "the passphrases do not match" in text

@@ -58,7 +58,7 @@ def test_issued_identity_with_softcardtool_and_pkcs11_tool(service: Service, tmp
     d = issue_client(service, erin, tmp_path / "erin")
     env = _env(d / "pkcs11webservices.cfg")
     mine = "erin" + uuid.uuid4().hex[:10]
-    tool = [sys.executable, "-m", "pkcs11ws.tools.softcardtool"]
+    tool = [sys.executable, "-m", "pkcs11ws.cli.softcardtool"]
     r = subprocess.run([*tool, "-g", f"--name={mine}"], input=f"{PASS}\n{PASS}\n", env=env,
                        capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert r.returncode == 0, r.stderr

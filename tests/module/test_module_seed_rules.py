@@ -212,7 +212,7 @@ def test_utilities_quiet_when_piped_into_head(fresh_service):
     svc = fresh_service()
     env = service_env(svc)
     for reader in ("head -n 1", "true"):  # `true` has gone before the tool writes a byte
-        cmd = f"{sys.executable} -m pkcs11ws.tools.ckmechinfo | {reader}"
+        cmd = f"{sys.executable} -m pkcs11ws.cli.ckmechinfo | {reader}"
         r = subprocess.run(
             ["sh", "-c", cmd], env=env, capture_output=True, text=True, timeout=60, check=False
         )

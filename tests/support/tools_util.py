@@ -38,9 +38,9 @@ def service_env(svc: Service, **extra: str) -> dict[str, str]:
 def tool(
     module: str, *args: str, env: dict[str, str], stdin: str | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    """python -m pkcs11ws.tools.<module> args, as its own process."""
+    """python -m pkcs11ws.cli.<module> args, as its own process."""
     return subprocess.run(
-        [sys.executable, "-m", f"pkcs11ws.tools.{module}", *args],
+        [sys.executable, "-m", f"pkcs11ws.cli.{module}", *args],
         input=stdin if stdin is not None else "",
         capture_output=True,
         text=True,
@@ -165,7 +165,7 @@ def make_softhsm(directory: Path) -> SoftHSM:
     assert res.returncode == 0, res.stderr
     script = f"""
 from pkcs11ws import constants as C
-from pkcs11ws.tools.ckabi import Library, Mechanism
+from pkcs11ws.cli.ckabi import Library, Mechanism
 with Library({SOFTHSM!r}) as lib:
     slot = [s for s in lib.slots(True) if lib.token_info(s).label == {HSM_LABEL!r}][0]
     with lib.open_session(slot, rw=True) as s:

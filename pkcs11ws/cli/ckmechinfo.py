@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pkcs11ws.tools import ckfmt
-from pkcs11ws.tools.ckabi import CKError, Library, LoadError
-from pkcs11ws.tools.ckinfo import library_argument
-from pkcs11ws.tools.common import err, library_or_default, pipe_safe
+from pkcs11ws.cli import ckfmt
+from pkcs11ws.cli.ckabi import CKError, Library, LoadError
+from pkcs11ws.cli.ckinfo import library_argument
+from pkcs11ws.cli.common import err, library_or_default, pipe_safe
 
 PROG = "ckmechinfo"
 

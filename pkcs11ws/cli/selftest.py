@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from pkcs11ws import constants as C
-from pkcs11ws.tools.ckabi import AttrIn, CKError, Library, Mechanism, Session
+from pkcs11ws.cli.ckabi import AttrIn, CKError, Library, Mechanism, Session
 
 MESSAGE = b"ckcheckinst self-test message, not a multiple of 16 bytes"
 

@@ -11,9 +11,9 @@ import sys
 from typing import TYPE_CHECKING, TextIO
 
 from pkcs11ws import __version__, protocol
+from pkcs11ws.cli.common import UsageError, err, pipe_safe, read_passphrase
 from pkcs11ws.config import DEFAULT_PATH, ENV_CONFIG
 from pkcs11ws.errors import ConfigError, InstallationError, PKCS11Error, ServiceError
-from pkcs11ws.tools.common import UsageError, err, pipe_safe, read_passphrase
 
 if TYPE_CHECKING:
     from pkcs11ws.client.api import KeyServiceClient

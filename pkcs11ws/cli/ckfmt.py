@@ -11,7 +11,7 @@ from typing import Final
 
 from pkcs11ws import constants as C
 from pkcs11ws import protocol
-from pkcs11ws.tools.ckabi import Sensitive, bytes_ulong
+from pkcs11ws.cli.ckabi import Sensitive, bytes_ulong
 
 SLOT_FLAGS: Final = ("CKF_TOKEN_PRESENT", "CKF_REMOVABLE_DEVICE", "CKF_HW_SLOT")
 TOKEN_FLAGS: Final = (

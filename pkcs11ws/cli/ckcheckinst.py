@@ -30,11 +30,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from pkcs11ws import __version__, _lite, protocol
+from pkcs11ws.cli import ckfmt, selftest
+from pkcs11ws.cli.ckabi import CKError, Library, LoadError
+from pkcs11ws.cli.common import UsageError, default_library, err, pipe_safe, read_passphrase
 from pkcs11ws.config import DEFAULT_PATH, ENV_CONFIG, Config, load_config, server_label
 from pkcs11ws.errors import ConfigError
-from pkcs11ws.tools import ckfmt, selftest
-from pkcs11ws.tools.ckabi import CKError, Library, LoadError
-from pkcs11ws.tools.common import UsageError, default_library, err, pipe_safe, read_passphrase
 
 PROG = "ckcheckinst"
 # Set by the launchers `python -m pkcs11ws install` writes, when they chose the config file.

@@ -12,9 +12,9 @@ import argparse
 import sys
 
 from pkcs11ws import __version__
-from pkcs11ws.tools import ckfmt
-from pkcs11ws.tools.ckabi import CKError, Library, LoadError, TokenInfo
-from pkcs11ws.tools.common import err, library_or_default, pipe_safe
+from pkcs11ws.cli import ckfmt
+from pkcs11ws.cli.ckabi import CKError, Library, LoadError, TokenInfo
+from pkcs11ws.cli.common import err, library_or_default, pipe_safe
 
 PROG = "ckinfo-dynamic"
 

@@ -39,11 +39,11 @@ RUNTIME = "runtime"
 HELP = "lay out the WSOP install tree (lib/, bin/, conf/, log/, runtime/) under --prefix"
 # Launcher name -> the module it runs.
 TOOLS = {
-    "ckcheckinst": "pkcs11ws.tools.ckcheckinst",
-    "ckinfo-dynamic": "pkcs11ws.tools.ckinfo",
-    "cklist-dynamic": "pkcs11ws.tools.cklist",
-    "ckmechinfo": "pkcs11ws.tools.ckmechinfo",
-    "softcardtool": "pkcs11ws.tools.softcardtool",
+    "ckcheckinst": "pkcs11ws.cli.ckcheckinst",
+    "ckinfo-dynamic": "pkcs11ws.cli.ckinfo",
+    "cklist-dynamic": "pkcs11ws.cli.cklist",
+    "ckmechinfo": "pkcs11ws.cli.ckmechinfo",
+    "softcardtool": "pkcs11ws.cli.softcardtool",
 }
 PYVER = f"{sys.version_info.major}.{sys.version_info.minor}"
 # What of the pkcs11ws package a runtime needs: sources for Cython and C stay behind.

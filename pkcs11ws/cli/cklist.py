@@ -18,10 +18,10 @@ import sys
 from typing import TextIO
 
 from pkcs11ws import constants as C
-from pkcs11ws.tools import ckfmt
-from pkcs11ws.tools.ckabi import CKError, Library, LoadError, Session
-from pkcs11ws.tools.ckinfo import library_argument
-from pkcs11ws.tools.common import UsageError, err, library_or_default, pipe_safe, read_passphrase
+from pkcs11ws.cli import ckfmt
+from pkcs11ws.cli.ckabi import CKError, Library, LoadError, Session
+from pkcs11ws.cli.ckinfo import library_argument
+from pkcs11ws.cli.common import UsageError, err, library_or_default, pipe_safe, read_passphrase
 
 PROG = "cklist-dynamic"
 # Shown first, in this order; then every other named attribute in code order.

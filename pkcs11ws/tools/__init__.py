@@ -1,1 +1,0 @@
-"""The WSOP utilities: softcardtool, ckcheckinst, ckinfo-dynamic, cklist-dynamic, ckmechinfo."""
