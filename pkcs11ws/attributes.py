@@ -1,8 +1,9 @@
 """The attribute schema: which attributes each object class has and the rules on each, once.
 
-Read by the module's template checks (pkcs11ws/objects.py) and the service's
-(pkcs11ws/server/objects.py), so the two cannot drift. How an attribute travels (its wire kind)
-is protocol.ATTRIBUTES; this file says what a class does with it. Flags per (class, attribute):
+Read by the module's template checks (pkcs11ws/templates.py) and the service's
+(pkcs11ws/server/new_objects.py), so the two cannot drift. How an attribute travels (its wire
+kind) is protocol.ATTRIBUTES; this file says what a class does with it. Flags per (class,
+attribute):
 
 - R  required in a creation template
 - T  forced true when given (WSOP 6.4: token, private, sensitive objects only)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import threading
 import time
 
-from pkcs11ws import _lite, mechanisms, objects, params
+from pkcs11ws import _lite, mechanisms, params, templates
 from pkcs11ws import constants as C
 from pkcs11ws._lite import dataclass
 from pkcs11ws.client import transport
@@ -114,7 +114,7 @@ PENDING = PendingKeys()
 
 class _refusal:
     """Logs a template the module refuses at DEBUG1: the call and the reason, which names the
-    offending attribute (objects.py never puts a value that could be secret in a message)."""
+    offending attribute (templates.py never puts a value that could be secret in a message)."""
 
     def __init__(self, fn: str) -> None:
         self.fn = fn
@@ -423,9 +423,9 @@ class Provider:
             raise PKCS11Error(ckr)
         return obj
 
-    def find(self, slot_id: int, template: objects.RawTemplate) -> list[int]:
+    def find(self, slot_id: int, template: templates.RawTemplate) -> list[int]:
         slot = self._slot(slot_id)
-        attrs = objects.decode_search(template)
+        attrs = templates.decode_search(template)
         if attrs is None:
             return []
         token = self.tokens.get(slot_id)
@@ -449,30 +449,30 @@ class Provider:
         return obj
 
     def get_attributes(self, slot_id: int, handle: int, types: list[int]) -> list[bytes | int]:
-        return objects.attribute_values(self._visible(slot_id, handle).attrs, types)
+        return templates.attribute_values(self._visible(slot_id, handle).attrs, types)
 
     def object_size(self, slot_id: int, handle: int) -> int:
-        return objects.object_size(self._visible(slot_id, handle).attrs)
+        return templates.object_size(self._visible(slot_id, handle).attrs)
 
-    def copy_object(self, slot_id: int, handle: int, template: objects.RawTemplate) -> int:
+    def copy_object(self, slot_id: int, handle: int, template: templates.RawTemplate) -> int:
         slot = self._slot(slot_id)
         obj = self._visible(slot_id, handle)
         token = self._token(slot_id)
         with _refusal("C_CopyObject"):
-            attrs = objects.decode_template(template)
-            objects.check_copy(obj.attrs, attrs)
+            attrs = templates.decode_template(template)
+            templates.check_copy(obj.attrs, attrs)
         made = self._call(slot_id, self.client.copy_object, slot.card, token, obj.uuid, attrs,
                           obj=obj)  # fmt: skip
         new = self._remember(slot_id, made)
         LOG.debug1(f"C_CopyObject: object {handle} copied to {new} on slot {slot_id}")
         return new
 
-    def set_attributes(self, slot_id: int, handle: int, template: objects.RawTemplate) -> None:
+    def set_attributes(self, slot_id: int, handle: int, template: templates.RawTemplate) -> None:
         slot = self._slot(slot_id)
         obj = self._visible(slot_id, handle)
         with _refusal("C_SetAttributeValue"):
-            attrs = objects.decode_template(template)
-            objects.check_rename(obj.attrs, attrs)
+            attrs = templates.decode_template(template)
+            templates.check_rename(obj.attrs, attrs)
         token = self._token(slot_id)
         if not attrs:
             return
@@ -481,43 +481,43 @@ class Provider:
         self._remember(slot_id, made)
         LOG.debug1(f"C_SetAttributeValue: object {handle} on slot {slot_id} renamed")
 
-    def create_object(self, slot_id: int, template: objects.RawTemplate) -> int:
+    def create_object(self, slot_id: int, template: templates.RawTemplate) -> int:
         slot = self._slot(slot_id)
         # The template before the login: an invalid one is a template error either way
         # (pkcs11test's CreateObjectInvalid), and it costs no round trip.
         with _refusal("C_CreateObject"):
-            attrs = objects.decode_template(template)
-            objects.check_create(attrs)
+            attrs = templates.decode_template(template)
+            templates.check_create(attrs)
         token = self._token(slot_id)
         made = self._call(slot_id, self.client.create_object, slot.card, token, attrs)
         handle = self._remember(slot_id, made)
         LOG.debug1(f"C_CreateObject: object {handle} on slot {slot_id}")
         return handle
 
-    def generate_key(self, slot_id: int, mechanism: int, template: objects.RawTemplate) -> int:
+    def generate_key(self, slot_id: int, mechanism: int, template: templates.RawTemplate) -> int:
         slot = self._slot(slot_id)
         mech = mechanisms.by_code(mechanism)
         if mech is None or mech.op is not mechanisms.Op.KEYGEN:
             raise PKCS11Error(C.CKR_MECHANISM_INVALID)
         with _refusal("C_GenerateKey"):
-            attrs = objects.decode_template(template)
-            objects.check_generate(mech, attrs)
+            attrs = templates.decode_template(template)
+            templates.check_generate(mech, attrs)
         token = self._token(slot_id)
         made = self._call(slot_id, self.client.generate_key, slot.card, token, mech.name, attrs)
         handle = self._remember(slot_id, made)
         LOG.debug1(f"C_GenerateKey: {mech.name} key {handle} on slot {slot_id}")
         return handle
 
-    def generate_key_pair(self, slot_id: int, mechanism: int, public: objects.RawTemplate,
-                          private: objects.RawTemplate) -> tuple[int, int]:  # fmt: skip
+    def generate_key_pair(self, slot_id: int, mechanism: int, public: templates.RawTemplate,
+                          private: templates.RawTemplate) -> tuple[int, int]:  # fmt: skip
         slot = self._slot(slot_id)
         mech = mechanisms.by_code(mechanism)
         if mech is None or mech.op is not mechanisms.Op.KEYPAIR:
             raise PKCS11Error(C.CKR_MECHANISM_INVALID)
         with _refusal("C_GenerateKeyPair"):
-            pub = objects.decode_template(public)
-            priv = objects.decode_template(private)
-            objects.check_generate_pair(mech, pub, priv)
+            pub = templates.decode_template(public)
+            priv = templates.decode_template(private)
+            templates.check_generate_pair(mech, pub, priv)
         token = self._token(slot_id)
         made = self._call(slot_id, self.client.generate_key_pair, slot.card, token, mech.name,
                           pub, priv)  # fmt: skip

@@ -31,7 +31,7 @@ from pkcs11ws.protocol import Attrs
 from pkcs11ws.protocol import ProtocolError as ApiError
 from pkcs11ws.server import ops, pipeline, sealing
 from pkcs11ws.server.identity import Clients, Identity
-from pkcs11ws.server.objects import (
+from pkcs11ws.server.new_objects import (
     CLASS_ATTRS,
     NewObject,
     copied_attrs,

@@ -1,4 +1,4 @@
-"""Object templates: which attributes each class has, the WSOP attribute rules, defaults.
+"""The service's new objects: what a template becomes (NewObject), by the WSOP rules, with defaults.
 
 The rules (WSOP user guide 6.4): only token, private objects (CKA_TOKEN / CKA_PRIVATE true if
 given), except that an X.509 certificate may be public (CKA_PRIVATE false: what pkcs11-tool

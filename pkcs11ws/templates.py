@@ -1,4 +1,4 @@
-"""The module's object rules: template decoding, the WSOP attribute policy, value encoding.
+"""The module's templates: decoding them, the WSOP attribute policy, encoding values back.
 
 Templates arrive from the Cython core as [(CKA type, raw bytes)] exactly as the application
 passed them; values leave as the raw bytes PKCS#11 defines (CK_BBOOL one byte, CK_ULONG native
