@@ -32,8 +32,9 @@ class Param(Enum):
     GCM = "gcm"  # CK_GCM_PARAMS (IV, AAD, tag bits)
 
 
-class Op(Enum):
-    """The key service endpoint that performs the mechanism."""
+class Action(Enum):
+    """What the key service does with the mechanism, so which endpoints carry it out. (An `op`
+    is something else: the name of one protocol endpoint, protocol.Endpoint.op.)"""
 
     CIPHER = "cipher"  # /crypto/v1/encrypt and /crypto/v1/decrypt
     MAC = "mac"  # /crypto/v1/sign and /crypto/v1/verify (MACs and signatures)
@@ -84,7 +85,7 @@ class Mechanism:
     min_key: int  # bytes for secret keys, bits for RSA and EC (as C_GetMechanismInfo says)
     max_key: int
     param: Param
-    op: Op
+    action: Action
     digest: str = ""  # the hash of HMAC, of the hash-and-sign RSA/ECDSA forms, of OAEP/PSS
     out_len: int = 0  # full MAC length for HMAC mechanisms
     padded: bool = False  # CBC-PAD (PKCS#7 padding)
@@ -122,10 +123,10 @@ def _hmac_rows(bits: int, key_type: int, code: int, code_general: int) -> list[M
     # Key sizes in bytes: any length HMAC accepts, up to the limit the key service stores.
     return [
         Mechanism(f"CKM_SHA{bits}_HMAC", code, _MAC_FLAGS, kt, 1, HMAC_MAX_KEY, Param.NONE,
-                  Op.MAC, digest, bits // 8, family=Family.HMAC, out=OutLen.MAC,
+                  Action.MAC, digest, bits // 8, family=Family.HMAC, out=OutLen.MAC,
                   multi=Multi.ACCUMULATE),
         Mechanism(f"CKM_SHA{bits}_HMAC_GENERAL", code_general, _MAC_FLAGS, kt, 1, HMAC_MAX_KEY,
-                  Param.MAC_LEN, Op.MAC, digest, bits // 8, family=Family.HMAC, out=OutLen.MAC,
+                  Param.MAC_LEN, Action.MAC, digest, bits // 8, family=Family.HMAC, out=OutLen.MAC,
                   multi=Multi.ACCUMULATE),
     ]  # fmt: skip
 
@@ -139,7 +140,7 @@ def _keygen(name: str, key_type: int, lo: int, hi: int) -> Mechanism:
         lo,
         hi,
         Param.NONE,
-        Op.KEYGEN,
+        Action.KEYGEN,
         gen_key_type=key_type,
         family=Family.SECRET_KEYGEN,
     )
@@ -155,7 +156,7 @@ def _rsa(name: str, flags: int, param: Param, digest: str = "") -> Mechanism:
         RSA_BITS[0],
         RSA_BITS[-1],
         param,
-        Op.CIPHER if flags & C.CKF_DECRYPT else Op.MAC,
+        Action.CIPHER if flags & C.CKF_DECRYPT else Action.MAC,
         digest,
         family=Family.RSA,
         out=OutLen.MODULUS,
@@ -172,7 +173,7 @@ def _ecdsa(name: str, digest: str = "") -> Mechanism:
         EC_BITS[0],
         EC_BITS[1],
         Param.NONE,
-        Op.MAC,
+        Action.MAC,
         digest,
         family=Family.EC,
         out=OutLen.EC_SIG,
@@ -181,11 +182,11 @@ def _ecdsa(name: str, digest: str = "") -> Mechanism:
 
 
 MECHANISMS: Final[tuple[Mechanism, ...]] = (
-    Mechanism("CKM_AES_CBC", C.CKM_AES_CBC, _CIPHER_FLAGS, _AES, 16, 32, Param.IV16, Op.CIPHER,
+    Mechanism("CKM_AES_CBC", C.CKM_AES_CBC, _CIPHER_FLAGS, _AES, 16, 32, Param.IV16, Action.CIPHER,
               out=OutLen.CBC, multi=Multi.CBC),
     Mechanism("CKM_AES_CBC_PAD", C.CKM_AES_CBC_PAD, _CIPHER_FLAGS, _AES, 16, 32, Param.IV16,
-              Op.CIPHER, padded=True, out=OutLen.CBC_PAD, multi=Multi.CBC),
-    Mechanism("CKM_AES_GCM", C.CKM_AES_GCM, _CIPHER_FLAGS, _AES, 16, 32, Param.GCM, Op.CIPHER,
+              Action.CIPHER, padded=True, out=OutLen.CBC_PAD, multi=Multi.CBC),
+    Mechanism("CKM_AES_GCM", C.CKM_AES_GCM, _CIPHER_FLAGS, _AES, 16, 32, Param.GCM, Action.CIPHER,
               family=Family.AES_GCM, out=OutLen.GCM, multi=Multi.ACCUMULATE),
     _keygen("CKM_AES_KEY_GEN", C.CKK_AES, 16, 32),
     *_hmac_rows(256, C.CKK_SHA256_HMAC, C.CKM_SHA256_HMAC, C.CKM_SHA256_HMAC_GENERAL),
@@ -196,11 +197,11 @@ MECHANISMS: Final[tuple[Mechanism, ...]] = (
     _keygen("CKM_SHA512_KEY_GEN", C.CKK_SHA512_HMAC, 1, HMAC_MAX_KEY),
     _keygen("CKM_GENERIC_SECRET_KEY_GEN", C.CKK_GENERIC_SECRET, 1, HMAC_MAX_KEY),
     Mechanism("CKM_RSA_PKCS_KEY_PAIR_GEN", C.CKM_RSA_PKCS_KEY_PAIR_GEN, C.CKF_GENERATE_KEY_PAIR,
-              _RSA, RSA_BITS[0], RSA_BITS[-1], Param.NONE, Op.KEYPAIR, gen_key_type=C.CKK_RSA,
+              _RSA, RSA_BITS[0], RSA_BITS[-1], Param.NONE, Action.KEYPAIR, gen_key_type=C.CKK_RSA,
               family=Family.RSA_KEYGEN),
     Mechanism("CKM_EC_KEY_PAIR_GEN", C.CKM_EC_KEY_PAIR_GEN,
               C.CKF_GENERATE_KEY_PAIR | _EC_FLAGS, _EC, EC_BITS[0], EC_BITS[1], Param.NONE,
-              Op.KEYPAIR, gen_key_type=C.CKK_EC, family=Family.EC_KEYGEN),
+              Action.KEYPAIR, gen_key_type=C.CKK_EC, family=Family.EC_KEYGEN),
     _rsa("CKM_RSA_PKCS", _CIPHER_FLAGS | _MAC_FLAGS, Param.NONE),
     _rsa("CKM_SHA256_RSA_PKCS", _MAC_FLAGS, Param.NONE, "sha256"),
     _rsa("CKM_SHA384_RSA_PKCS", _MAC_FLAGS, Param.NONE, "sha384"),

@@ -254,7 +254,8 @@ STRUCTS: Final[dict[str, Struct]] = {
            F("passphrase", "bytes", max_len=MAX_PASSPHRASE)),
         _s("Activation", "A sealed activation token; send it as 'Authorization: Bearer TOKEN'.",
            F("token", "str"), F("expires_in", "int", doc="seconds")),
-        _s("Object", "A stored object: its handle (UUID) and its readable attributes. "
+        _s("Object", "A stored object: its handle (a UUID the service assigns; the module maps "
+           "it to a PKCS#11 object handle of its own) and its readable attributes. "
            "CKA_VALUE of secret keys is never returned.",
            F("handle", "str"), F("attrs", "attrs")),
         _s("ObjectList", "Search results.", F("objects", "list:Object")),
@@ -275,7 +276,7 @@ STRUCTS: Final[dict[str, Struct]] = {
         _s("KeyPair", "The two halves of a new key pair.",
            F("public", "Object"), F("private", "Object")),
         _s("Cipher", "Encryption or decryption: AES-CBC(-PAD), AES-GCM, RSA (private key).",
-           F("key", "str", doc="key handle (UUID)"), F("mechanism", "str"),
+           F("key", "str", doc="the key object's handle (UUID)"), F("mechanism", "str"),
            F("iv", "bytes", required=False, doc="AES-CBC: 16 bytes; AES-GCM: 8-128 bytes"),
            F("data", "bytes"),
            F("aad", "bytes", required=False, doc="AES-GCM additional authenticated data"),

@@ -497,7 +497,7 @@ class Provider:
     def generate_key(self, slot_id: int, mechanism: int, template: templates.RawTemplate) -> int:
         slot = self._slot(slot_id)
         mech = mechanisms.by_code(mechanism)
-        if mech is None or mech.op is not mechanisms.Op.KEYGEN:
+        if mech is None or mech.action is not mechanisms.Action.KEYGEN:
             raise PKCS11Error(C.CKR_MECHANISM_INVALID)
         with _refusal("C_GenerateKey"):
             attrs = templates.decode_template(template)
@@ -512,7 +512,7 @@ class Provider:
                           private: templates.RawTemplate) -> tuple[int, int]:  # fmt: skip
         slot = self._slot(slot_id)
         mech = mechanisms.by_code(mechanism)
-        if mech is None or mech.op is not mechanisms.Op.KEYPAIR:
+        if mech is None or mech.action is not mechanisms.Action.KEYPAIR:
             raise PKCS11Error(C.CKR_MECHANISM_INVALID)
         with _refusal("C_GenerateKeyPair"):
             pub = templates.decode_template(public)

@@ -99,7 +99,7 @@ def _loads(raw: bytes) -> Any:
 
 
 @dataclass(frozen=True)
-class _Op:
+class _Endpoint:
     """What call() needs about one endpoint, computed once."""
 
     name: str
@@ -112,8 +112,8 @@ class _Op:
     has_body: bool
 
 
-_OPS: Final[dict[str, _Op]] = {
-    ep.op: _Op(
+_ENDPOINTS: Final[dict[str, _Endpoint]] = {
+    ep.op: _Endpoint(
         ep.op,
         ep.method,
         ep.path,
@@ -127,12 +127,12 @@ _OPS: Final[dict[str, _Op]] = {
 }
 
 
-_SIGN: Final = _OPS["sign"]
-_VERIFY: Final = _OPS["verify"]
-_ENCRYPT: Final = _OPS["encrypt"]
-_DECRYPT: Final = _OPS["decrypt"]
-_RANDOM: Final = _OPS["random"]
-_BATCH: Final = _OPS["batch"]
+_SIGN: Final = _ENDPOINTS["sign"]
+_VERIFY: Final = _ENDPOINTS["verify"]
+_ENCRYPT: Final = _ENDPOINTS["encrypt"]
+_DECRYPT: Final = _ENDPOINTS["decrypt"]
+_RANDOM: Final = _ENDPOINTS["random"]
+_BATCH: Final = _ENDPOINTS["batch"]
 # A batch the service cannot take: an older service without the endpoint, or a batch over its
 # limits. The calls then go as single requests (and, without the endpoint, from then on).
 _NO_BATCH: Final = frozenset({"NOT_FOUND", "METHOD_NOT_ALLOWED", "BATCH_TOO_LARGE"})
@@ -213,7 +213,7 @@ class PendingKeys:
         self._keys.clear()
 
 
-def _tail(spec: _Op, params: dict[str, Any] | None) -> bytes:
+def _tail(spec: _Endpoint, params: dict[str, Any] | None) -> bytes:
     """The end of a fast-path body after its last base64 field: the mechanism's parameters
     (PSS, OAEP, GCM) as the protocol encodes them."""
     fields = protocol.encode(spec.request, {k: v for k, v in (params or {}).items()
@@ -331,7 +331,7 @@ class KeyServiceClient:
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """One logical request of the protocol (with its retries); returns the decoded answer."""
-        spec = _OPS[op]
+        spec = _ENDPOINTS[op]
         path = spec.path
         if spec.templated:
             params = path_params or {}
@@ -376,7 +376,7 @@ class KeyServiceClient:
             return {}
         return self._decode(spec, status, raw)
 
-    def _decode(self, spec: _Op, status: int, raw: bytes | object) -> dict[str, Any]:
+    def _decode(self, spec: _Endpoint, status: int, raw: bytes | object) -> dict[str, Any]:
         """The strict decoding of a 2xx answer (raw: its body, or that body already parsed)."""
         try:
             obj = _loads(raw) if isinstance(raw, bytes) else raw
@@ -389,7 +389,7 @@ class KeyServiceClient:
                 C.CKR_DEVICE_ERROR, "BAD_RESPONSE", status, "malformed answer from the key service"
             ) from None
 
-    def _fast(self, spec: _Op, data: bytes, token: str | None) -> tuple[int, Any]:
+    def _fast(self, spec: _Endpoint, data: bytes, token: str | None) -> tuple[int, Any]:
         """One crypto call: (2xx status, the parsed JSON answer), alone or in a batch."""
         group = self.group
         if group is None:
@@ -402,7 +402,7 @@ class KeyServiceClient:
         The retry policy is the same as call()'s: the first attempt's outcome is handed to
         _send() when it is not a 2xx answer, or when debug tracing wants every attempt logged.
         """
-        spec = _OPS[op]
+        spec = _ENDPOINTS[op]
         cached: Sequence[str] | None = self._token_headers.get(token) if token else None
         if cached is None:
             cached = self._headers(token, None)
@@ -487,7 +487,7 @@ class KeyServiceClient:
 
     def _send(
         self,
-        spec: _Op,
+        spec: _Endpoint,
         path: str,
         data: bytes | None,
         headers: Sequence[str],
@@ -574,13 +574,13 @@ class KeyServiceClient:
             if self.retrydelay:
                 transport.pause(self.retrydelay)  # C_Finalize cuts it short
 
-    def _no_answer(self, spec: _Op, why: str, attempt: int) -> TransportError:
+    def _no_answer(self, spec: _Endpoint, why: str, attempt: int) -> TransportError:
         return TransportError(
             f"{spec.name}: no answer from the key service at {self.transport.base_url}: {why}"
             + (f" (after {attempt} retries)" if attempt else "")
         )
 
-    def _rejected(self, spec: _Op, path: str, failure: CurlFailure) -> None:
+    def _rejected(self, spec: _Endpoint, path: str, failure: CurlFailure) -> None:
         """The service refused the client certificate: log it once, raise; never retried."""
         from pkcs11ws.client.certinfo import expiry_warning  # rare: kept out of start-up
 
@@ -593,7 +593,7 @@ class KeyServiceClient:
         raise CertificateRejected(f"{spec.name}: {REJECTED} (key service {where}, CERT "
                                   f"{self.cfg.cert})")  # fmt: skip
 
-    def _give_up(self, spec: _Op, path: str, why: str, attempt: int) -> None:
+    def _give_up(self, spec: _Endpoint, path: str, why: str, attempt: int) -> None:
         if self.log.enabled(ERROR):
             self.log.error(
                 f"{spec.name} {spec.method} {path}: failed after {attempt + 1} attempt(s): {why}"
@@ -662,21 +662,21 @@ class KeyServiceClient:
         return objects
 
     def copy_object(
-        self, card: str, token: str, handle: str, attrs: protocol.Attrs
+        self, card: str, token: str, uuid: str, attrs: protocol.Attrs
     ) -> dict[str, Any]:
         return self.call(
             "copy_object",
-            path_params={"card": card, "handle": handle},
+            path_params={"card": card, "handle": uuid},
             token=token,
             body={"attrs": attrs},
         )
 
     def update_object(
-        self, card: str, token: str, handle: str, attrs: protocol.Attrs
+        self, card: str, token: str, uuid: str, attrs: protocol.Attrs
     ) -> dict[str, Any]:
         return self.call(
             "update_object",
-            path_params={"card": card, "handle": handle},
+            path_params={"card": card, "handle": uuid},
             token=token,
             body={"attrs": attrs},
         )
@@ -686,11 +686,11 @@ class KeyServiceClient:
             "create_object", path_params={"card": card}, token=token, body={"attrs": attrs}
         )
 
-    def get_object(self, card: str, token: str, handle: str) -> dict[str, Any]:
-        return self.call("get_object", path_params={"card": card, "handle": handle}, token=token)
+    def get_object(self, card: str, token: str, uuid: str) -> dict[str, Any]:
+        return self.call("get_object", path_params={"card": card, "handle": uuid}, token=token)
 
-    def delete_object(self, card: str, token: str, handle: str) -> None:
-        self.call("delete_object", path_params={"card": card, "handle": handle}, token=token)
+    def delete_object(self, card: str, token: str, uuid: str) -> None:
+        self.call("delete_object", path_params={"card": card, "handle": uuid}, token=token)
 
     def generate_key(
         self, card: str, token: str, mechanism: str, attrs: protocol.Attrs
@@ -716,7 +716,7 @@ class KeyServiceClient:
     # The per-operation calls: the fast path (see the module docstring).
 
     def _cipher(
-        self, spec: _Op, token: str, key: str, mechanism: str, iv: bytes | None, data: bytes,
+        self, spec: _Endpoint, token: str, key: str, mechanism: str, iv: bytes | None, data: bytes,
         params: dict[str, Any] | None = None,
     ) -> tuple[bytes, bytes]:  # fmt: skip
         if iv is None:

@@ -270,7 +270,7 @@ def _imported_key(t: Attrs, attrs: Attrs) -> NewObject:
 def generated_key(mechanism: str, t: Attrs) -> NewObject:
     """A new secret key made with a key generation mechanism."""
     mech = mechanisms.by_name(mechanism)
-    if mech is None or mech.op is not mechanisms.Op.KEYGEN:
+    if mech is None or mech.action is not mechanisms.Action.KEYGEN:
         raise ApiError("MECHANISM_INVALID", f"{mechanism!r} is not a key generation mechanism")
     key_type = mech.gen_key_type
     _check_common(C.CKO_SECRET_KEY, t)
@@ -339,7 +339,7 @@ def _private_key(key: keypairs.PrivateKey, t: Attrs, attrs: Attrs, gen_mech: int
 def generated_pair(mechanism: str, pub_t: Attrs, priv_t: Attrs) -> tuple[NewObject, NewObject]:
     """A new key pair (public, private) made with a key pair generation mechanism."""
     mech = mechanisms.by_name(mechanism)
-    if mech is None or mech.op is not mechanisms.Op.KEYPAIR:
+    if mech is None or mech.action is not mechanisms.Action.KEYPAIR:
         raise ApiError("MECHANISM_INVALID", f"{mechanism!r} is not a key pair mechanism")
     inputs = keypairs.GEN_INPUTS
     for cls, t in ((C.CKO_PUBLIC_KEY, pub_t), (C.CKO_PRIVATE_KEY, priv_t)):
