@@ -30,26 +30,20 @@ from typing import Any, Final
 import psycopg
 import psycopg_pool
 
-from pkcs11ws import constants as C
-from pkcs11ws.protocol import Attrs
 from pkcs11ws.server.store import (
-    CardCounts,
     CardRewrap,
-    CardRow,
     IdempotencyRow,
     Migration,
-    ObjectRow,
     ReadTx,
     Store,
-    StoreActivity,
     StoreConfig,
     StoreError,
     StoreUnavailable,
     WriteTx,
     check_migrations,
-    encode_stored,
     redact,
 )
+from pkcs11ws.server.store_sql import SqlReads, SqlTx, Statements
 
 log = logging.getLogger("pkcs11ws.server")
 
@@ -127,130 +121,26 @@ _LOCK_NS: Final = 0x504B3131  # "PK11"
 _MIGRATE_LOCK: Final = 1
 _IDEM_LOCK: Final = 2
 
-_CARD_COLS: Final = (
-    "id, name, created, salt, kdf_n, kdf_r, kdf_p, wrapped_key, failures, locked_until, owner"
+_READS: Final = Statements.render(
+    pyformat=True, lock="", order="seq", greatest="GREATEST", least="LEAST"
 )
-_NCOLS: Final = _CARD_COLS.count(",") + 1
-_OBJ_COLS: Final = "handle, card, cls, key_type, attrs, secret"
-_COUNTS_SQL: Final = ",".join(
-    f"(SELECT COUNT(*) FROM objects o WHERE o.card = s.id AND o.cls = {c})"
-    for c in (C.CKO_SECRET_KEY, C.CKO_CERTIFICATE, C.CKO_DATA)
+_WRITES: Final = Statements.render(
+    pyformat=True, lock=" FOR UPDATE", order="seq", greatest="GREATEST", least="LEAST"
 )
 
 
-def _card(row: tuple[Any, ...]) -> CardRow:
-    return CardRow(*row)
+class _Reads(SqlReads):
+    """The shared reads (store_sql.py), one statement each at READ COMMITTED."""
+
+    __slots__ = ()
+    sql = _READS
 
 
-def _obj(row: tuple[Any, ...]) -> ObjectRow:
-    return ObjectRow(row[0], row[1], row[2], row[3], row[4], row[5])
+class _Tx(SqlTx):
+    """The shared changes; card_get and object_get lock their row (FOR UPDATE in _WRITES)."""
 
-
-class _Reads(ReadTx):
-    """The reads on one connection; in a write transaction the row reads lock (FOR UPDATE)."""
-
-    _lock: str = ""
-
-    def __init__(self, con: psycopg.Connection[Any]) -> None:
-        self.con = con
-
-    def _one(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        row: tuple[Any, ...] | None = self.con.execute(sql, args).fetchone()
-        return row
-
-    def card_get(self, card: str) -> CardRow | None:
-        row = self._one(f"SELECT {_CARD_COLS} FROM softcards WHERE id = %s{self._lock}", (card,))
-        return _card(row) if row else None
-
-    def card_list(self, visible_to: str | None = None) -> list[tuple[CardRow, CardCounts]]:
-        sql = f"SELECT {_CARD_COLS}, {_COUNTS_SQL} FROM softcards s"
-        args: tuple[str, ...] = ()
-        if visible_to is not None:
-            sql += " WHERE s.owner = %s OR s.id IN (SELECT card FROM grants WHERE client = %s)"
-            args = (visible_to, visible_to)
-        rows = self.con.execute(sql + " ORDER BY s.name", args).fetchall()
-        n = _NCOLS
-        return [(_card(r[:n]), CardCounts(r[n], r[n + 1], r[n + 2])) for r in rows]
-
-    def grant_exists(self, card: str, client: str) -> bool:
-        row = self._one("SELECT 1 FROM grants WHERE card = %s AND client = %s", (card, client))
-        return row is not None
-
-    def grant_list(self, card: str) -> list[str]:
-        rows = self.con.execute(
-            "SELECT client FROM grants WHERE card = %s ORDER BY client", (card,)
-        ).fetchall()
-        return [str(r[0]) for r in rows]
-
-    def card_counts(self, card: str) -> CardCounts:
-        row = self._one(
-            "SELECT COUNT(*) FILTER (WHERE cls = %s), COUNT(*) FILTER (WHERE cls = %s),"
-            " COUNT(*) FILTER (WHERE cls = %s) FROM objects WHERE card = %s",
-            (C.CKO_SECRET_KEY, C.CKO_CERTIFICATE, C.CKO_DATA, card),
-        )
-        assert row is not None
-        return CardCounts(int(row[0]), int(row[1]), int(row[2]))
-
-    def session_valid(self, session: str, card: str, now: float) -> bool:
-        row = self._one(
-            "SELECT 1 FROM sessions WHERE id = %s AND card = %s AND expires > %s",
-            (session, card, now),
-        )
-        return row is not None
-
-    def object_get(self, card: str, handle: str) -> ObjectRow | None:
-        row = self._one(
-            f"SELECT {_OBJ_COLS} FROM objects WHERE handle = %s AND card = %s{self._lock}",
-            (handle, card),
-        )
-        return _obj(row) if row else None
-
-    def session_object(
-        self, session: str, card: str, now: float, handle: str
-    ) -> tuple[bool, ObjectRow | None]:
-        row = self._one(
-            "SELECT o.handle, o.card, o.cls, o.key_type, o.attrs, o.secret FROM sessions s"
-            " LEFT JOIN objects o ON o.handle = %s AND o.card = s.card"
-            " WHERE s.id = %s AND s.card = %s AND s.expires > %s",
-            (handle, session, card, now),
-        )
-        if row is None:
-            return False, None
-        return True, (_obj(row) if row[0] is not None else None)
-
-    def object_search(
-        self, card: str, cls: int | None, key_type: int | None
-    ) -> Iterator[ObjectRow]:
-        sql = f"SELECT {_OBJ_COLS} FROM objects WHERE card = %s"
-        args: list[object] = [card]
-        if cls is not None:
-            sql += " AND cls = %s"
-            args.append(cls)
-        if key_type is not None:
-            sql += " AND key_type = %s"
-            args.append(key_type)
-        rows = self.con.execute(sql + " ORDER BY seq", args).fetchall()
-        return (_obj(r) for r in rows)
-
-    def idempotency_get(self, key: str) -> IdempotencyRow | None:
-        row = self._one(
-            "SELECT key, fingerprint, status, body, created FROM idempotency WHERE key = %s",
-            (key,),
-        )
-        return IdempotencyRow(*row) if row else None
-
-    def activity(self, now: float) -> StoreActivity:
-        row = self._one(
-            "SELECT (SELECT COUNT(*) FROM sessions WHERE expires > %s),"
-            " (SELECT COUNT(*) FROM softcards WHERE locked_until > %s)",
-            (now, now),
-        )
-        assert row is not None
-        return StoreActivity(int(row[0]), int(row[1]))
-
-
-class _Tx(_Reads, WriteTx):
-    _lock = " FOR UPDATE"
+    __slots__ = ()
+    sql = _WRITES
 
     def idempotency_get(self, key: str) -> IdempotencyRow | None:
         # The claim (store contract): a concurrent transaction with the same key waits here
@@ -261,129 +151,11 @@ class _Tx(_Reads, WriteTx):
         )
         return super().idempotency_get(key)
 
-    def idempotency_put(self, row: IdempotencyRow) -> None:
-        self.con.execute(
-            "INSERT INTO idempotency (key, fingerprint, status, body, created)"
-            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO UPDATE SET"
-            " fingerprint = EXCLUDED.fingerprint, status = EXCLUDED.status,"
-            " body = EXCLUDED.body, created = EXCLUDED.created",
-            (row.key, row.fingerprint, row.status, row.body, row.created),
-        )
-
-    def idempotency_expire(self, before: float) -> None:
-        self.con.execute("DELETE FROM idempotency WHERE created < %s", (before,))
-
-    def card_insert(self, row: CardRow) -> bool:
-        # ON CONFLICT DO NOTHING, not an exception: an error would abort the transaction.
-        cur = self.con.execute(
-            f"INSERT INTO softcards ({_CARD_COLS}) VALUES ({', '.join(['%s'] * _NCOLS)})"
-            " ON CONFLICT DO NOTHING",
-            (row.id, row.name, row.created, row.salt, row.kdf_n, row.kdf_r, row.kdf_p,
-             row.wrapped_key, row.failures, row.locked_until, row.owner),
-        )  # fmt: skip
-        return cur.rowcount == 1
-
-    def card_delete(self, card: str) -> None:
-        # objects, sessions and grants cascade
-        self.con.execute("DELETE FROM softcards WHERE id = %s", (card,))
-
-    def card_set_failures(self, card: str, failures: int, locked_until: float) -> None:
-        self.con.execute(
-            "UPDATE softcards SET failures = %s, locked_until = %s WHERE id = %s",
-            (failures, locked_until, card),
-        )
-
-    def card_reserve_attempt(
-        self, card: str, now: float, threshold: int, lease_until: float
-    ) -> int | None:
-        # One UPDATE: a concurrent one on the same card waits for this row lock, then
-        # re-checks its WHERE against what this one wrote (READ COMMITTED re-evaluation).
-        row = self.con.execute(
-            "UPDATE softcards SET"
-            " pending = (CASE WHEN pending_until > %(now)s THEN pending ELSE 0 END) + 1,"
-            " pending_until = %(lease)s"
-            " WHERE id = %(card)s AND locked_until <= %(now)s"
-            " AND failures + (CASE WHEN pending_until > %(now)s THEN pending ELSE 0 END)"
-            " < GREATEST(%(threshold)s, failures + 1)"
-            " RETURNING failures + pending",
-            {"now": now, "lease": lease_until, "card": card, "threshold": threshold},
-        ).fetchone()
-        return int(row[0]) if row else None
-
-    def card_settle_attempt(
-        self, card: str, success: bool, now: float, threshold: int, max_seconds: int
-    ) -> None:
-        if success:
-            sql = (
-                "UPDATE softcards SET failures = 0, locked_until = 0,"
-                " pending = GREATEST(pending - 1, 0) WHERE id = %(card)s"
-            )
-        else:
-            sql = (
-                "UPDATE softcards SET failures = failures + 1, pending = GREATEST(pending - 1, 0),"
-                " locked_until = CASE WHEN failures + 1 >= %(threshold)s"
-                " THEN %(now)s + LEAST(1 << LEAST(failures + 1 - %(threshold)s, 30), %(max)s)"
-                " ELSE locked_until END WHERE id = %(card)s"
-            )
-        args = {"card": card, "now": now, "threshold": threshold, "max": max_seconds}
-        self.con.execute(sql, args)
-
-    def session_insert(self, session: str, card: str, expires: float, client: str) -> None:
-        self.con.execute(
-            "INSERT INTO sessions (id, card, expires, client) VALUES (%s, %s, %s, %s)",
-            (session, card, expires, client),
-        )
-
-    def session_extend(self, session: str, card: str, expires: float) -> bool:
-        cur = self.con.execute(
-            "UPDATE sessions SET expires = %s WHERE id = %s AND card = %s",
-            (expires, session, card),
-        )
-        return cur.rowcount > 0
-
     def _lock_card(self, card: str) -> None:
         # Grants change under the card's row lock, the lock an activation holds while it checks
         # the grant and inserts its session (card_get FOR UPDATE): a withdrawal either ends an
         # activation that committed first or is seen by one that comes after.
         self.con.execute("SELECT 1 FROM softcards WHERE id = %s FOR UPDATE", (card,))
-
-    def grant_put(self, card: str, client: str) -> None:
-        self._lock_card(card)
-        self.con.execute(
-            "INSERT INTO grants (card, client) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-            (card, client),
-        )
-
-    def grant_delete(self, card: str, client: str) -> bool:
-        self._lock_card(card)
-        cur = self.con.execute("DELETE FROM grants WHERE card = %s AND client = %s", (card, client))
-        self.con.execute("DELETE FROM sessions WHERE card = %s AND client = %s", (card, client))
-        return cur.rowcount > 0
-
-    def session_delete(self, session: str) -> bool:
-        return self.con.execute("DELETE FROM sessions WHERE id = %s", (session,)).rowcount > 0
-
-    def session_expire(self, before: float) -> None:
-        self.con.execute("DELETE FROM sessions WHERE expires < %s", (before,))
-
-    def object_insert(self, row: ObjectRow) -> None:
-        self.con.execute(
-            f"INSERT INTO objects ({_OBJ_COLS}) VALUES (%s, %s, %s, %s, %s, %s)",
-            (row.handle, row.card, row.cls, row.key_type, row.stored, row.secret),
-        )
-
-    def object_delete(self, card: str, handle: str) -> bool:
-        cur = self.con.execute(
-            "DELETE FROM objects WHERE card = %s AND handle = %s", (card, handle)
-        )
-        return cur.rowcount > 0
-
-    def object_set_attrs(self, card: str, handle: str, attrs: Attrs) -> bool:
-        cur = self.con.execute(
-            "UPDATE objects SET attrs = %s WHERE card = %s AND handle = %s",
-            (encode_stored(attrs), card, handle),
-        )
-        return cur.rowcount > 0
 
 
 # Errors that mean "the database is not there (as a writable primary) right now".

@@ -23,24 +23,16 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Final
 
-from pkcs11ws import constants as C
-from pkcs11ws.protocol import Attrs
 from pkcs11ws.server.store import (
-    CardCounts,
     CardRewrap,
-    CardRow,
-    IdempotencyRow,
     Migration,
-    ObjectRow,
-    ReadTx,
     Store,
-    StoreActivity,
     StoreConfig,
     StoreError,
     WriteTx,
     check_migrations,
-    encode_stored,
 )
+from pkcs11ws.server.store_sql import SqlReads, SqlTx, Statements
 
 
 def _master_key_step(
@@ -113,19 +105,9 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
 )  # fmt: skip
 SCHEMA_VERSION: Final = check_migrations(MIGRATIONS)
 
-_CARD_COLS: Final = (
-    "id, name, created, salt, kdf_n, kdf_r, kdf_p, wrapped_key, failures, locked_until, owner"
+_STATEMENTS: Final = Statements.render(
+    pyformat=False, lock="", order="rowid", greatest="MAX", least="MIN"
 )
-_NCOLS: Final = _CARD_COLS.count(",") + 1
-_OBJ_COLS: Final = "handle, card, cls, key_type, attrs, secret"
-_COUNT: Final = "(SELECT COUNT(*) FROM objects o WHERE o.card = s.id AND o.cls = {})"
-_COUNTS_SQL: Final = ",".join(
-    _COUNT.format(c) for c in (C.CKO_SECRET_KEY, C.CKO_CERTIFICATE, C.CKO_DATA)
-)
-
-
-def _card(row: tuple[object, ...]) -> CardRow:
-    return CardRow(*row)  # type: ignore[arg-type]
 
 
 def sqlite_path(url: str) -> Path:
@@ -136,13 +118,11 @@ def sqlite_path(url: str) -> Path:
     return Path(rest[1:] if rest.startswith("//") else rest)
 
 
-class _Reads(ReadTx):
-    """The reads, on one connection (in or out of a transaction)."""
+class _Reads(SqlReads):
+    """The shared reads (store_sql.py); SQLiteStore.read() hands one out as its own context."""
 
-    __slots__ = ("con",)
-
-    def __init__(self, con: sqlite3.Connection) -> None:
-        self.con = con
+    __slots__ = ()
+    sql = _STATEMENTS
 
     def __enter__(self) -> _Reads:
         return self
@@ -150,212 +130,16 @@ class _Reads(ReadTx):
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def card_get(self, card: str) -> CardRow | None:
-        r = self.con.execute(f"SELECT {_CARD_COLS} FROM softcards WHERE id = ?", (card,))
-        row = r.fetchone()
-        return _card(row) if row else None
 
-    def card_list(self, visible_to: str | None = None) -> list[tuple[CardRow, CardCounts]]:
-        sql = f"SELECT {_CARD_COLS}, {_COUNTS_SQL} FROM softcards s"
-        args: tuple[str, ...] = ()
-        if visible_to is not None:
-            sql += " WHERE s.owner = ? OR s.id IN (SELECT card FROM grants WHERE client = ?)"
-            args = (visible_to, visible_to)
-        rows = self.con.execute(sql + " ORDER BY s.name", args).fetchall()
-        n = _NCOLS
-        return [(_card(r[:n]), CardCounts(r[n], r[n + 1], r[n + 2])) for r in rows]
-
-    def grant_exists(self, card: str, client: str) -> bool:
-        row = self.con.execute(
-            "SELECT 1 FROM grants WHERE card = ? AND client = ?", (card, client)
-        ).fetchone()
-        return row is not None
-
-    def grant_list(self, card: str) -> list[str]:
-        rows = self.con.execute(
-            "SELECT client FROM grants WHERE card = ? ORDER BY client", (card,)
-        ).fetchall()
-        return [str(r[0]) for r in rows]
-
-    def card_counts(self, card: str) -> CardCounts:
-        row = self.con.execute(
-            "SELECT COALESCE(SUM(cls = ?), 0), COALESCE(SUM(cls = ?), 0),"
-            " COALESCE(SUM(cls = ?), 0) FROM objects WHERE card = ?",
-            (C.CKO_SECRET_KEY, C.CKO_CERTIFICATE, C.CKO_DATA, card),
-        ).fetchone()
-        return CardCounts(int(row[0]), int(row[1]), int(row[2]))
-
-    def session_valid(self, session: str, card: str, now: float) -> bool:
-        row = self.con.execute(
-            "SELECT 1 FROM sessions WHERE id = ? AND card = ? AND expires > ?",
-            (session, card, now),
-        ).fetchone()
-        return row is not None
-
-    def object_get(self, card: str, handle: str) -> ObjectRow | None:
-        row = self.con.execute(
-            f"SELECT {_OBJ_COLS} FROM objects WHERE handle = ? AND card = ?", (handle, card)
-        ).fetchone()
-        return ObjectRow(*row) if row else None
-
-    def session_object(
-        self, session: str, card: str, now: float, handle: str
-    ) -> tuple[bool, ObjectRow | None]:
-        # One indexed statement (two primary-key lookups): no row means no live session, a row
-        # of NULLs means the session lives but the object does not.
-        row = self.con.execute(
-            "SELECT o.handle, o.card, o.cls, o.key_type, o.attrs, o.secret FROM sessions s"
-            " LEFT JOIN objects o ON o.handle = ? AND o.card = s.card"
-            " WHERE s.id = ? AND s.card = ? AND s.expires > ?",
-            (handle, session, card, now),
-        ).fetchone()
-        if row is None:
-            return False, None
-        return True, (ObjectRow(*row) if row[0] is not None else None)
-
-    def object_search(
-        self, card: str, cls: int | None, key_type: int | None
-    ) -> Iterator[ObjectRow]:
-        sql = f"SELECT {_OBJ_COLS} FROM objects WHERE card = ?"
-        args: list[object] = [card]
-        if cls is not None:
-            sql += " AND cls = ?"
-            args.append(cls)
-        if key_type is not None:
-            sql += " AND key_type = ?"
-            args.append(key_type)
-        # fetchall: the cursor must not stay open across an await on this thread's connection.
-        rows = self.con.execute(sql + " ORDER BY rowid", args).fetchall()
-        return (ObjectRow(*r) for r in rows)
-
-    def idempotency_get(self, key: str) -> IdempotencyRow | None:
-        row = self.con.execute(
-            "SELECT key, fingerprint, status, body, created FROM idempotency WHERE key = ?", (key,)
-        ).fetchone()
-        return IdempotencyRow(*row) if row else None
-
-    def activity(self, now: float) -> StoreActivity:
-        row = self.con.execute(
-            "SELECT (SELECT COUNT(*) FROM sessions WHERE expires > ?),"
-            " (SELECT COUNT(*) FROM softcards WHERE locked_until > ?)",
-            (now, now),
-        ).fetchone()
-        return StoreActivity(int(row[0]), int(row[1]))
-
-
-class _Tx(_Reads, WriteTx):
+class _Tx(SqlTx):
     __slots__ = ()
-
-    def idempotency_put(self, row: IdempotencyRow) -> None:
-        self.con.execute(
-            "INSERT OR REPLACE INTO idempotency (key, fingerprint, status, body, created)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (row.key, row.fingerprint, row.status, row.body, row.created),
-        )
-
-    def idempotency_expire(self, before: float) -> None:
-        self.con.execute("DELETE FROM idempotency WHERE created < ?", (before,))
-
-    def card_insert(self, row: CardRow) -> bool:
-        try:
-            self.con.execute(
-                f"INSERT INTO softcards ({_CARD_COLS}) VALUES ({', '.join('?' * _NCOLS)})",
-                (row.id, row.name, row.created, row.salt, row.kdf_n, row.kdf_r, row.kdf_p,
-                 row.wrapped_key, row.failures, row.locked_until, row.owner),
-            )  # fmt: skip
-        except sqlite3.IntegrityError:
-            return False
-        return True
+    sql = _STATEMENTS
 
     def card_delete(self, card: str) -> None:
         self.con.execute("DELETE FROM objects WHERE card = ?", (card,))
         self.con.execute("DELETE FROM sessions WHERE card = ?", (card,))
         self.con.execute("DELETE FROM grants WHERE card = ?", (card,))
-        self.con.execute("DELETE FROM softcards WHERE id = ?", (card,))
-
-    def card_set_failures(self, card: str, failures: int, locked_until: float) -> None:
-        self.con.execute(
-            "UPDATE softcards SET failures = ?, locked_until = ? WHERE id = ?",
-            (failures, locked_until, card),
-        )
-
-    def card_reserve_attempt(
-        self, card: str, now: float, threshold: int, lease_until: float
-    ) -> int | None:
-        rows = self.con.execute(
-            "UPDATE softcards SET"
-            " pending = (CASE WHEN pending_until > :now THEN pending ELSE 0 END) + 1,"
-            " pending_until = :lease"
-            " WHERE id = :card AND locked_until <= :now"
-            " AND failures + (CASE WHEN pending_until > :now THEN pending ELSE 0 END)"
-            " < MAX(:threshold, failures + 1)"
-            " RETURNING failures + pending",
-            {"now": now, "lease": lease_until, "card": card, "threshold": threshold},
-        ).fetchall()  # all rows: the statement is finished here
-        return int(rows[0][0]) if rows else None
-
-    def card_settle_attempt(
-        self, card: str, success: bool, now: float, threshold: int, max_seconds: int
-    ) -> None:
-        if success:
-            sql = (
-                "UPDATE softcards SET failures = 0, locked_until = 0,"
-                " pending = MAX(pending - 1, 0) WHERE id = :card"
-            )
-        else:
-            sql = (
-                "UPDATE softcards SET failures = failures + 1, pending = MAX(pending - 1, 0),"
-                " locked_until = CASE WHEN failures + 1 >= :threshold"
-                " THEN :now + MIN(1 << MIN(failures + 1 - :threshold, 30), :max)"
-                " ELSE locked_until END WHERE id = :card"
-            )
-        args = {"card": card, "now": now, "threshold": threshold, "max": max_seconds}
-        self.con.execute(sql, args)
-
-    def session_insert(self, session: str, card: str, expires: float, client: str) -> None:
-        self.con.execute(
-            "INSERT INTO sessions (id, card, expires, client) VALUES (?, ?, ?, ?)",
-            (session, card, expires, client),
-        )
-
-    def session_extend(self, session: str, card: str, expires: float) -> bool:
-        cur = self.con.execute(
-            "UPDATE sessions SET expires = ? WHERE id = ? AND card = ?", (expires, session, card)
-        )
-        return cur.rowcount > 0
-
-    def grant_put(self, card: str, client: str) -> None:
-        self.con.execute(
-            "INSERT OR IGNORE INTO grants (card, client) VALUES (?, ?)", (card, client)
-        )
-
-    def grant_delete(self, card: str, client: str) -> bool:
-        cur = self.con.execute("DELETE FROM grants WHERE card = ? AND client = ?", (card, client))
-        self.con.execute("DELETE FROM sessions WHERE card = ? AND client = ?", (card, client))
-        return cur.rowcount > 0
-
-    def session_delete(self, session: str) -> bool:
-        return self.con.execute("DELETE FROM sessions WHERE id = ?", (session,)).rowcount > 0
-
-    def session_expire(self, before: float) -> None:
-        self.con.execute("DELETE FROM sessions WHERE expires < ?", (before,))
-
-    def object_insert(self, row: ObjectRow) -> None:
-        self.con.execute(
-            f"INSERT INTO objects ({_OBJ_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
-            (row.handle, row.card, row.cls, row.key_type, row.stored, row.secret),
-        )
-
-    def object_delete(self, card: str, handle: str) -> bool:
-        cur = self.con.execute("DELETE FROM objects WHERE card = ? AND handle = ?", (card, handle))
-        return cur.rowcount > 0
-
-    def object_set_attrs(self, card: str, handle: str, attrs: Attrs) -> bool:
-        cur = self.con.execute(
-            "UPDATE objects SET attrs = ? WHERE card = ? AND handle = ?",
-            (encode_stored(attrs), card, handle),
-        )
-        return cur.rowcount > 0
+        super().card_delete(card)
 
 
 class SQLiteStore(Store):
@@ -391,6 +175,7 @@ class SQLiteStore(Store):
             con.execute("PRAGMA journal_mode = WAL")
             con.execute(f"PRAGMA synchronous = {self._sync}")
             con.execute("PRAGMA foreign_keys = ON")
+            self._local.con = con
             reader = self._local.reader = _Reads(con)
             with self._lock:
                 self._all.append(con)
@@ -443,7 +228,8 @@ class SQLiteStore(Store):
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        con = self._reader().con
+        self._reader()
+        con: sqlite3.Connection = self._local.con
         con.execute("BEGIN IMMEDIATE")
         try:
             yield con

@@ -1,0 +1,311 @@
+"""The store's statements and their ReadTx/WriteTx implementation, once for both SQL backends.
+
+Each statement is written here once, in SQLite's placeholder style (`?` and `:name`) with a few
+`{tokens}` for what the two dialects spell differently (`{lock}`: FOR UPDATE in a PostgreSQL
+write transaction, nothing in SQLite, whose write transactions hold the whole database;
+`{order}`: the creation order column; `{greatest}`/`{least}`: the two-argument max/min).
+`Statements.render()` makes each backend's set once, at import, converting the placeholders to
+psycopg's `%s` / `%(name)s` for PostgreSQL, so no call converts anything.
+
+What really differs stays in the backend modules (sqlite_store.py, pg_store.py): connections,
+transactions, the schema steps (types differ), how a card's rows go (SQLite deletes them itself,
+PostgreSQL cascades under the card's lock) and PostgreSQL's explicit locks (the card row before a
+grant changes, an advisory lock claiming an idempotency key).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any, ClassVar, Final, Protocol
+
+from pkcs11ws import constants as C
+from pkcs11ws.protocol import Attrs
+from pkcs11ws.server.store import (
+    CardCounts,
+    CardRow,
+    IdempotencyRow,
+    ObjectRow,
+    ReadTx,
+    StoreActivity,
+    WriteTx,
+    encode_stored,
+)
+
+CARD_COLS: Final = (
+    "id, name, created, salt, kdf_n, kdf_r, kdf_p, wrapped_key, failures, locked_until, owner"
+)
+NCOLS: Final = CARD_COLS.count(",") + 1
+OBJ_COLS: Final = "handle, card, cls, key_type, attrs, secret"
+_COUNTS: Final = ",".join(
+    f"(SELECT COUNT(*) FROM objects o WHERE o.card = s.id AND o.cls = {c})"
+    for c in (C.CKO_SECRET_KEY, C.CKO_CERTIFICATE, C.CKO_DATA)
+)
+_COUNT_BY_CLASS: Final = ", ".join(["COUNT(*) FILTER (WHERE cls = ?)"] * 3)
+_NAMED: Final = re.compile(r":([a-z_]+)")
+
+
+class Statements:
+    """Every shared statement, in SQLite's style; `render()` gives one backend's set."""
+
+    card_get = f"SELECT {CARD_COLS} FROM softcards WHERE id = ?{{lock}}"
+    card_list = f"SELECT {CARD_COLS}, {_COUNTS} FROM softcards s"
+    card_list_visible = " WHERE s.owner = ? OR s.id IN (SELECT card FROM grants WHERE client = ?)"
+    card_list_order = " ORDER BY s.name"
+    grant_exists = "SELECT 1 FROM grants WHERE card = ? AND client = ?"
+    grant_list = "SELECT client FROM grants WHERE card = ? ORDER BY client"
+    card_counts = f"SELECT {_COUNT_BY_CLASS} FROM objects WHERE card = ?"
+    session_valid = "SELECT 1 FROM sessions WHERE id = ? AND card = ? AND expires > ?"
+    object_get = f"SELECT {OBJ_COLS} FROM objects WHERE handle = ? AND card = ?{{lock}}"
+    # One indexed statement (two primary-key lookups): no row means no live session, a row of
+    # NULLs means the session lives but the object does not.
+    session_object = (
+        "SELECT o.handle, o.card, o.cls, o.key_type, o.attrs, o.secret FROM sessions s"
+        " LEFT JOIN objects o ON o.handle = ? AND o.card = s.card"
+        " WHERE s.id = ? AND s.card = ? AND s.expires > ?"
+    )
+    object_search = f"SELECT {OBJ_COLS} FROM objects WHERE card = ?"
+    object_search_cls = " AND cls = ?"
+    object_search_key_type = " AND key_type = ?"
+    object_search_order = " ORDER BY {order}"
+    idempotency_get = (
+        "SELECT key, fingerprint, status, body, created FROM idempotency WHERE key = ?"
+    )
+    activity = (
+        "SELECT (SELECT COUNT(*) FROM sessions WHERE expires > ?),"
+        " (SELECT COUNT(*) FROM softcards WHERE locked_until > ?)"
+    )
+    idempotency_put = (
+        "INSERT INTO idempotency (key, fingerprint, status, body, created)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+        " fingerprint = EXCLUDED.fingerprint, status = EXCLUDED.status,"
+        " body = EXCLUDED.body, created = EXCLUDED.created"
+    )
+    idempotency_expire = "DELETE FROM idempotency WHERE created < ?"
+    # ON CONFLICT DO NOTHING, not an exception: on PostgreSQL an error aborts the transaction.
+    card_insert = (
+        f"INSERT INTO softcards ({CARD_COLS}) VALUES ({', '.join('?' * NCOLS)})"
+        " ON CONFLICT DO NOTHING"
+    )
+    # Its objects, sessions and grants cascade: on PostgreSQL after the card's row lock, the
+    # order a copy takes too (card, then object). SQLite's store deletes them first itself.
+    card_delete = "DELETE FROM softcards WHERE id = ?"
+    card_set_failures = "UPDATE softcards SET failures = ?, locked_until = ? WHERE id = ?"
+    # One UPDATE: a concurrent one on the same card waits for the row (or database) lock, then
+    # sees what this one wrote (PostgreSQL re-evaluates its WHERE at READ COMMITTED).
+    card_reserve_attempt = (
+        "UPDATE softcards SET"
+        " pending = (CASE WHEN pending_until > :now THEN pending ELSE 0 END) + 1,"
+        " pending_until = :lease"
+        " WHERE id = :card AND locked_until <= :now"
+        " AND failures + (CASE WHEN pending_until > :now THEN pending ELSE 0 END)"
+        " < {greatest}(:threshold, failures + 1)"
+        " RETURNING failures + pending"
+    )
+    card_settle_success = (
+        "UPDATE softcards SET failures = 0, locked_until = 0,"
+        " pending = {greatest}(pending - 1, 0) WHERE id = :card"
+    )
+    card_settle_failure = (
+        "UPDATE softcards SET failures = failures + 1, pending = {greatest}(pending - 1, 0),"
+        " locked_until = CASE WHEN failures + 1 >= :threshold"
+        " THEN :now + {least}(1 << {least}(failures + 1 - :threshold, 30), :max)"
+        " ELSE locked_until END WHERE id = :card"
+    )
+    session_insert = "INSERT INTO sessions (id, card, expires, client) VALUES (?, ?, ?, ?)"
+    session_extend = "UPDATE sessions SET expires = ? WHERE id = ? AND card = ?"
+    grant_put = "INSERT INTO grants (card, client) VALUES (?, ?) ON CONFLICT DO NOTHING"
+    grant_delete = "DELETE FROM grants WHERE card = ? AND client = ?"
+    grant_delete_sessions = "DELETE FROM sessions WHERE card = ? AND client = ?"
+    session_delete = "DELETE FROM sessions WHERE id = ?"
+    session_expire = "DELETE FROM sessions WHERE expires < ?"
+    object_insert = f"INSERT INTO objects ({OBJ_COLS}) VALUES (?, ?, ?, ?, ?, ?)"
+    object_delete = "DELETE FROM objects WHERE card = ? AND handle = ?"
+    object_set_attrs = "UPDATE objects SET attrs = ? WHERE card = ? AND handle = ?"
+
+    @classmethod
+    def render(
+        cls, *, pyformat: bool, lock: str, order: str, greatest: str, least: str
+    ) -> Statements:
+        """This set for one backend (and, on PostgreSQL, for reads or for write transactions)."""
+        tokens = {"lock": lock, "order": order, "greatest": greatest, "least": least}
+        out = cls()
+        for name, text in vars(Statements).items():
+            if name.startswith("_") or not isinstance(text, str):
+                continue
+            text = text.format(**tokens)
+            if pyformat:
+                text = _NAMED.sub(r"%(\1)s", text.replace("?", "%s"))
+            setattr(out, name, text)  # the instance's text hides the template
+        return out
+
+
+class _Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Connection(Protocol):
+    """What the statements need of a DB-API connection (sqlite3's and psycopg's both have it)."""
+
+    def execute(self, sql: str, args: Any = ..., /) -> _Cursor: ...
+
+
+def _card(row: tuple[Any, ...]) -> CardRow:
+    return CardRow(*row)
+
+
+class SqlReads(ReadTx):
+    """The reads, on one connection (in or out of a transaction)."""
+
+    __slots__ = ("con",)
+    sql: ClassVar[Statements]  # the backend's rendered set
+
+    def __init__(self, con: Connection) -> None:
+        self.con = con
+
+    def card_get(self, card: str) -> CardRow | None:
+        row = self.con.execute(self.sql.card_get, (card,)).fetchone()
+        return _card(row) if row else None
+
+    def card_list(self, visible_to: str | None = None) -> list[tuple[CardRow, CardCounts]]:
+        q = self.sql
+        sql = q.card_list
+        args: tuple[str, ...] = ()
+        if visible_to is not None:
+            sql += q.card_list_visible
+            args = (visible_to, visible_to)
+        rows = self.con.execute(sql + q.card_list_order, args).fetchall()
+        n = NCOLS
+        return [(_card(r[:n]), CardCounts(r[n], r[n + 1], r[n + 2])) for r in rows]
+
+    def grant_exists(self, card: str, client: str) -> bool:
+        return self.con.execute(self.sql.grant_exists, (card, client)).fetchone() is not None
+
+    def grant_list(self, card: str) -> list[str]:
+        rows = self.con.execute(self.sql.grant_list, (card,)).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def card_counts(self, card: str) -> CardCounts:
+        args = (C.CKO_SECRET_KEY, C.CKO_CERTIFICATE, C.CKO_DATA, card)
+        row = self.con.execute(self.sql.card_counts, args).fetchone()
+        return CardCounts(int(row[0]), int(row[1]), int(row[2]))
+
+    def session_valid(self, session: str, card: str, now: float) -> bool:
+        row = self.con.execute(self.sql.session_valid, (session, card, now)).fetchone()
+        return row is not None
+
+    def object_get(self, card: str, handle: str) -> ObjectRow | None:
+        row = self.con.execute(self.sql.object_get, (handle, card)).fetchone()
+        return ObjectRow(*row) if row else None
+
+    def session_object(
+        self, session: str, card: str, now: float, handle: str
+    ) -> tuple[bool, ObjectRow | None]:
+        row = self.con.execute(self.sql.session_object, (handle, session, card, now)).fetchone()
+        if row is None:
+            return False, None
+        return True, (ObjectRow(*row) if row[0] is not None else None)
+
+    def object_search(
+        self, card: str, cls: int | None, key_type: int | None
+    ) -> Iterator[ObjectRow]:
+        q = self.sql
+        sql = q.object_search
+        args: list[object] = [card]
+        if cls is not None:
+            sql += q.object_search_cls
+            args.append(cls)
+        if key_type is not None:
+            sql += q.object_search_key_type
+            args.append(key_type)
+        # fetchall: no cursor stays open across an await on a thread's connection.
+        rows = self.con.execute(sql + q.object_search_order, args).fetchall()
+        return (ObjectRow(*r) for r in rows)
+
+    def idempotency_get(self, key: str) -> IdempotencyRow | None:
+        row = self.con.execute(self.sql.idempotency_get, (key,)).fetchone()
+        return IdempotencyRow(*row) if row else None
+
+    def activity(self, now: float) -> StoreActivity:
+        row = self.con.execute(self.sql.activity, (now, now)).fetchone()
+        return StoreActivity(int(row[0]), int(row[1]))
+
+
+class SqlTx(SqlReads, WriteTx):
+    """The changes, inside the backend's write transaction."""
+
+    __slots__ = ()
+
+    def _lock_card(self, card: str) -> None:
+        """Before a grant changes (PostgreSQL takes the card's row lock; SQLite holds all)."""
+
+    def idempotency_put(self, row: IdempotencyRow) -> None:
+        args = (row.key, row.fingerprint, row.status, row.body, row.created)
+        self.con.execute(self.sql.idempotency_put, args)
+
+    def idempotency_expire(self, before: float) -> None:
+        self.con.execute(self.sql.idempotency_expire, (before,))
+
+    def card_insert(self, row: CardRow) -> bool:
+        args = (row.id, row.name, row.created, row.salt, row.kdf_n, row.kdf_r, row.kdf_p,
+                row.wrapped_key, row.failures, row.locked_until, row.owner)  # fmt: skip
+        return self.con.execute(self.sql.card_insert, args).rowcount == 1
+
+    def card_delete(self, card: str) -> None:
+        self.con.execute(self.sql.card_delete, (card,))
+
+    def card_set_failures(self, card: str, failures: int, locked_until: float) -> None:
+        self.con.execute(self.sql.card_set_failures, (failures, locked_until, card))
+
+    def card_reserve_attempt(
+        self, card: str, now: float, threshold: int, lease_until: float
+    ) -> int | None:
+        args = {"now": now, "lease": lease_until, "card": card, "threshold": threshold}
+        # All rows: SQLite finishes a RETURNING statement only when its rows are read.
+        rows = self.con.execute(self.sql.card_reserve_attempt, args).fetchall()
+        return int(rows[0][0]) if rows else None
+
+    def card_settle_attempt(
+        self, card: str, success: bool, now: float, threshold: int, max_seconds: int
+    ) -> None:
+        sql = self.sql.card_settle_success if success else self.sql.card_settle_failure
+        args = {"card": card, "now": now, "threshold": threshold, "max": max_seconds}
+        self.con.execute(sql, args)
+
+    def session_insert(self, session: str, card: str, expires: float, client: str) -> None:
+        self.con.execute(self.sql.session_insert, (session, card, expires, client))
+
+    def session_extend(self, session: str, card: str, expires: float) -> bool:
+        return self.con.execute(self.sql.session_extend, (expires, session, card)).rowcount > 0
+
+    def grant_put(self, card: str, client: str) -> None:
+        self._lock_card(card)
+        self.con.execute(self.sql.grant_put, (card, client))
+
+    def grant_delete(self, card: str, client: str) -> bool:
+        self._lock_card(card)
+        cur = self.con.execute(self.sql.grant_delete, (card, client))
+        self.con.execute(self.sql.grant_delete_sessions, (card, client))
+        return cur.rowcount > 0
+
+    def session_delete(self, session: str) -> bool:
+        return self.con.execute(self.sql.session_delete, (session,)).rowcount > 0
+
+    def session_expire(self, before: float) -> None:
+        self.con.execute(self.sql.session_expire, (before,))
+
+    def object_insert(self, row: ObjectRow) -> None:
+        args = (row.handle, row.card, row.cls, row.key_type, row.stored, row.secret)
+        self.con.execute(self.sql.object_insert, args)
+
+    def object_delete(self, card: str, handle: str) -> bool:
+        return self.con.execute(self.sql.object_delete, (card, handle)).rowcount > 0
+
+    def object_set_attrs(self, card: str, handle: str, attrs: Attrs) -> bool:
+        args = (encode_stored(attrs), card, handle)
+        return self.con.execute(self.sql.object_set_attrs, args).rowcount > 0
