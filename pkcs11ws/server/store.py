@@ -34,7 +34,8 @@ The contract
 
 Backends are found by the scheme of the `store:` URL in server.yaml (`BACKENDS`): `sqlite:///...`
 (sqlite_store.py, the embedded default) and `postgresql://...` (pg_store.py, for several
-replicas). The backend module is imported only when it is used.
+replicas), both on the statements written once in store_sql.py. The backend module is imported
+only when it is used.
 """
 
 from __future__ import annotations
