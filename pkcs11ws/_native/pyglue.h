@@ -2,14 +2,14 @@
  * pyglue.h: how a host thread gets into Python, shared by the loader and the Cython core.
  *
  * A plain PyGILState_Ensure/Release pair on a thread Python has never seen creates and destroys
- * a thread state on every call (5-7 us, and the per-thread curl handle dies with it: a new TLS
- * handshake per request). So the first time a foreign thread needs Python it is adopted: one
+ * a thread state on every call (a cost per call, and the per-thread curl handle dies with it: a
+ * new TLS handshake per request). So the first time a foreign thread needs Python it is adopted: one
  * PyGILState_Ensure that is never released keeps its thread state alive for the thread's life
  * (gilstate counter stays at 1), and later Ensure/Release pairs only move the GIL. Threads Python
  * already knows (its own, or a caller such as PyKCS11 that holds the GIL) are left alone.
  *
  * When an adopted thread ends, a pthread key destructor frees its thread state (else a host that
- * churns threads grows ~80 KB per ended thread, for ever). Not through PyGILState_Release: at
+ * churns threads grows by a thread state per ended thread, for ever). Not through PyGILState_Release: at
  * thread exit glibc has usually already cleared CPython's own TSS slot (the gilstate autoTSSkey,
  * created before our key, so visited first), so PyGILState_Release finds "no thread-state for
  * this thread" and aborts the process (the fatal error the first loader saw) and

@@ -1,6 +1,6 @@
 """The ASGI application: routing by protocol.ENDPOINTS, bodies, errors, idempotency, access log.
 
-A plain ASGI callable (no framework: design.md 6 measured Starlette at 1.7x the CPU per request).
+A plain ASGI callable, no framework (design.md section 6 has the measurement behind that).
 Per request: one dict lookup or a few precompiled regexes to route, strict decoding with
 protocol.decode, one handler call, one JSON answer. Every failure becomes
 {"code", "message"} with the status from protocol.ERRORS; an unexpected exception is INTERNAL
