@@ -26,11 +26,13 @@ from setuptools.command.build_py import build_py
 NATIVE = os.path.join("pkcs11ws", "_native")
 BOOT_NAME = "libpkcs11ws.so"
 LOADER_NAME = "libpkcs11ws-python.so"
-HEADERS = [os.path.join("include", n) for n in ("pkcs11ws_ck.h", "pkcs11ws_const.h",
-                                                "pkcs11ws_funcs.h")]  # fmt: skip
+HEADERS = [
+    os.path.join("include", n) for n in ("pkcs11ws_ck.h", "pkcs11ws_const.h", "pkcs11ws_funcs.h")
+]
 BOOT_DEPENDS = [os.path.join(NATIVE, n) for n in ("bootstrap.c", "trampolines.h", "runtime.h")]
-LOADER_DEPENDS = [os.path.join(NATIVE, n) for n in ("loader.c", "pyglue.h", "core_api.h",
-                                                    "runtime.h")]  # fmt: skip
+LOADER_DEPENDS = [
+    os.path.join(NATIVE, n) for n in ("loader.c", "pyglue.h", "core_api.h", "runtime.h")
+]
 BOOT_MAP = "{ global: C_*; local: *; };\n"
 LOADER_MAP = "{ global: p11ws_loader_boot; local: *; };\n"
 CFLAGS = ["-fvisibility=hidden", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fPIC"]
@@ -78,8 +80,7 @@ class BuildExtWithLoader(build_ext):
         return os.path.join(os.path.dirname(core), name)
 
     def get_outputs(self) -> list[str]:
-        return [*super().get_outputs(), self.native_path(BOOT_NAME),
-                self.native_path(LOADER_NAME)]  # fmt: skip
+        return [*super().get_outputs(), self.native_path(BOOT_NAME), self.native_path(LOADER_NAME)]
 
     def _stale(self, out: str, depends: list[str]) -> bool:
         newest = max(os.path.getmtime(p) for p in [*depends, *HEADERS, __file__])
@@ -100,13 +101,24 @@ class BuildExtWithLoader(build_ext):
         with open(script, "w") as f:
             f.write(version_map)
         cc = self.compiler
-        objects = cc.compile(sources, output_dir=self.build_temp, macros=macros,
-                             include_dirs=["include", NATIVE, *include_dirs],
-                             extra_postargs=CFLAGS)  # fmt: skip
-        cc.link_shared_object(objects, self.native_path(name), libraries=libraries,
-                              library_dirs=library_dirs,
-                              extra_postargs=[f"-Wl,--version-script={script}", "-Wl,-z,nodelete",
-                                              "-Wl,--no-undefined"])  # fmt: skip
+        objects = cc.compile(
+            sources,
+            output_dir=self.build_temp,
+            macros=macros,
+            include_dirs=["include", NATIVE, *include_dirs],
+            extra_postargs=CFLAGS,
+        )
+        cc.link_shared_object(
+            objects,
+            self.native_path(name),
+            libraries=libraries,
+            library_dirs=library_dirs,
+            extra_postargs=[
+                f"-Wl,--version-script={script}",
+                "-Wl,-z,nodelete",
+                "-Wl,--no-undefined",
+            ],
+        )
 
     def build_module(self) -> None:
         if self.inplace:
@@ -120,9 +132,15 @@ class BuildExtWithLoader(build_ext):
             raise SystemExit("libpkcs11ws.so needs a Python built with --enable-shared")
         if self._stale(self.native_path(LOADER_NAME), LOADER_DEPENDS):
             # libpython by soname at link time only: no RPATH/RUNPATH (bootstrap.c loads it).
-            self._link(LOADER_NAME, [os.path.join(NATIVE, "loader.c")], LOADER_MAP, [],
-                       [sysconfig.get_paths()["include"]], [ldlib[3:].split(".so")[0], "dl",
-                       "pthread"], [sysconfig.get_config_var("LIBDIR")])  # fmt: skip
+            self._link(
+                LOADER_NAME,
+                [os.path.join(NATIVE, "loader.c")],
+                LOADER_MAP,
+                [],
+                [sysconfig.get_paths()["include"]],
+                [ldlib[3:].split(".so")[0], "dl", "pthread"],
+                [sysconfig.get_config_var("LIBDIR")],
+            )
         if self._stale(self.native_path(BOOT_NAME), BOOT_DEPENDS):
             macros = [
                 ("P11WS_PY_MAJOR", str(sys.version_info.major)),
@@ -130,8 +148,15 @@ class BuildExtWithLoader(build_ext):
                 ("P11WS_PY_SONAME", _c_string(soname)),
                 ("P11WS_MULTIARCH", _c_string(sysconfig.get_config_var("MULTIARCH") or "")),
             ]
-            self._link(BOOT_NAME, [os.path.join(NATIVE, "bootstrap.c")], BOOT_MAP, macros, [],
-                       ["dl", "pthread"], [])  # fmt: skip
+            self._link(
+                BOOT_NAME,
+                [os.path.join(NATIVE, "bootstrap.c")],
+                BOOT_MAP,
+                macros,
+                [],
+                ["dl", "pthread"],
+                [],
+            )
 
 
 extensions = [
@@ -139,12 +164,23 @@ extensions = [
         "pkcs11ws._native.core",
         [os.path.join(NATIVE, "core.pyx")],
         include_dirs=["include", NATIVE],
-        depends=[os.path.join(NATIVE, n) for n in ("tables.pxi", "objects.pxi", "crypto.pxi",
-                                                   "multipart.pxi", "funcs.pxi", "ck.pxd",
-                                                   "ck_gen.pxd", "tables.pxd", "pyglue.h",
-                                                   "probe.h")],
+        depends=[
+            os.path.join(NATIVE, n)
+            for n in (
+                "tables.pxi",
+                "objects.pxi",
+                "crypto.pxi",
+                "multipart.pxi",
+                "funcs.pxi",
+                "ck.pxd",
+                "ck_gen.pxd",
+                "tables.pxd",
+                "pyglue.h",
+                "probe.h",
+            )
+        ],
     ),
-]  # fmt: skip
+]
 
 setup(
     ext_modules=cythonize(

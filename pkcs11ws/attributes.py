@@ -27,17 +27,43 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-
 if TYPE_CHECKING:
     from typing import Final
 
-_COMMON: Final = {"CKA_CLASS": "R", "CKA_TOKEN": "T", "CKA_PRIVATE": "T", "CKA_LABEL": "",
-                  "CKA_MODIFIABLE": "", "CKA_COPYABLE": "", "CKA_DESTROYABLE": "T"}  # fmt: skip
-_KEY: Final = {**_COMMON, "CKA_KEY_TYPE": "", "CKA_ID": "", "CKA_START_DATE": "",
-               "CKA_END_DATE": "", "CKA_DERIVE": "F", "CKA_LOCAL": "TI",
-               "CKA_KEY_GEN_MECHANISM": "G", "CKA_ALLOWED_MECHANISMS": ""}  # fmt: skip
-_PRIVATE_USE: Final = {"CKA_SENSITIVE": "T", "CKA_EXTRACTABLE": "F", "CKA_ALWAYS_SENSITIVE": "TI",
-                       "CKA_NEVER_EXTRACTABLE": "TI", "CKA_UNWRAP": "F",
-                       "CKA_WRAP_WITH_TRUSTED": "F", "CKA_ALWAYS_AUTHENTICATE": "F"}  # fmt: skip
-_RSA_EC_PUBLIC: Final = {"CKA_MODULUS": "G", "CKA_MODULUS_BITS": "G",
-                         "CKA_PUBLIC_EXPONENT": "G", "CKA_EC_PARAMS": "G", "CKA_EC_POINT": "G",
-                         "CKA_PUBLIC_KEY_INFO": "G"}  # fmt: skip
+_COMMON: Final = {
+    "CKA_CLASS": "R",
+    "CKA_TOKEN": "T",
+    "CKA_PRIVATE": "T",
+    "CKA_LABEL": "",
+    "CKA_MODIFIABLE": "",
+    "CKA_COPYABLE": "",
+    "CKA_DESTROYABLE": "T",
+}
+_KEY: Final = {
+    **_COMMON,
+    "CKA_KEY_TYPE": "",
+    "CKA_ID": "",
+    "CKA_START_DATE": "",
+    "CKA_END_DATE": "",
+    "CKA_DERIVE": "F",
+    "CKA_LOCAL": "TI",
+    "CKA_KEY_GEN_MECHANISM": "G",
+    "CKA_ALLOWED_MECHANISMS": "",
+}
+_PRIVATE_USE: Final = {
+    "CKA_SENSITIVE": "T",
+    "CKA_EXTRACTABLE": "F",
+    "CKA_ALWAYS_SENSITIVE": "TI",
+    "CKA_NEVER_EXTRACTABLE": "TI",
+    "CKA_UNWRAP": "F",
+    "CKA_WRAP_WITH_TRUSTED": "F",
+    "CKA_ALWAYS_AUTHENTICATE": "F",
+}
+_RSA_EC_PUBLIC: Final = {
+    "CKA_MODULUS": "G",
+    "CKA_MODULUS_BITS": "G",
+    "CKA_PUBLIC_EXPONENT": "G",
+    "CKA_EC_PARAMS": "G",
+    "CKA_EC_POINT": "G",
+    "CKA_PUBLIC_KEY_INFO": "G",
+}
 
 SCHEMA: Final[dict[int, dict[str, str]]] = {
     C.CKO_DATA: {**_COMMON, "CKA_APPLICATION": "", "CKA_OBJECT_ID": "", "CKA_VALUE": ""},
@@ -63,9 +89,13 @@ SCHEMA: Final[dict[int, dict[str, str]]] = {
         "CKA_VERIFY": "",
         "CKA_VERIFY_RECOVER": "F", "CKA_WRAP": "F", "CKA_TRUSTED": "F", **_RSA_EC_PUBLIC},
 }  # fmt: skip
-CLASS_NAMES: Final = {C.CKO_DATA: "data", C.CKO_CERTIFICATE: "certificate",
-                      C.CKO_SECRET_KEY: "secret key", C.CKO_PRIVATE_KEY: "private key",
-                      C.CKO_PUBLIC_KEY: "public key"}  # fmt: skip
+CLASS_NAMES: Final = {
+    C.CKO_DATA: "data",
+    C.CKO_CERTIFICATE: "certificate",
+    C.CKO_SECRET_KEY: "secret key",
+    C.CKO_PRIVATE_KEY: "private key",
+    C.CKO_PUBLIC_KEY: "public key",
+}
 KEY_CLASSES: Final = (C.CKO_SECRET_KEY, C.CKO_PRIVATE_KEY, C.CKO_PUBLIC_KEY)
 RENAMABLE: Final = ("CKA_LABEL", "CKA_ID")  # what C_SetAttributeValue may change
 

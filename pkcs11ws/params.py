@@ -34,14 +34,23 @@ def decode(param: Param, blob: bytes) -> dict[str, Any]:
     """The protocol fields for a serialised parameter (empty for kinds without a struct)."""
     if param is Param.RSA_PSS:
         h, mgf, salt = struct.unpack("<3Q", blob)
-        return {"hash": _hash(h, mechanisms.HASHES, "hash"),
-                "mgf": _hash(mgf, mechanisms.MGFS, "MGF"), "salt_length": salt}  # fmt: skip
+        return {
+            "hash": _hash(h, mechanisms.HASHES, "hash"),
+            "mgf": _hash(mgf, mechanisms.MGFS, "MGF"),
+            "salt_length": salt,
+        }
     if param is Param.RSA_OAEP:
         h, mgf = struct.unpack_from("<2Q", blob)
-        return {"hash": _hash(h, mechanisms.HASHES, "hash"),
-                "mgf": _hash(mgf, mechanisms.MGFS, "MGF"), "label": blob[16:] or None}  # fmt: skip
+        return {
+            "hash": _hash(h, mechanisms.HASHES, "hash"),
+            "mgf": _hash(mgf, mechanisms.MGFS, "MGF"),
+            "label": blob[16:] or None,
+        }
     if param is Param.GCM:
         tag_bits, ivlen = struct.unpack_from("<2Q", blob)
-        return {"iv": blob[16 : 16 + ivlen], "aad": blob[16 + ivlen :] or None,
-                "tag_bits": tag_bits}  # fmt: skip
+        return {
+            "iv": blob[16 : 16 + ivlen],
+            "aad": blob[16 + ivlen :] or None,
+            "tag_bits": tag_bits,
+        }
     return {}

@@ -473,8 +473,15 @@ ENDPOINTS: Final[tuple[Endpoint, ...]] = (
              errors=("BATCH_TOO_LARGE",)),
 )  # fmt: skip
 ENDPOINT_BY_OP: Final[dict[str, Endpoint]] = {e.op: e for e in ENDPOINTS}
-COMMON_ERRORS: Final = ("BAD_REQUEST", "UNKNOWN_FIELD", "BAD_BASE64", "BODY_TOO_LARGE",
-                        "CLIENT_NOT_AUTHORIZED", "INTERNAL", "UNAVAILABLE")  # fmt: skip
+COMMON_ERRORS: Final = (
+    "BAD_REQUEST",
+    "UNKNOWN_FIELD",
+    "BAD_BASE64",
+    "BODY_TOO_LARGE",
+    "CLIENT_NOT_AUTHORIZED",
+    "INTERNAL",
+    "UNAVAILABLE",
+)
 
 
 def path_for(op: str, **params: str) -> str:

@@ -54,9 +54,12 @@ def _struct_schema(s: P.Struct) -> dict[str, Any]:
 
 
 def _attrs_schema() -> dict[str, Any]:
-    kinds = {P.BOOL: {"type": "boolean"}, P.ULONG: {"type": "integer", "minimum": 0},
-             P.BYTES: {"type": "string", "format": "byte"},
-             P.ULONGS: {"type": "array", "items": {"type": "integer", "minimum": 0}}}  # fmt: skip
+    kinds = {
+        P.BOOL: {"type": "boolean"},
+        P.ULONG: {"type": "integer", "minimum": 0},
+        P.BYTES: {"type": "string", "format": "byte"},
+        P.ULONGS: {"type": "array", "items": {"type": "integer", "minimum": 0}},
+    }
     return {
         "type": "object",
         "description": "PKCS#11 attributes by name; CK_BBOOL as boolean, CK_ULONG as integer, "
@@ -82,27 +85,43 @@ def openapi() -> dict[str, Any]:
         ]
         if ep.idempotent:
             params.append(
-                {"name": P.IDEMPOTENCY_HEADER, "in": "header", "required": True,
-                 "schema": {"type": "string", "pattern": P.IDEMPOTENCY_RE.pattern}}
-            )  # fmt: skip
+                {
+                    "name": P.IDEMPOTENCY_HEADER,
+                    "in": "header",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": P.IDEMPOTENCY_RE.pattern},
+                }
+            )
         errs = sorted({*ep.errors, *P.COMMON_ERRORS} - {"NOT_FOUND", "METHOD_NOT_ALLOWED"})
         responses: dict[str, Any] = {
-            "200": {"description": "OK", "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{ep.response}"}}}},
-        }  # fmt: skip
+            "200": {
+                "description": "OK",
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{ep.response}"}}
+                },
+            },
+        }
         for status in sorted({P.ERRORS[e].http for e in errs}):
             codes = [e for e in errs if P.ERRORS[e].http == status]
             responses[str(status)] = {
                 "description": "Error: " + ", ".join(codes),
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
             }
-        op: dict[str, Any] = {"operationId": ep.op, "summary": ep.doc, "responses": responses,
-                              "x-access": ep.access}  # fmt: skip
+        op: dict[str, Any] = {
+            "operationId": ep.op,
+            "summary": ep.doc,
+            "responses": responses,
+            "x-access": ep.access,
+        }
         if params:
             op["parameters"] = params
         if ep.request != "Empty" or ep.method == "POST":
-            op["requestBody"] = {"required": True, "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{ep.request}"}}}}  # fmt: skip
+            op["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{ep.request}"}}
+                },
+            }
         if ep.auth:
             op["security"] = [{"activation": []}]
         paths.setdefault(ep.path, {})[ep.method.lower()] = op
@@ -195,8 +214,7 @@ def markdown() -> str:
         "| attribute | code | JSON type |",
         "|---|---|---|",
     ]
-    kinds = {P.BOOL: "boolean", P.ULONG: "integer", P.BYTES: "base64",
-             P.ULONGS: "list of integers"}  # fmt: skip
+    kinds = {P.BOOL: "boolean", P.ULONG: "integer", P.BYTES: "base64", P.ULONGS: "list of integers"}
     out += [f"| `{a.name}` | 0x{a.code:08X} | {kinds[a.kind]} |" for a in P.ATTRIBUTES]
     out += ["", "## Error codes", "", "| code | HTTP | CKR | meaning |", "|---|---|---|---|"]
     out += [

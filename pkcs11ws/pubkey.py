@@ -21,9 +21,13 @@ _BY_DIGEST_LEN = {20: "sha1", 28: "sha224", 32: "sha256", 48: "sha384", 64: "sha
 def _hash(name: str) -> Any:
     from cryptography.hazmat.primitives import hashes
 
-    algos: dict[str, Any] = {"sha1": hashes.SHA1, "sha224": hashes.SHA224,
-                             "sha256": hashes.SHA256, "sha384": hashes.SHA384,
-                             "sha512": hashes.SHA512}  # fmt: skip
+    algos: dict[str, Any] = {
+        "sha1": hashes.SHA1,
+        "sha224": hashes.SHA224,
+        "sha256": hashes.SHA256,
+        "sha384": hashes.SHA384,
+        "sha512": hashes.SHA512,
+    }
     algo = algos.get(name)
     if algo is None:
         raise PKCS11Error(C.CKR_MECHANISM_PARAM_INVALID, f"hash {name!r} is not supported")
@@ -44,16 +48,18 @@ def _pss(mech: Mechanism, key: Any, params: dict[str, Any]) -> Any:
     return padding.PSS(padding.MGF1(_hash(params["mgf"])), params["salt_length"])
 
 
-def verify(mech: Mechanism, key: Any, data: bytes, signature: bytes,
-           params: dict[str, Any]) -> None:  # fmt: skip
+def verify(
+    mech: Mechanism, key: Any, data: bytes, signature: bytes, params: dict[str, Any]
+) -> None:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
 
     try:
         if mech.family is Family.EC:
             n = len(signature) // 2
-            der = utils.encode_dss_signature(int.from_bytes(signature[:n], "big"),
-                                             int.from_bytes(signature[n:], "big"))  # fmt: skip
+            der = utils.encode_dss_signature(
+                int.from_bytes(signature[:n], "big"), int.from_bytes(signature[n:], "big")
+            )
             if mech.digest:
                 algo: Any = _hash(mech.digest)
             else:
@@ -89,8 +95,9 @@ def encrypt(mech: Mechanism, key: Any, data: bytes, params: dict[str, Any]) -> b
         raise PKCS11Error(C.CKR_MECHANISM_INVALID, f"{mech.name} does not encrypt")
     pad: Any
     if mech.param is Param.RSA_OAEP:
-        pad = padding.OAEP(padding.MGF1(_hash(params["mgf"])), _hash(params["hash"]),
-                           params.get("label"))  # fmt: skip
+        pad = padding.OAEP(
+            padding.MGF1(_hash(params["mgf"])), _hash(params["hash"]), params.get("label")
+        )
     else:
         pad = padding.PKCS1v15()
     try:

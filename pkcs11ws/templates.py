@@ -37,9 +37,11 @@ CLASSES: Final = (C.CKO_DATA, C.CKO_CERTIFICATE, C.CKO_SECRET_KEY, C.CKO_PRIVATE
 # CKA_COPYABLE is on the WSOP guide's list too, for a library without C_CopyObject; this one
 # copies, so CKA_COPYABLE (like CKA_MODIFIABLE) may be given either way and is enforced as read.
 MUST_BE_FALSE: Final = A.having(C.CKO_SECRET_KEY, "F")
-KEY_MUST_BE_TRUE: Final = tuple(n for n in A.having(C.CKO_SECRET_KEY, "T") if n in
-                                ("CKA_ALWAYS_SENSITIVE", "CKA_NEVER_EXTRACTABLE", "CKA_LOCAL",
-                                 "CKA_SENSITIVE"))  # fmt: skip
+KEY_MUST_BE_TRUE: Final = tuple(
+    n
+    for n in A.having(C.CKO_SECRET_KEY, "T")
+    if n in ("CKA_ALWAYS_SENSITIVE", "CKA_NEVER_EXTRACTABLE", "CKA_LOCAL", "CKA_SENSITIVE")
+)
 # An imported key was not always sensitive, may have been extracted and was not made here: these
 # read back false on it, so they may only be given false.
 IMPORTED_FALSE: Final = A.having(C.CKO_SECRET_KEY, "I")
@@ -68,8 +70,10 @@ def decode_value(attr: protocol.Attr, raw: bytes) -> protocol.AttrValue:
     if attr.kind == protocol.ULONGS:
         if len(raw) % ULONG_SIZE:
             raise _fail(C.CKR_ATTRIBUTE_VALUE_INVALID, f"{attr.name}: an array of CK_ULONG")
-        return tuple(int.from_bytes(raw[i : i + ULONG_SIZE], sys.byteorder)
-                     for i in range(0, len(raw), ULONG_SIZE))  # fmt: skip
+        return tuple(
+            int.from_bytes(raw[i : i + ULONG_SIZE], sys.byteorder)
+            for i in range(0, len(raw), ULONG_SIZE)
+        )
     return bytes(raw)
 
 
@@ -126,8 +130,10 @@ def _check_schema(cls: int, t: Attrs, imported: bool) -> None:
     for name, v in t.items():
         flags = rules.get(name)
         if flags is None:
-            raise _fail(C.CKR_ATTRIBUTE_TYPE_INVALID, f"{name} is not an attribute of a "
-                        f"{A.CLASS_NAMES[cls]}")  # fmt: skip
+            raise _fail(
+                C.CKR_ATTRIBUTE_TYPE_INVALID,
+                f"{name} is not an attribute of a {A.CLASS_NAMES[cls]}",
+            )
         if "P" in flags:
             continue
         if "I" in flags and imported:
@@ -153,8 +159,9 @@ def _check_common(t: Attrs, public_ok: bool = False) -> None:
         if name == "CKA_PRIVATE" and public_ok:
             continue
         if t[name] is not True:
-            raise _fail(C.CKR_TEMPLATE_INCONSISTENT,
-                        f"{name} must be true (no session or public objects)")  # fmt: skip
+            raise _fail(
+                C.CKR_TEMPLATE_INCONSISTENT, f"{name} must be true (no session or public objects)"
+            )
     for name in MUST_BE_FALSE:
         if t.get(name, False) is not False:
             raise _fail(C.CKR_TEMPLATE_INCONSISTENT, f"{name} must be false")
@@ -215,8 +222,10 @@ def check_generate_pair(mech: mechanisms.Mechanism, pub: Attrs, priv: Attrs) -> 
     inputs = ("CKA_MODULUS_BITS", "CKA_PUBLIC_EXPONENT", "CKA_EC_PARAMS")
     for cls, t in ((C.CKO_PUBLIC_KEY, pub), (C.CKO_PRIVATE_KEY, priv)):
         if t.get("CKA_CLASS", cls) != cls:
-            raise _fail(C.CKR_TEMPLATE_INCONSISTENT, f"CKA_CLASS: {mech.name} makes a "
-                        f"{A.CLASS_NAMES[cls]} here")  # fmt: skip
+            raise _fail(
+                C.CKR_TEMPLATE_INCONSISTENT,
+                f"CKA_CLASS: {mech.name} makes a {A.CLASS_NAMES[cls]} here",
+            )
         if t.get("CKA_KEY_TYPE", mech.gen_key_type) != mech.gen_key_type:
             raise _fail(C.CKR_TEMPLATE_INCONSISTENT, f"CKA_KEY_TYPE does not fit {mech.name}")
         _check_schema(cls, {n: v for n, v in t.items() if n not in inputs}, imported=False)

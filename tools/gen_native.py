@@ -236,8 +236,12 @@ def gen_ctypes() -> str:
 
 
 def gen_const_h() -> str:
-    lines = [f"/* {GEN} Source: pkcs11ws/constants.py */", "#ifndef PKCS11WS_CONST_H",
-             "#define PKCS11WS_CONST_H", ""]  # fmt: skip
+    lines = [
+        f"/* {GEN} Source: pkcs11ws/constants.py */",
+        "#ifndef PKCS11WS_CONST_H",
+        "#define PKCS11WS_CONST_H",
+        "",
+    ]
     lines += [f"#define {n} {_c_value(v)}" for n, v in constants()]
     lines += ["", "#endif", ""]
     return "\n".join(lines)
@@ -256,9 +260,14 @@ def gen_funcs_h() -> str:
 
 
 def gen_pxd() -> str:
-    lines = [f"# {GEN}", "# Constants are CK_ULONG (never an int enum) and the function lists.", "",
-             "from pkcs11ws._native.ck cimport *  # noqa: F403", "",
-             'cdef extern from "pkcs11ws_ck.h" nogil:']  # fmt: skip
+    lines = [
+        f"# {GEN}",
+        "# Constants are CK_ULONG (never an int enum) and the function lists.",
+        "",
+        "from pkcs11ws._native.ck cimport *  # noqa: F403",
+        "",
+        'cdef extern from "pkcs11ws_ck.h" nogil:',
+    ]
     lines += [f"    const CK_ULONG {n}" for n, _ in constants()]
     lines += [
         "",
@@ -285,8 +294,12 @@ def gen_pxd() -> str:
 
 
 def gen_pxi() -> str:
-    lines = [f"# {GEN}", "# Included by core.pyx: stubs for what the core does not implement, and",
-             "# the code that fills the v2.40 and v3.0 function lists.", ""]  # fmt: skip
+    lines = [
+        f"# {GEN}",
+        "# Included by core.pyx: stubs for what the core does not implement, and",
+        "# the code that fills the v2.40 and v3.0 function lists.",
+        "",
+    ]
     for f in ALL:
         if f.impl == "core":
             continue
@@ -301,8 +314,10 @@ def gen_pxi() -> str:
             "",
             "",
         ]
-    for struct, funcs, var in (("CK_FUNCTION_LIST", V240, "fl"), ("CK_FUNCTION_LIST_3_0", ALL,
-                                                                  "fl")):  # fmt: skip
+    for struct, funcs, var in (
+        ("CK_FUNCTION_LIST", V240, "fl"),
+        ("CK_FUNCTION_LIST_3_0", ALL, "fl"),
+    ):
         suffix = "240" if struct == "CK_FUNCTION_LIST" else "30"
         lines.append(f"cdef void _fill_{suffix}({struct}* {var}) noexcept nogil:")
         lines += [f"    {var}.{f.name} = f_{f.short}" for f in funcs]
@@ -311,9 +326,11 @@ def gen_pxi() -> str:
 
 
 def gen_trampolines() -> str:
-    lines = [f"/* {GEN}",
-             " * Included by bootstrap.c: exported C_* enter the core's 3.0 function list. */",
-             ""]  # fmt: skip
+    lines = [
+        f"/* {GEN}",
+        " * Included by bootstrap.c: exported C_* enter the core's 3.0 function list. */",
+        "",
+    ]
     for f in ALL:
         lines += [
             f"P11WS_EXPORT CK_RV {f.name}({f.c_params()})",

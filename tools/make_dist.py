@@ -63,23 +63,40 @@ def build(python: str, out_dir: Path, sdist: Path | None) -> Path:
         run([sys.executable, "-m", "build", "--sdist", "--outdir", str(work / "sdist"), str(ROOT)])
         sdist = work / "sdist" / f"pkcs11ws-{ver}.tar.gz"
     if not os.access(python, os.X_OK):
-        raise SystemExit(f"make dist: {python} is missing (Debian: apt-get install python3.11 "
-                         "python3.11-dev python3.11-venv)")  # fmt: skip
+        raise SystemExit(
+            f"make dist: {python} is missing (Debian: apt-get install python3.11 "
+            "python3.11-dev python3.11-venv)"
+        )
     venv = work / "venv"
     run([python, "-m", "venv", str(venv)])
     env = {**os.environ, "PIP_NO_BINARY": "pycurl"}
     env.pop("PYTHONPATH", None)
     run([str(venv / "bin" / "pip"), "install", "-q", str(sdist)], env=env)
     stage = work / "root"
-    run([str(venv / "bin" / "python"), "-I", "-m", "pkcs11ws", "install", "--root", str(stage),
-         "--prefix", PREFIX], env=env)  # fmt: skip
+    run(
+        [
+            str(venv / "bin" / "python"),
+            "-I",
+            "-m",
+            "pkcs11ws",
+            "install",
+            "--root",
+            str(stage),
+            "--prefix",
+            PREFIX,
+        ],
+        env=env,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / tarball_name(ver)
     tmp = target.with_name(target.name + ".tmp")
     with tarfile.open(tmp, "w:gz") as tar:
         # Members are opt/nfast/..., so `tar -xzf FILE -C /` installs them at PREFIX.
-        tar.add(stage / PREFIX.strip("/").split("/")[0], arcname=PREFIX.strip("/").split("/")[0],
-                filter=_owned_by_root)  # fmt: skip
+        tar.add(
+            stage / PREFIX.strip("/").split("/")[0],
+            arcname=PREFIX.strip("/").split("/")[0],
+            filter=_owned_by_root,
+        )
     tmp.replace(target)
     print(f"wrote {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}")
     return target

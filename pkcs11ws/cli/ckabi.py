@@ -375,12 +375,25 @@ class Session:
         self.lib.check("C_GenerateKey", self.handle, byref(mech.struct), t.array, t.count, byref(h))
         return int(h.value)
 
-    def generate_key_pair(self, mech: Mechanism, public: Sequence[tuple[int, AttrIn]],
-                          private: Sequence[tuple[int, AttrIn]]) -> tuple[int, int]:  # fmt: skip
+    def generate_key_pair(
+        self,
+        mech: Mechanism,
+        public: Sequence[tuple[int, AttrIn]],
+        private: Sequence[tuple[int, AttrIn]],
+    ) -> tuple[int, int]:
         pub, priv = Template(public), Template(private)
         hp, hv = CK_ULONG(), CK_ULONG()
-        self.lib.check("C_GenerateKeyPair", self.handle, byref(mech.struct), pub.array,
-                       pub.count, priv.array, priv.count, byref(hp), byref(hv))  # fmt: skip
+        self.lib.check(
+            "C_GenerateKeyPair",
+            self.handle,
+            byref(mech.struct),
+            pub.array,
+            pub.count,
+            priv.array,
+            priv.count,
+            byref(hp),
+            byref(hv),
+        )
         return int(hp.value), int(hv.value)
 
     def create_object(self, items: Sequence[tuple[int, AttrIn]]) -> int:

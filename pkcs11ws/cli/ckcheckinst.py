@@ -99,9 +99,11 @@ def check_config(rep: Report, explicit: bool) -> Config | None:
         if "configuration file not found" in e.message and os.path.isfile(example):
             fix = f"copy {example} to {missing} and edit it (HOST, PORT, CERT, KEY, AUTH)"
         elif "configuration file not found" in e.message:
-            fix = (f"copy conf/example_pkcs11webservices.cfg to pkcs11webservices.cfg and edit "
-                   f"it, or point ${ENV_CONFIG} (or --config) at your file; without either the "
-                   f"module reads {DEFAULT_PATH}")  # fmt: skip
+            fix = (
+                f"copy conf/example_pkcs11webservices.cfg to pkcs11webservices.cfg and edit "
+                f"it, or point ${ENV_CONFIG} (or --config) at your file; without either the "
+                f"module reads {DEFAULT_PATH}"
+            )
         else:
             fix = "correct the file line or the environment variable named above"
         rep.fail("configuration", f"{e.message} ({source})", fix)
@@ -111,8 +113,7 @@ def check_config(rep: Report, explicit: bool) -> Config | None:
         if cfg.overrides
         else "no PKCS11WS_* environment overrides"
     )
-    rep.ok("configuration", f"{cfg.path} ({source}); key service {cfg.where()}",
-           [overrides])  # fmt: skip
+    rep.ok("configuration", f"{cfg.path} ({source}); key service {cfg.where()}", [overrides])
     for w in cfg.warnings:
         rep.warn("configuration", w)
     return cfg
@@ -126,9 +127,11 @@ def _validity(rep: Report, name: str, cert: x509.Certificate, role: str, fix: st
     now = dt.datetime.now(dt.UTC)
     subject = cert.subject.rfc4514_string()
     if now < cert.not_valid_before_utc:
-        rep.fail(name, f"{role} {subject!r} is not valid before "
-                       f"{_when(cert.not_valid_before_utc)}",
-                 "check this machine's clock, or " + fix)  # fmt: skip
+        rep.fail(
+            name,
+            f"{role} {subject!r} is not valid before {_when(cert.not_valid_before_utc)}",
+            "check this machine's clock, or " + fix,
+        )
         return False
     if now > cert.not_valid_after_utc:
         rep.fail(name, f"{role} {subject!r} expired on {_when(cert.not_valid_after_utc)}", fix)
@@ -141,8 +144,11 @@ def _read(rep: Report, name: str, path: str) -> bytes | None:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        rep.fail(name, f"cannot read {path}: {e.strerror}",
-                 "make the file readable by the user running the application")  # fmt: skip
+        rep.fail(
+            name,
+            f"cannot read {path}: {e.strerror}",
+            "make the file readable by the user running the application",
+        )
         return None
 
 
@@ -154,16 +160,22 @@ def check_cert(rep: Report, cfg: Config) -> x509.Certificate | None:
     try:
         cert = x509.load_pem_x509_certificates(data)[0]
     except ValueError:
-        rep.fail(name, f"{cfg.cert} is not a PEM X.509 certificate",
-                 "CERT must name the client certificate, in PEM format")  # fmt: skip
+        rep.fail(
+            name,
+            f"{cfg.cert} is not a PEM X.509 certificate",
+            "CERT must name the client certificate, in PEM format",
+        )
         return None
     fix = "issue a new client certificate and point CERT at it"
     if not _validity(rep, name, cert, "the client certificate", fix):
         return cert
     days = (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).days
-    rep.ok(name, f"{cfg.cert}: {cert.subject.rfc4514_string()}, issued by "
-                 f"{cert.issuer.rfc4514_string()}, valid until "
-                 f"{_when(cert.not_valid_after_utc)} ({days} days left)")  # fmt: skip
+    rep.ok(
+        name,
+        f"{cfg.cert}: {cert.subject.rfc4514_string()}, issued by "
+        f"{cert.issuer.rfc4514_string()}, valid until "
+        f"{_when(cert.not_valid_after_utc)} ({days} days left)",
+    )
     return cert
 
 
@@ -175,27 +187,38 @@ def check_key(rep: Report, cfg: Config, cert: x509.Certificate | None) -> None:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
-        rep.fail(name, f"{cfg.key} is encrypted with a password",
-                 "the module needs an unencrypted PEM key (openssl pkey -in KEY -out NEW), "
-                 "kept readable only by its user")  # fmt: skip
+        rep.fail(
+            name,
+            f"{cfg.key} is encrypted with a password",
+            "the module needs an unencrypted PEM key (openssl pkey -in KEY -out NEW), "
+            "kept readable only by its user",
+        )
         return
     except (ValueError, UnsupportedAlgorithm):
-        rep.fail(name, f"{cfg.key} is not a PEM private key",
-                 "KEY must name the client certificate's private key, in PEM format")  # fmt: skip
+        rep.fail(
+            name,
+            f"{cfg.key} is not a PEM private key",
+            "KEY must name the client certificate's private key, in PEM format",
+        )
         return
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if cert is not None and (
         cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki)
     ):
-        rep.fail(name, f"{cfg.key} does not match the certificate in CERT ({cfg.cert})",
-                 "KEY must be the private key of the certificate CERT names")  # fmt: skip
+        rep.fail(
+            name,
+            f"{cfg.key} does not match the certificate in CERT ({cfg.cert})",
+            "KEY must be the private key of the certificate CERT names",
+        )
         return
     match = "matches CERT" if cert is not None else "CERT not parsed"
     rep.ok(name, f"{cfg.key}: {_key_kind(key)} private key, {match}")
     mode = os.stat(cfg.key).st_mode
     if mode & (stat.S_IRGRP | stat.S_IROTH):
-        rep.warn(name, f"{cfg.key} is readable by other users (mode {stat.S_IMODE(mode):o}); "
-                       "chmod 600 it")  # fmt: skip
+        rep.warn(
+            name,
+            f"{cfg.key} is readable by other users (mode {stat.S_IMODE(mode):o}); chmod 600 it",
+        )
 
 
 def _key_kind(key: object) -> str:
@@ -214,9 +237,12 @@ def check_auth(rep: Report, cfg: Config) -> None:
     try:
         cas = x509.load_pem_x509_certificates(data)
     except ValueError:
-        rep.fail(name, f"{cfg.auth} holds no PEM X.509 certificate",
-                 "AUTH must name the CA certificate that signed the key service's "
-                 "certificate, in PEM format")  # fmt: skip
+        rep.fail(
+            name,
+            f"{cfg.auth} holds no PEM X.509 certificate",
+            "AUTH must name the CA certificate that signed the key service's "
+            "certificate, in PEM format",
+        )
         return
     fix = "get the key service's current CA certificate and point AUTH at it"
     for ca in cas:
@@ -224,8 +250,11 @@ def check_auth(rep: Report, cfg: Config) -> None:
             return
     first = cas[0]
     more = f" and {len(cas) - 1} more" if len(cas) > 1 else ""
-    rep.ok(name, f"{cfg.auth}: CA {first.subject.rfc4514_string()}{more}, valid until "
-                 f"{_when(first.not_valid_after_utc)}")  # fmt: skip
+    rep.ok(
+        name,
+        f"{cfg.auth}: CA {first.subject.rfc4514_string()}{more}, valid until "
+        f"{_when(first.not_valid_after_utc)}",
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,21 +266,32 @@ def connection_fix(message: str, cfg: Config) -> str:
     m = message.lower()
     where = f"{cfg.host}:{cfg.port}"
     if "refused this client certificate" in m:
-        return ("CERT must be a valid (not expired) client certificate signed by a CA the key "
-                "service trusts (its tls.ca), with KEY its private key")  # fmt: skip
+        return (
+            "CERT must be a valid (not expired) client certificate signed by a CA the key "
+            "service trusts (its tls.ca), with KEY its private key"
+        )
     if "resolve" in m:
         return f"HOST {cfg.host} does not resolve: correct HOST"
     if "refused" in m or "couldn't connect" in m or "failed to connect" in m:
-        return (f"nothing accepts connections at {where}: start the key service "
-                "(pkcs11ws-server serve) or correct HOST and PORT")  # fmt: skip
+        return (
+            f"nothing accepts connections at {where}: start the key service "
+            "(pkcs11ws-server serve) or correct HOST and PORT"
+        )
     if "timed out" in m or "timeout" in m:
         return f"no answer from {where} in time: check HOST, PORT and any firewall between"
     if "subject name" in m or "no alternative certificate subject" in m or "hostname" in m:
         return f"HOST {cfg.host} must be a name in the key service's certificate"
-    if "certificate problem" in m or "peer certificate" in m or "self-signed" in m \
-            or "self signed" in m or "unable to get local issuer" in m:  # fmt: skip
-        return ("the key service's certificate is not signed by the CA in AUTH: AUTH must be "
-                "the CA certificate that signed the service's certificate")  # fmt: skip
+    if (
+        "certificate problem" in m
+        or "peer certificate" in m
+        or "self-signed" in m
+        or "self signed" in m
+        or "unable to get local issuer" in m
+    ):
+        return (
+            "the key service's certificate is not signed by the CA in AUTH: AUTH must be "
+            "the CA certificate that signed the service's certificate"
+        )
     if "set private key" in m or "client certificate" in m or "unable to use" in m:
         return "libcurl cannot use CERT with KEY: KEY must be CERT's private key, both in PEM"
     if "reset by peer" in m or "recv failure" in m or "unexpected eof" in m:
@@ -284,8 +324,9 @@ def _check_one_service(rep: Report, cfg: Config, name: str) -> bool:
 
     url = f"https://{server_label(*cfg.servers[0])}"
     # One attempt: a check reports at once instead of waiting through MAXRETRIES x RETRYDELAY.
-    quick = _lite.replace(cfg, maxretries=0, connecttimeout=min(cfg.connecttimeout, 10),
-                                timeout=min(cfg.timeout, 30))  # fmt: skip
+    quick = _lite.replace(
+        cfg, maxretries=0, connecttimeout=min(cfg.connecttimeout, 10), timeout=min(cfg.timeout, 30)
+    )
     try:
         from pkcs11ws.client.api import KeyServiceClient
 
@@ -299,8 +340,11 @@ def _check_one_service(rep: Report, cfg: Config, name: str) -> bool:
     try:
         h = client.health()
     except ServiceError as e:
-        rep.fail(name, f"{url} answered /health with {e.code} (HTTP {e.http}): {e.message}",
-                 "check that HOST and PORT name a pkcs11ws key service")  # fmt: skip
+        rep.fail(
+            name,
+            f"{url} answered /health with {e.code} (HTTP {e.http}): {e.message}",
+            "check that HOST and PORT name a pkcs11ws key service",
+        )
         return False
     except PKCS11Error as e:
         text = e.message if url in e.message else f"{url}: {e.message}"
@@ -314,8 +358,9 @@ def _check_one_service(rep: Report, cfg: Config, name: str) -> bool:
         f"({h['status']}; pkcs11ws-server {h['version']}, protocol {h['protocol']})",
     )
     if h["protocol"] != protocol.VERSION:
-        rep.warn(name, f"the service speaks protocol {h['protocol']}, this client "
-                       f"{protocol.VERSION}")  # fmt: skip
+        rep.warn(
+            name, f"the service speaks protocol {h['protocol']}, this client {protocol.VERSION}"
+        )
     return True
 
 
@@ -329,8 +374,11 @@ def check_module(rep: Report, path: str | None, cfg: Config | None) -> Library |
         try:
             path = default_library()
         except FileNotFoundError as e:
-            rep.fail(name, str(e), "build it with `make build` (pip install -e .), or pass "
-                                   "--library PATH")  # fmt: skip
+            rep.fail(
+                name,
+                str(e),
+                "build it with `make build` (pip install -e .), or pass --library PATH",
+            )
             return None
     try:
         lib = Library(path)
@@ -348,8 +396,11 @@ def check_module(rep: Report, path: str | None, cfg: Config | None) -> Library |
             fix = f"see the module's log file {cfg.logfilepath} (LOGLEVEL 6 says the most)"
         rep.fail(name, f"{path}: {e}", fix)
         return None
-    rep.ok(name, f"{path}: {info.description} {info.library_version} by {info.manufacturer}, "
-                 f"Cryptoki {info.cryptoki_version}; C_Initialize and C_GetInfo work")  # fmt: skip
+    rep.ok(
+        name,
+        f"{path}: {info.description} {info.library_version} by {info.manufacturer}, "
+        f"Cryptoki {info.cryptoki_version}; C_Initialize and C_GetInfo work",
+    )
     return lib
 
 
@@ -366,11 +417,17 @@ def check_slots(rep: Report, lib: Library) -> list[tuple[int, str]] | None:
                 continue
             t = lib.token_info(slot)
             tokens.append((slot, t.label))
-            notes.append(f"slot {slot}: token {t.label!r}, serial {t.serial}, "
-                         f"{ckfmt.flags(t.flags, ckfmt.TOKEN_FLAGS)}")  # fmt: skip
+            notes.append(
+                f"slot {slot}: token {t.label!r}, serial {t.serial}, "
+                f"{ckfmt.flags(t.flags, ckfmt.TOKEN_FLAGS)}"
+            )
     except CKError as e:
-        rep.fail(name, str(e), "the module cannot list the softcards: see the key service check "
-                               "above and the module's log")  # fmt: skip
+        rep.fail(
+            name,
+            str(e),
+            "the module cannot list the softcards: see the key service check "
+            "above and the module's log",
+        )
         return None
     if not tokens:
         notes.append("no softcards yet: create one with `softcardtool -g --name=NAME`")
@@ -437,10 +494,14 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
         description="Check the pkcs11ws installation: configuration, TLS files, key service, "
         "PKCS#11 module.",
     )
-    ap.add_argument("--config", metavar="PATH", help=f"configuration file (default: ${ENV_CONFIG},"
-                    f" else {DEFAULT_PATH})")  # fmt: skip
-    ap.add_argument("--library", metavar="PATH", help="PKCS#11 module to load (default: the "
-                    "pkcs11ws module)")  # fmt: skip
+    ap.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"configuration file (default: ${ENV_CONFIG}, else {DEFAULT_PATH})",
+    )
+    ap.add_argument(
+        "--library", metavar="PATH", help="PKCS#11 module to load (default: the pkcs11ws module)"
+    )
     ap.add_argument(
         "--softcard",
         metavar="NAME",
@@ -460,16 +521,19 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
     passphrase = None
     if args.softcard:
         try:
-            passphrase = read_passphrase(stdin or sys.stdin, f"Passphrase of softcard "
-                                         f"{args.softcard!r}: ")  # fmt: skip
+            passphrase = read_passphrase(
+                stdin or sys.stdin, f"Passphrase of softcard {args.softcard!r}: "
+            )
         except UsageError as e:
             err(PROG, str(e))
             return 2
     rep = run_checks(args, passphrase, sys.stdout)
     total = rep.passed + rep.failed
     if rep.failed:
-        print(f"{PROG}: {rep.failed} of {total} checks FAILED"
-              + (f", {rep.skipped} skipped" if rep.skipped else ""))  # fmt: skip
+        print(
+            f"{PROG}: {rep.failed} of {total} checks FAILED"
+            + (f", {rep.skipped} skipped" if rep.skipped else "")
+        )
         return 1
     print(f"{PROG}: all {total} checks passed")
     return 0

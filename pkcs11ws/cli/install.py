@@ -179,8 +179,9 @@ def make_runtime(runtime: Path, dest_runtime: Path) -> list[str]:
         n = _copy_distribution(dist, site)
         done.append(f"{dest_runtime} <- {dist.metadata['Name']} {dist.version} ({n} files)")
     # Bytecode with the paths the files will have once installed.
-    ok = compileall.compile_dir(str(site), quiet=1, stripdir=str(tmp),
-                                prependdir=str(dest_runtime), workers=1)  # fmt: skip
+    ok = compileall.compile_dir(
+        str(site), quiet=1, stripdir=str(tmp), prependdir=str(dest_runtime), workers=1
+    )
     if not ok:
         raise InstallError(f"byte-compiling {site} failed")
     if runtime.exists():
@@ -246,8 +247,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help=f"where the tree is used (the WSOP default is {WSOP_PREFIX})",
     )
-    ap.add_argument("--root", type=Path, metavar="ROOT", help="write the tree to ROOT/DIR "
-                    "instead (a staging folder, e.g. for a tarball extracted at /)")  # fmt: skip
+    ap.add_argument(
+        "--root",
+        type=Path,
+        metavar="ROOT",
+        help="write the tree to ROOT/DIR "
+        "instead (a staging folder, e.g. for a tarball extracted at /)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -261,8 +267,10 @@ def run(args: argparse.Namespace) -> int:
     prefix = args.prefix.expanduser().absolute()
     cfg = prefix / "conf" / CONFIG
     if args.root is None and not cfg.exists():
-        print(f"next: copy {cfg.with_name(EXAMPLE)} to {cfg}, edit it, then run "
-              f"{prefix / 'bin' / 'ckcheckinst'}")  # fmt: skip
+        print(
+            f"next: copy {cfg.with_name(EXAMPLE)} to {cfg}, edit it, then run "
+            f"{prefix / 'bin' / 'ckcheckinst'}"
+        )
     return 0
 
 

@@ -198,13 +198,19 @@ def _ec(rep: Reporter, s: Session, made: list[tuple[int, str]]) -> None:
         rep.fail(name, f"{mech_name}: {e}", "see the module's log")
         return
     if len(sig) != 64 or good != C.CKR_OK or bad != C.CKR_SIGNATURE_INVALID:
-        rep.fail(name, f"{mech_name}: {len(sig)}-byte signature, verify gave "
-                       f"{C.ckr_name(good)}, a changed message gave {C.ckr_name(bad)}",
-                 "report this: the module or the key service computes wrong results")  # fmt: skip
+        rep.fail(
+            name,
+            f"{mech_name}: {len(sig)}-byte signature, verify gave "
+            f"{C.ckr_name(good)}, a changed message gave {C.ckr_name(bad)}",
+            "report this: the module or the key service computes wrong results",
+        )
         return
-    rep.ok(name, f"generated a temporary EC P-256 key pair {label!r} (CKM_EC_KEY_PAIR_GEN), "
-                 f"{mech_name} sign and verify agree and a changed message does not "
-                 "verify")  # fmt: skip
+    rep.ok(
+        name,
+        f"generated a temporary EC P-256 key pair {label!r} (CKM_EC_KEY_PAIR_GEN), "
+        f"{mech_name} sign and verify agree and a changed message does not "
+        "verify",
+    )
 
 
 def _destroy(rep: Reporter, s: Session, made: list[tuple[int, str]]) -> None:

@@ -44,8 +44,15 @@ USAGE = f"Usage: {PROG} [-hVuvldg] [-i|--id=ID] [-n|--name=NAME]\n"
 def parse(argv: list[str]) -> dict[str, object]:
     """GNU-style options as the original takes them (-n NAME, -nNAME, --name=NAME, --name NAME)."""
     opts: dict[str, object] = {"verbose": 0}
-    flags = {"h": "help", "V": "version", "u": "usage", "l": "list", "d": "delete",
-             "g": "generate", "v": "verbose"}  # fmt: skip
+    flags = {
+        "h": "help",
+        "V": "version",
+        "u": "usage",
+        "l": "list",
+        "d": "delete",
+        "g": "generate",
+        "v": "verbose",
+    }
     valued = {"i": "id", "n": "name"}
     longs = {**{v: v for v in flags.values()}, "id": "id", "name": "name"}
     i = 0
@@ -131,8 +138,10 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
         err(PROG, e.message)
         return 1
     except ConfigError as e:
-        err(PROG, f"{e.message} (set {ENV_CONFIG} to the configuration file, or create "
-                  f"{DEFAULT_PATH})")  # fmt: skip
+        err(
+            PROG,
+            f"{e.message} (set {ENV_CONFIG} to the configuration file, or create {DEFAULT_PATH})",
+        )
         return 1
     except ServiceError as e:
         err(PROG, f"the key service refused: {e.message} ({e.code})")
@@ -155,8 +164,9 @@ def _run(action: str, opts: dict[str, object], stdin: TextIO) -> int:
             f"special characters are not supported (got {name!r})"
         )
     if action == "delete" and not card_id:
-        raise UsageError("the ID of the softcard to delete (--id=ID) is required; "
-                         f"`{PROG} -l` lists them")  # fmt: skip
+        raise UsageError(
+            f"the ID of the softcard to delete (--id=ID) is required; `{PROG} -l` lists them"
+        )
     cfg = load_config()
     # Read before any request, so a piped passphrase is consumed even when the service fails.
     passphrase = b""
@@ -167,8 +177,9 @@ def _run(action: str, opts: dict[str, object], stdin: TextIO) -> int:
         if opts["verbose"]:
             h = client.health()
             server = f"pkcs11ws-server {h['version']}, protocol {h['protocol']}"
-            print(f"Connected to key service {client.transport.base_url} ({server}) "
-                  f"using {cfg.path}")  # fmt: skip
+            print(
+                f"Connected to key service {client.transport.base_url} ({server}) using {cfg.path}"
+            )
         if action == "generate":
             try:
                 card = client.create_softcard(name, passphrase)
@@ -183,8 +194,10 @@ def _run(action: str, opts: dict[str, object], stdin: TextIO) -> int:
             cards = client.list_softcards()
             print(f"{'ID':36}  {'Name':20} {'Keys':>5} {'Certs':>5} {'Data':>5}")
             for c in cards:
-                print(f"{c['id']:36}  {c['name']:20} {c['keys']:>5} {c['certificates']:>5} "
-                      f"{c['data']:>5}")  # fmt: skip
+                print(
+                    f"{c['id']:36}  {c['name']:20} {c['keys']:>5} {c['certificates']:>5} "
+                    f"{c['data']:>5}"
+                )
             print(f"{len(cards)} softcard(s)")
         return 0
     finally:
@@ -196,8 +209,11 @@ def _delete(client: KeyServiceClient, card_id: str) -> int:
         client.delete_softcard(card_id)
     except ServiceError as e:
         if e.code == "SOFTCARD_NOT_EMPTY":
-            err(PROG, f"softcard {card_id} still holds keys; remove all keys associated with "
-                      "the softcard first")  # fmt: skip
+            err(
+                PROG,
+                f"softcard {card_id} still holds keys; remove all keys associated with "
+                "the softcard first",
+            )
             return 1
         if e.code == "SOFTCARD_NOT_FOUND":
             err(PROG, f"no softcard has the ID {card_id}; `{PROG} -l` lists them")
