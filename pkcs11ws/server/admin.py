@@ -47,13 +47,15 @@ class _StoreCollector(Collector):
         yield up
         if act is not None:
             yield GaugeMetricFamily(
-                "pkcs11ws_activations_active", "Softcard activations not yet expired.",
+                "pkcs11ws_activations_active",
+                "Softcard activations not yet expired.",
                 value=act.active_sessions,
-            )  # fmt: skip
+            )
             yield GaugeMetricFamily(
-                "pkcs11ws_softcards_locked", "Softcards refusing activation now (lockout).",
+                "pkcs11ws_softcards_locked",
+                "Softcards refusing activation now (lockout).",
                 value=act.locked_cards,
-            )  # fmt: skip
+            )
 
 
 class Admin:
@@ -71,8 +73,7 @@ class Admin:
         # Bound here, in the caller: a port in use fails `serve` at start, not later.
         self.server = http.server.HTTPServer((HOST, port), handler)
         self.port = int(self.server.server_address[1])
-        self._thread = threading.Thread(target=self.server.serve_forever, name="admin",
-                                        daemon=True)  # fmt: skip
+        self._thread = threading.Thread(target=self.server.serve_forever, name="admin", daemon=True)
 
     def start(self) -> None:
         self._thread.start()

@@ -121,10 +121,16 @@ def _exit_zero(signum: int, frame: object) -> None:
 
 def _cmd_init(args: argparse.Namespace) -> int:
     try:
-        res = pki.init(Path(args.dir), port=args.port, force=args.force, scrypt_n=args.scrypt_n,
-                       replace_ca_and_master_key=args.replace_ca_and_master_key,
-                       admin_port=args.admin_port, store=args.store,
-                       sans=args.san)  # fmt: skip
+        res = pki.init(
+            Path(args.dir),
+            port=args.port,
+            force=args.force,
+            scrypt_n=args.scrypt_n,
+            replace_ca_and_master_key=args.replace_ca_and_master_key,
+            admin_port=args.admin_port,
+            store=args.store,
+            sans=args.san,
+        )
     except pki.InitError as exc:
         print(f"pkcs11ws-server init: {exc}", file=sys.stderr)
         return 1
@@ -142,10 +148,15 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 def _cmd_issue_client(args: argparse.Namespace) -> int:
     try:
-        res = pki.issue_client(Path(args.config), args.name, args.role, Path(args.out),
-                               cert_pem=Path(args.cert) if args.cert else None,
-                               ca_key=Path(args.ca_key) if args.ca_key else None,
-                               host=args.host)  # fmt: skip
+        res = pki.issue_client(
+            Path(args.config),
+            args.name,
+            args.role,
+            Path(args.out),
+            cert_pem=Path(args.cert) if args.cert else None,
+            ca_key=Path(args.ca_key) if args.ca_key else None,
+            host=args.host,
+        )
     except (pki.InitError, settings_mod.SettingsError, OSError, ValueError) as exc:
         print(f"pkcs11ws-server issue-client: {exc}", file=sys.stderr)
         return 1
@@ -226,8 +237,10 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
         master = open_master_key(s)
     except MasterKeyError as exc:
         print(f"pkcs11ws-server serve: {exc}", file=sys.stderr)
-        print("pkcs11ws-server serve: not started: the service refuses to run without its "
-              "master key", file=sys.stderr)  # fmt: skip
+        print(
+            "pkcs11ws-server serve: not started: the service refuses to run without its master key",
+            file=sys.stderr,
+        )
         return 2
     configure_logging(s)
     try:
@@ -242,8 +255,15 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
 
             admin = Admin(s, open_store(s), workers, admin_port)
         identity.Clients(s.clients, s.unlisted_clients, s.crl, s.tls_ca)  # must load
-    except (backup.BackupError, identity.ClientsError, StoreError, StoreUnavailable, RuntimeError,
-            ValueError, OSError) as exc:  # fmt: skip
+    except (
+        backup.BackupError,
+        identity.ClientsError,
+        StoreError,
+        StoreUnavailable,
+        RuntimeError,
+        ValueError,
+        OSError,
+    ) as exc:
         print(f"pkcs11ws-server serve: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -255,8 +275,13 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
         os.environ.pop(settings_mod.SUPERVISOR_ENV, None)
     if admin is not None:
         admin.start()
-    log.info("serving on https://%s:%d with %d worker(s), store %s", s.host, port, workers,
-             settings_mod.describe_store(s))  # fmt: skip
+    log.info(
+        "serving on https://%s:%d with %d worker(s), store %s",
+        s.host,
+        port,
+        workers,
+        settings_mod.describe_store(s),
+    )
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal so the default action
     # would kill the process with status -15; a handler turns that into a clean exit 0.
     signal.signal(signal.SIGTERM, _exit_zero)
@@ -349,8 +374,10 @@ def _cmd_master_key(args: argparse.Namespace) -> int:
         print(f"pkcs11ws-server master-key: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # python-pkcs11 errors: the token refused
-        print(f"pkcs11ws-server master-key: the token refused: {type(exc).__name__} {exc}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"pkcs11ws-server master-key: the token refused: {type(exc).__name__} {exc}",
+            file=sys.stderr,
+        )
         return 1
     print(f"created the master key: {where}" if made else f"the master key exists: {where}")
     return 0
@@ -362,24 +389,43 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("init", help="write a development PKI, master key and config files")
     i.add_argument("dir", help="folder to write into (created if missing)")
     i.add_argument("--port", type=int, default=settings_mod.DEFAULT_PORT)
-    i.add_argument("--admin-port", type=int, default=None,
-                   help="admin listener port on 127.0.0.1 (default: --port + 1)")  # fmt: skip
+    i.add_argument(
+        "--admin-port",
+        type=int,
+        default=None,
+        help="admin listener port on 127.0.0.1 (default: --port + 1)",
+    )
     i.add_argument(
         "--force",
         action="store_true",
         help="rewrite existing configuration files; keeps an existing CA and master key",
     )
-    i.add_argument("--replace-ca-and-master-key", action="store_true",
-                   help="replace an existing CA and master key: keys stored under the old master "
-                   "key and certificates issued by the old CA become unusable")  # fmt: skip
-    i.add_argument("--scrypt-n", type=int, default=settings_mod.DEFAULT_SCRYPT["n"],
-                   help="scrypt cost for new softcards (lower only for tests)")  # fmt: skip
-    i.add_argument("--san", action="append", default=[], metavar="NAME",
-                   help="another host name or IP address for the server certificate "
-                   "(repeatable; localhost, 127.0.0.1 and ::1 are always in it)")  # fmt: skip
-    i.add_argument("--store", default=None, metavar="URL",
-                   help="a PostgreSQL database: postgresql://USER@HOST:PORT/DB (default: SQLite"
-                   " in DIR)")  # fmt: skip
+    i.add_argument(
+        "--replace-ca-and-master-key",
+        action="store_true",
+        help="replace an existing CA and master key: keys stored under the old master "
+        "key and certificates issued by the old CA become unusable",
+    )
+    i.add_argument(
+        "--scrypt-n",
+        type=int,
+        default=settings_mod.DEFAULT_SCRYPT["n"],
+        help="scrypt cost for new softcards (lower only for tests)",
+    )
+    i.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another host name or IP address for the server certificate "
+        "(repeatable; localhost, 127.0.0.1 and ::1 are always in it)",
+    )
+    i.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="a PostgreSQL database: postgresql://USER@HOST:PORT/DB (default: SQLite in DIR)",
+    )
     i.set_defaults(func=_cmd_init)
     m = sub.add_parser("migrate", help="bring the store's schema to this version (serve does too)")
     m.add_argument("--config", required=True, help="path to server.yaml")
@@ -387,8 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("issue-client", help="make a client identity: certificate, key, config")
     c.add_argument("--config", required=True, help="path to server.yaml")
     c.add_argument("--name", required=True, help="identity name (letters, digits, '-')")
-    c.add_argument("--role", choices=identity.ROLES, default="app",
-                   help="admin: every softcard; app (default): own and granted ones")  # fmt: skip
+    c.add_argument(
+        "--role",
+        choices=identity.ROLES,
+        default="app",
+        help="admin: every softcard; app (default): own and granted ones",
+    )
     c.add_argument("--out", required=True, help="folder for client.pem, client.key, ca.pem, cfg")
     c.add_argument("--cert", help="register this existing certificate (your own CA) instead")
     c.add_argument("--ca-key", help="the CA key (default: ca.key next to tls.ca)")
@@ -397,12 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the key service in the foreground")
     s.add_argument("--config", required=True, help="path to server.yaml")
     s.add_argument(
-        "--port", type=int, default=None,
+        "--port",
+        type=int,
+        default=None,
         help="override the configured port (several replicas from one config)",
-    )  # fmt: skip
+    )
     s.add_argument("--workers", type=int, default=None, help="worker processes (one store)")
-    s.add_argument("--admin-port", type=int, default=None,
-                   help="override the configured admin_port (0: no admin listener)")  # fmt: skip
+    s.add_argument(
+        "--admin-port",
+        type=int,
+        default=None,
+        help="override the configured admin_port (0: no admin listener)",
+    )
     s.set_defaults(func=_cmd_serve)
     b = sub.add_parser("backup", help="copy the store consistently, also while serving")
     b.add_argument("--config", required=True, help="path to server.yaml")

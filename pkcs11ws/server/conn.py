@@ -71,8 +71,10 @@ class _Sweeper:
         for proto in list(self.connections):
             started = getattr(proto, "_hdr_started", None)
             if started is not None and started < deadline and not proto.transport.is_closing():
-                log.info("closed a connection: request headers incomplete after %d s",
-                         _limits.header_timeout)  # fmt: skip
+                log.info(
+                    "closed a connection: request headers incomplete after %d s",
+                    _limits.header_timeout,
+                )
                 proto.transport.close()
         self.loop.call_later(1.0, self.sweep)
 
@@ -80,8 +82,11 @@ class _Sweeper:
         self.refused += 1
         now = time.monotonic()
         if now - self.last_refusal_log >= _REFUSAL_LOG_EVERY:
-            log.warning("connection limit (%d) reached: closed %d new connection(s)",
-                        _limits.max, self.refused)  # fmt: skip
+            log.warning(
+                "connection limit (%d) reached: closed %d new connection(s)",
+                _limits.max,
+                self.refused,
+            )
             self.refused = 0
             self.last_refusal_log = now
 

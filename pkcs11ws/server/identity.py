@@ -191,8 +191,7 @@ class Clients:
         _, table = parse(doc, str(self.path))
         if self.crl is not None and self.ca is not None:
             serials = _crl_serials(self.crl, self.ca)
-            table = _Table(table.by_fingerprint, table.by_subject, table.names, table.deny,
-                           serials)  # fmt: skip
+            table = _Table(table.by_fingerprint, table.by_subject, table.names, table.deny, serials)
         self._mtime = st.st_mtime
         return table
 
@@ -210,8 +209,12 @@ class Clients:
                 return False
             self._table = table
             self.generation += 1
-        log.info("clients reloaded from %s: %d identities, %d denied", self.path,
-                 len(table.names), len(table.deny))  # fmt: skip
+        log.info(
+            "clients reloaded from %s: %d identities, %d denied",
+            self.path,
+            len(table.names),
+            len(table.deny),
+        )
         return True
 
     def _changed_on_disk(self) -> bool:

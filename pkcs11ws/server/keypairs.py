@@ -29,8 +29,15 @@ CURVES: Final[dict[bytes, ec.EllipticCurve]] = {
     bytes.fromhex("06052b81040022"): ec.SECP384R1(),
     bytes.fromhex("06052b81040023"): ec.SECP521R1(),
 }
-_CURVE_NAMES: Final = {b"prime256v1": 0, b"secp256r1": 0, b"P-256": 0, b"secp384r1": 1,
-                       b"P-384": 1, b"secp521r1": 2, b"P-521": 2}  # fmt: skip
+_CURVE_NAMES: Final = {
+    b"prime256v1": 0,
+    b"secp256r1": 0,
+    b"P-256": 0,
+    b"secp384r1": 1,
+    b"P-384": 1,
+    b"secp521r1": 2,
+    b"P-521": 2,
+}
 _OIDS: Final = list(CURVES)
 # What a generation template may say about the key it asks for (inputs, not stored as given).
 GEN_INPUTS: Final = ("CKA_MODULUS_BITS", "CKA_PUBLIC_EXPONENT", "CKA_EC_PARAMS")
@@ -65,17 +72,23 @@ def public_attrs(key: PrivateKey) -> Attrs:
     spki = pub.public_bytes(_DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if isinstance(key, rsa.RSAPrivateKey):
         n = key.private_numbers().public_numbers
-        return {"CKA_KEY_TYPE": C.CKK_RSA,
-                "CKA_MODULUS": n.n.to_bytes((key.key_size + 7) // 8, "big"),
-                "CKA_MODULUS_BITS": key.key_size,
-                "CKA_PUBLIC_EXPONENT": n.e.to_bytes((n.e.bit_length() + 7) // 8, "big"),
-                "CKA_PUBLIC_KEY_INFO": spki}  # fmt: skip
+        return {
+            "CKA_KEY_TYPE": C.CKK_RSA,
+            "CKA_MODULUS": n.n.to_bytes((key.key_size + 7) // 8, "big"),
+            "CKA_MODULUS_BITS": key.key_size,
+            "CKA_PUBLIC_EXPONENT": n.e.to_bytes((n.e.bit_length() + 7) // 8, "big"),
+            "CKA_PUBLIC_KEY_INFO": spki,
+        }
     point = pub.public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     )
     oid = next(o for o, c in CURVES.items() if c.name == key.curve.name)
-    return {"CKA_KEY_TYPE": C.CKK_EC, "CKA_EC_PARAMS": oid,
-            "CKA_EC_POINT": _octet_string(point), "CKA_PUBLIC_KEY_INFO": spki}  # fmt: skip
+    return {
+        "CKA_KEY_TYPE": C.CKK_EC,
+        "CKA_EC_PARAMS": oid,
+        "CKA_EC_POINT": _octet_string(point),
+        "CKA_PUBLIC_KEY_INFO": spki,
+    }
 
 
 def _octet_string(data: bytes) -> bytes:
@@ -90,8 +103,7 @@ def _octet_string(data: bytes) -> bytes:
 
 
 def pkcs8(key: PrivateKey) -> bytes:
-    return key.private_bytes(_DER, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())  # fmt: skip
+    return key.private_bytes(_DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
 def generate(mech: mechanisms.Mechanism, pub_t: Attrs, priv_t: Attrs) -> PrivateKey:
@@ -177,10 +189,18 @@ def key_usage(cls: int, key_type: int, t: Attrs) -> Attrs:
     """Usage flags with their defaults: RSA private keys sign and decrypt, EC sign."""
     rsa_key = key_type == C.CKK_RSA
     if cls == C.CKO_PRIVATE_KEY:
-        return {"CKA_SIGN": t.get("CKA_SIGN", True), "CKA_DECRYPT": t.get("CKA_DECRYPT", rsa_key),
-                "CKA_SIGN_RECOVER": False, "CKA_UNWRAP": False}  # fmt: skip
-    return {"CKA_VERIFY": t.get("CKA_VERIFY", True), "CKA_ENCRYPT": t.get("CKA_ENCRYPT", rsa_key),
-            "CKA_VERIFY_RECOVER": False, "CKA_WRAP": False}  # fmt: skip
+        return {
+            "CKA_SIGN": t.get("CKA_SIGN", True),
+            "CKA_DECRYPT": t.get("CKA_DECRYPT", rsa_key),
+            "CKA_SIGN_RECOVER": False,
+            "CKA_UNWRAP": False,
+        }
+    return {
+        "CKA_VERIFY": t.get("CKA_VERIFY", True),
+        "CKA_ENCRYPT": t.get("CKA_ENCRYPT", rsa_key),
+        "CKA_VERIFY_RECOVER": False,
+        "CKA_WRAP": False,
+    }
 
 
 def is_sensitive_class(cls: int) -> bool:

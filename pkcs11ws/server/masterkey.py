@@ -216,8 +216,11 @@ def create_token_key(cfg: Pkcs11Master) -> bool:
     lib = p.lib(str(cfg.module))
     token = lib.get_token(token_label=cfg.token)
     with token.open(user_pin=_read_pin(cfg), rw=True) as session:
-        found = list(session.get_objects({p.Attribute.CLASS: p.ObjectClass.SECRET_KEY,
-                                          p.Attribute.LABEL: cfg.key}))  # fmt: skip
+        found = list(
+            session.get_objects(
+                {p.Attribute.CLASS: p.ObjectClass.SECRET_KEY, p.Attribute.LABEL: cfg.key}
+            )
+        )
         if found:
             return False
         session.generate_key(

@@ -26,10 +26,36 @@ from typing import Any, Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                           1.0, 2.5, 5.0, 10.0)  # fmt: skip
-_STORE_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                         0.25, 1.0)  # fmt: skip
+_LATENCY_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+_STORE_BUCKETS: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
 
 REQUESTS: Final = Counter(
     "pkcs11ws_requests",
@@ -70,9 +96,18 @@ WORKERS_READY: Final = Gauge(
 # The Store methods timed (all public ones but set-up and tear-down). object_search returns an
 # iterator: it is timed to the end of the iteration, as the rows are fetched eagerly anyway.
 STORE_METHODS: Final = (
-    "write", "card_get", "card_list", "card_counts", "session_valid", "object_get",
-    "session_object", "object_search", "idempotency_get", "grant_exists", "grant_list",
-)  # fmt: skip
+    "write",
+    "card_get",
+    "card_list",
+    "card_counts",
+    "session_valid",
+    "object_get",
+    "session_object",
+    "object_search",
+    "idempotency_get",
+    "grant_exists",
+    "grant_list",
+)
 
 FLUSH_SECONDS: Final = 0.5
 

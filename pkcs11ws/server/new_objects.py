@@ -295,8 +295,9 @@ def generated_key(mechanism: str, t: Attrs) -> NewObject:
     return NewObject(C.CKO_SECRET_KEY, key_type, attrs, value)
 
 
-def _pair_common(cls: int, key_type: int, t: Attrs, attrs: Attrs, gen_mech: int,
-                 public: Attrs) -> Attrs:  # fmt: skip
+def _pair_common(
+    cls: int, key_type: int, t: Attrs, attrs: Attrs, gen_mech: int, public: Attrs
+) -> Attrs:
     local = gen_mech != C.CK_UNAVAILABLE_INFORMATION
     if t.get("CKA_KEY_TYPE", key_type) != key_type:
         raise _inconsistent("CKA_KEY_TYPE does not match the key")
@@ -309,14 +310,23 @@ def _pair_common(cls: int, key_type: int, t: Attrs, attrs: Attrs, gen_mech: int,
         for code in allowed:
             m = mechanisms.by_code(code)
             if m is None or key_type not in m.key_types:
-                raise ApiError("ATTRIBUTE_VALUE_INVALID", f"mechanism 0x{code:X} in "
-                               "CKA_ALLOWED_MECHANISMS is not one for this key")  # fmt: skip
-    attrs.update({"CKA_ID": _bytes(t, "CKA_ID"), "CKA_START_DATE": _bytes(t, "CKA_START_DATE"),
-                  "CKA_END_DATE": _bytes(t, "CKA_END_DATE"),
-                  "CKA_DERIVE": t.get("CKA_DERIVE", False),
-                  "CKA_LOCAL": local, "CKA_KEY_GEN_MECHANISM": gen_mech,
-                  "CKA_SUBJECT": _bytes(t, "CKA_SUBJECT"), **public,
-                  **keypairs.key_usage(cls, key_type, t)})  # fmt: skip
+                raise ApiError(
+                    "ATTRIBUTE_VALUE_INVALID",
+                    f"mechanism 0x{code:X} in CKA_ALLOWED_MECHANISMS is not one for this key",
+                )
+    attrs.update(
+        {
+            "CKA_ID": _bytes(t, "CKA_ID"),
+            "CKA_START_DATE": _bytes(t, "CKA_START_DATE"),
+            "CKA_END_DATE": _bytes(t, "CKA_END_DATE"),
+            "CKA_DERIVE": t.get("CKA_DERIVE", False),
+            "CKA_LOCAL": local,
+            "CKA_KEY_GEN_MECHANISM": gen_mech,
+            "CKA_SUBJECT": _bytes(t, "CKA_SUBJECT"),
+            **public,
+            **keypairs.key_usage(cls, key_type, t),
+        }
+    )
     if allowed is not None:
         attrs["CKA_ALLOWED_MECHANISMS"] = allowed
     return attrs
@@ -330,9 +340,16 @@ def _private_key(key: keypairs.PrivateKey, t: Attrs, attrs: Attrs, gen_mech: int
     # Components are inputs of an import, never stored in clear (the PKCS#8 value holds them).
     given = {n: v for n, v in t.items() if not A.sensitive(C.CKO_PRIVATE_KEY, n)}
     _pair_common(C.CKO_PRIVATE_KEY, key_type, given, attrs, gen_mech, public)
-    attrs.update({"CKA_SENSITIVE": True, "CKA_EXTRACTABLE": False,
-                  "CKA_ALWAYS_SENSITIVE": local, "CKA_NEVER_EXTRACTABLE": local,
-                  "CKA_WRAP_WITH_TRUSTED": False, "CKA_ALWAYS_AUTHENTICATE": False})  # fmt: skip
+    attrs.update(
+        {
+            "CKA_SENSITIVE": True,
+            "CKA_EXTRACTABLE": False,
+            "CKA_ALWAYS_SENSITIVE": local,
+            "CKA_NEVER_EXTRACTABLE": local,
+            "CKA_WRAP_WITH_TRUSTED": False,
+            "CKA_ALWAYS_AUTHENTICATE": False,
+        }
+    )
     return NewObject(C.CKO_PRIVATE_KEY, key_type, attrs, keypairs.pkcs8(key))
 
 
@@ -355,6 +372,12 @@ def generated_pair(mechanism: str, pub_t: Attrs, priv_t: Attrs) -> tuple[NewObje
 
     priv = _private_key(key, strip(priv_t), _base(C.CKO_PRIVATE_KEY, priv_t), mech.code)
     public = keypairs.public_attrs(key)
-    pub_attrs = _pair_common(C.CKO_PUBLIC_KEY, mech.gen_key_type, strip(pub_t),
-                             _base(C.CKO_PUBLIC_KEY, pub_t), mech.code, public)  # fmt: skip
+    pub_attrs = _pair_common(
+        C.CKO_PUBLIC_KEY,
+        mech.gen_key_type,
+        strip(pub_t),
+        _base(C.CKO_PUBLIC_KEY, pub_t),
+        mech.code,
+        public,
+    )
     return NewObject(C.CKO_PUBLIC_KEY, mech.gen_key_type, pub_attrs, b""), priv

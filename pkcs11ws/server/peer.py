@@ -54,8 +54,12 @@ class AuditedSSLObject(ssl.SSLObject):
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             raise
         except ssl.SSLError as exc:
-            audit.record(op="tls_handshake", client=None, outcome="refused",
-                         code=exc.reason or type(exc).__name__)  # fmt: skip
+            audit.record(
+                op="tls_handshake",
+                client=None,
+                outcome="refused",
+                code=exc.reason or type(exc).__name__,
+            )
             raise
 
 

@@ -82,8 +82,9 @@ def _name(cn: str) -> x509.Name:
     )
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public: ec.EllipticCurvePublicKey,
-             days: int) -> x509.CertificateBuilder:  # fmt: skip
+def _builder(
+    subject: x509.Name, issuer: x509.Name, public: ec.EllipticCurvePublicKey, days: int
+) -> x509.CertificateBuilder:
     now = dt.datetime.now(dt.UTC)
     return (
         x509.CertificateBuilder()
@@ -109,10 +110,17 @@ def _san(names: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(entries)
 
 
-_LEAF_USAGE: Final = x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                   key_encipherment=False, data_encipherment=False,
-                                   key_agreement=True, key_cert_sign=False, crl_sign=False,
-                                   encipher_only=False, decipher_only=False)  # fmt: skip
+_LEAF_USAGE: Final = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=True,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
 
 
 def sign_leaf(
@@ -259,8 +267,9 @@ log:
 """
 
 
-def client_cfg(d: Path, port: int, host: str = "127.0.0.1", pki: Path | None = None,
-               log: Path | None = None) -> str:  # fmt: skip
+def client_cfg(
+    d: Path, port: int, host: str = "127.0.0.1", pki: Path | None = None, log: Path | None = None
+) -> str:
     pki = pki if pki is not None else d / "pki"
     log = log if log is not None else d / "log"
     return f"""\
@@ -282,10 +291,16 @@ RETRYDELAY 1
 """
 
 
-def init(directory: Path, port: int = settings.DEFAULT_PORT, force: bool = False,
-         scrypt_n: int = settings.DEFAULT_SCRYPT["n"], replace_ca_and_master_key: bool = False,
-         admin_port: int | None = None, store: str | None = None,
-         sans: list[str] | None = None) -> InitResult:  # fmt: skip
+def init(
+    directory: Path,
+    port: int = settings.DEFAULT_PORT,
+    force: bool = False,
+    scrypt_n: int = settings.DEFAULT_SCRYPT["n"],
+    replace_ca_and_master_key: bool = False,
+    admin_port: int | None = None,
+    store: str | None = None,
+    sans: list[str] | None = None,
+) -> InitResult:
     """Write the kit into `directory`.
 
     `admin_port` defaults to `port` + 1. `force` rewrites the two configuration files but keeps
@@ -299,8 +314,10 @@ def init(directory: Path, port: int = settings.DEFAULT_PORT, force: bool = False
     yaml_path = d / "server.yaml"
     ca, master = d / "pki" / "ca.pem", d / "master.key"
     if yaml_path.exists() and not (force or replace_ca_and_master_key):
-        raise InitError(f"{yaml_path} exists; use --force to rewrite the configuration files "
-                        "(the CA and master key are kept)")  # fmt: skip
+        raise InitError(
+            f"{yaml_path} exists; use --force to rewrite the configuration files "
+            "(the CA and master key are kept)"
+        )
     if admin_port is None:
         admin_port = port + 1
     if not 1 <= port <= 65535 or not 1 <= admin_port <= 65535 or port == admin_port:
@@ -345,8 +362,16 @@ def init(directory: Path, port: int = settings.DEFAULT_PORT, force: bool = False
     cfg = d / "pkcs11webservices.cfg"
     cfg.write_text(client_cfg(d, port), encoding="utf-8")
     settings.load(yaml_path)  # what we wrote must load
-    return InitResult(d, yaml_path, cfg, d / "pki" / "ca.pem", d / "pki" / "client.pem",
-                      d / "pki" / "client.key", kept_pki, kept_master_key)  # fmt: skip
+    return InitResult(
+        d,
+        yaml_path,
+        cfg,
+        d / "pki" / "ca.pem",
+        d / "pki" / "client.pem",
+        d / "pki" / "client.key",
+        kept_pki,
+        kept_master_key,
+    )
 
 
 def _reissue_server(pki: Path, sans: list[str]) -> None:
@@ -355,8 +380,7 @@ def _reissue_server(pki: Path, sans: list[str]) -> None:
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise InitError(f"{pki / 'ca.key'}: not the EC key init writes")
     ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
-    key, cert = sign_leaf(ca_key, ca_cert, "localhost", ExtendedKeyUsageOID.SERVER_AUTH,
-                          _san(sans))  # fmt: skip
+    key, cert = sign_leaf(ca_key, ca_cert, "localhost", ExtendedKeyUsageOID.SERVER_AUTH, _san(sans))
     _write_private(pki / "server.key", _key_pem(key))
     _write_public(pki / "server.pem", cert.public_bytes(serialization.Encoding.PEM))
 
@@ -371,8 +395,15 @@ class IssueResult:
     fingerprint: str
 
 
-def issue_client(config: Path, name: str, role: str, out: Path, cert_pem: Path | None = None,
-                 ca_key: Path | None = None, host: str | None = None) -> IssueResult:  # fmt: skip
+def issue_client(
+    config: Path,
+    name: str,
+    role: str,
+    out: Path,
+    cert_pem: Path | None = None,
+    ca_key: Path | None = None,
+    host: str | None = None,
+) -> IssueResult:
     """Make (or, with cert_pem, take) a client certificate and register it as identity name."""
     s = settings.load(config)
     if not identity.NAME_RE.match(name) or name.startswith(identity.UNLISTED_PREFIX):
@@ -412,8 +443,7 @@ def issue_client(config: Path, name: str, role: str, out: Path, cert_pem: Path |
     (out / "log").mkdir(exist_ok=True)
     cfg = out / "pkcs11webservices.cfg"
     server_host = host or ("127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host)
-    cfg.write_text(client_cfg(out, s.port, server_host, pki=out, log=out / "log"),
-                   encoding="utf-8")  # fmt: skip
+    cfg.write_text(client_cfg(out, s.port, server_host, pki=out, log=out / "log"), encoding="utf-8")
     fp = identity.fingerprint_of_pem(pem)
     try:
         identity.add_client(s.clients, name, role, fp)

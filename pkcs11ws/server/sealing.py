@@ -109,8 +109,9 @@ class MasterKeys:
             client = plain[size:].decode("utf-8")
         except UnicodeDecodeError:
             raise SealError("token names no valid identity") from None
-        return TokenClaims(str(uuid.UUID(bytes=sid)), str(uuid.UUID(bytes=cid)), card_key, expires,
-                           client)  # fmt: skip
+        return TokenClaims(
+            str(uuid.UUID(bytes=sid)), str(uuid.UUID(bytes=cid)), card_key, expires, client
+        )
 
     def fingerprint(self, *parts: bytes) -> bytes:
         """HMAC of a request: never a plain hash, since bodies can hold passphrases."""

@@ -324,16 +324,21 @@ def load(path: str | os.PathLike[str]) -> Settings:
     if any(v is not None for v in pkcs11.values()):
         for k, v in pkcs11.items():
             if v is None:
-                raise SettingsError(f"master_pkcs11.{k}: required with the other master_pkcs11 "
-                                    "keys")  # fmt: skip
+                raise SettingsError(
+                    f"master_pkcs11.{k}: required with the other master_pkcs11 keys"
+                )
         master_pkcs11 = Pkcs11Master(
-            module=_path(base, pkcs11["module"]), token=pkcs11["token"], key=pkcs11["key"],
+            module=_path(base, pkcs11["module"]),
+            token=pkcs11["token"],
+            key=pkcs11["key"],
             pin_file=_path(base, pkcs11["pin_file"]),
-        )  # fmt: skip
-    conns = Connections(**{
-        k: _positive(f"connections.{k}", _v(raw, f"connections.{k}"), 1)
-        for k in DEFAULT_CONNECTIONS
-    })  # fmt: skip
+        )
+    conns = Connections(
+        **{
+            k: _positive(f"connections.{k}", _v(raw, f"connections.{k}"), 1)
+            for k in DEFAULT_CONNECTIONS
+        }
+    )
     unlisted = _v(raw, "unlisted_clients")
     if unlisted not in ("refuse", "app"):
         raise SettingsError("unlisted_clients: refuse or app")

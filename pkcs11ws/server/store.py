@@ -123,8 +123,15 @@ class ObjectRow:
 
     __slots__ = ("_decoded", "card", "cls", "handle", "key_type", "secret", "stored")
 
-    def __init__(self, handle: str, card: str, cls: int, key_type: int | None, stored: str,
-                 secret: bytes | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        handle: str,
+        card: str,
+        cls: int,
+        key_type: int | None,
+        stored: str,
+        secret: bytes | None,
+    ) -> None:
         self.handle = handle
         self.card = card
         self.cls = cls
@@ -134,8 +141,15 @@ class ObjectRow:
         self._decoded: tuple[Attrs, dict[str, Any]] | None = None
 
     @classmethod
-    def new(cls, handle: str, card: str, klass: int, key_type: int | None, attrs: Attrs,
-            secret: bytes | None) -> ObjectRow:  # fmt: skip
+    def new(
+        cls,
+        handle: str,
+        card: str,
+        klass: int,
+        key_type: int | None,
+        attrs: Attrs,
+        secret: bytes | None,
+    ) -> ObjectRow:
         """A row to insert, from decoded attributes."""
         return cls(handle, card, klass, key_type, encode_stored(attrs), secret)
 
@@ -155,8 +169,14 @@ class ObjectRow:
         if not isinstance(other, ObjectRow):
             return NotImplemented
         mine = (self.handle, self.card, self.cls, self.key_type, self.attrs, self.secret)
-        return mine == (other.handle, other.card, other.cls, other.key_type, other.attrs,
-                        other.secret)  # fmt: skip
+        return mine == (
+            other.handle,
+            other.card,
+            other.cls,
+            other.key_type,
+            other.attrs,
+            other.secret,
+        )
 
     __hash__ = None  # type: ignore[assignment]
 

@@ -252,8 +252,19 @@ class SqlTx(SqlReads, WriteTx):
         self.con.execute(self.sql.idempotency_expire, (before,))
 
     def card_insert(self, row: CardRow) -> bool:
-        args = (row.id, row.name, row.created, row.salt, row.kdf_n, row.kdf_r, row.kdf_p,
-                row.wrapped_key, row.failures, row.locked_until, row.owner)  # fmt: skip
+        args = (
+            row.id,
+            row.name,
+            row.created,
+            row.salt,
+            row.kdf_n,
+            row.kdf_r,
+            row.kdf_p,
+            row.wrapped_key,
+            row.failures,
+            row.locked_until,
+            row.owner,
+        )
         return self.con.execute(self.sql.card_insert, args).rowcount == 1
 
     def card_delete(self, card: str) -> None:

@@ -19,8 +19,12 @@ from pkcs11ws.protocol import ProtocolError as ApiError
 
 OFFLOAD: Final = True
 HASHES: Final[dict[str, type[hashes.HashAlgorithm]]] = {
-    "sha1": hashes.SHA1, "sha224": hashes.SHA224, "sha256": hashes.SHA256,
-    "sha384": hashes.SHA384, "sha512": hashes.SHA512}  # fmt: skip
+    "sha1": hashes.SHA1,
+    "sha224": hashes.SHA224,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
 # DER prefixes of DigestInfo (RFC 8017 9.2 note 1) by hash.
 DIGEST_INFO: Final[dict[bytes, str]] = {
     bytes.fromhex("3021300906052b0e03021a05000414"): "sha1",
