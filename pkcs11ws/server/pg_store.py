@@ -31,7 +31,6 @@ import psycopg
 import psycopg_pool
 
 from pkcs11ws.server.store import (
-    CardRewrap,
     IdempotencyRow,
     Migration,
     ReadTx,
@@ -43,22 +42,17 @@ from pkcs11ws.server.store import (
     check_migrations,
     redact,
 )
-from pkcs11ws.server.store_sql import SqlReads, SqlTx, Statements
+from pkcs11ws.server.store_sql import SqlReads, SqlTx, Statements, rewrap_card_keys
 
 log = logging.getLogger("pkcs11ws.server")
 
 
-def _master_key_step(
-    con: psycopg.Connection[Any], card_rewrap: CardRewrap | None = None, **_: Any
-) -> None:
-    """Every card key also wrapped under the master key (sqlite_store._master_key_step)."""
-    rows = con.execute("SELECT id, wrapped_key FROM softcards FOR UPDATE").fetchall()
-    if rows and card_rewrap is None:
-        raise StoreError("the master-key migration step needs the master key (card_rewrap)")
-    for card_id, wrapped in rows:
-        assert card_rewrap is not None
-        new = card_rewrap(card_id, bytes(wrapped))
-        con.execute("UPDATE softcards SET wrapped_key = %s WHERE id = %s", (new, card_id))
+_READS: Final = Statements.render(
+    pyformat=True, lock="", order="seq", greatest="GREATEST", least="LEAST"
+)
+_WRITES: Final = Statements.render(
+    pyformat=True, lock=" FOR UPDATE", order="seq", greatest="GREATEST", least="LEAST"
+)
 
 
 # The schema, one numbered step per change: the same numbers and meaning as
@@ -112,7 +106,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(3, "master-key wrap of card keys; lockout reservations", (
         "ALTER TABLE softcards ADD COLUMN pending INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE softcards ADD COLUMN pending_until DOUBLE PRECISION NOT NULL DEFAULT 0",
-    ), _master_key_step),
+    ), rewrap_card_keys(_WRITES)),
 )  # fmt: skip
 SCHEMA_VERSION: Final = check_migrations(MIGRATIONS)
 
@@ -120,13 +114,6 @@ SCHEMA_VERSION: Final = check_migrations(MIGRATIONS)
 _LOCK_NS: Final = 0x504B3131  # "PK11"
 _MIGRATE_LOCK: Final = 1
 _IDEM_LOCK: Final = 2
-
-_READS: Final = Statements.render(
-    pyformat=True, lock="", order="seq", greatest="GREATEST", least="LEAST"
-)
-_WRITES: Final = Statements.render(
-    pyformat=True, lock=" FOR UPDATE", order="seq", greatest="GREATEST", least="LEAST"
-)
 
 
 class _Reads(SqlReads):

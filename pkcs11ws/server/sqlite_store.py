@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Final
 
 from pkcs11ws.server.store import (
-    CardRewrap,
     Migration,
     Store,
     StoreConfig,
@@ -32,22 +31,11 @@ from pkcs11ws.server.store import (
     WriteTx,
     check_migrations,
 )
-from pkcs11ws.server.store_sql import SqlReads, SqlTx, Statements
+from pkcs11ws.server.store_sql import SqlReads, SqlTx, Statements, rewrap_card_keys
 
-
-def _master_key_step(
-    con: sqlite3.Connection, card_rewrap: CardRewrap | None = None, **_: Any
-) -> None:
-    """Every card key also wrapped under the master key (no passphrase needed: the
-    passphrase-wrapped blob is wrapped as it is). Migrating a store that holds cards needs
-    card_rewrap (Store.migrate(card_rewrap=...)); the service passes it."""
-    rows = con.execute("SELECT id, wrapped_key FROM softcards").fetchall()
-    if rows and card_rewrap is None:
-        raise StoreError("the master-key migration step needs the master key (card_rewrap)")
-    for card_id, wrapped in rows:
-        assert card_rewrap is not None
-        new = card_rewrap(card_id, wrapped)
-        con.execute("UPDATE softcards SET wrapped_key = ? WHERE id = ?", (new, card_id))
+_STATEMENTS: Final = Statements.render(
+    pyformat=False, lock="", order="rowid", greatest="MAX", least="MIN"
+)
 
 
 # The schema, one numbered step per change (store.Migration; the same numbers as pg_store's).
@@ -101,13 +89,9 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(3, "master-key wrap of card keys; lockout reservations", (
         "ALTER TABLE softcards ADD COLUMN pending INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE softcards ADD COLUMN pending_until REAL NOT NULL DEFAULT 0",
-    ), _master_key_step),
+    ), rewrap_card_keys(_STATEMENTS)),
 )  # fmt: skip
 SCHEMA_VERSION: Final = check_migrations(MIGRATIONS)
-
-_STATEMENTS: Final = Statements.render(
-    pyformat=False, lock="", order="rowid", greatest="MAX", least="MIN"
-)
 
 
 def sqlite_path(url: str) -> Path:

@@ -16,18 +16,20 @@ grant changes, an advisory lock claiming an idempotency key).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Final, Protocol
 
 from pkcs11ws import constants as C
 from pkcs11ws.protocol import Attrs
 from pkcs11ws.server.store import (
     CardCounts,
+    CardRewrap,
     CardRow,
     IdempotencyRow,
     ObjectRow,
     ReadTx,
     StoreActivity,
+    StoreError,
     WriteTx,
     encode_stored,
 )
@@ -122,6 +124,8 @@ class Statements:
     object_insert = f"INSERT INTO objects ({OBJ_COLS}) VALUES (?, ?, ?, ?, ?, ?)"
     object_delete = "DELETE FROM objects WHERE card = ? AND handle = ?"
     object_set_attrs = "UPDATE objects SET attrs = ? WHERE card = ? AND handle = ?"
+    card_keys = "SELECT id, wrapped_key FROM softcards{lock}"
+    card_key_set = "UPDATE softcards SET wrapped_key = ? WHERE id = ?"
 
     @classmethod
     def render(
@@ -320,3 +324,20 @@ class SqlTx(SqlReads, WriteTx):
     def object_set_attrs(self, card: str, handle: str, attrs: Attrs) -> bool:
         args = (encode_stored(attrs), card, handle)
         return self.con.execute(self.sql.object_set_attrs, args).rowcount > 0
+
+
+def rewrap_card_keys(sql: Statements) -> Callable[..., None]:
+    """Schema step 3's data change, on the backend's write set: every card key also wrapped under
+    the master key (no passphrase needed: the passphrase-wrapped blob is wrapped as it is).
+    Migrating a store that holds cards needs card_rewrap (Store.migrate(card_rewrap=...)); the
+    service passes it."""
+
+    def step(con: Connection, card_rewrap: CardRewrap | None = None, **_: Any) -> None:
+        rows = con.execute(sql.card_keys).fetchall()
+        if rows and card_rewrap is None:
+            raise StoreError("the master-key migration step needs the master key (card_rewrap)")
+        for card_id, wrapped in rows:
+            assert card_rewrap is not None
+            con.execute(sql.card_key_set, (card_rewrap(card_id, bytes(wrapped)), card_id))
+
+    return step
