@@ -37,8 +37,17 @@ SCRYPT_N = 1024
 
 
 def _init(directory: Path, store: str | None) -> KeyServiceDir:
-    cmd = [sys.executable, "-m", "pkcs11ws.server.cli", "init", str(directory), "--port",
-           str(free_port()), "--scrypt-n", str(SCRYPT_N)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pkcs11ws.server.cli",
+        "init",
+        str(directory),
+        "--port",
+        str(free_port()),
+        "--scrypt-n",
+        str(SCRYPT_N),
+    ]
     if store:
         cmd += ["--store", store]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
@@ -74,25 +83,64 @@ def _prepare(d: KeyServiceDir, port: int) -> tuple[str, str]:
     b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
     card = call("/km/v1/softcards", {"name": uuid.uuid4().hex[:16], "passphrase": b64(b"pw")})
     token = call(f"/km/v1/softcards/{card['id']}/activate", {"passphrase": b64(b"pw")})["token"]
-    key = call(f"/km/v1/softcards/{card['id']}/objects",
-               {"attrs": {"CKA_CLASS": 4, "CKA_KEY_TYPE": 0x2B, "CKA_VALUE": b64(b"k" * 32),
-                          "CKA_SIGN": True}}, token)["handle"]  # fmt: skip
+    key = call(
+        f"/km/v1/softcards/{card['id']}/objects",
+        {
+            "attrs": {
+                "CKA_CLASS": 4,
+                "CKA_KEY_TYPE": 0x2B,
+                "CKA_VALUE": b64(b"k" * 32),
+                "CKA_SIGN": True,
+            }
+        },
+        token,
+    )["handle"]
     con.close()
     body = json.dumps({"mechanism": "CKM_SHA256_HMAC", "key": key, "data": b64(b"x" * 64)})
     return token, body
 
 
-def _load(curlbench: Path, d: KeyServiceDir, ports: list[int], token: str, body_file: Path,
-          threads: int, seconds: float) -> list[dict[str, Any]]:  # fmt: skip
+def _load(
+    curlbench: Path,
+    d: KeyServiceDir,
+    ports: list[int],
+    token: str,
+    body_file: Path,
+    threads: int,
+    seconds: float,
+) -> list[dict[str, Any]]:
     procs = []
     per = max(1, threads // len(ports))
     for port in ports:
-        cmd = [str(curlbench), "--url", f"https://127.0.0.1:{port}/crypto/v1/sign",
-               "--body-file", str(body_file), "--cert", str(d.cert), "--key", str(d.key),
-               "--ca", str(d.ca), "--token-env", "BENCH_TOKEN", "--threads", str(per),
-               "--seconds", str(seconds), "--warmup", "0.5"]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      env={**os.environ, "BENCH_TOKEN": token}))  # fmt: skip
+        cmd = [
+            str(curlbench),
+            "--url",
+            f"https://127.0.0.1:{port}/crypto/v1/sign",
+            "--body-file",
+            str(body_file),
+            "--cert",
+            str(d.cert),
+            "--key",
+            str(d.key),
+            "--ca",
+            str(d.ca),
+            "--token-env",
+            "BENCH_TOKEN",
+            "--threads",
+            str(per),
+            "--seconds",
+            str(seconds),
+            "--warmup",
+            "0.5",
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env={**os.environ, "BENCH_TOKEN": token},
+            )
+        )
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=seconds + 120)
@@ -103,11 +151,20 @@ def _load(curlbench: Path, d: KeyServiceDir, ports: list[int], token: str, body_
     return out
 
 
-def _measure(name: str, d: KeyServiceDir, replicas: int, threads: int, seconds: float,
-             curlbench: Path, pg_data: Path | None) -> dict[str, Any]:  # fmt: skip
+def _measure(
+    name: str,
+    d: KeyServiceDir,
+    replicas: int,
+    threads: int,
+    seconds: float,
+    curlbench: Path,
+    pg_data: Path | None,
+) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
-        services = [stack.enter_context(KeyService(d, 1, None, f"{name}-{i}", port=free_port()))
-                    for i in range(replicas)]  # fmt: skip
+        services = [
+            stack.enter_context(KeyService(d, 1, None, f"{name}-{i}", port=free_port()))
+            for i in range(replicas)
+        ]
         token, body = _prepare(d, services[0].port)
         body_file = d.dir / "sign64.json"
         body_file.write_text(body)
@@ -116,21 +173,28 @@ def _measure(name: str, d: KeyServiceDir, replicas: int, threads: int, seconds: 
         svc0 = [sum(tree_cpu(s.pid).values(), 0.0) for s in services]
         db_pids = _cluster_pids(pg_data) if pg_data else []
         db0, t0 = _proc_cpu(db_pids), time.monotonic()
-        results = _load(curlbench, d, [s.port for s in services], token, body_file, threads,
-                        seconds)  # fmt: skip
+        results = _load(
+            curlbench, d, [s.port for s in services], token, body_file, threads, seconds
+        )
         wall = time.monotonic() - t0
-        svc_cpu = sum(sum(tree_cpu(s.pid).values(), 0.0) - c0
-                      for s, c0 in zip(services, svc0, strict=True))  # fmt: skip
+        svc_cpu = sum(
+            sum(tree_cpu(s.pid).values(), 0.0) - c0 for s, c0 in zip(services, svc0, strict=True)
+        )
         db_cpu = _proc_cpu(_cluster_pids(pg_data)) - db0 if pg_data else 0.0
     errors = sum(r["errors"] for r in results)
     # The CPU was read around the whole run (warm-up included), the ops count the measured
     # window only: spread the CPU over the ops of the whole run at the measured rate.
     ops_all = sum(r["ops"] for r in results) * max(wall, 1e-9) / seconds
-    return {"config": name, "replicas": replicas, "threads": threads,
-            "ops_per_s": sum(r["ops_per_s"] for r in results), "errors": errors,
-            "p50_us": max(r["p50_us"] for r in results),
-            "service_cpu_us_per_op": svc_cpu / max(1.0, ops_all) * 1e6,
-            "db_cpu_us_per_op": db_cpu / max(1.0, ops_all) * 1e6}  # fmt: skip
+    return {
+        "config": name,
+        "replicas": replicas,
+        "threads": threads,
+        "ops_per_s": sum(r["ops_per_s"] for r in results),
+        "errors": errors,
+        "p50_us": max(r["p50_us"] for r in results),
+        "service_cpu_us_per_op": svc_cpu / max(1.0, ops_all) * 1e6,
+        "db_cpu_us_per_op": db_cpu / max(1.0, ops_all) * 1e6,
+    }
 
 
 def run(threads: int = 8, seconds: float = 3.0) -> list[dict[str, Any]]:
@@ -152,12 +216,17 @@ def run(threads: int = 8, seconds: float = 3.0) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| configuration | client threads | ops/s | p50 us | service CPU us/op | "
-             "database CPU us/op | errors |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| configuration | client threads | ops/s | p50 us | service CPU us/op | "
+        "database CPU us/op | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['threads']} | {r['ops_per_s']:.0f} | {r['p50_us']:.0f}"
-                     f" | {r['service_cpu_us_per_op']:.0f} | {r['db_cpu_us_per_op']:.0f}"
-                     f" | {r['errors']} |")  # fmt: skip
+        lines.append(
+            f"| {r['config']} | {r['threads']} | {r['ops_per_s']:.0f} | {r['p50_us']:.0f}"
+            f" | {r['service_cpu_us_per_op']:.0f} | {r['db_cpu_us_per_op']:.0f}"
+            f" | {r['errors']} |"
+        )
     pg = [r for r in rows if r["config"].startswith("postgresql")]
     if pg:
         per = pg[0]["service_cpu_us_per_op"] + pg[0]["db_cpu_us_per_op"]
@@ -174,8 +243,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.replicas",
-                                 description=(__doc__ or "").splitlines()[0])  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.replicas", description=(__doc__ or "").splitlines()[0]
+    )
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=3.0)
     a = ap.parse_args(argv)

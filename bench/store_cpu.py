@@ -68,16 +68,28 @@ class Driver:
         der = x509.load_pem_x509_certificate(client_pem).public_bytes(Encoding.DER)
         self.state = {PEER_KEY: Peer(der)}
 
-    async def call(self, method: str, path: str, body: Any = None, token: str | None = None,
-                   idem: str | None = None) -> tuple[int, Any]:  # fmt: skip
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str | None = None,
+        idem: str | None = None,
+    ) -> tuple[int, Any]:
         raw = b"" if body is None else json.dumps(body).encode()
         headers = [(b"content-length", str(len(raw)).encode())]
         if token:
             headers.append((b"authorization", f"Bearer {token}".encode()))
         if idem:
             headers.append((b"idempotency-key", idem.encode()))
-        scope = {"type": "http", "method": method, "path": path, "headers": headers,
-                 "query_string": b"", "state": self.state}  # fmt: skip
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": path,
+            "headers": headers,
+            "query_string": b"",
+            "state": self.state,
+        }
         sent: list[dict[str, Any]] = []
 
         async def receive() -> dict[str, Any]:
@@ -107,8 +119,11 @@ async def _measure(
     for i in range(n):
         await op(i)
     cpu1, db1, t1 = time.process_time(), _proc_cpu(db_pids), time.perf_counter()
-    return {"service_us": (cpu1 - cpu0) / n * 1e6, "db_us": (db1 - db0) / n * 1e6,
-            "wall_us": (t1 - t0) / n * 1e6}  # fmt: skip
+    return {
+        "service_us": (cpu1 - cpu0) / n * 1e6,
+        "db_us": (db1 - db0) / n * 1e6,
+        "wall_us": (t1 - t0) / n * 1e6,
+    }
 
 
 async def _run(workdir: Path, store: str | None, n: int, data_dir: Path | None) -> dict[str, Any]:
@@ -121,19 +136,31 @@ async def _run(workdir: Path, store: str | None, n: int, data_dir: Path | None) 
     s = type(s)(**{**s.__dict__, "access_log": False})
     app = App(s)
     d = Driver(app, (workdir / "pki" / "client.pem").read_bytes())  # the identity "admin"
-    status, card = await d.call("POST", "/km/v1/softcards",
-                                {"name": uuid.uuid4().hex[:16], "passphrase": b64(b"pw")},
-                                idem=uuid.uuid4().hex)  # fmt: skip
+    status, card = await d.call(
+        "POST",
+        "/km/v1/softcards",
+        {"name": uuid.uuid4().hex[:16], "passphrase": b64(b"pw")},
+        idem=uuid.uuid4().hex,
+    )
     assert status in (200, 201), card
     cid = card["id"]
     status, act = await d.call(
         "POST", f"/km/v1/softcards/{cid}/activate", {"passphrase": b64(b"pw")}
     )
     token = act["token"]
-    key_attrs = {"CKA_CLASS": 4, "CKA_KEY_TYPE": 0x2B, "CKA_VALUE": b64(b"k" * 32),
-                 "CKA_SIGN": True}  # fmt: skip
-    status, key = await d.call("POST", f"/km/v1/softcards/{cid}/objects", {"attrs": key_attrs},
-                               token=token, idem=uuid.uuid4().hex)  # fmt: skip
+    key_attrs = {
+        "CKA_CLASS": 4,
+        "CKA_KEY_TYPE": 0x2B,
+        "CKA_VALUE": b64(b"k" * 32),
+        "CKA_SIGN": True,
+    }
+    status, key = await d.call(
+        "POST",
+        f"/km/v1/softcards/{cid}/objects",
+        {"attrs": key_attrs},
+        token=token,
+        idem=uuid.uuid4().hex,
+    )
     assert status in (200, 201), key
     sign = {"mechanism": "CKM_SHA256_HMAC", "key": key["handle"], "data": b64(b"x" * 64)}
 
@@ -143,24 +170,33 @@ async def _run(workdir: Path, store: str | None, n: int, data_dir: Path | None) 
 
     async def do_create(i: int) -> None:
         body = {"attrs": {"CKA_CLASS": 0, "CKA_LABEL": b64(b"d%d" % i), "CKA_VALUE": b64(b"v")}}
-        st, _ = await d.call("POST", f"/km/v1/softcards/{cid}/objects", body, token=token,
-                             idem=uuid.uuid4().hex)  # fmt: skip
+        st, _ = await d.call(
+            "POST", f"/km/v1/softcards/{cid}/objects", body, token=token, idem=uuid.uuid4().hex
+        )
         assert st in (200, 201)
 
     # A second card with 20 objects to search.
-    status, card2 = await d.call("POST", "/km/v1/softcards",
-                                 {"name": uuid.uuid4().hex[:16], "passphrase": b64(b"pw")},
-                                 idem=uuid.uuid4().hex)  # fmt: skip
+    status, card2 = await d.call(
+        "POST",
+        "/km/v1/softcards",
+        {"name": uuid.uuid4().hex[:16], "passphrase": b64(b"pw")},
+        idem=uuid.uuid4().hex,
+    )
     c2 = card2["id"]
     _, act2 = await d.call("POST", f"/km/v1/softcards/{c2}/activate", {"passphrase": b64(b"pw")})
     for i in range(20):
-        await d.call("POST", f"/km/v1/softcards/{c2}/objects",
-                     {"attrs": {"CKA_CLASS": 0, "CKA_LABEL": b64(b"s%d" % i)}},
-                     token=act2["token"], idem=uuid.uuid4().hex)  # fmt: skip
+        await d.call(
+            "POST",
+            f"/km/v1/softcards/{c2}/objects",
+            {"attrs": {"CKA_CLASS": 0, "CKA_LABEL": b64(b"s%d" % i)}},
+            token=act2["token"],
+            idem=uuid.uuid4().hex,
+        )
 
     async def do_search(i: int) -> None:
-        st, _ = await d.call("POST", f"/km/v1/softcards/{c2}/objects/search", {"attrs": {}},
-                             token=act2["token"])  # fmt: skip
+        st, _ = await d.call(
+            "POST", f"/km/v1/softcards/{c2}/objects/search", {"attrs": {}}, token=act2["token"]
+        )
         assert st == 200
 
     out = {
@@ -193,8 +229,10 @@ def run(n: int = 3000, backends: tuple[str, ...] = ("sqlite", "postgresql")) -> 
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| store | operation | service CPU us/op | database CPU us/op | wall us/op |",
-             "|---|---|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| store | operation | service CPU us/op | database CPU us/op | wall us/op |",
+        "|---|---|---:|---:|---:|",
+    ]
     for backend, ops in results.items():
         for op, m in ops.items():
             db = f"{m['db_us']:.0f}" if backend != "sqlite" else "(in service)"
