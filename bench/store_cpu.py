@@ -139,13 +139,13 @@ async def _run(workdir: Path, store: str | None, n: int, data_dir: Path | None) 
     status, card = await d.call(
         "POST",
         "/km/v1/softcards",
-        {"name": uuid.uuid4().hex[:16], "passphrase": b64(b"pw")},
+        {"name": uuid.uuid4().hex[:16], "passphrase": b64(b"password")},
         idem=uuid.uuid4().hex,
     )
     assert status in (200, 201), card
     cid = card["id"]
     status, act = await d.call(
-        "POST", f"/km/v1/softcards/{cid}/activate", {"passphrase": b64(b"pw")}
+        "POST", f"/km/v1/softcards/{cid}/activate", {"passphrase": b64(b"password")}
     )
     token = act["token"]
     key_attrs = {
@@ -179,11 +179,13 @@ async def _run(workdir: Path, store: str | None, n: int, data_dir: Path | None) 
     status, card2 = await d.call(
         "POST",
         "/km/v1/softcards",
-        {"name": uuid.uuid4().hex[:16], "passphrase": b64(b"pw")},
+        {"name": uuid.uuid4().hex[:16], "passphrase": b64(b"password")},
         idem=uuid.uuid4().hex,
     )
     c2 = card2["id"]
-    _, act2 = await d.call("POST", f"/km/v1/softcards/{c2}/activate", {"passphrase": b64(b"pw")})
+    _, act2 = await d.call(
+        "POST", f"/km/v1/softcards/{c2}/activate", {"passphrase": b64(b"password")}
+    )
     for i in range(20):
         await d.call(
             "POST",
