@@ -42,7 +42,7 @@ from pkcs11ws.server.store import (
     check_migrations,
     redact,
 )
-from pkcs11ws.server.store_sql import SqlReads, SqlTx, Statements, rewrap_card_keys
+from pkcs11ws.server.store_sql import SqlReads, SqlTx, Statements, schema_steps
 
 log = logging.getLogger("pkcs11ws.server")
 
@@ -55,59 +55,16 @@ _WRITES: Final = Statements.render(
 )
 
 
-# The schema, one numbered step per change: the same numbers and meaning as
-# sqlite_store.MIGRATIONS, in PostgreSQL's SQL. Append new steps at the end.
-MIGRATIONS: Final[tuple[Migration, ...]] = (
-    Migration(1, "softcards, objects, sessions, idempotency records", (
-        """CREATE TABLE softcards (
-            id TEXT PRIMARY KEY,
-            name TEXT NOT NULL UNIQUE,
-            created TEXT NOT NULL,
-            salt BYTEA NOT NULL,
-            kdf_n INTEGER NOT NULL, kdf_r INTEGER NOT NULL, kdf_p INTEGER NOT NULL,
-            wrapped_key BYTEA NOT NULL,
-            failures INTEGER NOT NULL DEFAULT 0,
-            locked_until DOUBLE PRECISION NOT NULL DEFAULT 0)""",
-        # seq: creation order (SQLite's rowid), which searches return.
-        """CREATE TABLE objects (
-            seq BIGSERIAL NOT NULL,
-            handle TEXT PRIMARY KEY,
-            card TEXT NOT NULL REFERENCES softcards(id) ON DELETE CASCADE,
-            cls BIGINT NOT NULL,
-            key_type BIGINT,
-            attrs TEXT NOT NULL,
-            secret BYTEA)""",
-        "CREATE INDEX objects_card ON objects(card, cls, key_type)",
-        """CREATE TABLE sessions (
-            id TEXT PRIMARY KEY,
-            card TEXT NOT NULL REFERENCES softcards(id) ON DELETE CASCADE,
-            expires DOUBLE PRECISION NOT NULL)""",
-        "CREATE INDEX sessions_expires ON sessions(expires)",
-        "CREATE INDEX sessions_card ON sessions(card)",
-        """CREATE TABLE idempotency (
-            key TEXT PRIMARY KEY,
-            fingerprint BYTEA NOT NULL,
-            status INTEGER NOT NULL,
-            body BYTEA NOT NULL,
-            created DOUBLE PRECISION NOT NULL)""",
-        "CREATE INDEX idempotency_created ON idempotency(created)",
-    )),
-    # authz: softcards made before this step have no owner (admins only).
-    Migration(2, "softcard owners, grants, the identity each activation is bound to", (
-        "ALTER TABLE softcards ADD COLUMN owner TEXT",
-        "CREATE INDEX softcards_owner ON softcards(owner)",
-        """CREATE TABLE grants (
-            card TEXT NOT NULL REFERENCES softcards(id) ON DELETE CASCADE,
-            client TEXT NOT NULL,
-            PRIMARY KEY (card, client))""",
-        "CREATE INDEX grants_client ON grants(client)",
-        "ALTER TABLE sessions ADD COLUMN client TEXT NOT NULL DEFAULT ''",
-    )),
-    Migration(3, "master-key wrap of card keys; lockout reservations", (
-        "ALTER TABLE softcards ADD COLUMN pending INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE softcards ADD COLUMN pending_until DOUBLE PRECISION NOT NULL DEFAULT 0",
-    ), rewrap_card_keys(_WRITES)),
-)  # fmt: skip
+# The schema steps (store_sql.schema_steps) in PostgreSQL's types; seq: creation order (SQLite's
+# rowid), which searches return.
+MIGRATIONS: Final[tuple[Migration, ...]] = schema_steps(
+    _WRITES,
+    blob="BYTEA",
+    real="DOUBLE PRECISION",
+    bigint="BIGINT",
+    if_not_exists="",
+    seq="\n            seq BIGSERIAL NOT NULL,",
+)
 SCHEMA_VERSION: Final = check_migrations(MIGRATIONS)
 
 # Advisory lock keys (first argument of the two-int form): one namespace for this application.

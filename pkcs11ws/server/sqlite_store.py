@@ -31,66 +31,17 @@ from pkcs11ws.server.store import (
     WriteTx,
     check_migrations,
 )
-from pkcs11ws.server.store_sql import SqlReads, SqlTx, Statements, rewrap_card_keys
+from pkcs11ws.server.store_sql import SqlReads, SqlTx, Statements, schema_steps
 
 _STATEMENTS: Final = Statements.render(
     pyformat=False, lock="", order="rowid", greatest="MAX", least="MIN"
 )
 
 
-# The schema, one numbered step per change (store.Migration; the same numbers as pg_store's).
-# Append new steps at the end; never edit a released one.
-MIGRATIONS: Final[tuple[Migration, ...]] = (
-    Migration(1, "softcards, objects, sessions, idempotency records", (
-        """CREATE TABLE IF NOT EXISTS softcards (
-            id TEXT PRIMARY KEY,
-            name TEXT NOT NULL UNIQUE,
-            created TEXT NOT NULL,
-            salt BLOB NOT NULL,
-            kdf_n INTEGER NOT NULL, kdf_r INTEGER NOT NULL, kdf_p INTEGER NOT NULL,
-            wrapped_key BLOB NOT NULL,
-            failures INTEGER NOT NULL DEFAULT 0,
-            locked_until REAL NOT NULL DEFAULT 0)""",
-        """CREATE TABLE IF NOT EXISTS objects (
-            handle TEXT PRIMARY KEY,
-            card TEXT NOT NULL REFERENCES softcards(id) ON DELETE CASCADE,
-            cls INTEGER NOT NULL,
-            key_type INTEGER,
-            attrs TEXT NOT NULL,
-            secret BLOB)""",
-        "CREATE INDEX IF NOT EXISTS objects_card ON objects(card, cls, key_type)",
-        """CREATE TABLE IF NOT EXISTS sessions (
-            id TEXT PRIMARY KEY,
-            card TEXT NOT NULL REFERENCES softcards(id) ON DELETE CASCADE,
-            expires REAL NOT NULL)""",
-        "CREATE INDEX IF NOT EXISTS sessions_expires ON sessions(expires)",
-        "CREATE INDEX IF NOT EXISTS sessions_card ON sessions(card)",
-        """CREATE TABLE IF NOT EXISTS idempotency (
-            key TEXT PRIMARY KEY,
-            fingerprint BLOB NOT NULL,
-            status INTEGER NOT NULL,
-            body BLOB NOT NULL,
-            created REAL NOT NULL)""",
-        "CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency(created)",
-    )),
-    # authz: softcards made before this step have no owner (admins only).
-    Migration(2, "softcard owners, grants, the identity each activation is bound to", (
-        "ALTER TABLE softcards ADD COLUMN owner TEXT",
-        "CREATE INDEX IF NOT EXISTS softcards_owner ON softcards(owner)",
-        """CREATE TABLE IF NOT EXISTS grants (
-            card TEXT NOT NULL REFERENCES softcards(id) ON DELETE CASCADE,
-            client TEXT NOT NULL,
-            PRIMARY KEY (card, client))""",
-        "CREATE INDEX IF NOT EXISTS grants_client ON grants(client)",
-        "ALTER TABLE sessions ADD COLUMN client TEXT NOT NULL DEFAULT ''",
-    )),
-    # Card keys under the master key, and the lockout's reservation columns (passphrase
-    # evaluations in flight, and until when that count holds: a dead process's lease runs out).
-    Migration(3, "master-key wrap of card keys; lockout reservations", (
-        "ALTER TABLE softcards ADD COLUMN pending INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE softcards ADD COLUMN pending_until REAL NOT NULL DEFAULT 0",
-    ), rewrap_card_keys(_STATEMENTS)),
-)  # fmt: skip
+# The schema steps (store_sql.schema_steps) in SQLite's types; the same numbers as pg_store's.
+MIGRATIONS: Final[tuple[Migration, ...]] = schema_steps(
+    _STATEMENTS, blob="BLOB", real="REAL", bigint="INTEGER", if_not_exists="IF NOT EXISTS ", seq=""
+)
 SCHEMA_VERSION: Final = check_migrations(MIGRATIONS)
 
 

@@ -29,7 +29,7 @@ The contract
   runs reads in a worker thread, off the event loop. An embedded database answers from the page
   cache in microseconds, where the thread hop would cost more than the read (report in issue 12).
 * Schema versions: `Store.migrate()` brings the schema to the newest version, one numbered step
-  per transaction (`Migration`), each backend keeping its ordered list of steps in its own module.
+  per transaction (`Migration`), written once (store_sql.schema_steps) in each backend's types.
   Safe when several processes or replicas start at once; refuses a database newer than the code.
 
 Backends are found by the scheme of the `store:` URL in server.yaml (`BACKENDS`): `sqlite:///...`
@@ -337,9 +337,9 @@ class Migration:
     rewriting rows: called with the backend's own connection and the keyword arguments given to
     Store.migrate), in one transaction with the version bump.
 
-    Version 1 creates the schema; steps after it change it. Each backend keeps its ordered list
-    (SQLite in sqlite_store.MIGRATIONS, PostgreSQL in pg_store.MIGRATIONS) with the same numbers
-    and meaning, in its own SQL."""
+    Version 1 creates the schema; steps after it change it. The steps are written once
+    (store_sql.schema_steps) and rendered in each backend's types (sqlite_store.MIGRATIONS,
+    pg_store.MIGRATIONS): the same numbers and meaning."""
 
     version: int
     what: str

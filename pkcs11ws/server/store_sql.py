@@ -7,10 +7,11 @@ write transaction, nothing in SQLite, whose write transactions hold the whole da
 `Statements.render()` makes each backend's set once, at import, converting the placeholders to
 psycopg's `%s` / `%(name)s` for PostgreSQL, so no call converts anything.
 
-What really differs stays in the backend modules (sqlite_store.py, pg_store.py): connections,
-transactions, the schema steps (types differ), how a card's rows go (SQLite deletes them itself,
-PostgreSQL cascades under the card's lock) and PostgreSQL's explicit locks (the card row before a
-grant changes, an advisory lock claiming an idempotency key).
+The schema steps are here too (`schema_steps`), with the column types as parameters. What really
+differs stays in the backend modules (sqlite_store.py, pg_store.py): connections, transactions,
+how a card's rows go (SQLite deletes them itself, PostgreSQL cascades under the card's lock) and
+PostgreSQL's explicit locks (the card row before a grant changes, an advisory lock claiming an
+idempotency key).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pkcs11ws.server.store import (
     CardRewrap,
     CardRow,
     IdempotencyRow,
+    Migration,
     ObjectRow,
     ReadTx,
     StoreActivity,
@@ -341,3 +343,66 @@ def rewrap_card_keys(sql: Statements) -> Callable[..., None]:
             con.execute(sql.card_key_set, (card_rewrap(card_id, bytes(wrapped)), card_id))
 
     return step
+
+
+def schema_steps(
+    sql: Statements, *, blob: str, real: str, bigint: str, if_not_exists: str, seq: str
+) -> tuple[Migration, ...]:
+    """The schema, one numbered step per change (store.Migration), in one backend's types:
+    blob BLOB/BYTEA, real REAL/DOUBLE PRECISION, bigint INTEGER/BIGINT, if_not_exists for
+    SQLite's CREATEs, seq PostgreSQL's creation-order column (SQLite has its rowid). sql: the
+    backend's write statements, for step 3's rewrap. Append new steps at the end; never edit a
+    released one (what it creates must stay what it created)."""
+    ine = if_not_exists
+    return (
+        Migration(1, "softcards, objects, sessions, idempotency records", (
+            f"""CREATE TABLE {ine}softcards (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            created TEXT NOT NULL,
+            salt {blob} NOT NULL,
+            kdf_n INTEGER NOT NULL, kdf_r INTEGER NOT NULL, kdf_p INTEGER NOT NULL,
+            wrapped_key {blob} NOT NULL,
+            failures INTEGER NOT NULL DEFAULT 0,
+            locked_until {real} NOT NULL DEFAULT 0)""",
+            f"""CREATE TABLE {ine}objects ({seq}
+            handle TEXT PRIMARY KEY,
+            card TEXT NOT NULL REFERENCES softcards(id) ON DELETE CASCADE,
+            cls {bigint} NOT NULL,
+            key_type {bigint},
+            attrs TEXT NOT NULL,
+            secret {blob})""",
+            f"CREATE INDEX {ine}objects_card ON objects(card, cls, key_type)",
+            f"""CREATE TABLE {ine}sessions (
+            id TEXT PRIMARY KEY,
+            card TEXT NOT NULL REFERENCES softcards(id) ON DELETE CASCADE,
+            expires {real} NOT NULL)""",
+            f"CREATE INDEX {ine}sessions_expires ON sessions(expires)",
+            f"CREATE INDEX {ine}sessions_card ON sessions(card)",
+            f"""CREATE TABLE {ine}idempotency (
+            key TEXT PRIMARY KEY,
+            fingerprint {blob} NOT NULL,
+            status INTEGER NOT NULL,
+            body {blob} NOT NULL,
+            created {real} NOT NULL)""",
+            f"CREATE INDEX {ine}idempotency_created ON idempotency(created)",
+        )),
+        # authz: softcards made before this step have no owner (admins only).
+        Migration(2, "softcard owners, grants, the identity each activation is bound to", (
+            "ALTER TABLE softcards ADD COLUMN owner TEXT",
+            f"CREATE INDEX {ine}softcards_owner ON softcards(owner)",
+            f"""CREATE TABLE {ine}grants (
+            card TEXT NOT NULL REFERENCES softcards(id) ON DELETE CASCADE,
+            client TEXT NOT NULL,
+            PRIMARY KEY (card, client))""",
+            f"CREATE INDEX {ine}grants_client ON grants(client)",
+            "ALTER TABLE sessions ADD COLUMN client TEXT NOT NULL DEFAULT ''",
+        )),
+        # Card keys under the master key, and the lockout's reservation columns (passphrase
+        # evaluations in flight, and until when that count holds: a dead process's lease runs
+        # out).
+        Migration(3, "master-key wrap of card keys; lockout reservations", (
+            "ALTER TABLE softcards ADD COLUMN pending INTEGER NOT NULL DEFAULT 0",
+            f"ALTER TABLE softcards ADD COLUMN pending_until {real} NOT NULL DEFAULT 0",
+        ), rewrap_card_keys(sql)),
+    )  # fmt: skip
