@@ -36,13 +36,12 @@ from pkcs11ws.server.store import (
     ReadTx,
     Store,
     StoreConfig,
-    StoreError,
     StoreUnavailable,
     WriteTx,
     check_migrations,
     redact,
 )
-from pkcs11ws.server.store_sql import SqlReads, SqlTx, Statements, schema_steps
+from pkcs11ws.server.store_sql import SqlReads, SqlTx, Statements, migrate_step, schema_steps
 
 log = logging.getLogger("pkcs11ws.server")
 
@@ -199,27 +198,11 @@ class PostgresStore(Store):
                 with con.transaction():
                     # One migrator at a time across every replica; re-read under the lock.
                     con.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NS, _MIGRATE_LOCK))
-                    con.execute(
-                        "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)"
+                    step = migrate_step(
+                        con, _WRITES, MIGRATIONS, SCHEMA_VERSION, self._shown, **step_args
                     )
-                    current = _version(con)
-                    if current > SCHEMA_VERSION:
-                        raise StoreError(
-                            f"{self._shown}: schema version {current} is newer than this pkcs11ws"
-                            f" knows ({SCHEMA_VERSION}): upgrade pkcs11ws"
-                        )
-                    if current == SCHEMA_VERSION:
-                        return before, current
-                    step = MIGRATIONS[current]
-                    for stmt in step.sql:
-                        con.execute(stmt)
-                    if step.run is not None:
-                        step.run(con, **step_args)
-                    con.execute(
-                        "INSERT INTO meta (k, v) VALUES ('schema', %s)"
-                        " ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
-                        (str(step.version),),
-                    )
+                    if step is None:
+                        return before, SCHEMA_VERSION
                     log.info("store schema: step %d (%s) done", step.version, step.what)
 
     def close(self) -> None:

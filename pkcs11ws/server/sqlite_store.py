@@ -31,7 +31,7 @@ from pkcs11ws.server.store import (
     WriteTx,
     check_migrations,
 )
-from pkcs11ws.server.store_sql import SqlReads, SqlTx, Statements, schema_steps
+from pkcs11ws.server.store_sql import SqlReads, SqlTx, Statements, migrate_step, schema_steps
 
 _STATEMENTS: Final = Statements.render(
     pyformat=False, lock="", order="rowid", greatest="MAX", least="MIN"
@@ -129,26 +129,12 @@ class SQLiteStore(Store):
     def migrate(self, **step_args: Any) -> tuple[int, int]:
         before = self.schema_version()
         while True:
-            with self._transaction() as con:
-                # Under the write lock: another process may have migrated meanwhile.
-                con.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)")
-                row = con.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
-                current = int(row[0]) if row else 0
-                if current > SCHEMA_VERSION:
-                    raise StoreError(
-                        f"{self.path}: schema version {current} is newer than this pkcs11ws"
-                        f" knows ({SCHEMA_VERSION}): upgrade pkcs11ws"
-                    )
-                if current == SCHEMA_VERSION:
-                    return before, current
-                step = MIGRATIONS[current]
-                for stmt in step.sql:
-                    con.execute(stmt)
-                if step.run is not None:
-                    step.run(con, **step_args)
-                con.execute(
-                    "INSERT OR REPLACE INTO meta (k, v) VALUES ('schema', ?)", (str(step.version),)
+            with self._transaction() as con:  # the write lock: one migrator at a time
+                step = migrate_step(
+                    con, _STATEMENTS, MIGRATIONS, SCHEMA_VERSION, str(self.path), **step_args
                 )
+            if step is None:
+                return before, SCHEMA_VERSION
 
     def close(self) -> None:
         with self._lock:

@@ -126,6 +126,11 @@ class Statements:
     object_insert = f"INSERT INTO objects ({OBJ_COLS}) VALUES (?, ?, ?, ?, ?, ?)"
     object_delete = "DELETE FROM objects WHERE card = ? AND handle = ?"
     object_set_attrs = "UPDATE objects SET attrs = ? WHERE card = ? AND handle = ?"
+    meta_create = "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL)"
+    meta_version = "SELECT v FROM meta WHERE k = 'schema'"
+    meta_set = (
+        "INSERT INTO meta (k, v) VALUES ('schema', ?) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v"
+    )
     card_keys = "SELECT id, wrapped_key FROM softcards{lock}"
     card_key_set = "UPDATE softcards SET wrapped_key = ? WHERE id = ?"
 
@@ -406,3 +411,34 @@ def schema_steps(
             f"ALTER TABLE softcards ADD COLUMN pending_until {real} NOT NULL DEFAULT 0",
         ), rewrap_card_keys(sql)),
     )  # fmt: skip
+
+
+def migrate_step(
+    con: Connection,
+    sql: Statements,
+    steps: tuple[Migration, ...],
+    newest: int,
+    where: str,
+    **step_args: Any,
+) -> Migration | None:
+    """One turn of Store.migrate, inside the backend's transaction and lock: the version as
+    committed now (another process may have migrated meanwhile), a database newer than `newest`
+    (the backend's SCHEMA_VERSION) refused, else the next step run and recorded. None when the
+    schema is at `newest`."""
+    con.execute(sql.meta_create)
+    row = con.execute(sql.meta_version).fetchone()
+    current = int(row[0]) if row else 0
+    if current > newest:
+        raise StoreError(
+            f"{where}: schema version {current} is newer than this pkcs11ws knows ({newest}):"
+            " upgrade pkcs11ws"
+        )
+    if current == newest:
+        return None
+    step = steps[current]
+    for stmt in step.sql:
+        con.execute(stmt)
+    if step.run is not None:
+        step.run(con, **step_args)
+    con.execute(sql.meta_set, (str(step.version),))
+    return step
