@@ -145,6 +145,8 @@ class Statements:
             if name.startswith("_") or not isinstance(text, str):
                 continue
             text = text.format(**tokens)
+            if "%" in text:  # psycopg would read it as a placeholder
+                raise ValueError(f"Statements.{name}: write % as a parameter")
             if pyformat:
                 text = _NAMED.sub(r"%(\1)s", text.replace("?", "%s"))
             setattr(out, name, text)  # the instance's text hides the template
