@@ -313,16 +313,37 @@ def test_python_host_thread_churn_reuses_pooled_connections(own_service):
     pin = uuid.uuid4().hex
     card = client.create_softcard(name, pin.encode())
     token, _ = client.activate(card["id"], pin.encode())
-    attrs = {"CKA_CLASS": C.CKO_SECRET_KEY, "CKA_KEY_TYPE": C.CKK_SHA256_HMAC, "CKA_SIGN": True,
-             "CKA_VALUE": os.urandom(32), "CKA_LABEL": b"p11bench-hmac", "CKA_TOKEN": True,
-             "CKA_PRIVATE": True}  # fmt: skip
+    attrs = {
+        "CKA_CLASS": C.CKO_SECRET_KEY,
+        "CKA_KEY_TYPE": C.CKK_SHA256_HMAC,
+        "CKA_SIGN": True,
+        "CKA_VALUE": os.urandom(32),
+        "CKA_LABEL": b"p11bench-hmac",
+        "CKA_TOKEN": True,
+        "CKA_PRIVATE": True,
+    }
     client.create_object(card["id"], token, attrs)
     client.close()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PKCS11WS_")}
     env.update(PKCS11WS_CONFIG=str(own_service.client_cfg), P11BENCH_PIN=pin, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "bench.pyhosts", "pkcs11", "--module", module_path(),
-           "--token", name, "--threads", "2", "--seconds", "0.5", "--warmup", "0.3",
-           "--churn", "10"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.pyhosts",
+        "pkcs11",
+        "--module",
+        module_path(),
+        "--token",
+        name,
+        "--threads",
+        "2",
+        "--seconds",
+        "0.5",
+        "--warmup",
+        "0.3",
+        "--churn",
+        "10",
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])

@@ -116,18 +116,40 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
             client.close()
         module = subprocess.run(
             [sys.executable, "-m", "pkcs11ws", "module-path"],
-            capture_output=True, text=True, check=True, timeout=60,
-        ).stdout.strip()  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout.strip()
         # The certificate the OpenSSL example reads back (`object=my-cert`).
         work = tmp_path_factory.mktemp("readme-cert")
         (work / "cert.der").write_bytes(self_signed("readme my-cert")[0])
         env = {**_env(svc, pin), "PKCS11WS_RETRYDELAY": "0"}
         subprocess.run(
-            ["pkcs11-tool", "--module", module, "--token-label", "mycard", "--login", "--pin",
-             "env:PIN", "--write-object", str(work / "cert.der"), "--type", "cert", "--id", "0b",
-             "--label", "my-cert"],
-            env=env, capture_output=True, text=True, check=True, timeout=120,
-        )  # fmt: skip
+            [
+                "pkcs11-tool",
+                "--module",
+                module,
+                "--token-label",
+                "mycard",
+                "--login",
+                "--pin",
+                "env:PIN",
+                "--write-object",
+                str(work / "cert.der"),
+                "--type",
+                "cert",
+                "--id",
+                "0b",
+                "--label",
+                "my-cert",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
         yield Sandbox(svc, pin, module)
     finally:
         svc.stop()
@@ -178,17 +200,24 @@ def test_readme_shell_block_runs(block: Block, sandbox: Sandbox, tmp_path: Path)
     (work / "cert.der").write_bytes(self_signed("readme cert")[0])
     port, admin = _two_free_ports()
     body = block.body
-    for old, new in ((MODULE_PLACEHOLDER, sandbox.module),
-                     (CONFIG_PLACEHOLDER, str(sandbox.svc.client_cfg)),
-                     ("export PIN=...", 'export PIN="$README_PIN"'),
-                     ("18001", str(port)), ("18002", str(admin))):  # fmt: skip
+    for old, new in (
+        (MODULE_PLACEHOLDER, sandbox.module),
+        (CONFIG_PLACEHOLDER, str(sandbox.svc.client_cfg)),
+        ("export PIN=...", 'export PIN="$README_PIN"'),
+        ("18001", str(port)),
+        ("18002", str(admin)),
+    ):
         body = body.replace(old, new)
     assert "..." not in body.replace("...]", ""), f"{block.id}: a placeholder the test misses"
     proc = subprocess.Popen(
         ["bash", "-e", "-o", "pipefail", "-c", body],
-        cwd=work, env=_env(sandbox.svc, sandbox.pin), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+        cwd=work,
+        env=_env(sandbox.svc, sandbox.pin),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=300)
     finally:
@@ -206,8 +235,21 @@ def test_readme_shell_block_runs(block: Block, sandbox: Sandbox, tmp_path: Path)
 # ------------------------------------------------------------------------------------------
 # docs/design.md references.
 
-_SOURCES = ("", ".py", ".pyx", ".pxi", ".pxd", ".c", ".h", ".toml", ".md", ".service", ".cfg",
-            ".sh", ".java")  # fmt: skip
+_SOURCES = (
+    "",
+    ".py",
+    ".pyx",
+    ".pxi",
+    ".pxd",
+    ".c",
+    ".h",
+    ".toml",
+    ".md",
+    ".service",
+    ".cfg",
+    ".sh",
+    ".java",
+)
 _REF = re.compile(r"design\.md(?:,? section (?P<n>\d+)| (?P<m>\d+)\b|, (?P<name>[A-Z][a-z]+))")
 
 
@@ -216,8 +258,12 @@ def test_design_md_references_resolve() -> None:
     headings = re.findall(r"^## (.*)$", design, re.M)
     numbered = {h.split(".", 1)[0] for h in headings if re.match(r"\d+\.", h)}
     names = " ".join(headings)
-    files = [p for d in ("pkcs11ws", "include", "tests", "bench", "tools", "ci", "conf")
-             for p in (ROOT / d).rglob("*") if p.is_file()]  # fmt: skip
+    files = [
+        p
+        for d in ("pkcs11ws", "include", "tests", "bench", "tools", "ci", "conf")
+        for p in (ROOT / d).rglob("*")
+        if p.is_file()
+    ]
     files += [ROOT / "Makefile", ROOT / "pyproject.toml", ROOT / "setup.py", README]
     seen = 0
     for path in files:

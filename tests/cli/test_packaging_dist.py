@@ -35,9 +35,11 @@ def test_tarball_name_and_layout():
     assert tarball.name == f"pkcs11ws-client-{pkcs11ws.__version__}-linux-{arch}.tar.gz"
     with tarfile.open(tarball) as tar:
         members = {m.name: m for m in tar.getmembers()}
-        for name in (f"{PREFIX}/lib/libpkcs11webservices.so",
-                     f"{PREFIX}/conf/example_pkcs11webservices.cfg",
-                     *(f"{PREFIX}/bin/{t}" for t in UTILITIES)):  # fmt: skip
+        for name in (
+            f"{PREFIX}/lib/libpkcs11webservices.so",
+            f"{PREFIX}/conf/example_pkcs11webservices.cfg",
+            *(f"{PREFIX}/bin/{t}" for t in UTILITIES),
+        ):
             assert members[name].isfile() and members[name].uid == 0, name
         assert members[f"{PREFIX}/log"].isdir()
         for t in UTILITIES:
@@ -98,8 +100,9 @@ def readme_install(tarball: Path) -> str:
     apt, rest = block.split("\n", 1)
     assert apt.startswith("apt-get install ")
     for pkg in apt.split()[2:]:
-        res = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True,
-                             text=True, check=False)  # fmt: skip
+        res = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True, check=False
+        )
         assert "install ok installed" in res.stdout, f"README names {pkg}, which is not installed"
     name = tarball.name.replace(f"-linux-{os.uname().machine}.", "-linux-x86_64.")
     assert f"tar -xzf {name} -C /" in rest, "README.md names another tarball than make dist"
@@ -118,8 +121,10 @@ def sections(out: str) -> dict[str, str]:
     return {k: "\n".join(v) for k, v in parts.items()}
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
-                    reason="needs root and unshare (CI runs as root)")  # fmt: skip
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or os.geteuid() != 0,
+    reason="needs root and unshare (CI runs as root)",
+)
 def test_extracted_at_root_without_the_checkout(service, tmp_path):
     tarball = client_tarball()
     # The tarball must be reachable once the checkout is hidden.
@@ -127,13 +132,24 @@ def test_extracted_at_root_without_the_checkout(service, tmp_path):
     shutil.copy2(tarball, local)
     card = activated_card(service)
     real_opt_had_it = Path("/opt/nfast/webservices/pkcs11").exists()
-    env = outside_env(TARBALL=str(local), README_INSTALL=readme_install(local),
-                      CLIENT_CFG=str(service.client_cfg), CARD=card.name,
-                      CARD_PASSPHRASE=card.passphrase, HIDE=" ".join(_hidden()),
-                      CHECKOUT=str(ROOT))  # fmt: skip
-    res = subprocess.run(["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
-                          SCRIPT], capture_output=True, text=True, timeout=300, check=False,
-                         env=env, cwd=tmp_path)  # fmt: skip
+    env = outside_env(
+        TARBALL=str(local),
+        README_INSTALL=readme_install(local),
+        CLIENT_CFG=str(service.client_cfg),
+        CARD=card.name,
+        CARD_PASSPHRASE=card.passphrase,
+        HIDE=" ".join(_hidden()),
+        CHECKOUT=str(ROOT),
+    )
+    res = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=env,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     out = sections(res.stdout)
     assert out["checkout visible: 0"] == ""

@@ -30,22 +30,42 @@ UTILITIES = ["ckcheckinst", "ckinfo-dynamic", "cklist-dynamic", "ckmechinfo", "s
 
 
 def run(cmd: list[str], env: dict[str, str], stdin: str | None = None, timeout: float = 120):
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, input=stdin,
-                          timeout=timeout, check=False, env=env, cwd=workdir())  # fmt: skip
+    return subprocess.run(
+        [str(c) for c in cmd],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=timeout,
+        check=False,
+        env=env,
+        cwd=workdir(),
+    )
 
 
 def test_sdist_holds_every_source():
     sdist, _ = sdist_and_wheel()
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    for need in ("LICENSE", "MANIFEST.in", "setup.py", "pyproject.toml", "README.md",
-                 "conf/example_pkcs11webservices.cfg", "include/pkcs11ws_ck.h",
-                 "include/pkcs11ws_const.h", "include/pkcs11ws_funcs.h",
-                 "pkcs11ws/_native/core.pyx", "pkcs11ws/_native/funcs.pxi",
-                 "pkcs11ws/_native/ck_gen.pxd", "pkcs11ws/_native/loader.c",
-                 "pkcs11ws/_native/bootstrap.c", "pkcs11ws/_native/trampolines.h",
-                 "pkcs11ws/_native/pyglue.h", "pkcs11ws/_native/runtime.h",
-                 "tools/gen_native.py"):  # fmt: skip
+    for need in (
+        "LICENSE",
+        "MANIFEST.in",
+        "setup.py",
+        "pyproject.toml",
+        "README.md",
+        "conf/example_pkcs11webservices.cfg",
+        "include/pkcs11ws_ck.h",
+        "include/pkcs11ws_const.h",
+        "include/pkcs11ws_funcs.h",
+        "pkcs11ws/_native/core.pyx",
+        "pkcs11ws/_native/funcs.pxi",
+        "pkcs11ws/_native/ck_gen.pxd",
+        "pkcs11ws/_native/loader.c",
+        "pkcs11ws/_native/bootstrap.c",
+        "pkcs11ws/_native/trampolines.h",
+        "pkcs11ws/_native/pyglue.h",
+        "pkcs11ws/_native/runtime.h",
+        "tools/gen_native.py",
+    ):
         assert need in names, need
     # Every source the build reads, and nothing built.
     for src in (ROOT / "pkcs11ws" / "_native").iterdir():
@@ -65,8 +85,10 @@ def test_wheel_metadata_and_no_build_path():
         assert "pkcs11ws/_data/example_pkcs11webservices.cfg" in names
         assert not [n for n in names if n.endswith((".pyx", ".pxi", ".c"))]
         objects = {n: z.read(n) for n in names if n.endswith(".so")}
-    assert set(objects) >= {"pkcs11ws/_native/libpkcs11ws.so",
-                            "pkcs11ws/_native/libpkcs11ws-python.so"}  # fmt: skip
+    assert set(objects) >= {
+        "pkcs11ws/_native/libpkcs11ws.so",
+        "pkcs11ws/_native/libpkcs11ws-python.so",
+    }
     extracted = workdir() / "wheel-objects"
     extracted.mkdir(exist_ok=True)
     for name, data in objects.items():
@@ -158,8 +180,11 @@ def test_fixed_venv_drives_pkcs11_tool(fixed_venv, service):
     res = run(["pkcs11-tool", "--module", module, "-I"], env)
     major, minor = VERSION.split(".")[:2]
     assert res.returncode == 0 and f"(ver {major}.{minor})" in res.stdout, res.stdout
-    res = run([fixed_venv / "bin" / "ckcheckinst", "--softcard", card.name], env,
-              stdin=card.passphrase + "\n")  # fmt: skip
+    res = run(
+        [fixed_venv / "bin" / "ckcheckinst", "--softcard", card.name],
+        env,
+        stdin=card.passphrase + "\n",
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "checks passed" in res.stdout
 
@@ -186,9 +211,15 @@ def test_readme_install_lines_as_written(service, tmp_path):
     (tmp_path / "dist").mkdir()
     shutil.copy2(wheel, tmp_path / "dist" / wheel.name)
     target = tmp_path / "srv" / "pkcs11ws"
-    res = subprocess.run(["sh", "-ec", block.replace("/srv/pkcs11ws", str(target))],
-                         capture_output=True, text=True, timeout=900, check=False,
-                         env=outside_env(), cwd=tmp_path)  # fmt: skip
+    res = subprocess.run(
+        ["sh", "-ec", block.replace("/srv/pkcs11ws", str(target))],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        env=outside_env(),
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     module = res.stdout.strip().splitlines()[-1]
     assert module == f"{target}/lib/python3.11/site-packages/pkcs11ws/_native/libpkcs11ws.so"

@@ -24,8 +24,11 @@ def test_ckcheckinst_checks_every_listed_server(service):
 
 
 def test_softcardtool_lists_through_the_server_that_answers(service):
-    env = service_env(service, PKCS11WS_HOST=f"localhost:{free_port()},127.0.0.1:{service.port}",
-                      PKCS11WS_MAXRETRIES="0")  # fmt: skip
+    env = service_env(
+        service,
+        PKCS11WS_HOST=f"localhost:{free_port()},127.0.0.1:{service.port}",
+        PKCS11WS_MAXRETRIES="0",
+    )
     res = tool("softcardtool", "-l", "-v", env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "softcard(s)" in res.stdout

@@ -185,8 +185,14 @@ def test_the_tree_can_be_moved(prefix, tmp_path, service):
     res = pkcs11_tool(moved / "lib" / "libpkcs11webservices.so", service_env(service), "-L")
     assert res.returncode == 0, res.stderr
     assert f"token label        : {card.name}" in res.stdout
-    res = subprocess.run([str(moved / "bin" / "softcardtool"), "-l"], capture_output=True,
-                         text=True, timeout=60, check=False, env=service_env(service))  # fmt: skip
+    res = subprocess.run(
+        [str(moved / "bin" / "softcardtool"), "-l"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=service_env(service),
+    )
     assert res.returncode == 0 and card.id in res.stdout, res.stderr
 
 

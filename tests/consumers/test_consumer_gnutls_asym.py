@@ -26,8 +26,10 @@ def gnutls_card(own_service: Any) -> tuple[str, dict[str, str]]:
     return urllib.parse.quote(name), consumer_env(own_service.client_cfg, pin, GNUTLS_PIN=pin)
 
 
-KINDS = [("rsa", ["--bits", "2048"], "gnutls-rsa"),
-         ("ecdsa", ["--curve", "secp256r1"], "gnutls-ec")]  # fmt: skip
+KINDS = [
+    ("rsa", ["--bits", "2048"], "gnutls-rsa"),
+    ("ecdsa", ["--curve", "secp256r1"], "gnutls-ec"),
+]
 
 
 @pytest.mark.parametrize("algo,extra,label", KINDS)
@@ -36,23 +38,59 @@ def test_generate_privkey_and_self_signed(
 ) -> None:
     token, env = gnutls_card
     provider = ["--provider", module_path()]
-    r = subprocess.run(["p11tool", *provider, "--login", f"--generate-privkey={algo}", *extra,
-                        "--label", label, f"pkcs11:token={token}"], env=env,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [
+            "p11tool",
+            *provider,
+            "--login",
+            f"--generate-privkey={algo}",
+            *extra,
+            "--label",
+            label,
+            f"pkcs11:token={token}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "BEGIN PUBLIC KEY" in r.stdout
     # The public key is listed before login; the private key only after.
-    r = subprocess.run(["p11tool", *provider, "--list-all", f"pkcs11:token={token}"], env=env,
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        ["p11tool", *provider, "--list-all", f"pkcs11:token={token}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert f"object={label};type=public" in r.stdout and "type=private" not in r.stdout, r.stdout
     tmpl = tmp_path / "cert.tmpl"
     tmpl.write_text('cn = "gnutls test"\nexpiration_days = 2\nsigning_key\n')
     cert = tmp_path / "cert.pem"
     key = f"pkcs11:token={token};object={label};type=private"
-    r = subprocess.run(["certtool", *provider, "--generate-self-signed", "--load-privkey", key,
-                        "--template", str(tmpl), "--outfile", str(cert)], env=env,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [
+            "certtool",
+            *provider,
+            "--generate-self-signed",
+            "--load-privkey",
+            key,
+            "--template",
+            str(tmpl),
+            "--outfile",
+            str(cert),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
-    r = subprocess.run(["openssl", "verify", "-CAfile", str(cert), str(cert)],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    r = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(cert), str(cert)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr

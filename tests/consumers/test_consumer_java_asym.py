@@ -35,19 +35,29 @@ def _p12(path: Path) -> None:
     key = rsa.generate_private_key(65537, 2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "java entry")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=2))
-            .sign(key, hashes.SHA256()))  # fmt: skip
-    path.write_bytes(pkcs12.serialize_key_and_certificates(
-        b"entry", key, cert, None, BestAvailableEncryption(b"p12")))  # fmt: skip
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(
+        pkcs12.serialize_key_and_certificates(
+            b"entry", key, cert, None, BestAvailableEncryption(b"p12")
+        )
+    )
 
 
 def test_sunpkcs11_key_pairs(fresh_service: Any, tmp_path: Path) -> None:
     javac = require(shutil.which("javac"), "JDK 17 (javac)", "openjdk-17-jdk-headless")
     java = require(shutil.which("java"), "JDK 17 (java)", "openjdk-17-jdk-headless")
-    r = subprocess.run([javac, "-d", str(tmp_path), str(JAVA_SRC)], capture_output=True,
-                       text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [javac, "-d", str(tmp_path), str(JAVA_SRC)], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     svc = fresh_service()
     _, pin = client_card(svc.client_cfg, "ja")
@@ -56,8 +66,13 @@ def test_sunpkcs11_key_pairs(fresh_service: Any, tmp_path: Path) -> None:
     p12 = tmp_path / "entry.p12"
     _p12(p12)
     env = consumer_env(svc.client_cfg, pin)
-    r = subprocess.run([java, "-cp", str(tmp_path), "P11AsymTest", str(cfg), str(p12), LEVEL],
-                       env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+    r = subprocess.run(
+        [java, "-cp", str(tmp_path), "P11AsymTest", str(cfg), str(p12), LEVEL],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "ALL PASSED" in r.stdout, out
     assert r.stdout.count("PASS ") == CHECKS[LEVEL], out

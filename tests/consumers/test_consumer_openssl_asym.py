@@ -28,8 +28,11 @@ from tests.support.service import free_port
 @pytest.fixture(scope="module")
 def setup(service: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     require(shutil.which("openssl"), "openssl", "openssl")
-    provider = require(str(modules_dir() / "pkcs11.so"), "OpenSSL pkcs11-provider",
-                       "pkcs11-provider from bookworm-backports")  # fmt: skip
+    provider = require(
+        str(modules_dir() / "pkcs11.so"),
+        "OpenSSL pkcs11-provider",
+        "pkcs11-provider from bookworm-backports",
+    )
     tool = require(shutil.which("pkcs11-tool"), "OpenSC pkcs11-tool", "opensc")
     name, pin = client_card(service.client_cfg, "o")
     tmp = tmp_path_factory.mktemp("ossl")
@@ -43,13 +46,32 @@ def setup(service: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
         f"pkcs11-module-token-pin = {pin}\nactivate = 1\n"
     )
     env = consumer_env(service.client_cfg, pin, OPENSSL_CONF=str(cnf))
-    for key_type, label, key_id in (("rsa:2048", "ossl-rsa", "51"), ("EC:prime256v1", "ossl-ec",
-                                                                    "52")):  # fmt: skip
-        r = subprocess.run([tool, "--module", module_path(), "--token-label", name, "--login",
-                            "--pin", "env:PKCS11WS_TEST_PIN", "--keypairgen", "--key-type",
-                            key_type, "--label", label, "--id", key_id],
-                           env={**env, "PKCS11WS_TEST_PIN": pin}, capture_output=True,
-                           timeout=120)  # fmt: skip
+    for key_type, label, key_id in (
+        ("rsa:2048", "ossl-rsa", "51"),
+        ("EC:prime256v1", "ossl-ec", "52"),
+    ):
+        r = subprocess.run(
+            [
+                tool,
+                "--module",
+                module_path(),
+                "--token-label",
+                name,
+                "--login",
+                "--pin",
+                "env:PKCS11WS_TEST_PIN",
+                "--keypairgen",
+                "--key-type",
+                key_type,
+                "--label",
+                label,
+                "--id",
+                key_id,
+            ],
+            env={**env, "PKCS11WS_TEST_PIN": pin},
+            capture_output=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr
     return {"env": env, "token": urllib.parse.quote(name), "tmp": tmp}
 
@@ -66,8 +88,20 @@ def _uri(setup: dict[str, Any], label: str, kind: str) -> str:
 def test_req_x509_and_dgst_sign(setup: dict[str, Any], label: str) -> None:
     env, tmp = setup["env"], setup["tmp"]
     cert = tmp / f"{label}.pem"
-    r = _openssl(env, "req", "-new", "-x509", "-key", _uri(setup, label, "private"), "-subj",
-                 f"/CN={label}", "-days", "2", "-out", str(cert))  # fmt: skip
+    r = _openssl(
+        env,
+        "req",
+        "-new",
+        "-x509",
+        "-key",
+        _uri(setup, label, "private"),
+        "-subj",
+        f"/CN={label}",
+        "-days",
+        "2",
+        "-out",
+        str(cert),
+    )
     assert r.returncode == 0, r.stderr
     # The self-signed certificate's signature checks out with its own (module-held) key.
     r = _openssl(env, "verify", "-CAfile", str(cert), str(cert))
@@ -78,37 +112,76 @@ def test_req_x509_and_dgst_sign(setup: dict[str, Any], label: str) -> None:
     data = tmp / "data"
     data.write_bytes(b"signed by a key that never left the key service\n" * 50)
     sig = tmp / f"{label}.sig"
-    r = _openssl(env, "dgst", "-sha256", "-sign", _uri(setup, label, "private"), "-out",
-                 str(sig), str(data))  # fmt: skip
+    r = _openssl(
+        env, "dgst", "-sha256", "-sign", _uri(setup, label, "private"), "-out", str(sig), str(data)
+    )
     assert r.returncode == 0, r.stderr
     plain = {k: v for k, v in env.items() if k != "OPENSSL_CONF"}
-    r = _openssl(plain, "dgst", "-sha256", "-verify", str(pub), "-signature", str(sig),
-                 str(data))  # fmt: skip
+    r = _openssl(plain, "dgst", "-sha256", "-verify", str(pub), "-signature", str(sig), str(data))
     assert r.returncode == 0 and b"Verified OK" in r.stdout, r
 
 
 @pytest.mark.parametrize("label,sigtype", [("ossl-ec", "ECDSA"), ("ossl-rsa", "RSA-PSS")])
-def test_tls13_handshake_with_the_key_in_the_module(setup: dict[str, Any], label: str,
-                                                    sigtype: str) -> None:  # fmt: skip
+def test_tls13_handshake_with_the_key_in_the_module(
+    setup: dict[str, Any], label: str, sigtype: str
+) -> None:
     env, tmp = setup["env"], setup["tmp"]
     cert = tmp / f"tls-{label}.pem"
-    r = _openssl(env, "req", "-new", "-x509", "-key", _uri(setup, label, "private"), "-subj",
-                 "/CN=localhost", "-days", "2", "-out", str(cert))  # fmt: skip
+    r = _openssl(
+        env,
+        "req",
+        "-new",
+        "-x509",
+        "-key",
+        _uri(setup, label, "private"),
+        "-subj",
+        "/CN=localhost",
+        "-days",
+        "2",
+        "-out",
+        str(cert),
+    )
     assert r.returncode == 0, r.stderr
     port = free_port()
-    server = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_3",
-                               "-cert", str(cert), "-key", _uri(setup, label, "private"),
-                               "-www"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)  # fmt: skip
+    server = subprocess.Popen(
+        [
+            "openssl",
+            "s_server",
+            "-accept",
+            f"127.0.0.1:{port}",
+            "-tls1_3",
+            "-cert",
+            str(cert),
+            "-key",
+            _uri(setup, label, "private"),
+            "-www",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         plain = {k: v for k, v in env.items() if k != "OPENSSL_CONF"}
         deadline = time.monotonic() + 60
         while True:
-            r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}",
-                                "-tls1_3", "-CAfile", str(cert), "-verify_return_error",
-                                "-servername", "localhost"], env=plain,
-                               input=b"GET / HTTP/1.0\r\n\r\n", capture_output=True,
-                               timeout=60)  # fmt: skip
+            r = subprocess.run(
+                [
+                    "openssl",
+                    "s_client",
+                    "-connect",
+                    f"127.0.0.1:{port}",
+                    "-tls1_3",
+                    "-CAfile",
+                    str(cert),
+                    "-verify_return_error",
+                    "-servername",
+                    "localhost",
+                ],
+                env=plain,
+                input=b"GET / HTTP/1.0\r\n\r\n",
+                capture_output=True,
+                timeout=60,
+            )
             if r.returncode == 0 or time.monotonic() > deadline or server.poll() is not None:
                 break
             time.sleep(0.5)

@@ -68,16 +68,18 @@ def _pubkey(asym_tool: Tool, key_id: str, tmp: Path, login: bool = False) -> Pat
 
 @pytest.fixture(scope="module")
 def rsa_key(asym_tool: Tool) -> str:
-    out = asym_tool.run("--keypairgen", "--key-type", "rsa:2048", "--id", "a1", "--label", "rsa1",
-                   "--private").stdout  # fmt: skip
+    out = asym_tool.run(
+        "--keypairgen", "--key-type", "rsa:2048", "--id", "a1", "--label", "rsa1", "--private"
+    ).stdout
     assert b"Private Key Object; RSA" in out and b"Public Key Object; RSA 2048 bits" in out
     return "a1"
 
 
 @pytest.fixture(scope="module")
 def ec_key(asym_tool: Tool) -> str:
-    out = asym_tool.run("--keypairgen", "--key-type", "EC:prime256v1", "--id", "e1", "--label",
-                   "ec1", "--private").stdout  # fmt: skip
+    out = asym_tool.run(
+        "--keypairgen", "--key-type", "EC:prime256v1", "--id", "e1", "--label", "ec1", "--private"
+    ).stdout
     assert b"Private Key Object; EC" in out and b"Public Key Object; EC" in out
     return "e1"
 
@@ -88,16 +90,26 @@ def test_objects_before_and_after_login(asym_tool: Tool, rsa_key: str, ec_key: s
     after = asym_tool.run("-O").stdout
     assert after.count(b"Private Key Object") == 2 and after.count(b"Public Key Object") == 2
     mechs = asym_tool.run("-M", login=False).stdout
-    for name in (b"RSA-PKCS-KEY-PAIR-GEN", b"RSA-PKCS,", b"SHA256-RSA-PKCS,", b"RSA-PKCS-PSS",
-                 b"RSA-PKCS-OAEP", b"ECDSA,", b"ECDSA-SHA256", b"ECDSA-KEY-PAIR-GEN"):  # fmt: skip
+    for name in (
+        b"RSA-PKCS-KEY-PAIR-GEN",
+        b"RSA-PKCS,",
+        b"SHA256-RSA-PKCS,",
+        b"RSA-PKCS-PSS",
+        b"RSA-PKCS-OAEP",
+        b"ECDSA,",
+        b"ECDSA-SHA256",
+        b"ECDSA-KEY-PAIR-GEN",
+    ):
         assert name in mechs, mechs
 
 
-@pytest.mark.parametrize("mech,digest", [("SHA256-RSA-PKCS", "sha256"),
-                                         ("SHA384-RSA-PKCS", "sha384"),
-                                         ("SHA512-RSA-PKCS", "sha512")])  # fmt: skip
-def test_rsa_sign_checked_by_openssl(asym_tool: Tool, rsa_key: str, tmp_path: Path, mech: str,
-                                     digest: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "mech,digest",
+    [("SHA256-RSA-PKCS", "sha256"), ("SHA384-RSA-PKCS", "sha384"), ("SHA512-RSA-PKCS", "sha512")],
+)
+def test_rsa_sign_checked_by_openssl(
+    asym_tool: Tool, rsa_key: str, tmp_path: Path, mech: str, digest: str
+) -> None:
     data = tmp_path / "data"
     data.write_bytes(os.urandom(5000))
     sig = tmp_path / "sig"
@@ -114,32 +126,48 @@ def test_rsa_pkcs_of_a_digest_info(asym_tool: Tool, rsa_key: str, tmp_path: Path
     (tmp_path / "info").write_bytes(info)
     (tmp_path / "msg").write_bytes(msg)
     sig = tmp_path / "sig"
-    asym_tool.run("--sign", "--id", rsa_key, "-m", "RSA-PKCS", "-i", str(tmp_path / "info"), "-o",
-             str(sig))  # fmt: skip
+    asym_tool.run(
+        "--sign", "--id", rsa_key, "-m", "RSA-PKCS", "-i", str(tmp_path / "info"), "-o", str(sig)
+    )
     pem = _pubkey(asym_tool, rsa_key, tmp_path)
-    r = _openssl("dgst", "-sha256", "-verify", str(pem), "-signature", str(sig),
-                 str(tmp_path / "msg"))  # fmt: skip
+    r = _openssl(
+        "dgst", "-sha256", "-verify", str(pem), "-signature", str(sig), str(tmp_path / "msg")
+    )
     assert r.returncode == 0, r
 
 
 @pytest.mark.parametrize("mech", ["ECDSA", "ECDSA-SHA256"])
-def test_ecdsa_sign_checked_by_openssl(asym_tool: Tool, ec_key: str, tmp_path: Path,
-                                       mech: str) -> None:  # fmt: skip
+def test_ecdsa_sign_checked_by_openssl(
+    asym_tool: Tool, ec_key: str, tmp_path: Path, mech: str
+) -> None:
     msg = os.urandom(700)
     data = tmp_path / "data"
     data.write_bytes(hashlib.sha256(msg).digest() if mech == "ECDSA" else msg)
     (tmp_path / "msg").write_bytes(msg)
     sig = tmp_path / "sig"
-    asym_tool.run("--sign", "--id", ec_key, "-m", mech, "--signature-format", "openssl", "-i",
-             str(data), "-o", str(sig))  # fmt: skip
+    asym_tool.run(
+        "--sign",
+        "--id",
+        ec_key,
+        "-m",
+        mech,
+        "--signature-format",
+        "openssl",
+        "-i",
+        str(data),
+        "-o",
+        str(sig),
+    )
     pem = _pubkey(asym_tool, ec_key, tmp_path)
-    r = _openssl("dgst", "-sha256", "-verify", str(pem), "-signature", str(sig),
-                 str(tmp_path / "msg"))  # fmt: skip
+    r = _openssl(
+        "dgst", "-sha256", "-verify", str(pem), "-signature", str(sig), str(tmp_path / "msg")
+    )
     assert r.returncode == 0 and b"Verified OK" in r.stdout, r
 
 
-def test_sign_and_verify_in_the_module(asym_tool: Tool, rsa_key: str, ec_key: str,
-                                       tmp_path: Path) -> None:  # fmt: skip
+def test_sign_and_verify_in_the_module(
+    asym_tool: Tool, rsa_key: str, ec_key: str, tmp_path: Path
+) -> None:
     data = tmp_path / "data"
     data.write_bytes(b"verified by the public key in the module")
     for key, mech in ((rsa_key, "SHA256-RSA-PKCS"), (ec_key, "ECDSA-SHA256")):
@@ -152,25 +180,60 @@ def test_sign_and_verify_in_the_module(asym_tool: Tool, rsa_key: str, ec_key: st
         bad = bytearray(sig.read_bytes())
         bad[5] ^= 1
         sig.write_bytes(bytes(bad))
-        r = asym_tool.run("--verify", "--id", key, "-m", mech, "-i", str(data), "--signature-file",
-                     str(sig), ok=False)  # fmt: skip
+        r = asym_tool.run(
+            "--verify",
+            "--id",
+            key,
+            "-m",
+            mech,
+            "-i",
+            str(data),
+            "--signature-file",
+            str(sig),
+            ok=False,
+        )
         assert b"Invalid signature" in r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("mech,digest", [("SHA256-RSA-PKCS-PSS", "sha256"),
-                                         ("SHA384-RSA-PKCS-PSS", "sha384")])  # fmt: skip
-def test_rsa_pss_checked_by_openssl(asym_tool: Tool, rsa_key: str, tmp_path: Path, mech: str,
-                                    digest: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "mech,digest", [("SHA256-RSA-PKCS-PSS", "sha256"), ("SHA384-RSA-PKCS-PSS", "sha384")]
+)
+def test_rsa_pss_checked_by_openssl(
+    asym_tool: Tool, rsa_key: str, tmp_path: Path, mech: str, digest: str
+) -> None:
     data = tmp_path / "data"
     data.write_bytes(os.urandom(3000))
     sig = tmp_path / "sig"
     salt = {"sha256": "32", "sha384": "48"}[digest]
-    asym_tool.run("--sign", "--id", rsa_key, "-m", mech, "--mgf", f"MGF1-{digest.upper()}",
-             "--salt-len", salt, "-i", str(data), "-o", str(sig))  # fmt: skip
+    asym_tool.run(
+        "--sign",
+        "--id",
+        rsa_key,
+        "-m",
+        mech,
+        "--mgf",
+        f"MGF1-{digest.upper()}",
+        "--salt-len",
+        salt,
+        "-i",
+        str(data),
+        "-o",
+        str(sig),
+    )
     pem = _pubkey(asym_tool, rsa_key, tmp_path)
-    r = _openssl("dgst", f"-{digest}", "-sigopt", "rsa_padding_mode:pss", "-sigopt",
-                 f"rsa_pss_saltlen:{salt}", "-verify", str(pem), "-signature", str(sig),
-                 str(data))  # fmt: skip
+    r = _openssl(
+        "dgst",
+        f"-{digest}",
+        "-sigopt",
+        "rsa_padding_mode:pss",
+        "-sigopt",
+        f"rsa_pss_saltlen:{salt}",
+        "-verify",
+        str(pem),
+        "-signature",
+        str(sig),
+        str(data),
+    )
     assert r.returncode == 0 and b"Verified OK" in r.stdout, r
 
 
@@ -179,11 +242,38 @@ def test_rsa_oaep_sha256_decrypt(asym_tool: Tool, rsa_key: str, tmp_path: Path) 
     secret = tmp_path / "secret"
     secret.write_bytes(os.urandom(48))
     ct = tmp_path / "ct"
-    r = _openssl("pkeyutl", "-encrypt", "-pubin", "-inkey", str(pem), "-pkeyopt",
-                 "rsa_padding_mode:oaep", "-pkeyopt", "rsa_oaep_md:sha256", "-pkeyopt",
-                 "rsa_mgf1_md:sha256", "-in", str(secret), "-out", str(ct))  # fmt: skip
+    r = _openssl(
+        "pkeyutl",
+        "-encrypt",
+        "-pubin",
+        "-inkey",
+        str(pem),
+        "-pkeyopt",
+        "rsa_padding_mode:oaep",
+        "-pkeyopt",
+        "rsa_oaep_md:sha256",
+        "-pkeyopt",
+        "rsa_mgf1_md:sha256",
+        "-in",
+        str(secret),
+        "-out",
+        str(ct),
+    )
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
-    asym_tool.run("--decrypt", "--id", rsa_key, "-m", "RSA-PKCS-OAEP", "--hash-algorithm", "SHA256",
-             "--mgf", "MGF1-SHA256", "-i", str(ct), "-o", str(out))  # fmt: skip
+    asym_tool.run(
+        "--decrypt",
+        "--id",
+        rsa_key,
+        "-m",
+        "RSA-PKCS-OAEP",
+        "--hash-algorithm",
+        "SHA256",
+        "--mgf",
+        "MGF1-SHA256",
+        "-i",
+        str(ct),
+        "-o",
+        str(out),
+    )
     assert out.read_bytes() == secret.read_bytes()

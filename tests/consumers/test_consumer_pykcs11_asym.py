@@ -33,8 +33,11 @@ def shared_se(service: Any) -> Any:
         mp.setenv("PKCS11WS_CONFIG", str(service.client_cfg))
         lib = PyKCS11.PyKCS11Lib()
         lib.load(module_path())
-        slot = next(s for s in lib.getSlotList(tokenPresent=True)
-                    if lib.getTokenInfo(s).label.strip() == name)  # fmt: skip
+        slot = next(
+            s
+            for s in lib.getSlotList(tokenPresent=True)
+            if lib.getTokenInfo(s).label.strip() == name
+        )
         s = lib.openSession(slot, PyKCS11.CKF_RW_SESSION)
         s.login(pin)
         yield s
@@ -82,8 +85,9 @@ def test_ec_pair(shared_se: Any) -> None:
     key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point[2:])
     data = b"ECDSA through PyKCS11"
     sig = bytes(shared_se.sign(priv, data, PyKCS11.Mechanism(C.CKM_ECDSA_SHA256, None)))
-    der = utils.encode_dss_signature(int.from_bytes(sig[:32], "big"),
-                                     int.from_bytes(sig[32:], "big"))  # fmt: skip
+    der = utils.encode_dss_signature(
+        int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")
+    )
     key.verify(der, data, ec.ECDSA(hashes.SHA256()))
     digest = hashlib.sha256(data).digest()
     sig = bytes(shared_se.sign(priv, digest, PyKCS11.Mechanism(C.CKM_ECDSA, None)))

@@ -25,8 +25,7 @@ from pkcs11ws.client.api import KeyServiceClient
 from pkcs11ws.config import load_config
 from tests.service.test_server_asym import GCM_CASES
 
-CAPS = (MechanismFlag.SIGN | MechanismFlag.VERIFY | MechanismFlag.ENCRYPT
-        | MechanismFlag.DECRYPT)  # fmt: skip
+CAPS = MechanismFlag.SIGN | MechanismFlag.VERIFY | MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +79,11 @@ def test_rsa_pair_attributes(shared_session: Any, pkcs11_rsa_pair: Any) -> None:
     for attr in (Attribute.PRIVATE_EXPONENT, Attribute.PRIME_1, Attribute.VALUE):
         with pytest.raises(E.AttributeSensitive):
             priv[attr]
-    found = list(shared_session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY,
-                                      Attribute.ID: b"\x10"}))  # fmt: skip
+    found = list(
+        shared_session.get_objects(
+            {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: b"\x10"}
+        )
+    )
     assert [o.handle for o in found] == [priv.handle]
 
 
@@ -93,19 +95,28 @@ def test_rsa_signatures_verify_in_cryptography(pkcs11_rsa_pair: Any) -> None:
     key.verify(sig, data, padding.PKCS1v15(), hashes.SHA256())
     assert pub.verify(data, sig, mechanism=Mechanism.SHA256_RSA_PKCS)
     assert not pub.verify(data + b"x", sig, mechanism=Mechanism.SHA256_RSA_PKCS)
-    sig = priv.sign(data, mechanism=Mechanism.SHA512_RSA_PKCS_PSS,
-                    mechanism_param=(Mechanism.SHA512, MGF.SHA512, 64))  # fmt: skip
+    sig = priv.sign(
+        data,
+        mechanism=Mechanism.SHA512_RSA_PKCS_PSS,
+        mechanism_param=(Mechanism.SHA512, MGF.SHA512, 64),
+    )
     key.verify(sig, data, padding.PSS(padding.MGF1(hashes.SHA512()), 64), hashes.SHA512())
-    assert pub.verify(data, sig, mechanism=Mechanism.SHA512_RSA_PKCS_PSS,
-                      mechanism_param=(Mechanism.SHA512, MGF.SHA512, 64))  # fmt: skip
+    assert pub.verify(
+        data,
+        sig,
+        mechanism=Mechanism.SHA512_RSA_PKCS_PSS,
+        mechanism_param=(Mechanism.SHA512, MGF.SHA512, 64),
+    )
     # Multi-part hash-and-sign: the core accumulates, C_SignFinal makes the one request.
     sig = priv.sign(iter([data[:700], data[700:]]), mechanism=Mechanism.SHA384_RSA_PKCS)
     key.verify(sig, data, padding.PKCS1v15(), hashes.SHA384())
 
 
-OAEP_HASHES = [(Mechanism.SHA_1, MGF.SHA1, hashes.SHA1()),
-               (Mechanism.SHA256, MGF.SHA256, hashes.SHA256()),
-               (Mechanism.SHA512, MGF.SHA512, hashes.SHA512())]  # fmt: skip
+OAEP_HASHES = [
+    (Mechanism.SHA_1, MGF.SHA1, hashes.SHA1()),
+    (Mechanism.SHA256, MGF.SHA256, hashes.SHA256()),
+    (Mechanism.SHA512, MGF.SHA512, hashes.SHA512()),
+]
 
 
 @pytest.mark.parametrize("h,mgf,algo", OAEP_HASHES)
@@ -113,13 +124,18 @@ def test_rsa_oaep_both_ways(pkcs11_rsa_pair: Any, h: Any, mgf: Any, algo: Any) -
     pub, priv = pkcs11_rsa_pair
     key = _spki(pub)
     ct = key.encrypt(b"from cryptography", padding.OAEP(padding.MGF1(algo), algo, None))
-    assert priv.decrypt(ct, mechanism=Mechanism.RSA_PKCS_OAEP,
-                        mechanism_param=(h, mgf, None)) == b"from cryptography"  # fmt: skip
+    assert (
+        priv.decrypt(ct, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=(h, mgf, None))
+        == b"from cryptography"
+    )
     # Encryption with the public key runs in the module.
-    ct = pub.encrypt(b"from the module", mechanism=Mechanism.RSA_PKCS_OAEP,
-                     mechanism_param=(h, mgf, None))  # fmt: skip
-    assert priv.decrypt(ct, mechanism=Mechanism.RSA_PKCS_OAEP,
-                        mechanism_param=(h, mgf, None)) == b"from the module"  # fmt: skip
+    ct = pub.encrypt(
+        b"from the module", mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=(h, mgf, None)
+    )
+    assert (
+        priv.decrypt(ct, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=(h, mgf, None))
+        == b"from the module"
+    )
 
 
 def test_ecdsa_p384(pkcs11_ec_pair: Any) -> None:
@@ -129,8 +145,9 @@ def test_ecdsa_p384(pkcs11_ec_pair: Any) -> None:
     data = os.urandom(500)
     sig = priv.sign(data, mechanism=Mechanism.ECDSA_SHA384)
     assert len(sig) == 96
-    der = utils.encode_dss_signature(int.from_bytes(sig[:48], "big"),
-                                     int.from_bytes(sig[48:], "big"))  # fmt: skip
+    der = utils.encode_dss_signature(
+        int.from_bytes(sig[:48], "big"), int.from_bytes(sig[48:], "big")
+    )
     key.verify(der, data, ec.ECDSA(hashes.SHA384()))
     assert pub.verify(data, sig, mechanism=Mechanism.ECDSA_SHA384)
     assert not pub.verify(data, bytes(96), mechanism=Mechanism.ECDSA_SHA384)
@@ -138,10 +155,17 @@ def test_ecdsa_p384(pkcs11_ec_pair: Any) -> None:
 
 def test_aes_gcm_known_answer_single_and_multipart(shared_session: Any) -> None:
     key_bytes, iv, aad, pt, ct, tag = GCM_CASES["case 4"]
-    key = shared_session.create_object({
-        Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
-        Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.ENCRYPT: True,
-        Attribute.DECRYPT: True, Attribute.VALUE: key_bytes})  # fmt: skip
+    key = shared_session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.ENCRYPT: True,
+            Attribute.DECRYPT: True,
+            Attribute.VALUE: key_bytes,
+        }
+    )
     params = GCMParams(iv, aad, 128)
     assert key.encrypt(pt, mechanism=Mechanism.AES_GCM, mechanism_param=params) == ct + tag
     assert key.decrypt(ct + tag, mechanism=Mechanism.AES_GCM, mechanism_param=params) == pt
@@ -149,5 +173,6 @@ def test_aes_gcm_known_answer_single_and_multipart(shared_session: Any) -> None:
     out = b"".join(key.encrypt(iter(parts), mechanism=Mechanism.AES_GCM, mechanism_param=params))
     assert out == ct + tag
     with pytest.raises(E.EncryptedDataInvalid):
-        key.decrypt(ct + bytes([tag[0] ^ 1]) + tag[1:], mechanism=Mechanism.AES_GCM,
-                    mechanism_param=params)  # fmt: skip
+        key.decrypt(
+            ct + bytes([tag[0] ^ 1]) + tag[1:], mechanism=Mechanism.AES_GCM, mechanism_param=params
+        )

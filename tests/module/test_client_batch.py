@@ -31,12 +31,16 @@ AES_KEY = bytes(range(16))
 def _setup(batch_cl: KeyServiceClient) -> tuple[str, str, str]:
     card = batch_cl.create_softcard(unique_name(), PASS)["id"]
     token, _ = batch_cl.activate(card, PASS)
-    mac = batch_cl.create_object(card, token, {"CKA_CLASS": C.CKO_SECRET_KEY,
-                                         "CKA_KEY_TYPE": C.CKK_SHA256_HMAC,
-                                         "CKA_VALUE": HMAC_KEY})["handle"]  # fmt: skip
-    aes = batch_cl.create_object(card, token, {"CKA_CLASS": C.CKO_SECRET_KEY,
-                                         "CKA_KEY_TYPE": C.CKK_AES,
-                                         "CKA_VALUE": AES_KEY})["handle"]  # fmt: skip
+    mac = batch_cl.create_object(
+        card,
+        token,
+        {"CKA_CLASS": C.CKO_SECRET_KEY, "CKA_KEY_TYPE": C.CKK_SHA256_HMAC, "CKA_VALUE": HMAC_KEY},
+    )["handle"]
+    aes = batch_cl.create_object(
+        card,
+        token,
+        {"CKA_CLASS": C.CKO_SECRET_KEY, "CKA_KEY_TYPE": C.CKK_AES, "CKA_VALUE": AES_KEY},
+    )["handle"]
     return token, mac, aes
 
 
@@ -84,16 +88,19 @@ def test_queued_calls_leave_together_each_with_its_own_answer(batch_cl: KeyServi
     good = hmac.digest(HMAC_KEY, b"data", hashlib.sha256)
     iv = bytes(16)
     before = dict(group.sizes)
-    out = queued(group, [
-        lambda: batch_cl.sign(token, mac, "CKM_SHA256_HMAC", b"data"),
-        lambda: batch_cl.verify(token, mac, "CKM_SHA256_HMAC", b"data", good),
-        lambda: batch_cl.verify(token, mac, "CKM_SHA256_HMAC", b"data", bytes(32)),
-        lambda: batch_cl.sign(token, str(uuid.uuid4()), "CKM_SHA256_HMAC", b"data"),
-        lambda: batch_cl.encrypt(token, aes, "CKM_AES_CBC", iv, bytes(32)),
-        lambda: batch_cl.decrypt(token, aes, "CKM_AES_CBC", iv, bytes(15)),
-        lambda: batch_cl.random(40),
-        lambda: batch_cl.sign("v1.AAAA", mac, "CKM_SHA256_HMAC", b"data"),
-    ])  # fmt: skip
+    out = queued(
+        group,
+        [
+            lambda: batch_cl.sign(token, mac, "CKM_SHA256_HMAC", b"data"),
+            lambda: batch_cl.verify(token, mac, "CKM_SHA256_HMAC", b"data", good),
+            lambda: batch_cl.verify(token, mac, "CKM_SHA256_HMAC", b"data", bytes(32)),
+            lambda: batch_cl.sign(token, str(uuid.uuid4()), "CKM_SHA256_HMAC", b"data"),
+            lambda: batch_cl.encrypt(token, aes, "CKM_AES_CBC", iv, bytes(32)),
+            lambda: batch_cl.decrypt(token, aes, "CKM_AES_CBC", iv, bytes(15)),
+            lambda: batch_cl.random(40),
+            lambda: batch_cl.sign("v1.AAAA", mac, "CKM_SHA256_HMAC", b"data"),
+        ],
+    )
     assert out[0] == good and out[1] is None
     rv = [e.ckr if isinstance(e, PKCS11Error) else None for e in out]
     assert rv[2] == C.CKR_SIGNATURE_INVALID
@@ -145,8 +152,13 @@ def test_over_the_service_limit_falls_back_to_single_requests(fresh_service: Any
         token, mac, _ = _setup(c)
         assert c.group is not None
         datas = [b"%d" % i for i in range(5)]
-        out = queued(c.group, [lambda d=d: c.sign(token, mac, "CKM_SHA256_HMAC", d)  # type: ignore[misc]
-                               for d in datas])  # fmt: skip
+        out = queued(
+            c.group,
+            [
+                lambda d=d: c.sign(token, mac, "CKM_SHA256_HMAC", d)  # type: ignore[misc]
+                for d in datas
+            ],
+        )
         assert out == [hmac.digest(HMAC_KEY, d, hashlib.sha256) for d in datas]
         assert c.group.size == 8  # a refused size is no reason to stop batching
     finally:

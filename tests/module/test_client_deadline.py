@@ -130,8 +130,15 @@ def test_deadline_against_a_service_that_never_answers(service, tmp_path: Path) 
         hold.bind(("127.0.0.1", 0))
         hold.listen(16)
         log = tmp_path / "p11.log"
-        c = make_client(service, log, port=hold.getsockname()[1], maxretries=5, retrydelay=0,
-                        timeout=2, connecttimeout=60)  # fmt: skip
+        c = make_client(
+            service,
+            log,
+            port=hold.getsockname()[1],
+            maxretries=5,
+            retrydelay=0,
+            timeout=2,
+            connecttimeout=60,
+        )
         t0 = time.monotonic()
         with pytest.raises(TransportError) as ei:
             c.random(8)
@@ -146,10 +153,17 @@ def test_abort_ends_a_hung_call_and_a_retry_wait(service, tmp_path: Path) -> Non
     with socket.socket() as hold:
         hold.bind(("127.0.0.1", 0))
         hold.listen(16)
-        hung = make_client(service, tmp_path / "a.log", port=hold.getsockname()[1], timeout=600,
-                           connecttimeout=600)  # fmt: skip
-        waiting = make_client(service, tmp_path / "b.log", port=free_port(), maxretries=10,
-                              retrydelay=600, timeout=3600)  # fmt: skip
+        hung = make_client(
+            service, tmp_path / "a.log", port=hold.getsockname()[1], timeout=600, connecttimeout=600
+        )
+        waiting = make_client(
+            service,
+            tmp_path / "b.log",
+            port=free_port(),
+            maxretries=10,
+            retrydelay=600,
+            timeout=3600,
+        )
         errors: dict[str, BaseException] = {}
 
         def run(name: str, client: KeyServiceClient) -> None:
@@ -158,8 +172,9 @@ def test_abort_ends_a_hung_call_and_a_retry_wait(service, tmp_path: Path) -> Non
             except BaseException as e:
                 errors[name] = e
 
-        threads = [threading.Thread(target=run, args=a) for a in
-                   (("hung", hung), ("waiting", waiting))]  # fmt: skip
+        threads = [
+            threading.Thread(target=run, args=a) for a in (("hung", hung), ("waiting", waiting))
+        ]
         for t in threads:
             t.start()
         time.sleep(1.0)  # one is inside perform(), the other sleeping before its retry
@@ -188,15 +203,25 @@ def test_abort_ends_a_hung_call_and_a_retry_wait(service, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("kind", ["foreign CA", "expired"])
-def test_refused_client_certificate_is_a_configuration_error(service, tmp_path: Path,
-                                                             kind: str) -> None:  # fmt: skip
+def test_refused_client_certificate_is_a_configuration_error(
+    service, tmp_path: Path, kind: str
+) -> None:
     if kind == "expired":
-        cert, key = issue(tmp_path, "expired", ca=service.ca.parent,
-                          not_before=NOW - dt.timedelta(days=60),
-                          not_after=NOW - dt.timedelta(days=1))  # fmt: skip
+        cert, key = issue(
+            tmp_path,
+            "expired",
+            ca=service.ca.parent,
+            not_before=NOW - dt.timedelta(days=60),
+            not_after=NOW - dt.timedelta(days=1),
+        )
     else:
-        cert, key = issue(tmp_path, "foreign", ca=None, not_before=NOW - dt.timedelta(days=1),
-                          not_after=NOW + dt.timedelta(days=300))  # fmt: skip
+        cert, key = issue(
+            tmp_path,
+            "foreign",
+            ca=None,
+            not_before=NOW - dt.timedelta(days=1),
+            not_after=NOW + dt.timedelta(days=300),
+        )
     log = tmp_path / "p11.log"
     c = make_client(service, log, cert=cert, key=key, maxretries=5, retrydelay=10)
     t0 = time.monotonic()
@@ -248,20 +273,37 @@ def test_certificate_reader_agrees_with_cryptography(tmp_path: Path) -> None:
     for path in paths:
         pem = Path(path).read_bytes()
         cert = x509.load_pem_x509_certificate(pem)
-        expected = (int(cert.not_valid_before_utc.timestamp()),
-                    int(cert.not_valid_after_utc.timestamp()))  # fmt: skip
+        expected = (
+            int(cert.not_valid_before_utc.timestamp()),
+            int(cert.not_valid_after_utc.timestamp()),
+        )
         assert validity(pem) == expected, path
     assert validity(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n") is None
     assert validity(b"not a certificate") is None
 
 
 def test_expiry_warning_texts(tmp_path: Path) -> None:
-    soon, _ = issue(tmp_path, "soon", ca=None, not_before=NOW - dt.timedelta(days=300),
-                    not_after=NOW + dt.timedelta(days=10, hours=1))  # fmt: skip
-    later, _ = issue(tmp_path, "later", ca=None, not_before=NOW - dt.timedelta(days=1),
-                     not_after=NOW + dt.timedelta(days=31))  # fmt: skip
-    gone, _ = issue(tmp_path, "gone", ca=None, not_before=NOW - dt.timedelta(days=30),
-                    not_after=NOW - dt.timedelta(hours=1))  # fmt: skip
+    soon, _ = issue(
+        tmp_path,
+        "soon",
+        ca=None,
+        not_before=NOW - dt.timedelta(days=300),
+        not_after=NOW + dt.timedelta(days=10, hours=1),
+    )
+    later, _ = issue(
+        tmp_path,
+        "later",
+        ca=None,
+        not_before=NOW - dt.timedelta(days=1),
+        not_after=NOW + dt.timedelta(days=31),
+    )
+    gone, _ = issue(
+        tmp_path,
+        "gone",
+        ca=None,
+        not_before=NOW - dt.timedelta(days=30),
+        not_after=NOW - dt.timedelta(hours=1),
+    )
     now = time.time()
     assert "expires on" in (expiry_warning(str(soon), now) or "")
     assert "(in 10 days)" in (expiry_warning(str(soon), now) or "")
@@ -271,8 +313,11 @@ def test_expiry_warning_texts(tmp_path: Path) -> None:
 
 
 def write_cfg(svc: Any, path: Path, **settings: object) -> Path:
-    lines = [ln for ln in svc.client_cfg.read_text().splitlines()
-             if not ln.strip() or ln.split()[0].lower() not in settings]  # fmt: skip
+    lines = [
+        ln
+        for ln in svc.client_cfg.read_text().splitlines()
+        if not ln.strip() or ln.split()[0].lower() not in settings
+    ]
     path.write_text("\n".join(lines + [f"{k.upper()} {v}" for k, v in settings.items()]) + "\n")
     return path
 
@@ -280,12 +325,15 @@ def write_cfg(svc: Any, path: Path, **settings: object) -> Path:
 def test_c_initialize_warns_about_an_expiring_certificate(
     bare_mod, service, tmp_path: Path
 ) -> None:
-    cert, key = issue(tmp_path, "expiring", ca=service.ca.parent,
-                      not_before=NOW - dt.timedelta(days=300),
-                      not_after=NOW + dt.timedelta(days=12, hours=1))  # fmt: skip
+    cert, key = issue(
+        tmp_path,
+        "expiring",
+        ca=service.ca.parent,
+        not_before=NOW - dt.timedelta(days=300),
+        not_after=NOW + dt.timedelta(days=12, hours=1),
+    )
     log = tmp_path / "module.log"
-    cfg = write_cfg(service, tmp_path / "p11.cfg", cert=cert, key=key, loglevel=3,
-                    logfilepath=log)  # fmt: skip
+    cfg = write_cfg(service, tmp_path / "p11.cfg", cert=cert, key=key, loglevel=3, logfilepath=log)
     assert bare_mod.initialize(str(cfg)) == C.CKR_OK
     lines = [ln for ln in log.read_text().splitlines() if " WARNING " in ln]
     assert len(lines) == 1 and "C_Initialize: CERT" in lines[0] and "(in 12 days)" in lines[0]
@@ -298,12 +346,24 @@ def test_c_initialize_warns_about_an_expiring_certificate(
 def test_c_initialize_warns_about_an_expired_certificate_then_calls_say_refused(
     bare_mod, service, tmp_path: Path
 ) -> None:
-    cert, key = issue(tmp_path, "expired", ca=service.ca.parent,
-                      not_before=NOW - dt.timedelta(days=300),
-                      not_after=NOW - dt.timedelta(days=2))  # fmt: skip
+    cert, key = issue(
+        tmp_path,
+        "expired",
+        ca=service.ca.parent,
+        not_before=NOW - dt.timedelta(days=300),
+        not_after=NOW - dt.timedelta(days=2),
+    )
     log = tmp_path / "module.log"
-    cfg = write_cfg(service, tmp_path / "p11.cfg", cert=cert, key=key, loglevel=3,
-                    maxretries=5, retrydelay=10, logfilepath=log)  # fmt: skip
+    cfg = write_cfg(
+        service,
+        tmp_path / "p11.cfg",
+        cert=cert,
+        key=key,
+        loglevel=3,
+        maxretries=5,
+        retrydelay=10,
+        logfilepath=log,
+    )
     assert bare_mod.initialize(str(cfg)) == C.CKR_OK
     text = log.read_text()
     assert "C_Initialize: CERT" in text and "expired on" in text

@@ -40,10 +40,19 @@ def serve(svc: Service, yaml_path: Path, port: int, log: Path) -> Service:
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pkcs11ws.server.cli", "serve", "--config", str(yaml_path)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    new = dataclasses.replace(svc, port=port, url=f"https://127.0.0.1:{port}",
-                              server_yaml=yaml_path, pid=proc.pid, log=log, proc=proc)  # fmt: skip
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    new = dataclasses.replace(
+        svc,
+        port=port,
+        url=f"https://127.0.0.1:{port}",
+        server_yaml=yaml_path,
+        pid=proc.pid,
+        log=log,
+        proc=proc,
+    )
     api = Api(new)
     deadline = time.monotonic() + 30
     try:
@@ -88,8 +97,9 @@ def kill9(svc: Service) -> None:
 
 def served(svc: Service, what: str) -> int:
     """How many requests (access-log lines containing what) svc answered."""
-    return sum(1 for ln in svc.log_text().splitlines() if "pkcs11ws.server.access" in ln
-               and what in ln)  # fmt: skip
+    return sum(
+        1 for ln in svc.log_text().splitlines() if "pkcs11ws.server.access" in ln and what in ln
+    )
 
 
 def host_list(a: Service, b: Service) -> str:
@@ -111,8 +121,7 @@ def pair_client(a: Service, b: Service, log: Path, **overrides: object) -> KeySe
 def test_requests_spread_over_both_and_an_activation_works_on_either(replicas, tmp_path):
     a, b, _ = replicas
     c = pair_client(a, b, tmp_path / "p11.log", maxretries=0)
-    assert [s.label for s in c.transport.servers] == [f"127.0.0.1:{a.port}",
-                                                      f"localhost:{b.port}"]  # fmt: skip
+    assert [s.label for s in c.transport.servers] == [f"127.0.0.1:{a.port}", f"localhost:{b.port}"]
     card = c.create_softcard("f" + uuid.uuid4().hex[:12], PASS)
     token, _ = c.activate(card["id"], PASS)
     attrs = {
@@ -164,8 +173,11 @@ def test_kill9_one_replica_then_restart(replicas, tmp_path):
 
 def test_every_server_failed_is_one_attempt_of_maxretries(tmp_path):
     # Two closed ports: each round tries both at once; MAXRETRIES counts rounds.
-    env = {"PKCS11WS_HOST": f"127.0.0.1:{free_port()},localhost:{free_port()}",
-           "PKCS11WS_MAXRETRIES": "2", "PKCS11WS_RETRYDELAY": "0"}  # fmt: skip
+    env = {
+        "PKCS11WS_HOST": f"127.0.0.1:{free_port()},localhost:{free_port()}",
+        "PKCS11WS_MAXRETRIES": "2",
+        "PKCS11WS_RETRYDELAY": "0",
+    }
     cfg_path = tmp_path / "p11.cfg"
     for name in ("ca.pem", "client.pem", "client.key"):
         (tmp_path / name).write_text("unused: nothing is reached\n")
@@ -191,19 +203,36 @@ def test_module_threads_ride_through_a_replica_kill(bare_mod, replicas, tmp_path
     setup.close()
     log = tmp_path / "module.log"
     cfg = tmp_path / "p11.cfg"
-    lines = [ln for ln in a.client_cfg.read_text().splitlines()
-             if not ln.strip() or ln.split()[0].upper() not in
-             ("HOST", "MAXRETRIES", "RETRYDELAY", "LOGLEVEL", "LOGFILEPATH")]  # fmt: skip
-    extra = [f"HOST {host_list(a, b)}", "MAXRETRIES 0", "RETRYDELAY 0", "LOGLEVEL 3",
-             f"LOGFILEPATH {log}"]  # fmt: skip
+    lines = [
+        ln
+        for ln in a.client_cfg.read_text().splitlines()
+        if not ln.strip()
+        or ln.split()[0].upper()
+        not in ("HOST", "MAXRETRIES", "RETRYDELAY", "LOGLEVEL", "LOGFILEPATH")
+    ]
+    extra = [
+        f"HOST {host_list(a, b)}",
+        "MAXRETRIES 0",
+        "RETRYDELAY 0",
+        "LOGLEVEL 3",
+        f"LOGFILEPATH {log}",
+    ]
     cfg.write_text("\n".join([*lines, *extra]) + "\n")
     assert bare_mod.initialize(str(cfg)) == C.CKR_OK
     slot = bare_mod.slot_by_label(name)
     h = bare_mod.open(slot)
     assert bare_mod.login(h, pin) == C.CKR_OK
-    key = bare_mod.create(h, [(C.CKA_TOKEN, True), (C.CKA_PRIVATE, True),
-                         (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC),
-                         (C.CKA_SIGN, True), (C.CKA_VALUE, b"s" * 32)])  # fmt: skip
+    key = bare_mod.create(
+        h,
+        [
+            (C.CKA_TOKEN, True),
+            (C.CKA_PRIVATE, True),
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC),
+            (C.CKA_SIGN, True),
+            (C.CKA_VALUE, b"s" * 32),
+        ],
+    )
     stop = threading.Event()
     errors: list[str] = []
     done = [0] * 4
@@ -260,8 +289,9 @@ class Broken:
 
     def __init__(self, svc: Service, mute: bool = False) -> None:
         self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(svc.ca))
-        self.ctx.load_cert_chain(str(svc.dir / "pki" / "server.pem"),
-                                 str(svc.dir / "pki" / "server.key"))  # fmt: skip
+        self.ctx.load_cert_chain(
+            str(svc.dir / "pki" / "server.pem"), str(svc.dir / "pki" / "server.key")
+        )
         self.ctx.verify_mode = ssl.CERT_REQUIRED
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -301,9 +331,10 @@ class Broken:
                     buf = buf[length:]
                     self.requests += 1
                     body = b'{"code":"UNAVAILABLE","message":"store down"}'
-                    s.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
-                              b"application/json\r\nContent-Length: %d\r\n\r\n%s"
-                              % (len(body), body))  # fmt: skip
+                    s.sendall(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                        b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                    )
         except OSError:
             return
 
@@ -316,9 +347,12 @@ class Broken:
 def test_a_5xx_answer_fails_over_and_cools_the_server_down(service, tmp_path):
     broken = Broken(service)
     try:
-        env = {"PKCS11WS_HOST": f"localhost:{broken.port}, 127.0.0.1:{service.port}",
-               "PKCS11WS_MAXRETRIES": "0", "PKCS11WS_LOGLEVEL": "3",
-               "PKCS11WS_LOGFILEPATH": str(tmp_path / "p11.log")}  # fmt: skip
+        env = {
+            "PKCS11WS_HOST": f"localhost:{broken.port}, 127.0.0.1:{service.port}",
+            "PKCS11WS_MAXRETRIES": "0",
+            "PKCS11WS_LOGLEVEL": "3",
+            "PKCS11WS_LOGFILEPATH": str(tmp_path / "p11.log"),
+        }
         cfg = load_config(str(service.client_cfg), environ=env)
         c = KeyServiceClient(cfg, Logger())
         c.log.configure(cfg)
@@ -337,8 +371,11 @@ def test_a_5xx_answer_fails_over_and_cools_the_server_down(service, tmp_path):
 def test_a_mute_server_costs_one_share_of_the_deadline_then_is_skipped(service, tmp_path):
     mute = Broken(service, mute=True)
     try:
-        env = {"PKCS11WS_HOST": f"localhost:{mute.port}, 127.0.0.1:{service.port}",
-               "PKCS11WS_MAXRETRIES": "0", "PKCS11WS_TIMEOUT": "4"}  # fmt: skip
+        env = {
+            "PKCS11WS_HOST": f"localhost:{mute.port}, 127.0.0.1:{service.port}",
+            "PKCS11WS_MAXRETRIES": "0",
+            "PKCS11WS_TIMEOUT": "4",
+        }
         c = KeyServiceClient(load_config(str(service.client_cfg), environ=env), Logger())
         took = []
         for _ in range(6):
@@ -366,10 +403,13 @@ def test_ipv6_literal_in_brackets(fresh_service, tmp_path):
     with (tmp_path / "v6.out").open("ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pkcs11ws.server.cli", "serve", "--config", str(v6_yaml)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-    v6 = dataclasses.replace(a, port=port, server_yaml=v6_yaml, pid=proc.pid,
-                             log=tmp_path / "v6.out", proc=proc)  # fmt: skip
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    v6 = dataclasses.replace(
+        a, port=port, server_yaml=v6_yaml, pid=proc.pid, log=tmp_path / "v6.out", proc=proc
+    )
     try:
         only = {"PKCS11WS_HOST": f"[::1]:{port}", "PKCS11WS_MAXRETRIES": "0"}
         probe = KeyServiceClient(load_config(str(a.client_cfg), environ=only), Logger())
@@ -385,8 +425,10 @@ def test_ipv6_literal_in_brackets(fresh_service, tmp_path):
         probe.close()
         env = {"PKCS11WS_HOST": f"[::1]:{port}, 127.0.0.1:{a.port}", "PKCS11WS_MAXRETRIES": "0"}
         c = KeyServiceClient(load_config(str(a.client_cfg), environ=env), Logger())
-        assert [s.url for s in c.transport.servers] == [f"https://[::1]:{port}",
-                                                        f"https://127.0.0.1:{a.port}"]  # fmt: skip
+        assert [s.url for s in c.transport.servers] == [
+            f"https://[::1]:{port}",
+            f"https://127.0.0.1:{a.port}",
+        ]
         for _ in range(20):
             assert len(c.random(8)) == 8
         assert c.stats()["failures"] == 0

@@ -70,8 +70,12 @@ def test_exports_only_c_functions_and_holds_no_path():
 
 
 def test_module_path_command():
-    out = subprocess.run([sys.executable, "-m", "pkcs11ws", "module-path"], capture_output=True,
-                         text=True, check=True).stdout.strip()  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "pkcs11ws", "module-path"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert out == module_path() and out.endswith("/pkcs11ws/_native/libpkcs11ws.so")
 
 
@@ -107,8 +111,9 @@ def test_initialize_rules(mod, service):
     # NULL args, mutex callbacks with CKF_OS_LOCKING_OK, and CKF_LIBRARY_CANT_CREATE_OS_THREADS
     # (GnuTLS through p11-kit: the module then starts no thread) are all fine.
     args = CK_C_INITIALIZE_ARGS(fn, fn, fn, fn, C.CKF_OS_LOCKING_OK, None)
-    no_threads = CK_C_INITIALIZE_ARGS(None, None, None, None,
-                                      C.CKF_LIBRARY_CANT_CREATE_OS_THREADS, None)  # fmt: skip
+    no_threads = CK_C_INITIALIZE_ARGS(
+        None, None, None, None, C.CKF_LIBRARY_CANT_CREATE_OS_THREADS, None
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PKCS11WS_CONFIG", str(service.client_cfg))
         mod.ok("C_Initialize", byref(args))
@@ -145,8 +150,9 @@ def test_slot_per_softcard_and_token_info(mod, client):
     assert text(info.manufacturerID) == "pkcs11ws"
     assert text(info.model) == "WSOP softcard"
     assert text(info.serialNumber) == card["id"].replace("-", "")[:16]
-    assert info.flags == (C.CKF_LOGIN_REQUIRED | C.CKF_USER_PIN_INITIALIZED
-                          | C.CKF_TOKEN_INITIALIZED | C.CKF_RNG)  # fmt: skip
+    assert info.flags == (
+        C.CKF_LOGIN_REQUIRED | C.CKF_USER_PIN_INITIALIZED | C.CKF_TOKEN_INITIALIZED | C.CKF_RNG
+    )
     assert (info.ulMinPinLen, info.ulMaxPinLen) == (1, 256)
     sinfo = CK_SLOT_INFO()
     mod.ok("C_GetSlotInfo", slot, byref(sinfo))
@@ -189,8 +195,10 @@ def test_deleted_softcard_token_not_present(mod, client):
     assert not info.flags & C.CKF_TOKEN_PRESENT
     assert mod.call("C_GetTokenInfo", slot, byref(CK_TOKEN_INFO())) == C.CKR_TOKEN_NOT_PRESENT
     h = CK_ULONG()
-    assert mod.call("C_OpenSession", slot, C.CKF_SERIAL_SESSION, None, None,
-                    byref(h)) == C.CKR_TOKEN_NOT_PRESENT  # fmt: skip
+    assert (
+        mod.call("C_OpenSession", slot, C.CKF_SERIAL_SESSION, None, None, byref(h))
+        == C.CKR_TOKEN_NOT_PRESENT
+    )
 
 
 def test_mechanism_list_and_info(mod, client):
@@ -208,8 +216,7 @@ def test_mechanism_list_and_info(mod, client):
     for m in mechanisms.MECHANISMS:
         info = CK_MECHANISM_INFO()
         mod.ok("C_GetMechanismInfo", slot, m.code, byref(info))
-        assert (info.ulMinKeySize, info.ulMaxKeySize, info.flags) == (m.min_key, m.max_key,
-                                                                      m.flags)  # fmt: skip
+        assert (info.ulMinKeySize, info.ulMaxKeySize, info.flags) == (m.min_key, m.max_key, m.flags)
     info = CK_MECHANISM_INFO()
     assert mod.call("C_GetMechanismInfo", slot, 0x1081, byref(info)) == C.CKR_MECHANISM_INVALID
     assert mod.call("C_GetMechanismList", 999999, None, byref(n)) == C.CKR_SLOT_ID_INVALID
@@ -225,10 +232,14 @@ def test_sessions_and_login_state(mod, client):
     name, pin, _ = new_card_with_info(client)
     slot = mod.slot_by_label(name)
     h = CK_ULONG()
-    assert mod.call("C_OpenSession", slot, C.CKF_RW_SESSION, None, None,
-                    byref(h)) == C.CKR_SESSION_PARALLEL_NOT_SUPPORTED  # fmt: skip
-    assert mod.call("C_OpenSession", slot, C.CKF_SERIAL_SESSION, None, None,
-                    None) == C.CKR_ARGUMENTS_BAD  # fmt: skip
+    assert (
+        mod.call("C_OpenSession", slot, C.CKF_RW_SESSION, None, None, byref(h))
+        == C.CKR_SESSION_PARALLEL_NOT_SUPPORTED
+    )
+    assert (
+        mod.call("C_OpenSession", slot, C.CKF_SERIAL_SESSION, None, None, None)
+        == C.CKR_ARGUMENTS_BAD
+    )
     ro = mod.open(slot, rw=False)
     rw = mod.open(slot)
     assert ro != rw

@@ -72,16 +72,30 @@ def test_500_python_threads_open_a_handful_of_connections(service, tmp_path) -> 
     value = os.urandom(32)
     card = setup.create_softcard(name, pin.encode())
     token, _ = setup.activate(card["id"], pin.encode())
-    attrs = {"CKA_CLASS": C.CKO_SECRET_KEY, "CKA_KEY_TYPE": C.CKK_SHA256_HMAC,
-             "CKA_VALUE": value, "CKA_LABEL": b"churn", "CKA_SIGN": True, "CKA_TOKEN": True,
-             "CKA_PRIVATE": True}  # fmt: skip
+    attrs = {
+        "CKA_CLASS": C.CKO_SECRET_KEY,
+        "CKA_KEY_TYPE": C.CKK_SHA256_HMAC,
+        "CKA_VALUE": value,
+        "CKA_LABEL": b"churn",
+        "CKA_SIGN": True,
+        "CKA_TOKEN": True,
+        "CKA_PRIVATE": True,
+    }
     setup.create_object(card["id"], token, attrs)
     setup.close()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PKCS11WS_")}
-    env.update(PKCS11WS_CONFIG=str(service.client_cfg), TEST_PIN=pin,
-               PKCS11WS_LOGFILEPATH=str(tmp_path / "module.log"))  # fmt: skip
-    r = subprocess.run([sys.executable, "-c", HOST, module_path(), name, value.hex()],
-                       capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    env.update(
+        PKCS11WS_CONFIG=str(service.client_cfg),
+        TEST_PIN=pin,
+        PKCS11WS_LOGFILEPATH=str(tmp_path / "module.log"),
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", HOST, module_path(), name, value.hex()],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["n_errors"] == 0, out["errors"]

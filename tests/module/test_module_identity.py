@@ -31,18 +31,35 @@ def _env(cfg: Path, **extra: str) -> dict[str, str]:
 
 def test_issue_client_files(service: Service, tmp_path: Path) -> None:
     d = issue_client(service, "files-" + uuid.uuid4().hex[:6], tmp_path / "out")
-    assert {p.name for p in d.iterdir()} >= {"client.pem", "client.key", "ca.pem",
-                                            "pkcs11webservices.cfg"}  # fmt: skip
+    assert {p.name for p in d.iterdir()} >= {
+        "client.pem",
+        "client.key",
+        "ca.pem",
+        "pkcs11webservices.cfg",
+    }
     assert (d / "client.key").stat().st_mode & 0o777 == 0o600
     cfg = (d / "pkcs11webservices.cfg").read_text()
     assert f"CERT {d}/client.pem" in cfg and f"AUTH {d}/ca.pem" in cfg
     assert f"PORT {service.port}" in cfg
     # A second identity with a name already taken is refused.
     res = subprocess.run(
-        [sys.executable, "-m", "pkcs11ws.server.cli", "issue-client", "--config",
-         str(service.server_yaml), "--name", "admin", "--out", str(tmp_path / "y")],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pkcs11ws.server.cli",
+            "issue-client",
+            "--config",
+            str(service.server_yaml),
+            "--name",
+            "admin",
+            "--out",
+            str(tmp_path / "y"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert res.returncode == 1 and "exists" in res.stderr
 
 
@@ -51,31 +68,60 @@ def test_issued_identity_with_softcardtool_and_pkcs11_tool(service: Service, tmp
     # Someone else's card (the admin's), which erin must not see.
     admin = Api(service)
     other = "adm" + uuid.uuid4().hex[:10]
-    admin.ok(admin.post("/km/v1/softcards", {"name": other, "passphrase": b64(PASS.encode())},
-                        idem=new_idem()))  # fmt: skip
+    admin.ok(
+        admin.post(
+            "/km/v1/softcards", {"name": other, "passphrase": b64(PASS.encode())}, idem=new_idem()
+        )
+    )
     admin.close()
     erin = "erin-" + uuid.uuid4().hex[:6]
     d = issue_client(service, erin, tmp_path / "erin")
     env = _env(d / "pkcs11webservices.cfg")
     mine = "erin" + uuid.uuid4().hex[:10]
     tool = [sys.executable, "-m", "pkcs11ws.cli.softcardtool"]
-    r = subprocess.run([*tool, "-g", f"--name={mine}"], input=f"{PASS}\n{PASS}\n", env=env,
-                       capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    r = subprocess.run(
+        [*tool, "-g", f"--name={mine}"],
+        input=f"{PASS}\n{PASS}\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([*tool, "-l"], env=env, capture_output=True, text=True, timeout=60,
-                       check=False)  # fmt: skip
+    r = subprocess.run(
+        [*tool, "-l"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     assert r.returncode == 0 and mine in r.stdout and other not in r.stdout, r.stdout
     assert "1 softcard(s)" in r.stdout
     p11 = [str(PKCS11_TOOL), "--module", module_path()]
-    r = subprocess.run([*p11, "-L"], env=env, capture_output=True, text=True, timeout=60,
-                       check=False)  # fmt: skip
+    r = subprocess.run(
+        [*p11, "-L"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     assert r.returncode == 0, r.stderr
     assert mine in r.stdout and other not in r.stdout, r.stdout
     r = subprocess.run(
-        [*p11, "--token-label", mine, "--login", "--pin", "env:P11PIN", "--keygen",
-         "--key-type", "AES:16", "--label", "erin-key", "--private", "--sensitive"],
-        env={**env, "P11PIN": PASS}, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            *p11,
+            "--token-label",
+            mine,
+            "--login",
+            "--pin",
+            "env:P11PIN",
+            "--keygen",
+            "--key-type",
+            "AES:16",
+            "--label",
+            "erin-key",
+            "--private",
+            "--sensitive",
+        ],
+        env={**env, "P11PIN": PASS},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     # The admin sees erin's card and its key.
     admin = Api(service)
@@ -111,12 +157,14 @@ def test_module_renews_its_login_past_the_lifetime(fresh_service, tmp_path: Path
     svc: Service = fresh_service(overrides={"activation_ttl": ttl})
     admin = Api(svc)
     name = "long" + uuid.uuid4().hex[:10]
-    admin.ok(admin.post("/km/v1/softcards", {"name": name, "passphrase": b64(PASS.encode())},
-                        idem=new_idem()))  # fmt: skip
+    admin.ok(
+        admin.post(
+            "/km/v1/softcards", {"name": name, "passphrase": b64(PASS.encode())}, idem=new_idem()
+        )
+    )
     admin.close()
     log = tmp_path / "module.log"
-    env = _env(svc.client_cfg, P11PIN=PASS, PKCS11WS_LOGLEVEL="5",
-               PKCS11WS_LOGFILEPATH=str(log))  # fmt: skip
+    env = _env(svc.client_cfg, P11PIN=PASS, PKCS11WS_LOGLEVEL="5", PKCS11WS_LOGFILEPATH=str(log))
     started = time.monotonic()
     argv = [sys.executable, "-c", _LONG_RUN, module_path(), name, str(3 * ttl)]
     r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)

@@ -68,9 +68,25 @@ def compile_host(out: Path, *flags: str) -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler")
-    subprocess.run([cc, "-O1", "-g", "-Wall", "-Wextra", "-Werror", *flags, "-I",
-                    str(ROOT / "include"), "-o", str(out), str(SOURCE), "-ldl", "-lpthread"],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        [
+            cc,
+            "-O1",
+            "-g",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            *flags,
+            "-I",
+            str(ROOT / "include"),
+            "-o",
+            str(out),
+            str(SOURCE),
+            "-ldl",
+            "-lpthread",
+        ],
+        check=True,
+    )
     return out
 
 
@@ -79,8 +95,14 @@ def lifecycle_host(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return compile_host(tmp_path_factory.mktemp("lifecycle") / "lifecycle")
 
 
-def run_host(lifecycle_host: Path, env: dict[str, str], *args: str, stdin: str = "",
-             timeout: float = RACE_TIMEOUT, prefix: tuple[str, ...] = ()):  # fmt: skip
+def run_host(
+    lifecycle_host: Path,
+    env: dict[str, str],
+    *args: str,
+    stdin: str = "",
+    timeout: float = RACE_TIMEOUT,
+    prefix: tuple[str, ...] = (),
+):
     full = {**os.environ, **env}
     full.pop("PYTHONPATH", None)
     return subprocess.run(
@@ -95,14 +117,23 @@ def run_host(lifecycle_host: Path, env: dict[str, str], *args: str, stdin: str =
 
 def outage_env(service) -> dict[str, str]:
     """The service's client configuration, pointed at a port nothing listens on."""
-    return {"PKCS11WS_CONFIG": str(service.client_cfg), "PKCS11WS_PORT": str(free_port()),
-            "PKCS11WS_MAXRETRIES": "256", "PKCS11WS_RETRYDELAY": "0",
-            "PKCS11WS_LOGLEVEL": "1"}  # fmt: skip
+    return {
+        "PKCS11WS_CONFIG": str(service.client_cfg),
+        "PKCS11WS_PORT": str(free_port()),
+        "PKCS11WS_MAXRETRIES": "256",
+        "PKCS11WS_RETRYDELAY": "0",
+        "PKCS11WS_LOGLEVEL": "1",
+    }
 
 
 def test_initialize_rejects_bad_reserved_pointers_and_keeps_strings(lifecycle_host, service):
-    r = run_host(lifecycle_host, {"PKCS11WS_CONFIG": str(service.client_cfg)}, "reserved",
-                 str(service.client_cfg), timeout=120)  # fmt: skip
+    r = run_host(
+        lifecycle_host,
+        {"PKCS11WS_CONFIG": str(service.client_cfg)},
+        "reserved",
+        str(service.client_cfg),
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.splitlines()[-1] == "ok reserved", r.stdout
 
@@ -135,19 +166,31 @@ def churn_input(api: Api) -> tuple[str, str]:
     """A softcard with an HMAC key; returns (host stdin, passphrase)."""
     name = "ch" + uuid.uuid4().hex[:12]
     pin = uuid.uuid4().hex
-    card = api.ok(api.post("/km/v1/softcards", {"name": name, "passphrase": b64(pin.encode())},
-                           idem=new_idem()))["id"]  # fmt: skip
+    card = api.ok(
+        api.post(
+            "/km/v1/softcards", {"name": name, "passphrase": b64(pin.encode())}, idem=new_idem()
+        )
+    )["id"]
     token = api.activate(card, pin.encode())
     value = os.urandom(32)
-    api.import_key(card, token, 0x2B, value, CKA_SIGN=True, CKA_TOKEN=True, CKA_PRIVATE=True,
-                   CKA_LABEL=b"churn-hmac")  # fmt: skip
+    api.import_key(
+        card,
+        token,
+        0x2B,
+        value,
+        CKA_SIGN=True,
+        CKA_TOKEN=True,
+        CKA_PRIVATE=True,
+        CKA_LABEL=b"churn-hmac",
+    )
     mac = hmac.new(value, MESSAGE, hashlib.sha256).hexdigest()
     return f"TOKEN {name}\nPIN {pin}\nKEY churn-hmac\nMAC {mac}\n", pin
 
 
 def rss_points(stdout: str) -> dict[int, int]:
-    return {int(m.group(1)): int(m.group(2)) for m in re.finditer(r"^rss (\d+) (\d+)$", stdout,
-                                                                    re.M)}  # fmt: skip
+    return {
+        int(m.group(1)): int(m.group(2)) for m in re.finditer(r"^rss (\d+) (\d+)$", stdout, re.M)
+    }
 
 
 def tls_connections(service) -> float:
@@ -239,9 +282,14 @@ def test_thread_churn_in_a_python_host_does_not_grow(service, api):
     mac = stdin.split("MAC ")[1].strip()
     env = {**os.environ, "PKCS11WS_CONFIG": str(service.client_cfg), "PKCS11WS_LOGLEVEL": "1"}
     before = tls_connections(service)
-    r = subprocess.run([sys.executable, "-c", PY_CHURN, module_path(), name,
-                        str(PY_CHURN_THREADS)], input=f"{pin}\n{mac}\n", env=env,
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", PY_CHURN, module_path(), name, str(PY_CHURN_THREADS)],
+        input=f"{pin}\n{mac}\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert pin not in r.stdout + r.stderr
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert r.stdout.splitlines()[-1] == "ok pychurn", r.stdout
@@ -269,14 +317,19 @@ ASAN_CHURN_THREADS = 300
 
 @pytest.fixture(scope="module")
 def asan_host(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compile_host(tmp_path_factory.mktemp("lifecycle_asan") / "lifecycle_asan",
-                        "-fsanitize=address", "-fno-omit-frame-pointer")  # fmt: skip
+    return compile_host(
+        tmp_path_factory.mktemp("lifecycle_asan") / "lifecycle_asan",
+        "-fsanitize=address",
+        "-fno-omit-frame-pointer",
+    )
 
 
 def test_c_host_under_address_sanitizer(asan_host, service, api):
     supp = Path(__file__).resolve().parent / "c" / "lsan-cpython.supp"
-    asan = {"ASAN_OPTIONS": "detect_leaks=1:halt_on_error=1:detect_stack_use_after_return=0",
-            "LSAN_OPTIONS": f"suppressions={supp}:print_suppressions=0"}  # fmt: skip
+    asan = {
+        "ASAN_OPTIONS": "detect_leaks=1:halt_on_error=1:detect_stack_use_after_return=0",
+        "LSAN_OPTIONS": f"suppressions={supp}:print_suppressions=0",
+    }
     live = {"PKCS11WS_CONFIG": str(service.client_cfg), "PKCS11WS_LOGLEVEL": "1", **asan}
     no_leaks = asan["ASAN_OPTIONS"].replace("detect_leaks=1", "detect_leaks=0")
     stdin, _ = churn_input(api)

@@ -37,10 +37,26 @@ def module_keys(mod, service):
     assert mod.login(h, b"multi-part") == C.CKR_OK
     aes = os.urandom(32)
     mac = os.urandom(48)
-    ka = mod.create(h, [*BASE, (C.CKA_KEY_TYPE, C.CKK_AES), (C.CKA_ENCRYPT, True),
-                        (C.CKA_DECRYPT, True), (C.CKA_VALUE, aes)])  # fmt: skip
-    km = mod.create(h, [*BASE, (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC), (C.CKA_SIGN, True),
-                        (C.CKA_VERIFY, True), (C.CKA_VALUE, mac)])  # fmt: skip
+    ka = mod.create(
+        h,
+        [
+            *BASE,
+            (C.CKA_KEY_TYPE, C.CKK_AES),
+            (C.CKA_ENCRYPT, True),
+            (C.CKA_DECRYPT, True),
+            (C.CKA_VALUE, aes),
+        ],
+    )
+    km = mod.create(
+        h,
+        [
+            *BASE,
+            (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC),
+            (C.CKA_SIGN, True),
+            (C.CKA_VERIFY, True),
+            (C.CKA_VALUE, mac),
+        ],
+    )
     return h, ka, aes, km, mac
 
 

@@ -42,16 +42,28 @@ def requests() -> int:
 
 def aes_key(mod, h, value: bytes | None = None, **flags: bool) -> int:
     usage = {C.CKA_ENCRYPT: flags.get("encrypt", True), C.CKA_DECRYPT: flags.get("decrypt", True)}
-    items = [*KEY_BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, C.CKK_AES),
-             (C.CKA_LABEL, b"aes"), (C.CKA_ID, b"\x01"), *usage.items()]  # fmt: skip
+    items = [
+        *KEY_BASE,
+        (C.CKA_CLASS, C.CKO_SECRET_KEY),
+        (C.CKA_KEY_TYPE, C.CKK_AES),
+        (C.CKA_LABEL, b"aes"),
+        (C.CKA_ID, b"\x01"),
+        *usage.items(),
+    ]
     if value is None:
         return mod.generate(h, C.CKM_AES_KEY_GEN, [*items, (C.CKA_VALUE_LEN, 32)])
     return mod.create(h, [*items, (C.CKA_VALUE, value)])
 
 
 def hmac_key(mod, h, value: bytes) -> int:
-    items = [*KEY_BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC),
-             (C.CKA_LABEL, b"mac"), (C.CKA_SIGN, True), (C.CKA_VERIFY, True)]  # fmt: skip
+    items = [
+        *KEY_BASE,
+        (C.CKA_CLASS, C.CKO_SECRET_KEY),
+        (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC),
+        (C.CKA_LABEL, b"mac"),
+        (C.CKA_SIGN, True),
+        (C.CKA_VERIFY, True),
+    ]
     return mod.create(h, [*items, (C.CKA_VALUE, value)])
 
 
@@ -222,11 +234,21 @@ def test_hmac_sign_verify_known_answer(mod, logged_card):
 
 def test_generated_hmac_keys(mod, logged_card):
     _, h, _ = logged_card
-    for mech, kt in ((C.CKM_SHA256_KEY_GEN, C.CKK_SHA256_HMAC),
-                     (C.CKM_GENERIC_SECRET_KEY_GEN, C.CKK_GENERIC_SECRET)):  # fmt: skip
-        key = mod.generate(h, mech, [*KEY_BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY),
-                                     (C.CKA_SIGN, True), (C.CKA_VERIFY, True),
-                                     (C.CKA_VALUE_LEN, 32)])  # fmt: skip
+    for mech, kt in (
+        (C.CKM_SHA256_KEY_GEN, C.CKK_SHA256_HMAC),
+        (C.CKM_GENERIC_SECRET_KEY_GEN, C.CKK_GENERIC_SECRET),
+    ):
+        key = mod.generate(
+            h,
+            mech,
+            [
+                *KEY_BASE,
+                (C.CKA_CLASS, C.CKO_SECRET_KEY),
+                (C.CKA_SIGN, True),
+                (C.CKA_VERIFY, True),
+                (C.CKA_VALUE_LEN, 32),
+            ],
+        )
         assert mod.attr(h, key, C.CKA_KEY_TYPE) == ulong_bytes(kt)
         m, _ = mechanism(C.CKM_SHA256_HMAC)
         mod.ok("C_SignInit", h, byref(m), key)
@@ -284,10 +306,19 @@ def test_template_policy_before_any_request(mod, logged_card):
 def test_objects_find_attributes_destroy(mod, logged_card):
     slot, h, _ = logged_card
     key = aes_key(mod, h)
-    d1 = mod.create(h, [*KEY_BASE, (C.CKA_CLASS, C.CKO_DATA), (C.CKA_LABEL, b"one"),
-                        (C.CKA_APPLICATION, b"app"), (C.CKA_VALUE, b"<v> & \x00\x01")])  # fmt: skip
-    d2 = mod.create(h, [*KEY_BASE, (C.CKA_CLASS, C.CKO_DATA), (C.CKA_LABEL, b"two"),
-                        (C.CKA_VALUE, b"")])  # fmt: skip
+    d1 = mod.create(
+        h,
+        [
+            *KEY_BASE,
+            (C.CKA_CLASS, C.CKO_DATA),
+            (C.CKA_LABEL, b"one"),
+            (C.CKA_APPLICATION, b"app"),
+            (C.CKA_VALUE, b"<v> & \x00\x01"),
+        ],
+    )
+    d2 = mod.create(
+        h, [*KEY_BASE, (C.CKA_CLASS, C.CKO_DATA), (C.CKA_LABEL, b"two"), (C.CKA_VALUE, b"")]
+    )
     assert len({key, d1, d2}) == 3
     assert sorted(mod.find(h, [])) == sorted([key, d1, d2])
     assert sorted(mod.find(h, [(C.CKA_CLASS, C.CKO_DATA)])) == sorted([d1, d2])
@@ -323,8 +354,9 @@ def test_objects_find_attributes_destroy(mod, logged_card):
     assert arr[2].ulValueLen == 8 and buf_ok.raw == ulong_bytes(C.CKO_DATA)
     assert arr[3].ulValueLen == C.CK_UNAVAILABLE_INFORMATION
     assert arr[4].ulValueLen == 3
-    sens = (CK_ATTRIBUTE * 2)(CK_ATTRIBUTE(C.CKA_VALUE, None, 0),
-                              CK_ATTRIBUTE(C.CKA_VALUE_LEN, None, 0))  # fmt: skip
+    sens = (CK_ATTRIBUTE * 2)(
+        CK_ATTRIBUTE(C.CKA_VALUE, None, 0), CK_ATTRIBUTE(C.CKA_VALUE_LEN, None, 0)
+    )
     assert mod.call("C_GetAttributeValue", h, key, sens, 2) == C.CKR_ATTRIBUTE_SENSITIVE
     assert sens[0].ulValueLen == C.CK_UNAVAILABLE_INFORMATION and sens[1].ulValueLen == 8
     one = (CK_ATTRIBUTE * 1)(CK_ATTRIBUTE(0x80001111, None, 0))

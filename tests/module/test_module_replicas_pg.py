@@ -22,8 +22,14 @@ from tests.support.service import Service, launch, start_replica, start_service
 
 RUN_SECONDS = 25.0
 THREADS = 4
-HMAC_GEN = [(C.CKA_TOKEN, True), (C.CKA_PRIVATE, True), (C.CKA_CLASS, C.CKO_SECRET_KEY),
-            (C.CKA_VALUE_LEN, 32), (C.CKA_SIGN, True), (C.CKA_VERIFY, True)]  # fmt: skip
+HMAC_GEN = [
+    (C.CKA_TOKEN, True),
+    (C.CKA_PRIVATE, True),
+    (C.CKA_CLASS, C.CKO_SECRET_KEY),
+    (C.CKA_VALUE_LEN, 32),
+    (C.CKA_SIGN, True),
+    (C.CKA_VERIFY, True),
+]
 
 
 def kill9(svc: Service) -> None:
@@ -53,13 +59,27 @@ def _run(running: list[Service], made: list[Service], bare_mod: Module, work: An
     card = setup.create_softcard(name, pin)["id"]
     setup.close()
     log = work / "module.log"
-    lines = [ln for ln in a.client_cfg.read_text().splitlines()
-             if not ln.strip() or ln.split()[0].upper() not in
-             ("HOST", "PORT", "MAXRETRIES", "RETRYDELAY", "LOGLEVEL", "LOGFILEPATH")]  # fmt: skip
+    lines = [
+        ln
+        for ln in a.client_cfg.read_text().splitlines()
+        if not ln.strip()
+        or ln.split()[0].upper()
+        not in ("HOST", "PORT", "MAXRETRIES", "RETRYDELAY", "LOGLEVEL", "LOGFILEPATH")
+    ]
     cfg = work / "p11.cfg"
-    cfg.write_text("\n".join([*lines, f"HOST 127.0.0.1:{a.port},127.0.0.1:{b.port}",
-                              "MAXRETRIES 10", "RETRYDELAY 1", "LOGLEVEL 3",
-                              f"LOGFILEPATH {log}"]) + "\n")  # fmt: skip
+    cfg.write_text(
+        "\n".join(
+            [
+                *lines,
+                f"HOST 127.0.0.1:{a.port},127.0.0.1:{b.port}",
+                "MAXRETRIES 10",
+                "RETRYDELAY 1",
+                "LOGLEVEL 3",
+                f"LOGFILEPATH {log}",
+            ]
+        )
+        + "\n"
+    )
     assert bare_mod.initialize(str(cfg)) == C.CKR_OK
     slot = bare_mod.slot_by_label(name)
     h = bare_mod.open(slot)
@@ -80,13 +100,21 @@ def _run(running: list[Service], made: list[Service], bare_mod: Module, work: An
                 label = b"t%d-%d" % (i, n)
                 n += 1
                 try:
-                    obj = bare_mod.create(session, [(C.CKA_TOKEN, True), (C.CKA_PRIVATE, True),
-                                               (C.CKA_CLASS, C.CKO_DATA), (C.CKA_LABEL, label),
-                                               (C.CKA_VALUE, label)])  # fmt: skip
+                    obj = bare_mod.create(
+                        session,
+                        [
+                            (C.CKA_TOKEN, True),
+                            (C.CKA_PRIVATE, True),
+                            (C.CKA_CLASS, C.CKO_DATA),
+                            (C.CKA_LABEL, label),
+                            (C.CKA_VALUE, label),
+                        ],
+                    )
                     acknowledged[i].append(obj)
                     labels[i].append(label)
-                    key = bare_mod.generate(session, C.CKM_GENERIC_SECRET_KEY_GEN,
-                                       [*HMAC_GEN, (C.CKA_LABEL, label)])  # fmt: skip
+                    key = bare_mod.generate(
+                        session, C.CKM_GENERIC_SECRET_KEY_GEN, [*HMAC_GEN, (C.CKA_LABEL, label)]
+                    )
                     acknowledged[i].append(key)
                     labels[i].append(label)
                     bare_mod.ok("C_SignInit", session, byref(m), key)
@@ -110,8 +138,14 @@ def _run(running: list[Service], made: list[Service], bare_mod: Module, work: An
             dead = running[victim]
             kill9(dead)
             time.sleep(RUN_SECONDS / 10)
-            again = launch(dead.dir, dead.server_yaml, dead.port, 1,
-                           f"restart-{dead.port}.out", explicit_port=True)  # fmt: skip
+            again = launch(
+                dead.dir,
+                dead.server_yaml,
+                dead.port,
+                1,
+                f"restart-{dead.port}.out",
+                explicit_port=True,
+            )
             running[victim] = again
             made.append(again)
         time.sleep(max(0.0, RUN_SECONDS - (time.monotonic() - t0)))

@@ -22,8 +22,9 @@ print("rv", lib.C_GetFunctionList(ctypes.byref(fl)), flush=True)
 
 
 def _works(path: str) -> bool:
-    res = subprocess.run([path, "-c", "import ctypes"], capture_output=True, timeout=60,
-                         check=False)  # fmt: skip
+    res = subprocess.run(
+        [path, "-c", "import ctypes"], capture_output=True, timeout=60, check=False
+    )
     return res.returncode == 0
 
 
@@ -35,16 +36,18 @@ def other_python() -> str | None:
             return path
     if shutil.which("pyenv") is None:
         return None
-    res = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True,
-                         timeout=60, check=False)  # fmt: skip
+    res = subprocess.run(
+        ["pyenv", "versions", "--bare"], capture_output=True, text=True, timeout=60, check=False
+    )
     for v in res.stdout.split():
         parts = v.split(".")
         if len(parts) < 2 or parts[0] != "3" or not parts[1].isdigit():
             continue
         if int(parts[1]) == sys.version_info.minor or int(parts[1]) < 8:
             continue
-        prefix = subprocess.run(["pyenv", "prefix", v], capture_output=True, text=True,
-                                timeout=60, check=False).stdout.strip()  # fmt: skip
+        prefix = subprocess.run(
+            ["pyenv", "prefix", v], capture_output=True, text=True, timeout=60, check=False
+        ).stdout.strip()
         path = f"{prefix}/bin/python3"
         if prefix and _works(path):
             return path
@@ -55,8 +58,9 @@ def test_host_running_another_python_is_refused():
     py = other_python()
     if py is None:
         pytest.skip(f"none of {OTHER} is installed")
-    res = subprocess.run([py, "-c", HOST, module_path()], capture_output=True, text=True,
-                         timeout=60, check=False)  # fmt: skip
+    res = subprocess.run(
+        [py, "-c", HOST, module_path()], capture_output=True, text=True, timeout=60, check=False
+    )
     assert res.returncode == 0, res.stderr
     assert "rv 5" in res.stdout  # CKR_GENERAL_ERROR
     want = f"built for Python 3.{sys.version_info.minor} but the host process runs Python 3."

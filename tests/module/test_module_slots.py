@@ -39,8 +39,13 @@ def test_slot_ids_work_before_get_slot_list(service):
         client.close()
     env = {**os.environ, "PKCS11WS_CONFIG": str(service.client_cfg)}
     root = str(Path(__file__).resolve().parents[2])  # the tests package is imported from here
-    r = subprocess.run([sys.executable, "-c", SCRIPT, module_path(), root], env=env,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT, module_path(), root],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
     assert lines["token"].startswith("0 "), r.stdout

@@ -42,8 +42,9 @@ GCM_CASES = {
 }  # fmt: skip
 
 
-def _pair(api: Any, card: str, token: str, mech: str, pub: dict[str, Any],
-          priv: dict[str, Any]) -> Any:  # fmt: skip
+def _pair(
+    api: Any, card: str, token: str, mech: str, pub: dict[str, Any], priv: dict[str, Any]
+) -> Any:
     return api.post(
         f"/km/v1/softcards/{card}/keys/generate-pair",
         {"mechanism": mech, "public_attrs": encode(pub), "private_attrs": encode(priv)},
@@ -58,10 +59,19 @@ _PRIV = {"CKA_TOKEN": True, "CKA_PRIVATE": True, "CKA_SIGN": True, "CKA_ID": b"\
 @pytest.fixture(scope="module")
 def rsa_pair(shared_card: Any) -> tuple[str, str, rsa.RSAPublicKey]:
     api, card_id, token = shared_card
-    r = _pair(api, card_id, token, "CKM_RSA_PKCS_KEY_PAIR_GEN",
-              {"CKA_MODULUS_BITS": 2048, "CKA_PUBLIC_EXPONENT": b"\x01\x00\x01",
-               "CKA_LABEL": b"rsa", "CKA_ID": b"\x01\x02"},
-              {**_PRIV, "CKA_LABEL": b"rsa"})  # fmt: skip
+    r = _pair(
+        api,
+        card_id,
+        token,
+        "CKM_RSA_PKCS_KEY_PAIR_GEN",
+        {
+            "CKA_MODULUS_BITS": 2048,
+            "CKA_PUBLIC_EXPONENT": b"\x01\x00\x01",
+            "CKA_LABEL": b"rsa",
+            "CKA_ID": b"\x01\x02",
+        },
+        {**_PRIV, "CKA_LABEL": b"rsa"},
+    )
     body = api.ok(r)
     pub_attrs = decode(body["public"]["attrs"])
     key = serialization.load_der_public_key(pub_attrs["CKA_PUBLIC_KEY_INFO"])
@@ -72,24 +82,31 @@ def rsa_pair(shared_card: Any) -> tuple[str, str, rsa.RSAPublicKey]:
 @pytest.fixture(scope="module")
 def ec_pair(shared_card: Any) -> tuple[str, str, ec.EllipticCurvePublicKey]:
     api, card_id, token = shared_card
-    body = api.ok(_pair(api, card_id, token, "CKM_EC_KEY_PAIR_GEN",
-                        {"CKA_EC_PARAMS": P256, "CKA_LABEL": b"ec"},
-                        {**_PRIV, "CKA_LABEL": b"ec"}))  # fmt: skip
+    body = api.ok(
+        _pair(
+            api,
+            card_id,
+            token,
+            "CKM_EC_KEY_PAIR_GEN",
+            {"CKA_EC_PARAMS": P256, "CKA_LABEL": b"ec"},
+            {**_PRIV, "CKA_LABEL": b"ec"},
+        )
+    )
     key = serialization.load_der_public_key(decode(body["public"]["attrs"])["CKA_PUBLIC_KEY_INFO"])
     assert isinstance(key, ec.EllipticCurvePublicKey)
     return body["public"]["handle"], body["private"]["handle"], key
 
 
 def _sign(api: Any, token: str, key: str, mech: str, data: bytes, **params: Any) -> Any:
-    return api.post(SIGN, {"key": key, "mechanism": mech, "data": b64(data), **params},
-                    token=token)  # fmt: skip
+    return api.post(SIGN, {"key": key, "mechanism": mech, "data": b64(data), **params}, token=token)
 
 
 def test_rsa_pair_attributes(shared_card: Any, rsa_pair: Any) -> None:
     api, card_id, token = shared_card
     pub_h, priv_h, pub = rsa_pair
-    priv = decode(api.ok(api.get(f"/km/v1/softcards/{card_id}/objects/{priv_h}",
-                                 token=token))["attrs"])  # fmt: skip
+    priv = decode(
+        api.ok(api.get(f"/km/v1/softcards/{card_id}/objects/{priv_h}", token=token))["attrs"]
+    )
     assert priv["CKA_CLASS"] == C.CKO_PRIVATE_KEY and priv["CKA_KEY_TYPE"] == C.CKK_RSA
     assert "CKA_VALUE" not in priv and "CKA_PRIVATE_EXPONENT" not in priv
     assert priv["CKA_SENSITIVE"] is True and priv["CKA_EXTRACTABLE"] is False
@@ -99,22 +116,34 @@ def test_rsa_pair_attributes(shared_card: Any, rsa_pair: Any) -> None:
     assert int.from_bytes(priv["CKA_MODULUS"], "big") == pub.public_numbers().n
     assert priv["CKA_ID"] == b"\x01\x02"
     # The public half: found and read without an activation token.
-    r = api.post(f"/km/v1/softcards/{card_id}/public/search",
-                 {"attrs": encode({"CKA_CLASS": C.CKO_PUBLIC_KEY, "CKA_ID": b"\x01\x02",
-                                   "CKA_LABEL": b"rsa"})})  # fmt: skip
+    r = api.post(
+        f"/km/v1/softcards/{card_id}/public/search",
+        {
+            "attrs": encode(
+                {"CKA_CLASS": C.CKO_PUBLIC_KEY, "CKA_ID": b"\x01\x02", "CKA_LABEL": b"rsa"}
+            )
+        },
+    )
     found = api.ok(r)["objects"]
     assert [o["handle"] for o in found] == [pub_h]
     attrs = decode(found[0]["attrs"])
     assert attrs["CKA_PRIVATE"] is False and attrs["CKA_VERIFY"] is True
     # The private half is never public.
-    r = api.post(f"/km/v1/softcards/{card_id}/public/search",
-                 {"attrs": encode({"CKA_CLASS": C.CKO_PRIVATE_KEY})})  # fmt: skip
+    r = api.post(
+        f"/km/v1/softcards/{card_id}/public/search",
+        {"attrs": encode({"CKA_CLASS": C.CKO_PRIVATE_KEY})},
+    )
     assert api.ok(r)["objects"] == []
 
 
-@pytest.mark.parametrize("mech,digest", [("CKM_SHA256_RSA_PKCS", hashes.SHA256()),
-                                         ("CKM_SHA384_RSA_PKCS", hashes.SHA384()),
-                                         ("CKM_SHA512_RSA_PKCS", hashes.SHA512())])  # fmt: skip
+@pytest.mark.parametrize(
+    "mech,digest",
+    [
+        ("CKM_SHA256_RSA_PKCS", hashes.SHA256()),
+        ("CKM_SHA384_RSA_PKCS", hashes.SHA384()),
+        ("CKM_SHA512_RSA_PKCS", hashes.SHA512()),
+    ],
+)
 def test_rsa_pkcs1_hash_and_sign(shared_card: Any, rsa_pair: Any, mech: str, digest: Any) -> None:
     api, _, token = shared_card
     _, priv_h, pub = rsa_pair
@@ -127,8 +156,9 @@ def test_rsa_pkcs_digest_info_and_raw(shared_card: Any, rsa_pair: Any) -> None:
     api, _, token = shared_card
     _, priv_h, pub = rsa_pair
     digest = hashlib.sha256(b"message").digest()
-    sig = unb64(api.ok(_sign(api, token, priv_h, "CKM_RSA_PKCS",
-                             SHA256_DIGEST_INFO + digest))["signature"])  # fmt: skip
+    sig = unb64(
+        api.ok(_sign(api, token, priv_h, "CKM_RSA_PKCS", SHA256_DIGEST_INFO + digest))["signature"]
+    )
     pub.verify(sig, b"message", padding.PKCS1v15(), hashes.SHA256())
     # TLS 1.0's MD5+SHA-1 is no DigestInfo: raw type-1 padding, checked by recovering it.
     raw = os.urandom(36)
@@ -143,21 +173,50 @@ def test_rsa_pss(shared_card: Any, rsa_pair: Any) -> None:
     _, priv_h, pub = rsa_pair
     data = b"pss data"
     pss = padding.PSS(padding.MGF1(hashes.SHA256()), 32)
-    r = _sign(api, token, priv_h, "CKM_SHA256_RSA_PKCS_PSS", data, hash="sha256", mgf="sha256",
-              salt_length=32)  # fmt: skip
+    r = _sign(
+        api,
+        token,
+        priv_h,
+        "CKM_SHA256_RSA_PKCS_PSS",
+        data,
+        hash="sha256",
+        mgf="sha256",
+        salt_length=32,
+    )
     sig = unb64(api.ok(r)["signature"])
     pub.verify(sig, data, pss, hashes.SHA256())
     digest = hashlib.sha384(data).digest()
     pss384 = padding.PSS(padding.MGF1(hashes.SHA384()), 48)
-    sig = unb64(api.ok(_sign(api, token, priv_h, "CKM_RSA_PKCS_PSS", digest, hash="sha384",
-                             mgf="sha384", salt_length=48))["signature"])  # fmt: skip
+    sig = unb64(
+        api.ok(
+            _sign(
+                api,
+                token,
+                priv_h,
+                "CKM_RSA_PKCS_PSS",
+                digest,
+                hash="sha384",
+                mgf="sha384",
+                salt_length=48,
+            )
+        )["signature"]
+    )
     pub.verify(sig, digest, pss384, utils.Prehashed(hashes.SHA384()))
     # The hash of a SHA*-PSS form must be its own; a salt too long for the modulus is refused.
-    r = _sign(api, token, priv_h, "CKM_SHA256_RSA_PKCS_PSS", data, hash="sha512", mgf="sha256",
-              salt_length=32)  # fmt: skip
+    r = _sign(
+        api,
+        token,
+        priv_h,
+        "CKM_SHA256_RSA_PKCS_PSS",
+        data,
+        hash="sha512",
+        mgf="sha256",
+        salt_length=32,
+    )
     assert r.code == "MECHANISM_PARAM_INVALID"
-    r = _sign(api, token, priv_h, "CKM_RSA_PKCS_PSS", digest, hash="sha384", mgf="sha384",
-              salt_length=300)  # fmt: skip
+    r = _sign(
+        api, token, priv_h, "CKM_RSA_PKCS_PSS", digest, hash="sha384", mgf="sha384", salt_length=300
+    )
     assert r.code == "MECHANISM_PARAM_INVALID"
 
 
@@ -165,15 +224,25 @@ def test_rsa_pss(shared_card: Any, rsa_pair: Any) -> None:
 def test_rsa_oaep_decrypt(shared_card: Any, rsa_pair: Any, h: str) -> None:
     api, _, token = shared_card
     _, priv_h, pub = rsa_pair
-    algo = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384,
-            "sha512": hashes.SHA512}[h]()  # fmt: skip
+    algo = {
+        "sha1": hashes.SHA1,
+        "sha256": hashes.SHA256,
+        "sha384": hashes.SHA384,
+        "sha512": hashes.SHA512,
+    }[h]()
     ct = pub.encrypt(b"secret", padding.OAEP(padding.MGF1(algo), algo, None))
-    r = api.post(DEC, {"key": priv_h, "mechanism": "CKM_RSA_PKCS_OAEP", "data": b64(ct),
-                       "hash": h, "mgf": h}, token=token)  # fmt: skip
+    r = api.post(
+        DEC,
+        {"key": priv_h, "mechanism": "CKM_RSA_PKCS_OAEP", "data": b64(ct), "hash": h, "mgf": h},
+        token=token,
+    )
     assert unb64(api.ok(r)["data"]) == b"secret"
     bad = bytes([ct[0] ^ 1]) + ct[1:]
-    r = api.post(DEC, {"key": priv_h, "mechanism": "CKM_RSA_PKCS_OAEP", "data": b64(bad),
-                       "hash": h, "mgf": h}, token=token)  # fmt: skip
+    r = api.post(
+        DEC,
+        {"key": priv_h, "mechanism": "CKM_RSA_PKCS_OAEP", "data": b64(bad), "hash": h, "mgf": h},
+        token=token,
+    )
     assert r.code == "ENCRYPTED_DATA_INVALID"
 
 
@@ -191,17 +260,23 @@ def test_public_key_cannot_sign(shared_card: Any, rsa_pair: Any) -> None:
     assert _sign(api, token, pub_h, "CKM_SHA256_RSA_PKCS", b"x").code == "KEY_NOT_FOUND"
 
 
-@pytest.mark.parametrize("mech,algo", [("CKM_ECDSA_SHA256", hashes.SHA256()),
-                                       ("CKM_ECDSA_SHA384", hashes.SHA384()),
-                                       ("CKM_ECDSA_SHA512", hashes.SHA512())])  # fmt: skip
+@pytest.mark.parametrize(
+    "mech,algo",
+    [
+        ("CKM_ECDSA_SHA256", hashes.SHA256()),
+        ("CKM_ECDSA_SHA384", hashes.SHA384()),
+        ("CKM_ECDSA_SHA512", hashes.SHA512()),
+    ],
+)
 def test_ecdsa_hash_and_sign(shared_card: Any, ec_pair: Any, mech: str, algo: Any) -> None:
     api, _, token = shared_card
     _, priv_h, pub = ec_pair
     data = os.urandom(300)
     sig = unb64(api.ok(_sign(api, token, priv_h, mech, data))["signature"])
     assert len(sig) == 64
-    der = utils.encode_dss_signature(int.from_bytes(sig[:32], "big"),
-                                     int.from_bytes(sig[32:], "big"))  # fmt: skip
+    der = utils.encode_dss_signature(
+        int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")
+    )
     pub.verify(der, data, ec.ECDSA(algo))
 
 
@@ -210,8 +285,9 @@ def test_ecdsa_prehashed(shared_card: Any, ec_pair: Any) -> None:
     _, priv_h, pub = ec_pair
     digest = hashlib.sha256(b"m").digest()
     sig = unb64(api.ok(_sign(api, token, priv_h, "CKM_ECDSA", digest))["signature"])
-    der = utils.encode_dss_signature(int.from_bytes(sig[:32], "big"),
-                                     int.from_bytes(sig[32:], "big"))  # fmt: skip
+    der = utils.encode_dss_signature(
+        int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")
+    )
     pub.verify(der, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
     assert _sign(api, token, priv_h, "CKM_ECDSA", b"odd length").code == "DATA_LEN_RANGE"
     assert _sign(api, token, priv_h, "CKM_SHA256_RSA_PKCS", b"x").code == "KEY_TYPE_INCONSISTENT"
@@ -220,8 +296,9 @@ def test_ecdsa_prehashed(shared_card: Any, ec_pair: Any) -> None:
 def test_ec_named_curve_and_p384(shared_card: Any) -> None:
     api, card_id, token = shared_card
     named = b"\x13\x09secp384r1"
-    body = api.ok(_pair(api, card_id, token, "CKM_EC_KEY_PAIR_GEN", {"CKA_EC_PARAMS": named},
-                        dict(_PRIV)))  # fmt: skip
+    body = api.ok(
+        _pair(api, card_id, token, "CKM_EC_KEY_PAIR_GEN", {"CKA_EC_PARAMS": named}, dict(_PRIV))
+    )
     attrs = decode(body["public"]["attrs"])
     assert attrs["CKA_EC_PARAMS"] == P384
     point = attrs["CKA_EC_POINT"]
@@ -252,11 +329,21 @@ def test_import_private_key_rsa_and_ec(shared_card: Any) -> None:
     def be(v: int) -> bytes:
         return v.to_bytes((v.bit_length() + 7) // 8, "big")
 
-    t = {"CKA_CLASS": C.CKO_PRIVATE_KEY, "CKA_KEY_TYPE": C.CKK_RSA, "CKA_TOKEN": True,
-         "CKA_PRIVATE": True, "CKA_SIGN": True, "CKA_MODULUS": be(n.public_numbers.n),
-         "CKA_PUBLIC_EXPONENT": be(n.public_numbers.e), "CKA_PRIVATE_EXPONENT": be(n.d),
-         "CKA_PRIME_1": be(n.p), "CKA_PRIME_2": be(n.q), "CKA_EXPONENT_1": be(n.dmp1),
-         "CKA_EXPONENT_2": be(n.dmq1), "CKA_COEFFICIENT": be(n.iqmp)}  # fmt: skip
+    t = {
+        "CKA_CLASS": C.CKO_PRIVATE_KEY,
+        "CKA_KEY_TYPE": C.CKK_RSA,
+        "CKA_TOKEN": True,
+        "CKA_PRIVATE": True,
+        "CKA_SIGN": True,
+        "CKA_MODULUS": be(n.public_numbers.n),
+        "CKA_PUBLIC_EXPONENT": be(n.public_numbers.e),
+        "CKA_PRIVATE_EXPONENT": be(n.d),
+        "CKA_PRIME_1": be(n.p),
+        "CKA_PRIME_2": be(n.q),
+        "CKA_EXPONENT_1": be(n.dmp1),
+        "CKA_EXPONENT_2": be(n.dmq1),
+        "CKA_COEFFICIENT": be(n.iqmp),
+    }
     made = api.ok(api.create(card_id, token, t))
     attrs = decode(made["attrs"])
     assert attrs["CKA_LOCAL"] is False and attrs["CKA_ALWAYS_SENSITIVE"] is False
@@ -266,14 +353,20 @@ def test_import_private_key_rsa_and_ec(shared_card: Any) -> None:
     # An imported key cannot claim it was made here.
     assert api.create(card_id, token, {**t, "CKA_LOCAL": True}).code == "TEMPLATE_INCONSISTENT"
     eck = ec.generate_private_key(ec.SECP256R1())
-    t = {"CKA_CLASS": C.CKO_PRIVATE_KEY, "CKA_KEY_TYPE": C.CKK_EC, "CKA_TOKEN": True,
-         "CKA_PRIVATE": True, "CKA_EC_PARAMS": P256,
-         "CKA_VALUE": eck.private_numbers().private_value.to_bytes(32, "big")}  # fmt: skip
+    t = {
+        "CKA_CLASS": C.CKO_PRIVATE_KEY,
+        "CKA_KEY_TYPE": C.CKK_EC,
+        "CKA_TOKEN": True,
+        "CKA_PRIVATE": True,
+        "CKA_EC_PARAMS": P256,
+        "CKA_VALUE": eck.private_numbers().private_value.to_bytes(32, "big"),
+    }
     made = api.ok(api.create(card_id, token, t))
     assert "CKA_VALUE" not in made["attrs"]
     sig = unb64(api.ok(_sign(api, token, made["handle"], "CKM_ECDSA_SHA256", b"d"))["signature"])
-    der = utils.encode_dss_signature(int.from_bytes(sig[:32], "big"),
-                                     int.from_bytes(sig[32:], "big"))  # fmt: skip
+    der = utils.encode_dss_signature(
+        int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")
+    )
     eck.public_key().verify(der, b"d", ec.ECDSA(hashes.SHA256()))
 
 
@@ -282,8 +375,13 @@ def test_aes_gcm_known_answers(shared_card: Any, case: str) -> None:
     api, card_id, token = shared_card
     key, iv, aad, pt, ct, tag = GCM_CASES[case]
     handle = api.import_key(card_id, token, C.CKK_AES, key, CKA_TOKEN=True, CKA_PRIVATE=True)
-    body = {"key": handle, "mechanism": "CKM_AES_GCM", "iv": b64(iv), "aad": b64(aad),
-            "tag_bits": 128}  # fmt: skip
+    body = {
+        "key": handle,
+        "mechanism": "CKM_AES_GCM",
+        "iv": b64(iv),
+        "aad": b64(aad),
+        "tag_bits": 128,
+    }
     out = unb64(api.ok(api.post(ENC, {**body, "data": b64(pt)}, token=token))["data"])
     assert out == ct + tag
     back = unb64(api.ok(api.post(DEC, {**body, "data": b64(ct + tag)}, token=token))["data"])
@@ -293,5 +391,7 @@ def test_aes_gcm_known_answers(shared_card: Any, case: str) -> None:
     # A 96-bit tag is the first 12 bytes of the full one.
     r = api.post(ENC, {**body, "tag_bits": 96, "data": b64(pt)}, token=token)
     assert unb64(api.ok(r)["data"]) == ct + tag[:12]
-    assert api.post(ENC, {**body, "tag_bits": 100, "data": b64(pt)},
-                    token=token).code == "MECHANISM_PARAM_INVALID"  # fmt: skip
+    assert (
+        api.post(ENC, {**body, "tag_bits": 100, "data": b64(pt)}, token=token).code
+        == "MECHANISM_PARAM_INVALID"
+    )

@@ -222,8 +222,7 @@ def test_token_of_alice_refused_over_bob(people: dict[str, Who]) -> None:
     bob = people["bob"].api
     r = bob.post(f"{CARDS}/{s.card}/objects/search", {"attrs": {}}, token=s.token)
     assert (r.status, r.code) == (401, "NOT_ACTIVATED")
-    r = people["alice"].api.post(f"{CARDS}/{s.card}/objects/search", {"attrs": {}},
-                                 token=s.token)  # fmt: skip
+    r = people["alice"].api.post(f"{CARDS}/{s.card}/objects/search", {"attrs": {}}, token=s.token)
     assert r.status == 200 and len(r.json["objects"]) == 3
 
 
@@ -308,12 +307,19 @@ def test_refused_delete_is_audited_with_the_client(people: dict[str, Who], servi
     assert set(line) >= {"time", "request", "client", "op", "card", "handle", "outcome", "code"}
     # A failed login is a refused request: audited with the identity and the card.
     rid2 = "rid-" + uuid.uuid4().hex[:12]
-    r = people["alice"].api.post(f"{CARDS}/{s.card}/activate", {"passphrase": b64(b"wrong!!!")},
-                                 headers={"X-Request-Id": rid2})  # fmt: skip
+    r = people["alice"].api.post(
+        f"{CARDS}/{s.card}/activate",
+        {"passphrase": b64(b"wrong!!!")},
+        headers={"X-Request-Id": rid2},
+    )
     assert r.code == "PASSPHRASE_INCORRECT"
     (line,) = [x for x in _audit(service) if x["request"] == rid2]
     assert (line["client"], line["op"], line["card"], line["code"]) == (
-        people["alice"].name, "activate", s.card, "PASSPHRASE_INCORRECT")  # fmt: skip
+        people["alice"].name,
+        "activate",
+        s.card,
+        "PASSPHRASE_INCORRECT",
+    )
     # The changes alice made are there too, and no line holds a passphrase or a token.
     mine = [x for x in _audit(service) if x["client"] == people["alice"].name]
     assert {"create_softcard", "activate", "create_object"} <= {x["op"] for x in mine}

@@ -73,8 +73,7 @@ def batch(api: Api, items: list[dict[str, Any]], **kw: Any) -> list[tuple[int, b
     results = r.json["results"]
     assert len(results) == len(items)
     # Re-encode each answer as the service does (compact), to compare with a single answer.
-    return [(x["status"], json.dumps(x["answer"], separators=(",", ":")).encode())
-            for x in results]  # fmt: skip
+    return [(x["status"], json.dumps(x["answer"], separators=(",", ":")).encode()) for x in results]
 
 
 def same_as_single(api: Api, items: list[dict[str, Any]]) -> list[tuple[int, bytes]]:
@@ -115,9 +114,20 @@ def test_mixed_items_each_with_its_own_answer(keyholders: dict[str, Who]) -> Non
     ]
     got = same_as_single(a.api, items)
     codes = [json.loads(ans).get("code") if st >= 300 else st for st, ans in got]
-    assert codes == [200, 200, "SIGNATURE_INVALID", "KEY_NOT_FOUND", "KEY_TYPE_INCONSISTENT",
-                     200, "ENCRYPTED_DATA_LEN_RANGE", "BAD_BASE64", "UNKNOWN_FIELD",
-                     "NOT_ACTIVATED", "NOT_ACTIVATED", 200]  # fmt: skip
+    assert codes == [
+        200,
+        200,
+        "SIGNATURE_INVALID",
+        "KEY_NOT_FOUND",
+        "KEY_TYPE_INCONSISTENT",
+        200,
+        "ENCRYPTED_DATA_LEN_RANGE",
+        "BAD_BASE64",
+        "UNKNOWN_FIELD",
+        "NOT_ACTIVATED",
+        "NOT_ACTIVATED",
+        200,
+    ]
     assert unb64(json.loads(got[0][1])["signature"]) == mac
     assert len(unb64(json.loads(got[-1][1])["data"])) == 24
 
@@ -171,8 +181,9 @@ def test_ended_session_refused_per_item(keyholders: dict[str, Who], service: Ser
     key = api.import_key(card, token, 0x2B, HMAC_VALUE)
     assert batch(api, [item("sign", token, sign_body(key))])[0][0] == 200
     assert api.post(f"/km/v1/softcards/{card}/deactivate", token=token).status == 200
-    (status, answer), ok = batch(api, [item("sign", token, sign_body(key)),
-                                       item("random", None, {"length": 1})])  # fmt: skip
+    (status, answer), ok = batch(
+        api, [item("sign", token, sign_body(key)), item("random", None, {"length": 1})]
+    )
     assert (status, json.loads(answer)["code"]) == (401, "NOT_ACTIVATED") and ok[0] == 200
 
 

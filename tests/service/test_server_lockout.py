@@ -95,10 +95,16 @@ def test_guessing_burst_does_not_starve_signing(fresh_service, make_api):
     card, token = api.new_card(RIGHT)
     value = os.urandom(32)
     key = api.import_key(card, token, C.CKK_GENERIC_SECRET, value, CKA_SIGN=True)
-    victims = [api.ok(api.post("/km/v1/softcards", {"name": os.urandom(8).hex(),
-                                                    "passphrase": b64(RIGHT)},
-                               idem="t-" + os.urandom(8).hex()))["id"]
-               for _ in range(8)]  # fmt: skip
+    victims = [
+        api.ok(
+            api.post(
+                "/km/v1/softcards",
+                {"name": os.urandom(8).hex(), "passphrase": b64(RIGHT)},
+                idem="t-" + os.urandom(8).hex(),
+            )
+        )["id"]
+        for _ in range(8)
+    ]
     bodies = [json.dumps({"passphrase": b64(b"guess %d" % i)}).encode() for i in range(5)]
     done: list[float] = []
 
@@ -119,8 +125,11 @@ def test_guessing_burst_does_not_starve_signing(fresh_service, make_api):
             time.sleep(0.05)
         signed = 0
         while not done and signed < 20:
-            r = api.post("/crypto/v1/sign", {"key": key, "mechanism": "CKM_SHA256_HMAC",
-                                             "data": b64(b"x")}, token=token)  # fmt: skip
+            r = api.post(
+                "/crypto/v1/sign",
+                {"key": key, "mechanism": "CKM_SHA256_HMAC", "data": b64(b"x")},
+                token=token,
+            )
             assert len(unb64(api.ok(r)["signature"])) == 32
             if signed % 5 == 0:  # a store write too: it runs on the loop's thread pool
                 api.import_key(card, token, C.CKK_GENERIC_SECRET, os.urandom(32), CKA_SIGN=True)

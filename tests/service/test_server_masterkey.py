@@ -197,8 +197,18 @@ def _downgrade_to_v1(d: Path) -> list[bytes]:
     con.close()
     con = sqlite3.connect(d / "keys.db")
     columns = [r[1] for r in con.execute("PRAGMA table_info(softcards)")]
-    assert columns == ["id", "name", "created", "salt", "kdf_n", "kdf_r", "kdf_p",
-                       "wrapped_key", "failures", "locked_until"]  # fmt: skip
+    assert columns == [
+        "id",
+        "name",
+        "created",
+        "salt",
+        "kdf_n",
+        "kdf_r",
+        "kdf_p",
+        "wrapped_key",
+        "failures",
+        "locked_until",
+    ]
     con.close()
     return blobs
 
@@ -242,10 +252,21 @@ def test_softhsm_master_key_end_to_end(fresh_service, make_api, tmp_path, monkey
     conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\n")
     monkeypatch.setenv("SOFTHSM2_CONF", str(conf))  # inherited by the service processes
     subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", "pkcs11ws", "--pin", "4321",
-         "--so-pin", "87654321"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+        [
+            "softhsm2-util",
+            "--init-token",
+            "--free",
+            "--label",
+            "pkcs11ws",
+            "--pin",
+            "4321",
+            "--so-pin",
+            "87654321",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     pin = tmp_path / "hsm.pin"
     pin.write_text("4321")
     pin.chmod(0o600)
@@ -253,12 +274,21 @@ def test_softhsm_master_key_end_to_end(fresh_service, make_api, tmp_path, monkey
     doc = yaml.safe_load(snippet("master-key-token", {"hsm.pin": str(pin)}))
     master = doc["master_pkcs11"]
     assert (master["module"], master["token"], master["key"]) == (
-        str(SOFTHSM), "pkcs11ws", "pkcs11ws-master")  # fmt: skip
+        str(SOFTHSM),
+        "pkcs11ws",
+        "pkcs11ws-master",
+    )
 
     def to_token(d: Path) -> None:
         (d / "master.key").unlink()  # the file must play no part
-        cmd = [sys.executable, "-m", "pkcs11ws.server.cli", "master-key", "--config",
-               str(d / "server.yaml")]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "pkcs11ws.server.cli",
+            "master-key",
+            "--config",
+            str(d / "server.yaml"),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
         assert res.returncode == 0 and "created the master key" in res.stdout, res.stderr
         again = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)

@@ -30,8 +30,10 @@ def clusters() -> Iterator[tuple[PgServer, PgServer, str]]:
         db = primary.new_database().rsplit("/", 1)[1]
         standby = PgServer(standby_of=primary)
         made.append(standby)
-        url = (f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/{db}"
-               "?target_session_attrs=read-write&connect_timeout=3")  # fmt: skip
+        url = (
+            f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/{db}"
+            "?target_session_attrs=read-write&connect_timeout=3"
+        )
         yield primary, standby, url
     finally:
         for server in made:
@@ -45,15 +47,23 @@ def test_the_service_follows_a_promoted_standby(
     svc = start_service(tmp_path_factory.mktemp("failover"), store=url)
     api = Api(svc)
     try:
-        card = api.ok(api.post("/km/v1/softcards", {"name": "failover", "passphrase": b64(PASS)},
-                               idem=new_idem()))["id"]  # fmt: skip
+        card = api.ok(
+            api.post(
+                "/km/v1/softcards", {"name": "failover", "passphrase": b64(PASS)}, idem=new_idem()
+            )
+        )["id"]
         token = api.activate(card, PASS)
         key = api.import_key(card, token, C.CKK_SHA256_HMAC, b"f" * 32, CKA_SIGN=True)
         sign = {"mechanism": "CKM_SHA256_HMAC", "key": key, "data": b64(b"before the switch")}
         before = api.ok(api.post("/crypto/v1/sign", sign, token=token))
-        made = api.ok(api.post(f"/km/v1/softcards/{card}/objects",
-                               {"attrs": encode({"CKA_CLASS": C.CKO_DATA, "CKA_LABEL": b"kept"})},
-                               token=token, idem=new_idem()))  # fmt: skip
+        made = api.ok(
+            api.post(
+                f"/km/v1/softcards/{card}/objects",
+                {"attrs": encode({"CKA_CLASS": C.CKO_DATA, "CKA_LABEL": b"kept"})},
+                token=token,
+                idem=new_idem(),
+            )
+        )
 
         primary.stop()  # a fast shutdown sends the standby all of its WAL first
         r = api.post("/crypto/v1/sign", sign, token=token)
@@ -73,9 +83,14 @@ def test_the_service_follows_a_promoted_standby(
         found = api.ok(api.post(f"/km/v1/softcards/{card}/objects/search", kept, token=token))
         assert [o["handle"] for o in found["objects"]] == [made["handle"]]
         # And it writes there.
-        api.ok(api.post(f"/km/v1/softcards/{card}/objects",
-                        {"attrs": encode({"CKA_CLASS": C.CKO_DATA, "CKA_LABEL": b"after"})},
-                        token=token, idem=new_idem()))  # fmt: skip
+        api.ok(
+            api.post(
+                f"/km/v1/softcards/{card}/objects",
+                {"attrs": encode({"CKA_CLASS": C.CKO_DATA, "CKA_LABEL": b"after"})},
+                token=token,
+                idem=new_idem(),
+            )
+        )
         assert "unavailable" in svc.log_text()
     finally:
         api.close()

@@ -34,8 +34,14 @@ DOWN_SECONDS = 3.0
 # After the database is back, the service's pool reconnects within about a second; on a loaded
 # 2-core CI box give it far more before calling a 503 "not while it was down".
 RECOVERY_SECONDS = 15.0
-HMAC_GEN = [(C.CKA_TOKEN, True), (C.CKA_PRIVATE, True), (C.CKA_CLASS, C.CKO_SECRET_KEY),
-            (C.CKA_VALUE_LEN, 32), (C.CKA_SIGN, True), (C.CKA_VERIFY, True)]  # fmt: skip
+HMAC_GEN = [
+    (C.CKA_TOKEN, True),
+    (C.CKA_PRIVATE, True),
+    (C.CKA_CLASS, C.CKO_SECRET_KEY),
+    (C.CKA_VALUE_LEN, 32),
+    (C.CKA_SIGN, True),
+    (C.CKA_VERIFY, True),
+]
 
 
 @pytest.fixture
@@ -58,15 +64,19 @@ class Recorder:
             self.requests.append((start, time.monotonic(), status))
 
 
-def http_creator(svc: Service, card: str, token: str, rec: Recorder, stop: threading.Event,
-                 n: int) -> None:  # fmt: skip
+def http_creator(
+    svc: Service, card: str, token: str, rec: Recorder, stop: threading.Event, n: int
+) -> None:
     api = Api(svc)
     try:
         i = 0
         while not stop.is_set():
             label = f"c{n}-{i}"
-            body = {"attrs": encode({"CKA_CLASS": C.CKO_DATA, "CKA_LABEL": label.encode(),
-                                     "CKA_VALUE": b"v"})}  # fmt: skip
+            body = {
+                "attrs": encode(
+                    {"CKA_CLASS": C.CKO_DATA, "CKA_LABEL": label.encode(), "CKA_VALUE": b"v"}
+                )
+            }
             key = new_idem()
             while True:  # like the module: the same key again after a 5xx
                 t0 = time.monotonic()
@@ -97,8 +107,9 @@ def http_signer(svc: Service, token: str, key: str, rec: Recorder, stop: threadi
         api.close()
 
 
-def test_postgres_restart_under_load(own_postgres: PgServer, bare_mod: Module,
-                                     tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
+def test_postgres_restart_under_load(
+    own_postgres: PgServer, bare_mod: Module, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     svc = start_service(tmp_path_factory.mktemp("pgrestart"), store=own_postgres.new_database())
     try:
         _run(svc, own_postgres, bare_mod, tmp_path_factory.mktemp("module"))
@@ -124,8 +135,10 @@ def _run(svc: Service, pg: PgServer, bare_mod: Module, work: Any) -> None:
         for ln in svc.client_cfg.read_text().splitlines()
         if not ln.strip() or ln.split()[0] not in ("MAXRETRIES", "RETRYDELAY", "LOGFILEPATH")
     ]
-    cfg.write_text("\n".join([*lines, "MAXRETRIES 60", "RETRYDELAY 1",
-                              f"LOGFILEPATH {work / 'module.log'}"]) + "\n")  # fmt: skip
+    cfg.write_text(
+        "\n".join([*lines, "MAXRETRIES 60", "RETRYDELAY 1", f"LOGFILEPATH {work / 'module.log'}"])
+        + "\n"
+    )
     assert bare_mod.initialize(str(cfg)) == C.CKR_OK
     h = bare_mod.open(bare_mod.slot_by_label(cards[1][0]))
     assert bare_mod.login(h, PASS) == C.CKR_OK
@@ -147,8 +160,10 @@ def _run(svc: Service, pg: PgServer, bare_mod: Module, work: Any) -> None:
                 app["errors"].append(exc)
                 return
 
-    threads = [threading.Thread(target=http_creator, args=(svc, cards[0][1], token, rec, stop, n))
-               for n in range(2)]  # fmt: skip
+    threads = [
+        threading.Thread(target=http_creator, args=(svc, cards[0][1], token, rec, stop, n))
+        for n in range(2)
+    ]
     threads.append(threading.Thread(target=http_signer, args=(svc, token, key, rec, stop)))
     threads.append(threading.Thread(target=application))
     for t in threads:

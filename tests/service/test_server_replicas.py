@@ -181,8 +181,13 @@ def test_an_idempotent_create_retried_on_the_other_replica_returns_the_first_ans
     # The same key with another body is a conflict on either replica.
     other = {"attrs": encode({"CKA_CLASS": C.CKO_DATA, "CKA_LABEL": b"twice"})}
     assert b.post(path, other, token=token, idem=key).code == "IDEMPOTENCY_CONFLICT"
-    found = a.ok(a.post(f"/km/v1/softcards/{card}/objects/search",
-                        {"attrs": encode({"CKA_LABEL": b"once"})}, token=token))  # fmt: skip
+    found = a.ok(
+        a.post(
+            f"/km/v1/softcards/{card}/objects/search",
+            {"attrs": encode({"CKA_LABEL": b"once"})},
+            token=token,
+        )
+    )
     assert [o["handle"] for o in found["objects"]] == [first.json["handle"]]
 
 
@@ -199,8 +204,13 @@ def test_the_same_create_sent_to_both_replicas_at_once_makes_one_object(
         answers: list[Any] = []
         start = threading.Barrier(4)
 
-        def send(svc: Service, body: Any = body, key: str = key, start: Any = start,
-                 answers: list[Any] = answers) -> None:  # fmt: skip
+        def send(
+            svc: Service,
+            body: Any = body,
+            key: str = key,
+            start: Any = start,
+            answers: list[Any] = answers,
+        ) -> None:
             api = Api(svc)
             try:
                 start.wait(30)
@@ -216,7 +226,11 @@ def test_the_same_create_sent_to_both_replicas_at_once_makes_one_object(
         assert len(answers) == 4
         assert all(200 <= r.status < 300 for r in answers), [r.body for r in answers]
         assert len({r.body for r in answers}) == 1
-        found = apis[1].ok(apis[1].post(f"/km/v1/softcards/{card}/objects/search",
-                                        {"attrs": encode({"CKA_LABEL": label})},
-                                        token=token))  # fmt: skip
+        found = apis[1].ok(
+            apis[1].post(
+                f"/km/v1/softcards/{card}/objects/search",
+                {"attrs": encode({"CKA_LABEL": label})},
+                token=token,
+            )
+        )
         assert len(found["objects"]) == 1

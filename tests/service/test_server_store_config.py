@@ -19,8 +19,13 @@ from tests.support.service import free_port, init_dir
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pkcs11ws.server.cli", *args],
-                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "pkcs11ws.server.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def with_yaml(d: Path, change: dict[str, Any], drop: tuple[str, ...] = ()) -> Path:
@@ -46,10 +51,13 @@ def test_default_is_sqlite_from_the_database_keys(initialised: Path) -> None:
     assert s.store.url == f"sqlite:///{initialised.resolve() / 'keys.db'}"
 
 
-@pytest.mark.parametrize(("url", "expect"), [
-    ("sqlite:///data/k.db", "REL/data/k.db"),  # relative to the yaml's folder
-    ("sqlite:////var/lib/pkcs11ws/k.db", "/var/lib/pkcs11ws/k.db"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("url", "expect"),
+    [
+        ("sqlite:///data/k.db", "REL/data/k.db"),  # relative to the yaml's folder
+        ("sqlite:////var/lib/pkcs11ws/k.db", "/var/lib/pkcs11ws/k.db"),
+    ],
+)
 def test_store_sqlite_urls(initialised: Path, url: str, expect: str) -> None:
     p = with_yaml(initialised, {"store": url}, drop=("path",))
     s = settings.load(p)
@@ -64,8 +72,9 @@ def test_store_sqlite_urls(initialised: Path, url: str, expect: str) -> None:
     ({"database": {"backend": "postgresql"}}, (), "store: postgresql://"),
     ({"store": 5}, ("path",), "expected a string"),
 ])  # fmt: skip
-def test_bad_store_settings(initialised: Path, change: dict[str, Any], drop: tuple[str, ...],
-                            message: str) -> None:  # fmt: skip
+def test_bad_store_settings(
+    initialised: Path, change: dict[str, Any], drop: tuple[str, ...], message: str
+) -> None:
     p = with_yaml(initialised, change, drop)
     with pytest.raises(settings.SettingsError, match=message):
         settings.load(p)
@@ -108,8 +117,10 @@ def test_init_store_refuses_sqlite_and_garbage(tmp_path: Path) -> None:
 
 def test_migrate_an_unreachable_database_fails_cleanly(initialised: Path) -> None:
     port = free_port()  # nothing listens there
-    p = with_yaml(initialised, {"store": f"postgresql://u:pw@127.0.0.1:{port}/db",
-                                "database": {"pool_timeout": 2}})  # fmt: skip
+    p = with_yaml(
+        initialised,
+        {"store": f"postgresql://u:pw@127.0.0.1:{port}/db", "database": {"pool_timeout": 2}},
+    )
     res = cli("migrate", "--config", str(p))
     assert res.returncode == 2
     assert "unavailable" in res.stderr
@@ -131,8 +142,9 @@ def test_migrate_upgrades_an_existing_sqlite_database(initialised: Path) -> None
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_a_later_step_runs_once_in_order(backend: str, tmp_path: Path, request: Any,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_a_later_step_runs_once_in_order(
+    backend: str, tmp_path: Path, request: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     module: Any = sqlite_store if backend == "sqlite" else pg_store
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path / 'k.db'}"
@@ -146,9 +158,12 @@ def test_a_later_step_runs_once_in_order(backend: str, tmp_path: Path, request: 
     def rows_by_code(con: Any, value: int) -> None:  # a step with code, given migrate's args
         con.execute(f"INSERT INTO later_step VALUES ({int(value)})")
 
-    step = Migration(base + 1, "a test step", (
-        "CREATE TABLE later_step (x INTEGER)", "INSERT INTO later_step VALUES (1)"),
-        rows_by_code)  # fmt: skip
+    step = Migration(
+        base + 1,
+        "a test step",
+        ("CREATE TABLE later_step (x INTEGER)", "INSERT INTO later_step VALUES (1)"),
+        rows_by_code,
+    )
     monkeypatch.setattr(module, "MIGRATIONS", (*module.MIGRATIONS, step))
     monkeypatch.setattr(module, "SCHEMA_VERSION", base + 1)
     store = backend_class(url).open(cfg)
@@ -172,9 +187,10 @@ def test_a_later_step_runs_once_in_order(backend: str, tmp_path: Path, request: 
         with store.write() as tx:
             con = tx.con  # type: ignore[attr-defined]
             exists = con.execute(
-                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'half_done'" if backend == "sqlite"
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'half_done'"
+                if backend == "sqlite"
                 else "SELECT COUNT(*) FROM pg_tables WHERE tablename = 'half_done'"
-            ).fetchone()[0]  # fmt: skip
+            ).fetchone()[0]
         assert exists == 0
     finally:
         store.close()

@@ -44,8 +44,16 @@ def client_tarball() -> Path:
     """`make dist` (tools/make_dist.py) from the session's sdist."""
     sdist, _ = sdist_and_wheel()
     out = workdir() / "dist"
-    _run([sys.executable, str(ROOT / "tools" / "make_dist.py"), "--sdist", str(sdist),
-          "--out", str(out)])  # fmt: skip
+    _run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "make_dist.py"),
+            "--sdist",
+            str(sdist),
+            "--out",
+            str(out),
+        ]
+    )
     (tarball,) = out.glob("pkcs11ws-client-*-linux-*.tar.gz")
     return tarball
 

@@ -56,13 +56,38 @@ class PgServer:
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
         self.root.chmod(0o700)
         if standby_of is None:
-            self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E",
-                      "UTF8", "--no-instructions", "--no-sync")  # fmt: skip
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-instructions",
+                "--no-sync",
+            )
         else:
             # -R: standby.signal and primary_conninfo; initdb's pg_hba lets local replication in.
-            self._run("pg_basebackup", "-h", "127.0.0.1", "-p", str(standby_of.port), "-U",
-                      "postgres", "-D", str(self.data), "-R", "-X", "stream", "-c", "fast",
-                      "--no-sync")  # fmt: skip
+            self._run(
+                "pg_basebackup",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(standby_of.port),
+                "-U",
+                "postgres",
+                "-D",
+                str(self.data),
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            )
         self.start()
 
     def _run(self, tool: str, *args: str, timeout: float = 120) -> str:
@@ -77,10 +102,23 @@ class PgServer:
     def start(self) -> None:
         # fsync off: a test cluster need not survive a power cut (commits are still WAL-logged
         # and a clean or fast shutdown keeps them).
-        opts = (f"-k {self.root} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off"
-                " -c max_connections=200")  # fmt: skip
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w",
-                  "-t", "60", "start")  # fmt: skip
+        opts = (
+            f"-k {self.root} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off"
+            " -c max_connections=200"
+        )
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")

@@ -340,9 +340,24 @@ def issue_client(svc: Service, name: str, out: Path, role: str = "app") -> Path:
     """`pkcs11ws-server issue-client` on svc's configuration: a client identity (certificate,
     key, CA and module configuration) in folder `out`, which is returned."""
     res = subprocess.run(
-        [sys.executable, "-m", "pkcs11ws.server.cli", "issue-client", "--config",
-         str(svc.server_yaml), "--name", name, "--role", role, "--out", str(out)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pkcs11ws.server.cli",
+            "issue-client",
+            "--config",
+            str(svc.server_yaml),
+            "--name",
+            name,
+            "--role",
+            role,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     return out

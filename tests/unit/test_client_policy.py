@@ -32,9 +32,13 @@ class Scripted:
         self.sent: list[tuple[str, str, bytes | None, Sequence[str]]] = []
 
     def request(
-        self, method: str, path: str, body: bytes | None, headers: Sequence[str],
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: Sequence[str],
         deadline: float = 0.0,
-    ) -> tuple[int, bytes]:  # fmt: skip
+    ) -> tuple[int, bytes]:
         self.sent.append((method, path, body, headers))
         step = self.steps.pop(0)
         if isinstance(step, CurlFailure):
@@ -248,17 +252,33 @@ def test_fast_path_bodies_and_answers(tmp_path: Path, loglevel: int) -> None:
     assert bodies == [
         {"key": "k-1", "mechanism": "CKM_SHA256_HMAC", "data": "ZA=="},
         {"key": "k-1", "mechanism": "CKM_SHA256_HMAC_GENERAL", "data": "/w==", "mac_length": 20},
-        {"key": "k-2", "mechanism": "CKM_AES_CBC", "iv": "AQEBAQEBAQEBAQEBAQEBAQ==",
-         "data": "eA=="},
-        {"key": "k-2", "mechanism": "CKM_AES_CBC_PAD", "iv": "AgICAgICAgICAgICAgICAg==",
-         "data": ""},
-        {"key": "k-1", "mechanism": "CKM_SHA256_HMAC_GENERAL", "data": "ZA==", "signature": "cw==",
-         "mac_length": 16},
-    ]  # fmt: skip
+        {
+            "key": "k-2",
+            "mechanism": "CKM_AES_CBC",
+            "iv": "AQEBAQEBAQEBAQEBAQEBAQ==",
+            "data": "eA==",
+        },
+        {
+            "key": "k-2",
+            "mechanism": "CKM_AES_CBC_PAD",
+            "iv": "AgICAgICAgICAgICAgICAg==",
+            "data": "",
+        },
+        {
+            "key": "k-1",
+            "mechanism": "CKM_SHA256_HMAC_GENERAL",
+            "data": "ZA==",
+            "signature": "cw==",
+            "mac_length": 16,
+        },
+    ]
     assert [sent[1] for sent in t.sent] == [
-        "/crypto/v1/sign", "/crypto/v1/sign", "/crypto/v1/encrypt", "/crypto/v1/decrypt",
+        "/crypto/v1/sign",
+        "/crypto/v1/sign",
+        "/crypto/v1/encrypt",
+        "/crypto/v1/decrypt",
         "/crypto/v1/verify",
-    ]  # fmt: skip
+    ]
     assert all("Authorization: Bearer tok" in sent[3] for sent in t.sent)
 
 

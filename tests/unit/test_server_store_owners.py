@@ -21,8 +21,9 @@ LEGACY_SESSION = "INSERT INTO sessions (id, card, expires) VALUES ('s1', 'old-ca
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_version_1_store_is_migrated(backend: str, tmp_path: Path, request: Any,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_version_1_store_is_migrated(
+    backend: str, tmp_path: Path, request: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     module: Any = sqlite_store if backend == "sqlite" else pg_store
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path / 'k.db'}"

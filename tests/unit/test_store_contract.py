@@ -63,9 +63,17 @@ def store(make_store: Callable[[], Store]) -> Store:
 
 
 def card_row(name: str | None = None, owner: str | None = None) -> CardRow:
-    return CardRow(str(uuid.uuid4()), name or uuid.uuid4().hex[:20], "2026-01-02T03:04:05Z",
-                   b"\x00salt\xff" * 2, 4096, 8, 1, b"\x01wrapped\x00" * 6,
-                   owner=owner)  # fmt: skip
+    return CardRow(
+        str(uuid.uuid4()),
+        name or uuid.uuid4().hex[:20],
+        "2026-01-02T03:04:05Z",
+        b"\x00salt\xff" * 2,
+        4096,
+        8,
+        1,
+        b"\x01wrapped\x00" * 6,
+        owner=owner,
+    )
 
 
 def new_card_row(store: Store, name: str | None = None, owner: str | None = None) -> CardRow:
@@ -76,10 +84,16 @@ def new_card_row(store: Store, name: str | None = None, owner: str | None = None
 
 
 def key_row(card: str, label: bytes = b"k", key_type: int = C.CKK_AES) -> ObjectRow:
-    attrs = {"CKA_CLASS": C.CKO_SECRET_KEY, "CKA_KEY_TYPE": key_type, "CKA_LABEL": label,
-             "CKA_SIGN": True, "CKA_ID": b"\x00\x01"}  # fmt: skip
-    return ObjectRow.new(str(uuid.uuid4()), card, C.CKO_SECRET_KEY, key_type, attrs,
-                         b"sealed\x00" + label)  # fmt: skip
+    attrs = {
+        "CKA_CLASS": C.CKO_SECRET_KEY,
+        "CKA_KEY_TYPE": key_type,
+        "CKA_LABEL": label,
+        "CKA_SIGN": True,
+        "CKA_ID": b"\x00\x01",
+    }
+    return ObjectRow.new(
+        str(uuid.uuid4()), card, C.CKO_SECRET_KEY, key_type, attrs, b"sealed\x00" + label
+    )
 
 
 def data_row(card: str, label: bytes = b"d") -> ObjectRow:
@@ -112,8 +126,9 @@ def test_migrate_from_empty_in_parallel(make_store: Callable[[], Store], tmp_pat
     results: list[Any] = []
     try:
         assert stores[0].schema_version() == 0
-        threads = [threading.Thread(target=lambda st=st: results.append(st.migrate()))
-                   for st in stores]  # fmt: skip
+        threads = [
+            threading.Thread(target=lambda st=st: results.append(st.migrate())) for st in stores
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -169,7 +184,9 @@ def test_card_insert_get_list_counts(store: Store) -> None:
     with store.read() as r:
         assert r.card_counts(a.id) == CardCounts(2, 0, 1)
         assert dict((c.id, n) for c, n in r.card_list()) == {
-            a.id: CardCounts(2, 0, 1), b.id: CardCounts(0, 0, 0)}  # fmt: skip
+            a.id: CardCounts(2, 0, 1),
+            b.id: CardCounts(0, 0, 0),
+        }
 
 
 def test_card_name_taken_keeps_the_transaction_usable(store: Store) -> None:
@@ -333,28 +350,46 @@ def test_objects_round_trip_decoded(store: Store) -> None:
     with store.read() as r:
         got = r.object_get(a.id, k.handle)
     assert got is not None
-    assert got.attrs == {"CKA_CLASS": C.CKO_SECRET_KEY, "CKA_KEY_TYPE": VENDOR_KEY_TYPE,
-                         "CKA_LABEL": b"\xff\x00 label", "CKA_SIGN": True,
-                         "CKA_ID": b"\x00\x01"}  # fmt: skip
+    assert got.attrs == {
+        "CKA_CLASS": C.CKO_SECRET_KEY,
+        "CKA_KEY_TYPE": VENDOR_KEY_TYPE,
+        "CKA_LABEL": b"\xff\x00 label",
+        "CKA_SIGN": True,
+        "CKA_ID": b"\x00\x01",
+    }
     assert got.wire["CKA_LABEL"] == "/wAgbGFiZWw="  # protocol (base64) form
-    assert (got.cls, got.key_type, got.secret) == (C.CKO_SECRET_KEY, VENDOR_KEY_TYPE,
-                                                   b"sealed\x00\xff\x00 label")  # fmt: skip
+    assert (got.cls, got.key_type, got.secret) == (
+        C.CKO_SECRET_KEY,
+        VENDOR_KEY_TYPE,
+        b"sealed\x00\xff\x00 label",
+    )
     with store.read() as r:
         assert r.object_get("other-card", k.handle) is None
 
 
 def test_object_search_filters_and_order(store: Store) -> None:
     a, b = new_card_row(store), new_card_row(store)
-    rows = [key_row(a.id, b"1"), data_row(a.id, b"2"), key_row(a.id, b"3", C.CKK_SHA256_HMAC),
-            key_row(b.id, b"4"), key_row(a.id, b"5")]  # fmt: skip
+    rows = [
+        key_row(a.id, b"1"),
+        data_row(a.id, b"2"),
+        key_row(a.id, b"3", C.CKK_SHA256_HMAC),
+        key_row(b.id, b"4"),
+        key_row(a.id, b"5"),
+    ]
     for row in rows:  # one transaction each: creation order is what searches return
         with store.write() as tx:
             tx.object_insert(row)
     with store.read() as r:
         assert [o.handle for o in r.object_search(a.id, None, None)] == [
-            rows[0].handle, rows[1].handle, rows[2].handle, rows[4].handle]  # fmt: skip
+            rows[0].handle,
+            rows[1].handle,
+            rows[2].handle,
+            rows[4].handle,
+        ]
         assert [o.handle for o in r.object_search(a.id, C.CKO_SECRET_KEY, C.CKK_AES)] == [
-            rows[0].handle, rows[4].handle]  # fmt: skip
+            rows[0].handle,
+            rows[4].handle,
+        ]
         assert [o.handle for o in r.object_search(a.id, C.CKO_DATA, None)] == [rows[1].handle]
         assert list(r.object_search(a.id, C.CKO_CERTIFICATE, None)) == []
         assert list(r.object_search("no-card", None, None)) == []
@@ -492,9 +527,14 @@ def test_concurrent_renames_are_not_lost(make_store: Callable[[], Store], store:
     with store.write() as tx:
         tx.object_insert(k)
 
-    changes = [("CKA_ENCRYPT", True), ("CKA_DECRYPT", True), ("CKA_VERIFY", True),
-               ("CKA_START_DATE", b"20260101"), ("CKA_END_DATE", b"20270101"),
-               ("CKA_CHECK_VALUE", b"\x01\x02\x03")]  # fmt: skip
+    changes = [
+        ("CKA_ENCRYPT", True),
+        ("CKA_DECRYPT", True),
+        ("CKA_VERIFY", True),
+        ("CKA_START_DATE", b"20260101"),
+        ("CKA_END_DATE", b"20270101"),
+        ("CKA_CHECK_VALUE", b"\x01\x02\x03"),
+    ]
     assert len(changes) == WORKERS
 
     def job(s: Store, i: int) -> None:
@@ -574,8 +614,12 @@ def test_a_withdrawn_grant_leaves_no_activation_behind(
     _in_parallel(make_store, job)
     with store.read() as r:
         assert not r.grant_exists(a.id, "bob")
-        live = [f"s{i}-{n}" for i in range(1, WORKERS) for n in range(5)
-                if r.session_valid(f"s{i}-{n}", a.id, now)]  # fmt: skip
+        live = [
+            f"s{i}-{n}"
+            for i in range(1, WORKERS)
+            for n in range(5)
+            if r.session_valid(f"s{i}-{n}", a.id, now)
+        ]
     assert live == []
 
 
