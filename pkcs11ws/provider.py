@@ -69,9 +69,17 @@ class Native(Protocol):
     def slot_set_pin_flags(self, slot_id: int, flags: int) -> None: ...
 
     def object_put(
-        self, handle: int, slot_id: int, cls: int, key_type: int, encrypt: bool, decrypt: bool,
-        sign: bool, verify: bool, size: int = 0,
-    ) -> int: ...  # fmt: skip
+        self,
+        handle: int,
+        slot_id: int,
+        cls: int,
+        key_type: int,
+        encrypt: bool,
+        decrypt: bool,
+        sign: bool,
+        verify: bool,
+        size: int = 0,
+    ) -> int: ...
 
     def object_drop(self, handle: int) -> None: ...
 
@@ -160,8 +168,12 @@ def pin_flags(card: dict[str, Any]) -> int:
 
 
 def _usage(attrs: Attrs) -> tuple[bool, bool, bool, bool]:
-    return (attrs.get("CKA_ENCRYPT") is True, attrs.get("CKA_DECRYPT") is True,
-            attrs.get("CKA_SIGN") is True, attrs.get("CKA_VERIFY") is True)  # fmt: skip
+    return (
+        attrs.get("CKA_ENCRYPT") is True,
+        attrs.get("CKA_DECRYPT") is True,
+        attrs.get("CKA_SIGN") is True,
+        attrs.get("CKA_VERIFY") is True,
+    )
 
 
 class Provider:
@@ -260,9 +272,13 @@ class Provider:
             if not slot.present:
                 self._forget_login(slot.slot_id)
             name = slot.name.encode("utf-8", "replace")
-            self.native.slot_update(slot.slot_id, slot.present, token_label(slot.name),
-                                    b"pkcs11ws softcard " + name if len(name) <= 46 else name,
-                                    slot.card.replace("-", "").encode("ascii")[:16])  # fmt: skip
+            self.native.slot_update(
+                slot.slot_id,
+                slot.present,
+                token_label(slot.name),
+                b"pkcs11ws softcard " + name if len(name) <= 46 else name,
+                slot.card.replace("-", "").encode("ascii")[:16],
+            )
             self.native.slot_set_pin_flags(slot.slot_id, slot.pin_flags)
         LOG.debug3(f"C_GetSlotList: {len(cards)} softcards")
 
@@ -404,8 +420,9 @@ class Provider:
         assert isinstance(cls, int) and isinstance(kt, int)
         with self.dir.lock:
             handle = self.dir.by_uuid.get((slot_id, uuid), 0)
-            handle = self.native.object_put(handle, slot_id, cls, kt, *_usage(attrs),
-                                            mechanisms.signature_size(attrs))  # fmt: skip
+            handle = self.native.object_put(
+                handle, slot_id, cls, kt, *_usage(attrs), mechanisms.signature_size(attrs)
+            )
             self.dir.by_uuid[(slot_id, uuid)] = handle
             self.dir.objects[handle] = Obj(handle, slot_id, uuid, attrs)
         return handle
@@ -461,8 +478,9 @@ class Provider:
         with _refusal("C_CopyObject"):
             attrs = templates.decode_template(template)
             templates.check_copy(obj.attrs, attrs)
-        made = self._call(slot_id, self.client.copy_object, slot.card, token, obj.uuid, attrs,
-                          obj=obj)  # fmt: skip
+        made = self._call(
+            slot_id, self.client.copy_object, slot.card, token, obj.uuid, attrs, obj=obj
+        )
         new = self._remember(slot_id, made)
         LOG.debug1(f"C_CopyObject: object {handle} copied to {new} on slot {slot_id}")
         return new
@@ -476,8 +494,9 @@ class Provider:
         token = self._token(slot_id)
         if not attrs:
             return
-        made = self._call(slot_id, self.client.update_object, slot.card, token, obj.uuid, attrs,
-                          obj=obj)  # fmt: skip
+        made = self._call(
+            slot_id, self.client.update_object, slot.card, token, obj.uuid, attrs, obj=obj
+        )
         self._remember(slot_id, made)
         LOG.debug1(f"C_SetAttributeValue: object {handle} on slot {slot_id} renamed")
 
@@ -508,8 +527,13 @@ class Provider:
         LOG.debug1(f"C_GenerateKey: {mech.name} key {handle} on slot {slot_id}")
         return handle
 
-    def generate_key_pair(self, slot_id: int, mechanism: int, public: templates.RawTemplate,
-                          private: templates.RawTemplate) -> tuple[int, int]:  # fmt: skip
+    def generate_key_pair(
+        self,
+        slot_id: int,
+        mechanism: int,
+        public: templates.RawTemplate,
+        private: templates.RawTemplate,
+    ) -> tuple[int, int]:
         slot = self._slot(slot_id)
         mech = mechanisms.by_code(mechanism)
         if mech is None or mech.action is not mechanisms.Action.KEYPAIR:
@@ -519,10 +543,13 @@ class Provider:
             priv = templates.decode_template(private)
             templates.check_generate_pair(mech, pub, priv)
         token = self._token(slot_id)
-        made = self._call(slot_id, self.client.generate_key_pair, slot.card, token, mech.name,
-                          pub, priv)  # fmt: skip
-        handles = (self._remember(slot_id, made["public"]),
-                   self._remember(slot_id, made["private"]))  # fmt: skip
+        made = self._call(
+            slot_id, self.client.generate_key_pair, slot.card, token, mech.name, pub, priv
+        )
+        handles = (
+            self._remember(slot_id, made["public"]),
+            self._remember(slot_id, made["private"]),
+        )
         LOG.debug1(f"C_GenerateKeyPair: {mech.name} keys {handles} on slot {slot_id}")
         return handles
 
@@ -551,8 +578,18 @@ class Provider:
             raise PKCS11Error(C.CKR_KEY_HANDLE_INVALID)
         return token, obj
 
-    def crypto(self, which: int, slot_id: int, key: int, mech: int, data: bytes, iv: bytes,
-               mac_len: int, param: bytes, signature: bytes | None) -> bytes | None:  # fmt: skip
+    def crypto(
+        self,
+        which: int,
+        slot_id: int,
+        key: int,
+        mech: int,
+        data: bytes,
+        iv: bytes,
+        mac_len: int,
+        param: bytes,
+        signature: bytes | None,
+    ) -> bytes | None:
         """Every single-part or final operation the core hands over (which: 0 encrypt,
         1 decrypt, 2 sign, 3 verify). A public key's work is done here; the rest is one
         request to the key service."""
@@ -573,12 +610,14 @@ class Provider:
             return pubkey.encrypt(m, obj.public_key, data, extra or {})
         try:
             if which == _SIGN:
-                return self.client.sign(token, obj.uuid, m.name, data,
-                                        mac_len if m.general else None, extra)  # fmt: skip
+                return self.client.sign(
+                    token, obj.uuid, m.name, data, mac_len if m.general else None, extra
+                )
             if which == _VERIFY:
                 assert signature is not None
-                self.client.verify(token, obj.uuid, m.name, data, signature,
-                                   mac_len if m.general else None)  # fmt: skip
+                self.client.verify(
+                    token, obj.uuid, m.name, data, signature, mac_len if m.general else None
+                )
                 return None
             fn = self.client.encrypt if which == _ENCRYPT else self.client.decrypt
             return fn(token, obj.uuid, m.name, iv or None, data, extra)[0]
@@ -589,8 +628,7 @@ class Provider:
     def encrypt(self, slot_id: int, key: int, mech: int, iv: bytes, data: bytes) -> bytes:
         token, obj = self._key(slot_id, key)
         try:
-            return self.client.encrypt(token, obj.uuid, mechanisms.BY_CODE[mech].name, iv,
-                                       data)[0]  # fmt: skip
+            return self.client.encrypt(token, obj.uuid, mechanisms.BY_CODE[mech].name, iv, data)[0]
         except ServiceError as e:
             self._failed(slot_id, e, obj)
             raise
@@ -598,8 +636,7 @@ class Provider:
     def decrypt(self, slot_id: int, key: int, mech: int, iv: bytes, data: bytes) -> bytes:
         token, obj = self._key(slot_id, key)
         try:
-            return self.client.decrypt(token, obj.uuid, mechanisms.BY_CODE[mech].name, iv,
-                                       data)[0]  # fmt: skip
+            return self.client.decrypt(token, obj.uuid, mechanisms.BY_CODE[mech].name, iv, data)[0]
         except ServiceError as e:
             self._failed(slot_id, e, obj)
             raise
@@ -608,8 +645,7 @@ class Provider:
         token, obj = self._key(slot_id, key)
         m = mechanisms.BY_CODE[mech]
         try:
-            return self.client.sign(token, obj.uuid, m.name, data,
-                                    mac_len if m.general else None)  # fmt: skip
+            return self.client.sign(token, obj.uuid, m.name, data, mac_len if m.general else None)
         except ServiceError as e:
             self._failed(slot_id, e, obj)
             raise
@@ -620,8 +656,9 @@ class Provider:
         token, obj = self._key(slot_id, key)
         m = mechanisms.BY_CODE[mech]
         try:
-            self.client.verify(token, obj.uuid, m.name, data, signature,
-                               mac_len if m.general else None)  # fmt: skip
+            self.client.verify(
+                token, obj.uuid, m.name, data, signature, mac_len if m.general else None
+            )
         except ServiceError as e:
             self._failed(slot_id, e, obj)
             raise

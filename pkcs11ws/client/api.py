@@ -216,8 +216,9 @@ class PendingKeys:
 def _tail(spec: _Endpoint, params: dict[str, Any] | None) -> bytes:
     """The end of a fast-path body after its last base64 field: the mechanism's parameters
     (PSS, OAEP, GCM) as the protocol encodes them."""
-    fields = protocol.encode(spec.request, {k: v for k, v in (params or {}).items()
-                                            if v is not None})  # fmt: skip
+    fields = protocol.encode(
+        spec.request, {k: v for k, v in (params or {}).items() if v is not None}
+    )
     if not fields:
         return b'"}'
     return b'",' + json.dumps(fields, separators=(",", ":"))[1:].encode("ascii")
@@ -241,8 +242,13 @@ def _batch_results(raw: bytes) -> list[dict[str, Any]] | None:
     if type(results) is not list:
         return None
     for r in results:
-        if not (type(r) is dict and len(r) == 2 and type(r.get("answer")) is dict
-                and type(r.get("status")) is int and r["status"] >= 0):  # fmt: skip
+        if not (
+            type(r) is dict
+            and len(r) == 2
+            and type(r.get("answer")) is dict
+            and type(r.get("status")) is int
+            and r["status"] >= 0
+        ):
             return None
     return results
 
@@ -417,8 +423,7 @@ class KeyServiceClient:
                 status, raw = self._send(spec, spec.path, data, headers, failure, started)
             else:
                 if status >= 300:
-                    status, raw = self._send(spec, spec.path, data, headers, (status, raw),
-                                             started)  # fmt: skip
+                    status, raw = self._send(spec, spec.path, data, headers, (status, raw), started)
         try:
             return status, _loads(raw)
         except ValueError:
@@ -441,15 +446,20 @@ class KeyServiceClient:
         headers = (*BASE_HEADERS, _REQUEST_IDS.header())
         try:
             # One request for all: the deadline counts from the oldest call's start.
-            status, raw = self._send(_BATCH, _BATCH.path, body, headers, None,
-                                     min(c.started for c in calls))  # fmt: skip
+            status, raw = self._send(
+                _BATCH, _BATCH.path, body, headers, None, min(c.started for c in calls)
+            )
             results = _batch_results(raw)
             if results is None:  # not the expected shape: the strict decoder says why
                 results = self._decode(_BATCH, status, raw)["results"]
             if len(results) != len(calls):
                 self.log.error(f"batch: {len(results)} answers to {len(calls)} calls")
-                raise ServiceError(C.CKR_DEVICE_ERROR, "BAD_RESPONSE", status,
-                                   "malformed answer from the key service")  # fmt: skip
+                raise ServiceError(
+                    C.CKR_DEVICE_ERROR,
+                    "BAD_RESPONSE",
+                    status,
+                    "malformed answer from the key service",
+                )
         except ServiceError as e:
             if e.code in _NO_BATCH:
                 if e.code != "BATCH_TOO_LARGE" and self.group is not None:
@@ -586,12 +596,15 @@ class KeyServiceClient:
 
         where = failure.server or self.transport.base_url
         note = expiry_warning(self.cfg.cert, time.time())
-        text = (f"{spec.name} {spec.method} {path}: {REJECTED}: key service {where}, CERT "
-                f"{self.cfg.cert} ({failure})" + (f"; {note}" if note else ""))  # fmt: skip
+        text = (
+            f"{spec.name} {spec.method} {path}: {REJECTED}: key service {where}, CERT "
+            f"{self.cfg.cert} ({failure})" + (f"; {note}" if note else "")
+        )
         if self.log.enabled(ERROR):
             self.log.error(text)
-        raise CertificateRejected(f"{spec.name}: {REJECTED} (key service {where}, CERT "
-                                  f"{self.cfg.cert})")  # fmt: skip
+        raise CertificateRejected(
+            f"{spec.name}: {REJECTED} (key service {where}, CERT {self.cfg.cert})"
+        )
 
     def _give_up(self, spec: _Endpoint, path: str, why: str, attempt: int) -> None:
         if self.log.enabled(ERROR):
@@ -703,9 +716,13 @@ class KeyServiceClient:
         )
 
     def generate_key_pair(
-        self, card: str, token: str, mechanism: str, public: protocol.Attrs,
+        self,
+        card: str,
+        token: str,
+        mechanism: str,
+        public: protocol.Attrs,
         private: protocol.Attrs,
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> dict[str, Any]:
         return self.call(
             "generate_key_pair",
             path_params={"card": card},
@@ -716,14 +733,25 @@ class KeyServiceClient:
     # The per-operation calls: the fast path (see the module docstring).
 
     def _cipher(
-        self, spec: _Endpoint, token: str, key: str, mechanism: str, iv: bytes | None, data: bytes,
+        self,
+        spec: _Endpoint,
+        token: str,
+        key: str,
+        mechanism: str,
+        iv: bytes | None,
+        data: bytes,
         params: dict[str, Any] | None = None,
-    ) -> tuple[bytes, bytes]:  # fmt: skip
+    ) -> tuple[bytes, bytes]:
         if iv is None:
             head = self._prefix(spec.name, key, mechanism, "data")
         else:
-            head = b"".join((self._prefix(spec.name, key, mechanism, "iv"),
-                             _b64(iv, newline=False), b'","data":"'))  # fmt: skip
+            head = b"".join(
+                (
+                    self._prefix(spec.name, key, mechanism, "iv"),
+                    _b64(iv, newline=False),
+                    b'","data":"',
+                )
+            )
         body = b"".join((head, _b64(data, newline=False), _tail(spec, params)))
         status, r = self._fast(spec, body, token)
         if type(r) is dict and len(r) == 2:
@@ -735,27 +763,43 @@ class KeyServiceClient:
         return d["data"], d["last_block"]
 
     def encrypt(
-        self, token: str, key: str, mechanism: str, iv: bytes | None, data: bytes,
+        self,
+        token: str,
+        key: str,
+        mechanism: str,
+        iv: bytes | None,
+        data: bytes,
         params: dict[str, Any] | None = None,
-    ) -> tuple[bytes, bytes]:  # fmt: skip
+    ) -> tuple[bytes, bytes]:
         return self._cipher(_ENCRYPT, token, key, mechanism, iv, data, params)
 
     def decrypt(
-        self, token: str, key: str, mechanism: str, iv: bytes | None, data: bytes,
+        self,
+        token: str,
+        key: str,
+        mechanism: str,
+        iv: bytes | None,
+        data: bytes,
         params: dict[str, Any] | None = None,
-    ) -> tuple[bytes, bytes]:  # fmt: skip
+    ) -> tuple[bytes, bytes]:
         return self._cipher(_DECRYPT, token, key, mechanism, iv, data, params)
 
     def sign(
-        self, token: str, key: str, mechanism: str, data: bytes, mac_length: int | None = None,
+        self,
+        token: str,
+        key: str,
+        mechanism: str,
+        data: bytes,
+        mac_length: int | None = None,
         params: dict[str, Any] | None = None,
-    ) -> bytes:  # fmt: skip
+    ) -> bytes:
         if params:
             tail = _tail(_SIGN, {**params, "mac_length": mac_length})
         else:
             tail = b'"}' if mac_length is None else b'","mac_length":%d}' % mac_length
-        body = b"".join((self._prefix("sign", key, mechanism, "data"), _b64(data, newline=False),
-                         tail))  # fmt: skip
+        body = b"".join(
+            (self._prefix("sign", key, mechanism, "data"), _b64(data, newline=False), tail)
+        )
         status, r = self._fast(_SIGN, body, token)
         if type(r) is dict and len(r) == 1:
             signature = _canonical_b64(r.get("signature"))
@@ -774,9 +818,15 @@ class KeyServiceClient:
         mac_length: int | None = None,
     ) -> None:
         tail = b'"}' if mac_length is None else b'","mac_length":%d}' % mac_length
-        body = b"".join((self._prefix("verify", key, mechanism, "data"),
-                         _b64(data, newline=False), b'","signature":"',
-                         _b64(signature, newline=False), tail))  # fmt: skip
+        body = b"".join(
+            (
+                self._prefix("verify", key, mechanism, "data"),
+                _b64(data, newline=False),
+                b'","signature":"',
+                _b64(signature, newline=False),
+                tail,
+            )
+        )
         status, r = self._fast(_VERIFY, body, token)
         if not (type(r) is dict and len(r) == 1 and type(r.get("valid")) is bool):
             r = self._decode(_VERIFY, status, r)

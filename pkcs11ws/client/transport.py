@@ -62,7 +62,7 @@ from pkcs11ws.errors import Finalizing, InstallationError
 from pkcs11ws.log import LOG, WARNING, Logger
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
-if TYPE_CHECKING:  # annotations only: typing costs ~2.5 ms and ~1.9 MB at start-up
+if TYPE_CHECKING:  # annotations only: importing typing costs start-up time and memory
     from collections.abc import Sequence
     from typing import Any, Final
 
@@ -103,9 +103,16 @@ DEAD_CONNECTION: Final = frozenset({pycurl.E_SEND_ERROR, pycurl.E_RECV_ERROR, py
 # naming the certificate is recognised by the alert.
 REJECTION: Final = frozenset({pycurl.E_GOT_NOTHING, pycurl.E_RECV_ERROR})
 _ALERT_CODES: Final = frozenset({pycurl.E_SSL_CONNECT_ERROR, pycurl.E_RECV_ERROR})
-_CERT_ALERTS: Final = ("bad certificate", "certificate expired", "unknown ca",
-                       "certificate required", "certificate revoked", "certificate unknown",
-                       "unsupported certificate", "access denied")  # fmt: skip
+_CERT_ALERTS: Final = (
+    "bad certificate",
+    "certificate expired",
+    "unknown ca",
+    "certificate required",
+    "certificate revoked",
+    "certificate unknown",
+    "unsupported certificate",
+    "access denied",
+)
 COOLDOWN: Final = 5.0  # seconds a failed server is skipped (tried last) before it is probed
 MAX_IDLE: Final = 64  # idle handles kept per server; more are closed when they come back
 
@@ -189,8 +196,15 @@ class CurlFailure(Exception):
     it opened a new TCP connection; server: host:port of the server it went to ("" unknown);
     handshaken: the TLS handshake completed on that new connection."""
 
-    def __init__(self, code: int, message: str, reused: bool, connected: bool = False,
-                 server: str = "", handshaken: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        reused: bool,
+        connected: bool = False,
+        server: str = "",
+        handshaken: bool = False,
+    ) -> None:
         super().__init__(f"curl error {code}: {message}")
         self.code = code
         self.message = message
@@ -258,12 +272,25 @@ class _Sockets:
 class _Conn:
     """An easy handle of one server's pool and what it remembers between requests."""
 
-    __slots__ = ("__weakref__", "busy", "chunks", "connects", "curl", "failures", "headers",
-                 "method", "path", "pid", "requests", "server", "socks", "timeout_ms",
-                 "used")  # fmt: skip
+    __slots__ = (
+        "__weakref__",
+        "busy",
+        "chunks",
+        "connects",
+        "curl",
+        "failures",
+        "headers",
+        "method",
+        "path",
+        "pid",
+        "requests",
+        "server",
+        "socks",
+        "timeout_ms",
+        "used",
+    )
 
-    def __init__(self, cfg: Config, share: Any, pid: int, server: _Server,
-                 socks: _Sockets) -> None:  # fmt: skip
+    def __init__(self, cfg: Config, share: Any, pid: int, server: _Server, socks: _Sockets) -> None:
         self.pid = pid
         self.busy = False  # a request runs on it: close() waits for it
         # Statistics, counted by the one thread the handle is busy with (no lock per request);
@@ -436,9 +463,12 @@ class Transport:
         if os.getpid() != self._pid:
             self.reset_after_fork()
         if getattr(_IN_CURL, "active", False):  # nested() inlined: this is the per-request path
-            raise CurlFailure(E_RECURSIVE, "called from inside a request of this thread "
-                              "(OpenSSL loading a PKCS#11 provider while libcurl starts?)",
-                              False)  # fmt: skip
+            raise CurlFailure(
+                E_RECURSIVE,
+                "called from inside a request of this thread "
+                "(OpenSSL loading a PKCS#11 provider while libcurl starts?)",
+                False,
+            )
         if self.aborted or self._closed:
             raise Finalizing()
         # Making the first handle initialises OpenSSL too: the flag covers it (see _IN_CURL).
@@ -461,8 +491,9 @@ class Transport:
             healthy = healthy[i:] + healthy[:i]
         return healthy + cooling
 
-    def _round(self, method: str, path: str, body: bytes | None, headers: Sequence[str],
-               deadline: float) -> tuple[int, bytes]:  # fmt: skip
+    def _round(
+        self, method: str, path: str, body: bytes | None, headers: Sequence[str], deadline: float
+    ) -> tuple[int, bytes]:
         """Try the servers in turn until one answers below 500; raise or return the last
         failure when none did."""
         now = time.monotonic()
@@ -472,8 +503,9 @@ class Transport:
         last: tuple[int, bytes] | CurlFailure | None = None
         for i, server in enumerate(order):
             try:
-                status, data = self._attempt(server, method, path, body, headers, deadline,
-                                             len(order) - i)  # fmt: skip
+                status, data = self._attempt(
+                    server, method, path, body, headers, deadline, len(order) - i
+                )
             except CurlFailure as failure:
                 if not failure.retryable:
                     raise
@@ -543,9 +575,12 @@ class Transport:
             if deadline or share > 1:
                 left = (deadline or time.monotonic() + self._timeout) - time.monotonic()
                 if left <= 0.001:
-                    raise CurlFailure(pycurl.E_OPERATION_TIMEDOUT, "the call's deadline "
-                                      f"(TIMEOUT {self._cfg.timeout}s) has passed", False,
-                                      server=server.label)  # fmt: skip
+                    raise CurlFailure(
+                        pycurl.E_OPERATION_TIMEDOUT,
+                        f"the call's deadline (TIMEOUT {self._cfg.timeout}s) has passed",
+                        False,
+                        server=server.label,
+                    )
                 timeout_ms = max(1, int(left * 1000 / share))
             elif timeout_ms != self._cfg.timeout * 1000:
                 timeout_ms = self._cfg.timeout * 1000
@@ -583,8 +618,9 @@ class Transport:
                 conn.failures += 1
                 if self.aborted:
                     raise Finalizing() from None
-                raise CurlFailure(code, message, reused, connects > 0, server.label,
-                                  handshaken) from None  # fmt: skip
+                raise CurlFailure(
+                    code, message, reused, connects > 0, server.label, handshaken
+                ) from None
             status: int = c.getinfo(pycurl.RESPONSE_CODE)
             connects = c.getinfo(pycurl.NUM_CONNECTS)
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
