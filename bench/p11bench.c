@@ -13,6 +13,10 @@
  * new thread takes its place (opening its own session), as hosts with elastic thread pools do;
  * ops/s then includes the cost of the new threads, and the driver counts the new connections.
  *
+ * rsasign / ecsign / gcm4k (issue 14): CKM_RSA_PKCS over a SHA-256 DigestInfo with an RSA-2048
+ * key, CKM_ECDSA over a 32-byte hash with a P-256 key, CKM_AES_GCM encryption of 4 KiB; the key
+ * pairs are generated on the token (C_GenerateKeyPair) when not found by label.
+ *
  * Other modes: --setup (create keys/objects and exit), --init-token (C_InitToken on the first
  * slot whose token is not initialised, then C_InitPIN; SO PIN and PIN from the environment).
  *
@@ -36,6 +40,8 @@
 
 #define LABEL_HMAC "p11bench-hmac"
 #define LABEL_AES "p11bench-aes"
+#define LABEL_RSA "p11bench-rsa"
+#define LABEL_EC "p11bench-ec"
 #define APP_TAG "p11bench"
 #define MAX_THREADS 256
 #define MAX_ERRORS 50
@@ -43,9 +49,10 @@
 /* ---- options and shared state ------------------------------------------------------------ */
 
 enum op { OP_NOOP, OP_SESSINFO, OP_SIGN64, OP_SIGN4K, OP_VERIFY64, OP_ENCRYPT4K, OP_DECRYPT4K,
-          OP_FIND };
+          OP_FIND, OP_RSASIGN, OP_ECSIGN, OP_GCM4K };
 static const char *const OP_NAMES[] = {"noop", "sessinfo", "sign64", "sign4k", "verify64",
-                                       "encrypt4k", "decrypt4k", "find", NULL};
+                                       "encrypt4k", "decrypt4k", "find", "rsasign", "ecsign",
+                                       "gcm4k", NULL};
 
 static struct {
     const char *module, *token, *pin_env, *so_pin_env;
@@ -57,7 +64,7 @@ static struct {
 
 static CK_FUNCTION_LIST *F;
 static CK_SLOT_ID slot;
-static CK_OBJECT_HANDLE hmac_key, aes_key;
+static CK_OBJECT_HANDLE hmac_key, aes_key, rsa_key, ec_key;
 static atomic_int phase; /* 0 warm-up, 1 measuring, 2 stop */
 static pthread_barrier_t ready;
 
@@ -70,7 +77,7 @@ typedef struct {
     CK_RV first_error;
     const char *error_where;
     unsigned long found;
-    unsigned char data[4096], sig[64], ct[4096 + 16], out[4096 + 16];
+    unsigned char data[4096], sig[512], ct[4096 + 16], out[4096 + 16];
     CK_ULONG ct_len;
 } worker_t;
 
@@ -173,6 +180,36 @@ static CK_OBJECT_HANDLE aes_key_get(CK_SESSION_HANDLE s)
     return h;
 }
 
+/* A key pair for the issue 14 benchmarks: RSA-2048 (e = 65537) or EC P-256, found by the
+ * private key's label, generated on the token when missing (the same templates for every
+ * module, so SoftHSM2 and ours hold the same kind of key). */
+static CK_OBJECT_HANDLE key_pair_get(CK_SESSION_HANDLE s, int rsa)
+{
+    const char *label = rsa ? LABEL_RSA : LABEL_EC;
+    CK_OBJECT_HANDLE h = find_one(s, CKO_PRIVATE_KEY, label);
+    if (h != CK_INVALID_HANDLE) return h;
+    static const unsigned char p256[] = {0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01,
+                                         0x07};
+    static const unsigned char e65537[] = {0x01, 0x00, 0x01};
+    CK_ULONG bits = 2048;
+    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    CK_ATTRIBUTE pub[] = {{CKA_TOKEN, &yes, 1}, {CKA_VERIFY, &yes, 1},
+                          {CKA_LABEL, (void *)label, strlen(label)},
+                          {CKA_EC_PARAMS, (void *)p256, sizeof p256},
+                          {CKA_MODULUS_BITS, &bits, sizeof bits},
+                          {CKA_PUBLIC_EXPONENT, (void *)e65537, sizeof e65537}};
+    if (rsa) pub[3] = pub[5]; /* RSA: bits and exponent; EC: the curve */
+    CK_ULONG npub = rsa ? 5 : 4;
+    CK_ATTRIBUTE priv[] = {{CKA_TOKEN, &yes, 1}, {CKA_PRIVATE, &yes, 1},
+                           {CKA_SENSITIVE, &yes, 1}, {CKA_EXTRACTABLE, &no, 1},
+                           {CKA_SIGN, &yes, 1}, {CKA_LABEL, (void *)label, strlen(label)}};
+    CK_MECHANISM gen = {rsa ? CKM_RSA_PKCS_KEY_PAIR_GEN : CKM_EC_KEY_PAIR_GEN, NULL, 0};
+    CK_OBJECT_HANDLE pub_h;
+    CK(F->C_GenerateKeyPair(s, &gen, pub, npub, priv, sizeof priv / sizeof priv[0], &pub_h,
+                            &h));
+    return h;
+}
+
 static CK_ATTRIBUTE find_template[2];
 static CK_OBJECT_CLASS data_class = CKO_DATA;
 
@@ -211,6 +248,32 @@ static void data_objects_ensure(CK_SESSION_HANDLE s)
 /* ---- the operations ----------------------------------------------------------------------- */
 
 static unsigned char iv[16] = {0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+/* DER prefix of a SHA-256 DigestInfo (RFC 8017 9.2 note 1): CKM_RSA_PKCS signs prefix||hash. */
+static const unsigned char SHA256_INFO[19] = {0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86,
+                                              0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
+                                              0x00, 0x04, 0x20};
+
+/* RSA-2048 PKCS#1 v1.5 over a SHA-256 DigestInfo, or ECDSA P-256 over a 32-byte hash: the
+ * worker's data stands in for the hash (no module hashes it, so all do the same work). */
+static CK_RV do_asym_sign(worker_t *w, int rsa)
+{
+    CK_MECHANISM m = {rsa ? CKM_RSA_PKCS : CKM_ECDSA, NULL, 0};
+    unsigned char in[sizeof SHA256_INFO + 32];
+    CK_ULONG in_len = 32;
+    if (rsa) {
+        memcpy(in, SHA256_INFO, sizeof SHA256_INFO);
+        memcpy(in + sizeof SHA256_INFO, w->data, 32);
+        in_len = sizeof in;
+    } else {
+        memcpy(in, w->data, 32);
+    }
+    CK_RV rv = F->C_SignInit(w->s, &m, rsa ? rsa_key : ec_key);
+    if (rv != CKR_OK) return rv;
+    CK_ULONG sig_len = sizeof w->sig;
+    rv = F->C_Sign(w->s, in, in_len, w->sig, &sig_len);
+    if (rv == CKR_OK && sig_len != (rsa ? 256u : 64u)) return CKR_GENERAL_ERROR;
+    return rv;
+}
 
 static CK_RV do_sign(worker_t *w, CK_ULONG len)
 {
@@ -263,6 +326,21 @@ static CK_RV do_op(worker_t *w)
         if (rv != CKR_OK) return rv;
         rv = F->C_Decrypt(w->s, w->ct, w->ct_len, w->out, &out);
         if (rv == CKR_OK && out != 4096) return CKR_GENERAL_ERROR;
+        return rv;
+    }
+    case OP_RSASIGN:
+        return do_asym_sign(w, 1);
+    case OP_ECSIGN:
+        return do_asym_sign(w, 0);
+    case OP_GCM4K: {
+        /* AES-256-GCM, 12-byte IV, 128-bit tag, no AAD; a fixed IV is fine for a benchmark. */
+        CK_GCM_PARAMS gp = {iv, 12, 96, NULL, 0, 128};
+        CK_MECHANISM m = {CKM_AES_GCM, &gp, sizeof gp};
+        CK_ULONG out = sizeof w->out;
+        rv = F->C_EncryptInit(w->s, &m, aes_key);
+        if (rv != CKR_OK) return rv;
+        rv = F->C_Encrypt(w->s, w->data, 4096, w->out, &out);
+        if (rv == CKR_OK && out != 4096 + 16) return CKR_GENERAL_ERROR;
         return rv;
     }
     case OP_FIND: {
@@ -436,7 +514,8 @@ static void usage(void)
             "                [--threads N] [--seconds S] [--warmup S] [--count N]\n"
             "                [--null-query] [--objects N] [--churn K] [--sync]\n"
             "                [--setup | --init-token]\n"
-            "ops: noop sessinfo sign64 sign4k verify64 encrypt4k decrypt4k find\n");
+            "ops: noop sessinfo sign64 sign4k verify64 encrypt4k decrypt4k find\n"
+            "     rsasign ecsign gcm4k (issue 14: RSA-2048 PKCS#1 v1.5, ECDSA P-256, AES-GCM 4 KiB)\n");
     exit(2);
 }
 
@@ -507,9 +586,12 @@ int main(int argc, char **argv)
     if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) die("C_Login", rv);
     int need_hmac = opt.setup || opt.op == OP_SIGN64 || opt.op == OP_SIGN4K ||
                     opt.op == OP_VERIFY64;
-    int need_aes = opt.setup || opt.op == OP_ENCRYPT4K || opt.op == OP_DECRYPT4K;
+    int need_aes = opt.setup || opt.op == OP_ENCRYPT4K || opt.op == OP_DECRYPT4K ||
+                   opt.op == OP_GCM4K;
     if (need_hmac) hmac_key = hmac_key_get(main_s);
     if (need_aes) aes_key = aes_key_get(main_s);
+    if (opt.setup || opt.op == OP_RSASIGN) rsa_key = key_pair_get(main_s, 1);
+    if (opt.setup || opt.op == OP_ECSIGN) ec_key = key_pair_get(main_s, 0);
     if (opt.setup || opt.op == OP_FIND) data_objects_ensure(main_s);
     if (opt.setup) {
         printf("{\"tool\":\"p11bench\",\"mode\":\"setup\",\"objects\":%lu}\n",
