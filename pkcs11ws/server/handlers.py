@@ -746,15 +746,16 @@ class Service:
         return mech
 
     async def _crypto(self, req: Request, flag: int, use: str, fn: str) -> Any:
-        """One crypto request through the family registry; private-key arithmetic (RSA, EC)
-        runs in the thread pool so that HMAC and AES requests are not queued behind it."""
+        """One crypto request through the family registry; private-key arithmetic that costs
+        more than a thread hand-off (RSA, ECDSA above P-256: ops.<family>.offload) runs in the
+        thread pool so that HMAC and AES requests are not queued behind it."""
         assert req.claims is not None
         b = req.body
         found = await self._found(req.claims, b["key"]) if self._reads_block else None
         mech, key = self._key(req.claims, b["key"], b["mechanism"], flag, use, found)
         family = ops.FAMILIES[mech.family]
         work = getattr(family, fn)
-        if family.OFFLOAD:
+        if family.offload(key):
             return await asyncio.to_thread(work, mech, key, b)
         return work(mech, key, b)
 

@@ -395,3 +395,17 @@ def test_aes_gcm_known_answers(shared_card: Any, case: str) -> None:
         api.post(ENC, {**body, "tag_bits": 100, "data": b64(pt)}, token=token).code
         == "MECHANISM_PARAM_INVALID"
     )
+
+
+def test_offload_rule_by_family_and_curve() -> None:
+    # What leaves the event loop for the thread pool (ops.<family>.offload): RSA and ECDSA above
+    # P-256 (work above the hand-off's own cost); P-256, HMAC and AES stay on the loop. Both
+    # paths run for real in the tests above (P-256 and P-384 signatures, RSA).
+    from pkcs11ws.server import ops
+
+    assert ops.rsa.offload(rsa.generate_private_key(65537, 2048))
+    assert not ops.ec.offload(ec.generate_private_key(ec.SECP256R1()))
+    assert ops.ec.offload(ec.generate_private_key(ec.SECP384R1()))
+    assert ops.ec.offload(ec.generate_private_key(ec.SECP521R1()))
+    for family in (ops.hmac, ops.aes_cbc, ops.aes_gcm):
+        assert not family.offload(bytes(32))

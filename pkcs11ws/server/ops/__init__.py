@@ -6,7 +6,8 @@ the decoded request body so that each family reads its own parameters:
 - load(value) -> key        the sealed value opened into what the family computes with (cached)
 - encrypt/decrypt(mech, key, body) -> (output, last block or b"")
 - sign(mech, key, body) -> signature;  verify(mech, key, body) -> None or ProtocolError
-- OFFLOAD: whether the work is heavy enough to run off the event loop (private-key arithmetic)
+- offload(key) -> bool: whether this key's work is heavy enough to run off the event loop
+  (private-key arithmetic that costs more than the thread hand-off: RSA, ECDSA above P-256)
 
 A new family is one module here plus its rows in pkcs11ws/mechanisms.py.
 """

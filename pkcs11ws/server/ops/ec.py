@@ -15,8 +15,16 @@ from pkcs11ws.mechanisms import Mechanism
 from pkcs11ws.protocol import ProtocolError as ApiError
 from pkcs11ws.server.ops.rsa import hash_of
 
-OFFLOAD: Final = True
+# Curves whose signature costs more than handing it to a thread and back: measured on one CPU,
+# ECDSA P-256 signs in about 40-65 us, P-384 in about 200 us, P-521 in about 300 us, and the
+# asyncio.to_thread hand-off costs 60-100 us of CPU (bench/results/README.md): P-256 signs on the
+# event loop (a stall shorter than the hand-off itself), the larger curves in the thread pool.
+OFFLOAD_ABOVE_BITS: Final = 256
 _BY_DIGEST_LEN: Final = {20: "sha1", 28: "sha224", 32: "sha256", 48: "sha384", 64: "sha512"}
+
+
+def offload(key: ec.EllipticCurvePrivateKey) -> bool:
+    return key.curve.key_size > OFFLOAD_ABOVE_BITS
 
 
 def load(value: bytes) -> ec.EllipticCurvePrivateKey:
