@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import plan, report
+from bench import plan, plot, report
 from bench.build import BENCH_DIR
 
 RESULTS = BENCH_DIR / "results"
@@ -46,7 +46,7 @@ def write_report(run: dict[str, Any], out: Path) -> tuple[Path, Path]:
     md = out / "latest.md"
     png = out / "latest.png"
     md.write_text(report.markdown(run, mach))
-    report.plot(run, mach, png)
+    plot.plot(run, mach, png)
     return md, png
 
 

@@ -36,7 +36,8 @@ from bench.services import (
     SoftHSM,
 )
 
-P11_OPS = ("sign64", "sign4k", "verify64", "encrypt4k", "decrypt4k", "find", "sessinfo", "noop")
+P11_OPS = ("sign64", "sign4k", "verify64", "encrypt4k", "decrypt4k", "find", "sessinfo", "noop",
+           "rsasign", "ecsign", "gcm4k")  # fmt: skip
 SIGN_LOG_LINE = "POST /crypto/v1/sign 200"
 
 
@@ -204,7 +205,8 @@ class Lab:
             return pinned(cmd, cpus), env
 
         pid = (lambda: service.pid) if service is not None else (lambda: None)
-        return Variant(name, describe, command, pid, port, ops)
+        log = service.log if isinstance(service, KeyService) else None
+        return Variant(name, describe, command, pid, port, ops, log=log)
 
     def _curl(
         self,
@@ -242,7 +244,8 @@ class Lab:
                 cmd += ["--count", str(p.count)]
             return pinned(cmd, cpus), {"BENCH_TOKEN": self.token}
 
-        return Variant(name, describe, command, lambda: service.pid, port)
+        log = service.log if isinstance(service, KeyService) else None
+        return Variant(name, describe, command, lambda: service.pid, port, log=log)
 
     def _py(
         self,
@@ -273,7 +276,7 @@ class Lab:
                 cmd += ["--count", str(p.count)]
             return pinned(cmd, cpus), {**env, "PYTHONPATH": str(ROOT)}
 
-        return Variant(name, describe, command, lambda: service.pid, service.port)
+        return Variant(name, describe, command, lambda: service.pid, service.port, log=service.log)
 
     def module_variant(
         self, service: KeyService, suffix: str = "", cpus: str | None = "client"

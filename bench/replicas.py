@@ -30,7 +30,7 @@ from typing import Any
 from bench.build import BENCH_DIR, build_curlbench
 from bench.procs import free_port, tree_cpu
 from bench.services import KeyService, KeyServiceDir
-from bench.store_cpu import _cluster_pids, _proc_cpu
+from bench.store_cpu import PASSPHRASE, _cluster_pids, _proc_cpu
 
 ROOT = BENCH_DIR.parent
 SCRYPT_N = 1024
@@ -81,8 +81,10 @@ def _prepare(d: KeyServiceDir, port: int) -> tuple[str, str]:
         return data
 
     b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
-    card = call("/km/v1/softcards", {"name": uuid.uuid4().hex[:16], "passphrase": b64(b"pw")})
-    token = call(f"/km/v1/softcards/{card['id']}/activate", {"passphrase": b64(b"pw")})["token"]
+    card = call("/km/v1/softcards", {"name": uuid.uuid4().hex[:16], "passphrase": b64(PASSPHRASE)})
+    token = call(f"/km/v1/softcards/{card['id']}/activate", {"passphrase": b64(PASSPHRASE)})[
+        "token"
+    ]
     key = call(
         f"/km/v1/softcards/{card['id']}/objects",
         {

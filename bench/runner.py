@@ -2,7 +2,9 @@
 --sync), and at its "#measure-start" / "#measure-stop" markers sample the server's CPU (its
 whole process tree) and the TCP connections to its port, then answer the marker so the
 generator goes on; return the generator's JSON result plus the server-side view: server CPU per
-op and the number of connections opened inside the measured window.
+op, the number of connections opened inside the measured window and, for the key service, the
+requests its access log shows in that window by endpoint (so calls per request, the group
+commit's mean batch size, is known for every host, the C host included).
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.build import ROOT
@@ -53,6 +57,31 @@ class Variant:
     port: int | None = None
     ops: tuple[str, ...] = ("sign64",)
     meta: dict[str, Any] = field(default_factory=dict)
+    log: Path | None = None  # the key service's access log, when the variant loads one
+
+
+_REQUEST = re.compile(rb"POST /crypto/v1/(\w+) ")
+
+
+def _log_size(log: Path | None) -> int:
+    try:
+        return log.stat().st_size if log is not None else 0
+    except OSError:
+        return 0
+
+
+def requests_in(log: Path, start: int, stop: int) -> dict[str, int]:
+    """Crypto requests in the access log between two offsets, by endpoint ("sign", "batch"...).
+    A line is written just after its answer, so a window's edges may be off by a request or two
+    of the in-flight ones: negligible over a window of hundreds."""
+    with log.open("rb") as f:
+        f.seek(start)
+        chunk = f.read(max(0, stop - start))
+    out: dict[str, int] = {}
+    for m in _REQUEST.finditer(chunk):
+        name = m.group(1).decode()
+        out[name] = out.get(name, 0) + 1
+    return out
 
 
 class PointError(RuntimeError):
@@ -89,6 +118,7 @@ def run_point(variant: Variant, point: Point, timeout: float = 120.0) -> dict[st
     before: set[tuple[int, int, int]] = set()
     seen: set[tuple[int, int, int]] = set()
     sampler: _Sampler | None = None
+    log0 = log1 = 0
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.PIPE, env=env, cwd=ROOT
@@ -120,8 +150,12 @@ def run_point(variant: Variant, point: Point, timeout: float = 120.0) -> dict[st
                         before = connection_ids(port)
                         sampler = _Sampler(port)
                         sampler.start()
+                    # Last before the generator starts counting (first after it stops), so the
+                    # log's window is the generator's, but for the calls in flight at its edges.
+                    log0 = _log_size(variant.log)
                     ack()
                 elif line == "#measure-stop":
+                    log1 = _log_size(variant.log)
                     accepted1 = tcp_passive_opens()
                     busy1 = system_busy()
                     if server is not None:
@@ -165,6 +199,8 @@ def run_point(variant: Variant, point: Point, timeout: float = 120.0) -> dict[st
         result["new_connections"] = new_connections(port, before, seen)
     if accepted0 is not None and accepted1 is not None:
         result["tcp_accepted"] = accepted1 - accepted0
+    if variant.log is not None and log1 > log0:
+        result["requests"] = requests_in(variant.log, log0, log1)
     if stderr.strip():
         result["stderr_tail"] = stderr.strip()[-300:]
     return result
