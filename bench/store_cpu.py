@@ -8,7 +8,10 @@ database server's CPU (every process of the cluster, from /proc), and the wall t
 request with one request at a time.
 
 Operations: HMAC-SHA256 sign (the hot path: one store read), create a data object (one write
-transaction with its idempotency record), search a card of 20 objects.
+transaction with its idempotency record), search a card of 20 objects; issue 14's private-key
+signatures (ECDSA P-256 on the event loop, RSA-2048 through the thread pool) next to the same
+signature made by the family's function alone (ops.ec.sign / ops.rsa.sign in this process):
+the difference is what the request path (and for RSA the thread hand-off) adds per signature.
 """
 
 from __future__ import annotations
@@ -24,8 +27,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
 # A softcard passphrase the service accepts (it refuses ones under 8 bytes); not a secret.
 PASSPHRASE = b"bench-store-passphrase"
+P256 = bytes.fromhex("06082a8648ce3d030107")
+SHA256_INFO = bytes.fromhex("3031300d060960864801650304020105000420")  # DigestInfo prefix
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -119,13 +126,16 @@ async def _measure(
         await op(i)
     db_pids = _cluster_pids(data_dir) if data_dir else []  # now that the backends exist
     cpu0, db0, t0 = time.process_time(), _proc_cpu(db_pids), time.perf_counter()
+    loop0 = time.thread_time()  # the event loop's thread alone (not the thread pool's)
     for i in range(n):
         await op(i)
     cpu1, db1, t1 = time.process_time(), _proc_cpu(db_pids), time.perf_counter()
+    loop1 = time.thread_time()
     return {
         "service_us": (cpu1 - cpu0) / n * 1e6,
         "db_us": (db1 - db0) / n * 1e6,
         "wall_us": (t1 - t0) / n * 1e6,
+        "loop_us": (loop1 - loop0) / n * 1e6,
     }
 
 
@@ -186,9 +196,8 @@ async def _run(workdir: Path, store: str | None, n: int, data_dir: Path | None) 
         idem=uuid.uuid4().hex,
     )
     c2 = card2["id"]
-    _, act2 = await d.call(
-        "POST", f"/km/v1/softcards/{c2}/activate", {"passphrase": b64(PASSPHRASE)}
-    )
+    pw = b64(PASSPHRASE)
+    _, act2 = await d.call("POST", f"/km/v1/softcards/{c2}/activate", {"passphrase": pw})
     for i in range(20):
         await d.call(
             "POST",
@@ -209,7 +218,70 @@ async def _run(workdir: Path, store: str | None, n: int, data_dir: Path | None) 
         "create": await _measure(max(50, n // 10), do_create, data_dir),
         "search20": await _measure(max(50, n // 5), do_search, data_dir),
     }
+    out.update(await _asym(d, cid, token, n, data_dir))
     app.store.close()
+    return out
+
+
+async def _asym(d: Driver, cid: str, token: str, n: int, data_dir: Path | None) -> dict[str, Any]:
+    """ECDSA P-256 and RSA-2048 sign requests, and the same signatures by ops.<family>.sign alone
+    (what the request path adds is the difference)."""
+    from pkcs11ws import mechanisms
+    from pkcs11ws.server import ops
+
+    out: dict[str, Any] = {}
+    pairs = {
+        "ecsign": (
+            "CKM_EC_KEY_PAIR_GEN",
+            {"CKA_EC_PARAMS": b64(P256)},
+            "CKM_ECDSA",
+            b"h" * 32,
+            max(50, n // 4),
+            ops.ec,
+            ec.generate_private_key(ec.SECP256R1()),
+        ),
+        "rsasign": (
+            "CKM_RSA_PKCS_KEY_PAIR_GEN",
+            {"CKA_MODULUS_BITS": 2048, "CKA_PUBLIC_EXPONENT": b64(b"\x01\x00\x01")},
+            "CKM_RSA_PKCS",
+            SHA256_INFO + b"h" * 32,
+            max(30, n // 20),
+            ops.rsa,
+            rsa.generate_private_key(65537, 2048),
+        ),
+    }
+    for name, (gen, pub, mech, data, count, family, local) in pairs.items():
+        st, pair = await d.call(
+            "POST",
+            f"/km/v1/softcards/{cid}/keys/generate-pair",
+            {
+                "mechanism": gen,
+                "public_attrs": pub,
+                "private_attrs": {"CKA_SIGN": True, "CKA_PRIVATE": True},
+            },
+            token=token,
+            idem=uuid.uuid4().hex,
+        )
+        assert st in (200, 201), pair
+        body = {"mechanism": mech, "key": pair["private"]["handle"], "data": b64(data)}
+
+        async def do(i: int, body: dict[str, Any] = body) -> None:
+            st, r = await d.call("POST", "/crypto/v1/sign", body, token=token)
+            assert st == 200, r
+
+        out[name] = await _measure(count, do, None)
+        m = mechanisms.by_name(mech)
+        assert m is not None
+        alone = {"data": data}
+
+        async def bare(
+            i: int, m: Any = m, f: Any = family, k: Any = local, b: dict[str, Any] = alone
+        ) -> None:
+            f.sign(m, k, b)
+
+        out[f"{name} (ops.{family.__name__.rsplit('.', 1)[1]}.sign alone)"] = await _measure(
+            count, bare, None
+        )
     return out
 
 
@@ -235,14 +307,16 @@ def run(n: int = 3000, backends: tuple[str, ...] = ("sqlite", "postgresql")) -> 
 
 def table(results: dict[str, Any]) -> str:
     lines = [
-        "| store | operation | service CPU us/op | database CPU us/op | wall us/op |",
-        "|---|---|---:|---:|---:|",
+        "| store | operation | service CPU us/op | of which the event loop's thread | "
+        "database CPU us/op | wall us/op |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for backend, ops in results.items():
         for op, m in ops.items():
             db = f"{m['db_us']:.0f}" if backend != "sqlite" else "(in service)"
+            loop = f"{m['loop_us']:.0f}" if "loop_us" in m else "-"
             lines.append(
-                f"| {backend} | {op} | {m['service_us']:.0f} | {db} | {m['wall_us']:.0f} |"
+                f"| {backend} | {op} | {m['service_us']:.0f} | {loop} | {db} | {m['wall_us']:.0f} |"
             )
     return "\n".join(lines)
 
