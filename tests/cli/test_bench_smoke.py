@@ -284,6 +284,18 @@ def test_report_computes_the_target_ratios(tmp_path):
         assert (tmp_path / "x.png").stat().st_size > 1000
 
 
+def test_store_cpu_runs_every_operation_in_process():
+    # bench/store_cpu.py (make bench's stores phase) on SQLite with a handful of requests: every
+    # operation, issue 14's private-key signatures and their bare-function references included.
+    from bench import store_cpu
+
+    res = store_cpu.run(20, ("sqlite",))["sqlite"]
+    for op in ("sign", "create", "search20", "ecsign", "rsasign", "ecsign (ops.ec.sign alone)",
+               "rsasign (ops.rsa.sign alone)"):  # fmt: skip
+        assert res[op]["service_us"] > 0 and res[op]["loop_us"] > 0, (op, res)
+    assert "| sqlite | rsasign |" in store_cpu.table({"sqlite": res})
+
+
 def _has_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401
