@@ -391,6 +391,13 @@ def test_aes_gcm_known_answers(shared_card: Any, case: str) -> None:
     # A 96-bit tag is the first 12 bytes of the full one.
     r = api.post(ENC, {**body, "tag_bits": 96, "data": b64(pt)}, token=token)
     assert unb64(api.ok(r)["data"]) == ct + tag[:12]
+    # ... and decrypts (the service's truncated-tag path), refusing a wrong one.
+    short = {**body, "tag_bits": 96}
+    r = api.post(DEC, {**short, "data": b64(ct + tag[:12])}, token=token)
+    assert unb64(api.ok(r)["data"]) == pt
+    bad12 = ct + tag[:11] + bytes([tag[11] ^ 1])
+    r = api.post(DEC, {**short, "data": b64(bad12)}, token=token)
+    assert r.code == "ENCRYPTED_DATA_INVALID"
     assert (
         api.post(ENC, {**body, "tag_bits": 100, "data": b64(pt)}, token=token).code
         == "MECHANISM_PARAM_INVALID"
