@@ -238,6 +238,9 @@ def test_report_computes_the_target_ratios(tmp_path):
                   "server_cpu_us_per_op": 50.0}  # fmt: skip
     results[3] = {**results[3], "ops": 100, "seconds": 1.0, "requests": {"sign": 100},
                   "server_cpu_us_per_op": 80.0}  # fmt: skip
+    # Without group commit the service spent 80 us per (single) request: 2.5 calls in 125 us
+    # fit 80 = F + C and 125 = F + 2.5 C, so C = 30 us per call and F = 50 us per request.
+    results.append({**_fake("module-c-single", 8, 700, 900), "server_cpu_us_per_op": 80.0})
     run = {
         "results": results,
         "settings": {"quick": True, "reps": 1, "seconds": 1, "warmup": 0.1, "other_seconds": 1},
@@ -277,6 +280,7 @@ def test_report_computes_the_target_ratios(tmp_path):
     faster[2]["ops_per_s"] = 2500.0
     md2 = report.markdown({**run, "results": faster}, mach)
     assert "2.50x" in md2 and "carrying 2.50 signatures each" in md2
+    assert "about 50 us per request plus 30 us per call carried" in md
     if shutil.which("git") and _has_matplotlib():
         from bench import plot
 
