@@ -174,9 +174,9 @@ class KeyService(_Managed):
             "--workers",
             str(workers),
         ]
-        if port is not None:
-            # Another service on the same folder: its own admin listener port too.
-            cmd += ["--admin-port", str(free_port())]
+        # Its own free admin listener port: the configured one (port + 1 by default) may be
+        # taken on a shared machine, and another service on the same folder needs its own.
+        cmd += ["--admin-port", str(free_port())]
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 pinned(cmd, cpus),
