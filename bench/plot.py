@@ -130,9 +130,11 @@ def _batches(ax: Any, agg: dict[Key, Agg]) -> None:
                 pts.append((t, cpr))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=v, **_style(v))
+    ahi = max((k[3] for k in agg if k[0] == "asym"), default=8)
     for k, a in agg.items():
         cpr = a.calls_per_request()
-        if k[0] == "asym" and k[1] == "module-c" and cpr:
+        # At the highest thread count only (at 1 thread every op sends 1 call per request).
+        if k[0] == "asym" and k[1] == "module-c" and k[3] == ahi and cpr:
             ax.annotate(f"{ASYM_LABEL.get(k[2], k[2])}: {cpr:.2f}", (k[3], cpr), fontsize=7,
                         xytext=(4, 0), textcoords="offset points")  # fmt: skip
             ax.plot([k[3]], [cpr], "k.")
