@@ -65,6 +65,14 @@ class Service:
         return self.log.read_text(encoding="utf-8", errors="replace")
 
 
+def free_port_besides(taken: int) -> int:
+    """A free port other than `taken`: the kernel may hand the port just probed out again while
+    nothing listens on it yet."""
+    while (port := free_port()) == taken:
+        pass
+    return port
+
+
 def init_dir(directory: Path, port: int, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
@@ -77,7 +85,7 @@ def init_dir(directory: Path, port: int, *extra: str) -> subprocess.CompletedPro
             str(port),
             "--scrypt-n",
             str(SCRYPT_N_TESTS),
-            *(() if "--admin-port" in extra else ("--admin-port", str(free_port()))),
+            *(() if "--admin-port" in extra else ("--admin-port", str(free_port_besides(port)))),
             *extra,
         ],
         capture_output=True,
