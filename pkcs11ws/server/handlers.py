@@ -63,6 +63,7 @@ _RESERVE_WAIT: Final = 30.0
 _KEY_META_CACHE_MAX: Final = 20000
 _TOKEN_CACHE_MAX: Final = 10000
 _KEY_VALUE_CACHE_MAX: Final = 20000
+_VERDICT_CACHE_MAX: Final = 20000
 
 
 _EMPTY: Final = Response(200, b"{}")
@@ -75,6 +76,18 @@ def _b64(data: bytes) -> bytes:
 
 def _cipher_result(data: bytes, last: bytes) -> Response:
     return Response(200, b'{"data":"' + _b64(data) + b'","last_block":"' + _b64(last) + b'"}')
+
+
+class _Verdict:
+    """A crypto request's successful checks: the mechanism and loaded key, usable while the
+    store has not changed and until `until` (a time the session is known to live to)."""
+
+    __slots__ = ("key", "mech", "until")
+
+    def __init__(self, mech: mechanisms.Mechanism, key: Any, until: float) -> None:
+        self.mech = mech
+        self.key = key
+        self.until = until
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,14 @@ class Service:
         # a blob never changes meaning, so a hit is exactly what decrypting would give; the
         # row itself (does the key still exist?) is still read from the store every request.
         self._key_values: dict[tuple[str, bytes, bytes], Any] = {}
+        # The crypto path's whole verdict (live session, key row, mechanism, type, usage: the
+        # loaded key) by everything it depends on, valid while the store's change mark stays
+        # the same (Store.change_mark) and the session is known to live (_key). None: the
+        # store cannot tell cheaply when it changed, and every request asks it.
+        self._marks = type(store).change_mark is not Store.change_mark
+        self._verdicts: dict[tuple[str, str, bytes, str, str, int, str], _Verdict] = {}
+        self._verdicts_mark: object = None
+        self._mark_read = False  # the mark was read in this turn of the event loop
         self._kdf_pool = ThreadPoolExecutor(settings.scrypt_concurrency, "scrypt")
 
     # ---------------------------------------------------------------- plumbing
@@ -190,9 +211,8 @@ class Service:
             if idem is not None and 200 <= resp.status < 300:
                 tx.idempotency_expire(now - self.settings.idempotency_ttl)
                 sealed = self.keys.seal_response(resp.body, idem.key)
-                tx.idempotency_put(
-                    IdempotencyRow(idem.key, idem.fingerprint, resp.status, sealed, now)
-                )
+                tx.idempotency_put(IdempotencyRow(idem.key, idem.fingerprint, resp.status,
+                                                  sealed, now))  # fmt: skip
             return resp
 
     async def commit(self, idem: Idem | None, change: Callable[[WriteTx], Response]) -> Response:
@@ -207,18 +227,11 @@ class Service:
     def _card_json(self, card: CardRow, counts: CardCounts) -> dict[str, Any]:
         # The wrong-passphrase count lets the module set the token's CKF_USER_PIN_* flags.
         locked_for = max(0, math.ceil(card.locked_until - time.time()))
-        return {
-            "id": card.id,
-            "name": card.name,
-            "keys": counts.keys,
-            "certificates": counts.certificates,
-            "data": counts.data,
-            "created": card.created,
-            "failures": card.failures,
-            "failure_threshold": self.settings.lockout_threshold,
-            "locked_for": locked_for,
-            "owner": card.owner,
-        }
+        return {"id": card.id, "name": card.name, "keys": counts.keys,
+                "certificates": counts.certificates, "data": counts.data,
+                "created": card.created, "failures": card.failures,
+                "failure_threshold": self.settings.lockout_threshold,
+                "locked_for": locked_for, "owner": card.owner}  # fmt: skip
 
     @staticmethod
     def _card(req: Request) -> CardRow:
@@ -247,9 +260,8 @@ class Service:
         _check_passphrase(passphrase)
         minimum = self.settings.passphrase_min_length
         if len(passphrase) < minimum:
-            raise ApiError(
-                "PASSPHRASE_LEN_RANGE", f"the passphrase must be at least {minimum} bytes"
-            )
+            raise ApiError("PASSPHRASE_LEN_RANGE",
+                           f"the passphrase must be at least {minimum} bytes")  # fmt: skip
         sc = self.settings.scrypt
         card_id = str(uuid.uuid4())
         salt = os.urandom(sealing.SALT_LEN)
@@ -261,7 +273,8 @@ class Service:
 
         wrapped = await self._slow(wrap)
         created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        row = CardRow(card_id, name, created, salt, sc.n, sc.r, sc.p, wrapped, owner=req.ident.name)
+        row = CardRow(card_id, name, created, salt, sc.n, sc.r, sc.p, wrapped,
+                      owner=req.ident.name)  # fmt: skip
 
         def change(tx: WriteTx) -> Response:
             if not tx.card_insert(row):
@@ -313,9 +326,8 @@ class Service:
 
         def settle(success: bool, when: float) -> None:
             with self.store.write() as tx:  # one statement, committed at once
-                tx.card_settle_attempt(
-                    card.id, success, when, s.lockout_threshold, s.lockout_max_seconds
-                )
+                tx.card_settle_attempt(card.id, success, when, s.lockout_threshold,
+                                       s.lockout_max_seconds)  # fmt: skip
 
         try:
             card_key = await self._slow(open_card)
@@ -331,11 +343,8 @@ class Service:
                 "(a store from another service, or the wrong master key)",
                 card.id,
             )
-            raise ApiError(
-                "INTERNAL",
-                "the softcard cannot be opened with this service's "
-                "master key (logged by the service)",
-            ) from None
+            raise ApiError("INTERNAL", "the softcard cannot be opened with this service's "
+                           "master key (logged by the service)") from None  # fmt: skip
         await asyncio.to_thread(settle, True, time.time())
         session = str(uuid.uuid4())
         ttl = self.settings.activation_ttl
@@ -445,9 +454,8 @@ class Service:
         # Its own write transaction, committed before the hash runs: the reservation must be
         # what concurrent attempts (other workers, other replicas) see.
         with self.store.write() as tx:
-            return tx.card_reserve_attempt(
-                card_id, now, self.settings.lockout_threshold, now + _LEASE
-            )
+            return tx.card_reserve_attempt(card_id, now, self.settings.lockout_threshold,
+                                           now + _LEASE)  # fmt: skip
 
     async def _slow(self, fn: Callable[[], _T]) -> _T:
         """Run scrypt work in the capped pool (scrypt.max_concurrent threads), so a burst of
@@ -516,21 +524,15 @@ class Service:
             generated_pair, b["mechanism"], b["public_attrs"], b["private_attrs"]
         )
         handles = (str(uuid.uuid4()), str(uuid.uuid4()))
-        rows = [
-            self._row(handles[0], claims.card, claims.card_key, pub),
-            self._row(handles[1], claims.card, claims.card_key, priv),
-        ]
+        rows = [self._row(handles[0], claims.card, claims.card_key, pub),
+                self._row(handles[1], claims.card, claims.card_key, priv)]  # fmt: skip
 
         def change(tx: WriteTx) -> Response:
             for row in rows:
                 tx.object_insert(row)
-            return ok(
-                "KeyPair",
-                {
-                    "public": {"handle": handles[0], "attrs": pub.attrs},
-                    "private": {"handle": handles[1], "attrs": priv.attrs},
-                },
-            )
+            return ok("KeyPair", {"public": {"handle": handles[0], "attrs": pub.attrs},
+                                  "private": {"handle": handles[1],
+                                              "attrs": priv.attrs}})  # fmt: skip
 
         return await self.commit(req.idem, change)
 
@@ -571,14 +573,8 @@ class Service:
                 value = sealing.decrypt_value(claims.card_key, row.handle, row.secret)
             assert isinstance(value, bytes)
             attrs = copied_attrs(row.cls, visible, value, req.body["attrs"])
-            tx.object_insert(
-                self._row(
-                    handle,
-                    claims.card,
-                    claims.card_key,
-                    NewObject(row.cls, row.key_type, attrs, value),
-                )
-            )
+            tx.object_insert(self._row(handle, claims.card, claims.card_key,
+                                       NewObject(row.cls, row.key_type, attrs, value)))  # fmt: skip
             shown = dict(attrs)
             if _shows_value(row.cls):
                 shown["CKA_VALUE"] = value
@@ -670,22 +666,53 @@ class Service:
         session, card = claims.session, claims.card
         return await self.read(lambda r: r.session_object(session, card, now, handle))
 
-    def _key(
-        self,
-        claims: TokenClaims,
-        handle: str,
-        mech_name: str,
-        flag: int,
-        use: str,
-        found: tuple[bool, ObjectRow | None] | None,
-    ) -> tuple[mechanisms.Mechanism, Any]:
+    def _verdict_cache(self) -> dict[tuple[str, str, bytes, str, str, int, str], _Verdict]:
+        """The verdicts still valid now: all of them are dropped when the store's change mark
+        moved. The mark is read at most once per turn of the event loop (the items of a batch
+        and the requests handled in the same turn share it): a request whose bytes arrived
+        after a change committed is always handled in a later turn, so it sees the change."""
+        if not self._mark_read:
+            mark = self.store.change_mark()
+            self._mark_read = True
+            asyncio.get_running_loop().call_soon(self._turn_over)
+            if mark != self._verdicts_mark:
+                self._verdicts.clear()
+                self._verdicts_mark = mark
+        return self._verdicts
+
+    def _turn_over(self) -> None:
+        self._mark_read = False
+
+    def _key(self, claims: TokenClaims, handle: str, mech_name: str, flag: int, use: str,
+             found: tuple[bool, ObjectRow | None] | None,
+             ) -> tuple[mechanisms.Mechanism, Any]:  # fmt: skip
         """The mechanism and the key as its family loaded it, after the checks in the order
         the protocol promises: live session (deferred from authenticate), mechanism, key,
         type, usage. found: the session_object answer when the caller read it off the loop,
         else None (the hot path on an embedded store: read here, no coroutine in between)."""
+        cache = None
+        until = 0.0
         if found is None:
+            now = time.time()
+            if self._marks:
+                cache = self._verdict_cache()
+                ck = (claims.session, claims.card, claims.card_key, handle, mech_name, flag, use)
+                hit = cache.get(ck)
+                if hit is not None and now < hit.until:
+                    return hit.mech, hit.key
             with self.store.read() as r:
-                live, row = r.session_object(claims.session, claims.card, time.time(), handle)
+                # Asked as of a second before the token expires: a session that lives then
+                # lives until then, so the verdict can be reused until then (the token itself
+                # expires; a renewal that shortened the session is a change, which drops it).
+                probe = claims.expires - 1.0
+                if cache is not None and now < probe:
+                    live, row = r.session_object(claims.session, claims.card, probe, handle)
+                    if live:
+                        until = probe
+                    else:
+                        live, row = r.session_object(claims.session, claims.card, now, handle)
+                else:
+                    live, row = r.session_object(claims.session, claims.card, now, handle)
         else:
             live, row = found
         if not live:
@@ -701,15 +728,9 @@ class Service:
             attrs = row.attrs
             key_type = attrs["CKA_KEY_TYPE"]
             assert isinstance(key_type, int)
-            meta = _KeyMeta(
-                row.cls,
-                key_type,
-                frozenset(
-                    u
-                    for u in ("CKA_ENCRYPT", "CKA_DECRYPT", "CKA_SIGN", "CKA_VERIFY")
-                    if attrs.get(u) is True
-                ),
-            )
+            meta = _KeyMeta(row.cls, key_type, frozenset(u for u in
+                            ("CKA_ENCRYPT", "CKA_DECRYPT", "CKA_SIGN", "CKA_VERIFY")
+                            if attrs.get(u) is True))  # fmt: skip
             if len(self._key_meta) >= _KEY_META_CACHE_MAX:
                 self._key_meta.clear()
             self._key_meta[handle] = meta
@@ -736,6 +757,11 @@ class Service:
             self._key_values[cache_key] = key
         elif want_cls == C.CKO_SECRET_KEY and not mech.min_key <= len(key) <= mech.max_key:
             raise ApiError("KEY_SIZE_RANGE", f"a {len(key)}-byte key does not fit {mech.name}")
+        if until:
+            assert cache is not None
+            if len(cache) >= _VERDICT_CACHE_MAX:
+                cache.clear()
+            cache[ck] = _Verdict(mech, key, until)
         return mech, key
 
     @staticmethod

@@ -147,6 +147,12 @@ class SQLiteStore(Store):
     def read(self) -> _Reads:
         return self._reader()
 
+    def change_mark(self) -> tuple[int, int]:
+        # data_version changes when another connection (of any process) committed since this
+        # connection last looked; total_changes counts this connection's own writes.
+        con = self._reader().con
+        return con.execute("PRAGMA data_version").fetchone()[0], con.total_changes
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         self._reader()

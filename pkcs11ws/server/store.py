@@ -387,6 +387,14 @@ class Store(abc.ABC):
     def write(self) -> AbstractContextManager[WriteTx]:
         """One write transaction: commit on normal exit, roll back on an exception."""
 
+    def change_mark(self) -> object | None:
+        """A value that differs from every earlier one once anything in the store may have
+        changed (a commit by any connection of any process, this one's included), or None when
+        the backend cannot tell cheaply. The service caches what the crypto path read from the
+        store only while the mark stays the same (handlers.Service._key); on None it asks the
+        store on every request. Read it BEFORE the reads it vouches for."""
+        return None
+
     def describe(self) -> str:
         """Where the data is, for logs (no password)."""
         return self.scheme

@@ -337,6 +337,44 @@ def test_session_object_in_one_answer(store: Store) -> None:
         assert r.session_object("x", a.id, now, k.handle) == (False, None)
 
 
+def test_change_mark_moves_with_every_commit(make_store: Callable[[], Store]) -> None:
+    """A backend with a change mark (Store.change_mark) shows every commit in it: one made
+    through another store (another process's connections), a write of its own, even a
+    write that changed nothing the mark's reader had read; a read moves nothing."""
+    mine, theirs = make_store(), make_store()
+    if mine.change_mark() is None:
+        assert theirs.change_mark() is None  # the service asks the store every request
+        return
+    a = new_card(mine)
+    seen = [mine.change_mark()]
+
+    def moved() -> bool:
+        mark = mine.change_mark()
+        seen.append(mark)
+        return mark != seen[-2]
+
+    with mine.read() as r:
+        r.card_get(a.id)
+    assert not moved()
+    assert not moved()
+    with theirs.write() as tx:
+        tx.session_insert("s1", a.id, time.time() + 100, "app1")
+    assert moved()
+    with theirs.write() as tx:
+        tx.grant_put(a.id, "app2")
+    assert moved()
+    with mine.write() as tx:
+        tx.grant_delete(a.id, "app2")
+    assert moved()
+    # In another thread (the service's writes run in worker threads with their own
+    # connections).
+    worker = threading.Thread(target=lambda: new_card(mine))
+    worker.start()
+    worker.join()
+    assert moved()
+    assert not moved()
+
+
 # ------------------------------------------------------------------------------------------
 # Objects
 
