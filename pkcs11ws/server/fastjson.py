@@ -1,0 +1,168 @@
+"""Strict request decoding without the generic walk, for bodies in the clients' own spelling.
+
+A request body that is compact JSON with the structure's fields in their protocol order and
+only plain values (strings of printable ASCII without escapes, canonical base64, unsigned
+integers without leading zeros, true/false) is decoded here by one regular expression per
+structure, generated from protocol.STRUCTS (the one schema: nothing is declared twice). Every
+other spelling (whitespace, escapes, another field order, non-ASCII, nested values, anything
+malformed) gets None, and the caller decodes it with the generic strict path (json with the
+duplicate-key check, then protocol.decode), which also words every error. So this path accepts
+a subset of what the generic path accepts and gives the same result for it: each field once,
+in a fixed order, so no duplicate and no unknown field can pass; a string without escapes is
+its own value; base64 goes through the same canonical check; lengths and ranges are checked
+alike, and a value over a limit is left to the generic path to refuse.
+
+Batches (`{"items":[...]}`) are matched item by item: op, optional token, and the request in
+its endpoint's structure. A batch with any item off this path is decoded generically as a
+whole.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, Final
+
+from pkcs11ws import protocol
+from pkcs11ws.protocol import STRUCTS, Struct
+
+_MAX_ULONG: Final = 0xFFFFFFFFFFFFFFFF
+# Printable ASCII but the quote and the backslash: a JSON string made of these is its value.
+_PLAIN: Final = rb'"([ !#-\[\]-~]*)"'
+_VALUE: Final[dict[str, bytes]] = {
+    "str": _PLAIN,
+    "bytes": rb'"([A-Za-z0-9+/]*={0,2})"',
+    "int": rb"(0|[1-9][0-9]{0,19})",
+    "bool": rb"(true|false)",
+}
+# A field's separator: right after the opening brace, or a comma that does not follow it.
+_SEP: Final = rb"(?:(?<=\{)|(?<!\{),)"
+
+Decoded = dict[str, Any]
+# (field name, kind, max_len) per group of a structure's expression, in order.
+_Fields = tuple[tuple[str, str, int], ...]
+
+
+def _expression(struct: Struct) -> tuple[re.Pattern[bytes], _Fields] | None:
+    parts = [rb"\{"]
+    fields: list[tuple[str, str, int]] = []
+    for f in struct.fields:
+        value = _VALUE.get(f.kind)
+        if value is None:
+            return None  # attrs, lists, objects: the generic path
+        piece = _SEP + b'"' + re.escape(f.name.encode("ascii")) + b'":' + value
+        parts.append(piece if f.required else b"(?:" + piece + b")?")
+        fields.append((f.name, f.kind, f.max_len))
+    parts.append(rb"\}")
+    return re.compile(b"".join(parts)), tuple(fields)
+
+
+def _values(groups: tuple[bytes | None, ...], fields: _Fields) -> Decoded | None:
+    out: Decoded = {}
+    for raw, (name, kind, max_len) in zip(groups, fields, strict=True):
+        if raw is None:
+            continue  # an optional field not sent
+        value: Any
+        if kind == "str":
+            value = raw.decode("ascii")
+        elif kind == "bytes":
+            value = protocol.canonical_b64(raw.decode("ascii"))
+            if value is None:
+                return None
+        elif kind == "int":
+            value = int(raw)
+            if value > _MAX_ULONG:
+                return None
+        else:
+            value = raw == b"true"
+        if max_len and len(value) > max_len:
+            return None
+        out[name] = value
+    return out
+
+
+class _Structure:
+    __slots__ = ("fields", "match")
+
+    def __init__(self, pattern: re.Pattern[bytes], fields: _Fields) -> None:
+        self.match = pattern.match
+        self.fields = fields
+
+
+def _structures() -> dict[str, _Structure]:
+    out: dict[str, _Structure] = {}
+    for name, struct in STRUCTS.items():
+        made = _expression(struct)
+        if made is not None and struct.fields:
+            out[name] = _Structure(*made)
+    return out
+
+
+_STRUCTURES: Final = _structures()
+
+
+def decoder(struct: str) -> Callable[[bytes], Decoded | None] | None:
+    """The fast decoder of a structure (None: it has fields this path does not take)."""
+    s = _STRUCTURES.get(struct)
+    if s is None:
+        return None
+    match, fields = s.match, s.fields
+
+    def decode(raw: bytes) -> Decoded | None:
+        m = match(raw)
+        if m is None or m.end() != len(raw):
+            return None
+        return _values(m.groups(), fields)
+
+    return decode
+
+
+# One batch item up to its request: {"op":"...","token":"...","request":
+_ITEM: Final = re.compile(rb'\{"op":"([a-z_]{1,32})"(?:,"token":' + _PLAIN + rb')?,"request":')
+_BATCH_HEAD: Final = b'{"items":['
+_BATCH_REQUEST: Final[dict[str, _Structure]] = {
+    op: _STRUCTURES[protocol.ENDPOINT_BY_OP[op].request]
+    for op in protocol.BATCHABLE
+    if protocol.ENDPOINT_BY_OP[op].request in _STRUCTURES
+}
+
+# (op, token, decoded request) per item.
+BatchItems = list[tuple[str, str | None, Decoded]]
+
+
+def batch(raw: bytes) -> BatchItems | None:
+    """A batch body's items, each request decoded in its endpoint's structure; None when any
+    part is off this path (the generic path then decodes the whole body)."""
+    if not raw.startswith(_BATCH_HEAD) or not raw.endswith(b"]}"):
+        return None
+    items: BatchItems = []
+    pos = len(_BATCH_HEAD)
+    end = len(raw) - 2
+    if pos == end:
+        return items
+    item = _ITEM.match
+    while True:
+        m = item(raw, pos)
+        if m is None:
+            return None
+        op = m.group(1).decode("ascii")
+        s = _BATCH_REQUEST.get(op)
+        if s is None:
+            return None  # not batchable, or its request takes the generic path
+        r = s.match(raw, m.end())
+        if r is None:
+            return None
+        body = _values(r.groups(), s.fields)
+        if body is None:
+            return None
+        token = m.group(2)
+        items.append((op, None if token is None else token.decode("ascii"), body))
+        pos = r.end()
+        if raw[pos : pos + 1] != b"}":
+            return None
+        pos += 1
+        if pos == end:
+            return items
+        if raw[pos : pos + 1] != b",":
+            return None
+        pos += 1

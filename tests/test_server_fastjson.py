@@ -1,0 +1,183 @@
+"""The fast request decoder (server/fastjson.py) accepts only what the generic strict path
+accepts, and decodes it to the same values; the clients' own bodies take it.
+
+Compared on hand-picked spellings an attacker would try (duplicate and unknown fields,
+escapes, whitespace, non-canonical base64, leading zeros, values over a limit, trailing
+bytes) and on thousands of random mutations of real request bodies, single and batched.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import pytest
+
+from pkcs11ws import protocol
+from pkcs11ws.protocol import ProtocolError
+from pkcs11ws.server import fastjson
+from pkcs11ws.server.app import decode_generic, decode_obj
+
+TOKEN = "v1.AbCd-_xyz0123456789"
+KEY = "6f1c2a3e-1111-2222-3333-444455556666"
+
+VALID: dict[str, list[bytes]] = {
+    "Sign": [
+        b'{"key":"%s","mechanism":"CKM_SHA256_HMAC","data":"AAECAwQFBgc="}' % KEY.encode(),
+        b'{"key":"k","mechanism":"CKM_SHA256_HMAC_GENERAL","data":"","mac_length":16}',
+        b'{"key":"k","mechanism":"CKM_SHA256_RSA_PKCS_PSS","data":"QQ==","hash":"sha256",'
+        b'"mgf":"sha256","salt_length":32}',
+    ],
+    "Verify": [b'{"key":"k","mechanism":"CKM_SHA256_HMAC","data":"QUI=","signature":"QUJD"}'],
+    "Cipher": [
+        b'{"key":"k","mechanism":"CKM_AES_CBC","iv":"AAAAAAAAAAAAAAAAAAAAAA==","data":"QUJD"}',
+        b'{"key":"k","mechanism":"CKM_AES_GCM","iv":"AAAAAAAAAAAAAAAA","data":"","aad":"QQ==",'
+        b'"tag_bits":128}',
+    ],
+    "Random": [b'{"length":32}', b'{"length":0}', b'{"length":18446744073709551615}'],
+    "Activate": [b'{"passphrase":"c2VjcmV0"}'],
+    "SoftcardCreate": [b'{"name":"card1","passphrase":"c2VjcmV0c2VjcmV0"}'],
+}
+
+TRICKS: dict[str, list[bytes]] = {
+    "Sign": [
+        b'{"key":"a","key":"b","mechanism":"m","data":"QQ=="}',  # duplicate
+        b'{"key":"a","mechanism":"m","data":"QQ==","data":"QQ=="}',
+        b'{"key":"a","mechanism":"m","data":"QQ==","extra":"x"}',  # unknown
+        b'{"mechanism":"m","key":"a","data":"QQ=="}',  # another order: generic path
+        b'{ "key":"a","mechanism":"m","data":"QQ=="}',
+        b'{"key":"a\\u0041","mechanism":"m","data":"QQ=="}',  # an escape
+        b'{"key":"\xc3\xa9","mechanism":"m","data":"QQ=="}',  # non-ASCII
+        b'{"key":"a","mechanism":"m","data":"QR=="}',  # non-canonical base64
+        b'{"key":"a","mechanism":"m","data":"QQ==="}',
+        b'{"key":"a","mechanism":"m","data":"QQ"}',
+        b'{"key":"a","mechanism":"m","data":"QQ==","mac_length":016}',
+        b'{"key":"a","mechanism":"m","data":"QQ==","mac_length":-1}',
+        b'{"key":"a","mechanism":"m","data":"QQ==","mac_length":1.0}',
+        b'{"key":"a","mechanism":"m","data":"QQ==","mac_length":true}',
+        b'{"key":"a","mechanism":"m","data":"QQ==","mac_length":18446744073709551616}',
+        b'{"key":"a","mechanism":"m","data":"QQ=="}x',
+        b'{"key":"a","mechanism":"m","data":"QQ=="}\n',
+        b'{,"key":"a","mechanism":"m","data":"QQ=="}',
+        b'{"key":"a",,"mechanism":"m","data":"QQ=="}',
+        b'{"key":"a","mechanism":"m","data":"QQ==",}',
+        b'{"key":"a","mechanism":"m"}',
+        b'{"key":1,"mechanism":"m","data":"QQ=="}',
+        b'\xef\xbb\xbf{"key":"a","mechanism":"m","data":"QQ=="}',
+    ],
+    "Activate": [b'{"passphrase":"' + b"QUFB" * 90 + b'"}'],  # over MAX_PASSPHRASE
+    "SoftcardCreate": [b'{"name":"' + b"n" * 65 + b'","passphrase":"c2VjcmV0c2VjcmV0"}'],
+    "Random": [b'{"length":"5"}', b'{"length":null}', b"{}"],
+}
+
+
+def _generic(struct: str, raw: bytes) -> dict[str, Any] | None:
+    try:
+        return decode_generic(struct, raw)
+    except ProtocolError:
+        return None
+
+
+def _agrees(struct: str, raw: bytes) -> bool:
+    """fast(raw) is None, or the generic path accepts raw with the very same values."""
+    fast = fastjson.decoder(struct)
+    assert fast is not None
+    got = fast(raw)
+    return got is None or got == _generic(struct, raw)
+
+
+def _mutations(raw: bytes, rng: random.Random, n: int) -> list[bytes]:
+    alphabet = b'{}[]",:\\ 0123456789aeflnrstuAQ=+/-_.\xc3\xa9\x00'
+    out = []
+    for _ in range(n):
+        b = bytearray(raw)
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(b) + 1)
+            kind = rng.randrange(4)
+            if kind == 0 and i < len(b):
+                del b[i]
+            elif kind == 1:
+                b.insert(i, rng.choice(alphabet))
+            elif kind == 2 and i < len(b):
+                b[i] = rng.choice(alphabet)
+            elif i < len(b):  # duplicate a slice (a field twice, a value twice)
+                j = rng.randrange(i, min(len(b), i + 24) + 1)
+                b[i:i] = b[i:j]
+        out.append(bytes(b))
+    return out
+
+
+def test_valid_bodies_take_the_fast_path_with_the_same_values() -> None:
+    for struct, bodies in VALID.items():
+        fast = fastjson.decoder(struct)
+        assert fast is not None, struct
+        for raw in bodies:
+            got = fast(raw)
+            assert got is not None, raw
+            assert got == decode_generic(struct, raw), raw
+
+
+@pytest.mark.parametrize("struct", sorted(TRICKS))
+def test_tricks_are_left_to_the_generic_path(struct: str) -> None:
+    fast = fastjson.decoder(struct)
+    assert fast is not None
+    for raw in TRICKS[struct]:
+        assert fast(raw) is None, raw
+
+
+def test_random_mutations_agree_with_the_generic_path() -> None:
+    rng = random.Random(15)
+    taken = 0
+    for struct, bodies in VALID.items():
+        for raw in bodies:
+            for m in _mutations(raw, rng, 1500):
+                assert _agrees(struct, m), (struct, m)
+                taken += fastjson.decoder(struct)(m) is not None  # type: ignore[misc]
+    assert taken > 100  # mutations that stay valid (another base64 letter...) still go fast
+
+
+def _batch_body(items: list[tuple[str, str | None, bytes]]) -> bytes:
+    parts = []
+    for op, token, request in items:
+        tok = b"" if token is None else b',"token":' + json.dumps(token).encode()
+        parts.append(b'{"op":"' + op.encode() + b'"' + tok + b',"request":' + request + b"}")
+    return b'{"items":[' + b",".join(parts) + b"]}"
+
+
+def _batch_generic(raw: bytes) -> list[tuple[str, str | None, dict[str, Any]]] | None:
+    """What the generic path makes of a batch whose every item would decode: else None."""
+    try:
+        items = decode_generic("Batch", raw)["items"]
+        out = []
+        for it in items:
+            op = it["op"]
+            if op not in protocol.BATCHABLE:
+                return None
+            ep = protocol.ENDPOINT_BY_OP[op]
+            out.append((op, it.get("token"), decode_obj(ep.request, it["request"])))
+        return out
+    except ProtocolError:
+        return None
+
+
+def test_batches_agree_with_the_generic_path() -> None:
+    sign, rnd = VALID["Sign"][0], VALID["Random"][0]
+    good = _batch_body([("sign", TOKEN, sign), ("random", None, rnd), ("sign", TOKEN, sign)])
+    assert fastjson.batch(good) == _batch_generic(good) is not None
+    assert fastjson.batch(b'{"items":[]}') == []
+    off = [
+        _batch_body([("sign", TOKEN, sign), ("create_object", TOKEN, b'{"attrs":{}}')]),
+        _batch_body([("sign", TOKEN, TRICKS["Sign"][0])]),  # a duplicate inside a request
+        good.replace(b'"op":"random"', b'"op":"random","op":"random"'),
+        good.replace(b'"op":"random"', b'"request":{},"op":"random"'),
+        good[:-2] + b",]}",
+        good + b" ",
+        good.replace(b'{"items":', b'{"items":[],"items":'),
+    ]
+    for raw in off:
+        assert fastjson.batch(raw) is None, raw
+    rng = random.Random(16)
+    for m in _mutations(good, rng, 3000):
+        got = fastjson.batch(m)
+        assert got is None or got == _batch_generic(m), m
