@@ -150,7 +150,8 @@ class SQLiteStore(Store):
     def change_mark(self) -> tuple[int, int]:
         # data_version changes when another connection (of any process) committed since this
         # connection last looked; total_changes counts this connection's own writes.
-        con = self._reader().con
+        self._reader()
+        con: sqlite3.Connection = self._local.con
         return con.execute("PRAGMA data_version").fetchone()[0], con.total_changes
 
     @contextmanager

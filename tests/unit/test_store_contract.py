@@ -345,7 +345,7 @@ def test_change_mark_moves_with_every_commit(make_store: Callable[[], Store]) ->
     if mine.change_mark() is None:
         assert theirs.change_mark() is None  # the service asks the store every request
         return
-    a = new_card(mine)
+    a = new_card_row(mine)
     seen = [mine.change_mark()]
 
     def moved() -> bool:
@@ -368,7 +368,7 @@ def test_change_mark_moves_with_every_commit(make_store: Callable[[], Store]) ->
     assert moved()
     # In another thread (the service's writes run in worker threads with their own
     # connections).
-    worker = threading.Thread(target=lambda: new_card(mine))
+    worker = threading.Thread(target=lambda: new_card_row(mine))
     worker.start()
     worker.join()
     assert moved()

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -21,24 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Api, Service, b64, new_idem, start_replica
 
 from pkcs11ws import protocol
+from tests.support.service import Api, Service, b64, issue_client, new_idem, start_replica
 
 PASS = b"verdict passphrase"
 CARDS = "/km/v1/softcards"
 SIGN = "/crypto/v1/sign"
 HMAC_KEY = 0x2B  # CKK_SHA256_HMAC
-
-
-def _issue(svc: Service, name: str, out: Path) -> Path:
-    res = subprocess.run(
-        [sys.executable, "-m", "pkcs11ws.server.cli", "issue-client", "--config",
-         str(svc.server_yaml), "--name", name, "--role", "app", "--out", str(out)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    return out
 
 
 def _body(key: str, data: bytes) -> dict[str, Any]:
@@ -99,9 +87,9 @@ def test_withdrawn_grant_ends_cached_use_at_once(
     pair: tuple[Service, Service], tmp_path: Path
 ) -> None:
     svc, other = pair
-    alice_dir = _issue(svc, f"alice{uuid.uuid4().hex[:8]}", tmp_path / "alice")
+    alice_dir = issue_client(svc, f"alice{uuid.uuid4().hex[:8]}", tmp_path / "alice")
     bob_name = f"bob{uuid.uuid4().hex[:8]}"
-    bob_dir = _issue(svc, bob_name, tmp_path / "bob")
+    bob_dir = issue_client(svc, bob_name, tmp_path / "bob")
     alice = Api(svc, alice_dir / "client.pem", alice_dir / "client.key")
     bob = Api(svc, bob_dir / "client.pem", bob_dir / "client.key")
     alice_there = Api(other, alice_dir / "client.pem", alice_dir / "client.key")
