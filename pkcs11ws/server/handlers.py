@@ -11,7 +11,6 @@ through `Service.read` (off the event loop when the backend's reads block), chan
 from __future__ import annotations
 
 import asyncio
-import binascii
 import hmac
 import logging
 import math
@@ -25,11 +24,11 @@ from typing import Any, Final, TypeVar
 
 from pkcs11ws import __version__, mechanisms, protocol
 from pkcs11ws import attributes as A
-from pkcs11ws import constants as C
-from pkcs11ws._lite import dataclass
 from pkcs11ws.protocol import Attrs
 from pkcs11ws.protocol import ProtocolError as ApiError
-from pkcs11ws.server import ops, pipeline, sealing
+from pkcs11ws.server import pipeline, sealing
+from pkcs11ws.server.handlers_crypto import CryptoHandlers
+from pkcs11ws.server.handlers_crypto import ended as _ended
 from pkcs11ws.server.identity import Clients, Identity
 from pkcs11ws.server.new_objects import (
     CLASS_ATTRS,
@@ -60,41 +59,10 @@ log = logging.getLogger("pkcs11ws.server")
 # how long an attempt waits for a place among those in flight.
 _LEASE: Final = 60.0
 _RESERVE_WAIT: Final = 30.0
-_KEY_META_CACHE_MAX: Final = 20000
 _TOKEN_CACHE_MAX: Final = 10000
-_KEY_VALUE_CACHE_MAX: Final = 20000
-_VERDICT_CACHE_MAX: Final = 20000
 
 
 _EMPTY: Final = Response(200, b"{}")
-_VERIFIED: Final = Response(200, b'{"valid":true}')
-
-
-def _b64(data: bytes) -> bytes:
-    return binascii.b2a_base64(data, newline=False)
-
-
-def _cipher_result(data: bytes, last: bytes) -> Response:
-    return Response(200, b'{"data":"' + _b64(data) + b'","last_block":"' + _b64(last) + b'"}')
-
-
-class _Verdict:
-    """A crypto request's successful checks: the mechanism and loaded key, usable while the
-    store has not changed and until `until` (a time the session is known to live to)."""
-
-    __slots__ = ("key", "mech", "until")
-
-    def __init__(self, mech: mechanisms.Mechanism, key: Any, until: float) -> None:
-        self.mech = mech
-        self.key = key
-        self.until = until
-
-
-@dataclass(frozen=True)
-class _KeyMeta:
-    cls: int
-    key_type: int
-    usage: frozenset[str]
 
 
 def _shows_value(cls: int) -> bool:
@@ -106,7 +74,7 @@ _SEARCHABLE_KEY_TYPES: Final = {**mechanisms.KEY_TYPE_NAMES, **mechanisms.PAIR_K
 _PUBLIC_CLASSES: Final = tuple(c for c in A.SCHEMA if A.may_be_public(c))
 
 
-class Service:
+class Service(CryptoHandlers):
     """The endpoint operations over one store and one set of master keys."""
 
     def __init__(
@@ -116,24 +84,8 @@ class Service:
         self.store = store
         self.keys = keys
         self.clients = clients
-        # A key's type and usage never change after creation (renaming touches only CKA_LABEL
-        # and CKA_ID) and handles are never reused, so they can be cached; whether the key
-        # still exists is always asked of the store.
-        self._key_meta: dict[str, _KeyMeta] = {}
         self._tokens: dict[bytes, TokenClaims] = {}
-        self._reads_block = store.reads_block
-        # Unwrapped key values by (handle, sealed blob, card key): a handle is never reused and
-        # a blob never changes meaning, so a hit is exactly what decrypting would give; the
-        # row itself (does the key still exist?) is still read from the store every request.
-        self._key_values: dict[tuple[str, bytes, bytes], Any] = {}
-        # The crypto path's whole verdict (live session, key row, mechanism, type, usage: the
-        # loaded key) by everything it depends on, valid while the store's change mark stays
-        # the same (Store.change_mark) and the session is known to live (_key). None: the
-        # store cannot tell cheaply when it changed, and every request asks it.
-        self._marks = type(store).change_mark is not Store.change_mark
-        self._verdicts: dict[tuple[str, str, bytes, str, str, int, str], _Verdict] = {}
-        self._verdicts_mark: object = None
-        self._mark_read = False  # the mark was read in this turn of the event loop
+        self._init_crypto(store)
         self._kdf_pool = ThreadPoolExecutor(settings.scrypt_concurrency, "scrypt")
 
     # ---------------------------------------------------------------- plumbing
@@ -657,162 +609,6 @@ class Service:
                 # decode-encode round trip of every attribute.
                 found.append({"handle": row.handle, "attrs": wire})
         return Response(200, dumps({"objects": found}))
-
-    # ---------------------------------------------------------------- crypto
-
-    async def _found(self, claims: TokenClaims, handle: str) -> tuple[bool, ObjectRow | None]:
-        """session_object off the event loop (stores whose reads block)."""
-        now = time.time()
-        session, card = claims.session, claims.card
-        return await self.read(lambda r: r.session_object(session, card, now, handle))
-
-    def _verdict_cache(self) -> dict[tuple[str, str, bytes, str, str, int, str], _Verdict]:
-        """The verdicts still valid now: all of them are dropped when the store's change mark
-        moved. The mark is read at most once per turn of the event loop (the items of a batch
-        and the requests handled in the same turn share it): a request whose bytes arrived
-        after a change committed is always handled in a later turn, so it sees the change."""
-        if not self._mark_read:
-            mark = self.store.change_mark()
-            self._mark_read = True
-            asyncio.get_running_loop().call_soon(self._turn_over)
-            if mark != self._verdicts_mark:
-                self._verdicts.clear()
-                self._verdicts_mark = mark
-        return self._verdicts
-
-    def _turn_over(self) -> None:
-        self._mark_read = False
-
-    def _key(self, claims: TokenClaims, handle: str, mech_name: str, flag: int, use: str,
-             found: tuple[bool, ObjectRow | None] | None,
-             ) -> tuple[mechanisms.Mechanism, Any]:  # fmt: skip
-        """The mechanism and the key as its family loaded it, after the checks in the order
-        the protocol promises: live session (deferred from authenticate), mechanism, key,
-        type, usage. found: the session_object answer when the caller read it off the loop,
-        else None (the hot path on an embedded store: read here, no coroutine in between)."""
-        cache = None
-        until = 0.0
-        if found is None:
-            now = time.time()
-            if self._marks:
-                cache = self._verdict_cache()
-                ck = (claims.session, claims.card, claims.card_key, handle, mech_name, flag, use)
-                hit = cache.get(ck)
-                if hit is not None and now < hit.until:
-                    return hit.mech, hit.key
-            with self.store.read() as r:
-                # Asked as of a second before the token expires: a session that lives then
-                # lives until then, so the verdict can be reused until then (the token itself
-                # expires; a renewal that shortened the session is a change, which drops it).
-                probe = claims.expires - 1.0
-                if cache is not None and now < probe:
-                    live, row = r.session_object(claims.session, claims.card, probe, handle)
-                    if live:
-                        until = probe
-                    else:
-                        live, row = r.session_object(claims.session, claims.card, now, handle)
-                else:
-                    live, row = r.session_object(claims.session, claims.card, now, handle)
-        else:
-            live, row = found
-        if not live:
-            raise _ended()
-        mech = self._mech(mech_name, flag)
-        want_cls = C.CKO_PRIVATE_KEY if mech.private_key else C.CKO_SECRET_KEY
-        if row is None or row.cls not in (C.CKO_SECRET_KEY, C.CKO_PRIVATE_KEY):
-            raise ApiError("KEY_NOT_FOUND", "no such key")
-        if row.secret is None:
-            raise ApiError("KEY_NOT_FOUND", "no such key")
-        meta = self._key_meta.get(handle)
-        if meta is None:
-            attrs = row.attrs
-            key_type = attrs["CKA_KEY_TYPE"]
-            assert isinstance(key_type, int)
-            meta = _KeyMeta(row.cls, key_type, frozenset(u for u in
-                            ("CKA_ENCRYPT", "CKA_DECRYPT", "CKA_SIGN", "CKA_VERIFY")
-                            if attrs.get(u) is True))  # fmt: skip
-            if len(self._key_meta) >= _KEY_META_CACHE_MAX:
-                self._key_meta.clear()
-            self._key_meta[handle] = meta
-        if meta.cls != want_cls or meta.key_type not in mech.key_types:
-            raise ApiError("KEY_TYPE_INCONSISTENT", f"{mech.name} cannot use this key type")
-        if use not in meta.usage:
-            raise ApiError("KEY_FUNCTION_NOT_PERMITTED", f"the key's {use} is false")
-        cache_key = (handle, row.secret, claims.card_key)
-        key = self._key_values.get(cache_key)
-        if key is None:
-            try:
-                value = sealing.decrypt_value(claims.card_key, handle, row.secret)
-            except SealError:
-                raise ApiError(
-                    "KEY_NOT_FOUND", "the key does not open with this softcard"
-                ) from None
-            if want_cls == C.CKO_SECRET_KEY and not mech.min_key <= len(value) <= mech.max_key:
-                raise ApiError(
-                    "KEY_SIZE_RANGE", f"a {len(value)}-byte key does not fit {mech.name}"
-                )
-            key = ops.FAMILIES[mech.family].load(value)
-            if len(self._key_values) >= _KEY_VALUE_CACHE_MAX:
-                self._key_values.clear()
-            self._key_values[cache_key] = key
-        elif want_cls == C.CKO_SECRET_KEY and not mech.min_key <= len(key) <= mech.max_key:
-            raise ApiError("KEY_SIZE_RANGE", f"a {len(key)}-byte key does not fit {mech.name}")
-        if until:
-            assert cache is not None
-            if len(cache) >= _VERDICT_CACHE_MAX:
-                cache.clear()
-            cache[ck] = _Verdict(mech, key, until)
-        return mech, key
-
-    @staticmethod
-    def _mech(name: str, flag: int) -> mechanisms.Mechanism:
-        mech = mechanisms.by_name(name)
-        if mech is None or not mech.flags & flag or mech.family not in ops.FAMILIES:
-            raise ApiError("MECHANISM_INVALID", f"{name!r} is not valid for this operation")
-        return mech
-
-    async def _crypto(self, req: Request, flag: int, use: str, fn: str) -> Any:
-        """One crypto request through the family registry; private-key arithmetic that costs
-        more than a thread hand-off (RSA, ECDSA above P-256: ops.<family>.offload) runs in the
-        thread pool so that HMAC and AES requests are not queued behind it."""
-        assert req.claims is not None
-        b = req.body
-        found = await self._found(req.claims, b["key"]) if self._reads_block else None
-        mech, key = self._key(req.claims, b["key"], b["mechanism"], flag, use, found)
-        family = ops.FAMILIES[mech.family]
-        work = getattr(family, fn)
-        if family.offload(key):
-            return await asyncio.to_thread(work, mech, key, b)
-        return work(mech, key, b)
-
-    # The crypto answers are built directly (same bytes as ok(): compact JSON, fields in
-    # struct order, base64 needs no JSON escaping): they are the hot path.
-
-    async def encrypt(self, req: Request) -> Response:
-        data, last = await self._crypto(req, C.CKF_ENCRYPT, "CKA_ENCRYPT", "encrypt")
-        return _cipher_result(data, last)
-
-    async def decrypt(self, req: Request) -> Response:
-        data, last = await self._crypto(req, C.CKF_DECRYPT, "CKA_DECRYPT", "decrypt")
-        return _cipher_result(data, last)
-
-    async def sign(self, req: Request) -> Response:
-        sig = _b64(await self._crypto(req, C.CKF_SIGN, "CKA_SIGN", "sign"))
-        return Response(200, b'{"signature":"' + sig + b'"}')
-
-    async def verify(self, req: Request) -> Response:
-        await self._crypto(req, C.CKF_VERIFY, "CKA_VERIFY", "verify")
-        return _VERIFIED
-
-    async def random(self, req: Request) -> Response:
-        n = req.body["length"]
-        if not 1 <= n <= ops.MAX_RANDOM:
-            raise ApiError("BAD_REQUEST", f"length must be 1 to {ops.MAX_RANDOM}")
-        return ok("RandomResult", {"data": os.urandom(n)})
-
-
-def _ended() -> ApiError:
-    return ApiError("NOT_ACTIVATED", "the activation was ended (deactivated or deleted)")
 
 
 def _check_passphrase(passphrase: bytes) -> None:
