@@ -116,8 +116,11 @@ class App:
             route = routes.get(ep.path)
             if route is None:
                 route = routes[ep.path] = _Route(ep.path)
-                (self._static.__setitem__(ep.path, route) if route.static
-                 else self._dynamic.append(route))  # fmt: skip
+                (
+                    self._static.__setitem__(ep.path, route)
+                    if route.static
+                    else self._dynamic.append(route)
+                )
             route.methods[ep.method] = (ep, handler)
         self._openapi: bytes | None = None
         self._access = s.access_log
@@ -257,8 +260,9 @@ class App:
         else:
             raw = await self._body(receive, length, self.max_body, "BODY_TOO_LARGE")
         qs = scope.get("query_string", b"")
-        return await self._operation(ep, handler, params, qs, path, raw, _UNPARSED,
-                                     authorization, idem_key, ident, seen)  # fmt: skip
+        return await self._operation(
+            ep, handler, params, qs, path, raw, _UNPARSED, authorization, idem_key, ident, seen
+        )
 
     async def _operation(
         self,
@@ -334,8 +338,10 @@ class App:
         items: list[Any] = req.body["items"]
         fast = bool(items) and type(items[0]) is tuple  # (op, token, request): fastjson.batch
         if len(items) > self.batch_max_items:
-            raise ApiError("BATCH_TOO_LARGE", f"a batch carries at most {self.batch_max_items} "
-                           f"operations, not {len(items)}")  # fmt: skip
+            raise ApiError(
+                "BATCH_TOO_LARGE",
+                f"a batch carries at most {self.batch_max_items} operations, not {len(items)}",
+            )
         ident = req.ident
         parts: list[bytes] = []
         for item in items:
@@ -351,9 +357,20 @@ class App:
                 ep = protocol.ENDPOINT_BY_OP[op]
                 seen[0] = ep
                 authorization = None if token is None else b"Bearer " + token.encode()
-                resp = await self._operation(ep, self._handlers[op], _NO_PARAMS, b"", ep.path,
-                                             b"", request, authorization, None, ident, seen,
-                                             fast)  # fmt: skip
+                resp = await self._operation(
+                    ep,
+                    self._handlers[op],
+                    _NO_PARAMS,
+                    b"",
+                    ep.path,
+                    b"",
+                    request,
+                    authorization,
+                    None,
+                    ident,
+                    seen,
+                    fast,
+                )
             except ApiError as exc:
                 code = exc.code
                 resp = _error(code, exc.message)
@@ -495,8 +512,9 @@ def _query(ep: Endpoint, qs: bytes) -> dict[str, str]:
     if not qs:
         return {}
     try:
-        pairs = urllib.parse.parse_qsl(qs.decode("ascii"), keep_blank_values=True,
-                                       strict_parsing=True)  # fmt: skip
+        pairs = urllib.parse.parse_qsl(
+            qs.decode("ascii"), keep_blank_values=True, strict_parsing=True
+        )
     except (ValueError, UnicodeDecodeError):
         raise ApiError("BAD_REQUEST", "malformed query string") from None
     out: dict[str, str] = {}

@@ -163,8 +163,9 @@ class Service(CryptoHandlers):
             if idem is not None and 200 <= resp.status < 300:
                 tx.idempotency_expire(now - self.settings.idempotency_ttl)
                 sealed = self.keys.seal_response(resp.body, idem.key)
-                tx.idempotency_put(IdempotencyRow(idem.key, idem.fingerprint, resp.status,
-                                                  sealed, now))  # fmt: skip
+                tx.idempotency_put(
+                    IdempotencyRow(idem.key, idem.fingerprint, resp.status, sealed, now)
+                )
             return resp
 
     async def commit(self, idem: Idem | None, change: Callable[[WriteTx], Response]) -> Response:
@@ -179,11 +180,18 @@ class Service(CryptoHandlers):
     def _card_json(self, card: CardRow, counts: CardCounts) -> dict[str, Any]:
         # The wrong-passphrase count lets the module set the token's CKF_USER_PIN_* flags.
         locked_for = max(0, math.ceil(card.locked_until - time.time()))
-        return {"id": card.id, "name": card.name, "keys": counts.keys,
-                "certificates": counts.certificates, "data": counts.data,
-                "created": card.created, "failures": card.failures,
-                "failure_threshold": self.settings.lockout_threshold,
-                "locked_for": locked_for, "owner": card.owner}  # fmt: skip
+        return {
+            "id": card.id,
+            "name": card.name,
+            "keys": counts.keys,
+            "certificates": counts.certificates,
+            "data": counts.data,
+            "created": card.created,
+            "failures": card.failures,
+            "failure_threshold": self.settings.lockout_threshold,
+            "locked_for": locked_for,
+            "owner": card.owner,
+        }
 
     @staticmethod
     def _card(req: Request) -> CardRow:
@@ -212,8 +220,9 @@ class Service(CryptoHandlers):
         _check_passphrase(passphrase)
         minimum = self.settings.passphrase_min_length
         if len(passphrase) < minimum:
-            raise ApiError("PASSPHRASE_LEN_RANGE",
-                           f"the passphrase must be at least {minimum} bytes")  # fmt: skip
+            raise ApiError(
+                "PASSPHRASE_LEN_RANGE", f"the passphrase must be at least {minimum} bytes"
+            )
         sc = self.settings.scrypt
         card_id = str(uuid.uuid4())
         salt = os.urandom(sealing.SALT_LEN)
@@ -225,8 +234,7 @@ class Service(CryptoHandlers):
 
         wrapped = await self._slow(wrap)
         created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        row = CardRow(card_id, name, created, salt, sc.n, sc.r, sc.p, wrapped,
-                      owner=req.ident.name)  # fmt: skip
+        row = CardRow(card_id, name, created, salt, sc.n, sc.r, sc.p, wrapped, owner=req.ident.name)
 
         def change(tx: WriteTx) -> Response:
             if not tx.card_insert(row):
@@ -278,8 +286,9 @@ class Service(CryptoHandlers):
 
         def settle(success: bool, when: float) -> None:
             with self.store.write() as tx:  # one statement, committed at once
-                tx.card_settle_attempt(card.id, success, when, s.lockout_threshold,
-                                       s.lockout_max_seconds)  # fmt: skip
+                tx.card_settle_attempt(
+                    card.id, success, when, s.lockout_threshold, s.lockout_max_seconds
+                )
 
         try:
             card_key = await self._slow(open_card)
@@ -295,8 +304,11 @@ class Service(CryptoHandlers):
                 "(a store from another service, or the wrong master key)",
                 card.id,
             )
-            raise ApiError("INTERNAL", "the softcard cannot be opened with this service's "
-                           "master key (logged by the service)") from None  # fmt: skip
+            raise ApiError(
+                "INTERNAL",
+                "the softcard cannot be opened with this service's "
+                "master key (logged by the service)",
+            ) from None
         await asyncio.to_thread(settle, True, time.time())
         session = str(uuid.uuid4())
         ttl = self.settings.activation_ttl
@@ -406,8 +418,9 @@ class Service(CryptoHandlers):
         # Its own write transaction, committed before the hash runs: the reservation must be
         # what concurrent attempts (other workers, other replicas) see.
         with self.store.write() as tx:
-            return tx.card_reserve_attempt(card_id, now, self.settings.lockout_threshold,
-                                           now + _LEASE)  # fmt: skip
+            return tx.card_reserve_attempt(
+                card_id, now, self.settings.lockout_threshold, now + _LEASE
+            )
 
     async def _slow(self, fn: Callable[[], _T]) -> _T:
         """Run scrypt work in the capped pool (scrypt.max_concurrent threads), so a burst of
@@ -476,15 +489,21 @@ class Service(CryptoHandlers):
             generated_pair, b["mechanism"], b["public_attrs"], b["private_attrs"]
         )
         handles = (str(uuid.uuid4()), str(uuid.uuid4()))
-        rows = [self._row(handles[0], claims.card, claims.card_key, pub),
-                self._row(handles[1], claims.card, claims.card_key, priv)]  # fmt: skip
+        rows = [
+            self._row(handles[0], claims.card, claims.card_key, pub),
+            self._row(handles[1], claims.card, claims.card_key, priv),
+        ]
 
         def change(tx: WriteTx) -> Response:
             for row in rows:
                 tx.object_insert(row)
-            return ok("KeyPair", {"public": {"handle": handles[0], "attrs": pub.attrs},
-                                  "private": {"handle": handles[1],
-                                              "attrs": priv.attrs}})  # fmt: skip
+            return ok(
+                "KeyPair",
+                {
+                    "public": {"handle": handles[0], "attrs": pub.attrs},
+                    "private": {"handle": handles[1], "attrs": priv.attrs},
+                },
+            )
 
         return await self.commit(req.idem, change)
 
@@ -525,8 +544,14 @@ class Service(CryptoHandlers):
                 value = sealing.decrypt_value(claims.card_key, row.handle, row.secret)
             assert isinstance(value, bytes)
             attrs = copied_attrs(row.cls, visible, value, req.body["attrs"])
-            tx.object_insert(self._row(handle, claims.card, claims.card_key,
-                                       NewObject(row.cls, row.key_type, attrs, value)))  # fmt: skip
+            tx.object_insert(
+                self._row(
+                    handle,
+                    claims.card,
+                    claims.card_key,
+                    NewObject(row.cls, row.key_type, attrs, value),
+                )
+            )
             shown = dict(attrs)
             if _shows_value(row.cls):
                 shown["CKA_VALUE"] = value

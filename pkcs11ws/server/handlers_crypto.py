@@ -115,9 +115,15 @@ class CryptoHandlers:
     def _turn_over(self) -> None:
         self._mark_read = False
 
-    def _key(self, claims: TokenClaims, handle: str, mech_name: str, flag: int, use: str,
-             found: tuple[bool, ObjectRow | None] | None,
-             ) -> tuple[mechanisms.Mechanism, Any]:  # fmt: skip
+    def _key(
+        self,
+        claims: TokenClaims,
+        handle: str,
+        mech_name: str,
+        flag: int,
+        use: str,
+        found: tuple[bool, ObjectRow | None] | None,
+    ) -> tuple[mechanisms.Mechanism, Any]:
         """The mechanism and the key as its family loaded it, after the checks in the order
         the protocol promises: live session (deferred from authenticate), mechanism, key,
         type, usage. found: the session_object answer when the caller read it off the loop,
@@ -160,9 +166,15 @@ class CryptoHandlers:
             attrs = row.attrs
             key_type = attrs["CKA_KEY_TYPE"]
             assert isinstance(key_type, int)
-            meta = _KeyMeta(row.cls, key_type, frozenset(u for u in
-                            ("CKA_ENCRYPT", "CKA_DECRYPT", "CKA_SIGN", "CKA_VERIFY")
-                            if attrs.get(u) is True))  # fmt: skip
+            meta = _KeyMeta(
+                row.cls,
+                key_type,
+                frozenset(
+                    u
+                    for u in ("CKA_ENCRYPT", "CKA_DECRYPT", "CKA_SIGN", "CKA_VERIFY")
+                    if attrs.get(u) is True
+                ),
+            )
             if len(self._key_meta) >= _KEY_META_CACHE_MAX:
                 self._key_meta.clear()
             self._key_meta[handle] = meta
