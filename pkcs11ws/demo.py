@@ -147,8 +147,8 @@ def _run(demo: Demo, cfg_path: str, server: subprocess.Popen[bytes]) -> int:
             },
         )
         iv, msg = os.urandom(16), b"attack at dawn, bring the keys"
-        ct, _ = client.encrypt(state["token"], key["handle"], "CKM_AES_CBC_PAD", iv, msg)
-        pt, _ = client.decrypt(state["token"], key["handle"], "CKM_AES_CBC_PAD", iv, ct)
+        ct = client.encrypt(state["token"], key["handle"], "CKM_AES_CBC_PAD", iv, msg)
+        pt = client.decrypt(state["token"], key["handle"], "CKM_AES_CBC_PAD", iv, ct)
         if pt != msg:
             raise AssertionError("decrypt(encrypt(m)) != m")
         return f"AES-256 key generated, CBC-PAD round trip of {len(msg)} bytes -> {len(ct)}"

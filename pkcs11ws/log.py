@@ -8,7 +8,7 @@ written when L <= LOGLEVEL. Each line starts with
 where <library> is the name of the file the host loaded the module as, without ".so"
 (libpkcs11webservices when loaded as libpkcs11webservices.so, the WSOP name; libpkcs11ws by
 default and outside a host), and at DEBUG9 the thread ID follows the PID. The session handle
-is the one the calling thread works for (set_session(), called by the core before it reaches
+is the one the calling thread works for (SESSION, set by the core before it reaches
 the provider; 0 outside a session). The log is off until configure() is called, and the level
 check is one comparison, so callers on the hot path pay nearly nothing when it is off.
 
@@ -48,13 +48,14 @@ _SYSLOG_PRIORITY: Final = (
 _warned_paths: set[str] = set()
 # Every Logger, so the fork hook can renew their locks.
 _loggers: weakref.WeakSet[Logger] = weakref.WeakSet()
-# The PKCS#11 session each thread is working for (set by the core before it calls the provider).
-_tls = threading.local()
+# The PKCS#11 session each thread is working for (its `session`; the core sets it directly
+# before it calls the provider, set_session() is the same for Python callers).
+SESSION = threading.local()
 
 
 def set_session(handle: int) -> None:
     """Name the session the calling thread works for (0: none); its log lines carry it."""
-    _tls.session = handle
+    SESSION.session = handle
 
 
 def _one_line(msg: str) -> str:
@@ -68,7 +69,8 @@ class Logger:
     """Thread-safe writer of WSOP-format log lines; LOG is the module's one instance."""
 
     def __init__(self) -> None:
-        self._level = NONE
+        # A plain attribute, not a property: the per-operation path reads it.
+        self.level = NONE
         self._fd = -1
         self._path = ""
         self._stdout = False
@@ -85,7 +87,7 @@ class Logger:
     def apply(self, level: int, path: str, stdout: bool, use_syslog: bool) -> None:
         """The four log settings, however they were obtained."""
         with self._lock:
-            self._level = NONE
+            self.level = NONE
             if self._fd >= 0 and (path != self._path or level == NONE):
                 self._close_fd()
             if level > NONE and self._fd < 0:
@@ -97,7 +99,7 @@ class Logger:
             elif self._syslog and not want_syslog:
                 syslog.closelog()
             self._syslog = want_syslog
-            self._level = level
+            self.level = level
 
     def _open(self, path: str) -> None:
         try:
@@ -125,7 +127,7 @@ class Logger:
     def close(self) -> None:
         """Stop logging and release the file and syslog (C_Finalize)."""
         with self._lock:
-            self._level = NONE
+            self.level = NONE
             self._close_fd()
             if self._syslog:
                 syslog.closelog()
@@ -138,18 +140,14 @@ class Logger:
 
     # -- writing --------------------------------------------------------------------------
 
-    @property
-    def level(self) -> int:
-        return self._level
-
     def enabled(self, level: int) -> bool:
-        return level <= self._level
+        return level <= self.level
 
     def log(self, level: int, msg: str, session: int = 0) -> None:
-        if level > self._level or level <= NONE:
+        if level > self.level or level <= NONE:
             return
         if not session:
-            session = getattr(_tls, "session", 0)
+            session = getattr(SESSION, "session", 0)
         now = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         name = LEVEL_NAMES[level]
         lib = _library_name()
@@ -171,27 +169,27 @@ class Logger:
                 syslog.syslog(_SYSLOG_PRIORITY[level], body)
 
     def fatal(self, msg: str, session: int = 0) -> None:
-        if self._level >= FATAL:
+        if self.level >= FATAL:
             self.log(FATAL, msg, session)
 
     def error(self, msg: str, session: int = 0) -> None:
-        if self._level >= ERROR:
+        if self.level >= ERROR:
             self.log(ERROR, msg, session)
 
     def warning(self, msg: str, session: int = 0) -> None:
-        if self._level >= WARNING:
+        if self.level >= WARNING:
             self.log(WARNING, msg, session)
 
     def debug1(self, msg: str, session: int = 0) -> None:
-        if self._level >= DEBUG1:
+        if self.level >= DEBUG1:
             self.log(DEBUG1, msg, session)
 
     def debug3(self, msg: str, session: int = 0) -> None:
-        if self._level >= DEBUG3:
+        if self.level >= DEBUG3:
             self.log(DEBUG3, msg, session)
 
     def debug9(self, msg: str, session: int = 0) -> None:
-        if self._level >= DEBUG9:
+        if self.level >= DEBUG9:
             self.log(DEBUG9, msg, session)
 
 

@@ -35,7 +35,8 @@ from pkcs11ws import _lite, mechanisms, params, templates
 from pkcs11ws import constants as C
 from pkcs11ws._lite import dataclass
 from pkcs11ws.client import transport
-from pkcs11ws.client.api import KeyServiceClient, PendingKeys
+from pkcs11ws.client.api import KeyServiceClient
+from pkcs11ws.client.idempotency import PendingKeys
 from pkcs11ws.client.transport import Transport
 from pkcs11ws.config import Config, load_config
 from pkcs11ws.errors import PKCS11Error, ServiceError
@@ -54,7 +55,10 @@ else:  # typing is too heavy for the module's start-up
 RANDOM_CHUNK = 65536  # the service's largest random request
 _NEVER = float("inf")
 RENEW_RETRY = 30.0  # seconds before retrying a renewal that got no answer
-_ENCRYPT, _DECRYPT, _SIGN, _VERIFY = 0, 1, 2, 3  # the core's OP_* numbers
+_VERIFY = 3  # the core's OP_VERIFY
+# The protocol's operation for each of the core's OP_ENCRYPT, OP_DECRYPT, OP_SIGN, OP_VERIFY.
+_OP_NAMES = ("encrypt", "decrypt", "sign", "verify")
+_monotonic = time.monotonic
 
 
 class Native(Protocol):
@@ -100,6 +104,7 @@ class Obj:
     uuid: str
     attrs: Attrs
     public_key: Any = None  # a public key half, loaded for local verify/encrypt
+    public: bool = False  # a CKO_PUBLIC_KEY: verify/encrypt run here
 
 
 class Directory:
@@ -424,7 +429,9 @@ class Provider:
                 handle, slot_id, cls, kt, *_usage(attrs), mechanisms.signature_size(attrs)
             )
             self.dir.by_uuid[(slot_id, uuid)] = handle
-            self.dir.objects[handle] = Obj(handle, slot_id, uuid, attrs)
+            self.dir.objects[handle] = Obj(
+                handle, slot_id, uuid, attrs, public=cls == C.CKO_PUBLIC_KEY
+            )
         return handle
 
     def _drop(self, obj: Obj) -> None:
@@ -563,21 +570,6 @@ class Provider:
 
     # -- cryptography -------------------------------------------------------------------------
 
-    # One request per operation: _token(), _object() and _call() are inlined here (the per
-    # operation path; each Python frame between the core and pycurl costs).
-
-    def _key(self, slot_id: int, handle: int) -> tuple[str, Obj]:
-        token = self.tokens.get(slot_id)
-        if token is None:
-            raise PKCS11Error(C.CKR_USER_NOT_LOGGED_IN)
-        if time.monotonic() >= self.renew_at.get(slot_id, _NEVER):
-            token = self._renew(slot_id, token)
-        with self.dir.lock:
-            obj = self.dir.objects.get(handle)
-        if obj is None or obj.slot_id != slot_id:
-            raise PKCS11Error(C.CKR_KEY_HANDLE_INVALID)
-        return token, obj
-
     def crypto(
         self,
         which: int,
@@ -590,78 +582,64 @@ class Provider:
         param: bytes,
         signature: bytes | None,
     ) -> bytes | None:
-        """Every single-part or final operation the core hands over (which: 0 encrypt,
-        1 decrypt, 2 sign, 3 verify). A public key's work is done here; the rest is one
-        request to the key service."""
-        token, obj = self._key(slot_id, key)
+        """Every encrypt, decrypt, sign and verify the core hands over (which: the core's
+        OP_ENCRYPT .. OP_VERIFY): single-part, final, and each request of a multi-part
+        cipher. iv: the CBC IV or chaining value (b"" for none); mac_len: the output length
+        (sent for the _GENERAL mechanisms); param: a serialised struct parameter (PSS, OAEP,
+        GCM); signature: what verify checks. A public key's work is done here; the rest is
+        one request to the key service. Returns the output, None for a verified signature.
+
+        The per-operation path: _token(), _object() and _call() are inlined (each Python frame
+        between the core and pycurl costs)."""
+        token = self.tokens.get(slot_id)
+        if token is None:
+            raise PKCS11Error(C.CKR_USER_NOT_LOGGED_IN)
+        if _monotonic() >= self.renew_at.get(slot_id, _NEVER):
+            token = self._renew(slot_id, token)
+        obj = self.dir.objects.get(key)  # one dict read is atomic: no lock
+        if obj is None or obj.slot_id != slot_id:
+            raise PKCS11Error(C.CKR_KEY_HANDLE_INVALID)
         m = mechanisms.BY_CODE[mech]
         extra = params.decode(m.param, param) if param else None
-        if obj.attrs.get("CKA_CLASS") == C.CKO_PUBLIC_KEY:
-            from pkcs11ws import pubkey
-
-            if obj.public_key is None:
-                spki = obj.attrs.get("CKA_PUBLIC_KEY_INFO")
-                assert isinstance(spki, bytes)
-                obj.public_key = pubkey.load(spki)
-            if which == _VERIFY:
-                assert signature is not None
-                pubkey.verify(m, obj.public_key, data, signature, extra or {})
-                return None
-            return pubkey.encrypt(m, obj.public_key, data, extra or {})
+        if obj.public:
+            return self._public(which, obj, m, data, signature, extra or {})
         try:
-            if which == _SIGN:
-                return self.client.sign(
-                    token, obj.uuid, m.name, data, mac_len if m.general else None, extra
-                )
-            if which == _VERIFY:
-                assert signature is not None
-                self.client.verify(
-                    token, obj.uuid, m.name, data, signature, mac_len if m.general else None
-                )
-                return None
-            fn = self.client.encrypt if which == _ENCRYPT else self.client.decrypt
-            return fn(token, obj.uuid, m.name, iv or None, data, extra)[0]
-        except ServiceError as e:
-            self._failed(slot_id, e, obj)
-            raise
-
-    def encrypt(self, slot_id: int, key: int, mech: int, iv: bytes, data: bytes) -> bytes:
-        token, obj = self._key(slot_id, key)
-        try:
-            return self.client.encrypt(token, obj.uuid, mechanisms.BY_CODE[mech].name, iv, data)[0]
-        except ServiceError as e:
-            self._failed(slot_id, e, obj)
-            raise
-
-    def decrypt(self, slot_id: int, key: int, mech: int, iv: bytes, data: bytes) -> bytes:
-        token, obj = self._key(slot_id, key)
-        try:
-            return self.client.decrypt(token, obj.uuid, mechanisms.BY_CODE[mech].name, iv, data)[0]
-        except ServiceError as e:
-            self._failed(slot_id, e, obj)
-            raise
-
-    def sign(self, slot_id: int, key: int, mech: int, data: bytes, mac_len: int) -> bytes:
-        token, obj = self._key(slot_id, key)
-        m = mechanisms.BY_CODE[mech]
-        try:
-            return self.client.sign(token, obj.uuid, m.name, data, mac_len if m.general else None)
-        except ServiceError as e:
-            self._failed(slot_id, e, obj)
-            raise
-
-    def verify(
-        self, slot_id: int, key: int, mech: int, data: bytes, signature: bytes, mac_len: int
-    ) -> None:
-        token, obj = self._key(slot_id, key)
-        m = mechanisms.BY_CODE[mech]
-        try:
-            self.client.verify(
-                token, obj.uuid, m.name, data, signature, mac_len if m.general else None
+            return self.client.crypto(
+                _OP_NAMES[which],
+                token,
+                obj.uuid,
+                m.name,
+                data,
+                iv or None,
+                signature,
+                mac_len if m.general else None,
+                extra,
             )
         except ServiceError as e:
             self._failed(slot_id, e, obj)
             raise
+
+    @staticmethod
+    def _public(
+        which: int,
+        obj: Obj,
+        m: mechanisms.Mechanism,
+        data: bytes,
+        signature: bytes | None,
+        extra: dict[str, Any],
+    ) -> bytes | None:
+        """Verify or encrypt with a public key, in the module (no round trip)."""
+        from pkcs11ws import pubkey  # public-key work only: cryptography stays out of start-up
+
+        if obj.public_key is None:
+            spki = obj.attrs.get("CKA_PUBLIC_KEY_INFO")
+            assert isinstance(spki, bytes)
+            obj.public_key = pubkey.load(spki)
+        if which == _VERIFY:
+            assert signature is not None
+            pubkey.verify(m, obj.public_key, data, signature, extra)
+            return None
+        return pubkey.encrypt(m, obj.public_key, data, extra)
 
     def random(self, length: int) -> bytes:
         parts = []

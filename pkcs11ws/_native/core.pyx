@@ -26,7 +26,7 @@ import sys
 from pkcs11ws import __version__ as _version
 from pkcs11ws import mechanisms as _mechanisms
 from pkcs11ws.errors import ConfigError, PKCS11Error
-from pkcs11ws.log import set_session as _log_session
+from pkcs11ws.log import SESSION as _log_session
 
 include "tables.pxi"
 
@@ -95,11 +95,11 @@ cdef CK_RV _unsupported(CK_RV rv) noexcept nogil:
 
 cdef object _prov_s(CK_SESSION_HANDLE h):
     """The provider, for work on behalf of session h (0: none): the log lines it causes carry
-    h (one set_session per call)."""
+    h (log.set_session, inlined: one attribute set on the thread-local, no Python frame)."""
     p = g_provider
     if p is None:
         raise PKCS11Error(CKR_CRYPTOKI_NOT_INITIALIZED)
-    _log_session(h)
+    _log_session.session = h
     return p
 
 
@@ -341,7 +341,7 @@ cdef CK_RV _initialize(const char* reserved, bint no_threads) noexcept:
                 path = os.fsdecode(text[7:])
         from pkcs11ws.provider import Provider
 
-        _log_session(0)
+        _log_session.session = 0
         g_provider = Provider(path, sys.modules[__name__], no_threads=no_threads)
         return CKR_OK
     except ConfigError as e:
@@ -444,7 +444,7 @@ cdef CK_RV f_Finalize(CK_VOID_PTR pReserved) noexcept nogil:
         p = g_provider
         g_provider = None
         try:
-            _log_session(0)
+            _log_session.session = 0
             if p is not None:
                 p.finalize()
         except BaseException as e:

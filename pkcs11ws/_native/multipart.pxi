@@ -18,10 +18,9 @@ cdef CK_ULONG CIPHER_CHUNK = 1024 * 1024  # whole blocks per request (the servic
 
 cdef object _cipher_request(CK_SESSION_HANDLE h, int which, CK_SLOT_ID slot,
                             CK_OBJECT_HANDLE key, CK_MECHANISM_TYPE mech, bytes iv, bytes data):
-    """One CBC request (with the GIL); raises PKCS11Error."""
-    if which == OP_ENCRYPT:
-        return _prov_s(h).encrypt(slot, key, mech, iv, data)
-    return _prov_s(h).decrypt(slot, key, mech, iv, data)
+    """One CBC request (with the GIL), through the provider's one crypto path; raises
+    PKCS11Error."""
+    return _prov_s(h).crypto(which, slot, key, mech, data, iv, 0, b"", None)
 
 
 cdef CK_RV _multi_begin(Session* s, int which, OpState* op) noexcept nogil:

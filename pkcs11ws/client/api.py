@@ -43,12 +43,13 @@ Every logical request carries an X-Request-Id (a per-process random prefix and a
 retries reuse it), logged here at DEBUG3 and written by the service in its audit trail, so one
 operation can be followed across both logs.
 
-sign, verify, encrypt and decrypt (the per-operation calls) take a fast path: the request JSON is
-assembled directly (a cached prefix per key and mechanism, binascii base64), the first attempt
-goes straight to the transport (the retry loop runs only after a failure, and only when no debug
-tracing is on), and the answer is checked against its struct by a few exact tests; an answer
-those tests do not accept goes through the generic strict protocol.decode(), so what is accepted
-and every error are the same as on the generic path.
+The per-operation calls (sign, verify, encrypt, decrypt) share one path, crypto(), driven by
+the operation: the request JSON is assembled directly (a cached head per key and mechanism, the
+optional fields the operation's request has, binascii base64), the first attempt goes straight
+to the transport (the retry loop runs only after a failure, and only when no debug tracing is
+on), and the answer is checked against the operation's response struct by a few exact tests; an
+answer those tests do not accept goes through the generic strict protocol.decode(), so what is
+accepted and every error are the same as on the generic path.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from pkcs11ws import constants as C
 from pkcs11ws import protocol
 from pkcs11ws._lite import dataclass
 from pkcs11ws.client.group import Call, GroupCommit
+from pkcs11ws.client.idempotency import PendingKeys, new_idempotency_key
 from pkcs11ws.client.transport import BASE_HEADERS, CurlFailure, Transport
 from pkcs11ws.config import Config
 from pkcs11ws.errors import (
@@ -90,6 +92,7 @@ _decode_json = json.JSONDecoder().decode
 _json_str = json.encoder.encode_basestring_ascii
 _b64 = binascii.b2a_base64
 _monotonic = time.monotonic
+_canonical_b64 = protocol.canonical_b64
 REJECTED: Final = "the service refused this client certificate (expired? other CA?)"
 
 
@@ -127,10 +130,28 @@ _ENDPOINTS: Final[dict[str, _Endpoint]] = {
 }
 
 
-_SIGN: Final = _ENDPOINTS["sign"]
-_VERIFY: Final = _ENDPOINTS["verify"]
-_ENCRYPT: Final = _ENDPOINTS["encrypt"]
-_DECRYPT: Final = _ENDPOINTS["decrypt"]
+@dataclass(frozen=True)
+class _Crypto:
+    """A per-operation endpoint as crypto() sees it, read from its response struct: the output
+    field (bytes, or Verified's bool) and the other bytes fields the answer must carry."""
+
+    spec: _Endpoint
+    out: str
+    boolean: bool
+    size: int
+    more: tuple[str, ...]
+
+
+def _crypto(op: str) -> _Crypto:
+    spec = _ENDPOINTS[op]
+    first, *rest = spec.response.fields
+    assert all(f.kind == "bytes" for f in rest) and first.kind in ("bytes", "bool")
+    return _Crypto(
+        spec, first.name, first.kind == "bool", 1 + len(rest), tuple(f.name for f in rest)
+    )
+
+
+_CRYPTO: Final = {op: _crypto(op) for op in ("encrypt", "decrypt", "sign", "verify")}
 _RANDOM: Final = _ENDPOINTS["random"]
 _BATCH: Final = _ENDPOINTS["batch"]
 # A batch the service cannot take: an older service without the endpoint, or a batch over its
@@ -145,11 +166,11 @@ class _RequestIds:
         self.reset()
 
     def reset(self) -> None:
-        self._prefix = f"{protocol.REQUEST_ID_HEADER}: {os.urandom(5).hex()}-"
-        self._count = itertools.count(1)
+        self.prefix = f"{protocol.REQUEST_ID_HEADER}: {os.urandom(5).hex()}-"
+        self.count = itertools.count(1)
 
     def header(self) -> str:
-        return self._prefix + str(next(self._count))
+        return self.prefix + str(next(self.count))
 
 
 _REQUEST_IDS: Final = _RequestIds()
@@ -161,74 +182,18 @@ def _rid(headers: Sequence[str]) -> str:
     return headers[-1][_RID_SKIP:]
 
 
-def _new_idempotency_key() -> str:
-    """A random (version 4) UUID; os.urandom keeps the uuid module out of start-up."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
-    b[8] = (b[8] & 0x3F) | 0x80
-    h = b.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-class PendingKeys:
-    """Idempotency keys of requests that got no answer, by (operation, path, body digest).
-
-    Shared by the clients of one process (the module's survives C_Finalize/C_Initialize). A key
-    is taken out while a request uses it (so two threads never share one) and dropped once a
-    request with it succeeds. The service remembers a key for its idempotency_ttl (24 h by
-    default); a key kept longer is harmless: the service then treats it as new. Bounded: the
-    oldest keys go first.
-    """
-
-    MAX = 256
-    MAX_AGE = 24 * 3600.0
-
-    def __init__(self) -> None:
-        self._keys: dict[tuple[str, str, bytes], tuple[str, float]] = {}
-
-    def __bool__(self) -> bool:
-        return bool(self._keys)
-
-    @staticmethod
-    def slot(op: str, path: str, data: bytes | None) -> tuple[str, str, bytes]:
-        import hashlib  # only after a failure: kept out of start-up
-
-        return op, path, hashlib.sha256(data or b"").digest()
-
-    def take(self, slot: tuple[str, str, bytes]) -> str | None:
-        found = self._keys.pop(slot, None)  # atomic under the GIL
-        if found is None or found[1] < time.monotonic() - self.MAX_AGE:
-            return None
-        return found[0]
-
-    def keep(self, slot: tuple[str, str, bytes], key: str) -> None:
-        while len(self._keys) >= self.MAX:
-            try:
-                del self._keys[next(iter(self._keys))]
-            except (StopIteration, KeyError, RuntimeError):  # emptied by another thread
-                break
-        self._keys[slot] = (key, time.monotonic())
-
-    def clear(self) -> None:
-        self._keys.clear()
-
-
-def _tail(spec: _Endpoint, params: dict[str, Any] | None) -> bytes:
-    """The end of a fast-path body after its last base64 field: the mechanism's parameters
-    (PSS, OAEP, GCM) as the protocol encodes them."""
-    fields = protocol.encode(
-        spec.request, {k: v for k, v in (params or {}).items() if v is not None}
-    )
+def _tail(spec: _Endpoint, mac_length: int | None, params: dict[str, Any] | None) -> bytes:
+    """The end of a fast-path body after its last base64 field: the MAC length of a _GENERAL
+    mechanism and the mechanism's parameters (PSS, OAEP, GCM) as the protocol encodes them."""
+    if not params:
+        return b'","mac_length":%d}' % mac_length if mac_length is not None else b'"}'
+    values = {k: v for k, v in params.items() if v is not None}
+    if mac_length is not None:
+        values["mac_length"] = mac_length
+    fields = protocol.encode(spec.request, values)
     if not fields:
         return b'"}'
     return b'",' + json.dumps(fields, separators=(",", ":"))[1:].encode("ascii")
-
-
-def _canonical_b64(value: object) -> bytes | None:
-    """value decoded when it is canonical strict base64 (as protocol.b64d accepts), else None."""
-    if type(value) is not str:
-        return None
-    return protocol.canonical_b64(value)
 
 
 def _batch_results(raw: bytes) -> list[dict[str, Any]] | None:
@@ -278,8 +243,8 @@ class KeyServiceClient:
         self.retrydelay = cfg.retrydelay
         self.timeout = cfg.timeout
         self._token_headers: dict[str, tuple[str, ...]] = {}
-        # (op, key, mechanism) -> the request JSON up to the first base64 field's opening quote.
-        self._prefixes: dict[tuple[str, str, str], bytes] = {}
+        # (key, mechanism) -> a crypto request's JSON up to the opening quote of its data.
+        self._heads: dict[tuple[str, str], bytes] = {}
         # (op, token) -> a batch item's JSON up to its request body.
         self._items: dict[tuple[str, str | None], bytes] = {}
         # Group commit (group.py): BATCHINFLIGHT requests in flight per server; 0: off.
@@ -359,7 +324,7 @@ class KeyServiceClient:
                 if reused and self.log.enabled(DEBUG1):
                     self.log.debug1(f"{op}: reusing the Idempotency-Key of an unanswered request")
             if idempotency_key is None:
-                idempotency_key = _new_idempotency_key()
+                idempotency_key = new_idempotency_key()
             try:
                 headers = (*self._headers(token, idempotency_key), _REQUEST_IDS.header())
                 status, raw = self._send(spec, path, data, headers)
@@ -395,13 +360,6 @@ class KeyServiceClient:
                 C.CKR_DEVICE_ERROR, "BAD_RESPONSE", status, "malformed answer from the key service"
             ) from None
 
-    def _fast(self, spec: _Endpoint, data: bytes, token: str | None) -> tuple[int, Any]:
-        """One crypto call: (2xx status, the parsed JSON answer), alone or in a batch."""
-        group = self.group
-        if group is None:
-            return self._single(spec.name, token, data)
-        return group.run(spec.name, token, data, self._single, self._send_batch)
-
     def _single(self, op: str, token: str | None, data: bytes) -> tuple[int, Any]:
         """One crypto request on the fast path: (status, the parsed JSON answer).
 
@@ -412,7 +370,8 @@ class KeyServiceClient:
         cached: Sequence[str] | None = self._token_headers.get(token) if token else None
         if cached is None:
             cached = self._headers(token, None)
-        headers = (*cached, _REQUEST_IDS.header())
+        ids = _REQUEST_IDS
+        headers = (*cached, ids.prefix + str(next(ids.count)))
         if self.log.level >= DEBUG3:
             status, raw = self._send(spec, spec.path, data, headers)
         else:
@@ -425,7 +384,8 @@ class KeyServiceClient:
                 if status >= 300:
                     status, raw = self._send(spec, spec.path, data, headers, (status, raw), started)
         try:
-            return status, _loads(raw)
+            # Decoding the UTF-8 first skips json.loads' encoding detection on bytes.
+            return status, _decode_json(raw.decode("utf-8"))
         except ValueError:
             return status, self._decode(spec, status, raw)  # raises BAD_RESPONSE
 
@@ -482,18 +442,6 @@ class KeyServiceClient:
                 c.status, c.answer = st, r["answer"]
             else:
                 c.error = self._service_error(st, _dumps(r["answer"]).encode())
-
-    def _prefix(self, op: str, key: str, mechanism: str, first: str) -> bytes:
-        """The request JSON up to the opening quote of field first (the first base64 one)."""
-        cache_key = (op, key, mechanism)
-        prefix = self._prefixes.get(cache_key)
-        if prefix is None:
-            if len(self._prefixes) >= _MAX_PREFIXES:
-                self._prefixes.clear()
-            text = f'{{"key":{_json_str(key)},"mechanism":{_json_str(mechanism)},"{first}":"'
-            prefix = text.encode("ascii")
-            self._prefixes[cache_key] = prefix
-        return prefix
 
     def _send(
         self,
@@ -730,59 +678,77 @@ class KeyServiceClient:
             body={"mechanism": mechanism, "public_attrs": public, "private_attrs": private},
         )
 
-    # The per-operation calls: the fast path (see the module docstring).
+    # The per-operation calls: one path (see the module docstring).
 
-    def _cipher(
+    def crypto(
         self,
-        spec: _Endpoint,
+        op: str,
         token: str,
         key: str,
         mechanism: str,
-        iv: bytes | None,
         data: bytes,
+        iv: bytes | None = None,
+        signature: bytes | None = None,
+        mac_length: int | None = None,
         params: dict[str, Any] | None = None,
-    ) -> tuple[bytes, bytes]:
-        if iv is None:
-            head = self._prefix(spec.name, key, mechanism, "data")
+    ) -> bytes | None:
+        """One sign, verify, encrypt or decrypt (op): the output (the signature, the data), or
+        None for a signature that verifies. iv, signature, mac_length and params are the
+        optional fields of the operation's request struct; a signature that does not verify
+        raises ServiceError SIGNATURE_INVALID."""
+        c = _CRYPTO[op]
+        head = self._heads.get((key, mechanism))
+        if head is None:
+            head = self._head(key, mechanism)
+        parts = [head, _b64(data, newline=False)]
+        if iv is not None:
+            parts += (b'","iv":"', _b64(iv, newline=False))
+        if signature is not None:
+            parts += (b'","signature":"', _b64(signature, newline=False))
+        parts.append(
+            b'"}' if mac_length is None and not params else _tail(c.spec, mac_length, params)
+        )
+        body = b"".join(parts)
+        group = self.group
+        if group is None:
+            status, r = self._single(op, token, body)
         else:
-            head = b"".join(
-                (
-                    self._prefix(spec.name, key, mechanism, "iv"),
-                    _b64(iv, newline=False),
-                    b'","data":"',
-                )
+            status, r = group.run(op, token, body, self._single, self._send_batch)
+        # The exact shape of the answer, else the strict decoder (which says what is wrong).
+        if type(r) is dict and len(r) == c.size:
+            value = r.get(c.out)
+            if type(value) is str:
+                out = _canonical_b64(value)
+                if out is not None:
+                    for name in c.more:
+                        more = r.get(name)
+                        if type(more) is not str or _canonical_b64(more) is None:
+                            break
+                    else:
+                        return out
+            elif value is True and c.boolean:
+                return None
+        decoded = self._decode(c.spec, status, r)[c.out]
+        if decoded is False:
+            # The protocol reports a mismatch as an error; a 200 saying false is treated alike.
+            raise ServiceError(
+                C.CKR_SIGNATURE_INVALID, "SIGNATURE_INVALID", 200, "the MAC does not verify"
             )
-        body = b"".join((head, _b64(data, newline=False), _tail(spec, params)))
-        status, r = self._fast(spec, body, token)
-        if type(r) is dict and len(r) == 2:
-            out = _canonical_b64(r.get("data"))
-            last = _canonical_b64(r.get("last_block"))
-            if out is not None and last is not None:
-                return out, last
-        d = self._decode(spec, status, r)
-        return d["data"], d["last_block"]
+        if decoded is True:
+            return None
+        result: bytes = decoded
+        return result
 
-    def encrypt(
-        self,
-        token: str,
-        key: str,
-        mechanism: str,
-        iv: bytes | None,
-        data: bytes,
-        params: dict[str, Any] | None = None,
-    ) -> tuple[bytes, bytes]:
-        return self._cipher(_ENCRYPT, token, key, mechanism, iv, data, params)
+    def _head(self, key: str, mechanism: str) -> bytes:
+        """A crypto request's JSON up to the opening quote of its data (cached)."""
+        if len(self._heads) >= _MAX_PREFIXES:
+            self._heads.clear()
+        text = f'{{"key":{_json_str(key)},"mechanism":{_json_str(mechanism)},"data":"'
+        head = text.encode("ascii")
+        self._heads[(key, mechanism)] = head
+        return head
 
-    def decrypt(
-        self,
-        token: str,
-        key: str,
-        mechanism: str,
-        iv: bytes | None,
-        data: bytes,
-        params: dict[str, Any] | None = None,
-    ) -> tuple[bytes, bytes]:
-        return self._cipher(_DECRYPT, token, key, mechanism, iv, data, params)
+    # Typed shorthands of crypto() for Python callers (the provider calls crypto() itself).
 
     def sign(
         self,
@@ -793,20 +759,9 @@ class KeyServiceClient:
         mac_length: int | None = None,
         params: dict[str, Any] | None = None,
     ) -> bytes:
-        if params:
-            tail = _tail(_SIGN, {**params, "mac_length": mac_length})
-        else:
-            tail = b'"}' if mac_length is None else b'","mac_length":%d}' % mac_length
-        body = b"".join(
-            (self._prefix("sign", key, mechanism, "data"), _b64(data, newline=False), tail)
-        )
-        status, r = self._fast(_SIGN, body, token)
-        if type(r) is dict and len(r) == 1:
-            signature = _canonical_b64(r.get("signature"))
-            if signature is not None:
-                return signature
-        result: bytes = self._decode(_SIGN, status, r)["signature"]
-        return result
+        out = self.crypto("sign", token, key, mechanism, data, None, None, mac_length, params)
+        assert out is not None
+        return out
 
     def verify(
         self,
@@ -817,32 +772,44 @@ class KeyServiceClient:
         signature: bytes,
         mac_length: int | None = None,
     ) -> None:
-        tail = b'"}' if mac_length is None else b'","mac_length":%d}' % mac_length
-        body = b"".join(
-            (
-                self._prefix("verify", key, mechanism, "data"),
-                _b64(data, newline=False),
-                b'","signature":"',
-                _b64(signature, newline=False),
-                tail,
-            )
-        )
-        status, r = self._fast(_VERIFY, body, token)
-        if not (type(r) is dict and len(r) == 1 and type(r.get("valid")) is bool):
-            r = self._decode(_VERIFY, status, r)
-        if r.get("valid") is not True:
-            # The protocol reports a mismatch as an error; a 200 saying false is treated alike.
-            raise ServiceError(
-                C.CKR_SIGNATURE_INVALID, "SIGNATURE_INVALID", 200, "the MAC does not verify"
-            )
+        self.crypto("verify", token, key, mechanism, data, None, signature, mac_length)
+
+    def encrypt(
+        self,
+        token: str,
+        key: str,
+        mechanism: str,
+        iv: bytes | None,
+        data: bytes,
+        params: dict[str, Any] | None = None,
+    ) -> bytes:
+        out = self.crypto("encrypt", token, key, mechanism, data, iv, None, None, params)
+        assert out is not None
+        return out
+
+    def decrypt(
+        self,
+        token: str,
+        key: str,
+        mechanism: str,
+        iv: bytes | None,
+        data: bytes,
+        params: dict[str, Any] | None = None,
+    ) -> bytes:
+        out = self.crypto("decrypt", token, key, mechanism, data, iv, None, None, params)
+        assert out is not None
+        return out
 
     def random(self, length: int) -> bytes:
         if self.group is None:
             data: bytes = self.call("random", body={"length": length})["data"]
             return data
-        status, r = self._fast(_RANDOM, b'{"length":%d}' % length, None)
+        status, r = self.group.run(
+            "random", None, b'{"length":%d}' % length, self._single, self._send_batch
+        )
         if type(r) is dict and len(r) == 1:
-            out = _canonical_b64(r.get("data"))
+            value = r.get("data")
+            out = _canonical_b64(value) if type(value) is str else None
             if out is not None:
                 return out
         result: bytes = self._decode(_RANDOM, status, r)["data"]

@@ -166,8 +166,8 @@ def test_generate_keys(cl: KeyServiceClient, cl_card: tuple[str, str]) -> None:
     a = aes["attrs"]
     assert (a["CKA_KEY_TYPE"], a["CKA_VALUE_LEN"], a["CKA_LOCAL"]) == (C.CKK_AES, 32, True)
     assert "CKA_VALUE" not in a  # never returned for secret keys
-    ct, _ = cl.encrypt(tok, aes["handle"], "CKM_AES_CBC_PAD", bytes(16), b"x")
-    assert cl.decrypt(tok, aes["handle"], "CKM_AES_CBC_PAD", bytes(16), ct)[0] == b"x"
+    ct = cl.encrypt(tok, aes["handle"], "CKM_AES_CBC_PAD", bytes(16), b"x")
+    assert cl.decrypt(tok, aes["handle"], "CKM_AES_CBC_PAD", bytes(16), ct) == b"x"
     mac = cl.generate_key(cid, tok, "CKM_SHA256_KEY_GEN", {"CKA_VALUE_LEN": 32})
     assert mac["attrs"]["CKA_KEY_TYPE"] == C.CKK_SHA256_HMAC
     sig = cl.sign(tok, mac["handle"], "CKM_SHA256_HMAC", b"data")
@@ -178,26 +178,25 @@ def test_encrypt_decrypt_match_local_aes(cl, cl_card, keys) -> None:
     _, tok = cl_card
     iv = os.urandom(16)
     data = os.urandom(64)
-    ct, last = cl.encrypt(tok, keys["aes"], "CKM_AES_CBC", iv, data)
+    ct = cl.encrypt(tok, keys["aes"], "CKM_AES_CBC", iv, data)
     enc = Cipher(algorithms.AES(AES_KEY), modes.CBC(iv)).encryptor()
     assert ct == enc.update(data) + enc.finalize()
-    assert last == ct[-16:]
-    assert cl.decrypt(tok, keys["aes"], "CKM_AES_CBC", iv, ct) == (data, ct[-16:])
-    # Chaining: the last block continues the CBC chain in a following call.
-    ct1, last1 = cl.encrypt(tok, keys["aes"], "CKM_AES_CBC", iv, data[:32])
-    ct2, _ = cl.encrypt(tok, keys["aes"], "CKM_AES_CBC", last1, data[32:])
+    assert cl.decrypt(tok, keys["aes"], "CKM_AES_CBC", iv, ct) == data
+    # Chaining: the last ciphertext block continues the CBC chain in a following call.
+    ct1 = cl.encrypt(tok, keys["aes"], "CKM_AES_CBC", iv, data[:32])
+    ct2 = cl.encrypt(tok, keys["aes"], "CKM_AES_CBC", ct1[-16:], data[32:])
     assert ct1 + ct2 == ct
-    padded, _ = cl.encrypt(tok, keys["aes"], "CKM_AES_CBC_PAD", iv, b"hello")
+    padded = cl.encrypt(tok, keys["aes"], "CKM_AES_CBC_PAD", iv, b"hello")
     assert len(padded) == 16
-    assert cl.decrypt(tok, keys["aes"], "CKM_AES_CBC_PAD", iv, padded)[0] == b"hello"
+    assert cl.decrypt(tok, keys["aes"], "CKM_AES_CBC_PAD", iv, padded) == b"hello"
 
 
 def test_large_body_goes_without_expect_delay(cl, cl_card, keys) -> None:
     _, tok = cl_card
     data = os.urandom(64 * 1024)
     t0 = time.monotonic()
-    ct, _ = cl.encrypt(tok, keys["aes"], "CKM_AES_CBC", bytes(16), data)
-    assert cl.decrypt(tok, keys["aes"], "CKM_AES_CBC", bytes(16), ct)[0] == data
+    ct = cl.encrypt(tok, keys["aes"], "CKM_AES_CBC", bytes(16), data)
+    assert cl.decrypt(tok, keys["aes"], "CKM_AES_CBC", bytes(16), ct) == data
     # With "Expect: 100-continue" libcurl would wait up to 1 s for the server's 100 answer.
     assert time.monotonic() - t0 < 0.9
 

@@ -107,7 +107,7 @@ def test_queued_calls_leave_together_each_with_its_own_answer(batch_cl: KeyServi
     assert rv[3] == C.CKR_KEY_HANDLE_INVALID
     assert rv[5] == C.CKR_ENCRYPTED_DATA_LEN_RANGE
     assert rv[7] == C.CKR_USER_NOT_LOGGED_IN
-    assert isinstance(out[4], tuple) and len(out[4][0]) == 32
+    assert isinstance(out[4], bytes) and len(out[4]) == 32
     assert isinstance(out[6], bytes) and len(out[6]) == 40
     # One request carried the eight calls.
     assert group.sizes.get(8, 0) == before.get(8, 0) + 1
