@@ -69,7 +69,11 @@ if TYPE_CHECKING:  # annotations only: importing typing costs start-up time and 
 PYCURL_FIX: Final = "install pycurl built against the system libcurl; " + pycurl_fix()
 # The Debian OpenSSL flavour of libcurl; auditwheel-renamed copies look like libcurl-1a2b3c4d.so.4.
 _SYSTEM_LIBCURL_RE: Final = re.compile(r"^libcurl\.so\.4(\.[0-9.]+)?$")
-BASE_HEADERS: Final = ("Content-Type: application/json", "Accept: application/json", "Expect:")
+# Every request's headers. libcurl 7.88 formats each header byte on its own (about 100
+# instructions a byte, a large part of the client's cost per request): "Accept:" drops the
+# Accept header (the service answers JSON whatever it says; without this libcurl sends
+# "Accept: */*"), "Expect:" keeps libcurl from waiting for a 100 answer on bodies > 1 MiB.
+BASE_HEADERS: Final = ("Content-Type: application/json", "Accept:", "Expect:")
 # Failures that no retry can cure: bad options, local certificate problems, an untrusted peer.
 # CURLE_RECURSIVE_API_CALL (pycurl has no name for it): a request from inside a request.
 E_RECURSIVE: Final = 93
