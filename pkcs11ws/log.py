@@ -211,15 +211,12 @@ def _library_name() -> str:
 
 
 def _find_loaded_name() -> str | None:
-    import ctypes
-
     ours = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native", "libpkcs11ws.so")
     try:
         st = os.stat(ours)
     except OSError:
         return None
     target = (st.st_dev, st.st_ino)
-    found: list[str] = []
     content: list[bytes] = []
 
     def same_file(path: str, s: os.stat_result) -> bool:
@@ -233,30 +230,43 @@ def _find_loaded_name() -> str | None:
         with open(path, "rb") as f:
             return f.read() == content[0]
 
+    for raw in _loaded_objects():
+        path = os.fsdecode(raw)
+        with suppress(OSError):
+            if same_file(path, os.stat(path)):
+                base = os.path.basename(path)
+                return base[:-3] if base.endswith(".so") else base
+    return None
+
+
+def _loaded_objects() -> list[bytes]:
+    """The loaded shared objects' names as they were loaded (dl_iterate_phdr: a symlink keeps
+    its own name). Inside the module the core lists them (ctypes costs ~3 ms at start-up)."""
+    import sys
+
+    core = sys.modules.get("pkcs11ws._native.core")
+    if core is not None:
+        names: list[bytes] = core.loaded_objects()
+        return names
+    import ctypes  # a Python program using the log without the module
+
     class DlPhdrInfo(ctypes.Structure):
         _fields_ = [("addr", ctypes.c_void_p), ("name", ctypes.c_char_p)]
 
     callback_t = ctypes.CFUNCTYPE(
         ctypes.c_int, ctypes.POINTER(DlPhdrInfo), ctypes.c_size_t, ctypes.c_void_p
     )
+    found: list[bytes] = []
 
     def visit(info: Any, size: int, data: object) -> int:
         raw = info.contents.name
         if raw:
-            path = os.fsdecode(raw)
-            with suppress(OSError):
-                s = os.stat(path)
-                if same_file(path, s):
-                    found.append(os.path.basename(path))
-                    return 1
+            found.append(raw)
         return 0
 
     libc = ctypes.CDLL(None)
     libc.dl_iterate_phdr(callback_t(visit), None)
-    if not found:
-        return None
-    base = found[0]
-    return base[:-3] if base.endswith(".so") else base
+    return found
 
 
 def report_config_error(message: str, config_path: str | None) -> None:

@@ -281,6 +281,30 @@ def object_drop(handle: int) -> None:
     _obj_drop(handle)
 
 
+cdef extern from "<link.h>":
+    struct dl_phdr_info:
+        const char* dlpi_name
+    int dl_iterate_phdr(int (*callback)(dl_phdr_info*, size_t, void*) noexcept, void* data)
+
+
+cdef int _add_loaded(dl_phdr_info* info, size_t size, void* data) noexcept:
+    # Called by dl_iterate_phdr in loaded_objects()'s thread, which holds the GIL.
+    if info.dlpi_name != NULL and info.dlpi_name[0] != 0:
+        try:
+            (<list>data).append(<bytes>info.dlpi_name)
+        except BaseException:
+            return 1
+    return 0
+
+
+def loaded_objects() -> list:
+    """The file names of the loaded shared objects as they were loaded (a symlink keeps its
+    name): what the log's library name is found from, without importing ctypes."""
+    names = []
+    dl_iterate_phdr(_add_loaded, <void*>names)
+    return names
+
+
 def current_provider() -> object:
     """The live Provider (None when not initialised): for tests and diagnostics."""
     return g_provider

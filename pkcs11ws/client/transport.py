@@ -649,13 +649,20 @@ class Transport:
     def abort(self) -> None:
         """End every transfer in progress now, connects included (their calls raise
         Finalizing), wake the calls waiting to retry, and fail later requests at once. The first
-        step of close(); callable alone, from any thread, more than once."""
-        import socket  # only here: kept out of start-up
+        step of close(); callable alone, from any thread, more than once.
 
+        Only the sockets of busy handles are shut down: an idle handle's connection carries no
+        transfer, and a request that takes it from now on sees `aborted` before it performs
+        (_attempt checks it after marking the handle busy). So a C_Finalize with no call in
+        progress (pkcs11-tool -L) imports no socket module."""
         self.aborted = True
         self._wake.set()
         with self._lock:
-            conns = list(self._conns)
+            conns = [conn for conn in self._conns if conn.busy]
+        if not conns:
+            return
+        import socket  # only with transfers in progress: kept out of start-up
+
         with self._socks_lock:
             for conn in conns:
                 for fd in list(conn.socks.fds):
