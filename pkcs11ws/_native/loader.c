@@ -149,11 +149,12 @@ static int p11ws_path_append(PyObject *path, const char *entry)
 
 /* With the GIL, in an interpreter booted without site: site.main() as Py_Initialize would run
  * it (a venv's prefix and site-packages, .pth files, sitecustomize), except for the .pth of an
- * editable install of pkcs11ws itself. */
+ * editable install of pkcs11ws itself and setuptools' distutils-precedence.pth (it imports
+ * _distutils_hack, a shim for code importing distutils, which the module never does). */
 static const char p11ws_site_main[] =
     "import site\n"
     "def _p11ws_addpackage(sitedir, name, known_paths, _orig=site.addpackage):\n"
-    "    if name.startswith('__editable__.pkcs11ws-'):\n"
+    "    if name.startswith('__editable__.pkcs11ws-') or name == 'distutils-precedence.pth':\n"
     "        return known_paths\n"
     "    return _orig(sitedir, name, known_paths)\n"
     "site.addpackage = _p11ws_addpackage\n"
