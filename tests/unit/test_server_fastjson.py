@@ -31,8 +31,8 @@ VALID: dict[str, list[bytes]] = {
     ],
     "Verify": [b'{"key":"k","mechanism":"CKM_SHA256_HMAC","data":"QUI=","signature":"QUJD"}'],
     "Cipher": [
-        b'{"key":"k","mechanism":"CKM_AES_CBC","iv":"AAAAAAAAAAAAAAAAAAAAAA==","data":"QUJD"}',
-        b'{"key":"k","mechanism":"CKM_AES_GCM","iv":"AAAAAAAAAAAAAAAA","data":"","aad":"QQ==",'
+        b'{"key":"k","mechanism":"CKM_AES_CBC","data":"QUJD","iv":"AAAAAAAAAAAAAAAAAAAAAA=="}',
+        b'{"key":"k","mechanism":"CKM_AES_GCM","data":"","iv":"AAAAAAAAAAAAAAAA","aad":"QQ==",'
         b'"tag_bits":128}',
     ],
     "Random": [b'{"length":32}', b'{"length":0}', b'{"length":18446744073709551615}'],
