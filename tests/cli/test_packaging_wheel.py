@@ -16,7 +16,9 @@ import sys
 import tarfile
 import venv
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,7 +31,9 @@ VERSION = pkcs11ws.__version__
 UTILITIES = ["ckcheckinst", "ckinfo-dynamic", "cklist-dynamic", "ckmechinfo", "softcardtool"]
 
 
-def run(cmd: list[str], env: dict[str, str], stdin: str | None = None, timeout: float = 120):
+def run(
+    cmd: Sequence[str | Path], env: dict[str, str], stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(c) for c in cmd],
         capture_output=True,
@@ -119,41 +123,59 @@ def _fix_line(line: str) -> list[str]:
     return shlex.split(cmd)
 
 
-def test_pypi_pycurl_wheel_refused_in_one_line(plain_venv, service, tmp_path):
+@pytest.fixture(scope="module")
+def refusals(plain_venv, service, tmp_path_factory) -> dict[str, Any]:
+    """What plain_venv answers before it is fixed: fixed_venv fixes that same venv in place and
+    requests this fixture first, so the random order of the tests cannot show the refusal test a
+    venv that was already fixed."""
     site = plain_venv / "lib" / "python3.11" / "site-packages"
-    assert (site / "pycurl.libs").is_dir(), "plain pip did not install the PyPI pycurl wheel"
-    log = tmp_path / "module.log"
+    log = tmp_path_factory.mktemp("refusal") / "module.log"
     env = outside_env(PKCS11WS_CONFIG=str(service.client_cfg), PKCS11WS_LOGFILEPATH=str(log))
+    module = run([plain_venv / "bin" / "python", "-m", "pkcs11ws", "module-path"], env)
+    return {
+        "wheel_libs": (site / "pycurl.libs").is_dir(),
+        "site": site,
+        "softcardtool": run([plain_venv / "bin" / "softcardtool", "-l"], env),
+        "ckcheckinst": run([plain_venv / "bin" / "ckcheckinst"], env),
+        "pkcs11-tool": run(["pkcs11-tool", "--module", module.stdout.strip(), "-L"], env),
+        "log": log.read_text() if log.exists() else "",
+    }
+
+
+def test_pypi_pycurl_wheel_refused_in_one_line(plain_venv, refusals):
+    assert refusals["wheel_libs"], "plain pip did not install the PyPI pycurl wheel"
     # The venv's own interpreter (bin/python or bin/python3.11, as the script was started).
     fix = re.compile(
         rf"fix: {re.escape(str(plain_venv))}/bin/python[0-9.]* -m pip install --force-reinstall "
         r"--no-deps --no-binary pycurl pycurl \(needs "
     )
 
-    res = run([plain_venv / "bin" / "softcardtool", "-l"], env)
+    res = refusals["softcardtool"]
     assert res.returncode == 1
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("softcardtool: pycurl in "), res.stderr
     assert "is the PyPI wheel" in lines[0] and fix.search(lines[0])
 
-    res = run([plain_venv / "bin" / "ckcheckinst"], env)
+    res = refusals["ckcheckinst"]
     assert res.returncode == 1
     assert "Traceback" not in res.stdout + res.stderr
     failed = [ln for ln in res.stdout.splitlines() if ln.startswith("FAILED")]
     assert any("is the PyPI wheel" in ln and fix.search(ln) for ln in failed), res.stdout
 
-    module = run([plain_venv / "bin" / "python", "-m", "pkcs11ws", "module-path"], env)
-    res = run(["pkcs11-tool", "--module", module.stdout.strip(), "-L"], env)
+    res = refusals["pkcs11-tool"]
     assert res.returncode != 0
     assert "Traceback" not in res.stderr
-    assert f"libpkcs11ws: C_Initialize: pycurl in {site} is the PyPI wheel" in res.stderr
+    assert (
+        f"libpkcs11ws: C_Initialize: pycurl in {refusals['site']} is the PyPI wheel" in res.stderr
+    )
     assert fix.search(res.stderr)
-    assert "is the PyPI wheel" in log.read_text() and fix.search(log.read_text())
+    assert "is the PyPI wheel" in refusals["log"] and fix.search(refusals["log"])
 
 
 @pytest.fixture(scope="module")
-def fixed_venv(plain_venv, service) -> Path:
-    """plain_venv after running the command the refusal line gives."""
+def fixed_venv(plain_venv, refusals, service) -> Path:
+    """plain_venv after running the command the refusal line gives (in place: `refusals` has
+    recorded the venv as plain pip left it before)."""
     env = outside_env(PKCS11WS_CONFIG=str(service.client_cfg))
     res = run([plain_venv / "bin" / "softcardtool", "-l"], env)
     if res.returncode == 0:
