@@ -6,6 +6,6 @@ bin=.venv/bin
 export PATH="$PWD/$bin:$PATH"  # cython-lint runs pycodestyle by name
 $bin/ruff format --check .
 $bin/ruff check .
-$bin/mypy pkcs11ws bench
+$bin/mypy pkcs11ws bench tests
 $bin/cython-lint --max-line-length 100 pkcs11ws/_native
 echo "checks: ok"

@@ -363,16 +363,16 @@ def test_short_lifetimes_body_limit_and_sigterm(fresh_service, make_api):
     conn.putrequest("POST", "/crypto/v1/random")
     conn.putheader("Content-Length", "5000")
     conn.endheaders()
-    r = conn.getresponse()
-    assert r.status == 413 and b"BODY_TOO_LARGE" in r.read()
+    raw = conn.getresponse()
+    assert raw.status == 413 and b"BODY_TOO_LARGE" in raw.read()
     conn.close()
     # Chunked (no Content-Length): refused on the streamed length.
     conn = http.client.HTTPSConnection("127.0.0.1", svc.port, context=api.ctx, timeout=10)
     conn.request(
         "POST", "/crypto/v1/random", body=iter([b" " * 3000, b" " * 3000]), encode_chunked=True
     )
-    r = conn.getresponse()
-    assert r.status == 413 and b"BODY_TOO_LARGE" in r.read()
+    raw = conn.getresponse()
+    assert raw.status == 413 and b"BODY_TOO_LARGE" in raw.read()
     conn.close()
     # Just under the limit is fine.
     padded = b'{"length": 16}' + b" " * 4000

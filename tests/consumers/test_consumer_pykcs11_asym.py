@@ -47,7 +47,7 @@ def shared_se(service: Any) -> Any:
 
 def _pair(shared_se: Any, mech: int, pub: list[Any], label: str) -> tuple[Any, Any]:
     common = [(C.CKA_TOKEN, True), (C.CKA_LABEL, label), (C.CKA_ID, label.encode())]
-    return shared_se.generateKeyPair(  # type: ignore[no-any-return]
+    return shared_se.generateKeyPair(
         [*common, (C.CKA_VERIFY, True), *pub],
         [*common, (C.CKA_PRIVATE, True), (C.CKA_SIGN, True), (C.CKA_DECRYPT, mech == 0)],
         mecha=PyKCS11.Mechanism(mech, None),

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def unique_name() -> str:
 
 
 @pytest.fixture(scope="module")
-def cl(service) -> KeyServiceClient:
+def cl(service) -> Iterator[KeyServiceClient]:
     c = make_client(service, maxretries=0)
     yield c
     c.close()

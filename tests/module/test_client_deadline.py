@@ -63,7 +63,9 @@ def issue(
         issuer_key = ec.generate_private_key(ec.SECP256R1())
         issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "someone else's CA")])
     else:
-        issuer_key = serialization.load_pem_private_key((ca / "ca.key").read_bytes(), None)
+        loaded = serialization.load_pem_private_key((ca / "ca.key").read_bytes(), None)
+        assert isinstance(loaded, ec.EllipticCurvePrivateKey)  # the dev PKI's CA key
+        issuer_key = loaded
         issuer = x509.load_pem_x509_certificate((ca / "ca.pem").read_bytes()).subject
     cert = (
         x509.CertificateBuilder()
@@ -75,7 +77,7 @@ def issue(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(issuer_key, hashes.SHA256())  # type: ignore[arg-type]
+        .sign(issuer_key, hashes.SHA256())
     )
     pem, kp = d / f"{name}.pem", d / f"{name}.key"
     pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -29,6 +29,7 @@ from pkcs11ws.client.transport import COOLDOWN
 from pkcs11ws.config import load_config
 from pkcs11ws.errors import TransportError
 from pkcs11ws.log import Logger
+from pkcs11ws.protocol import Attrs
 from tests.support.p11ctypes import mechanism
 from tests.support.service import Api, Service, free_port
 
@@ -124,7 +125,7 @@ def test_requests_spread_over_both_and_an_activation_works_on_either(replicas, t
     assert [s.label for s in c.transport.servers] == [f"127.0.0.1:{a.port}", f"localhost:{b.port}"]
     card = c.create_softcard("f" + uuid.uuid4().hex[:12], PASS)
     token, _ = c.activate(card["id"], PASS)
-    attrs = {
+    attrs: Attrs = {
         "CKA_CLASS": C.CKO_SECRET_KEY,
         "CKA_KEY_TYPE": C.CKK_SHA256_HMAC,
         "CKA_VALUE": b"k" * 32,

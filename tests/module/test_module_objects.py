@@ -14,6 +14,7 @@ import os
 import threading
 import uuid
 from ctypes import byref
+from typing import Any
 
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -261,7 +262,7 @@ def test_template_policy_before_any_request(mod, logged_card):
     _, h, _ = logged_card
     aes = [(C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, C.CKK_AES), (C.CKA_VALUE_LEN, 16)]
     r0 = requests()
-    cases = [
+    cases: list[tuple[list[tuple[int, Any]], int]] = [
         ([(C.CKA_PRIVATE, True), *aes], C.CKR_TEMPLATE_INCOMPLETE),
         ([(C.CKA_TOKEN, True), *aes], C.CKR_TEMPLATE_INCOMPLETE),
         ([(C.CKA_TOKEN, False), (C.CKA_PRIVATE, True), *aes], C.CKR_TEMPLATE_INCONSISTENT),

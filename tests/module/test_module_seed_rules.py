@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Sequence
 from ctypes import byref
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def logged(bare_mod, service, tmp_path):
     return h, log
 
 
-def rv_generate(bare_mod: Module, h: int, items: list[tuple[int, object]]) -> int:
+def rv_generate(bare_mod: Module, h: int, items: Sequence[tuple[int, object]]) -> int:
     t = Template(items)
     out = CK_ULONG()
     return bare_mod.call("C_GenerateKey", h, byref(AES_GEN), t.arr, t.count, byref(out))

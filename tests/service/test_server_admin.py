@@ -89,8 +89,8 @@ def test_metrics_move_with_traffic(fresh_service) -> None:
     assert moved("pkcs11ws_requests_total", operation="create_softcard", status="200") == 1
     assert moved("pkcs11ws_requests_total", operation="activate", status="200") == 1
     for code in ("PASSPHRASE_INCORRECT", "PASSPHRASE_LOCKED"):
-        status = str(ERRORS[code].http)
-        assert moved("pkcs11ws_requests_total", operation="activate", status=status) == 1, code
+        http = str(ERRORS[code].http)
+        assert moved("pkcs11ws_requests_total", operation="activate", status=http) == 1, code
     assert moved("pkcs11ws_requests_total", operation="health", status="200") == 1
     assert moved("pkcs11ws_requests_total", operation="unrouted", status="404") == 1
     assert moved("pkcs11ws_request_duration_seconds_count", operation="activate") == 3

@@ -203,7 +203,8 @@ def test_limits_count_and_bytes(keyholders: dict[str, Who], service: Service) ->
     assert one.status == 200
     assert batch(api, two[:1]) == [(200, one.body)]
     # Off-schema batches are refused whole, as any bad body.
-    for body in ({"items": {}}, {"items": [{"op": "random"}]}, {"items": [], "x": 1}, []):
+    bodies: list[object] = [{"items": {}}, {"items": [{"op": "random"}]}, {"items": [], "x": 1}, []]
+    for body in bodies:
         r = api.post(BATCH, body)
         assert r.status == 400 and r.code in ("BAD_REQUEST", "UNKNOWN_FIELD"), body
     assert batch(api, []) == []

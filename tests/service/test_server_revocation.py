@@ -19,7 +19,7 @@ from tests.support.service import Api, Service, issue_client
 CARDS = "/km/v1/softcards"
 
 
-def _until(check, timeout: float = 20.0):  # type: ignore[no-untyped-def]
+def _until(check, timeout: float = 20.0):
     deadline = time.monotonic() + timeout
     while True:
         got = check()

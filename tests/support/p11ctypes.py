@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Sequence
 from ctypes import POINTER, byref
 from typing import Any
 
@@ -79,7 +80,7 @@ def ulong_bytes(v: int) -> bytes:
 class Template:
     """A CK_ATTRIBUTE array that keeps its value buffers alive."""
 
-    def __init__(self, items: list[tuple[int, Any]]) -> None:
+    def __init__(self, items: Sequence[tuple[int, Any]]) -> None:
         self.arr = (CK_ATTRIBUTE * max(1, len(items)))()
         self.count = len(items)
         self.bufs: list[Any] = []

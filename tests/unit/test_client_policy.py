@@ -76,7 +76,7 @@ def test_5xx_retried_then_succeeds(tmp_path: Path) -> None:
 
 
 def test_5xx_after_last_retry_raises_last_service_error(tmp_path: Path) -> None:
-    steps: list[Step] = [(503, err("UNAVAILABLE"))] * 3 + [(500, err("INTERNAL", "last"))]
+    steps: list[Step] = [*[(503, err("UNAVAILABLE"))] * 3, (500, err("INTERNAL", "last"))]
     cl, t, logf = scripted_client(tmp_path, steps)
     with pytest.raises(ServiceError) as ei:
         cl.random(3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import syslog
 import threading
 import time
 from pathlib import Path
@@ -177,16 +178,16 @@ def test_threads_do_not_interleave(tmp_path: Path) -> None:
 def test_syslog_destination(tmp_path: Path, monkeypatch) -> None:
     sent: list[tuple[int, str]] = []
     opened: list[tuple[object, ...]] = []
-    monkeypatch.setattr(logmod.syslog, "syslog", lambda prio, msg: sent.append((prio, msg)))
-    monkeypatch.setattr(logmod.syslog, "openlog", lambda *a: opened.append(a))
-    monkeypatch.setattr(logmod.syslog, "closelog", lambda: opened.append(("closed",)))
+    monkeypatch.setattr(syslog, "syslog", lambda prio, msg: sent.append((prio, msg)))
+    monkeypatch.setattr(syslog, "openlog", lambda *a: opened.append(a))
+    monkeypatch.setattr(syslog, "closelog", lambda: opened.append(("closed",)))
     lg = Logger()
     lg.configure(make_cfg(tmp_path, logsys=True, loglevel=6))
     emit_all(lg)
     lg.close()
     assert opened[0][0] == "libpkcs11ws" and opened[-1] == ("closed",)
     prios = [p for p, _ in sent]
-    s = logmod.syslog
+    s = syslog
     assert prios == [s.LOG_CRIT, s.LOG_ERR, s.LOG_WARNING, s.LOG_DEBUG, s.LOG_DEBUG, s.LOG_DEBUG]
     assert sent[0][1] == f"{os.getpid()} FATAL 11 libpkcs11ws: m1"
 

@@ -50,7 +50,7 @@ def test_pycurl_package_matches_the_real_one() -> None:
 class _Frozen:
     a: int
     b: str = "x"
-    c: dict[str, int] = _lite.field(default_factory=dict, compare=False, repr=False)  # type: ignore[assignment]
+    c: dict[str, int] = _lite.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.c["a"] = self.a
