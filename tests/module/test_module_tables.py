@@ -9,23 +9,30 @@ to a class of pkcs11ws/attributes.py brings its tests by being added.
   CKR_ATTRIBUTE_READ_ONLY;
 - every forced value (T, F, and I for imports) given the other way at creation:
   CKR_TEMPLATE_INCONSISTENT.
-(The signing rows are tested by consumers: tests/consumers/test_consumer_python_pkcs11_asym.py
-signs with every hash-and-sign row.)
+- every signing row (CKF_SIGN) but the hash-and-sign RSA/ECDSA rows (python-pkcs11 signs with each
+  of those in tests/consumers/test_consumer_python_pkcs11_asym.py): C_Sign through the module, the
+  result checked outside it (hmac, cryptography), C_Verify accepts it and refuses a changed one.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import hmac
+import os
 from collections.abc import Iterator
 from ctypes import byref
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
 
 from pkcs11ws import attributes as A
 from pkcs11ws import constants as C
 from pkcs11ws import mechanisms as M
 from pkcs11ws import protocol
+from pkcs11ws.abi_ctypes import CK_RSA_PKCS_PSS_PARAMS
 from tests.support.cards import client_card
 from tests.support.dropin_util import self_signed
 from tests.support.p11ctypes import (
@@ -52,15 +59,28 @@ def _templates() -> dict[int, list[tuple[int, Any]]]:
     """A valid C_CreateObject template per class that C_CreateObject makes."""
     der, _, _ = self_signed("schema cert")
     return {
-        C.CKO_DATA: [*BASE, (C.CKA_CLASS, C.CKO_DATA), (C.CKA_LABEL, b"schema data"),
-                     (C.CKA_VALUE, b"data")],
-        C.CKO_CERTIFICATE: [(C.CKA_TOKEN, True), (C.CKA_PRIVATE, False),
-                            (C.CKA_CLASS, C.CKO_CERTIFICATE),
-                            (C.CKA_CERTIFICATE_TYPE, C.CKC_X_509),
-                            (C.CKA_SUBJECT, b"0\x00"), (C.CKA_VALUE, der)],
-        C.CKO_SECRET_KEY: [*BASE, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, C.CKK_AES),
-                           (C.CKA_VALUE, bytes(range(16))), (C.CKA_ENCRYPT, True)],
-    }  # fmt: skip
+        C.CKO_DATA: [
+            *BASE,
+            (C.CKA_CLASS, C.CKO_DATA),
+            (C.CKA_LABEL, b"schema data"),
+            (C.CKA_VALUE, b"data"),
+        ],
+        C.CKO_CERTIFICATE: [
+            (C.CKA_TOKEN, True),
+            (C.CKA_PRIVATE, False),
+            (C.CKA_CLASS, C.CKO_CERTIFICATE),
+            (C.CKA_CERTIFICATE_TYPE, C.CKC_X_509),
+            (C.CKA_SUBJECT, b"0\x00"),
+            (C.CKA_VALUE, der),
+        ],
+        C.CKO_SECRET_KEY: [
+            *BASE,
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, C.CKK_AES),
+            (C.CKA_VALUE, bytes(range(16))),
+            (C.CKA_ENCRYPT, True),
+        ],
+    }
 
 
 def _pair_templates() -> tuple[list[tuple[int, Any]], list[tuple[int, Any]]]:
@@ -73,8 +93,17 @@ def _generate_pair(mod: Module, h: int, pub: list[Any], priv: list[Any]) -> tupl
     mech, _keep = mechanism(C.CKM_EC_KEY_PAIR_GEN)
     tpub, tpriv = Template(pub), Template(priv)
     hpub, hpriv = CK_ULONG(), CK_ULONG()
-    rv = mod.call("C_GenerateKeyPair", h, byref(mech), tpub.arr, tpub.count, tpriv.arr,
-                  tpriv.count, byref(hpub), byref(hpriv))  # fmt: skip
+    rv = mod.call(
+        "C_GenerateKeyPair",
+        h,
+        byref(mech),
+        tpub.arr,
+        tpub.count,
+        tpriv.arr,
+        tpriv.count,
+        byref(hpub),
+        byref(hpriv),
+    )
     if rv != C.CKR_OK:
         raise ValueError(rv)  # the CKR, for the caller to compare
     return hpub.value, hpriv.value
@@ -101,8 +130,11 @@ def test_mechanism_info_is_the_row(mod: Module, schema_objects: Any, row: M.Mech
     slot, _, _ = schema_objects
     info = CK_MECHANISM_INFO()
     mod.ok("C_GetMechanismInfo", slot, row.code, byref(info))
-    assert (info.ulMinKeySize, info.ulMaxKeySize, info.flags) == (row.min_key, row.max_key,
-                                                                  row.flags)  # fmt: skip
+    assert (info.ulMinKeySize, info.ulMaxKeySize, info.flags) == (
+        row.min_key,
+        row.max_key,
+        row.flags,
+    )
 
 
 SENSITIVE = [(cls, n) for cls in A.SCHEMA for n in A.having(cls, "S")]
@@ -180,3 +212,116 @@ def test_forced_value_refused_at_creation(
     out = CK_ULONG()
     rv = mod.call("C_CreateObject", h, t.arr, t.count, byref(out))
     assert rv == C.CKR_TEMPLATE_INCONSISTENT, hex(rv)
+
+
+SIGN_ROWS = [
+    m
+    for m in M.MECHANISMS
+    if m.flags & C.CKF_SIGN and not (m.family in (M.Family.RSA, M.Family.EC) and m.digest)
+]
+MAC_KEY = bytes(range(40))
+
+
+@pytest.fixture(scope="module")
+def sign_keys(mod: Module, schema_objects: Any) -> dict[int, tuple[int, int, Any]]:
+    """Per key type: (signing key, verifying key, cryptography's public key or the MAC key)."""
+    _, h, objects = schema_objects
+    keys: dict[int, tuple[int, int, Any]] = {}
+    for kt in {m.key_types[0] for m in SIGN_ROWS if m.family is M.Family.HMAC}:
+        k = mod.create(
+            h,
+            [
+                *BASE,
+                (C.CKA_CLASS, C.CKO_SECRET_KEY),
+                (C.CKA_KEY_TYPE, kt),
+                (C.CKA_SIGN, True),
+                (C.CKA_VERIFY, True),
+                (C.CKA_VALUE, MAC_KEY),
+            ],
+        )
+        keys[kt] = (k, k, MAC_KEY)
+    pub = objects[C.CKO_PUBLIC_KEY]
+    keys[C.CKK_EC] = (objects[C.CKO_PRIVATE_KEY], pub, _public(mod, h, pub))
+    mech, _keep = mechanism(C.CKM_RSA_PKCS_KEY_PAIR_GEN)
+    tpub = Template([(C.CKA_TOKEN, True), (C.CKA_MODULUS_BITS, 2048), (C.CKA_VERIFY, True)])
+    tpriv = Template([*BASE, (C.CKA_SIGN, True)])
+    hpub, hpriv = CK_ULONG(), CK_ULONG()
+    mod.ok(
+        "C_GenerateKeyPair",
+        h,
+        byref(mech),
+        tpub.arr,
+        tpub.count,
+        tpriv.arr,
+        tpriv.count,
+        byref(hpub),
+        byref(hpriv),
+    )
+    keys[C.CKK_RSA] = (hpriv.value, hpub.value, _public(mod, h, hpub.value))
+    return keys
+
+
+def _public(mod: Module, h: int, pub: int) -> Any:
+    return serialization.load_der_public_key(mod.attr(h, pub, C.CKA_PUBLIC_KEY_INFO))
+
+
+def _sign_and_verify(
+    mod: Module, h: int, keys: tuple[int, int, Any], mech: Any, data: bytes
+) -> bytes:
+    sign_key, verify_key, _ = keys
+    mod.ok("C_SignInit", h, byref(mech), sign_key)
+    sig = mod.single("C_Sign", h, data)
+    mod.ok("C_VerifyInit", h, byref(mech), verify_key)
+    assert mod.call("C_Verify", h, data, len(data), sig, len(sig)) == C.CKR_OK
+    bad = bytes([sig[0] ^ 1]) + sig[1:]
+    mod.ok("C_VerifyInit", h, byref(mech), verify_key)
+    assert mod.call("C_Verify", h, data, len(data), bad, len(bad)) in (
+        C.CKR_SIGNATURE_INVALID,
+        C.CKR_SIGNATURE_LEN_RANGE,
+    )
+    return sig
+
+
+@pytest.mark.parametrize("row", SIGN_ROWS, ids=lambda m: m.name)
+def test_sign_row_signs_and_verifies(
+    mod: Module, schema_objects: Any, sign_keys: Any, row: M.Mechanism
+) -> None:
+    _, h, _ = schema_objects
+    data = os.urandom(200)
+    if row.family is M.Family.HMAC:
+        keys = sign_keys[row.key_types[0]]
+        length = row.out_len // 2 if row.param is M.Param.MAC_LEN else row.out_len
+        mech, _keep = mechanism(row.code, length if row.param is M.Param.MAC_LEN else None)
+        sig = _sign_and_verify(mod, h, keys, mech, data)
+        assert sig == hmac.new(MAC_KEY, data, row.digest).digest()[:length]
+        return
+    digest = hashlib.sha256(data).digest()
+    if row.family is M.Family.EC:
+        keys = sign_keys[C.CKK_EC]
+        mech, _keep = mechanism(row.code)
+        sig = _sign_and_verify(mod, h, keys, mech, digest)
+        n = len(sig) // 2
+        der = utils.encode_dss_signature(
+            int.from_bytes(sig[:n], "big"), int.from_bytes(sig[n:], "big")
+        )
+        keys[2].verify(der, digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+        return
+    keys = sign_keys[C.CKK_RSA]
+    assert row.family is M.Family.RSA, f"{row.name}: a signing family this test does not know"
+    if row.param is M.Param.RSA_PSS:
+        params = CK_RSA_PKCS_PSS_PARAMS(C.CKM_SHA256, C.CKG_MGF1_SHA256, 32)
+        mech, _keep = mechanism(
+            row.code, ctypes.string_at(ctypes.addressof(params), ctypes.sizeof(params))
+        )
+        sig = _sign_and_verify(mod, h, keys, mech, digest)
+        keys[2].verify(
+            sig,
+            digest,
+            padding.PSS(padding.MGF1(hashes.SHA256()), 32),
+            utils.Prehashed(hashes.SHA256()),
+        )
+        return
+    info = bytes.fromhex("3031300d060960864801650304020105000420") + digest
+    mech, _keep = mechanism(row.code)
+    sig = _sign_and_verify(mod, h, keys, mech, info)
+    keys[2].verify(sig, data, padding.PKCS1v15(), hashes.SHA256())
