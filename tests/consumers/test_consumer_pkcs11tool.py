@@ -19,48 +19,26 @@ The passphrase reaches pkcs11-tool as `--pin env:VAR`, never in argv.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
 from pkcs11ws import constants as C
-from pkcs11ws.__main__ import module_path
 from pkcs11ws.client.api import KeyServiceClient
 from pkcs11ws.config import load_config
 from tests.support.known_answers import CBC_IV, CBC_PLAINTEXT, CBC_VECTORS, HMAC_VECTORS
-
-TOOL = shutil.which("pkcs11-tool")
-pytestmark = pytest.mark.skipif(TOOL is None, reason="pkcs11-tool (Debian opensc) is missing")
-
-
-class Tool:
-    def __init__(self, cfg: Path, card: str, pin: str, card_id: str = "") -> None:
-        self.env = {**os.environ, "PKCS11WS_CONFIG": str(cfg), "P11_TEST_PIN": pin}
-        self.card = card
-        self.card_id = card_id
-
-    def run(self, *args: str, login: bool = True, ok: bool = True) -> subprocess.CompletedProcess:
-        argv = [str(TOOL), "--module", module_path(), "--token-label", self.card, *args]
-        if login:
-            argv += ["--login", "--pin", "env:P11_TEST_PIN"]
-        r = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60)
-        assert "Segmentation" not in r.stderr and r.returncode >= 0, r.stderr
-        if ok:
-            assert r.returncode == 0, f"{args}: {r.stdout}\n{r.stderr}"
-        return r
+from tests.support.pkcs11tool import Pkcs11Tool
 
 
 @pytest.fixture
-def tool(service) -> Tool:
+def tool(service) -> Pkcs11Tool:
     client = KeyServiceClient(load_config(str(service.client_cfg)))
     name = "t" + uuid.uuid4().hex[:12]
     pin = uuid.uuid4().hex
     made = client.create_softcard(name, pin.encode())
     client.close()
-    return Tool(service.client_cfg, name, pin, made["id"])
+    return Pkcs11Tool(service.client_cfg, name, pin, made["id"])
 
 
 def test_token_and_mechanisms(tool):
@@ -94,7 +72,7 @@ def test_token_and_mechanisms(tool):
 
 
 def test_wrong_passphrase(tool):
-    bad = Tool(Path(tool.env["PKCS11WS_CONFIG"]), tool.card, "wrong-" + tool.env["P11_TEST_PIN"])
+    bad = Pkcs11Tool(tool.cfg, tool.card, "wrong-" + tool.pin)
     r = bad.run(
         "--keygen", "--key-type", "AES:16", "--label", "never", "--private", "--sensitive", ok=False
     )
@@ -151,7 +129,7 @@ def test_aes_keygen_sizes(tool, tmp_path, size):
 
 
 def import_secret(
-    tool: Tool, tmp_path: Path, value: bytes, key_type: str, key_id: str, *usage: str
+    tool: Pkcs11Tool, tmp_path: Path, value: bytes, key_type: str, key_id: str, *usage: str
 ) -> None:
     src = tmp_path / f"key-{key_id}"
     src.write_bytes(value)
@@ -216,12 +194,12 @@ def test_nist_cbc_known_answers_with_imported_keys(tool, tmp_path):
     assert "Secret Key Object" not in tool.run("-O").stdout
 
 
-def import_generic(tool: Tool, value: bytes, key_id: str) -> None:
+def import_generic(tool: Pkcs11Tool, value: bytes, key_id: str) -> None:
     """pkcs11-tool 0.23 cannot import a CKK_GENERIC_SECRET ("Unknown key type: 0x10"): the key
     is imported through the key service's API, then used by pkcs11-tool by its CKA_ID."""
-    client = KeyServiceClient(load_config(tool.env["PKCS11WS_CONFIG"]))
+    client = KeyServiceClient(load_config(str(tool.cfg)))
     try:
-        token, _ = client.activate(tool.card_id, tool.env["P11_TEST_PIN"].encode())
+        token, _ = client.activate(tool.card_id, tool.pin.encode())
         client.create_object(
             tool.card_id,
             token,

@@ -17,47 +17,28 @@ from typing import Any
 
 import pytest
 
-from pkcs11ws.__main__ import module_path
 from pkcs11ws.client.api import KeyServiceClient
 from pkcs11ws.config import load_config
+from tests.support.pkcs11tool import Pkcs11Tool
 
-TOOL = shutil.which("pkcs11-tool")
 OPENSSL = shutil.which("openssl")
-pytestmark = pytest.mark.skipif(
-    TOOL is None or OPENSSL is None, reason="pkcs11-tool (opensc) or openssl is missing"
-)
-
-
-class Tool:
-    def __init__(self, cfg: Path, card: str, pin: str) -> None:
-        self.env = {**os.environ, "PKCS11WS_CONFIG": str(cfg), "PKCS11WS_TEST_PIN": pin}
-        self.card = card
-
-    def run(self, *args: str, login: bool = True, ok: bool = True) -> Any:
-        argv = [str(TOOL), "--module", module_path(), "--token-label", self.card, *args]
-        if login:
-            argv += ["--login", "--pin", "env:PKCS11WS_TEST_PIN"]
-        r = subprocess.run(argv, env=self.env, capture_output=True, timeout=120)
-        if ok:
-            assert r.returncode == 0, f"{args}: {r.stdout!r}\n{r.stderr!r}"
-        assert b"Segmentation" not in r.stderr
-        return r
+pytestmark = pytest.mark.skipif(OPENSSL is None, reason="openssl is missing")
 
 
 @pytest.fixture(scope="module")
-def asym_tool(service: Any) -> Tool:
+def asym_tool(service: Any) -> Pkcs11Tool:
     client = KeyServiceClient(load_config(str(service.client_cfg)))
     name, pin = "k" + uuid.uuid4().hex[:12], uuid.uuid4().hex
     client.create_softcard(name, pin.encode())
     client.close()
-    return Tool(service.client_cfg, name, pin)
+    return Pkcs11Tool(service.client_cfg, name, pin, text=False)
 
 
 def _openssl(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([str(OPENSSL), *args], capture_output=True, timeout=60)
 
 
-def _pubkey(asym_tool: Tool, key_id: str, tmp: Path, login: bool = False) -> Path:
+def _pubkey(asym_tool: Pkcs11Tool, key_id: str, tmp: Path, login: bool = False) -> Path:
     der = tmp / f"{key_id}.der"
     asym_tool.run("--read-object", "--type", "pubkey", "--id", key_id, "-o", str(der), login=login)
     pem = tmp / f"{key_id}.pem"
@@ -67,7 +48,7 @@ def _pubkey(asym_tool: Tool, key_id: str, tmp: Path, login: bool = False) -> Pat
 
 
 @pytest.fixture(scope="module")
-def rsa_key(asym_tool: Tool) -> str:
+def rsa_key(asym_tool: Pkcs11Tool) -> str:
     out = asym_tool.run(
         "--keypairgen", "--key-type", "rsa:2048", "--id", "a1", "--label", "rsa1", "--private"
     ).stdout
@@ -76,7 +57,7 @@ def rsa_key(asym_tool: Tool) -> str:
 
 
 @pytest.fixture(scope="module")
-def ec_key(asym_tool: Tool) -> str:
+def ec_key(asym_tool: Pkcs11Tool) -> str:
     out = asym_tool.run(
         "--keypairgen", "--key-type", "EC:prime256v1", "--id", "e1", "--label", "ec1", "--private"
     ).stdout
@@ -84,7 +65,7 @@ def ec_key(asym_tool: Tool) -> str:
     return "e1"
 
 
-def test_objects_before_and_after_login(asym_tool: Tool, rsa_key: str, ec_key: str) -> None:
+def test_objects_before_and_after_login(asym_tool: Pkcs11Tool, rsa_key: str, ec_key: str) -> None:
     before = asym_tool.run("-O", login=False).stdout
     assert b"Public Key Object; RSA 2048 bits" in before and b"Private Key Object" not in before
     after = asym_tool.run("-O").stdout
@@ -108,7 +89,7 @@ def test_objects_before_and_after_login(asym_tool: Tool, rsa_key: str, ec_key: s
     [("SHA256-RSA-PKCS", "sha256"), ("SHA384-RSA-PKCS", "sha384"), ("SHA512-RSA-PKCS", "sha512")],
 )
 def test_rsa_sign_checked_by_openssl(
-    asym_tool: Tool, rsa_key: str, tmp_path: Path, mech: str, digest: str
+    asym_tool: Pkcs11Tool, rsa_key: str, tmp_path: Path, mech: str, digest: str
 ) -> None:
     data = tmp_path / "data"
     data.write_bytes(os.urandom(5000))
@@ -120,7 +101,7 @@ def test_rsa_sign_checked_by_openssl(
     assert r.returncode == 0 and b"Verified OK" in r.stdout, r
 
 
-def test_rsa_pkcs_of_a_digest_info(asym_tool: Tool, rsa_key: str, tmp_path: Path) -> None:
+def test_rsa_pkcs_of_a_digest_info(asym_tool: Pkcs11Tool, rsa_key: str, tmp_path: Path) -> None:
     msg = os.urandom(100)
     info = bytes.fromhex("3031300d060960864801650304020105000420") + hashlib.sha256(msg).digest()
     (tmp_path / "info").write_bytes(info)
@@ -138,7 +119,7 @@ def test_rsa_pkcs_of_a_digest_info(asym_tool: Tool, rsa_key: str, tmp_path: Path
 
 @pytest.mark.parametrize("mech", ["ECDSA", "ECDSA-SHA256"])
 def test_ecdsa_sign_checked_by_openssl(
-    asym_tool: Tool, ec_key: str, tmp_path: Path, mech: str
+    asym_tool: Pkcs11Tool, ec_key: str, tmp_path: Path, mech: str
 ) -> None:
     msg = os.urandom(700)
     data = tmp_path / "data"
@@ -166,7 +147,7 @@ def test_ecdsa_sign_checked_by_openssl(
 
 
 def test_sign_and_verify_in_the_module(
-    asym_tool: Tool, rsa_key: str, ec_key: str, tmp_path: Path
+    asym_tool: Pkcs11Tool, rsa_key: str, ec_key: str, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
     data.write_bytes(b"verified by the public key in the module")
@@ -199,7 +180,7 @@ def test_sign_and_verify_in_the_module(
     "mech,digest", [("SHA256-RSA-PKCS-PSS", "sha256"), ("SHA384-RSA-PKCS-PSS", "sha384")]
 )
 def test_rsa_pss_checked_by_openssl(
-    asym_tool: Tool, rsa_key: str, tmp_path: Path, mech: str, digest: str
+    asym_tool: Pkcs11Tool, rsa_key: str, tmp_path: Path, mech: str, digest: str
 ) -> None:
     data = tmp_path / "data"
     data.write_bytes(os.urandom(3000))
@@ -237,7 +218,7 @@ def test_rsa_pss_checked_by_openssl(
     assert r.returncode == 0 and b"Verified OK" in r.stdout, r
 
 
-def test_rsa_oaep_sha256_decrypt(asym_tool: Tool, rsa_key: str, tmp_path: Path) -> None:
+def test_rsa_oaep_sha256_decrypt(asym_tool: Pkcs11Tool, rsa_key: str, tmp_path: Path) -> None:
     pem = _pubkey(asym_tool, rsa_key, tmp_path)
     secret = tmp_path / "secret"
     secret.write_bytes(os.urandom(48))

@@ -7,39 +7,18 @@ CKA_PRIVATE false) read back with and without login, renaming through C_SetAttri
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 from cryptography import x509
 
-from pkcs11ws.__main__ import module_path
 from tests.support.cards import client_card
-from tests.support.dropin_util import PIN_ENV, consumer_env, require, self_signed
-
-
-class Tool:
-    def __init__(self, cfg: Path, card: str, pin: str) -> None:
-        self.path = require(shutil.which("pkcs11-tool"), "OpenSC pkcs11-tool", "opensc")
-        self.env = consumer_env(cfg, pin)
-        self.card = card
-
-    def run(self, *args: str, login: bool = True, ok: bool = True, env=None):
-        argv = [self.path, "--module", module_path(), "--token-label", self.card, *args]
-        if login:
-            argv += ["--login", "--pin", f"env:{PIN_ENV}"]
-        r = subprocess.run(argv, env=env or self.env, capture_output=True, text=True, timeout=90)
-        assert "Segmentation" not in r.stderr and r.returncode >= 0, r.stderr
-        if ok:
-            assert r.returncode == 0, f"{args}: {r.stdout}\n{r.stderr}"
-        return r
+from tests.support.dropin_util import self_signed
+from tests.support.pkcs11tool import Pkcs11Tool
 
 
 @pytest.fixture(scope="module")
 def dropin_tool(service):
     name, pin = client_card(service.client_cfg, "t")
-    return Tool(service.client_cfg, name, pin)
+    return Pkcs11Tool(service.client_cfg, name, pin)
 
 
 @pytest.mark.parametrize("mech", ["SHA256-HMAC", "SHA384-HMAC", "SHA512-HMAC"])

@@ -8,39 +8,13 @@ a stdin that is not a terminal: "util_getpass error").
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import uuid
-from pathlib import Path
 
 import pytest
 
-from pkcs11ws.__main__ import module_path
 from pkcs11ws.client.api import KeyServiceClient
 from pkcs11ws.config import load_config
-
-TOOL = shutil.which("pkcs11-tool")
-pytestmark = pytest.mark.skipif(TOOL is None, reason="pkcs11-tool (Debian opensc) is missing")
-
-
-class Tool:
-    def __init__(self, cfg: Path, card: str, pin: str) -> None:
-        self.env = {**os.environ, "PKCS11WS_CONFIG": str(cfg), "PKCS11WS_TEST_PIN": pin}
-        self.card = card
-        self.pin = pin
-
-    def run(self, *args: str, login: bool = True, token: bool = True, ok: bool = True):
-        argv = [str(TOOL), "--module", module_path()]
-        if token:
-            argv += ["--token-label", self.card]
-        argv += list(args)
-        if login:
-            argv += ["--login", "--pin", "env:PKCS11WS_TEST_PIN"]
-        r = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60)
-        if ok:
-            assert r.returncode == 0, f"{args}: {r.stdout}\n{r.stderr}"
-        assert "Segmentation" not in r.stderr
-        return r
+from tests.support.pkcs11tool import Pkcs11Tool
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +33,7 @@ def cards(service):
 @pytest.fixture(scope="module")
 def cards_tool(service, cards):
     name, pin = cards[0]
-    return Tool(service.client_cfg, name, pin)
+    return Pkcs11Tool(service.client_cfg, name, pin)
 
 
 def test_info_and_slot_list(cards_tool, cards):
@@ -88,7 +62,7 @@ def test_mechanisms(cards_tool):
 
 
 def test_wrong_passphrase(service, cards):
-    bad = Tool(service.client_cfg, cards[0][0], "not-the-passphrase")
+    bad = Pkcs11Tool(service.client_cfg, cards[0][0], "not-the-passphrase")
     r = bad.run("-O", ok=False)
     assert r.returncode != 0 and "CKR_PIN_INCORRECT" in r.stderr
 
