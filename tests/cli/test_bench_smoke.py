@@ -372,13 +372,14 @@ def test_python_host_thread_churn_reuses_pooled_connections(own_service):
     from pkcs11ws.__main__ import module_path
     from pkcs11ws.client.api import KeyServiceClient
     from pkcs11ws.config import load_config
+    from pkcs11ws.protocol import Attrs
 
     client = KeyServiceClient(load_config(str(own_service.client_cfg)))
     name = "c" + uuid.uuid4().hex[:12]
     pin = uuid.uuid4().hex
     card = client.create_softcard(name, pin.encode())
     token, _ = client.activate(card["id"], pin.encode())
-    attrs = {
+    attrs: Attrs = {
         "CKA_CLASS": C.CKO_SECRET_KEY,
         "CKA_KEY_TYPE": C.CKK_SHA256_HMAC,
         "CKA_SIGN": True,

@@ -19,6 +19,7 @@ from pkcs11ws import constants as C
 from pkcs11ws.__main__ import module_path
 from pkcs11ws.client import KeyServiceClient
 from pkcs11ws.config import load_config
+from pkcs11ws.protocol import Attrs
 
 HOST = r"""
 import hashlib, hmac, json, os, sys, threading
@@ -72,7 +73,7 @@ def test_500_python_threads_open_a_handful_of_connections(service, tmp_path) -> 
     value = os.urandom(32)
     card = setup.create_softcard(name, pin.encode())
     token, _ = setup.activate(card["id"], pin.encode())
-    attrs = {
+    attrs: Attrs = {
         "CKA_CLASS": C.CKO_SECRET_KEY,
         "CKA_KEY_TYPE": C.CKK_SHA256_HMAC,
         "CKA_VALUE": value,

@@ -225,11 +225,11 @@ def test_rsa_oaep_decrypt(shared_card: Any, rsa_pair: Any, h: str) -> None:
     api, _, token = shared_card
     _, priv_h, pub = rsa_pair
     algo = {
-        "sha1": hashes.SHA1,
-        "sha256": hashes.SHA256,
-        "sha384": hashes.SHA384,
-        "sha512": hashes.SHA512,
-    }[h]()
+        "sha1": hashes.SHA1(),
+        "sha256": hashes.SHA256(),
+        "sha384": hashes.SHA384(),
+        "sha512": hashes.SHA512(),
+    }[h]
     ct = pub.encrypt(b"secret", padding.OAEP(padding.MGF1(algo), algo, None))
     r = api.post(
         DEC,

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from pkcs11ws import constants as C
+from pkcs11ws.protocol import Attrs, AttrValue
 from pkcs11ws.server import store as store_mod
 from pkcs11ws.server.store import (
     CardCounts,
@@ -84,7 +85,7 @@ def new_card_row(store: Store, name: str | None = None, owner: str | None = None
 
 
 def key_row(card: str, label: bytes = b"k", key_type: int = C.CKK_AES) -> ObjectRow:
-    attrs = {
+    attrs: Attrs = {
         "CKA_CLASS": C.CKO_SECRET_KEY,
         "CKA_KEY_TYPE": key_type,
         "CKA_LABEL": label,
@@ -97,7 +98,7 @@ def key_row(card: str, label: bytes = b"k", key_type: int = C.CKK_AES) -> Object
 
 
 def data_row(card: str, label: bytes = b"d") -> ObjectRow:
-    attrs = {"CKA_CLASS": C.CKO_DATA, "CKA_LABEL": label, "CKA_APPLICATION": b"app"}
+    attrs: Attrs = {"CKA_CLASS": C.CKO_DATA, "CKA_LABEL": label, "CKA_APPLICATION": b"app"}
     return ObjectRow.new(str(uuid.uuid4()), card, C.CKO_DATA, None, attrs, b"sealed-data")
 
 
@@ -565,7 +566,7 @@ def test_concurrent_renames_are_not_lost(make_store: Callable[[], Store], store:
     with store.write() as tx:
         tx.object_insert(k)
 
-    changes = [
+    changes: list[tuple[str, AttrValue]] = [
         ("CKA_ENCRYPT", True),
         ("CKA_DECRYPT", True),
         ("CKA_VERIFY", True),
