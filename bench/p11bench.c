@@ -119,19 +119,24 @@ static void pad_label(CK_UTF8CHAR out[32], const char *label)
 
 static int find_slot(int want_initialised, CK_SLOT_ID *found)
 {
-    CK_SLOT_ID slots[64];
-    CK_ULONG n = 64;
+    /* Ask for the count first: a service may present more softcards than any fixed buffer. */
+    CK_ULONG n = 0;
+    CK(F->C_GetSlotList(CK_TRUE, NULL, &n));
+    CK_SLOT_ID *slots = calloc(n ? n : 1, sizeof *slots);
+    if (!slots) die("allocating the slot list", CKR_HOST_MEMORY);
     CK(F->C_GetSlotList(CK_TRUE, slots, &n));
-    for (CK_ULONG i = 0; i < n; i++) {
+    int hit = 0;
+    for (CK_ULONG i = 0; i < n && !hit; i++) {
         CK_TOKEN_INFO ti;
         if (F->C_GetTokenInfo(slots[i], &ti) != CKR_OK) continue;
         int initialised = (ti.flags & CKF_TOKEN_INITIALIZED) != 0;
         if (want_initialised ? (initialised && label_is(ti.label, opt.token)) : !initialised) {
             *found = slots[i];
-            return 1;
+            hit = 1;
         }
     }
-    return 0;
+    free(slots);
+    return hit;
 }
 
 static CK_OBJECT_HANDLE find_one(CK_SESSION_HANDLE s, CK_OBJECT_CLASS cls, const char *label)
