@@ -175,6 +175,8 @@ extensions = [
                 "ck.pxd",
                 "ck_gen.pxd",
                 "tables.pxd",
+                "params.pxi",
+                "mech_gen.pxd",
                 "pyglue.h",
                 "probe.h",
             )

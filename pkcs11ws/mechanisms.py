@@ -76,6 +76,17 @@ class Multi(Enum):
     ACCUMULATE = "accumulate"  # the core buffers the data, Final makes the one request
 
 
+# The kinds the core switches on, with the prefix of their Cython enum: tools/gen_native.py
+# emits pkcs11ws/_native/mech_gen.pxd from this (a kind's number is its position in its enum),
+# and the core numbers each row's kinds by the same rule (kind_numbers below).
+KINDS: Final = (("PARAM", Param), ("RULE", OutLen), ("MULTI", Multi), ("FAMILY", Family))
+
+
+def kind_numbers() -> dict[Enum, int]:
+    """Each kind's number in the core (its position in its enum, as mech_gen.pxd says)."""
+    return {k: i for _, enum in KINDS for i, k in enumerate(enum)}
+
+
 @dataclass(frozen=True)
 class Mechanism:
     name: str

@@ -12,8 +12,11 @@ Outputs (committed; tests/unit/test_module_generated.py fails when they are stal
                                     the code that fills both function lists
   pkcs11ws/_native/trampolines.h    the loader's exported C_* one-line trampolines
   pkcs11ws/abi_ctypes.py            the one ctypes binding (types, structures, function lists)
+  pkcs11ws/_native/mech_gen.pxd     the mechanism table's kinds (parameter kind, output-length
+                                    rule, multi-part mode, family) as Cython enums, from
+                                    pkcs11ws/mechanisms.py
 
-Run `python tools/gen_native.py` after changing the table or constants.py;
+Run `python tools/gen_native.py` after changing the tables or constants.py;
 `python tools/gen_native.py --check` exits 1 when a generated file differs.
 """
 
@@ -28,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pkcs11ws import constants as C  # noqa: E402
+from pkcs11ws import mechanisms  # noqa: E402
 
 # The one ABI table lives in the package (pkcs11ws/abi.py), so the generated ctypes binding can
 # build its function lists from the same rows at import time; edit it there.
@@ -340,6 +344,20 @@ def gen_trampolines() -> str:
     return "\n".join(lines)
 
 
+def gen_mech_pxd() -> str:
+    lines = [f"# {GEN} Source: pkcs11ws/mechanisms.py (KINDS)",
+             "# The kinds of the mechanism rows the core switches on. A kind's number is its",
+             "# position in its Python enum; core.pyx's _load_mechanisms numbers each row's kinds",
+             "# by the same rule (mechanisms.kind_numbers), so the two cannot disagree.", "",
+             "cdef enum:"]  # fmt: skip
+    for prefix, enum in mechanisms.KINDS:
+        lines.append(f"    # mechanisms.{enum.__name__}")
+        lines += [f"    {prefix}_{k.name} = {i}" for i, k in enumerate(enum)]
+        lines.append(f"    N_{prefix} = {len(enum)}")
+    lines.append("")
+    return "\n".join(lines)
+
+
 OUTPUTS = {
     "include/pkcs11ws_ck.h": gen_ck_h,
     "include/pkcs11ws_const.h": gen_const_h,
@@ -349,6 +367,7 @@ OUTPUTS = {
     "pkcs11ws/_native/funcs.pxi": gen_pxi,
     "pkcs11ws/_native/trampolines.h": gen_trampolines,
     "pkcs11ws/abi_ctypes.py": gen_ctypes,
+    "pkcs11ws/_native/mech_gen.pxd": gen_mech_pxd,
 }
 
 

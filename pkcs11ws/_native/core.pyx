@@ -839,11 +839,8 @@ include "funcs.pxi"
 
 cdef int _load_mechanisms() except -1:
     global g_nmechs
-    params = {"none": PARAM_NONE, "iv16": PARAM_IV16, "mac_len": PARAM_MAC_LEN,
-              "rsa_pss": PARAM_RSA_PSS, "rsa_oaep": PARAM_RSA_OAEP, "gcm": PARAM_GCM}
-    rules = {"none": RULE_NONE, "cbc": RULE_CBC, "cbc_pad": RULE_CBC_PAD, "mac": RULE_MAC,
-             "modulus": RULE_MODULUS, "ec_sig": RULE_EC_SIG, "gcm": RULE_GCM}
-    multis = {"none": MULTI_NONE, "cbc": MULTI_CBC, "accumulate": MULTI_ACCUMULATE}
+    # The kinds' numbers are those of the generated mech_gen.pxd.
+    num = _mechanisms.kind_numbers()
     rows = _mechanisms.MECHANISMS
     if len(rows) > MAX_MECHS:
         raise RuntimeError("mechanism table larger than the core's")
@@ -854,11 +851,12 @@ cdef int _load_mechanisms() except -1:
         g_mechs[i].flags = m.flags
         g_mechs[i].min_key = m.min_key
         g_mechs[i].max_key = m.max_key
-        g_mechs[i].param = params[m.param.value]
+        g_mechs[i].param = num[m.param]
         g_mechs[i].out_len = m.out_len
         g_mechs[i].padded = 1 if m.padded else 0
-        g_mechs[i].rule = rules[m.out.value]
-        g_mechs[i].multi = multis[m.multi.value]
+        g_mechs[i].rule = num[m.out]
+        g_mechs[i].multi = num[m.multi]
+        g_mechs[i].family = num[m.family]
         g_mechs[i].asym = 1 if m.private_key else 0
         g_mechs[i].nkt = len(m.key_types)
         for j, kt in enumerate(m.key_types):

@@ -34,6 +34,8 @@ cdef extern from "pyglue.h" nogil:
     void p11ws_astore(int*, int)
 
 from pkcs11ws._native.ck cimport *  # noqa: F403
+# PARAM_*, RULE_*, MULTI_*, FAMILY_*: generated from mechanisms.KINDS.
+from pkcs11ws._native.mech_gen cimport *  # noqa: F403
 
 cdef enum:
     OP_ENCRYPT = 0
@@ -41,23 +43,6 @@ cdef enum:
     OP_SIGN = 2
     OP_VERIFY = 3
     N_OPS = 4
-    PARAM_NONE = 0
-    PARAM_IV16 = 1
-    PARAM_MAC_LEN = 2
-    PARAM_RSA_PSS = 3
-    PARAM_RSA_OAEP = 4
-    PARAM_GCM = 5
-    # Output-length rules (mechanisms.OutLen) and multi-part modes (mechanisms.Multi).
-    RULE_NONE = 0
-    RULE_CBC = 1
-    RULE_CBC_PAD = 2
-    RULE_MAC = 3
-    RULE_MODULUS = 4
-    RULE_EC_SIG = 5
-    RULE_GCM = 6
-    MULTI_NONE = 0
-    MULTI_CBC = 1
-    MULTI_ACCUMULATE = 2
     MAX_MECHS = 64
     MAX_SESSIONS = 65535
     SESSION_INDEX_BITS = 16
@@ -68,11 +53,12 @@ cdef struct MechRow:
     CK_FLAGS flags
     CK_ULONG min_key
     CK_ULONG max_key
-    int param
+    int param  # PARAM_*
     CK_ULONG out_len
     int padded
     int rule  # RULE_*
     int multi  # MULTI_*
+    int family  # FAMILY_*
     int asym  # private-key family: sign/decrypt with CKO_PRIVATE_KEY, the rest public
     int nkt
     CK_KEY_TYPE key_types[4]

@@ -108,3 +108,18 @@ def test_header_layout_and_constants(tmp_path):
     assert int(got["CKR_BUFFER_TOO_SMALL"]) == C.CKR_BUFFER_TOO_SMALL
     assert int(got["CKM_SHA512_KEY_GEN"]) == C.CKM_SHA512_KEY_GEN
     assert int(got["CK_UNAVAILABLE_INFORMATION"]) == C.CK_UNAVAILABLE_INFORMATION
+
+
+def test_mechanism_kinds_are_generated_enums():
+    """The core's PARAM_/RULE_/MULTI_/FAMILY_ numbers are emitted from mechanisms.KINDS (no
+    hand-written copy): every kind of the table is in mech_gen.pxd with the number the core's
+    loader gives it."""
+    from pkcs11ws import mechanisms
+
+    pxd = (ROOT / "pkcs11ws" / "_native" / "mech_gen.pxd").read_text()
+    numbers = mechanisms.kind_numbers()
+    for prefix, enum in mechanisms.KINDS:
+        for kind in enum:
+            assert f"    {prefix}_{kind.name} = {numbers[kind]}\n" in pxd, kind
+    tables = (ROOT / "pkcs11ws" / "_native" / "tables.pxd").read_text()
+    assert "PARAM_NONE =" not in tables and "RULE_NONE =" not in tables
