@@ -112,10 +112,30 @@ class Mechanism:
         return self.param is Param.MAC_LEN
 
     @property
-    def private_key(self) -> bool:
-        """Sign/decrypt with a private key (the public halves verify/encrypt)."""
-        return self.family in (Family.RSA, Family.EC)
+    def key_classes(self) -> tuple[int, int, int, int]:
+        """The object class of the key C_EncryptInit, C_DecryptInit, C_SignInit and
+        C_VerifyInit take (the core checks it from this, per family)."""
+        return FAMILY_KEY_CLASSES.get(self.family, _SECRET_ONLY)
 
+    @property
+    def private_key(self) -> bool:
+        """The service's key for it is a key pair's private half (not a secret key)."""
+        return C.CKO_PRIVATE_KEY in self.key_classes
+
+    @property
+    def key_sized(self) -> bool:
+        """The output length is the key's (RSA modulus, ECDSA r || s), not the mechanism's."""
+        return self.out in (OutLen.MODULUS, OutLen.EC_SIG)
+
+
+# Per family: the class of the key for encrypt, decrypt, sign, verify (the C_*Init order). A key
+# pair's private half signs and decrypts, its public half verifies and encrypts (in the module).
+_SECRET_ONLY: Final = (C.CKO_SECRET_KEY,) * 4
+_PAIR: Final = (C.CKO_PUBLIC_KEY, C.CKO_PRIVATE_KEY, C.CKO_PRIVATE_KEY, C.CKO_PUBLIC_KEY)
+FAMILY_KEY_CLASSES: Final[dict[Family, tuple[int, int, int, int]]] = {
+    Family.RSA: _PAIR,
+    Family.EC: _PAIR,
+}
 
 _AES = (C.CKK_AES,)
 HMAC_MAX_KEY: Final = 1024

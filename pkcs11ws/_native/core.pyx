@@ -857,7 +857,11 @@ cdef int _load_mechanisms() except -1:
         g_mechs[i].rule = num[m.out]
         g_mechs[i].multi = num[m.multi]
         g_mechs[i].family = num[m.family]
-        g_mechs[i].asym = 1 if m.private_key else 0
+        for j, cls in enumerate(m.key_classes):
+            g_mechs[i].key_class[j] = cls
+        g_mechs[i].key_sized = 1 if m.key_sized else 0
+        if g_parsers[g_mechs[i].param] == NULL:
+            raise RuntimeError(f"{m.name}: no parser for {m.param} in params.pxi")
         g_mechs[i].nkt = len(m.key_types)
         for j, kt in enumerate(m.key_types):
             g_mechs[i].key_types[j] = kt
@@ -868,6 +872,7 @@ cdef int _load_mechanisms() except -1:
 cdef int _module_init() except -1:
     _tables_init()
     pthread_mutex_init(&g_state_lock, NULL)
+    _params_init()
     _load_mechanisms()
     memset(&g_fl240, 0, sizeof(g_fl240))
     memset(&g_fl30, 0, sizeof(g_fl30))

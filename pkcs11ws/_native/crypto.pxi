@@ -18,10 +18,11 @@ cdef CK_FLAGS _op_flag(int which) noexcept nogil:
 
 cdef CK_RV _op_check(CK_SLOT_ID slot, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key, int which,
                      OpState* op) noexcept nogil:
+    """C_*Init from the mechanism's row alone: the operation's flag, the parameter by its
+    kind's parser, the key's class for this operation and its type, the usage bit. Nothing here
+    names a mechanism or a family."""
     cdef ObjRow obj
     cdef int row
-    cdef CK_ULONG v
-    cdef CK_OBJECT_CLASS want
     cdef CK_RV rv
     if m == NULL:
         return CKR_ARGUMENTS_BAD
@@ -37,35 +38,18 @@ cdef CK_RV _op_check(CK_SLOT_ID slot, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key, 
     op.mech = m.mechanism
     op.key = key
     op.mac_len = g_mechs[row].out_len
-    if g_mechs[row].param == PARAM_IV16:
-        if m.pParameter == NULL or m.ulParameterLen != 16:
-            return CKR_MECHANISM_PARAM_INVALID
-        memcpy(op.iv, m.pParameter, 16)
-    elif g_mechs[row].param == PARAM_MAC_LEN:
-        if m.pParameter == NULL or m.ulParameterLen != sizeof(CK_MAC_GENERAL_PARAMS):
-            return CKR_MECHANISM_PARAM_INVALID
-        v = (<CK_MAC_GENERAL_PARAMS*>m.pParameter)[0]
-        # The _GENERAL HMACs give half to all of the hash's output (guide 6.3).
-        if v * 2 < g_mechs[row].out_len or v > g_mechs[row].out_len:
-            return CKR_MECHANISM_PARAM_INVALID
-        op.mac_len = v
-    elif g_mechs[row].param != PARAM_NONE:
-        pass  # a struct (PSS, OAEP, GCM): parsed last, once nothing else can fail
-    elif m.ulParameterLen != 0:
-        return CKR_MECHANISM_PARAM_INVALID
-    # A key pair's private half signs and decrypts, its public half verifies and encrypts.
-    want = CKO_SECRET_KEY
-    if g_mechs[row].asym:
-        want = CKO_PRIVATE_KEY if which == OP_SIGN or which == OP_DECRYPT else CKO_PUBLIC_KEY
-    if obj.cls != want or not _mech_takes_key(row, obj.key_type):
-        return CKR_KEY_TYPE_INCONSISTENT
-    if g_mechs[row].rule == RULE_MODULUS or g_mechs[row].rule == RULE_EC_SIG:
-        op.mac_len = obj.size
-    if not (obj.usage & (<CK_ULONG>1 << which)):
-        return CKR_KEY_FUNCTION_NOT_PERMITTED
-    rv = _parse_param(g_mechs[row].param, m, op)
+    rv = g_parsers[g_mechs[row].param](m, op)
+    if rv == CKR_OK:
+        if obj.cls != g_mechs[row].key_class[which] or not _mech_takes_key(row, obj.key_type):
+            rv = CKR_KEY_TYPE_INCONSISTENT
+        elif not (obj.usage & (<CK_ULONG>1 << which)):
+            rv = CKR_KEY_FUNCTION_NOT_PERMITTED
     if rv != CKR_OK:
+        free(op.prm)
+        op.prm = NULL
         return rv
+    if g_mechs[row].key_sized:
+        op.mac_len = obj.size
     op.active = 1
     return CKR_OK
 

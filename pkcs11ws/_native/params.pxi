@@ -1,5 +1,5 @@
-# Included by core.pyx: one parser per struct parameter kind (mechanisms.Param), without the GIL.
-# Each checks its CK_*_PARAMS (size, known hash and MGF, lengths) and serialises it for the
+# Included by core.pyx: one parser per parameter kind (mechanisms.Param), without the GIL.
+# A struct kind checks its CK_*_PARAMS (size, known hash and MGF, lengths) and serialises it for the
 # provider (pkcs11ws/params.py decodes it): CK_ULONG fields in native order (little-endian on
 # the LP64 hosts this builds for) followed by any byte strings. The struct layouts are the
 # generated declarations of pkcs11ws/abi.py (ck.pxd).
@@ -79,11 +79,41 @@ cdef CK_RV _parse_gcm(CK_MECHANISM_PTR m, OpState* op) noexcept nogil:
     return _blob(op, nums, 2, p.pIv, p.ulIvLen, p.pAAD, p.ulAADLen)
 
 
-cdef CK_RV _parse_param(int kind, CK_MECHANISM_PTR m, OpState* op) noexcept nogil:
-    if kind == PARAM_RSA_PSS:
-        return _parse_pss(m, op)
-    if kind == PARAM_RSA_OAEP:
-        return _parse_oaep(m, op)
-    if kind == PARAM_GCM:
-        return _parse_gcm(m, op)
+cdef CK_RV _parse_none(CK_MECHANISM_PTR m, OpState* op) noexcept nogil:
+    return CKR_MECHANISM_PARAM_INVALID if m.ulParameterLen != 0 else CKR_OK
+
+
+cdef CK_RV _parse_iv16(CK_MECHANISM_PTR m, OpState* op) noexcept nogil:
+    if m.pParameter == NULL or m.ulParameterLen != 16:
+        return CKR_MECHANISM_PARAM_INVALID
+    memcpy(op.iv, m.pParameter, 16)
     return CKR_OK
+
+
+cdef CK_RV _parse_mac_len(CK_MECHANISM_PTR m, OpState* op) noexcept nogil:
+    cdef CK_ULONG v
+    if m.pParameter == NULL or m.ulParameterLen != sizeof(CK_MAC_GENERAL_PARAMS):
+        return CKR_MECHANISM_PARAM_INVALID
+    v = (<CK_MAC_GENERAL_PARAMS*>m.pParameter)[0]
+    # The _GENERAL HMACs give half to all of the hash's output (guide 6.3).
+    if v * 2 < g_mechs[op.row].out_len or v > g_mechs[op.row].out_len:
+        return CKR_MECHANISM_PARAM_INVALID
+    op.mac_len = v
+    return CKR_OK
+
+
+# One parser per parameter kind, indexed by PARAM_* (mech_gen.pxd). Each reads
+# CK_MECHANISM.pParameter into the operation state (op.row is set); one that allocates leaves
+# it in op.prm, which _op_clear frees. _load_mechanisms refuses a row whose kind has none.
+ctypedef CK_RV (*ParamParser)(CK_MECHANISM_PTR m, OpState* op) noexcept nogil
+cdef ParamParser g_parsers[N_PARAM]
+
+
+cdef void _params_init() noexcept nogil:
+    memset(g_parsers, 0, sizeof(g_parsers))
+    g_parsers[PARAM_NONE] = _parse_none
+    g_parsers[PARAM_IV16] = _parse_iv16
+    g_parsers[PARAM_MAC_LEN] = _parse_mac_len
+    g_parsers[PARAM_RSA_PSS] = _parse_pss
+    g_parsers[PARAM_RSA_OAEP] = _parse_oaep
+    g_parsers[PARAM_GCM] = _parse_gcm

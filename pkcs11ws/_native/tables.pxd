@@ -59,7 +59,8 @@ cdef struct MechRow:
     int rule  # RULE_*
     int multi  # MULTI_*
     int family  # FAMILY_*
-    int asym  # private-key family: sign/decrypt with CKO_PRIVATE_KEY, the rest public
+    CK_OBJECT_CLASS key_class[4]  # per OP_*: the class of key the operation takes
+    int key_sized  # the output length is the key's (ObjRow.size), not out_len
     int nkt
     CK_KEY_TYPE key_types[4]
 
