@@ -266,14 +266,17 @@ KEY_TYPE_NAMES: Final[dict[int, str]] = {
 PAIR_KEY_TYPE_NAMES: Final[dict[int, str]] = {C.CKK_RSA: "CKK_RSA", C.CKK_EC: "CKK_EC"}
 
 # PKCS#11 hash and MGF1 codes (PSS and OAEP parameters) by hash name.
+# The core's parameter parsers accept exactly these (copied into it at import).
 HASHES: Final[dict[int, str]] = {
     C.CKM_SHA_1: "sha1",
+    C.CKM_SHA224: "sha224",
     C.CKM_SHA256: "sha256",
     C.CKM_SHA384: "sha384",
     C.CKM_SHA512: "sha512",
 }
 MGFS: Final[dict[int, str]] = {
     C.CKG_MGF1_SHA1: "sha1",
+    C.CKG_MGF1_SHA224: "sha224",
     C.CKG_MGF1_SHA256: "sha256",
     C.CKG_MGF1_SHA384: "sha384",
     C.CKG_MGF1_SHA512: "sha512",

@@ -281,7 +281,7 @@ STRUCTS: Final[dict[str, Struct]] = {
            F("iv", "bytes", required=False, doc="AES-CBC: 16 bytes; AES-GCM: 8-128 bytes"),
            F("aad", "bytes", required=False, doc="AES-GCM additional authenticated data"),
            F("tag_bits", "int", required=False, doc="AES-GCM tag length in bits"),
-           F("hash", "str", required=False, doc="RSA-OAEP hash: sha1, sha256, sha384, sha512"),
+           F("hash", "str", required=False, doc="RSA-OAEP hash: sha1, sha224 .. sha512"),
            F("mgf", "str", required=False, doc="RSA-OAEP MGF1 hash"),
            F("label", "bytes", required=False, doc="RSA-OAEP label")),
         _s("CipherResult", "The output, and the last ciphertext block (the IV that continues "
@@ -291,7 +291,7 @@ STRUCTS: Final[dict[str, Struct]] = {
            F("key", "str"), F("mechanism", "str"), F("data", "bytes"),
            F("mac_length", "int", required=False,
              doc="_GENERAL mechanisms: output length, half to full size"),
-           F("hash", "str", required=False, doc="RSA-PSS hash: sha1, sha256, sha384, sha512"),
+           F("hash", "str", required=False, doc="RSA-PSS hash: sha1, sha224 .. sha512"),
            F("mgf", "str", required=False, doc="RSA-PSS MGF1 hash"),
            F("salt_length", "int", required=False, doc="RSA-PSS salt length in bytes")),
         _s("Signature", "The MAC or signature (ECDSA: r || s).", F("signature", "bytes")),

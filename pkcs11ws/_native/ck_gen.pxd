@@ -152,6 +152,9 @@ cdef extern from "pkcs11ws_ck.h" nogil:
     const CK_ULONG CKM_RSA_PKCS
     const CK_ULONG CKM_RSA_PKCS_OAEP
     const CK_ULONG CKM_RSA_PKCS_PSS
+    const CK_ULONG CKM_SHA1_RSA_PKCS
+    const CK_ULONG CKM_SHA224_RSA_PKCS
+    const CK_ULONG CKM_SHA224_RSA_PKCS_PSS
     const CK_ULONG CKM_SHA256_RSA_PKCS
     const CK_ULONG CKM_SHA384_RSA_PKCS
     const CK_ULONG CKM_SHA512_RSA_PKCS
@@ -159,11 +162,14 @@ cdef extern from "pkcs11ws_ck.h" nogil:
     const CK_ULONG CKM_SHA384_RSA_PKCS_PSS
     const CK_ULONG CKM_SHA512_RSA_PKCS_PSS
     const CK_ULONG CKM_SHA_1
+    const CK_ULONG CKM_SHA224
     const CK_ULONG CKM_SHA256
     const CK_ULONG CKM_SHA384
     const CK_ULONG CKM_SHA512
     const CK_ULONG CKM_EC_KEY_PAIR_GEN
     const CK_ULONG CKM_ECDSA
+    const CK_ULONG CKM_ECDSA_SHA1
+    const CK_ULONG CKM_ECDSA_SHA224
     const CK_ULONG CKM_ECDSA_SHA256
     const CK_ULONG CKM_ECDSA_SHA384
     const CK_ULONG CKM_ECDSA_SHA512
@@ -201,6 +207,7 @@ cdef extern from "pkcs11ws_ck.h" nogil:
     const CK_ULONG CKG_MGF1_SHA256
     const CK_ULONG CKG_MGF1_SHA384
     const CK_ULONG CKG_MGF1_SHA512
+    const CK_ULONG CKG_MGF1_SHA224
     const CK_ULONG CKZ_DATA_SPECIFIED
     const CK_ULONG CKU_SO
     const CK_ULONG CKU_USER

@@ -4,13 +4,29 @@
 # the LP64 hosts this builds for) followed by any byte strings. The struct layouts are the
 # generated declarations of pkcs11ws/abi.py (ck.pxd).
 
+# The hashes and MGFs a PSS or OAEP parameter may name: mechanisms.HASHES and MGFS, copied
+# here at import (_params_init).
+cdef enum:
+    MAX_HASHES = 16
+cdef CK_ULONG g_hashes[MAX_HASHES]
+cdef CK_ULONG g_mgfs[MAX_HASHES]
+cdef int g_nhashes = 0, g_nmgfs = 0
+
+
+cdef bint _in(const CK_ULONG* codes, int n, CK_ULONG v) noexcept nogil:
+    cdef int i
+    for i in range(n):
+        if codes[i] == v:
+            return True
+    return False
+
+
 cdef bint _hash_ok(CK_MECHANISM_TYPE h) noexcept nogil:
-    return h == CKM_SHA_1 or h == CKM_SHA256 or h == CKM_SHA384 or h == CKM_SHA512
+    return _in(g_hashes, g_nhashes, h)
 
 
 cdef bint _mgf_ok(CK_ULONG g) noexcept nogil:
-    return (g == CKG_MGF1_SHA1 or g == CKG_MGF1_SHA256 or g == CKG_MGF1_SHA384
-            or g == CKG_MGF1_SHA512)
+    return _in(g_mgfs, g_nmgfs, g)
 
 
 cdef bint _tag_bits_ok(CK_ULONG bits) noexcept nogil:
@@ -109,7 +125,16 @@ ctypedef CK_RV (*ParamParser)(CK_MECHANISM_PTR m, OpState* op) noexcept nogil
 cdef ParamParser g_parsers[N_PARAM]
 
 
-cdef void _params_init() noexcept nogil:
+cdef int _params_init() except -1:
+    global g_nhashes, g_nmgfs
+    if len(_mechanisms.HASHES) > MAX_HASHES or len(_mechanisms.MGFS) > MAX_HASHES:
+        raise RuntimeError("more hashes than the core's table")
+    for i, code in enumerate(_mechanisms.HASHES):
+        g_hashes[i] = code
+    g_nhashes = len(_mechanisms.HASHES)
+    for i, code in enumerate(_mechanisms.MGFS):
+        g_mgfs[i] = code
+    g_nmgfs = len(_mechanisms.MGFS)
     memset(g_parsers, 0, sizeof(g_parsers))
     g_parsers[PARAM_NONE] = _parse_none
     g_parsers[PARAM_IV16] = _parse_iv16
@@ -117,3 +142,4 @@ cdef void _params_init() noexcept nogil:
     g_parsers[PARAM_RSA_PSS] = _parse_pss
     g_parsers[PARAM_RSA_OAEP] = _parse_oaep
     g_parsers[PARAM_GCM] = _parse_gcm
+    return 0

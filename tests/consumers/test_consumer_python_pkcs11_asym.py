@@ -20,6 +20,8 @@ from pkcs11 import exceptions as E
 from pkcs11.mechanisms import GCMParams
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
 
+from pkcs11ws import constants as C
+from pkcs11ws import mechanisms as M
 from pkcs11ws.__main__ import module_path
 from pkcs11ws.client.api import KeyServiceClient
 from pkcs11ws.config import load_config
@@ -151,6 +153,42 @@ def test_ecdsa_p384(pkcs11_ec_pair: Any) -> None:
     key.verify(der, data, ec.ECDSA(hashes.SHA384()))
     assert pub.verify(data, sig, mechanism=Mechanism.ECDSA_SHA384)
     assert not pub.verify(data, bytes(96), mechanism=Mechanism.ECDSA_SHA384)
+
+
+# Every hash-and-sign row of the mechanism table: a row added to an existing family is tested
+# by being added (the table is the test's parameter list).
+SIGN_ROWS = [
+    m
+    for m in M.MECHANISMS
+    if m.family in (M.Family.RSA, M.Family.EC) and m.flags & C.CKF_SIGN and m.digest
+]
+HASH_CODE = {name: code for code, name in M.HASHES.items()}
+MGF_CODE = {name: code for code, name in M.MGFS.items()}
+
+
+@pytest.mark.parametrize("row", SIGN_ROWS, ids=lambda m: m.name)
+def test_every_hash_and_sign_row(pkcs11_rsa_pair: Any, pkcs11_ec_pair: Any,
+                                 row: M.Mechanism) -> None:  # fmt: skip
+    pub, priv = pkcs11_rsa_pair if row.family is M.Family.RSA else pkcs11_ec_pair
+    key = _spki(pub)
+    algo = getattr(hashes, row.digest.upper())()
+    data = os.urandom(777)
+    param = None
+    if row.param is M.Param.RSA_PSS:
+        param = (Mechanism(HASH_CODE[row.digest]), MGF(MGF_CODE[row.digest]), algo.digest_size)
+    sig = priv.sign(data, mechanism=Mechanism(row.code), mechanism_param=param)
+    if row.param is M.Param.RSA_PSS:
+        key.verify(sig, data, padding.PSS(padding.MGF1(algo), algo.digest_size), algo)
+    elif row.family is M.Family.RSA:
+        key.verify(sig, data, padding.PKCS1v15(), algo)
+    else:
+        n = len(sig) // 2
+        der = utils.encode_dss_signature(int.from_bytes(sig[:n], "big"),
+                                         int.from_bytes(sig[n:], "big"))  # fmt: skip
+        key.verify(der, data, ec.ECDSA(algo))
+    # The module's own verification (in the module, with the public key) agrees.
+    assert pub.verify(data, sig, mechanism=Mechanism(row.code), mechanism_param=param)
+    assert not pub.verify(data + b"x", sig, mechanism=Mechanism(row.code), mechanism_param=param)
 
 
 def test_aes_gcm_known_answer_single_and_multipart(shared_session: Any) -> None:
