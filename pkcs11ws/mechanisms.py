@@ -234,6 +234,7 @@ MECHANISMS: Final[tuple[Mechanism, ...]] = (
               C.CKF_GENERATE_KEY_PAIR | _EC_FLAGS, _EC, EC_BITS[0], EC_BITS[1], Param.NONE,
               Action.KEYPAIR, gen_key_type=C.CKK_EC, family=Family.EC_KEYGEN),
     _rsa("CKM_RSA_PKCS", _CIPHER_FLAGS | _MAC_FLAGS, Param.NONE),
+    _rsa("CKM_SHA224_RSA_PKCS", _MAC_FLAGS, Param.NONE, "sha224"),
     _rsa("CKM_SHA256_RSA_PKCS", _MAC_FLAGS, Param.NONE, "sha256"),
     _rsa("CKM_SHA384_RSA_PKCS", _MAC_FLAGS, Param.NONE, "sha384"),
     _rsa("CKM_SHA512_RSA_PKCS", _MAC_FLAGS, Param.NONE, "sha512"),
