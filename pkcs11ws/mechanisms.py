@@ -244,6 +244,7 @@ MECHANISMS: Final[tuple[Mechanism, ...]] = (
     _rsa("CKM_SHA512_RSA_PKCS_PSS", _MAC_FLAGS, Param.RSA_PSS, "sha512"),
     _rsa("CKM_RSA_PKCS_OAEP", _CIPHER_FLAGS, Param.RSA_OAEP),
     _ecdsa("CKM_ECDSA"),
+    _ecdsa("CKM_ECDSA_SHA224", "sha224"),
     _ecdsa("CKM_ECDSA_SHA256", "sha256"),
     _ecdsa("CKM_ECDSA_SHA384", "sha384"),
     _ecdsa("CKM_ECDSA_SHA512", "sha512"),
