@@ -239,6 +239,7 @@ MECHANISMS: Final[tuple[Mechanism, ...]] = (
     _rsa("CKM_SHA384_RSA_PKCS", _MAC_FLAGS, Param.NONE, "sha384"),
     _rsa("CKM_SHA512_RSA_PKCS", _MAC_FLAGS, Param.NONE, "sha512"),
     _rsa("CKM_RSA_PKCS_PSS", _MAC_FLAGS, Param.RSA_PSS),
+    _rsa("CKM_SHA224_RSA_PKCS_PSS", _MAC_FLAGS, Param.RSA_PSS, "sha224"),
     _rsa("CKM_SHA256_RSA_PKCS_PSS", _MAC_FLAGS, Param.RSA_PSS, "sha256"),
     _rsa("CKM_SHA384_RSA_PKCS_PSS", _MAC_FLAGS, Param.RSA_PSS, "sha384"),
     _rsa("CKM_SHA512_RSA_PKCS_PSS", _MAC_FLAGS, Param.RSA_PSS, "sha512"),
