@@ -83,6 +83,7 @@ class Native(Protocol):
         sign: bool,
         verify: bool,
         size: int = 0,
+        private: bool = True,
     ) -> int: ...
 
     def object_drop(self, handle: int) -> None: ...
@@ -425,9 +426,9 @@ class Provider:
         assert isinstance(cls, int) and isinstance(kt, int)
         with self.dir.lock:
             handle = self.dir.by_uuid.get((slot_id, uuid), 0)
-            handle = self.native.object_put(
-                handle, slot_id, cls, kt, *_usage(attrs), mechanisms.signature_size(attrs)
-            )
+            private = attrs.get("CKA_PRIVATE", True) is not False
+            size = mechanisms.signature_size(attrs)
+            handle = self.native.object_put(handle, slot_id, cls, kt, *_usage(attrs), size, private)
             self.dir.by_uuid[(slot_id, uuid)] = handle
             self.dir.objects[handle] = Obj(
                 handle, slot_id, uuid, attrs, public=cls == C.CKO_PUBLIC_KEY
@@ -591,18 +592,22 @@ class Provider:
 
         The per-operation path: _token(), _object() and _call() are inlined (each Python frame
         between the core and pycurl costs)."""
-        token = self.tokens.get(slot_id)
-        if token is None:
-            raise PKCS11Error(C.CKR_USER_NOT_LOGGED_IN)
-        if _monotonic() >= self.renew_at.get(slot_id, _NEVER):
-            token = self._renew(slot_id, token)
         obj = self.dir.objects.get(key)  # one dict read is atomic: no lock
         if obj is None or obj.slot_id != slot_id:
             raise PKCS11Error(C.CKR_KEY_HANDLE_INVALID)
         m = mechanisms.BY_CODE[mech]
         extra = params.decode(m.param, param) if param else None
         if obj.public:
+            # No request, so no token: a public (not CKA_PRIVATE) public key works before
+            # C_Login (PKCS#11 public session); the core refused a private one already.
+            if obj.attrs.get("CKA_PRIVATE", True) is not False and slot_id not in self.tokens:
+                raise PKCS11Error(C.CKR_USER_NOT_LOGGED_IN)
             return self._public(which, obj, m, data, signature, extra or {})
+        token = self.tokens.get(slot_id)
+        if token is None:
+            raise PKCS11Error(C.CKR_USER_NOT_LOGGED_IN)
+        if _monotonic() >= self.renew_at.get(slot_id, _NEVER):
+            token = self._renew(slot_id, token)
         try:
             return self.client.crypto(
                 _OP_NAMES[which],

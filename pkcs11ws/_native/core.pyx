@@ -266,12 +266,14 @@ def slot_set_pin_flags(slot_id: int, flags: int) -> None:
 
 
 def object_put(handle: int, slot_id: int, cls: int, key_type: int, encrypt: bool,
-               decrypt: bool, sign: bool, verify: bool, size: int = 0) -> int:
+               decrypt: bool, sign: bool, verify: bool, size: int = 0,
+               private: bool = True) -> int:
     """Record an object (handle 0: allocate one); returns its handle. size: a key pair's
-    output length (RSA modulus bytes, ECDSA signature bytes)."""
+    output length (RSA modulus bytes, ECDSA signature bytes); private: CKA_PRIVATE."""
     cdef CK_ULONG usage = ((USE_ENCRYPT if encrypt else 0) | (USE_DECRYPT if decrypt else 0)
                            | (USE_SIGN if sign else 0) | (USE_VERIFY if verify else 0))
-    cdef CK_OBJECT_HANDLE h = _obj_put(handle, slot_id, cls, key_type, usage, size)
+    cdef CK_OBJECT_HANDLE h = _obj_put(handle, slot_id, cls, key_type, usage, size,
+                                       1 if private else 0)
     if h == 0:
         raise MemoryError()
     return h

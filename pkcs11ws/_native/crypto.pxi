@@ -1,6 +1,6 @@
 # Included by core.pyx: key generation, single-part encrypt/decrypt/sign/verify, random.
 # (Multi-part: multipart.pxi.)
-# C_*Init is checked entirely here (session, mechanism, parameter, key, login, usage) without
+# C_*Init is checked entirely here (session, key, login, mechanism, parameter, usage) without
 # the GIL. The output length is computed from the mechanism and input size, so the two-call
 # length convention never costs a round trip; the one request is made by the call that has a
 # big enough buffer. An operation ends on any result but CKR_BUFFER_TOO_SMALL or a successful
@@ -28,7 +28,9 @@ cdef CK_RV _op_check(CK_SLOT_ID slot, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE key, 
         return CKR_ARGUMENTS_BAD
     if _obj_get(key, &obj) != 0 or obj.slot != slot:
         return CKR_KEY_HANDLE_INVALID
-    if not _slot_logged_in(slot):
+    # A public session uses public objects (PKCS#11 4.4): a public key that is not CKA_PRIVATE
+    # verifies and encrypts in the module without a login; every other key needs one.
+    if (obj.private or obj.cls != CKO_PUBLIC_KEY) and not _slot_logged_in(slot):
         return CKR_USER_NOT_LOGGED_IN
     row = _mech_find(m.mechanism)
     if row < 0 or not (g_mechs[row].flags & _op_flag(which)):

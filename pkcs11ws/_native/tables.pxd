@@ -126,3 +126,4 @@ cdef struct ObjRow:
     CK_KEY_TYPE key_type
     CK_ULONG usage
     CK_ULONG size  # RSA: modulus bytes; EC: signature (r || s) bytes; else 0
+    int private  # CKA_PRIVATE: only a public public key is used before C_Login

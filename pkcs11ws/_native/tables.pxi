@@ -236,7 +236,8 @@ cdef int _obj_get(CK_OBJECT_HANDLE h, ObjRow* out) noexcept nogil:
 
 
 cdef CK_OBJECT_HANDLE _obj_put(CK_OBJECT_HANDLE h, CK_SLOT_ID slot, CK_OBJECT_CLASS cls,
-                               CK_KEY_TYPE kt, CK_ULONG usage, CK_ULONG size) noexcept nogil:
+                               CK_KEY_TYPE kt, CK_ULONG usage, CK_ULONG size,
+                               int private) noexcept nogil:
     """Record an object; h == 0 allocates the next handle. 0 on allocation failure."""
     cdef ObjRow* grown
     cdef CK_ULONG cap
@@ -260,6 +261,7 @@ cdef CK_OBJECT_HANDLE _obj_put(CK_OBJECT_HANDLE h, CK_SLOT_ID slot, CK_OBJECT_CL
     g_objs[h - 1].key_type = kt
     g_objs[h - 1].usage = usage
     g_objs[h - 1].size = size
+    g_objs[h - 1].private = private
     pthread_mutex_unlock(&g_obj_lock)
     return h
 
