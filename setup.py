@@ -175,6 +175,7 @@ extensions = [
                 "ck.pxd",
                 "ck_gen.pxd",
                 "tables.pxd",
+                "digest.pxi",
                 "params.pxi",
                 "mech_gen.pxd",
                 "pyglue.h",

@@ -158,14 +158,14 @@ CK_ULONG ulEncryptedPartLen, CK_BYTE_PTR pPart, CK_ULONG_PTR pulPartLen) \
 C_DecryptFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pLastPart, CK_ULONG_PTR pulLastPartLen) \
 = core
 C_DigestInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism) \
-= CKR_FUNCTION_NOT_SUPPORTED
+= core
 C_Digest(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen, \
-CK_BYTE_PTR pDigest, CK_ULONG_PTR pulDigestLen) = CKR_FUNCTION_NOT_SUPPORTED
+CK_BYTE_PTR pDigest, CK_ULONG_PTR pulDigestLen) = core
 C_DigestUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen) \
-= CKR_FUNCTION_NOT_SUPPORTED
-C_DigestKey(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hKey) = CKR_FUNCTION_NOT_SUPPORTED
+= core
+C_DigestKey(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hKey) = core
 C_DigestFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pDigest, CK_ULONG_PTR pulDigestLen) \
-= CKR_FUNCTION_NOT_SUPPORTED
+= core
 C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey) = core
 C_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen, \
 CK_BYTE_PTR pSignature, CK_ULONG_PTR pulSignatureLen) = core

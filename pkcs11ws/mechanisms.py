@@ -40,6 +40,7 @@ class Action(Enum):
     MAC = "mac"  # /crypto/v1/sign and /crypto/v1/verify (MACs and signatures)
     KEYGEN = "keygen"  # /km/v1/softcards/{card}/keys/generate
     KEYPAIR = "keypair"  # /km/v1/softcards/{card}/keys/generate-pair
+    LOCAL = "local"  # none: the module does it (digests)
 
 
 class Family(Enum):
@@ -54,6 +55,7 @@ class Family(Enum):
     EC = "ec"  # ECDSA
     RSA_KEYGEN = "rsa_keygen"
     EC_KEYGEN = "ec_keygen"
+    DIGEST = "digest"  # SHA-1 and SHA-2 digests, in the module (no key, no login)
 
 
 class OutLen(Enum):
@@ -66,6 +68,7 @@ class OutLen(Enum):
     MODULUS = "modulus"  # RSA: the modulus in bytes (an upper bound for decryption)
     EC_SIG = "ec_sig"  # ECDSA: r || s, twice the field size in bytes
     GCM = "gcm"  # the input plus the tag (encrypt), an upper bound minus it (decrypt)
+    DIGEST = "digest"  # the hash's length (out_len)
 
 
 class Multi(Enum):
@@ -74,6 +77,7 @@ class Multi(Enum):
     NONE = "none"  # single-part only (raw RSA, ECDSA over a digest)
     CBC = "cbc"  # streamed block by block, the chaining value kept in the core
     ACCUMULATE = "accumulate"  # the core buffers the data, Final makes the one request
+    HASH = "hash"  # a running hash in the module, fed by each C_DigestUpdate
 
 
 # The kinds the core switches on, with the prefix of their Cython enum: tools/gen_native.py
@@ -212,6 +216,24 @@ def _ecdsa(name: str, digest: str = "") -> Mechanism:
     )
 
 
+def _digest(name: str, digest: str, size: int) -> Mechanism:
+    return Mechanism(
+        name,
+        getattr(C, name),
+        C.CKF_DIGEST,
+        (),
+        0,
+        0,
+        Param.NONE,
+        Action.LOCAL,
+        digest,
+        size,
+        family=Family.DIGEST,
+        out=OutLen.DIGEST,
+        multi=Multi.HASH,
+    )
+
+
 MECHANISMS: Final[tuple[Mechanism, ...]] = (
     Mechanism("CKM_AES_CBC", C.CKM_AES_CBC, _CIPHER_FLAGS, _AES, 16, 32, Param.IV16, Action.CIPHER,
               out=OutLen.CBC, multi=Multi.CBC),
@@ -249,6 +271,11 @@ MECHANISMS: Final[tuple[Mechanism, ...]] = (
     _ecdsa("CKM_ECDSA_SHA256", "sha256"),
     _ecdsa("CKM_ECDSA_SHA384", "sha384"),
     _ecdsa("CKM_ECDSA_SHA512", "sha512"),
+    _digest("CKM_SHA_1", "sha1", 20),
+    _digest("CKM_SHA224", "sha224", 28),
+    _digest("CKM_SHA256", "sha256", 32),
+    _digest("CKM_SHA384", "sha384", 48),
+    _digest("CKM_SHA512", "sha512", 64),
 )  # fmt: skip
 
 BY_CODE: Final[dict[int, Mechanism]] = {m.code: m for m in MECHANISMS}

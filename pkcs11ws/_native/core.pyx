@@ -7,9 +7,10 @@ session/object/slot tables, operation state, CK_ATTRIBUTE and buffer handling, l
 The GIL is taken only to reach the Python provider (pkcs11ws.provider), once per operation, and
 every such block catches everything and maps it through _ckr(), the one error funnel.
 
-Files: tables.pxi (C tables), objects.pxi (objects, find, attributes), crypto.pxi (keys,
-single-part encrypt, decrypt, sign, verify, random), multipart.pxi (C_*Update, C_*Final),
-funcs.pxi (generated: stubs and the list filling).
+Files: tables.pxi (C tables), objects.pxi (objects, find, attributes), params.pxi (one parser
+per mechanism parameter kind), crypto.pxi (keys, single-part encrypt, decrypt, sign, verify,
+random), multipart.pxi (C_*Update, C_*Final), digest.pxi (C_Digest*, in the module), funcs.pxi
+(generated: stubs and the list filling).
 """
 
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -324,6 +325,7 @@ def _after_fork_child() -> None:
     global g_provider
     p = g_provider
     g_provider = None
+    _digests_clear()
     if p is not None:
         g_leaked.append(p)
         try:
@@ -469,6 +471,7 @@ cdef CK_RV f_Finalize(CK_VOID_PTR pReserved) noexcept nogil:
     with gil:
         p = g_provider
         g_provider = None
+        _digests_clear()
         try:
             _log_session.session = 0
             if p is not None:
@@ -804,7 +807,7 @@ cdef CK_RV f_SessionCancel(CK_SESSION_HANDLE hSession, CK_FLAGS flags) noexcept 
     cdef CK_RV rv = _ready()
     cdef Session* s
     cdef int i
-    cdef CK_FLAGS bits[4]
+    cdef CK_FLAGS bits[N_OPS]
     if rv != CKR_OK:
         return rv
     s = _session_get(hSession)
@@ -814,6 +817,7 @@ cdef CK_RV f_SessionCancel(CK_SESSION_HANDLE hSession, CK_FLAGS flags) noexcept 
     bits[1] = CKF_DECRYPT
     bits[2] = CKF_SIGN
     bits[3] = CKF_VERIFY
+    bits[4] = CKF_DIGEST
     try:
         pthread_mutex_lock(&g_sess_lock)
         for i in range(N_OPS):
@@ -834,6 +838,7 @@ include "objects.pxi"
 include "params.pxi"
 include "crypto.pxi"
 include "multipart.pxi"
+include "digest.pxi"
 include "funcs.pxi"
 
 

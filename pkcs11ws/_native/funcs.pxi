@@ -28,29 +28,6 @@ cdef CK_RV f_SetOperationState(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pOperatio
     return _unsupported(CKR_FUNCTION_NOT_SUPPORTED)
 
 
-cdef CK_RV f_DigestInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism) noexcept nogil:
-    return _unsupported(CKR_FUNCTION_NOT_SUPPORTED)
-
-
-cdef CK_RV f_Digest(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen,
-                    CK_BYTE_PTR pDigest, CK_ULONG_PTR pulDigestLen) noexcept nogil:
-    return _unsupported(CKR_FUNCTION_NOT_SUPPORTED)
-
-
-cdef CK_RV f_DigestUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart,
-                          CK_ULONG ulPartLen) noexcept nogil:
-    return _unsupported(CKR_FUNCTION_NOT_SUPPORTED)
-
-
-cdef CK_RV f_DigestKey(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hKey) noexcept nogil:
-    return _unsupported(CKR_FUNCTION_NOT_SUPPORTED)
-
-
-cdef CK_RV f_DigestFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pDigest,
-                         CK_ULONG_PTR pulDigestLen) noexcept nogil:
-    return _unsupported(CKR_FUNCTION_NOT_SUPPORTED)
-
-
 cdef CK_RV f_SignRecoverInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
                              CK_OBJECT_HANDLE hKey) noexcept nogil:
     return _unsupported(CKR_FUNCTION_NOT_SUPPORTED)

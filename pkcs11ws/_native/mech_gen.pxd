@@ -20,12 +20,14 @@ cdef enum:
     RULE_MODULUS = 4
     RULE_EC_SIG = 5
     RULE_GCM = 6
-    N_RULE = 7
+    RULE_DIGEST = 7
+    N_RULE = 8
     # mechanisms.Multi
     MULTI_NONE = 0
     MULTI_CBC = 1
     MULTI_ACCUMULATE = 2
-    N_MULTI = 3
+    MULTI_HASH = 3
+    N_MULTI = 4
     # mechanisms.Family
     FAMILY_AES_CBC = 0
     FAMILY_AES_GCM = 1
@@ -35,4 +37,5 @@ cdef enum:
     FAMILY_EC = 5
     FAMILY_RSA_KEYGEN = 6
     FAMILY_EC_KEYGEN = 7
-    N_FAMILY = 8
+    FAMILY_DIGEST = 8
+    N_FAMILY = 9

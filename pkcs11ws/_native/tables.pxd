@@ -42,7 +42,8 @@ cdef enum:
     OP_DECRYPT = 1
     OP_SIGN = 2
     OP_VERIFY = 3
-    N_OPS = 4
+    OP_DIGEST = 4  # keyless, in the module (digest.pxi)
+    N_OPS = 5
     MAX_MECHS = 64
     MAX_SESSIONS = 65535
     SESSION_INDEX_BITS = 16
@@ -66,7 +67,7 @@ cdef struct MechRow:
 
 
 cdef struct OpState:
-    # One cryptographic operation of a session (encrypt, decrypt, sign or verify).
+    # One cryptographic operation of a session (encrypt, decrypt, sign, verify or digest).
     int active
     int row
     CK_MECHANISM_TYPE mech
@@ -100,7 +101,7 @@ cdef struct Session:
     CK_FLAGS flags
     int refs
     int closed
-    OpState ops[4]
+    OpState ops[N_OPS]
     int find_active
     CK_OBJECT_HANDLE* found
     CK_ULONG nfound

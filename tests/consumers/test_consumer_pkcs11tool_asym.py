@@ -277,3 +277,14 @@ def test_verify_without_login(tool: Tool, rsa_key: str, ec_key: str, tmp_path: P
                  str(sig), login=False, ok=False)  # fmt: skip
     # pkcs11-tool exits 0 either way; it prints the CKR_SIGNATURE_INVALID answer.
     assert b"Invalid signature" in r.stdout and b"Signature is valid" not in r.stdout, r
+
+
+@pytest.mark.parametrize("mech", ["SHA-1", "SHA224", "SHA256", "SHA384", "SHA512"])
+def test_hash_in_the_module(tool: Tool, tmp_path: Path, mech: str) -> None:
+    """--hash (C_DigestInit/Update/Final, no login) equals hashlib on a multi-block file."""
+    data = tmp_path / "data"
+    data.write_bytes(os.urandom(200_000))
+    out = tmp_path / "digest"
+    tool.run("--hash", "-m", mech, "-i", str(data), "-o", str(out), login=False)
+    name = mech.replace("-", "").lower()
+    assert out.read_bytes() == hashlib.new(name, data.read_bytes()).digest()
