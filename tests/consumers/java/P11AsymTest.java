@@ -4,7 +4,7 @@
 // from $PKCS11WS_TEST_PIN (never argv), the PKCS#12 file's password is "p12". Prints
 // "PASS <check>" per check and "ALL PASSED" at the end; any failure throws. Signatures made in
 // the module are verified by the JDK's own providers (SunRsaSign, SunEC) and the reverse.
-// "all" adds AES/GCM/NoPadding, whose mechanism takes a struct parameter.
+// "all" adds RSASSA-PSS and AES/GCM/NoPadding, whose mechanisms take a struct parameter.
 
 import java.security.KeyFactory;
 import java.security.KeyPair;
@@ -18,6 +18,8 @@ import java.security.Security;
 import java.security.Signature;
 import java.security.cert.Certificate;
 import java.security.spec.ECGenParameterSpec;
+import java.security.spec.MGF1ParameterSpec;
+import java.security.spec.PSSParameterSpec;
 import java.security.spec.X509EncodedKeySpec;
 import java.util.Arrays;
 import javax.crypto.Cipher;
@@ -125,9 +127,47 @@ public final class P11AsymTest {
         pass("Cipher RSA/ECB/PKCS1Padding decrypt");
 
         if (all) {
-            // Not RSASSA-PSS: JDK 17's SunPKCS11 accepts PSS parameters only for a hash the
-            // token offers as a digest mechanism (CKM_SHA256), which this module does not.
-            // Nor OAEP: JDK 17's SunPKCS11 offers RSA/ECB/PKCS1Padding and NoPadding only.
+            // RSASSA-PSS: JDK 17's SunPKCS11 takes PSS parameters only for a hash the token
+            // lists as a digest mechanism (here CKM_SHA256, run in the module); before the
+            // module had digests, setParameter refused SHA-256.
+            check(p.getService("MessageDigest", "SHA-256") != null,
+                  "SunPKCS11 offers the module's CKM_SHA256");
+            java.security.MessageDigest md = java.security.MessageDigest.getInstance("SHA-256", p);
+            check(Arrays.equals(md.digest(data),
+                                java.security.MessageDigest.getInstance("SHA-256", "SUN")
+                                    .digest(data)), "SHA-256 in the module equals SUN's");
+            PSSParameterSpec pss = new PSSParameterSpec("SHA-256", "MGF1",
+                                                        MGF1ParameterSpec.SHA256, 32, 1);
+            Signature ps = Signature.getInstance("RSASSA-PSS", p);
+            ps.initSign(rsa.getPrivate());
+            ps.setParameter(pss);
+            ps.update(data, 0, 1000);
+            ps.update(data, 1000, data.length - 1000);
+            byte[] psig = ps.sign();
+            Signature pv = Signature.getInstance("RSASSA-PSS", "SunRsaSign");
+            pv.setParameter(pss);
+            pv.initVerify(soft(rsa.getPublic(), "RSA"));
+            pv.update(data);
+            check(pv.verify(psig), "RSASSA-PSS verifies in SunRsaSign");
+            Signature pm = Signature.getInstance("RSASSA-PSS", p);
+            pm.initVerify(rsa.getPublic());
+            pm.setParameter(pss);
+            pm.update(data);
+            check(pm.verify(psig), "RSASSA-PSS verifies in the module");
+            pass("Signature RSASSA-PSS (SHA-256, MGF1 SHA-256, salt 32)");
+            // Not OAEP: JDK 17's SunPKCS11 registers RSA/ECB/PKCS1Padding and RSA/ECB/NoPadding
+            // only (P11RSACipher), whatever the token offers. Checked, so that a JDK that adds
+            // it makes this test say so.
+            check(p.getService("Cipher", "RSA/ECB/OAEPWithSHA-256AndMGF1Padding") == null
+                  && p.getService("Cipher", "RSA/ECB/OAEPPadding") == null,
+                  "SunPKCS11 has no OAEP cipher");
+            try {
+                Cipher.getInstance("RSA/ECB/OAEPWithSHA-256AndMGF1Padding", p);
+                check(false, "SunPKCS11 has no OAEP cipher");
+            } catch (javax.crypto.NoSuchPaddingException expected) {
+                // "Unsupported padding OAEPWithSHA-256AndMGF1Padding": its RSA cipher knows
+                // PKCS1Padding and NoPadding only.
+            }
             byte[] raw = random(32);
             SecretKey imported = (SecretKey) javax.crypto.SecretKeyFactory
                 .getInstance("AES", p).translateKey(new SecretKeySpec(raw, "AES"));
