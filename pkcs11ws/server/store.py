@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Final, NamedTuple
 
+from pkcs11ws import constants as C
 from pkcs11ws import protocol
 from pkcs11ws._lite import dataclass
 from pkcs11ws.protocol import Attrs
@@ -86,9 +87,22 @@ class CardRow:
 
 @dataclass(frozen=True)
 class CardCounts:
-    keys: int
+    keys: int  # secret keys and both halves of key pairs
     certificates: int
     data: int
+
+
+# The object classes each CardCounts field counts (both stores build their SQL from this).
+COUNTED_CLASSES: Final = (
+    (C.CKO_SECRET_KEY, C.CKO_PRIVATE_KEY, C.CKO_PUBLIC_KEY),
+    (C.CKO_CERTIFICATE,),
+    (C.CKO_DATA,),
+)
+
+
+def counted_in(classes: tuple[int, ...]) -> str:
+    """SQL `IN (...)` list of one CardCounts field's classes (integers: no injection)."""
+    return "(" + ", ".join(str(int(c)) for c in classes) + ")"
 
 
 _DECODED_CACHE_MAX: Final = 4096  # entries can hold a public certificate: keep it small

@@ -20,9 +20,9 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Final, Protocol
 
-from pkcs11ws import constants as C
 from pkcs11ws.protocol import Attrs
 from pkcs11ws.server.store import (
+    COUNTED_CLASSES,
     CardCounts,
     CardRewrap,
     CardRow,
@@ -33,6 +33,7 @@ from pkcs11ws.server.store import (
     StoreActivity,
     StoreError,
     WriteTx,
+    counted_in,
     encode_stored,
 )
 
@@ -41,11 +42,14 @@ CARD_COLS: Final = (
 )
 NCOLS: Final = CARD_COLS.count(",") + 1
 OBJ_COLS: Final = "handle, card, cls, key_type, attrs, secret"
+# CardCounts' fields (keys: secret keys and both halves of key pairs), per store.COUNTED_CLASSES.
 _COUNTS: Final = ",".join(
-    f"(SELECT COUNT(*) FROM objects o WHERE o.card = s.id AND o.cls = {c})"
-    for c in (C.CKO_SECRET_KEY, C.CKO_CERTIFICATE, C.CKO_DATA)
+    f"(SELECT COUNT(*) FROM objects o WHERE o.card = s.id AND o.cls IN {counted_in(c)})"
+    for c in COUNTED_CLASSES
 )
-_COUNT_BY_CLASS: Final = ", ".join(["COUNT(*) FILTER (WHERE cls = ?)"] * 3)
+_COUNT_BY_CLASS: Final = ", ".join(
+    f"COUNT(*) FILTER (WHERE cls IN {counted_in(c)})" for c in COUNTED_CLASSES
+)
 _NAMED: Final = re.compile(r":([a-z_]+)")
 
 
@@ -204,8 +208,7 @@ class SqlReads(ReadTx):
         return [str(r[0]) for r in rows]
 
     def card_counts(self, card: str) -> CardCounts:
-        args = (C.CKO_SECRET_KEY, C.CKO_CERTIFICATE, C.CKO_DATA, card)
-        row = self.con.execute(self.sql.card_counts, args).fetchone()
+        row = self.con.execute(self.sql.card_counts, (card,)).fetchone()
         return CardCounts(int(row[0]), int(row[1]), int(row[2]))
 
     def session_valid(self, session: str, card: str, now: float) -> bool:

@@ -416,3 +416,22 @@ def test_offload_rule_by_family_and_curve() -> None:
     assert ops.ec.offload(ec.generate_private_key(ec.SECP521R1()))
     for family in (ops.hmac, ops.aes_cbc, ops.aes_gcm):
         assert not family.offload(bytes(32))
+def test_key_pairs_count_as_keys_for_softcard_delete(shared_card: Any) -> None:
+    """A softcard holding only a key pair (or only its public half) is not empty: delete
+    without force answers SOFTCARD_NOT_EMPTY, and the listing counts both halves as keys."""
+    api = shared_card[0]
+    card_id, token = api.new_card(b"pair only")
+    body = api.ok(_pair(api, card_id, token, "CKM_EC_KEY_PAIR_GEN",
+                        {"CKA_EC_PARAMS": bytes.fromhex("06082a8648ce3d030107")},
+                        {**_PRIV, "CKA_LABEL": b"ec"}))  # fmt: skip
+    listed = {c["id"]: c for c in api.ok(api.get("/km/v1/softcards"))["softcards"]}
+    assert listed[card_id]["keys"] == 2
+    assert api.ok(api.get(f"/km/v1/softcards/{card_id}"))["keys"] == 2
+    r = api.delete(f"/km/v1/softcards/{card_id}", idem=new_idem())
+    assert (r.status, r.code) == (409, "SOFTCARD_NOT_EMPTY")
+    priv = body["private"]["handle"]
+    r = api.delete(f"/km/v1/softcards/{card_id}/objects/{priv}", token=token, idem=new_idem())
+    assert r.status == 200
+    r = api.delete(f"/km/v1/softcards/{card_id}", idem=new_idem())
+    assert (r.status, r.code) == (409, "SOFTCARD_NOT_EMPTY")  # the public key is still a key
+    assert api.delete(f"/km/v1/softcards/{card_id}?force=true", idem=new_idem()).status == 200
