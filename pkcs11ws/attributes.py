@@ -89,6 +89,20 @@ SCHEMA: Final[dict[int, dict[str, str]]] = {
         "CKA_VERIFY": "",
         "CKA_VERIFY_RECOVER": "F", "CKA_WRAP": "F", "CKA_TRUSTED": "F", **_RSA_EC_PUBLIC},
 }  # fmt: skip
+# How the ck* utilities (pkcs11ws/cli/ckfmt.py) show a value beyond its wire kind: UTF-8
+# text, a CK_DATE (YYYYMMDD), or CK_ULONG constants of the family with this name prefix (one
+# for a ULONG attribute, a list for a ULONGS one). Anything else shows as hex.
+SHOWN_AS: Final[dict[str, str]] = {
+    "CKA_LABEL": "text",
+    "CKA_APPLICATION": "text",
+    "CKA_START_DATE": "date",
+    "CKA_END_DATE": "date",
+    "CKA_CLASS": "CKO_",
+    "CKA_KEY_TYPE": "CKK_",
+    "CKA_CERTIFICATE_TYPE": "CKC_",
+    "CKA_KEY_GEN_MECHANISM": "CKM_",
+    "CKA_ALLOWED_MECHANISMS": "CKM_",
+}
 CLASS_NAMES: Final = {
     C.CKO_DATA: "data",
     C.CKO_CERTIFICATE: "certificate",

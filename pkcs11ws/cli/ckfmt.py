@@ -1,16 +1,19 @@
 """How the ck* utilities print PKCS#11 values: names, flags, attribute values, counters.
 
 Names come from pkcs11ws.constants (the one place for CK* numbers); a number it does not name
-prints in hex (CKM_0x00001234), so every module's values still show. Flag words are decoded
-per structure, because the same bit means different things in slot, token and mechanism flags.
+prints in hex (CKM_0x00001234), so every module's values still show. An attribute's value is
+shown by the attribute schema: its wire kind (protocol.ATTRIBUTES) and how it reads
+(attributes.SHOWN_AS: text, a date, constants of a family). Flag words are decoded per
+structure, because the same bit means different things in slot, token and mechanism flags.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Final
 
+from pkcs11ws import attributes, protocol
 from pkcs11ws import constants as C
-from pkcs11ws import protocol
 from pkcs11ws.cli.ckabi import Sensitive, bytes_ulong
 
 SLOT_FLAGS: Final = ("CKF_TOKEN_PRESENT", "CKF_REMOVABLE_DEVICE", "CKF_HW_SLOT")
@@ -36,15 +39,6 @@ MECHANISM_FLAGS: Final = (
     "CKF_UNWRAP",
     "CKF_DERIVE",
 )
-# Attributes whose CK_ULONG value is itself a named constant.
-_ULONG_NAMES: Final[dict[str, dict[int, str]]] = {
-    "CKA_CLASS": C.CKO_NAMES,
-    "CKA_KEY_TYPE": C.CKK_NAMES,
-    "CKA_KEY_GEN_MECHANISM": C.CKM_NAMES,
-    "CKA_CERTIFICATE_TYPE": {C.CKC_X_509: "CKC_X_509"},
-}
-_TEXT_ATTRS: Final = ("CKA_LABEL", "CKA_APPLICATION")
-_DATE_ATTRS: Final = ("CKA_START_DATE", "CKA_END_DATE")
 HEX_SHOWN: Final = 32  # bytes of a long value shown before "..."
 
 
@@ -90,33 +84,53 @@ def hexdump(raw: bytes) -> str:
     return f"{raw[:HEX_SHOWN].hex()}... ({len(raw)} bytes)"
 
 
+@functools.cache
+def _names(prefix: str) -> dict[int, str]:
+    """Number -> name of a CK*_ family (as constants.CKM_NAMES and the like are built)."""
+    named = vars(C).items()
+    return {v: k for k, v in named if k.startswith(prefix) and type(v) is int}
+
+
+def _constant(prefix: str, n: int) -> str:
+    return _names(prefix).get(n, f"0x{n:08X}")
+
+
+def _text(value: bytes) -> str:
+    try:
+        s = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return hexdump(value)
+    return f'"{s}"' if s.isprintable() else hexdump(value)
+
+
+def _date(value: bytes) -> str:
+    if not value:
+        return "(empty)"
+    if len(value) == 8 and value.isdigit():
+        d = value.decode()
+        return f"{d[:4]}-{d[4:6]}-{d[6:]}"
+    return hexdump(value)
+
+
 def attribute_value(code: int, value: bytes | Sensitive) -> str:
-    """One attribute value for display, by the attribute's kind in the protocol table."""
+    """One attribute value for display, by the attribute schema (wire kind, SHOWN_AS)."""
     if isinstance(value, Sensitive):
         return "<sensitive>"
-    name = C.CKA_NAMES.get(code, "")
     spec = protocol.ATTR_BY_CODE.get(code)
-    kind = spec.kind if spec is not None else None
-    if kind == protocol.BOOL and len(value) == 1:
-        return "true" if value[0] else "false"
-    if kind == protocol.ULONG and len(value) in (4, 8):
-        n = bytes_ulong(value)
-        names = _ULONG_NAMES.get(name)
-        if names is not None:
-            return names.get(n, f"0x{n:08X}")
-        return str(n)
-    if name in _TEXT_ATTRS:
-        try:
-            s = value.decode("utf-8")
-        except UnicodeDecodeError:
-            return hexdump(value)
-        if s.isprintable():
-            return f'"{s}"'
+    if spec is None:
         return hexdump(value)
-    if name in _DATE_ATTRS:
-        if not value:
-            return "(empty)"
-        if len(value) == 8 and value.isdigit():
-            d = value.decode()
-            return f"{d[:4]}-{d[4:6]}-{d[6:]}"
+    shown = attributes.SHOWN_AS.get(spec.name, "")
+    if spec.kind == protocol.BOOL and len(value) == 1:
+        return "true" if value[0] else "false"
+    if spec.kind == protocol.ULONG and len(value) in (4, 8):
+        n = bytes_ulong(value)
+        return _constant(shown, n) if shown.startswith("CK") else str(n)
+    if spec.kind == protocol.ULONGS and len(value) % 8 == 0:
+        nums = [bytes_ulong(value[i : i + 8]) for i in range(0, len(value), 8)]
+        words = [_constant(shown, n) if shown.startswith("CK") else str(n) for n in nums]
+        return ", ".join(words) if words else "(empty)"
+    if shown == "text":
+        return _text(value)
+    if shown == "date":
+        return _date(value)
     return hexdump(value)

@@ -116,6 +116,35 @@ def test_flag_and_value_formatting():
     assert ckfmt.attribute_value(C.CKA_START_DATE, b"20240131") == "2024-01-31"
     assert ckfmt.attribute_value(C.CKA_VALUE, ckabi.SENSITIVE) == "<sensitive>"
     assert ckfmt.attribute_value(C.CKA_VALUE, bytes(40)).endswith("... (40 bytes)")
+    mechs = ul(C.CKM_SHA256_RSA_PKCS) + ul(C.CKM_ECDSA) + ul(0x7777)
+    assert ckfmt.attribute_value(C.CKA_ALLOWED_MECHANISMS, mechs) == (
+        "CKM_SHA256_RSA_PKCS, CKM_ECDSA, 0x00007777"
+    )
+    assert ckfmt.attribute_value(C.CKA_CERTIFICATE_TYPE, ul(C.CKC_X_509)) == "CKC_X_509"
+    assert ckfmt.attribute_value(C.CKA_KEY_GEN_MECHANISM, ul(C.CKM_EC_KEY_PAIR_GEN)) == (
+        "CKM_EC_KEY_PAIR_GEN"
+    )
+
+
+def test_ckfmt_reads_the_attribute_schema():
+    """ckfmt keeps no attribute list of its own: what attributes.SHOWN_AS says is what it shows,
+    and every attribute so described travels (protocol.ATTRIBUTES) with a kind that fits."""
+    from pkcs11ws import attributes, protocol
+
+    src = (Path(ckfmt.__file__)).read_text()
+    assert not re.findall(r"[\"']CKA_[A-Z]", src)  # no attribute named in ckfmt
+    for name, shown in attributes.SHOWN_AS.items():
+        kind = protocol.ATTR_BY_NAME[name].kind
+        code = getattr(C, name)
+        if shown in ("text", "date"):
+            assert kind == protocol.BYTES, name
+            assert ckfmt.attribute_value(code, b"20250102").startswith(('"', "2025-01-02"))
+        else:
+            assert kind in (protocol.ULONG, protocol.ULONGS), name
+            first = next(n for n in dir(C) if n.startswith(shown) and n[len(shown) :].isupper())
+            assert ckfmt.attribute_value(code, ckabi.ulong_bytes(getattr(C, first))).startswith(
+                shown
+            ), name
 
 
 # -- our module -------------------------------------------------------------------------------
