@@ -406,13 +406,17 @@ class Session:
         self.lib.check("C_DestroyObject", self.handle, obj)
 
     def _single(self, fn: str, data: bytes) -> bytes:
-        """C_Encrypt/C_Decrypt/C_Sign with the two-call length convention."""
+        """C_Encrypt/C_Decrypt/C_Sign/C_Digest with the two-call length convention."""
         src = ctypes.create_string_buffer(data, max(1, len(data)))
         n = CK_ULONG()
         self.lib.check(fn, self.handle, src, len(data), None, byref(n))
         out = ctypes.create_string_buffer(max(1, n.value))
         self.lib.check(fn, self.handle, src, len(data), out, byref(n))
         return out.raw[: n.value]
+
+    def digest(self, mech: Mechanism, data: bytes) -> bytes:
+        self.lib.check("C_DigestInit", self.handle, byref(mech.struct))
+        return self._single("C_Digest", data)
 
     def encrypt(self, mech: Mechanism, key: int, data: bytes) -> bytes:
         self.lib.check("C_EncryptInit", self.handle, byref(mech.struct), key)

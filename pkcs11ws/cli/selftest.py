@@ -3,9 +3,10 @@
 Log in; generate a temporary AES-256 key (CKM_AES_KEY_GEN) and HMAC key (CKM_SHA256_KEY_GEN,
 or CKM_GENERIC_SECRET_KEY_GEN where the module lacks the 3.0 mechanism); AES-CBC-PAD encrypt and
 decrypt; HMAC-SHA256 sign, verify, and check that a changed message does not verify; an EC P-256
-key pair (CKM_EC_KEY_PAIR_GEN) signs with CKM_ECDSA_SHA256 and its public half verifies; destroy
-the keys whatever happened; log out. The keys are token objects (the WSOP rules allow no others)
-with a label that says where they came from, so a left-over is easy to find.
+key pair (CKM_EC_KEY_PAIR_GEN) signs with CKM_ECDSA_SHA256 and its public half verifies; a
+CKM_SHA256 digest equals hashlib's; destroy the keys whatever happened; log out. The keys are
+token objects (the WSOP rules allow no others) with a label that says where they came from, so a
+left-over is easy to find.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def run(
             _aes(rep, session, made)
             _hmac(rep, session, made)
             _ec(rep, session, made)
+            _digest(rep, session)
         finally:
             _destroy(rep, session, made)
             try:
@@ -211,6 +213,20 @@ def _ec(rep: Reporter, s: Session, made: list[tuple[int, str]]) -> None:
         f"{mech_name} sign and verify agree and a changed message does not "
         "verify",
     )
+
+
+def _digest(rep: Reporter, s: Session) -> None:
+    name = "self-test digest"
+    try:
+        got = s.digest(Mechanism(C.CKM_SHA256), MESSAGE)
+    except CKError as e:
+        rep.fail(name, f"CKM_SHA256: {e}", "see the module's log")
+        return
+    if got != hashlib.sha256(MESSAGE).digest():
+        rep.fail(name, "CKM_SHA256 differs from SHA-256",
+                 "report this: the module computes wrong results")  # fmt: skip
+        return
+    rep.ok(name, "CKM_SHA256 (C_DigestInit, C_Digest) equals SHA-256")
 
 
 def _destroy(rep: Reporter, s: Session, made: list[tuple[int, str]]) -> None:

@@ -93,6 +93,7 @@ def test_all_checks_pass_with_the_self_test(service):
         "self-test AES",
         "self-test HMAC",
         "self-test EC key pair",
+        "self-test digest",
         "self-test cleanup",
     ]
     assert list(got) == names
