@@ -144,6 +144,9 @@ cdef CK_RV _digest_out(CK_SESSION_HANDLE h, bint single, CK_BYTE_PTR pData, CK_U
             c.out_len = pulDigestLen
             c.result = op.mac_len
             rv = _in_python(_py_digest_final, &c)
+            # _py_digest_final took the hash out first, whatever happened after.
+            _op_end(s, OP_DIGEST)
+            return rv
         _digest_end(s, h)
         return rv
     finally:
