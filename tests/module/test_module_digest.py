@@ -7,17 +7,14 @@ refused for every key (their values never leave the key service)."""
 from __future__ import annotations
 
 import ctypes
-import uuid
 from ctypes import byref
 
 import pytest
-from p11ctypes import CK_MECHANISM_INFO, CK_ULONG, Module, mechanism
 
 from pkcs11ws import constants as C
-from pkcs11ws.__main__ import module_path
 from pkcs11ws._native import core
-from pkcs11ws.client.api import KeyServiceClient
-from pkcs11ws.config import load_config
+from tests.support.cards import client_card
+from tests.support.p11ctypes import CK_MECHANISM_INFO, CK_ULONG, mechanism
 
 ABC = b"abc"
 TWO_BLOCKS = b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"
@@ -40,21 +37,10 @@ SIZES = {C.CKM_SHA_1: 20, C.CKM_SHA224: 28, C.CKM_SHA256: 32, C.CKM_SHA384: 48, 
 
 
 @pytest.fixture(scope="module")
-def mod(service):
-    m = Module(module_path())
-    rv = m.initialize(str(service.client_cfg))
-    assert rv in (C.CKR_OK, C.CKR_CRYPTOKI_ALREADY_INITIALIZED)
-    yield m
-    m.call("C_Finalize", None)
-
-
-@pytest.fixture(scope="module")
 def card(mod, service):
-    client = KeyServiceClient(load_config(str(service.client_cfg)))
-    name, pin = "dg" + uuid.uuid4().hex[:12], uuid.uuid4().hex.encode()
-    client.create_softcard(name, pin)
-    client.close()
-    return mod.slot_by_label(name), pin
+    """A softcard of its own: (slot, passphrase). `mod` is the shared module (tests/conftest)."""
+    name, pin = client_card(service.client_cfg, "dg")
+    return mod.slot_by_label(name), pin.encode()
 
 
 def requests() -> int:

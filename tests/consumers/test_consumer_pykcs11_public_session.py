@@ -11,7 +11,6 @@ out of a public search.
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import PyKCS11
@@ -22,19 +21,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from pkcs11ws import constants as C
 from pkcs11ws.__main__ import module_path
 from pkcs11ws._native import core
-from pkcs11ws.client.api import KeyServiceClient
-from pkcs11ws.config import load_config
+from tests.support.cards import client_card
 
 P256 = bytes.fromhex("06082a8648ce3d030107")
 COMMON = [(C.CKA_TOKEN, True)]
 
 
 def _card(service: Any) -> tuple[str, str]:
-    client = KeyServiceClient(load_config(str(service.client_cfg)))
-    name, pin = "pub" + uuid.uuid4().hex[:12], uuid.uuid4().hex
-    client.create_softcard(name, pin.encode())
-    client.close()
-    return name, pin
+    return client_card(service.client_cfg, "pub")
 
 
 def _pairs(s: Any, tag: str) -> dict[str, Any]:
