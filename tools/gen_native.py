@@ -345,11 +345,14 @@ def gen_trampolines() -> str:
 
 
 def gen_mech_pxd() -> str:
-    lines = [f"# {GEN} Source: pkcs11ws/mechanisms.py (KINDS)",
-             "# The kinds of the mechanism rows the core switches on. A kind's number is its",
-             "# position in its Python enum; core.pyx's _load_mechanisms numbers each row's kinds",
-             "# by the same rule (mechanisms.kind_numbers), so the two cannot disagree.", "",
-             "cdef enum:"]  # fmt: skip
+    lines = [
+        f"# {GEN} Source: pkcs11ws/mechanisms.py (KINDS)",
+        "# The kinds of the mechanism rows the core switches on. A kind's number is its",
+        "# position in its Python enum; core.pyx's _load_mechanisms numbers each row's kinds",
+        "# by the same rule (mechanisms.kind_numbers), so the two cannot disagree.",
+        "",
+        "cdef enum:",
+    ]
     for prefix, enum in mechanisms.KINDS:
         lines.append(f"    # mechanisms.{enum.__name__}")
         lines += [f"    {prefix}_{k.name} = {i}" for i, k in enumerate(enum)]

@@ -223,8 +223,11 @@ def _digest(rep: Reporter, s: Session) -> None:
         rep.fail(name, f"CKM_SHA256: {e}", "see the module's log")
         return
     if got != hashlib.sha256(MESSAGE).digest():
-        rep.fail(name, "CKM_SHA256 differs from SHA-256",
-                 "report this: the module computes wrong results")  # fmt: skip
+        rep.fail(
+            name,
+            "CKM_SHA256 differs from SHA-256",
+            "report this: the module computes wrong results",
+        )
         return
     rep.ok(name, "CKM_SHA256 (C_DigestInit, C_Digest) equals SHA-256")
 

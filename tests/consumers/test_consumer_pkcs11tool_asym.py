@@ -261,20 +261,42 @@ def test_rsa_oaep_sha256_decrypt(asym_tool: Pkcs11Tool, rsa_key: str, tmp_path: 
 
 
 @pytest.mark.parametrize("mech,key", [("SHA256-RSA-PKCS", "rsa"), ("ECDSA-SHA256", "ec")])
-def test_verify_without_login(asym_tool: Tool, rsa_key: str, ec_key: str, tmp_path: Path,
-                              mech: str, key: str) -> None:  # fmt: skip
+def test_verify_without_login(
+    asym_tool: Tool, rsa_key: str, ec_key: str, tmp_path: Path, mech: str, key: str
+) -> None:
     """--verify with no --login: the public key of a public session verifies in the module."""
     key_id = rsa_key if key == "rsa" else ec_key
     data = tmp_path / "data"
     data.write_bytes(os.urandom(3000))
     sig = tmp_path / "sig"
     asym_tool.run("--sign", "--id", key_id, "-m", mech, "-i", str(data), "-o", str(sig))
-    r = asym_tool.run("--verify", "--id", key_id, "-m", mech, "-i", str(data),
-                      "--signature-file", str(sig), login=False)  # fmt: skip
+    r = asym_tool.run(
+        "--verify",
+        "--id",
+        key_id,
+        "-m",
+        mech,
+        "-i",
+        str(data),
+        "--signature-file",
+        str(sig),
+        login=False,
+    )
     assert b"Signature is valid" in r.stdout, r
     data.write_bytes(data.read_bytes() + b"!")
-    r = asym_tool.run("--verify", "--id", key_id, "-m", mech, "-i", str(data),
-                      "--signature-file", str(sig), login=False, ok=False)  # fmt: skip
+    r = asym_tool.run(
+        "--verify",
+        "--id",
+        key_id,
+        "-m",
+        mech,
+        "-i",
+        str(data),
+        "--signature-file",
+        str(sig),
+        login=False,
+        ok=False,
+    )
     # pkcs11-tool exits 0 either way; it prints the CKR_SIGNATURE_INVALID answer.
     assert b"Invalid signature" in r.stdout and b"Signature is valid" not in r.stdout, r
 

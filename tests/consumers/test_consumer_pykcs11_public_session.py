@@ -34,24 +34,45 @@ def _card(service: Any) -> tuple[str, str]:
 def _pairs(s: Any, tag: str) -> dict[str, Any]:
     """An RSA-2048 and an EC P-256 pair and an AES key, made while logged in."""
     rsa_pub, rsa_priv = s.generateKeyPair(
-        [*COMMON, (C.CKA_ID, f"{tag}-rsa".encode()), (C.CKA_VERIFY, True),
-         (C.CKA_ENCRYPT, True), (C.CKA_MODULUS_BITS, 2048)],
-        [*COMMON, (C.CKA_ID, f"{tag}-rsa".encode()), (C.CKA_PRIVATE, True), (C.CKA_SIGN, True),
-         (C.CKA_DECRYPT, True)],
+        [
+            *COMMON,
+            (C.CKA_ID, f"{tag}-rsa".encode()),
+            (C.CKA_VERIFY, True),
+            (C.CKA_ENCRYPT, True),
+            (C.CKA_MODULUS_BITS, 2048),
+        ],
+        [
+            *COMMON,
+            (C.CKA_ID, f"{tag}-rsa".encode()),
+            (C.CKA_PRIVATE, True),
+            (C.CKA_SIGN, True),
+            (C.CKA_DECRYPT, True),
+        ],
         mecha=PyKCS11.Mechanism(C.CKM_RSA_PKCS_KEY_PAIR_GEN, None),
-    )  # fmt: skip
+    )
     ec_pub, ec_priv = s.generateKeyPair(
         [*COMMON, (C.CKA_ID, f"{tag}-ec".encode()), (C.CKA_VERIFY, True), (C.CKA_EC_PARAMS, P256)],
         [*COMMON, (C.CKA_ID, f"{tag}-ec".encode()), (C.CKA_PRIVATE, True), (C.CKA_SIGN, True)],
         mecha=PyKCS11.Mechanism(C.CKM_EC_KEY_PAIR_GEN, None),
     )
     aes = s.generateKey(
-        [*COMMON, (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, C.CKK_AES),
-         (C.CKA_PRIVATE, True), (C.CKA_VALUE_LEN, 32), (C.CKA_ENCRYPT, True)],
+        [
+            *COMMON,
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, C.CKK_AES),
+            (C.CKA_PRIVATE, True),
+            (C.CKA_VALUE_LEN, 32),
+            (C.CKA_ENCRYPT, True),
+        ],
         mecha=PyKCS11.Mechanism(C.CKM_AES_KEY_GEN, None),
-    )  # fmt: skip
-    return {"rsa_pub": rsa_pub, "rsa_priv": rsa_priv, "ec_pub": ec_pub, "ec_priv": ec_priv,
-            "aes": aes}  # fmt: skip
+    )
+    return {
+        "rsa_pub": rsa_pub,
+        "rsa_priv": rsa_priv,
+        "ec_pub": ec_pub,
+        "ec_priv": ec_priv,
+        "aes": aes,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -68,20 +89,37 @@ def env(service: Any) -> Any:
         keys_a = _pairs(sa, "a")
         data = b"signed while logged in, checked in a public session"
         sigs = {
-            "rsa": bytes(sa.sign(keys_a["rsa_priv"], data,
-                                 PyKCS11.Mechanism(C.CKM_SHA256_RSA_PKCS, None))),
-            "pss": bytes(sa.sign(keys_a["rsa_priv"], data, PyKCS11.RSA_PSS_Mechanism(
-                C.CKM_SHA256_RSA_PKCS_PSS, C.CKM_SHA256, C.CKG_MGF1_SHA256, 32))),
-            "ec": bytes(sa.sign(keys_a["ec_priv"], data,
-                                PyKCS11.Mechanism(C.CKM_ECDSA_SHA256, None))),
-        }  # fmt: skip
+            "rsa": bytes(
+                sa.sign(keys_a["rsa_priv"], data, PyKCS11.Mechanism(C.CKM_SHA256_RSA_PKCS, None))
+            ),
+            "pss": bytes(
+                sa.sign(
+                    keys_a["rsa_priv"],
+                    data,
+                    PyKCS11.RSA_PSS_Mechanism(
+                        C.CKM_SHA256_RSA_PKCS_PSS, C.CKM_SHA256, C.CKG_MGF1_SHA256, 32
+                    ),
+                )
+            ),
+            "ec": bytes(
+                sa.sign(keys_a["ec_priv"], data, PyKCS11.Mechanism(C.CKM_ECDSA_SHA256, None))
+            ),
+        }
         sb = lib.openSession(b, PyKCS11.CKF_RW_SESSION)
         sb.login(pin_b)
         keys_b = _pairs(sb, "b")
         sb.logout()
         sa.logout()
-        yield {"lib": lib, "a": a, "pin_a": pin_a, "sa": sa, "keys_a": keys_a,
-               "keys_b": keys_b, "data": data, "sigs": sigs}  # fmt: skip
+        yield {
+            "lib": lib,
+            "a": a,
+            "pin_a": pin_a,
+            "sa": sa,
+            "keys_a": keys_a,
+            "keys_b": keys_b,
+            "data": data,
+            "sigs": sigs,
+        }
         lib.closeAllSessions(a)
         lib.closeAllSessions(b)
         lib.unload()

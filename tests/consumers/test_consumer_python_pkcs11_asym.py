@@ -167,8 +167,9 @@ MGF_CODE = {name: code for code, name in M.MGFS.items()}
 
 
 @pytest.mark.parametrize("row", SIGN_ROWS, ids=lambda m: m.name)
-def test_every_hash_and_sign_row(pkcs11_rsa_pair: Any, pkcs11_ec_pair: Any,
-                                 row: M.Mechanism) -> None:  # fmt: skip
+def test_every_hash_and_sign_row(
+    pkcs11_rsa_pair: Any, pkcs11_ec_pair: Any, row: M.Mechanism
+) -> None:
     pub, priv = pkcs11_rsa_pair if row.family is M.Family.RSA else pkcs11_ec_pair
     key = _spki(pub)
     algo = getattr(hashes, row.digest.upper())()
@@ -183,8 +184,9 @@ def test_every_hash_and_sign_row(pkcs11_rsa_pair: Any, pkcs11_ec_pair: Any,
         key.verify(sig, data, padding.PKCS1v15(), algo)
     else:
         n = len(sig) // 2
-        der = utils.encode_dss_signature(int.from_bytes(sig[:n], "big"),
-                                         int.from_bytes(sig[n:], "big"))  # fmt: skip
+        der = utils.encode_dss_signature(
+            int.from_bytes(sig[:n], "big"), int.from_bytes(sig[n:], "big")
+        )
         key.verify(der, data, ec.ECDSA(algo))
     # The module's own verification (in the module, with the public key) agrees.
     assert pub.verify(data, sig, mechanism=Mechanism(row.code), mechanism_param=param)

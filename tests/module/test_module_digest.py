@@ -148,9 +148,17 @@ def test_digest_key_is_refused(mod, card):
     slot, pin = card
     h = mod.open(slot)
     assert mod.login(h, pin) == C.CKR_OK
-    key = mod.create(h, [(C.CKA_TOKEN, True), (C.CKA_PRIVATE, True),
-                         (C.CKA_CLASS, C.CKO_SECRET_KEY), (C.CKA_KEY_TYPE, C.CKK_AES),
-                         (C.CKA_ENCRYPT, True), (C.CKA_VALUE, bytes(range(32)))])  # fmt: skip
+    key = mod.create(
+        h,
+        [
+            (C.CKA_TOKEN, True),
+            (C.CKA_PRIVATE, True),
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, C.CKK_AES),
+            (C.CKA_ENCRYPT, True),
+            (C.CKA_VALUE, bytes(range(32))),
+        ],
+    )
     assert init(mod, h, C.CKM_SHA256) == C.CKR_OK
     mod.ok("C_DigestUpdate", h, ABC, 3)
     assert mod.call("C_DigestKey", h, key) == C.CKR_KEY_INDIGESTIBLE

@@ -421,9 +421,16 @@ def test_key_pairs_count_as_keys_for_softcard_delete(shared_card: Any) -> None:
     without force answers SOFTCARD_NOT_EMPTY, and the listing counts both halves as keys."""
     api = shared_card[0]
     card_id, token = api.new_card(b"pair only")
-    body = api.ok(_pair(api, card_id, token, "CKM_EC_KEY_PAIR_GEN",
-                        {"CKA_EC_PARAMS": bytes.fromhex("06082a8648ce3d030107")},
-                        {**_PRIV, "CKA_LABEL": b"ec"}))  # fmt: skip
+    body = api.ok(
+        _pair(
+            api,
+            card_id,
+            token,
+            "CKM_EC_KEY_PAIR_GEN",
+            {"CKA_EC_PARAMS": bytes.fromhex("06082a8648ce3d030107")},
+            {**_PRIV, "CKA_LABEL": b"ec"},
+        )
+    )
     listed = {c["id"]: c for c in api.ok(api.get("/km/v1/softcards"))["softcards"]}
     assert listed[card_id]["keys"] == 2
     assert api.ok(api.get(f"/km/v1/softcards/{card_id}"))["keys"] == 2
