@@ -416,6 +416,8 @@ def test_offload_rule_by_family_and_curve() -> None:
     assert ops.ec.offload(ec.generate_private_key(ec.SECP521R1()))
     for family in (ops.hmac, ops.aes_cbc, ops.aes_gcm):
         assert not family.offload(bytes(32))
+
+
 def test_key_pairs_count_as_keys_for_softcard_delete(shared_card: Any) -> None:
     """A softcard holding only a key pair (or only its public half) is not empty: delete
     without force answers SOFTCARD_NOT_EMPTY, and the listing counts both halves as keys."""
