@@ -262,7 +262,7 @@ def test_rsa_oaep_sha256_decrypt(asym_tool: Pkcs11Tool, rsa_key: str, tmp_path: 
 
 @pytest.mark.parametrize("mech,key", [("SHA256-RSA-PKCS", "rsa"), ("ECDSA-SHA256", "ec")])
 def test_verify_without_login(
-    asym_tool: Tool, rsa_key: str, ec_key: str, tmp_path: Path, mech: str, key: str
+    asym_tool: Pkcs11Tool, rsa_key: str, ec_key: str, tmp_path: Path, mech: str, key: str
 ) -> None:
     """--verify with no --login: the public key of a public session verifies in the module."""
     key_id = rsa_key if key == "rsa" else ec_key
@@ -302,7 +302,7 @@ def test_verify_without_login(
 
 
 @pytest.mark.parametrize("mech", ["SHA-1", "SHA224", "SHA256", "SHA384", "SHA512"])
-def test_hash_in_the_module(asym_tool: Tool, tmp_path: Path, mech: str) -> None:
+def test_hash_in_the_module(asym_tool: Pkcs11Tool, tmp_path: Path, mech: str) -> None:
     """--hash (C_DigestInit/Update/Final, no login) equals hashlib on a multi-block file."""
     data = tmp_path / "data"
     data.write_bytes(os.urandom(200_000))
