@@ -10,8 +10,6 @@
 # and costs nothing; too small a buffer gives CKR_BUFFER_TOO_SMALL and keeps the operation;
 # anything else ends it.
 
-import hashlib as _hashlib
-
 cdef dict g_digests = {}  # session handle -> running hashlib object
 
 
@@ -29,7 +27,11 @@ cdef CK_RV _py_digest_begin(Call* c) except? 0xFFFFFFFF:
             del g_digests[h]
         else:
             _session_put(s)
-    g_digests[c.h] = _hashlib.new(_mechanisms.BY_CODE[c.mech].digest)
+    # Imported here, not with the core: start-up does not need it, and _hashlib's OpenSSL
+    # objects live as long as the never-finalised interpreter (LeakSanitizer would see them).
+    import hashlib
+
+    g_digests[c.h] = hashlib.new(_mechanisms.BY_CODE[c.mech].digest)
     return CKR_OK
 
 

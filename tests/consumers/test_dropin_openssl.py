@@ -55,12 +55,12 @@ def provider_so() -> str:
 
 
 @pytest.fixture(scope="module")
-def cert_card(service):
+def cert_card(own_service):
     """A softcard holding a public certificate (written through the module) and a private
     one: (name, passphrase, public DER, private DER)."""
-    name, pin = client_card(service.client_cfg, "s")
+    name, pin = client_card(own_service.client_cfg, "s")
     m = Module(module_path())
-    rv = m.initialize(str(service.client_cfg))
+    rv = m.initialize(str(own_service.client_cfg))
     assert rv in (C.CKR_OK, C.CKR_CRYPTOKI_ALREADY_INITIALIZED)
     h = m.open(m.slot_by_label(name))
     assert m.login(h, pin.encode()) == C.CKR_OK
@@ -115,9 +115,9 @@ def openssl_cnf(path: Path, provider_so: str, early: bool) -> Path:
     return path
 
 
-def test_storeutl_reads_public_certificate(service, cert_card, provider_so):
+def test_storeutl_reads_public_certificate(own_service, cert_card, provider_so):
     name, _, public, _ = cert_card
-    env = consumer_env(service.client_cfg, PKCS11_PROVIDER_MODULE=module_path())
+    env = consumer_env(own_service.client_cfg, PKCS11_PROVIDER_MODULE=module_path())
     args = ("-provider", "pkcs11", "-provider", "default")
     token = urllib.parse.quote(name)
     for uri in (
@@ -136,13 +136,16 @@ def test_storeutl_reads_public_certificate(service, cert_card, provider_so):
 
 @pytest.mark.parametrize("early", [False, True], ids=["default-load", "early-load"])
 def test_global_openssl_conf_keeps_our_tls_working(
-    service, cert_card, provider_so, tmp_path, early
+    own_service, cert_card, provider_so, tmp_path, early
 ):
     name, pin, public, _ = cert_card
     cnf = openssl_cnf(tmp_path / "openssl.cnf", provider_so, early)
     log = tmp_path / "p11prov.log"
     env = consumer_env(
-        service.client_cfg, pin, OPENSSL_CONF=str(cnf), PKCS11_PROVIDER_DEBUG=f"file:{log},level:1"
+        own_service.client_cfg,
+        pin,
+        OPENSSL_CONF=str(cnf),
+        PKCS11_PROVIDER_DEBUG=f"file:{log},level:1",
     )
     # The provider comes from the configuration alone (no -provider option).
     r = storeutl(env, f"pkcs11:token={urllib.parse.quote(name)};object=tls-cert")
