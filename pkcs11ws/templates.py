@@ -49,7 +49,7 @@ IMPORTED_FALSE: Final = A.having(C.CKO_SECRET_KEY, "I")
 # generation template. CKA_KEY_TYPE and CKA_LABEL are not enforced: Java SunPKCS11's
 # KeyGenerator sends neither (the mechanism implies the type) and pkcs11-tool --keygen sends no
 # label without --label; both must keep working (tests/consumers/test_dropin_java.py,
-# test_module_pkcs11tool).
+# test_consumer_pkcs11tool_cards).
 GENERATE_REQUIRED: Final = ("CKA_CLASS", "CKA_VALUE_LEN")
 
 

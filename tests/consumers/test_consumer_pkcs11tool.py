@@ -1,5 +1,5 @@
 """OpenSC's pkcs11-tool (Debian opensc 0.23) on libpkcs11ws.so: what
-tests/module/test_module_pkcs11tool.py does not already cover.
+tests/consumers/test_consumer_pkcs11tool_cards.py does not already cover.
 
 - -T and -M for one token: the token's strings and flags, every WSOP mechanism with its
   functions and key sizes (pkcs11-tool has no names for the _GENERAL HMACs and CKM_SHA*_KEY_GEN
