@@ -27,6 +27,11 @@ IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 REQUEST_ID_HEADER: Final = "X-Request-Id"  # sent by the module, written in both logs
 REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 TOKEN_HEADER: Final = "Authorization"  # "Bearer <activation token>"
+# The crypto requests (Cipher, Sign, Verify) may carry the token in the body instead, as their
+# first field: the module does, since a client formats every header byte (libcurl: about 100
+# instructions a byte) and copies a body. One request carries it in one place only.
+TOKEN_FIELD: Final = "token"
+MAX_TOKEN: Final = 4096
 MAX_PASSPHRASE: Final = 256
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9]{1,64}$")
 IDEMPOTENCY_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{8,128}$")
@@ -226,6 +231,15 @@ def _s(name: str, doc: str, *fields: Field) -> Struct:
 
 
 F = Field
+# The first field of the crypto requests (see TOKEN_FIELD): the client's cached head of a
+# request (token, key, mechanism) then ends right before the data.
+_TOKEN: Final = F(
+    TOKEN_FIELD,
+    "str",
+    required=False,
+    max_len=MAX_TOKEN,
+    doc="the activation token, instead of the Authorization header (never both)",
+)
 STRUCTS: Final[dict[str, Struct]] = {
     s.name: s
     for s in (
@@ -252,7 +266,8 @@ STRUCTS: Final[dict[str, Struct]] = {
         _s("SoftcardList", "All softcards.", F("softcards", "list:Softcard")),
         _s("Activate", "Log in to a softcard.",
            F("passphrase", "bytes", max_len=MAX_PASSPHRASE)),
-        _s("Activation", "A sealed activation token; send it as 'Authorization: Bearer TOKEN'.",
+        _s("Activation", "A sealed activation token; send it as 'Authorization: Bearer TOKEN', or "
+           "in the crypto requests' token field.",
            F("token", "str"), F("expires_in", "int", doc="seconds")),
         _s("Object", "A stored object: its handle (a UUID the service assigns; the module maps "
            "it to a PKCS#11 object handle of its own) and its readable attributes. "
@@ -276,7 +291,7 @@ STRUCTS: Final[dict[str, Struct]] = {
         _s("KeyPair", "The two halves of a new key pair.",
            F("public", "Object"), F("private", "Object")),
         _s("Cipher", "Encryption or decryption: AES-CBC(-PAD), AES-GCM, RSA (private key).",
-           F("key", "str", doc="the key object's handle (UUID)"), F("mechanism", "str"),
+           _TOKEN, F("key", "str", doc="the key object's handle (UUID)"), F("mechanism", "str"),
            F("data", "bytes"),
            F("iv", "bytes", required=False, doc="AES-CBC: 16 bytes; AES-GCM: 8-128 bytes"),
            F("aad", "bytes", required=False, doc="AES-GCM additional authenticated data"),
@@ -288,14 +303,15 @@ STRUCTS: Final[dict[str, Struct]] = {
            "the chain for a following call).",
            F("data", "bytes"), F("last_block", "bytes")),
         _s("Sign", "HMAC over data, or an RSA/ECDSA signature with a private key.",
-           F("key", "str"), F("mechanism", "str"), F("data", "bytes"),
+           _TOKEN, F("key", "str"), F("mechanism", "str"), F("data", "bytes"),
            F("mac_length", "int", required=False,
              doc="_GENERAL mechanisms: output length, half to full size"),
            F("hash", "str", required=False, doc="RSA-PSS hash: sha1, sha224 .. sha512"),
            F("mgf", "str", required=False, doc="RSA-PSS MGF1 hash"),
            F("salt_length", "int", required=False, doc="RSA-PSS salt length in bytes")),
         _s("Signature", "The MAC or signature (ECDSA: r || s).", F("signature", "bytes")),
-        _s("Verify", "Check a MAC (constant time).", F("key", "str"), F("mechanism", "str"),
+        _s("Verify", "Check a MAC (constant time).",
+           _TOKEN, F("key", "str"), F("mechanism", "str"),
            F("data", "bytes"), F("signature", "bytes"),
            F("mac_length", "int", required=False)),
         _s("Verified", "The MAC verified (a mismatch is the error SIGNATURE_INVALID).",
@@ -308,7 +324,8 @@ STRUCTS: Final[dict[str, Struct]] = {
         _s("BatchItem", "One operation of a batch: what its single request would carry.",
            F("op", "str", doc="one of " + ", ".join(sorted(BATCHABLE))),
            F("token", "str", required=False,
-             doc="the activation token (the single request's 'Authorization: Bearer' value)"),
+             doc="the activation token (the single request's 'Authorization: Bearer' value); or "
+             "in the request's own token field (never both)"),
            F("request", "object", doc="the single endpoint's request body (its struct)")),
         _s("Batch", "Several read-only operations in one request (group commit).",
            F("items", "list:BatchItem")),

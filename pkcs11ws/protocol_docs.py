@@ -149,7 +149,9 @@ def markdown() -> str:
         f"service serves this as OpenAPI at `{P.OPENAPI_PATH}`.",
         "",
         "- Activation: `POST /km/v1/softcards/{card}/activate` returns a sealed token; send it as "
-        f"`{P.TOKEN_HEADER}: Bearer TOKEN` on every call marked *auth*. Any worker process can "
+        f"`{P.TOKEN_HEADER}: Bearer TOKEN` on every call marked *auth*, or, in the crypto requests "
+        f"(encrypt, decrypt, sign, verify and their batch items), as the body's `{P.TOKEN_FIELD}` "
+        "field: one place per request, never both (BAD_REQUEST). Any worker process can "
         "open it; `deactivate` revokes it.",
         f"- Idempotency: calls marked *idem* need an `{P.IDEMPOTENCY_HEADER}` header "
         f"(`{P.IDEMPOTENCY_RE.pattern}`). Repeating a key with the same request returns the "

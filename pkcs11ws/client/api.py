@@ -44,8 +44,9 @@ retries reuse it), logged here at DEBUG3 and written by the service in its audit
 operation can be followed across both logs.
 
 The per-operation calls (sign, verify, encrypt, decrypt) share one path, crypto(), driven by
-the operation: the request JSON is assembled directly (a cached head per key and mechanism, the
-optional fields the operation's request has, binascii base64), the first attempt goes straight
+the operation: the request JSON is assembled directly (a cached head per token, key and
+mechanism: the token travels in the body, see protocol.TOKEN_FIELD; the optional fields the
+operation's request has, binascii base64), the first attempt goes straight
 to the transport (the retry loop runs only after a failure, and only when no debug tracing is
 on), and the answer is checked against the operation's response struct by a few exact tests; an
 answer those tests do not accept goes through the generic strict protocol.decode(), so what is
@@ -153,6 +154,7 @@ def _crypto(op: str) -> _Crypto:
 
 _CRYPTO: Final = {op: _crypto(op) for op in ("encrypt", "decrypt", "sign", "verify")}
 _RANDOM: Final = _ENDPOINTS["random"]
+_ITEM_HEADS: Final = {op: b'{"op":"%s","request":' % op.encode() for op in protocol.BATCHABLE}
 _BATCH: Final = _ENDPOINTS["batch"]
 # A batch the service cannot take: an older service without the endpoint, or a batch over its
 # limits. The calls then go as single requests (and, without the endpoint, from then on).
@@ -243,10 +245,9 @@ class KeyServiceClient:
         self.retrydelay = cfg.retrydelay
         self.timeout = cfg.timeout
         self._token_headers: dict[str, tuple[str, ...]] = {}
-        # (key, mechanism) -> a crypto request's JSON up to the opening quote of its data.
-        self._heads: dict[tuple[str, str], bytes] = {}
-        # (op, token) -> a batch item's JSON up to its request body.
-        self._items: dict[tuple[str, str | None], bytes] = {}
+        # (token, key, mechanism) -> a crypto request's JSON up to the opening quote of its
+        # data: the token travels in the body (protocol.TOKEN_FIELD), not in a header.
+        self._heads: dict[tuple[str, str, str], bytes] = {}
         # Group commit (group.py): BATCHINFLIGHT requests in flight per server; 0: off.
         self.group: GroupCommit | None = None
         if cfg.batchinflight:
@@ -273,6 +274,13 @@ class KeyServiceClient:
     def close(self) -> None:
         self.transport.close()
         self._token_headers.clear()
+        self._heads.clear()
+
+    def _forget(self, token: str) -> None:
+        """Drop what is cached with a token that ends (renewed or deactivated)."""
+        self._token_headers.pop(token, None)
+        for k in [k for k in self._heads if k[0] == token]:
+            del self._heads[k]
 
     def _headers(self, token: str | None, idempotency_key: str | None) -> Sequence[str]:
         if token is None:
@@ -367,11 +375,8 @@ class KeyServiceClient:
         _send() when it is not a 2xx answer, or when debug tracing wants every attempt logged.
         """
         spec = _ENDPOINTS[op]
-        cached: Sequence[str] | None = self._token_headers.get(token) if token else None
-        if cached is None:
-            cached = self._headers(token, None)
-        ids = _REQUEST_IDS
-        headers = (*cached, ids.prefix + str(next(ids.count)))
+        ids = _REQUEST_IDS  # the token, if any, is in data (crypto(), _head())
+        headers = (*BASE_HEADERS, ids.prefix + str(next(ids.count)))
         if self.log.level >= DEBUG3:
             status, raw = self._send(spec, spec.path, data, headers)
         else:
@@ -391,17 +396,8 @@ class KeyServiceClient:
 
     def _send_batch(self, calls: list[Call]) -> None:
         """Send calls in one batch request; leave each its answer or error (never raises)."""
-        items = self._items
-        parts = []
-        for c in calls:
-            prefix = items.get((c.op, c.token))
-            if prefix is None:
-                if len(items) >= _MAX_PREFIXES:
-                    items.clear()
-                token = "" if c.token is None else f',"token":{_json_str(c.token)}'
-                prefix = f'{{"op":"{c.op}"{token},"request":'.encode("ascii")
-                items[(c.op, c.token)] = prefix
-            parts.append(prefix + c.data + b"}")
+        # Each request carries its own token (crypto()): the items need none of theirs.
+        parts = [_ITEM_HEADS[c.op] + c.data + b"}" for c in calls]
         body = b'{"items":[' + b",".join(parts) + b"]}"
         headers = (*BASE_HEADERS, _REQUEST_IDS.header())
         try:
@@ -600,14 +596,14 @@ class KeyServiceClient:
     def renew(self, card: str, token: str) -> tuple[str, int]:
         """A fresh token for a live activation (the old one stays valid until it expires)."""
         r = self.call("renew", path_params={"card": card}, token=token)
-        self._token_headers.pop(token, None)
+        self._forget(token)
         return r["token"], r["expires_in"]
 
     def deactivate(self, card: str, token: str) -> None:
         try:
             self.call("deactivate", path_params={"card": card}, token=token)
         finally:
-            self._token_headers.pop(token, None)
+            self._forget(token)
 
     def search_objects(self, card: str, token: str, attrs: protocol.Attrs) -> list[dict[str, Any]]:
         r = self.call(
@@ -697,9 +693,9 @@ class KeyServiceClient:
         optional fields of the operation's request struct; a signature that does not verify
         raises ServiceError SIGNATURE_INVALID."""
         c = _CRYPTO[op]
-        head = self._heads.get((key, mechanism))
+        head = self._heads.get((token, key, mechanism))
         if head is None:
-            head = self._head(key, mechanism)
+            head = self._head(token, key, mechanism)
         parts = [head, _b64(data, newline=False)]
         if iv is not None:
             parts += (b'","iv":"', _b64(iv, newline=False))
@@ -739,13 +735,16 @@ class KeyServiceClient:
         result: bytes = decoded
         return result
 
-    def _head(self, key: str, mechanism: str) -> bytes:
+    def _head(self, token: str, key: str, mechanism: str) -> bytes:
         """A crypto request's JSON up to the opening quote of its data (cached)."""
         if len(self._heads) >= _MAX_PREFIXES:
             self._heads.clear()
-        text = f'{{"key":{_json_str(key)},"mechanism":{_json_str(mechanism)},"data":"'
+        text = (
+            f'{{"{protocol.TOKEN_FIELD}":{_json_str(token)},"key":{_json_str(key)},'
+            f'"mechanism":{_json_str(mechanism)},"data":"'
+        )
         head = text.encode("ascii")
-        self._heads[(key, mechanism)] = head
+        self._heads[(token, key, mechanism)] = head
         return head
 
     # Typed shorthands of crypto() for Python callers (the provider calls crypto() itself).

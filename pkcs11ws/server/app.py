@@ -53,8 +53,15 @@ _JSON_HEADERS: Final = [
 ]
 
 
-# Endpoints whose handler checks the session together with the key (Service._key).
+# Endpoints whose handler checks the session together with the key (Service._key). Their
+# token may come in the body (App._token_in_body), which relies on them needing no
+# Idempotency-Key and no softcard in the path.
 _KEYED_OPS: Final = frozenset({"encrypt", "decrypt", "sign", "verify"})
+if any(
+    (ep := protocol.ENDPOINT_BY_OP[op]).idempotent or ep.access != "token" or "{" in ep.path
+    for op in _KEYED_OPS
+):
+    raise RuntimeError("a keyed crypto endpoint needs more than App._token_in_body checks")
 
 
 class _Disconnected(Exception):
@@ -287,6 +294,10 @@ class App:
         query = _query(ep, qs)
         # The keyed crypto endpoints check the session in the same store query as the key.
         deferred = ep.op in _KEYED_OPS
+        if deferred and authorization is None:
+            return await self._token_in_body(
+                ep, handler, params, query, raw, obj, ident, seen, decoded
+            )
         claims = (
             self.service.authenticate(authorization, params.get("card"), ident) if ep.auth else None
         )
@@ -328,8 +339,40 @@ class App:
                 # An ended session outranks a bad body, as when it is checked up front.
                 await self.service.check_session(claims, time.time())
             raise
+        if deferred and protocol.TOKEN_FIELD in body:
+            raise ApiError(
+                "BAD_REQUEST",
+                f"the activation token is given twice ({protocol.TOKEN_HEADER} header or batch "
+                f"item, and the request's {protocol.TOKEN_FIELD} field): send it in one place",
+            )
         seen[3] = body
         return await handler(Request(ep, params, query, body, claims, idem, ident, card))
+
+    async def _token_in_body(
+        self,
+        ep: Endpoint,
+        handler: Handler,
+        params: dict[str, str],
+        query: dict[str, str],
+        raw: bytes,
+        obj: object,
+        ident: Identity,
+        seen: list[Any],
+        decoded: bool,
+    ) -> Response:
+        """A keyed crypto request without the Authorization header: its token, if any, is
+        the body's token field (protocol.TOKEN_FIELD), read once the body is decoded, then
+        checked exactly as the header's would be (no token: NOT_ACTIVATED)."""
+        if decoded:
+            body: dict[str, Any] = obj  # type: ignore[assignment]
+        elif obj is _UNPARSED:
+            body = _decode(ep.request, raw)
+        else:
+            body = decode_obj(ep.request, obj)
+        seen[3] = body
+        authorization = _bearer(body.pop(protocol.TOKEN_FIELD, None))
+        claims = self.service.authenticate(authorization, None, ident)
+        return await handler(Request(ep, params, query, body, claims, None, ident, None))
 
     async def _batch(self, req: Request) -> Response:
         """POST /crypto/v1/batch: each item through _operation, as its own single request
@@ -356,7 +399,7 @@ class App:
                     raise ApiError("BAD_REQUEST", f"{op!r} cannot be batched")
                 ep = protocol.ENDPOINT_BY_OP[op]
                 seen[0] = ep
-                authorization = None if token is None else b"Bearer " + token.encode()
+                authorization = _bearer(token)
                 resp = await self._operation(
                     ep,
                     self._handlers[op],
@@ -439,6 +482,15 @@ _DECODER: Final = json.JSONDecoder(object_pairs_hook=_unique)
 
 _NO_PARAMS: Final[dict[str, str]] = {}
 _UNPARSED: Final = object()  # _operation's obj when the body is still raw bytes
+
+
+def _bearer(token: str | None) -> bytes | None:
+    """A token from a body (a crypto request's, a batch item's) as the header carries it."""
+    if token is None:
+        return None
+    if not token.isascii():  # never a sealed token (and a lone surrogate cannot be encoded)
+        raise ApiError("NOT_ACTIVATED", "the activation token is not valid")
+    return b"Bearer " + token.encode("ascii")
 
 
 def _audit(seen: list[Any], resp: Response, code: str | None) -> None:

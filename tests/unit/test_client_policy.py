@@ -193,17 +193,18 @@ def test_request_shapes(tmp_path: Path) -> None:
     assert (m2, p2, b2) == ("DELETE", "/km/v1/softcards/card-1?force=true", None)
     assert m3 == "POST" and p3 == "/crypto/v1/verify"
     assert json.loads(b3 or b"") == {
+        "token": "tok",
         "key": "key-1",
         "mechanism": "CKM_SHA256_HMAC",
         "data": "ZA==",
         "signature": "cw==",
     }
-    # Every request carries its own X-Request-Id (last), the rest is the same per token ...
+    # Every request carries its own X-Request-Id (last), the rest is the same; a crypto
+    # request's token is in its body (protocol.TOKEN_FIELD), in no header.
     rids = [h[-1] for h in (h1, h3, h4)]
     assert all(r.startswith("X-Request-Id: ") for r in rids) and len(set(rids)) == 3
-    assert h3[:-1] == h4[:-1] and "Authorization: Bearer tok" in h3
-    # ... also once deactivate has dropped them from its cache (rebuilt equal).
-    assert h1[:-1] == h3[:-1]
+    assert h3[:-1] == h4[:-1] and not any("tok" in h for h in h3)
+    assert [h for h in h1[:-1] if not h.startswith("Authorization:")] == list(h3[:-1])
 
 
 def test_verify_false_is_signature_invalid(tmp_path: Path) -> None:
@@ -250,21 +251,30 @@ def test_fast_path_bodies_and_answers(tmp_path: Path, loglevel: int) -> None:
     cl.verify("tok", "k-1", "CKM_SHA256_HMAC_GENERAL", b"d", b"s", 16)
     bodies = [json.loads(sent[2] or b"") for sent in t.sent]
     assert bodies == [
-        {"key": "k-1", "mechanism": "CKM_SHA256_HMAC", "data": "ZA=="},
-        {"key": "k-1", "mechanism": "CKM_SHA256_HMAC_GENERAL", "data": "/w==", "mac_length": 20},
+        {"token": "tok", "key": "k-1", "mechanism": "CKM_SHA256_HMAC", "data": "ZA=="},
         {
+            "token": "tok",
+            "key": "k-1",
+            "mechanism": "CKM_SHA256_HMAC_GENERAL",
+            "data": "/w==",
+            "mac_length": 20,
+        },
+        {
+            "token": "tok",
             "key": "k-2",
             "mechanism": "CKM_AES_CBC",
             "iv": "AQEBAQEBAQEBAQEBAQEBAQ==",
             "data": "eA==",
         },
         {
+            "token": "tok",
             "key": "k-2",
             "mechanism": "CKM_AES_CBC_PAD",
             "iv": "AgICAgICAgICAgICAgICAg==",
             "data": "",
         },
         {
+            "token": "tok",
             "key": "k-1",
             "mechanism": "CKM_SHA256_HMAC_GENERAL",
             "data": "ZA==",
@@ -279,7 +289,7 @@ def test_fast_path_bodies_and_answers(tmp_path: Path, loglevel: int) -> None:
         "/crypto/v1/decrypt",
         "/crypto/v1/verify",
     ]
-    assert all("Authorization: Bearer tok" in sent[3] for sent in t.sent)
+    assert not any("Authorization" in h for sent in t.sent for h in sent[3])
 
 
 @pytest.mark.parametrize("loglevel", [3, 6])
