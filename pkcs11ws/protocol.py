@@ -32,6 +32,9 @@ TOKEN_HEADER: Final = "Authorization"  # "Bearer <activation token>"
 # instructions a byte) and copies a body. One request carries it in one place only.
 TOKEN_FIELD: Final = "token"
 MAX_TOKEN: Final = 4096
+# Likewise their request id: the body's first field instead of the X-Request-Id header (a
+# header that changes per request also makes the client rebuild its header list each time).
+REQUEST_ID_FIELD: Final = "request_id"
 MAX_PASSPHRASE: Final = 256
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9]{1,64}$")
 IDEMPOTENCY_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{8,128}$")
@@ -231,14 +234,21 @@ def _s(name: str, doc: str, *fields: Field) -> Struct:
 
 
 F = Field
-# The first field of the crypto requests (see TOKEN_FIELD): the client's cached head of a
-# request (token, key, mechanism) then ends right before the data.
+# The first fields of the crypto requests (see TOKEN_FIELD, REQUEST_ID_FIELD): the client's
+# cached head of a request (token, key, mechanism) then ends right before the data.
 _TOKEN: Final = F(
     TOKEN_FIELD,
     "str",
     required=False,
     max_len=MAX_TOKEN,
     doc="the activation token, instead of the Authorization header (never both)",
+)
+_REQUEST_ID: Final = F(
+    REQUEST_ID_FIELD,
+    "str",
+    required=False,
+    max_len=64,
+    doc="the request id (as X-Request-Id), instead of the header; it wins over the header's",
 )
 STRUCTS: Final[dict[str, Struct]] = {
     s.name: s
@@ -291,8 +301,8 @@ STRUCTS: Final[dict[str, Struct]] = {
         _s("KeyPair", "The two halves of a new key pair.",
            F("public", "Object"), F("private", "Object")),
         _s("Cipher", "Encryption or decryption: AES-CBC(-PAD), AES-GCM, RSA (private key).",
-           _TOKEN, F("key", "str", doc="the key object's handle (UUID)"), F("mechanism", "str"),
-           F("data", "bytes"),
+           _REQUEST_ID, _TOKEN, F("key", "str", doc="the key object's handle (UUID)"),
+           F("mechanism", "str"), F("data", "bytes"),
            F("iv", "bytes", required=False, doc="AES-CBC: 16 bytes; AES-GCM: 8-128 bytes"),
            F("aad", "bytes", required=False, doc="AES-GCM additional authenticated data"),
            F("tag_bits", "int", required=False, doc="AES-GCM tag length in bits"),
@@ -303,7 +313,7 @@ STRUCTS: Final[dict[str, Struct]] = {
            "the chain for a following call).",
            F("data", "bytes"), F("last_block", "bytes")),
         _s("Sign", "HMAC over data, or an RSA/ECDSA signature with a private key.",
-           _TOKEN, F("key", "str"), F("mechanism", "str"), F("data", "bytes"),
+           _REQUEST_ID, _TOKEN, F("key", "str"), F("mechanism", "str"), F("data", "bytes"),
            F("mac_length", "int", required=False,
              doc="_GENERAL mechanisms: output length, half to full size"),
            F("hash", "str", required=False, doc="RSA-PSS hash: sha1, sha224 .. sha512"),
@@ -311,7 +321,7 @@ STRUCTS: Final[dict[str, Struct]] = {
            F("salt_length", "int", required=False, doc="RSA-PSS salt length in bytes")),
         _s("Signature", "The MAC or signature (ECDSA: r || s).", F("signature", "bytes")),
         _s("Verify", "Check a MAC (constant time).",
-           _TOKEN, F("key", "str"), F("mechanism", "str"),
+           _REQUEST_ID, _TOKEN, F("key", "str"), F("mechanism", "str"),
            F("data", "bytes"), F("signature", "bytes"),
            F("mac_length", "int", required=False)),
         _s("Verified", "The MAC verified (a mismatch is the error SIGNATURE_INVALID).",

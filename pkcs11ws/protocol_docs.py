@@ -162,8 +162,10 @@ def markdown() -> str:
         "the module (MAXRETRIES, RETRYDELAY); 4xx never are.",
         "",
         f"- Request ids: the module sends `{P.REQUEST_ID_HEADER}` "
-        f"(`{P.REQUEST_ID_RE.pattern}`) with every request; the service writes it in its audit "
-        "trail, so one operation can be followed across the module's log and the service's.",
+        f"(`{P.REQUEST_ID_RE.pattern}`) with every request (a single crypto request carries "
+        f"it as the body's `{P.REQUEST_ID_FIELD}` field instead); the service writes it in its "
+        "audit trail, so one operation can be followed across the module's log and the "
+        "service's.",
         "",
         "## Identities and roles",
         "",

@@ -39,9 +39,9 @@ configuration; an unreachable service stays CKR_DEVICE_ERROR).
 Error answers are JSON {"code", "message"} mapped through protocol.ckr_for(); anything else maps
 by HTTP status alone. Request and response bodies are never logged.
 
-Every logical request carries an X-Request-Id (a per-process random prefix and a counter; its
-retries reuse it), logged here at DEBUG3 and written by the service in its audit trail, so one
-operation can be followed across both logs.
+Every logical request carries a request id (request_ids.py: an X-Request-Id header, or a
+single crypto request's body field; its retries reuse it), logged here at DEBUG3 and written by
+the service in its audit trail, so one operation can be followed across both logs.
 
 The per-operation calls (sign, verify, encrypt, decrypt) share one path, crypto(), driven by
 the operation: the request JSON is assembled directly (a cached head per token, key and
@@ -56,9 +56,7 @@ accepted and every error are the same as on the generic path.
 from __future__ import annotations
 
 import binascii
-import itertools
 import json
-import os
 import time
 
 from pkcs11ws import constants as C
@@ -66,6 +64,7 @@ from pkcs11ws import protocol
 from pkcs11ws._lite import dataclass
 from pkcs11ws.client.group import Call, GroupCommit
 from pkcs11ws.client.idempotency import PendingKeys, new_idempotency_key
+from pkcs11ws.client.request_ids import RequestIds, request_id
 from pkcs11ws.client.transport import BASE_HEADERS, CurlFailure, Transport
 from pkcs11ws.config import Config
 from pkcs11ws.errors import (
@@ -161,27 +160,7 @@ _BATCH: Final = _ENDPOINTS["batch"]
 _NO_BATCH: Final = frozenset({"NOT_FOUND", "METHOD_NOT_ALLOWED", "BATCH_TOO_LARGE"})
 
 
-class _RequestIds:
-    """X-Request-Id values: a random prefix per process (renewed in a forked child) + a count."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.prefix = f"{protocol.REQUEST_ID_HEADER}: {os.urandom(5).hex()}-"
-        self.count = itertools.count(1)
-
-    def header(self) -> str:
-        return self.prefix + str(next(self.count))
-
-
-_REQUEST_IDS: Final = _RequestIds()
-_RID_SKIP: Final = len(protocol.REQUEST_ID_HEADER) + 2
-
-
-def _rid(headers: Sequence[str]) -> str:
-    """The request id in a header list (for the log)."""
-    return headers[-1][_RID_SKIP:]
+_REQUEST_IDS: Final = RequestIds()
 
 
 def _tail(spec: _Endpoint, mac_length: int | None, params: dict[str, Any] | None) -> bytes:
@@ -375,8 +354,12 @@ class KeyServiceClient:
         _send() when it is not a 2xx answer, or when debug tracing wants every attempt logged.
         """
         spec = _ENDPOINTS[op]
-        ids = _REQUEST_IDS  # the token, if any, is in data (crypto(), _head())
-        headers = (*BASE_HEADERS, ids.prefix + str(next(ids.count)))
+        # The token, if any, is in data (crypto(), _head()), and so is the request id.
+        if op in _CRYPTO:
+            headers: Sequence[str] = BASE_HEADERS
+            data = _REQUEST_IDS.in_body(data)
+        else:
+            headers = (*BASE_HEADERS, _REQUEST_IDS.header())
         if self.log.level >= DEBUG3:
             status, raw = self._send(spec, spec.path, data, headers)
         else:
@@ -454,6 +437,7 @@ class KeyServiceClient:
         transport = self.transport
         request = transport.request
         deadline = (started or _monotonic()) + self.timeout
+        rid = request_id(headers, data)  # for the log
         attempt = 0
         replaced_dead = False
         confirmed = False
@@ -463,7 +447,7 @@ class KeyServiceClient:
             if first is None and self.log.enabled(DEBUG9):
                 # The trace of every attempt; sizes only, never a body.
                 self.log.debug9(
-                    f"{spec.name} {spec.method} {path} [{_rid(headers)}]: attempt {attempt + 1}, "
+                    f"{spec.name} {spec.method} {path} [{rid}]: attempt {attempt + 1}, "
                     f"{len(data) if data else 0} bytes"
                 )
             try:
@@ -490,7 +474,7 @@ class KeyServiceClient:
                     self._rejected(spec, path, failure)
                 why = str(failure)
                 if not failure.retryable or attempt >= self.maxretries:
-                    self._give_up(spec, f"{path} [{_rid(headers)}]", why, attempt)
+                    self._give_up(spec, f"{path} [{rid}]", why, attempt)
                     raise self._no_answer(spec, why, attempt) from None
                 err = None
             else:
@@ -498,18 +482,15 @@ class KeyServiceClient:
                     if self.log.enabled(DEBUG3):
                         ms = (_monotonic() - t0) * 1000
                         self.log.debug3(
-                            f"{spec.name} {spec.method} {path} [{_rid(headers)}]: {status} "
-                            f"{ms:.2f}ms"
+                            f"{spec.name} {spec.method} {path} [{rid}]: {status} {ms:.2f}ms"
                         )
                     return status, raw
                 err = self._service_error(status, raw)
                 if status < 500 or attempt >= self.maxretries:
                     if status >= 500:
-                        self._give_up(spec, f"{path} [{_rid(headers)}]", str(err), attempt)
+                        self._give_up(spec, f"{path} [{rid}]", str(err), attempt)
                     elif self.log.enabled(DEBUG3):
-                        self.log.debug3(
-                            f"{spec.name} {spec.method} {path} [{_rid(headers)}]: {err}"
-                        )
+                        self.log.debug3(f"{spec.name} {spec.method} {path} [{rid}]: {err}")
                     raise err
                 why = str(err)
             if _monotonic() + self.retrydelay >= deadline:
@@ -522,7 +503,7 @@ class KeyServiceClient:
             attempt += 1
             if self.log.enabled(WARNING):
                 self.log.warning(
-                    f"{spec.name} {spec.method} {path} [{_rid(headers)}]: {why}; "
+                    f"{spec.name} {spec.method} {path} [{rid}]: {why}; "
                     f"retry {attempt}/{self.maxretries} in {self.retrydelay}s"
                 )
             if self.retrydelay:

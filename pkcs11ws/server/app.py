@@ -339,12 +339,15 @@ class App:
                 # An ended session outranks a bad body, as when it is checked up front.
                 await self.service.check_session(claims, time.time())
             raise
-        if deferred and protocol.TOKEN_FIELD in body:
-            raise ApiError(
-                "BAD_REQUEST",
-                f"the activation token is given twice ({protocol.TOKEN_HEADER} header or batch "
-                f"item, and the request's {protocol.TOKEN_FIELD} field): send it in one place",
-            )
+        if deferred:
+            _request_id(body)
+            if protocol.TOKEN_FIELD in body:
+                raise ApiError(
+                    "BAD_REQUEST",
+                    f"the activation token is given twice ({protocol.TOKEN_HEADER} header or "
+                    f"batch item, and the request's {protocol.TOKEN_FIELD} field): send it in "
+                    "one place",
+                )
         seen[3] = body
         return await handler(Request(ep, params, query, body, claims, idem, ident, card))
 
@@ -369,6 +372,7 @@ class App:
             body = _decode(ep.request, raw)
         else:
             body = decode_obj(ep.request, obj)
+        _request_id(body)
         seen[3] = body
         authorization = _bearer(body.pop(protocol.TOKEN_FIELD, None))
         claims = self.service.authenticate(authorization, None, ident)
@@ -387,7 +391,10 @@ class App:
             )
         ident = req.ident
         parts: list[bytes] = []
+        rid = audit.REQUEST_ID.get()  # the batch's; an item may carry its own (_request_id)
         for item in items:
+            if audit.REQUEST_ID.get() is not rid:
+                audit.REQUEST_ID.set(rid)
             if fast:
                 op, token, request = item
             else:
@@ -482,6 +489,18 @@ _DECODER: Final = json.JSONDecoder(object_pairs_hook=_unique)
 
 _NO_PARAMS: Final[dict[str, str]] = {}
 _UNPARSED: Final = object()  # _operation's obj when the body is still raw bytes
+
+
+def _request_id(body: dict[str, Any]) -> None:
+    """Take a crypto request's own request id (protocol.REQUEST_ID_FIELD) out of its body
+    into the audit context (where the X-Request-Id header's goes)."""
+    rid = body.pop(protocol.REQUEST_ID_FIELD, None)
+    if rid is not None:
+        if not protocol.REQUEST_ID_RE.fullmatch(rid):
+            raise ApiError(
+                "BAD_REQUEST", f"{protocol.REQUEST_ID_FIELD}: 1-64 of A-Z a-z 0-9 _ . : -"
+            )
+        audit.REQUEST_ID.set(rid)
 
 
 def _bearer(token: str | None) -> bytes | None:

@@ -5,7 +5,9 @@ The module sends the token of encrypt/decrypt/sign/verify as the body's first fi
 an `Authorization: Bearer` header (a client formats every header byte). Either place must give
 exactly the same verdicts: identity binding, card binding, expiry, revocation, audit. A token
 in both places is refused whatever it is; a request with no token anywhere gets the same
-NOT_ACTIVATED as before; the header alone keeps working for other clients.
+NOT_ACTIVATED as before; the header alone keeps working for other clients. The request id may
+travel in the body too (protocol.REQUEST_ID_FIELD): it reaches the audit trail as the header's
+does, and a batch item's own id is that item's only.
 """
 
 from __future__ import annotations
@@ -307,3 +309,44 @@ def test_revoked_and_expired_body_tokens(fresh_service: Any, make_api: Any) -> N
     r = send(api, "sign", in_body(w.token, body))
     assert (r.status, r.code) == (401, "NOT_ACTIVATED")
     assert "expired" in r.json["message"]
+
+
+# The request id in the body (protocol.REQUEST_ID_FIELD): the module's single crypto requests
+# carry theirs as the first field instead of the X-Request-Id header.
+
+
+def test_body_request_id_reaches_the_audit_trail(people: dict[str, Who], service: Service) -> None:
+    a, b = people["alice"], people["bob"]
+    rid, header_rid = "body-" + uuid.uuid4().hex[:12], "hdr-" + uuid.uuid4().hex[:12]
+    body = {protocol.REQUEST_ID_FIELD: rid, **in_body(a.token, bodies(a)["sign"])}
+    assert send(a.api, "sign", body).status == 200  # a good read: no audit line
+    r = send(b.api, "sign", body, rid=header_rid)  # refused: audited, the body's id wins
+    assert r.code == "NOT_ACTIVATED"
+    lines = [x for x in _audit(service) if x["request"] in (rid, header_rid)]
+    assert [(x["request"], x["client"], x["code"]) for x in lines] == [
+        (rid, b.name, "NOT_ACTIVATED")
+    ]
+
+
+@pytest.mark.parametrize("rid", ["", "a b", "x" * 65, "line\nbreak", "caf\u00e9", 7])
+def test_malformed_body_request_id_is_refused(people: dict[str, Who], rid: Any) -> None:
+    a = people["alice"]
+    body = {protocol.REQUEST_ID_FIELD: rid, **in_body(a.token, bodies(a)["sign"])}
+    r = send(a.api, "sign", body)
+    assert (r.status, r.code) == (400, "BAD_REQUEST"), r.body
+
+
+def test_batch_item_request_ids_are_their_own(people: dict[str, Who], service: Service) -> None:
+    """An item's own request id is audited for that item only; the others keep the batch's."""
+    a, b = people["alice"], people["bob"]
+    batch_rid, item_rid = "batch-" + uuid.uuid4().hex[:12], "item-" + uuid.uuid4().hex[:12]
+    stolen = in_body(a.token, bodies(a)["sign"])
+    items = [
+        {"op": "sign", "request": stolen},
+        {"op": "sign", "request": {protocol.REQUEST_ID_FIELD: item_rid, **stolen}},
+        {"op": "sign", "request": stolen},
+    ]
+    r = b.api.post(protocol.BATCH_PATH, {"items": items}, headers={"X-Request-Id": batch_rid})
+    assert [x["status"] for x in r.json["results"]] == [401, 401, 401]
+    lines = [x["request"] for x in _audit(service) if x["request"] in (batch_rid, item_rid)]
+    assert lines == [batch_rid, item_rid, batch_rid]

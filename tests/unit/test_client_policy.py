@@ -192,19 +192,24 @@ def test_request_shapes(tmp_path: Path) -> None:
     assert "Authorization: Bearer tok" in h1 and "Expect:" in h1
     assert (m2, p2, b2) == ("DELETE", "/km/v1/softcards/card-1?force=true", None)
     assert m3 == "POST" and p3 == "/crypto/v1/verify"
-    assert json.loads(b3 or b"") == {
+    sent3 = json.loads(b3 or b"")
+    assert next(iter(sent3)) == "request_id"
+    rid3 = sent3.pop("request_id")
+    assert sent3 == {
         "token": "tok",
         "key": "key-1",
         "mechanism": "CKM_SHA256_HMAC",
         "data": "ZA==",
         "signature": "cw==",
     }
-    # Every request carries its own X-Request-Id (last), the rest is the same; a crypto
-    # request's token is in its body (protocol.TOKEN_FIELD), in no header.
-    rids = [h[-1] for h in (h1, h3, h4)]
-    assert all(r.startswith("X-Request-Id: ") for r in rids) and len(set(rids)) == 3
-    assert h3[:-1] == h4[:-1] and not any("tok" in h for h in h3)
-    assert [h for h in h1[:-1] if not h.startswith("Authorization:")] == list(h3[:-1])
+    # Every request carries its own request id: the X-Request-Id header (last), or a crypto
+    # request's body field; a crypto request's token is in its body too, in no header.
+    rid4 = json.loads(t.sent[3][2] or b"")["request_id"]
+    rids = [h1[-1][len("X-Request-Id: ") :], rid3, rid4]
+    assert h1[-1].startswith("X-Request-Id: ") and len(set(rids)) == 3
+    assert all(r.split("-")[0] == rids[0].split("-")[0] for r in rids)  # the process prefix
+    assert h3 == h4 and not any("tok" in h or "X-Request-Id" in h for h in h3)
+    assert [h for h in h1[:-1] if not h.startswith("Authorization:")] == list(h3)
 
 
 def test_verify_false_is_signature_invalid(tmp_path: Path) -> None:
@@ -250,6 +255,9 @@ def test_fast_path_bodies_and_answers(tmp_path: Path, loglevel: int) -> None:
     assert cl.decrypt("tok", "k-2", "CKM_AES_CBC_PAD", b"\2" * 16, b"") == b"\0\1"
     cl.verify("tok", "k-1", "CKM_SHA256_HMAC_GENERAL", b"d", b"s", 16)
     bodies = [json.loads(sent[2] or b"") for sent in t.sent]
+    for b in bodies:
+        assert next(iter(b)) == "request_id"
+        del b["request_id"]
     assert bodies == [
         {"token": "tok", "key": "k-1", "mechanism": "CKM_SHA256_HMAC", "data": "ZA=="},
         {

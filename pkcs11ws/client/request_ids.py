@@ -1,0 +1,54 @@
+"""The request ids of the module's requests (issue 9): every request carries one, the client
+logs it at DEBUG3 and the service writes it in its audit trail, so one operation can be followed
+across both logs. A random prefix per process (renewed in a forked child) and a counter.
+
+Most requests carry theirs as the X-Request-Id header. A single crypto request carries it as
+its body's first field instead (protocol.REQUEST_ID_FIELD): libcurl formats every header byte
+through its own printf, and a header that changes per request makes pycurl rebuild the handle's
+whole header list (together about 10k instructions per C_Sign, bench/results/profile-issue15.md).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+from pkcs11ws import protocol
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Final
+
+_SKIP: Final = len(protocol.REQUEST_ID_HEADER) + 2
+_FIELD: Final = b'{"' + protocol.REQUEST_ID_FIELD.encode("ascii") + b'":"'
+
+
+class RequestIds:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        prefix = os.urandom(5).hex() + "-"
+        self.prefix = f"{protocol.REQUEST_ID_HEADER}: {prefix}"
+        self.field = _FIELD + prefix.encode("ascii")
+        self.count = itertools.count(1)
+
+    def header(self) -> str:
+        """A new request id as an X-Request-Id header line."""
+        return self.prefix + str(next(self.count))
+
+    def in_body(self, data: bytes) -> bytes:
+        """data, a JSON object in the client's compact spelling, with a new request id as its
+        first field."""
+        return b"".join((self.field, str(next(self.count)).encode(), b'",', data[1:]))
+
+
+def request_id(headers: Sequence[str], data: bytes | None) -> str:
+    """The request id a request carries, in its last header or its body (for the log)."""
+    if headers and headers[-1].startswith(protocol.REQUEST_ID_HEADER):
+        return headers[-1][_SKIP:]
+    if data is not None and data.startswith(_FIELD):
+        end = data.find(b'"', len(_FIELD))
+        return data[len(_FIELD) : end].decode("ascii", "replace")
+    return "-"
