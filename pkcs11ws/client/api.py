@@ -87,7 +87,9 @@ _PATH_PARAM_CHARS: Final = frozenset(
 _MAX_TOKEN_HEADERS: Final = 64
 _MAX_PREFIXES: Final = 256
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
-_decode_json = json.JSONDecoder().decode
+_decoder = json.JSONDecoder()
+_decode_json = _decoder.decode
+_scan_json = _decoder.scan_once  # type: ignore[attr-defined]  # the C scanner (see _loads)
 # The string encoder _dumps itself uses (the C one where available).
 _json_str = json.encoder.encode_basestring_ascii
 _b64 = binascii.b2a_base64
@@ -97,8 +99,16 @@ REJECTED: Final = "the service refused this client certificate (expired? other C
 
 
 def _loads(raw: bytes) -> Any:
-    # Decoding the UTF-8 first skips json.loads' encoding detection on bytes.
-    return _decode_json(raw.decode("utf-8"))
+    """raw parsed as JSON. A compact answer (the service's) goes to the C scanner directly:
+    JSONDecoder.decode adds two Python frames and two whitespace regex matches around it.
+    Anything else (whitespace around, trailing data) takes the full decoder, which also words
+    every error. Decoding the UTF-8 first skips json.loads' encoding detection on bytes."""
+    text = raw.decode("utf-8")
+    try:
+        obj, end = _scan_json(text, 0)
+    except StopIteration:  # nothing the scanner can start on (empty, leading whitespace)
+        end = -1
+    return obj if end == len(text) else _decode_json(text)
 
 
 @dataclass(frozen=True)
@@ -372,8 +382,7 @@ class KeyServiceClient:
                 if status >= 300:
                     status, raw = self._send(spec, spec.path, data, headers, (status, raw), started)
         try:
-            # Decoding the UTF-8 first skips json.loads' encoding detection on bytes.
-            return status, _decode_json(raw.decode("utf-8"))
+            return status, _loads(raw)
         except ValueError:
             return status, self._decode(spec, status, raw)  # raises BAD_RESPONSE
 
