@@ -116,6 +116,10 @@ _CERT_ALERTS: Final = (
     "unsupported certificate",
     "access denied",
 )
+# Options and infos of every request, looked up once.
+_POSTFIELDS: Final = pycurl.POSTFIELDS
+_RESPONSE_CODE: Final = pycurl.RESPONSE_CODE
+_NUM_CONNECTS: Final = pycurl.NUM_CONNECTS
 COOLDOWN: Final = 5.0  # seconds a failed server is skipped (tried last) before it is probed
 MAX_IDLE: Final = 64  # idle handles kept per server; more are closed when they come back
 
@@ -256,15 +260,17 @@ class _Sockets:
     number that was closed and reused by someone else in the meantime.
     """
 
-    __slots__ = ("fds", "lock")
+    __slots__ = ("count", "fds", "lock")
 
     def __init__(self, lock: threading.Lock) -> None:
         self.fds: set[int] = set()
         self.lock = lock
+        self.count = 0  # sockets opened: a request that opened none reused its connection
 
     def opened(self, fd: int, purpose: int) -> int:
         with self.lock:
             self.fds.add(fd)
+            self.count += 1
         return 0  # CURL_SOCKOPT_OK
 
     def close(self, fd: int) -> int:
@@ -287,12 +293,15 @@ class _Conn:
         "connects",
         "curl",
         "failures",
+        "getinfo",
         "headers",
         "method",
         "path",
+        "perform",
         "pid",
         "requests",
         "server",
+        "setopt",
         "socks",
         "timeout_ms",
         "used",
@@ -316,6 +325,10 @@ class _Conn:
         self.timeout_ms = cfg.timeout * 1000  # the handle's CURLOPT_TIMEOUT_MS now
         c = pycurl.Curl()
         self.curl: Any = c
+        # The handle's methods, looked up once (pycurl's attribute lookup is slow).
+        self.setopt = c.setopt
+        self.perform = c.perform
+        self.getinfo = c.getinfo
         c.setopt(pycurl.SHARE, share)
         c.setopt(pycurl.NOSIGNAL, 1)  # never touch the host's signal handlers
         c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTPS)
@@ -422,6 +435,7 @@ class Transport:
         self._servers_cfg = cfg.servers
         self.base_url = ", ".join(f"https://{server_label(h, p)}" for h, p in self._servers_cfg)
         self._timeout = float(cfg.timeout)
+        self._timeout_ms = cfg.timeout * 1000
         self._no_threads = no_threads
         self.log = log if log is not None else LOG
         self._closed = False
@@ -594,8 +608,8 @@ class Transport:
                         server=server.label,
                     )
                 timeout_ms = max(1, int(left * 1000 / share))
-            elif timeout_ms != self._cfg.timeout * 1000:
-                timeout_ms = self._cfg.timeout * 1000
+            elif timeout_ms != self._timeout_ms:
+                timeout_ms = self._timeout_ms
             if timeout_ms != conn.timeout_ms:
                 c.setopt(pycurl.TIMEOUT_MS, timeout_ms)
                 c.setopt(pycurl.CONNECTTIMEOUT_MS, min(timeout_ms, self._cfg.connecttimeout * 1000))
@@ -606,7 +620,7 @@ class Transport:
             if method == "POST":
                 if conn.method == "DELETE":
                     c.setopt(pycurl.CUSTOMREQUEST, None)
-                c.setopt(pycurl.POSTFIELDS, body or b"")
+                conn.setopt(_POSTFIELDS, body or b"")
             elif method != conn.method:
                 c.setopt(pycurl.HTTPGET, 1)
                 c.setopt(pycurl.CUSTOMREQUEST, "DELETE" if method == "DELETE" else None)
@@ -615,8 +629,10 @@ class Transport:
                 c.setopt(pycurl.HTTPHEADER, headers)
                 conn.headers = headers
             chunks = conn.chunks
+            socks = conn.socks
+            opened = socks.count
             try:
-                c.perform()
+                conn.perform()
             except pycurl.error as e:
                 chunks.clear()
                 code = e.args[0] if e.args else -1
@@ -633,13 +649,13 @@ class Transport:
                 raise CurlFailure(
                     code, message, reused, connects > 0, server.label, handshaken
                 ) from None
-            status: int = c.getinfo(pycurl.RESPONSE_CODE)
-            connects = c.getinfo(pycurl.NUM_CONNECTS)
+            status: int = conn.getinfo(_RESPONSE_CODE)
+            if socks.count != opened:  # a new connection (only then worth asking libcurl)
+                conn.connects += conn.getinfo(_NUM_CONNECTS)
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             chunks.clear()
             conn.used = True
             conn.requests += 1
-            conn.connects += connects
             return status, data
         finally:
             # Back to the pool, unless the transport was closed (C_Finalize) or forked since.
