@@ -105,7 +105,9 @@ class Lab:
             self.key_handle = found[0]["handle"]
         finally:
             client.close()
-        # The exact body the module sends for C_Sign of 64 bytes (pkcs11ws/client/api.py).
+        # The body of the module's C_Sign of 64 bytes (pkcs11ws/client/api.py), without the
+        # token and request id the module now puts in it (protocol.TOKEN_FIELD): the raw
+        # transport rows send the token as an Authorization header, as other clients may.
         body = encode(
             STRUCTS["Sign"],
             {"key": self.key_handle, "mechanism": "CKM_SHA256_HMAC", "data": bytes(range(64))},
