@@ -7,8 +7,9 @@ Run: python -m bench.groupab [--threads 2,8] [--reps 3] [--seconds 4]
          [--setting NAME:KEY=VALUE,KEY=VALUE ...]
 A setting's keys are client configuration keys (PKCS11WS_ + key in the environment), e.g.
 `--setting in1:BATCHINFLIGHT=1 --setting in2:BATCHINFLIGHT=2`. Prints, per setting and thread
-count, the medians of ops/s, client and service CPU per operation, and calls per request (the
-service's access log: crypto requests in the measured window).
+count, the medians of ops/s, client and service CPU per operation, calls per request (the
+service's access log: crypto requests in the measured window) and the client's context
+switches per operation.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _row(name: str, threads: int, rs: list[dict[str, Any]]) -> str:
     return (
         f"| {name} | {threads} | {med('ops_per_s'):,.0f} ({spread}) | {med('cpu_us_per_op'):.1f}"
         f" | {med('server_cpu_us_per_op'):.1f} | {statistics.median(per):.2f}"
-        f" | {med('p50_us'):.0f} | {med('other_cpu_pct'):.0f} |"
+        f" | {med('csw_per_op'):.1f} | {med('p50_us'):.0f} | {med('other_cpu_pct'):.0f} |"
     )
 
 
@@ -84,14 +85,15 @@ def main() -> None:
                     print(
                         f"rep {rep} {name} x{t}: {r['ops_per_s']:.0f} ops/s, client "
                         f"{r['cpu_us_per_op']:.1f} us/op, service "
-                        f"{r.get('server_cpu_us_per_op', 0):.1f} us/op, requests "
-                        f"{r.get('requests')}",
+                        f"{r.get('server_cpu_us_per_op', 0):.1f} us/op, "
+                        f"{r.get('csw_per_op', 0):.1f} csw/op, requests {r.get('requests')}",
                         flush=True,
                     )
         print()
         print("| setting | threads | ops/s median (each rep) | client CPU us/op"
-              " | service CPU us/op | calls per request | p50 us | other CPU % |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|")
+              " | service CPU us/op | calls per request | client context switches per op | p50 us"
+              " | other CPU % |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|")
         for t in threads:
             for name, _ in settings:
                 print(_row(name, t, results[(name, t)]))

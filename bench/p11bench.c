@@ -655,17 +655,20 @@ int main(int argc, char **argv)
     double secs = (double)(t1 - t0) / 1e9;
     double user = tv_s(ru1.ru_utime) - tv_s(ru0.ru_utime);
     double sys = tv_s(ru1.ru_stime) - tv_s(ru0.ru_stime);
+    /* Context switches of all threads (a thread that blocks, on a lock or the GIL, switches). */
+    double csw = (double)(ru1.ru_nvcsw - ru0.ru_nvcsw + ru1.ru_nivcsw - ru0.ru_nivcsw);
     printf("{\"tool\":\"p11bench\",\"op\":\"%s\",\"threads\":%d,\"churn\":%d,\"null_query\":%s,"
            "\"seconds\":%.4f,\"ops\":%llu,\"errors\":%llu,\"first_error\":\"0x%lx\","
            "\"error_where\":\"%s\",\"ops_per_s\":%.1f,\"mean_us\":%.3f,\"p50_us\":%.3f,"
            "\"p90_us\":%.3f,\"p99_us\":%.3f,\"max_us\":%.3f,\"cpu_us_per_op\":%.3f,"
-           "\"user_s\":%.4f,\"sys_s\":%.4f,\"found\":%lu}\n",
+           "\"user_s\":%.4f,\"sys_s\":%.4f,\"csw_per_op\":%.3f,\"found\":%lu}\n",
            OP_NAMES[opt.op], opt.threads, opt.churn, opt.null_query ? "true" : "false", secs,
            (unsigned long long)ops, (unsigned long long)errors, (unsigned long)first_error,
            where, secs > 0 ? (double)ops / secs : 0.0,
            all.n ? (double)all.sum_ns / (double)all.n / 1e3 : 0.0, hist_pct(&all, 50) / 1e3,
            hist_pct(&all, 90) / 1e3, hist_pct(&all, 99) / 1e3, (double)all.max_ns / 1e3,
-           ops ? (user + sys) * 1e6 / (double)ops : 0.0, user, sys, found);
+           ops ? (user + sys) * 1e6 / (double)ops : 0.0, user, sys, ops ? csw / (double)ops : 0.0,
+           found);
     fflush(stdout);
     F->C_CloseSession(main_s);
     F->C_Finalize(NULL);
