@@ -207,8 +207,9 @@ KEYS: Final[dict[str, _Key]] = {
     # never block for minutes when the service is down).
     "CONNECTTIMEOUT": _Key(_int(1, 3600), 10),
     "TIMEOUT": _Key(_int(1, 3600), 30),
-    # Group commit (issue 15): crypto calls that arrive while BATCHINFLIGHT requests per server
-    # are in flight wait and leave together in one batch request of at most BATCHSIZE calls.
+    # Group commit (issue 15, client/group.py): at most BATCHINFLIGHT requests per server in
+    # flight; calls that arrive while requests are in flight may wait and leave together in
+    # one batch request of at most BATCHSIZE calls.
     "BATCHINFLIGHT": _Key(_int(0, 64), 2),
     "BATCHSIZE": _Key(_int(1, 4096), 32),
 }

@@ -1,15 +1,20 @@
 """Group commit of the read-only crypto calls (issue 15): the queue, the slots, who sends.
 
-A call takes a slot when fewer than `limit` requests (BATCHINFLIGHT per key service) are in
-flight and sends its own single request at once: one thread alone never waits for anyone.
-A call that finds every slot busy queues and waits on a lock (the GIL is released).
-When a request ends, its slot goes to the queue: the oldest waiting call becomes the sender of
-the next request, carrying up to `size` queued calls (and at most `max_bytes` of request bodies)
-to the batch endpoint; a lone call goes as its single request. Every call gets its own answer
-or its own error; a failure of the batch request as a whole (no answer within the deadline
-of its oldest call, a 5xx after the retries) is every carried call's error. So the slots keep
-both ends busy while calls pile up, and the per-request cost of TLS, HTTP and the service's
-pipeline is shared by the calls of one batch.
+Up to `limit` requests (BATCHINFLIGHT per key service) are in flight. A call that finds
+none in flight sends its own single request at once: one thread alone never waits for anyone.
+Otherwise calls queue (waiting on a lock, the GIL released) until a slot is free and the queue
+holds at least as many calls as the requests in flight carry on average; then the call that
+completes that count sends them (no wake-up first), up to `size` calls (and at most
+`max_bytes` of request bodies) to the batch endpoint; a lone call goes as its single request.
+A lone request in flight lets the next call go at once, so two threads do not wait for each
+other either. When a request ends, the queue leaves on its slot once the same rule lets it, at
+the latest when nothing else is in flight (so a queued call waits only while others' requests
+are in flight). So batches even out: at 8 threads and 2 slots mostly 3 and 4 calls, where
+the first call back from a batch used to take the free slot alone (1 to 6, 2.6 on average).
+Every call gets its own answer or its own error; a failure of the batch request as a whole
+(no answer within the deadline of its oldest call, a 5xx after the retries) is every carried
+call's error. So the slots keep both ends busy while calls pile up, and the per-request cost
+of TLS, HTTP and the service's pipeline is shared by the calls of one batch.
 
 The network part (the single request, the batch request, the decoding of its answers) is the
 client's (api.py); this module only decides who sends what and hands answers back.
@@ -70,8 +75,34 @@ class GroupCommit:
     def reset(self) -> None:
         """A fresh state (after fork: the parent's waiting threads do not exist here)."""
         self._lock = threading.Lock()
-        self._busy = 0
+        self._busy = 0  # requests in flight
+        self._carried = 0  # calls those requests carry
         self._queue: list[Call] = []
+
+    def _ready(self, n: int) -> bool:
+        """Whether n queued calls may leave now (under the lock): a slot is free and either
+        nothing is in flight (so one thread alone never waits) or n calls are at least the
+        mean batch in flight (bench/results/profile-issue15.md: the batch sizes with and
+        without this balance)."""
+        busy = self._busy
+        if busy >= self.limit:
+            return False
+        return busy == 0 or n * busy >= self._carried
+
+    def _take(self) -> list[Call]:
+        """The next request's calls off the queue's head (under the lock; takes a slot)."""
+        queue = self._queue
+        n, total = 0, 0
+        for c in queue:
+            total += len(c.data)
+            if n and (n >= self.size or total > self.max_bytes):
+                break
+            n += 1
+        group = queue[:n]
+        del queue[:n]
+        self._busy += 1
+        self._carried += n
+        return group
 
     def run(
         self,
@@ -86,26 +117,33 @@ class GroupCommit:
         sends them in one request and sets each call's status and answer, error, or alone; it
         must not raise. (Passed per call, not kept: the client owns the group, and a reference
         back would make a cycle that keeps the client's curl handles alive past C_Finalize.)"""
-        lock = self._lock
-        # acquire()/release(), not `with`: on this path of every call a with statement costs
-        # about 1.4k instructions more per lock (callgrind, bench/results/profile-issue15.md).
-        lock.acquire()
-        try:
-            if self._busy < self.limit:
+        group: list[Call] | None = None
+        with self._lock:
+            if not self._queue and self._ready(1):
                 self._busy += 1
+                self._carried += 1
                 call = None
             else:
                 call = Call(op, token, data, time.monotonic())
                 self._queue.append(call)
-        finally:
-            lock.release()
+                if self._ready(len(self._queue)):
+                    group = self._take()
         if call is None:
             try:
                 return single(op, token, data)
             finally:
                 self._release(1)
-        call.done.acquire()  # released by the sender: the GIL is released while blocked
-        group = call.lead
+        if group is not None:
+            if call in group:
+                group.remove(call)  # this thread sends (no wake-up): it leads its group
+                group.insert(0, call)
+            else:  # a longer queue than one request takes: its oldest calls leave first
+                group[0].lead = group
+                group[0].done.release()
+                group = None
+        if group is None:
+            call.done.acquire()  # released by the sender: the GIL is released while blocked
+            group = call.lead
         if group is not None:
             try:
                 if len(group) == 1:
@@ -128,25 +166,14 @@ class GroupCommit:
 
     def _release(self, carried: int) -> None:
         """A request ended: its slot goes to the next group of waiting calls, or is freed."""
-        lock = self._lock
-        lock.acquire()  # not `with`: see run()
-        try:
-            sizes = self.sizes
-            sizes[carried] = sizes.get(carried, 0) + 1
-            queue = self._queue
-            if not queue:
-                self._busy -= 1
-                return
-            n, total = 0, 0
-            for c in queue:
-                total += len(c.data)
-                if n and (n >= self.size or total > self.max_bytes):
-                    break
-                n += 1
-            group = queue[:n]
-            del queue[:n]
-        finally:
-            lock.release()
-        head = group[0]
-        head.lead = group
-        head.done.release()
+        groups = []
+        with self._lock:
+            self.sizes[carried] = self.sizes.get(carried, 0) + 1
+            self._busy -= 1
+            self._carried -= carried
+            while self._queue and self._ready(len(self._queue)):
+                groups.append(self._take())
+        for group in groups:
+            head = group[0]
+            head.lead = group
+            head.done.release()

@@ -179,3 +179,88 @@ def test_batch_without_answer_fails_every_call_within_timeout(fresh_service: Any
         assert time.monotonic() - started < 4 + 30  # the deadline, with a loaded-machine margin
     finally:
         c.close()
+
+
+def _in_flight(group: GroupCommit, requests: int, calls: int) -> None:
+    """Pretend the test's own requests are in flight (their calls counted), as `queued` does."""
+    with group._lock:
+        group._busy += requests
+        group._carried += calls
+
+
+def _wait_queued(group: GroupCommit, n: int) -> None:
+    deadline = time.monotonic() + 60
+    while len(group._queue) < n:
+        assert time.monotonic() < deadline, "the calls did not queue"
+        time.sleep(0.01)
+
+
+def test_a_free_second_slot_takes_a_lone_call_behind_a_lone_request(fresh_service: Any) -> None:
+    # Two threads, each with its own request in flight: neither waits for the other.
+    c = make_client(fresh_service(), maxretries=0, batchinflight=2)
+    try:
+        token, mac, _ = _setup(c)
+        group = c.group
+        assert group is not None
+        _in_flight(group, 1, 1)
+        out: list[Any] = []
+        t = threading.Thread(target=lambda: out.append(c.sign(token, mac, "CKM_SHA256_HMAC", b"1")))
+        t.start()
+        t.join(60)  # it would queue until the test's request ends, which it never does
+        assert out == [hmac.digest(HMAC_KEY, b"1", hashlib.sha256)]
+        assert not group._queue
+    finally:
+        c.close()
+
+
+def test_second_slot_waits_for_a_batch_as_big_as_the_one_in_flight(fresh_service: Any) -> None:
+    # One request of 3 calls in flight, a second slot free: the calls that arrive meanwhile
+    # wait until 3 have come and then leave together at once (batches of 3 and 3, not 1 and 5).
+    c = make_client(fresh_service(), maxretries=0, batchinflight=2, batchsize=32)
+    try:
+        token, mac, _ = _setup(c)
+        group = c.group
+        assert group is not None
+        _in_flight(group, 1, 3)
+        before = dict(group.sizes)
+        datas = [b"%d" % i for i in range(3)]
+        out: dict[bytes, Any] = {}
+
+        def sign(d: bytes) -> None:
+            out[d] = c.sign(token, mac, "CKM_SHA256_HMAC", d)
+
+        threads = [threading.Thread(target=sign, args=(d,)) for d in datas]
+        for t in threads[:2]:
+            t.start()
+        _wait_queued(group, 2)  # two are not enough: they wait
+        assert group._busy == 1
+        threads[2].start()  # the third fills the batch: all three leave on the free slot
+        for t in threads:
+            t.join(60)
+            assert not t.is_alive()
+        assert out == {d: hmac.digest(HMAC_KEY, d, hashlib.sha256) for d in datas}
+        assert group.sizes.get(3, 0) == before.get(3, 0) + 1
+        assert group._busy == 1 and not group._queue  # the test's request is still "in flight"
+    finally:
+        c.close()
+
+
+def test_calls_below_the_batch_in_flight_leave_when_it_ends(fresh_service: Any) -> None:
+    c = make_client(fresh_service(), maxretries=0, batchinflight=2, batchsize=32)
+    try:
+        token, mac, _ = _setup(c)
+        group = c.group
+        assert group is not None
+        _in_flight(group, 1, 4)
+        out = []
+        t = threading.Thread(target=lambda: out.append(c.sign(token, mac, "CKM_SHA256_HMAC", b"q")))
+        t.start()
+        _wait_queued(group, 1)
+        assert group._busy == 1  # one call is less than the 4 in flight: it waits
+        group._release(4)  # the test's request ends: nothing is in flight, the call leaves
+        t.join(60)
+        assert not t.is_alive()
+        assert out == [hmac.digest(HMAC_KEY, b"q", hashlib.sha256)]
+        assert group._busy == 0 and group._carried == 0
+    finally:
+        c.close()
