@@ -177,6 +177,7 @@ extensions = [
                 "tables.pxd",
                 "digest.pxi",
                 "params.pxi",
+                "wake.pxi",
                 "mech_gen.pxd",
                 "pyglue.h",
                 "probe.h",

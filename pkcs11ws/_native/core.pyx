@@ -10,7 +10,7 @@ every such block catches everything and maps it through _ckr(), the one error fu
 Files: tables.pxi (C tables), objects.pxi (objects, find, attributes), params.pxi (one parser
 per mechanism parameter kind), crypto.pxi (keys, single-part encrypt, decrypt, sign, verify,
 random), multipart.pxi (C_*Update, C_*Final), digest.pxi (C_Digest*, in the module), funcs.pxi
-(generated: stubs and the list filling).
+(generated: stubs and the list filling), wake.pxi (the group commit's waits).
 """
 
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -30,6 +30,7 @@ from pkcs11ws.errors import ConfigError, PKCS11Error
 from pkcs11ws.log import SESSION as _log_session
 
 include "tables.pxi"
+include "wake.pxi"
 
 cdef extern from "<string.h>" nogil:
     size_t strnlen(const char*, size_t)
@@ -154,12 +155,19 @@ cdef CK_RV _in_python(PyWork work, Call* c) noexcept nogil:
     """Every f_* that needs the provider goes through here: adopt the calling thread once
     (pyglue.h), take the GIL, run `work`, and turn whatever it raises into a CKR through
     _ckr(), the one error funnel."""
+    global p11ws_in_core
+    cdef CK_RV rv
     p11ws_adopt_thread()
     with gil:
+        p11ws_in_core += 1
         try:
-            return work(c)
+            rv = work(c)
         except BaseException as e:
-            return _ckr(e)
+            rv = _ckr(e)
+        p11ws_in_core -= 1
+    if p11ws_in_core == 0:
+        p11ws_flush_wakes()  # the group commit's wake-ups, now that the GIL is free (wake.pxi)
+    return rv
 
 
 cdef double _now() noexcept nogil:

@@ -22,6 +22,7 @@ client's (api.py); this module only decides who sends what and hands answers bac
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from _thread import allocate_lock
@@ -42,21 +43,30 @@ class Call:
     __slots__ = ("alone", "answer", "data", "done", "error", "lead", "op", "started", "status",
                  "token")  # fmt: skip
 
-    def __init__(self, op: str, token: str | None, data: bytes, started: float) -> None:
+    def __init__(self, op: str, token: str | None, data: bytes, started: float, done: Any) -> None:
         self.op = op
         self.token = token
         self.data = data
         self.started = started  # time.monotonic() when the call began: its TIMEOUT counts from it
-        # Released once when the call's answer (or its turn to send) is there. A bare lock, not
-        # a threading.Event: an Event is a Condition in Python code, several frames and a lock
-        # allocation more per wait (bench/results/profile-issue15.md).
-        self.done = allocate_lock()
-        self.done.acquire()
+        # Released once when the call's answer (or its turn to send) is there: a Waiter of the
+        # module's core, or a bare lock, acquired already (not a threading.Event: an Event is a
+        # Condition in Python code, several frames and a lock allocation more per wait).
+        self.done = done
         self.status = 0
         self.answer: Any = None
         self.error: BaseException | None = None
         self.lead: list[Call] | None = None  # set on the call chosen to send the next request
         self.alone = False  # set when the batch endpoint is unusable: send the single request
+
+
+def _locked() -> Any:
+    lock = allocate_lock()
+    lock.acquire()
+    return lock
+
+
+def _nothing() -> None:
+    pass
 
 
 class GroupCommit:
@@ -75,6 +85,14 @@ class GroupCommit:
     def reset(self) -> None:
         """A fresh state (after fork: the parent's waiting threads do not exist here)."""
         self._lock = threading.Lock()
+        # Inside the module, queued calls wait on the core's Waiter, whose wake-ups wait until
+        # the waking thread has released the GIL (pkcs11ws/_native/wake.pxi); flush() posts
+        # this thread's deferred ones before it does anything that may block.
+        core = sys.modules.get("pkcs11ws._native.core")
+        self._waiter: Callable[[], Any] = _locked
+        self._flush: Callable[[], None] = _nothing
+        if core is not None and hasattr(core, "Waiter"):
+            self._waiter, self._flush = core.Waiter, core.flush_wakes
         self._busy = 0  # requests in flight
         self._carried = 0  # calls those requests carry
         self._queue: list[Call] = []
@@ -124,7 +142,7 @@ class GroupCommit:
                 self._carried += 1
                 call = None
             else:
-                call = Call(op, token, data, time.monotonic())
+                call = Call(op, token, data, time.monotonic(), self._waiter())
                 self._queue.append(call)
                 if self._ready(len(self._queue)):
                     group = self._take()
@@ -159,8 +177,10 @@ class GroupCommit:
                     if other is not call:
                         other.done.release()
         if call.alone:
+            self._flush()
             return single(op, token, data)
         if call.error is not None:
+            self._flush()  # the caller's error handling may block (locks, a new login)
             raise call.error
         return call.status, call.answer
 

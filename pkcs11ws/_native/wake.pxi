@@ -1,0 +1,80 @@
+# Included by core.pyx: what the group commit (client/group.py) waits on inside the module.
+# A queued call waits on a Waiter (a POSIX semaphore, the GIL released). The thread that
+# sends a batch wakes its calls while it still runs Python: woken at once, each would find
+# the GIL held by its waker and block a second time on the GIL's mutex (most of the 8-thread
+# client's kernel time: bench/results/profile-issue15.md). So a wake-up made inside
+# _in_python is deferred until that thread has let go of the GIL, and each woken caller finds
+# it free. Outside _in_python (a Python host using the client directly) it is immediate.
+
+cdef extern from *:
+    """
+    #include <semaphore.h>
+    #include <errno.h>
+    #define P11WS_MAX_DEFERRED 64
+    static __thread sem_t *p11ws_deferred[P11WS_MAX_DEFERRED];
+    static __thread int p11ws_ndeferred;
+    static __thread int p11ws_in_core;
+
+    /* Post the wake-ups deferred by this thread (called with or without the GIL). */
+    static void p11ws_flush_wakes(void)
+    {
+        int i, n = p11ws_ndeferred;
+        p11ws_ndeferred = 0;
+        for (i = 0; i < n; i++)
+            sem_post(p11ws_deferred[i]);
+    }
+
+    /* Wake at once, or when this thread leaves _in_python. */
+    static void p11ws_wake(sem_t *s)
+    {
+        if (p11ws_in_core && p11ws_ndeferred < P11WS_MAX_DEFERRED)
+            p11ws_deferred[p11ws_ndeferred++] = s;
+        else
+            sem_post(s);
+    }
+
+    static int p11ws_sem_wait(sem_t *s)
+    {
+        int r;
+        while ((r = sem_wait(s)) != 0 && errno == EINTR)
+            ;
+        return r;
+    }
+    """
+    ctypedef struct sem_t:
+        pass
+    int sem_init(sem_t* s, int pshared, unsigned int value) nogil
+    int sem_destroy(sem_t* s) nogil
+    int p11ws_sem_wait(sem_t* s) nogil
+    void p11ws_wake(sem_t* s) nogil
+    void p11ws_flush_wakes() nogil
+    int p11ws_in_core
+
+
+cdef class Waiter:
+    """One queued call's wait: acquire() blocks (without the GIL) until release(), which wakes
+    at once or, inside _in_python, once the waking thread has released the GIL. The same
+    acquire/release pair as the pre-acquired lock group.py uses outside the module."""
+
+    cdef sem_t sem
+
+    def __cinit__(self) -> None:
+        if sem_init(&self.sem, 0, 0) != 0:
+            raise OSError("sem_init failed")
+
+    def __dealloc__(self) -> None:
+        sem_destroy(&self.sem)
+
+    def acquire(self) -> bool:
+        with nogil:
+            p11ws_sem_wait(&self.sem)
+        return True
+
+    def release(self) -> None:
+        # The waiting thread holds this object until it wakes, so it outlives a deferred post.
+        p11ws_wake(&self.sem)
+
+
+def flush_wakes() -> None:
+    """Post this thread's deferred wake-ups now (before it blocks on something else)."""
+    p11ws_flush_wakes()

@@ -1,0 +1,80 @@
+"""Group commit inside the module: C_Sign from several host threads (ctypes lets go of the GIL,
+so each call enters the core as a C host's does) queues behind slots the test holds, then
+leaves in one batch. The sender wakes the others only once it has released the GIL
+(pkcs11ws/_native/wake.pxi): every caller must still wake, each with its own answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import sys
+import threading
+import time
+from ctypes import byref
+from typing import Any
+
+from pkcs11ws import constants as C
+from tests.support.p11ctypes import CKError, Module, mechanism
+
+HMAC_KEY = b"k" * 32
+
+
+def _hmac_key(mod: Module, h: int) -> int:
+    return mod.create(
+        h,
+        [
+            (C.CKA_TOKEN, True),
+            (C.CKA_PRIVATE, True),
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC),
+            (C.CKA_SIGN, True),
+            (C.CKA_VALUE, HMAC_KEY),
+        ],
+    )
+
+
+def test_queued_c_sign_calls_each_wake_with_their_own_answer(
+    mod: Module, logged_card: tuple[int, int, bytes]
+) -> None:
+    slot, h, _ = logged_card
+    key = _hmac_key(mod, h)
+    core = sys.modules["pkcs11ws._native.core"]
+    group = core.current_provider().client.group
+    assert group is not None and group._waiter is core.Waiter
+    n = 6
+    sessions = [mod.open(slot) for _ in range(n)]
+    m, _ = mechanism(C.CKM_SHA256_HMAC)
+    for s in sessions:
+        mod.ok("C_SignInit", s, byref(m), key)
+    datas = [b"message %d" % i for i in range(n)]
+    out: list[Any] = [None] * n
+
+    def sign(i: int) -> None:
+        try:
+            out[i] = mod.single("C_Sign", sessions[i], datas[i], 32)
+        except CKError as e:
+            out[i] = e
+
+    before = group.sizes.get(n, 0)
+    with group._lock:
+        held = group.limit - group._busy
+        group._busy = group.limit
+    threads = [threading.Thread(target=sign, args=(i,)) for i in range(n)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(group._queue) < n:
+            assert time.monotonic() < deadline, "the calls did not queue"
+            time.sleep(0.01)
+    finally:
+        for _ in range(held):
+            group._release(0)  # the held slots' "requests" end: the queue leaves as one batch
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive(), "a queued C_Sign was never woken"
+    assert out == [hmac.digest(HMAC_KEY, d, hashlib.sha256) for d in datas]
+    assert group.sizes.get(n, 0) == before + 1
+    for s in sessions:
+        mod.call("C_CloseSession", s)
