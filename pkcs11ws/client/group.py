@@ -137,8 +137,11 @@ class GroupCommit:
         back would make a cycle that keeps the client's curl handles alive past C_Finalize.)"""
         group: list[Call] | None = None
         with self._lock:
-            if not self._queue and self._ready(1):
-                self._busy += 1
+            busy = self._busy
+            # _ready(1) with an empty queue, inlined (every call passes here): nothing in
+            # flight (then nothing is queued either), or a free slot and lone calls in flight.
+            if busy == 0 or (busy < self.limit and self._carried <= busy and not self._queue):
+                self._busy = busy + 1
                 self._carried += 1
                 call = None
             else:
@@ -186,11 +189,14 @@ class GroupCommit:
 
     def _release(self, carried: int) -> None:
         """A request ended: its slot goes to the next group of waiting calls, or is freed."""
-        groups = []
         with self._lock:
-            self.sizes[carried] = self.sizes.get(carried, 0) + 1
+            sizes = self.sizes
+            sizes[carried] = sizes.get(carried, 0) + 1
             self._busy -= 1
             self._carried -= carried
+            if not self._queue:
+                return
+            groups = []
             while self._queue and self._ready(len(self._queue)):
                 groups.append(self._take())
         for group in groups:
