@@ -136,10 +136,14 @@ class GroupCommit:
         must not raise. (Passed per call, not kept: the client owns the group, and a reference
         back would make a cycle that keeps the client's curl handles alive past C_Finalize.)"""
         group: list[Call] | None = None
-        with self._lock:
+        # lock.acquire()/release() in try/finally rather than `with`: half the cost, and every
+        # call, one thread's included, passes here twice (bench/results/profile-issue15.md).
+        lock = self._lock
+        lock.acquire()
+        try:
             busy = self._busy
-            # _ready(1) with an empty queue, inlined (every call passes here): nothing in
-            # flight (then nothing is queued either), or a free slot and lone calls in flight.
+            # _ready(1) with an empty queue, inlined: nothing in flight (then nothing is queued
+            # either), or a free slot and lone calls in flight.
             if busy == 0 or (busy < self.limit and self._carried <= busy and not self._queue):
                 self._busy = busy + 1
                 self._carried += 1
@@ -149,6 +153,8 @@ class GroupCommit:
                 self._queue.append(call)
                 if self._ready(len(self._queue)):
                     group = self._take()
+        finally:
+            lock.release()
         if call is None:
             try:
                 return single(op, token, data)
@@ -189,7 +195,9 @@ class GroupCommit:
 
     def _release(self, carried: int) -> None:
         """A request ended: its slot goes to the next group of waiting calls, or is freed."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             sizes = self.sizes
             sizes[carried] = sizes.get(carried, 0) + 1
             self._busy -= 1
@@ -199,6 +207,8 @@ class GroupCommit:
             groups = []
             while self._queue and self._ready(len(self._queue)):
                 groups.append(self._take())
+        finally:
+            lock.release()
         for group in groups:
             head = group[0]
             head.lead = group
