@@ -4,7 +4,9 @@
 # the GIL held by its waker and block a second time on the GIL's mutex (most of the 8-thread
 # client's kernel time: bench/results/profile-issue15.md). So a wake-up made inside
 # _in_python is deferred until that thread has let go of the GIL, and each woken caller finds
-# it free. Outside _in_python (a Python host using the client directly) it is immediate.
+# it free; group.py flushes them earlier when the thread is about to block (waiting itself, a
+# request, an error). Outside _in_python (a Python host using the client directly) a wake-up
+# is immediate.
 
 cdef extern from *:
     """

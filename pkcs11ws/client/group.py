@@ -156,6 +156,7 @@ class GroupCommit:
         finally:
             lock.release()
         if call is None:
+            self._flush()  # this thread's earlier wake-ups (a C_GenerateRandom in chunks)
             try:
                 return single(op, token, data)
             finally:
@@ -169,6 +170,10 @@ class GroupCommit:
                 group[0].done.release()
                 group = None
         if group is None:
+            # A wake-up this thread deferred (the group it just handed on) must not wait for
+            # this thread to leave the module: that would be after its own wake-up, which may
+            # need that group's request to end first.
+            self._flush()
             call.done.acquire()  # released by the sender: the GIL is released while blocked
             group = call.lead
         if group is not None:

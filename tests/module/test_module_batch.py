@@ -1,7 +1,8 @@
 """Group commit inside the module: C_Sign from several host threads (ctypes lets go of the GIL,
 so each call enters the core as a C host's does) queues behind slots the test holds, then
 leaves in one batch. The sender wakes the others only once it has released the GIL
-(pkcs11ws/_native/wake.pxi): every caller must still wake, each with its own answer.
+(pkcs11ws/_native/wake.pxi): every caller must still wake, each with its own answer. (Daemon
+threads: a call never woken fails its test instead of hanging the run.)
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def test_queued_c_sign_calls_each_wake_with_their_own_answer(
     with group._lock:
         held = group.limit - group._busy
         group._busy = group.limit
-    threads = [threading.Thread(target=sign, args=(i,)) for i in range(n)]
+    threads = [threading.Thread(target=sign, args=(i,), daemon=True) for i in range(n)]
     try:
         for t in threads:
             t.start()
@@ -76,5 +77,59 @@ def test_queued_c_sign_calls_each_wake_with_their_own_answer(
         assert not t.is_alive(), "a queued C_Sign was never woken"
     assert out == [hmac.digest(HMAC_KEY, d, hashlib.sha256) for d in datas]
     assert group.sizes.get(n, 0) == before + 1
+    for s in sessions:
+        mod.call("C_CloseSession", s)
+
+
+def test_a_call_that_hands_on_a_full_batch_wakes_its_sender_before_it_waits(
+    mod: Module, logged_card: tuple[int, int, bytes]
+) -> None:
+    # A third call completes a queue longer than one request takes: it hands the first two to
+    # their sender and queues itself. Inside the module that wake-up is deferred; it must be
+    # posted before the third call blocks, or the first two wait for the third and the third
+    # for a slot.
+    slot, h, _ = logged_card
+    key = _hmac_key(mod, h)
+    core = sys.modules["pkcs11ws._native.core"]
+    group = core.current_provider().client.group
+    assert group is not None
+    sessions = [mod.open(slot) for _ in range(3)]
+    m, _ = mechanism(C.CKM_SHA256_HMAC)
+    for s in sessions:
+        mod.ok("C_SignInit", s, byref(m), key)
+    datas = [b"handed on %d" % i for i in range(3)]
+    out: list[Any] = [None] * 3
+
+    def sign(i: int) -> None:
+        out[i] = mod.single("C_Sign", sessions[i], datas[i], 32)
+
+    def wait_queued(n: int) -> None:
+        deadline = time.monotonic() + 60
+        while len(group._queue) < n:
+            assert time.monotonic() < deadline, "the calls did not queue"
+            time.sleep(0.01)
+
+    size = group.size
+    group.size = 2
+    with group._lock:  # the test's own request of 3 calls is "in flight" on one of 2 slots
+        assert group.limit == 2 and group._busy == 0
+        group._busy, group._carried = 1, 3
+    threads = [threading.Thread(target=sign, args=(i,), daemon=True) for i in range(3)]
+    try:
+        threads[0].start()
+        wait_queued(1)
+        threads[1].start()
+        wait_queued(2)  # 2 calls < 3 in flight: they wait
+        threads[2].start()  # 3 calls: the first two leave on the free slot, the third waits
+        for t in threads[:2]:
+            t.join(60)
+            assert not t.is_alive(), "the handed-on batch was never sent"
+        assert out[:2] == [hmac.digest(HMAC_KEY, d, hashlib.sha256) for d in datas[:2]]
+    finally:
+        group._release(3)  # the test's request ends: the third call leaves
+        group.size = size
+    threads[2].join(60)
+    assert not threads[2].is_alive()
+    assert out[2] == hmac.digest(HMAC_KEY, datas[2], hashlib.sha256)
     for s in sessions:
         mod.call("C_CloseSession", s)
