@@ -160,7 +160,19 @@ class GroupCommit:
             try:
                 return single(op, token, data)
             finally:
-                self._release(1)
+                # _release(1) inlined for its usual case, nothing queued (one frame less on
+                # every call of one thread).
+                lock.acquire()
+                try:
+                    sizes = self.sizes
+                    sizes[1] = sizes.get(1, 0) + 1
+                    self._busy -= 1
+                    self._carried -= 1
+                    groups = self._dispatch() if self._queue else None
+                finally:
+                    lock.release()
+                if groups:
+                    _wake(groups)
         if group is not None:
             if call in group:
                 group.remove(call)  # this thread sends (no wake-up): it leads its group
@@ -209,12 +221,22 @@ class GroupCommit:
             self._carried -= carried
             if not self._queue:
                 return
-            groups = []
-            while self._queue and self._ready(len(self._queue)):
-                groups.append(self._take())
+            groups = self._dispatch()
         finally:
             lock.release()
-        for group in groups:
-            head = group[0]
-            head.lead = group
-            head.done.release()
+        _wake(groups)
+
+    def _dispatch(self) -> list[list[Call]]:
+        """The groups the queue may send now (under the lock; each takes a slot)."""
+        groups = []
+        while self._queue and self._ready(len(self._queue)):
+            groups.append(self._take())
+        return groups
+
+
+def _wake(groups: list[list[Call]]) -> None:
+    """Each group's oldest call becomes its sender."""
+    for group in groups:
+        head = group[0]
+        head.lead = group
+        head.done.release()
