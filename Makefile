@@ -8,10 +8,11 @@ PIP := $(PY) -m pip
 # Cython core and the C loader) are not on a stock Debian 12; systemd gives systemd-analyze, which
 # checks conf/pkcs11ws-server.service (tests/cli/test_server_systemd.py). python3.11, -dev, -venv and
 # libpython3.11: Debian's interpreter, which `make dist` builds the client tarball's runtime on.
+# gdb: a test whose child hangs fails with every thread's C stack (tests/support/stacks.py).
 APT_PKGS := build-essential pkg-config python3-venv python3-dev libcurl4-openssl-dev libssl-dev curl \
 	opensc softhsm2 openssl p11-kit p11-kit-modules time gnutls-bin opensc-pkcs11 \
 	openjdk-17-jdk-headless systemd python3.11 python3.11-dev python3.11-venv libpython3.11 \
-	postgresql libpq5 libpq-dev
+	postgresql libpq5 libpq-dev gdb
 # Consumers only in bookworm-backports (tests/consumers/test_dropin_openssl.py): see apt-backports.
 BACKPORTS_PKGS := pkcs11-provider
 

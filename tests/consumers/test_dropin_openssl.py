@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from pkcs11ws import constants as C
 from pkcs11ws.__main__ import module_path
+from pkcs11ws.config import load_config
 from tests.support.cards import client_card
 from tests.support.dropin_util import (
     MODULE_PLACEHOLDER,
@@ -33,6 +35,7 @@ from tests.support.dropin_util import (
     snippet,
 )
 from tests.support.p11ctypes import Module
+from tests.support.stacks import run_or_dump
 
 DOC_PROVIDER = "/usr/lib/x86_64-linux-gnu/ossl-modules/pkcs11.so"  # as the docs spell it
 
@@ -93,15 +96,17 @@ def pem_certs(text: str) -> list[bytes]:
     return [x509.load_pem_x509_certificate(p.encode()).public_bytes(Encoding.DER) for p in found]
 
 
-def storeutl(env: dict[str, str], uri: str, *provider_args: str):
-    r = subprocess.run(
-        ["openssl", "storeutl", *provider_args, "-certs", uri],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    return r
+def hang_report(svc, *logs: Path) -> dict[str, Any]:
+    """run_or_dump's arguments that make a hang say where it was: the stacks of the key
+    service, the module's log (LOGFILEPATH of the client configuration), the service's, and
+    `logs`."""
+    module_log = Path(load_config(str(svc.client_cfg)).logfilepath)
+    return {"also": [("key service", svc.pid)], "logs": [module_log, svc.log, *logs]}
+
+
+def storeutl(svc, env: dict[str, str], uri: str, *provider_args: str):
+    cmd = ["openssl", "storeutl", *provider_args, "-certs", uri]
+    return run_or_dump(cmd, env=env, timeout=90, **hang_report(svc))
 
 
 def openssl_cnf(path: Path, provider_so: str, early: bool) -> Path:
@@ -125,12 +130,12 @@ def test_storeutl_reads_public_certificate(own_service, cert_card, provider_so):
         f"pkcs11:token={token};id=%41",
         f"pkcs11:token={token};type=cert",
     ):
-        r = storeutl(env, uri, *args)
+        r = storeutl(own_service, env, uri, *args)
         assert r.returncode == 0, r.stdout + r.stderr
         # Not logged in: only the public certificate exists for OpenSSL.
         assert pem_certs(r.stdout) == [public], uri
         assert "Total found: 1" in r.stdout
-    r = storeutl(env, f"pkcs11:token={token};object=no-such-cert", *args)
+    r = storeutl(own_service, env, f"pkcs11:token={token};object=no-such-cert", *args)
     assert pem_certs(r.stdout) == [] and "Total found: 0" in r.stdout
 
 
@@ -148,7 +153,7 @@ def test_global_openssl_conf_keeps_our_tls_working(
         PKCS11_PROVIDER_DEBUG=f"file:{log},level:1",
     )
     # The provider comes from the configuration alone (no -provider option).
-    r = storeutl(env, f"pkcs11:token={urllib.parse.quote(name)};object=tls-cert")
+    r = storeutl(own_service, env, f"pkcs11:token={urllib.parse.quote(name)};object=tls-cert")
     assert r.returncode == 0, r.stdout + r.stderr
     assert pem_certs(r.stdout) == [public]
     assert "OSSL_provider_init" in log.read_text()
@@ -181,6 +186,7 @@ def test_global_openssl_conf_keeps_our_tls_working(
         ],
         ["-O"],
     ):
-        r = subprocess.run([*base, *extra], env=env, capture_output=True, text=True, timeout=60)
+        # A hang here was seen twice in full suite runs (never alone): it fails with stacks.
+        r = run_or_dump([*base, *extra], env=env, timeout=60, **hang_report(own_service, log))
         assert r.returncode == 0, r.stdout + r.stderr
     assert label in r.stdout and "tls-cert" in r.stdout and "hidden-cert" in r.stdout
