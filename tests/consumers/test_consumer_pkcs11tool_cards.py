@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -67,7 +68,13 @@ def test_wrong_passphrase(service, cards):
     assert r.returncode != 0 and "CKR_PIN_INCORRECT" in r.stderr
 
 
-def test_aes_keygen_encrypt_decrypt(cards_tool, tmp_path):
+def with_key(tool: Pkcs11Tool, action: str, mech: str, key_id: str, src: Path, *more: str, **kw):
+    """pkcs11-tool ACTION --mechanism MECH --id KEY_ID -i SRC MORE... on the tool's softcard."""
+    return tool.run(action, "--mechanism", mech, "--id", key_id, "-i", str(src), *more, **kw)
+
+
+@pytest.fixture(scope="module")
+def aes_key(cards_tool) -> str:
     out = cards_tool.run(
         "--keygen",
         "--key-type",
@@ -80,47 +87,31 @@ def test_aes_keygen_encrypt_decrypt(cards_tool, tmp_path):
         "--sensitive",
     ).stdout
     assert "AES length 32" in out
-    msg = tmp_path / "msg"
-    iv = os.urandom(16).hex()
-    # Under 1024 bytes pkcs11-tool uses C_Encrypt/C_Decrypt, above C_*Update/C_*Final.
-    for mech, size, ct_size in (
+    return "a1"
+
+
+# Under 1024 bytes pkcs11-tool uses C_Encrypt/C_Decrypt, above C_*Update/C_*Final.
+@pytest.mark.parametrize(
+    "mech, size, ct_size",
+    [
         ("AES-CBC-PAD", 1000, 1008),
         ("AES-CBC", 992, 992),
         ("AES-CBC-PAD", 5000, 5008),
         ("AES-CBC", 4096, 4096),
-    ):
-        msg.write_bytes(os.urandom(size))
-        cards_tool.run(
-            "--encrypt",
-            "--mechanism",
-            mech,
-            "--iv",
-            iv,
-            "--id",
-            "a1",
-            "-i",
-            str(msg),
-            "-o",
-            str(tmp_path / "ct"),
-        )
-        cards_tool.run(
-            "--decrypt",
-            "--mechanism",
-            mech,
-            "--iv",
-            iv,
-            "--id",
-            "a1",
-            "-i",
-            str(tmp_path / "ct"),
-            "-o",
-            str(tmp_path / "pt"),
-        )
-        assert (tmp_path / "pt").read_bytes() == msg.read_bytes()
-        assert (tmp_path / "ct").stat().st_size == ct_size
+    ],
+)
+def test_aes_keygen_encrypt_decrypt(cards_tool, aes_key, tmp_path, mech, size, ct_size):
+    msg, ct, pt = tmp_path / "msg", tmp_path / "ct", tmp_path / "pt"
+    msg.write_bytes(os.urandom(size))
+    iv = ("--iv", os.urandom(16).hex())
+    with_key(cards_tool, "--encrypt", mech, aes_key, msg, *iv, "-o", str(ct))
+    with_key(cards_tool, "--decrypt", mech, aes_key, ct, *iv, "-o", str(pt))
+    assert pt.read_bytes() == msg.read_bytes()
+    assert ct.stat().st_size == ct_size
 
 
-def test_generic_secret_sign_verify(cards_tool, tmp_path):
+@pytest.fixture(scope="module")
+def mac_key(cards_tool) -> str:
     cards_tool.run(
         "--keygen",
         "--key-type",
@@ -133,69 +124,20 @@ def test_generic_secret_sign_verify(cards_tool, tmp_path):
         "--sensitive",
         "--usage-sign",
     )
-    msg = tmp_path / "msg"
-    msg.write_bytes(os.urandom(50000))  # pkcs11-tool signs that with C_SignUpdate/C_SignFinal
-    cards_tool.run(
-        "--sign",
-        "--mechanism",
-        "SHA256-HMAC",
-        "--id",
-        "b2",
-        "-i",
-        str(msg),
-        "-o",
-        str(tmp_path / "mac"),
-    )
-    out = cards_tool.run(
-        "--verify",
-        "--mechanism",
-        "SHA256-HMAC",
-        "--id",
-        "b2",
-        "-i",
-        str(msg),
-        "--signature-file",
-        str(tmp_path / "mac"),
-    ).stdout
-    assert "Signature is valid" in out
-    msg.write_bytes(b"sign me")
-    cards_tool.run(
-        "--sign",
-        "--mechanism",
-        "SHA256-HMAC",
-        "--id",
-        "b2",
-        "-i",
-        str(msg),
-        "-o",
-        str(tmp_path / "mac"),
-    )
-    assert (tmp_path / "mac").stat().st_size == 32
-    out = cards_tool.run(
-        "--verify",
-        "--mechanism",
-        "SHA256-HMAC",
-        "--id",
-        "b2",
-        "-i",
-        str(msg),
-        "--signature-file",
-        str(tmp_path / "mac"),
-    ).stdout
-    assert "Signature is valid" in out
-    msg.write_bytes(b"sign me!")
-    r = cards_tool.run(
-        "--verify",
-        "--mechanism",
-        "SHA256-HMAC",
-        "--id",
-        "b2",
-        "-i",
-        str(msg),
-        "--signature-file",
-        str(tmp_path / "mac"),
-        ok=False,
-    )
+    return "b2"
+
+
+# pkcs11-tool signs and verifies 50000 bytes with C_*Update/C_*Final, 7 with C_Sign/C_Verify.
+@pytest.mark.parametrize("size", [50000, 7], ids=["multipart", "single"])
+def test_generic_secret_sign_verify(cards_tool, mac_key, tmp_path, size):
+    msg, mac = tmp_path / "msg", tmp_path / "mac"
+    msg.write_bytes(os.urandom(size))
+    with_key(cards_tool, "--sign", "SHA256-HMAC", mac_key, msg, "-o", str(mac))
+    assert mac.stat().st_size == 32
+    check = ("--verify", "SHA256-HMAC", mac_key, msg, "--signature-file", str(mac))
+    assert "Signature is valid" in with_key(cards_tool, *check).stdout
+    msg.write_bytes(msg.read_bytes() + b"!")
+    r = with_key(cards_tool, *check, ok=False)
     assert "Invalid signature" in r.stdout and "Signature is valid" not in r.stdout
 
 
