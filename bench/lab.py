@@ -182,28 +182,7 @@ class Lab:
         exe = str(self.bins["p11bench"])
 
         def command(p: Point) -> tuple[list[str], dict[str, str]]:
-            cmd = [
-                exe,
-                "--module",
-                module,
-                "--token",
-                TOKEN_LABEL,
-                "--op",
-                p.op,
-                "--threads",
-                str(p.threads),
-                "--seconds",
-                str(p.seconds),
-                "--warmup",
-                str(p.warmup),
-                "--sync",
-            ]
-            if p.count:
-                cmd += ["--count", str(p.count)]
-            if p.null_query:
-                cmd.append("--null-query")
-            if p.churn:
-                cmd += ["--churn", str(p.churn)]
+            cmd = [exe, "--module", module, "--token", TOKEN_LABEL, *p.p11bench_args()]
             return pinned(cmd, cpus), env
 
         pid = (lambda: service.pid) if service is not None else (lambda: None)
@@ -234,16 +213,8 @@ class Lab:
                 str(d.key),
                 "--ca",
                 str(d.ca),
-                "--threads",
-                str(p.threads),
-                "--seconds",
-                str(p.seconds),
-                "--warmup",
-                str(p.warmup),
-                "--sync",
+                *p.window_args(),
             ]
-            if p.count:
-                cmd += ["--count", str(p.count)]
             return pinned(cmd, cpus), {"BENCH_TOKEN": self.token}
 
         log = service.log if isinstance(service, KeyService) else None
@@ -260,22 +231,7 @@ class Lab:
         cpus: str | None,
     ) -> Variant:
         def command(p: Point) -> tuple[list[str], dict[str, str]]:
-            cmd = [
-                sys.executable,
-                "-m",
-                "bench.pyhosts",
-                mode,
-                *args,
-                "--threads",
-                str(p.threads),
-                "--seconds",
-                str(p.seconds),
-                "--warmup",
-                str(p.warmup),
-                "--sync",
-            ]
-            if p.count:
-                cmd += ["--count", str(p.count)]
+            cmd = [sys.executable, "-m", "bench.pyhosts", mode, *args, *p.window_args()]
             return pinned(cmd, cpus), {**env, "PYTHONPATH": str(ROOT)}
 
         return Variant(name, describe, command, lambda: service.pid, service.port, log=service.log)

@@ -45,6 +45,20 @@ class Point:
     null_query: bool = False
     churn: int = 0  # a new host thread every `churn` operations (0: fixed threads)
 
+    def window_args(self) -> list[str]:
+        """The options every load generator (p11bench, curlbench, bench.pyhosts) takes for this
+        point: threads, the timed window (or a fixed count), and --sync (see run_point)."""
+        args = ["--threads", str(self.threads), "--seconds", str(self.seconds)]
+        args += ["--warmup", str(self.warmup), "--sync"]
+        return args + (["--count", str(self.count)] if self.count else [])
+
+    def p11bench_args(self) -> list[str]:
+        """p11bench's options for this point, after --module and --token."""
+        args = ["--op", self.op, *self.window_args()]
+        if self.null_query:
+            args.append("--null-query")
+        return args + (["--churn", str(self.churn)] if self.churn else [])
+
 
 @dataclass
 class Variant:

@@ -121,42 +121,13 @@ def test_curlbench_and_pycurl_against_the_floor(bins, pki, tmp_path):
         tls = ["--cert", str(pki.cert), "--key", str(pki.key), "--ca", str(pki.ca)]
         url = f"https://127.0.0.1:{floor.port}/crypto/v1/sign"
 
+        target = ["--url", url, "--body-file", str(body), *tls]
+
         def curl(p: Point) -> tuple[list[str], dict[str, str]]:
-            return [
-                str(bins["curlbench"]),
-                "--url",
-                url,
-                "--body-file",
-                str(body),
-                *tls,
-                "--threads",
-                str(p.threads),
-                "--seconds",
-                str(p.seconds),
-                "--warmup",
-                str(p.warmup),
-                "--sync",
-            ], {}
+            return [str(bins["curlbench"]), *target, *p.window_args()], {}
 
         def py(p: Point) -> tuple[list[str], dict[str, str]]:
-            return [
-                sys.executable,
-                "-m",
-                "bench.pyhosts",
-                "pycurl",
-                "--url",
-                url,
-                "--body-file",
-                str(body),
-                *tls,
-                "--threads",
-                str(p.threads),
-                "--seconds",
-                str(p.seconds),
-                "--warmup",
-                str(p.warmup),
-                "--sync",
-            ], {}
+            return [sys.executable, "-m", "bench.pyhosts", "pycurl", *target, *p.window_args()], {}
 
         point = Point("sign64", 2, 0.3, 0.1)
         for name, cmd in (("libcurl", curl), ("pycurl", py)):
@@ -321,24 +292,16 @@ def test_p11bench_through_our_module(bins, own_service):
     env = {**os.environ, "PKCS11WS_CONFIG": str(own_service.client_cfg), "P11BENCH_PIN": pin}
 
     def cmd(p: Point) -> tuple[list[str], dict[str, str]]:
+        exe = str(bins["p11bench"])
         return [
-            str(bins["p11bench"]),
+            exe,
             "--module",
             module_path(),
             "--token",
             name,
-            "--op",
-            p.op,
-            "--threads",
-            str(p.threads),
-            "--seconds",
-            str(p.seconds),
-            "--warmup",
-            str(p.warmup),
+            *p.p11bench_args(),
             "--objects",
             "3",
-            "--sync",
-            *(["--churn", str(p.churn)] if p.churn else []),
         ], env
 
     v = Variant("module-c", "", cmd, lambda: own_service.pid, own_service.port, log=own_service.log)
