@@ -62,12 +62,12 @@ def encrypt(mod, h, key: int, data: bytes, iv: bytes = bytes(16)) -> bytes:
 def copy(mod, h, obj: int, items) -> tuple[int, int]:
     t = Template(items)
     new = CK_ULONG()
-    return mod.call("C_CopyObject", h, obj, t.arr, t.count, byref(new)), new.value
+    return mod.call("C_CopyObject", h, obj, t.array, t.count, byref(new)), new.value
 
 
 def set_attrs(mod, h, obj: int, items) -> int:
     t = Template(items)
-    return mod.call("C_SetAttributeValue", h, obj, t.arr, t.count)
+    return mod.call("C_SetAttributeValue", h, obj, t.array, t.count)
 
 
 def certificate(mod, h, private: bool, label: bytes, cid: bytes = b"\xc1") -> tuple[int, bytes]:
@@ -142,7 +142,7 @@ def test_copy_object_errors(mod, logged_card):
     ro = mod.open(slot, rw=False)
     assert copy(mod, ro, ok, [])[0] == C.CKR_SESSION_READ_ONLY
     t = Template([])
-    assert mod.call("C_CopyObject", h, ok, t.arr, 0, None) == C.CKR_ARGUMENTS_BAD
+    assert mod.call("C_CopyObject", h, ok, t.array, 0, None) == C.CKR_ARGUMENTS_BAD
     mod.ok("C_Logout", h)
     assert copy(mod, h, ok, [])[0] == C.CKR_OBJECT_HANDLE_INVALID  # private: not visible
 
@@ -338,6 +338,6 @@ def test_keys_and_data_stay_private(mod, logged_card, cls, extra):
     _, h, _ = logged_card
     t = Template([(C.CKA_TOKEN, True), (C.CKA_PRIVATE, False), (C.CKA_CLASS, cls), *extra])
     out = CK_ULONG()
-    assert mod.call("C_CreateObject", h, t.arr, t.count, byref(out)) == (
+    assert mod.call("C_CreateObject", h, t.array, t.count, byref(out)) == (
         C.CKR_TEMPLATE_INCONSISTENT
     )

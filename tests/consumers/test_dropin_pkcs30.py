@@ -65,7 +65,7 @@ SCRIPT = textwrap.dedent(
                   (C.CKA_KEY_TYPE, C.CKK_AES), (C.CKA_VALUE_LEN, 16)])
     key = CK_ULONG()
     gen = CK_MECHANISM(C.CKM_AES_KEY_GEN, None, 0)
-    assert fl.C_GenerateKey(h, byref(gen), t.arr, t.count, byref(key)) == 0
+    assert fl.C_GenerateKey(h, byref(gen), t.array, t.count, byref(key)) == 0
     iv = ctypes.create_string_buffer(16)
     cbc = CK_MECHANISM(C.CKM_AES_CBC_PAD, ctypes.addressof(iv), 16)
     out = ctypes.create_string_buffer(64)
@@ -86,7 +86,7 @@ SCRIPT = textwrap.dedent(
                    (C.CKA_VALUE_LEN, 32)])
     mkey = CK_ULONG()
     gen2 = CK_MECHANISM(C.CKM_SHA256_KEY_GEN, None, 0)
-    assert fl.C_GenerateKey(h, byref(gen2), t2.arr, t2.count, byref(mkey)) == 0
+    assert fl.C_GenerateKey(h, byref(gen2), t2.array, t2.count, byref(mkey)) == 0
     assert fl.C_SignInit(h, byref(mac), mkey) == 0
     assert fl.C_SignUpdate(h, b"abc", 3) == 0
     print("cancel-sign", C.ckr_name(fl.C_SessionCancel(h, C.CKF_SIGN)))

@@ -79,10 +79,10 @@ def test_kill_restart_and_lost_answer_lose_and_duplicate_nothing(
                 for _attempt in range(5):  # the application's own retries, same template
                     started = time.monotonic()
                     if mech is None:
-                        rv = bare_mod.call("C_CreateObject", h, t.arr, t.count, byref(out))
+                        rv = bare_mod.call("C_CreateObject", h, t.array, t.count, byref(out))
                     else:
                         rv = bare_mod.call(
-                            "C_GenerateKey", h, byref(mech), t.arr, t.count, byref(out)
+                            "C_GenerateKey", h, byref(mech), t.array, t.count, byref(out)
                         )
                     took = time.monotonic() - started
                     with lock:

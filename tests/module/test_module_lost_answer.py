@@ -83,7 +83,7 @@ def test_retried_create_after_lost_answer_returns_the_first_object(
         items = data_template(label)
         t = Template(items)
         out = CK_ULONG()
-        assert lose(bare_mod, relay, "C_CreateObject", h, t.arr, t.count, byref(out)) == (
+        assert lose(bare_mod, relay, "C_CreateObject", h, t.array, t.count, byref(out)) == (
             C.CKR_DEVICE_ERROR
         )
         assert object_count(svc, card) == base + 1  # it was made
@@ -101,29 +101,29 @@ def test_retried_create_after_lost_answer_returns_the_first_object(
         mech = C.CKM_AES_KEY_GEN
         m = CK_MECHANISM(mech, None, 0)
         t = Template(aes_template(label))
-        assert lose(bare_mod, relay, "C_GenerateKey", h, byref(m), t.arr, t.count, byref(out)) == (
-            C.CKR_DEVICE_ERROR
-        )
+        assert lose(
+            bare_mod, relay, "C_GenerateKey", h, byref(m), t.array, t.count, byref(out)
+        ) == (C.CKR_DEVICE_ERROR)
         assert object_count(svc, card) == base + 3
         key = bare_mod.generate(h, mech, aes_template(label))
         assert object_count(svc, card) == base + 3 and labelled(bare_mod, h, label) == [key]
 
         # C_CopyObject of that key.
         t = Template([(C.CKA_LABEL, b"copy-" + label.encode())])
-        assert lose(bare_mod, relay, "C_CopyObject", h, key, t.arr, t.count, byref(out)) == (
+        assert lose(bare_mod, relay, "C_CopyObject", h, key, t.array, t.count, byref(out)) == (
             C.CKR_DEVICE_ERROR
         )
         assert object_count(svc, card) == base + 4
         copy = CK_ULONG()
         t = Template([(C.CKA_LABEL, b"copy-" + label.encode())])
-        bare_mod.ok("C_CopyObject", h, key, t.arr, t.count, byref(copy))
+        bare_mod.ok("C_CopyObject", h, key, t.array, t.count, byref(copy))
         assert object_count(svc, card) == base + 4
         assert labelled(bare_mod, h, "copy-" + label) == [copy.value]
 
         # A different template after a lost answer is a different object.
         label = "other-" + uuid.uuid4().hex[:8]
         t = Template(data_template(label))
-        assert lose(bare_mod, relay, "C_CreateObject", h, t.arr, t.count, byref(out)) == (
+        assert lose(bare_mod, relay, "C_CreateObject", h, t.array, t.count, byref(out)) == (
             C.CKR_DEVICE_ERROR
         )
         bare_mod.create(h, data_template(label))  # a new random CKA_VALUE: other bytes
@@ -154,7 +154,7 @@ def test_lost_answer_key_survives_finalize(bare_mod, fresh_service, tmp_path):
         items = data_template(label)
         t = Template(items)
         out = CK_ULONG()
-        assert lose(bare_mod, relay, "C_CreateObject", h, t.arr, t.count, byref(out)) == (
+        assert lose(bare_mod, relay, "C_CreateObject", h, t.array, t.count, byref(out)) == (
             C.CKR_DEVICE_ERROR
         )
         bare_mod.ok("C_Finalize", None)

@@ -281,7 +281,7 @@ def test_template_policy_before_any_request(mod, logged_card):
         t = Template(items)
         k = CK_ULONG()
         m, _ = mechanism(C.CKM_AES_KEY_GEN)
-        assert mod.call("C_GenerateKey", h, byref(m), t.arr, t.count, byref(k)) == want, items
+        assert mod.call("C_GenerateKey", h, byref(m), t.array, t.count, byref(k)) == want, items
     data = [(C.CKA_CLASS, C.CKO_DATA), (C.CKA_VALUE, b"v")]
     for items, want in (
         ([(C.CKA_TOKEN, True), *data], C.CKR_TEMPLATE_INCOMPLETE),
@@ -294,12 +294,12 @@ def test_template_policy_before_any_request(mod, logged_card):
     ):  # fmt: skip
         t = Template(items)
         o = CK_ULONG()
-        assert mod.call("C_CreateObject", h, t.arr, t.count, byref(o)) == want, items
+        assert mod.call("C_CreateObject", h, t.array, t.count, byref(o)) == want, items
     assert requests() == r0
     m, _ = mechanism(C.CKM_AES_CBC)
     t = Template([*KEY_BASE, *aes])
     k = CK_ULONG()
-    assert mod.call("C_GenerateKey", h, byref(m), t.arr, t.count, byref(k)) == (
+    assert mod.call("C_GenerateKey", h, byref(m), t.array, t.count, byref(k)) == (
         C.CKR_MECHANISM_INVALID
     )
 
@@ -366,8 +366,8 @@ def test_objects_find_attributes_destroy(mod, logged_card):
 
     # Find operation state.
     t = Template([])
-    mod.ok("C_FindObjectsInit", h, t.arr, 0)
-    assert mod.call("C_FindObjectsInit", h, t.arr, 0) == C.CKR_OPERATION_ACTIVE
+    mod.ok("C_FindObjectsInit", h, t.array, 0)
+    assert mod.call("C_FindObjectsInit", h, t.array, 0) == C.CKR_OPERATION_ACTIVE
     mod.ok("C_FindObjectsFinal", h)
     assert mod.call("C_FindObjectsFinal", h) == C.CKR_OPERATION_NOT_INITIALIZED
     n = CK_ULONG()
@@ -382,14 +382,14 @@ def test_objects_find_attributes_destroy(mod, logged_card):
     ro = mod.open(slot, rw=False)
     t = Template([*KEY_BASE, (C.CKA_CLASS, C.CKO_DATA)])
     o = CK_ULONG()
-    assert mod.call("C_CreateObject", ro, t.arr, t.count, byref(o)) == C.CKR_SESSION_READ_ONLY
+    assert mod.call("C_CreateObject", ro, t.array, t.count, byref(o)) == C.CKR_SESSION_READ_ONLY
     assert mod.call("C_DestroyObject", ro, d2) == C.CKR_SESSION_READ_ONLY
     # Logged out: nothing is found and private objects are not readable.
     mod.ok("C_Logout", h)
     assert mod.find(ro, []) == []
     assert mod.call("C_GetAttributeValue", ro, d2, one, 1) == C.CKR_OBJECT_HANDLE_INVALID
     t = Template([*KEY_BASE, (C.CKA_CLASS, C.CKO_DATA)])
-    assert mod.call("C_CreateObject", h, t.arr, t.count, byref(o)) == C.CKR_USER_NOT_LOGGED_IN
+    assert mod.call("C_CreateObject", h, t.array, t.count, byref(o)) == C.CKR_USER_NOT_LOGGED_IN
 
 
 def test_objects_of_one_token_are_invisible_from_another(mod, logged_card, client):

@@ -38,13 +38,13 @@ def logged(bare_mod, service, tmp_path):
 def rv_generate(bare_mod: Module, h: int, items: Sequence[tuple[int, object]]) -> int:
     t = Template(items)
     out = CK_ULONG()
-    return bare_mod.call("C_GenerateKey", h, byref(AES_GEN), t.arr, t.count, byref(out))
+    return bare_mod.call("C_GenerateKey", h, byref(AES_GEN), t.array, t.count, byref(out))
 
 
 def rv_create(bare_mod: Module, h: int, items: list[tuple[int, object]]) -> int:
     t = Template(items)
     out = CK_ULONG()
-    return bare_mod.call("C_CreateObject", h, t.arr, t.count, byref(out))
+    return bare_mod.call("C_CreateObject", h, t.array, t.count, byref(out))
 
 
 def test_key_template_requires_class_and_value_len(bare_mod, logged):
@@ -101,12 +101,12 @@ def test_imported_secret_key_is_not_local_nor_always_sensitive(bare_mod, logged)
 def _copy(bare_mod: Module, h: int, obj: int, label: bytes) -> int:
     t = Template([(C.CKA_LABEL, label)])
     out = CK_ULONG()
-    return bare_mod.call("C_CopyObject", h, obj, t.arr, t.count, byref(out))
+    return bare_mod.call("C_CopyObject", h, obj, t.array, t.count, byref(out))
 
 
 def _rename(bare_mod: Module, h: int, obj: int, label: bytes) -> int:
     t = Template([(C.CKA_LABEL, label)])
-    return bare_mod.call("C_SetAttributeValue", h, obj, t.arr, t.count)
+    return bare_mod.call("C_SetAttributeValue", h, obj, t.array, t.count)
 
 
 def test_copyable_and_modifiable_read_back_is_enforced(bare_mod, logged):

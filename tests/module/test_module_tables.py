@@ -97,9 +97,9 @@ def _generate_pair(mod: Module, h: int, pub: list[Any], priv: list[Any]) -> tupl
         "C_GenerateKeyPair",
         h,
         byref(mech),
-        tpub.arr,
+        tpub.array,
         tpub.count,
-        tpriv.arr,
+        tpriv.array,
         tpriv.count,
         byref(hpub),
         byref(hpriv),
@@ -169,7 +169,7 @@ def test_only_label_and_id_change(mod: Module, schema_objects: Any, case: tuple[
     cls, name = case
     _, h, objects = schema_objects
     t = Template([(_code(name), _some_value(name))])
-    assert mod.call("C_SetAttributeValue", h, objects[cls], t.arr, t.count) == (
+    assert mod.call("C_SetAttributeValue", h, objects[cls], t.array, t.count) == (
         C.CKR_ATTRIBUTE_READ_ONLY
     )
 
@@ -210,7 +210,7 @@ def test_forced_value_refused_at_creation(
     items = [(t, v) for t, v in _templates()[cls] if t != code] + [(code, wrong)]
     t = Template(items)
     out = CK_ULONG()
-    rv = mod.call("C_CreateObject", h, t.arr, t.count, byref(out))
+    rv = mod.call("C_CreateObject", h, t.array, t.count, byref(out))
     assert rv == C.CKR_TEMPLATE_INCONSISTENT, hex(rv)
 
 
@@ -250,9 +250,9 @@ def sign_keys(mod: Module, schema_objects: Any) -> dict[int, tuple[int, int, Any
         "C_GenerateKeyPair",
         h,
         byref(mech),
-        tpub.arr,
+        tpub.array,
         tpub.count,
-        tpriv.arr,
+        tpriv.array,
         tpriv.count,
         byref(hpub),
         byref(hpriv),

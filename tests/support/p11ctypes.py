@@ -2,7 +2,8 @@
 
 Structures and function lists come from the one ctypes binding (pkcs11ws/abi_ctypes.py,
 generated with the module's C declarations from pkcs11ws/abi.py), so the tests call through the
-CK_FUNCTION_LIST exactly as a C host does.
+CK_FUNCTION_LIST exactly as a C host does; attribute templates are the utilities' Template
+(pkcs11ws/cli/ckabi.py).
 `Module(path)` calls with the GIL released (like python-pkcs11); `Module(path, hold_gil=True)`
 keeps the GIL across every call (like PyKCS11).
 """
@@ -10,7 +11,6 @@ keeps the GIL across every call (like PyKCS11).
 from __future__ import annotations
 
 import ctypes
-import sys
 from collections.abc import Sequence
 from ctypes import POINTER, byref
 from typing import Any
@@ -34,6 +34,8 @@ from pkcs11ws.abi_ctypes import (
     CK_VERSION,
     function_list,
 )
+from pkcs11ws.cli import ckabi
+from pkcs11ws.cli.ckabi import ulong_bytes
 
 __all__ = [
     "CK_ATTRIBUTE",
@@ -73,29 +75,12 @@ def text(arr: Any) -> str:
     return bytes(arr).decode("utf-8").rstrip(" ")
 
 
-def ulong_bytes(v: int) -> bytes:
-    return v.to_bytes(8, sys.byteorder)
-
-
-class Template:
-    """A CK_ATTRIBUTE array that keeps its value buffers alive."""
+class Template(ckabi.Template):
+    """The utilities' CK_ATTRIBUTE array (.array, .count), typed loosely: tests build templates
+    from mixed lists, wrong values included on purpose."""
 
     def __init__(self, items: Sequence[tuple[int, Any]]) -> None:
-        self.arr = (CK_ATTRIBUTE * max(1, len(items)))()
-        self.count = len(items)
-        self.bufs: list[Any] = []
-        for i, (t, v) in enumerate(items):
-            if isinstance(v, bool):
-                raw = b"\x01" if v else b"\x00"
-            elif isinstance(v, int):
-                raw = ulong_bytes(v)
-            else:
-                raw = bytes(v)
-            buf = ctypes.create_string_buffer(raw, max(1, len(raw)))
-            self.bufs.append(buf)
-            self.arr[i].type = t
-            self.arr[i].pValue = ctypes.addressof(buf)
-            self.arr[i].ulValueLen = len(raw)
+        super().__init__(items)
 
 
 class Module:
@@ -165,9 +150,9 @@ class Module:
         t = Template(items)
         h = CK_ULONG()
         if mech is not None:
-            self.ok(fn, session, byref(mech), t.arr, t.count, byref(h))
+            self.ok(fn, session, byref(mech), t.array, t.count, byref(h))
         else:
-            self.ok(fn, session, t.arr, t.count, byref(h))
+            self.ok(fn, session, t.array, t.count, byref(h))
         return h.value
 
     def generate(self, session: int, mech: int, items: list[tuple[int, Any]]) -> int:
@@ -175,7 +160,7 @@ class Module:
 
     def find(self, session: int, items: list[tuple[int, Any]]) -> list[int]:
         t = Template(items)
-        self.ok("C_FindObjectsInit", session, t.arr, t.count)
+        self.ok("C_FindObjectsInit", session, t.array, t.count)
         out: list[int] = []
         arr = (CK_ULONG * 4)()
         n = CK_ULONG()
