@@ -182,82 +182,32 @@ def targets(agg: dict[Key, Agg], run: dict[str, Any]) -> list[Target]:
         return Target(name, f"{what}: {_f(a)} / {_f(b)}", r, f"{op} {limit}", ok)
 
     hi = max((k[3] for k in agg if k[0] == "sweep"), default=8)
+    unit = {"p50_us": "us", "ops_per_s": "ops/s", "server_cpu_us_per_op": "us"}
+    # The sign64 sweep's targets, one row each: (name, variant, over variant, threads, metric,
+    # op, limit); a target is the variant's median metric over the other's (issue 15's last).
+    rows = [
+        ("1-thread C_Sign p50 latency: module (C host) / raw libcurl",
+         "module-c", "libcurl-c", 1, "p50_us", "<=", 1.15),
+        (f"{hi}-thread C_Sign throughput: module (C host) / raw libcurl",
+         "module-c", "libcurl-c", hi, "ops_per_s", ">=", 0.9),
+        (f"key service sign, {hi} client threads / minimal ASGI HMAC floor (libcurl C)",
+         "libcurl-c", "floor-libcurl", hi, "ops_per_s", ">=", 0.7),
+        (f"{hi}-thread throughput: module / p11-kit remoting of SoftHSM2",
+         "module-c", "p11kit-softhsm", hi, "ops_per_s", ">=", 0.75),
+        ("1-thread p50 latency: module / p11-kit remoting of SoftHSM2",
+         "module-c", "p11kit-softhsm", 1, "p50_us", "<=", 1.5),
+        (f"issue 15: {hi}-thread throughput: module / p11-kit remoting of SoftHSM2",
+         "module-c", "p11kit-softhsm", hi, "ops_per_s", ">=", 1.0),
+        ("issue 15: 1-thread p50: module / libcurl from C to the minimal ASGI HMAC app",
+         "module-c", "floor-libcurl", 1, "p50_us", "<=", 1.15),
+        (f"issue 15: service CPU per signature at {hi} threads: module / minimal app",
+         "module-c", "floor-libcurl", hi, "server_cpu_us_per_op", "<=", 1.0),
+        ("issue 15: nothing slower at 1 thread: module p50 with / without group commit",
+         "module-c", "module-c-single", 1, "p50_us", "<=", 1.0),
+    ]  # fmt: skip
     out = [
-        ratio(
-            "1-thread C_Sign p50 latency: module (C host) / raw libcurl",
-            m("module-c", 1, "p50_us"),
-            m("libcurl-c", 1, "p50_us"),
-            "us",
-            "<=",
-            1.15,
-        ),
-        ratio(
-            f"{hi}-thread C_Sign throughput: module (C host) / raw libcurl",
-            m("module-c", hi, "ops_per_s"),
-            m("libcurl-c", hi, "ops_per_s"),
-            "ops/s",
-            ">=",
-            0.9,
-        ),
-        ratio(
-            f"key service sign, {hi} client threads / minimal ASGI HMAC floor (libcurl C)",
-            m("libcurl-c", hi, "ops_per_s"),
-            m("floor-libcurl", hi, "ops_per_s"),
-            "ops/s",
-            ">=",
-            0.7,
-        ),
-        ratio(
-            f"{hi}-thread throughput: module / p11-kit remoting of SoftHSM2",
-            m("module-c", hi, "ops_per_s"),
-            m("p11kit-softhsm", hi, "ops_per_s"),
-            "ops/s",
-            ">=",
-            0.75,
-        ),
-        ratio(
-            "1-thread p50 latency: module / p11-kit remoting of SoftHSM2",
-            m("module-c", 1, "p50_us"),
-            m("p11kit-softhsm", 1, "p50_us"),
-            "us",
-            "<=",
-            1.5,
-        ),
-    ]
-    # Issue 15's targets.
-    out += [
-        ratio(
-            f"issue 15: {hi}-thread throughput: module / p11-kit remoting of SoftHSM2",
-            m("module-c", hi, "ops_per_s"),
-            m("p11kit-softhsm", hi, "ops_per_s"),
-            "ops/s",
-            ">=",
-            1.0,
-        ),
-        ratio(
-            "issue 15: 1-thread p50: module / libcurl from C to the minimal ASGI HMAC app",
-            m("module-c", 1, "p50_us"),
-            m("floor-libcurl", 1, "p50_us"),
-            "us",
-            "<=",
-            1.15,
-        ),
-        ratio(
-            f"issue 15: service CPU per signature at {hi} threads: module / minimal app",
-            m("module-c", hi, "server_cpu_us_per_op"),
-            m("floor-libcurl", hi, "server_cpu_us_per_op"),
-            "us",
-            "<=",
-            1.0,
-        ),
-        ratio(
-            "issue 15: nothing slower at 1 thread: module p50 with / without group commit",
-            m("module-c", 1, "p50_us"),
-            m("module-c-single", 1, "p50_us"),
-            "us",
-            "<=",
-            1.0,
-        ),
+        ratio(name, m(a, t, metric), m(b, t, metric), unit[metric], op, limit)
+        for name, a, b, t, metric, op, limit in rows
     ]
     # Issue 14: private-key signatures, and the same ratio from CPU per op (load-robust: client
     # and server each have a CPU, so an op's ceiling is 1e6 / the larger of the two).
