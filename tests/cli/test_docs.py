@@ -31,7 +31,8 @@ import pytest
 
 from pkcs11ws.client.api import KeyServiceClient
 from pkcs11ws.config import load_config
-from tests.support.dropin_util import CONFIG_PLACEHOLDER, MODULE_PLACEHOLDER, self_signed
+from tests.support.certs import self_signed
+from tests.support.dropin_util import CONFIG_PLACEHOLDER, MODULE_PLACEHOLDER
 from tests.support.service import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,20 +10,17 @@ README.md's, which makes generated and imported keys token, private, sensitive o
 
 from __future__ import annotations
 
-import datetime
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
-from cryptography.x509.oid import NameOID
 
 from pkcs11ws.__main__ import module_path
 from tests.support.cards import client_card
+from tests.support.certs import self_signed_cert
 from tests.support.dropin_util import MODULE_PLACEHOLDER, consumer_env, require, snippet
 
 JAVA_SRC = Path(__file__).resolve().parent / "java" / "P11AsymTest.java"
@@ -32,19 +29,8 @@ LEVEL = "all"
 
 
 def _p12(path: Path) -> None:
-    key = rsa.generate_private_key(65537, 2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "java entry")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .sign(key, hashes.SHA256())
-    )
+    cert, key = self_signed_cert("java entry", rsa.generate_private_key(65537, 2048), days=2)
+    assert isinstance(key, rsa.RSAPrivateKey)
     path.write_bytes(
         pkcs12.serialize_key_and_certificates(
             b"entry", key, cert, None, BestAvailableEncryption(b"p12")

@@ -18,23 +18,20 @@ check those lengths through ctypes).
 
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 import uuid
 
 import PyKCS11
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from PyKCS11 import LowLevel, Mechanism, PyKCS11Error, ckbytelist
 
 from pkcs11ws import constants as C
 from pkcs11ws.__main__ import module_path
 from pkcs11ws.client.api import KeyServiceClient
 from pkcs11ws.config import load_config
+from tests.support.certs import self_signed_cert
 from tests.support.known_answers import CBC_IV, CBC_PLAINTEXT, CBC_VECTORS, HMAC_VECTORS
 
 T, F = PyKCS11.CK_TRUE, PyKCS11.CK_FALSE
@@ -374,22 +371,6 @@ def test_rfc4231_hmac(se, bits):
 # ---- data objects and certificates -----------------------------------------------------------
 
 
-def certificate() -> x509.Certificate:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pykcs11 test")])
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(12345)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-
-
 def test_data_and_certificate_objects(se):
     data = se.createObject(
         [
@@ -400,7 +381,7 @@ def test_data_and_certificate_objects(se):
             (C.CKA_VALUE, b"\x00value\xff"),
         ]
     )
-    cert = certificate()
+    cert, _ = self_signed_cert("pykcs11 test", serial=12345)
     der = cert.public_bytes(serialization.Encoding.DER)
     c = se.createObject(
         [

@@ -18,7 +18,6 @@ covered by tests/consumers/test_consumer_pykcs11.py.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import hmac
 import os
@@ -28,10 +27,7 @@ import uuid
 
 import pkcs11
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as E
 from pkcs11.util.x509 import decode_x509_certificate
@@ -39,6 +35,7 @@ from pkcs11.util.x509 import decode_x509_certificate
 from pkcs11ws.__main__ import module_path
 from pkcs11ws.client.api import KeyServiceClient
 from pkcs11ws.config import load_config
+from tests.support.certs import self_signed_cert
 from tests.support.known_answers import CBC_IV, CBC_PLAINTEXT, CBC_VECTORS, HMAC_VECTORS
 
 ENC = MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
@@ -438,20 +435,7 @@ def test_data_objects(session):
 
 
 def self_signed() -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pkcs11ws test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .sign(key, hashes.SHA256())
-    )
+    cert, _ = self_signed_cert("pkcs11ws test", days=30, ski=True)
     return cert.public_bytes(serialization.Encoding.DER)
 
 

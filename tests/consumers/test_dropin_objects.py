@@ -19,7 +19,7 @@ from pkcs11ws import constants as C
 from pkcs11ws._native import core
 from pkcs11ws.client.api import KeyServiceClient
 from pkcs11ws.config import load_config
-from tests.support.dropin_util import self_signed
+from tests.support.certs import self_signed
 from tests.support.p11ctypes import CK_ULONG, CKError, Template, mechanism
 
 TOKEN = [(C.CKA_TOKEN, True), (C.CKA_PRIVATE, True)]

@@ -26,12 +26,12 @@ from pkcs11ws import constants as C
 from pkcs11ws.__main__ import module_path
 from pkcs11ws.config import load_config
 from tests.support.cards import client_card
+from tests.support.certs import self_signed
 from tests.support.dropin_util import (
     MODULE_PLACEHOLDER,
     PIN_ENV,
     consumer_env,
     require,
-    self_signed,
     snippet,
 )
 from tests.support.p11ctypes import Module

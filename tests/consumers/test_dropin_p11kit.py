@@ -24,12 +24,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from pkcs11ws.__main__ import module_path
 from tests.support.cards import client_card
+from tests.support.certs import self_signed
 from tests.support.dropin_util import (
     CONFIG_PLACEHOLDER,
     MODULE_PLACEHOLDER,
     consumer_env,
     require,
-    self_signed,
     snippet,
 )
 

@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 
 from tests.support.cards import client_card
-from tests.support.dropin_util import self_signed
+from tests.support.certs import self_signed
 from tests.support.pkcs11tool import Pkcs11Tool
 
 

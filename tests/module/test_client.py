@@ -6,7 +6,6 @@ objects with dir, port, url, client_cfg, ca, cert, key, server_yaml and pid.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import hmac
 import os
@@ -23,16 +22,15 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.x509.oid import NameOID
 
 from pkcs11ws import constants as C
 from pkcs11ws.client import KeyServiceClient
 from pkcs11ws.config import load_config
 from pkcs11ws.errors import Finalizing, ServiceError, TransportError
 from pkcs11ws.log import Logger
+from tests.support.certs import key_pem, self_signed_cert
 
 PASS = b"correct horse 1"
 
@@ -453,20 +451,7 @@ def test_explicit_reset_after_fork_in_child(service) -> None:
 
 
 def _other_ca(d: Path) -> Path:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "someone else's CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    cert, _ = self_signed_cert("someone else's CA", ca=True)
     p = d / "other_ca.pem"
     p.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return p
@@ -498,27 +483,9 @@ def test_host_name_is_checked(service) -> None:
 
 
 def test_service_rejects_client_without_its_certificate(service, tmp_path: Path) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stranger")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    cert, key = self_signed_cert("stranger")
     (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "c.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    (tmp_path / "c.key").write_bytes(key_pem(key))
     c = make_client(
         service, cert=tmp_path / "c.pem", key=tmp_path / "c.key", maxretries=0, retrydelay=0
     )

@@ -34,7 +34,7 @@ from pkcs11ws import mechanisms as M
 from pkcs11ws import protocol
 from pkcs11ws.abi_ctypes import CK_RSA_PKCS_PSS_PARAMS
 from tests.support.cards import client_card
-from tests.support.dropin_util import self_signed
+from tests.support.certs import self_signed
 from tests.support.p11ctypes import (
     CK_ATTRIBUTE,
     CK_MECHANISM_INFO,

@@ -4,39 +4,18 @@ idempotency, and that no secret rests in the database in clear."""
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import os
 import time
 import uuid
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.x509.oid import NameOID
 
 from pkcs11ws import constants as C
+from tests.support.certs import self_signed
 from tests.support.service import b64, decode, encode, new_idem
 
 CARDS = "/km/v1/softcards"
-
-
-def _cert_der(cn: str = "test") -> tuple[bytes, bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.DER), name.public_bytes(), name.public_bytes()
 
 
 def _search(api, card, token, **attrs):
@@ -88,7 +67,7 @@ def test_data_object_defaults(api, card):
 
 def test_certificate(api, card):
     card, token = card
-    der, subject, issuer = _cert_der()
+    der, subject, issuer = self_signed()
     tmpl = {
         "CKA_CLASS": C.CKO_CERTIFICATE,
         "CKA_CERTIFICATE_TYPE": C.CKC_X_509,
@@ -130,7 +109,7 @@ def test_certificate(api, card):
 )
 def test_certificate_rules(api, card, change, code):
     card, token = card
-    der, subject, _ = _cert_der()
+    der, subject, _ = self_signed()
     tmpl = {
         "CKA_CLASS": C.CKO_CERTIFICATE,
         "CKA_CERTIFICATE_TYPE": C.CKC_X_509,
@@ -501,7 +480,7 @@ def test_no_secret_rests_in_clear(service, api):
     card, token = api.new_card(passphrase)
     key_bytes = os.urandom(32)
     data_value = b"DATA-" + os.urandom(40)
-    cert_der, subject, _ = _cert_der("cleartext check")
+    cert_der, subject, _ = self_signed("cleartext check")
     api.import_key(card, token, C.CKK_AES, key_bytes)
     api.import_key(card, token, C.CKK_SHA512_HMAC, key_bytes[:24] + b"hmac-key-tail")
     api.ok(api.create(card, token, {"CKA_CLASS": C.CKO_DATA, "CKA_VALUE": data_value}))

@@ -1,20 +1,15 @@
-"""Helpers for the drop-in consumer tests (tests/consumers/test_dropin_*.py): a
-self-signed certificate, the module's environment for a consumer process, and the
-one loud way to skip when a consumer truly cannot be installed on this machine."""
+"""Helpers for the drop-in consumer tests (tests/consumers/test_dropin_*.py): README snippets,
+the module's environment for a consumer process, and the one loud way to skip when a consumer
+truly cannot be installed on this machine (certificates: tests/support/certs.py)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 PIN_ENV = "PKCS11WS_TEST_PIN"
 DOC = Path(__file__).resolve().parents[2] / "README.md"
@@ -33,24 +28,6 @@ def snippet(name: str, replace: dict[str, str] | None = None) -> str:
         assert old in body, f"snippet {name!r} does not mention {old}"
         body = body.replace(old, new)
     return body
-
-
-def self_signed(cn: str = "pkcs11ws drop-in") -> tuple[bytes, bytes, bytes]:
-    """A fresh self-signed EC certificate: (DER, subject DER, issuer DER)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.DER), name.public_bytes(), name.public_bytes()
 
 
 def consumer_env(cfg: Path, pin: str | None = None, **extra: str) -> dict[str, str]:
