@@ -78,7 +78,10 @@ def run_or_dump(
     ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
+            hung = False
         except subprocess.TimeoutExpired:
+            hung = True
+        if hung:  # outside the except clause: the report is the failure, with no traceback chain
             report = [f"{cmd[0]} did not finish in {timeout:g} s: {' '.join(cmd)}\n"]
             report.append(stacks(proc.pid))
             for name, pid in also:
