@@ -38,6 +38,8 @@
 static CK_FUNCTION_LIST_3_0 *p11ws_list;
 static pthread_mutex_t p11ws_boot_lock = PTHREAD_MUTEX_INITIALIZER;
 static int p11ws_boot_failed;
+static int p11ws_booting;         /* 1 while p11ws_boot_locked() runs (set under the lock) */
+static pthread_t p11ws_boot_owner; /* the thread running it; read only when p11ws_booting */
 static const struct p11ws_runtime *p11ws_rt; /* bootstrap.c's, static there */
 
 static void p11ws_say(const char *msg, const char *detail)
@@ -240,6 +242,16 @@ static int p11ws_boot_locked(void)
 static int p11ws_boot(void)
 {
     int rc;
+    /* Called again by the thread that is booting, from inside the boot: something the boot runs
+     * (an import such as hashlib or ssl, a venv's sitecustomize) loaded OpenSSL's configuration,
+     * which loads pkcs11-provider early, which loads this module. Waiting for the lock would wait
+     * for ourselves for ever: that inner call fails instead, and the boot goes on. */
+    if (__atomic_load_n(&p11ws_booting, __ATOMIC_ACQUIRE) &&
+        pthread_equal(p11ws_boot_owner, pthread_self())) {
+        p11ws_say("called from inside its own start-up (OpenSSL loading a PKCS#11 provider that "
+                  "uses this module?): that call fails", NULL);
+        return -1;
+    }
     /* A caller that holds the GIL (a Python host) must not sleep on the boot lock with it:
      * the thread that is booting may need the GIL to finish. */
     int held = Py_IsInitialized() && PyGILState_Check();
@@ -252,7 +264,10 @@ static int p11ws_boot(void)
     else if (p11ws_boot_failed)
         rc = -1;
     else {
+        p11ws_boot_owner = pthread_self();
+        __atomic_store_n(&p11ws_booting, 1, __ATOMIC_RELEASE);
         rc = p11ws_boot_locked();
+        __atomic_store_n(&p11ws_booting, 0, __ATOMIC_RELEASE);
         p11ws_boot_failed = rc != 0;
     }
     pthread_mutex_unlock(&p11ws_boot_lock);

@@ -14,7 +14,9 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sysconfig
 import urllib.parse
+import venv
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +111,12 @@ def storeutl(svc, env: dict[str, str], uri: str, *provider_args: str):
     return run_or_dump(cmd, env=env, timeout=90, **hang_report(svc))
 
 
-def openssl_cnf(path: Path, provider_so: str, early: bool) -> Path:
-    """The openssl.cnf of README.md (optionally with early loading)."""
-    path_line = f"pkcs11-module-path = {module_path()}\n"
-    text = snippet("openssl-cnf", {MODULE_PLACEHOLDER: module_path(), DOC_PROVIDER: provider_so})
+def openssl_cnf(path: Path, provider_so: str, early: bool, module: str | None = None) -> Path:
+    """The openssl.cnf of README.md (optionally with early loading) for our module (or the copy
+    at `module`)."""
+    module = module or module_path()
+    path_line = f"pkcs11-module-path = {module}\n"
+    text = snippet("openssl-cnf", {MODULE_PLACEHOLDER: module, DOC_PROVIDER: provider_so})
     if early:
         assert path_line in text
         text = text.replace(path_line, path_line + "pkcs11-module-load-behavior = early\n")
@@ -190,3 +194,38 @@ def test_global_openssl_conf_keeps_our_tls_working(
         r = run_or_dump([*base, *extra], env=env, timeout=60, **hang_report(own_service, log))
         assert r.returncode == 0, r.stdout + r.stderr
     assert label in r.stdout and "tls-cert" in r.stdout and "hidden-cert" in r.stdout
+
+
+def test_openssl_configured_inside_our_own_start_up(own_service, cert_card, provider_so, tmp_path):
+    """OpenSSL's configuration loaded for the first time while the module boots: here by a
+    venv's sitecustomize importing hashlib (the core itself once imported hashlib at start-up),
+    so pkcs11-provider, loaded early, calls this module from inside its own boot, on the booting
+    thread. That inner call fails at once, and the boot goes on; it used to wait for the boot
+    lock its own thread held, for ever (pkcs11-tool hung, with no output)."""
+    name = cert_card[0]
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(symlinks=True).create(env_dir)
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(env_dir)}))
+    shutil.copytree(
+        Path(module_path()).parents[1],
+        site / "pkcs11ws",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    # The project venv's packages (pycurl...) after the copy's own; then OpenSSL at start-up.
+    (site / "project.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    (site / "sitecustomize.py").write_text("import hashlib  # loads OpenSSL's configuration\n")
+    module = str(site / "pkcs11ws" / "_native" / "libpkcs11ws.so")
+    cnf = openssl_cnf(tmp_path / "openssl.cnf", provider_so, True, module)
+    log = tmp_path / "p11prov.log"
+    env = consumer_env(
+        own_service.client_cfg, OPENSSL_CONF=str(cnf), PKCS11_PROVIDER_DEBUG=f"file:{log},level:1"
+    )
+    tool = require(shutil.which("pkcs11-tool"), "OpenSC pkcs11-tool", "opensc")
+    r = run_or_dump(
+        [tool, "--module", module, "-L"], env=env, timeout=60, **hang_report(own_service, log)
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"token label        : {name}" in r.stdout
+    # The provider did call in from inside the boot (the case this test is about).
+    assert "called from inside its own start-up" in r.stderr, r.stderr
+    assert "OSSL_provider_init" in log.read_text()
