@@ -94,7 +94,7 @@ def test_rsa_sign_checked_by_openssl(
     data = tmp_path / "data"
     data.write_bytes(os.urandom(5000))
     sig = tmp_path / "sig"
-    asym_tool.run("--sign", "--id", rsa_key, "-m", mech, "-i", str(data), "-o", str(sig))
+    asym_tool.with_key("--sign", rsa_key, mech, data, "-o", str(sig))
     assert len(sig.read_bytes()) == 256
     pem = _pubkey(asym_tool, rsa_key, tmp_path)
     r = _openssl("dgst", f"-{digest}", "-verify", str(pem), "-signature", str(sig), str(data))
@@ -107,9 +107,7 @@ def test_rsa_pkcs_of_a_digest_info(asym_tool: Pkcs11Tool, rsa_key: str, tmp_path
     (tmp_path / "info").write_bytes(info)
     (tmp_path / "msg").write_bytes(msg)
     sig = tmp_path / "sig"
-    asym_tool.run(
-        "--sign", "--id", rsa_key, "-m", "RSA-PKCS", "-i", str(tmp_path / "info"), "-o", str(sig)
-    )
+    asym_tool.with_key("--sign", rsa_key, "RSA-PKCS", tmp_path / "info", "-o", str(sig))
     pem = _pubkey(asym_tool, rsa_key, tmp_path)
     r = _openssl(
         "dgst", "-sha256", "-verify", str(pem), "-signature", str(sig), str(tmp_path / "msg")
@@ -126,18 +124,8 @@ def test_ecdsa_sign_checked_by_openssl(
     data.write_bytes(hashlib.sha256(msg).digest() if mech == "ECDSA" else msg)
     (tmp_path / "msg").write_bytes(msg)
     sig = tmp_path / "sig"
-    asym_tool.run(
-        "--sign",
-        "--id",
-        ec_key,
-        "-m",
-        mech,
-        "--signature-format",
-        "openssl",
-        "-i",
-        str(data),
-        "-o",
-        str(sig),
+    asym_tool.with_key(
+        "--sign", ec_key, mech, data, "--signature-format", "openssl", "-o", str(sig)
     )
     pem = _pubkey(asym_tool, ec_key, tmp_path)
     r = _openssl(
@@ -153,26 +141,14 @@ def test_sign_and_verify_in_the_module(
     data.write_bytes(b"verified by the public key in the module")
     for key, mech in ((rsa_key, "SHA256-RSA-PKCS"), (ec_key, "ECDSA-SHA256")):
         sig = tmp_path / f"{key}.sig"
-        asym_tool.run("--sign", "--id", key, "-m", mech, "-i", str(data), "-o", str(sig))
-        out = asym_tool.run(
-            "--verify", "--id", key, "-m", mech, "-i", str(data), "--signature-file", str(sig)
-        ).stdout
+        asym_tool.with_key("--sign", key, mech, data, "-o", str(sig))
+        check = ("--verify", key, mech, data, "--signature-file", str(sig))
+        out = asym_tool.with_key(*check).stdout
         assert b"Signature is valid" in out
         bad = bytearray(sig.read_bytes())
         bad[5] ^= 1
         sig.write_bytes(bytes(bad))
-        r = asym_tool.run(
-            "--verify",
-            "--id",
-            key,
-            "-m",
-            mech,
-            "-i",
-            str(data),
-            "--signature-file",
-            str(sig),
-            ok=False,
-        )
+        r = asym_tool.with_key(*check, ok=False)
         assert b"Invalid signature" in r.stdout + r.stderr
 
 
@@ -186,21 +162,8 @@ def test_rsa_pss_checked_by_openssl(
     data.write_bytes(os.urandom(3000))
     sig = tmp_path / "sig"
     salt = {"sha256": "32", "sha384": "48"}[digest]
-    asym_tool.run(
-        "--sign",
-        "--id",
-        rsa_key,
-        "-m",
-        mech,
-        "--mgf",
-        f"MGF1-{digest.upper()}",
-        "--salt-len",
-        salt,
-        "-i",
-        str(data),
-        "-o",
-        str(sig),
-    )
+    pss = ("--mgf", f"MGF1-{digest.upper()}", "--salt-len", salt)
+    asym_tool.with_key("--sign", rsa_key, mech, data, *pss, "-o", str(sig))
     pem = _pubkey(asym_tool, rsa_key, tmp_path)
     r = _openssl(
         "dgst",
@@ -242,21 +205,8 @@ def test_rsa_oaep_sha256_decrypt(asym_tool: Pkcs11Tool, rsa_key: str, tmp_path: 
     )
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
-    asym_tool.run(
-        "--decrypt",
-        "--id",
-        rsa_key,
-        "-m",
-        "RSA-PKCS-OAEP",
-        "--hash-algorithm",
-        "SHA256",
-        "--mgf",
-        "MGF1-SHA256",
-        "-i",
-        str(ct),
-        "-o",
-        str(out),
-    )
+    oaep = ("--hash-algorithm", "SHA256", "--mgf", "MGF1-SHA256")
+    asym_tool.with_key("--decrypt", rsa_key, "RSA-PKCS-OAEP", ct, *oaep, "-o", str(out))
     assert out.read_bytes() == secret.read_bytes()
 
 
@@ -269,34 +219,12 @@ def test_verify_without_login(
     data = tmp_path / "data"
     data.write_bytes(os.urandom(3000))
     sig = tmp_path / "sig"
-    asym_tool.run("--sign", "--id", key_id, "-m", mech, "-i", str(data), "-o", str(sig))
-    r = asym_tool.run(
-        "--verify",
-        "--id",
-        key_id,
-        "-m",
-        mech,
-        "-i",
-        str(data),
-        "--signature-file",
-        str(sig),
-        login=False,
-    )
+    asym_tool.with_key("--sign", key_id, mech, data, "-o", str(sig))
+    check = ("--verify", key_id, mech, data, "--signature-file", str(sig))
+    r = asym_tool.with_key(*check, login=False)
     assert b"Signature is valid" in r.stdout, r
     data.write_bytes(data.read_bytes() + b"!")
-    r = asym_tool.run(
-        "--verify",
-        "--id",
-        key_id,
-        "-m",
-        mech,
-        "-i",
-        str(data),
-        "--signature-file",
-        str(sig),
-        login=False,
-        ok=False,
-    )
+    r = asym_tool.with_key(*check, login=False, ok=False)
     # pkcs11-tool exits 0 either way; it prints the CKR_SIGNATURE_INVALID answer.
     assert b"Invalid signature" in r.stdout and b"Signature is valid" not in r.stdout, r
 

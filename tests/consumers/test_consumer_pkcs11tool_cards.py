@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -68,11 +67,6 @@ def test_wrong_passphrase(service, cards):
     assert r.returncode != 0 and "CKR_PIN_INCORRECT" in r.stderr
 
 
-def with_key(tool: Pkcs11Tool, action: str, mech: str, key_id: str, src: Path, *more: str, **kw):
-    """pkcs11-tool ACTION --mechanism MECH --id KEY_ID -i SRC MORE... on the tool's softcard."""
-    return tool.run(action, "--mechanism", mech, "--id", key_id, "-i", str(src), *more, **kw)
-
-
 @pytest.fixture(scope="module")
 def aes_key(cards_tool) -> str:
     out = cards_tool.run(
@@ -104,8 +98,8 @@ def test_aes_keygen_encrypt_decrypt(cards_tool, aes_key, tmp_path, mech, size, c
     msg, ct, pt = tmp_path / "msg", tmp_path / "ct", tmp_path / "pt"
     msg.write_bytes(os.urandom(size))
     iv = ("--iv", os.urandom(16).hex())
-    with_key(cards_tool, "--encrypt", mech, aes_key, msg, *iv, "-o", str(ct))
-    with_key(cards_tool, "--decrypt", mech, aes_key, ct, *iv, "-o", str(pt))
+    cards_tool.with_key("--encrypt", aes_key, mech, msg, *iv, "-o", str(ct))
+    cards_tool.with_key("--decrypt", aes_key, mech, ct, *iv, "-o", str(pt))
     assert pt.read_bytes() == msg.read_bytes()
     assert ct.stat().st_size == ct_size
 
@@ -132,12 +126,12 @@ def mac_key(cards_tool) -> str:
 def test_generic_secret_sign_verify(cards_tool, mac_key, tmp_path, size):
     msg, mac = tmp_path / "msg", tmp_path / "mac"
     msg.write_bytes(os.urandom(size))
-    with_key(cards_tool, "--sign", "SHA256-HMAC", mac_key, msg, "-o", str(mac))
+    cards_tool.with_key("--sign", mac_key, "SHA256-HMAC", msg, "-o", str(mac))
     assert mac.stat().st_size == 32
-    check = ("--verify", "SHA256-HMAC", mac_key, msg, "--signature-file", str(mac))
-    assert "Signature is valid" in with_key(cards_tool, *check).stdout
+    check = ("--verify", mac_key, "SHA256-HMAC", msg, "--signature-file", str(mac))
+    assert "Signature is valid" in cards_tool.with_key(*check).stdout
     msg.write_bytes(msg.read_bytes() + b"!")
-    r = with_key(cards_tool, *check, ok=False)
+    r = cards_tool.with_key(*check, ok=False)
     assert "Invalid signature" in r.stdout and "Signature is valid" not in r.stdout
 
 

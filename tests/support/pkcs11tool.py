@@ -52,3 +52,10 @@ class Pkcs11Tool:
         if ok:
             assert r.returncode == 0, f"{args}: {r.stdout!r}\n{err}"
         return r
+
+    def with_key(
+        self, action: str, key_id: str, mech: str, src: Path, *more: str, **kw: Any
+    ) -> subprocess.CompletedProcess[Any]:
+        """pkcs11-tool ACTION --id KEY_ID -m MECH -i SRC MORE... (--sign, --verify, --encrypt,
+        --decrypt on one key of this softcard); kw as for run()."""
+        return self.run(action, "--id", key_id, "-m", mech, "-i", str(src), *more, **kw)
