@@ -98,30 +98,17 @@ def test_aes_keygen_sizes(tool, tmp_path, size):
     msg = tmp_path / "msg"
     msg.write_bytes(os.urandom(777))
     iv = os.urandom(16).hex()
-    tool.run(
-        "--encrypt",
-        "--mechanism",
-        "AES-CBC-PAD",
-        "--iv",
-        iv,
-        "--id",
-        f"{size:02x}",
-        "-i",
-        str(msg),
-        "-o",
-        str(tmp_path / "ct"),
+    tool.with_key(
+        "--encrypt", f"{size:02x}", "AES-CBC-PAD", msg, "--iv", iv, "-o", str(tmp_path / "ct")
     )
     assert (tmp_path / "ct").stat().st_size == 784
-    tool.run(
+    tool.with_key(
         "--decrypt",
-        "--mechanism",
+        f"{size:02x}",
         "AES-CBC-PAD",
+        tmp_path / "ct",
         "--iv",
         iv,
-        "--id",
-        f"{size:02x}",
-        "-i",
-        str(tmp_path / "ct"),
         "-o",
         str(tmp_path / "pt"),
     )
@@ -158,31 +145,18 @@ def test_nist_cbc_known_answers_with_imported_keys(tool, tmp_path):
     for n, v in enumerate(CBC_VECTORS):
         key_id = f"a{n}"
         import_secret(tool, tmp_path, v.key, "AES", key_id, "--usage-decrypt")
-        tool.run(
-            "--encrypt",
-            "--mechanism",
-            "AES-CBC",
-            "--iv",
-            CBC_IV.hex(),
-            "--id",
-            key_id,
-            "-i",
-            str(pt),
-            "-o",
-            str(tmp_path / "ct"),
+        tool.with_key(
+            "--encrypt", key_id, "AES-CBC", pt, "--iv", CBC_IV.hex(), "-o", str(tmp_path / "ct")
         )
         assert (tmp_path / "ct").read_bytes() == v.ciphertext, v.name
         (tmp_path / "ct").write_bytes(v.ciphertext)
-        tool.run(
+        tool.with_key(
             "--decrypt",
-            "--mechanism",
+            key_id,
             "AES-CBC",
+            tmp_path / "ct",
             "--iv",
             CBC_IV.hex(),
-            "--id",
-            key_id,
-            "-i",
-            str(tmp_path / "ct"),
             "-o",
             str(tmp_path / "back"),
         )
@@ -228,42 +202,15 @@ def test_rfc4231_hmac_with_imported_generic_keys(tool, tmp_path):
         msg.write_bytes(v.data)
         for bits in (256, 384, 512):
             mac = tmp_path / f"mac{v.case}-{bits}"
-            tool.run(
-                "--sign",
-                "--mechanism",
-                f"SHA{bits}-HMAC",
-                "--id",
-                key_id,
-                "-i",
-                str(msg),
-                "-o",
-                str(mac),
-            )
+            tool.with_key("--sign", key_id, f"SHA{bits}-HMAC", msg, "-o", str(mac))
             assert mac.read_bytes() == v.mac(bits), (v.case, bits)
-            out = tool.run(
-                "--verify",
-                "--mechanism",
-                f"SHA{bits}-HMAC",
-                "--id",
-                key_id,
-                "-i",
-                str(msg),
-                "--signature-file",
-                str(mac),
+            out = tool.with_key(
+                "--verify", key_id, f"SHA{bits}-HMAC", msg, "--signature-file", str(mac)
             ).stdout
             assert "Signature is valid" in out
         mac.write_bytes(v.mac(512)[:-1] + bytes([v.mac(512)[-1] ^ 1]))
-        r = tool.run(
-            "--verify",
-            "--mechanism",
-            "SHA512-HMAC",
-            "--id",
-            key_id,
-            "-i",
-            str(msg),
-            "--signature-file",
-            str(mac),
-            ok=False,
+        r = tool.with_key(
+            "--verify", key_id, "SHA512-HMAC", msg, "--signature-file", str(mac), ok=False
         )
         assert "Invalid signature" in r.stdout
 

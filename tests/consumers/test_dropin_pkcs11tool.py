@@ -41,34 +41,15 @@ def test_generic_secret_hmac_by_id(dropin_tool, tmp_path, mech):
     mac = tmp_path / "mac"
     for size in (100, 40000):  # small: C_Sign; large: C_SignUpdate / C_SignFinal
         msg.write_bytes(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
-        dropin_tool.run(
-            "--sign", "--mechanism", mech, "--id", key_id, "-i", str(msg), "-o", str(mac)
-        )
+        dropin_tool.with_key("--sign", key_id, mech, msg, "-o", str(mac))
         assert mac.stat().st_size == int(mech[3:6]) // 8
-        out = dropin_tool.run(
-            "--verify",
-            "--mechanism",
-            mech,
-            "--id",
-            key_id,
-            "-i",
-            str(msg),
-            "--signature-file",
-            str(mac),
+        out = dropin_tool.with_key(
+            "--verify", key_id, mech, msg, "--signature-file", str(mac)
         ).stdout
         assert "Signature is valid" in out
         msg.write_bytes(msg.read_bytes() + b"!")
-        r = dropin_tool.run(
-            "--verify",
-            "--mechanism",
-            mech,
-            "--id",
-            key_id,
-            "-i",
-            str(msg),
-            "--signature-file",
-            str(mac),
-            ok=False,
+        r = dropin_tool.with_key(
+            "--verify", key_id, mech, msg, "--signature-file", str(mac), ok=False
         )
         # (pkcs11-tool 0.23 exits 0 on a bad MAC in its multi-part path: read what it says.)
         assert "Invalid signature" in r.stdout and "Signature is valid" not in r.stdout
