@@ -1,12 +1,13 @@
 """What the packaging tests (tests/cli/test_packaging_*.py) share: the sdist and wheel of this tree
-and the client tarball, each built once per test session (the builds take minutes), and
-environments that cannot see this checkout.
+and the client tarball, each built once per test session (the builds take minutes), environments
+that cannot see this checkout, and one pip wheel cache for the session (pip_env).
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
+import os
 import shutil
 import subprocess
 import sys
@@ -24,8 +25,25 @@ def workdir() -> Path:
     return d
 
 
+def pip_env() -> dict[str, str]:
+    """What every pip of the packaging tests shares: one wheel cache, empty at the session's
+    start, read for --no-binary packages too. pycurl is built from source (against the system
+    libcurl) by whichever install comes first, which proves that build on a fresh machine once,
+    and the others reuse its wheel: the wheel test's fix line, the README's install block and
+    `make dist` each compiled pycurl before. pip 23.0 (Debian's python3.11) reads no cached
+    wheel for a --no-binary package unless asked with this feature; pip 23.1+ always does and
+    takes the name as a no-op."""
+    return {
+        "PIP_CACHE_DIR": str(workdir() / "pip-cache"),
+        "PIP_USE_FEATURE": "no-binary-enable-wheel-cache",
+    }
+
+
 def _run(cmd: list[str]) -> None:
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False)
+    env = {**os.environ, **pip_env()}
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False, env=env
+    )
     assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
 
 
@@ -59,5 +77,7 @@ def client_tarball() -> Path:
 
 
 def outside_env(**extra: str) -> dict[str, str]:
-    """A minimal environment: PATH=/usr/bin:/bin, no PYTHON* or PKCS11WS_* variables."""
-    return {"PATH": "/usr/bin:/bin", "HOME": str(workdir()), "LANG": "C.UTF-8", **extra}
+    """A minimal environment: PATH=/usr/bin:/bin, no PYTHON* or PKCS11WS_* variables, the
+    session's pip cache."""
+    home = {"PATH": "/usr/bin:/bin", "HOME": str(workdir()), "LANG": "C.UTF-8"}
+    return {**home, **pip_env(), **extra}
