@@ -14,9 +14,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sysconfig
 import urllib.parse
-import venv
 from pathlib import Path
 from typing import Any
 
@@ -197,24 +195,24 @@ def test_global_openssl_conf_keeps_our_tls_working(
 
 
 def test_openssl_configured_inside_our_own_start_up(own_service, cert_card, provider_so, tmp_path):
-    """OpenSSL's configuration loaded for the first time while the module boots: here by a
-    venv's sitecustomize importing hashlib (the core itself once imported hashlib at start-up),
-    so pkcs11-provider, loaded early, calls this module from inside its own boot, on the booting
-    thread. That inner call fails at once, and the boot goes on; it used to wait for the boot
-    lock its own thread held, for ever (pkcs11-tool hung, with no output)."""
+    """OpenSSL's configuration loaded for the first time while the module boots: here by an
+    `import hashlib` in a copy of the package's __init__.py (the core itself imported hashlib at
+    start-up for a while; a venv's sitecustomize can do the same), so pkcs11-provider, loaded
+    early, calls this module from inside its own boot, on the booting thread. That inner call
+    fails at once and the boot goes on; it used to wait for the boot lock its own thread held,
+    for ever (pkcs11-tool hung, with no output)."""
     name = cert_card[0]
-    env_dir = tmp_path / "venv"
-    venv.EnvBuilder(symlinks=True).create(env_dir)
-    site = Path(sysconfig.get_path("purelib", vars={"base": str(env_dir)}))
+    # A copy in a source-tree layout: it boots on the project's interpreter (the in-place
+    # build's pkcs11ws/_native/dev-interpreter), which has the dependencies.
+    src = tmp_path / "src"
     shutil.copytree(
         Path(module_path()).parents[1],
-        site / "pkcs11ws",
+        src / "pkcs11ws",
         ignore=shutil.ignore_patterns("__pycache__"),
     )
-    # The project venv's packages (pycurl...) after the copy's own; then OpenSSL at start-up.
-    (site / "project.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    (site / "sitecustomize.py").write_text("import hashlib  # loads OpenSSL's configuration\n")
-    module = str(site / "pkcs11ws" / "_native" / "libpkcs11ws.so")
+    init = src / "pkcs11ws" / "__init__.py"
+    init.write_text("import hashlib  # loads OpenSSL's configuration\n" + init.read_text())
+    module = str(src / "pkcs11ws" / "_native" / "libpkcs11ws.so")
     cnf = openssl_cnf(tmp_path / "openssl.cnf", provider_so, True, module)
     log = tmp_path / "p11prov.log"
     env = consumer_env(
