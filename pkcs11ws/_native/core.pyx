@@ -35,6 +35,11 @@ include "wake.pxi"
 cdef extern from "<string.h>" nogil:
     size_t strnlen(const char*, size_t)
 
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    pthread_t pthread_self()
+    int pthread_equal(pthread_t, pthread_t)
+
 cdef extern from "probe.h" nogil:
     long p11ws_copy_cstring(const void* src, char* out, size_t cap)
 
@@ -46,6 +51,8 @@ cdef enum:
 cdef unsigned char g_version_major = int(_version.split(".")[0])
 cdef unsigned char g_version_minor = int(_version.split(".")[1])
 cdef pthread_mutex_t g_state_lock
+cdef pthread_t g_state_owner            # the thread holding g_state_lock, while g_state_busy
+cdef int g_state_busy = 0
 cdef int g_state = 0                    # 1 between C_Initialize and C_Finalize
 cdef object g_provider = None           # pkcs11ws.provider.Provider while initialised
 cdef list g_leaked = []                 # providers inherited through fork(): never closed
@@ -361,6 +368,7 @@ cdef api void p11ws_core_fork(int phase) noexcept nogil:
     if phase == 2:
         # The child starts uninitialised: C_Initialize again before any other call.
         pthread_mutex_init(&g_state_lock, NULL)
+        p11ws_astore(&g_state_busy, 0)
         p11ws_astore(&g_state, 0)
         _sessions_forget_all()
 
@@ -402,6 +410,25 @@ cdef CK_RV _initialize(const char* reserved, bint no_threads) noexcept:
         return _ckr(e)
 
 
+cdef bint _state_lock() noexcept nogil:
+    """Take g_state_lock (C_Initialize, C_Finalize); False, not taken, when this thread holds it
+    already. Such a call comes back from inside C_Initialize: an import the provider makes
+    initialises OpenSSL, whose configuration loads pkcs11-provider early, which calls
+    C_Initialize on this module. Waiting would wait for ourselves, for ever."""
+    global g_state_owner
+    if p11ws_aload(&g_state_busy) and pthread_equal(g_state_owner, pthread_self()):
+        return False
+    p11ws_lock_gil_aware(&g_state_lock)
+    g_state_owner = pthread_self()
+    p11ws_astore(&g_state_busy, 1)
+    return True
+
+
+cdef void _state_unlock() noexcept nogil:
+    p11ws_astore(&g_state_busy, 0)
+    pthread_mutex_unlock(&g_state_lock)
+
+
 cdef CK_RV f_Initialize(CK_VOID_PTR pInitArgs) noexcept nogil:
     cdef CK_C_INITIALIZE_ARGS* a = <CK_C_INITIALIZE_ARGS*>pInitArgs
     cdef const char* reserved = NULL
@@ -425,16 +452,17 @@ cdef CK_RV f_Initialize(CK_VOID_PTR pInitArgs) noexcept nogil:
             if p11ws_copy_cstring(a.pReserved, reserved_copy, RESERVED_MAX) < 0:
                 return CKR_ARGUMENTS_BAD
             reserved = reserved_copy
-    p11ws_lock_gil_aware(&g_state_lock)
+    if not _state_lock():
+        return CKR_FUNCTION_FAILED  # called back from inside our own C_Initialize: _state_lock
     if g_state:
-        pthread_mutex_unlock(&g_state_lock)
+        _state_unlock()
         return CKR_CRYPTOKI_ALREADY_INITIALIZED
     p11ws_adopt_thread()
     with gil:
         rv = _initialize(reserved, no_threads)
     if rv == CKR_OK:
         p11ws_astore(&g_state, 1)
-    pthread_mutex_unlock(&g_state_lock)
+    _state_unlock()
     return rv
 
 
@@ -456,18 +484,19 @@ cdef bint _finalize_nested() noexcept nogil:
 cdef CK_RV f_Finalize(CK_VOID_PTR pReserved) noexcept nogil:
     global g_provider
     cdef CK_ULONG i
-    p11ws_lock_gil_aware(&g_state_lock)
+    if not _state_lock():
+        return CKR_FUNCTION_FAILED  # called back from inside our own C_Initialize: _state_lock
     if not g_state:
-        pthread_mutex_unlock(&g_state_lock)
+        _state_unlock()
         return CKR_CRYPTOKI_NOT_INITIALIZED
     if pReserved != NULL:
-        pthread_mutex_unlock(&g_state_lock)
+        _state_unlock()
         return CKR_ARGUMENTS_BAD
     if _finalize_nested():
         # From inside one of our own requests on this thread (pkcs11-provider loaded early
         # by OpenSSL while libcurl starts, giving up): finalizing would pull the state from
         # under the request in progress, and the caller never initialised us anyway.
-        pthread_mutex_unlock(&g_state_lock)
+        _state_unlock()
         return CKR_FUNCTION_FAILED
     p11ws_astore(&g_state, 0)
     _sessions_close_slot(0, True)
@@ -486,7 +515,7 @@ cdef CK_RV f_Finalize(CK_VOID_PTR pReserved) noexcept nogil:
                 p.finalize()
         except BaseException as e:
             _ckr(e)
-    pthread_mutex_unlock(&g_state_lock)
+    _state_unlock()
     return CKR_OK
 
 

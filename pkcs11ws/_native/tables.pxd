@@ -9,7 +9,7 @@
 #   mechanisms: MechRow, copied once from pkcs11ws.mechanisms at import, read-only after
 #
 # Locks (core.pyx and tables.pxi), outermost first:
-#   g_state_lock  C_Initialize/C_Finalize only (taken GIL-aware: p11ws_lock_gil_aware)
+#   g_state_lock  C_Initialize/C_Finalize only (taken GIL-aware and owner-aware: _state_lock)
 #   g_sess_lock   the session table, every Session's fields (refs, closed, ops, find state)
 #   g_slot_lock   the slot table (g_slots, g_nslots)
 #   g_obj_lock    the object table (g_objs, g_nobjs, g_objs_cap); never held with another
