@@ -154,7 +154,10 @@ class KeyService(_Managed):
         cpus: str | None = None,
         name: str = "service",
         port: int | None = None,
+        prefix: tuple[str, ...] = (),
+        ready_timeout: float = 60,
     ) -> None:
+        """prefix: a command the service runs under (bench/service_ir.py: valgrind)."""
         from pkcs11ws.server import settings
 
         self.d = d
@@ -163,6 +166,7 @@ class KeyService(_Managed):
         self.port = port if port is not None else settings.load(d.server_yaml).port
         self.log = d.dir / "log" / f"{name}.out"
         cmd = [
+            *prefix,
             sys.executable,
             "-m",
             "pkcs11ws.server.cli",
@@ -188,7 +192,7 @@ class KeyService(_Managed):
         try:
             wait_for(
                 lambda: _https_ok(self.port, d.ca, d.cert, d.key, "/health"),
-                60,
+                ready_timeout,
                 f"the key service ({self.log})",
                 self.proc,
             )
@@ -204,10 +208,17 @@ class KeyService(_Managed):
 class FloorServer(_Managed):
     """bench/floor_app.py on uvicorn with the key service's TLS settings and certificates."""
 
-    def __init__(self, d: KeyServiceDir, cpus: str | None = None) -> None:
+    def __init__(
+        self,
+        d: KeyServiceDir,
+        cpus: str | None = None,
+        prefix: tuple[str, ...] = (),
+        ready_timeout: float = 60,
+    ) -> None:
         self.port = free_port()
         self.log = d.dir / "log" / "floor.out"
         cmd = [
+            *prefix,
             sys.executable,
             "-m",
             "bench.floor_app",
@@ -231,7 +242,7 @@ class FloorServer(_Managed):
         try:
             wait_for(
                 lambda: _https_ok(self.port, d.ca, d.cert, d.key, "/"),
-                60,
+                ready_timeout,
                 f"the floor server ({self.log})",
                 self.proc,
             )

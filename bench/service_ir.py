@@ -1,0 +1,282 @@
+"""The key service's cost per request, next to the ASGI floor's (bench/floor_app.py): the same
+libcurl client (curlbench) drives both, so what differs is the server's own path.
+
+Two measures:
+- instructions (default): the server runs under valgrind's callgrind with instrumentation off
+  until it is ready; for each case, N1 and then N2 requests are counted between a zeroing and a
+  dump of callgrind's counters (callgrind_control), and (Ir(N2) - Ir(N1)) / (N2 - N1) is the
+  server's instructions per request: each run's connection set-up and TLS handshake cancel out.
+  Load-robust: a busy machine changes the time, not the count.
+- --cpu: the servers run normally, pinned as `make bench` pins them; each case runs for a fixed
+  time with --threads clients and the server's CPU per operation comes from /proc (runner.py);
+  cases alternate, --runs times. Noisy on a shared machine.
+
+Cases: floor (the floor app), hmac (HMAC-SHA256 sign of 64 B, the module's request), ec (ECDSA
+P-256 over a 32-byte hash), hmac-b1 / hmac-b16 / ec-b16 (the batch endpoint with 1 or 16 items,
+each item the single request's; Ir per request, so an item costs (b16 - b1) / 15).
+
+Run: python -m bench.service_ir [--cases floor,hmac,...] [--n1 100] [--n2 400] [--runs 2]
+     python -m bench.service_ir --cpu [--threads 1] [--seconds 3] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.lab import Lab
+from bench.procs import default_placement, free_port
+from bench.runner import Point, Variant, run_point
+from bench.services import TOKEN_LABEL, FloorServer, KeyService
+
+CASES = ("floor", "hmac", "hmac-b1", "hmac-b16", "ec", "ec-b16")
+_VALGRIND = ("valgrind", "--tool=callgrind", "--instr-atstart=no")
+_TOTALS = re.compile(r"^(?:summary|totals):\s+(\d+)", re.M)
+
+
+def _bodies(lab: Lab, work: Path, ec_handle: str) -> dict[str, tuple[str, Path]]:
+    """Per case: the URL path and the request body file."""
+    from pkcs11ws.protocol import STRUCTS, encode
+
+    def sign(handle: str, mech: str, data: bytes) -> dict[str, object]:
+        return encode(STRUCTS["Sign"], {"key": handle, "mechanism": mech, "data": data})
+
+    hmac = sign(lab.key_handle, "CKM_SHA256_HMAC", bytes(range(64)))
+    ec = sign(ec_handle, "CKM_ECDSA", bytes(range(32)))
+
+    def batch(req: dict[str, object], n: int) -> dict[str, object]:
+        return {"items": [{"op": "sign", "token": lab.token, "request": req}] * n}
+
+    out: dict[str, tuple[str, Path]] = {}
+    for name, path, body in (
+        ("hmac", "/crypto/v1/sign", hmac),
+        ("ec", "/crypto/v1/sign", ec),
+        ("hmac-b1", "/crypto/v1/batch", batch(hmac, 1)),
+        ("hmac-b16", "/crypto/v1/batch", batch(hmac, 16)),
+        ("ec-b16", "/crypto/v1/batch", batch(ec, 16)),
+    ):
+        f = work / f"{name}.json"
+        f.write_bytes(json.dumps(body, separators=(",", ":")).encode())
+        out[name] = (path, f)
+    assert lab.body_file is not None
+    out["floor"] = ("/crypto/v1/sign", lab.body_file)
+    return out
+
+
+def _ec_handle(lab: Lab) -> str:
+    from pkcs11ws.client.api import KeyServiceClient
+    from pkcs11ws.config import load_config
+
+    assert lab.ksd is not None
+    client = KeyServiceClient(load_config(str(lab.ksd.client_cfg)))
+    try:
+        cards = client.list_softcards()
+        card = next(c for c in cards if c["name"] == TOKEN_LABEL)
+        found = client.search_objects(
+            card["id"], lab.token, {"CKA_LABEL": b"p11bench-ec", "CKA_CLASS": 3}
+        )
+        return str(found[0]["handle"])
+    finally:
+        client.close()
+
+
+def _curl(
+    lab: Lab, port: int, path: str, body: Path, threads: int, count: int, secs: float
+) -> tuple[list[str], dict[str, str]]:
+    assert lab.ksd is not None
+    d = lab.ksd
+    cmd = [
+        str(lab.bins["curlbench"]),
+        "--url",
+        f"https://127.0.0.1:{port}{path}",
+        "--body-file",
+        str(body),
+        "--cert",
+        str(d.cert),
+        "--key",
+        str(d.key),
+        "--ca",
+        str(d.ca),
+        "--threads",
+        str(threads),
+        "--warmup",
+        "0",
+    ]
+    cmd += ["--count", str(count)] if count else ["--seconds", str(secs)]
+    return cmd, {"BENCH_TOKEN": lab.token}
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> None:
+    r = subprocess.run(
+        cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=1800, check=False
+    )
+    result = json.loads(r.stdout.splitlines()[-1]) if r.stdout.strip() else {}
+    if r.returncode != 0 or result.get("errors"):
+        raise RuntimeError(f"curlbench failed: {r.stdout[-500:]} {r.stderr[-1500:]}")
+
+
+def _ctl(pid: int, *args: str) -> None:
+    subprocess.run(
+        ["callgrind_control", *args, str(pid)], capture_output=True, check=True, timeout=600
+    )
+
+
+def _window(
+    lab: Lab, pid: int, out: Path, port: int, case: tuple[str, Path], n: int, keep: Path | None
+) -> int:
+    """Ir of the server while it answers n requests (one connection)."""
+    cmd, env = _curl(lab, port, case[0], case[1], 1, n, 0)
+    before = set(out.parent.glob(out.name + "*"))
+    _ctl(pid, "-z")
+    _run(cmd, env)
+    _ctl(pid, "-d")
+    deadline = time.monotonic() + 120
+    while True:
+        new = sorted(set(out.parent.glob(out.name + "*")) - before)
+        if new:
+            text = new[-1].read_text(errors="replace")
+            m = _TOTALS.search(text)
+            if m is not None:
+                if keep is not None:
+                    shutil.copy(new[-1], keep)
+                return int(m.group(1))
+        if time.monotonic() > deadline:
+            raise RuntimeError("callgrind wrote no dump")
+        time.sleep(0.5)
+
+
+def instructions(
+    args: argparse.Namespace, lab: Lab, work: Path, stack: contextlib.ExitStack
+) -> None:
+    assert lab.ksd is not None and lab.service is not None
+    bodies = _bodies(lab, work, _ec_handle(lab))
+    lab.service.stop()
+    cg_svc, cg_floor = work / "cg.service", work / "cg.floor"
+    svc = stack.enter_context(
+        KeyService(
+            lab.ksd,
+            1,
+            None,
+            "service-cg",
+            free_port(),
+            (*_VALGRIND, f"--callgrind-out-file={cg_svc}"),
+            600,
+        )
+    )
+    floor = None
+    if "floor" in args.cases:
+        floor = stack.enter_context(
+            FloorServer(lab.ksd, None, (*_VALGRIND, f"--callgrind-out-file={cg_floor}"), 600)
+        )
+    procs = {"service": (svc.pid, cg_svc, svc.port)}
+    if floor is not None:
+        procs["floor"] = (floor.pid, cg_floor, floor.port)
+    for pid, _, _ in procs.values():
+        _ctl(pid, "-i", "on")
+    results: dict[str, list[float]] = {c: [] for c in args.cases}
+    for case in args.cases:
+        pid, out, port = procs["floor" if case == "floor" else "service"]
+        _window(lab, pid, out, port, bodies[case], 20, None)  # warm: caches, first-use imports
+    for run in range(args.runs):
+        for case in args.cases:
+            pid, out, port = procs["floor" if case == "floor" else "service"]
+            a = _window(lab, pid, out, port, bodies[case], args.n1, None)
+            keep = None if args.keep is None else Path(args.keep) / f"{case}.{args.n2}.cg"
+            b = _window(lab, pid, out, port, bodies[case], args.n2, keep)
+            results[case].append((b - a) / (args.n2 - args.n1))
+            print(f"run {run + 1} {case}: {results[case][-1]:,.0f} Ir per request", flush=True)
+    for case, vals in results.items():
+        print(f"{case:10s} median {statistics.median(vals):,.0f} Ir per request")
+
+
+def _pid_of(server: KeyService | FloorServer) -> Callable[[], int | None]:
+    return lambda: server.pid
+
+
+def cpu(args: argparse.Namespace, lab: Lab, work: Path, stack: contextlib.ExitStack) -> None:
+    assert lab.ksd is not None and lab.service is not None
+    bodies = _bodies(lab, work, _ec_handle(lab))
+    floor = stack.enter_context(FloorServer(lab.ksd, lab.placement.server))
+    svc = lab.service
+    variants: list[tuple[str, Variant, Point]] = []
+    for case in args.cases:
+        server = floor if case == "floor" else svc
+        path, body = bodies[case]
+
+        def command(
+            p: Point, server: KeyService | FloorServer = server, path: str = path, body: Path = body
+        ) -> tuple[list[str], dict[str, str]]:
+            cmd, env = _curl(lab, server.port, path, body, p.threads, 0, p.seconds)
+            cmd[cmd.index("--warmup") + 1] = str(p.warmup)
+            cmd.append("--sync")
+            return ["taskset", "-c", lab.placement.client or "0", *cmd], env
+
+        v = Variant(case, case, command, _pid_of(server), server.port)
+        variants.append((case, v, Point(case, args.threads, args.seconds, 0.5)))
+    if args.module:
+        variants.append(
+            ("module-c", lab.module_variant(svc), Point("sign64", args.threads, args.seconds, 0.5))
+        )
+        variants.append(
+            (
+                "module-ecsign",
+                lab.module_variant(svc),
+                Point("ecsign", args.threads, args.seconds, 0.5),
+            )
+        )
+    results: dict[str, list[tuple[float, float]]] = {v[0]: [] for v in variants}
+    for run in range(args.runs):
+        for name, v, p in variants:
+            r = run_point(v, p)
+            cpu_op = float(r.get("server_cpu_us_per_op", 0))
+            results[name].append((cpu_op, float(r.get("ops_per_s", 0))))
+            print(
+                f"run {run + 1} {name} x{args.threads}: server {cpu_op:.1f} us CPU per op, "
+                f"{r.get('ops_per_s', 0):,.0f} ops/s, p50 {r.get('p50_us', '?')} us, "
+                f"other load {r.get('other_cpu_pct', 0):.0f}%",
+                flush=True,
+            )
+    for name, vals in results.items():
+        print(
+            f"{name:14s} x{args.threads}: median server CPU "
+            f"{statistics.median(c for c, _ in vals):.1f} us per op"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--n1", type=int, default=100)
+    ap.add_argument("--n2", type=int, default=400)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--keep", help="a folder to copy each case's last N2 dump to")
+    ap.add_argument("--cpu", action="store_true", help="CPU per op from /proc, not callgrind")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--module", action="store_true", help="--cpu: also module-c sign64/ecsign")
+    args = ap.parse_args(argv)
+    args.cases = [c for c in args.cases.split(",") if c]
+    if not args.cpu and shutil.which("valgrind") is None:
+        print("valgrind is not installed", file=sys.stderr)
+        return 1
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pkcs11ws-svc-")))
+        lab = Lab(work, default_placement(), stack)
+        lab.start_service_only(lambda m: print(m, file=sys.stderr))
+        (cpu if args.cpu else instructions)(args, lab, work, stack)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
