@@ -33,8 +33,11 @@ _T = TypeVar("_T")
 _VerdictKey = tuple[str, str, bytes, str, str, int, str]
 
 
+_b2a: Final = binascii.b2a_base64
+
+
 def _b64(data: bytes) -> bytes:
-    return binascii.b2a_base64(data, newline=False)
+    return _b2a(data, newline=False)
 
 
 def _cipher_result(data: bytes, last: bytes) -> Response:
@@ -43,14 +46,17 @@ def _cipher_result(data: bytes, last: bytes) -> Response:
 
 class _Verdict:
     """A crypto request's successful checks: the mechanism and loaded key, usable while the
-    store has not changed and until `until` (a time the session is known to live to)."""
+    store has not changed and until `until` (a time the session is known to live to); with
+    what the key's family module and its offload decision (fixed per key) need no lookup for."""
 
-    __slots__ = ("key", "mech", "until")
+    __slots__ = ("family", "key", "mech", "offload", "until")
 
     def __init__(self, mech: mechanisms.Mechanism, key: Any, until: float) -> None:
         self.mech = mech
         self.key = key
         self.until = until
+        self.family = family = ops.FAMILIES[mech.family]
+        self.offload: bool = family.offload(key)
 
 
 @dataclass(frozen=True)
@@ -123,7 +129,7 @@ class CryptoHandlers:
         flag: int,
         use: str,
         found: tuple[bool, ObjectRow | None] | None,
-    ) -> tuple[mechanisms.Mechanism, Any]:
+    ) -> _Verdict:
         """The mechanism and the key as its family loaded it, after the checks in the order
         the protocol promises: live session (deferred from authenticate), mechanism, key,
         type, usage. found: the session_object answer when the caller read it off the loop,
@@ -137,7 +143,7 @@ class CryptoHandlers:
                 ck = (claims.session, claims.card, claims.card_key, handle, mech_name, flag, use)
                 hit = cache.get(ck)
                 if hit is not None and now < hit.until:
-                    return hit.mech, hit.key
+                    return hit
             with self.store.read() as r:
                 # Asked as of a second before the token expires: a session that lives then
                 # lives until then, so the verdict can be reused until then (the token itself
@@ -201,12 +207,13 @@ class CryptoHandlers:
             self._key_values[cache_key] = key
         elif want_cls == C.CKO_SECRET_KEY and not mech.min_key <= len(key) <= mech.max_key:
             raise ApiError("KEY_SIZE_RANGE", f"a {len(key)}-byte key does not fit {mech.name}")
+        verdict = _Verdict(mech, key, until)
         if until:
             assert cache is not None
             if len(cache) >= _VERDICT_CACHE_MAX:
                 cache.clear()
-            cache[ck] = _Verdict(mech, key, until)
-        return mech, key
+            cache[ck] = verdict
+        return verdict
 
     @staticmethod
     def _mech(name: str, flag: int) -> mechanisms.Mechanism:
@@ -222,12 +229,11 @@ class CryptoHandlers:
         assert req.claims is not None
         b = req.body
         found = await self._found(req.claims, b["key"]) if self._reads_block else None
-        mech, key = self._key(req.claims, b["key"], b["mechanism"], flag, use, found)
-        family = ops.FAMILIES[mech.family]
-        work = getattr(family, fn)
-        if family.offload(key):
-            return await asyncio.to_thread(work, mech, key, b)
-        return work(mech, key, b)
+        v = self._key(req.claims, b["key"], b["mechanism"], flag, use, found)
+        work = getattr(v.family, fn)
+        if v.offload:
+            return await asyncio.to_thread(work, v.mech, v.key, b)
+        return work(v.mech, v.key, b)
 
     # The crypto answers are built directly (same bytes as ok(): compact JSON, fields in
     # struct order, base64 needs no JSON escaping): they are the hot path.
@@ -241,8 +247,8 @@ class CryptoHandlers:
         return _cipher_result(data, last)
 
     async def sign(self, req: Request) -> Response:
-        sig = _b64(await self._crypto(req, C.CKF_SIGN, "CKA_SIGN", "sign"))
-        return Response(200, b'{"signature":"' + sig + b'"}')
+        sig = await self._crypto(req, C.CKF_SIGN, "CKA_SIGN", "sign")
+        return Response(200, b'{"signature":"' + _b2a(sig, newline=False) + b'"}')
 
     async def verify(self, req: Request) -> Response:
         await self._crypto(req, C.CKF_VERIFY, "CKA_VERIFY", "verify")

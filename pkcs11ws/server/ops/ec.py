@@ -33,8 +33,12 @@ def load(value: bytes) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def sign(mech: Mechanism, key: ec.EllipticCurvePrivateKey, body: dict[str, Any]) -> bytes:
-    data: bytes = body["data"]
+# The signature algorithm objects by (mechanism's hash, digest length): immutable, so built
+# once instead of three objects per signature.
+_ALGOS: dict[tuple[str, int], ec.ECDSA] = {}
+
+
+def _algorithm(mech: Mechanism, data: bytes) -> ec.ECDSA:
     algo: hashes.HashAlgorithm | utils.Prehashed
     if mech.digest:
         algo = hash_of(mech.digest, "ECDSA")
@@ -43,7 +47,16 @@ def sign(mech: Mechanism, key: ec.EllipticCurvePrivateKey, body: dict[str, Any])
         if name is None:
             raise ApiError("DATA_LEN_RANGE", "CKM_ECDSA signs a SHA-1 or SHA-2 digest")
         algo = utils.Prehashed(hash_of(name, "ECDSA"))
-    r, s = utils.decode_dss_signature(key.sign(data, ec.ECDSA(algo)))
+    return ec.ECDSA(algo)
+
+
+def sign(mech: Mechanism, key: ec.EllipticCurvePrivateKey, body: dict[str, Any]) -> bytes:
+    data: bytes = body["data"]
+    ck = (mech.digest, 0 if mech.digest else len(data))
+    algo = _ALGOS.get(ck)
+    if algo is None:
+        algo = _ALGOS[ck] = _algorithm(mech, data)
+    r, s = utils.decode_dss_signature(key.sign(data, algo))
     n = (key.curve.key_size + 7) // 8
     return r.to_bytes(n, "big") + s.to_bytes(n, "big")
 
