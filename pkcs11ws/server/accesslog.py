@@ -5,7 +5,8 @@ of a crypto request's CPU. When the access logger's output goes where `app.confi
 sends it (one stream or file handler with LOG_FORMAT, no filters), the line is written directly to
 that handler's stream, under its lock, byte for byte as logging would have written it. Any other
 set-up (tests capturing logs, an embedding application's own handlers) takes the ordinary logging
-path.
+path. Which of the two applies is looked up again each second (with the time stamp): a logging
+set-up changed while serving is followed within a second.
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ LOG_FORMAT: Final = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s
 NAME: Final = "pkcs11ws.server.access"
 
 _log = logging.getLogger(NAME)
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)  # the line's PID, without a system call per line
 
 
 class AccessLog:
@@ -26,7 +36,11 @@ class AccessLog:
 
     def __init__(self) -> None:
         self._second = -1
+        self._pid = -1
         self._stamp = ""
+        self._mid = ""  # " PID INFO NAME: "
+        self._handler: logging.StreamHandler[TextIO] | None = None
+        self._end = "\n"
 
     def _target(self) -> logging.StreamHandler[TextIO] | None:
         """The single plain handler the line would reach through logging, else None."""
@@ -59,35 +73,38 @@ class AccessLog:
             return None
         return found
 
+    def _refresh(self, second: int) -> None:
+        """Once a second (and in a new process): the time stamp and the target handler."""
+        self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        self._second = second
+        self._pid = _pid
+        self._mid = f" {_pid} INFO {NAME}: "
+        self._handler = handler = self._target()
+        if handler is not None:
+            self._end = handler.terminator
+
     def write(self, method: str, path: str, status: int, ms: float) -> None:
         if not _log.isEnabledFor(logging.INFO):
             return
-        handler = self._target()
-        if handler is None:
-            _log.info("%s %s %d %.2fms", method, path, status, ms)
-            return
         now = time.time()
         second = int(now)
-        if second != self._second:
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-            self._second = second
-        line = "%s,%03d %d INFO %s: %s %s %d %.2fms%s" % (  # noqa: UP031 (one format: cheapest)
-            self._stamp,
-            int((now - second) * 1000),
-            os.getpid(),
-            NAME,
-            method,
-            path,
-            status,
-            ms,
-            handler.terminator,
+        if second != self._second or _pid != self._pid:
+            self._refresh(second)
+        handler = self._handler
+        stream = handler.stream if handler is not None else None
+        if handler is None or stream is None:
+            _log.info("%s %s %d %.2fms", method, path, status, ms)
+            return
+        # One f-string: the same text as LOG_FORMAT with "%s %s %d %.2fms" (%03d, %d and %.2f
+        # print as 03d, d and .2f do).
+        line = (
+            f"{self._stamp},{int((now - second) * 1000):03d}{self._mid}"
+            f"{method} {path} {status:d} {ms:.2f}ms{self._end}"
         )
-        handler.acquire()
-        try:
-            handler.stream.write(line)
-            handler.flush()
-        except Exception:
-            # As logging does: a failing log write must not fail the request.
-            handler.handleError(logging.makeLogRecord({"msg": line}))
-        finally:
-            handler.release()
+        with handler.lock:  # type: ignore[union-attr]
+            try:
+                stream.write(line)
+                stream.flush()
+            except Exception:
+                # As logging does: a failing log write must not fail the request.
+                handler.handleError(logging.makeLogRecord({"msg": line}))

@@ -149,10 +149,15 @@ class SQLiteStore(Store):
 
     def change_mark(self) -> tuple[int, int]:
         # data_version changes when another connection (of any process) committed since this
-        # connection last looked; total_changes counts this connection's own writes.
-        self._reader()
-        con: sqlite3.Connection = self._local.con
-        return con.execute("PRAGMA data_version").fetchone()[0], con.total_changes
+        # connection last looked; total_changes counts this connection's own writes. Asked on
+        # every turn of the event loop that serves a crypto request: through one kept cursor
+        # (no cursor object made per call).
+        cur: sqlite3.Cursor | None = getattr(self._local, "mark", None)
+        if cur is None:
+            self._reader()
+            con: sqlite3.Connection = self._local.con
+            cur = self._local.mark = con.cursor()
+        return cur.execute("PRAGMA data_version").fetchone()[0], cur.connection.total_changes
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
