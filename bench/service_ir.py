@@ -13,7 +13,8 @@ Two measures:
 
 Cases: floor (the floor app), hmac (HMAC-SHA256 sign of 64 B, the module's request), ec (ECDSA
 P-256 over a 32-byte hash), hmac-b1 / hmac-b16 / ec-b16 (the batch endpoint with 1 or 16 items,
-each item the single request's; Ir per request, so an item costs (b16 - b1) / 15).
+each item the single request's; Ir per request, so an item costs (b16 - b1) / 15), rsa and
+rsa-b8 (RSA-2048 PKCS#1 v1.5 with SHA-256: work that goes to the thread pool).
 
 Run: python -m bench.service_ir [--cases floor,hmac,...] [--n1 100] [--n2 400] [--runs 2]
      python -m bench.service_ir --cpu [--threads 1] [--seconds 3] [--runs 3]
@@ -40,12 +41,12 @@ from bench.procs import default_placement, free_port
 from bench.runner import Point, Variant, run_point
 from bench.services import TOKEN_LABEL, FloorServer, KeyService
 
-CASES = ("floor", "hmac", "hmac-b1", "hmac-b16", "ec", "ec-b16")
+CASES = ("floor", "hmac", "hmac-b1", "hmac-b16", "ec", "ec-b16", "rsa", "rsa-b8")
 _VALGRIND = ("valgrind", "--tool=callgrind", "--instr-atstart=no")
 _TOTALS = re.compile(r"^(?:summary|totals):\s+(\d+)", re.M)
 
 
-def _bodies(lab: Lab, work: Path, ec_handle: str) -> dict[str, tuple[str, Path]]:
+def _bodies(lab: Lab, work: Path) -> dict[str, tuple[str, Path]]:
     """Per case: the URL path and the request body file."""
     from pkcs11ws.protocol import STRUCTS, encode
 
@@ -53,7 +54,8 @@ def _bodies(lab: Lab, work: Path, ec_handle: str) -> dict[str, tuple[str, Path]]
         return encode(STRUCTS["Sign"], {"key": handle, "mechanism": mech, "data": data})
 
     hmac = sign(lab.key_handle, "CKM_SHA256_HMAC", bytes(range(64)))
-    ec = sign(ec_handle, "CKM_ECDSA", bytes(range(32)))
+    ec = sign(_private_key(lab, b"p11bench-ec"), "CKM_ECDSA", bytes(range(32)))
+    rsa = sign(_private_key(lab, b"p11bench-rsa"), "CKM_SHA256_RSA_PKCS", bytes(range(64)))
 
     def batch(req: dict[str, object], n: int) -> dict[str, object]:
         return {"items": [{"op": "sign", "token": lab.token, "request": req}] * n}
@@ -65,6 +67,8 @@ def _bodies(lab: Lab, work: Path, ec_handle: str) -> dict[str, tuple[str, Path]]
         ("hmac-b1", "/crypto/v1/batch", batch(hmac, 1)),
         ("hmac-b16", "/crypto/v1/batch", batch(hmac, 16)),
         ("ec-b16", "/crypto/v1/batch", batch(ec, 16)),
+        ("rsa", "/crypto/v1/sign", rsa),
+        ("rsa-b8", "/crypto/v1/batch", batch(rsa, 8)),
     ):
         f = work / f"{name}.json"
         f.write_bytes(json.dumps(body, separators=(",", ":")).encode())
@@ -74,7 +78,7 @@ def _bodies(lab: Lab, work: Path, ec_handle: str) -> dict[str, tuple[str, Path]]
     return out
 
 
-def _ec_handle(lab: Lab) -> str:
+def _private_key(lab: Lab, label: bytes) -> str:
     from pkcs11ws.client.api import KeyServiceClient
     from pkcs11ws.config import load_config
 
@@ -83,9 +87,7 @@ def _ec_handle(lab: Lab) -> str:
     try:
         cards = client.list_softcards()
         card = next(c for c in cards if c["name"] == TOKEN_LABEL)
-        found = client.search_objects(
-            card["id"], lab.token, {"CKA_LABEL": b"p11bench-ec", "CKA_CLASS": 3}
-        )
+        found = client.search_objects(card["id"], lab.token, {"CKA_LABEL": label, "CKA_CLASS": 3})
         return str(found[0]["handle"])
     finally:
         client.close()
@@ -160,7 +162,7 @@ def instructions(
     args: argparse.Namespace, lab: Lab, work: Path, stack: contextlib.ExitStack
 ) -> None:
     assert lab.ksd is not None and lab.service is not None
-    bodies = _bodies(lab, work, _ec_handle(lab))
+    bodies = _bodies(lab, work)
     lab.service.stop()
     cg_svc, cg_floor = work / "cg.service", work / "cg.floor"
     svc = stack.enter_context(
@@ -206,7 +208,7 @@ def _pid_of(server: KeyService | FloorServer) -> Callable[[], int | None]:
 
 def cpu(args: argparse.Namespace, lab: Lab, work: Path, stack: contextlib.ExitStack) -> None:
     assert lab.ksd is not None and lab.service is not None
-    bodies = _bodies(lab, work, _ec_handle(lab))
+    bodies = _bodies(lab, work)
     floor = stack.enter_context(FloorServer(lab.ksd, lab.placement.server))
     svc = lab.service
     variants: list[tuple[str, Variant, Point]] = []

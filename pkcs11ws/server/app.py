@@ -30,6 +30,7 @@ from pkcs11ws.server import audit, conn, fastjson, pipeline, reload
 from pkcs11ws.server import settings as settings_mod
 from pkcs11ws.server.accesslog import LOG_FORMAT, AccessLog
 from pkcs11ws.server.handlers import Service
+from pkcs11ws.server.handlers_crypto import IN_BATCH, Offloaded
 from pkcs11ws.server.identity import Clients, Identity
 from pkcs11ws.server.masterkey import open_master_key
 from pkcs11ws.server.peer import PEER_KEY
@@ -392,6 +393,11 @@ class App:
         ident = req.ident
         parts: list[bytes] = []
         rid = audit.REQUEST_ID.get()  # the batch's; an item may carry its own (_request_id)
+        # Items whose work goes to the thread pool: (their place in parts, the work, seen,
+        # their request id), run together in one hand-off after the loop
+        # (handlers_crypto.Offloaded).
+        offloaded: list[tuple[int, Offloaded, list[Any], str | None]] = []
+        in_batch = IN_BATCH.set(True)
         for item in items:
             if audit.REQUEST_ID.get() is not rid:
                 audit.REQUEST_ID.set(rid)
@@ -421,6 +427,10 @@ class App:
                     seen,
                     fast,
                 )
+            except Offloaded as work:
+                offloaded.append((len(parts), work, seen, audit.REQUEST_ID.get()))
+                parts.append(b"")
+                continue
             except ApiError as exc:
                 code = exc.code
                 resp = _error(code, exc.message)
@@ -431,6 +441,9 @@ class App:
             if resp.status >= 300:
                 _audit(seen, resp, code)
             parts.append(b'{"status":%d,"answer":%s}' % (resp.status, resp.body))
+        IN_BATCH.reset(in_batch)  # (an exception escaping the loop ends the request task)
+        if offloaded:
+            await _run_offloaded(offloaded, parts)
         return Response(200, b'{"results":[' + b",".join(parts) + b"]}")
 
     async def _body(self, receive: Receive, length: bytes | None, limit: int, code: str) -> bytes:
@@ -510,6 +523,41 @@ def _bearer(token: str | None) -> bytes | None:
     if not token.isascii():  # never a sealed token (and a lone surrogate cannot be encoded)
         raise ApiError("NOT_ACTIVATED", "the activation token is not valid")
     return b"Bearer " + token.encode("ascii")
+
+
+async def _run_offloaded(
+    offloaded: list[tuple[int, Offloaded, list[Any], str | None]], parts: list[bytes]
+) -> None:
+    """A batch's offloaded items, all in one thread hand-off; each still gets its own answer
+    (or error, with its audit line) as its single request would."""
+
+    def run_all() -> list[tuple[bool, Any]]:
+        done: list[tuple[bool, Any]] = []
+        for _, work, _, _ in offloaded:
+            try:
+                done.append((True, work.run()))
+            except Exception as exc:  # handed back: answered per item below
+                done.append((False, exc))
+        return done
+
+    for (i, work, seen, rid), (ok, out) in zip(
+        offloaded, await asyncio.to_thread(run_all), strict=True
+    ):
+        if audit.REQUEST_ID.get() is not rid:
+            audit.REQUEST_ID.set(rid)  # the item's own, for its audit line
+        code: str | None = None
+        if ok:
+            resp = work.answer(out)
+        elif isinstance(out, ApiError):
+            code = out.code
+            resp = _error(code, out.message)
+        else:
+            error_log.error("internal error on a batched %s", seen[0].op, exc_info=out)
+            code = "INTERNAL"
+            resp = _error(code, "internal error (logged by the service)")
+        if resp.status >= 300:
+            _audit(seen, resp, code)
+        parts[i] = b'{"status":%d,"answer":%s}' % (resp.status, resp.body)
 
 
 def _audit(seen: list[Any], resp: Response, code: str | None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextvars
 import os
 import time
 from collections.abc import Callable
@@ -64,6 +65,44 @@ class _KeyMeta:
     cls: int
     key_type: int
     usage: frozenset[str]
+
+
+# True while App._batch runs its items: an item whose work goes to the thread pool (offload) is
+# then raised as Offloaded once its checks passed, and the batch hands all of them to one
+# thread in one go (one hand-off per batch instead of one per item, ~55 us each).
+IN_BATCH: Final[contextvars.ContextVar[bool]] = contextvars.ContextVar(
+    "pkcs11ws_in_batch", default=False
+)
+
+
+class Offloaded(Exception):  # not an error: a batch item's work, left for later
+    """A batch item's checked work: run() computes its output (in the batch's thread), and
+    answer() makes the item's answer from that output, as its handler would have."""
+
+    def __init__(
+        self, work: Callable[..., Any], mech: mechanisms.Mechanism, key: Any, body: Any, fn: str
+    ) -> None:
+        super().__init__(fn)
+        self.work = work
+        self.mech = mech
+        self.key = key
+        self.body = body
+        self.answer: Callable[[Any], Response] = _ANSWERS[fn]
+
+    def run(self) -> Any:
+        return self.work(self.mech, self.key, self.body)
+
+
+def _signed(sig: bytes) -> Response:
+    return Response(200, b'{"signature":"' + _b2a(sig, newline=False) + b'"}')
+
+
+_ANSWERS: Final[dict[str, Callable[[Any], Response]]] = {
+    "sign": _signed,
+    "verify": lambda _: _VERIFIED,
+    "encrypt": lambda out: _cipher_result(*out),
+    "decrypt": lambda out: _cipher_result(*out),
+}
 
 
 def ended() -> ApiError:
@@ -232,6 +271,8 @@ class CryptoHandlers:
         v = self._key(req.claims, b["key"], b["mechanism"], flag, use, found)
         work = getattr(v.family, fn)
         if v.offload:
+            if IN_BATCH.get():
+                raise Offloaded(work, v.mech, v.key, b, fn)
             return await asyncio.to_thread(work, v.mech, v.key, b)
         return work(v.mech, v.key, b)
 
@@ -247,8 +288,7 @@ class CryptoHandlers:
         return _cipher_result(data, last)
 
     async def sign(self, req: Request) -> Response:
-        sig = await self._crypto(req, C.CKF_SIGN, "CKA_SIGN", "sign")
-        return Response(200, b'{"signature":"' + _b2a(sig, newline=False) + b'"}')
+        return _signed(await self._crypto(req, C.CKF_SIGN, "CKA_SIGN", "sign"))
 
     async def verify(self, req: Request) -> Response:
         await self._crypto(req, C.CKF_VERIFY, "CKA_VERIFY", "verify")

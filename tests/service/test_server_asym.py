@@ -444,3 +444,48 @@ def test_key_pairs_count_as_keys_for_softcard_delete(shared_card: Any) -> None:
     r = api.delete(f"/km/v1/softcards/{card_id}", idem=new_idem())
     assert (r.status, r.code) == (409, "SOFTCARD_NOT_EMPTY")  # the public key is still a key
     assert api.delete(f"/km/v1/softcards/{card_id}?force=true", idem=new_idem()).status == 200
+
+
+def test_batch_offloaded_items_each_answered_as_alone(
+    shared_card: Any, rsa_pair: Any, ec_pair: Any
+) -> None:
+    """A batch's RSA items leave the event loop together (one thread hand-off for the batch,
+    app._run_offloaded); each still gets the answer its single request gets, in its place:
+    signatures, an error raised by the signing itself, a refusal before it, next to an ECDSA
+    P-256 item signed on the loop."""
+    api, _, token = shared_card
+    pub_h, priv_h, pub = rsa_pair
+    _, ec_priv, ec_pub = ec_pair
+    data = [os.urandom(100) for _ in range(3)]
+    requests = [
+        {"key": priv_h, "mechanism": "CKM_SHA256_RSA_PKCS", "data": b64(data[0])},
+        {"key": ec_priv, "mechanism": "CKM_ECDSA_SHA256", "data": b64(data[1])},
+        {"key": priv_h, "mechanism": "CKM_RSA_PKCS", "data": b64(os.urandom(300))},  # too long
+        {"key": pub_h, "mechanism": "CKM_SHA256_RSA_PKCS", "data": b64(data[0])},  # refused
+        {"key": priv_h, "mechanism": "CKM_SHA256_RSA_PKCS_PSS", "data": b64(data[2])},  # no salt
+        {"key": priv_h, "mechanism": "CKM_SHA256_RSA_PKCS", "data": b64(data[2])},
+    ]
+    items = [{"op": "sign", "token": token, "request": r} for r in requests]
+    r = api.post("/crypto/v1/batch", {"items": items})
+    assert r.status == 200, r.body
+    got = [(x["status"], x["answer"]) for x in r.json["results"]]
+    alone = [api.post(SIGN, req, token=token) for req in requests]
+    for i, ((status, answer), one) in enumerate(zip(got, alone, strict=True)):
+        assert status == one.status, (i, answer, one.body)
+        if i != 1:  # ECDSA signatures differ each time: checked below
+            assert answer == one.json, i
+    assert [a.get("code") for _, a in got] == [
+        None,
+        None,
+        "DATA_LEN_RANGE",
+        "KEY_NOT_FOUND",  # a public key cannot sign
+        "MECHANISM_PARAM_INVALID",
+        None,
+    ]
+    pub.verify(unb64(got[0][1]["signature"]), data[0], padding.PKCS1v15(), hashes.SHA256())
+    pub.verify(unb64(got[5][1]["signature"]), data[2], padding.PKCS1v15(), hashes.SHA256())
+    sig = unb64(got[1][1]["signature"])
+    der = utils.encode_dss_signature(
+        int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")
+    )
+    ec_pub.verify(der, data[1], ec.ECDSA(hashes.SHA256()))
