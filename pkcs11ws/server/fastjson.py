@@ -112,19 +112,40 @@ def _values(groups: tuple[bytes | None, ...], fields: _Fields) -> Decoded | None
 
 
 class _Structure:
-    __slots__ = ("fields", "match")
+    """A structure's expression (match, fields) and, when it has optional fields, the one of
+    its common spelling without them (short, short_fields), tried first: fewer groups to walk
+    and no optional group to try (a 16-item batch of signatures: 551k -> 513k instructions)."""
 
-    def __init__(self, pattern: re.Pattern[bytes], fields: _Fields) -> None:
-        self.match = pattern.match
-        self.fields = fields
+    __slots__ = ("fields", "match", "short", "short_fields")
+
+    def __init__(self, struct: Struct) -> None:
+        made = _expression(struct)
+        assert made is not None
+        self.match = made[0].match
+        self.fields = made[1]
+        required = Struct(struct.name, tuple(f for f in struct.fields if f.required), struct.doc)
+        short = _expression(required) if required.fields != struct.fields else None
+        self.short = short[0].match if short is not None and required.fields else None
+        self.short_fields = short[1] if short is not None else ()
+
+    def decode(self, raw: bytes, pos: int) -> tuple[Decoded | None, int]:
+        """The structure's object at raw[pos:] and where it ends; (None, -1) when it is off
+        this path."""
+        if self.short is not None:
+            m = self.short(raw, pos)
+            if m is not None:  # the full expression's groups and end, but for the Nones
+                return _values(m.groups(), self.short_fields), m.end()
+        m = self.match(raw, pos)
+        if m is None:
+            return None, -1
+        return _values(m.groups(), self.fields), m.end()
 
 
 def _structures() -> dict[str, _Structure]:
     out: dict[str, _Structure] = {}
     for name, struct in STRUCTS.items():
-        made = _expression(struct)
-        if made is not None and struct.fields:
-            out[name] = _Structure(*made)
+        if _expression(struct) is not None and struct.fields:
+            out[name] = _Structure(struct)
     return out
 
 
@@ -136,22 +157,25 @@ def decoder(struct: str) -> Callable[[bytes], Decoded | None] | None:
     s = _STRUCTURES.get(struct)
     if s is None:
         return None
-    match, fields = s.match, s.fields
+    structure = s.decode
 
     def decode(raw: bytes) -> Decoded | None:
-        m = match(raw)
-        if m is None or m.end() != len(raw):
+        body, end = structure(raw, 0)
+        if end != len(raw):
             return None
-        return _values(m.groups(), fields)
+        return body
 
     return decode
 
 
 # One batch item up to its request: {"op":"...","token":"...","request":
-_ITEM: Final = re.compile(rb'\{"op":"([a-z_]{1,32})"(?:,"token":' + _PLAIN + rb')?,"request":')
+# The token is any run of bytes up to the next quote here (memchr-fast, where a character class
+# is tested byte by byte); batch() then asks of it what _PLAIN would have.
+_ITEM: Final = re.compile(rb'\{"op":"([a-z_]{1,32})"(?:,"token":"([^"]*)")?,"request":')
 _BATCH_HEAD: Final = b'{"items":['
-_BATCH_REQUEST: Final[dict[str, _Structure]] = {
-    op: _STRUCTURES[protocol.ENDPOINT_BY_OP[op].request]
+# By the op's bytes: the op (the protocol's own str) and its request's structure.
+_BATCH_REQUEST: Final[dict[bytes, tuple[str, _Structure]]] = {
+    op.encode("ascii"): (op, _STRUCTURES[protocol.ENDPOINT_BY_OP[op].request])
     for op in protocol.BATCHABLE
     if protocol.ENDPOINT_BY_OP[op].request in _STRUCTURES
 }
@@ -171,23 +195,33 @@ def batch(raw: bytes) -> BatchItems | None:
     if pos == end:
         return items
     item = _ITEM.match
+    last_raw: bytes | None = None
+    last_token: str | None = None
     while True:
         m = item(raw, pos)
         if m is None:
             return None
-        op = m.group(1).decode("ascii")
-        s = _BATCH_REQUEST.get(op)
-        if s is None:
+        found = _BATCH_REQUEST.get(m.group(1))
+        if found is None:
             return None  # not batchable, or its request takes the generic path
-        r = s.match(raw, m.end())
-        if r is None:
-            return None
-        body = _values(r.groups(), s.fields)
+        op, s = found
+        body, pos = s.decode(raw, m.end())
         if body is None:
             return None
-        token = m.group(2)
-        items.append((op, None if token is None else token.decode("ascii"), body))
-        pos = r.end()
+        token_raw = m.group(2)
+        if token_raw is None:
+            token = None
+        elif token_raw == last_raw:
+            token = last_token  # the items of a batch mostly share one token: one str for all
+        else:
+            # What _PLAIN admits: printable ASCII, no backslash (an escape: the generic path).
+            if not token_raw.isascii() or b"\\" in token_raw:
+                return None
+            token = token_raw.decode("ascii")
+            if not token.isprintable():
+                return None
+            last_raw, last_token = token_raw, token
+        items.append((op, token, body))
         if raw[pos : pos + 1] != b"}":
             return None
         pos += 1

@@ -181,3 +181,30 @@ def test_batches_agree_with_the_generic_path() -> None:
     for m in _mutations(good, rng, 3000):
         got = fastjson.batch(m)
         assert got is None or got == _batch_generic(m), m
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        b"v1.a b",
+        b"",
+        b"a\x7fb",
+        b"a\x01b",
+        b"a\\u0041",
+        b"a\\\\b",
+        b"\xc3\xa9t\xc3\xa9",
+        b"x" * 600,
+    ],
+)
+def test_batch_tokens_take_the_fast_path_only_as_plain_strings(token: bytes) -> None:
+    """A token is matched up to the next quote and then checked: the fast path takes it only
+    when it is printable ASCII without an escape (what the generic path reads the same)."""
+    sign = VALID["Sign"][0]
+    item = b'{"op":"sign","token":"' + token + b'","request":' + sign + b"}"
+    raw = b'{"items":[' + item + b"," + item + b"]}"
+    got = fastjson.batch(raw)
+    plain = all(0x20 <= c < 0x7F and c != 0x5C for c in token)
+    assert (got is not None) == plain, token
+    if got is not None:
+        assert got == _batch_generic(raw)
+        assert got[0][1] == token.decode("ascii")
