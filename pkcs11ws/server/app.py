@@ -398,6 +398,10 @@ class App:
         # (handlers_crypto.Offloaded).
         offloaded: list[tuple[int, Offloaded, list[Any], str | None]] = []
         in_batch = IN_BATCH.set(True)
+        # Items mostly share one token: one Authorization value for a run of them (its hash,
+        # which authenticate's cache needs, is then computed once).
+        last_token: str | None = None
+        last_auth: bytes | None = None
         for item in items:
             if audit.REQUEST_ID.get() is not rid:
                 audit.REQUEST_ID.set(rid)
@@ -412,7 +416,10 @@ class App:
                     raise ApiError("BAD_REQUEST", f"{op!r} cannot be batched")
                 ep = protocol.ENDPOINT_BY_OP[op]
                 seen[0] = ep
-                authorization = _bearer(token)
+                if token != last_token:
+                    last_auth = _bearer(token)  # (may refuse the item: then asked again)
+                    last_token = token
+                authorization = last_auth
                 resp = await self._operation(
                     ep,
                     self._handlers[op],

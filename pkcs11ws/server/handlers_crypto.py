@@ -178,7 +178,7 @@ class CryptoHandlers:
         if found is None:
             now = time.time()
             if self._marks:
-                cache = self._verdict_cache()
+                cache = self._verdicts if self._mark_read else self._verdict_cache()
                 ck = (claims.session, claims.card, claims.card_key, handle, mech_name, flag, use)
                 hit = cache.get(ck)
                 if hit is not None and now < hit.until:
