@@ -56,9 +56,23 @@ def sign(mech: Mechanism, key: ec.EllipticCurvePrivateKey, body: dict[str, Any])
     algo = _ALGOS.get(ck)
     if algo is None:
         algo = _ALGOS[ck] = _algorithm(mech, data)
-    r, s = utils.decode_dss_signature(key.sign(data, algo))
-    n = (key.curve.key_size + 7) // 8
-    return r.to_bytes(n, "big") + s.to_bytes(n, "big")
+    return raw_signature(key.sign(data, algo), (key.curve.key_size + 7) // 8)
+
+
+def raw_signature(der: bytes, n: int) -> bytes:
+    """r || s, each n bytes, from OpenSSL's DER ECDSA-Sig-Value (SEQUENCE of two INTEGERs,
+    minimal lengths, under 128 bytes each): read in place, a few times cheaper than
+    decode_dss_signature and two int conversions. Anything else takes that general path."""
+    i = 3 if der[1] == 0x81 else 2  # the sequence's length in one byte or in 0x81 + one
+    if der[0] == 0x30 and der[i] == 0x02:
+        j = i + 2 + der[i + 1]
+        if der[j] == 0x02 and j + 2 + der[j + 1] == len(der):
+            r = der[i + 2 : j].lstrip(b"\0")
+            s = der[j + 2 :].lstrip(b"\0")
+            if len(r) <= n and len(s) <= n:
+                return r.rjust(n, b"\0") + s.rjust(n, b"\0")
+    r_int, s_int = utils.decode_dss_signature(der)
+    return r_int.to_bytes(n, "big") + s_int.to_bytes(n, "big")
 
 
 def decrypt(mech: Mechanism, key: Any, body: dict[str, Any]) -> tuple[bytes, bytes]:

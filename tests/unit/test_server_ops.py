@@ -1,0 +1,45 @@
+"""The key service's operation families where they take a shortcut of their own: HMAC from
+the key's pad states (ops/hmac.py) and ECDSA's r || s read from OpenSSL's DER (ops/ec.py),
+each checked against the general computation it replaces."""
+
+from __future__ import annotations
+
+import hmac
+import os
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+from pkcs11ws.server.ops import ec as ec_ops
+from pkcs11ws.server.ops import hmac as hmac_ops
+
+
+@pytest.mark.parametrize("name", ["sha1", "sha224", "sha256", "sha384", "sha512"])
+def test_hmac_from_pads_is_hmac(name: str) -> None:
+    # Keys shorter than, as long as, and longer than the hash's block (64 or 128 bytes).
+    for size in (0, 1, 32, 64, 65, 128, 129, 300):
+        value = os.urandom(size)
+        key = hmac_ops.load(value)
+        assert key == value and len(key) == size  # the service's size checks use len()
+        for data in (b"", os.urandom(1), os.urandom(1000)):
+            assert hmac_ops._mac(key, name, data) == hmac.digest(value, data, name)
+
+
+@pytest.mark.parametrize(
+    ("curve", "n"), [(ec.SECP256R1(), 32), (ec.SECP384R1(), 48), (ec.SECP521R1(), 66)]
+)
+def test_raw_signature_is_r_and_s(curve: ec.EllipticCurve, n: int) -> None:
+    def want(der: bytes) -> bytes:
+        r, s = utils.decode_dss_signature(der)
+        return r.to_bytes(n, "big") + s.to_bytes(n, "big")
+
+    key = ec.generate_private_key(curve)
+    for _ in range(200):
+        der = key.sign(os.urandom(32), ec.ECDSA(hashes.SHA256()))
+        assert ec_ops.raw_signature(der, n) == want(der)
+    # Short and full-width values (leading zero bytes dropped or added by DER).
+    top = 2 ** (8 * n) - 1
+    for r, s in ((1, 1), (0, 5), (2**255, 3), (top, top), (top >> 8, 1 << 8)):
+        der = utils.encode_dss_signature(r, s)
+        assert ec_ops.raw_signature(der, n) == want(der)
