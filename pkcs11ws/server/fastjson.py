@@ -40,6 +40,11 @@ _VALUE: Final[dict[str, bytes]] = {
     "int": rb"(0|[1-9][0-9]{0,19})",
     "bool": rb"(true|false)",
 }
+# A long string (over _LONG characters allowed: the activation token) is matched up to the next
+# quote (memchr-fast, where a character class is tested byte by byte), then checked in _values
+# as _PLAIN would have (kind "text").
+_LONG: Final = 256
+_TEXT: Final = rb'"([^"]*)"'
 # A field's separator: right after the opening brace, or a comma that does not follow it.
 _SEP: Final = rb"(?:(?<=\{)|(?<!\{),)"
 
@@ -53,7 +58,8 @@ def _expression(struct: Struct) -> tuple[re.Pattern[bytes], _Fields] | None:
     fields: list[tuple[str, str, int]] = []
     after_required = False  # a required field comes earlier: this one follows a comma
     for i, f in enumerate(struct.fields):
-        value = _VALUE.get(f.kind)
+        kind = "text" if f.kind == "str" and f.max_len > _LONG else f.kind
+        value = _TEXT if kind == "text" else _VALUE.get(kind)
         if value is None:
             return None  # attrs, lists, objects: the generic path
         # The separator is known from the structure where it can be (the first field has
@@ -62,7 +68,7 @@ def _expression(struct: Struct) -> tuple[re.Pattern[bytes], _Fields] | None:
         sep = b"" if i == 0 else b"," if after_required else _SEP
         piece = sep + b'"' + re.escape(f.name.encode("ascii")) + b'":' + value
         parts.append(piece if f.required else b"(?:" + piece + b")?")
-        fields.append((f.name, f.kind, f.max_len))
+        fields.append((f.name, kind, f.max_len))
         after_required = after_required or f.required
     parts.append(rb"\}")
     return re.compile(b"".join(parts)), tuple(fields)
@@ -86,6 +92,28 @@ def _b64(raw: bytes) -> bytes | None:
     return data
 
 
+# Long strings already found plain, by their bytes: a client sends the same token with each
+# request, and checking its ~200 characters costs several times the lookup. Bounded.
+_TEXTS: dict[bytes, str] = {}
+_TEXTS_MAX: Final = 4096
+
+
+def _text(raw: bytes) -> str | None:
+    """raw as a str when it is what _PLAIN admits (printable ASCII without a backslash, which
+    would start an escape: the generic path), else None."""
+    text = _TEXTS.get(raw)
+    if text is None:
+        if not raw.isascii() or b"\\" in raw:
+            return None
+        text = raw.decode("ascii")
+        if not text.isprintable():
+            return None
+        if len(_TEXTS) >= _TEXTS_MAX:
+            _TEXTS.clear()
+        _TEXTS[raw] = text
+    return text
+
+
 def _values(groups: tuple[bytes | None, ...], fields: _Fields) -> Decoded | None:
     out: Decoded = {}
     for raw, field in zip(groups, fields, strict=True):
@@ -97,6 +125,10 @@ def _values(groups: tuple[bytes | None, ...], fields: _Fields) -> Decoded | None
             value = raw.decode("ascii")
         elif kind == "bytes":
             value = _b64(raw)
+            if value is None:
+                return None
+        elif kind == "text":
+            value = _text(raw)
             if value is None:
                 return None
         elif kind == "int":
@@ -112,9 +144,10 @@ def _values(groups: tuple[bytes | None, ...], fields: _Fields) -> Decoded | None
 
 
 class _Structure:
-    """A structure's expression (match, fields) and, when it has optional fields, the one of
-    its common spelling without them (short, short_fields), tried first: fewer groups to walk
-    and no optional group to try (a 16-item batch of signatures: 551k -> 513k instructions)."""
+    """A structure's expression (match, fields) and, when optional fields follow its last
+    required one, the expression of its common spelling without those (short,
+    short_fields), tried first: fewer groups to walk and no optional group to try at the end
+    (a 16-item batch of signatures: 551k -> 513k instructions)."""
 
     __slots__ = ("fields", "match", "short", "short_fields")
 
@@ -123,9 +156,10 @@ class _Structure:
         assert made is not None
         self.match = made[0].match
         self.fields = made[1]
-        required = Struct(struct.name, tuple(f for f in struct.fields if f.required), struct.doc)
-        short = _expression(required) if required.fields != struct.fields else None
-        self.short = short[0].match if short is not None and required.fields else None
+        last = max((i for i, f in enumerate(struct.fields) if f.required), default=-1)
+        head = Struct(struct.name, struct.fields[: last + 1], struct.doc)
+        short = _expression(head) if head.fields and head.fields != struct.fields else None
+        self.short = short[0].match if short is not None else None
         self.short_fields = short[1] if short is not None else ()
 
     def decode(self, raw: bytes, pos: int) -> tuple[Decoded | None, int]:
@@ -214,11 +248,8 @@ def batch(raw: bytes) -> BatchItems | None:
         elif token_raw == last_raw:
             token = last_token  # the items of a batch mostly share one token: one str for all
         else:
-            # What _PLAIN admits: printable ASCII, no backslash (an escape: the generic path).
-            if not token_raw.isascii() or b"\\" in token_raw:
-                return None
-            token = token_raw.decode("ascii")
-            if not token.isprintable():
+            token = _text(token_raw)
+            if token is None:
                 return None
             last_raw, last_token = token_raw, token
         items.append((op, token, body))

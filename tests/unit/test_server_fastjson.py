@@ -196,6 +196,34 @@ def test_batches_agree_with_the_generic_path() -> None:
         b"x" * 600,
     ],
 )
+def test_body_tokens_take_the_fast_path_only_as_plain_strings(token: bytes) -> None:
+    """The same for a request's own token field (matched up to the next quote, then checked),
+    with and without the optional fields around it, as the generic path decodes it."""
+    sign = VALID["Sign"][0]
+    for head in (b'{"token":"', b'{"request_id":"r-1","token":"'):
+        for tail in (b"", b',"mac_length":16'):
+            raw = head + token + b'",' + sign[1:-1] + tail + b"}"
+            got = fastjson.decoder("Sign")(raw)  # type: ignore[misc]
+            plain = all(0x20 <= c < 0x7F and c != 0x5C for c in token) and len(token) <= 4096
+            assert (got is not None) == plain, raw
+            if got is not None:
+                assert got == decode_generic("Sign", raw)
+                assert got["token"] == token.decode("ascii")
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        b"v1.a b",
+        b"",
+        b"a\x7fb",
+        b"a\x01b",
+        b"a\\u0041",
+        b"a\\\\b",
+        b"\xc3\xa9t\xc3\xa9",
+        b"x" * 600,
+    ],
+)
 def test_batch_tokens_take_the_fast_path_only_as_plain_strings(token: bytes) -> None:
     """A token is matched up to the next quote and then checked: the fast path takes it only
     when it is printable ASCII without an escape (what the generic path reads the same)."""
