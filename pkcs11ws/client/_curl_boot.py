@@ -8,6 +8,12 @@ imported yet, this builds the same package module (same names, same ``__all__``)
 ``AsyncCurlMulti`` imported on first access instead. If pycurl is already imported, or its
 layout is not the one described above, it does nothing and ``import pycurl`` runs as usual.
 
+pycurl's extension also imports ``datetime`` in its init, for the C API capsule of the
+datetime types (HSTS entries): the pure-Python ``datetime.py`` costs ~5 M instructions only to be
+replaced by ``_datetime``'s classes at its end. While the extension loads, ``sys.modules``
+lends it ``_datetime`` under that name (the same capsule and the same classes); a later
+``import datetime`` anywhere imports the real module as usual.
+
 Before loading pycurl it refuses the PyPI wheel (design.md section 3): auditwheel puts the
 libcurl and OpenSSL that wheel bundles in a ``pycurl.libs`` folder beside the package, and once
 those are loaded inside a C host (pkcs11-tool) the damage is done, so the check looks at the
@@ -52,12 +58,30 @@ def check_not_wheel(package_dir: str) -> None:
         )
 
 
+def _load_extension() -> None:
+    """`from pycurl import _pycurl`, with ``_datetime`` standing in for ``datetime``."""
+    lent = "datetime" not in sys.modules
+    if lent:
+        try:
+            import _datetime  # type: ignore[import-not-found]  # no stub: the C accelerator
+        except ImportError:  # a Python without the C accelerator: pycurl imports datetime.py
+            lent = False
+        else:
+            sys.modules["datetime"] = _datetime
+    try:
+        from pycurl import _pycurl  # noqa: F401
+    finally:
+        if lent and sys.modules.get("datetime") is sys.modules.get("_datetime"):
+            del sys.modules["datetime"]
+
+
 def _boot() -> None:
     if "pycurl" in sys.modules:
         return
-    import importlib.machinery  # importlib.util would import contextlib
+    # importlib.machinery's PathFinder, without importing importlib (and warnings) for it.
+    from _frozen_importlib_external import PathFinder
 
-    spec = importlib.machinery.PathFinder.find_spec("pycurl")
+    spec = PathFinder.find_spec("pycurl")
     if spec is None or not spec.submodule_search_locations:
         return  # not a package here: let `import pycurl` report it
     check_not_wheel(next(iter(spec.submodule_search_locations)))
@@ -71,10 +95,11 @@ def _boot() -> None:
     pkg.__cached__ = spec.cached  # type: ignore[attr-defined]
     sys.modules["pycurl"] = pkg
     try:
-        from pycurl import _pycurl
+        _load_extension()
     except BaseException:
         del sys.modules["pycurl"]
         raise
+    _pycurl = sys.modules["pycurl._pycurl"]
     public = [name for name in dir(_pycurl) if not name.startswith("_")]
     for name in public:
         setattr(pkg, name, getattr(_pycurl, name))

@@ -19,6 +19,9 @@ from pkcs11ws.provider import Slot
 
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("dataclasses", "inspect", "ast", "dis", "typing", "contextlib", "pycurl.async_multi")
+# Loading pycurl needs neither: its extension gets _datetime's capsule without datetime.py, and
+# the package is found with the import system's own PathFinder (importlib imports warnings).
+NOT_FOR_PYCURL = ("datetime", "importlib", "warnings")
 
 
 def test_module_import_path_stays_light() -> None:
@@ -35,7 +38,27 @@ def test_module_import_path_stays_light() -> None:
     ).stdout
     mods, curl, n_all = json.loads(out)
     assert [m for m in HEAVY if m in mods] == []
+    assert [m for m in NOT_FOR_PYCURL if m in mods] == []
     assert "pycurl._pycurl" in mods and curl == "Curl" and n_all > 100
+
+
+def test_datetime_lent_to_pycurl_only_while_it_loads() -> None:
+    # After the light pycurl load, `import datetime` is the real module, and pycurl's datetime
+    # types are the same classes (one capsule).
+    code = (
+        "import sys, json\n"
+        f"sys.path[:0] = [{str(REPO)!r}, {sysconfig.get_paths()['purelib']!r}]\n"
+        "import pkcs11ws.client._curl_boot\n"
+        "before = 'datetime' in sys.modules\n"
+        "import datetime, _datetime\n"
+        "real = datetime.__file__.endswith('datetime.py')\n"
+        "same = datetime.datetime is _datetime.datetime\n"
+        "print(json.dumps([before, real, same, 'pycurl._pycurl' in sys.modules]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert json.loads(out) == [False, True, True, True]
 
 
 def test_pycurl_package_matches_the_real_one() -> None:
