@@ -35,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -166,10 +167,11 @@ static int p11ws_find_python(const char *parent, char *exe, size_t n, char *site
     return -1;
 }
 
-/* `home = DIR` of ENV/pyvenv.cfg into out; 0 when found. */
-static int p11ws_venv_home(const char *env, char *out, size_t n)
+/* The value of `KEY = VALUE` in ENV/pyvenv.cfg into out; 0 when found. */
+static int p11ws_venv_value(const char *env, const char *key, char *out, size_t n)
 {
     char path[PATH_MAX + 16], line[PATH_MAX + 32];
+    size_t klen = strlen(key);
     snprintf(path, sizeof path, "%s/pyvenv.cfg", env);
     FILE *f = fopen(path, "re");
     int rc = -1;
@@ -179,9 +181,9 @@ static int p11ws_venv_home(const char *env, char *out, size_t n)
         char *p = line;
         while (*p == ' ' || *p == '\t')
             p++;
-        if (strncmp(p, "home", 4) != 0)
+        if (strncmp(p, key, klen) != 0)
             continue;
-        p += 4;
+        p += klen;
         while (*p == ' ' || *p == '\t')
             p++;
         if (*p++ != '=')
@@ -200,6 +202,23 @@ static int p11ws_venv_home(const char *env, char *out, size_t n)
     }
     fclose(f);
     return rc;
+}
+
+/* `home = DIR` of ENV/pyvenv.cfg into out; 0 when found. */
+static int p11ws_venv_home(const char *env, char *out, size_t n)
+{
+    return p11ws_venv_value(env, "home", out, n);
+}
+
+/* 1 when the venv of the interpreter exe also sees the base Python's site-packages
+ * (`include-system-site-packages = true`): the loader then runs site.main() to add them. */
+static int p11ws_system_site(const char *exe)
+{
+    char env[PATH_MAX], value[16];
+    snprintf(env, sizeof env, "%s", exe);
+    return p11ws_up(env, 2) == 0 &&
+           p11ws_venv_value(env, "include-system-site-packages", value, sizeof value) == 0 &&
+           strcasecmp(value, "true") == 0;
 }
 
 /* Rule 3: make libpythonX.Y part of the process, visible to the extensions (RTLD_GLOBAL). */
@@ -275,7 +294,7 @@ static int p11ws_resolve(void)
         p11ws_say("cannot load the loader", "p11ws_loader_boot is missing");
         return -1;
     }
-    p11ws_rt = (struct p11ws_runtime){P11WS_RUNTIME_ABI, exe, parent, site};
+    p11ws_rt = (struct p11ws_runtime){P11WS_RUNTIME_ABI, exe, parent, site, p11ws_system_site(exe)};
     return 0;
 }
 

@@ -117,9 +117,7 @@ static int p11ws_start_python(void)
     PyConfig_InitIsolatedConfig(&config);
     /* The host (a JVM, a C program) owns the signals. */
     config.install_signal_handlers = 0;
-    /* site.main() runs later, from p11ws_run_site(), without the .pth of an editable install of
-     * pkcs11ws (its finder alone costs ~10 ms of start-up; pkcs11ws is found through
-     * sys.path[0] anyway). */
+    /* No site: sys.path gets exactly what the module needs (p11ws_import_core). */
     config.site_import = 0;
     status = PyConfig_SetBytesString(&config, &config.program_name, p11ws_rt->executable);
     if (!PyStatus_Exception(status))
@@ -149,9 +147,10 @@ static int p11ws_path_append(PyObject *path, const char *entry)
     return rc < 0 ? -1 : 0;
 }
 
-/* With the GIL, in an interpreter booted without site: site.main() as Py_Initialize would run
- * it (a venv's prefix and site-packages, .pth files, sitecustomize), except for the .pth of an
- * editable install of pkcs11ws itself and setuptools' distutils-precedence.pth (it imports
+/* With the GIL, in an interpreter booted without site, for a venv that includes the base
+ * Python's site-packages: site.main() as Py_Initialize would run it (the venv's prefix, both
+ * site-packages, .pth files, sitecustomize), except for the .pth of an editable install of
+ * pkcs11ws itself (pkcs11ws is sys.path[0]) and setuptools' distutils-precedence.pth (it imports
  * _distutils_hack, a shim for code importing distutils, which the module never does). */
 static const char p11ws_site_main[] =
     "import site\n"
@@ -195,7 +194,13 @@ static void p11ws_gc_after_boot(int imported)
     PyGC_Enable();
 }
 
-/* With the GIL: make pkcs11ws importable and import the core. */
+/* With the GIL: make pkcs11ws importable and import the core. In the interpreter we booted,
+ * sys.path is the package's parent, the standard library, then the runtime's site-packages,
+ * where pkcs11ws's dependencies are: what a host's interpreter gets appended. site.main() would
+ * add nothing else the module imports, in the layouts bootstrap.c accepts (a venv or a Python
+ * prefix, a wheel or an editable install, whose .pth only makes pkcs11ws importable: it is,
+ * first), and costs ~3 M instructions of pkcs11-tool -L; it runs only when the venv includes
+ * the base Python's site-packages. So .pth files and sitecustomize do not run inside a host. */
 static int p11ws_import_core(const char *parent, int booted)
 {
     PyObject *path = PySys_GetObject("path"); /* borrowed */
@@ -208,7 +213,7 @@ static int p11ws_import_core(const char *parent, int booted)
         rc = dir == NULL ? -1 : PyList_Insert(path, 0, dir);
         Py_XDECREF(dir);
         if (rc == 0)
-            rc = p11ws_run_site();
+            rc = p11ws_rt->system_site ? p11ws_run_site() : p11ws_path_append(path, p11ws_rt->site);
         if (rc < 0)
             goto out;
     } else if (p11ws_path_append(path, parent) < 0 || p11ws_path_append(path, p11ws_rt->site) < 0) {

@@ -7,13 +7,14 @@
 
 #include "pkcs11ws_ck.h"
 
-#define P11WS_RUNTIME_ABI 1
+#define P11WS_RUNTIME_ABI 2
 
 struct p11ws_runtime {
     int abi;                /* P11WS_RUNTIME_ABI */
     const char *executable; /* the interpreter: sys.executable, and so its venv or prefix */
     const char *pkg_parent; /* the directory holding the pkcs11ws package */
     const char *site;       /* that interpreter's site-packages (appended to a host's sys.path) */
+    int system_site;        /* its pyvenv.cfg has include-system-site-packages = true */
 };
 
 /* Exported by the loader: boots (or attaches to) Python once, serialised and remembered;

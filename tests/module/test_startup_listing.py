@@ -1,7 +1,9 @@
 """What `pkcs11-tool -L` makes the module do (C_Initialize, C_GetSlotList, C_Finalize) imports
 nothing it does not need, against the real key service (start-up time and RSS, issue 15: each
 needless import costs milliseconds and memory of every process that loads the module).
-tests/unit/test_startup_imports.py checks the import path itself.
+tests/unit/test_startup_imports.py checks the import path itself. A C host then checks the
+interpreter the loader really boots: no site, exactly the package's parent and the runtime's
+site-packages on sys.path, the start-up objects frozen out of the collector, which runs again.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from pkcs11ws.__main__ import module_path
 from tests.support.service import Service
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,3 +50,72 @@ def test_listing_slots_imports_only_what_it_needs(service: Service) -> None:
     assert "pycurl._pycurl" in mods and "pkcs11ws.client.group" in mods
     leaked = [m for m in mods if m.split(".")[0] in LIST_SLOTS_NEVER or m in LIST_SLOTS_NEVER]
     assert leaked == []
+
+
+# A C program like pkcs11-tool -L (dlopen RTLD_LOCAL, C_Initialize, C_GetSlotList, C_Finalize),
+# which then asks the interpreter the module booted (libpython is in the process's global scope)
+# what it holds: the Python code comes in argv[2].
+HOST_C = r"""
+#include <dlfcn.h>
+#include <stdio.h>
+#include "pkcs11ws_ck.h"
+
+int main(int argc, char **argv) {
+    void *lib = argc == 3 ? dlopen(argv[1], RTLD_NOW | RTLD_LOCAL) : NULL;
+    if (lib == NULL) { printf("FAIL dlopen\\n"); return 1; }
+    CK_C_GetFunctionList gfl = (CK_C_GetFunctionList)dlsym(lib, "C_GetFunctionList");
+    CK_FUNCTION_LIST *f;
+    CK_ULONG n = 0;
+    if (gfl == NULL || gfl(&f) != CKR_OK || f->C_Initialize(NULL) != CKR_OK
+        || f->C_GetSlotList(CK_FALSE, NULL, &n) != CKR_OK || f->C_Finalize(NULL) != CKR_OK) {
+        printf("FAIL listing\\n");
+        return 1;
+    }
+    int (*ensure)(void) = (int (*)(void))dlsym(RTLD_DEFAULT, "PyGILState_Ensure");
+    void (*release)(int) = (void (*)(int))dlsym(RTLD_DEFAULT, "PyGILState_Release");
+    int (*run)(const char *) = (int (*)(const char *))dlsym(RTLD_DEFAULT, "PyRun_SimpleString");
+    if (ensure == NULL || release == NULL || run == NULL) {
+        printf("FAIL no libpython\\n");
+        return 1;
+    }
+    int g = ensure();
+    int rc = run(argv[2]);
+    release(g);
+    fflush(stdout);
+    return rc == 0 ? 0 : 1;
+}
+"""
+
+REPORT = (
+    "import sys\n"
+    "mods = sorted(sys.modules)\n"
+    "import gc, json\n"
+    "print(json.dumps({'modules': mods, 'path': sys.path, 'gc': gc.isenabled(),\n"
+    "                  'frozen': gc.get_freeze_count()}))\n"
+    "sys.stdout.flush()\n"  # the interpreter is never finalised: nothing else flushes it
+)
+
+
+def test_the_booted_interpreter_lists_slots_without_site(service: Service, tmp_path: Path) -> None:
+    (tmp_path / "host.c").write_text(HOST_C)
+    exe = tmp_path / "host"
+    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-I", str(REPO / "include"), "-o", str(exe),
+                    str(tmp_path / "host.c"), "-ldl"], check=True, timeout=120)  # fmt: skip
+    env = {**os.environ, "PKCS11WS_CONFIG": str(service.client_cfg), "PKCS11WS_LOGLEVEL": "4"}
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run([str(exe), module_path(), REPORT], capture_output=True, text=True,
+                       env=env, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = json.loads(r.stdout.splitlines()[-1])
+    mods = got["modules"]
+    assert "pycurl._pycurl" in mods and "pkcs11ws.provider" in mods
+    assert "site" not in mods and "sitecustomize" not in mods
+    leaked = [m for m in mods if m.split(".")[0] in LIST_SLOTS_NEVER or m in LIST_SLOTS_NEVER]
+    assert leaked == []
+    # The package first, the runtime's site-packages last, the standard library between.
+    path = got["path"]
+    assert Path(path[0]) == REPO and path[-1] == sysconfig.get_paths()["purelib"]
+    stdlib = sysconfig.get_paths()["stdlib"]
+    assert all(p.startswith(sys.base_prefix) for p in path[1:-1]) and stdlib in path
+    # The start-up's objects are frozen out of the collector, which runs again.
+    assert got["gc"] is True and got["frozen"] > 5_000
