@@ -100,10 +100,10 @@ def _boot() -> None:
         del sys.modules["pycurl"]
         raise
     _pycurl = sys.modules["pycurl._pycurl"]
-    public = [name for name in dir(_pycurl) if not name.startswith("_")]
-    for name in public:
-        setattr(pkg, name, getattr(_pycurl, name))
-    pkg.__all__ = [*public, "AsyncCurlMulti"]  # type: ignore[attr-defined]
+    # ~770 names: one dict update, not a setattr each (dir() would sort them first, too).
+    public = {name: value for name, value in vars(_pycurl).items() if name[0] != "_"}
+    vars(pkg).update(public)
+    pkg.__all__ = [*sorted(public), "AsyncCurlMulti"]  # type: ignore[attr-defined]
     pkg.__getattr__ = _module_getattr  # type: ignore[method-assign]
 
 
