@@ -221,7 +221,10 @@ static int p11ws_system_site(const char *exe)
            strcasecmp(value, "true") == 0;
 }
 
-/* Rule 3: make libpythonX.Y part of the process, visible to the extensions (RTLD_GLOBAL). */
+/* Rule 3: make libpythonX.Y part of the process, visible to the extensions (RTLD_GLOBAL).
+ * RTLD_LAZY: a libpython built without -fno-semantic-interposition (pyenv's default) calls its
+ * own API through ~1400 PLT slots, and binding them all up front cost ~0.9 M instructions of
+ * pkcs11-tool -L; what it imports is libc's and libm's, so nothing can be missing later. */
 static int p11ws_load_libpython(const char *exe)
 {
     char env[PATH_MAX], home[PATH_MAX], cand[PATH_MAX + 96];
@@ -240,11 +243,11 @@ static int p11ws_load_libpython(const char *exe)
             if (i == 1 && P11WS_MULTIARCH[0] == '\0')
                 continue;
             snprintf(cand, sizeof cand, "%s/../%s/" P11WS_PY_SONAME, home, subdirs[i]);
-            if (p11ws_is_file(cand) && (h = dlopen(cand, RTLD_NOW | RTLD_GLOBAL)) != NULL)
+            if (p11ws_is_file(cand) && (h = dlopen(cand, RTLD_LAZY | RTLD_GLOBAL)) != NULL)
                 return 0;
         }
     }
-    h = dlopen(P11WS_PY_SONAME, RTLD_NOW | RTLD_GLOBAL);
+    h = dlopen(P11WS_PY_SONAME, RTLD_LAZY | RTLD_GLOBAL);
     if (h != NULL)
         return 0;
     char msg[PATH_MAX + 160];
