@@ -5,6 +5,12 @@ that start-up: ``dataclasses`` pulls in ``inspect`` (and with it ``ast``, ``dis`
 ``tokenize``), ``contextlib`` is imported for ``suppress`` alone. tests/unit/test_startup_imports.py
 keeps them out; what they cost is measured by the benchmark, not written here.
 
+``Enum``: the mechanism table's five kinds of value. Making an ``enum.Enum`` class costs
+~1 M instructions in Python 3.11 (its metaclass does a great deal per member); this one has
+what the package uses (members with ``name`` and ``value``, iteration in definition order,
+``len``, lookup by value, identity comparison, hashing, copy and pickle giving the member back)
+and type checkers see ``enum.Enum`` itself.
+
 ``dataclass``/``field``/``replace``: the classes on that path only need the generated
 ``__init__`` (with defaults and ``default_factory``), ``__post_init__``, ``__repr__``,
 ``__eq__``, ``__hash__`` for frozen classes, and frozen attribute setting. It is the one way
@@ -20,6 +26,7 @@ from __future__ import annotations
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from enum import Enum as Enum
     from typing import Any, TypeVar, dataclass_transform
 else:
 
@@ -190,3 +197,73 @@ class suppress:
 
     def __exit__(self, kind: type[BaseException] | None, exc: object, tb: object) -> bool:
         return kind is not None and issubclass(kind, self._kinds)
+
+
+if not TYPE_CHECKING:
+
+    class _EnumType(type):
+        """The members of an Enum subclass: each plain class attribute (not a dunder, not
+        a function or descriptor) becomes an instance with that name and value."""
+
+        def __new__(mcls, name, bases, ns):
+            cls = super().__new__(mcls, name, bases, dict(ns))
+            members = []
+            for key, value in ns.items():
+                if key[:1] == "_" or hasattr(value, "__get__"):
+                    continue
+                member = object.__new__(cls)
+                object.__setattr__(member, "_name_", key)
+                object.__setattr__(member, "_value_", value)
+                type.__setattr__(cls, key, member)
+                members.append(member)
+            if bases and members:
+                type.__setattr__(cls, "_members_", tuple(members))
+                type.__setattr__(cls, "_by_value_", {m._value_: m for m in members})
+            return cls
+
+        def __iter__(cls):
+            return iter(cls._members_)
+
+        def __len__(cls):
+            return len(cls._members_)
+
+        def __call__(cls, value):
+            try:
+                return cls._by_value_[value]
+            except (KeyError, TypeError):
+                raise ValueError(f"{value!r} is not a valid {cls.__qualname__}") from None
+
+        def __setattr__(cls, key, value):
+            raise AttributeError(f"cannot reassign members of {cls.__qualname__}")
+
+    class Enum(metaclass=_EnumType):
+        """The subset of ``enum.Enum`` the package uses (see the module docstring)."""
+
+        __slots__ = ("_name_", "_value_")
+        _members_ = ()
+
+        @property
+        def name(self):
+            return self._name_
+
+        @property
+        def value(self):
+            return self._value_
+
+        def __setattr__(self, key, value):
+            raise AttributeError(f"cannot set {key!r} on {self!r}")
+
+        def __repr__(self):
+            return f"<{type(self).__qualname__}.{self._name_}: {self._value_!r}>"
+
+        def __str__(self):
+            return f"{type(self).__qualname__}.{self._name_}"
+
+        def __reduce__(self):
+            return type(self), (self._value_,)
+
+        def __copy__(self):
+            return self
+
+        def __deepcopy__(self, memo):
+            return self

@@ -1,6 +1,6 @@
 """What loading the module imports: the provider's import path stays free of heavy stdlib modules
 (dataclasses/inspect, typing, contextlib, pycurl's asyncio helper), and the light stand-ins in
-pkcs11ws/_lite.py behave like the dataclasses/contextlib features they replace.
+pkcs11ws/_lite.py behave like the dataclasses/contextlib/enum features they replace.
 """
 
 from __future__ import annotations
@@ -136,3 +136,41 @@ def test_lite_suppress() -> None:
         raise FileNotFoundError
     with pytest.raises(KeyError), _lite.suppress(OSError):
         raise KeyError
+
+
+class _Kind(_lite.Enum):
+    """Two members and a method, like the mechanism table's kinds."""
+
+    FIRST = "first"
+    SECOND = "second"
+
+    def shout(self) -> str:
+        return self.value.upper()
+
+
+class _Other(_lite.Enum):
+    FIRST = "first"
+
+
+def test_lite_enum_semantics() -> None:
+    import copy
+    import pickle
+
+    assert list(_Kind) == [_Kind.FIRST, _Kind.SECOND] and len(_Kind) == 2
+    assert _Kind.FIRST.name == "FIRST" and _Kind.FIRST.value == "first"
+    assert _Kind("second") is _Kind.SECOND and _Kind.SECOND.shout() == "SECOND"
+    assert isinstance(_Kind.FIRST, _Kind) and not isinstance(_Kind.FIRST, _Other)
+    assert _Kind.FIRST != _Other.FIRST and _Kind.FIRST != "first"  # type: ignore[comparison-overlap]
+    assert {_Kind.FIRST: 1, _Other.FIRST: 2}[_Other.FIRST] == 2
+    assert repr(_Kind.FIRST) == "<_Kind.FIRST: 'first'>" and str(_Kind.SECOND) == "_Kind.SECOND"
+    assert copy.deepcopy(_Kind.FIRST) is _Kind.FIRST
+    assert pickle.loads(pickle.dumps(_Kind.SECOND)) is _Kind.SECOND
+    with pytest.raises(ValueError):
+        _Kind("third")
+    with pytest.raises(AttributeError):
+        _Kind.FIRST = _Kind.SECOND  # type: ignore[misc, assignment]
+    with pytest.raises(AttributeError):
+        _Kind.FIRST.value = "x"  # type: ignore[misc]
+    # The mechanism table's kinds: every row's kinds are members the core can number.
+    numbers = mechanisms.kind_numbers()
+    assert all(numbers[m.param] >= 0 and numbers[m.family] >= 0 for m in mechanisms.MECHANISMS)
