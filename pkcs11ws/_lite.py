@@ -38,6 +38,7 @@ else:
 
 
 _MISSING = object()
+_PLAIN_SETATTR: object = object.__setattr__
 _R = TypeVar("_R")
 
 
@@ -112,7 +113,7 @@ def dataclass(*, frozen: bool = False) -> Callable[[type], type]:
         specs: dict[str, _FieldSpec | None] = {}
         glob: dict[str, object] = {"_MISSING": _MISSING, "_set": object.__setattr__}
         params: list[str] = []
-        body: list[str] = []
+        inits: list[str] = []
         for name in names:
             value = cls.__dict__.get(name, _MISSING)
             spec = value if isinstance(value, _FieldSpec) else None
@@ -135,10 +136,19 @@ def dataclass(*, frozen: bool = False) -> Callable[[type], type]:
                     type.__delattr__(cls, name)
                 else:
                     type.__setattr__(cls, name, spec.default)
-            if frozen:
-                body.append(f"  _set(self, {name!r}, {init})")
-            else:
-                body.append(f"  self.{name} = {init}")
+            inits.append(init)
+        if not names:
+            body = []
+        elif not hasattr(cls, "__slots__") and (frozen or cls.__setattr__ is _PLAIN_SETATTR):
+            # One line whatever the number of fields: parsing the generated source, line by
+            # line, was most of what a record class cost at import, and one update of the
+            # instance's dict is no slower than an attribute set per field.
+            glob["_names"] = tuple(names)
+            body = [f"  self.__dict__.update(zip(_names, ({', '.join(inits)},)))"]
+        elif frozen:
+            body = [f"  _set(self, {n!r}, {i})" for n, i in zip(names, inits, strict=True)]
+        else:
+            body = [f"  self.{n} = {i}" for n, i in zip(names, inits, strict=True)]
         if hasattr(cls, "__post_init__"):
             body.append("  self.__post_init__()")
         src = f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body or ["  pass"])

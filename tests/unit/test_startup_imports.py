@@ -174,3 +174,21 @@ def test_lite_enum_semantics() -> None:
     # The mechanism table's kinds: every row's kinds are members the core can number.
     numbers = mechanisms.kind_numbers()
     assert all(numbers[m.param] >= 0 and numbers[m.family] >= 0 for m in mechanisms.MECHANISMS)
+
+
+def test_lite_dataclass_keeps_a_custom_setattr() -> None:
+    # Records set their fields in one update of the instance dict, except a class with its own
+    # __setattr__, which sees every field set.
+    seen: list[str] = []
+
+    @_lite.dataclass()
+    class Watched:
+        a: int
+        b: str = "x"
+
+        def __setattr__(self, key: str, value: object) -> None:
+            seen.append(key)
+            object.__setattr__(self, key, value)
+
+    assert Watched(1) == Watched(1, "x") and seen == ["a", "b", "a", "b"]
+    assert vars(_Frozen(3)) == {"a": 3, "b": "x", "c": {"a": 3}}
