@@ -20,7 +20,6 @@ request or response body: PINs, passphrases, key material and plaintext are neve
 from __future__ import annotations
 
 import os
-import syslog
 import threading
 import time
 import weakref
@@ -35,15 +34,10 @@ if TYPE_CHECKING:  # annotations only: typing stays off the start-up path (test_
 NONE, FATAL, ERROR, WARNING, DEBUG1, DEBUG3, DEBUG9 = range(7)
 LEVEL_NAMES: Final = ("NONE", "FATAL", "ERROR", "WARNING", "DEBUG1", "DEBUG3", "DEBUG9")
 LIBRARY_NAME: Final = "libpkcs11ws"
-_SYSLOG_PRIORITY: Final = (
-    syslog.LOG_DEBUG,
-    syslog.LOG_CRIT,
-    syslog.LOG_ERR,
-    syslog.LOG_WARNING,
-    syslog.LOG_DEBUG,
-    syslog.LOG_DEBUG,
-    syslog.LOG_DEBUG,
-)
+# syslog's priority per level (LOG_DEBUG, LOG_CRIT, LOG_ERR, LOG_WARNING, then LOG_DEBUG),
+# filled in when syslog is first opened: the syslog extension is imported only then (loading
+# it cost every process that loads the module ~0.3 ms of start-up).
+_SYSLOG_PRIORITY: list[int] = []
 # Paths we already complained about on stderr (warn once per process and path).
 _warned_paths: set[str] = set()
 # Every Logger, so the fork hook can renew their locks.
@@ -95,8 +89,16 @@ class Logger:
             self._stdout = stdout
             want_syslog = use_syslog and level > NONE
             if want_syslog and not self._syslog:
+                import syslog
+
+                if not _SYSLOG_PRIORITY:
+                    debug = syslog.LOG_DEBUG
+                    _SYSLOG_PRIORITY[:] = (debug, syslog.LOG_CRIT, syslog.LOG_ERR,
+                                           syslog.LOG_WARNING, debug, debug, debug)  # fmt: skip
                 syslog.openlog(_library_name(), syslog.LOG_PID, syslog.LOG_USER)
             elif self._syslog and not want_syslog:
+                import syslog
+
                 syslog.closelog()
             self._syslog = want_syslog
             self.level = level
@@ -130,6 +132,8 @@ class Logger:
             self.level = NONE
             self._close_fd()
             if self._syslog:
+                import syslog
+
                 syslog.closelog()
             self._syslog = False
             self._stdout = False
@@ -165,6 +169,8 @@ class Logger:
                 with suppress(OSError):
                     os.write(1, data)
             if self._syslog:
+                import syslog  # imported by configure(): a dict lookup here
+
                 # syslog stamps its own time; it gets the rest of the line unchanged.
                 syslog.syslog(_SYSLOG_PRIORITY[level], body)
 

@@ -24,10 +24,13 @@ HEAVY = ("dataclasses", "inspect", "ast", "dis", "typing", "contextlib", "pycurl
 # Not needed to list slots: the public-key code (cryptography), the group commit's batch path
 # (only its queue is made), ctypes (the log finds its library name through the core), socket
 # (C_Finalize with no call in progress shuts down no socket), the uuid module, datetime.py and
-# importlib (pycurl loads without them: pkcs11ws/client/_curl_boot.py). (hashlib may come: a
-# softcard of the shared service with a name over 32 characters needs it for its label.)
+# importlib (pycurl loads without them: pkcs11ws/client/_curl_boot.py), syslog (without LOGSYS)
+# and struct (mechanism parameters only): extension modules cost ~0.3 ms each to load. (hashlib
+# may come: a softcard of the shared service with a name over 32 characters needs it for its
+# label.)
 LIST_SLOTS_NEVER = ("cryptography", "pkcs11ws.pubkey", "ctypes", "socket", "selectors", "uuid",
-                    "urllib", "traceback", "datetime", "importlib", "warnings", *HEAVY)  # fmt: skip
+                    "urllib", "traceback", "datetime", "importlib", "warnings", "syslog",
+                    "struct", "_struct", *HEAVY)  # fmt: skip
 
 
 def test_listing_slots_imports_only_what_it_needs(service: Service) -> None:
