@@ -229,8 +229,11 @@ def _read_lines(path: str) -> list[str]:
         raise ConfigError(f"{path}: configuration file not found") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read configuration file: {e.strerror}") from None
+    # UTF-8 after an optional byte order mark: what the utf-8-sig codec does, without importing
+    # its module (encodings.utf_8_sig) in every process that loads the PKCS#11 module.
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     return text.splitlines()

@@ -142,6 +142,20 @@ def test_not_utf8(pki_files: Path) -> None:
         load_config(str(p), environ={})
 
 
+def test_byte_order_mark_is_skipped(pki_files: Path) -> None:
+    # A file saved by a Windows editor: the BOM is no part of the first key (the byte offset of
+    # an error counts from after it, as the utf-8-sig codec counted).
+    plain = load_config(write(pki_files, MINIMAL), environ={})
+    p = pki_files / "bom.cfg"
+    p.write_bytes(b"\xef\xbb\xbf" + MINIMAL.encode())
+    got = load_config(str(p), environ={})
+    assert (got.host, got.cert, got.key, got.auth, got.warnings) == (
+        plain.host, plain.cert, plain.key, plain.auth, plain.warnings)  # fmt: skip
+    p.write_bytes(b"\xef\xbb\xbfHO\xffST x\n")
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 2\)"):
+        load_config(str(p), environ={})
+
+
 def test_windows_unknown_and_duplicate_keys_warn(pki_files: Path) -> None:
     text = (
         MINIMAL
