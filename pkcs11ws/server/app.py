@@ -329,12 +329,7 @@ class App:
             else None
         )
         try:
-            if decoded:
-                body: dict[str, Any] = obj  # type: ignore[assignment]
-            elif obj is _UNPARSED:
-                body = _decode(ep.request, raw)
-            else:
-                body = decode_obj(ep.request, obj)
+            body = _body_of(ep.request, raw, obj, decoded)
         except ApiError:
             if deferred and claims is not None:
                 # An ended session outranks a bad body, as when it is checked up front.
@@ -367,12 +362,7 @@ class App:
         """A keyed crypto request without the Authorization header: its token, if any, is
         the body's token field (protocol.TOKEN_FIELD), read once the body is decoded, then
         checked exactly as the header's would be (no token: NOT_ACTIVATED)."""
-        if decoded:
-            body: dict[str, Any] = obj  # type: ignore[assignment]
-        elif obj is _UNPARSED:
-            body = _decode(ep.request, raw)
-        else:
-            body = decode_obj(ep.request, obj)
+        body = _body_of(ep.request, raw, obj, decoded)
         _request_id(body)
         seen[3] = body
         authorization = _bearer(body.pop(protocol.TOKEN_FIELD, None))
@@ -624,6 +614,16 @@ def decode_generic(struct: str, raw: bytes) -> dict[str, Any]:
         return protocol.decode(STRUCTS[struct], obj)
     except RecursionError:
         raise ApiError("BAD_REQUEST", "the body is nested too deeply") from None
+
+
+def _body_of(struct: str, raw: bytes, obj: object, decoded: bool) -> dict[str, Any]:
+    """An operation's decoded body: obj itself when the batch's fast path decoded it, else
+    raw (a single request's bytes) or obj (a batch item's parsed JSON) strictly decoded."""
+    if decoded:
+        return obj  # type: ignore[return-value]
+    if obj is _UNPARSED:
+        return _decode(struct, raw)
+    return decode_obj(struct, obj)
 
 
 def decode_obj(struct: str, obj: object) -> dict[str, Any]:
