@@ -202,17 +202,7 @@ class Lab:
 
         def command(p: Point) -> tuple[list[str], dict[str, str]]:
             cmd = [
-                exe,
-                "--url",
-                f"https://127.0.0.1:{port}/crypto/v1/sign",
-                "--body-file",
-                body,
-                "--cert",
-                str(d.cert),
-                "--key",
-                str(d.key),
-                "--ca",
-                str(d.ca),
+                *d.curlbench(exe, f"https://127.0.0.1:{port}/crypto/v1/sign", body),
                 *p.window_args(),
             ]
             return pinned(cmd, cpus), {"BENCH_TOKEN": self.token}

@@ -115,17 +115,7 @@ def _load(
     per = max(1, threads // len(ports))
     for port in ports:
         cmd = [
-            str(curlbench),
-            "--url",
-            f"https://127.0.0.1:{port}/crypto/v1/sign",
-            "--body-file",
-            str(body_file),
-            "--cert",
-            str(d.cert),
-            "--key",
-            str(d.key),
-            "--ca",
-            str(d.ca),
+            *d.curlbench(curlbench, f"https://127.0.0.1:{port}/crypto/v1/sign", body_file),
             "--token-env",
             "BENCH_TOKEN",
             "--threads",

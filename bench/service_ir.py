@@ -99,17 +99,7 @@ def _curl(
     assert lab.ksd is not None
     d = lab.ksd
     cmd = [
-        str(lab.bins["curlbench"]),
-        "--url",
-        f"https://127.0.0.1:{port}{path}",
-        "--body-file",
-        str(body),
-        "--cert",
-        str(d.cert),
-        "--key",
-        str(d.key),
-        "--ca",
-        str(d.ca),
+        *d.curlbench(lab.bins["curlbench"], f"https://127.0.0.1:{port}{path}", body),
         "--threads",
         str(threads),
         "--warmup",

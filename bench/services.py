@@ -112,6 +112,12 @@ class KeyServiceDir:
     def key(self) -> Path:
         return self.dir / "pki" / "client.key"
 
+    def curlbench(self, exe: str | Path, url: str, body: str | Path) -> list[str]:
+        """curlbench's command up to its load options: one POST of body to url over mutual
+        TLS with this folder's client certificate and CA."""
+        return [str(exe), "--url", url, "--body-file", str(body), "--cert", str(self.cert),
+                "--key", str(self.key), "--ca", str(self.ca)]  # fmt: skip
+
     @property
     def server_cert(self) -> Path:
         return self.dir / "pki" / "server.pem"
