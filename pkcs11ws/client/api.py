@@ -1,5 +1,7 @@
 """The key service protocol client: one generic call() driven by protocol.ENDPOINTS, the retry
-policy, the error mapping, and the typed wrappers the provider uses.
+policy, the fast path of the per-operation calls, group commit's batch sending, and the typed
+wrappers the provider uses. What goes on the wire (the endpoint table, JSON in and out, request
+body pieces, the batch body and answer shape, error answers to ServiceError) is wire.py's.
 
 Retry policy (WSOP user guide 3.2.5 and design.md 4): an attempt that gets no answer (network,
 TLS, timeout) or a 5xx answer is retried up to MAXRETRIES times, RETRYDELAY seconds apart; a 4xx
@@ -36,15 +38,15 @@ line saying "the service refused this client certificate (expired? other CA?)", 
 CertificateRejected (CKR_GENERAL_ERROR: nothing but the operator can fix it, as for an invalid
 configuration; an unreachable service stays CKR_DEVICE_ERROR).
 
-Error answers are JSON {"code", "message"} mapped through protocol.ckr_for(); anything else maps
-by HTTP status alone. Request and response bodies are never logged.
+Error answers are JSON {"code", "message"} mapped through protocol.ckr_for() (wire.service_error);
+anything else maps by HTTP status alone. Request and response bodies are never logged.
 
 Every logical request carries a request id (request_ids.py: an X-Request-Id header, or a
 single crypto request's body field; its retries reuse it), logged here at DEBUG3 and written by
 the service in its audit trail, so one operation can be followed across both logs.
 
 The per-operation calls (sign, verify, encrypt, decrypt) share one path, crypto(), driven by
-the operation: the request JSON is assembled directly (a cached head per token, key and
+the operation: the request JSON is assembled directly (wire.py; a cached head per token, key and
 mechanism: the token travels in the body, see protocol.TOKEN_FIELD; the optional fields the
 operation's request has, binascii base64), the first attempt goes straight
 to the transport (the retry loop runs only after a failure, and only when no debug tracing is
@@ -56,16 +58,30 @@ accepted and every error are the same as on the generic path.
 from __future__ import annotations
 
 import binascii
-import json
 import time
 
 from pkcs11ws import constants as C
 from pkcs11ws import protocol
-from pkcs11ws._lite import dataclass
 from pkcs11ws.client.group import Call, GroupCommit
 from pkcs11ws.client.idempotency import PendingKeys, new_idempotency_key
 from pkcs11ws.client.request_ids import RequestIds, request_id
 from pkcs11ws.client.transport import BASE_HEADERS, CurlFailure, Transport
+from pkcs11ws.client.wire import (
+    BATCH,
+    CRYPTO,
+    ENDPOINTS,
+    NO_BATCH,
+    RANDOM,
+    Endpoint,
+    batch_body,
+    batch_results,
+    crypto_head,
+    crypto_tail,
+    dumps,
+    loads,
+    path_param,
+    service_error,
+)
 from pkcs11ws.config import Config
 from pkcs11ws.errors import (
     CertificateRejected,
@@ -81,139 +97,13 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any, Final
 
-_PATH_PARAM_CHARS: Final = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-"
-)
 _MAX_TOKEN_HEADERS: Final = 64
 _MAX_PREFIXES: Final = 256
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
-_decoder = json.JSONDecoder()
-_decode_json = _decoder.decode
-_scan_json = _decoder.scan_once  # type: ignore[attr-defined]  # the C scanner (see _loads)
-# The string encoder _dumps itself uses (the C one where available).
-_json_str = json.encoder.encode_basestring_ascii
 _b64 = binascii.b2a_base64
 _monotonic = time.monotonic
 _canonical_b64 = protocol.canonical_b64
 REJECTED: Final = "the service refused this client certificate (expired? other CA?)"
-
-
-def _loads(raw: bytes) -> Any:
-    """raw parsed as JSON. A compact answer (the service's) goes to the C scanner directly:
-    JSONDecoder.decode adds two Python frames and two whitespace regex matches around it.
-    Anything else (whitespace around, trailing data) takes the full decoder, which also words
-    every error. Decoding the UTF-8 first skips json.loads' encoding detection on bytes."""
-    text = raw.decode("utf-8")
-    try:
-        obj, end = _scan_json(text, 0)
-    except StopIteration:  # nothing the scanner can start on (empty, leading whitespace)
-        end = -1
-    return obj if end == len(text) else _decode_json(text)
-
-
-@dataclass(frozen=True)
-class _Endpoint:
-    """What call() needs about one endpoint, computed once."""
-
-    name: str
-    method: str
-    path: str
-    templated: bool
-    request: protocol.Struct
-    response: protocol.Struct
-    idempotent: bool
-    has_body: bool
-
-
-_ENDPOINTS: Final[dict[str, _Endpoint]] = {
-    ep.op: _Endpoint(
-        ep.op,
-        ep.method,
-        ep.path,
-        "{" in ep.path,
-        protocol.STRUCTS[ep.request],
-        protocol.STRUCTS[ep.response],
-        ep.idempotent,
-        ep.method == "POST",
-    )
-    for ep in protocol.ENDPOINTS
-}
-
-
-@dataclass(frozen=True)
-class _Crypto:
-    """A per-operation endpoint as crypto() sees it, read from its response struct: the output
-    field (bytes, or Verified's bool) and the other bytes fields the answer must carry."""
-
-    spec: _Endpoint
-    out: str
-    boolean: bool
-    size: int
-    more: tuple[str, ...]
-
-
-def _crypto(op: str) -> _Crypto:
-    spec = _ENDPOINTS[op]
-    first, *rest = spec.response.fields
-    assert all(f.kind == "bytes" for f in rest) and first.kind in ("bytes", "bool")
-    return _Crypto(
-        spec, first.name, first.kind == "bool", 1 + len(rest), tuple(f.name for f in rest)
-    )
-
-
-_CRYPTO: Final = {op: _crypto(op) for op in ("encrypt", "decrypt", "sign", "verify")}
-_RANDOM: Final = _ENDPOINTS["random"]
-_ITEM_HEADS: Final = {op: b'{"op":"%s","request":' % op.encode() for op in protocol.BATCHABLE}
-_BATCH: Final = _ENDPOINTS["batch"]
-# A batch the service cannot take: an older service without the endpoint, or a batch over its
-# limits. The calls then go as single requests (and, without the endpoint, from then on).
-_NO_BATCH: Final = frozenset({"NOT_FOUND", "METHOD_NOT_ALLOWED", "BATCH_TOO_LARGE"})
-
-
 _REQUEST_IDS: Final = RequestIds()
-
-
-def _tail(spec: _Endpoint, mac_length: int | None, params: dict[str, Any] | None) -> bytes:
-    """The end of a fast-path body after its last base64 field: the MAC length of a _GENERAL
-    mechanism and the mechanism's parameters (PSS, OAEP, GCM) as the protocol encodes them."""
-    if not params:
-        return b'","mac_length":%d}' % mac_length if mac_length is not None else b'"}'
-    values = {k: v for k, v in params.items() if v is not None}
-    if mac_length is not None:
-        values["mac_length"] = mac_length
-    fields = protocol.encode(spec.request, values)
-    if not fields:
-        return b'"}'
-    return b'",' + json.dumps(fields, separators=(",", ":"))[1:].encode("ascii")
-
-
-def _batch_results(raw: bytes) -> list[dict[str, Any]] | None:
-    """A batch answer's results when it has exactly the BatchResult shape (what the strict
-    protocol.decode accepts), else None: a few exact tests instead of the generic walk."""
-    try:
-        obj = _loads(raw)
-    except ValueError:
-        return None
-    results = obj.get("results") if type(obj) is dict and len(obj) == 1 else None
-    if type(results) is not list:
-        return None
-    for r in results:
-        if not (
-            type(r) is dict
-            and len(r) == 2
-            and type(r.get("answer")) is dict
-            and type(r.get("status")) is int
-            and r["status"] >= 0
-        ):
-            return None
-    return results
-
-
-def _path_param(name: str, value: str) -> str:
-    if not value or len(value) > 64 or not _PATH_PARAM_CHARS.issuperset(value):
-        # Handles come from the service; anything else is a caller bug, never sent on the wire.
-        raise PKCS11Error(C.CKR_ARGUMENTS_BAD, f"invalid {name} identifier {value!r}")
-    return value
 
 
 class KeyServiceClient:
@@ -299,18 +189,18 @@ class KeyServiceClient:
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """One logical request of the protocol (with its retries); returns the decoded answer."""
-        spec = _ENDPOINTS[op]
+        spec = ENDPOINTS[op]
         path = spec.path
         if spec.templated:
             params = path_params or {}
-            path = path.format(**{k: _path_param(k, v) for k, v in params.items()})
+            path = path.format(**{k: path_param(k, v) for k, v in params.items()})
         if query:
             import urllib.parse  # rare (delete_softcard ?force=true): kept out of start-up
 
             path = f"{path}?{urllib.parse.urlencode(query)}"
         data: bytes | None = None
         if spec.has_body:
-            data = _dumps(protocol.encode(spec.request, body or {})).encode()
+            data = dumps(protocol.encode(spec.request, body or {})).encode()
         slot: tuple[str, str, bytes] | None = None
         reused = False
         if spec.idempotent and idempotency_key is None:
@@ -344,10 +234,10 @@ class KeyServiceClient:
             return {}
         return self._decode(spec, status, raw)
 
-    def _decode(self, spec: _Endpoint, status: int, raw: bytes | object) -> dict[str, Any]:
+    def _decode(self, spec: Endpoint, status: int, raw: bytes | object) -> dict[str, Any]:
         """The strict decoding of a 2xx answer (raw: its body, or that body already parsed)."""
         try:
-            obj = _loads(raw) if isinstance(raw, bytes) else raw
+            obj = loads(raw) if isinstance(raw, bytes) else raw
             return protocol.decode(spec.response, obj, "response")
         except (ValueError, protocol.ProtocolError) as e:
             self.log.error(
@@ -363,9 +253,9 @@ class KeyServiceClient:
         The retry policy is the same as call()'s: the first attempt's outcome is handed to
         _send() when it is not a 2xx answer, or when debug tracing wants every attempt logged.
         """
-        spec = _ENDPOINTS[op]
+        spec = ENDPOINTS[op]
         # The token, if any, is in data (crypto(), _head()), and so is the request id.
-        if op in _CRYPTO:
+        if op in CRYPTO:
             headers: Sequence[str] = BASE_HEADERS
             data = _REQUEST_IDS.in_body(data)
         else:
@@ -382,24 +272,22 @@ class KeyServiceClient:
                 if status >= 300:
                     status, raw = self._send(spec, spec.path, data, headers, (status, raw), started)
         try:
-            return status, _loads(raw)
+            return status, loads(raw)
         except ValueError:
             return status, self._decode(spec, status, raw)  # raises BAD_RESPONSE
 
     def _send_batch(self, calls: list[Call]) -> None:
         """Send calls in one batch request; leave each its answer or error (never raises)."""
-        # Each request carries its own token (crypto()): the items need none of theirs.
-        parts = [_ITEM_HEADS[c.op] + c.data + b"}" for c in calls]
-        body = b'{"items":[' + b",".join(parts) + b"]}"
+        body = batch_body(calls)
         headers = (*BASE_HEADERS, _REQUEST_IDS.header())
         try:
             # One request for all: the deadline counts from the oldest call's start.
             status, raw = self._send(
-                _BATCH, _BATCH.path, body, headers, None, min(c.started for c in calls)
+                BATCH, BATCH.path, body, headers, None, min(c.started for c in calls)
             )
-            results = _batch_results(raw)
+            results = batch_results(raw)
             if results is None:  # not the expected shape: the strict decoder says why
-                results = self._decode(_BATCH, status, raw)["results"]
+                results = self._decode(BATCH, status, raw)["results"]
             if len(results) != len(calls):
                 self.log.error(f"batch: {len(results)} answers to {len(calls)} calls")
                 raise ServiceError(
@@ -409,7 +297,7 @@ class KeyServiceClient:
                     "malformed answer from the key service",
                 )
         except ServiceError as e:
-            if e.code in _NO_BATCH:
+            if e.code in NO_BATCH:
                 if e.code != "BATCH_TOO_LARGE" and self.group is not None:
                     self.group.size = 1  # no batch endpoint there: single requests from now on
                 if self.log.enabled(WARNING):
@@ -429,11 +317,11 @@ class KeyServiceClient:
             if 200 <= st < 300:
                 c.status, c.answer = st, r["answer"]
             else:
-                c.error = self._service_error(st, _dumps(r["answer"]).encode())
+                c.error = service_error(st, dumps(r["answer"]).encode())
 
     def _send(
         self,
-        spec: _Endpoint,
+        spec: Endpoint,
         path: str,
         data: bytes | None,
         headers: Sequence[str],
@@ -494,7 +382,7 @@ class KeyServiceClient:
                             f"{spec.name} {spec.method} {path} [{rid}]: {status} {ms:.2f}ms"
                         )
                     return status, raw
-                err = self._service_error(status, raw)
+                err = service_error(status, raw)
                 if status < 500 or attempt >= self.maxretries:
                     if status >= 500:
                         self._give_up(spec, f"{path} [{rid}]", str(err), attempt)
@@ -518,13 +406,13 @@ class KeyServiceClient:
             if self.retrydelay:
                 transport.pause(self.retrydelay)  # C_Finalize cuts it short
 
-    def _no_answer(self, spec: _Endpoint, why: str, attempt: int) -> TransportError:
+    def _no_answer(self, spec: Endpoint, why: str, attempt: int) -> TransportError:
         return TransportError(
             f"{spec.name}: no answer from the key service at {self.transport.base_url}: {why}"
             + (f" (after {attempt} retries)" if attempt else "")
         )
 
-    def _rejected(self, spec: _Endpoint, path: str, failure: CurlFailure) -> None:
+    def _rejected(self, spec: Endpoint, path: str, failure: CurlFailure) -> None:
         """The service refused the client certificate: log it once, raise; never retried."""
         from pkcs11ws.client.certinfo import expiry_warning  # rare: kept out of start-up
 
@@ -540,22 +428,11 @@ class KeyServiceClient:
             f"{spec.name}: {REJECTED} (key service {where}, CERT {self.cfg.cert})"
         )
 
-    def _give_up(self, spec: _Endpoint, path: str, why: str, attempt: int) -> None:
+    def _give_up(self, spec: Endpoint, path: str, why: str, attempt: int) -> None:
         if self.log.enabled(ERROR):
             self.log.error(
                 f"{spec.name} {spec.method} {path}: failed after {attempt + 1} attempt(s): {why}"
             )
-
-    @staticmethod
-    def _service_error(status: int, raw: bytes) -> ServiceError:
-        try:
-            obj = _loads(raw)
-            err = protocol.decode(protocol.STRUCTS["Error"], obj, "error")
-        except (ValueError, protocol.ProtocolError):
-            reason = f"HTTP {status} without an error body"
-            return ServiceError(protocol.ckr_for("", status), f"HTTP_{status}", status, reason)
-        code: str = err["code"]
-        return ServiceError(protocol.ckr_for(code, status), code, status, err["message"])
 
     # -- typed wrappers (the provider's interface) ---------------------------------------------
 
@@ -682,7 +559,7 @@ class KeyServiceClient:
         None for a signature that verifies. iv, signature, mac_length and params are the
         optional fields of the operation's request struct; a signature that does not verify
         raises ServiceError SIGNATURE_INVALID."""
-        c = _CRYPTO[op]
+        c = CRYPTO[op]
         head = self._heads.get((token, key, mechanism))
         if head is None:
             head = self._head(token, key, mechanism)
@@ -692,7 +569,7 @@ class KeyServiceClient:
         if signature is not None:
             parts += (b'","signature":"', _b64(signature, newline=False))
         parts.append(
-            b'"}' if mac_length is None and not params else _tail(c.spec, mac_length, params)
+            b'"}' if mac_length is None and not params else crypto_tail(c.spec, mac_length, params)
         )
         body = b"".join(parts)
         group = self.group
@@ -729,12 +606,7 @@ class KeyServiceClient:
         """A crypto request's JSON up to the opening quote of its data (cached)."""
         if len(self._heads) >= _MAX_PREFIXES:
             self._heads.clear()
-        text = (
-            f'{{"{protocol.TOKEN_FIELD}":{_json_str(token)},"key":{_json_str(key)},'
-            f'"mechanism":{_json_str(mechanism)},"data":"'
-        )
-        head = text.encode("ascii")
-        self._heads[(token, key, mechanism)] = head
+        head = self._heads[(token, key, mechanism)] = crypto_head(token, key, mechanism)
         return head
 
     # Typed shorthands of crypto() for Python callers (the provider calls crypto() itself).
@@ -801,5 +673,5 @@ class KeyServiceClient:
             out = _canonical_b64(value) if type(value) is str else None
             if out is not None:
                 return out
-        result: bytes = self._decode(_RANDOM, status, r)["data"]
+        result: bytes = self._decode(RANDOM, status, r)["data"]
         return result
