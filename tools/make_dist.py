@@ -8,10 +8,11 @@ Debian's python3.11, libpython3.11 and libcurl4: no compiler, no PyPI, no checko
 holds no conf/pkcs11webservices.cfg, so extracting it again keeps the one in place.
 
 Steps: the sdist of this tree (python -m build --sdist), a build venv on --python (Debian's
-interpreter by default), `PIP_NO_BINARY=pycurl pip install SDIST` into it (the README's install
-line: the wheel is built from the sdist by that interpreter), then that venv's
-`python -m pkcs11ws install --root STAGE --prefix /opt/nfast/webservices/pkcs11`, then tar.
-Work files go to build/dist/ (removed and remade on each run).
+interpreter by default), the wheel built from the sdist by that interpreter (pip wheel), then
+`PIP_NO_BINARY=pycurl pip install WHEEL` into the venv (the README's install line), then that
+venv's `python -m pkcs11ws install --root STAGE --prefix /opt/nfast/webservices/pkcs11`, then tar.
+Work files go to build/dist/ (removed and remade on each run). --wheel-out keeps a copy of the
+wheel (the packaging tests check and install that one: the Cython core is compiled once).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _owned_by_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def build(python: str, out_dir: Path, sdist: Path | None) -> Path:
+def build(python: str, out_dir: Path, sdist: Path | None, wheel_out: Path | None = None) -> Path:
     ver = version()
     work = ROOT / "build" / "dist"
     shutil.rmtree(work, ignore_errors=True)
@@ -71,7 +72,13 @@ def build(python: str, out_dir: Path, sdist: Path | None) -> Path:
     run([python, "-m", "venv", str(venv)])
     env = {**os.environ, "PIP_NO_BINARY": "pycurl"}
     env.pop("PYTHONPATH", None)
-    run([str(venv / "bin" / "pip"), "install", "-q", str(sdist)], env=env)
+    pip = str(venv / "bin" / "pip")
+    run([pip, "wheel", "-q", "--no-deps", "--wheel-dir", str(work / "wheel"), str(sdist)], env=env)
+    (wheel,) = (work / "wheel").glob("pkcs11ws-*.whl")
+    run([pip, "install", "-q", str(wheel)], env=env)
+    if wheel_out is not None:
+        wheel_out.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(wheel, wheel_out / wheel.name)
     stage = work / "root"
     run(
         [
@@ -111,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=ROOT / "dist", help="output folder (dist/)")
     ap.add_argument("--sdist", type=Path, help="build from this sdist instead of making one")
+    ap.add_argument("--wheel-out", type=Path, help="also copy the wheel built to this folder")
     args = ap.parse_args(argv)
-    build(args.python, args.out, args.sdist)
+    build(args.python, args.out, args.sdist, args.wheel_out)
     return 0
 
 

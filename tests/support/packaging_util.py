@@ -1,6 +1,9 @@
-"""What the packaging tests (tests/cli/test_packaging_*.py) share: the sdist and wheel of this tree
-and the client tarball, each built once per test session (the builds take minutes), environments
-that cannot see this checkout, and one pip wheel cache for the session (pip_env).
+"""What the packaging tests (tests/cli/test_packaging_*.py) share: the sdist, the wheel and the
+client tarball of this tree, built once per test session by one run of `make dist`
+(tools/make_dist.py), which builds the wheel from the sdist, installs it in the tarball's runtime
+and keeps a copy: the Cython core is compiled once per session, not once for the wheel and again
+for the tarball. Also environments that cannot see this checkout, and one pip wheel cache for
+the session (pip_env).
 """
 
 from __future__ import annotations
@@ -48,32 +51,41 @@ def _run(cmd: list[str]) -> None:
 
 
 @functools.cache
-def sdist_and_wheel() -> tuple[Path, Path]:
-    """`python -m build`: the sdist, then the wheel built from that sdist."""
+def _built() -> tuple[Path, Path, Path]:
+    """(sdist, wheel, tarball): `python -m build --sdist`, then `make dist` from that sdist,
+    which builds the wheel from it on Debian's python3.11 (its runtime's interpreter) and
+    copies it to the session's build folder with --wheel-out."""
     out = workdir() / "build"
-    _run([sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)])
+    _run([sys.executable, "-m", "build", "--sdist", "--outdir", str(out), str(ROOT)])
     (sdist,) = out.glob("pkcs11ws-*.tar.gz")
-    (wheel,) = out.glob("pkcs11ws-*.whl")
-    return sdist, wheel
-
-
-@functools.cache
-def client_tarball() -> Path:
-    """`make dist` (tools/make_dist.py) from the session's sdist."""
-    sdist, _ = sdist_and_wheel()
-    out = workdir() / "dist"
+    dist = workdir() / "dist"
+    make_dist = str(ROOT / "tools" / "make_dist.py")
     _run(
         [
             sys.executable,
-            str(ROOT / "tools" / "make_dist.py"),
+            make_dist,
             "--sdist",
             str(sdist),
             "--out",
+            str(dist),
+            "--wheel-out",
             str(out),
         ]
     )
-    (tarball,) = out.glob("pkcs11ws-client-*-linux-*.tar.gz")
-    return tarball
+    (wheel,) = out.glob("pkcs11ws-*.whl")
+    (tarball,) = dist.glob("pkcs11ws-client-*-linux-*.tar.gz")
+    return sdist, wheel, tarball
+
+
+def sdist_and_wheel() -> tuple[Path, Path]:
+    """The sdist and the wheel built from that sdist."""
+    sdist, wheel, _ = _built()
+    return sdist, wheel
+
+
+def client_tarball() -> Path:
+    """`make dist`'s client tarball, from the session's sdist."""
+    return _built()[2]
 
 
 def outside_env(**extra: str) -> dict[str, str]:
