@@ -22,6 +22,7 @@
 
 #include <dlfcn.h>
 #include <limits.h>
+#include <stdint.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,8 +39,7 @@
 static CK_FUNCTION_LIST_3_0 *p11ws_list;
 static pthread_mutex_t p11ws_boot_lock = PTHREAD_MUTEX_INITIALIZER;
 static int p11ws_boot_failed;
-static int p11ws_booting;         /* 1 while p11ws_boot_locked() runs (set under the lock) */
-static pthread_t p11ws_boot_owner; /* the thread running it; read only when p11ws_booting */
+static __thread int p11ws_in_boot; /* this thread is inside p11ws_boot() */
 static const struct p11ws_runtime *p11ws_rt; /* bootstrap.c's, static there */
 
 static void p11ws_say(const char *msg, const char *detail)
@@ -264,23 +264,45 @@ static int p11ws_boot_locked(void)
     return 0;
 }
 
+/* OpenSSL's configuration, loaded before any lock of ours is taken (OPENSSL_init_crypto with
+ * OPENSSL_INIT_LOAD_CONFIG, 0x40 in OpenSSL 3's stable ABI; the library by soname, as libcurl
+ * and Python's _ssl and _hashlib link it; nothing when it is not installed). The boot loads it
+ * anyway (those imports do), but under the boot lock, and then the core's C_Initialize runs
+ * under its state lock: a thread B already inside OpenSSL's configuration (it runs once per
+ * process; a second thread waits for the first) whose pkcs11-provider, loaded early, calls this
+ * module, would wait for that lock while we waited for B's configuration to end, for ever.
+ * Loaded here first, B's configuration ends (its call boots the module and initialises it) and
+ * then ours goes on; a configuration that calls back on this thread meets p11ws_in_boot. */
+static void p11ws_load_openssl_config(void)
+{
+    void *h = dlopen("libcrypto.so.3", RTLD_LAZY | RTLD_LOCAL);
+    if (h == NULL)
+        return;
+    int (*init)(uint64_t, const void *) = (int (*)(uint64_t, const void *))dlsym(
+        h, "OPENSSL_init_crypto");
+    if (init != NULL)
+        (void)init(0x40 /* OPENSSL_INIT_LOAD_CONFIG */, NULL);
+}
+
 static int p11ws_boot(void)
 {
     int rc;
     /* Called again by the thread that is booting, from inside the boot: something the boot runs
-     * (an import such as hashlib or ssl, a venv's sitecustomize) loaded OpenSSL's configuration,
-     * which loads pkcs11-provider early, which loads this module. Waiting for the lock would wait
-     * for ourselves for ever: that inner call fails instead, and the boot goes on. */
-    if (__atomic_load_n(&p11ws_booting, __ATOMIC_ACQUIRE) &&
-        pthread_equal(p11ws_boot_owner, pthread_self())) {
+     * (OpenSSL's configuration below, an import such as hashlib or ssl, a venv's sitecustomize)
+     * loaded OpenSSL's configuration, which loads pkcs11-provider early, which loads this
+     * module. Waiting for the lock would wait for ourselves for ever: that inner call fails
+     * instead, and the boot goes on. */
+    if (p11ws_in_boot) {
         p11ws_say("called from inside its own start-up (OpenSSL loading a PKCS#11 provider that "
                   "uses this module?): that call fails", NULL);
         return -1;
     }
-    /* A caller that holds the GIL (a Python host) must not sleep on the boot lock with it:
-     * the thread that is booting may need the GIL to finish. */
+    p11ws_in_boot = 1;
+    /* A caller that holds the GIL (a Python host) must not sleep on the boot lock with it, nor
+     * on OpenSSL's configuration: the thread that is booting may need the GIL to finish. */
     int held = Py_IsInitialized() && PyGILState_Check();
     PyThreadState *saved = held ? PyEval_SaveThread() : NULL;
+    p11ws_load_openssl_config();
     pthread_mutex_lock(&p11ws_boot_lock);
     if (saved != NULL)
         PyEval_RestoreThread(saved);
@@ -289,13 +311,11 @@ static int p11ws_boot(void)
     else if (p11ws_boot_failed)
         rc = -1;
     else {
-        p11ws_boot_owner = pthread_self();
-        __atomic_store_n(&p11ws_booting, 1, __ATOMIC_RELEASE);
         rc = p11ws_boot_locked();
-        __atomic_store_n(&p11ws_booting, 0, __ATOMIC_RELEASE);
         p11ws_boot_failed = rc != 0;
     }
     pthread_mutex_unlock(&p11ws_boot_lock);
+    p11ws_in_boot = 0;
     return rc;
 }
 

@@ -6,7 +6,8 @@ through the module, before any login. Then an openssl.cnf that activates pkcs11-
 whole process (OPENSSL_CONF): libcurl inside our module uses that same OpenSSL, so our own TLS
 to the key service must still work and must not recurse into the provider, including with
 `pkcs11-module-load-behavior = early`, where OpenSSL calls our module from inside libcurl's
-start-up.
+start-up, from inside the module's own start-up on the same thread, or from another thread
+that loads OpenSSL's configuration while the module starts (a C host, c/openssl_threads.c).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from tests.support.p11ctypes import Module
 from tests.support.stacks import run_or_dump
 
 DOC_PROVIDER = "/usr/lib/x86_64-linux-gnu/ossl-modules/pkcs11.so"  # as the docs spell it
+HERE = Path(__file__).resolve().parent
 
 
 def modules_dir() -> Path:
@@ -194,14 +196,37 @@ def test_global_openssl_conf_keeps_our_tls_working(
     assert label in r.stdout and "tls-cert" in r.stdout and "hidden-cert" in r.stdout
 
 
-# Where OpenSSL's configuration gets loaded first, inside the module: the file of a copy of the
-# package that imports hashlib, when it runs, and what the call back into the module then says.
-INSIDE = {
-    # The boot (the loader holds its boot lock); the core imported hashlib there for a while.
-    "boot": ("__init__.py", "libpkcs11ws: called from inside its own start-up"),
-    # C_Initialize (the core holds its state lock), which imports the provider and the client.
-    "C_Initialize": ("provider.py", "Error 6 returned by C_Initialize"),
-}
+def package_copy(src: Path, file: str, code: str, first: bool = False) -> str:
+    """A copy of the package under src in a source-tree layout (it boots on the project's
+    interpreter: the in-place build's pkcs11ws/_native/dev-interpreter, which has the
+    dependencies), with code added to one of its files: at its end, or (first) before its own
+    imports: after its `from __future__` line, if any. Returns the copy's module."""
+    shutil.copytree(
+        Path(module_path()).parents[1],
+        src / "pkcs11ws",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    py = src / "pkcs11ws" / file
+    text = py.read_text()
+    future = "from __future__ import annotations\n"
+    if first and future in text:
+        text = text.replace(future, future + code, 1)
+    elif first:
+        text = code + text
+    else:
+        text += code
+    py.write_text(text)
+    return str(src / "pkcs11ws" / "_native" / "libpkcs11ws.so")
+
+
+# Where OpenSSL's configuration would get loaded first inside the module (the file of a copy of
+# the package that imports hashlib): the boot (under the loader's boot lock; the core imported
+# hashlib there for a while), or C_Initialize (under the core's state lock: it imports the
+# provider and the client). The loader now loads OpenSSL's configuration itself first, before
+# it takes its lock (loader.c, p11ws_load_openssl_config), so in both the call back meets the
+# boot; the core's own same-thread guard (_state_lock) stays for an OpenSSL it does not find.
+INSIDE = {"boot": "__init__.py", "C_Initialize": "provider.py"}
+CALLED_INSIDE = "libpkcs11ws: called from inside its own start-up"
 
 
 @pytest.mark.parametrize("where", list(INSIDE))
@@ -214,18 +239,8 @@ def test_openssl_configured_inside_our_own_start_up(
     provider gives up) and the start-up goes on; it used to wait for a lock its own thread held,
     for ever (pkcs11-tool hung, with no output)."""
     name = cert_card[0]
-    # A copy in a source-tree layout: it boots on the project's interpreter (the in-place
-    # build's pkcs11ws/_native/dev-interpreter), which has the dependencies.
-    src = tmp_path / "src"
-    shutil.copytree(
-        Path(module_path()).parents[1],
-        src / "pkcs11ws",
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )
-    file, said = INSIDE[where]
-    py = src / "pkcs11ws" / file
-    py.write_text(py.read_text() + "\nimport hashlib  # loads OpenSSL's configuration\n")
-    module = str(src / "pkcs11ws" / "_native" / "libpkcs11ws.so")
+    hashlib = "\nimport hashlib  # loads OpenSSL's configuration\n"
+    module = package_copy(tmp_path / "src", INSIDE[where], hashlib)
     cnf = openssl_cnf(tmp_path / "openssl.cnf", provider_so, True, module)
     log = tmp_path / "p11prov.log"
     env = consumer_env(
@@ -238,4 +253,50 @@ def test_openssl_configured_inside_our_own_start_up(
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"token label        : {name}" in r.stdout
     # The provider did call in from inside (the case this test is about) and was refused.
-    assert said in r.stderr + log.read_text(), r.stderr
+    assert CALLED_INSIDE in r.stderr, r.stderr
+
+
+# The rendezvous of tests/consumers/c/openssl_threads.c, added to the copy's file before its own
+# imports, then OpenSSL's configuration loaded there.
+RENDEZVOUS = """import ctypes as _host_ctypes  # the host's rendezvous (test_dropin_openssl.py)
+_host_ctypes.CDLL(None).host_in_startup()
+import hashlib  # loads OpenSSL's configuration
+"""
+
+
+def compile_c(tmp_path: Path, source: str, out: str, *flags: str) -> Path:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    exe = tmp_path / out
+    include = str(HERE.parents[1] / "include")
+    cmd = [cc, "-O1", "-Wall", "-Wextra", "-Werror", "-I", include, "-o", str(exe)]
+    subprocess.run([*cmd, str(HERE / "c" / source), *flags], check=True)
+    return exe
+
+
+@pytest.mark.parametrize("where", list(INSIDE))
+def test_openssl_configured_on_another_thread_during_our_start_up(
+    own_service, provider_so, tmp_path, where
+):
+    """Thread A starts the module; inside that start-up (the boot, or C_Initialize), while the
+    module holds its lock, thread B loads OpenSSL's configuration, whose pkcs11-provider (early)
+    calls the module and so waits for that lock; then A's start-up needs OpenSSL's
+    configuration, which B is loading. That hung for ever (openssl_threads.c; the rendezvous
+    makes the order certain). The loader now loads the configuration before it takes any lock:
+    here A loads it (pkcs11-provider's call back on A fails at once), B finds it loaded, and
+    both threads finish."""
+    host = compile_c(tmp_path, "openssl_threads.c", "host", "-rdynamic", "-lcrypto", "-lpthread")
+    shim = compile_c(tmp_path, "shim_module.c", "shim.so", "-shared", "-fPIC")
+    module = package_copy(tmp_path / "src", INSIDE[where], RENDEZVOUS, first=True)
+    cnf = openssl_cnf(tmp_path / "openssl.cnf", provider_so, True, str(shim))
+    env = consumer_env(own_service.client_cfg, OPENSSL_CONF=str(cnf), P11WS_SHIM_TARGET=module)
+    r = run_or_dump([str(host), module], env=env, timeout=120, **hang_report(own_service))
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert "A: C_Initialize 0x0" in lines, r.stdout + r.stderr
+    assert "A: inside the module's start-up: starting B" in lines, r.stdout
+    assert "B: OpenSSL configured" in lines and lines[-1] == "done", r.stdout
+    # The configuration was loaded by A, before the start-up took its lock.
+    assert "shim called by A 1, by B 0" in lines, r.stdout
+    assert CALLED_INSIDE in r.stderr, r.stderr
