@@ -19,7 +19,7 @@ from pkcs11ws import constants as C
 from pkcs11ws._native import core
 from pkcs11ws.client.api import KeyServiceClient
 from pkcs11ws.config import load_config
-from tests.support.certs import self_signed
+from tests.support.certs import store_certificate
 from tests.support.p11ctypes import CK_ULONG, CKError, Template, mechanism
 
 TOKEN = [(C.CKA_TOKEN, True), (C.CKA_PRIVATE, True)]
@@ -68,22 +68,6 @@ def copy(mod, h, obj: int, items) -> tuple[int, int]:
 def set_attrs(mod, h, obj: int, items) -> int:
     t = Template(items)
     return mod.call("C_SetAttributeValue", h, obj, t.array, t.count)
-
-
-def certificate(mod, h, private: bool, label: bytes, cid: bytes = b"\xc1") -> tuple[int, bytes]:
-    der, subject, issuer = self_signed(label.decode())
-    items = [
-        (C.CKA_TOKEN, True),
-        (C.CKA_PRIVATE, private),
-        (C.CKA_CLASS, C.CKO_CERTIFICATE),
-        (C.CKA_CERTIFICATE_TYPE, C.CKC_X_509),
-        (C.CKA_VALUE, der),
-        (C.CKA_SUBJECT, subject),
-        (C.CKA_ISSUER, issuer),
-        (C.CKA_LABEL, label),
-        (C.CKA_ID, cid),
-    ]
-    return mod.create(h, items), der
 
 
 def test_copy_object_with_new_label_and_id(mod, logged_card):
@@ -155,7 +139,7 @@ def test_copy_data_object_and_certificate(mod, logged_card):
     rv, new = copy(mod, h, data, [(C.CKA_LABEL, b"d2")])
     assert rv == C.CKR_OK and mod.attr(h, new, C.CKA_VALUE) == b"payload"
     assert copy(mod, h, data, [(C.CKA_ID, b"1")])[0] == C.CKR_ATTRIBUTE_TYPE_INVALID
-    cert, der = certificate(mod, h, True, b"pc")
+    cert, der = store_certificate(mod, h, True, b"pc")
     rv, pub = copy(mod, h, cert, [(C.CKA_PRIVATE, False), (C.CKA_LABEL, b"pc-public")])
     assert rv == C.CKR_OK and mod.attr(h, pub, C.CKA_VALUE) == der
     assert mod.attr(h, pub, C.CKA_PRIVATE) == b"\x00"
@@ -170,7 +154,7 @@ def test_set_attribute_value_renames(mod, logged_card):
     assert mod.find(h, [(C.CKA_LABEL, b"orig")]) == []
     assert set_attrs(mod, h, key, [(C.CKA_LABEL, b"")]) == C.CKR_OK
     assert mod.find(h, [(C.CKA_LABEL, b"")]) == [key]
-    cert, _ = certificate(mod, h, False, b"cert-a")
+    cert, _ = store_certificate(mod, h, False, b"cert-a")
     assert set_attrs(mod, h, cert, [(C.CKA_LABEL, b"cert-b"), (C.CKA_ID, b"\xc2")]) == 0
     assert mod.find(h, [(C.CKA_CLASS, C.CKO_CERTIFICATE), (C.CKA_ID, b"\xc2")]) == [cert]
     r0 = requests()
@@ -280,8 +264,8 @@ def test_generic_secret_hmac_keys(mod, logged_card):
 
 def test_public_certificate_visible_before_login(mod, logged_card, service):
     slot, h, pin = logged_card
-    pub, der = certificate(mod, h, False, b"public-cert", b"\x51")
-    priv, _ = certificate(mod, h, True, b"private-cert", b"\x52")
+    pub, der = store_certificate(mod, h, False, b"public-cert", b"\x51")
+    priv, _ = store_certificate(mod, h, True, b"private-cert", b"\x52")
     data = mod.create(h, [*TOKEN, (C.CKA_CLASS, C.CKO_DATA), (C.CKA_LABEL, b"secret data")])
     key = aes(mod, h, os.urandom(16))
     everything = mod.find(h, [])

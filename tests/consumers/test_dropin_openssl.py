@@ -27,7 +27,7 @@ from pkcs11ws import constants as C
 from pkcs11ws.__main__ import module_path
 from pkcs11ws.config import load_config
 from tests.support.cards import client_card
-from tests.support.certs import self_signed
+from tests.support.certs import store_certificate
 from tests.support.dropin_util import (
     MODULE_PLACEHOLDER,
     PIN_ENV,
@@ -69,24 +69,10 @@ def cert_card(own_service):
     assert rv in (C.CKR_OK, C.CKR_CRYPTOKI_ALREADY_INITIALIZED)
     h = m.open(m.slot_by_label(name))
     assert m.login(h, pin.encode()) == C.CKR_OK
-    ders = []
-    for label, private in ((b"tls-cert", False), (b"hidden-cert", True)):
-        der, subject, issuer = self_signed(label.decode())
-        m.create(
-            h,
-            [
-                (C.CKA_TOKEN, True),
-                (C.CKA_PRIVATE, private),
-                (C.CKA_CLASS, C.CKO_CERTIFICATE),
-                (C.CKA_CERTIFICATE_TYPE, C.CKC_X_509),
-                (C.CKA_VALUE, der),
-                (C.CKA_SUBJECT, subject),
-                (C.CKA_ISSUER, issuer),
-                (C.CKA_LABEL, label),
-                (C.CKA_ID, bytes([0x41 + private])),
-            ],
-        )
-        ders.append(der)
+    ders = [
+        store_certificate(m, h, private, label, bytes([0x41 + private]))[1]
+        for label, private in ((b"tls-cert", False), (b"hidden-cert", True))
+    ]
     m.call("C_CloseSession", h)
     if rv == C.CKR_OK:
         m.call("C_Finalize", None)

@@ -4,12 +4,15 @@ a foreign CA, a client the service does not know): one builder instead of one pe
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
+
+from pkcs11ws import constants as C
 
 
 def self_signed_cert(
@@ -50,6 +53,26 @@ def self_signed(cn: str = "pkcs11ws drop-in") -> tuple[bytes, bytes, bytes]:
     cert, _ = self_signed_cert(cn)
     name = cert.subject.public_bytes()
     return cert.public_bytes(serialization.Encoding.DER), name, name
+
+
+def store_certificate(
+    mod: Any, h: int, private: bool, label: bytes, cid: bytes = b"\xc1"
+) -> tuple[int, bytes]:
+    """A fresh self_signed() certificate stored as a token object through mod (a
+    tests.support.p11ctypes Module) in session h: (its handle, its DER)."""
+    der, subject, issuer = self_signed(label.decode())
+    items = [
+        (C.CKA_TOKEN, True),
+        (C.CKA_PRIVATE, private),
+        (C.CKA_CLASS, C.CKO_CERTIFICATE),
+        (C.CKA_CERTIFICATE_TYPE, C.CKC_X_509),
+        (C.CKA_VALUE, der),
+        (C.CKA_SUBJECT, subject),
+        (C.CKA_ISSUER, issuer),
+        (C.CKA_LABEL, label),
+        (C.CKA_ID, cid),
+    ]
+    return mod.create(h, items), der
 
 
 def key_pem(key: CertificateIssuerPrivateKeyTypes) -> bytes:
