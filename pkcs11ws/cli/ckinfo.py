@@ -31,6 +31,16 @@ def library_argument(ap: argparse.ArgumentParser) -> None:
     )
 
 
+def open_library(prog: str, path: str | None) -> Library | None:
+    """The module of --library (or ours), loaded; None, once the reason is printed, when it
+    cannot be (the tool then exits 2)."""
+    try:
+        return Library(library_or_default(path))
+    except (LoadError, FileNotFoundError) as e:
+        err(prog, str(e))
+        return None
+
+
 def print_token(t: TokenInfo, indent: str = "    ") -> None:
     rows = [
         ("Label", t.label),
@@ -97,10 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     library_argument(ap)
     args = ap.parse_args(argv)
-    try:
-        lib = Library(library_or_default(args.library))
-    except (LoadError, FileNotFoundError) as e:
-        err(PROG, str(e))
+    lib = open_library(PROG, args.library)
+    if lib is None:
         return 2
     try:
         with lib:

@@ -19,9 +19,9 @@ from typing import TextIO
 
 from pkcs11ws import constants as C
 from pkcs11ws.cli import ckfmt
-from pkcs11ws.cli.ckabi import CKError, Library, LoadError, Session
-from pkcs11ws.cli.ckinfo import library_argument
-from pkcs11ws.cli.common import UsageError, err, library_or_default, pipe_safe, read_passphrase
+from pkcs11ws.cli.ckabi import CKError, Library, Session
+from pkcs11ws.cli.ckinfo import library_argument, open_library
+from pkcs11ws.cli.common import UsageError, err, pipe_safe, read_passphrase
 
 PROG = "cklist-dynamic"
 # Shown first, in this order; then every other named attribute in code order.
@@ -106,10 +106,8 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None) -> int:
         "passphrase is prompted for, or read from standard input)",
     )
     args = ap.parse_args(argv)
-    try:
-        lib = Library(library_or_default(args.library))
-    except (LoadError, FileNotFoundError) as e:
-        err(PROG, str(e))
+    lib = open_library(PROG, args.library)
+    if lib is None:
         return 2
     try:
         with lib:

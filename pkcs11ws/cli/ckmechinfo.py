@@ -16,9 +16,9 @@ import argparse
 import sys
 
 from pkcs11ws.cli import ckfmt
-from pkcs11ws.cli.ckabi import CKError, Library, LoadError
-from pkcs11ws.cli.ckinfo import library_argument
-from pkcs11ws.cli.common import err, library_or_default, pipe_safe
+from pkcs11ws.cli.ckabi import CKError, Library
+from pkcs11ws.cli.ckinfo import library_argument, open_library
+from pkcs11ws.cli.common import err, pipe_safe
 
 PROG = "ckmechinfo"
 
@@ -83,10 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         "--slot", type=int, metavar="N", help="slot ID (default: the first slot with a token)"
     )
     args = ap.parse_args(argv)
-    try:
-        lib = Library(library_or_default(args.library))
-    except (LoadError, FileNotFoundError) as e:
-        err(PROG, str(e))
+    lib = open_library(PROG, args.library)
+    if lib is None:
         return 2
     try:
         with lib:
