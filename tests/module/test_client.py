@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -31,6 +30,7 @@ from pkcs11ws.config import load_config
 from pkcs11ws.errors import Finalizing, ServiceError, TransportError
 from pkcs11ws.log import Logger
 from tests.support.certs import key_pem, self_signed_cert
+from tests.support.fault_util import serve_again
 
 PASS = b"correct horse 1"
 
@@ -511,25 +511,6 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _start(svc: Any, log: Path) -> subprocess.Popen[bytes]:
-    """Start the service of svc again, on the same port and store."""
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pkcs11ws.server.cli",
-                "serve",
-                "--config",
-                str(svc.server_yaml),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    return proc
-
-
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGTERM)
@@ -573,7 +554,7 @@ def test_call_survives_service_restart_within_retry_window(fresh_service, tmp_pa
     t.start()
     time.sleep(1.5)  # the call has failed at least once by now
     assert t.is_alive()
-    proc = _start(svc, tmp_path / "restart.log")  # ... and comes back within the retry window
+    proc = serve_again(svc, tmp_path / "restart.log")  # ... and comes back within the retry window
     try:
         t.join(30)
         assert not t.is_alive()

@@ -25,25 +25,24 @@ from tests.support.p11ctypes import Module
 from tests.support.service import Api, Service
 
 
+def serve_again(svc: Service, log: Path) -> subprocess.Popen[bytes]:
+    """Start the service of svc again, on the same port and store, its output appended to log
+    (the caller stops it)."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pkcs11ws.server.cli", "serve", "--config", svc.server_yaml],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
 def restart(svc: Service, made: list[Service], stop: bool = True) -> Service:
     """Stop the service by PID (SIGTERM) unless it is down, start it again: same port and dir.
     The new process is added to made (the `restarted` fixture stops them all)."""
     if stop:
         svc.stop()
-    with svc.log.open("ab") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pkcs11ws.server.cli",
-                "serve",
-                "--config",
-                str(svc.server_yaml),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    proc = serve_again(svc, svc.log)
     new = dataclasses.replace(svc, pid=proc.pid, proc=proc)
     made.append(new)
     api = Api(new)
