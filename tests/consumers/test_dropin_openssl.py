@@ -261,28 +261,42 @@ def compile_c(tmp_path: Path, source: str, out: str, *flags: str) -> Path:
     return exe
 
 
-@pytest.mark.parametrize("where", list(INSIDE))
-def test_openssl_configured_on_another_thread_during_our_start_up(
-    own_service, provider_so, tmp_path, where
-):
+# (the file of the copy that meets the host, pkcs11-provider's early loading)
+ANOTHER_THREAD = {
+    "boot-early": ("__init__.py", True),
+    "C_Initialize-early": ("provider.py", True),
+    "C_Initialize-late": ("provider.py", False),
+}
+
+
+@pytest.mark.parametrize("case", list(ANOTHER_THREAD))
+def test_openssl_on_another_thread_during_our_start_up(own_service, provider_so, tmp_path, case):
     """Thread A starts the module; inside that start-up (the boot, or C_Initialize), while the
     module holds its lock, thread B loads OpenSSL's configuration, whose pkcs11-provider (early)
     calls the module and so waits for that lock; then A's start-up needs OpenSSL's
     configuration, which B is loading. That hung for ever (openssl_threads.c; the rendezvous
     makes the order certain). The loader now loads the configuration before it takes any lock:
     here A loads it (pkcs11-provider's call back on A fails at once), B finds it loaded, and
-    both threads finish."""
+    both threads finish. With late loading, B's first use of pkcs11-provider (a store) calls
+    the module during A's C_Initialize and waits for it: A needs nothing B holds, and both end."""
+    file, early = ANOTHER_THREAD[case]
     host = compile_c(tmp_path, "openssl_threads.c", "host", "-rdynamic", "-lcrypto", "-lpthread")
     shim = compile_c(tmp_path, "shim_module.c", "shim.so", "-shared", "-fPIC")
-    module = package_copy(tmp_path / "src", INSIDE[where], RENDEZVOUS, first=True)
-    cnf = openssl_cnf(tmp_path / "openssl.cnf", provider_so, True, str(shim))
+    module = package_copy(tmp_path / "src", file, RENDEZVOUS, first=True)
+    cnf = openssl_cnf(tmp_path / "openssl.cnf", provider_so, early, str(shim))
     env = consumer_env(own_service.client_cfg, OPENSSL_CONF=str(cnf), P11WS_SHIM_TARGET=module)
+    if not early:
+        env["HOST_B_STORE"] = "pkcs11:"
     r = run_or_dump([str(host), module], env=env, timeout=120, **hang_report(own_service))
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert "A: C_Initialize 0x0" in lines, r.stdout + r.stderr
     assert "A: inside the module's start-up: starting B" in lines, r.stdout
     assert "B: OpenSSL configured" in lines and lines[-1] == "done", r.stdout
-    # The configuration was loaded by A, before the start-up took its lock.
-    assert "shim called by A 1, by B 0" in lines, r.stdout
-    assert CALLED_INSIDE in r.stderr, r.stderr
+    if early:
+        # The configuration was loaded by A, before the start-up took its lock.
+        assert "shim called by A 1, by B 0" in lines, r.stdout
+        assert CALLED_INSIDE in r.stderr, r.stderr
+    else:
+        assert "A: B is calling the module" in lines
+        assert "shim called by A 0, by B 1" in lines and "B: store read" in lines, r.stdout

@@ -8,6 +8,8 @@
  * configuration (OPENSSL_CONF: pkcs11-provider, early, on shim_module.so, which tells the host
  * when it is called and hands over to the module), and waits until B is inside it, calling the
  * module. Then A's start-up goes on to load OpenSSL's configuration itself (import hashlib).
+ * With HOST_B_STORE set (and pkcs11-provider's default, late, loading), B then reads that
+ * OSSL_STORE URI: pkcs11-provider's first use, which loads and initialises the module.
  *
  * Before loader.c loaded OpenSSL's configuration ahead of its locks, this hung: B waited for the
  * module's lock inside the configuration, A waited for B's configuration holding that lock.
@@ -16,8 +18,10 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <openssl/crypto.h>
+#include <openssl/store.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -54,6 +58,20 @@ static void *run_b(void *arg)
     say("B: loading OpenSSL's configuration");
     int ok = OPENSSL_init_crypto(OPENSSL_INIT_LOAD_CONFIG, NULL);
     say(ok ? "B: OpenSSL configured" : "B: OpenSSL's configuration failed");
+    /* With pkcs11-provider's default (late) loading, its first use loads the module. */
+    const char *uri = getenv("HOST_B_STORE");
+    if (uri != NULL) {
+        OSSL_STORE_CTX *store = OSSL_STORE_open(uri, NULL, NULL, NULL, NULL);
+        while (store != NULL && !OSSL_STORE_eof(store)) {
+            OSSL_STORE_INFO *info = OSSL_STORE_load(store);
+            if (info == NULL)
+                break;
+            OSSL_STORE_INFO_free(info);
+        }
+        if (store != NULL)
+            OSSL_STORE_close(store);
+        say("B: store read");
+    }
     pthread_mutex_lock(&mu);
     b_done = 1;
     pthread_cond_broadcast(&cv);
@@ -62,8 +80,8 @@ static void *run_b(void *arg)
 }
 
 /* From the module's Python start-up, in thread A (ctypes): start B and wait until B calls the
- * module from inside OpenSSL's configuration, or is done (a configuration A loaded already
- * never calls it again), at most 30 s. 1 when B called the module. */
+ * module (from inside OpenSSL's configuration, or its store), or is done (a configuration A
+ * loaded already never calls it again), at most 30 s. 1 when B called the module. */
 EXPORT int host_in_startup(void)
 {
     pthread_mutex_lock(&mu);
@@ -86,8 +104,7 @@ EXPORT int host_in_startup(void)
         rc = pthread_cond_timedwait(&cv, &mu, &until);
     int called = shim_calls_b > 0;
     pthread_mutex_unlock(&mu);
-    say(called ? "A: B is calling the module from inside OpenSSL's configuration"
-               : "A: B did not call the module");
+    say(called ? "A: B is calling the module" : "A: B did not call the module");
     return called;
 }
 
