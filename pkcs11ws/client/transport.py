@@ -47,7 +47,7 @@ cut short, and requests after close(), raise Finalizing (CKR_CRYPTOKI_NOT_INITIA
 from __future__ import annotations
 
 import os
-import re
+import sys
 import threading
 import time
 import weakref
@@ -62,12 +62,11 @@ from pkcs11ws.log import LOG, WARNING, Logger
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:  # annotations only: importing typing costs start-up time and memory
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
     from typing import Any, Final
 
 PYCURL_FIX: Final = "install pycurl built against the system libcurl; " + pycurl_fix()
 # The Debian OpenSSL flavour of libcurl; auditwheel-renamed copies look like libcurl-1a2b3c4d.so.4.
-_SYSTEM_LIBCURL_RE: Final = re.compile(r"^libcurl\.so\.4(\.[0-9.]+)?$")
 # Every request's headers. libcurl 7.88 formats each header byte on its own (about 100
 # instructions a byte, a large part of the client's cost per request): "Accept:" drops the
 # Accept header (the service answers JSON whatever it says; without this libcurl sends
@@ -133,22 +132,35 @@ def _mapped_files(maps: str) -> set[str]:
     return files
 
 
-def check_system_libcurl(version: str, maps: str | None, package_dir: str) -> None:
+def _system_libcurl_name(name: str) -> bool:
+    """libcurl.so.4 or libcurl.so.4.N[.N...]: the system library's names (a bundled copy's
+    differ: libcurl-HASH.so.4, libcurl-gnutls.so.4)."""
+    version = name.removeprefix("libcurl.so.4")
+    return name.startswith("libcurl.so.4") and (
+        version == "" or (len(version) > 1 and version[0] == "." and set(version) <= _VERSION_CHARS)
+    )
+
+
+_VERSION_CHARS: Final = frozenset("0123456789.")
+
+
+def check_system_libcurl(version: str, files: Iterable[str] | None, package_dir: str) -> None:
     """Raise InstallationError unless pycurl runs on the system libcurl (OpenSSL flavour).
 
-    version is pycurl.version, maps the text of /proc/self/maps after pycurl was imported (None
-    where /proc is missing), package_dir the directory holding the pycurl package.
+    version is pycurl.version, files the paths of the shared objects loaded after pycurl was
+    imported (None when they cannot be known), package_dir the directory holding the pycurl
+    package.
     """
     if "libcurl/" not in version or "OpenSSL/" not in version:
         raise InstallationError(f"pycurl reports {version!r}: not libcurl on OpenSSL; {PYCURL_FIX}")
-    if maps is None:
+    if files is None:
         return
-    libcurls = {p for p in _mapped_files(maps) if os.path.basename(p).startswith("libcurl")}
+    libcurls = {p for p in files if os.path.basename(p).startswith("libcurl")}
     if not libcurls:
         raise InstallationError(f"pycurl is loaded but no shared libcurl is mapped; {PYCURL_FIX}")
     for path in sorted(libcurls):
         bundled = (
-            not _SYSTEM_LIBCURL_RE.match(os.path.basename(path))
+            not _system_libcurl_name(os.path.basename(path))
             or path.startswith(package_dir.rstrip("/") + "/")
             or ".libs/" in path
         )
@@ -158,14 +170,23 @@ def check_system_libcurl(version: str, maps: str | None, package_dir: str) -> No
             )
 
 
-def _check_pycurl() -> None:
+def _loaded_files() -> Iterable[str] | None:
+    """The loaded shared objects' paths. Inside the module the core lists them
+    (dl_iterate_phdr, a few microseconds); a Python program without it reads /proc/self/maps
+    (~0.3 ms with a few hundred mappings; None where /proc is missing)."""
+    core = sys.modules.get("pkcs11ws._native.core")
+    if core is not None:
+        return [os.fsdecode(name) for name in core.loaded_objects()]
     try:
         with open("/proc/self/maps") as f:
-            maps: str | None = f.read()
+            return _mapped_files(f.read())
     except OSError:
-        maps = None
+        return None
+
+
+def _check_pycurl() -> None:
     package_dir = os.path.dirname(os.path.dirname(os.path.abspath(pycurl.__file__ or "")))
-    check_system_libcurl(pycurl.version, maps, package_dir)
+    check_system_libcurl(pycurl.version, _loaded_files(), package_dir)
 
 
 _check_pycurl()

@@ -20,10 +20,44 @@ def maps_line(path: str) -> str:
 
 def test_this_process_passes_the_check() -> None:
     with open("/proc/self/maps") as f:
-        maps = f.read()
-    transport.check_system_libcurl(pycurl.version, maps, SITE)
-    libcurls = [p for p in transport._mapped_files(maps) if "libcurl" in os.path.basename(p)]
+        files = transport._mapped_files(f.read())
+    transport.check_system_libcurl(pycurl.version, files, SITE)
+    libcurls = [p for p in files if "libcurl" in os.path.basename(p)]
     assert libcurls and all("site-packages" not in p for p in libcurls)
+
+
+def test_loaded_objects_name_the_same_libcurl() -> None:
+    # Inside the module the check reads the core's dl_iterate_phdr list, not /proc/self/maps:
+    # the same library, under the name it was loaded by (the soname's symlink).
+    from pkcs11ws._native import core
+
+    files = transport._loaded_files()
+    assert files is not None
+    loaded = [p for p in files if os.path.basename(p).startswith("libcurl")]
+    assert loaded and all(transport._system_libcurl_name(os.path.basename(p)) for p in loaded)
+    with open("/proc/self/maps") as f:
+        mapped = {os.path.realpath(p) for p in transport._mapped_files(f.read())}
+    assert {os.path.realpath(p) for p in loaded} <= mapped
+    assert [os.fsdecode(n) for n in core.loaded_objects()] == list(files)
+    transport.check_system_libcurl(pycurl.version, files, SITE)
+
+
+@pytest.mark.parametrize(
+    ("name", "system"),
+    [
+        ("libcurl.so.4", True),
+        ("libcurl.so.4.8.0", True),
+        ("libcurl.so.4.", False),
+        ("libcurl.so.4..", True),
+        ("libcurl.so.4x", False),
+        ("libcurl.so.4.8.0\n", False),
+        ("libcurl.so.5", False),
+        ("libcurl-gnutls.so.4", False),
+        ("libcurl-d4d2c1e8.so.4.8.0", False),
+    ],
+)
+def test_system_libcurl_names(name: str, system: bool) -> None:
+    assert transport._system_libcurl_name(name) is system
 
 
 def test_system_libcurl_accepted() -> None:
@@ -35,7 +69,7 @@ def test_system_libcurl_accepted() -> None:
             "/usr/lib/x86_64-linux-gnu/libssl.so.3",
         )
     )
-    transport.check_system_libcurl(SYSTEM_VERSION, maps, SITE)
+    transport.check_system_libcurl(SYSTEM_VERSION, transport._mapped_files(maps), SITE)
 
 
 @pytest.mark.parametrize(
@@ -50,20 +84,20 @@ def test_system_libcurl_accepted() -> None:
 def test_bundled_libcurl_refused_with_the_fix(libcurl: str) -> None:
     maps = maps_line("/usr/lib/x86_64-linux-gnu/libc.so.6") + "\n" + maps_line(libcurl)
     with pytest.raises(ImportError) as ei:
-        transport.check_system_libcurl(WHEEL_VERSION, maps, SITE)
+        transport.check_system_libcurl(WHEEL_VERSION, transport._mapped_files(maps), SITE)
     assert libcurl in str(ei.value)
     assert "-m pip install --force-reinstall --no-deps --no-binary pycurl pycurl" in str(ei.value)
 
 
 def test_non_openssl_or_unknown_build_refused() -> None:
     with pytest.raises(ImportError, match="not libcurl on OpenSSL"):
-        transport.check_system_libcurl("PycURL/7.45.2 libcurl/7.88.1 GnuTLS/3.7.9", "", SITE)
+        transport.check_system_libcurl("PycURL/7.45.2 libcurl/7.88.1 GnuTLS/3.7.9", [], SITE)
 
 
 def test_no_mapped_libcurl_refused() -> None:
     maps = maps_line("/usr/lib/x86_64-linux-gnu/libc.so.6")
     with pytest.raises(ImportError, match="no shared libcurl is mapped"):
-        transport.check_system_libcurl(SYSTEM_VERSION, maps, SITE)
+        transport.check_system_libcurl(SYSTEM_VERSION, transport._mapped_files(maps), SITE)
 
 
 def test_without_proc_only_the_version_is_checked() -> None:
@@ -79,7 +113,7 @@ def test_deleted_suffix_and_anonymous_mappings_are_handled() -> None:
         ]
     )
     assert transport._mapped_files(maps) == {"/usr/lib/x86_64-linux-gnu/libcurl.so.4.8.0"}
-    transport.check_system_libcurl(SYSTEM_VERSION, maps, SITE)
+    transport.check_system_libcurl(SYSTEM_VERSION, transport._mapped_files(maps), SITE)
 
 
 def test_wheel_layout_refused_before_import(tmp_path) -> None:
