@@ -11,7 +11,6 @@ a field or an error.
 from __future__ import annotations
 
 import binascii
-import re
 
 from pkcs11ws import constants as C
 from pkcs11ws._lite import dataclass, field
@@ -25,7 +24,6 @@ OPENAPI_PATH: Final = "/openapi.json"
 HEALTH_PATH: Final = "/health"
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 REQUEST_ID_HEADER: Final = "X-Request-Id"  # sent by the module, written in both logs
-REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 TOKEN_HEADER: Final = "Authorization"  # "Bearer <activation token>"
 # The crypto requests (Cipher, Sign, Verify) may carry the token in the body instead, as their
 # first field: the module does, since a client formats every header byte (libcurl: about 100
@@ -36,8 +34,31 @@ MAX_TOKEN: Final = 4096
 # header that changes per request also makes the client rebuild its header list each time).
 REQUEST_ID_FIELD: Final = "request_id"
 MAX_PASSPHRASE: Final = 256
-NAME_RE: Final = re.compile(r"^[A-Za-z0-9]{1,64}$")
-IDEMPOTENCY_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{8,128}$")
+# REQUEST_ID_RE, NAME_RE and IDEMPOTENCY_RE are compiled when first used (see __getattr__):
+# the service matches them on every request, the module on none, and `re` costs every process
+# that loads the module ~7 M instructions to import.
+_PATTERNS: Final = {
+    "REQUEST_ID_RE": r"^[A-Za-z0-9_.:-]{1,64}$",
+    "NAME_RE": r"^[A-Za-z0-9]{1,64}$",
+    "IDEMPOTENCY_RE": r"^[A-Za-z0-9_.:-]{8,128}$",
+}
+if TYPE_CHECKING:
+    import re
+
+    REQUEST_ID_RE: re.Pattern[str]
+    NAME_RE: re.Pattern[str]
+    IDEMPOTENCY_RE: re.Pattern[str]
+
+
+def __getattr__(name: str) -> re.Pattern[str]:
+    """One of _PATTERNS, compiled on first use and then a plain module attribute."""
+    source = _PATTERNS.get(name)
+    if source is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import re
+
+    compiled = globals()[name] = re.compile(source)
+    return compiled
 
 
 class ProtocolError(Exception):
@@ -370,6 +391,8 @@ class Endpoint:
 
     @property
     def pattern(self) -> re.Pattern[str]:
+        import re
+
         return re.compile(
             "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[A-Za-z0-9-]{1,64})", self.path) + "$"
         )
