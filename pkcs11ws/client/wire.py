@@ -12,8 +12,6 @@ schema); what is built here is what protocol.encode() would build, only assemble
 
 from __future__ import annotations
 
-import json
-
 from pkcs11ws import constants as C
 from pkcs11ws import protocol
 from pkcs11ws._lite import dataclass
@@ -21,7 +19,7 @@ from pkcs11ws.errors import PKCS11Error, ServiceError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from typing import Any, Final
 
     from pkcs11ws.client.group import Call
@@ -29,25 +27,80 @@ if TYPE_CHECKING:
 _PATH_PARAM_CHARS: Final = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-"
 )
-dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
-_decoder = json.JSONDecoder()
-_decode_json = _decoder.decode
-_scan_json = _decoder.scan_once  # type: ignore[attr-defined]  # the C scanner (see loads)
-# The string encoder dumps itself uses (the C one where available).
-_json_str = json.encoder.encode_basestring_ascii
+
+# JSON through the standard library's C encoder and scanner (`_json`) without the `json`
+# package: json imports re, and re imports enum, ~12 M instructions of every process that loads
+# the module (pkcs11-tool -L makes one request). dumps and loads give exactly what
+# json.dumps(obj, separators=(",", ":")) and json.loads give, through the same C code; what the
+# compact fast path does not take (whitespace around a document, trailing data, an error to
+# word, an interpreter without `_json`) goes to the json package, imported then.
+
+
+def _full_loads(text: str) -> Any:
+    import json
+
+    return json.loads(text)
+
+
+def _default(o: Any) -> Any:
+    """json.JSONEncoder.default: what cannot be encoded is a TypeError with the same words."""
+    raise TypeError(f"Object of type {o.__class__.__name__} is not JSON serializable")
+
+
+class _ScanContext:
+    """The attributes the C scanner reads from a json.JSONDecoder() made with no arguments."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    # json.decoder's constants (float(), not math's: math is one more shared object to load)
+    parse_constant = {
+        "-Infinity": float("-inf"),
+        "Infinity": float("inf"),
+        "NaN": float("nan"),
+    }.__getitem__
+
+
+try:
+    from _json import encode_basestring_ascii as _json_str
+    from _json import make_encoder as _make_encoder
+    from _json import make_scanner as _make_scanner
+except ImportError:  # an interpreter without json's C accelerator: the json package does it all
+    import json
+    import json.encoder
+
+    _json_str = json.encoder.encode_basestring_ascii
+    _scan_json: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+    def dumps(obj: Any) -> str:
+        """json.dumps(obj, separators=(",", ":")): ASCII only, circular references refused."""
+        return json.dumps(obj, separators=(",", ":"))
+
+else:
+    # (typeshed types the context as a scanner: any object with the attributes will do)
+    _scan_json = _make_scanner(_ScanContext())  # type: ignore[arg-type]
+
+    def dumps(obj: Any) -> str:
+        """json.dumps(obj, separators=(",", ":")): ASCII only, circular references refused."""
+        if type(obj) is str:
+            return _json_str(obj)
+        encode = _make_encoder({}, _default, _json_str, None, ":", ",", False, False, True)
+        return "".join(encode(obj, 0))
 
 
 def loads(raw: bytes) -> Any:
-    """raw parsed as JSON. A compact answer (the service's) goes to the C scanner directly:
-    JSONDecoder.decode adds two Python frames and two whitespace regex matches around it.
-    Anything else (whitespace around, trailing data) takes the full decoder, which also words
-    every error. Decoding the UTF-8 first skips json.loads' encoding detection on bytes."""
+    """raw parsed as JSON. A compact answer (the service's) is one call of the C scanner;
+    anything else (whitespace around, trailing data) and every error (the scanner words them
+    with json's own exception class: it needs the json package) go to json.loads. Decoding the
+    UTF-8 first skips json.loads' encoding detection on bytes."""
     text = raw.decode("utf-8")
     try:
         obj, end = _scan_json(text, 0)
-    except StopIteration:  # nothing the scanner can start on (empty, leading whitespace)
+    except Exception:  # StopIteration (nothing to start on), or an error json.loads words again
         end = -1
-    return obj if end == len(text) else _decode_json(text)
+    return obj if end == len(text) else _full_loads(text)
 
 
 @dataclass(frozen=True)
@@ -137,7 +190,7 @@ def crypto_tail(spec: Endpoint, mac_length: int | None, params: dict[str, Any] |
     fields = protocol.encode(spec.request, values)
     if not fields:
         return b'"}'
-    return b'",' + json.dumps(fields, separators=(",", ":"))[1:].encode("ascii")
+    return b'",' + dumps(fields)[1:].encode("ascii")
 
 
 def batch_body(calls: Sequence[Call]) -> bytes:
