@@ -280,6 +280,26 @@ def test_sessions_and_login_state(mod, client):
     assert mod.call("C_CloseAllSessions", 999999) == C.CKR_SLOT_ID_INVALID
 
 
+def test_close_all_reaches_the_newest_session(mod, client):
+    # The scans of every session stop above the highest index ever used (C_Finalize of a
+    # process that opened none touches no page of the table): the newest session, at that
+    # index, is still found and closed.
+    name, _, _ = new_card_with_info(client)
+    slot = mod.slot_by_label(name)
+    opened = [mod.open(slot, rw=False) for _ in range(5)]
+    for h in opened[:-1]:
+        mod.ok("C_CloseSession", h)
+    newest = mod.open(slot, rw=False)
+    assert (newest & 0xFFFF) > (opened[-1] & 0xFFFF) > (opened[0] & 0xFFFF)
+    assert mod.token_info(slot).ulSessionCount == 2
+    mod.ok("C_CloseAllSessions", slot)
+    for h in (opened[-1], newest):
+        assert mod.call("C_GetSessionInfo", h, byref(CK_SESSION_INFO())) == (
+            C.CKR_SESSION_HANDLE_INVALID
+        )
+    assert mod.token_info(slot).ulSessionCount == 0
+
+
 def test_logout_reuses_the_connection(mod, client):
     # Logging out (no retries) goes over the thread's kept-alive connection: no new handshake.
     name, pin, card = new_card_with_info(client)
