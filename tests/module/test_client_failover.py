@@ -96,13 +96,6 @@ def kill9(svc: Service) -> None:
     svc.proc.wait(10)
 
 
-def served(svc: Service, what: str) -> int:
-    """How many requests (access-log lines containing what) svc answered."""
-    return sum(
-        1 for ln in svc.log_text().splitlines() if "pkcs11ws.server.access" in ln and what in ln
-    )
-
-
 def host_list(a: Service, b: Service) -> str:
     # Both spellings the service's certificate names: an address and a bare-name entry.
     return f"127.0.0.1:{a.port}, localhost:{b.port}"
@@ -134,8 +127,8 @@ def test_requests_spread_over_both_and_an_activation_works_on_either(replicas, t
     macs = {c.sign(token, key, "CKM_SHA256_HMAC", b"spread") for _ in range(40)}
     assert len(macs) == 1
     # Both replicas signed with the one activation token (sealed, opened by either).
-    assert served(a, "POST /crypto/v1/sign 200") >= 10
-    assert served(b, "POST /crypto/v1/sign 200") >= 10
+    assert a.served("POST /crypto/v1/sign 200") >= 10
+    assert b.served("POST /crypto/v1/sign 200") >= 10
     assert c.stats()["failures"] == 0
     c.close()
 
@@ -165,7 +158,7 @@ def test_kill9_one_replica_then_restart(replicas, tmp_path):
     time.sleep(COOLDOWN + 0.5)
     for _ in range(20):
         c.random(8)
-    assert served(b2, "POST /crypto/v1/random 200") >= 5
+    assert b2.served("POST /crypto/v1/random 200") >= 5
     assert f"key service localhost:{b.port} answers again" in log.read_text()
     # The activation made before the outage still works on both.
     assert c.search_objects(card["id"], token, {}) == []
@@ -270,7 +263,7 @@ def test_module_threads_ride_through_a_replica_kill(bare_mod, replicas, tmp_path
             t.join(30)
     assert errors == []
     assert all(n > 0 for n in done), done
-    assert served(b2, "POST /crypto/v1/sign 200") > 0  # the restarted replica signs again
+    assert b2.served("POST /crypto/v1/sign 200") > 0  # the restarted replica signs again
     text = log.read_text()
     assert f"key service localhost:{b.port} failed" in text
     # The login survived: no re-login was needed, the session still signs.
@@ -433,8 +426,8 @@ def test_ipv6_literal_in_brackets(fresh_service, tmp_path):
         for _ in range(20):
             assert len(c.random(8)) == 8
         assert c.stats()["failures"] == 0
-        assert served(v6, "POST /crypto/v1/random 200") >= 5
-        assert served(a, "POST /crypto/v1/random 200") >= 5
+        assert v6.served("POST /crypto/v1/random 200") >= 5
+        assert a.served("POST /crypto/v1/random 200") >= 5
         c.close()
     finally:
         v6.stop()

@@ -64,6 +64,14 @@ class Service:
     def log_text(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")
 
+    def served(self, what: str) -> int:
+        """How many requests (access-log lines containing what) it answered."""
+        return sum(
+            1
+            for ln in self.log_text().splitlines()
+            if "pkcs11ws.server.access" in ln and what in ln
+        )
+
 
 def free_port_besides(taken: int) -> int:
     """A free port other than `taken`: the kernel may hand the port just probed out again while
