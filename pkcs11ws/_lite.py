@@ -19,6 +19,9 @@ records are declared in the package (``from pkcs11ws._lite import dataclass``, s
 checked. ``dataclasses.replace()``/``fields()``/``is_dataclass()`` keep working
 on these classes: the ``__dataclass_fields__`` they read is built on first use, from a real
 dataclass made with the same fields, so only the callers that use them import ``dataclasses``.
+
+``LazyModule``: one of the package's modules that only some calls need (object templates,
+mechanism parameters), imported when first used instead of at start-up.
 """
 
 from __future__ import annotations
@@ -192,6 +195,30 @@ def replace(obj: _R, /, **changes: object) -> _R:
         if name not in changes:
             changes[name] = getattr(obj, name)
     return type(obj)(**changes)
+
+
+class LazyModule:
+    """Stands for the module `name` in a namespace (a module's globals) until an attribute is
+    first read: then imports it and puts the module itself in its place, so later reads are
+    plain global lookups. Type checkers see the module (import it under TYPE_CHECKING)."""
+
+    __slots__ = ("_key", "_name", "_namespace")
+
+    def __init__(self, name: str, namespace: dict[str, object], key: str) -> None:
+        self._name = name
+        self._namespace = namespace
+        self._key = key
+
+    def __getattr__(self, attr: str) -> object:
+        import sys
+
+        __import__(self._name)
+        module = sys.modules[self._name]
+        self._namespace[self._key] = module
+        return getattr(module, attr)
+
+    def __repr__(self) -> str:
+        return f"<LazyModule {self._name!r}>"
 
 
 class suppress:

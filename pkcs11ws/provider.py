@@ -31,7 +31,7 @@ from __future__ import annotations
 import threading
 import time
 
-from pkcs11ws import _lite, mechanisms, params, templates
+from pkcs11ws import _lite, mechanisms
 from pkcs11ws import constants as C
 from pkcs11ws._lite import dataclass
 from pkcs11ws.client import transport
@@ -48,9 +48,15 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any, Protocol, TypeVar
 
+    from pkcs11ws import params, templates
+
     T = TypeVar("T")
 else:  # typing is too heavy for the module's start-up
     Protocol = object
+    # Object templates and mechanism parameters: imported by the first call that needs them
+    # (pkcs11-tool -L, a C_Sign of HMAC, need neither; ~1.5 M instructions of every start-up).
+    templates = _lite.LazyModule("pkcs11ws.templates", globals(), "templates")
+    params = _lite.LazyModule("pkcs11ws.params", globals(), "params")
 
 RANDOM_CHUNK = 65536  # the service's largest random request
 _NEVER = float("inf")

@@ -31,6 +31,7 @@ HEAVY = ("dataclasses", "inspect", "ast", "dis", "typing", "contextlib", "pycurl
 LIST_SLOTS_NEVER = ("cryptography", "pkcs11ws.pubkey", "ctypes", "socket", "selectors", "uuid",
                     "urllib", "traceback", "datetime", "importlib", "warnings", "syslog",
                     "struct", "_struct", "encodings.utf_8_sig", "re", "enum", "json", "math",
+                    "pkcs11ws.templates", "pkcs11ws.attributes", "pkcs11ws.params",
                     *HEAVY)  # fmt: skip
 
 

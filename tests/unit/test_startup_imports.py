@@ -199,3 +199,28 @@ def test_lite_dataclass_keeps_a_custom_setattr() -> None:
 
     assert Watched(1) == Watched(1, "x") and seen == ["a", "b", "a", "b"]
     assert vars(_Frozen(3)) == {"a": 3, "b": "x", "c": {"a": 3}}
+
+
+def test_lazy_module_takes_its_place_on_first_use() -> None:
+    # The provider's templates and params: imported by the first call that reads them, and
+    # from then on the module itself in the namespace (no proxy left in between).
+    code = (
+        "import sys\n"
+        f"sys.path[:0] = [{str(REPO)!r}, {sysconfig.get_paths()['purelib']!r}]\n"
+        "from pkcs11ws import provider\n"
+        "before = [m in sys.modules for m in ('pkcs11ws.templates', 'pkcs11ws.params')]\n"
+        "lazy = type(provider.templates).__name__\n"
+        "fn = provider.templates.decode_search\n"
+        "real = provider.templates is sys.modules['pkcs11ws.templates']\n"
+        "print(before, lazy, real, fn is sys.modules['pkcs11ws.templates'].decode_search,\n"
+        "      'pkcs11ws.params' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+    assert out == "[False, False] LazyModule True True False"
+    namespace: dict[str, object] = {}
+    namespace["m"] = _lite.LazyModule("pkcs11ws.no_such_module", namespace, "m")
+    with pytest.raises(ImportError):
+        getattr(namespace["m"], "anything")  # noqa: B009
+    assert type(namespace["m"]) is _lite.LazyModule  # a failed import leaves the stand-in
