@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-import weakref
+from _weakrefset import WeakSet  # weakref's own WeakSet: threading has loaded it
 
 from pkcs11ws._lite import suppress
 from pkcs11ws.config import Config, log_settings
@@ -41,7 +41,7 @@ _SYSLOG_PRIORITY: list[int] = []
 # Paths we already complained about on stderr (warn once per process and path).
 _warned_paths: set[str] = set()
 # Every Logger, so the fork hook can renew their locks.
-_loggers: weakref.WeakSet[Logger] = weakref.WeakSet()
+_loggers: WeakSet[Logger] = WeakSet()
 # The PKCS#11 session each thread is working for (its `session`; the core sets it directly
 # before it calls the provider, set_session() is the same for Python callers).
 SESSION = threading.local()

@@ -50,7 +50,7 @@ import os
 import sys
 import threading
 import time
-import weakref
+from _weakrefset import WeakSet  # weakref's own WeakSet: threading has loaded it
 
 import pycurl
 
@@ -467,7 +467,7 @@ class Transport:
         self._pid = pid
         self._share = _new_share()
         self.servers = [_Server(h, p) for h, p in self._servers_cfg]
-        self._conns: weakref.WeakSet[_Conn] = weakref.WeakSet()
+        self._conns: WeakSet[_Conn] = WeakSet()
         self._lock = threading.Lock()
         self._socks_lock = threading.Lock()
         self._wake = threading.Event()  # set by abort() and close(): ends retry waits

@@ -27,11 +27,12 @@ HEAVY = ("dataclasses", "inspect", "ast", "dis", "typing", "contextlib", "pycurl
 # importlib (pycurl loads without them: pkcs11ws/client/_curl_boot.py), syslog (without LOGSYS)
 # and struct (mechanism parameters only): extension modules cost ~0.3 ms each to load. (hashlib
 # may come: a softcard of the shared service with a name over 32 characters needs it for its
-# label.)
+# label.) Nor re, enum and json (the client's JSON is json's own C codec, client/wire.py), math,
+# weakref (only its WeakSet is used, _weakrefset's), object templates and mechanism parameters.
 LIST_SLOTS_NEVER = ("cryptography", "pkcs11ws.pubkey", "ctypes", "socket", "selectors", "uuid",
                     "urllib", "traceback", "datetime", "importlib", "warnings", "syslog",
                     "struct", "_struct", "encodings.utf_8_sig", "re", "enum", "json", "math",
-                    "pkcs11ws.templates", "pkcs11ws.attributes", "pkcs11ws.params",
+                    "weakref", "pkcs11ws.templates", "pkcs11ws.attributes", "pkcs11ws.params",
                     *HEAVY)  # fmt: skip
 
 

@@ -24,8 +24,9 @@ HEAVY = ("dataclasses", "inspect", "ast", "dis", "typing", "contextlib", "pycurl
 NOT_FOR_PYCURL = ("datetime", "importlib", "warnings")
 # re (and the enum it imports) and json cost ~13 M instructions of every start-up: the client's
 # JSON is pkcs11ws/client/wire.py (json's own C codec) and the patterns that only the
-# service matches are compiled on first use. math is one more extension module to load.
-NOT_AT_START = ("re", "enum", "json", "math")
+# service matches are compiled on first use. math is one more extension module to load; weakref
+# is only its WeakSet, which _weakrefset (loaded by threading) holds.
+NOT_AT_START = ("re", "enum", "json", "math", "weakref")
 
 
 def test_module_import_path_stays_light() -> None:
