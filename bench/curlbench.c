@@ -279,13 +279,14 @@ int main(int argc, char **argv)
            "\"errors\":%llu,\"first_status\":%ld,\"first_curl_code\":%d,\"ops_per_s\":%.1f,"
            "\"mean_us\":%.3f,\"p50_us\":%.3f,\"p90_us\":%.3f,\"p99_us\":%.3f,\"max_us\":%.3f,"
            "\"cpu_us_per_op\":%.3f,\"user_s\":%.4f,\"sys_s\":%.4f,\"connects_window\":%llu,"
-           "\"connects_total\":%llu,\"libcurl\":\"%s\"}\n",
+           "\"connects_total\":%llu,\"vcsw\":%ld,\"ivcsw\":%ld,\"minflt\":%ld,\"libcurl\":\"%s\"}\n",
            opt.threads, secs, (unsigned long long)ops, (unsigned long long)errors, first_status,
            first_code, secs > 0 ? (double)ops / secs : 0.0,
            all.n ? (double)all.sum_ns / (double)all.n / 1e3 : 0.0, hist_pct(&all, 50) / 1e3,
            hist_pct(&all, 90) / 1e3, hist_pct(&all, 99) / 1e3, (double)all.max_ns / 1e3,
            ops ? (user + sys) * 1e6 / (double)ops : 0.0, user, sys, (unsigned long long)cw,
-           (unsigned long long)ct, curl_version());
+           (unsigned long long)ct, ru1.ru_nvcsw - ru0.ru_nvcsw, ru1.ru_nivcsw - ru0.ru_nivcsw,
+           ru1.ru_minflt - ru0.ru_minflt, curl_version());
     fflush(stdout);
     curl_share_cleanup(share);
     curl_slist_free_all(headers);

@@ -661,13 +661,15 @@ int main(int argc, char **argv)
            "\"seconds\":%.4f,\"ops\":%llu,\"errors\":%llu,\"first_error\":\"0x%lx\","
            "\"error_where\":\"%s\",\"ops_per_s\":%.1f,\"mean_us\":%.3f,\"p50_us\":%.3f,"
            "\"p90_us\":%.3f,\"p99_us\":%.3f,\"max_us\":%.3f,\"cpu_us_per_op\":%.3f,"
-           "\"user_s\":%.4f,\"sys_s\":%.4f,\"csw_per_op\":%.3f,\"found\":%lu}\n",
+           "\"user_s\":%.4f,\"sys_s\":%.4f,\"csw_per_op\":%.3f,\"vcsw\":%ld,\"ivcsw\":%ld,"
+           "\"minflt\":%ld,\"found\":%lu}\n",
            OP_NAMES[opt.op], opt.threads, opt.churn, opt.null_query ? "true" : "false", secs,
            (unsigned long long)ops, (unsigned long long)errors, (unsigned long)first_error,
            where, secs > 0 ? (double)ops / secs : 0.0,
            all.n ? (double)all.sum_ns / (double)all.n / 1e3 : 0.0, hist_pct(&all, 50) / 1e3,
            hist_pct(&all, 90) / 1e3, hist_pct(&all, 99) / 1e3, (double)all.max_ns / 1e3,
            ops ? (user + sys) * 1e6 / (double)ops : 0.0, user, sys, ops ? csw / (double)ops : 0.0,
+           ru1.ru_nvcsw - ru0.ru_nvcsw, ru1.ru_nivcsw - ru0.ru_nivcsw, ru1.ru_minflt - ru0.ru_minflt,
            found);
     fflush(stdout);
     F->C_CloseSession(main_s);
