@@ -32,8 +32,8 @@ the host name is checked, the client presents CERT/KEY, TLS 1.2 is the minimum.
 
 Fork: a child must never use nor cleanly close handles inherited from its parent (closing sends a
 TLS close_notify on the parent's connection). The child's handles and share are leaked on
-purpose, never freed; a pid check on every request (and reset_after_fork()) gives the child fresh
-pools.
+purpose, never freed; a pid check on every request (against the pid an at-fork hook renews) and
+reset_after_fork() give the child fresh pools.
 
 C_Finalize during calls: close() (and abort(), which it starts with) makes every transfer in
 progress fail at once: it shuts down the sockets the handles have open, connects in progress
@@ -201,6 +201,21 @@ _check_pycurl()
 _IN_CURL: Final[set[int]] = set()
 _get_ident = threading.get_ident
 os.register_at_fork(after_in_child=_IN_CURL.clear)
+
+# This process's id, renewed in a forked child by the at-fork hook below: the per-request fork
+# check reads it rather than calling os.getpid(), a system call on every request (glibc keeps
+# no pid cache). The hooks run after os.fork() and, in a C host, after its fork() (the module's
+# pthread_atfork child handler runs PyOS_AfterFork_Child: loader.c), as Python requires of any
+# C code that forks and goes on running Python.
+_PID = os.getpid()
+
+
+def _forked() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def nested() -> bool:
@@ -506,7 +521,7 @@ class Transport:
         """One attempt (on each server, with several). headers must include BASE_HEADERS; pass
         the same object to skip setopt. deadline: time.monotonic() by which the call must end
         (0: TIMEOUT from now)."""
-        if os.getpid() != self._pid:
+        if self._pid != _PID:
             self.reset_after_fork()
         me = _get_ident()
         if me in _IN_CURL:  # nested() inlined: this is the per-request path

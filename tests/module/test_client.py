@@ -424,6 +424,64 @@ def test_fork_child_gets_fresh_connection_parent_keeps_its_own(service) -> None:
     c.close()
 
 
+def test_fork_of_a_forked_child_and_fork_from_a_thread(service) -> None:
+    # The per-request fork check compares with a pid that an at-fork hook renews (no getpid()
+    # per request): every generation must see its own fork, a fork from a thread other than the
+    # main one included, and each process keeps its own kept-alive connection.
+    c = make_client(service)
+    c.health()
+    r, w = os.pipe()
+    outcome: list[int] = []  # the grandchild's exit status, in the child
+
+    def grandchild() -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                ok = c.health()["status"] == "ok" and c.stats()["connects"] == 1
+                code = 0 if ok else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        outcome.append(os.WEXITSTATUS(status))
+
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 1
+        try:
+            os.close(r)
+            c.health()
+            fresh = c.stats() == {"requests": 1, "connects": 1, "failures": 0}
+            t = threading.Thread(target=grandchild)
+            t.start()
+            t.join(60)
+            c.health()  # the child's connection survived its own child
+            ok = (
+                fresh
+                and outcome == [0]
+                and c.stats()
+                == {
+                    "requests": 2,
+                    "connects": 1,
+                    "failures": 0,
+                }
+            )
+            os.write(w, b"ok" if ok else f"{fresh} {outcome} {c.stats()}".encode())
+            code = 0
+        except BaseException as e:
+            os.write(w, repr(e).encode()[:500])
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        child_said = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert child_said == b"ok" and os.WEXITSTATUS(status) == 0
+    c.health()
+    assert c.stats() == {"requests": 2, "connects": 1, "failures": 0}
+    c.close()
+
+
 def test_explicit_reset_after_fork_in_child(service) -> None:
     # What the provider's fork hook does: reset_after_fork() abandons the inherited handle.
     c = make_client(service)
