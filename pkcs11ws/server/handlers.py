@@ -121,9 +121,14 @@ class Service(CryptoHandlers):
             if len(self._tokens) >= _TOKEN_CACHE_MAX:
                 self._tokens.clear()
             self._tokens[authorization] = claims
+        return self.admit(claims, path_card, ident)
+
+    @staticmethod
+    def admit(claims: TokenClaims, path_card: str | None, ident: Identity) -> TokenClaims:
+        """authenticate's checks of an opened token, every time it is used (a batch whose items
+        carry the same token opens it once and admits it per item)."""
         pipeline.check_token(claims, ident)
-        now = time.time()
-        if claims.expires <= now:
+        if claims.expires <= time.time():
             raise ApiError("NOT_ACTIVATED", "the activation has expired")
         if path_card is not None and path_card != claims.card:
             raise ApiError("NOT_ACTIVATED", "the activation token is for another softcard")

@@ -97,6 +97,22 @@ def _signed(sig: bytes) -> Response:
     return Response(200, b'{"signature":"' + _b2a(sig, newline=False) + b'"}')
 
 
+# The answer bodies of the keyed operations (the same bytes as their handlers' Responses), and
+# each one's (operation flag, usage attribute): what CryptoHandlers.crypto_now needs by op.
+_BODIES: Final[dict[str, Callable[[Any], bytes]]] = {
+    "sign": lambda sig: b'{"signature":"' + _b2a(sig, newline=False) + b'"}',
+    "verify": lambda _: _VERIFIED.body,
+    "encrypt": lambda out: _cipher_result(*out).body,
+    "decrypt": lambda out: _cipher_result(*out).body,
+}
+_KEYED: Final[dict[str, tuple[int, str]]] = {
+    "sign": (C.CKF_SIGN, "CKA_SIGN"),
+    "verify": (C.CKF_VERIFY, "CKA_VERIFY"),
+    "encrypt": (C.CKF_ENCRYPT, "CKA_ENCRYPT"),
+    "decrypt": (C.CKF_DECRYPT, "CKA_DECRYPT"),
+}
+
+
 _ANSWERS: Final[dict[str, Callable[[Any], Response]]] = {
     "sign": _signed,
     "verify": lambda _: _VERIFIED,
@@ -275,6 +291,17 @@ class CryptoHandlers:
                 raise Offloaded(work, v.mech, v.key, b, fn)
             return await asyncio.to_thread(work, v.mech, v.key, b)
         return work(v.mech, v.key, b)
+
+    def crypto_now(self, claims: TokenClaims, b: dict[str, Any], op: str) -> bytes:
+        """A batch item's keyed operation (op: encrypt, decrypt, sign, verify) as _crypto and
+        its handler would do it, without their coroutines: the answer body, or Offloaded for
+        work that goes to the thread pool. Only for stores whose reads do not block."""
+        flag, use = _KEYED[op]
+        v = self._key(claims, b["key"], b["mechanism"], flag, use, None)
+        work = getattr(v.family, op)
+        if v.offload:
+            raise Offloaded(work, v.mech, v.key, b, op)
+        return _BODIES[op](work(v.mech, v.key, b))
 
     # The crypto answers are built directly (same bytes as ok(): compact JSON, fields in
     # struct order, base64 needs no JSON escaping): they are the hot path.
