@@ -1,0 +1,205 @@
+"""The batch's fast path (App._keyed_item: keyed crypto items fastjson decoded, run as plain
+calls, a token the previous item opened admitted again instead of reopened), attacked over real
+mutual TLS.
+
+Every batch here is sent in the module's compact spelling (each item's token in its request,
+client/api.py), which the fast path takes (checked with fastjson.batch itself), and again
+spaced out, which the generic path decodes: both must give the same answers byte for byte, the
+same as each single request, and one audit line per refused item. The items mix what a shortcut
+could wrongly carry from one item to the next: the same token before and after a refused item,
+another softcard's token and key, an ended session, another identity's token, a forged token,
+an expired one; and between two batches a key destroyed and a session ended.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pkcs11ws import protocol
+from pkcs11ws.server import fastjson
+from tests.support.service import Api, Service, b64, issue_client, new_idem
+
+BATCH = protocol.BATCH_PATH
+SIGN = protocol.ENDPOINT_BY_OP["sign"].path
+CARDS = "/km/v1/softcards"
+PASS = b"fast batch passphrase"
+HMAC_KEY = 0x2B
+AES_KEY = 0x1F
+
+
+class Card:
+    def __init__(self, api: Api) -> None:
+        self.id, self.token = api.new_card(PASS)
+        self.mac = api.import_key(self.id, self.token, HMAC_KEY, uuid.uuid4().bytes * 2)
+        self.aes = api.import_key(self.id, self.token, AES_KEY, bytes(16))
+
+
+@pytest.fixture(scope="module")
+def people(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Api]]:
+    made: dict[str, Api] = {}
+    try:
+        for role in ("alice", "bob"):
+            d = issue_client(
+                service, f"{role}-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp(role)
+            )
+            made[role] = Api(service, d / "client.pem", d / "client.key")
+        yield made
+    finally:
+        for a in made.values():
+            a.close()
+
+
+def request(token: str | None, key: str, data: bytes = b"fast", rid: str | None = None) -> Any:
+    """A sign request in the module's field order (request_id, token, key, mechanism, data)."""
+    out: dict[str, Any] = {} if rid is None else {"request_id": rid}
+    if token is not None:
+        out["token"] = token
+    return {**out, "key": key, "mechanism": "CKM_SHA256_HMAC", "data": b64(data)}
+
+
+def item(req: Any, token: str | None = None) -> dict[str, Any]:
+    return {"op": "sign", **({} if token is None else {"token": token}), "request": req}
+
+
+def send(api: Api, items: list[dict[str, Any]], rid: str, fast: bool) -> list[tuple[int, bytes]]:
+    """The batch's (status, answer bytes) per item; fast: the compact spelling."""
+    body = {"items": items}
+    raw = json.dumps(body, separators=(",", ":") if fast else (", ", ": ")).encode()
+    assert (fastjson.batch(raw) is not None) is fast  # the path the service takes
+    r = api.post(BATCH, raw, headers={"X-Request-Id": rid})
+    assert r.status == 200, (r.status, r.body)
+    answers = r.json["results"]
+    assert len(answers) == len(items)
+    return [(x["status"], json.dumps(x["answer"], separators=(",", ":")).encode()) for x in answers]
+
+
+def audited(svc: Service, rid: str) -> list[dict[str, Any]]:
+    lines = (svc.dir / "log" / "audit.log").read_text().splitlines()
+    found = [x for x in map(json.loads, lines) if x.get("request") == rid]
+    for x in found:
+        del x["time"], x["request"]
+    return found
+
+
+def both_ways(svc: Service, api: Api, items: list[dict[str, Any]]) -> list[tuple[int, bytes]]:
+    """The fast and the generic answers (equal), each item's audit lines (equal, one per
+    refused item, in item order), and each in-request-token item as its single request."""
+    fast_rid, slow_rid = (f"fast-{uuid.uuid4().hex[:12]}" for _ in range(2))
+    fast = send(api, items, fast_rid, True)
+    assert send(api, items, slow_rid, False) == fast
+    refused = [status >= 300 for status, _ in fast]
+    lines = audited(svc, fast_rid)
+    assert len(lines) == sum(refused) and lines == audited(svc, slow_rid)
+    codes = [json.loads(answer)["code"] for status, answer in fast if status >= 300]
+    assert [x["code"] for x in lines] == codes
+    assert all(x["op"] == "sign" and x["outcome"] == "refused" for x in lines)
+    for it, got in zip(items, fast, strict=True):
+        if "token" not in it:
+            raw = json.dumps(it["request"], separators=(",", ":")).encode()
+            one = api.post(SIGN, raw)
+            assert (one.status, one.body) == got, it
+    return fast
+
+
+def codes_of(got: list[tuple[int, bytes]]) -> list[object]:
+    return [json.loads(a).get("code") if s >= 300 else s for s, a in got]
+
+
+def test_mixed_tokens_and_keys_each_item_on_its_own(
+    service: Service, people: dict[str, Api]
+) -> None:
+    alice, bob = people["alice"], people["bob"]
+    one, two, ended, bobs = Card(alice), Card(alice), Card(alice), Card(bob)
+    assert alice.post(f"{CARDS}/{ended.id}/deactivate", token=ended.token).status == 200
+    t = one.token
+    items = [
+        item(request(t, one.mac)),
+        item(request(t, two.mac)),  # the same identity's other softcard's key
+        item(request(t, one.mac, b"again")),  # the token the first item opened
+        item(request(ended.token, ended.mac)),  # an ended session
+        item(request(t, one.mac, b"after ended")),
+        item(request(bobs.token, bobs.mac)),  # another identity's token and key
+        item(request(t, bobs.mac)),  # another identity's key
+        item(request(two.token, two.mac)),
+        item(request(t, one.mac, b"after two")),
+        item(request(None, one.mac)),  # no token
+        item(request("v1.AAAA" + t[7:], one.mac)),  # forged
+        item(request(t, one.aes)),  # an AES key cannot HMAC
+        item(request(t, one.mac, rid="item-own-id")),
+        item(request(None, one.mac), t),  # the item's token field
+        item(request(t, one.mac), t),  # a token in both places
+        item(request(None, one.mac), bobs.token),
+    ]
+    got = both_ways(service, alice, items)
+    assert codes_of(got) == [
+        200,
+        "KEY_NOT_FOUND",
+        200,
+        "NOT_ACTIVATED",
+        200,
+        "NOT_ACTIVATED",
+        "KEY_NOT_FOUND",
+        200,
+        200,
+        "NOT_ACTIVATED",
+        "NOT_ACTIVATED",
+        "KEY_TYPE_INCONSISTENT",
+        200,
+        200,
+        "BAD_REQUEST",
+        "NOT_ACTIVATED",
+    ]
+    # The same request gives the same MAC whichever item and path carried it.
+    assert got[0] == got[13] and got[0] != got[2]
+    # Another's key answers as a missing one, and no token reaches the audit trail.
+    missing = item(request(t, str(uuid.uuid4())))
+    assert send(alice, [missing], "fast-missing", True)[0] == got[6]
+    assert t not in (service.dir / "log" / "audit.log").read_text()
+
+
+def test_key_destroyed_and_session_ended_between_batches(
+    service: Service, people: dict[str, Api]
+) -> None:
+    alice = people["alice"]
+    card = Card(alice)
+    spare = alice.import_key(card.id, card.token, HMAC_KEY, b"s" * 32)
+    items = [item(request(card.token, k, bytes([i]))) for i, k in enumerate([card.mac, spare] * 2)]
+    assert codes_of(both_ways(service, alice, items)) == [200] * 4
+    r = alice.delete(f"{CARDS}/{card.id}/objects/{card.mac}", token=card.token, idem=new_idem())
+    assert r.status == 200
+    got = both_ways(service, alice, items)
+    assert codes_of(got) == ["KEY_NOT_FOUND", 200] * 2
+    rid = f"fast-{uuid.uuid4().hex[:12]}"
+    send(alice, items, rid, True)
+    assert [x["handle"] for x in audited(service, rid)] == [card.mac] * 2
+    assert alice.post(f"{CARDS}/{card.id}/deactivate", token=card.token).status == 200
+    assert codes_of(both_ways(service, alice, items)) == ["NOT_ACTIVATED"] * 4
+
+
+def test_expired_token_between_live_ones(fresh_service: Any) -> None:
+    ttl = 6
+    svc: Service = fresh_service(overrides={"activation_ttl": ttl})
+    api = Api(svc)
+    try:
+        old = Card(api)
+        started = time.monotonic()
+        time.sleep(ttl - 2)
+        new = Card(api)
+        time.sleep(max(0.0, started + ttl + 0.5 - time.monotonic()))  # old has expired
+        items = [
+            item(request(new.token, new.mac)),
+            item(request(old.token, old.mac)),
+            item(request(new.token, new.mac, b"2")),
+            item(request(old.token, old.mac, b"2")),
+        ]
+        got = both_ways(svc, api, items)
+        assert codes_of(got) == [200, "NOT_ACTIVATED"] * 2
+        assert b"expired" in got[1][1] and got[1] == got[3]
+    finally:
+        api.close()
