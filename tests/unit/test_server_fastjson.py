@@ -183,6 +183,32 @@ def test_batches_agree_with_the_generic_path() -> None:
         assert got is None or got == _batch_generic(m), m
 
 
+def test_items_repeating_the_previous_head_agree_with_the_generic_path() -> None:
+    """Items whose bytes repeat the last fully decoded item's up to its last value (the data:
+    batch() then matches only the tail), with the tail changed every way an attacker might:
+    another value, an optional field after it, a second data field, bad base64, trailing
+    bytes. Each item gets its own dict."""
+    head = b'{"token":"' + TOKEN.encode() + b'","key":"' + KEY.encode()
+    head += b'","mechanism":"CKM_SHA256_HMAC","data":"'
+    tails = [b'AAECAwQFBgc="}', b'QQ=="}', b'"}', b'QUJD"}', b'QQ==","mac_length":16}']
+    tails += [b'QR=="}', b'QQ==","data":"QQ=="}', b'QQ=="} ', b'QQ==\\u0041"}', b'QQ"}']
+    good = [("sign", None, head + t) for t in tails[:4]]
+    raw = _batch_body([*good, ("sign", TOKEN, VALID["Sign"][0]), *good])
+    got = fastjson.batch(raw)
+    assert got is not None and got == _batch_generic(raw)
+    assert len({id(body) for _, _, body in got}) == len(got)
+    for tail in tails[4:]:
+        odd = _batch_body([*good, ("sign", None, head + tail), *good])
+        generic = _batch_generic(odd)
+        fast = fastjson.batch(odd)
+        assert fast is None or fast == generic, tail
+        assert (fast is not None) == (tail == tails[4]), tail
+    rng = random.Random(17)
+    for m in _mutations(raw, rng, 3000):
+        fast = fastjson.batch(m)
+        assert fast is None or fast == _batch_generic(m), m
+
+
 # Tokens the fast path must take only when they are plain printable ASCII without a backslash.
 _ODD_TOKENS = [
     b"v1.a b",
