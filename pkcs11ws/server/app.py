@@ -54,15 +54,21 @@ _JSON_HEADERS: Final = [
 ]
 
 
-# Endpoints whose handler checks the session together with the key (Service._key). Their
-# token may come in the body (App._token_in_body), which relies on them needing no
-# Idempotency-Key and no softcard in the path.
+# Endpoints whose handler checks the session together with the key (Service._key). App._keyed
+# runs them (their token may come in the body), which relies on them needing a token, no
+# Idempotency-Key, no query, no softcard in the path, and changing nothing (no audit line for
+# a success).
 _KEYED_OPS: Final = frozenset({"encrypt", "decrypt", "sign", "verify"})
 if any(
-    (ep := protocol.ENDPOINT_BY_OP[op]).idempotent or ep.access != "token" or "{" in ep.path
+    not (ep := protocol.ENDPOINT_BY_OP[op]).auth
+    or ep.idempotent
+    or ep.access != "token"
+    or "{" in ep.path
+    or ep.query
+    or ep.changes
     for op in _KEYED_OPS
 ):
-    raise RuntimeError("a keyed crypto endpoint needs more than App._token_in_body checks")
+    raise RuntimeError("a keyed crypto endpoint needs more than App._keyed checks")
 
 
 class _Disconnected(Exception):
@@ -293,16 +299,12 @@ class App:
         obj its already parsed JSON (a batch item; raw is then unused), or with decoded its
         already decoded request (a batch item the fast path took: fastjson.py)."""
         query = _query(ep, qs)
-        # The keyed crypto endpoints check the session in the same store query as the key.
-        deferred = ep.op in _KEYED_OPS
-        if deferred and authorization is None:
-            return await self._token_in_body(
-                ep, handler, params, query, raw, obj, ident, seen, decoded
-            )
+        if ep.op in _KEYED_OPS:
+            return await self._keyed(ep, raw, obj, authorization, ident, seen, decoded)
         claims = (
             self.service.authenticate(authorization, params.get("card"), ident) if ep.auth else None
         )
-        if claims is not None and not deferred:
+        if claims is not None:
             await self.service.check_session(claims, time.time())
         idem: Idem | None = None
         if ep.idempotent:
@@ -328,41 +330,54 @@ class App:
             if ep.access in pipeline.CARD_ACCESS
             else None
         )
-        try:
-            body = _body_of(ep.request, raw, obj, decoded)
-        except ApiError:
-            if deferred and claims is not None:
-                # An ended session outranks a bad body, as when it is checked up front.
-                await self.service.check_session(claims, time.time())
-            raise
-        if deferred:
-            _request_id(body)
-            if protocol.TOKEN_FIELD in body:
-                raise _twice()
+        body = _body_of(ep.request, raw, obj, decoded)
         seen[3] = body
         return await handler(Request(ep, params, query, body, claims, idem, ident, card))
 
-    async def _token_in_body(
+    async def _keyed(
         self,
         ep: Endpoint,
-        handler: Handler,
-        params: dict[str, str],
-        query: dict[str, str],
         raw: bytes,
         obj: object,
+        authorization: bytes | None,
         ident: Identity,
         seen: list[Any],
         decoded: bool,
     ) -> Response:
-        """A keyed crypto request without the Authorization header: its token, if any, is
-        the body's token field (protocol.TOKEN_FIELD), read once the body is decoded, then
-        checked exactly as the header's would be (no token: NOT_ACTIVATED)."""
-        body = _body_of(ep.request, raw, obj, decoded)
-        _request_id(body)
-        seen[3] = body
-        authorization = _bearer(body.pop(protocol.TOKEN_FIELD, None))
-        claims = self.service.authenticate(authorization, None, ident)
-        return await handler(Request(ep, params, query, body, claims, None, ident, None))
+        """A keyed crypto operation (_KEYED_OPS), single or batch item; raw, obj, decoded as
+        for _operation. Its token is the Authorization header's (or the batch item's), checked
+        before the body is decoded; else the body's token field (protocol.TOKEN_FIELD, read
+        once the body is decoded, then checked exactly as the header's would be; none:
+        NOT_ACTIVATED). The session is checked in the same store query as the key
+        (Service.crypto_now). _keyed_item is this for a batch's fast path: keep the two alike."""
+        service = self.service
+        if authorization is None:
+            body = _body_of(ep.request, raw, obj, decoded)
+            _request_id(body)
+            seen[3] = body
+            token = body.pop(protocol.TOKEN_FIELD, None)
+            claims = service.authenticate(_bearer(token), None, ident)
+        else:
+            claims = service.authenticate(authorization, None, ident)
+            try:
+                body = _body_of(ep.request, raw, obj, decoded)
+            except ApiError:
+                # An ended session outranks a bad body, as when it is checked up front.
+                await service.check_session(claims, time.time())
+                raise
+            _request_id(body)
+            if protocol.TOKEN_FIELD in body:
+                raise _twice()
+            seen[3] = body
+        if service._reads_block:
+            return await service.keyed(claims, body, ep.op)
+        # Service.keyed without its coroutine: the common case.
+        try:
+            return Response(200, service.crypto_now(claims, body, ep.op))
+        except Offloaded as work:
+            if IN_BATCH.get():
+                raise
+            return work.answer(await asyncio.to_thread(work.run))
 
     async def _batch(self, req: Request) -> Response:
         """POST /crypto/v1/batch: each item through _operation, as its own single request
@@ -458,9 +473,9 @@ class App:
         offloaded: list[tuple[int, Offloaded, list[Any], str | None]],
         place: int,
     ) -> bytes:
-        """A batch item of a keyed crypto op (_KEYED_OPS) that fastjson decoded: _operation's
-        (item token) or _token_in_body's (token in the request) checks in their order, then
-        the handler's (Service.crypto_now), without a coroutine; its part of the answer. A
+        """A batch item of a keyed crypto op (_KEYED_OPS) that fastjson decoded, on a store
+        whose reads do not block: _keyed's checks in their order (item token, or token in the
+        request), without a coroutine; its part of the answer. A
         token the previous item of the batch opened is not opened again (the same str:
         fastjson gives one object per token value), but Service.admit checks it again (its
         identity, its expiry) for this item."""

@@ -41,10 +41,6 @@ def _b64(data: bytes) -> bytes:
     return _b2a(data, newline=False)
 
 
-def _cipher_result(data: bytes, last: bytes) -> Response:
-    return Response(200, b'{"data":"' + _b64(data) + b'","last_block":"' + _b64(last) + b'"}')
-
-
 class _Verdict:
     """A crypto request's successful checks: the mechanism and loaded key, usable while the
     store has not changed and until `until` (a time the session is known to live to); with
@@ -87,37 +83,33 @@ class Offloaded(Exception):  # not an error: a batch item's work, left for later
         self.mech = mech
         self.key = key
         self.body = body
-        self.answer: Callable[[Any], Response] = _ANSWERS[fn]
+        self.fn = fn
 
     def run(self) -> Any:
         return self.work(self.mech, self.key, self.body)
 
+    def answer(self, out: Any) -> Response:
+        return Response(200, _BODIES[self.fn](out))
 
-def _signed(sig: bytes) -> Response:
-    return Response(200, b'{"signature":"' + _b2a(sig, newline=False) + b'"}')
+
+def _cipher_body(out: tuple[bytes, bytes]) -> bytes:
+    return b'{"data":"' + _b64(out[0]) + b'","last_block":"' + _b64(out[1]) + b'"}'
 
 
-# The answer bodies of the keyed operations (the same bytes as their handlers' Responses), and
-# each one's (operation flag, usage attribute): what CryptoHandlers.crypto_now needs by op.
+# The answer bodies of the keyed operations, built directly (the same bytes as ok(): compact
+# JSON, fields in struct order, base64 needs no JSON escaping: they are the hot path), and each
+# one's (operation flag, usage attribute): what CryptoHandlers.crypto_now needs by op.
 _BODIES: Final[dict[str, Callable[[Any], bytes]]] = {
     "sign": lambda sig: b'{"signature":"' + _b2a(sig, newline=False) + b'"}',
     "verify": lambda _: _VERIFIED.body,
-    "encrypt": lambda out: _cipher_result(*out).body,
-    "decrypt": lambda out: _cipher_result(*out).body,
+    "encrypt": _cipher_body,
+    "decrypt": _cipher_body,
 }
 _KEYED: Final[dict[str, tuple[int, str]]] = {
     "sign": (C.CKF_SIGN, "CKA_SIGN"),
     "verify": (C.CKF_VERIFY, "CKA_VERIFY"),
     "encrypt": (C.CKF_ENCRYPT, "CKA_ENCRYPT"),
     "decrypt": (C.CKF_DECRYPT, "CKA_DECRYPT"),
-}
-
-
-_ANSWERS: Final[dict[str, Callable[[Any], Response]]] = {
-    "sign": _signed,
-    "verify": lambda _: _VERIFIED,
-    "encrypt": lambda out: _cipher_result(*out),
-    "decrypt": lambda out: _cipher_result(*out),
 }
 
 
@@ -277,49 +269,54 @@ class CryptoHandlers:
             raise ApiError("MECHANISM_INVALID", f"{name!r} is not valid for this operation")
         return mech
 
-    async def _crypto(self, req: Request, flag: int, use: str, fn: str) -> Any:
-        """One crypto request through the family registry; private-key arithmetic that costs
-        more than a thread hand-off (RSA, ECDSA above P-256: ops.<family>.offload) runs in the
-        thread pool so that HMAC and AES requests are not queued behind it."""
-        assert req.claims is not None
-        b = req.body
-        found = await self._found(req.claims, b["key"]) if self._reads_block else None
-        v = self._key(req.claims, b["key"], b["mechanism"], flag, use, found)
-        work = getattr(v.family, fn)
-        if v.offload:
-            if IN_BATCH.get():
-                raise Offloaded(work, v.mech, v.key, b, fn)
-            return await asyncio.to_thread(work, v.mech, v.key, b)
-        return work(v.mech, v.key, b)
-
-    def crypto_now(self, claims: TokenClaims, b: dict[str, Any], op: str) -> bytes:
-        """A batch item's keyed operation (op: encrypt, decrypt, sign, verify) as _crypto and
-        its handler would do it, without their coroutines: the answer body, or Offloaded for
-        work that goes to the thread pool. Only for stores whose reads do not block."""
+    def crypto_now(
+        self,
+        claims: TokenClaims,
+        b: dict[str, Any],
+        op: str,
+        found: tuple[bool, ObjectRow | None] | None = None,
+    ) -> bytes:
+        """A keyed operation (op: encrypt, decrypt, sign, verify) through the family registry,
+        without a coroutine: its answer body. Private-key arithmetic that costs more than a
+        thread hand-off (RSA, ECDSA above P-256: ops.<family>.offload) is raised as Offloaded
+        instead, to run in the thread pool, so that HMAC and AES requests are not queued
+        behind it. found: as for _key (a store whose reads block: read before, off the loop)."""
         flag, use = _KEYED[op]
-        v = self._key(claims, b["key"], b["mechanism"], flag, use, None)
+        v = self._key(claims, b["key"], b["mechanism"], flag, use, found)
         work = getattr(v.family, op)
         if v.offload:
             raise Offloaded(work, v.mech, v.key, b, op)
         return _BODIES[op](work(v.mech, v.key, b))
 
-    # The crypto answers are built directly (same bytes as ok(): compact JSON, fields in
-    # struct order, base64 needs no JSON escaping): they are the hot path.
+    async def keyed(self, claims: TokenClaims, b: dict[str, Any], op: str) -> Response:
+        """crypto_now as a request's handler: the store read off the event loop when reads
+        block, offloaded work in the thread pool (inside a batch, IN_BATCH: raised for the
+        batch to run with its other items)."""
+        found = await self._found(claims, b["key"]) if self._reads_block else None
+        try:
+            return Response(200, self.crypto_now(claims, b, op, found))
+        except Offloaded as work:
+            if IN_BATCH.get():
+                raise
+            return work.answer(await asyncio.to_thread(work.run))
+
+    # The handlers of the four keyed endpoints (App calls keyed() or crypto_now itself).
 
     async def encrypt(self, req: Request) -> Response:
-        data, last = await self._crypto(req, C.CKF_ENCRYPT, "CKA_ENCRYPT", "encrypt")
-        return _cipher_result(data, last)
+        assert req.claims is not None
+        return await self.keyed(req.claims, req.body, "encrypt")
 
     async def decrypt(self, req: Request) -> Response:
-        data, last = await self._crypto(req, C.CKF_DECRYPT, "CKA_DECRYPT", "decrypt")
-        return _cipher_result(data, last)
+        assert req.claims is not None
+        return await self.keyed(req.claims, req.body, "decrypt")
 
     async def sign(self, req: Request) -> Response:
-        return _signed(await self._crypto(req, C.CKF_SIGN, "CKA_SIGN", "sign"))
+        assert req.claims is not None
+        return await self.keyed(req.claims, req.body, "sign")
 
     async def verify(self, req: Request) -> Response:
-        await self._crypto(req, C.CKF_VERIFY, "CKA_VERIFY", "verify")
-        return _VERIFIED
+        assert req.claims is not None
+        return await self.keyed(req.claims, req.body, "verify")
 
     async def random(self, req: Request) -> Response:
         n = req.body["length"]
