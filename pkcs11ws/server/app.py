@@ -479,12 +479,12 @@ class App:
         token the previous item of the batch opened is not opened again (the same str:
         fastjson gives one object per token value), but Service.admit checks it again (its
         identity, its expiry) for this item."""
-        ep = protocol.ENDPOINT_BY_OP[op]
         shown: dict[str, Any] | None = None  # the body as the audit line sees it (seen[3])
         code: str | None = None
         try:
             if token is None:
-                _request_id(body)
+                if protocol.REQUEST_ID_FIELD in body:
+                    _request_id(body)
                 shown = body
                 token = body.pop(protocol.TOKEN_FIELD, None)
             service = self.service
@@ -494,13 +494,15 @@ class App:
                 claims = service.authenticate(_bearer(token), None, ident)
                 opened[0], opened[1] = token, claims
             if shown is None:
-                _request_id(body)
+                if protocol.REQUEST_ID_FIELD in body:
+                    _request_id(body)
                 if protocol.TOKEN_FIELD in body:
                     raise _twice()
                 shown = body
             return b'{"status":200,"answer":' + service.crypto_now(claims, body, op) + b"}"
         except Offloaded as work:
-            offloaded.append((place, work, [ep, ident, _NO_PARAMS, shown], audit.REQUEST_ID.get()))
+            seen = [protocol.ENDPOINT_BY_OP[op], ident, _NO_PARAMS, shown]
+            offloaded.append((place, work, seen, audit.REQUEST_ID.get()))
             return b""
         except ApiError as exc:
             code = exc.code
@@ -509,7 +511,7 @@ class App:
             error_log.exception("internal error on a batched %s", op)
             code = "INTERNAL"
             resp = _error(code, "internal error (logged by the service)")
-        _audit([ep, ident, _NO_PARAMS, shown], resp, code)
+        _audit([protocol.ENDPOINT_BY_OP[op], ident, _NO_PARAMS, shown], resp, code)
         return b'{"status":%d,"answer":%s}' % (resp.status, resp.body)
 
     async def _body(self, receive: Receive, length: bytes | None, limit: int, code: str) -> bytes:

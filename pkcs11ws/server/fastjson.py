@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from pkcs11ws import protocol
-from pkcs11ws.protocol import STRUCTS, Struct
+from pkcs11ws.protocol import STRUCTS, Field, Struct
 
 _MAX_ULONG: Final = 0xFFFFFFFFFFFFFFFF
 _a2b: Final = binascii.a2b_base64
@@ -51,16 +51,20 @@ _TEXT: Final = rb'"([^"]*)"'
 _SEP: Final = rb"(?:(?<=\{)|(?<!\{),)"
 
 Decoded = dict[str, Any]
-# (field name, kind, max_len) per group of a structure's expression, in order.
-_Fields = tuple[tuple[str, str, int], ...]
+# (field name, its kind's _CONVERT, max_len) per group of a structure's expression, in order.
+_Fields = tuple[tuple[str, Callable[[bytes], Any], int], ...]
+
+
+def _kind(f: Field) -> str:
+    return "text" if f.kind == "str" and f.max_len > _LONG else f.kind
 
 
 def _expression(struct: Struct) -> tuple[re.Pattern[bytes], _Fields] | None:
     parts = [rb"\{"]
-    fields: list[tuple[str, str, int]] = []
+    fields: list[tuple[str, Callable[[bytes], Any], int]] = []
     after_required = False  # a required field comes earlier: this one follows a comma
     for i, f in enumerate(struct.fields):
-        kind = "text" if f.kind == "str" and f.max_len > _LONG else f.kind
+        kind = _kind(f)
         value = _TEXT if kind == "text" else _VALUE.get(kind)
         if value is None:
             return None  # attrs, lists, objects: the generic path
@@ -70,7 +74,7 @@ def _expression(struct: Struct) -> tuple[re.Pattern[bytes], _Fields] | None:
         sep = b"" if i == 0 else b"," if after_required else _SEP
         piece = sep + b'"' + re.escape(f.name.encode("ascii")) + b'":' + value
         parts.append(piece if f.required else b"(?:" + piece + b")?")
-        fields.append((f.name, kind, f.max_len))
+        fields.append((f.name, _CONVERT[kind], f.max_len))
         after_required = after_required or f.required
     parts.append(rb"\}")
     return re.compile(b"".join(parts)), tuple(fields)
@@ -116,30 +120,33 @@ def _text(raw: bytes) -> str | None:
     return text
 
 
+def _uint(raw: bytes) -> int | None:
+    value = int(raw)
+    return value if value <= _MAX_ULONG else None
+
+
+def _bool(raw: bytes) -> bool:
+    return raw == b"true"
+
+
+# Each kind's value from its matched bytes, or None (off this path). A "str" is ASCII by its
+# expression, so bytes.decode (UTF-8) gives what an ASCII decode would, in one C call.
+_CONVERT: Final[dict[str, Callable[[bytes], Any]]] = {
+    "str": bytes.decode,
+    "bytes": _b64,
+    "text": _text,
+    "int": _uint,
+    "bool": _bool,
+}
+
+
 def _values(groups: tuple[bytes | None, ...], fields: _Fields) -> Decoded | None:
     out: Decoded = {}
-    for raw, field in zip(groups, fields, strict=True):
+    for raw, (name, convert, max_len) in zip(groups, fields, strict=True):
         if raw is None:
             continue  # an optional field not sent
-        name, kind, max_len = field
-        value: Any
-        if kind == "str":
-            value = raw.decode("ascii")
-        elif kind == "bytes":
-            value = _b64(raw)
-            if value is None:
-                return None
-        elif kind == "text":
-            value = _text(raw)
-            if value is None:
-                return None
-        elif kind == "int":
-            value = int(raw)
-            if value > _MAX_ULONG:
-                return None
-        else:
-            value = raw == b"true"
-        if max_len and len(value) > max_len:
+        value = convert(raw)
+        if value is None or (max_len and len(value) > max_len):
             return None
         out[name] = value
     return out
@@ -168,7 +175,7 @@ class _Structure:
         # The short spelling's last field: its value's expression without the opening quote
         # (where its group starts), then the closing brace.
         self.last = (self.short_fields or self.fields)[-1:]
-        kind = self.last[0][1]
+        kind = _kind((head if short is not None else struct).fields[-1])
         value = _TEXT if kind == "text" else _VALUE[kind]
         self.tail = re.compile(value.removeprefix(b'"') + rb"\}").match
 

@@ -31,7 +31,7 @@ _VERDICT_CACHE_MAX: Final = 20000
 _VERIFIED: Final = Response(200, b'{"valid":true}')
 
 _T = TypeVar("_T")
-_VerdictKey = tuple[str, str, bytes, str, str, int, str]
+_VerdictKey = tuple[str, str, bytes, str, str, str]
 
 
 _b2a: Final = binascii.b2a_base64
@@ -44,15 +44,18 @@ def _b64(data: bytes) -> bytes:
 class _Verdict:
     """A crypto request's successful checks: the mechanism and loaded key, usable while the
     store has not changed and until `until` (a time the session is known to live to); with
-    what the key's family module and its offload decision (fixed per key) need no lookup for."""
+    what needs no lookup then: the operation's function in the key's family module, its
+    answer body, and the offload decision (fixed per key)."""
 
-    __slots__ = ("family", "key", "mech", "offload", "until")
+    __slots__ = ("answer", "key", "mech", "offload", "until", "work")
 
-    def __init__(self, mech: mechanisms.Mechanism, key: Any, until: float) -> None:
+    def __init__(self, mech: mechanisms.Mechanism, key: Any, until: float, op: str) -> None:
         self.mech = mech
         self.key = key
         self.until = until
-        self.family = family = ops.FAMILIES[mech.family]
+        family = ops.FAMILIES[mech.family]
+        self.work: Callable[..., Any] = getattr(family, op)
+        self.answer = _BODIES[op]
         self.offload: bool = family.offload(key)
 
 
@@ -173,21 +176,21 @@ class CryptoHandlers:
         claims: TokenClaims,
         handle: str,
         mech_name: str,
-        flag: int,
-        use: str,
+        op: str,
         found: tuple[bool, ObjectRow | None] | None,
     ) -> _Verdict:
-        """The mechanism and the key as its family loaded it, after the checks in the order
-        the protocol promises: live session (deferred from authenticate), mechanism, key,
-        type, usage. found: the session_object answer when the caller read it off the loop,
-        else None (the hot path on an embedded store: read here, no coroutine in between)."""
+        """The mechanism and the key as its family loaded it for op (encrypt, decrypt, sign,
+        verify), after the checks in the order the protocol promises: live session (deferred
+        from authenticate), mechanism, key, type, usage. found: the session_object answer
+        when the caller read it off the loop, else None (the hot path on an embedded store:
+        read here, no coroutine in between)."""
         cache = None
         until = 0.0
         if found is None:
             now = time.time()
             if self._marks:
                 cache = self._verdicts if self._mark_read else self._verdict_cache()
-                ck = (claims.session, claims.card, claims.card_key, handle, mech_name, flag, use)
+                ck = (claims.session, claims.card, claims.card_key, handle, mech_name, op)
                 hit = cache.get(ck)
                 if hit is not None and now < hit.until:
                     return hit
@@ -208,6 +211,7 @@ class CryptoHandlers:
             live, row = found
         if not live:
             raise ended()
+        flag, use = _KEYED[op]
         mech = self._mech(mech_name, flag)
         want_cls = C.CKO_PRIVATE_KEY if mech.private_key else C.CKO_SECRET_KEY
         if row is None or row.cls not in (C.CKO_SECRET_KEY, C.CKO_PRIVATE_KEY):
@@ -254,7 +258,7 @@ class CryptoHandlers:
             self._key_values[cache_key] = key
         elif want_cls == C.CKO_SECRET_KEY and not mech.min_key <= len(key) <= mech.max_key:
             raise ApiError("KEY_SIZE_RANGE", f"a {len(key)}-byte key does not fit {mech.name}")
-        verdict = _Verdict(mech, key, until)
+        verdict = _Verdict(mech, key, until, op)
         if until:
             assert cache is not None
             if len(cache) >= _VERDICT_CACHE_MAX:
@@ -281,12 +285,10 @@ class CryptoHandlers:
         thread hand-off (RSA, ECDSA above P-256: ops.<family>.offload) is raised as Offloaded
         instead, to run in the thread pool, so that HMAC and AES requests are not queued
         behind it. found: as for _key (a store whose reads block: read before, off the loop)."""
-        flag, use = _KEYED[op]
-        v = self._key(claims, b["key"], b["mechanism"], flag, use, found)
-        work = getattr(v.family, op)
+        v = self._key(claims, b["key"], b["mechanism"], op, found)
         if v.offload:
-            raise Offloaded(work, v.mech, v.key, b, op)
-        return _BODIES[op](work(v.mech, v.key, b))
+            raise Offloaded(v.work, v.mech, v.key, b, op)
+        return v.answer(v.work(v.mech, v.key, b))
 
     async def keyed(self, claims: TokenClaims, b: dict[str, Any], op: str) -> Response:
         """crypto_now as a request's handler: the store read off the event loop when reads
