@@ -142,7 +142,9 @@ _CONVERT: Final[dict[str, Callable[[bytes], Any]]] = {
 
 def _values(groups: tuple[bytes | None, ...], fields: _Fields) -> Decoded | None:
     out: Decoded = {}
-    for raw, (name, convert, max_len) in zip(groups, fields, strict=True):
+    # (zip without strict=True: the expression has a group per field; strict costs ~1.5k
+    # instructions a structure)
+    for raw, (name, convert, max_len) in zip(groups, fields, strict=False):
         if raw is None:
             continue  # an optional field not sent
         value = convert(raw)
@@ -263,10 +265,15 @@ def batch(raw: bytes) -> BatchItems | None:
             op, token, s, head_body = head_item
             t = s.tail(raw, pos + len(head))
             if t is not None:
-                last = _values(t.groups(), s.last)
-                if last is None:
+                # _values for the one field, inline: a call and a dict merge cost ~4.5k
+                # instructions an item
+                name, convert, max_len = s.last[0]
+                value = convert(t.group(1))
+                if value is None or (max_len and len(value) > max_len):
                     return None
-                items.append((op, token, {**head_body, **last}))
+                body = head_body.copy()
+                body[name] = value
+                items.append((op, token, body))
                 pos = t.end()
                 if raw[pos : pos + 1] != b"}":
                     return None
