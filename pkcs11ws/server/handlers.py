@@ -74,6 +74,10 @@ _SEARCHABLE_KEY_TYPES: Final = {**mechanisms.KEY_TYPE_NAMES, **mechanisms.PAIR_K
 _PUBLIC_CLASSES: Final = tuple(c for c in A.SCHEMA if A.may_be_public(c))
 
 
+def expired() -> ApiError:
+    return ApiError("NOT_ACTIVATED", "the activation has expired")
+
+
 class Service(CryptoHandlers):
     """The endpoint operations over one store and one set of master keys."""
 
@@ -121,15 +125,9 @@ class Service(CryptoHandlers):
             if len(self._tokens) >= _TOKEN_CACHE_MAX:
                 self._tokens.clear()
             self._tokens[authorization] = claims
-        return self.admit(claims, path_card, ident)
-
-    @staticmethod
-    def admit(claims: TokenClaims, path_card: str | None, ident: Identity) -> TokenClaims:
-        """authenticate's checks of an opened token, every time it is used (a batch whose items
-        carry the same token opens it once and admits it per item)."""
         pipeline.check_token(claims, ident)
         if claims.expires <= time.time():
-            raise ApiError("NOT_ACTIVATED", "the activation has expired")
+            raise expired()
         if path_card is not None and path_card != claims.card:
             raise ApiError("NOT_ACTIVATED", "the activation token is for another softcard")
         return claims
