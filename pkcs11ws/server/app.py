@@ -475,10 +475,9 @@ class App:
     ) -> bytes:
         """A batch item of a keyed crypto op (_KEYED_OPS) that fastjson decoded, on a store
         whose reads do not block: _keyed's checks in their order (item token, or token in the
-        request), without a coroutine; its part of the answer. A
-        token the previous item of the batch opened is not opened again (the same str:
-        fastjson gives one object per token value), but its expiry is checked again for this
-        item."""
+        request), without a coroutine; its part of the answer. A token an earlier item of the
+        batch opened is not opened again (the same str: fastjson gives one object per token
+        value), but its expiry is checked again for this item."""
         shown: dict[str, Any] | None = None  # the body as the audit line sees it (seen[3])
         code: str | None = None
         try:
@@ -489,8 +488,8 @@ class App:
                 token = body.pop(protocol.TOKEN_FIELD, None)
             service = self.service
             if token is not None and token is opened[0]:
-                # Service.admit's checks: the same claims and identity passed its identity
-                # check for an earlier item of this batch; only the expiry can have changed.
+                # Service.authenticate's checks: these claims and this identity passed them
+                # for an earlier item of this batch; only the expiry can have changed since.
                 claims = opened[1]
                 if claims.expires <= time.time():
                     raise expired()

@@ -302,7 +302,8 @@ class CryptoHandlers:
                 raise
             return work.answer(await asyncio.to_thread(work.run))
 
-    # The handlers of the four keyed endpoints (App calls keyed() or crypto_now itself).
+    # The four keyed endpoints' entries in the handler table (App's every op has one). App
+    # itself runs these ops through App._keyed, which calls keyed() or crypto_now directly.
 
     async def encrypt(self, req: Request) -> Response:
         assert req.claims is not None
