@@ -269,17 +269,34 @@ CKS_RW_USER_FUNCTIONS: Final = 3
 CKS_RW_SO_FUNCTIONS: Final = 4
 
 
-def _names(prefix: str) -> dict[int, str]:
-    return {v: k for k, v in globals().items() if k.startswith(prefix) and isinstance(v, int)}
+# Number -> name of a family: built on first use (five walks over this module's ~240 names were
+# ~1.5 M instructions of every process that loads the module; pkcs11-tool -L needs none of them).
+_NAME_TABLES: Final = {
+    "CKR_NAMES": "CKR_",
+    "CKA_NAMES": "CKA_",
+    "CKM_NAMES": "CKM_",
+    "CKO_NAMES": "CKO_",
+    "CKK_NAMES": "CKK_",
+}
+if TYPE_CHECKING:
+    CKR_NAMES: dict[int, str]
+    CKA_NAMES: dict[int, str]
+    CKM_NAMES: dict[int, str]
+    CKO_NAMES: dict[int, str]
+    CKK_NAMES: dict[int, str]
 
 
-CKR_NAMES: Final[dict[int, str]] = _names("CKR_")
-CKA_NAMES: Final[dict[int, str]] = _names("CKA_")
-CKM_NAMES: Final[dict[int, str]] = _names("CKM_")
-CKO_NAMES: Final[dict[int, str]] = _names("CKO_")
-CKK_NAMES: Final[dict[int, str]] = _names("CKK_")
+def __getattr__(name: str) -> dict[int, str]:
+    """One of _NAME_TABLES, built on first use and then a plain module attribute."""
+    prefix = _NAME_TABLES.get(name)
+    if prefix is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    g = globals()
+    table = g[name] = {v: k for k, v in g.items() if k.startswith(prefix) and isinstance(v, int)}
+    return table
 
 
 def ckr_name(code: int) -> str:
     """Symbolic name of a CKR value, or its hex form when unknown."""
-    return CKR_NAMES.get(code, f"CKR_0x{code:08X}")
+    names = globals().get("CKR_NAMES") or __getattr__("CKR_NAMES")
+    return names.get(code, f"CKR_0x{code:08X}")

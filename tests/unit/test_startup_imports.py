@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pkcs11ws import _lite, config, mechanisms, protocol
+from pkcs11ws import constants as C
 from pkcs11ws.provider import Slot
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,6 +49,32 @@ def test_module_import_path_stays_light() -> None:
     assert [m for m in NOT_FOR_PYCURL if m in mods] == []
     assert [m for m in mods if m.split(".")[0] in NOT_AT_START] == []
     assert "pycurl._pycurl" in mods and curl == "Curl" and n_all > 100
+
+
+def test_constant_name_tables_are_built_on_first_use() -> None:
+    # constants.CK*_NAMES walk the module's names: not at import, the same tables on first use.
+    code = (
+        "import sys, json\n"
+        f"sys.path[:0] = [{str(REPO)!r}]\n"
+        "from pkcs11ws import constants as C\n"
+        "built = [n for n in C._NAME_TABLES if n in vars(C)]\n"
+        "got = [C.ckr_name(0x30), C.ckr_name(0x12345), 'CKR_NAMES' in vars(C)]\n"
+        "from pkcs11ws.constants import CKM_NAMES\n"
+        "got += [CKM_NAMES[C.CKM_SHA256_HMAC], C.CKA_NAMES[C.CKA_LABEL], C.CKK_NAMES[C.CKK_EC]]\n"
+        "got += [C.CKO_NAMES[C.CKO_SECRET_KEY], 'CKR_OK' in C.CKR_NAMES.values()]\n"
+        "got += [CKM_NAMES is C.CKM_NAMES]\n"
+        "print(json.dumps([built, got]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert json.loads(out) == [
+        [],
+        ["CKR_DEVICE_ERROR", "CKR_0x00012345", True, "CKM_SHA256_HMAC", "CKA_LABEL", "CKK_EC",
+         "CKO_SECRET_KEY", True, True],
+    ]  # fmt: skip
+    with pytest.raises(AttributeError):
+        C.CKX_NAMES  # noqa: B018
 
 
 def test_datetime_lent_to_pycurl_only_while_it_loads() -> None:
