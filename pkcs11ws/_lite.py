@@ -104,6 +104,57 @@ def _frozen_delattr(self: object, name: str) -> None:
     raise FrozenInstanceError(f"cannot delete field {name!r}")
 
 
+def _fill(self: object, values: dict[str, object]) -> None:
+    """Stands for each record's own filler (_shared_init) in _record_init's globals."""
+    raise AssertionError("a record's __init__ runs with its own _fill")
+
+
+# The code of a record's __init__ (_shared_init): its parameters become the fields. (No
+# docstring: a function made from this code would take it as its own __doc__.)
+def _record_init(self: object) -> None:
+    _fill(self, locals())
+
+
+def _shared_init(cls: type, names: list[str], specs: dict[str, _FieldSpec | None]) -> object:
+    """``__init__(self, <fields>)`` for a record whose instance dict may be written directly:
+    _record_init's code with the fields as its parameters (CPython binds the arguments,
+    positional or by keyword, and the defaults) and a filler that puts them in the dict."""
+    defaults: list[object] = []
+    factories: list[tuple[str, Callable[[], object]]] = []
+    for name in names:
+        spec = specs[name]
+        if spec is None:
+            if defaults:  # as the compiler would refuse the signature
+                raise TypeError(f"non-default argument {name!r} follows default argument")
+        elif spec.default_factory is not _MISSING:
+            factories.append((name, spec.default_factory))  # type: ignore[arg-type]
+            defaults.append(_MISSING)
+        else:
+            defaults.append(spec.default)
+    made = tuple(factories)
+    post_init = hasattr(cls, "__post_init__")
+
+    def fill(self: Any, values: dict[str, object]) -> None:
+        del values["self"]
+        for name, make in made:
+            if values[name] is _MISSING:
+                values[name] = make()
+        self.__dict__.update(values)
+        if post_init:
+            self.__post_init__()
+
+    code = _record_init.__code__.replace(
+        co_argcount=1 + len(names),
+        co_nlocals=1 + len(names),
+        co_varnames=("self", *names),
+        co_name="__init__",
+        co_qualname=f"{cls.__qualname__}.__init__",
+    )
+    glob = {"__builtins__": __builtins__, "_fill": fill}
+    function: Any = type(_record_init)
+    return function(code, glob, "__init__", tuple(defaults) or None)
+
+
 @dataclass_transform(field_specifiers=(field,))
 def dataclass(*, frozen: bool = False) -> Callable[[type], type]:
     """Decorate a class like ``@dataclass(frozen=...)`` (eq=True, no ordering)."""
@@ -140,24 +191,27 @@ def dataclass(*, frozen: bool = False) -> Callable[[type], type]:
                 else:
                     type.__setattr__(cls, name, spec.default)
             inits.append(init)
-        if not names:
-            body = []
-        elif not hasattr(cls, "__slots__") and (frozen or cls.__setattr__ is _PLAIN_SETATTR):
-            # One line whatever the number of fields: parsing the generated source, line by
-            # line, was most of what a record class cost at import, and one update of the
-            # instance's dict is no slower than an attribute set per field.
-            glob["_names"] = tuple(names)
-            body = [f"  self.__dict__.update(zip(_names, ({', '.join(inits)},)))"]
-        elif frozen:
-            body = [f"  _set(self, {n!r}, {i})" for n, i in zip(names, inits, strict=True)]
+        if (
+            names
+            and not hasattr(cls, "__slots__")
+            and (frozen or cls.__setattr__ is _PLAIN_SETATTR)
+        ):
+            # Compiling generated source was most of what a record class cost at import (~0.4 M
+            # instructions each): these records share _record_init's code instead.
+            init_fn: Any = _shared_init(cls, names, specs)
         else:
-            body = [f"  self.{n} = {i}" for n, i in zip(names, inits, strict=True)]
-        if hasattr(cls, "__post_init__"):
-            body.append("  self.__post_init__()")
-        src = f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body or ["  pass"])
-        exec(src, glob)
-        init_fn = glob["__init__"]
-        init_fn.__qualname__ = f"{cls.__qualname__}.__init__"  # type: ignore[attr-defined]
+            if not names:
+                body = []
+            elif frozen:
+                body = [f"  _set(self, {n!r}, {i})" for n, i in zip(names, inits, strict=True)]
+            else:
+                body = [f"  self.{n} = {i}" for n, i in zip(names, inits, strict=True)]
+            if hasattr(cls, "__post_init__"):
+                body.append("  self.__post_init__()")
+            src = f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body or ["  pass"])
+            exec(src, glob)
+            init_fn = glob["__init__"]
+        init_fn.__qualname__ = f"{cls.__qualname__}.__init__"
         shown = [n for n in names if specs[n] is None or specs[n].repr]  # type: ignore[union-attr]
         compared = tuple(n for n in names if specs[n] is None or specs[n].compare)  # type: ignore[union-attr]
 
