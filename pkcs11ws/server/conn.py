@@ -16,6 +16,16 @@ its kept-alive connection to them. The per-request cost is a few attribute updat
 overridden parser callback (on_headers_complete); the slow-header check is one sweep per
 second over the connections, not a timer per request. The header count is checked when the
 headers are complete: the byte limit already bounds what they can hold before that.
+
+One TLS record per answer: uvicorn writes a response's status line and headers at
+`http.response.start` and its body at `http.response.body`, two transport writes, so two TLS
+records and two sends, and the client reads four times instead of two. The connection's
+transport is wrapped (_OneRecord) so that a write is held until the next one, which it is
+joined with, or until the end of the event loop's turn (call_soon), whichever comes first:
+the head and the body the app sends straight after it leave as one record, and a head whose
+body comes later or never (HEAD) still leaves in the same turn. The wrapper belongs to the
+connection, not to a request: every writer of the connection (a pipelined request's cycle,
+the 400/431 refusals, close) goes through it, so the bytes keep their order.
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Final
+from collections.abc import Callable, Iterable
+from typing import Any, Final, cast
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -99,6 +110,53 @@ _on_headers_complete: Final = HttpToolsProtocol.on_headers_complete  # without s
 _on_message_complete: Final = HttpToolsProtocol.on_message_complete
 
 
+class _OneRecord:
+    """The connection's transport, writing two writes in a row (a response's head, then its
+    body) as one, so one TLS record; anything else is the real transport's."""
+
+    __slots__ = ("_call_soon", "_flush_soon", "_held", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._held: bytes | None = None
+        self._call_soon = loop.call_soon
+        self._flush_soon: Callable[[], None] = self.flush  # bound once, not per response
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + data)
+        elif data:
+            # bytes(): a bytearray could change before it leaves (transports copy them too).
+            self._held = data if type(data) is bytes else bytes(data)
+            self._call_soon(self._flush_soon)
+
+    def flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.write(b"".join(list_of_data))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def abort(self) -> None:
+        self._held = None  # as the transport's own buffer: an abort drops what is unsent
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits above (uvicorn Config `http=`)."""
 
@@ -119,6 +177,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             transport.close()
             return
         super().connection_made(transport)
+        self.transport = cast(asyncio.Transport, _OneRecord(transport, self.loop))
         # Idle before the first request: the keep-alive timeout applies (uvicorn only arms it
         # after a response).
         self.timeout_keep_alive_task = self.loop.call_later(
