@@ -141,6 +141,9 @@ class _OneRecord:
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         self.write(b"".join(list_of_data))
 
+    def is_closing(self) -> bool:  # asked once per answer: not through __getattr__
+        return self._transport.is_closing()
+
     def close(self) -> None:
         self.flush()
         self._transport.close()
