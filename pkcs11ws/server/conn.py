@@ -126,6 +126,8 @@ class _OneRecord:
         held = self._held
         if held is not None:
             self._held = None
+            # One copy of the body: answers are small (a large one, rare, is split into
+            # 16 KB records anyway, the head now in the first).
             self._transport.write(held + data)
         elif data:
             # bytes(): a bytearray could change before it leaves (transports copy them too).
