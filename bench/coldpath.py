@@ -71,12 +71,17 @@ def pieces(client: api.KeyServiceClient) -> dict[str, Callable[[], object]]:
         lock.acquire()
         lock.release()
 
-    def one(op: str, token: str | None, data: bytes) -> tuple[int, object]:
-        return 200, None
+    class NoOp:
+        def _single(self, op: str, token: str | None, data: bytes) -> tuple[int, object]:
+            return 200, None
+
+        _send_batch = client._send_batch
+
+    one = NoOp()
 
     def group_run() -> object:
         assert group is not None
-        return group.run("sign", token, data, one, client._send_batch)
+        return group.run("sign", token, data, one)
 
     return {
         "nothing": lambda: None,

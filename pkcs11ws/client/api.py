@@ -576,7 +576,7 @@ class KeyServiceClient:
         if group is None:
             status, r = self._single(op, token, body)
         else:
-            status, r = group.run(op, token, body, self._single, self._send_batch)
+            status, r = group.run(op, token, body, self)
         # The exact shape of the answer, else the strict decoder (which says what is wrong).
         if type(r) is dict and len(r) == c.size:
             value = r.get(c.out)
@@ -665,9 +665,7 @@ class KeyServiceClient:
         if self.group is None:
             data: bytes = self.call("random", body={"length": length})["data"]
             return data
-        status, r = self.group.run(
-            "random", None, b'{"length":%d}' % length, self._single, self._send_batch
-        )
+        status, r = self.group.run("random", None, b'{"length":%d}' % length, self)
         if type(r) is dict and len(r) == 1:
             value = r.get("data")
             out = _canonical_b64(value) if type(value) is str else None

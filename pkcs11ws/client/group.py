@@ -30,7 +30,15 @@ from _thread import allocate_lock
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any, Final
+    from typing import Any, Final, Protocol
+
+    class Sender(Protocol):
+        """What sends a group's requests: the client (api.py)."""
+
+        def _single(self, op: str, token: str | None, data: bytes, /) -> tuple[int, Any]: ...
+
+        def _send_batch(self, calls: list[Call], /) -> None: ...
+
 
 # Below the service's default batch.max_bytes (1 MiB): the JSON around the items and base64
 # growth are already in the bodies counted here.
@@ -79,8 +87,17 @@ class GroupCommit:
         self.limit = limit
         self.size = size
         self.max_bytes = max_bytes
-        self.sizes: dict[int, int] = {}  # requests sent by the number of calls they carried
+        self._sizes: dict[int, int] = {}  # requests sent by the number of calls they carried
+        self._lone = 0  # ... but the single requests of lone calls: an int is cheaper per call
         self.reset()
+
+    @property
+    def sizes(self) -> dict[int, int]:
+        """Requests sent so far by the number of calls they carried (a copy)."""
+        sizes = dict(self._sizes)
+        if self._lone:
+            sizes[1] = sizes.get(1, 0) + self._lone
+        return sizes
 
     def reset(self) -> None:
         """A fresh state (after fork: the parent's waiting threads do not exist here)."""
@@ -127,14 +144,16 @@ class GroupCommit:
         op: str,
         token: str | None,
         data: bytes,
-        single: Callable[[str, str | None, bytes], tuple[int, Any]],
-        batch: Callable[[list[Call]], None],
+        sender: Sender,
     ) -> tuple[int, Any]:
-        """(status, parsed answer) of one call, sent alone or with others. single(op, token,
-        data) sends one call's own request and returns (status, answer) or raises; batch(calls)
-        sends them in one request and sets each call's status and answer, error, or alone; it
-        must not raise. (Passed per call, not kept: the client owns the group, and a reference
-        back would make a cycle that keeps the client's curl handles alive past C_Finalize.)"""
+        """(status, parsed answer) of one call, sent alone or with others. sender._single(op,
+        token, data) sends one call's own request and returns (status, answer) or raises;
+        sender._send_batch(calls) sends them in one request and sets each call's status and
+        answer, error, or alone; it must not raise. (The sender is passed per call, not kept:
+        the client owns the group, and a reference back would make a cycle that keeps the
+        client's curl handles alive past C_Finalize. The sender itself, not its two bound
+        methods: calling sender._single(...) allocates no bound method, and a lone call never
+        touches _send_batch.)"""
         group: list[Call] | None = None
         # lock.acquire()/release() in try/finally rather than `with`: half the cost, and every
         # call, one thread's included, passes here twice (bench/results/profile-issue15.md).
@@ -158,14 +177,13 @@ class GroupCommit:
         if call is None:
             self._flush()  # this thread's earlier wake-ups (a C_GenerateRandom in chunks)
             try:
-                return single(op, token, data)
+                return sender._single(op, token, data)
             finally:
                 # _release(1) inlined for its usual case, nothing queued (one frame less on
                 # every call of one thread).
                 lock.acquire()
                 try:
-                    sizes = self.sizes
-                    sizes[1] = sizes.get(1, 0) + 1
+                    self._lone += 1
                     self._busy -= 1
                     self._carried -= 1
                     groups = self._dispatch() if self._queue else None
@@ -192,11 +210,11 @@ class GroupCommit:
             try:
                 if len(group) == 1:
                     try:
-                        call.status, call.answer = single(op, token, data)
+                        call.status, call.answer = sender._single(op, token, data)
                     except BaseException as e:  # handed to the caller below
                         call.error = e
                 else:
-                    batch(group)
+                    sender._send_batch(group)
             finally:
                 self._release(len(group))
                 for other in group:
@@ -204,7 +222,7 @@ class GroupCommit:
                         other.done.release()
         if call.alone:
             self._flush()
-            return single(op, token, data)
+            return sender._single(op, token, data)
         if call.error is not None:
             self._flush()  # the caller's error handling may block (locks, a new login)
             raise call.error
@@ -215,7 +233,7 @@ class GroupCommit:
         lock = self._lock
         lock.acquire()
         try:
-            sizes = self.sizes
+            sizes = self._sizes
             sizes[carried] = sizes.get(carried, 0) + 1
             self._busy -= 1
             self._carried -= carried
