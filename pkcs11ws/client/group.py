@@ -88,15 +88,17 @@ class GroupCommit:
         self.size = size
         self.max_bytes = max_bytes
         self._sizes: dict[int, int] = {}  # requests sent by the number of calls they carried
-        self._lone = 0  # ... but the single requests of lone calls: an int is cheaper per call
+        self._lone = 0  # ... but lone calls' single requests: an int is cheaper per call
+        self._lane_sent = 0  # ... and those of the lane (written only by the lane's holder)
         self.reset()
 
     @property
     def sizes(self) -> dict[int, int]:
         """Requests sent so far by the number of calls they carried (a copy)."""
         sizes = dict(self._sizes)
-        if self._lone:
-            sizes[1] = sizes.get(1, 0) + self._lone
+        lone = self._lone + self._lane_sent
+        if lone:
+            sizes[1] = sizes.get(1, 0) + lone
         return sizes
 
     def reset(self) -> None:
@@ -113,16 +115,43 @@ class GroupCommit:
         self._busy = 0  # requests in flight
         self._carried = 0  # calls those requests carry
         self._queue: list[Call] = []
+        # The lane: a call that finds nothing in flight pops this list's one token (pop and
+        # append are atomic under the GIL) and sends without taking the lock; it is a lone
+        # request in flight that _busy/_carried do not count. The locked side parks the token
+        # (takes it itself, _parked) whenever it finds it free, and puts it back only when
+        # nothing is in flight (_unpark): so a free token means _busy == 0 and no lane call.
+        # The lane's holder puts the token back BEFORE it looks at the queue, and a queuing
+        # call tries to park it AFTER it has queued: one of the two sees the other, so a
+        # queued call is never left behind a lane call that has ended.
+        self._idle: list[None] = [None]
+        self._parked = False
 
-    def _ready(self, n: int) -> bool:
+    def _lane_busy(self) -> int:
+        """(Under the lock.) 1 while a lane call is in flight, else 0, the token parked."""
+        if self._parked:
+            return 0
+        try:
+            self._idle.pop()
+        except IndexError:
+            return 1
+        self._parked = True
+        return 0
+
+    def _unpark(self) -> None:
+        """(Under the lock.) Free the lane once nothing is in flight."""
+        if self._parked and not self._busy:
+            self._parked = False
+            self._idle.append(None)
+
+    def _ready(self, n: int, lane: int = 0) -> bool:
         """Whether n queued calls may leave now (under the lock): a slot is free and either
         nothing is in flight (so one thread alone never waits) or n calls are at least the
         mean batch in flight (bench/results/profile-issue15.md: the batch sizes with and
-        without this balance)."""
-        busy = self._busy
+        without this balance). lane: the lane's call in flight (1) or not (0)."""
+        busy = self._busy + lane
         if busy >= self.limit:
             return False
-        return busy == 0 or n * busy >= self._carried
+        return busy == 0 or n * busy >= self._carried + lane
 
     def _take(self) -> list[Call]:
         """The next request's calls off the queue's head (under the lock; takes a slot)."""
@@ -154,23 +183,43 @@ class GroupCommit:
         client's curl handles alive past C_Finalize. The sender itself, not its two bound
         methods: calling sender._single(...) allocates no bound method, and a lone call never
         touches _send_batch.)"""
+        if not self._busy:  # only a hint: the token decides
+            idle = self._idle
+            try:
+                idle.pop()
+            except IndexError:
+                pass
+            else:  # the lane: nothing was in flight, no lock taken on the way in or out
+                self._flush()  # this thread's earlier wake-ups (a C_GenerateRandom in chunks)
+                try:
+                    return sender._single(op, token, data)
+                finally:
+                    self._lane_sent += 1
+                    idle.append(None)  # first free the lane, then look at the queue
+                    if self._queue:
+                        self._lane_ended()
         group: list[Call] | None = None
         # lock.acquire()/release() in try/finally rather than `with`: half the cost, and every
         # call, one thread's included, passes here twice (bench/results/profile-issue15.md).
         lock = self._lock
         lock.acquire()
         try:
-            busy = self._busy
+            lane = self._lane_busy()
+            busy = self._busy + lane
             # _ready(1) with an empty queue, inlined: nothing in flight (then nothing is queued
             # either), or a free slot and lone calls in flight.
-            if busy == 0 or (busy < self.limit and self._carried <= busy and not self._queue):
-                self._busy = busy + 1
+            if busy == 0 or (
+                busy < self.limit and self._carried + lane <= busy and not self._queue
+            ):
+                self._busy += 1
                 self._carried += 1
                 call = None
             else:
                 call = Call(op, token, data, time.monotonic(), self._waiter())
                 self._queue.append(call)
-                if self._ready(len(self._queue)):
+                if lane:  # queued first, now look again: the lane's call may have ended
+                    lane = self._lane_busy()
+                if self._ready(len(self._queue), lane):
                     group = self._take()
         finally:
             lock.release()
@@ -186,7 +235,8 @@ class GroupCommit:
                     self._lone += 1
                     self._busy -= 1
                     self._carried -= 1
-                    groups = self._dispatch() if self._queue else None
+                    groups = self._dispatch(self._lane_busy()) if self._queue else None
+                    self._unpark()
                 finally:
                     lock.release()
                 if groups:
@@ -237,17 +287,29 @@ class GroupCommit:
             sizes[carried] = sizes.get(carried, 0) + 1
             self._busy -= 1
             self._carried -= carried
-            if not self._queue:
-                return
-            groups = self._dispatch()
+            groups = self._dispatch(self._lane_busy()) if self._queue else None
+            self._unpark()
         finally:
             lock.release()
-        _wake(groups)
+        if groups:
+            _wake(groups)
 
-    def _dispatch(self) -> list[list[Call]]:
+    def _lane_ended(self) -> None:
+        """The lane's call ended (its token back) and calls are queued: send what may go."""
+        lock = self._lock
+        lock.acquire()
+        try:
+            groups = self._dispatch(self._lane_busy()) if self._queue else None
+            self._unpark()
+        finally:
+            lock.release()
+        if groups:
+            _wake(groups)
+
+    def _dispatch(self, lane: int) -> list[list[Call]]:
         """The groups the queue may send now (under the lock; each takes a slot)."""
         groups = []
-        while self._queue and self._ready(len(self._queue)):
+        while self._queue and self._ready(len(self._queue), lane):
             groups.append(self._take())
         return groups
 
