@@ -1,7 +1,9 @@
 """Group commit of the read-only crypto calls (issue 15): the queue, the slots, who sends.
 
 Up to `limit` requests (BATCHINFLIGHT per key service) are in flight. A call that finds
-none in flight sends its own single request at once: one thread alone never waits for anyone.
+none in flight sends its own single request at once: one thread alone never waits for anyone
+(and takes no lock: it sends on the lane, a token taken and given back with GIL-atomic list
+operations, so the one-thread path costs what group commit off does).
 Otherwise calls queue (waiting on a lock, the GIL released) until a slot is free and the queue
 holds at least as many calls as the requests in flight carry on average; then the call that
 completes that count sends them (no wake-up first), up to `size` calls (and at most
