@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -390,22 +390,17 @@ def test_close_cancels_calls_waiting_in_retries(service) -> None:
     assert len(outcome) == 4 and all(isinstance(e, Finalizing) for e in outcome), outcome
 
 
-def test_fork_child_gets_fresh_connection_parent_keeps_its_own(service) -> None:
-    c = make_client(service)
-    c.health()
-    assert c.stats()["connects"] == 1
+def _in_forked_child(check: Callable[[], str]) -> None:
+    """Runs check in a forked child (which never returns into pytest) and asserts it said ""
+    (all well); anything else it returned or raised is the failure's message."""
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
+    if pid == 0:
         code = 1
         try:
             os.close(r)
-            ok = c.health()["status"] == "ok" and c.stats() == {
-                "requests": 1,
-                "connects": 1,
-                "failures": 0,
-            }
-            os.write(w, b"ok" if ok else repr(c.stats()).encode())
+            said = check()
+            os.write(w, said.encode()[:500] if said else b"ok")
             code = 0
         except BaseException as e:
             os.write(w, repr(e).encode()[:500])
@@ -416,6 +411,22 @@ def test_fork_child_gets_fresh_connection_parent_keeps_its_own(service) -> None:
         child_said = f.read()
     _, status = os.waitpid(pid, 0)
     assert child_said == b"ok" and os.WEXITSTATUS(status) == 0
+
+
+def test_fork_child_gets_fresh_connection_parent_keeps_its_own(service) -> None:
+    c = make_client(service)
+    c.health()
+    assert c.stats()["connects"] == 1
+
+    def child() -> str:
+        ok = c.health()["status"] == "ok" and c.stats() == {
+            "requests": 1,
+            "connects": 1,
+            "failures": 0,
+        }
+        return "" if ok else repr(c.stats())
+
+    _in_forked_child(child)
     # The parent's kept-alive connection survived the child (no TLS close_notify was sent on
     # it): the next request needs no new connection.
     time.sleep(0.1)
@@ -430,7 +441,6 @@ def test_fork_of_a_forked_child_and_fork_from_a_thread(service) -> None:
     # main one included, and each process keeps its own kept-alive connection.
     c = make_client(service)
     c.health()
-    r, w = os.pipe()
     outcome: list[int] = []  # the grandchild's exit status, in the child
 
     def grandchild() -> None:
@@ -445,38 +455,17 @@ def test_fork_of_a_forked_child_and_fork_from_a_thread(service) -> None:
         _, status = os.waitpid(pid, 0)
         outcome.append(os.WEXITSTATUS(status))
 
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        code = 1
-        try:
-            os.close(r)
-            c.health()
-            fresh = c.stats() == {"requests": 1, "connects": 1, "failures": 0}
-            t = threading.Thread(target=grandchild)
-            t.start()
-            t.join(60)
-            c.health()  # the child's connection survived its own child
-            ok = (
-                fresh
-                and outcome == [0]
-                and c.stats()
-                == {
-                    "requests": 2,
-                    "connects": 1,
-                    "failures": 0,
-                }
-            )
-            os.write(w, b"ok" if ok else f"{fresh} {outcome} {c.stats()}".encode())
-            code = 0
-        except BaseException as e:
-            os.write(w, repr(e).encode()[:500])
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        child_said = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert child_said == b"ok" and os.WEXITSTATUS(status) == 0
+    def child() -> str:
+        c.health()
+        fresh = c.stats() == {"requests": 1, "connects": 1, "failures": 0}
+        t = threading.Thread(target=grandchild)
+        t.start()
+        t.join(60)
+        c.health()  # the child's connection survived its own child
+        ok = fresh and outcome == [0] and c.stats() == {"requests": 2, "connects": 1, "failures": 0}
+        return "" if ok else f"{fresh} {outcome} {c.stats()}"
+
+    _in_forked_child(child)
     c.health()
     assert c.stats() == {"requests": 2, "connects": 1, "failures": 0}
     c.close()
