@@ -127,9 +127,11 @@ def test_create_object_invalid_template_before_login(bare_mod, service, tmp_path
     """pkcs11test ReadWriteSessionTest.CreateObjectInvalid: a template naming no class is a
     template error, also when nobody is logged in."""
     cfg = write_cfg(service, tmp_path / "p11.cfg")
-    setup_card(service, bare_mod, cfg)  # logs in on one card ...
-    bare_mod.ok("C_Logout", bare_mod.open(bare_mod.slots()[-1]))  # ... and out again
-    h = bare_mod.open(bare_mod.slots()[-1])
+    name = "r" + uuid.uuid4().hex[:12]
+    # The card's slot by its label: the shared service holds other tests' cards, in any order.
+    logged, _ = setup_card(service, bare_mod, cfg, name=name)  # logs in on one card ...
+    bare_mod.ok("C_Logout", logged)  # ... and out again
+    h = bare_mod.open(bare_mod.slot_by_label(name))
     assert rv_create(bare_mod, h, [(C.CKA_LABEL, b"no class")]) == C.CKR_TEMPLATE_INCOMPLETE
     assert rv_create(bare_mod, h, [*BASE, (C.CKA_LABEL, b"no class")]) == C.CKR_TEMPLATE_INCOMPLETE
     # A complete template still needs the login.

@@ -157,10 +157,13 @@ class Relay:
             upstream.close()
 
 
-def setup_card(svc: Service, mod: Module, cfg: Path, pin: bytes | None = None) -> tuple[int, str]:
-    """A softcard on svc, the module initialised with cfg, a logged-in session."""
+def setup_card(
+    svc: Service, mod: Module, cfg: Path, pin: bytes | None = None, name: str | None = None
+) -> tuple[int, str]:
+    """A softcard on svc (named name, or a random name), the module initialised with cfg, a
+    logged-in session."""
     client = KeyServiceClient(load_config(str(svc.client_cfg)))
-    name = "r" + uuid.uuid4().hex[:12]
+    name = name or "r" + uuid.uuid4().hex[:12]
     pin = pin or uuid.uuid4().hex.encode()
     card = client.create_softcard(name, pin)
     client.close()
