@@ -68,9 +68,16 @@ def _load_extension() -> None:
             lent = False
         else:
             sys.modules["datetime"] = _datetime
+    # Lazy binding for libcurl's ~30 libraries: the ones built without BIND_NOW (libldap,
+    # libgssapi, libnghttp2...) then bind a function at its first call instead of all ~2,100
+    # of their PLT slots while the module loads (pkcs11-tool -L calls few of them). Python
+    # opens extensions RTLD_NOW; the flag is this interpreter's and is put back at once.
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags((flags & ~os.RTLD_NOW) | os.RTLD_LAZY)
     try:
         from pycurl import _pycurl  # noqa: F401
     finally:
+        sys.setdlopenflags(flags)
         if lent and sys.modules.get("datetime") is sys.modules.get("_datetime"):
             del sys.modules["datetime"]
 

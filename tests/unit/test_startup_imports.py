@@ -97,6 +97,29 @@ def test_datetime_lent_to_pycurl_only_while_it_loads() -> None:
     assert json.loads(out) == [False, True, True, True]
 
 
+def test_pycurl_extension_opened_lazily_then_flags_restored() -> None:
+    """libcurl's libraries bind lazily (sys.setdlopenflags around the extension's import only):
+    the interpreter's flags are back to what they were, and pycurl works."""
+    code = (
+        "import sys, os, json\n"
+        f"sys.path[:0] = [{str(REPO)!r}, {sysconfig.get_paths()['purelib']!r}]\n"
+        "before = sys.getdlopenflags()\n"
+        "seen = []\n"
+        "real = sys.setdlopenflags\n"
+        "sys.setdlopenflags = lambda f: (seen.append(f), real(f))[1]\n"
+        "import pkcs11ws.client._curl_boot\n"
+        "import pycurl\n"
+        "print(json.dumps([before, sys.getdlopenflags(), seen, os.RTLD_NOW, os.RTLD_LAZY,\n"
+        "                  'libcurl/' in pycurl.version]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    before, after, seen, now, lazy, works = json.loads(out)
+    assert before & now and after == before and works
+    assert len(seen) == 2 and seen[0] & lazy and not seen[0] & now and seen[1] == before
+
+
 def test_pycurl_package_matches_the_real_one() -> None:
     import pycurl
 
