@@ -20,6 +20,11 @@ checked. ``dataclasses.replace()``/``fields()``/``is_dataclass()`` keep working
 on these classes: the ``__dataclass_fields__`` they read is built on first use, from a real
 dataclass made with the same fields, so only the callers that use them import ``dataclasses``.
 
+``cached_property`` and ``Flag`` (a ``threading.Event`` that is set once, never cleared): with
+``_thread``'s locks they keep ``threading`` and ``functools`` (~4 M instructions together, with
+``functools``' own imports) out of start-up; ``threading`` is imported by the first caller that
+starts a thread.
+
 ``LazyModule``: one of the package's modules that only some calls need (object templates,
 mechanism parameters), imported when first used instead of at start-up.
 """
@@ -30,6 +35,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from enum import Enum as Enum
+    from functools import cached_property as cached_property
     from typing import Any, TypeVar, dataclass_transform
 else:
 
@@ -273,6 +279,63 @@ class LazyModule:
 
     def __repr__(self) -> str:
         return f"<LazyModule {self._name!r}>"
+
+
+if not TYPE_CHECKING:
+
+    class cached_property:
+        """``functools.cached_property``: computed on first read, then kept in the instance's
+        ``__dict__`` (written directly, so frozen records can have one too), where later reads
+        find it before this non-data descriptor."""
+
+        def __init__(self, func):
+            self.func = func
+            self.attrname = None
+            self.__doc__ = func.__doc__
+
+        def __set_name__(self, owner, name):
+            self.attrname = name
+
+        def __get__(self, instance, owner=None):
+            if instance is None:
+                return self
+            value = self.func(instance)
+            instance.__dict__[self.attrname] = value
+            return value
+
+
+class Flag:
+    """A ``threading.Event`` that is never cleared: ``set()`` once (again is a no-op),
+    ``wait(timeout)`` returns whether it is set, ``is_set()``. Built on one ``_thread`` lock,
+    held while the flag is down; a waiter that gets it gives it back at once. (A second
+    set() racing the first may release it under a waiter: whoever releases second is told
+    the lock is free already, and it ends free either way.)"""
+
+    __slots__ = ("_down", "_up")
+
+    def __init__(self) -> None:
+        import _thread
+
+        self._up = False
+        self._down = _thread.allocate_lock()
+        self._down.acquire()
+
+    def set(self) -> None:
+        if not self._up:
+            self._up = True
+            with suppress(RuntimeError):  # another thread's set() released it first
+                self._down.release()
+
+    def is_set(self) -> bool:
+        return self._up
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._up:
+            return True
+        if self._down.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            with suppress(RuntimeError):  # a second set() released it under this waiter
+                self._down.release()
+        return self._up
 
 
 class suppress:

@@ -19,10 +19,10 @@ request or response body: PINs, passphrases, key material and plaintext are neve
 
 from __future__ import annotations
 
+import _thread  # not threading (start-up: pkcs11ws/_lite.py)
 import os
-import threading
 import time
-from _weakrefset import WeakSet  # weakref's own WeakSet: threading has loaded it
+from _weakrefset import WeakSet  # weakref's own WeakSet, without weakref's imports
 
 from pkcs11ws._lite import suppress
 from pkcs11ws.config import Config, log_settings
@@ -44,7 +44,7 @@ _warned_paths: set[str] = set()
 _loggers: WeakSet[Logger] = WeakSet()
 # The PKCS#11 session each thread is working for (its `session`; the core sets it directly
 # before it calls the provider, set_session() is the same for Python callers).
-SESSION = threading.local()
+SESSION = _thread._local()
 
 
 def set_session(handle: int) -> None:
@@ -69,7 +69,7 @@ class Logger:
         self._path = ""
         self._stdout = False
         self._syslog = False
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         _loggers.add(self)
 
     # -- configuration --------------------------------------------------------------------
@@ -140,7 +140,7 @@ class Logger:
 
     def _after_fork_child(self) -> None:
         # Another thread may have held the lock at fork(); the child has only this thread.
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     # -- writing --------------------------------------------------------------------------
 
@@ -156,7 +156,7 @@ class Logger:
         name = LEVEL_NAMES[level]
         lib = _library_name()
         if level == DEBUG9:
-            head = f"{os.getpid()} {threading.get_native_id()} {name} {session} {lib}"
+            head = f"{os.getpid()} {_thread.get_native_id()} {name} {session} {lib}"
         else:
             head = f"{os.getpid()} {name} {session} {lib}"
         body = f"{head}: {_one_line(msg)}"

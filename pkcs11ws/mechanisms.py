@@ -9,10 +9,8 @@ table: a mechanism of an existing family is one row here.
 
 from __future__ import annotations
 
-from functools import cached_property
-
 from pkcs11ws import constants as C
-from pkcs11ws._lite import Enum, dataclass
+from pkcs11ws._lite import Enum, cached_property, dataclass
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:

@@ -28,7 +28,7 @@ PKCS11Error (with the CKR to return); the core's one funnel maps any other excep
 
 from __future__ import annotations
 
-import threading
+import _thread  # not threading (start-up: pkcs11ws/_lite.py)
 import time
 
 from pkcs11ws import _lite, mechanisms
@@ -118,7 +118,7 @@ class Directory:
     """Slots and objects: lives for the process (across C_Finalize/C_Initialize)."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
         self.slots: dict[int, Slot] = {}
         self.slot_by_card: dict[str, int] = {}
         self.objects: dict[int, Obj] = {}
@@ -207,11 +207,11 @@ class Provider:
         # Logging out is best effort and must not wait through MAXRETRIES x RETRYDELAY: a
         # no-retry client over the same transport (the thread's connection, no new handshake).
         self._quick: KeyServiceClient | None = None
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self.tokens: dict[int, str] = {}  # slot ID -> activation token
         # slot ID -> time.monotonic() at which its token is past half its life: renew then.
         self.renew_at: dict[int, float] = {}
-        self._login_locks: dict[int, threading.Lock] = {}
+        self._login_locks: dict[int, _thread.LockType] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -308,7 +308,7 @@ class Provider:
     def login(self, slot_id: int, pin: bytes) -> None:
         slot = self._slot(slot_id)
         with self._lock:
-            lock = self._login_locks.setdefault(slot_id, threading.Lock())
+            lock = self._login_locks.setdefault(slot_id, _thread.allocate_lock())
         with lock:
             if slot_id in self.tokens:
                 raise PKCS11Error(C.CKR_USER_ALREADY_LOGGED_IN)
@@ -343,7 +343,7 @@ class Provider:
         long-running application never meets the activation lifetime while it keeps working.
         On no answer the old token is kept (it is still valid) and renewal is tried later."""
         with self._lock:
-            lock = self._login_locks.setdefault(slot_id, threading.Lock())
+            lock = self._login_locks.setdefault(slot_id, _thread.allocate_lock())
         with lock:
             current = self.tokens.get(slot_id)
             if current is None:

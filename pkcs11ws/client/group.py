@@ -24,8 +24,8 @@ client's (api.py); this module only decides who sends what and hands answers bac
 
 from __future__ import annotations
 
+import _thread  # not threading (start-up: pkcs11ws/_lite.py)
 import sys
-import threading
 import time
 from _thread import allocate_lock
 
@@ -105,7 +105,7 @@ class GroupCommit:
 
     def reset(self) -> None:
         """A fresh state (after fork: the parent's waiting threads do not exist here)."""
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         # Inside the module, queued calls wait on the core's Waiter, whose wake-ups wait until
         # the waking thread has released the GIL (pkcs11ws/_native/wake.pxi); flush() posts
         # this thread's deferred ones before it does anything that may block.

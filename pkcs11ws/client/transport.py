@@ -46,15 +46,15 @@ cut short, and requests after close(), raise Finalizing (CKR_CRYPTOKI_NOT_INITIA
 
 from __future__ import annotations
 
+import _thread  # not threading (start-up: pkcs11ws/_lite.py)
 import os
 import sys
-import threading
 import time
-from _weakrefset import WeakSet  # weakref's own WeakSet: threading has loaded it
+from _weakrefset import WeakSet  # weakref's own WeakSet, without weakref's imports
 
 import pycurl
 
-from pkcs11ws._lite import suppress
+from pkcs11ws._lite import Flag, suppress
 from pkcs11ws.client._curl_boot import pycurl_fix
 from pkcs11ws.config import Config, server_label
 from pkcs11ws.errors import Finalizing, InstallationError
@@ -199,7 +199,7 @@ _check_pycurl()
 # 1.5k instructions per request, the set's operations a fifth of that. (A forked child starts
 # with it empty: only the forking thread lives on, and it is not inside a request.)
 _IN_CURL: Final[set[int]] = set()
-_get_ident = threading.get_ident
+_get_ident = _thread.get_ident
 os.register_at_fork(after_in_child=_IN_CURL.clear)
 
 # This process's id, renewed in a forked child by the at-fork hook below: the per-request fork
@@ -298,7 +298,7 @@ class _Sockets:
 
     __slots__ = ("count", "fds", "lock")
 
-    def __init__(self, lock: threading.Lock) -> None:
+    def __init__(self, lock: _thread.LockType) -> None:
         self.fds: set[int] = set()
         self.lock = lock
         self.count = 0  # sockets opened: a request that opened none reused its connection
@@ -483,9 +483,9 @@ class Transport:
         self._share = _new_share()
         self.servers = [_Server(h, p) for h, p in self._servers_cfg]
         self._conns: WeakSet[_Conn] = WeakSet()
-        self._lock = threading.Lock()
-        self._socks_lock = threading.Lock()
-        self._wake = threading.Event()  # set by abort() and close(): ends retry waits
+        self._lock = _thread.allocate_lock()
+        self._socks_lock = _thread.allocate_lock()
+        self._wake = Flag()  # set by abort() and close(): ends retry waits
         if self.aborted or self._closed:
             self._wake.set()
         self._rotation = 0

@@ -28,11 +28,13 @@ HEAVY = ("dataclasses", "inspect", "ast", "dis", "typing", "contextlib", "pycurl
 # and struct (mechanism parameters only): extension modules cost ~0.3 ms each to load. (hashlib
 # may come: a softcard of the shared service with a name over 32 characters needs it for its
 # label.) Nor re, enum and json (the client's JSON is json's own C codec, client/wire.py), math,
-# weakref (only its WeakSet is used, _weakrefset's), object templates and mechanism parameters.
+# weakref (only its WeakSet is used, _weakrefset's), object templates and mechanism parameters,
+# threading and functools (locks from _thread, _lite's cached_property and Flag).
 LIST_SLOTS_NEVER = ("cryptography", "pkcs11ws.pubkey", "ctypes", "socket", "selectors", "uuid",
                     "urllib", "traceback", "datetime", "importlib", "warnings", "syslog",
                     "struct", "_struct", "encodings.utf_8_sig", "re", "enum", "json", "math",
                     "weakref", "pkcs11ws.templates", "pkcs11ws.attributes", "pkcs11ws.params",
+                    "threading", "functools",
                     *HEAVY)  # fmt: skip
 
 

@@ -312,3 +312,43 @@ def test_lazy_module_takes_its_place_on_first_use() -> None:
     with pytest.raises(ImportError):
         getattr(namespace["m"], "anything")  # noqa: B009
     assert type(namespace["m"]) is _lite.LazyModule  # a failed import leaves the stand-in
+
+
+def test_lite_cached_property_on_a_frozen_record() -> None:
+    calls: list[int] = []
+
+    @_lite.dataclass(frozen=True)
+    class Row:
+        a: int
+
+        @_lite.cached_property
+        def double(self) -> int:
+            """Twice a."""
+            calls.append(self.a)
+            return self.a * 2
+
+    r = Row(4)
+    assert r.double == 8 and r.double == 8 and calls == [4]  # computed once, then kept
+    assert vars(r)["double"] == 8 and Row(4) == r  # in the instance dict, not a field
+    descriptor = vars(Row)["double"]
+    assert Row.__dict__["double"].__doc__ == "Twice a." and Row.double is descriptor
+
+
+def test_lite_flag_set_once_wakes_every_waiter() -> None:
+    import threading  # the test may; the module's start-up does not (test_startup_listing)
+
+    flag = _lite.Flag()
+    assert not flag.is_set() and flag.wait(0) is False and flag.wait(0.01) is False
+    woke: list[bool] = []
+    waiters = [threading.Thread(target=lambda: woke.append(flag.wait(60))) for _ in range(4)]
+    for t in waiters:
+        t.start()
+    setters = [threading.Thread(target=flag.set) for _ in range(4)]  # racing set()s
+    for t in setters:
+        t.start()
+    for t in waiters + setters:
+        t.join(60)
+    assert woke == [True] * 4 and flag.is_set()
+    assert flag.wait(0) and flag.wait(None) and flag.wait(-1)  # stays set, never blocks again
+    flag.set()
+    assert flag.wait(0)
