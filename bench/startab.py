@@ -1,0 +1,111 @@
+"""A/B start-up of `pkcs11-tool --module M -L`: two builds of the module, alternated, and SoftHSM2.
+
+    python -m bench.startab --base OTHER/libpkcs11ws.so [--runs 30] [--callgrind 3] [--hold]
+
+Starts the key service (one softcard, pinned to the server CPU) and a SoftHSM2 token as the
+bench does (bench/lab.py), then runs `pkcs11-tool -L` pinned to the client CPU for this tree's
+module, the --base module (e.g. a copy of main's built package) and SoftHSM2 in turn, A B C A B
+C..., and prints each one's median and minimum wall time. --callgrind N adds the median
+instruction count of N runs each under valgrind (no pinning). --hold keeps the service up
+afterwards and prints the environment that reaches it, for strace/perf by hand (Ctrl-C ends).
+The idle `make bench` (bench/extras.py startup) stays the judge of the target; this is for
+comparing one change at a time on a shared, noisy box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench.extras import _run_timed
+from bench.lab import Lab
+from bench.procs import default_placement, pinned
+from bench.services import TOKEN_LABEL, SoftHSM
+
+
+def _callgrind(cmd: list[str], env: dict[str, str]) -> int:
+    with tempfile.TemporaryDirectory() as d:
+        r = subprocess.run(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={d}/cg.out", *cmd],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        m = re.search(r"Collected : (\d+)", r.stderr)
+        if r.returncode != 0 or m is None:
+            raise RuntimeError(f"callgrind of {cmd} failed:\n{r.stderr[-2000:]}")
+        return int(m.group(1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", required=True, help="the other build's libpkcs11ws.so")
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--callgrind", type=int, default=0)
+    ap.add_argument("--hold", action="store_true")
+    ap.add_argument("--no-softhsm", action="store_true")
+    args = ap.parse_args()
+    tool = shutil.which("pkcs11-tool")
+    if tool is None:
+        raise SystemExit("needs pkcs11-tool (opensc)")
+    placement = default_placement()
+    with tempfile.TemporaryDirectory() as work, contextlib.ExitStack() as stack:
+        lab = Lab(Path(work), placement, stack)
+        lab.start_service_only(say=lambda s: print(s, flush=True))
+        env = {**os.environ, **lab.module_env()}
+        subjects = [("this", lab.module, env), ("base", args.base, env)]
+        if not args.no_softhsm:
+            hsm = SoftHSM(Path(work) / "softhsm")
+            hsm.init_token(lab.bins["p11bench"])
+            lab.p11bench_setup(hsm.module, hsm.env())
+            subjects.append(("softhsm", hsm.module, {**os.environ, **hsm.env()}))
+        for _, module, e in subjects:  # warm-up: .pyc files, page cache
+            subprocess.run([tool, "--module", module, "-L"], env=e, capture_output=True)
+        walls: dict[str, list[float]] = {name: [] for name, _, _ in subjects}
+        rss: dict[str, list[int]] = {name: [] for name, _, _ in subjects}
+        for _ in range(args.runs):
+            for name, module, e in subjects:
+                cmd = pinned([tool, "--module", module, "-L"], placement.client)
+                wall, kib, rc, out = _run_timed(cmd, e, "/usr/bin/time")
+                if rc != 0 or TOKEN_LABEL not in out:
+                    raise RuntimeError(f"{name}: pkcs11-tool -L failed ({rc}):\n{out}")
+                walls[name].append(wall * 1e3)
+                rss[name].append(kib)
+        load = os.getloadavg()[0]
+        print(f"{args.runs} alternating runs each, load {load:.1f}, {placement.describe()}")
+        for name, _, _ in subjects:
+            w = walls[name]
+            print(
+                f"  {name:8s} wall median {statistics.median(w):6.1f} ms  min {min(w):6.1f}"
+                f"  RSS {statistics.median(rss[name]) / 1024:.1f} MB"
+            )
+        if "softhsm" in walls:
+            s = statistics.median(walls["softhsm"])
+            for name in ("this", "base"):
+                print(f"  {name} / softhsm: {statistics.median(walls[name]) / s:.2f}x")
+        for _ in range(args.callgrind and 1):
+            for name, module, e in subjects:
+                counts = [
+                    _callgrind([tool, "--module", module, "-L"], e) for _ in range(args.callgrind)
+                ]
+                print(f"  {name:8s} instructions {statistics.median(counts) / 1e6:.1f} M")
+        if args.hold:
+            print("holding; the module's environment:", flush=True)
+            for k, v in lab.module_env().items():
+                print(f"  export {k}={v}", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()
