@@ -5,9 +5,10 @@
 Starts the key service (one softcard, pinned to the server CPU) and a SoftHSM2 token as the
 bench does (bench/lab.py), then runs `pkcs11-tool -L` pinned to the client CPU for this tree's
 module, the --base module (e.g. a copy of main's built package) and SoftHSM2 in turn, A B C A B
-C..., and prints each one's median and minimum wall time. --callgrind N adds the median
-instruction count of N runs each under valgrind (no pinning). --hold keeps the service up
-afterwards and prints the environment that reaches it, for strace/perf by hand (Ctrl-C ends).
+C..., and prints each one's median and minimum wall time and CPU time (user + system).
+--callgrind N adds the median instruction count of N runs each under valgrind (no pinning).
+--hold keeps the service up afterwards and prints the environment that reaches it, for
+strace/perf by hand (Ctrl-C ends).
 The idle `make bench` (bench/extras.py startup) stays the judge of the target; this is for
 comparing one change at a time on a shared, noisy box.
 """
@@ -25,10 +26,28 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.extras import _run_timed
 from bench.lab import Lab
 from bench.procs import default_placement, pinned
 from bench.services import TOKEN_LABEL, SoftHSM
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int, int, str]:
+    """(wall ms, CPU ms (user + system, from wait4), peak RSS KiB (GNU time's %M), exit code,
+    output) of one child run under /usr/bin/time. CPU time is the load-robust figure here:
+    on a busy box the wall time is mostly waiting for the client CPU."""
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
+        full = ["/usr/bin/time", "-f", "%M", "-o", rss_file.name, *cmd]
+        t0 = time.perf_counter()
+        p = subprocess.Popen(
+            full, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        out = p.stdout.read() if p.stdout is not None else ""
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = (time.perf_counter() - t0) * 1e3
+        p.returncode = os.waitstatus_to_exitcode(status)
+        text = rss_file.read().strip().splitlines()
+    rss = int(text[-1]) if text and text[-1].isdigit() else 0
+    return wall, (ru.ru_utime + ru.ru_stime) * 1e3, rss, p.returncode, out
 
 
 def _callgrind(cmd: list[str], env: dict[str, str]) -> int:
@@ -71,21 +90,24 @@ def main() -> None:
         for _, module, e in subjects:  # warm-up: .pyc files, page cache
             subprocess.run([tool, "--module", module, "-L"], env=e, capture_output=True)
         walls: dict[str, list[float]] = {name: [] for name, _, _ in subjects}
+        cpus: dict[str, list[float]] = {name: [] for name, _, _ in subjects}
         rss: dict[str, list[int]] = {name: [] for name, _, _ in subjects}
         for _ in range(args.runs):
             for name, module, e in subjects:
                 cmd = pinned([tool, "--module", module, "-L"], placement.client)
-                wall, kib, rc, out = _run_timed(cmd, e, "/usr/bin/time")
+                wall, cpu, kib, rc, out = _run(cmd, e)
                 if rc != 0 or TOKEN_LABEL not in out:
                     raise RuntimeError(f"{name}: pkcs11-tool -L failed ({rc}):\n{out}")
-                walls[name].append(wall * 1e3)
+                walls[name].append(wall)
+                cpus[name].append(cpu)
                 rss[name].append(kib)
         load = os.getloadavg()[0]
         print(f"{args.runs} alternating runs each, load {load:.1f}, {placement.describe()}")
         for name, _, _ in subjects:
-            w = walls[name]
+            w, c = walls[name], cpus[name]
             print(
                 f"  {name:8s} wall median {statistics.median(w):6.1f} ms  min {min(w):6.1f}"
+                f"  CPU median {statistics.median(c):6.1f} ms  min {min(c):6.1f}"
                 f"  RSS {statistics.median(rss[name]) / 1024:.1f} MB"
             )
         if "softhsm" in walls:
