@@ -23,7 +23,8 @@ dataclass made with the same fields, so only the callers that use them import ``
 ``cached_property`` and ``Flag`` (a ``threading.Event`` that is set once, never cleared): with
 ``_thread``'s locks they keep ``threading`` and ``functools`` (~4 M instructions together, with
 ``functools``' own imports) out of start-up; ``threading`` is imported by the first caller that
-starts a thread.
+starts a thread. ``WeakSet`` (add, discard, ``in``, iteration, ``len``) keeps ``_weakrefset``
+and the ``types`` module it imports out too.
 
 ``LazyModule``: one of the package's modules that only some calls need (object templates,
 mechanism parameters), imported when first used instead of at start-up.
@@ -31,12 +32,15 @@ mechanism parameters), imported when first used instead of at start-up.
 
 from __future__ import annotations
 
+import _weakref
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from enum import Enum as Enum
     from functools import cached_property as cached_property
     from typing import Any, TypeVar, dataclass_transform
+    from weakref import WeakSet as WeakSet
 else:
 
     def dataclass_transform(**_kw: object) -> object:  # type checkers only
@@ -336,6 +340,48 @@ class Flag:
             with suppress(RuntimeError):  # a second set() released it under this waiter
                 self._down.release()
         return self._up
+
+
+if not TYPE_CHECKING:
+
+    class WeakSet:
+        """``weakref.WeakSet``'s add, discard, ``in``, iteration and ``len``: a dict of weak
+        references by id(), each removing itself when its object dies (CPython calls it before
+        the id can be reused). Iteration walks a snapshot and skips the dead."""
+
+        __slots__ = ("__weakref__", "_refs")
+
+        def __init__(self):
+            self._refs = {}
+
+        def add(self, obj):
+            key = id(obj)
+            if key not in self._refs:
+                refs = self._refs
+
+                def gone(_ref, key=key, refs=refs):
+                    if refs.get(key) is _ref:
+                        del refs[key]
+
+                self._refs[key] = _weakref.ref(obj, gone)
+
+        def discard(self, obj):
+            ref = self._refs.get(id(obj))
+            if ref is not None and ref() is obj:
+                del self._refs[id(obj)]
+
+        def __contains__(self, obj):
+            ref = self._refs.get(id(obj))
+            return ref is not None and ref() is obj
+
+        def __iter__(self):
+            for ref in list(self._refs.values()):
+                obj = ref()
+                if obj is not None:
+                    yield obj
+
+        def __len__(self):
+            return sum(1 for ref in list(self._refs.values()) if ref() is not None)
 
 
 class suppress:

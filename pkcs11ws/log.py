@@ -22,9 +22,8 @@ from __future__ import annotations
 import _thread  # not threading (start-up: pkcs11ws/_lite.py)
 import os
 import time
-from _weakrefset import WeakSet  # weakref's own WeakSet, without weakref's imports
 
-from pkcs11ws._lite import suppress
+from pkcs11ws._lite import WeakSet, suppress
 from pkcs11ws.config import Config, log_settings
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up

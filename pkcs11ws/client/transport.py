@@ -50,11 +50,10 @@ import _thread  # not threading (start-up: pkcs11ws/_lite.py)
 import os
 import sys
 import time
-from _weakrefset import WeakSet  # weakref's own WeakSet, without weakref's imports
 
 import pycurl
 
-from pkcs11ws._lite import Flag, suppress
+from pkcs11ws._lite import Flag, WeakSet, suppress
 from pkcs11ws.client._curl_boot import pycurl_fix
 from pkcs11ws.config import Config, server_label
 from pkcs11ws.errors import Finalizing, InstallationError

@@ -29,12 +29,13 @@ HEAVY = ("dataclasses", "inspect", "ast", "dis", "typing", "contextlib", "pycurl
 # may come: a softcard of the shared service with a name over 32 characters needs it for its
 # label.) Nor re, enum and json (the client's JSON is json's own C codec, client/wire.py), math,
 # weakref (only its WeakSet is used, _weakrefset's), object templates and mechanism parameters,
-# threading and functools (locks from _thread, _lite's cached_property and Flag).
+# threading and functools (locks from _thread, _lite's cached_property and Flag), _weakrefset
+# and the types module it imports (_lite's WeakSet).
 LIST_SLOTS_NEVER = ("cryptography", "pkcs11ws.pubkey", "ctypes", "socket", "selectors", "uuid",
                     "urllib", "traceback", "datetime", "importlib", "warnings", "syslog",
                     "struct", "_struct", "encodings.utf_8_sig", "re", "enum", "json", "math",
                     "weakref", "pkcs11ws.templates", "pkcs11ws.attributes", "pkcs11ws.params",
-                    "threading", "functools",
+                    "threading", "functools", "_weakrefset", "types",
                     *HEAVY)  # fmt: skip
 
 

@@ -120,6 +120,37 @@ def test_pycurl_extension_opened_lazily_then_flags_restored() -> None:
     assert len(seen) == 2 and seen[0] & lazy and not seen[0] & now and seen[1] == before
 
 
+def test_pycurl_package_namespace_is_the_real_ones() -> None:
+    # The package _curl_boot builds (one dict merge, __all__ made on first read) against the
+    # one pycurl's own __init__ builds, each in a fresh interpreter.
+    show = (
+        "import json, pycurl\n"
+        "ns = vars(pycurl)\n"
+        "public = sorted(n for n in ns if not n.startswith('_'))\n"
+        "dunders = {n: repr(ns[n]) for n in ('__name__', '__file__', '__path__', '__package__')}\n"
+        "lazy = ('AsyncCurlMulti', 'async_multi')\n"
+        "same = all(ns[n] is getattr(pycurl._pycurl, n) for n in public if n not in lazy)\n"
+        "print(json.dumps([public, dunders, pycurl.__all__, same, pycurl.__spec__.name,\n"
+        "                  pycurl.__doc__]))\n"
+    )
+    paths = f"import sys\nsys.path[:0] = [{str(REPO)!r}, {sysconfig.get_paths()['purelib']!r}]\n"
+    ours, real = (
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-S", "-c", paths + boot + show],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=60,
+            ).stdout
+        )
+        for boot in ("import pkcs11ws.client._curl_boot\n", "")
+    )
+    # pycurl's __init__ has imported async_multi at once; ours on first access.
+    assert [n for n in real[0] if n not in ("AsyncCurlMulti", "async_multi")] == ours[0]
+    assert ours[1:] == real[1:] and ours[3] is True and len(ours[2]) > 700
+
+
 def test_pycurl_package_matches_the_real_one() -> None:
     import pycurl
 
@@ -352,3 +383,26 @@ def test_lite_flag_set_once_wakes_every_waiter() -> None:
     assert flag.wait(0) and flag.wait(None) and flag.wait(-1)  # stays set, never blocks again
     flag.set()
     assert flag.wait(0)
+
+
+def test_lite_weakset_holds_only_live_objects() -> None:
+    class Obj:
+        pass
+
+    s: _lite.WeakSet[Obj] = _lite.WeakSet()
+    a, b = Obj(), Obj()
+    s.add(a)
+    s.add(b)
+    s.add(a)  # once only
+    assert len(s) == 2 and a in s and b in s and Obj() not in s
+    assert set(map(id, s)) == {id(a), id(b)}
+    s.discard(b)
+    s.discard(b)  # absent: nothing happens
+    assert list(s) == [a] and b not in s
+    s.add(b)
+    del a  # the set does not keep it alive: gone from the set as soon as it dies
+    assert list(s) == [b] and len(s) == 1
+    for obj in s:  # an object dying while the set is walked is only skipped
+        s.add(Obj())  # dies at once (no other reference)
+        assert obj is b
+    assert list(s) == [b]
