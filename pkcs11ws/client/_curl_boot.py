@@ -28,6 +28,12 @@ import sys
 
 
 def _module_getattr(name: str) -> object:
+    if name == "__all__":  # as pycurl's __init__ makes it, on first use (from pycurl import *)
+        pkg = sys.modules["pycurl"]
+        names = [n for n in dir(sys.modules["pycurl._pycurl"]) if not n.startswith("_")]
+        names.append("AsyncCurlMulti")
+        pkg.__all__ = names  # type: ignore[attr-defined]
+        return names
     if name == "AsyncCurlMulti":
         import importlib
 
@@ -106,11 +112,13 @@ def _boot() -> None:
     except BaseException:
         del sys.modules["pycurl"]
         raise
-    _pycurl = sys.modules["pycurl._pycurl"]
-    # ~770 names: one dict update, not a setattr each (dir() would sort them first, too).
-    public = {name: value for name, value in vars(_pycurl).items() if name[0] != "_"}
-    vars(pkg).update(public)
-    pkg.__all__ = [*sorted(public), "AsyncCurlMulti"]  # type: ignore[attr-defined]
+    # The extension's ~770 public names in one dict merge (no Python loop over them): its only
+    # other names are its module dunders, and the package's own are put back over them.
+    # __all__ (a sorted list, as `dir()` gives) is made by the first reader.
+    namespace = vars(pkg)
+    own = dict(namespace)
+    namespace.update(vars(sys.modules["pycurl._pycurl"]))
+    namespace.update(own)
     pkg.__getattr__ = _module_getattr  # type: ignore[method-assign]
 
 
