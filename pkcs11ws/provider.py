@@ -45,6 +45,7 @@ from pkcs11ws.protocol import Attrs
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
+    import threading  # its Lock type only: the locks come from _thread (start-up)
     from collections.abc import Callable
     from typing import Any, Protocol, TypeVar
 
@@ -211,7 +212,7 @@ class Provider:
         self.tokens: dict[int, str] = {}  # slot ID -> activation token
         # slot ID -> time.monotonic() at which its token is past half its life: renew then.
         self.renew_at: dict[int, float] = {}
-        self._login_locks: dict[int, _thread.LockType] = {}
+        self._login_locks: dict[int, threading.Lock] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
