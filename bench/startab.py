@@ -8,7 +8,7 @@ module, the --base module (e.g. a copy of main's built package) and SoftHSM2 in 
 C..., and prints each one's median and minimum wall time and CPU time (user + system).
 --callgrind N adds the median instruction count of N runs each under valgrind (no pinning).
 --hold keeps the service up afterwards and prints the environment that reaches it, for
-strace/perf by hand (Ctrl-C ends).
+strace/perf by hand (Ctrl-C or SIGTERM ends it and stops the service).
 The idle `make bench` (bench/extras.py startup) stays the judge of the target; this is for
 comparing one change at a time on a shared, noisy box.
 """
@@ -20,8 +20,10 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -124,6 +126,10 @@ def main() -> None:
             print("holding; the module's environment:", flush=True)
             for k, v in lab.module_env().items():
                 print(f"  export {k}={v}", flush=True)
+            # Ctrl-C or SIGTERM (a background job ignores SIGINT) ends it through the with
+            # blocks, which stop the service and remove its folder.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
                     time.sleep(3600)
