@@ -169,6 +169,7 @@ extensions = [
             for n in (
                 "tables.pxi",
                 "objects.pxi",
+                "fastpath.pxi",
                 "crypto.pxi",
                 "multipart.pxi",
                 "funcs.pxi",

@@ -61,6 +61,7 @@ else:  # typing is too heavy for the module's start-up
 
 RANDOM_CHUNK = 65536  # the service's largest random request
 _NEVER = float("inf")
+_MAX_FAST = 1024  # keys the core's fast path remembers (a bound, not a tuning)
 RENEW_RETRY = 30.0  # seconds before retrying a renewal that got no answer
 _VERIFY = 3  # the core's OP_VERIFY
 # The protocol's operation for each of the core's OP_ENCRYPT, OP_DECRYPT, OP_SIGN, OP_VERIFY.
@@ -213,6 +214,13 @@ class Provider:
         # slot ID -> time.monotonic() at which its token is past half its life: renew then.
         self.renew_at: dict[int, float] = {}
         self._login_locks: dict[int, threading.Lock] = {}
+        # The core's fast path (pkcs11ws/_native/fastpath.pxi): key handle -> what crypto()
+        # found for its last request with no IV or parameter: (mechanism, slot ID, the Obj,
+        # the token, the request head, the client, its group commit, the mechanism's
+        # _GENERAL flag). The core uses an entry only while the directory still holds that
+        # Obj, self.tokens that token (by identity), and renew_at is not reached: so nothing
+        # here needs invalidating; any other case calls crypto().
+        self.fast: dict[int, tuple[Any, ...]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -615,6 +623,8 @@ class Provider:
             raise PKCS11Error(C.CKR_USER_NOT_LOGGED_IN)
         if _monotonic() >= self.renew_at.get(slot_id, _NEVER):
             token = self._renew(slot_id, token)
+        if not iv and extra is None:
+            self._remember_fast(key, mech, slot_id, obj, token, m)
         try:
             return self.client.crypto(
                 _OP_NAMES[which],
@@ -630,6 +640,24 @@ class Provider:
         except ServiceError as e:
             self._failed(slot_id, e, obj)
             raise
+
+    def _remember_fast(
+        self, key: int, mech: int, slot_id: int, obj: Obj, token: str, m: mechanisms.Mechanism
+    ) -> None:
+        """Keep what the core's fast path needs for the next request on this key (see fast)."""
+        fast = self.fast
+        e = fast.get(key)
+        if e is not None and e[0] == mech and e[2] is obj and e[3] is token:
+            return
+        if e is None and len(fast) >= _MAX_FAST:
+            fast.clear()
+        client = self.client
+        head = client.head(token, obj.uuid, m.name)
+        fast[key] = (mech, slot_id, obj, token, head, client, client.group, m.general)
+
+    def failed(self, slot_id: int, key: int, e: ServiceError) -> None:
+        """A crypto request on key failed (the core's fast path): as crypto() does."""
+        self._failed(slot_id, e, self.dir.objects.get(key))
 
     @staticmethod
     def _public(

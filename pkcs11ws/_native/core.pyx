@@ -873,6 +873,7 @@ cdef CK_RV f_SessionCancel(CK_SESSION_HANDLE hSession, CK_FLAGS flags) noexcept 
 
 include "objects.pxi"
 include "params.pxi"
+include "fastpath.pxi"
 include "crypto.pxi"
 include "multipart.pxi"
 include "digest.pxi"

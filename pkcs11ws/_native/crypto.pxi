@@ -168,8 +168,10 @@ cdef CK_RV _py_single(Call* c) except? 0xFFFFFFFF:
     cdef OpState* op = c.op
     cdef Py_ssize_t size
     cdef const unsigned char* src
-    data = (<char*>c.data)[:c.data_len] if c.data_len else b""
-    out = _crypt_call(c.h, c.slot, op, c.which, data)
+    out = _fast(c, c.which, NULL, 0)  # fastpath.pxi
+    if out is _SLOW:
+        data = (<char*>c.data)[:c.data_len] if c.data_len else b""
+        out = _crypt_call(c.h, c.slot, op, c.which, data)
     size = len(out)
     if <CK_ULONG>size > c.out_len[0]:
         _keep(c.s, c.which, c.data, c.data_len, out)
@@ -277,8 +279,9 @@ cdef CK_RV f_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulData
 
 
 cdef CK_RV _py_verify(Call* c) except? 0xFFFFFFFF:
-    data = (<char*>c.data)[:c.data_len] if c.data_len else b""
-    _crypt_call(c.h, c.slot, c.op, OP_VERIFY, data, (<char*>c.data2)[:c.data2_len])
+    if _fast(c, OP_VERIFY, c.data2, c.data2_len) is _SLOW:  # fastpath.pxi
+        data = (<char*>c.data)[:c.data_len] if c.data_len else b""
+        _crypt_call(c.h, c.slot, c.op, OP_VERIFY, data, (<char*>c.data2)[:c.data2_len])
     return CKR_OK
 
 

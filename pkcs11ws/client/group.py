@@ -177,8 +177,9 @@ class GroupCommit:
         data: bytes,
         sender: Sender,
     ) -> tuple[int, Any]:
-        """(status, parsed answer) of one call, sent alone or with others. sender._single(op,
-        token, data) sends one call's own request and returns (status, answer) or raises;
+        """(status, answer) of one call, sent alone or with others: the answer is the body of
+        a single request (bytes, not parsed) or a batch item's parsed answer. sender._single(op,
+        token, data) sends one call's own request and returns (status, body) or raises;
         sender._send_batch(calls) sends them in one request and sets each call's status and
         answer, error, or alone; it must not raise. (The sender is passed per call, not kept:
         the client owns the group, and a reference back would make a cycle that keeps the

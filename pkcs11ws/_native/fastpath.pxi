@@ -1,0 +1,226 @@
+# Included by core.pyx: the steady-state request of a single-part sign, verify, encrypt or
+# decrypt with no IV or struct parameter, built and read here instead of in the provider's and
+# the client's Python (bench/results/profile-issue15-client-cpu.md, Round 6: after each wait
+# for an answer the interpreter runs cold, so every frame, lookup and object between the core
+# and pycurl costs several times its warm price).
+#
+# The provider's crypto() leaves, per key handle, what its last such request used (Provider.fast:
+# the Obj, the token, the request head up to the data). The fast path uses it only while the
+# directory still holds that Obj, the provider that token (both by identity) and the token is
+# not due for renewal: exactly the checks crypto() makes, so no entry ever needs invalidating.
+# It then writes the body (head, base64 of the data and signature, the MAC length of a
+# _GENERAL mechanism: what client.crypto() writes), hands it to the group commit (or the
+# client's single request: retries, deadline and request id stay theirs), and reads the
+# answer when it has the one compact shape the service gives; any other answer, and every
+# error answer, goes to the client's strict decoding (client.answer(): the same BAD_RESPONSE
+# and CKRs as before). A ServiceError passes through provider.failed(), as in crypto().
+# Anything else (no entry, another mechanism, a public key, an IV or parameter, a renewal due,
+# a changed login or object) takes the provider's path, which also makes the entry.
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.stdio cimport snprintf
+
+from pkcs11ws.errors import ServiceError as _ServiceError
+
+cdef object _SLOW = object()            # "take the provider's path" (None means verified)
+cdef tuple _OP_NAME = ("encrypt", "decrypt", "sign", "verify")  # per OP_ENCRYPT .. OP_VERIFY
+cdef const char* _B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+cdef signed char g_b64val[256]
+# Per OP_*: the answer's output field as it starts a compact answer (b'{"signature":"'), and
+# the whole answer of a verify that holds (b'{"valid":true}'); None where the answer has more
+# fields than its output (those go to client.answer()). Read from the client's view of the
+# protocol schema (client/wire.py CRYPTO) on first use: the core imports no client module.
+cdef list g_answer_heads = None
+cdef list g_answer_fields = None        # per OP_*: the output field's name
+cdef bytes g_verified = None
+
+
+cdef void _b64_init() noexcept nogil:
+    cdef int i
+    for i in range(256):
+        g_b64val[i] = -1
+    for i in range(64):
+        g_b64val[<unsigned char>_B64[i]] = i
+
+
+_b64_init()
+
+
+cdef char* _b64_put(const unsigned char* src, Py_ssize_t n, char* w) noexcept nogil:
+    """Standard base64 with padding (binascii.b2a_base64's, no newline); returns the end."""
+    cdef Py_ssize_t i = 0
+    cdef unsigned int v
+    while i + 3 <= n:
+        v = (<unsigned int>src[i] << 16) | (<unsigned int>src[i + 1] << 8) | src[i + 2]
+        w[0] = _B64[v >> 18]
+        w[1] = _B64[(v >> 12) & 63]
+        w[2] = _B64[(v >> 6) & 63]
+        w[3] = _B64[v & 63]
+        w += 4
+        i += 3
+    if n - i == 1:
+        v = <unsigned int>src[i] << 16
+        w[0] = _B64[v >> 18]
+        w[1] = _B64[(v >> 12) & 63]
+        w[2] = b"="
+        w[3] = b"="
+        w += 4
+    elif n - i == 2:
+        v = (<unsigned int>src[i] << 16) | (<unsigned int>src[i + 1] << 8)
+        w[0] = _B64[v >> 18]
+        w[1] = _B64[(v >> 12) & 63]
+        w[2] = _B64[(v >> 6) & 63]
+        w[3] = b"="
+        w += 4
+    return w
+
+
+cdef object _b64_canonical(const char* s, Py_ssize_t n):
+    """s decoded when it is the canonical base64 of its bytes (what protocol.canonical_b64
+    accepts, a subset of it at most), else None."""
+    cdef Py_ssize_t pad = 0
+    cdef Py_ssize_t i, out_len
+    cdef int a, b, c, d
+    cdef unsigned char* w
+    if n % 4:
+        return None
+    if n and s[n - 1] == b"=":
+        pad = 2 if s[n - 2] == b"=" else 1
+    out_len = n // 4 * 3 - pad
+    out = PyBytes_FromStringAndSize(NULL, out_len)
+    w = <unsigned char*>PyBytes_AS_STRING(out)
+    i = 0
+    while i < n:
+        a = g_b64val[<unsigned char>s[i]]
+        b = g_b64val[<unsigned char>s[i + 1]]
+        if i + 4 == n and pad:
+            c = 0 if pad == 2 else g_b64val[<unsigned char>s[i + 2]]
+            d = 0
+            # The unused low bits of the last character are zero: one spelling per value.
+            if a < 0 or b < 0 or c < 0 or (pad == 2 and b & 15) or (pad == 1 and c & 3):
+                return None
+        else:
+            c = g_b64val[<unsigned char>s[i + 2]]
+            d = g_b64val[<unsigned char>s[i + 3]]
+            if a < 0 or b < 0 or c < 0 or d < 0:
+                return None
+        w[0] = <unsigned char>((a << 2) | (b >> 4))
+        if i + 4 < n or pad < 2:
+            w[1] = <unsigned char>(((b & 15) << 4) | (c >> 2))
+        if i + 4 < n or pad < 1:
+            w[2] = <unsigned char>(((c & 3) << 6) | d)
+        w += 3
+        i += 4
+    return out
+
+
+cdef void _answer_shapes():
+    global g_answer_heads, g_answer_fields, g_verified
+    from pkcs11ws.client.wire import CRYPTO  # loaded with the provider already
+    heads = []
+    fields = []
+    for name in _OP_NAME:
+        shape = CRYPTO[name]
+        fields.append(shape.out)
+        if shape.boolean:
+            g_verified = b'{"%s":true}' % shape.out.encode("ascii")
+            heads.append(None)
+        else:
+            heads.append(b'{"%s":"' % shape.out.encode("ascii") if not shape.more else None)
+    g_answer_fields = fields
+    g_answer_heads = heads
+
+
+cdef object _read_answer(int which, object r):
+    """The output in an answer of the one expected compact shape (bytes: a single request's
+    body; dict: a batch item's parsed answer), None for a verify that holds, else _SLOW."""
+    cdef const char* s
+    cdef Py_ssize_t n, hn
+    cdef bytes head
+    if g_answer_heads is None:
+        _answer_shapes()
+    head = g_answer_heads[which]
+    if type(r) is bytes:
+        s = PyBytes_AS_STRING(r)
+        n = PyBytes_GET_SIZE(r)
+        if head is None:
+            return None if which == OP_VERIFY and r == g_verified else _SLOW
+        hn = PyBytes_GET_SIZE(head)
+        if n < hn + 2 or memcmp(s, PyBytes_AS_STRING(head), hn) != 0 or s[n - 2] != b'"' \
+                or s[n - 1] != b"}":
+            return _SLOW
+        out = _b64_canonical(s + hn, n - hn - 2)
+        return _SLOW if out is None else out
+    if type(r) is dict and len(<dict>r) == 1:
+        if head is None:
+            if which == OP_VERIFY and (<dict>r).get(g_answer_fields[which]) is True:
+                return None
+            return _SLOW
+        value = (<dict>r).get(g_answer_fields[which])
+        if type(value) is str:
+            s = PyUnicode_AsUTF8AndSize(value, &n)
+            out = _b64_canonical(s, n)
+            return _SLOW if out is None else out
+    return _SLOW
+
+
+cdef object _fast(Call* c, int which, CK_BYTE* sig, CK_ULONG sig_len):
+    """The output of c's request (None: verified) made here, or _SLOW (see above)."""
+    cdef OpState* op = c.op
+    cdef int kind = g_mechs[op.row].param
+    cdef tuple e
+    cdef bytes head
+    cdef char tail[48]
+    cdef int tail_len
+    cdef Py_ssize_t size
+    cdef char* w
+    if op.prmlen or (kind != PARAM_NONE and kind != PARAM_MAC_LEN):
+        return _SLOW
+    p = _prov_s(c.h)
+    found = (<dict?>p.fast).get(op.key)
+    if found is None:
+        return _SLOW
+    e = <tuple?>found
+    if <CK_MECHANISM_TYPE>e[0] != op.mech or <CK_SLOT_ID>e[1] != c.slot:
+        return _SLOW
+    if (<dict?>p.dir.objects).get(op.key) is not e[2]:
+        return _SLOW
+    if (<dict?>p.tokens).get(c.slot) is not e[3]:
+        return _SLOW
+    renew_at = (<dict?>p.renew_at).get(c.slot)
+    if renew_at is not None and _now() >= <double>renew_at:
+        return _SLOW
+    if e[7]:  # a _GENERAL mechanism: the MAC length the request asks for
+        tail_len = snprintf(tail, sizeof(tail), b'","mac_length":%lu}', <unsigned long>op.mac_len)
+    else:
+        tail[0] = b'"'
+        tail[1] = b"}"
+        tail_len = 2
+    head = <bytes?>e[4]
+    size = PyBytes_GET_SIZE(head) + (c.data_len + 2) // 3 * 4 + tail_len
+    if which == OP_VERIFY:
+        size += 15 + (sig_len + 2) // 3 * 4  # ","signature":"
+    body = PyBytes_FromStringAndSize(NULL, size)
+    w = PyBytes_AS_STRING(body)
+    memcpy(w, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))
+    w = _b64_put(c.data, c.data_len, w + PyBytes_GET_SIZE(head))
+    if which == OP_VERIFY:
+        memcpy(w, b'","signature":"', 15)
+        w = _b64_put(sig, sig_len, w + 15)
+    memcpy(w, tail, tail_len)
+    name = _OP_NAME[which]
+    client = e[5]
+    group = e[6]
+    try:
+        if group is None:
+            status, r = client._single(name, None, body)
+        else:
+            status, r = group.run(name, None, body, client)
+        out = _read_answer(which, r)
+        if out is _SLOW:
+            out = client.answer(name, status, r)
+        return out
+    except _ServiceError as err:
+        p.failed(c.slot, op.key, err)
+        raise

@@ -1,0 +1,293 @@
+"""The core's fast path of C_Sign/C_Verify (pkcs11ws/_native/fastpath.pxi) against the real
+key service over mutual TLS: once the provider's path has made a key's entry, the core builds
+the request and reads the answer itself. It must answer exactly as the provider's path does:
+for good answers, for error answers, and for odd or malformed ones (which it hands to the
+client's strict decoding), and it must step aside whenever the login or the object changed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import hmac
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from ctypes import byref
+from typing import Any
+
+import pytest
+
+from pkcs11ws import constants as C
+from pkcs11ws.errors import PKCS11Error
+from tests.support.p11ctypes import CKError, Module, mechanism
+
+HMAC_KEY = b"f" * 32
+
+
+def _provider() -> Any:
+    return sys.modules["pkcs11ws._native.core"].current_provider()
+
+
+def _hmac_key(mod: Module, h: int) -> int:
+    return mod.create(
+        h,
+        [
+            (C.CKA_TOKEN, True),
+            (C.CKA_PRIVATE, True),
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC),
+            (C.CKA_SIGN, True),
+            (C.CKA_VERIFY, True),
+            (C.CKA_VALUE, HMAC_KEY),
+        ],
+    )
+
+
+class Counted:
+    """Counts the calls that take the provider's path (Provider.crypto)."""
+
+    def __init__(self, provider: Any) -> None:
+        self.provider = provider
+        self.inner = provider.crypto
+        self.calls = 0
+
+    def __call__(self, *args: Any) -> Any:
+        self.calls += 1
+        return self.inner(*args)
+
+
+@pytest.fixture
+def counted(mod: Module) -> Iterator[Counted]:
+    p = _provider()
+    c = Counted(p)
+    p.crypto = c  # the core looks the method up on the instance per call
+    try:
+        yield c
+    finally:
+        del p.crypto
+
+
+def _sign(mod: Module, h: int, key: int, data: bytes, mech: int = C.CKM_SHA256_HMAC,
+          param: int | None = None) -> bytes:  # fmt: skip
+    m, keep = mechanism(mech, param)
+    mod.ok("C_SignInit", h, byref(m), key)
+    out = mod.single("C_Sign", h, data)
+    del keep
+    return out
+
+
+def _verify(mod: Module, h: int, key: int, data: bytes, sig: bytes,
+            mech: int = C.CKM_SHA256_HMAC, param: int | None = None) -> int:  # fmt: skip
+    m, keep = mechanism(mech, param)
+    mod.ok("C_VerifyInit", h, byref(m), key)
+    rv = mod.call("C_Verify", h, data or None, len(data), sig, len(sig))
+    del keep
+    return rv
+
+
+def test_steady_state_sign_and_verify_skip_the_provider_and_match_hmac(
+    mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
+) -> None:
+    _, h, _ = logged_card
+    key = _hmac_key(mod, h)
+    datas = [b"", b"a", b"ab", b"abc", b"x" * 64, bytes(range(256)) * 3]
+    for d in datas:
+        assert _sign(mod, h, key, d) == hmac.digest(HMAC_KEY, d, hashlib.sha256)
+    assert counted.calls == 1  # the first call made the entry, the rest went fast
+    for d in datas:  # the same key and mechanism: the same entry serves C_Verify
+        good = hmac.digest(HMAC_KEY, d, hashlib.sha256)
+        assert _verify(mod, h, key, d, good) == C.CKR_OK
+        bad = bytes([good[0] ^ 1]) + good[1:]
+        assert _verify(mod, h, key, d, bad) == C.CKR_SIGNATURE_INVALID
+    assert counted.calls == 1
+    # A _GENERAL mechanism: the MAC length travels in the request.
+    for n in (16, 24, 32):
+        full = hmac.digest(HMAC_KEY, b"general", hashlib.sha256)
+        out = _sign(mod, h, key, b"general", C.CKM_SHA256_HMAC_GENERAL, n)
+        assert out == full[:n]
+        assert _verify(mod, h, key, b"general", out, C.CKM_SHA256_HMAC_GENERAL, n) == C.CKR_OK
+    assert counted.calls == 2  # another mechanism: its first call remade the entry
+
+
+def test_login_and_object_changes_take_the_providers_path(
+    mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
+) -> None:
+    _, h, pin = logged_card
+    key = _hmac_key(mod, h)
+    want = hmac.digest(HMAC_KEY, b"d", hashlib.sha256)
+    assert _sign(mod, h, key, b"d") == want
+    assert _sign(mod, h, key, b"d") == want
+    assert counted.calls == 1
+    p = _provider()
+    slot = p.fast[key][1]
+    # A renewal due: the provider's path renews the token, the next call is fast again.
+    old = p.tokens[slot]
+    p.renew_at[slot] = 0.0
+    assert _sign(mod, h, key, b"d") == want
+    assert counted.calls == 2 and p.tokens[slot] != old
+    assert _sign(mod, h, key, b"d") == want
+    assert counted.calls == 2
+    # A new login: a new token, so the entry's is not it.
+    mod.ok("C_Logout", h)
+    m, _ = mechanism(C.CKM_SHA256_HMAC)
+    assert mod.call("C_SignInit", h, byref(m), key) == C.CKR_USER_NOT_LOGGED_IN
+    assert mod.login(h, pin) == C.CKR_OK
+    assert _sign(mod, h, key, b"d") == want
+    assert counted.calls == 3
+    # The service ends the login under the module: the fast path's error goes through the
+    # provider's bookkeeping (the slot is logged out), as the provider's path's would.
+    token = p.tokens[slot]
+    p.client.deactivate(p.dir.slots[slot].card, token)
+    mod.ok("C_SignInit", h, byref(m), key)
+    n = ctypes.c_ulong(32)
+    buf = ctypes.create_string_buffer(32)
+    assert mod.call("C_Sign", h, b"d", 1, buf, byref(n)) == C.CKR_USER_NOT_LOGGED_IN
+    assert counted.calls == 3  # it went fast, and failed as the provider's path would
+    assert slot not in p.tokens
+
+
+Odd = Callable[[bytes], bytes]
+
+
+def _answering(p: Any, change: Odd) -> Callable[[], None]:
+    """Make the transport hand every crypto answer through change(); returns the undo."""
+    transport = p.client.transport
+    real = transport.request
+
+    def request(method: str, path: str, *args: Any, **kw: Any) -> tuple[int, bytes]:
+        status, raw = real(method, path, *args, **kw)
+        if path.startswith("/crypto/v1/") and status == 200:
+            raw = change(raw)
+        return status, raw
+
+    transport.request = request
+
+    def undo() -> None:
+        del transport.request
+
+    return undo
+
+
+def _outcome(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except CKError as e:
+        return ("CKR", e.rv)
+    except PKCS11Error as e:
+        return ("CKR", e.ckr)
+
+
+ODD_SIGN: list[tuple[str, Odd]] = [
+    ("spaces", lambda r: r.replace(b":", b": ")),
+    ("escaped", lambda r: r.replace(b'"signature"', b'"\\u0073ignature"')),
+    ("noncanonical", lambda r: r[:-4] + (b"x" if r[-4:-3] != b"x" else b"y") + r[-3:]),
+    ("padding", lambda r: r[:-2] + b'="}'),
+    ("extra", lambda r: r[:-1] + b',"x":1}'),
+    ("renamed", lambda r: r.replace(b"signature", b"sig")),
+    ("number", lambda r: b'{"signature":5}'),
+    ("list", lambda r: b"[]"),
+    ("text", lambda r: b"not json"),
+    ("empty", lambda r: b""),
+    ("trailing", lambda r: r + b" "),
+]
+ODD_VERIFY: list[tuple[str, Odd]] = [
+    ("false", lambda r: r.replace(b"true", b"false")),
+    ("spaces", lambda r: r.replace(b":", b" : ")),
+    ("string", lambda r: r.replace(b"true", b'"true"')),
+    ("extra", lambda r: r[:-1] + b',"x":1}'),
+    ("empty", lambda r: b""),
+]
+
+
+@pytest.mark.parametrize("name,change", ODD_SIGN, ids=[n for n, _ in ODD_SIGN])
+def test_odd_sign_answers_fall_back_to_the_strict_decoder(
+    mod: Module, logged_card: tuple[int, int, bytes], counted: Counted, name: str, change: Odd
+) -> None:
+    _, h, _ = logged_card
+    key = _hmac_key(mod, h)
+    p = _provider()
+    assert _sign(mod, h, key, b"odd") == hmac.digest(HMAC_KEY, b"odd", hashlib.sha256)
+    slot, obj, token = p.fast[key][1], p.fast[key][2], p.fast[key][3]
+    undo = _answering(p, change)
+    try:
+        fast = _outcome(lambda: _sign(mod, h, key, b"odd"))
+        generic = _outcome(lambda: p.client.sign(token, obj.uuid, "CKM_SHA256_HMAC", b"odd"))
+    finally:
+        undo()
+    assert counted.calls == 1  # the module's call went fast
+    assert p.tokens.get(slot) is token
+    if isinstance(generic, bytes):
+        assert fast == generic == hmac.digest(HMAC_KEY, b"odd", hashlib.sha256)
+    else:
+        assert fast == generic == ("CKR", C.CKR_DEVICE_ERROR)
+
+
+@pytest.mark.parametrize("name,change", ODD_VERIFY, ids=[n for n, _ in ODD_VERIFY])
+def test_odd_verify_answers_fall_back_to_the_strict_decoder(
+    mod: Module, logged_card: tuple[int, int, bytes], counted: Counted, name: str, change: Odd
+) -> None:
+    _, h, _ = logged_card
+    key = _hmac_key(mod, h)
+    p = _provider()
+    sig = hmac.digest(HMAC_KEY, b"odd", hashlib.sha256)
+    assert _verify(mod, h, key, b"odd", sig) == C.CKR_OK
+    obj, token = p.fast[key][2], p.fast[key][3]
+    undo = _answering(p, change)
+    try:
+        fast = _verify(mod, h, key, b"odd", sig)
+        generic = _outcome(lambda: p.client.verify(token, obj.uuid, "CKM_SHA256_HMAC", b"odd", sig))
+    finally:
+        undo()
+    assert counted.calls == 1
+    assert ("CKR", fast) == (generic if generic is not None else ("CKR", C.CKR_OK))
+
+
+def test_batched_calls_read_their_items_fast(
+    mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
+) -> None:
+    """Queued calls leave in one batch request; each reads its item's answer in the core."""
+    slot, h, _ = logged_card
+    key = _hmac_key(mod, h)
+    p = _provider()
+    group = p.client.group
+    assert group is not None
+    assert _sign(mod, h, key, b"warm") == hmac.digest(HMAC_KEY, b"warm", hashlib.sha256)
+    n = 5
+    sessions = [mod.open(slot) for _ in range(n)]
+    m, _ = mechanism(C.CKM_SHA256_HMAC)
+    for s in sessions:
+        mod.ok("C_SignInit", s, byref(m), key)
+    datas = [b"batched %d" % i for i in range(n)]
+    out: list[Any] = [None] * n
+
+    def sign(i: int) -> None:
+        try:
+            out[i] = mod.single("C_Sign", sessions[i], datas[i], 32)
+        except CKError as e:
+            out[i] = e
+
+    before = group.sizes.get(n, 0)
+    with group._lock:
+        held = group.limit - group._busy
+        group._busy = group.limit
+    threads = [threading.Thread(target=sign, args=(i,), daemon=True) for i in range(n)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(group._queue) < n:
+            assert time.monotonic() < deadline, "the calls did not queue"
+            time.sleep(0.01)
+    finally:
+        for _ in range(held):
+            group._release(0)
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive(), "a queued C_Sign was never woken"
+    assert out == [hmac.digest(HMAC_KEY, d, hashlib.sha256) for d in datas]
+    assert group.sizes.get(n, 0) == before + 1
+    assert counted.calls == 1
+    for s in sessions:
+        mod.call("C_CloseSession", s)
