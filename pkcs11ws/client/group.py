@@ -193,6 +193,8 @@ class GroupCommit:
             except IndexError:
                 pass
             else:  # the lane: nothing was in flight, no lock taken on the way in or out
+                # (The module's core takes this lane itself, in the same steps: _hand_off in
+                # pkcs11ws/_native/fastpath.pxi. Keep the two alike.)
                 self._flush()  # this thread's earlier wake-ups (a C_GenerateRandom in chunks)
                 try:
                     return sender._single(op, token, data)

@@ -291,3 +291,43 @@ def test_batched_calls_read_their_items_fast(
     assert counted.calls == 1
     for s in sessions:
         mod.call("C_CloseSession", s)
+
+
+def test_threads_on_the_lane_and_the_queue_all_get_their_answers(
+    mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
+) -> None:
+    """Calls from several threads take the core's lane or queue behind it (group commit):
+    every call gets its own answer and none is left waiting."""
+    slot, h, _ = logged_card
+    key = _hmac_key(mod, h)
+    assert _sign(mod, h, key, b"warm") == hmac.digest(HMAC_KEY, b"warm", hashlib.sha256)
+    group = _provider().client.group
+    assert group is not None
+    before = sum(k * v for k, v in group.sizes.items())  # calls carried so far
+    n, rounds = 4, 25
+    sessions = [mod.open(slot) for _ in range(n)]
+    wrong: list[Any] = []
+
+    def work(i: int) -> None:
+        for j in range(rounds):
+            d = b"thread %d call %d" % (i, j)
+            try:
+                out = _sign(mod, sessions[i], key, d)
+            except CKError as e:
+                wrong.append(e)
+                return
+            if out != hmac.digest(HMAC_KEY, d, hashlib.sha256):
+                wrong.append((i, j))
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive(), "a C_Sign was never answered"
+    assert wrong == []
+    assert counted.calls == 1
+    # Every call went through the group commit (its lane, a single or a batch request).
+    assert sum(k * v for k, v in group.sizes.items()) - before == n * rounds
+    for s in sessions:
+        mod.call("C_CloseSession", s)
