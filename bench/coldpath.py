@@ -93,7 +93,8 @@ def pieces(client: api.KeyServiceClient) -> dict[str, Callable[[], object]]:
             wire.loads(answer)["signature"]
         ),
         "body: _b64 + join": lambda: b"".join([b"x", api._b64(data, newline=False), b'"}']),
-        "request id in body": lambda: api._REQUEST_IDS.in_body(b'{"a":1}'),
+        "request id in body": lambda: b'%s%d",%s'
+        % (api._REQUEST_IDS.field, next(api._REQUEST_IDS.count), b'{"a":1}'[1:]),
         "lock acquire/release x2": locks,
         "time.monotonic": api._monotonic,
     }  # fmt: skip

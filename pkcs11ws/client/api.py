@@ -258,7 +258,8 @@ class KeyServiceClient:
         # The token, if any, is in data (crypto(), _head()), and so is the request id.
         if op in CRYPTO:
             headers: Sequence[str] = BASE_HEADERS
-            data = _REQUEST_IDS.in_body(data)
+            ids = _REQUEST_IDS  # the request id as the body's first field (request_ids.py)
+            data = b'%s%d",%s' % (ids.field, next(ids.count), data[1:])
         else:
             headers = (*BASE_HEADERS, _REQUEST_IDS.header())
         if self.log.level >= DEBUG3:

@@ -25,6 +25,9 @@ _FIELD: Final = b'{"' + protocol.REQUEST_ID_FIELD.encode("ascii") + b'":"'
 
 
 class RequestIds:
+    """header() makes an X-Request-Id line; a body's id is `field`, next(count), then '",'
+    before the rest of the JSON object (written inline by KeyServiceClient._single)."""
+
     def __init__(self) -> None:
         self.reset()
 
@@ -37,11 +40,6 @@ class RequestIds:
     def header(self) -> str:
         """A new request id as an X-Request-Id header line."""
         return self.prefix + str(next(self.count))
-
-    def in_body(self, data: bytes) -> bytes:
-        """data, a JSON object in the client's compact spelling, with a new request id as its
-        first field."""
-        return b"".join((self.field, str(next(self.count)).encode(), b'",', data[1:]))
 
 
 def request_id(headers: Sequence[str], data: bytes | None) -> str:
