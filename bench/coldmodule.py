@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    from pkcs11ws.cli.ckabi import CK_ULONG, Library, Mechanism
+    from pkcs11ws.cli.ckabi import Library, Mechanism
 
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pkcs11ws-cold-")))
@@ -71,7 +71,7 @@ def main() -> None:
         mech = Mechanism(C.CKM_SHA256_HMAC)
         data = ctypes.create_string_buffer(bytes(64), 64)
         out = ctypes.create_string_buffer(64)
-        n = CK_ULONG()
+        n = ctypes.c_ulong()
         fl = lib.fl
         sign_init, sign, get_info = fl.C_SignInit, fl.C_Sign, fl.C_GetInfo
         info = ctypes.create_string_buffer(256)
