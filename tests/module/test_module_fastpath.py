@@ -18,10 +18,12 @@ from ctypes import byref
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from pkcs11ws import constants as C
 from pkcs11ws.errors import PKCS11Error
-from tests.support.p11ctypes import CKError, Module, mechanism
+from tests.support.p11ctypes import CK_ULONG, CKError, Module, Template, mechanism
 
 HMAC_KEY = b"f" * 32
 
@@ -331,3 +333,34 @@ def test_threads_on_the_lane_and_the_queue_all_get_their_answers(
     assert sum(k * v for k, v in group.sizes.items()) - before == n * rounds
     for s in sessions:
         mod.call("C_CloseSession", s)
+
+
+def test_rsa_decrypt_and_sign_go_fast_and_match_the_public_key(
+    mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
+) -> None:
+    """A private key's C_Decrypt (an answer of two fields: the client's decoding reads it)
+    and C_Sign (read in the core) on the fast path, checked with the public half."""
+    _, h, _ = logged_card
+    m, _ = mechanism(C.CKM_RSA_PKCS_KEY_PAIR_GEN)
+    tpub = Template([(C.CKA_TOKEN, True), (C.CKA_MODULUS_BITS, 2048), (C.CKA_ENCRYPT, True)])
+    tpriv = Template(
+        [(C.CKA_TOKEN, True), (C.CKA_PRIVATE, True), (C.CKA_SIGN, True), (C.CKA_DECRYPT, True)]
+    )
+    hpub, hpriv = CK_ULONG(), CK_ULONG()
+    mod.ok("C_GenerateKeyPair", h, byref(m), tpub.array, tpub.count, tpriv.array, tpriv.count,
+           byref(hpub), byref(hpriv))  # fmt: skip
+    pub = serialization.load_der_public_key(mod.attr(h, hpub.value, C.CKA_PUBLIC_KEY_INFO))
+    assert isinstance(pub, rsa.RSAPublicKey)
+    rsa_pkcs, _ = mechanism(C.CKM_RSA_PKCS)
+    for i in range(3):
+        secret = b"secret %d" % i
+        mod.ok("C_DecryptInit", h, byref(rsa_pkcs), hpriv.value)
+        assert mod.single("C_Decrypt", h, pub.encrypt(secret, padding.PKCS1v15())) == secret
+    assert counted.calls == 1  # the first made the entry
+    digest = hashlib.sha256(b"signed").digest()
+    info = bytes.fromhex("3031300d060960864801650304020105000420") + digest
+    for _ in range(2):
+        mod.ok("C_SignInit", h, byref(rsa_pkcs), hpriv.value)
+        sig = mod.single("C_Sign", h, info)
+        pub.verify(sig, b"signed", padding.PKCS1v15(), hashes.SHA256())
+    assert counted.calls == 1  # the same key and mechanism: the same entry
