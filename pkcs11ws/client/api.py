@@ -333,14 +333,18 @@ class KeyServiceClient:
         transport = self.transport
         request = transport.request
         deadline = (started or _monotonic()) + self.timeout
-        rid = request_id(headers, data)  # for the log
+        log = self.log
+        # The request id, for the log: read at once only for tracing, else on a failure (every
+        # batch request passes here: no work for a log line that is not written).
+        rid = request_id(headers, data) if log.level >= DEBUG3 else ""
         attempt = 0
         replaced_dead = False
         confirmed = False
         err: ServiceError | None
         while True:
-            t0 = _monotonic() if self.log.enabled(DEBUG3) else 0.0
-            if first is None and self.log.enabled(DEBUG9):
+            traced = log.level >= DEBUG3
+            t0 = _monotonic() if traced else 0.0
+            if first is None and log.level >= DEBUG9:
                 # The trace of every attempt; sizes only, never a body.
                 self.log.debug9(
                     f"{spec.name} {spec.method} {path} [{rid}]: attempt {attempt + 1}, "
@@ -355,6 +359,7 @@ class KeyServiceClient:
                         raise outcome
                     status, raw = outcome
             except CurlFailure as failure:
+                rid = rid or request_id(headers, data)
                 if failure.dead_connection and not replaced_dead:
                     replaced_dead = True
                     if self.log.enabled(WARNING):
@@ -375,12 +380,11 @@ class KeyServiceClient:
                 err = None
             else:
                 if status < 300:
-                    if self.log.enabled(DEBUG3):
+                    if traced:
                         ms = (_monotonic() - t0) * 1000
-                        self.log.debug3(
-                            f"{spec.name} {spec.method} {path} [{rid}]: {status} {ms:.2f}ms"
-                        )
+                        log.debug3(f"{spec.name} {spec.method} {path} [{rid}]: {status} {ms:.2f}ms")
                     return status, raw
+                rid = rid or request_id(headers, data)
                 err = service_error(status, raw)
                 if status < 500 or attempt >= self.maxretries:
                     if status >= 500:
