@@ -624,7 +624,9 @@ class Provider:
         if _monotonic() >= self.renew_at.get(slot_id, _NEVER):
             token = self._renew(slot_id, token)
         if not iv and extra is None:
-            self._remember_fast(key, mech, slot_id, obj, token, m)
+            e = self.fast.get(key)
+            if e is None or e[3] is not token or e[2] is not obj or e[0] != mech:
+                self._remember_fast(key, mech, slot_id, obj, token, m)
         try:
             return self.client.crypto(
                 _OP_NAMES[which],
@@ -646,10 +648,7 @@ class Provider:
     ) -> None:
         """Keep what the core's fast path needs for the next request on this key (see fast)."""
         fast = self.fast
-        e = fast.get(key)
-        if e is not None and e[0] == mech and e[2] is obj and e[3] is token:
-            return
-        if e is None and len(fast) >= _MAX_FAST:
+        if key not in fast and len(fast) >= _MAX_FAST:
             fast.clear()
         client = self.client
         head = client.head(token, obj.uuid, m.name)

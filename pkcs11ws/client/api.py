@@ -588,7 +588,10 @@ class KeyServiceClient:
         wrong (BAD_RESPONSE). None: a signature that verifies."""
         c = CRYPTO[op]
         if type(r) is bytes:
-            r = self._parse(c.spec, status, r)
+            try:
+                r = loads(r)
+            except ValueError:
+                r = self._decode(c.spec, status, r)  # raises BAD_RESPONSE
         if type(r) is dict and len(r) == c.size:
             value = r.get(c.out)
             if type(value) is str:
@@ -612,13 +615,6 @@ class KeyServiceClient:
             return None
         result: bytes = decoded
         return result
-
-    def _parse(self, spec: Endpoint, status: int, raw: bytes) -> Any:
-        """A 2xx answer's body parsed as JSON (not checked yet), or BAD_RESPONSE."""
-        try:
-            return loads(raw)
-        except ValueError:
-            return self._decode(spec, status, raw)  # raises BAD_RESPONSE
 
     def head(self, token: str, key: str, mechanism: str) -> bytes:
         """A crypto request's JSON up to the opening quote of its data (cached): what the
@@ -691,7 +687,10 @@ class KeyServiceClient:
             return data
         status, r = self.group.run("random", None, b'{"length":%d}' % length, self)
         if type(r) is bytes:
-            r = self._parse(RANDOM, status, r)
+            try:
+                r = loads(r)
+            except ValueError:
+                r = self._decode(RANDOM, status, r)  # raises BAD_RESPONSE
         if type(r) is dict and len(r) == 1:
             value = r.get("data")
             out = _canonical_b64(value) if type(value) is str else None
