@@ -246,10 +246,34 @@ def test_odd_verify_answers_fall_back_to_the_strict_decoder(
     assert ("CKR", fast) == (generic if generic is not None else ("CKR", C.CKR_OK))
 
 
+_B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def _noncanonical_first_item(r: bytes) -> bytes:
+    """The first item's signature with a non-zero unused bit before its padding."""
+    i = r.index(b'="}}') - 1
+    return r[:i] + _B64[_B64.index(r[i]) | 1 : (_B64.index(r[i]) | 1) + 1] + r[i + 1 :]
+
+
+ODD_BATCH: list[tuple[str, Odd | None, bool]] = [
+    ("compact", None, False),
+    ("spaces", lambda r: r.replace(b'":', b'": '), False),  # still JSON: every item is fine
+    ("extra", lambda r: r.replace(b'"}}', b'","x":1}}', 1), True),  # one item: BAD_RESPONSE
+    ("noncanonical", _noncanonical_first_item, True),
+]
+
+
+@pytest.mark.parametrize("name,change,one_bad", ODD_BATCH, ids=[n for n, _, _ in ODD_BATCH])
 def test_batched_calls_read_their_items_fast(
-    mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
+    mod: Module,
+    logged_card: tuple[int, int, bytes],
+    counted: Counted,
+    name: str,
+    change: Odd | None,
+    one_bad: bool,
 ) -> None:
-    """Queued calls leave in one batch request; each reads its item's answer in the core."""
+    """Queued calls leave in one batch request; each reads its item's answer in the core, or
+    (an odd item) through the client's strict decoding, which fails that item alone."""
     slot, h, _ = logged_card
     key = _hmac_key(mod, h)
     p = _provider()
@@ -271,6 +295,7 @@ def test_batched_calls_read_their_items_fast(
             out[i] = e
 
     before = group.sizes.get(n, 0)
+    undo = _answering(p, change) if change is not None else None
     with group._lock:
         held = group.limit - group._busy
         group._busy = group.limit
@@ -285,10 +310,19 @@ def test_batched_calls_read_their_items_fast(
     finally:
         for _ in range(held):
             group._release(0)
+        for t in threads:
+            t.join(60)
+        if undo is not None:
+            undo()
     for t in threads:
-        t.join(60)
         assert not t.is_alive(), "a queued C_Sign was never woken"
-    assert out == [hmac.digest(HMAC_KEY, d, hashlib.sha256) for d in datas]
+    want = [hmac.digest(HMAC_KEY, d, hashlib.sha256) for d in datas]
+    bad = [i for i in range(n) if out[i] != want[i]]
+    if one_bad:
+        assert len(bad) == 1, out
+        assert isinstance(out[bad[0]], CKError) and out[bad[0]].rv == C.CKR_DEVICE_ERROR
+    else:
+        assert bad == []
     assert group.sizes.get(n, 0) == before + 1
     assert counted.calls == 1
     for s in sessions:
