@@ -606,7 +606,8 @@ class Provider:
         one request to the key service. Returns the output, None for a verified signature.
 
         The per-operation path: _token(), _object() and _call() are inlined (each Python frame
-        between the core and pycurl costs)."""
+        between the core and pycurl costs). A request with no IV or parameter leaves its key's
+        entry in self.fast: the core's fast path makes the next such request without this."""
         obj = self.dir.objects.get(key)  # one dict read is atomic: no lock
         if obj is None or obj.slot_id != slot_id:
             raise PKCS11Error(C.CKR_KEY_HANDLE_INVALID)

@@ -52,7 +52,10 @@ operation's request has, binascii base64), the first attempt goes straight
 to the transport (the retry loop runs only after a failure, and only when no debug tracing is
 on), and the answer is checked against the operation's response struct by a few exact tests; an
 answer those tests do not accept goes through the generic strict protocol.decode(), so what is
-accepted and every error are the same as on the generic path.
+accepted and every error are the same as on the generic path. Inside the module, the core's
+fast path (pkcs11ws/_native/fastpath.pxi) writes the same body itself for a request with no IV
+or parameter, sends it through the group commit and _single(), and hands every answer it does
+not read itself to answer().
 """
 
 from __future__ import annotations
