@@ -111,6 +111,12 @@ def tls_context(config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLC
     ctx.load_verify_locations(cafile=config.ssl_ca_certs)
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.options |= ssl.OP_NO_RENEGOTIATION
+    # One TLS 1.3 session ticket per connection, not OpenSSL's two: making a stateless ticket
+    # re-decodes the whole session, the client certificate included (~1.6 M instructions, a
+    # sixth of a fresh connection's handshake), and a client that starts, asks once and exits
+    # (pkcs11-tool -L) waits for it. libcurl keeps one session per host, replaced by each newer
+    # ticket, so a module's reconnects still resume with one (tests/service/test_tls_tickets.py).
+    ctx.num_tickets = 1
     peer.audit_handshakes(ctx)
     return ctx
 
