@@ -103,11 +103,53 @@ def event_loop() -> asyncio.AbstractEventLoop:
     return _UvLoop()
 
 
+def _load_cert_chain(ctx: ssl.SSLContext, certfile: str, keyfile: str, cafile: str) -> None:
+    """The server certificate with its chain given, not built at every handshake.
+
+    A certificate file without its chain (init writes server.pem so) makes OpenSSL build the
+    chain from the verify store, which holds the client CA, at EVERY handshake: a verification
+    of our own certificate, its signature check included (~1 M instructions of a fresh
+    connection's ~11 M). When the CA file holds the self-signed root that issued our
+    certificate, the chain is that root, as OpenSSL would send it: loaded once from a
+    temporary file (public certificates only), the same bytes on the wire."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+
+    with open(certfile, "rb") as f:
+        pem = f.read()
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+        with open(cafile, "rb") as f:
+            roots = x509.load_pem_x509_certificates(f.read())
+    except (OSError, ValueError):
+        certs, roots = [], []
+    chain = b""
+    if len(certs) == 1:
+        for root in roots:
+            try:
+                root.verify_directly_issued_by(root)
+                certs[0].verify_directly_issued_by(root)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            if root != certs[0]:
+                chain = root.public_bytes(serialization.Encoding.PEM)
+                break
+    if not chain:
+        ctx.load_cert_chain(certfile, keyfile)  # a chain of its own, or none to build
+        return
+    with tempfile.TemporaryDirectory(prefix="pkcs11ws-chain-") as d:
+        full = os.path.join(d, "chain.pem")
+        with open(full, "wb") as f:
+            f.write(certs[0].public_bytes(serialization.Encoding.PEM) + chain)
+        ctx.load_cert_chain(full, keyfile)
+
+
 def tls_context(config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
     """uvicorn ssl_context_factory: TLS 1.2 minimum, client certificate required."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+    _load_cert_chain(ctx, config.ssl_certfile, config.ssl_keyfile, config.ssl_ca_certs)
     ctx.load_verify_locations(cafile=config.ssl_ca_certs)
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.options |= ssl.OP_NO_RENEGOTIATION
@@ -115,7 +157,8 @@ def tls_context(config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLC
     # re-decodes the whole session, the client certificate included (~1.6 M instructions, a
     # sixth of a fresh connection's handshake), and a client that starts, asks once and exits
     # (pkcs11-tool -L) waits for it. libcurl keeps one session per host, replaced by each newer
-    # ticket, so a module's reconnects still resume with one (tests/service/test_tls_tickets.py).
+    # ticket, so a module's reconnects still resume with one
+    # (tests/service/test_server_tls_tickets.py).
     ctx.num_tickets = 1
     peer.audit_handshakes(ctx)
     return ctx

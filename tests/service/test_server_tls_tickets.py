@@ -63,3 +63,45 @@ def test_one_ticket_per_handshake_and_reconnects_resume_as_the_same_identity(ser
     # The resumed connection is still the admin certificate's identity: same listing answer.
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     again.close()
+
+
+def _certificate_entries(message: bytes) -> list[bytes]:
+    """The DER certificates of a TLS 1.3 Certificate handshake message (RFC 8446 4.4.2)."""
+    body = message[4:]  # type (1), length (3)
+    ctx_len = body[0]
+    rest = body[1 + ctx_len :]
+    total = int.from_bytes(rest[:3], "big")
+    rest = rest[3 : 3 + total]
+    out = []
+    while rest:
+        n = int.from_bytes(rest[:3], "big")
+        out.append(rest[3 : 3 + n])
+        ext = int.from_bytes(rest[3 + n : 5 + n], "big")
+        rest = rest[5 + n + ext :]
+    return out
+
+
+def test_the_service_sends_its_certificate_and_the_root_that_issued_it(service):
+    """The chain is loaded once at start (server/cli.py _load_cert_chain) instead of being
+    built at every handshake; what a client receives stays the certificate and our CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    received: list[bytes] = []
+    ctx = ssl.create_default_context(cafile=str(service.ca))
+    ctx.load_cert_chain(str(service.cert), str(service.key))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+
+    def seen(conn: Any, direction: str, version: Any, ctype: Any, mtype: Any, data: Any) -> None:
+        if direction == "read" and ctype == 22 and mtype == 11:  # Certificate
+            received.append(bytes(data))
+
+    ctx._msg_callback = seen  # type: ignore[attr-defined]
+    answer, s = _get(ctx, service.port, "/health")
+    assert answer.startswith(b"HTTP/1.1 200")
+    leaf = s.getpeercert(binary_form=True)
+    s.close()
+    assert len(received) == 1
+    chain = _certificate_entries(received[0])
+    ca = x509.load_pem_x509_certificate(service.ca.read_bytes()).public_bytes(Encoding.DER)
+    assert chain == [leaf, ca]
