@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from bench.procs import default_placement, free_port, pinned, stop_pid, wait_for
-from bench.services import KeyService, KeyServiceDir, _https_ok
+from bench.services import TOKEN_LABEL, KeyService, KeyServiceDir, _https_ok
 
 
 def _cpu_ms(pid: int) -> float:
@@ -68,6 +68,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--per-round", type=int, default=40)
     ap.add_argument("--path", default="/km/v1/softcards")
+    ap.add_argument(
+        "--pkcs11-tool",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also N alternating `pkcs11-tool -L` runs (this tree's module) against each service",
+    )
     ap.add_argument("--perf", help="perf record -g this tree's service into this file")
     args = ap.parse_args()
     placement = default_placement()
@@ -112,6 +119,15 @@ def main() -> None:
                 proc,
             )
             services["base"] = (proc.pid, port)
+        if args.pkcs11_tool:  # one softcard, as the bench's -L lists (its objects aside)
+            from pkcs11ws.client.api import KeyServiceClient
+            from pkcs11ws.config import load_config
+
+            client = KeyServiceClient(load_config(str(ksd.client_cfg)))
+            try:
+                client.create_softcard(TOKEN_LABEL, b"freshconn passphrase")
+            finally:
+                client.close()
         ctx = ssl.create_default_context(cafile=str(ksd.ca))
         ctx.load_cert_chain(str(ksd.cert), str(ksd.key))
         request = f"GET {args.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
@@ -132,6 +148,22 @@ def main() -> None:
                 for _ in range(args.per_round):
                     walls[name].append(_one(ctx, port, request))
                 cpu[name].append((_cpu_ms(pid) - c0) / args.per_round)
+        tool_walls: dict[str, list[float]] = {name: [] for name in services}
+        tool_cpus: dict[str, list[float]] = {name: [] for name in services}
+        if args.pkcs11_tool:
+            from bench.startab import _run
+            from pkcs11ws.paths import module_path
+
+            tool = ["pkcs11-tool", "--module", str(module_path()), "-L"]
+            for _ in range(args.pkcs11_tool):
+                for name, (_, port) in services.items():
+                    env = {**os.environ, "PKCS11WS_CONFIG": str(ksd.client_cfg),
+                           "PKCS11WS_PORT": str(port)}  # fmt: skip
+                    wall, cpu_ms, _, rc, out = _run(pinned(tool, placement.client), env)
+                    if rc != 0:
+                        raise RuntimeError(f"pkcs11-tool -L failed ({rc}):\n{out}")
+                    tool_walls[name].append(wall)
+                    tool_cpus[name].append(cpu_ms)
         if recorder is not None:
             recorder.send_signal(2)
             recorder.wait()
@@ -144,6 +176,12 @@ def main() -> None:
                 f"  {name:5s} server CPU per connection median {statistics.median(cpu[name]):.3f}"
                 f" ms (min round {min(cpu[name]):.3f}); client handshake+answer median "
                 f"{statistics.median(walls[name]):.2f} ms, min {min(walls[name]):.2f}"
+            )
+        for name in services if args.pkcs11_tool else ():
+            w, c = tool_walls[name], tool_cpus[name]
+            print(
+                f"  {name:5s} pkcs11-tool -L wall median {statistics.median(w):.1f} ms, min "
+                f"{min(w):.1f}; client CPU median {statistics.median(c):.1f}, min {min(c):.1f}"
             )
     sys.stdout.flush()
 
