@@ -116,10 +116,9 @@ def _load_cert_chain(ctx: ssl.SSLContext, certfile: str, keyfile: str, cafile: s
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
 
-    with open(certfile, "rb") as f:
-        pem = f.read()
     try:
-        certs = x509.load_pem_x509_certificates(pem)
+        with open(certfile, "rb") as f:
+            certs = x509.load_pem_x509_certificates(f.read())
         with open(cafile, "rb") as f:
             roots = x509.load_pem_x509_certificates(f.read())
     except (OSError, ValueError):
@@ -136,13 +135,17 @@ def _load_cert_chain(ctx: ssl.SSLContext, certfile: str, keyfile: str, cafile: s
                 chain = root.public_bytes(serialization.Encoding.PEM)
                 break
     if not chain:
-        ctx.load_cert_chain(certfile, keyfile)  # a chain of its own, or none to build
+        # A chain of its own, none to build, or files OpenSSL will say what is wrong with.
+        ctx.load_cert_chain(certfile, keyfile)
         return
-    with tempfile.TemporaryDirectory(prefix="pkcs11ws-chain-") as d:
-        full = os.path.join(d, "chain.pem")
-        with open(full, "wb") as f:
-            f.write(certs[0].public_bytes(serialization.Encoding.PEM) + chain)
-        ctx.load_cert_chain(full, keyfile)
+    try:
+        with tempfile.TemporaryDirectory(prefix="pkcs11ws-chain-") as d:
+            full = os.path.join(d, "chain.pem")
+            with open(full, "wb") as f:
+                f.write(certs[0].public_bytes(serialization.Encoding.PEM) + chain)
+            ctx.load_cert_chain(full, keyfile)
+    except OSError:  # no writable temporary folder: OpenSSL builds the chain, as before
+        ctx.load_cert_chain(certfile, keyfile)
 
 
 def tls_context(config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
