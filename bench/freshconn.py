@@ -75,6 +75,11 @@ def main() -> None:
         metavar="N",
         help="also N alternating `pkcs11-tool -L` runs (this tree's module) against each service",
     )
+    ap.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="with --pkcs11-tool: one -L per service under callgrind (client instructions)",
+    )
     ap.add_argument("--perf", help="perf record -g this tree's service into this file")
     args = ap.parse_args()
     placement = default_placement()
@@ -151,7 +156,7 @@ def main() -> None:
         tool_walls: dict[str, list[float]] = {name: [] for name in services}
         tool_cpus: dict[str, list[float]] = {name: [] for name in services}
         if args.pkcs11_tool:
-            from bench.startab import _run
+            from bench.startab import _callgrind, _run
             from pkcs11ws.paths import module_path
 
             tool = ["pkcs11-tool", "--module", str(module_path()), "-L"]
@@ -164,6 +169,12 @@ def main() -> None:
                         raise RuntimeError(f"pkcs11-tool -L failed ({rc}):\n{out}")
                     tool_walls[name].append(wall)
                     tool_cpus[name].append(cpu_ms)
+            for name, (_, port) in services.items() if args.callgrind else ():
+                env = {**os.environ, "PKCS11WS_CONFIG": str(ksd.client_cfg),
+                       "PKCS11WS_PORT": str(port)}  # fmt: skip
+                print(
+                    f"  {name:5s} pkcs11-tool -L instructions {_callgrind(tool, env) / 1e6:.1f} M"
+                )
         if recorder is not None:
             recorder.send_signal(2)
             recorder.wait()
