@@ -190,9 +190,11 @@ def main() -> None:
             )
         for name in services if args.pkcs11_tool else ():
             w, c = tool_walls[name], tool_cpus[name]
+            waits = [a - b for a, b in zip(w, c, strict=True)]
             print(
                 f"  {name:5s} pkcs11-tool -L wall median {statistics.median(w):.1f} ms, min "
-                f"{min(w):.1f}; client CPU median {statistics.median(c):.1f}, min {min(c):.1f}"
+                f"{min(w):.1f}; client CPU median {statistics.median(c):.1f}, min {min(c):.1f};"
+                f" wall - CPU (waits) median {statistics.median(waits):.1f}"
             )
     sys.stdout.flush()
 
