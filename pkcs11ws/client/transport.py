@@ -516,10 +516,18 @@ class Transport:
         body: bytes | None,
         headers: Sequence[str],
         deadline: float = 0.0,
+        server: _Server | None = None,
+        share: int = 1,
     ) -> tuple[int, bytes]:
         """One attempt (on each server, with several). headers must include BASE_HEADERS; pass
         the same object to skip setopt. deadline: time.monotonic() by which the call must end
-        (0: TIMEOUT from now)."""
+        (0: TIMEOUT from now).
+
+        server, share: one attempt on that server alone, the time left shared with `share`
+        servers (this one included): what _round() asks for. The attempt is written here, not
+        in a method of its own, so a request to a single server runs one Python frame (after
+        each wait for an answer the interpreter runs cold: every frame costs several times its
+        warm price, bench/results/profile-issue15-client-cpu.md Round 6b)."""
         if self._pid != _PID:
             self.reset_after_fork()
         me = _get_ident()
@@ -532,13 +540,99 @@ class Transport:
             )
         if self.aborted or self._closed:
             raise Finalizing()
+        if server is None:
+            servers = self.servers
+            if len(servers) != 1:
+                return self._round(method, path, body, headers, deadline)
+            server = servers[0]
         # Making the first handle initialises OpenSSL too: the flag covers it (see _IN_CURL).
         _IN_CURL.add(me)
         try:
-            servers = self.servers
-            if len(servers) == 1:
-                return self._attempt(servers[0], method, path, body, headers, deadline, 1)
-            return self._round(method, path, body, headers, deadline)
+            idle = server.idle
+            try:
+                conn = idle.pop()
+            except IndexError:
+                conn = self._new_conn(server)
+            # busy first, then the check: close() sets aborted first, then looks at busy (both
+            # under the GIL), so either this request ends here or close() waits for it (and its
+            # socket, once libcurl opens it, is shut down by abort() or ends with the deadline).
+            conn.busy = True
+            try:
+                if self.aborted:
+                    raise Finalizing()
+                c = conn.curl
+                if c is None:  # closed under us (C_Finalize): a fresh handle, which refuses then
+                    conn = self._new_conn(server)
+                    c = conn.curl
+                timeout_ms = conn.timeout_ms
+                if deadline or share > 1:
+                    left = (deadline or time.monotonic() + self._timeout) - time.monotonic()
+                    if left <= 0.001:
+                        raise CurlFailure(
+                            pycurl.E_OPERATION_TIMEDOUT,
+                            f"the call's deadline (TIMEOUT {self._cfg.timeout}s) has passed",
+                            False,
+                            server=server.label,
+                        )
+                    timeout_ms = max(1, int(left * 1000 / share))
+                elif timeout_ms != self._timeout_ms:
+                    timeout_ms = self._timeout_ms
+                if timeout_ms != conn.timeout_ms:
+                    c.setopt(pycurl.TIMEOUT_MS, timeout_ms)
+                    c.setopt(
+                        pycurl.CONNECTTIMEOUT_MS, min(timeout_ms, self._cfg.connecttimeout * 1000)
+                    )
+                    conn.timeout_ms = timeout_ms
+                if path != conn.path:
+                    c.setopt(pycurl.URL, server.url + path)
+                    conn.path = path
+                if method == "POST":
+                    if conn.method == "DELETE":
+                        c.setopt(pycurl.CUSTOMREQUEST, None)
+                    conn.setopt(_POSTFIELDS, body or b"")
+                elif method != conn.method:
+                    c.setopt(pycurl.HTTPGET, 1)
+                    c.setopt(pycurl.CUSTOMREQUEST, "DELETE" if method == "DELETE" else None)
+                conn.method = method
+                if headers is not conn.headers:
+                    c.setopt(pycurl.HTTPHEADER, headers)
+                    conn.headers = headers
+                chunks = conn.chunks
+                socks = conn.socks
+                opened = socks.count
+                try:
+                    conn.perform()
+                except pycurl.error as e:
+                    chunks.clear()
+                    code = e.args[0] if e.args else -1
+                    message = e.args[1] if len(e.args) > 1 else str(e)
+                    connects = c.getinfo(pycurl.NUM_CONNECTS)
+                    reused = conn.used and connects == 0
+                    handshaken = connects > 0 and c.getinfo(pycurl.APPCONNECT_TIME) > 0
+                    conn.used = False  # the handle's connection is gone either way
+                    conn.requests += 1
+                    conn.connects += connects
+                    conn.failures += 1
+                    if self.aborted:
+                        raise Finalizing() from None
+                    raise CurlFailure(
+                        code, message, reused, connects > 0, server.label, handshaken
+                    ) from None
+                status: int = conn.getinfo(_RESPONSE_CODE)
+                if socks.count != opened:  # a new connection (only then worth asking libcurl)
+                    conn.connects += conn.getinfo(_NUM_CONNECTS)
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                conn.used = True
+                conn.requests += 1
+                return status, data
+            finally:
+                # Back to the pool, unless the transport was closed (C_Finalize) or forked since.
+                if self._closed or conn.pid != self._pid or len(idle) >= MAX_IDLE:
+                    self._retire(conn)
+                else:
+                    idle.append(conn)
+                conn.busy = False
         finally:
             _IN_CURL.discard(me)
 
@@ -564,8 +658,8 @@ class Transport:
         last: tuple[int, bytes] | CurlFailure | None = None
         for i, server in enumerate(order):
             try:
-                status, data = self._attempt(
-                    server, method, path, body, headers, deadline, len(order) - i
+                status, data = self.request(
+                    method, path, body, headers, deadline, server, len(order) - i
                 )
             except CurlFailure as failure:
                 if not failure.retryable:
@@ -604,102 +698,6 @@ class Transport:
         if self.log.enabled(WARNING):
             self.log.warning(f"key service {server.label} answers again")
 
-    def _attempt(
-        self,
-        server: _Server,
-        method: str,
-        path: str,
-        body: bytes | None,
-        headers: Sequence[str],
-        deadline: float,
-        share: int,
-    ) -> tuple[int, bytes]:
-        """One request to one server on an idle handle of its pool. share: the number of
-        servers (this one included) the time left must still be shared with."""
-        idle = server.idle
-        try:
-            conn = idle.pop()
-        except IndexError:
-            conn = self._new_conn(server)
-        # busy first, then the check: close() sets aborted first, then looks at busy (both
-        # under the GIL), so either this request ends here or close() waits for it (and its
-        # socket, once libcurl opens it, is shut down by abort() or ends with the deadline).
-        conn.busy = True
-        try:
-            if self.aborted:
-                raise Finalizing()
-            c = conn.curl
-            if c is None:  # closed under us (C_Finalize): a fresh handle, which refuses then
-                conn = self._new_conn(server)
-                c = conn.curl
-            timeout_ms = conn.timeout_ms
-            if deadline or share > 1:
-                left = (deadline or time.monotonic() + self._timeout) - time.monotonic()
-                if left <= 0.001:
-                    raise CurlFailure(
-                        pycurl.E_OPERATION_TIMEDOUT,
-                        f"the call's deadline (TIMEOUT {self._cfg.timeout}s) has passed",
-                        False,
-                        server=server.label,
-                    )
-                timeout_ms = max(1, int(left * 1000 / share))
-            elif timeout_ms != self._timeout_ms:
-                timeout_ms = self._timeout_ms
-            if timeout_ms != conn.timeout_ms:
-                c.setopt(pycurl.TIMEOUT_MS, timeout_ms)
-                c.setopt(pycurl.CONNECTTIMEOUT_MS, min(timeout_ms, self._cfg.connecttimeout * 1000))
-                conn.timeout_ms = timeout_ms
-            if path != conn.path:
-                c.setopt(pycurl.URL, server.url + path)
-                conn.path = path
-            if method == "POST":
-                if conn.method == "DELETE":
-                    c.setopt(pycurl.CUSTOMREQUEST, None)
-                conn.setopt(_POSTFIELDS, body or b"")
-            elif method != conn.method:
-                c.setopt(pycurl.HTTPGET, 1)
-                c.setopt(pycurl.CUSTOMREQUEST, "DELETE" if method == "DELETE" else None)
-            conn.method = method
-            if headers is not conn.headers:
-                c.setopt(pycurl.HTTPHEADER, headers)
-                conn.headers = headers
-            chunks = conn.chunks
-            socks = conn.socks
-            opened = socks.count
-            try:
-                conn.perform()
-            except pycurl.error as e:
-                chunks.clear()
-                code = e.args[0] if e.args else -1
-                message = e.args[1] if len(e.args) > 1 else str(e)
-                connects = c.getinfo(pycurl.NUM_CONNECTS)
-                reused = conn.used and connects == 0
-                handshaken = connects > 0 and c.getinfo(pycurl.APPCONNECT_TIME) > 0
-                conn.used = False  # the handle's connection is gone either way
-                conn.requests += 1
-                conn.connects += connects
-                conn.failures += 1
-                if self.aborted:
-                    raise Finalizing() from None
-                raise CurlFailure(
-                    code, message, reused, connects > 0, server.label, handshaken
-                ) from None
-            status: int = conn.getinfo(_RESPONSE_CODE)
-            if socks.count != opened:  # a new connection (only then worth asking libcurl)
-                conn.connects += conn.getinfo(_NUM_CONNECTS)
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            chunks.clear()
-            conn.used = True
-            conn.requests += 1
-            return status, data
-        finally:
-            # Back to the pool, unless the transport was closed (C_Finalize) or forked since.
-            if self._closed or conn.pid != self._pid or len(idle) >= MAX_IDLE:
-                self._retire(conn)
-            else:
-                idle.append(conn)
-            conn.busy = False
-
     def pause(self, seconds: float) -> None:
         """Sleep between retries; close() or abort() cuts it short (then Finalizing)."""
         if self._wake.wait(seconds) or self.aborted or self._closed:
@@ -712,7 +710,7 @@ class Transport:
 
         Only the sockets of busy handles are shut down: an idle handle's connection carries no
         transfer, and a request that takes it from now on sees `aborted` before it performs
-        (_attempt checks it after marking the handle busy). So a C_Finalize with no call in
+        (request() checks it after marking the handle busy). So a C_Finalize with no call in
         progress (pkcs11-tool -L) imports no socket module."""
         self.aborted = True
         self._wake.set()
