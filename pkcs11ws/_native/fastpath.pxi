@@ -165,28 +165,87 @@ cdef object _read_answer(int which, object r):
     return _SLOW
 
 
-cdef object _hand_off(object client, object group, str name, bytes body):
+# The client's pieces of a single request, per OP_* (read on first use, as above): the
+# endpoint's spec, method and path, and the module-wide ones.
+cdef list g_specs = None
+cdef object g_ids = None                # client/api.py _REQUEST_IDS (reset in a forked child)
+cdef tuple g_base_headers = None
+cdef object g_curl_failure = None
+cdef int g_debug3 = 0
+
+
+cdef void _client_parts():
+    global g_specs, g_ids, g_base_headers, g_curl_failure, g_debug3
+    from pkcs11ws.client import api  # loaded with the provider already
+    from pkcs11ws.log import DEBUG3
+
+    g_specs = [api.ENDPOINTS[name] for name in _OP_NAME]
+    g_ids = api._REQUEST_IDS
+    g_base_headers = <tuple?>api.BASE_HEADERS
+    g_curl_failure = api.CurlFailure
+    g_debug3 = DEBUG3
+
+
+cdef object _send_one(object client, int which, bytes body):
+    """client._single(name, None, body) (client/api.py) written here, so a lone request runs
+    no Python frame between the core and the transport's request() (keep the two alike): the
+    request id as the body's first field, one attempt, and its outcome handed to the client's
+    _send() (the retry policy, the deadline counted from this attempt's start) when it is not
+    a 2xx answer; with debug tracing on, _single() itself (every attempt logged)."""
+    cdef bytes field
+    cdef char num[24]
+    cdef int num_len
+    cdef Py_ssize_t fn, bn
+    cdef char* w
+    if g_specs is None:
+        _client_parts()
+    if client.log.level >= g_debug3:
+        return client._single(_OP_NAME[which], None, body)
+    spec = g_specs[which]
+    ids = g_ids
+    field = <bytes?>ids.field
+    num_len = snprintf(num, sizeof(num), b'%lld",', <long long>next(ids.count))
+    fn = PyBytes_GET_SIZE(field)
+    bn = PyBytes_GET_SIZE(body)
+    data = PyBytes_FromStringAndSize(NULL, fn + num_len + bn - 1)  # body's own "{" dropped
+    w = PyBytes_AS_STRING(data)
+    memcpy(w, PyBytes_AS_STRING(field), fn)
+    memcpy(w + fn, num, num_len)
+    memcpy(w + fn + num_len, PyBytes_AS_STRING(body) + 1, bn - 1)
+    started = _now()
+    try:
+        status, raw = client.transport.request(spec.method, spec.path, data, g_base_headers)
+    except BaseException as failure:
+        if not isinstance(failure, g_curl_failure):
+            raise
+        return client._send(spec, spec.path, data, g_base_headers, failure, started)
+    if status >= 300:
+        return client._send(spec, spec.path, data, g_base_headers, (status, raw), started)
+    return status, raw
+
+
+cdef object _hand_off(object client, object group, int which, bytes body):
     """group.run(name, None, body, client) (client/group.py), or the client's single request
-    without group commit. A lone call with nothing in flight takes GroupCommit.run()'s lane
-    here, in the same steps (keep the two alike): pop the one token, post this thread's
-    deferred wake-ups, send, then count, give the token back, and only then look at the queue
-    (the order that keeps a queued call from being left behind: group.py)."""
+    (_send_one) without group commit. A lone call with nothing in flight takes
+    GroupCommit.run()'s lane here, in the same steps (keep the two alike): pop the one token,
+    post this thread's deferred wake-ups, send, then count, give the token back, and only then
+    look at the queue (the order that keeps a queued call from being left behind: group.py)."""
     cdef list idle
     if group is None:
-        return client._single(name, None, body)
+        return _send_one(client, which, body)
     if not group._busy:
         idle = <list?>group._idle
         if len(idle):
             idle.pop()
             p11ws_flush_wakes()
             try:
-                return client._single(name, None, body)
+                return _send_one(client, which, body)
             finally:
                 group._lane_sent += 1
                 idle.append(None)
                 if group._queue:
                     group._lane_ended()
-    return group.run(name, None, body, client)
+    return group.run(_OP_NAME[which], None, body, client)
 
 
 cdef object _fast(Call* c, int which, CK_BYTE* sig, CK_ULONG sig_len):
@@ -236,7 +295,7 @@ cdef object _fast(Call* c, int which, CK_BYTE* sig, CK_ULONG sig_len):
     name = _OP_NAME[which]
     client = e[5]
     try:
-        status, r = _hand_off(client, e[6], name, body)
+        status, r = _hand_off(client, e[6], which, body)
         out = _read_answer(which, r)
         if out is _SLOW:
             out = client.answer(name, status, r)

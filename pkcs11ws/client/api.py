@@ -256,6 +256,8 @@ class KeyServiceClient:
 
         The retry policy is the same as call()'s: the first attempt's outcome is handed to
         _send() when it is not a 2xx answer, or when debug tracing wants every attempt logged.
+        The core's fast path writes the same steps in C for a lone call (fastpath.pxi
+        _send_one(): keep the two alike).
         """
         spec = ENDPOINTS[op]
         # The token, if any, is in data (crypto(), _head()), and so is the request id.

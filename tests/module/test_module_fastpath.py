@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from ctypes import byref
 from typing import Any
 
+import pycurl
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -201,6 +202,84 @@ ODD_VERIFY: list[tuple[str, Odd]] = [
     ("extra", lambda r: r[:-1] + b',"x":1}'),
     ("empty", lambda r: b""),
 ]
+
+
+def _failing_first(p: Any, failure: Exception) -> tuple[list[bytes], Callable[[], None]]:
+    """Make the transport's next crypto attempt raise failure (no request sent) and record
+    every crypto body it is given; returns (bodies, undo)."""
+    transport = p.client.transport
+    real = transport.request
+    bodies: list[bytes] = []
+
+    def request(method: str, path: str, body: Any, *args: Any, **kw: Any) -> tuple[int, bytes]:
+        if path.startswith("/crypto/v1/"):
+            bodies.append(body)
+            if len(bodies) == 1:
+                raise failure
+        return real(method, path, body, *args, **kw)
+
+    transport.request = request
+
+    def undo() -> None:
+        del transport.request
+
+    return bodies, undo
+
+
+def test_a_dead_connection_on_the_fast_path_is_retried_with_the_same_request_id(
+    mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
+) -> None:
+    from pkcs11ws.client.transport import CurlFailure
+
+    _, h, _ = logged_card
+    key = _hmac_key(mod, h)
+    p = _provider()
+    want = hmac.digest(HMAC_KEY, b"again", hashlib.sha256)
+    assert _sign(mod, h, key, b"again") == want
+    dead = CurlFailure(pycurl.E_GOT_NOTHING, "Empty reply from server", True)
+    bodies, undo = _failing_first(p, dead)
+    try:
+        assert _sign(mod, h, key, b"again") == want
+    finally:
+        undo()
+    assert counted.calls == 1  # the module's call went fast, its retry too
+    assert len(bodies) == 2 and bodies[0] == bodies[1]  # the retry resends the same body
+    assert bodies[0].startswith(b'{"request_id":"') and b'"data":"' in bodies[0]
+    # The next call carries a new request id (same process prefix), again on both attempts.
+    again, undo = _failing_first(p, dead)
+    try:
+        assert _sign(mod, h, key, b"again") == want
+    finally:
+        undo()
+    assert len(again) == 2 and again[0] == again[1]
+    rid, rid2 = bodies[0].split(b'"')[3], again[0].split(b'"')[3]
+    assert rid != rid2 and rid.rsplit(b"-", 1)[0] == rid2.rsplit(b"-", 1)[0]
+
+
+def test_a_transport_failure_on_the_fast_path_gives_the_providers_ckr(
+    mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
+) -> None:
+    from pkcs11ws.client.transport import CurlFailure
+
+    _, h, _ = logged_card
+    key = _hmac_key(mod, h)
+    p = _provider()
+    assert _sign(mod, h, key, b"x") == hmac.digest(HMAC_KEY, b"x", hashlib.sha256)
+    obj, token = p.fast[key][2], p.fast[key][3]
+    fatal = CurlFailure(pycurl.E_UNSUPPORTED_PROTOCOL, "no https", False)
+    bodies, undo = _failing_first(p, fatal)
+    try:
+        fast = _outcome(lambda: _sign(mod, h, key, b"x"))
+    finally:
+        undo()
+    bodies2, undo = _failing_first(p, fatal)
+    try:
+        generic = _outcome(lambda: p.client.sign(token, obj.uuid, "CKM_SHA256_HMAC", b"x"))
+    finally:
+        undo()
+    assert counted.calls == 1
+    assert len(bodies) == len(bodies2) == 1  # not retryable: one attempt each
+    assert fast == generic and fast[0] == "CKR" and fast[1] != C.CKR_OK
 
 
 @pytest.mark.parametrize("name,change", ODD_SIGN, ids=[n for n, _ in ODD_SIGN])
