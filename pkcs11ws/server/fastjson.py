@@ -208,20 +208,72 @@ def _structures() -> dict[str, _Structure]:
 _STRUCTURES: Final = _structures()
 
 
+# A single crypto request in the module's spelling starts with its request id, which changes
+# with every request; the rest up to its last value (token, key, mechanism) is mostly the
+# previous request's.
+_RID_HEAD: Final = b'{"' + protocol.REQUEST_ID_FIELD.encode("ascii") + b'":"'
+_PLAIN_ALL: Final = re.compile(rb"[ !#-\[\]-~]*").fullmatch
+
+
 def decoder(struct: str) -> Callable[[bytes], Decoded | None] | None:
     """The fast decoder of a structure (None: it has fields this path does not take)."""
     s = _STRUCTURES.get(struct)
     if s is None:
         return None
     structure = s.decode
+    first = STRUCTS[struct].fields[0]
+    if first.name != protocol.REQUEST_ID_FIELD or first.kind != "str" or first.max_len > _LONG:
 
-    def decode(raw: bytes) -> Decoded | None:
-        body, end, _ = structure(raw, 0)
-        if end != len(raw):
+        def decode(raw: bytes) -> Decoded | None:
+            body, end, _ = structure(raw, 0)
+            if end != len(raw):
+                return None
+            return body
+
+        return decode
+
+    # A body that starts with the request id and whose bytes from the end of that value up
+    # to its last value's are those of the last body decoded in full (rest) has that body's
+    # other fields: JSON without escapes splits only one way, and rest was matched in the
+    # same place (after a string's closing quote). Only the request id (checked as _PLAIN
+    # checks it) and the last value (its kind's expression and conversion) are decoded.
+    name, convert, max_len = s.last[0]
+    tail = s.tail
+    skip = len(_RID_HEAD)
+    rid_max = first.max_len
+    rid_name = first.name
+    last: list[Any] = [b"\x00", None]  # rest, and the body it came with (without its ends)
+
+    def decode_rid(raw: bytes) -> Decoded | None:
+        if raw.startswith(_RID_HEAD):
+            q = raw.find(b'"', skip)
+            rest = last[0]
+            if q > 0 and raw.startswith(rest, q):
+                t = tail(raw, q + len(rest))
+                if t is not None and t.end() == len(raw):
+                    rid = raw[skip:q]
+                    value = convert(t.group(1))
+                    if (
+                        value is not None
+                        and not (max_len and len(value) > max_len)
+                        and (not rid_max or len(rid) <= rid_max)
+                        and _PLAIN_ALL(rid) is not None
+                    ):
+                        body = {rid_name: rid.decode(), **last[1]}  # (the fields' order)
+                        body[name] = value
+                        return body
+        body, end, last_at = structure(raw, 0)
+        if end != len(raw) or body is None:
             return None
+        if last_at >= 0 and rid_name in body:
+            q = raw.find(b'"', skip)
+            kept = body.copy()
+            del kept[rid_name]
+            del kept[name]
+            last[0], last[1] = raw[q:last_at], kept
         return body
 
-    return decode
+    return decode_rid
 
 
 # One batch item up to its request: {"op":"...","token":"...","request":

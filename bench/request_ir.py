@@ -1,0 +1,287 @@
+"""The key service's instructions per single request, in process, split at the answer's send:
+`python -m bench.request_ir [--keep DIR]` (runs itself under valgrind's callgrind).
+
+The service's ASGI app is called as uvicorn calls it (the scope uvicorn builds, the module's
+headers, one request per event-loop turn, the answer's bytes taken at `http.response.body`),
+next to bench/floor_app.py's app; no TLS and no HTTP parsing (they cost the same for both:
+bench/service_ir.py measures the whole server). Callgrind counts between markers: a call of
+os.getppid() zeroes the counters (--zero-before), a call of os.getgid() dumps them
+(--dump-before). Per request two dumps: from the app's call to the answer's body send
+("before": what the 1-thread latency waits for) and from there to the app's return ("after":
+CPU only). Pieces of the path are timed alone the same way (a loop of calls between markers).
+
+Cases: floor (the floor app), hmac (HMAC-SHA256 sign of 64 B in the module's spelling: the
+request id and the token in the body, client/wire.py and client/request_ids.py), hmac-header
+(the token in an Authorization header, as bench/service_ir.py's hmac case), and the refusals
+bad-token, no-key, bad-json (generic path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_TOTALS = re.compile(r"^(?:summary|totals):\s+(\d+)", re.M)
+PASSPHRASE = b"bench-request-passphrase"  # not a secret: a throw-away card
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+class Caller:
+    """One kept connection's requests, as uvicorn hands them to the app."""
+
+    def __init__(self, app: Any, client_pem: bytes, port: int) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        from pkcs11ws.server.identity import Peer
+        from pkcs11ws.server.peer import PEER_KEY
+
+        self.app = app
+        der = x509.load_pem_x509_certificate(client_pem).public_bytes(Encoding.DER)
+        self.state = {PEER_KEY: Peer(der)}
+        self.port = port
+        self.marks = False  # call the markers around the answer's send
+
+    def scope(self, method: str, path: str, raw: bytes, extra: list[tuple[bytes, bytes]]) -> Any:
+        headers = [
+            (b"host", b"127.0.0.1:%d" % self.port),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(raw)).encode()),
+            *extra,
+        ]
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": ("127.0.0.1", self.port),
+            "client": ("127.0.0.1", 40000),
+            "scheme": "https",
+            "method": method,
+            "root_path": "",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "headers": headers,
+            "state": self.state.copy(),
+        }
+
+    async def call(
+        self, method: str, path: str, raw: bytes, extra: list[tuple[bytes, bytes]] | None = None
+    ) -> tuple[int, bytes]:
+        scope = self.scope(method, path, raw, extra or [])
+        out: list[Any] = []
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        marks = self.marks
+
+        async def send(msg: dict[str, Any]) -> None:
+            out.append(msg)
+            if marks and msg["type"] == "http.response.body":
+                os.getgid()  # dump: the "before" part ends here
+
+        if marks:
+            os.getppid()  # zero
+        await self.app(scope, receive, send)
+        if marks:
+            os.getgid()  # dump: the "after" part
+        return out[0]["status"], out[1]["body"]
+
+
+def _dumps(prefix: Path) -> list[int]:
+    """Ir of each dump callgrind wrote so far, in order."""
+    files = sorted(
+        (p for p in prefix.parent.glob(prefix.name + ".*") if p.suffix[1:].isdigit()),
+        key=lambda p: int(p.suffix[1:]),
+    )
+    out = []
+    for p in files:
+        m = _TOTALS.search(p.read_text(errors="replace"))
+        out.append(int(m.group(1)) if m else 0)
+    return out
+
+
+async def _inner(work: Path, n: int, out: Path, pieces: bool) -> None:
+    from bench import floor_app
+    from pkcs11ws.server import pki, settings
+    from pkcs11ws.server.app import App, configure_logging
+
+    res = pki.init(work, port=18001, scrypt_n=2**10)
+    s = settings.load(res.server_yaml)
+    s = type(s)(**{**s.__dict__, "log_file": work / "service.log", "access_log": True})
+    configure_logging(s)
+    app = App(s)
+    c = Caller(app, (work / "pki" / "client.pem").read_bytes(), 18001)
+
+    async def js(method: str, path: str, body: Any, extra: Any = None) -> Any:
+        st, raw = await c.call(method, path, json.dumps(body).encode(), extra)
+        assert st < 300, raw
+        return json.loads(raw)
+
+    idem = [(b"idempotency-key", uuid.uuid4().hex.encode())]
+    card = await js(
+        "POST", "/km/v1/softcards", {"name": "rq", "passphrase": _b64(PASSPHRASE)}, idem
+    )
+    act = await js(
+        "POST", f"/km/v1/softcards/{card['id']}/activate", {"passphrase": _b64(PASSPHRASE)}
+    )
+    token = act["token"]
+    key = await js(
+        "POST",
+        f"/km/v1/softcards/{card['id']}/objects",
+        {
+            "attrs": {
+                "CKA_CLASS": 4,
+                "CKA_KEY_TYPE": 0x2B,
+                "CKA_VALUE": _b64(b"k" * 32),
+                "CKA_SIGN": True,
+            }
+        },
+        [
+            (b"authorization", f"Bearer {token}".encode()),
+            (b"idempotency-key", uuid.uuid4().hex.encode()),
+        ],
+    )
+    data = _b64(bytes(range(64)))
+    head = f'{{"request_id":"0a1b2c3d4e-{{}}","token":"{token}","key":"{key["handle"]}",'
+    module = (head + f'"mechanism":"CKM_SHA256_HMAC","data":"{data}"}}').encode()
+    plain = json.dumps(
+        {"key": key["handle"], "mechanism": "CKM_SHA256_HMAC", "data": data},
+        separators=(",", ":"),
+    ).encode()
+    auth = [(b"authorization", f"Bearer {token}".encode())]
+    bad_token = module.replace(token[-12:].encode(), b"A" * 12)
+    no_key = module.replace(key["handle"].encode(), b"0" * len(key["handle"]))
+    cases: dict[str, Callable[[int], Any]] = {
+        "floor": lambda i: c.call("POST", "/crypto/v1/sign", b"x" * 64),
+        "hmac": lambda i: c.call("POST", "/crypto/v1/sign", module.replace(b"{}", b"%d" % i, 1)),
+        "hmac-header": lambda i: c.call("POST", "/crypto/v1/sign", plain, auth),
+        "bad-token": lambda i: c.call("POST", "/crypto/v1/sign", bad_token.replace(b"{}", b"1")),
+        "no-key": lambda i: c.call("POST", "/crypto/v1/sign", no_key.replace(b"{}", b"1")),
+        "bad-json": lambda i: c.call("POST", "/crypto/v1/sign", b'{"key":1}', auth),
+    }
+    results: dict[str, tuple[float, float]] = {}
+    seen = 0
+    for name, fn in cases.items():
+        c.app = floor_app.app if name == "floor" else app
+        for i in range(30):  # warm: caches, first-use imports, the verdict cache
+            await fn(i)
+            await asyncio.sleep(0)
+        c.marks = True
+        for i in range(n):
+            st, body = await fn(1000 + i)
+            await asyncio.sleep(0)  # each request in its own event-loop turn, as at 1 thread
+        c.marks = False
+        ir = _dumps(out)
+        new = ir[seen:]
+        seen = len(ir)
+        before, after = new[0::2], new[1::2]
+        results[name] = (statistics.median(before), statistics.median(after))
+        print(
+            f"{name:12s} before send {results[name][0]:9,.0f}  after {results[name][1]:8,.0f}"
+            f"  total {sum(results[name]):9,.0f}  (status {st}: {body[:60]!r})",
+            flush=True,
+        )
+    if pieces:
+        await _pieces(app, c, module, plain, out, seen, n)
+    app.store.close()
+
+
+async def _pieces(app: Any, c: Caller, module: bytes, plain: bytes, out: Path, seen: int, n: int) -> None:
+    """Parts of the hmac case's path, each called n times in a row between the markers."""
+    import hmac as hmac_mod
+    import time
+
+    from pkcs11ws.server import app as app_mod
+    from pkcs11ws.server import metrics
+
+    raw = module.replace(b"{}", b"7", 1)
+    scope = c.scope("POST", "/crypto/v1/sign", raw, [])
+    body = app_mod._decode("Sign", raw)
+    app_mod._request_id(dict(body))
+    token = body.pop("token")
+    auth = app_mod._bearer(token)
+    ident = scope["state"]["pkcs11ws.peer"].identity
+    svc = app.service
+    claims = svc.authenticate(auth, None, ident)
+    key = b"k" * 32
+    parts: dict[str, Callable[[], Any]] = {
+        "decode (fastjson Sign)": lambda: app_mod._decode("Sign", raw),
+        "_request_id": lambda: app_mod._request_id({"request_id": "0a1b2c3d4e-7"}),
+        "_bearer": lambda: app_mod._bearer(token),
+        "authenticate": lambda: svc.authenticate(auth, None, ident),
+        "crypto_now (HMAC, verdict hit)": lambda: svc.crypto_now(claims, dict(body), "sign"),
+        "hmac.digest (floor's)": lambda: hmac_mod.digest(key, raw[:64], "sha256"),
+        "_route": lambda: app._route("POST", "/crypto/v1/sign"),
+        "request_done": lambda: metrics.request_done("sign", 200, 0.0001, None),
+        "access line": lambda: app._access_log.write("POST", "/crypto/v1/sign", 200, 0.1),
+        "change mark": lambda: app.store.change_mark(),
+        "time.time": time.time,
+    }
+    for name, fn in parts.items():
+        for _ in range(5):
+            fn()
+        os.getppid()
+        for _ in range(n):
+            fn()
+        os.getgid()
+        ir = _dumps(out)[seen:]
+        seen += len(ir)
+        print(f"  piece {name:32s} {ir[-1] / n:8,.0f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", type=int, default=20, help="measured requests per case")
+    ap.add_argument("--keep", help="a folder to keep the callgrind dumps in")
+    ap.add_argument("--pieces", action="store_true", help="also parts of the hmac path alone")
+    ap.add_argument("--inner", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.inner:
+        asyncio.run(_inner(Path(args.inner), args.n, Path(args.inner) / "cg.out", args.pieces))
+        return 0
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="pkcs11ws-rq-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        "valgrind",
+        "--tool=callgrind",
+        "--zero-before=os_getppid",
+        "--dump-before=os_getgid",
+        "--collect-atstart=yes",
+        f"--callgrind-out-file={work / 'cg.out'}",
+        sys.executable,
+        "-m",
+        "bench.request_ir",
+        "-n",
+        str(args.n),
+        "--inner",
+        str(work),
+        *(["--pieces"] if args.pieces else []),
+    ]
+    r = subprocess.run(cmd, stderr=subprocess.DEVNULL, check=False)
+    return r.returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
