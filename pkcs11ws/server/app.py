@@ -53,6 +53,17 @@ _JSON_HEADERS: Final = [
     (b"cache-control", b"no-store"),
 ]
 
+# An answer's headers by its body's length, made once (uvicorn copies them into its own list
+# before it writes them: the same list may serve every answer of that length).
+_HEADS: dict[int, list[tuple[bytes, bytes]]] = {}
+
+
+def _heads(n: int) -> list[tuple[bytes, bytes]]:
+    headers = [*_JSON_HEADERS, (b"content-length", str(n).encode())]
+    if n < 4096:  # bounded: answers longer than that are rare and cost more anyway
+        _HEADS[n] = headers
+    return headers
+
 
 # Endpoints whose handler checks the session together with the key (Service._key). App._keyed
 # runs them (their token may come in the body), which relies on them needing a token, no
@@ -203,7 +214,9 @@ class App:
             resp = _error(code, "internal error (logged by the service)")
         if resp.status >= 300 or (seen[0] is not None and seen[0].changes):
             _audit(seen, resp, code)
-        headers = [*_JSON_HEADERS, (b"content-length", str(len(resp.body)).encode())]
+        headers = _HEADS.get(len(resp.body))
+        if headers is None:
+            headers = _heads(len(resp.body))
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": resp.body})
         elapsed = time.perf_counter() - start
@@ -274,6 +287,11 @@ class App:
         else:
             raw = await self._body(receive, length, self.max_body, "BODY_TOO_LARGE")
         qs = scope.get("query_string", b"")
+        if ep.op in _KEYED_OPS:
+            # _operation's first two steps, without its coroutine (the hot path).
+            if qs:
+                _query(ep, qs)  # a keyed endpoint takes no query: refused as there
+            return await self._keyed(ep, raw, _UNPARSED, authorization, ident, seen, False)
         return await self._operation(
             ep, handler, params, qs, path, raw, _UNPARSED, authorization, idem_key, ident, seen
         )
