@@ -11,7 +11,8 @@ Two measures:
   time with --threads clients and the server's CPU per operation comes from /proc (runner.py);
   cases alternate, --runs times. Noisy on a shared machine.
 
-Cases: floor (the floor app), hmac (HMAC-SHA256 sign of 64 B, the module's request), ec (ECDSA
+Cases: floor (the floor app), hmac (HMAC-SHA256 sign of 64 B, the token in an Authorization
+header), hmac-m (the same in the module's spelling: request id and token in the body), ec (ECDSA
 P-256 over a 32-byte hash), hmac-b1 / hmac-b4 / hmac-b16 / ec-b16 (the batch endpoint with 1, 4
 or 16 items, each item the single request's; Ir per request, so an item costs (b16 - b1) / 15;
 hmac-b4 is the batch the module's group commit sends at 8 threads, in its spelling: each
@@ -43,7 +44,7 @@ from bench.procs import default_placement, free_port
 from bench.runner import Point, Variant, run_point
 from bench.services import TOKEN_LABEL, FloorServer, KeyService
 
-CASES = ("floor", "hmac", "hmac-b1", "hmac-b4", "hmac-b16", "ec", "ec-b16", "rsa", "rsa-b8")
+CASES = ("floor", "hmac", "hmac-m", "hmac-b1", "hmac-b4", "hmac-b16", "ec", "ec-b16", "rsa", "rsa-b8")
 _VALGRIND = ("valgrind", "--tool=callgrind", "--instr-atstart=no")
 _TOTALS = re.compile(r"^(?:summary|totals):\s+(\d+)", re.M)
 
@@ -66,10 +67,14 @@ def _bodies(lab: Lab, work: Path) -> dict[str, tuple[str, Path]]:
     # its request's first field, no item token.
     in_body = {"token": lab.token, **hmac}
     module_batch = {"items": [{"op": "sign", "request": in_body}] * 4}
+    # A single request as the module sends it (client/request_ids.py): its request id, then its
+    # token, in the body; no Authorization header (_curl sends none for this case).
+    module_single = {"request_id": "0a1b2c3d4e-1", **in_body}
 
     out: dict[str, tuple[str, Path]] = {}
     for name, path, body in (
         ("hmac", "/crypto/v1/sign", hmac),
+        ("hmac-m", "/crypto/v1/sign", module_single),
         ("ec", "/crypto/v1/sign", ec),
         ("hmac-b1", "/crypto/v1/batch", batch(hmac, 1)),
         ("hmac-b4", "/crypto/v1/batch", module_batch),
@@ -114,7 +119,8 @@ def _curl(
         "0",
     ]
     cmd += ["--count", str(count)] if count else ["--seconds", str(secs)]
-    return cmd, {"BENCH_TOKEN": lab.token}
+    # The module's spelling carries its token in the body: no Authorization header then.
+    return cmd, {"BENCH_TOKEN": "" if body.name == "hmac-m.json" else lab.token}
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> None:

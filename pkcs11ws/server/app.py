@@ -35,7 +35,7 @@ from pkcs11ws.server.identity import Clients, Identity
 from pkcs11ws.server.masterkey import open_master_key
 from pkcs11ws.server.peer import PEER_KEY
 from pkcs11ws.server.pipeline import Idem, Request, Response, dumps
-from pkcs11ws.server.sealing import MasterKeys
+from pkcs11ws.server.sealing import MasterKeys, TokenClaims
 from pkcs11ws.server.settings import Settings
 from pkcs11ws.server.store import Store, StoreUnavailable
 from pkcs11ws.server.store import open_store as _open_store
@@ -147,6 +147,7 @@ class App:
                     else self._dynamic.append(route)
                 )
             route.methods[ep.method] = (ep, handler)
+        self._opened: dict[str, TokenClaims] = {}  # _keyed: claims by a body's token
         self._openapi: bytes | None = None
         self._access = s.access_log
         self._access_log = AccessLog()
@@ -374,7 +375,22 @@ class App:
             _request_id(body)
             seen[3] = body
             token = body.pop(protocol.TOKEN_FIELD, None)
-            claims = service.authenticate(_bearer(token), None, ident)
+            # Service.authenticate(_bearer(token), None, ident), its claims cached by the
+            # token's str too: the decoders hand out one str per token value (fastjson._text's
+            # cache, the repeated-request path), whose hash Python keeps, so a repeated token
+            # costs no copy into an Authorization value and no hash of its ~200 bytes.
+            claims = self._opened.get(token) if type(token) is str else None
+            if claims is None:
+                claims = service.authenticate(_bearer(token), None, ident)
+                if type(token) is str:
+                    if len(self._opened) >= _OPENED_MAX:
+                        self._opened.clear()
+                    self._opened[token] = claims
+            else:
+                # authenticate's checks of cached claims: the identity, then the expiry.
+                pipeline.check_token(claims, ident)
+                if claims.expires <= time.time():
+                    raise expired()
         else:
             claims = service.authenticate(authorization, None, ident)
             try:
@@ -590,6 +606,7 @@ _DECODER: Final = json.JSONDecoder(object_pairs_hook=_unique)
 
 
 _NO_PARAMS: Final[dict[str, str]] = {}
+_OPENED_MAX: Final = 10000  # as handlers._TOKEN_CACHE_MAX
 _UNPARSED: Final = object()  # _operation's obj when the body is still raw bytes
 
 
