@@ -14,6 +14,7 @@ that each worker process builds its own app (and its own store connections) on t
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import os
@@ -151,6 +152,7 @@ class App:
         self._openapi: bytes | None = None
         self._access = s.access_log
         self._access_log = AccessLog()
+        atexit.register(self._access_log.flush)  # a stop without lifespan shutdown too
 
     # ------------------------------------------------------------------ ASGI entry
 
@@ -166,6 +168,7 @@ class App:
             msg = await receive()
             if msg["type"] == "lifespan.startup":
                 running = asyncio.get_running_loop()
+                reload.register(self._access_log.flush)
                 reload.register(self.clients.reload)
                 reload.register(audit.reopen)
                 reload.install(running)
@@ -174,8 +177,10 @@ class App:
                 self._flusher = asyncio.create_task(self._flush_metrics())
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                reload.unregister(self._access_log.flush)
                 reload.unregister(self.clients.reload)
                 reload.unregister(audit.reopen)
+                self._access_log.flush()  # (requests are over: uvicorn drained them)
                 if self._flusher is not None:
                     self._flusher.cancel()
                 self._flush()

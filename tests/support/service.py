@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from pkcs11ws.server.accesslog import FLUSH_SECONDS
+
 SCRYPT_N_TESTS = 2**12
 START_TIMEOUT = 30.0
 
@@ -65,7 +67,9 @@ class Service:
         return self.log.read_text(encoding="utf-8", errors="replace")
 
     def served(self, what: str) -> int:
-        """How many requests (access-log lines containing what) it answered."""
+        """How many requests (access-log lines containing what) it answered, once the lines of
+        the requests already answered are written (held up to accesslog.FLUSH_SECONDS)."""
+        time.sleep(3 * FLUSH_SECONDS)
         return sum(
             1
             for ln in self.log_text().splitlines()
