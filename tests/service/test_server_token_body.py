@@ -17,44 +17,16 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pkcs11ws import protocol
-from tests.support.service import Api, Resp, Service, b64, issue_client, unb64
+from tests.support.people import HMAC_VALUE, PASS, Who
+from tests.support.service import Api, Resp, Service, b64, unb64
 
-PASS = b"token body passphrase"
-HMAC_VALUE = bytes(range(32))
-AES_VALUE = bytes(range(16))
 CARDS = "/km/v1/softcards"
-
-
-class Who:
-    """An identity with a softcard holding an HMAC and an AES key, logged in."""
-
-    def __init__(self, api: Api, name: str) -> None:
-        self.api = api
-        self.name = name
-        self.card, self.token = api.new_card(PASS)
-        self.mac = api.import_key(self.card, self.token, 0x2B, HMAC_VALUE)
-        self.aes = api.import_key(self.card, self.token, 0x1F, AES_VALUE)
-
-
-@pytest.fixture(scope="module")
-def people(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Who]]:
-    made: dict[str, Who] = {}
-    try:
-        for role in ("alice", "bob"):
-            name = f"{role}-{uuid.uuid4().hex[:8]}"
-            d = issue_client(service, name, tmp_path_factory.mktemp(role))
-            made[role] = Who(Api(service, d / "client.pem", d / "client.key"), name)
-        yield made
-    finally:
-        for w in made.values():
-            w.api.close()
 
 
 def bodies(w: Who) -> dict[str, dict[str, Any]]:
