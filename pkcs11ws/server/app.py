@@ -149,6 +149,14 @@ class App:
                 )
             route.methods[ep.method] = (ep, handler)
         self._opened: dict[str, TokenClaims] = {}  # _keyed: claims by a body's token
+        # The keyed endpoints by path, for the single request's direct path (_dispatch).
+        self._keyed_paths = {
+            ep.path: ep for ep in protocol.ENDPOINTS if ep.op in _KEYED_OPS and ep.method == "POST"
+        }
+        if len(self._keyed_paths) != len(_KEYED_OPS) or any(
+            len(self._static[p].methods) != 1 for p in self._keyed_paths
+        ):
+            raise RuntimeError("a keyed endpoint shares its path: the direct path would hide it")
         self._openapi: bytes | None = None
         self._access = s.access_log
         self._access_log = AccessLog()
@@ -281,6 +289,25 @@ class App:
         if ident is None:
             raise pipeline.refuse_unknown(peer)
         seen[1] = ident
+        keyed = self._keyed_paths.get(path) if method == "POST" else None
+        if keyed is not None:
+            # What _route, _operation and _keyed do for these paths (static, POST only, no
+            # parameters), without their lookups and coroutines; the same checks in the same
+            # order: the body (its limit), the query (none taken), then _keyed's.
+            scope[_OP] = keyed.op
+            seen[0] = keyed
+            raw = await self._body(receive, length, self.max_body, "BODY_TOO_LARGE")
+            qs = scope.get("query_string", b"")
+            if qs:
+                _query(keyed, qs)
+            service = self.service
+            if authorization is not None or service._reads_block:
+                return await self._keyed(keyed, raw, _UNPARSED, authorization, ident, seen, False)
+            claims, body = self._body_claims(keyed, raw, _UNPARSED, False, ident, seen)
+            try:
+                return Response(200, service.crypto_now(claims, body, keyed.op))
+            except Offloaded as work:  # (a single request: never IN_BATCH)
+                return work.answer(await asyncio.to_thread(work.run))
         if path == protocol.OPENAPI_PATH and method == "GET":
             scope[_OP] = "openapi"
             return self._openapi_doc()
@@ -376,26 +403,7 @@ class App:
         (Service.crypto_now). _keyed_item is this for a batch's fast path: keep the two alike."""
         service = self.service
         if authorization is None:
-            body = _body_of(ep.request, raw, obj, decoded)
-            _request_id(body)
-            seen[3] = body
-            token = body.pop(protocol.TOKEN_FIELD, None)
-            # Service.authenticate(_bearer(token), None, ident), its claims cached by the
-            # token's str too: the decoders hand out one str per token value (fastjson._text's
-            # cache, the repeated-request path), whose hash Python keeps, so a repeated token
-            # costs no copy into an Authorization value and no hash of its ~200 bytes.
-            claims = self._opened.get(token) if type(token) is str else None
-            if claims is None:
-                claims = service.authenticate(_bearer(token), None, ident)
-                if type(token) is str:
-                    if len(self._opened) >= _OPENED_MAX:
-                        self._opened.clear()
-                    self._opened[token] = claims
-            else:
-                # authenticate's checks of cached claims: the identity, then the expiry.
-                pipeline.check_token(claims, ident)
-                if claims.expires <= time.time():
-                    raise expired()
+            claims, body = self._body_claims(ep, raw, obj, decoded, ident, seen)
         else:
             claims = service.authenticate(authorization, None, ident)
             try:
@@ -417,6 +425,39 @@ class App:
             if IN_BATCH.get():
                 raise
             return work.answer(await asyncio.to_thread(work.run))
+
+    def _body_claims(
+        self,
+        ep: Endpoint,
+        raw: bytes,
+        obj: object,
+        decoded: bool,
+        ident: Identity,
+        seen: list[Any],
+    ) -> tuple[TokenClaims, dict[str, Any]]:
+        """_keyed's request without an Authorization header: its decoded body (request id
+        taken out) and the claims of the token in it (none: NOT_ACTIVATED)."""
+        body = _body_of(ep.request, raw, obj, decoded)
+        _request_id(body)
+        seen[3] = body
+        token = body.pop(protocol.TOKEN_FIELD, None)
+        # Service.authenticate(_bearer(token), None, ident), its claims cached by the token's
+        # str too: the decoders hand out one str per token value (fastjson._text's cache, the
+        # repeated-request path), whose hash Python keeps, so a repeated token costs no copy
+        # into an Authorization value and no hash of its ~200 bytes.
+        claims = self._opened.get(token) if type(token) is str else None
+        if claims is None:
+            claims = self.service.authenticate(_bearer(token), None, ident)
+            if type(token) is str:
+                if len(self._opened) >= _OPENED_MAX:
+                    self._opened.clear()
+                self._opened[token] = claims
+        else:
+            # authenticate's checks of cached claims: the identity, then the expiry.
+            pipeline.check_token(claims, ident)
+            if claims.expires <= time.time():
+                raise expired()
+        return claims, body
 
     async def _batch(self, req: Request) -> Response:
         """POST /crypto/v1/batch: each item through _operation, as its own single request
