@@ -6,14 +6,15 @@
   the same audit line.
 - A body token's claims are cached by its str (App._keyed): the identity and expiry checks
   still run on every request.
-- A keyed endpoint goes from routing straight to App._keyed: a query string is still refused
-  first.
+- A single keyed request goes from its path straight to the crypto (App._dispatch): a query
+  string, another method and the body limits are still refused as before.
 - The access lines are written in bounded batches (accesslog.py): every line is there once the
   service has stopped on SIGTERM.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import uuid
 from pathlib import Path
@@ -188,6 +189,28 @@ def test_keyed_endpoint_refuses_a_query_first(people: dict[str, Who]) -> None:
     r = a.api.request("POST", path + "?a=%zz&&", no_token)
     assert (r.status, r.json) == (400, {"code": "BAD_REQUEST", "message": "malformed query string"})
     assert a.api.request("POST", path, no_token).code == "NOT_ACTIVATED"
+
+
+def test_keyed_path_keeps_the_routes_refusals(people: dict[str, Who], service: Service) -> None:
+    """The direct path takes only POST on the four keyed paths: another method is refused as
+    the router refuses it, and the body limits hold before the body is read or decoded."""
+    a = people["alice"]
+    path = protocol.ENDPOINT_BY_OP["sign"].path
+    r = a.api.request("GET", path)
+    assert (r.status, r.json) == (
+        405,
+        {"code": "METHOD_NOT_ALLOWED", "message": f"GET is not allowed on {path}"},
+    )
+    conn = http.client.HTTPSConnection("127.0.0.1", service.port, context=a.api.ctx, timeout=30)
+    try:
+        conn.putrequest("POST", path)
+        conn.putheader("Content-Length", "9" * 12)  # refused before any byte of it is read
+        conn.endheaders()
+        resp = conn.getresponse()
+        status, body = resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+    assert (status, body["code"]) == (413, "BODY_TOO_LARGE"), body
 
 
 def test_every_access_line_is_written_by_a_clean_stop(fresh_service: Any, make_api: Any) -> None:
