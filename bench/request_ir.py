@@ -208,7 +208,9 @@ async def _inner(work: Path, n: int, out: Path, pieces: bool) -> None:
     app.store.close()
 
 
-async def _pieces(app: Any, c: Caller, module: bytes, plain: bytes, out: Path, seen: int, n: int) -> None:
+async def _pieces(
+    app: Any, c: Caller, module: bytes, plain: bytes, out: Path, seen: int, n: int
+) -> None:
     """Parts of the hmac case's path, each called n times in a row between the markers."""
     import hmac as hmac_mod
     import time

@@ -44,7 +44,18 @@ from bench.procs import default_placement, free_port
 from bench.runner import Point, Variant, run_point
 from bench.services import TOKEN_LABEL, FloorServer, KeyService
 
-CASES = ("floor", "hmac", "hmac-m", "hmac-b1", "hmac-b4", "hmac-b16", "ec", "ec-b16", "rsa", "rsa-b8")
+CASES = (
+    "floor",
+    "hmac",
+    "hmac-m",
+    "hmac-b1",
+    "hmac-b4",
+    "hmac-b16",
+    "ec",
+    "ec-b16",
+    "rsa",
+    "rsa-b8",
+)
 _VALGRIND = ("valgrind", "--tool=callgrind", "--instr-atstart=no")
 _TOTALS = re.compile(r"^(?:summary|totals):\s+(\d+)", re.M)
 

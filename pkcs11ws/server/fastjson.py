@@ -259,9 +259,9 @@ def decoder(struct: str) -> Callable[[bytes], Decoded | None] | None:
                         and (not rid_max or len(rid) <= rid_max)
                         and _PLAIN_ALL(rid) is not None
                     ):
-                        body = {rid_name: rid.decode(), **last[1]}  # (the fields' order)
-                        body[name] = value
-                        return body
+                        again: Decoded = {rid_name: rid.decode(), **last[1]}  # (in order)
+                        again[name] = value
+                        return again
         body, end, last_at = structure(raw, 0)
         if end != len(raw) or body is None:
             return None
