@@ -148,11 +148,17 @@ def test_lost_answer_and_restart_make_one_object(bare_mod, fresh_service, restar
         assert "retry 1/10" in log.read_text()
         # The service did get the request whose answer was lost: three generate requests (the
         # first key, the lost answer, the retry after the restart) made two keys.
-        generated = [
-            ln
-            for ln in svc.log_text().splitlines()
-            if f"POST /km/v1/softcards/{card}/keys/generate 200" in ln
-        ]
+        # (access lines are written up to accesslog.FLUSH_SECONDS after their answer: poll)
+        deadline = time.monotonic() + 10
+        while True:
+            generated = [
+                ln
+                for ln in svc.log_text().splitlines()
+                if f"POST /km/v1/softcards/{card}/keys/generate 200" in ln
+            ]
+            if len(generated) >= 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert len(generated) == 3, generated
     finally:
         relay.close()
