@@ -16,7 +16,8 @@ from ctypes import byref
 from typing import Any
 
 from pkcs11ws import constants as C
-from tests.support.p11ctypes import CKError, Module, mechanism
+from tests.support.p11ctypes import Module, mechanism
+from tests.support.queued import queued_hmac_signs
 
 HMAC_KEY = b"k" * 32
 
@@ -44,41 +45,11 @@ def test_queued_c_sign_calls_each_wake_with_their_own_answer(
     group = core.current_provider().client.group
     assert group is not None and group._waiter is core.Waiter
     n = 6
-    sessions = [mod.open(slot) for _ in range(n)]
-    m, _ = mechanism(C.CKM_SHA256_HMAC)
-    for s in sessions:
-        mod.ok("C_SignInit", s, byref(m), key)
     datas = [b"message %d" % i for i in range(n)]
-    out: list[Any] = [None] * n
-
-    def sign(i: int) -> None:
-        try:
-            out[i] = mod.single("C_Sign", sessions[i], datas[i], 32)
-        except CKError as e:
-            out[i] = e
-
     before = group.sizes.get(n, 0)
-    with group._lock:
-        held = group.limit - group._busy
-        group._busy = group.limit
-    threads = [threading.Thread(target=sign, args=(i,), daemon=True) for i in range(n)]
-    try:
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while len(group._queue) < n:
-            assert time.monotonic() < deadline, "the calls did not queue"
-            time.sleep(0.01)
-    finally:
-        for _ in range(held):
-            group._release(0)  # the held slots' "requests" end: the queue leaves as one batch
-    for t in threads:
-        t.join(60)
-        assert not t.is_alive(), "a queued C_Sign was never woken"
+    out = queued_hmac_signs(mod, slot, key, group, datas)
     assert out == [hmac.digest(HMAC_KEY, d, hashlib.sha256) for d in datas]
     assert group.sizes.get(n, 0) == before + 1
-    for s in sessions:
-        mod.call("C_CloseSession", s)
 
 
 def test_a_call_that_hands_on_a_full_batch_wakes_its_sender_before_it_waits(

@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from ctypes import byref
 from typing import Any
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pkcs11ws import constants as C
 from pkcs11ws.errors import PKCS11Error
 from tests.support.p11ctypes import CK_ULONG, CKError, Module, Template, mechanism
+from tests.support.queued import queued_hmac_signs
 
 HMAC_KEY = b"f" * 32
 
@@ -360,41 +360,14 @@ def test_batched_calls_read_their_items_fast(
     assert group is not None
     assert _sign(mod, h, key, b"warm") == hmac.digest(HMAC_KEY, b"warm", hashlib.sha256)
     n = 5
-    sessions = [mod.open(slot) for _ in range(n)]
-    m, _ = mechanism(C.CKM_SHA256_HMAC)
-    for s in sessions:
-        mod.ok("C_SignInit", s, byref(m), key)
     datas = [b"batched %d" % i for i in range(n)]
-    out: list[Any] = [None] * n
-
-    def sign(i: int) -> None:
-        try:
-            out[i] = mod.single("C_Sign", sessions[i], datas[i], 32)
-        except CKError as e:
-            out[i] = e
-
     before = group.sizes.get(n, 0)
     undo = _answering(p, change) if change is not None else None
-    with group._lock:
-        held = group.limit - group._busy
-        group._busy = group.limit
-    threads = [threading.Thread(target=sign, args=(i,), daemon=True) for i in range(n)]
     try:
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while len(group._queue) < n:
-            assert time.monotonic() < deadline, "the calls did not queue"
-            time.sleep(0.01)
+        out = queued_hmac_signs(mod, slot, key, group, datas)
     finally:
-        for _ in range(held):
-            group._release(0)
-        for t in threads:
-            t.join(60)
         if undo is not None:
             undo()
-    for t in threads:
-        assert not t.is_alive(), "a queued C_Sign was never woken"
     want = [hmac.digest(HMAC_KEY, d, hashlib.sha256) for d in datas]
     bad = [i for i in range(n) if out[i] != want[i]]
     if one_bad:
@@ -404,8 +377,6 @@ def test_batched_calls_read_their_items_fast(
         assert bad == []
     assert group.sizes.get(n, 0) == before + 1
     assert counted.calls == 1
-    for s in sessions:
-        mod.call("C_CloseSession", s)
 
 
 def test_threads_on_the_lane_and_the_queue_all_get_their_answers(

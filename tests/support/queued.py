@@ -1,0 +1,56 @@
+"""Calls that queue behind group commit's slots, then leave in one batch: the test holds every
+slot of the module's group, starts one C_Sign per message on its own session and thread (ctypes
+lets go of the GIL, so each enters the core as a C host's call does), waits until all have
+queued, then ends the held "requests" so the queue leaves as one batch. Daemon threads: a call
+never woken fails its test instead of hanging the run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from ctypes import byref
+from typing import Any
+
+from pkcs11ws import constants as C
+from tests.support.p11ctypes import CKError, Module, mechanism
+
+
+def queued_hmac_signs(
+    mod: Module, slot: int, key: int, group: Any, datas: list[bytes]
+) -> list[Any]:
+    """Each message's C_Sign (HMAC-SHA256, 32 bytes) queued behind the held slots; the
+    signatures, or the CKError a call raised, in the messages' order."""
+    n = len(datas)
+    sessions = [mod.open(slot) for _ in range(n)]
+    m, _ = mechanism(C.CKM_SHA256_HMAC)
+    for s in sessions:
+        mod.ok("C_SignInit", s, byref(m), key)
+    out: list[Any] = [None] * n
+
+    def sign(i: int) -> None:
+        try:
+            out[i] = mod.single("C_Sign", sessions[i], datas[i], 32)
+        except CKError as e:
+            out[i] = e
+
+    with group._lock:
+        held = group.limit - group._busy
+        group._busy = group.limit
+    threads = [threading.Thread(target=sign, args=(i,), daemon=True) for i in range(n)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(group._queue) < n:
+            assert time.monotonic() < deadline, "the calls did not queue"
+            time.sleep(0.01)
+    finally:
+        for _ in range(held):
+            group._release(0)  # the held slots' "requests" end: the queue leaves as one batch
+        for t in threads:
+            t.join(60)
+    for t in threads:
+        assert not t.is_alive(), "a queued C_Sign was never woken"
+    for s in sessions:
+        mod.call("C_CloseSession", s)
+    return out
