@@ -17,30 +17,16 @@ from typing import Any
 
 from pkcs11ws import constants as C
 from tests.support.p11ctypes import Module, mechanism
-from tests.support.queued import queued_hmac_signs
+from tests.support.queued import hmac_key, queued_hmac_signs
 
 HMAC_KEY = b"k" * 32
-
-
-def _hmac_key(mod: Module, h: int) -> int:
-    return mod.create(
-        h,
-        [
-            (C.CKA_TOKEN, True),
-            (C.CKA_PRIVATE, True),
-            (C.CKA_CLASS, C.CKO_SECRET_KEY),
-            (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC),
-            (C.CKA_SIGN, True),
-            (C.CKA_VALUE, HMAC_KEY),
-        ],
-    )
 
 
 def test_queued_c_sign_calls_each_wake_with_their_own_answer(
     mod: Module, logged_card: tuple[int, int, bytes]
 ) -> None:
     slot, h, _ = logged_card
-    key = _hmac_key(mod, h)
+    key = hmac_key(mod, h, HMAC_KEY)
     core = sys.modules["pkcs11ws._native.core"]
     group = core.current_provider().client.group
     assert group is not None and group._waiter is core.Waiter
@@ -60,7 +46,7 @@ def test_a_call_that_hands_on_a_full_batch_wakes_its_sender_before_it_waits(
     # posted before the third call blocks, or the first two wait for the third and the third
     # for a slot.
     slot, h, _ = logged_card
-    key = _hmac_key(mod, h)
+    key = hmac_key(mod, h, HMAC_KEY)
     core = sys.modules["pkcs11ws._native.core"]
     group = core.current_provider().client.group
     assert group is not None

@@ -24,28 +24,13 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pkcs11ws import constants as C
 from pkcs11ws.errors import PKCS11Error
 from tests.support.p11ctypes import CK_ULONG, CKError, Module, Template, mechanism
-from tests.support.queued import queued_hmac_signs
+from tests.support.queued import hmac_key, queued_hmac_signs
 
 HMAC_KEY = b"f" * 32
 
 
 def _provider() -> Any:
     return sys.modules["pkcs11ws._native.core"].current_provider()
-
-
-def _hmac_key(mod: Module, h: int) -> int:
-    return mod.create(
-        h,
-        [
-            (C.CKA_TOKEN, True),
-            (C.CKA_PRIVATE, True),
-            (C.CKA_CLASS, C.CKO_SECRET_KEY),
-            (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC),
-            (C.CKA_SIGN, True),
-            (C.CKA_VERIFY, True),
-            (C.CKA_VALUE, HMAC_KEY),
-        ],
-    )
 
 
 class Counted:
@@ -94,7 +79,7 @@ def test_steady_state_sign_and_verify_skip_the_provider_and_match_hmac(
     mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
 ) -> None:
     _, h, _ = logged_card
-    key = _hmac_key(mod, h)
+    key = hmac_key(mod, h, HMAC_KEY)
     datas = [b"", b"a", b"ab", b"abc", b"x" * 64, bytes(range(256)) * 3]
     for d in datas:
         assert _sign(mod, h, key, d) == hmac.digest(HMAC_KEY, d, hashlib.sha256)
@@ -118,7 +103,7 @@ def test_login_and_object_changes_take_the_providers_path(
     mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
 ) -> None:
     _, h, pin = logged_card
-    key = _hmac_key(mod, h)
+    key = hmac_key(mod, h, HMAC_KEY)
     want = hmac.digest(HMAC_KEY, b"d", hashlib.sha256)
     assert _sign(mod, h, key, b"d") == want
     assert _sign(mod, h, key, b"d") == want
@@ -232,7 +217,7 @@ def test_a_dead_connection_on_the_fast_path_is_retried_with_the_same_request_id(
     from pkcs11ws.client.transport import CurlFailure
 
     _, h, _ = logged_card
-    key = _hmac_key(mod, h)
+    key = hmac_key(mod, h, HMAC_KEY)
     p = _provider()
     want = hmac.digest(HMAC_KEY, b"again", hashlib.sha256)
     assert _sign(mod, h, key, b"again") == want
@@ -262,7 +247,7 @@ def test_a_transport_failure_on_the_fast_path_gives_the_providers_ckr(
     from pkcs11ws.client.transport import CurlFailure
 
     _, h, _ = logged_card
-    key = _hmac_key(mod, h)
+    key = hmac_key(mod, h, HMAC_KEY)
     p = _provider()
     assert _sign(mod, h, key, b"x") == hmac.digest(HMAC_KEY, b"x", hashlib.sha256)
     obj, token = p.fast[key][2], p.fast[key][3]
@@ -287,7 +272,7 @@ def test_odd_sign_answers_fall_back_to_the_strict_decoder(
     mod: Module, logged_card: tuple[int, int, bytes], counted: Counted, name: str, change: Odd
 ) -> None:
     _, h, _ = logged_card
-    key = _hmac_key(mod, h)
+    key = hmac_key(mod, h, HMAC_KEY)
     p = _provider()
     assert _sign(mod, h, key, b"odd") == hmac.digest(HMAC_KEY, b"odd", hashlib.sha256)
     slot, obj, token = p.fast[key][1], p.fast[key][2], p.fast[key][3]
@@ -310,7 +295,7 @@ def test_odd_verify_answers_fall_back_to_the_strict_decoder(
     mod: Module, logged_card: tuple[int, int, bytes], counted: Counted, name: str, change: Odd
 ) -> None:
     _, h, _ = logged_card
-    key = _hmac_key(mod, h)
+    key = hmac_key(mod, h, HMAC_KEY)
     p = _provider()
     sig = hmac.digest(HMAC_KEY, b"odd", hashlib.sha256)
     assert _verify(mod, h, key, b"odd", sig) == C.CKR_OK
@@ -354,7 +339,7 @@ def test_batched_calls_read_their_items_fast(
     """Queued calls leave in one batch request; each reads its item's answer in the core, or
     (an odd item) through the client's strict decoding, which fails that item alone."""
     slot, h, _ = logged_card
-    key = _hmac_key(mod, h)
+    key = hmac_key(mod, h, HMAC_KEY)
     p = _provider()
     group = p.client.group
     assert group is not None
@@ -385,7 +370,7 @@ def test_threads_on_the_lane_and_the_queue_all_get_their_answers(
     """Calls from several threads take the core's lane or queue behind it (group commit):
     every call gets its own answer and none is left waiting."""
     slot, h, _ = logged_card
-    key = _hmac_key(mod, h)
+    key = hmac_key(mod, h, HMAC_KEY)
     assert _sign(mod, h, key, b"warm") == hmac.digest(HMAC_KEY, b"warm", hashlib.sha256)
     group = _provider().client.group
     assert group is not None

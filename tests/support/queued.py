@@ -2,7 +2,7 @@
 slot of the module's group, starts one C_Sign per message on its own session and thread (ctypes
 lets go of the GIL, so each enters the core as a C host's call does), waits until all have
 queued, then ends the held "requests" so the queue leaves as one batch. Daemon threads: a call
-never woken fails its test instead of hanging the run."""
+never woken fails its test instead of hanging the run. Also the HMAC key those tests sign with."""
 
 from __future__ import annotations
 
@@ -13,6 +13,22 @@ from typing import Any
 
 from pkcs11ws import constants as C
 from tests.support.p11ctypes import CKError, Module, mechanism
+
+
+def hmac_key(mod: Module, h: int, value: bytes) -> int:
+    """A private token HMAC-SHA256 key (sign and verify) with VALUE, made in session h."""
+    return mod.create(
+        h,
+        [
+            (C.CKA_TOKEN, True),
+            (C.CKA_PRIVATE, True),
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC),
+            (C.CKA_SIGN, True),
+            (C.CKA_VERIFY, True),
+            (C.CKA_VALUE, value),
+        ],
+    )
 
 
 def queued_hmac_signs(
