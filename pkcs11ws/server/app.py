@@ -528,13 +528,8 @@ class App:
                 offloaded.append((len(parts), work, seen, audit.REQUEST_ID.get()))
                 parts.append(b"")
                 continue
-            except ApiError as exc:
-                code = exc.code
-                resp = _error(code, exc.message)
-            except Exception:
-                error_log.exception("internal error on a batched %s", op)
-                code = "INTERNAL"
-                resp = _error(code, "internal error (logged by the service)")
+            except Exception as exc:  # one item's failure is that item's answer
+                code, resp = _item_failure(op, exc)
             if resp.status >= 300:
                 _audit(seen, resp, code)
             parts.append(b'{"status":%d,"answer":%s}' % (resp.status, resp.body))
@@ -587,13 +582,8 @@ class App:
             seen = [protocol.ENDPOINT_BY_OP[op], ident, _NO_PARAMS, shown]
             offloaded.append((place, work, seen, audit.REQUEST_ID.get()))
             return b""
-        except ApiError as exc:
-            code = exc.code
-            resp = _error(code, exc.message)
-        except Exception:
-            error_log.exception("internal error on a batched %s", op)
-            code = "INTERNAL"
-            resp = _error(code, "internal error (logged by the service)")
+        except Exception as exc:  # one item's failure is that item's answer
+            code, resp = _item_failure(op, exc)
         _audit([protocol.ENDPOINT_BY_OP[op], ident, _NO_PARAMS, shown], resp, code)
         return b'{"status":%d,"answer":%s}' % (resp.status, resp.body)
 
@@ -733,6 +723,14 @@ def _code_of(body: bytes) -> str | None:
     except (ValueError, AttributeError):
         return None
     return code if isinstance(code, str) else None
+
+
+def _item_failure(op: str, exc: Exception) -> tuple[str, Response]:
+    """A batch item's refusal (ApiError: its code and message) or internal error (logged)."""
+    if isinstance(exc, ApiError):
+        return exc.code, _error(exc.code, exc.message)
+    error_log.error("internal error on a batched %s", op, exc_info=exc)
+    return "INTERNAL", _error("INTERNAL", "internal error (logged by the service)")
 
 
 def _error(code: str, message: str) -> Response:
