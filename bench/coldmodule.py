@@ -4,7 +4,8 @@ libpkcs11ws.so loaded in this process (ctypes), the core, the provider or the co
 the group commit, the client and the transport down to pycurl's perform, which is replaced by
 a canned answer on the pooled handle (so no request leaves and no wait hides in the figure).
 
-Pieces: the core's fast path (pkcs11ws/_native/fastpath.pxi), the same call with the fast path
+Pieces: the core's fast path (pkcs11ws/_native/fastpath.pxi), the same with no group commit
+(BATCHINFLIGHT=0's single request, no lane), the same call with the fast path
 kept from being used (the provider's path: Provider.crypto and client.crypto), and `nothing`
 (the clock read and the ctypes call of C_GetInfo, which never enters Python). Each piece runs
 back to back (warm), after a 300 us sleep each (about the answer's round trip at 1 thread) and
@@ -50,6 +51,11 @@ def _can(provider: Any) -> None:
             conn.getinfo = lambda opt: 200
 
 
+def _without_group(entry: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A fast-path entry (Provider.fast) whose group commit, and lane, are None."""
+    return tuple(None if i == 6 or i > 7 else v for i, v in enumerate(entry))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
@@ -91,11 +97,18 @@ def main() -> None:
         provider = core.current_provider()
         _can(provider)
         kept = provider.fast
+        # The same entries with no group commit (what BATCHINFLIGHT=0 gives): the fast path's
+        # single request without the lane (issue 15: group commit on vs off at 1 thread).
+        ungrouped = {k: _without_group(e) for k, e in kept.items()}
         no_entries: dict[int, Any] = {}
         provider._remember_fast = lambda *a: None  # the provider's path keeps no entry
 
         def fast() -> None:
             provider.fast = kept
+            one()
+
+        def fast_off() -> None:
+            provider.fast = ungrouped
             one()
 
         def provider_path() -> None:
@@ -105,6 +118,7 @@ def main() -> None:
         pieces: dict[str, Callable[[], object]] = {
             "nothing (ctypes C_GetInfo)": lambda: get_info(info),
             "C_SignInit + C_Sign, core fast path": fast,
+            "C_SignInit + C_Sign, core fast path, group commit off": fast_off,
             "C_SignInit + C_Sign, provider path": provider_path,
         }
         clock = time.thread_time

@@ -217,9 +217,9 @@ class Provider:
         # The core's fast path (pkcs11ws/_native/fastpath.pxi): key handle -> what crypto()
         # found for its last request with no IV or parameter: (mechanism, slot ID, the Obj,
         # the token, the request head, the client, its group commit, the mechanism's
-        # _GENERAL flag). The core uses an entry only while the directory still holds that
-        # Obj, self.tokens that token (by identity), and renew_at is not reached: so nothing
-        # here needs invalidating; any other case calls crypto().
+        # _GENERAL flag, the group commit's lane). The core uses an entry only while the
+        # directory still holds that Obj, self.tokens that token (by identity), and renew_at
+        # is not reached: so nothing here needs invalidating; any other case calls crypto().
         self.fast: dict[int, tuple[Any, ...]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -653,7 +653,9 @@ class Provider:
             fast.clear()
         client = self.client
         head = client.head(token, obj.uuid, m.name)
-        fast[key] = (mech, slot_id, obj, token, head, client, client.group, m.general)
+        group = client.group
+        lane = group.lane if group is not None else None
+        fast[key] = (mech, slot_id, obj, token, head, client, group, m.general, lane)
 
     def failed(self, slot_id: int, key: int, e: ServiceError) -> None:
         """A crypto request on key failed (the core's fast path): as crypto() does."""

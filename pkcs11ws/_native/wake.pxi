@@ -80,3 +80,45 @@ cdef class Waiter:
 def flush_wakes() -> None:
     """Post this thread's deferred wake-ups now (before it blocks on something else)."""
     p11ws_flush_wakes()
+
+
+cdef class Lane:
+    """Group commit's lane (client/group.py): the one token a lone call takes when nothing is
+    in flight. A C flag rather than a one-item list: take() and ended() run no Python code, so
+    each is atomic under the GIL as the list's pop and append were, and the core's fast path
+    (fastpath.pxi _hand_off) tests and sets the fields themselves: at one thread, group commit
+    on then costs the call no Python attribute, list or method operation more than off
+    (issue 15: nothing slower at one thread). The object lives as long as its group; reset()
+    (after fork) renews it in place, so a reference kept to it never goes stale."""
+
+    cdef readonly bint free
+    cdef readonly Py_ssize_t sent       # requests the lane sent (written only by its holder)
+    cdef readonly list queue            # the group's queue: looked at after the token is back
+
+    def __cinit__(self, list queue not None) -> None:
+        self.free = True
+        self.queue = queue
+
+    def reset(self, list queue not None) -> None:
+        """The token free, the group's new queue (a forked child: no call is in flight)."""
+        self.free = True
+        self.queue = queue
+
+    def take(self) -> bool:
+        """Take the token: True if it was free."""
+        if self.free:
+            self.free = False
+            return True
+        return False
+
+    def give(self) -> None:
+        """Give back a token taken by take() without a call sent (the locked side's park)."""
+        self.free = True
+
+    def ended(self) -> bool:
+        """The lane's call ended: count it, give the token back, and only then say whether
+        calls are queued (the order group.py relies on: a queuing call tries the token again
+        after it has queued)."""
+        self.sent += 1
+        self.free = True
+        return len(self.queue) > 0

@@ -2,7 +2,7 @@
 
 Up to `limit` requests (BATCHINFLIGHT per key service) are in flight. A call that finds
 none in flight sends its own single request at once: one thread alone never waits for anyone
-(and takes no lock: it sends on the lane, a token taken and given back with GIL-atomic list
+(and takes no lock: it sends on the lane, a token taken and given back with GIL-atomic
 operations, so the one-thread path costs what group commit off does).
 Otherwise calls queue (waiting on a lock, the GIL released) until a slot is free and the queue
 holds at least as many calls as the requests in flight carry on average; then the call that
@@ -41,6 +41,18 @@ if TYPE_CHECKING:
 
         def _send_batch(self, calls: list[Call], /) -> None: ...
 
+    class Lane(Protocol):
+        """The lane's token (_Lane below, or the module core's C one: wake.pxi)."""
+
+        @property
+        def free(self) -> bool: ...
+        @property
+        def sent(self) -> int: ...
+        def reset(self, queue: list[Call], /) -> None: ...
+        def take(self) -> bool: ...
+        def give(self) -> None: ...
+        def ended(self) -> bool: ...
+
 
 # Below the service's default batch.max_bytes (1 MiB): the JSON around the items and base64
 # growth are already in the bodies counted here.
@@ -69,6 +81,42 @@ class Call:
         self.alone = False  # set when the batch endpoint is unusable: send the single request
 
 
+class _Lane:
+    """The lane's token outside the module (no core loaded): a one-item list, whose pop and
+    append are atomic under the GIL. Inside the module the core's Lane (wake.pxi) does the same
+    with a C flag, which the core's fast path also reads directly. Same methods, same rules."""
+
+    __slots__ = ("_token", "queue", "sent")
+
+    def __init__(self, queue: list[Call]) -> None:
+        self._token: list[None] = [None]
+        self.queue = queue
+        self.sent = 0  # requests the lane sent (written only by its holder)
+
+    @property
+    def free(self) -> bool:
+        return bool(self._token)
+
+    def reset(self, queue: list[Call]) -> None:
+        self._token = [None]
+        self.queue = queue
+
+    def take(self) -> bool:
+        try:
+            self._token.pop()
+        except IndexError:
+            return False
+        return True
+
+    def give(self) -> None:
+        self._token.append(None)
+
+    def ended(self) -> bool:
+        self.sent += 1
+        self._token.append(None)  # first free the lane, then look at the queue
+        return bool(self.queue)
+
+
 def _locked() -> Any:
     lock = allocate_lock()
     lock.acquire()
@@ -91,14 +139,18 @@ class GroupCommit:
         self.max_bytes = max_bytes
         self._sizes: dict[int, int] = {}  # requests sent by the number of calls they carried
         self._lone = 0  # ... but lone calls' single requests: an int is cheaper per call
-        self._lane_sent = 0  # ... and those of the lane (written only by the lane's holder)
+        # The lane (see reset()) counts its own. It is made once and renewed in place by
+        # reset(): the core's fast path keeps a reference to it (Provider.fast).
+        core = sys.modules.get("pkcs11ws._native.core")
+        lane = getattr(core, "Lane", None) or _Lane
+        self.lane: Lane = lane([])
         self.reset()
 
     @property
     def sizes(self) -> dict[int, int]:
         """Requests sent so far by the number of calls they carried (a copy)."""
         sizes = dict(self._sizes)
-        lone = self._lone + self._lane_sent
+        lone = self._lone + self.lane.sent
         if lone:
             sizes[1] = sizes.get(1, 0) + lone
         return sizes
@@ -117,24 +169,22 @@ class GroupCommit:
         self._busy = 0  # requests in flight
         self._carried = 0  # calls those requests carry
         self._queue: list[Call] = []
-        # The lane: a call that finds nothing in flight pops this list's one token (pop and
-        # append are atomic under the GIL) and sends without taking the lock; it is a lone
+        # The lane: a call that finds nothing in flight takes its one token (take() and
+        # ended() are atomic under the GIL) and sends without taking the lock; it is a lone
         # request in flight that _busy/_carried do not count. The locked side parks the token
         # (takes it itself, _parked) whenever it finds it free, and puts it back only when
         # nothing is in flight (_unpark): so a free token means _busy == 0 and no lane call.
         # The lane's holder puts the token back BEFORE it looks at the queue, and a queuing
         # call tries to park it AFTER it has queued: one of the two sees the other, so a
         # queued call is never left behind a lane call that has ended.
-        self._idle: list[None] = [None]
+        self.lane.reset(self._queue)
         self._parked = False
 
     def _lane_busy(self) -> int:
         """(Under the lock.) 1 while a lane call is in flight, else 0, the token parked."""
         if self._parked:
             return 0
-        try:
-            self._idle.pop()
-        except IndexError:
+        if not self.lane.take():
             return 1
         self._parked = True
         return 0
@@ -143,7 +193,7 @@ class GroupCommit:
         """(Under the lock.) Free the lane once nothing is in flight."""
         if self._parked and not self._busy:
             self._parked = False
-            self._idle.append(None)
+            self.lane.give()
 
     def _ready(self, n: int, lane: int = 0) -> bool:
         """Whether n queued calls may leave now (under the lock): a slot is free and either
@@ -186,23 +236,16 @@ class GroupCommit:
         client's curl handles alive past C_Finalize. The sender itself, not its two bound
         methods: calling sender._single(...) allocates no bound method, and a lone call never
         touches _send_batch.)"""
-        if not self._busy:  # only a hint: the token decides
-            idle = self._idle
+        the_lane = self.lane
+        if the_lane.take():  # the lane: nothing was in flight, no lock taken on the way in or out
+            # (The module's core takes this lane itself, in the same steps: _hand_off in
+            # pkcs11ws/_native/fastpath.pxi. Keep the two alike.)
+            self._flush()  # this thread's earlier wake-ups (a C_GenerateRandom in chunks)
             try:
-                idle.pop()
-            except IndexError:
-                pass
-            else:  # the lane: nothing was in flight, no lock taken on the way in or out
-                # (The module's core takes this lane itself, in the same steps: _hand_off in
-                # pkcs11ws/_native/fastpath.pxi. Keep the two alike.)
-                self._flush()  # this thread's earlier wake-ups (a C_GenerateRandom in chunks)
-                try:
-                    return sender._single(op, token, data)
-                finally:
-                    self._lane_sent += 1
-                    idle.append(None)  # first free the lane, then look at the queue
-                    if self._queue:
-                        self._lane_ended()
+                return sender._single(op, token, data)
+            finally:
+                if the_lane.ended():  # the token back first, then a look at the queue
+                    self._lane_ended()
         group: list[Call] | None = None
         # lock.acquire()/release() in try/finally rather than `with`: half the cost, and every
         # call, one thread's included, passes here twice (bench/results/profile-issue15.md).

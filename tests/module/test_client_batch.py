@@ -65,6 +65,7 @@ def queued(group: GroupCommit, calls: list[Callable[[], Any]]) -> list[Any]:
     with group._lock:
         held = group.limit - group._busy
         group._busy = group.limit
+        group._lane_busy()  # the lane's token parked while anything is in flight, as run() does
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
     for t in threads:
         t.start()
@@ -186,6 +187,7 @@ def _in_flight(group: GroupCommit, requests: int, calls: int) -> None:
     with group._lock:
         group._busy += requests
         group._carried += calls
+        group._lane_busy()  # the lane's token parked while anything is in flight, as run() does
 
 
 def _wait_queued(group: GroupCommit, n: int) -> None:

@@ -30,7 +30,7 @@ def _mac(data: bytes) -> bytes:
 def _idle(group: GroupCommit) -> None:
     """Nothing in flight, nothing queued, the lane's token free."""
     assert group._busy == 0 and group._carried == 0 and not group._queue
-    assert list(group._idle) == [None] and not group._parked
+    assert group.lane.free and not group._parked
 
 
 def _gate_lane(c: KeyServiceClient) -> tuple[threading.Event, threading.Event, list[Any]]:
@@ -61,22 +61,23 @@ def _thread(fn: Callable[[], Any], out: list[Any]) -> threading.Thread:
     return threading.Thread(target=run, daemon=True)
 
 
-class _Idle(list[None]):
-    """The lane's token list, calling `hook` at the first failed grab made under the lock
-    (the queuing call's, not its lock-free try before it)."""
+class _Hooked:
+    """The group's lane, calling `hook` at the first failed take() made under the lock (the
+    queuing call's, not its lock-free try before it)."""
 
     def __init__(self, group: GroupCommit, hook: Callable[[], None]) -> None:
-        super().__init__([None])
-        self.group, self.hook, self.fired = group, hook, False
+        self.lane, self.group, self.hook, self.fired = group.lane, group, hook, False
 
-    def pop(self, index: Any = -1) -> None:
-        try:
-            return super().pop(index)
-        except IndexError:
-            if not self.fired and self.group._lock.locked():
-                self.fired = True
-                self.hook()
-            raise
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.lane, name)
+
+    def take(self) -> bool:
+        if self.lane.take():
+            return True
+        if not self.fired and self.group._lock.locked():
+            self.fired = True
+            self.hook()
+        return False
 
 
 def test_a_lane_call_ending_while_another_queues_still_sends_it(service: Any) -> None:
@@ -96,17 +97,18 @@ def test_a_lane_call_ending_while_another_queues_still_sends_it(service: Any) ->
             t1.join(60)  # its token back and no queue seen: it took no lock on the way out
             assert not t1.is_alive()
 
-        group._idle = _Idle(group, let_the_lane_end)
+        hooked = _Hooked(group, let_the_lane_end)
+        group.lane = hooked
         lane.append(t1)
         t1.start()
         assert entered.wait(60)
-        assert group._busy == 0 and list(group._idle) == []  # in flight on the lane, unlocked
+        assert group._busy == 0 and not group.lane.free  # in flight on the lane, unlocked
         second: list[Any] = []
         t2 = _thread(lambda: c.sign(token, mac, "CKM_SHA256_HMAC", b"queued"), second)
         t2.start()
         t2.join(60)
         assert not t2.is_alive(), "the queued call was left behind the lane's ended call"
-        assert isinstance(group._idle, _Idle) and group._idle.fired
+        assert hooked.fired
         assert first == [_mac(b"lane")] and second == [_mac(b"queued")]
         _idle(group)
     finally:

@@ -71,6 +71,7 @@ def test_a_call_that_hands_on_a_full_batch_wakes_its_sender_before_it_waits(
     with group._lock:  # the test's own request of 3 calls is "in flight" on one of 2 slots
         assert group.limit == 2 and group._busy == 0
         group._busy, group._carried = 1, 3
+        group._lane_busy()  # the lane's token parked while anything is in flight, as run() does
     threads = [threading.Thread(target=sign, args=(i,), daemon=True) for i in range(3)]
     try:
         threads[0].start()

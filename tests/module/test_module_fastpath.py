@@ -404,6 +404,51 @@ def test_threads_on_the_lane_and_the_queue_all_get_their_answers(
         mod.call("C_CloseSession", s)
 
 
+def test_a_lone_call_takes_the_cores_lane_and_steps_aside_while_requests_are_in_flight(
+    mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
+) -> None:
+    """One thread: each fast call takes group commit's lane (the core's C Lane: no lock, no
+    single request counted by the locked side) and leaves its token free. While the group's
+    locked side has a request in flight (the token parked), the fast path goes through
+    group.run() instead, and the same call still gets its own answer. Without group commit
+    (BATCHINFLIGHT=0: no group, no lane in the entry) it sends its single request itself."""
+    _, h, _ = logged_card
+    key = hmac_key(mod, h, HMAC_KEY)
+    assert _sign(mod, h, key, b"warm") == hmac.digest(HMAC_KEY, b"warm", hashlib.sha256)
+    p = _provider()
+    group = p.client.group
+    assert group is not None and p.fast[key][8] is group.lane
+    assert type(group.lane) is sys.modules["pkcs11ws._native.core"].Lane
+    sent, lone = group.lane.sent, group._lone
+    for i in range(5):
+        d = b"lane %d" % i
+        assert _sign(mod, h, key, d) == hmac.digest(HMAC_KEY, d, hashlib.sha256)
+    assert group.lane.sent == sent + 5 and group._lone == lone
+    assert group.lane.free and group._busy == 0 and not group._parked
+    with group._lock:  # another thread's request in flight on one of the 2 slots
+        assert group.limit == 2
+        group._busy, group._carried = 1, 1
+        assert group._lane_busy() == 0 and not group.lane.free  # the token parked
+    try:
+        out: list[Any] = []
+        t = threading.Thread(target=lambda: out.append(_sign(mod, h, key, b"locked")))
+        t.start()  # a free slot behind a lone request: it goes at once, on the locked side
+        t.join(60)
+        assert out == [hmac.digest(HMAC_KEY, b"locked", hashlib.sha256)]
+        assert group._lone == lone + 1 and group.lane.sent == sent + 5
+    finally:
+        group._release(1)  # the pretended request ends: the token is given back
+    assert group.lane.free and group._busy == 0 and not group._parked
+    kept = p.fast
+    p.fast = {k: (*e[:6], None, e[7], None) for k, e in kept.items()}
+    try:
+        assert _sign(mod, h, key, b"off") == hmac.digest(HMAC_KEY, b"off", hashlib.sha256)
+    finally:
+        p.fast = kept
+    assert group.lane.sent == sent + 5 and group._lone == lone + 1
+    assert counted.calls == 1
+
+
 def test_rsa_decrypt_and_sign_go_fast_and_match_the_public_key(
     mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
 ) -> None:

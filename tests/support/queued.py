@@ -52,6 +52,7 @@ def queued_hmac_signs(
     with group._lock:
         held = group.limit - group._busy
         group._busy = group.limit
+        group._lane_busy()  # the lane's token parked while anything is in flight, as run() does
     threads = [threading.Thread(target=sign, args=(i,), daemon=True) for i in range(n)]
     try:
         for t in threads:
