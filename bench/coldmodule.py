@@ -10,7 +10,7 @@ kept from being used (the provider's path: Provider.crypto and client.crypto), a
 (the clock read and the ctypes call of C_GetInfo, which never enters Python). Each piece runs
 back to back (warm), after a 300 us sleep each (about the answer's round trip at 1 thread) and
 after the sleep plus an 8 MiB memory sweep; CPU per call from the thread's CPU clock, pieces in
-a new random order each round, medians over the rounds.
+a new random order each round (cold: each call), medians over the rounds.
 
 Run: taskset -c 0 python -m bench.coldmodule [--calls 2000] [--rounds 5]
 Not part of `make bench`.
@@ -125,8 +125,8 @@ def main() -> None:
         memory = bytearray(SWEEP)
         ones = b"\1" * (SWEEP // 64)
         results: dict[str, dict[str, list[float]]] = {k: {} for k in pieces}
+        names = list(pieces)
         for _ in range(args.rounds):
-            names = list(pieces)
             random.shuffle(names)
             for name in names:
                 fn = pieces[name]
@@ -136,21 +136,29 @@ def main() -> None:
                 for _ in range(args.calls):
                     fn()
                 warm = (clock() - t0) / args.calls
-                cold = sweep = 0.0
-                for i in range(args.calls // 4):
+                results[name].setdefault("warm", []).append(warm * 1e6)
+            # Cold: the pieces take turns call by call (a new order each time), so the VM's
+            # drift over seconds falls on all of them alike.
+            cold = dict.fromkeys(names, 0.0)
+            sweep = dict.fromkeys(names, 0.0)
+            for i in range(args.calls // 4):
+                random.shuffle(names)
+                for name in names:
+                    fn = pieces[name]
                     time.sleep(SLEEP)
                     if i % 2:
                         memory[::64] = ones
                         t0 = clock()
                         fn()
-                        sweep += clock() - t0
+                        sweep[name] += clock() - t0
                     else:
                         t0 = clock()
                         fn()
-                        cold += clock() - t0
-                k = args.calls // 8
-                for way, v in (("warm", warm), ("cold", cold / k), ("sweep", sweep / k)):
-                    results[name].setdefault(way, []).append(v * 1e6)
+                        cold[name] += clock() - t0
+            k = args.calls // 8
+            for name in names:
+                results[name].setdefault("cold", []).append(cold[name] / k * 1e6)
+                results[name].setdefault("sweep", []).append(sweep[name] / k * 1e6)
         provider.fast = kept
         del provider._remember_fast
         session.close()
