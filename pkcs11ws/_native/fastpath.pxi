@@ -169,6 +169,7 @@ cdef object _read_answer(int which, object r):
 # The client's pieces of a single request, per OP_* (read on first use, as above): the
 # endpoint's spec, method and path, and the module-wide ones.
 cdef list g_specs = None
+cdef list g_post_paths = None           # per OP_*: the path of a POST endpoint (else None)
 cdef object g_ids = None                # client/api.py _REQUEST_IDS (reset in a forked child)
 cdef tuple g_base_headers = None
 cdef object g_curl_failure = None
@@ -176,15 +177,106 @@ cdef int g_debug3 = 0
 
 
 cdef void _client_parts():
-    global g_specs, g_ids, g_base_headers, g_curl_failure, g_debug3
+    global g_specs, g_post_paths, g_ids, g_base_headers, g_curl_failure, g_debug3
     from pkcs11ws.client import api  # loaded with the provider already
     from pkcs11ws.log import DEBUG3
 
     g_specs = [api.ENDPOINTS[name] for name in _OP_NAME]
+    g_post_paths = [spec.path if spec.method == "POST" else None for spec in g_specs]
     g_ids = api._REQUEST_IDS
     g_base_headers = <tuple?>api.BASE_HEADERS
     g_curl_failure = api.CurlFailure
     g_debug3 = DEBUG3
+
+
+# The transport's pieces (client/transport.py), read on first use like the client's.
+cdef object g_transport = None          # the module: its _PID is renewed in a forked child
+cdef object g_in_curl = None            # _IN_CURL (cleared, never replaced, in a child)
+cdef object g_get_ident = None
+cdef object g_postfields = None
+cdef object g_response_code = None
+cdef object g_num_connects = None
+cdef object g_curl_error = None
+cdef object g_finalizing = None
+cdef Py_ssize_t g_max_idle = 0
+
+
+cdef void _transport_parts():
+    global g_transport, g_in_curl, g_get_ident, g_postfields, g_response_code
+    global g_num_connects, g_curl_error, g_finalizing, g_max_idle
+    from pkcs11ws.client import transport  # loaded with the provider already
+
+    g_in_curl = transport._IN_CURL
+    g_get_ident = transport._get_ident
+    g_postfields = transport._POSTFIELDS
+    g_response_code = transport._RESPONSE_CODE
+    g_num_connects = transport._NUM_CONNECTS
+    g_curl_error = transport.pycurl.error
+    g_finalizing = transport.Finalizing
+    g_max_idle = transport.MAX_IDLE
+    g_transport = transport
+
+
+cdef object _request(object t, str path, bytes data, tuple headers):
+    """t.request("POST", path, data, headers) (client/transport.py Transport.request), its
+    usual case written here (keep the two alike): one server, no deadline, an idle pooled
+    handle whose URL path, method (POST), header list and timeout are already this request's,
+    this thread in no transfer, the transport open and not forked since. Anything else is
+    t.request() itself. (After each wait for an answer the interpreter runs cold: request()'s
+    frame and bytecode were the largest piece of the module's own path left at one thread,
+    bench/results/profile-issue15-client-cpu.md.)"""
+    cdef list servers, idle, chunks
+    if g_transport is None:
+        _transport_parts()
+    servers = <list?>t.servers
+    if len(servers) != 1 or t._pid != g_transport._PID or t.aborted or t._closed:
+        return t.request("POST", path, data, headers)
+    server = servers[0]
+    idle = <list?>server.idle
+    if not idle:
+        return t.request("POST", path, data, headers)
+    me = g_get_ident()
+    if me in g_in_curl:
+        return t.request("POST", path, data, headers)  # it raises (a nested call)
+    conn = idle.pop()  # nothing below runs Python code before the handle is looked at
+    c = conn.curl
+    if c is None or conn.path != path or conn.method != "POST" or conn.headers is not headers \
+            or conn.timeout_ms != t._timeout_ms:
+        idle.append(conn)
+        return t.request("POST", path, data, headers)
+    g_in_curl.add(me)
+    try:
+        conn.busy = True
+        try:
+            if t.aborted:
+                raise g_finalizing()
+            conn.setopt(g_postfields, data)
+            chunks = <list?>conn.chunks
+            socks = conn.socks
+            opened = socks.count
+            try:
+                conn.perform()
+            except BaseException as e:
+                if not isinstance(e, g_curl_error):
+                    raise
+                raise t._perform_failed(conn, c, e) from None
+            status = conn.getinfo(g_response_code)
+            if socks.count != opened:  # a new connection (only then worth asking libcurl)
+                conn.connects += conn.getinfo(g_num_connects)
+            out = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            del chunks[:]
+            conn.used = True
+            conn.requests += 1
+            return status, out
+        finally:
+            # Back to the pool, unless the transport was closed (C_Finalize) or forked since.
+            if t._closed or conn.pid != t._pid or len(idle) >= g_max_idle:
+                t._retire(conn)
+            else:
+                idle.append(conn)
+            conn.busy = False
+    finally:
+        g_in_curl.discard(me)
 
 
 cdef object _send_one(object client, int which, bytes body):
@@ -215,7 +307,11 @@ cdef object _send_one(object client, int which, bytes body):
     memcpy(w + fn + num_len, PyBytes_AS_STRING(body) + 1, bn - 1)
     started = _now()
     try:
-        status, raw = client.transport.request(spec.method, spec.path, data, g_base_headers)
+        path = g_post_paths[which]
+        if path is None:
+            status, raw = client.transport.request(spec.method, spec.path, data, g_base_headers)
+        else:
+            status, raw = _request(client.transport, <str>path, data, g_base_headers)
     except BaseException as failure:
         if not isinstance(failure, g_curl_failure):
             raise

@@ -603,21 +603,7 @@ class Transport:
                 try:
                     conn.perform()
                 except pycurl.error as e:
-                    chunks.clear()
-                    code = e.args[0] if e.args else -1
-                    message = e.args[1] if len(e.args) > 1 else str(e)
-                    connects = c.getinfo(pycurl.NUM_CONNECTS)
-                    reused = conn.used and connects == 0
-                    handshaken = connects > 0 and c.getinfo(pycurl.APPCONNECT_TIME) > 0
-                    conn.used = False  # the handle's connection is gone either way
-                    conn.requests += 1
-                    conn.connects += connects
-                    conn.failures += 1
-                    if self.aborted:
-                        raise Finalizing() from None
-                    raise CurlFailure(
-                        code, message, reused, connects > 0, server.label, handshaken
-                    ) from None
+                    raise self._perform_failed(conn, c, e) from None
                 status: int = conn.getinfo(_RESPONSE_CODE)
                 if socks.count != opened:  # a new connection (only then worth asking libcurl)
                     conn.connects += conn.getinfo(_NUM_CONNECTS)
@@ -635,6 +621,24 @@ class Transport:
                 conn.busy = False
         finally:
             _IN_CURL.discard(me)
+
+    def _perform_failed(self, conn: _Conn, c: Any, e: pycurl.error) -> BaseException:
+        """What a request raises when the perform() of conn's handle c failed with e (conn's
+        statistics counted; c: conn.curl was, as close() may have cleared it since): request()
+        and the core's copy of its usual case (fastpath.pxi _request) raise it."""
+        conn.chunks.clear()
+        code = e.args[0] if e.args else -1
+        message = e.args[1] if len(e.args) > 1 else str(e)
+        connects = c.getinfo(pycurl.NUM_CONNECTS)
+        reused = conn.used and connects == 0
+        handshaken = connects > 0 and c.getinfo(pycurl.APPCONNECT_TIME) > 0
+        conn.used = False  # the handle's connection is gone either way
+        conn.requests += 1
+        conn.connects += connects
+        conn.failures += 1
+        if self.aborted:
+            return Finalizing()
+        return CurlFailure(code, message, reused, connects > 0, conn.server.label, handshaken)
 
     def _order(self, now: float) -> list[_Server]:
         """This round's servers: the healthy ones from a rotating start, then those cooling

@@ -139,23 +139,52 @@ def test_login_and_object_changes_take_the_providers_path(
 Odd = Callable[[bytes], bytes]
 
 
-def _answering(p: Any, change: Odd) -> Callable[[], None]:
-    """Make the transport hand every crypto answer through change(); returns the undo."""
+Perform = Callable[[Any, Callable[[], None], bytes], None]
+
+
+def _on_perform(p: Any, perform: Perform) -> Callable[[], None]:
+    """Run perform(conn, the handle's real perform, the body it was given) instead of every
+    pycurl perform() of the provider's transport (its pooled handles and any it makes), the
+    level both the transport's request() and the core's copy of it (fastpath.pxi _request)
+    go through; returns the undo."""
     transport = p.client.transport
-    real = transport.request
+    new_conn = transport._new_conn
 
-    def request(method: str, path: str, *args: Any, **kw: Any) -> tuple[int, bytes]:
-        status, raw = real(method, path, *args, **kw)
-        if path.startswith("/crypto/v1/") and status == 200:
-            raw = change(raw)
-        return status, raw
+    def hook(conn: Any) -> Any:
+        curl = conn.curl
+        body = [b""]
 
-    transport.request = request
+        def setopt(option: int, value: Any) -> None:
+            if option == pycurl.POSTFIELDS:
+                body[0] = value
+            curl.setopt(option, value)
+
+        conn.setopt = setopt
+        conn.perform = lambda: perform(conn, curl.perform, body[0])
+        return conn
+
+    for conn in list(transport._conns):
+        hook(conn)
+    transport._new_conn = lambda server: hook(new_conn(server))
 
     def undo() -> None:
-        del transport.request
+        del transport._new_conn
+        for conn in list(transport._conns):
+            if conn.curl is not None:
+                conn.setopt, conn.perform = conn.curl.setopt, conn.curl.perform
 
     return undo
+
+
+def _answering(p: Any, change: Odd) -> Callable[[], None]:
+    """Make the transport hand every crypto answer through change(); returns the undo."""
+
+    def perform(conn: Any, real: Callable[[], None], body: bytes) -> None:
+        real()
+        if conn.path.startswith("/crypto/v1/") and conn.curl.getinfo(pycurl.RESPONSE_CODE) == 200:
+            conn.chunks[:] = [change(b"".join(conn.chunks))]
+
+    return _on_perform(p, perform)
 
 
 def _outcome(fn: Callable[[], Any]) -> Any:
@@ -189,39 +218,31 @@ ODD_VERIFY: list[tuple[str, Odd]] = [
 ]
 
 
-def _failing_first(p: Any, failure: Exception) -> tuple[list[bytes], Callable[[], None]]:
-    """Make the transport's next crypto attempt raise failure (no request sent) and record
-    every crypto body it is given; returns (bodies, undo)."""
-    transport = p.client.transport
-    real = transport.request
+def _failing_first(p: Any, failure: pycurl.error) -> tuple[list[bytes], Callable[[], None]]:
+    """Make libcurl's next crypto transfer fail with failure (no request sent) and record
+    every crypto body sent; returns (bodies, undo)."""
     bodies: list[bytes] = []
 
-    def request(method: str, path: str, body: Any, *args: Any, **kw: Any) -> tuple[int, bytes]:
-        if path.startswith("/crypto/v1/"):
+    def perform(conn: Any, real: Callable[[], None], body: bytes) -> None:
+        if conn.path.startswith("/crypto/v1/"):
             bodies.append(body)
             if len(bodies) == 1:
                 raise failure
-        return real(method, path, body, *args, **kw)
+        real()
 
-    transport.request = request
-
-    def undo() -> None:
-        del transport.request
-
-    return bodies, undo
+    return bodies, _on_perform(p, perform)
 
 
 def test_a_dead_connection_on_the_fast_path_is_retried_with_the_same_request_id(
     mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
 ) -> None:
-    from pkcs11ws.client.transport import CurlFailure
-
     _, h, _ = logged_card
     key = hmac_key(mod, h, HMAC_KEY)
     p = _provider()
     want = hmac.digest(HMAC_KEY, b"again", hashlib.sha256)
     assert _sign(mod, h, key, b"again") == want
-    dead = CurlFailure(pycurl.E_GOT_NOTHING, "Empty reply from server", True)
+    # On a kept-alive connection (this handle's last transfer made none): a dead connection.
+    dead = pycurl.error(pycurl.E_GOT_NOTHING, "Empty reply from server")
     bodies, undo = _failing_first(p, dead)
     try:
         assert _sign(mod, h, key, b"again") == want
@@ -244,14 +265,12 @@ def test_a_dead_connection_on_the_fast_path_is_retried_with_the_same_request_id(
 def test_a_transport_failure_on_the_fast_path_gives_the_providers_ckr(
     mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
 ) -> None:
-    from pkcs11ws.client.transport import CurlFailure
-
     _, h, _ = logged_card
     key = hmac_key(mod, h, HMAC_KEY)
     p = _provider()
     assert _sign(mod, h, key, b"x") == hmac.digest(HMAC_KEY, b"x", hashlib.sha256)
     obj, token = p.fast[key][2], p.fast[key][3]
-    fatal = CurlFailure(pycurl.E_UNSUPPORTED_PROTOCOL, "no https", False)
+    fatal = pycurl.error(pycurl.E_UNSUPPORTED_PROTOCOL, "no https")
     bodies, undo = _failing_first(p, fatal)
     try:
         fast = _outcome(lambda: _sign(mod, h, key, b"x"))
@@ -446,6 +465,41 @@ def test_a_lone_call_takes_the_cores_lane_and_steps_aside_while_requests_are_in_
     finally:
         p.fast = kept
     assert group.lane.sent == sent + 5 and group._lone == lone + 1
+    assert counted.calls == 1
+
+
+def test_a_lone_request_runs_the_cores_copy_of_the_transport_request_in_its_usual_case(
+    mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
+) -> None:
+    """The fast path's lone request runs fastpath.pxi _request (Transport.request's usual
+    case) and not the transport's Python method; a pooled handle that is not set up for this
+    request (here: another URL path) goes to Transport.request, which sets it up again."""
+    _, h, _ = logged_card
+    key = hmac_key(mod, h, HMAC_KEY)
+    p = _provider()
+    transport = p.client.transport
+    assert _sign(mod, h, key, b"warm") == hmac.digest(HMAC_KEY, b"warm", hashlib.sha256)
+    real = transport.request
+    paths: list[str] = []
+
+    def request(method: str, path: str, *args: Any, **kw: Any) -> tuple[int, bytes]:
+        paths.append(path)
+        return real(method, path, *args, **kw)
+
+    transport.request = request
+    try:
+        requests = transport.stats()["requests"]
+        for d in (b"a", b"b", b"c"):
+            assert _sign(mod, h, key, d) == hmac.digest(HMAC_KEY, d, hashlib.sha256)
+        assert paths == [] and transport.stats()["requests"] == requests + 3
+        for conn in transport.servers[0].idle:
+            conn.path = ""  # as if the handle's URL were another endpoint's
+        assert _sign(mod, h, key, b"d") == hmac.digest(HMAC_KEY, b"d", hashlib.sha256)
+        assert paths == ["/crypto/v1/sign"]
+        assert _sign(mod, h, key, b"e") == hmac.digest(HMAC_KEY, b"e", hashlib.sha256)
+        assert paths == ["/crypto/v1/sign"]  # set up again: the core's copy takes it
+    finally:
+        del transport.request
     assert counted.calls == 1
 
 
