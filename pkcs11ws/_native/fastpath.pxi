@@ -220,12 +220,14 @@ cdef void _transport_parts():
 cdef object _request(object t, str path, bytes data, tuple headers):
     """t.request("POST", path, data, headers) (client/transport.py Transport.request), its
     usual case written here (keep the two alike): one server, no deadline, an idle pooled
-    handle whose URL path, method (POST), header list and timeout are already this request's,
-    this thread in no transfer, the transport open and not forked since. Anything else is
-    t.request() itself. (After each wait for an answer the interpreter runs cold: request()'s
-    frame and bytecode were the largest piece of the module's own path left at one thread,
-    bench/results/profile-issue15-client-cpu.md.)"""
+    handle whose URL path, method (POST), header list and timeout (TIMEOUT, or at most a
+    step below it) are already this request's, this thread in no transfer, the transport
+    open and not forked since. Anything else is t.request() itself. (After each wait for an
+    answer the interpreter runs cold: request()'s frame and bytecode were the largest piece
+    of the module's own path left at one thread, bench/results/profile-issue15-client-cpu.md.)
+    """
     cdef list servers, idle, chunks
+    cdef long long ms, full
     if g_transport is None:
         _transport_parts()
     servers = <list?>t.servers
@@ -240,8 +242,10 @@ cdef object _request(object t, str path, bytes data, tuple headers):
         return t.request("POST", path, data, headers)  # it raises (a nested call)
     conn = idle.pop()  # nothing below runs Python code before the handle is looked at
     c = conn.curl
+    ms = conn.timeout_ms
+    full = t._timeout_ms
     if c is None or conn.path != path or conn.method != "POST" or conn.headers is not headers \
-            or conn.timeout_ms != t._timeout_ms:
+            or ms > full or ms < full - <long long>t._step_ms:
         idle.append(conn)
         return t.request("POST", path, data, headers)
     g_in_curl.add(me)

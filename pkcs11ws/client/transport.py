@@ -471,6 +471,7 @@ class Transport:
         self.base_url = ", ".join(f"https://{server_label(h, p)}" for h, p in self._servers_cfg)
         self._timeout = float(cfg.timeout)
         self._timeout_ms = cfg.timeout * 1000
+        self._step_ms = max(1, self._timeout_ms // 64)  # see request(): the handle's timeouts
         self._no_threads = no_threads
         self.log = log if log is not None else LOG
         self._closed = False
@@ -565,6 +566,11 @@ class Transport:
                     conn = self._new_conn(server)
                     c = conn.curl
                 timeout_ms = conn.timeout_ms
+                # The handle's timeouts stay while they are at most the time this request has
+                # and at most a step below it (set, they are that time rounded down to a
+                # step): a batch request's deadline moves by the microsecond, and setting them
+                # is two setopt calls per request. So a request may end up to TIMEOUT/64
+                # before its deadline, never after it.
                 if deadline or share > 1:
                     left = (deadline or time.monotonic() + self._timeout) - time.monotonic()
                     if left <= 0.001:
@@ -574,9 +580,11 @@ class Transport:
                             False,
                             server=server.label,
                         )
-                    timeout_ms = max(1, int(left * 1000 / share))
-                elif timeout_ms != self._timeout_ms:
-                    timeout_ms = self._timeout_ms
+                    exact = int(left * 1000 / share)
+                    if not exact - self._step_ms <= timeout_ms <= exact:
+                        timeout_ms = max(1, exact - exact % self._step_ms)
+                elif not self._timeout_ms - self._step_ms <= timeout_ms <= self._timeout_ms:
+                    timeout_ms = self._timeout_ms  # (the core's _request checks the same)
                 if timeout_ms != conn.timeout_ms:
                     c.setopt(pycurl.TIMEOUT_MS, timeout_ms)
                     c.setopt(

@@ -17,9 +17,11 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pycurl
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -30,9 +32,11 @@ from pkcs11ws import constants as C
 from pkcs11ws.client import KeyServiceClient
 from pkcs11ws.client.api import REJECTED
 from pkcs11ws.client.certinfo import expiry_warning, validity
+from pkcs11ws.client.transport import BASE_HEADERS
 from pkcs11ws.config import load_config
 from pkcs11ws.errors import CertificateRejected, Finalizing, TransportError
 from pkcs11ws.log import Logger
+from pkcs11ws.protocol import HEALTH_PATH
 from tests.support.p11ctypes import CK_ULONG
 
 
@@ -375,3 +379,61 @@ def test_c_initialize_warns_about_an_expired_certificate_then_calls_say_refused(
     assert time.monotonic() - t0 < 5
     text = log.read_text()
     assert text.count(REJECTED) == 1 and "retry" not in text
+
+
+def test_a_handles_timeout_is_reset_only_when_it_would_outlive_the_request_or_lag_a_step(
+    service: Any, tmp_path: Path
+) -> None:
+    # A request with a deadline (every batch request) sets the handle's timeouts only when
+    # they would outlive the time left or fall more than a step (TIMEOUT/64) below it, and
+    # then to the time left rounded down to a step: the deadline moves by the microsecond
+    # from one request to the next, a setopt pair costs per request.
+    c = make_client(service, tmp_path / "log", maxretries=0, timeout=8, connecttimeout=10)
+    try:
+        t = c.transport
+        step = t._step_ms
+        assert step == 8000 // 64
+        assert t.request("GET", HEALTH_PATH, None, BASE_HEADERS)[0] == 200
+        (conn,) = t.servers[0].idle
+        assert conn.timeout_ms == 8000
+        sets: list[tuple[int, int]] = []
+        setopt = conn.curl.setopt
+
+        def counting(option: int, value: Any) -> None:
+            if option in (pycurl.TIMEOUT_MS, pycurl.CONNECTTIMEOUT_MS):
+                sets.append((option, value))
+            setopt(option, value)
+
+        conn.curl = _Recording(conn.curl, counting)
+        for _ in range(3):  # the full TIMEOUT left: 8 s would outlive it by a fraction of a ms
+            assert t.request("GET", HEALTH_PATH, None, BASE_HEADERS, time.monotonic() + 8)[0] == 200
+        assert sets == [(pycurl.TIMEOUT_MS, 8000 - step), (pycurl.CONNECTTIMEOUT_MS, 8000 - step)]
+        assert conn.timeout_ms == 8000 - step  # set once, then kept
+        sets.clear()
+        assert t.request("GET", HEALTH_PATH, None, BASE_HEADERS)[0] == 200  # no deadline: kept
+        assert sets == []
+        # 2 s left: the handle's 8 s would outlive it; set to the time left, a step down.
+        deadline = time.monotonic() + 2
+        assert t.request("GET", HEALTH_PATH, None, BASE_HEADERS, deadline)[0] == 200
+        assert len(sets) == 2 and 2000 - 2 * step < conn.timeout_ms <= 2000
+        assert conn.timeout_ms % step == 0
+        sets.clear()
+        for _ in range(3):  # the same deadline, a few ms later: kept
+            assert t.request("GET", HEALTH_PATH, None, BASE_HEADERS, deadline)[0] == 200
+        assert sets == []
+        # A request without a deadline gets TIMEOUT again (the 2 s are more than a step below).
+        assert t.request("GET", HEALTH_PATH, None, BASE_HEADERS)[0] == 200
+        assert sets == [(pycurl.TIMEOUT_MS, 8000), (pycurl.CONNECTTIMEOUT_MS, 8000)]
+        assert conn.timeout_ms == 8000
+    finally:
+        c.close()
+
+
+class _Recording:
+    """A pycurl handle whose setopt goes through `setopt` (the rest is the handle's)."""
+
+    def __init__(self, curl: Any, setopt: Callable[[int, Any], None]) -> None:
+        self._curl, self.setopt = curl, setopt
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._curl, name)
