@@ -1,12 +1,12 @@
 # Included by core.pyx: what the group commit (client/group.py) waits on inside the module.
-# A queued call waits on a Waiter (a POSIX semaphore, the GIL released). The thread that
-# sends a batch wakes its calls while it still runs Python: woken at once, each would find
-# the GIL held by its waker and block a second time on the GIL's mutex (most of the 8-thread
-# client's kernel time: bench/results/profile-issue15.md). So a wake-up made inside
-# _in_python is deferred until that thread has let go of the GIL, and each woken caller finds
-# it free; group.py flushes them earlier when the thread is about to block (waiting itself, a
-# request, an error). Outside _in_python (a Python host using the client directly) a wake-up
-# is immediate.
+# A queued call is a Queued (its fields and a POSIX semaphore it waits on, the GIL released).
+# The thread that sends a batch wakes its calls while it still runs Python: woken at once,
+# each would find the GIL held by its waker and block a second time on the GIL's mutex (most
+# of the 8-thread client's kernel time: bench/results/profile-issue15.md). So a wake-up made
+# inside _in_python is deferred until that thread has let go of the GIL, and each woken caller
+# finds it free; group.py flushes them earlier when the thread is about to block (waiting
+# itself, a request, an error). Outside _in_python (a Python host using the client directly)
+# a wake-up is immediate.
 
 cdef extern from *:
     """
@@ -53,26 +53,41 @@ cdef extern from *:
     int p11ws_in_core
 
 
-cdef class Waiter:
-    """One queued call's wait: acquire() blocks (without the GIL) until release(), which wakes
-    at once or, inside _in_python, once the waking thread has released the GIL. The same
-    acquire/release pair as the pre-acquired lock group.py uses outside the module."""
+cdef class Queued:
+    """One queued call of the group commit inside the module: client/group.py Call's fields
+    and its wait in one object made in C (no Python __init__ frame, no second object for the
+    wait, the start time read here: per queued call at 8 threads, issue 15). wait() blocks
+    (without the GIL) until wake(), which wakes at once or, inside _in_python, once the waking
+    thread has released the GIL. The same fields and methods as Call."""
 
     cdef sem_t sem
+    cdef public object op
+    cdef public object token
+    cdef public object data
+    cdef public double started          # _now(), time.monotonic()'s clock: TIMEOUT counts from it
+    cdef public object status
+    cdef public object answer
+    cdef public object error
+    cdef public object lead             # set on the call chosen to send the next request
+    cdef public bint alone              # set when the batch endpoint is unusable
 
-    def __cinit__(self) -> None:
+    def __cinit__(self, op: str, token: object, data: bytes) -> None:
         if sem_init(&self.sem, 0, 0) != 0:
             raise OSError("sem_init failed")
+        self.op = op
+        self.token = token
+        self.data = data
+        self.started = _now()
+        self.status = 0
 
     def __dealloc__(self) -> None:
         sem_destroy(&self.sem)
 
-    def acquire(self) -> bool:
+    def wait(self) -> None:
         with nogil:
             p11ws_sem_wait(&self.sem)
-        return True
 
-    def release(self) -> None:
+    def wake(self) -> None:
         # The waiting thread holds this object until it wakes, so it outlives a deferred post.
         p11ws_wake(&self.sem)
 

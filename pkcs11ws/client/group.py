@@ -60,25 +60,34 @@ MAX_BYTES: Final = 512 * 1024
 
 
 class Call:
-    """One queued call: what it sends, and the answer its sender leaves for it."""
+    """One queued call: what it sends, and the answer its sender leaves for it. Inside the
+    module the core's Queued (wake.pxi) takes its place: the same fields and methods, made in
+    C, its wake-ups deferred until the waking thread has released the GIL."""
 
     __slots__ = ("alone", "answer", "data", "done", "error", "lead", "op", "started", "status",
                  "token")  # fmt: skip
 
-    def __init__(self, op: str, token: str | None, data: bytes, started: float, done: Any) -> None:
+    def __init__(self, op: str, token: str | None, data: bytes) -> None:
         self.op = op
         self.token = token
         self.data = data
-        self.started = started  # time.monotonic() when the call began: its TIMEOUT counts from it
-        # Released once when the call's answer (or its turn to send) is there: a Waiter of the
-        # module's core, or a bare lock, acquired already (not a threading.Event: an Event is a
-        # Condition in Python code, several frames and a lock allocation more per wait).
-        self.done = done
+        self.started = time.monotonic()  # when the call began: its TIMEOUT counts from it
+        # Released once when the call's answer (or its turn to send) is there: a bare lock,
+        # acquired already (not a threading.Event: an Event is a Condition in Python code,
+        # several frames and a lock allocation more per wait).
+        self.done = _locked()
         self.status = 0
         self.answer: Any = None
         self.error: BaseException | None = None
         self.lead: list[Call] | None = None  # set on the call chosen to send the next request
         self.alone = False  # set when the batch endpoint is unusable: send the single request
+
+    def wait(self) -> None:
+        """Block until wake() (the GIL released meanwhile)."""
+        self.done.acquire()
+
+    def wake(self) -> None:
+        self.done.release()
 
 
 class _Lane:
@@ -158,14 +167,14 @@ class GroupCommit:
     def reset(self) -> None:
         """A fresh state (after fork: the parent's waiting threads do not exist here)."""
         self._lock = _thread.allocate_lock()
-        # Inside the module, queued calls wait on the core's Waiter, whose wake-ups wait until
-        # the waking thread has released the GIL (pkcs11ws/_native/wake.pxi); flush() posts
-        # this thread's deferred ones before it does anything that may block.
+        # Inside the module, queued calls are the core's Queued, whose wake-ups wait until the
+        # waking thread has released the GIL (pkcs11ws/_native/wake.pxi); flush() posts this
+        # thread's deferred ones before it does anything that may block.
         core = sys.modules.get("pkcs11ws._native.core")
-        self._waiter: Callable[[], Any] = _locked
+        self._new_call: Callable[[str, str | None, bytes], Call] = Call
         self._flush: Callable[[], None] = _nothing
-        if core is not None and hasattr(core, "Waiter"):
-            self._waiter, self._flush = core.Waiter, core.flush_wakes
+        if core is not None and hasattr(core, "Queued"):
+            self._new_call, self._flush = core.Queued, core.flush_wakes
         self._busy = 0  # requests in flight
         self._carried = 0  # calls those requests carry
         self._queue: list[Call] = []
@@ -263,7 +272,7 @@ class GroupCommit:
                 self._carried += 1
                 call = None
             else:
-                call = Call(op, token, data, time.monotonic(), self._waiter())
+                call = self._new_call(op, token, data)
                 self._queue.append(call)
                 if lane:  # queued first, now look again: the lane's call may have ended
                     lane = self._lane_busy()
@@ -295,14 +304,14 @@ class GroupCommit:
                 group.insert(0, call)
             else:  # a longer queue than one request takes: its oldest calls leave first
                 group[0].lead = group
-                group[0].done.release()
+                group[0].wake()
                 group = None
         if group is None:
             # A wake-up this thread deferred (the group it just handed on) must not wait for
             # this thread to leave the module: that would be after its own wake-up, which may
             # need that group's request to end first.
             self._flush()
-            call.done.acquire()  # released by the sender: the GIL is released while blocked
+            call.wait()  # woken by the sender: the GIL is released while blocked
             group = call.lead
         if group is not None:
             try:
@@ -317,7 +326,7 @@ class GroupCommit:
                 self._release(len(group))
                 for other in group:
                     if other is not call:
-                        other.done.release()
+                        other.wake()
         if call.alone:
             self._flush()
             return sender._single(op, token, data)
@@ -367,4 +376,4 @@ def _wake(groups: list[list[Call]]) -> None:
     for group in groups:
         head = group[0]
         head.lead = group
-        head.done.release()
+        head.wake()

@@ -29,7 +29,7 @@ def test_queued_c_sign_calls_each_wake_with_their_own_answer(
     key = hmac_key(mod, h, HMAC_KEY)
     core = sys.modules["pkcs11ws._native.core"]
     group = core.current_provider().client.group
-    assert group is not None and group._waiter is core.Waiter
+    assert group is not None and group._new_call is core.Queued
     n = 6
     datas = [b"message %d" % i for i in range(n)]
     before = group.sizes.get(n, 0)

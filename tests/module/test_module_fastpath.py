@@ -383,18 +383,20 @@ def test_batched_calls_read_their_items_fast(
     assert counted.calls == 1
 
 
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
 def test_threads_on_the_lane_and_the_queue_all_get_their_answers(
-    mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
+    mod: Module, logged_card: tuple[int, int, bytes], counted: Counted, n: int
 ) -> None:
-    """Calls from several threads take the core's lane or queue behind it (group commit):
-    every call gets its own answer and none is left waiting."""
+    """Calls from 1, 2, 4 or 8 threads take the core's lane or queue behind it (group commit,
+    the queued calls the core's Queued): every call gets its own answer and none is left
+    waiting."""
     slot, h, _ = logged_card
     key = hmac_key(mod, h, HMAC_KEY)
     assert _sign(mod, h, key, b"warm") == hmac.digest(HMAC_KEY, b"warm", hashlib.sha256)
     group = _provider().client.group
     assert group is not None
     before = sum(k * v for k, v in group.sizes.items())  # calls carried so far
-    n, rounds = 4, 25
+    rounds = 25
     sessions = [mod.open(slot) for _ in range(n)]
     wrong: list[Any] = []
 
