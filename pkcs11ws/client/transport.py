@@ -471,7 +471,7 @@ class Transport:
         self.base_url = ", ".join(f"https://{server_label(h, p)}" for h, p in self._servers_cfg)
         self._timeout = float(cfg.timeout)
         self._timeout_ms = cfg.timeout * 1000
-        self._step_ms = max(1, self._timeout_ms // 64)  # see request(): the handle's timeouts
+        self._step_ms = max(1, self._timeout_ms // 64)  # request(): the handle's timeouts
         self._no_threads = no_threads
         self.log = log if log is not None else LOG
         self._closed = False
@@ -566,11 +566,9 @@ class Transport:
                     conn = self._new_conn(server)
                     c = conn.curl
                 timeout_ms = conn.timeout_ms
-                # The handle's timeouts stay while they are at most the time this request has
-                # and at most a step below it (set, they are that time rounded down to a
-                # step): a batch request's deadline moves by the microsecond, and setting them
-                # is two setopt calls per request. So a request may end up to TIMEOUT/64
-                # before its deadline, never after it.
+                # The handle's timeouts stay while within a step (TIMEOUT/64) below the time
+                # left (a batch's deadline moves by the microsecond; a setopt pair per request)
+                # and are set rounded down to a step: never past the deadline, at most a step early.
                 if deadline or share > 1:
                     left = (deadline or time.monotonic() + self._timeout) - time.monotonic()
                     if left <= 0.001:
@@ -631,9 +629,8 @@ class Transport:
             _IN_CURL.discard(me)
 
     def _perform_failed(self, conn: _Conn, c: Any, e: pycurl.error) -> BaseException:
-        """What a request raises when the perform() of conn's handle c failed with e (conn's
-        statistics counted; c: conn.curl was, as close() may have cleared it since): request()
-        and the core's copy of its usual case (fastpath.pxi _request) raise it."""
+        """What request() (and the core's copy, fastpath.pxi _request) raises when perform() of
+        conn's handle c (close() may have cleared conn.curl since) failed with e."""
         conn.chunks.clear()
         code = e.args[0] if e.args else -1
         message = e.args[1] if len(e.args) > 1 else str(e)
