@@ -185,6 +185,8 @@ extensions = [
             )
         ],
     ),
+    # The key service's SQLite change mark (sqlmark.pyx): no library linked, see there.
+    Extension("pkcs11ws._native.sqlmark", [os.path.join(NATIVE, "sqlmark.pyx")]),
 ]
 
 setup(

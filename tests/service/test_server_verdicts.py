@@ -152,3 +152,49 @@ def test_verdict_is_per_mechanism_and_operation(service: Service, api: Api) -> N
                      token=token)  # fmt: skip
         assert r.code == "KEY_FUNCTION_NOT_PERMITTED"
         assert json.loads(api.post(SIGN, _body(key, b"y"), token=token).body)["signature"]
+
+
+def _module_sign(api: Api, key: str, token: str, data: bytes) -> tuple[int, str | None]:
+    """A sign in the module's spelling (request id and token first in a compact body: the
+    service's direct path) on api's kept connection, so the same worker answers each time."""
+    body = {protocol.REQUEST_ID_FIELD: uuid.uuid4().hex, protocol.TOKEN_FIELD: token,
+            **_body(key, data)}  # fmt: skip
+    r = api.post(SIGN, json.dumps(body, separators=(",", ":")).encode())
+    return r.status, r.code
+
+
+def test_next_request_on_a_kept_connection_sees_another_process_change(
+    pair: tuple[Service, Service],
+) -> None:
+    """The change mark is read afresh for every request that arrives after a change: on one
+    kept connection whose worker holds the verdict (requests back to back, in the module's
+    spelling), the very next request after the other process's answer is refused."""
+    svc, other = pair
+    api, there = Api(svc), Api(other)
+    try:
+        card, token = api.new_card(PASS)
+        key = api.import_key(card, token, HMAC_KEY, b"k" * 32, CKA_SIGN=True)
+        spare = api.import_key(card, token, HMAC_KEY, b"s" * 32, CKA_SIGN=True)
+        for i in range(20):
+            assert _module_sign(api, key, token, b"%d" % i) == (200, None)
+            assert _module_sign(api, spare, token, b"%d" % i) == (200, None)
+        r = there.delete(f"{CARDS}/{card}/objects/{key}", token=token, idem=new_idem())
+        assert r.status == 200
+        assert _module_sign(api, key, token, b"after") == (404, "KEY_NOT_FOUND")
+        assert _module_sign(api, spare, token, b"after") == (200, None)
+        assert there.post(f"{CARDS}/{card}/deactivate", token=token).status == 200
+        assert _module_sign(api, spare, token, b"after") == (401, "NOT_ACTIVATED")
+        # And a change this worker's own process made (another connection, either worker).
+        fresh = api.activate(card, PASS)
+        for i in range(5):
+            assert _module_sign(api, spare, fresh, b"%d" % i) == (200, None)
+        side = Api(svc)
+        try:
+            r = side.delete(f"{CARDS}/{card}/objects/{spare}", token=fresh, idem=new_idem())
+            assert r.status == 200
+        finally:
+            side.close()
+        assert _module_sign(api, spare, fresh, b"gone") == (404, "KEY_NOT_FOUND")
+    finally:
+        api.close()
+        there.close()
