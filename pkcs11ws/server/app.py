@@ -49,6 +49,8 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 error_log = logging.getLogger("pkcs11ws.server")
 
+_perf: Final = time.perf_counter
+
 _JSON_HEADERS: Final = [
     (b"content-type", b"application/json"),
     (b"cache-control", b"no-store"),
@@ -205,15 +207,74 @@ class App:
             self._flush()
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        start = time.perf_counter()
+        start = _perf()
         method: str = scope["method"]
         path: str = scope["path"]
-        # What the audit line needs, filled in by _dispatch as it learns it: endpoint,
-        # identity, path parameters, decoded body.
+        # What the audit line needs, filled in as it is learnt: endpoint, identity, path
+        # parameters, decoded body.
         seen: list[Any] = [None, None, _NO_PARAMS, None]
         code: str | None = None
         try:
-            resp = await self._dispatch(scope, method, path, receive, seen)
+            length: bytes | None = None
+            authorization: bytes | None = None
+            idem_key: bytes | None = None
+            for name, value in scope["headers"]:
+                if name == b"content-length":
+                    length = value
+                elif name == b"authorization":
+                    authorization = value
+                elif name == b"idempotency-key":
+                    idem_key = value
+                elif name == b"x-request-id":
+                    rid = value.decode("latin-1")
+                    if protocol.REQUEST_ID_RE.match(rid):
+                        audit.REQUEST_ID.set(rid)
+            # The identity cached on the connection (pipeline.identify, inlined: every request).
+            state = scope.get("state")
+            peer = state.get(PEER_KEY) if state is not None else None
+            if peer is not None and peer.generation == self.clients.generation:
+                ident = peer.identity
+            else:
+                ident, peer = pipeline.identify(self.clients, scope)
+            if ident is None:
+                raise pipeline.refuse_unknown(peer)
+            seen[1] = ident
+            keyed = self._keyed_paths.get(path) if method == "POST" else None
+            if keyed is None:
+                resp = await self._dispatch(
+                    scope, method, path, receive, seen, length, authorization, idem_key, ident
+                )
+            else:
+                # A single keyed request (the hot path): what _route, _operation and _keyed do
+                # for these paths (static, POST only, no parameters), without their lookups and
+                # coroutines, and _body's first step inline; the same checks in the same order:
+                # the body (its limit), the query (none taken), then _keyed's.
+                scope[_OP] = keyed.op
+                seen[0] = keyed
+                limit = self.max_body
+                if length is not None:
+                    _declared(length, limit, "BODY_TOO_LARGE")
+                msg = await receive()
+                if msg["type"] == "http.request" and not msg.get("more_body", False):
+                    raw: bytes = msg.get("body", b"")
+                    if len(raw) > limit:
+                        raise ApiError("BODY_TOO_LARGE", f"the body is over {limit} bytes")
+                else:
+                    raw = await self._body(receive, None, limit, "BODY_TOO_LARGE", msg)
+                qs = scope.get("query_string", b"")
+                if qs:
+                    _query(keyed, qs)
+                service = self.service
+                if authorization is not None or service._reads_block:
+                    resp = await self._keyed(
+                        keyed, raw, _UNPARSED, authorization, ident, seen, False
+                    )
+                else:
+                    claims, body = self._body_claims(keyed, raw, _UNPARSED, False, ident, seen)
+                    try:
+                        resp = Response(200, service.crypto_now(claims, body, keyed.op))
+                    except Offloaded as work:  # (a single request: never IN_BATCH)
+                        resp = work.answer(await asyncio.to_thread(work.run))
         except ApiError as exc:
             code = exc.code
             resp = _error(code, exc.message)
@@ -233,7 +294,7 @@ class App:
             headers = _heads(len(resp.body))
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": resp.body})
-        elapsed = time.perf_counter() - start
+        elapsed = _perf() - start
         self._request_done(scope.get(_OP, "unrouted"), resp.status, elapsed, code)
         if self._access:
             # The path is percent-decoded: escape it so it cannot forge or split a log line.
@@ -263,51 +324,18 @@ class App:
         raise ApiError("NOT_FOUND", f"no endpoint {path}")
 
     async def _dispatch(
-        self, scope: Scope, method: str, path: str, receive: Receive, seen: list[Any]
+        self,
+        scope: Scope,
+        method: str,
+        path: str,
+        receive: Receive,
+        seen: list[Any],
+        length: bytes | None,
+        authorization: bytes | None,
+        idem_key: bytes | None,
+        ident: Identity,
     ) -> Response:
-        length: bytes | None = None
-        authorization: bytes | None = None
-        idem_key: bytes | None = None
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                length = value
-            elif name == b"authorization":
-                authorization = value
-            elif name == b"idempotency-key":
-                idem_key = value
-            elif name == b"x-request-id":
-                rid = value.decode("latin-1")
-                if protocol.REQUEST_ID_RE.match(rid):
-                    audit.REQUEST_ID.set(rid)
-        # The identity cached on the connection (pipeline.identify, inlined: every request).
-        state = scope.get("state")
-        peer = state.get(PEER_KEY) if state is not None else None
-        if peer is not None and peer.generation == self.clients.generation:
-            ident = peer.identity
-        else:
-            ident, peer = pipeline.identify(self.clients, scope)
-        if ident is None:
-            raise pipeline.refuse_unknown(peer)
-        seen[1] = ident
-        keyed = self._keyed_paths.get(path) if method == "POST" else None
-        if keyed is not None:
-            # What _route, _operation and _keyed do for these paths (static, POST only, no
-            # parameters), without their lookups and coroutines; the same checks in the same
-            # order: the body (its limit), the query (none taken), then _keyed's.
-            scope[_OP] = keyed.op
-            seen[0] = keyed
-            raw = await self._body(receive, length, self.max_body, "BODY_TOO_LARGE")
-            qs = scope.get("query_string", b"")
-            if qs:
-                _query(keyed, qs)
-            service = self.service
-            if authorization is not None or service._reads_block:
-                return await self._keyed(keyed, raw, _UNPARSED, authorization, ident, seen, False)
-            claims, body = self._body_claims(keyed, raw, _UNPARSED, False, ident, seen)
-            try:
-                return Response(200, service.crypto_now(claims, body, keyed.op))
-            except Offloaded as work:  # (a single request: never IN_BATCH)
-                return work.answer(await asyncio.to_thread(work.run))
+        """Any request but a single keyed one (_http runs those), its headers read."""
         if path == protocol.OPENAPI_PATH and method == "GET":
             scope[_OP] = "openapi"
             return self._openapi_doc()
@@ -587,18 +615,25 @@ class App:
         _audit([protocol.ENDPOINT_BY_OP[op], ident, _NO_PARAMS, shown], resp, code)
         return b'{"status":%d,"answer":%s}' % (resp.status, resp.body)
 
-    async def _body(self, receive: Receive, length: bytes | None, limit: int, code: str) -> bytes:
+    async def _body(
+        self,
+        receive: Receive,
+        length: bytes | None,
+        limit: int,
+        code: str,
+        first: Message | None = None,
+    ) -> bytes:
+        """The request body, within limit (else code); first: its first message, when the
+        caller received it already."""
         if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                raise ApiError("BAD_REQUEST", "invalid Content-Length") from None
-            if declared > limit:
-                raise ApiError(code, f"the body is over {limit} bytes")
+            _declared(length, limit, code)
         chunks: list[bytes] = []
         total = 0
         while True:
-            msg = await receive()
+            if first is not None:
+                msg, first = first, None
+            else:
+                msg = await receive()
             if msg["type"] == "http.disconnect":
                 raise _Disconnected
             chunk: bytes = msg.get("body", b"")
@@ -644,6 +679,16 @@ _DECODER: Final = json.JSONDecoder(object_pairs_hook=_unique)
 _NO_PARAMS: Final[dict[str, str]] = {}
 _OPENED_MAX: Final = 10000  # as handlers._TOKEN_CACHE_MAX
 _UNPARSED: Final = object()  # _operation's obj when the body is still raw bytes
+
+
+def _declared(length: bytes, limit: int, code: str) -> None:
+    """A Content-Length over limit is refused before the body is read."""
+    try:
+        declared = int(length)
+    except ValueError:
+        raise ApiError("BAD_REQUEST", "invalid Content-Length") from None
+    if declared > limit:
+        raise ApiError(code, f"the body is over {limit} bytes")
 
 
 def _request_id(body: dict[str, Any]) -> None:

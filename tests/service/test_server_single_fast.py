@@ -6,7 +6,7 @@
   the same audit line.
 - A body token's claims are cached by its str (App._keyed): the identity and expiry checks
   still run on every request.
-- A single keyed request goes from its path straight to the crypto (App._dispatch): a query
+- A single keyed request goes from its path straight to the crypto (App._http): a query
   string, another method and the body limits are still refused as before.
 - The access lines are written in bounded batches (accesslog.py): every line is there once the
   service has stopped on SIGTERM.
@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -211,6 +213,52 @@ def test_keyed_path_keeps_the_routes_refusals(people: dict[str, Who], service: S
     finally:
         conn.close()
     assert (status, body["code"]) == (413, "BODY_TOO_LARGE"), body
+
+
+def _chunked(svc: Service, api: Api, path: str, pieces: list[bytes]) -> tuple[int, Any]:
+    """POST path with a chunked body whose pieces arrive apart (the app receives the body in
+    several messages)."""
+    conn = http.client.HTTPSConnection("127.0.0.1", svc.port, context=api.ctx, timeout=30)
+    try:
+        conn.putrequest("POST", path)
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        with contextlib.suppress(OSError):  # (a refusal may come, and close, before the end)
+            for piece in pieces:
+                conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+                time.sleep(0.05)
+            conn.send(b"0\r\n\r\n")
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_keyed_body_in_pieces(people: dict[str, Who], service: Service) -> None:
+    """The direct path reads a body that comes in several messages as a whole: the same answer
+    as in one piece."""
+    a = people["alice"]
+    path = protocol.ENDPOINT_BY_OP["sign"].path
+    raw = module_body("rq-pieces", a.token, fields_of(a, "sign"))
+    whole = post(a.api, "sign", raw)
+    assert whole.status == 200, whole.body
+    third = len(raw) // 3
+    got = _chunked(service, a.api, path, [raw[:third], raw[third : 2 * third], raw[2 * third :]])
+    assert got == (200, whole.json)
+
+
+def test_keyed_body_in_pieces_over_the_limit(fresh_service: Any, make_api: Any) -> None:
+    """Without a Content-Length the direct path counts the pieces against max_body."""
+    svc = fresh_service(overrides={"max_body": 2048})
+    api = make_api(svc)
+    path = protocol.ENDPOINT_BY_OP["sign"].path
+    try:
+        status, body = _chunked(svc, api, path, [b"x" * 1000] * 3)
+        assert (status, body["code"]) == (413, "BODY_TOO_LARGE"), body
+        status, body = _chunked(svc, api, path, [b"{", b"}"])  # within it: decoded, refused
+        assert (status, body["code"]) == (400, "BAD_REQUEST"), body
+    finally:
+        api.close()
 
 
 def test_every_access_line_is_written_by_a_clean_stop(fresh_service: Any, make_api: Any) -> None:
