@@ -20,12 +20,14 @@ headers are complete: the byte limit already bounds what they can hold before th
 One TLS record per answer: uvicorn writes a response's status line and headers at
 `http.response.start` and its body at `http.response.body`, two transport writes, so two TLS
 records and two sends, and the client reads four times instead of two. The connection's
-transport is wrapped (_OneRecord) so that a write is held until the next one, which it is
-joined with, or until the end of the event loop's turn (call_soon), whichever comes first:
-the head and the body the app sends straight after it leave as one record, and a head whose
-body comes later or never (HEAD) still leaves in the same turn. The wrapper belongs to the
-connection, not to a request: every writer of the connection (a pipelined request's cycle,
-the 400/431 refusals, close) goes through it, so the bytes keep their order.
+transport is wrapped (_OneRecord) so that a response's head is held until the next write, which
+it is joined with (the body the app sends straight after it), or until the response is complete
+(a HEAD answer's head has no body: on_response_complete), or the connection closes; any other
+write (an interim 100 Continue, which the client waits for; uvicorn's whole 400 answer; the 431
+refusal) flushes what is held and leaves at once. The wrapper belongs to the connection, not to
+a request: every writer of the connection (a pipelined request's cycle, the refusals, close)
+goes through it, so the bytes keep their order. (Holding every write until the end of the
+event loop's turn instead cost a scheduled callback per answer.)
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Final, cast
 
 import httptools
@@ -108,19 +110,18 @@ _sweepers: dict[int, _Sweeper] = {}
 _tick = 0
 _on_headers_complete: Final = HttpToolsProtocol.on_headers_complete  # without super() per request
 _on_message_complete: Final = HttpToolsProtocol.on_message_complete
+_on_response_complete: Final = HttpToolsProtocol.on_response_complete
 
 
 class _OneRecord:
-    """The connection's transport, writing two writes in a row (a response's head, then its
-    body) as one, so one TLS record; anything else is the real transport's."""
+    """The connection's transport, writing a response's head together with what follows it
+    (its body) as one write, so one TLS record; anything else is the real transport's."""
 
-    __slots__ = ("_call_soon", "_flush_soon", "_held", "_transport")
+    __slots__ = ("_held", "_transport")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         self._held: bytes | None = None
-        self._call_soon = loop.call_soon
-        self._flush_soon: Callable[[], None] = self.flush  # bound once, not per response
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         held = self._held
@@ -129,10 +130,12 @@ class _OneRecord:
             # One copy of the body: answers are small (a large one, rare, is split into
             # 16 KB records anyway, the head now in the first).
             self._transport.write(held + data)
-        elif data:
+        elif data[-4:] == b"\r\n\r\n" and data[9:10] != b"1":
+            # A head ("HTTP/1.1 200 ...\r\n\r\n"), not an interim 1xx: held for its body.
             # bytes(): a bytearray could change before it leaves (transports copy them too).
             self._held = data if type(data) is bytes else bytes(data)
-            self._call_soon(self._flush_soon)
+        elif data:
+            self._transport.write(data)
 
     def flush(self) -> None:
         held = self._held
@@ -170,6 +173,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     _reject: bytes | None = None
     _draining = False
     _in_body = False  # between a request's headers and the end of its body
+    _records: _OneRecord
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         sweeper = _sweepers.get(id(self.loop))
@@ -182,7 +186,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             transport.close()
             return
         super().connection_made(transport)
-        self.transport = cast(asyncio.Transport, _OneRecord(transport, self.loop))
+        self._records = _OneRecord(transport)
+        self.transport = cast(asyncio.Transport, self._records)
         # Idle before the first request: the keep-alive timeout applies (uvicorn only arms it
         # after a response).
         self.timeout_keep_alive_task = self.loop.call_later(
@@ -253,3 +258,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._in_body = False
         _on_message_complete(self)
+
+    def on_response_complete(self) -> None:
+        self._records.flush()  # a head without a body (HEAD) leaves now
+        _on_response_complete(self)
