@@ -9,16 +9,18 @@ cases; nothing crosses processes per request. prometheus-client picks its value 
 first imported, so this module must be imported only after `serve` has set the variable (app.py
 and cli.py import it lazily or from code that runs in the workers).
 
-Cost on the hot path: a request or a store call only adds to plain per-process numbers (a dict
-lookup, a bisect, a few additions); flush(), which the worker's event loop runs every
-FLUSH_SECONDS and at shutdown, moves them into prometheus-client's memory-mapped values, which
-cost several us per value written. Measured numbers: docs/design.md section 8. A scrape
-therefore sees a worker's requests up to FLUSH_SECONDS late.
+Cost on the hot path: a request appends its time to a per-process array, a store call adds to
+plain per-process numbers (a dict lookup, a bisect, a few additions); flush(), which the
+worker's event loop runs every FLUSH_SECONDS and at shutdown, moves them into
+prometheus-client's memory-mapped values, which cost several us per value written. Measured
+numbers: docs/design.md section 8. A scrape therefore sees a worker's requests up to
+FLUSH_SECONDS late.
 """
 
 from __future__ import annotations
 
 import time
+from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -129,6 +131,13 @@ class _Series:
         self.sum += seconds
         self.count += 1
 
+    def add_all(self, times: array[float]) -> None:
+        buckets, bounds = self.buckets, self.bounds
+        for seconds in times:
+            buckets[bisect_left(bounds, seconds)] += 1
+        self.sum += sum(times)
+        self.count += len(times)
+
     def flush(self) -> None:
         if not self.count:
             return
@@ -144,28 +153,36 @@ class _Series:
 
 
 _latency: dict[str, _Series] = {}
-_requests: dict[tuple[str, int], int] = {}
 _store: list[_Series] = []
+# The seconds of each request answered since the last flush, by operation and status: a
+# request appends one float (no tuple key, no bisect); flush() counts them.
+_answered: dict[str, dict[int, array[float]]] = {}
 
 
 def request_done(operation: str, status: int, seconds: float, code: str | None = None) -> None:
     """Count one answered request (code: the protocol error code when it failed)."""
-    key = (operation, status)
-    _requests[key] = _requests.get(key, 0) + 1
-    series = _latency.get(operation)
-    if series is None:
-        series = _latency[operation] = _Series(LATENCY.labels(operation))
-    series.add(seconds)
+    by_status = _answered.get(operation)
+    if by_status is None:
+        by_status = _answered[operation] = {}
+    times = by_status.get(status)
+    if times is None:
+        times = by_status[status] = array("d")
+    times.append(seconds)
     if code == "PASSPHRASE_LOCKED":
         LOCKOUT_REFUSALS.inc()
 
 
 def flush() -> None:
     """Move what this process counted since the last flush into the shared values."""
-    for key, n in list(_requests.items()):
-        if n:
-            REQUESTS.labels(key[0], str(key[1])).inc(n)
-            _requests[key] = 0
+    for operation, by_status in _answered.items():
+        series = _latency.get(operation)
+        if series is None:
+            series = _latency[operation] = _Series(LATENCY.labels(operation))
+        for status, times in by_status.items():
+            if times:
+                REQUESTS.labels(operation, str(status)).inc(len(times))
+                series.add_all(times)
+                del times[:]
     for series in (*_latency.values(), *_store):
         series.flush()
 
