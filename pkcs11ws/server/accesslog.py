@@ -6,7 +6,7 @@ sends it (one stream or file handler with LOG_FORMAT, no filters), the line is w
 that handler's stream, under its lock, byte for byte as logging would have written it. Any other
 set-up (tests capturing logs, an embedding application's own handlers) takes the ordinary logging
 path. Which of the two applies is looked up again each second (with the time stamp): a logging
-set-up changed while serving is followed within a second.
+set-up changed while serving (a handler, a level) is followed within a second.
 
 Bounded buffering (as nginx's `access_log ... buffer= flush=`): on an event loop, the lines of
 the direct path are gathered and written together at most FLUSH_SECONDS after the first of them,
@@ -60,7 +60,10 @@ class AccessLog:
         self._timer: asyncio.TimerHandle | None = None
 
     def _target(self) -> logging.StreamHandler[TextIO] | None:
-        """The single plain handler the line would reach through logging, else None."""
+        """The single plain handler the line would reach through logging, else None (also
+        when INFO is off: the logging path then drops the line)."""
+        if not _log.isEnabledFor(logging.INFO):
+            return None
         found: logging.Handler | None = None
         c: logging.Logger | None = _log
         while c is not None:
@@ -105,8 +108,6 @@ class AccessLog:
             self._end = handler.terminator
 
     def write(self, method: str, path: str, status: int, ms: float) -> None:
-        if not _log.isEnabledFor(logging.INFO):
-            return
         now = time.time()
         second = int(now)
         if second != self._second or _pid != self._pid:

@@ -117,3 +117,26 @@ def test_held_lines_are_written_by_flush_and_past_the_bound(stream: io.StringIO)
     counts = asyncio.run(serve())
     assert counts[:2] == [0, 1]
     assert counts[2] > 1
+
+
+def test_level_change_is_followed_within_a_second(
+    stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The level is looked up with the target, once a second: a line of the next second after
+    INFO was turned off is dropped, and one after it was turned on again is written."""
+    _direct()
+    now = [1795000000.25]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    log = AccessLog()
+    log.write("GET", "/a", 200, 1.0)
+    top = logging.getLogger("pkcs11ws")
+    top.setLevel(logging.WARNING)
+    now[0] += 1.0
+    log.write("GET", "/b", 200, 1.0)
+    top.setLevel(logging.INFO)
+    now[0] += 1.0
+    log.write("GET", "/c", 200, 1.0)
+    assert [x.split(": ", 1)[1] for x in stream.getvalue().splitlines()] == [
+        "GET /a 200 1.00ms",
+        "GET /c 200 1.00ms",
+    ]
