@@ -466,7 +466,11 @@ class App:
         """_keyed's request without an Authorization header: its decoded body (request id
         taken out) and the claims of the token in it (none: NOT_ACTIVATED)."""
         body = _body_of(ep.request, raw, obj, decoded)
-        _request_id(body)
+        rid = body.pop(_RID_FIELD, None)  # _request_id(body), inline: every single request
+        if rid is not None:
+            if _rid_ok(rid) is None:
+                raise _bad_rid()
+            _REQUEST_ID.set(rid)
         seen[3] = body
         token = body.pop(protocol.TOKEN_FIELD, None)
         # Service.authenticate(_bearer(token), None, ident), its claims cached by the token's
@@ -691,16 +695,23 @@ def _declared(length: bytes, limit: int, code: str) -> None:
         raise ApiError(code, f"the body is over {limit} bytes")
 
 
+_RID_FIELD: Final = protocol.REQUEST_ID_FIELD
+_rid_ok: Final = protocol.REQUEST_ID_RE.fullmatch
+_REQUEST_ID: Final = audit.REQUEST_ID
+
+
+def _bad_rid() -> ApiError:
+    return ApiError("BAD_REQUEST", f"{protocol.REQUEST_ID_FIELD}: 1-64 of A-Z a-z 0-9 _ . : -")
+
+
 def _request_id(body: dict[str, Any]) -> None:
     """Take a crypto request's own request id (protocol.REQUEST_ID_FIELD) out of its body
     into the audit context (where the X-Request-Id header's goes)."""
-    rid = body.pop(protocol.REQUEST_ID_FIELD, None)
+    rid = body.pop(_RID_FIELD, None)
     if rid is not None:
-        if not protocol.REQUEST_ID_RE.fullmatch(rid):
-            raise ApiError(
-                "BAD_REQUEST", f"{protocol.REQUEST_ID_FIELD}: 1-64 of A-Z a-z 0-9 _ . : -"
-            )
-        audit.REQUEST_ID.set(rid)
+        if _rid_ok(rid) is None:
+            raise _bad_rid()
+        _REQUEST_ID.set(rid)
 
 
 def _twice() -> ApiError:
