@@ -125,7 +125,8 @@ def _dumps(prefix: Path) -> list[int]:
 async def _inner(work: Path, n: int, out: Path, pieces: bool) -> None:
     from bench import floor_app
     from pkcs11ws.server import pki, settings
-    from pkcs11ws.server.app import App, configure_logging
+    from pkcs11ws.server.app import App
+    from pkcs11ws.server.worker import configure_logging
 
     res = pki.init(work, port=18001, scrypt_n=2**10)
     s = settings.load(res.server_yaml)

@@ -1,7 +1,7 @@
 """The access log line, one per request, written cheaply.
 
 `logging.info` builds a LogRecord, looks up its caller and formats on every call: a large share
-of a crypto request's CPU. When the access logger's output goes where `app.configure_logging`
+of a crypto request's CPU. When the access logger's output goes where `worker.configure_logging`
 sends it (one stream or file handler with LOG_FORMAT, no filters), the line is written directly to
 that handler's stream, under its lock, byte for byte as logging would have written it. Any other
 set-up (tests capturing logs, an embedding application's own handlers) takes the ordinary logging

@@ -31,7 +31,7 @@ from typing import Any
 from pkcs11ws.server import identity, peer, pki, reload
 from pkcs11ws.server import settings as settings_mod
 
-APP_FACTORY = "pkcs11ws.server.app:create_app"
+APP_FACTORY = "pkcs11ws.server.worker:create_app"
 LOOP_FACTORY = "pkcs11ws.server.cli:event_loop"
 # After sending its TLS close_notify, asyncio waits this long for the peer's (default 30 s).
 # Idle keep-alive clients never answer it, so a graceful stop would otherwise hang on them.
@@ -277,10 +277,11 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
     import uvicorn
 
     from pkcs11ws.server import backup
-    from pkcs11ws.server.app import configure_logging, open_store
+    from pkcs11ws.server.app import open_store
     from pkcs11ws.server.masterkey import MasterKeyError, open_master_key
     from pkcs11ws.server.sealing import MasterKeys
     from pkcs11ws.server.store import StoreError, StoreUnavailable
+    from pkcs11ws.server.worker import configure_logging
 
     workers = args.workers if args.workers is not None else s.workers
     port = args.port if args.port is not None else s.port

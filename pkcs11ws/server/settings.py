@@ -18,7 +18,7 @@ from pkcs11ws._lite import dataclass
 from pkcs11ws.server.store import StoreConfig, StoreError, redact, scheme_of
 
 CONFIG_ENV: Final = "PKCS11WS_SERVER_CONFIG"  # how `serve` hands the yaml path to workers
-# With --workers N > 1: the supervisor's PID, so that a worker knows it is one (app.create_app).
+# With --workers N > 1: the supervisor's PID, so that a worker knows it is one (worker.create_app).
 SUPERVISOR_ENV: Final = "PKCS11WS_SERVER_SUPERVISOR"
 DEFAULT_PORT: Final = 18001
 DEFAULT_ADMIN_PORT: Final = DEFAULT_PORT + 1  # what `init` writes: the service port + 1
