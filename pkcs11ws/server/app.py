@@ -156,6 +156,19 @@ class App:
             len(self._static[p].methods) != 1 for p in self._keyed_paths
         ):
             raise RuntimeError("a keyed endpoint shares its path: the direct path would hide it")
+        # The batch endpoint, for its direct path in _http: what _operation would check of it.
+        self._batch_ep = protocol.ENDPOINT_BY_OP["batch"]
+        self._batch_handler = self._handlers["batch"]
+        b = self._batch_ep
+        if (
+            b.path != protocol.BATCH_PATH
+            or b.method != "POST"
+            or len(self._static[b.path].methods) != 1
+            or b.auth
+            or b.idempotent
+            or b.access in pipeline.CARD_ACCESS
+        ):
+            raise RuntimeError("the batch endpoint needs more than _http's direct path checks")
         self._openapi: bytes | None = None
         self._access = s.access_log
         self._access_log = AccessLog()
@@ -237,41 +250,54 @@ class App:
                 raise pipeline.refuse_unknown(peer)
             seen[1] = ident
             keyed = self._keyed_paths.get(path) if method == "POST" else None
-            if keyed is None:
+            if keyed is None and (path != protocol.BATCH_PATH or method != "POST"):
                 resp = await self._dispatch(
                     scope, method, path, receive, seen, length, authorization, idem_key, ident
                 )
             else:
-                # A single keyed request (the hot path): what _route, _operation and _keyed do
-                # for these paths (static, POST only, no parameters), without their lookups and
-                # coroutines, and _body's first step inline; the same checks in the same order:
-                # the body (its limit), the query (none taken), then _keyed's.
-                scope[_OP] = keyed.op
-                seen[0] = keyed
-                limit = self.max_body
+                # A single keyed request or a batch (the hot paths): what _route, _operation
+                # and _keyed do for these paths (static, POST only, no parameters), without
+                # their lookups and coroutines, and _body's first step inline; the same checks
+                # in the same order: the body (its limit), the query, then the operation's.
+                if keyed is None:
+                    ep, limit, too_large = self._batch_ep, self.batch_max_bytes, "BATCH_TOO_LARGE"
+                else:
+                    ep, limit, too_large = keyed, self.max_body, "BODY_TOO_LARGE"
+                scope[_OP] = ep.op
+                seen[0] = ep
                 if length is not None:
-                    _declared(length, limit, "BODY_TOO_LARGE")
+                    _declared(length, limit, too_large)
                 msg = await receive()
                 if msg["type"] == "http.request" and not msg.get("more_body", False):
                     raw: bytes = msg.get("body", b"")
                     if len(raw) > limit:
-                        raise ApiError("BODY_TOO_LARGE", f"the body is over {limit} bytes")
+                        raise ApiError(too_large, f"the body is over {limit} bytes")
                 else:
-                    raw = await self._body(receive, None, limit, "BODY_TOO_LARGE", msg)
+                    raw = await self._body(receive, None, limit, too_large, msg)
                 qs = scope.get("query_string", b"")
-                if qs:
-                    _query(keyed, qs)
                 service = self.service
-                if authorization is not None or service._reads_block:
-                    resp = await self._keyed(
-                        keyed, raw, _UNPARSED, authorization, ident, seen, False
+                if keyed is None:
+                    # _operation's steps for the batch endpoint (no token, no Idempotency-Key,
+                    # any identity: checked in __init__), then its handler.
+                    query = _query(ep, qs)
+                    body = _decode(ep.request, raw)
+                    seen[3] = body
+                    resp = await self._batch_handler(
+                        Request(ep, _NO_PARAMS, query, body, None, None, ident, None)
                     )
                 else:
-                    claims, body = self._body_claims(keyed, raw, _UNPARSED, False, ident, seen)
-                    try:
-                        resp = Response(200, service.crypto_now(claims, body, keyed.op))
-                    except Offloaded as work:  # (a single request: never IN_BATCH)
-                        resp = work.answer(await asyncio.to_thread(work.run))
+                    if qs:
+                        _query(keyed, qs)  # a keyed endpoint takes no query: refused as there
+                    if authorization is not None or service._reads_block:
+                        resp = await self._keyed(
+                            keyed, raw, _UNPARSED, authorization, ident, seen, False
+                        )
+                    else:
+                        claims, body = self._body_claims(keyed, raw, _UNPARSED, False, ident, seen)
+                        try:
+                            resp = Response(200, service.crypto_now(claims, body, keyed.op))
+                        except Offloaded as work:  # (a single request: never IN_BATCH)
+                            resp = work.answer(await asyncio.to_thread(work.run))
         except ApiError as exc:
             code = exc.code
             resp = _error(code, exc.message)

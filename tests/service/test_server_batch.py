@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import json
 import uuid
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from pkcs11ws import protocol
+from tests.support.chunked import post_in_pieces
 from tests.support.service import Api, Resp, Service, b64, issue_client, unb64
 
 BATCH = protocol.BATCH_PATH
@@ -208,3 +210,32 @@ def test_limits_count_and_bytes(keyholders: dict[str, Who], service: Service) ->
         r = api.post(BATCH, body)
         assert r.status == 400 and r.code in ("BAD_REQUEST", "UNKNOWN_FIELD"), body
     assert batch(api, []) == []
+
+
+def test_batch_path_keeps_the_routes_refusals(keyholders: dict[str, Who], service: Service) -> None:
+    """The batch endpoint's direct path (App._http) refuses what the router and _operation
+    refused: another method, a query parameter, a declared size over batch.max_bytes; and reads
+    a body that comes in pieces as a whole."""
+    a = keyholders["alice"]
+    r = a.api.request("GET", BATCH)
+    assert (r.status, r.code) == (405, "METHOD_NOT_ALLOWED")
+    items = [item("sign", a.token, sign_body(a.mac, b"%d" % i)) for i in range(3)]
+    for qs in ("?x=true", "?&", "?a"):
+        r = a.api.post(BATCH + qs, {"items": items})
+        assert (r.status, r.code) == (400, "BAD_REQUEST"), qs
+    conn = http.client.HTTPSConnection("127.0.0.1", service.port, context=a.api.ctx, timeout=30)
+    try:
+        conn.putrequest("POST", BATCH)
+        conn.putheader("Content-Length", str(2**40))  # refused before any byte of it is read
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert (resp.status, json.loads(resp.read())["code"]) == (413, "BATCH_TOO_LARGE")
+    finally:
+        conn.close()
+    raw = json.dumps({"items": items}).encode()
+    whole = batch(a.api, items)
+    status, answer = post_in_pieces(service, a.api, BATCH, [raw[:40], raw[40:90], raw[90:]])
+    assert status == 200
+    assert [(x["status"], x["answer"]) for x in answer["results"]] == [
+        (s, json.loads(b)) for s, b in whole
+    ]

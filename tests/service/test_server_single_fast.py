@@ -14,10 +14,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import pytest
 
 from pkcs11ws import protocol
+from tests.support.chunked import post_in_pieces
 from tests.support.people import PASS, Who
 from tests.support.service import Api, Resp, Service, b64
 
@@ -215,25 +214,6 @@ def test_keyed_path_keeps_the_routes_refusals(people: dict[str, Who], service: S
     assert (status, body["code"]) == (413, "BODY_TOO_LARGE"), body
 
 
-def _chunked(svc: Service, api: Api, path: str, pieces: list[bytes]) -> tuple[int, Any]:
-    """POST path with a chunked body whose pieces arrive apart (the app receives the body in
-    several messages)."""
-    conn = http.client.HTTPSConnection("127.0.0.1", svc.port, context=api.ctx, timeout=30)
-    try:
-        conn.putrequest("POST", path)
-        conn.putheader("Transfer-Encoding", "chunked")
-        conn.endheaders()
-        with contextlib.suppress(OSError):  # (a refusal may come, and close, before the end)
-            for piece in pieces:
-                conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
-                time.sleep(0.05)
-            conn.send(b"0\r\n\r\n")
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
-
-
 def test_keyed_body_in_pieces(people: dict[str, Who], service: Service) -> None:
     """The direct path reads a body that comes in several messages as a whole: the same answer
     as in one piece."""
@@ -243,7 +223,9 @@ def test_keyed_body_in_pieces(people: dict[str, Who], service: Service) -> None:
     whole = post(a.api, "sign", raw)
     assert whole.status == 200, whole.body
     third = len(raw) // 3
-    got = _chunked(service, a.api, path, [raw[:third], raw[third : 2 * third], raw[2 * third :]])
+    got = post_in_pieces(
+        service, a.api, path, [raw[:third], raw[third : 2 * third], raw[2 * third :]]
+    )
     assert got == (200, whole.json)
 
 
@@ -253,9 +235,9 @@ def test_keyed_body_in_pieces_over_the_limit(fresh_service: Any, make_api: Any) 
     api = make_api(svc)
     path = protocol.ENDPOINT_BY_OP["sign"].path
     try:
-        status, body = _chunked(svc, api, path, [b"x" * 1000] * 3)
+        status, body = post_in_pieces(svc, api, path, [b"x" * 1000] * 3)
         assert (status, body["code"]) == (413, "BODY_TOO_LARGE"), body
-        status, body = _chunked(svc, api, path, [b"{", b"}"])  # within it: decoded, refused
+        status, body = post_in_pieces(svc, api, path, [b"{", b"}"])  # within it: decoded, refused
         assert (status, body["code"]) == (400, "BAD_REQUEST"), body
     finally:
         api.close()
