@@ -14,6 +14,17 @@ replaced by ``_datetime``'s classes at its end. While the extension loads, ``sys
 lends it ``_datetime`` under that name (the same capsule and the same classes); a later
 ``import datetime`` anywhere imports the real module as usual.
 
+Its init also imports ``collections`` (~7 M instructions of ``pkcs11-tool -L``, with
+``keyword``, ``operator`` and ``reprlib``) for ``namedtuple``, and makes five tuple types with
+it (~2 M more: each compiles its ``__new__``): ``KhKey``, ``CurlSockAddr``, ``HstsEntry``,
+``HstsIndex`` and ``WsFrame``, built only in callbacks the module never sets. While the
+extension loads, ``sys.modules`` lends it a ``collections`` whose ``namedtuple`` hands back a
+``_LazyTuple`` holding the name and fields; the first call of one, or the first read of
+``pycurl.KhKey`` (or ``pycurl._pycurl.KhKey``), makes the real ``collections.namedtuple`` type
+and puts it in both modules' namespaces, so every instance pycurl builds is of that one type
+and what a host reads is the real class. When ``collections`` is already imported, pycurl gets
+it as usual.
+
 Before loading pycurl it refuses the PyPI wheel (design.md section 3): auditwheel puts the
 libcurl and OpenSSL that wheel bundles in a ``pycurl.libs`` folder beside the package, and once
 those are loaded inside a C host (pkcs11-tool) the damage is done, so the check looks at the
@@ -26,11 +37,81 @@ from __future__ import annotations
 import os
 import sys
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
+if TYPE_CHECKING:
+    from typing import Any
+
+
+# The tuple types pycurl's init asked the lent namedtuple for: name -> its field names.
+_LAZY_TUPLES: dict[str, object] = {}
+
+
+def _tuple_type(name: str) -> type:
+    """The real namedtuple type for pycurl's `name`, made once, in both modules' namespaces."""
+    ext, pkg = sys.modules["pycurl._pycurl"], sys.modules["pycurl"]
+    made = vars(ext).get(name)
+    if isinstance(made, type):
+        return made
+    cls: type = _real_collections().namedtuple(name, _LAZY_TUPLES[name], module="pycurl")
+    cls = vars(ext).setdefault(name, cls)  # two first calls at once: one type wins
+    setattr(pkg, name, cls)
+    return cls
+
+
+class _LazyTuple:
+    """What the lent namedtuple returns to pycurl's init: calling it (pycurl's callbacks build
+    their tuples so) makes the real type on first use and returns that type's instance."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        return _tuple_type(self.name)(*args, **kwargs)
+
+
+def _lent_namedtuple(typename: str, field_names: object, **kwargs: object) -> object:
+    if kwargs:  # not pycurl's way (two positional arguments): the real function, now
+        real: Any = _real_collections().namedtuple
+        return real(typename, field_names, **kwargs)
+    _LAZY_TUPLES[typename] = field_names
+    return _LazyTuple(typename)
+
+
+def _real_collections() -> Any:
+    """The real collections module, imported now (the lent one leaves sys.modules first)."""
+    if sys.modules.get("collections") is _LENT_COLLECTIONS:
+        del sys.modules["collections"]
+    import collections
+
+    return collections
+
+
+def _lent_collections_getattr(name: str) -> object:
+    """Anything else the extension would read from the lent collections: the real module's."""
+    return getattr(_real_collections(), name)
+
+
+_LENT_COLLECTIONS = type(sys)("collections")
+_LENT_COLLECTIONS.namedtuple = _lent_namedtuple  # type: ignore[attr-defined]
+_LENT_COLLECTIONS.__getattr__ = _lent_collections_getattr  # type: ignore[method-assign]
+
+
+def _ext_getattr(name: str) -> object:
+    """`pycurl._pycurl`'s module __getattr__: its namedtuple types, made on first read."""
+    if name in _LAZY_TUPLES:
+        return _tuple_type(name)
+    raise AttributeError(f"module 'pycurl._pycurl' has no attribute {name!r}")
+
 
 def _module_getattr(name: str) -> object:
+    if name in _LAZY_TUPLES:
+        return _tuple_type(name)
     if name == "__all__":  # as pycurl's __init__ makes it, on first use (from pycurl import *)
         pkg = sys.modules["pycurl"]
-        names = [n for n in dir(sys.modules["pycurl._pycurl"]) if not n.startswith("_")]
+        ext = sys.modules["pycurl._pycurl"]
+        names = sorted({n for n in dir(ext) if not n.startswith("_")} | _LAZY_TUPLES.keys())
         names.append("AsyncCurlMulti")
         pkg.__all__ = names  # type: ignore[attr-defined]
         return names
@@ -65,7 +146,8 @@ def check_not_wheel(package_dir: str) -> None:
 
 
 def _load_extension() -> None:
-    """`from pycurl import _pycurl`, with ``_datetime`` standing in for ``datetime``."""
+    """`from pycurl import _pycurl`, with ``_datetime`` standing in for ``datetime`` and the
+    lazy namedtuple's module for ``collections``."""
     lent = "datetime" not in sys.modules
     if lent:
         try:
@@ -74,6 +156,9 @@ def _load_extension() -> None:
             lent = False
         else:
             sys.modules["datetime"] = _datetime
+    lent_collections = "collections" not in sys.modules
+    if lent_collections:
+        sys.modules["collections"] = _LENT_COLLECTIONS
     # Lazy binding for libcurl's ~30 libraries: the ones built without BIND_NOW (libldap,
     # libgssapi, libnghttp2...) then bind a function at its first call instead of all ~2,100
     # of their PLT slots while the module loads (pkcs11-tool -L calls few of them). Python
@@ -86,6 +171,14 @@ def _load_extension() -> None:
         sys.setdlopenflags(flags)
         if lent and sys.modules.get("datetime") is sys.modules.get("_datetime"):
             del sys.modules["datetime"]
+        if lent_collections and sys.modules.get("collections") is _LENT_COLLECTIONS:
+            del sys.modules["collections"]
+    # The lazy types leave the extension's namespace: its __getattr__ makes them on first read.
+    ext = vars(sys.modules["pycurl._pycurl"])
+    for name in _LAZY_TUPLES:
+        if isinstance(ext.get(name), _LazyTuple):
+            del ext[name]
+    ext["__getattr__"] = _ext_getattr
 
 
 def _boot() -> None:

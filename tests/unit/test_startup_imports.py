@@ -22,8 +22,10 @@ from pkcs11ws.provider import Slot
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("dataclasses", "inspect", "ast", "dis", "typing", "contextlib", "pycurl.async_multi")
 # Loading pycurl needs neither: its extension gets _datetime's capsule without datetime.py, and
-# the package is found with the import system's own PathFinder (importlib imports warnings).
-NOT_FOR_PYCURL = ("datetime", "importlib", "warnings")
+# the package is found with the import system's own PathFinder (importlib imports warnings); its
+# namedtuple types are made on first use, so collections (and keyword, operator, reprlib) waits.
+NOT_FOR_PYCURL = ("datetime", "importlib", "warnings", "collections", "keyword", "operator",
+                  "reprlib")  # fmt: skip
 # re (and the enum it imports) and json cost ~13 M instructions of every start-up: the client's
 # JSON is pkcs11ws/client/wire.py (json's own C codec) and the patterns that only the
 # service matches are compiled on first use. math is one more extension module to load; weakref
@@ -130,10 +132,15 @@ def test_pycurl_package_namespace_is_the_real_ones() -> None:
         "dunders = {n: repr(ns[n]) for n in ('__name__', '__file__', '__path__', '__package__')}\n"
         "lazy = ('AsyncCurlMulti', 'async_multi')\n"
         "same = all(ns[n] is getattr(pycurl._pycurl, n) for n in public if n not in lazy)\n"
+        "tuples = {n: [getattr(pycurl, n)._fields, issubclass(getattr(pycurl, n), tuple),\n"
+        "              getattr(pycurl, n) is getattr(pycurl._pycurl, n)] for n in TUPLES}\n"
         "print(json.dumps([public, dunders, pycurl.__all__, same, pycurl.__spec__.name,\n"
-        "                  pycurl.__doc__]))\n"
+        "                  pycurl.__doc__, tuples]))\n"
     )
-    paths = f"import sys\nsys.path[:0] = [{str(REPO)!r}, {sysconfig.get_paths()['purelib']!r}]\n"
+    paths = (
+        f"import sys\nsys.path[:0] = [{str(REPO)!r}, {sysconfig.get_paths()['purelib']!r}]\n"
+        f"TUPLES = {PYCURL_TUPLES!r}\n"
+    )
     ours, real = (
         json.loads(
             subprocess.run(
@@ -146,9 +153,58 @@ def test_pycurl_package_namespace_is_the_real_ones() -> None:
         )
         for boot in ("import pkcs11ws.client._curl_boot\n", "")
     )
-    # pycurl's __init__ has imported async_multi at once; ours on first access.
-    assert [n for n in real[0] if n not in ("AsyncCurlMulti", "async_multi")] == ours[0]
+    # pycurl's __init__ has imported async_multi at once; ours on first access, and the
+    # namedtuple types the extension makes on first read (the same fields, one type in both
+    # modules).
+    lazy = ("AsyncCurlMulti", "async_multi", *PYCURL_TUPLES)
+    assert [n for n in real[0] if n not in lazy] == ours[0]
     assert ours[1:] == real[1:] and ours[3] is True and len(ours[2]) > 700
+    assert all(t[1] and t[2] for t in ours[6].values())
+
+
+# The tuple types pycurl's init makes with collections.namedtuple (pycurl 7.49).
+PYCURL_TUPLES = ("KhKey", "CurlSockAddr", "HstsEntry", "HstsIndex", "WsFrame")
+
+
+def test_pycurl_tuples_made_on_first_use_are_the_real_namedtuples() -> None:
+    # After the light load collections is not imported; the tuple pycurl's C code builds in a
+    # callback (OPENSOCKETFUNCTION's address, no connection made) is an instance of the real
+    # namedtuple type that pycurl.CurlSockAddr then is, in both modules.
+    code = (
+        "import sys\n"
+        f"sys.path[:0] = [{str(REPO)!r}, {sysconfig.get_paths()['purelib']!r}]\n"
+        "import pkcs11ws.client._curl_boot\n"
+        "import pycurl\n"
+        "before = 'collections' in sys.modules\n"
+        "import json\n"
+        "seen = []\n"
+        "c = pycurl.Curl()\n"
+        "c.setopt(pycurl.URL, 'http://127.0.0.1:9/')\n"
+        "c.setopt(pycurl.OPENSOCKETFUNCTION, lambda p, a: (seen.append(a), pycurl.SOCKET_BAD)[1])\n"
+        "try:\n"
+        "    c.perform()\n"
+        "except pycurl.error:\n"
+        "    pass\n"
+        "import collections\n"
+        "a = seen[0]\n"
+        "t = pycurl.CurlSockAddr\n"
+        "print(json.dumps([before, type(a) is t, t is pycurl._pycurl.CurlSockAddr,\n"
+        "    a._asdict()['family'], list(t._fields), t._make(a) == a, t.__module__,\n"
+        "    repr(pycurl.KhKey(b'k', 1)), pycurl.HstsIndex._fields,\n"
+        "    type(pycurl.WsFrame).__name__, hasattr(t, '_replace'),\n"
+        "    sorted(set(pycurl.__all__) & set(TUPLES)) == sorted(TUPLES)]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", f"TUPLES = {PYCURL_TUPLES!r}\n" + code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert json.loads(out) == [
+        False, True, True, 2, ["family", "socktype", "protocol", "addr"], True, "pycurl",
+        "KhKey(key=b'k', keytype=1)", ["idx", "total"], "type", True, True,
+    ]  # fmt: skip
 
 
 def test_pycurl_package_matches_the_real_one() -> None:
