@@ -21,8 +21,7 @@ provider can log it once logging is configured.
 
 from __future__ import annotations
 
-import os
-
+from pkcs11ws import _os as os  # not os itself: start-up cost (pkcs11ws/_os.py)
 from pkcs11ws._lite import dataclass
 from pkcs11ws.errors import ConfigError
 

@@ -20,9 +20,9 @@ request or response body: PINs, passphrases, key material and plaintext are neve
 from __future__ import annotations
 
 import _thread  # not threading (start-up: pkcs11ws/_lite.py)
-import os
 import time
 
+from pkcs11ws import _os as os  # not os itself: start-up cost (pkcs11ws/_os.py)
 from pkcs11ws._lite import WeakSet, suppress
 from pkcs11ws.config import Config, log_settings
 

@@ -21,7 +21,7 @@ from pkcs11ws._native.ck cimport *  # noqa: F403
 from pkcs11ws._native.ck_gen cimport *  # noqa: F403
 from pkcs11ws._native.tables cimport *  # noqa: F403
 
-import os
+from pkcs11ws import _os as os  # not os itself: start-up cost (pkcs11ws/_os.py)
 import sys
 
 from pkcs11ws import __version__ as _version

@@ -34,8 +34,9 @@ library again after the import.
 
 from __future__ import annotations
 
-import os
 import sys
+
+from pkcs11ws import _os as os  # not os itself: start-up cost (pkcs11ws/_os.py)
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:

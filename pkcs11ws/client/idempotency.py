@@ -5,8 +5,9 @@ the same call so that it gets the first answer back instead of a second object.
 
 from __future__ import annotations
 
-import os
 import time
+
+from pkcs11ws import _os as os  # not os itself: start-up cost (pkcs11ws/_os.py)
 
 
 def new_idempotency_key() -> str:

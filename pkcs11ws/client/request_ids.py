@@ -11,8 +11,8 @@ whole header list (together about 10k instructions per C_Sign, bench/results/pro
 from __future__ import annotations
 
 import itertools
-import os
 
+from pkcs11ws import _os as os  # not os itself: start-up cost (pkcs11ws/_os.py)
 from pkcs11ws import protocol
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up

@@ -47,12 +47,12 @@ cut short, and requests after close(), raise Finalizing (CKR_CRYPTOKI_NOT_INITIA
 from __future__ import annotations
 
 import _thread  # not threading (start-up: pkcs11ws/_lite.py)
-import os
 import sys
 import time
 
 import pycurl
 
+from pkcs11ws import _os as os  # not os itself: start-up cost (pkcs11ws/_os.py)
 from pkcs11ws._lite import Flag, WeakSet, suppress
 from pkcs11ws.client._curl_boot import pycurl_fix
 from pkcs11ws.config import Config, server_label

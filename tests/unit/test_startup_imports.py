@@ -31,6 +31,9 @@ NOT_FOR_PYCURL = ("datetime", "importlib", "warnings", "collections", "keyword",
 # service matches are compiled on first use. math is one more extension module to load; weakref
 # is only its WeakSet, which _weakrefset (loaded by threading) holds.
 NOT_AT_START = ("re", "enum", "json", "math", "weakref")
+# os builds os.environ on _collections_abc's ~25 abstract classes (~5.4 M instructions): the
+# start-up path uses posix's functions and pkcs11ws/_os.py's path helpers instead.
+NO_OS = ("os", "posixpath", "genericpath", "stat", "_collections_abc")
 
 
 def test_module_import_path_stays_light() -> None:
@@ -51,7 +54,73 @@ def test_module_import_path_stays_light() -> None:
     assert [m for m in HEAVY if m in mods] == []
     assert [m for m in NOT_FOR_PYCURL if m in mods] == []
     assert [m for m in mods if m.split(".")[0] in NOT_AT_START] == []
+    assert [m for m in NO_OS if m in mods] == []
     assert "pycurl._pycurl" in mods and curl == "Curl" and n_all > 100
+
+
+PATHS = ("", "/", "//", "///", "a", "a/", "/a", "//a", "///a", "a//b", "a/./b", "a/../b",
+         "../a", "../../a/b", "/..", "/../a", "a/b/..", "a/b/../..", "a/b/../../..", ".", "./",
+         "/a/b/", "/a/b//", "a/b/c.so", "/x/./y/../z/", "..", "a/..", "/a/../..",
+         ".../a")  # fmt: skip
+
+
+def test_os_stand_in_matches_os() -> None:
+    import os
+    import posixpath
+
+    from pkcs11ws import _os
+
+    for p in PATHS:
+        for fn in ("dirname", "basename", "normpath", "abspath", "expanduser"):
+            assert getattr(_os.path, fn)(p) == getattr(posixpath, fn)(p), (fn, p)
+        for q in PATHS:
+            assert _os.path.join(p, q) == posixpath.join(p, q), (p, q)
+    assert _os.path.join("a", "b", "/c", "d") == posixpath.join("a", "b", "/c", "d")
+    assert _os.path.expanduser("~/x") == posixpath.expanduser("~/x")
+    here, missing = str(REPO / "pyproject.toml"), str(REPO / "no-such-file")
+    for p in (here, str(REPO), missing, "", "bad\0name"):
+        for fn in ("exists", "isfile", "isdir"):
+            assert getattr(_os.path, fn)(p) == getattr(posixpath, fn)(p), (fn, p)
+    for name in _os.__all__:
+        if name not in ("environ", "path", "fsdecode"):
+            assert getattr(_os, name) is getattr(os, name), name  # posix's own objects
+    for raw in (b"plain", b"caf\xc3\xa9", b"bad\xff", "str", REPO):
+        assert _os.fsdecode(raw) == os.fsdecode(raw)  # type: ignore[arg-type]
+    # os imported (here, by pytest): its live environ, changes included
+    os.environ["PKCS11WS_TEST_OS_STAND_IN"] = "1"
+    try:
+        assert _os.environ.get("PKCS11WS_TEST_OS_STAND_IN") == "1"
+        assert dict(_os.environ.items()) == dict(os.environ)
+    finally:
+        del os.environ["PKCS11WS_TEST_OS_STAND_IN"]
+
+
+def test_os_stand_in_environ_without_os() -> None:
+    # Before any `import os`: the start-up copy of the environment, decoded as os.environ would
+    # hold it (a non-UTF-8 byte included), then the same as os.environ once os is imported.
+    code = (
+        "import sys\n"
+        f"sys.path[:0] = [{str(REPO)!r}]\n"
+        "from pkcs11ws import _os\n"
+        "before = 'os' in sys.modules\n"
+        "ours = dict(_os.environ.items())\n"
+        "got = [_os.environ.get('PKCS11WS_X'), 'PKCS11WS_X' in _os.environ, len(_os.environ),\n"
+        "       _os.environ.get('PKCS11WS_NONE', 'dflt'), sorted(_os.environ) == sorted(ours)]\n"
+        "import os, json\n"
+        "print(json.dumps([before, ours == dict(os.environ), len(os.environ), got]))\n"
+    )
+    env = {"PKCS11WS_X": "caf\udcff", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={k.encode(): v.encode("utf-8", "surrogateescape") for k, v in env.items()},
+    ).stdout
+    before, same, n, got = json.loads(out)
+    assert before is False and same is True
+    assert got == ["caf\udcff", True, n, "dflt", True]
 
 
 def test_constant_name_tables_are_built_on_first_use() -> None:
