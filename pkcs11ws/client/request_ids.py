@@ -10,7 +10,7 @@ whole header list (together about 10k instructions per C_Sign, bench/results/pro
 
 from __future__ import annotations
 
-import itertools
+import sys
 
 from pkcs11ws import _os as os  # not os itself: start-up cost (pkcs11ws/_os.py)
 from pkcs11ws import protocol
@@ -35,7 +35,9 @@ class RequestIds:
         prefix = os.urandom(5).hex() + "-"
         self.prefix = f"{protocol.REQUEST_ID_HEADER}: {prefix}"
         self.field = _FIELD + prefix.encode("ascii")
-        self.count = itertools.count(1)
+        # 1, 2, 3...: next() on a range iterator is one atomic C call like itertools.count's,
+        # without importing itertools (~0.5 M instructions of every start-up).
+        self.count = iter(range(1, sys.maxsize))
 
     def header(self) -> str:
         """A new request id as an X-Request-Id header line."""

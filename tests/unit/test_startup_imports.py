@@ -29,8 +29,9 @@ NOT_FOR_PYCURL = ("datetime", "importlib", "warnings", "collections", "keyword",
 # re (and the enum it imports) and json cost ~13 M instructions of every start-up: the client's
 # JSON is pkcs11ws/client/wire.py (json's own C codec) and the patterns that only the
 # service matches are compiled on first use. math is one more extension module to load; weakref
-# is only its WeakSet, which _weakrefset (loaded by threading) holds.
-NOT_AT_START = ("re", "enum", "json", "math", "weakref")
+# is only its WeakSet, which _weakrefset (loaded by threading) holds; itertools was only the
+# request ids' counter (a range iterator counts as well).
+NOT_AT_START = ("re", "enum", "json", "math", "weakref", "itertools")
 # os builds os.environ on _collections_abc's ~25 abstract classes (~5.4 M instructions): the
 # start-up path uses posix's functions and pkcs11ws/_os.py's path helpers instead.
 NO_OS = ("os", "posixpath", "genericpath", "stat", "_collections_abc")
@@ -531,3 +532,22 @@ def test_lite_weakset_holds_only_live_objects() -> None:
         s.add(Obj())  # dies at once (no other reference)
         assert obj is b
     assert list(s) == [b]
+
+
+def test_request_ids_count_from_one_per_process_prefix() -> None:
+    # The counter is a range iterator (no itertools at start-up): 1, 2, 3... after each reset,
+    # in the header and in the body field alike, one shared sequence.
+    from pkcs11ws import protocol
+    from pkcs11ws.client.request_ids import RequestIds, request_id
+
+    ids = RequestIds()
+    first, second = ids.header(), ids.header()
+    prefix = first.rsplit("-", 1)[0]
+    assert first.startswith(f"{protocol.REQUEST_ID_HEADER}: ") and first.endswith("-1")
+    assert second == prefix + "-2"
+    body = b'%s%d",%s' % (ids.field, next(ids.count), b'"key":"k"}')
+    assert request_id([], body) == prefix.split(": ")[1] + "-3"
+    assert request_id([ids.header()], None) == prefix.split(": ")[1] + "-4"
+    ids.reset()
+    again = ids.header()
+    assert again.endswith("-1") and again.rsplit("-", 1)[0] != prefix
