@@ -165,6 +165,40 @@ def _shared_init(cls: type, names: list[str], specs: dict[str, _FieldSpec | None
     return function(code, glob, "__init__", tuple(defaults) or None)
 
 
+def _compiled_init(
+    cls: type, names: list[str], specs: dict[str, _FieldSpec | None], frozen: bool
+) -> object:
+    """``__init__`` from generated source, for a record with __slots__ or its own
+    __setattr__ (its fields are set one by one, as a dataclass sets them)."""
+    glob: dict[str, object] = {"_MISSING": _MISSING, "_set": object.__setattr__}
+    params: list[str] = []
+    inits: list[str] = []
+    for name in names:
+        spec = specs[name]
+        if spec is not None and spec.default_factory is not _MISSING:
+            glob[f"_f_{name}"] = spec.default_factory
+            params.append(f"{name}=_MISSING")
+            inits.append(f"_f_{name}() if {name} is _MISSING else {name}")
+        elif spec is not None:
+            glob[f"_d_{name}"] = spec.default
+            params.append(f"{name}=_d_{name}")
+            inits.append(name)
+        else:
+            params.append(name)
+            inits.append(name)
+    if not names:
+        body = []
+    elif frozen:
+        body = [f"  _set(self, {n!r}, {i})" for n, i in zip(names, inits, strict=True)]
+    else:
+        body = [f"  self.{n} = {i}" for n, i in zip(names, inits, strict=True)]
+    if hasattr(cls, "__post_init__"):
+        body.append("  self.__post_init__()")
+    src = f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body or ["  pass"])
+    exec(src, glob)
+    return glob["__init__"]
+
+
 @dataclass_transform(field_specifiers=(field,))
 def dataclass(*, frozen: bool = False) -> Callable[[type], type]:
     """Decorate a class like ``@dataclass(frozen=...)`` (eq=True, no ordering)."""
@@ -175,32 +209,19 @@ def dataclass(*, frozen: bool = False) -> Callable[[type], type]:
         # A ClassVar is no field (as in dataclasses); annotations are strings here.
         names = [n for n, a in annotations.items() if not str(a).startswith("ClassVar")]
         specs: dict[str, _FieldSpec | None] = {}
-        glob: dict[str, object] = {"_MISSING": _MISSING, "_set": object.__setattr__}
-        params: list[str] = []
-        inits: list[str] = []
+        own = cls.__dict__
         for name in names:
-            value = cls.__dict__.get(name, _MISSING)
-            spec = value if isinstance(value, _FieldSpec) else None
-            if spec is None and value is not _MISSING:
-                spec = _FieldSpec(value, _MISSING, True, True)
-            specs[name] = spec
-            if spec is not None and spec.default_factory is not _MISSING:
-                glob[f"_f_{name}"] = spec.default_factory
-                params.append(f"{name}=_MISSING")
-                init = f"_f_{name}() if {name} is _MISSING else {name}"
-            elif spec is not None:
-                glob[f"_d_{name}"] = spec.default
-                params.append(f"{name}=_d_{name}")
-                init = name
-            else:
-                params.append(name)
-                init = name
-            if spec is not None and name in cls.__dict__:
-                if spec.default is _MISSING:
+            value = own.get(name, _MISSING)
+            if value is _MISSING:
+                specs[name] = None
+            elif isinstance(value, _FieldSpec):
+                specs[name] = value
+                if value.default is _MISSING:
                     type.__delattr__(cls, name)
                 else:
-                    type.__setattr__(cls, name, spec.default)
-            inits.append(init)
+                    type.__setattr__(cls, name, value.default)
+            else:  # a plain default: the class attribute already holds it
+                specs[name] = _FieldSpec(value, _MISSING, True, True)
         if (
             names
             and not hasattr(cls, "__slots__")
@@ -210,17 +231,7 @@ def dataclass(*, frozen: bool = False) -> Callable[[type], type]:
             # instructions each): these records share _record_init's code instead.
             init_fn: Any = _shared_init(cls, names, specs)
         else:
-            if not names:
-                body = []
-            elif frozen:
-                body = [f"  _set(self, {n!r}, {i})" for n, i in zip(names, inits, strict=True)]
-            else:
-                body = [f"  self.{n} = {i}" for n, i in zip(names, inits, strict=True)]
-            if hasattr(cls, "__post_init__"):
-                body.append("  self.__post_init__()")
-            src = f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body or ["  pass"])
-            exec(src, glob)
-            init_fn = glob["__init__"]
+            init_fn = _compiled_init(cls, names, specs, frozen)
         init_fn.__qualname__ = f"{cls.__qualname__}.__init__"
         shown = [n for n in names if specs[n] is None or specs[n].repr]  # type: ignore[union-attr]
         compared = tuple(n for n in names if specs[n] is None or specs[n].compare)  # type: ignore[union-attr]
