@@ -72,11 +72,16 @@ __all__ = [
 ]
 
 
+# Fixed once the interpreter runs (os.fsdecode keeps them the same way).
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
+
+
 def fsdecode(filename: str | bytes) -> str:
     """``os.fsdecode``: bytes in the filesystem encoding (surrogateescape) to str."""
     name = fspath(filename)
     if isinstance(name, bytes):
-        return name.decode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
+        return name.decode(_FS_ENCODING, _FS_ERRORS)
     return name
 
 
