@@ -316,11 +316,14 @@ def test_p11bench_through_our_module(bins, own_service):
             # The service's access log shows the window's crypto requests (single or batched):
             # about one per call at most (calls in flight at the window's edges are logged but
             # not counted: a few percent of a short window on a loaded machine), at least one
-            # per batch of up to 64 calls.
+            # per batch of up to 64 calls. Access lines reach the log up to 50 ms after their
+            # answers (later when the box is busy), so the counted window lags the measured
+            # one: allow the requests of 150 ms at the window's rate on top.
             endpoint = "encrypt" if op == "gcm4k" else "sign"
             reqs = r["requests"]
             assert set(reqs) <= {endpoint, "batch"}, reqs
-            assert r["ops"] / 64 <= sum(reqs.values()) <= r["ops"] * 1.1 + 4, r
+            lag = r["ops"] / float(r["seconds"]) * 0.15
+            assert r["ops"] / 64 <= sum(reqs.values()) <= r["ops"] * 1.1 + lag + 4, r
     # Thread churn (make bench's churn phase): a new host thread every 5 operations.
     r = run_point(v, Point("sign64", 2, 0.5, 0.1, churn=5))
     _check(r, 2)
