@@ -92,4 +92,4 @@ dist: venv
 	$(PY) tools/make_dist.py --python $(DIST_PYTHON)
 
 clean:
-	rm -rf build dist $(VENV) pkcs11ws/_native/core.c pkcs11ws/_native/dev-interpreter pkcs11ws/_native/core_api.h pkcs11ws/_native/*.so *.egg-info
+	rm -rf build dist $(VENV) pkcs11ws/_native/core.c pkcs11ws/server/_hot.c pkcs11ws/_native/dev-interpreter pkcs11ws/_native/core_api.h pkcs11ws/_native/*.so pkcs11ws/server/*.so *.egg-info

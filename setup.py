@@ -187,6 +187,15 @@ extensions = [
     ),
     # The key service's SQLite change mark (sqlmark.pyx): no library linked, see there.
     Extension("pkcs11ws._native.sqlmark", [os.path.join(NATIVE, "sqlmark.pyx")]),
+    # The key service's compiled hot-path helpers (HMAC pad states, base64): libcrypto's SHA-2
+    # block functions, which OpenSSL 3 marks deprecated but keeps (the EVP layer costs an
+    # allocation and a provider fetch per hash, the thing this avoids).
+    Extension(
+        "pkcs11ws.server._hot",
+        [os.path.join("pkcs11ws", "server", "_hot.pyx")],
+        libraries=["crypto"],
+        define_macros=[("OPENSSL_SUPPRESS_DEPRECATED", "1")],
+    ),
 ]
 
 setup(

@@ -1,16 +1,21 @@
 """The key service's operation families where they take a shortcut of their own: HMAC from
-the key's pad states (ops/hmac.py) and ECDSA's r || s read from OpenSSL's DER (ops/ec.py),
-each checked against the general computation it replaces."""
+the key's pad states (ops/hmac.py, compiled in server/_hot.pyx), ECDSA's r || s read from
+OpenSSL's DER (ops/ec.py) and the decoders' compiled base64, each checked against the general
+computation it replaces."""
 
 from __future__ import annotations
 
+import base64
 import hmac
 import os
+import random
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
+from pkcs11ws.protocol import canonical_b64
+from pkcs11ws.server._hot import HmacState, b64_canonical
 from pkcs11ws.server.ops import ec as ec_ops
 from pkcs11ws.server.ops import hmac as hmac_ops
 
@@ -43,3 +48,32 @@ def test_raw_signature_is_r_and_s(curve: ec.EllipticCurve, n: int) -> None:
     for r, s in ((1, 1), (0, 5), (2**255, 3), (top, top), (top >> 8, 1 << 8)):
         der = utils.encode_dss_signature(r, s)
         assert ec_ops.raw_signature(der, n) == want(der)
+
+
+def test_compiled_base64_is_canonical_b64() -> None:
+    # Every length up to a few blocks, each valid spelling and single-byte corruptions of it,
+    # and the non-canonical spellings a2b_base64's strict mode lets through.
+    rng = random.Random(15)
+    for n in range(40):
+        for _ in range(30):
+            value = os.urandom(n)
+            text = base64.b64encode(value)
+            assert b64_canonical(text) == value
+            spoilt = bytearray(text + b"A" * (n == 0))
+            spoilt[rng.randrange(len(spoilt))] = rng.randrange(256)
+            want = canonical_b64(bytes(spoilt).decode("latin-1"))
+            assert b64_canonical(bytes(spoilt)) == want
+    for text in (b"QUJD====", b"QUJ=", b"QUI=", b"QR==", b"QQ==", b"====", b"A===", b"AB==",
+                 b"=", b"QUJD\n", b"QU=D", b"Q===", b"QUJDRA", b"-_-_"):  # fmt: skip
+        assert b64_canonical(text) == canonical_b64(text.decode()), text
+
+
+def test_hmac_state_cleans_nothing_shared() -> None:
+    # Two keys' states are independent, and a state keeps giving the same MAC (the pads are
+    # copied per MAC, never updated in place).
+    a, b = hmac_ops.load(b"a" * 32), hmac_ops.load(b"b" * 32)
+    first = hmac_ops._mac(a, "sha256", b"data")
+    assert hmac_ops._mac(b, "sha256", b"data") == hmac.digest(b"b" * 32, b"data", "sha256")
+    assert hmac_ops._mac(a, "sha256", b"data") == first == hmac.digest(a, b"data", "sha256")
+    with pytest.raises(ValueError, match="no HMAC hash"):
+        HmacState("md5", b"k")

@@ -1,52 +1,36 @@
 """HMAC-SHA-2 (RFC 2104) from the key's padded inner and outer hash states.
 
 OpenSSL 3's one-shot HMAC (hmac.digest) looks its algorithms up on every call: about 24k
-instructions for 64 bytes, a quarter of a whole request. A loaded key here keeps, per hash, the
-two hash objects that have absorbed the key's inner and outer pads; a MAC is then two copies,
-two updates and two digests (about 15k). The loaded key is cached by the service
-(handlers_crypto.py: by handle, sealed blob and card key), so the pads are made once per key
-and hash.
+instructions for 64 bytes, a quarter of a whole request; hashlib's copy()/digest() of the pad
+states still ~14k (an EVP context allocated, copied and freed per step). A loaded key here
+keeps, per hash, a compiled state (server/_hot.pyx HmacState) that absorbed the key's inner and
+outer pads once; a MAC is then two struct copies, two updates and two finals (~3k). The loaded
+key is cached by the service (handlers_crypto.py: by handle, sealed blob and card key), so the
+pads are made once per key and hash and are never shared by another key value.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac as _hmac
 from typing import Any
 
 from pkcs11ws.mechanisms import Mechanism
 from pkcs11ws.protocol import ProtocolError as ApiError
-
-_IPAD = bytes(x ^ 0x36 for x in range(256))
-_OPAD = bytes(x ^ 0x5C for x in range(256))
+from pkcs11ws.server._hot import HmacState
 
 
 class HmacKey(bytes):
     """The key's value (len() is its length, as the service's size checks want) and, by hash
-    name, its (inner, outer) pad states, made on first use."""
+    name, its compiled pad state, made on first use."""
 
-    pads: dict[str, tuple[Any, Any]]
-
-
-def _pads(key: bytes, name: str) -> tuple[Any, Any]:
-    inner, outer = hashlib.new(name), hashlib.new(name)
-    if len(key) > inner.block_size:
-        key = hashlib.new(name, key).digest()
-    key = key.ljust(inner.block_size, b"\0")
-    inner.update(key.translate(_IPAD))
-    outer.update(key.translate(_OPAD))
-    return inner, outer
+    pads: dict[str, HmacState]
 
 
 def _mac(key: HmacKey, name: str, data: bytes) -> bytes:
-    pads = key.pads.get(name)
-    if pads is None:
-        pads = key.pads[name] = _pads(key, name)
-    inner = pads[0].copy()
-    inner.update(data)
-    outer = pads[1].copy()
-    outer.update(inner.digest())
-    return outer.digest()  # type: ignore[no-any-return]
+    state = key.pads.get(name)
+    if state is None:
+        state = key.pads[name] = HmacState(name, key)
+    return state.mac(data)
 
 
 def offload(key: bytes) -> bool:
@@ -77,14 +61,10 @@ def mac_length(mech: Mechanism, requested: int | None) -> int:
 def sign(mech: Mechanism, key: HmacKey, body: dict[str, Any]) -> bytes:
     if not mech.general and "mac_length" not in body:
         # _mac inlined: the service's most frequent operation.
-        pads = key.pads.get(mech.digest)
-        if pads is None:
-            pads = key.pads[mech.digest] = _pads(key, mech.digest)
-        inner = pads[0].copy()
-        inner.update(body["data"])
-        outer = pads[1].copy()
-        outer.update(inner.digest())
-        return outer.digest()  # type: ignore[no-any-return]
+        state = key.pads.get(mech.digest)
+        if state is None:
+            state = key.pads[mech.digest] = HmacState(mech.digest, key)
+        return state.mac(body["data"])
     length = mac_length(mech, body.get("mac_length"))
     return _mac(key, mech.digest, body["data"])[:length]
 

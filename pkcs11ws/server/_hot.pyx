@@ -1,0 +1,215 @@
+# cython: language_level=3
+"""The key service's compiled hot-path helpers (bench/results/profile-issue15-service.md,
+Round 7): an HMAC key's prepared state and the canonical base64 of the request decoders.
+
+- HmacState: HMAC-SHA-2 (RFC 2104) from a key's inner and outer pad states, absorbed once with
+  OpenSSL's own SHA-2 block functions; a MAC is then two plain struct copies, two updates and
+  two finals (no EVP context allocated, copied, fetched and freed per hash as hashlib's
+  copy()/digest() do: ~14k instructions per 64-byte MAC there, a few thousand here). The state
+  holds key-derived secrets: it lives inside the loaded key the service already caches by
+  handle, sealed blob and card key (handlers_crypto.py), so it follows that cache's rules.
+- b64_canonical: what protocol.canonical_b64 accepts, decoded (strict alphabet, padding only
+  at the end, unused low bits zero), else None: one pass, no Python frame.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.string cimport memcpy, memset
+
+
+cdef extern from "openssl/sha.h" nogil:
+    ctypedef struct SHA_CTX:
+        pass
+    ctypedef struct SHA256_CTX:
+        pass
+    ctypedef struct SHA512_CTX:
+        pass
+    int SHA1_Init(SHA_CTX* c)
+    int SHA1_Update(SHA_CTX* c, const void* data, size_t n)
+    int SHA1_Final(unsigned char* md, SHA_CTX* c)
+    int SHA224_Init(SHA256_CTX* c)
+    int SHA224_Update(SHA256_CTX* c, const void* data, size_t n)
+    int SHA224_Final(unsigned char* md, SHA256_CTX* c)
+    int SHA256_Init(SHA256_CTX* c)
+    int SHA256_Update(SHA256_CTX* c, const void* data, size_t n)
+    int SHA256_Final(unsigned char* md, SHA256_CTX* c)
+    int SHA384_Init(SHA512_CTX* c)
+    int SHA384_Update(SHA512_CTX* c, const void* data, size_t n)
+    int SHA384_Final(unsigned char* md, SHA512_CTX* c)
+    int SHA512_Init(SHA512_CTX* c)
+    int SHA512_Update(SHA512_CTX* c, const void* data, size_t n)
+    int SHA512_Final(unsigned char* md, SHA512_CTX* c)
+
+
+cdef extern from "openssl/crypto.h" nogil:
+    void OPENSSL_cleanse(void* ptr, size_t n)
+
+
+# The hashes by hashlib's names: (kind, block size, output size).
+cdef dict _HASHES = {
+    "sha1": (1, 64, 20),
+    "sha224": (224, 64, 28),
+    "sha256": (256, 64, 32),
+    "sha384": (384, 128, 48),
+    "sha512": (512, 128, 64),
+}
+DIGESTS = frozenset(_HASHES)
+
+
+ctypedef union _Ctx:
+    SHA_CTX s1
+    SHA256_CTX s256
+    SHA512_CTX s512
+
+
+cdef inline void _init(int kind, _Ctx* c) noexcept nogil:
+    if kind == 1:
+        SHA1_Init(&c.s1)
+    elif kind == 224:
+        SHA224_Init(&c.s256)
+    elif kind == 256:
+        SHA256_Init(&c.s256)
+    elif kind == 384:
+        SHA384_Init(&c.s512)
+    else:
+        SHA512_Init(&c.s512)
+
+
+cdef inline void _update(int kind, _Ctx* c, const void* p, size_t n) noexcept nogil:
+    if kind == 1:
+        SHA1_Update(&c.s1, p, n)
+    elif kind == 224:
+        SHA224_Update(&c.s256, p, n)
+    elif kind == 256:
+        SHA256_Update(&c.s256, p, n)
+    elif kind == 384:
+        SHA384_Update(&c.s512, p, n)
+    else:
+        SHA512_Update(&c.s512, p, n)
+
+
+cdef inline void _final(int kind, _Ctx* c, unsigned char* md) noexcept nogil:
+    if kind == 1:
+        SHA1_Final(md, &c.s1)
+    elif kind == 224:
+        SHA224_Final(md, &c.s256)
+    elif kind == 256:
+        SHA256_Final(md, &c.s256)
+    elif kind == 384:
+        SHA384_Final(md, &c.s512)
+    else:
+        SHA512_Final(md, &c.s512)
+
+
+cdef class HmacState:
+    """A key's HMAC state for one hash (sha1, sha224, sha256, sha384, sha512)."""
+
+    cdef _Ctx inner
+    cdef _Ctx outer
+    cdef int kind
+    cdef readonly int size  # the full MAC length
+
+    def __init__(self, str name, object key):
+        cdef unsigned char pad[128]
+        cdef unsigned char k[128]
+        cdef _Ctx c
+        cdef int i, block
+        cdef Py_ssize_t n
+        if not isinstance(key, bytes):  # (bytes or a subclass: ops.hmac.HmacKey)
+            raise TypeError("the key must be bytes")
+        n = PyBytes_GET_SIZE(key)
+        found = _HASHES.get(name)
+        if found is None:
+            raise ValueError(f"no HMAC hash {name!r}")
+        self.kind, block, self.size = found
+        memset(k, 0, sizeof(k))
+        if n > block:  # a key longer than the block is hashed first (RFC 2104)
+            _init(self.kind, &c)
+            _update(self.kind, &c, PyBytes_AS_STRING(key), n)
+            _final(self.kind, &c, k)
+            OPENSSL_cleanse(&c, sizeof(c))
+        else:
+            memcpy(k, PyBytes_AS_STRING(key), n)
+        for i in range(block):
+            pad[i] = k[i] ^ 0x36
+        _init(self.kind, &self.inner)
+        _update(self.kind, &self.inner, pad, block)
+        for i in range(block):
+            pad[i] = k[i] ^ 0x5C
+        _init(self.kind, &self.outer)
+        _update(self.kind, &self.outer, pad, block)
+        OPENSSL_cleanse(k, sizeof(k))
+        OPENSSL_cleanse(pad, sizeof(pad))
+
+    def __dealloc__(self):
+        OPENSSL_cleanse(&self.inner, sizeof(_Ctx))
+        OPENSSL_cleanse(&self.outer, sizeof(_Ctx))
+
+    def mac(self, bytes data not None):
+        """The full HMAC of data."""
+        cdef _Ctx c
+        cdef unsigned char md[64]
+        cdef int kind = self.kind
+        memcpy(&c, &self.inner, sizeof(_Ctx))
+        _update(kind, &c, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        _final(kind, &c, md)
+        memcpy(&c, &self.outer, sizeof(_Ctx))
+        _update(kind, &c, md, self.size)
+        _final(kind, &c, md)
+        OPENSSL_cleanse(&c, sizeof(_Ctx))
+        return PyBytes_FromStringAndSize(<char*>md, self.size)
+
+
+cdef signed char _B64VAL[256]
+
+
+cdef void _b64_init() noexcept:
+    cdef const char* alphabet = (
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    )
+    cdef int i
+    for i in range(256):
+        _B64VAL[i] = -1
+    for i in range(64):
+        _B64VAL[<unsigned char>alphabet[i]] = i
+
+
+_b64_init()
+
+
+def b64_canonical(bytes raw not None):
+    """raw (ASCII) decoded when it is canonical strict base64 (protocol.canonical_b64), else
+    None."""
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(raw)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw)
+    cdef Py_ssize_t pad = 0
+    cdef Py_ssize_t i = 0
+    cdef int a, b, c, d
+    cdef unsigned char* w
+    if n % 4:
+        return None
+    if n and s[n - 1] == 61:  # "="
+        pad = 2 if s[n - 2] == 61 else 1
+    out = PyBytes_FromStringAndSize(NULL, n // 4 * 3 - pad)
+    w = <unsigned char*>PyBytes_AS_STRING(out)
+    while i < n:
+        a = _B64VAL[s[i]]
+        b = _B64VAL[s[i + 1]]
+        if i + 4 == n and pad:
+            c = 0 if pad == 2 else _B64VAL[s[i + 2]]
+            # One spelling per value: the unused low bits of the last character are zero.
+            if a < 0 or b < 0 or c < 0 or (pad == 2 and b & 15) or (pad == 1 and c & 3):
+                return None
+            w[0] = <unsigned char>((a << 2) | (b >> 4))
+            if pad == 1:
+                w[1] = <unsigned char>(((b & 15) << 4) | (c >> 2))
+            break
+        c = _B64VAL[s[i + 2]]
+        d = _B64VAL[s[i + 3]]
+        if a < 0 or b < 0 or c < 0 or d < 0:
+            return None
+        w[0] = <unsigned char>((a << 2) | (b >> 4))
+        w[1] = <unsigned char>(((b & 15) << 4) | (c >> 2))
+        w[2] = <unsigned char>(((c & 3) << 6) | d)
+        w += 3
+        i += 4
+    return out
