@@ -27,6 +27,7 @@ from pkcs11ws.protocol import ERRORS, STRUCTS, Endpoint
 from pkcs11ws.protocol import ProtocolError as ApiError
 from pkcs11ws.server import audit, fastjson, pipeline, reload
 from pkcs11ws.server.accesslog import AccessLog
+from pkcs11ws.server.batch_items import BatchPath
 from pkcs11ws.server.handlers import Service, expired
 from pkcs11ws.server.handlers_crypto import IN_BATCH, Offloaded
 from pkcs11ws.server.identity import Clients, Identity
@@ -110,7 +111,7 @@ def open_store(s: Settings, migrate: bool = True, keys: MasterKeys | None = None
 _OP: Final = "pkcs11ws.op"
 
 
-class App:
+class App(BatchPath):
     def __init__(self, s: Settings, store: Store | None = None) -> None:
         from pkcs11ws.server import metrics  # after `serve` chose prometheus-client's mode
 
@@ -451,7 +452,8 @@ class App:
         before the body is decoded; else the body's token field (protocol.TOKEN_FIELD, read
         once the body is decoded, then checked exactly as the header's would be; none:
         NOT_ACTIVATED). The session is checked in the same store query as the key
-        (Service.crypto_now). _keyed_item is this for a batch's fast path: keep the two alike."""
+        (Service.crypto_now). batch_items._keyed_item is this for a batch's fast path: keep the
+        two alike."""
         service = self.service
         if authorization is None:
             claims, body = self._body_claims(ep, raw, obj, decoded, ident, seen)
@@ -513,134 +515,6 @@ class App:
             if claims.expires <= time.time():
                 raise expired()
         return claims, body
-
-    async def _batch(self, req: Request) -> Response:
-        """POST /crypto/v1/batch: each item through _operation, as its own single request
-        would go (token, identity binding, authorization, decoding, audit); one item's refusal
-        is its own answer and never fails the others."""
-        items: list[Any] = req.body["items"]
-        fast = bool(items) and type(items[0]) is tuple  # (op, token, request): fastjson.batch
-        if len(items) > self.batch_max_items:
-            raise ApiError(
-                "BATCH_TOO_LARGE",
-                f"a batch carries at most {self.batch_max_items} operations, not {len(items)}",
-            )
-        ident = req.ident
-        parts: list[bytes] = []
-        rid = audit.REQUEST_ID.get()  # the batch's; an item may carry its own (_request_id)
-        # Items whose work goes to the thread pool: (their place in parts, the work, seen,
-        # their request id), run together in one hand-off after the loop
-        # (handlers_crypto.Offloaded).
-        offloaded: list[tuple[int, Offloaded, list[Any], str | None]] = []
-        in_batch = IN_BATCH.set(True)
-        # Items mostly share one token: one Authorization value for a run of them (its hash,
-        # which authenticate's cache needs, is then computed once).
-        last_token: str | None = None
-        last_auth: bytes | None = None
-        # The keyed operations the fast path decoded, on a store whose reads do not block, go
-        # through _keyed_item: the same checks as _operation's, as plain calls. opened: the token
-        # last opened in this batch and its claims.
-        keyed = fast and not self.service._reads_block
-        opened: list[Any] = [None, None]
-        for item in items:
-            if audit.REQUEST_ID.get() is not rid:
-                audit.REQUEST_ID.set(rid)
-            if fast:
-                op, token, request = item
-                if keyed and op in _KEYED_OPS:
-                    parts.append(
-                        self._keyed_item(op, token, request, ident, opened, offloaded, len(parts))
-                    )
-                    continue
-            else:
-                op, token, request = item["op"], item.get("token"), item["request"]
-            seen: list[Any] = [None, ident, _NO_PARAMS, None]
-            code: str | None = None
-            try:
-                if op not in protocol.BATCHABLE:
-                    raise ApiError("BAD_REQUEST", f"{op!r} cannot be batched")
-                ep = protocol.ENDPOINT_BY_OP[op]
-                seen[0] = ep
-                if token != last_token:
-                    last_auth = _bearer(token)  # (may refuse the item: then asked again)
-                    last_token = token
-                authorization = last_auth
-                resp = await self._operation(
-                    ep,
-                    self._handlers[op],
-                    _NO_PARAMS,
-                    b"",
-                    ep.path,
-                    b"",
-                    request,
-                    authorization,
-                    None,
-                    ident,
-                    seen,
-                    fast,
-                )
-            except Offloaded as work:
-                offloaded.append((len(parts), work, seen, audit.REQUEST_ID.get()))
-                parts.append(b"")
-                continue
-            except Exception as exc:  # one item's failure is that item's answer
-                code, resp = _item_failure(op, exc)
-            if resp.status >= 300:
-                _audit(seen, resp, code)
-            parts.append(b'{"status":%d,"answer":%s}' % (resp.status, resp.body))
-        IN_BATCH.reset(in_batch)  # (an exception escaping the loop ends the request task)
-        if offloaded:
-            await _run_offloaded(offloaded, parts)
-        return Response(200, b'{"results":[' + b",".join(parts) + b"]}")
-
-    def _keyed_item(
-        self,
-        op: str,
-        token: str | None,
-        body: dict[str, Any],
-        ident: Identity,
-        opened: list[Any],
-        offloaded: list[tuple[int, Offloaded, list[Any], str | None]],
-        place: int,
-    ) -> bytes:
-        """A batch item of a keyed crypto op (_KEYED_OPS) that fastjson decoded, on a store
-        whose reads do not block: _keyed's checks in their order (item token, or token in the
-        request), without a coroutine; its part of the answer. A token an earlier item of the
-        batch opened is not opened again (the same str: fastjson gives one object per token
-        value), but its expiry is checked again for this item."""
-        shown: dict[str, Any] | None = None  # the body as the audit line sees it (seen[3])
-        code: str | None = None
-        try:
-            if token is None:
-                if protocol.REQUEST_ID_FIELD in body:
-                    _request_id(body)
-                shown = body
-                token = body.pop(protocol.TOKEN_FIELD, None)
-            service = self.service
-            if token is not None and token is opened[0]:
-                # Service.authenticate's checks: these claims and this identity passed them
-                # for an earlier item of this batch; only the expiry can have changed since.
-                claims = opened[1]
-                if claims.expires <= time.time():
-                    raise expired()
-            else:
-                claims = service.authenticate(_bearer(token), None, ident)
-                opened[0], opened[1] = token, claims
-            if shown is None:
-                if protocol.REQUEST_ID_FIELD in body:
-                    _request_id(body)
-                if protocol.TOKEN_FIELD in body:
-                    raise _twice()
-                shown = body
-            return b'{"status":200,"answer":' + service.crypto_now(claims, body, op) + b"}"
-        except Offloaded as work:
-            seen = [protocol.ENDPOINT_BY_OP[op], ident, _NO_PARAMS, shown]
-            offloaded.append((place, work, seen, audit.REQUEST_ID.get()))
-            return b""
-        except Exception as exc:  # one item's failure is that item's answer
-            code, resp = _item_failure(op, exc)
-        _audit([protocol.ENDPOINT_BY_OP[op], ident, _NO_PARAMS, shown], resp, code)
-        return b'{"status":%d,"answer":%s}' % (resp.status, resp.body)
 
     async def _body(
         self,
@@ -752,41 +626,6 @@ def _bearer(token: str | None) -> bytes | None:
     if not token.isascii():  # never a sealed token (and a lone surrogate cannot be encoded)
         raise ApiError("NOT_ACTIVATED", "the activation token is not valid")
     return b"Bearer " + token.encode("ascii")
-
-
-async def _run_offloaded(
-    offloaded: list[tuple[int, Offloaded, list[Any], str | None]], parts: list[bytes]
-) -> None:
-    """A batch's offloaded items, all in one thread hand-off; each still gets its own answer
-    (or error, with its audit line) as its single request would."""
-
-    def run_all() -> list[tuple[bool, Any]]:
-        done: list[tuple[bool, Any]] = []
-        for _, work, _, _ in offloaded:
-            try:
-                done.append((True, work.run()))
-            except Exception as exc:  # handed back: answered per item below
-                done.append((False, exc))
-        return done
-
-    for (i, work, seen, rid), (ok, out) in zip(
-        offloaded, await asyncio.to_thread(run_all), strict=True
-    ):
-        if audit.REQUEST_ID.get() is not rid:
-            audit.REQUEST_ID.set(rid)  # the item's own, for its audit line
-        code: str | None = None
-        if ok:
-            resp = work.answer(out)
-        elif isinstance(out, ApiError):
-            code = out.code
-            resp = _error(code, out.message)
-        else:
-            error_log.error("internal error on a batched %s", seen[0].op, exc_info=out)
-            code = "INTERNAL"
-            resp = _error(code, "internal error (logged by the service)")
-        if resp.status >= 300:
-            _audit(seen, resp, code)
-        parts[i] = b'{"status":%d,"answer":%s}' % (resp.status, resp.body)
 
 
 def _audit(seen: list[Any], resp: Response, code: str | None) -> None:

@@ -13,8 +13,8 @@ its own value; base64 goes through the same canonical check; lengths and ranges 
 alike, and a value over a limit is left to the generic path to refuse.
 
 Batches (`{"items":[...]}`) are matched item by item: op, optional token, and the request in
-its endpoint's structure. A batch with any item off this path is decoded generically as a
-whole.
+its endpoint's structure, and given as runs of items that differ only in their last value
+(BatchRun). A batch with any item off this path is decoded generically as a whole.
 """
 
 from __future__ import annotations
@@ -271,48 +271,71 @@ _BATCH_REQUEST: Final[dict[bytes, tuple[str, _Structure]]] = {
 
 # (op, token, decoded request) per item.
 BatchItems = list[tuple[str, str | None, Decoded]]
+# A run of items (op, token, request, name, values): the items of a batch mostly differ only in
+# their request's last value (the data to sign). A run is items whose bytes up to that value
+# are the first's (so the same op, token and other values, as JSON without escapes splits only
+# one way); request is the first's decoded request, name its last field, values that field's
+# value per item of the run (the first's included). name and values are None for an item that
+# repeats none (its last field is not its last value: an optional field follows). request is
+# shared by the run: whoever changes an item's request changes a copy.
+BatchRun = tuple[str, str | None, Decoded, str | None, list[Any] | None]
 
 
-def batch(raw: bytes) -> BatchItems | None:
-    """A batch body's items, each request decoded in its endpoint's structure; None when any
-    part is off this path (the generic path then decodes the whole body)."""
+def count(runs: list[BatchRun]) -> int:
+    """The number of items in runs."""
+    return sum(1 if r[4] is None else len(r[4]) for r in runs)
+
+
+def items(runs: list[BatchRun]) -> BatchItems:
+    """runs as one (op, token, request) per item, each with its own request dict."""
+    out: BatchItems = []
+    for op, token, request, name, values in runs:
+        if values is None:
+            out.append((op, token, request.copy()))
+        else:
+            for value in values:
+                body = request.copy()
+                body[name] = value  # type: ignore[index]
+                out.append((op, token, body))
+    return out
+
+
+def batch(raw: bytes) -> list[BatchRun] | None:
+    """A batch body's items in runs, each request decoded in its endpoint's structure; None
+    when any part is off this path (the generic path then decodes the whole body)."""
     if not raw.startswith(_BATCH_HEAD) or not raw.endswith(b"]}"):
         return None
-    items: BatchItems = []
+    runs: list[BatchRun] = []
     pos = len(_BATCH_HEAD)
     end = len(raw) - 2
     if pos == end:
-        return items
+        return runs
     item = _ITEM.match
     last_raw: bytes | None = None
     last_token: str | None = None
-    # The items of a batch mostly differ only in their last value (the data to sign): an item
-    # whose bytes up to that value are those of the last item decoded in full (head) has the
-    # same op, token and other values, as JSON without escapes splits only one way; its tail
-    # (that value and the closing brace) is matched and decoded alone. Each item gets its own
-    # dict: a handler may change it (nothing changes them before batch() returns).
+    # An item whose bytes up to its last value are those of the run's first item (head) joins
+    # that run: only its tail (that value and the closing brace) is matched and decoded.
     head = b""
-    head_item: tuple[str, str | None, _Structure, Decoded] | None = None
+    tail: Callable[[bytes, int], re.Match[bytes] | None] | None = None
+    values: list[Any] = []
+    convert: Callable[[bytes], Any] = bytes.decode
+    max_len = 0
     while True:
-        if head_item is not None and raw.startswith(head, pos):
-            op, token, s, head_body = head_item
-            t = s.tail(raw, pos + len(head))
+        if tail is not None and raw.startswith(head, pos):
+            t = tail(raw, pos + len(head))
             if t is not None:
                 # _values for the one field, inline: a call and a dict merge cost ~4.5k
                 # instructions an item
-                name, convert, max_len = s.last[0]
                 value = convert(t.group(1))
                 if value is None or (max_len and len(value) > max_len):
                     return None
-                again = head_body.copy()
-                again[name] = value
-                items.append((op, token, again))
+                values.append(value)
                 pos = t.end()
                 if raw[pos : pos + 1] != b"}":
                     return None
                 pos += 1
                 if pos == end:
-                    return items
+                    return runs
                 if raw[pos : pos + 1] != b",":
                     return None
                 pos += 1
@@ -340,13 +363,18 @@ def batch(raw: bytes) -> BatchItems | None:
             last_raw, last_token = token_raw, token
         if last_at >= 0:
             head = raw[start:last_at]
-            head_item = (op, token, s, body)
-        items.append((op, token, body))
+            tail = s.tail
+            name, convert, max_len = s.last[0]
+            values = [body[name]]
+            runs.append((op, token, body, name, values))
+        else:
+            tail = None
+            runs.append((op, token, body, None, None))
         if raw[pos : pos + 1] != b"}":
             return None
         pos += 1
         if pos == end:
-            return items
+            return runs
         if raw[pos : pos + 1] != b",":
             return None
         pos += 1

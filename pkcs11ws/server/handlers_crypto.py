@@ -45,9 +45,12 @@ class _Verdict:
     """A crypto request's successful checks: the mechanism and loaded key, usable while the
     store has not changed and until `until` (a time the session is known to live to); with
     what needs no lookup then: the operation's function in the key's family module, its
-    answer body, and the offload decision (fixed per key)."""
+    answer body, the offload decision (fixed per key), and direct: the operation as a
+    function of the request's data alone, valid for a request with no optional field (the
+    family's direct(); None: the family has none for this op and mechanism). A batch's run of
+    items that differ only in their data uses it (server/batch_items.py)."""
 
-    __slots__ = ("answer", "key", "mech", "offload", "until", "work")
+    __slots__ = ("answer", "direct", "key", "mech", "offload", "until", "work")
 
     def __init__(self, mech: mechanisms.Mechanism, key: Any, until: float, op: str) -> None:
         self.mech = mech
@@ -57,6 +60,10 @@ class _Verdict:
         self.work: Callable[..., Any] = getattr(family, op)
         self.answer = _BODIES[op]
         self.offload: bool = family.offload(key)
+        direct = getattr(family, "direct", None)
+        self.direct: Callable[[bytes], Any] | None = (
+            None if direct is None else direct(mech, key, op)
+        )
 
 
 @dataclass(frozen=True)
@@ -289,6 +296,14 @@ class CryptoHandlers:
         if v.offload:
             raise Offloaded(v.work, v.mech, v.key, b, op)
         return v.answer(v.work(v.mech, v.key, b))
+
+    def checked(self, claims: TokenClaims, b: dict[str, Any], op: str) -> _Verdict:
+        """crypto_now's checks alone (a store whose reads do not block): the verdict whose
+        work and answer make the answer body; offloaded work is raised as there."""
+        v = self._key(claims, b["key"], b["mechanism"], op, None)
+        if v.offload:
+            raise Offloaded(v.work, v.mech, v.key, b, op)
+        return v
 
     async def keyed(self, claims: TokenClaims, b: dict[str, Any], op: str) -> Response:
         """crypto_now as a request's handler: the store read off the event loop when reads

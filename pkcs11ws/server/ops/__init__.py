@@ -8,6 +8,8 @@ the decoded request body so that each family reads its own parameters:
 - sign(mech, key, body) -> signature;  verify(mech, key, body) -> None or ProtocolError
 - offload(key) -> bool: whether this key's work is heavy enough to run off the event loop
   (private-key arithmetic that costs more than the thread hand-off: RSA, ECDSA above P-256)
+- optional direct(mech, key, op) -> a function of the request's data alone, or None: op for a
+  request without optional fields, for a batch's run of such requests (hmac: sign)
 
 A new family is one module here plus its rows in pkcs11ws/mechanisms.py.
 """

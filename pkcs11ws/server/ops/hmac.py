@@ -12,6 +12,7 @@ pads are made once per key and hash and are never shared by another key value.
 from __future__ import annotations
 
 import hmac as _hmac
+from collections.abc import Callable
 from typing import Any
 
 from pkcs11ws.mechanisms import Mechanism
@@ -67,6 +68,17 @@ def sign(mech: Mechanism, key: HmacKey, body: dict[str, Any]) -> bytes:
         return state.mac(body["data"])
     length = mac_length(mech, body.get("mac_length"))
     return _mac(key, mech.digest, body["data"])[:length]
+
+
+def direct(mech: Mechanism, key: HmacKey, op: str) -> Callable[[bytes], bytes] | None:
+    """op as a function of the request's data alone, for a request without optional fields
+    (no mac_length): a sign with a full-length mechanism is its state's MAC."""
+    if op != "sign" or mech.general:
+        return None
+    state = key.pads.get(mech.digest)
+    if state is None:
+        state = key.pads[mech.digest] = HmacState(mech.digest, key)
+    return state.mac
 
 
 def verify(mech: Mechanism, key: HmacKey, body: dict[str, Any]) -> None:
