@@ -8,11 +8,16 @@ spaced out, which the generic path decodes: both must give the same answers byte
 same as each single request, and one audit line per refused item. The items mix what a shortcut
 could wrongly carry from one item to the next: the same token before and after a refused item,
 another softcard's token and key, an ended session, another identity's token, a forged token,
-an expired one; and between two batches a key destroyed and a session ended.
+an expired one; and between two batches a key destroyed and a session ended. Items that
+differ only in their data come as one run (fastjson.BatchRun: the verdict decided once, by
+batch_items._keyed_run): runs are attacked the same way between batches (a grant revoked, a
+key destroyed and another put in its place), and with a refused item inside a run.
 """
 
 from __future__ import annotations
 
+import base64
+import hmac
 import json
 import time
 import uuid
@@ -36,7 +41,8 @@ AES_KEY = 0x1F
 class Card:
     def __init__(self, api: Api) -> None:
         self.id, self.token = api.new_card(PASS)
-        self.mac = api.import_key(self.id, self.token, HMAC_KEY, uuid.uuid4().bytes * 2)
+        self.value = uuid.uuid4().bytes * 2
+        self.mac = api.import_key(self.id, self.token, HMAC_KEY, self.value)
         self.aes = api.import_key(self.id, self.token, AES_KEY, bytes(16))
 
 
@@ -105,6 +111,16 @@ def both_ways(svc: Service, api: Api, items: list[dict[str, Any]]) -> list[tuple
             one = api.post(SIGN, raw)
             assert (one.status, one.body) == got, it
     return fast
+
+
+def compact(items: list[dict[str, Any]]) -> bytes:
+    return json.dumps({"items": items}, separators=(",", ":")).encode()
+
+
+def macs(value: bytes, datas: list[bytes]) -> list[tuple[int, bytes]]:
+    """The answers of HMAC-SHA256 signs of datas with value, as the service words them."""
+    sigs = (base64.b64encode(hmac.digest(value, d, "sha256")) for d in datas)
+    return [(200, b'{"signature":"' + s + b'"}') for s in sigs]
 
 
 def codes_of(got: list[tuple[int, bytes]]) -> list[object]:
@@ -203,3 +219,97 @@ def test_expired_token_between_live_ones(fresh_service: Any) -> None:
         assert b"expired" in got[1][1] and got[1] == got[3]
     finally:
         api.close()
+
+
+def test_a_run_answers_each_item_as_its_single_request(
+    service: Service, people: dict[str, Api]
+) -> None:
+    alice = people["alice"]
+    card = Card(alice)
+    datas = [b"", b"a", bytes(range(64)), b"x" * 1000, b"a", b"\x00" * 64]
+    items = [item(request(card.token, card.mac, d)) for d in datas]
+    runs = fastjson.batch(compact(items))
+    assert runs is not None and [len(r[4] or ()) for r in runs] == [len(datas)]  # one run
+    assert both_ways(service, alice, items) == macs(card.value, datas)
+    # Runs broken by other keys, tokens and refusals, each item in its place.
+    other = Card(alice)
+    mixed = [
+        *items[:3],
+        item(request(other.token, other.mac, b"o1")),
+        item(request(other.token, other.mac, b"o2")),
+        item(request(card.token, other.mac, b"o3")),  # card's token, other's key: refused
+        item(request(card.token, other.mac, b"o4")),
+        *items[3:],
+    ]
+    runs = fastjson.batch(compact(mixed))
+    assert runs is not None and [len(r[4] or ()) for r in runs] == [3, 2, 2, 3]
+    got = both_ways(service, alice, mixed)
+    assert got[:3] + got[7:] == macs(card.value, datas)
+    assert got[3:5] == macs(other.value, [b"o1", b"o2"])
+    assert codes_of(got[5:7]) == ["KEY_NOT_FOUND"] * 2
+
+
+def test_a_verify_run_refuses_a_bad_mac_alone(service: Service, people: dict[str, Api]) -> None:
+    alice = people["alice"]
+    card = Card(alice)
+    good = hmac.digest(card.value, b"checked", "sha256")
+    bad = bytes([good[0] ^ 1]) + good[1:]
+    sigs = [good, bad, good, good[:16], good, bad]
+
+    def verify(sig: bytes) -> dict[str, Any]:
+        req = {"token": card.token, "key": card.mac, "mechanism": "CKM_SHA256_HMAC"}
+        return {"op": "verify", "request": {**req, "data": b64(b"checked"), "signature": b64(sig)}}
+
+    items = [verify(sig) for sig in sigs]
+    runs = fastjson.batch(compact(items))
+    assert runs is not None and [len(r[4] or ()) for r in runs] == [len(sigs)]
+    rid, slow = f"fast-{uuid.uuid4().hex[:12]}", f"slow-{uuid.uuid4().hex[:12]}"
+    got = send(alice, items, rid, True)
+    assert send(alice, items, slow, False) == got
+    assert codes_of(got) == [
+        200,
+        "SIGNATURE_INVALID",
+        200,
+        "SIGNATURE_LEN_RANGE",
+        200,
+        "SIGNATURE_INVALID",
+    ]
+    assert got[0] == (200, b'{"valid":true}')
+    lines = audited(service, rid)
+    assert [x["code"] for x in lines] == [c for c in codes_of(got) if c != 200]
+    assert lines == audited(service, slow) and all(x["op"] == "verify" for x in lines)
+
+
+def test_runs_after_a_grant_revoked_a_key_destroyed_and_replaced(
+    service: Service, people: dict[str, Api], tmp_path: Any
+) -> None:
+    alice = people["alice"]
+    name = f"carol-{uuid.uuid4().hex[:8]}"
+    d = issue_client(service, name, tmp_path)
+    carol = Api(service, d / "client.pem", d / "client.key")
+    try:
+        assert carol.get(CARDS).status == 200  # (the service learns a new identity on use)
+        card = Card(alice)
+        grant = f"{CARDS}/{card.id}/grants/{name}"
+        assert alice.request("PUT", grant).status == 200
+        token = carol.activate(card.id, PASS)
+        datas = [bytes([i]) * 8 for i in range(6)]
+        carols = [item(request(token, card.mac, x)) for x in datas]
+        assert both_ways(service, carol, carols) == macs(card.value, datas)
+        # Carol's token on alice's connection, alice's on carol's: refused item by item.
+        assert codes_of(both_ways(service, alice, carols)) == ["NOT_ACTIVATED"] * 6
+        alices = [item(request(card.token, card.mac, x)) for x in datas]
+        assert codes_of(both_ways(service, carol, alices)) == ["NOT_ACTIVATED"] * 6
+        assert alice.delete(grant).status == 200  # revoking the grant ends carol's login
+        assert codes_of(both_ways(service, carol, carols)) == ["NOT_ACTIVATED"] * 6
+        assert both_ways(service, alice, alices) == macs(card.value, datas)
+        path = f"{CARDS}/{card.id}/objects/{card.mac}"
+        assert alice.delete(path, token=card.token, idem=new_idem()).status == 200
+        assert codes_of(both_ways(service, alice, alices)) == ["KEY_NOT_FOUND"] * 6
+        # Another value in its place: a new key, never the old one's prepared state.
+        value = bytes(reversed(card.value))
+        new = alice.import_key(card.id, card.token, HMAC_KEY, value)
+        renewed = [item(request(card.token, new, x)) for x in datas]
+        assert both_ways(service, alice, renewed) == macs(value, datas)
+    finally:
+        carol.close()
