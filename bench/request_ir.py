@@ -12,8 +12,9 @@ CPU only). Pieces of the path are timed alone the same way (a loop of calls betw
 
 Cases: floor (the floor app), hmac (HMAC-SHA256 sign of 64 B in the module's spelling: the
 request id and the token in the body, client/wire.py and client/request_ids.py), hmac-header
-(the token in an Authorization header, as bench/service_ir.py's hmac case), and the refusals
-bad-token, no-key, bad-json (generic path).
+(the token in an Authorization header, as bench/service_ir.py's hmac case), the refusals
+bad-token, no-key, bad-json (generic path), and batch-1/4/16 (the batch endpoint in the
+module's spelling, 1, 4 or 16 such signs: (batch-16 - batch-1) / 15 is an item's cost).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def _dumps(prefix: Path) -> list[int]:
     return out
 
 
-async def _inner(work: Path, n: int, out: Path, pieces: bool) -> None:
+async def _inner(work: Path, n: int, out: Path, pieces: bool, only: list[str]) -> None:
     from bench import floor_app
     from pkcs11ws.server import pki, settings
     from pkcs11ws.server.app import App
@@ -172,6 +173,15 @@ async def _inner(work: Path, n: int, out: Path, pieces: bool) -> None:
         separators=(",", ":"),
     ).encode()
     auth = [(b"authorization", f"Bearer {token}".encode())]
+    # A batch in the module's spelling (client/wire.py batch_body: each item's token in its
+    # request), its request id in the X-Request-Id header (client/api.py _send_batch).
+    one = module.replace(b'"request_id":"0a1b2c3d4e-{}",', b"")
+    batches = {n: b'{"items":[' + b",".join([b'{"op":"sign","request":' + one + b"}"] * n) + b"]}"
+               for n in (1, 4, 16)}  # fmt: skip
+
+    def batch(n: int, i: int) -> Any:
+        return c.call("POST", "/crypto/v1/batch", batches[n], [(b"x-request-id", b"r-%d" % i)])
+
     bad_token = module.replace(token[-12:].encode(), b"A" * 12)
     no_key = module.replace(key["handle"].encode(), b"0" * len(key["handle"]))
     cases: dict[str, Callable[[int], Any]] = {
@@ -181,7 +191,12 @@ async def _inner(work: Path, n: int, out: Path, pieces: bool) -> None:
         "bad-token": lambda i: c.call("POST", "/crypto/v1/sign", bad_token.replace(b"{}", b"1")),
         "no-key": lambda i: c.call("POST", "/crypto/v1/sign", no_key.replace(b"{}", b"1")),
         "bad-json": lambda i: c.call("POST", "/crypto/v1/sign", b'{"key":1}', auth),
+        "batch-1": lambda i: batch(1, i),
+        "batch-4": lambda i: batch(4, i),
+        "batch-16": lambda i: batch(16, i),
     }
+    if only:
+        cases = {k: v for k, v in cases.items() if k in only}
     results: dict[str, tuple[float, float]] = {}
     seen = 0
     for name, fn in cases.items():
@@ -205,19 +220,19 @@ async def _inner(work: Path, n: int, out: Path, pieces: bool) -> None:
             flush=True,
         )
     if pieces:
-        await _pieces(app, c, module, plain, out, seen, n)
+        await _pieces(app, c, module, plain, batches[16], out, seen, n)
     app.store.close()
 
 
 async def _pieces(
-    app: Any, c: Caller, module: bytes, plain: bytes, out: Path, seen: int, n: int
+    app: Any, c: Caller, module: bytes, plain: bytes, b16: bytes, out: Path, seen: int, n: int
 ) -> None:
     """Parts of the hmac case's path, each called n times in a row between the markers."""
     import hmac as hmac_mod
     import time
 
     from pkcs11ws.server import app as app_mod
-    from pkcs11ws.server import metrics
+    from pkcs11ws.server import fastjson, metrics
 
     raw = module.replace(b"{}", b"7", 1)
     scope = c.scope("POST", "/crypto/v1/sign", raw, [])
@@ -231,6 +246,7 @@ async def _pieces(
     key = b"k" * 32
     parts: dict[str, Callable[[], Any]] = {
         "decode (fastjson Sign)": lambda: app_mod._decode("Sign", raw),
+        "decode (fastjson.batch, 16 items)": lambda: fastjson.batch(b16),
         "_request_id": lambda: app_mod._request_id({"request_id": "0a1b2c3d4e-7"}),
         "_bearer": lambda: app_mod._bearer(token),
         "authenticate": lambda: svc.authenticate(auth, None, ident),
@@ -259,10 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", type=int, default=20, help="measured requests per case")
     ap.add_argument("--keep", help="a folder to keep the callgrind dumps in")
     ap.add_argument("--pieces", action="store_true", help="also parts of the hmac path alone")
+    ap.add_argument("--cases", default="", help="comma-separated cases (default: all)")
     ap.add_argument("--inner", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.inner:
-        asyncio.run(_inner(Path(args.inner), args.n, Path(args.inner) / "cg.out", args.pieces))
+        only = [c for c in args.cases.split(",") if c]
+        asyncio.run(
+            _inner(Path(args.inner), args.n, Path(args.inner) / "cg.out", args.pieces, only)
+        )
         return 0
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="pkcs11ws-rq-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -281,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "--inner",
         str(work),
         *(["--pieces"] if args.pieces else []),
+        *(["--cases", args.cases] if args.cases else []),
     ]
     r = subprocess.run(cmd, stderr=subprocess.DEVNULL, check=False)
     return r.returncode
