@@ -1,10 +1,32 @@
 """Type stub of the compiled pkcs11ws.server._hot (see _hot.pyx)."""
 
+from collections.abc import Callable
+from typing import Any
+
 DIGESTS: frozenset[str]
 
 class HmacState:
     size: int
     def __init__(self, name: str, key: bytes) -> None: ...
     def mac(self, data: bytes) -> bytes: ...
+    def __call__(self, data: bytes) -> bytes: ...
 
 def b64_canonical(raw: bytes) -> bytes | None: ...
+def mac_run(
+    state: HmacState,
+    values: list[Any],
+    i: int,
+    until: float,
+    prefix: bytes,
+    suffix: bytes,
+    parts: list[bytes],
+) -> int: ...
+def scan_run(
+    raw: bytes,
+    pos: int,
+    head: bytes,
+    end: int,
+    convert: Callable[[bytes], Any],
+    max_len: int,
+    values: list[Any],
+) -> int: ...

@@ -10,10 +10,15 @@ Round 7): an HMAC key's prepared state and the canonical base64 of the request d
   handle, sealed blob and card key (handlers_crypto.py), so it follows that cache's rules.
 - b64_canonical: what protocol.canonical_b64 accepts, decoded (strict alphabet, padding only
   at the end, unused low bits zero), else None: one pass, no Python frame.
+- scan_run: fastjson.batch's loop over the items of a run (items whose bytes repeat the run's
+  first item up to its last value, a string): each value found and converted, in C.
+- mac_run: a run's HMAC items answered from its verdict (server/batch_items.py), while the
+  verdict's time holds: MAC, base64 and the item's answer bytes, in C.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.string cimport memcpy, memset
+from libc.string cimport memchr, memcmp, memcpy, memset
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 
 cdef extern from "openssl/sha.h" nogil:
@@ -144,18 +149,27 @@ cdef class HmacState:
         OPENSSL_cleanse(&self.inner, sizeof(_Ctx))
         OPENSSL_cleanse(&self.outer, sizeof(_Ctx))
 
-    def mac(self, bytes data not None):
-        """The full HMAC of data."""
+    cdef void _mac(self, const char* data, Py_ssize_t n, unsigned char* md) noexcept:
         cdef _Ctx c
-        cdef unsigned char md[64]
         cdef int kind = self.kind
         memcpy(&c, &self.inner, sizeof(_Ctx))
-        _update(kind, &c, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        _update(kind, &c, data, n)
         _final(kind, &c, md)
         memcpy(&c, &self.outer, sizeof(_Ctx))
         _update(kind, &c, md, self.size)
         _final(kind, &c, md)
         OPENSSL_cleanse(&c, sizeof(_Ctx))
+
+    def mac(self, bytes data not None):
+        """The full HMAC of data."""
+        cdef unsigned char md[64]
+        self._mac(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), md)
+        return PyBytes_FromStringAndSize(<char*>md, self.size)
+
+    def __call__(self, bytes data not None):
+        """mac(data): the state as ops.hmac.direct's function of the data."""
+        cdef unsigned char md[64]
+        self._mac(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), md)
         return PyBytes_FromStringAndSize(<char*>md, self.size)
 
 
@@ -213,3 +227,117 @@ def b64_canonical(bytes raw not None):
         w += 3
         i += 4
     return out
+
+
+cdef const char* _B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+cdef char* _b64_put(const unsigned char* src, Py_ssize_t n, char* w) noexcept:
+    """Standard base64 with padding (binascii.b2a_base64's, no newline); returns the end."""
+    cdef Py_ssize_t i = 0
+    cdef unsigned int v
+    while i + 3 <= n:
+        v = (<unsigned int>src[i] << 16) | (<unsigned int>src[i + 1] << 8) | src[i + 2]
+        w[0] = _B64[v >> 18]
+        w[1] = _B64[(v >> 12) & 63]
+        w[2] = _B64[(v >> 6) & 63]
+        w[3] = _B64[v & 63]
+        w += 4
+        i += 3
+    if n - i == 1:
+        v = <unsigned int>src[i] << 16
+        w[0] = _B64[v >> 18]
+        w[1] = _B64[(v >> 12) & 63]
+        w[2] = b"="
+        w[3] = b"="
+        w += 4
+    elif n - i == 2:
+        v = (<unsigned int>src[i] << 16) | (<unsigned int>src[i + 1] << 8)
+        w[0] = _B64[v >> 18]
+        w[1] = _B64[(v >> 12) & 63]
+        w[2] = _B64[(v >> 6) & 63]
+        w[3] = b"="
+        w += 4
+    return w
+
+
+def mac_run(
+    HmacState state not None,
+    list values not None,
+    Py_ssize_t i,
+    double until,
+    bytes prefix not None,
+    bytes suffix not None,
+    list parts not None,
+):
+    """For values[i:] in order, while time.time() (the same clock) is before until: prefix,
+    the base64 of the value's MAC and suffix appended to parts. Returns the index of the first
+    value not answered (len(values): all were)."""
+    cdef timespec ts
+    cdef unsigned char md[64]
+    cdef Py_ssize_t n = len(values)
+    cdef Py_ssize_t pn = PyBytes_GET_SIZE(prefix)
+    cdef Py_ssize_t sn = PyBytes_GET_SIZE(suffix)
+    cdef Py_ssize_t bn = (state.size + 2) // 3 * 4
+    cdef char* w
+    while i < n:
+        clock_gettime(CLOCK_REALTIME, &ts)
+        if ts.tv_sec + ts.tv_nsec * 1e-9 >= until:
+            return i
+        value = values[i]
+        if type(value) is not bytes:
+            return i
+        state._mac(PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value), md)
+        out = PyBytes_FromStringAndSize(NULL, pn + bn + sn)
+        w = PyBytes_AS_STRING(out)
+        memcpy(w, PyBytes_AS_STRING(prefix), pn)
+        w = _b64_put(md, state.size, w + pn)
+        memcpy(w, PyBytes_AS_STRING(suffix), sn)
+        parts.append(out)
+        i += 1
+    return n
+
+
+def scan_run(
+    bytes raw not None,
+    Py_ssize_t pos,
+    bytes head not None,
+    Py_ssize_t end,
+    object convert,
+    Py_ssize_t max_len,
+    list values not None,
+):
+    """fastjson.batch's loop over a run's next items, for a last value that is a string
+    matched up to its closing quote (fastjson._TEXT: kinds bytes and text). An item at pos
+    joins the run when its bytes start with head and then hold that value, its closing quote,
+    the request's closing brace and the item's: the value, through convert (None: refused),
+    is appended to values. Returns -2 when an item ended at end (the last one); the position
+    of the first item that does not repeat head (fastjson.batch decodes it in full); -1 when
+    the batch is off the fast path (a value convert refuses or over max_len, no comma after
+    an item)."""
+    cdef const char* s = PyBytes_AS_STRING(raw)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw)
+    cdef const char* h = PyBytes_AS_STRING(head)
+    cdef Py_ssize_t hn = PyBytes_GET_SIZE(head)
+    cdef const char* q
+    cdef Py_ssize_t v
+    while True:
+        if pos + hn > n or memcmp(s + pos, h, hn) != 0:
+            return pos
+        v = pos + hn
+        q = <const char*>memchr(s + v, 34, n - v)  # the closing quote
+        if q == NULL or q - s + 1 >= n or q[1] != 125:  # then "}": else not this spelling
+            return pos
+        value = convert(PyBytes_FromStringAndSize(s + v, q - s - v))
+        if value is None or (max_len and len(value) > max_len):
+            return -1
+        values.append(value)
+        pos = q - s + 2
+        if pos >= n or s[pos] != 125:  # the item's "}"
+            return -1
+        pos += 1
+        if pos == end:
+            return -2
+        if s[pos] != 44:  # ","
+            return -1
+        pos += 1

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any, Final
 from pkcs11ws import protocol
 from pkcs11ws.protocol import ProtocolError as ApiError
 from pkcs11ws.server import audit, fastjson
+from pkcs11ws.server._hot import HmacState, mac_run
 from pkcs11ws.server.handlers import expired
-from pkcs11ws.server.handlers_crypto import IN_BATCH, Offloaded
+from pkcs11ws.server.handlers_crypto import B64_ANSWERS, IN_BATCH, Offloaded
 from pkcs11ws.server.identity import Identity
 from pkcs11ws.server.pipeline import Request, Response
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 # (place in the answer's parts, the work, the audit's seen, the item's request id)
 _Offloads = list[tuple[int, Offloaded, list[Any], str | None]]
 _OK: Final = b'{"status":200,"answer":'
+_B64_END: Final = b'"}}'  # a B64_ANSWERS answer's end, and its item's
 
 
 class BatchPath:
@@ -164,23 +166,35 @@ class BatchPath:
         verdict: Any = None
         seen_body: dict[str, Any] = {}
         direct: Any = None
-        for value in values:
-            if verdict is not None and time.time() < verdict.until:
-                try:
-                    if direct is not None:
-                        out = direct(value)
-                    else:
-                        body = seen_body.copy()
-                        body[name] = value
-                        out = verdict.work(verdict.mech, verdict.key, body)
-                    parts.append(_OK + verdict.answer(out) + b"}")
-                    continue
-                except Exception:  # the full path below answers it (and audits a refusal)
-                    pass
+        # An HMAC sign run: its prepared state, whose items mac_run answers in C, each as the
+        # verdict's answer (handlers_crypto.B64_ANSWERS) inside its batch answer.
+        state: HmacState | None = None
+        head = b""
+        i, count = 0, len(values)
+        while i < count:
+            if verdict is not None:
+                if state is not None:
+                    i = mac_run(state, values, i, verdict.until, head, _B64_END, parts)
+                    if i == count:
+                        return
+                elif time.time() < verdict.until:
+                    try:
+                        if direct is not None:
+                            out = direct(values[i])
+                        else:
+                            body = seen_body.copy()
+                            body[name] = values[i]
+                            out = verdict.work(verdict.mech, verdict.key, body)
+                        parts.append(_OK + verdict.answer(out) + b"}")
+                        i += 1
+                        continue
+                    except Exception:  # the full path below answers it (and audits a refusal)
+                        pass
             if audit.REQUEST_ID.get() is not rid:
                 audit.REQUEST_ID.set(rid)
             body = request.copy()
-            body[name] = value
+            body[name] = values[i]
+            i += 1
             got: list[Any] = [None]
             parts.append(self._keyed_item(op, token, body, ident, opened, offloaded, parts, got))
             v = got[0]
@@ -192,6 +206,8 @@ class BatchPath:
             ):
                 verdict, seen_body = v, body
                 direct = v.direct if name == "data" else None
+                if type(direct) is HmacState and op in B64_ANSWERS:
+                    state, head = direct, _OK + B64_ANSWERS[op]
 
     def _keyed_item(
         self,

@@ -25,7 +25,7 @@ from typing import Any, Final
 
 from pkcs11ws import protocol
 from pkcs11ws.protocol import STRUCTS, Field, Struct
-from pkcs11ws.server._hot import b64_canonical
+from pkcs11ws.server._hot import b64_canonical, scan_run
 
 _MAX_ULONG: Final = 0xFFFFFFFFFFFFFFFF
 # Printable ASCII but the quote and the backslash: a JSON string made of these is its value.
@@ -143,7 +143,7 @@ class _Structure:
     last value and the closing brace, for a batch item that repeats the previous item's bytes
     up to that value (batch())."""
 
-    __slots__ = ("fields", "last", "match", "short", "short_fields", "tail")
+    __slots__ = ("fields", "last", "match", "scan", "short", "short_fields", "tail")
 
     def __init__(self, struct: Struct) -> None:
         made = _expression(struct)
@@ -161,6 +161,9 @@ class _Structure:
         kind = _kind((head if short is not None else struct).fields[-1])
         value = _TEXT if kind == "text" else _VALUE[kind]
         self.tail = re.compile(value.removeprefix(b'"') + rb"\}").match
+        # The last value is matched up to the next quote (_TEXT): batch() then scans a run's
+        # items in C (_hot.scan_run, the same matching as tail and the loop's checks).
+        self.scan = value == _TEXT
 
     def decode(self, raw: bytes, pos: int) -> tuple[Decoded | None, int, int]:
         """The structure's object at raw[pos:], where it ends, and where the group of its last
@@ -317,11 +320,16 @@ def batch(raw: bytes) -> list[BatchRun] | None:
     # that run: only its tail (that value and the closing brace) is matched and decoded.
     head = b""
     tail: Callable[[bytes, int], re.Match[bytes] | None] | None = None
+    scan = False
     values: list[Any] = []
     convert: Callable[[bytes], Any] = bytes.decode
     max_len = 0
     while True:
-        if tail is not None and raw.startswith(head, pos):
+        if scan:
+            pos = scan_run(raw, pos, head, end, convert, max_len, values)
+            if pos < 0:
+                return runs if pos == -2 else None
+        elif tail is not None and raw.startswith(head, pos):
             t = tail(raw, pos + len(head))
             if t is not None:
                 # _values for the one field, inline: a call and a dict merge cost ~4.5k
@@ -364,11 +372,13 @@ def batch(raw: bytes) -> list[BatchRun] | None:
         if last_at >= 0:
             head = raw[start:last_at]
             tail = s.tail
+            scan = s.scan
             name, convert, max_len = s.last[0]
             values = [body[name]]
             runs.append((op, token, body, name, values))
         else:
             tail = None
+            scan = False
             runs.append((op, token, body, None, None))
         if raw[pos : pos + 1] != b"}":
             return None

@@ -109,8 +109,12 @@ def _cipher_body(out: tuple[bytes, bytes]) -> bytes:
 # The answer bodies of the keyed operations, built directly (the same bytes as ok(): compact
 # JSON, fields in struct order, base64 needs no JSON escaping: they are the hot path), and each
 # one's (operation flag, usage attribute): what CryptoHandlers.crypto_now needs by op.
+# B64_ANSWERS: the answers that are one base64 field, each up to its value's opening quote (the
+# value, then '"}', ends it).
+B64_ANSWERS: Final[dict[str, bytes]] = {"sign": b'{"signature":"'}
+_SIGNATURE: Final = B64_ANSWERS["sign"]
 _BODIES: Final[dict[str, Callable[[Any], bytes]]] = {
-    "sign": lambda sig: b'{"signature":"' + _b2a(sig, newline=False) + b'"}',
+    "sign": lambda sig: _SIGNATURE + _b2a(sig, newline=False) + b'"}',
     "verify": lambda _: _VERIFIED.body,
     "encrypt": _cipher_body,
     "decrypt": _cipher_body,

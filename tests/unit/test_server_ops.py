@@ -9,13 +9,14 @@ import base64
 import hmac
 import os
 import random
+import time
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from pkcs11ws.protocol import canonical_b64
-from pkcs11ws.server._hot import HmacState, b64_canonical
+from pkcs11ws.server._hot import HmacState, b64_canonical, mac_run
 from pkcs11ws.server.ops import ec as ec_ops
 from pkcs11ws.server.ops import hmac as hmac_ops
 
@@ -77,3 +78,22 @@ def test_hmac_state_cleans_nothing_shared() -> None:
     assert hmac_ops._mac(a, "sha256", b"data") == first == hmac.digest(a, b"data", "sha256")
     with pytest.raises(ValueError, match="no HMAC hash"):
         HmacState("md5", b"k")
+
+
+def test_mac_run_answers_while_its_time_holds() -> None:
+    key = os.urandom(32)
+    state = HmacState("sha256", key)
+    values: list[object] = [b"", b"a", os.urandom(100), "not bytes", b"b"]
+    parts: list[bytes] = []
+
+    def part(v: bytes) -> bytes:
+        return b"<" + base64.b64encode(hmac.digest(key, v, "sha256")) + b">"
+
+    far = time.time() + 3600
+    assert mac_run(state, values, 0, far, b"<", b">", parts) == 3  # stops at the str
+    assert parts == [part(v) for v in values[:3]]  # type: ignore[arg-type]
+    assert mac_run(state, values, 4, far, b"<", b">", parts) == 5
+    assert parts[-1] == part(b"b") and len(parts) == 4
+    assert mac_run(state, values, 0, time.time() - 1, b"<", b">", parts) == 0  # time is up
+    assert len(parts) == 4
+    assert state(b"x") == state.mac(b"x") == hmac.digest(key, b"x", "sha256")
