@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pkcs11ws import protocol
 from pkcs11ws.protocol import ProtocolError as ApiError
-from pkcs11ws.server import audit, fastjson
+from pkcs11ws.server import audit, fastjson, pipeline
 from pkcs11ws.server._hot import HmacState, mac_run
 from pkcs11ws.server.handlers import expired
 from pkcs11ws.server.handlers_crypto import B64_ANSWERS, IN_BATCH, Offloaded
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from pkcs11ws.server.handlers import Service
+    from pkcs11ws.server.sealing import TokenClaims
 
 # (place in the answer's parts, the work, the audit's seen, the item's request id)
 _Offloads = list[tuple[int, Offloaded, list[Any], str | None]]
@@ -48,6 +49,7 @@ class BatchPath:
     service: Service
     _handlers: dict[str, Callable[[Request], Awaitable[Response]]]
     _operation: Callable[..., Awaitable[Response]]
+    _opened: dict[str, TokenClaims]
 
     async def _batch(self, req: Request) -> Response:
         """POST /crypto/v1/batch: each item as its own single request would go."""
@@ -242,7 +244,20 @@ class BatchPath:
                 if claims.expires <= time.time():
                     raise expired()
             else:
-                claims = service.authenticate(_app._bearer(token), None, ident)
+                # _body_claims's cache of claims by the token's str (shared with the single
+                # requests: a client's batches carry the token its requests do), with
+                # authenticate's checks of cached claims: the identity, then the expiry.
+                claims = self._opened.get(token) if type(token) is str else None
+                if claims is None:
+                    claims = service.authenticate(_app._bearer(token), None, ident)
+                    if type(token) is str:
+                        if len(self._opened) >= _app._OPENED_MAX:
+                            self._opened.clear()
+                        self._opened[token] = claims
+                else:
+                    pipeline.check_token(claims, ident)
+                    if claims.expires <= time.time():
+                        raise expired()
                 opened[0], opened[1] = token, claims
             if shown is None:
                 if protocol.REQUEST_ID_FIELD in body:

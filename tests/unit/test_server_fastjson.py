@@ -260,3 +260,29 @@ def test_batch_tokens_take_the_fast_path_only_as_plain_strings(token: bytes) -> 
     if got is not None:
         assert got == _batch_generic(raw)
         assert got[0][1] == token.decode("ascii")
+
+
+def test_a_batch_repeating_the_last_batchs_first_head_agrees_with_the_generic_path() -> None:
+    """A batch whose first item repeats the previous batch's first item up to its last value
+    joins that decoded head (fastjson._FIRST): the same answers as the generic path whatever
+    follows, and no batch sees what a consumer did to another batch's requests."""
+    head = b'{"token":"' + TOKEN.encode() + b'","key":"' + KEY.encode()
+    head += b'","mechanism":"CKM_SHA256_HMAC","data":"'
+    tails = [b'AAECAwQFBgc="}', b'QQ=="}', b'"}', b'QQ==","mac_length":16}', b'QR=="}', b'QQ"}']
+    first = _batch_body([("sign", None, head + tails[0]), ("sign", None, head + tails[1])])
+    got = _fast_batch(first)
+    assert got is not None and got == _batch_generic(first)
+    for _ in range(2):  # a consumer's change to a run's request (first decoded, then joined)
+        runs = fastjson.batch(first)
+        assert runs is not None
+        runs[0][2]["key"] = "changed"
+    for tail in tails:
+        for rest in ([], [("sign", None, head + tails[1])], [("random", None, b'{"length":4}')]):
+            raw = _batch_body([("sign", None, head + tail), *rest])
+            assert _fast_batch(raw) == _batch_generic(raw), (tail, rest)
+            assert _fast_batch(first) == _batch_generic(first)
+    rng = random.Random(18)
+    for m in _mutations(first, rng, 2000):
+        fast = _fast_batch(m)
+        assert fast is None or fast == _batch_generic(m), m
+        assert _fast_batch(first) == _batch_generic(first)
