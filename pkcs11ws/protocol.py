@@ -30,8 +30,8 @@ TOKEN_HEADER: Final = "Authorization"  # "Bearer <activation token>"
 # instructions a byte) and copies a body. One request carries it in one place only.
 TOKEN_FIELD: Final = "token"
 MAX_TOKEN: Final = 4096
-# Likewise their request id: the body's first field instead of the X-Request-Id header (a
-# header that changes per request also makes the client rebuild its header list each time).
+# Likewise their request id, and a batch's: the body's first field instead of the X-Request-Id
+# header (a header that changes per request also makes the client rebuild its header list).
 REQUEST_ID_FIELD: Final = "request_id"
 MAX_PASSPHRASE: Final = 256
 # REQUEST_ID_RE, NAME_RE and IDEMPOTENCY_RE are compiled when first used (see __getattr__):
@@ -359,7 +359,7 @@ STRUCTS: Final[dict[str, Struct]] = {
              "in the request's own token field (never both)"),
            F("request", "object", doc="the single endpoint's request body (its struct)")),
         _s("Batch", "Several read-only operations in one request (group commit).",
-           F("items", "list:BatchItem")),
+           _REQUEST_ID, F("items", "list:BatchItem")),
         _s("BatchAnswer", "One operation's outcome, in the order of the items.",
            F("status", "int", doc="the HTTP status its single request would have got"),
            F("answer", "object", doc="the single endpoint's response body, or an Error")),

@@ -282,8 +282,9 @@ class KeyServiceClient:
 
     def _send_batch(self, calls: list[Call]) -> None:
         """Send calls in one batch request; leave each its answer or error (never raises)."""
-        body = batch_body(calls)
-        headers = (*BASE_HEADERS, _REQUEST_IDS.header())
+        ids = _REQUEST_IDS  # the request id as the body's first field (request_ids.py)
+        body = batch_body(calls, ids.field, next(ids.count))
+        headers = BASE_HEADERS
         try:
             # One request for all: the deadline counts from the oldest call's start.
             status, raw = self._send(

@@ -2,10 +2,11 @@
 logs it at DEBUG3 and the service writes it in its audit trail, so one operation can be followed
 across both logs. A random prefix per process (renewed in a forked child) and a counter.
 
-Most requests carry theirs as the X-Request-Id header. A single crypto request carries it as
-its body's first field instead (protocol.REQUEST_ID_FIELD): libcurl formats every header byte
-through its own printf, and a header that changes per request makes pycurl rebuild the handle's
-whole header list (together about 10k instructions per C_Sign, bench/results/profile-issue15.md).
+Most requests carry theirs as the X-Request-Id header. A single crypto request and a batch
+carry it as their body's first field instead (protocol.REQUEST_ID_FIELD): libcurl formats
+every header byte through its own printf, and a header that changes per request makes pycurl
+rebuild the handle's whole header list (together about 10k instructions per C_Sign,
+bench/results/profile-issue15.md).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ _FIELD: Final = b'{"' + protocol.REQUEST_ID_FIELD.encode("ascii") + b'":"'
 
 class RequestIds:
     """header() makes an X-Request-Id line; a body's id is `field`, next(count), then '",'
-    before the rest of the JSON object (written inline by KeyServiceClient._single)."""
+    before the rest of the JSON object (written inline by KeyServiceClient._single and
+    wire.batch_body)."""
 
     def __init__(self) -> None:
         self.reset()

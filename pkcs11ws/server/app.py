@@ -665,9 +665,12 @@ def _decode(struct: str, raw: bytes) -> dict[str, Any]:
         if body is not None:
             return body
     elif struct == "Batch":
-        items = fastjson.batch(raw)
-        if items is not None:
-            return {"items": items}
+        found = fastjson.batch(raw)
+        if found is not None:
+            rid, runs = found
+            return (
+                {"items": runs} if rid is None else {protocol.REQUEST_ID_FIELD: rid, "items": runs}
+            )
     # Any other spelling: the generic strict path, which also words every refusal.
     return decode_generic(struct, raw)
 

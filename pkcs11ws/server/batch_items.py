@@ -53,7 +53,10 @@ class BatchPath:
 
     async def _batch(self, req: Request) -> Response:
         """POST /crypto/v1/batch: each item as its own single request would go."""
-        items: list[Any] = req.body["items"]
+        body = req.body
+        if protocol.REQUEST_ID_FIELD in body:
+            _app._request_id(body)  # the body's request id wins over the header's
+        items: list[Any] = body["items"]
         runs = bool(items) and type(items[0]) is tuple  # fastjson.batch's runs
         n = fastjson.count(items) if runs else len(items)
         if n > self.batch_max_items:

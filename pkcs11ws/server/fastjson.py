@@ -265,6 +265,10 @@ def decoder(struct: str) -> Callable[[bytes], Decoded | None] | None:
 # is tested byte by byte); batch() then asks of it what _PLAIN would have.
 _ITEM: Final = re.compile(rb'\{"op":"([a-z_]{1,32})"(?:,"token":"([^"]*)")?,"request":')
 _BATCH_HEAD: Final = b'{"items":['
+# A batch's request id, when it is the body's first field (protocol: Batch), then its items.
+_BATCH_RID: Final = re.compile(
+    rb'\{"' + protocol.REQUEST_ID_FIELD.encode("ascii") + rb'":"([ !#-\[\]-~]{0,64})","items":\['
+).match
 # By the op's bytes: the op (the protocol's own str) and its request's structure.
 _BATCH_REQUEST: Final[dict[bytes, tuple[str, _Structure]]] = {
     op.encode("ascii"): (op, _STRUCTURES[protocol.ENDPOINT_BY_OP[op].request])
@@ -310,13 +314,29 @@ def items(runs: list[BatchRun]) -> BatchItems:
 _FIRST: list[tuple[bytes, str, str | None, _Structure, Decoded] | None] = [None]
 
 
-def batch(raw: bytes) -> list[BatchRun] | None:
-    """A batch body's items in runs, each request decoded in its endpoint's structure; None
-    when any part is off this path (the generic path then decodes the whole body)."""
-    if not raw.startswith(_BATCH_HEAD) or not raw.endswith(b"]}"):
+def batch(raw: bytes) -> tuple[str | None, list[BatchRun]] | None:
+    """A batch body's request id (None: not in the body) and its items in runs, each request
+    decoded in its endpoint's structure; None when any part is off this path (the generic path
+    then decodes the whole body)."""
+    if not raw.endswith(b"]}"):
         return None
+    if raw.startswith(_BATCH_HEAD):
+        rid = None
+        pos = len(_BATCH_HEAD)
+    else:
+        m = _BATCH_RID(raw)
+        if m is None:
+            return None
+        rid = m.group(1).decode("ascii")
+        pos = m.end()
+    runs = _runs(raw, pos)
+    return None if runs is None else (rid, runs)
+
+
+def _runs(raw: bytes, pos: int) -> list[BatchRun] | None:
+    """The items from pos (after the items' opening bracket) in runs (batch())."""
     runs: list[BatchRun] = []
-    pos = len(_BATCH_HEAD)
+    start_at = pos  # where the first item starts (_FIRST)
     end = len(raw) - 2
     if pos == end:
         return runs
@@ -392,7 +412,7 @@ def batch(raw: bytes) -> list[BatchRun] | None:
             head = raw[start:last_at]
             tail = s.tail
             scan = s.scan
-            if start == len(_BATCH_HEAD) and scan:
+            if start == start_at and scan:
                 _FIRST[0] = (head, op, token, s, body.copy())
             name, convert, max_len = s.last[0]
             values = [body[name]]

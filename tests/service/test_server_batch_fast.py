@@ -117,6 +117,13 @@ def compact(items: list[dict[str, Any]]) -> bytes:
     return json.dumps({"items": items}, separators=(",", ":")).encode()
 
 
+def run_lengths(items: list[dict[str, Any]]) -> list[int]:
+    """How fastjson.batch groups the compact batch of items into runs (items per run)."""
+    found = fastjson.batch(compact(items))
+    assert found is not None
+    return [len(r[4] or ()) for r in found[1]]
+
+
 def macs(value: bytes, datas: list[bytes]) -> list[tuple[int, bytes]]:
     """The answers of HMAC-SHA256 signs of datas with value, as the service words them."""
     sigs = (base64.b64encode(hmac.digest(value, d, "sha256")) for d in datas)
@@ -228,8 +235,7 @@ def test_a_run_answers_each_item_as_its_single_request(
     card = Card(alice)
     datas = [b"", b"a", bytes(range(64)), b"x" * 1000, b"a", b"\x00" * 64]
     items = [item(request(card.token, card.mac, d)) for d in datas]
-    runs = fastjson.batch(compact(items))
-    assert runs is not None and [len(r[4] or ()) for r in runs] == [len(datas)]  # one run
+    assert run_lengths(items) == [len(datas)]  # one run
     assert both_ways(service, alice, items) == macs(card.value, datas)
     # Runs broken by other keys, tokens and refusals, each item in its place.
     other = Card(alice)
@@ -241,8 +247,7 @@ def test_a_run_answers_each_item_as_its_single_request(
         item(request(card.token, other.mac, b"o4")),
         *items[3:],
     ]
-    runs = fastjson.batch(compact(mixed))
-    assert runs is not None and [len(r[4] or ()) for r in runs] == [3, 2, 2, 3]
+    assert run_lengths(mixed) == [3, 2, 2, 3]
     got = both_ways(service, alice, mixed)
     assert got[:3] + got[7:] == macs(card.value, datas)
     assert got[3:5] == macs(other.value, [b"o1", b"o2"])
@@ -261,8 +266,7 @@ def test_a_verify_run_refuses_a_bad_mac_alone(service: Service, people: dict[str
         return {"op": "verify", "request": {**req, "data": b64(b"checked"), "signature": b64(sig)}}
 
     items = [verify(sig) for sig in sigs]
-    runs = fastjson.batch(compact(items))
-    assert runs is not None and [len(r[4] or ()) for r in runs] == [len(sigs)]
+    assert run_lengths(items) == [len(sigs)]
     rid, slow = f"fast-{uuid.uuid4().hex[:12]}", f"slow-{uuid.uuid4().hex[:12]}"
     got = send(alice, items, rid, True)
     assert send(alice, items, slow, False) == got
@@ -313,3 +317,26 @@ def test_runs_after_a_grant_revoked_a_key_destroyed_and_replaced(
         assert both_ways(service, alice, renewed) == macs(value, datas)
     finally:
         carol.close()
+
+
+def test_a_batchs_request_id_in_its_body_wins_over_the_header(
+    service: Service, people: dict[str, Api]
+) -> None:
+    alice = people["alice"]
+    card = Card(alice)
+    items = [item(request(card.token, str(uuid.uuid4()))), item(request(card.token, card.mac))]
+    for spacing in ((",", ":"), (", ", ": ")):
+        rid, header = (f"{x}-{uuid.uuid4().hex[:12]}" for x in ("body", "head"))
+        raw = json.dumps({"request_id": rid, "items": items}, separators=spacing).encode()
+        found = fastjson.batch(raw)
+        assert (found is not None and found[0] == rid) is (spacing == (",", ":"))
+        r = alice.post(BATCH, raw, headers={"X-Request-Id": header})
+        assert r.status == 200, r.body
+        assert [x["status"] for x in r.json["results"]] == [404, 200]
+        lines = audited(service, rid)
+        assert [(x["code"], x["op"]) for x in lines] == [("KEY_NOT_FOUND", "sign")]
+        assert audited(service, header) == []
+    for bad in ("a b", "x" * 65, ""):
+        raw = json.dumps({"request_id": bad, "items": items}, separators=(",", ":")).encode()
+        r = alice.post(BATCH, raw)
+        assert (r.status, r.code) == (400, "BAD_REQUEST"), bad

@@ -14,7 +14,10 @@ import pycurl
 import pytest
 
 from pkcs11ws import constants as C
+from pkcs11ws import protocol
 from pkcs11ws.client import CurlFailure, KeyServiceClient
+from pkcs11ws.client.group import Call
+from pkcs11ws.client.transport import BASE_HEADERS
 from pkcs11ws.errors import ServiceError, TransportError
 from pkcs11ws.log import Logger
 from tests.support.configs import make_cfg
@@ -346,3 +349,26 @@ def test_fast_path_retry_policy(tmp_path: Path, loglevel: int) -> None:
     with pytest.raises(TransportError):
         cl.decrypt("tok", "k", "CKM_AES_CBC", bytes(16), bytes(16))
     assert len(t.sent) == 1 and logf.read_text().count(" ERROR ") == 1
+
+
+def test_a_batch_carries_its_request_id_in_its_body(tmp_path: Path) -> None:
+    # Each batch its own id as the body's first field, and no per-request header (pycurl would
+    # rebuild its header list): its headers are those of every crypto request.
+    answer = b'{"results":[{"status":200,"answer":{"signature":"cw=="}}]}'
+    cl, t, _ = scripted_client(tmp_path, [(200, answer), (200, answer), RANDOM_OK])
+    data = b'{"token":"tok","key":"k","mechanism":"CKM_SHA256_HMAC","data":"ZA=="}'
+    rids = []
+    for _ in range(2):
+        call = Call("sign", None, data)
+        cl._send_batch([call])
+        assert (call.status, call.answer, call.error) == (200, {"signature": "cw=="}, None)
+        method, path, body, headers = t.sent[-1]
+        assert (method, path, headers) == ("POST", protocol.BATCH_PATH, BASE_HEADERS)
+        sent = json.loads(body or b"")
+        assert list(sent) == ["request_id", "items"]
+        assert sent["items"] == [{"op": "sign", "request": json.loads(data)}]
+        rids.append(sent["request_id"])
+    cl.random(3)
+    other = [h for h in t.sent[-1][3] if h.startswith("X-Request-Id: ")]
+    assert len(set(rids)) == 2 and len(other) == 1
+    assert {r.split("-")[0] for r in rids} == {other[0][len("X-Request-Id: ") :].split("-")[0]}

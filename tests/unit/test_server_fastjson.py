@@ -147,10 +147,11 @@ def _batch_body(items: list[tuple[str, str | None, bytes]]) -> bytes:
 
 def _fast_batch(raw: bytes) -> list[tuple[str, str | None, dict[str, Any]]] | None:
     """fastjson.batch's runs as items (each its own dict), or None."""
-    runs = fastjson.batch(raw)
-    if runs is None:
+    found = fastjson.batch(raw)
+    if found is None:
         return None
-    assert fastjson.count(runs) == len(fastjson.items(runs))
+    rid, runs = found
+    assert rid is None and fastjson.count(runs) == len(fastjson.items(runs))
     return fastjson.items(runs)
 
 
@@ -273,9 +274,9 @@ def test_a_batch_repeating_the_last_batchs_first_head_agrees_with_the_generic_pa
     got = _fast_batch(first)
     assert got is not None and got == _batch_generic(first)
     for _ in range(2):  # a consumer's change to a run's request (first decoded, then joined)
-        runs = fastjson.batch(first)
-        assert runs is not None
-        runs[0][2]["key"] = "changed"
+        found = fastjson.batch(first)
+        assert found is not None
+        found[1][0][2]["key"] = "changed"
     for tail in tails:
         for rest in ([], [("sign", None, head + tails[1])], [("random", None, b'{"length":4}')]):
             raw = _batch_body([("sign", None, head + tail), *rest])
@@ -286,3 +287,27 @@ def test_a_batch_repeating_the_last_batchs_first_head_agrees_with_the_generic_pa
         fast = _fast_batch(m)
         assert fast is None or fast == _batch_generic(m), m
         assert _fast_batch(first) == _batch_generic(first)
+
+
+def test_a_batchs_request_id_in_its_body_agrees_with_the_generic_path() -> None:
+    sign = VALID["Sign"][0]
+    items = _batch_body([("sign", TOKEN, sign), ("sign", TOKEN, sign)])[len(b'{"items":') :]
+    for rid in (b"r-1", b"a" * 64, b"A.b:c_d-9", b"", b"a" * 65, b"a b", b"\\u0041", b"\xc3\xa9"):
+        raw = b'{"request_id":"' + rid + b'","items":' + items
+        fast = fastjson.batch(raw)
+        try:
+            generic = decode_generic("Batch", raw)
+        except ProtocolError:
+            generic = None
+        if fast is None:
+            assert rid in (b"a" * 65, b"\\u0041", b"\xc3\xa9"), rid  # only what it cannot take
+            continue
+        assert generic is not None and fast[0] == generic["request_id"] == rid.decode(), rid
+        assert fastjson.items(fast[1]) == _batch_generic(b'{"items":' + items)
+    # Anywhere else, or twice, it is the generic path's to word.
+    for raw in (
+        b'{"items":' + items[:-1] + b',"request_id":"r-1"}',
+        b'{"request_id":"r-1","request_id":"r-2","items":' + items,
+        b'{"request_id":1,"items":' + items,
+    ):
+        assert fastjson.batch(raw) is None, raw
