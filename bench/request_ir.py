@@ -173,14 +173,14 @@ async def _inner(work: Path, n: int, out: Path, pieces: bool, only: list[str]) -
         separators=(",", ":"),
     ).encode()
     auth = [(b"authorization", f"Bearer {token}".encode())]
-    # A batch in the module's spelling (client/wire.py batch_body: each item's token in its
-    # request), its request id in the X-Request-Id header (client/api.py _send_batch).
+    # A batch in the module's spelling (client/wire.py batch_body: its request id the body's
+    # first field, each item's token in its request).
     one = module.replace(b'"request_id":"0a1b2c3d4e-{}",', b"")
-    batches = {n: b'{"items":[' + b",".join([b'{"op":"sign","request":' + one + b"}"] * n) + b"]}"
-               for n in (1, 4, 16)}  # fmt: skip
+    items = {n: b",".join([b'{"op":"sign","request":' + one + b"}"] * n) for n in (1, 4, 16)}
 
     def batch(n: int, i: int) -> Any:
-        return c.call("POST", "/crypto/v1/batch", batches[n], [(b"x-request-id", b"r-%d" % i)])
+        raw = b'{"request_id":"0a1b2c3d4e-%d","items":[%s]}' % (i, items[n])
+        return c.call("POST", "/crypto/v1/batch", raw)
 
     bad_token = module.replace(token[-12:].encode(), b"A" * 12)
     no_key = module.replace(key["handle"].encode(), b"0" * len(key["handle"]))
@@ -220,7 +220,7 @@ async def _inner(work: Path, n: int, out: Path, pieces: bool, only: list[str]) -
             flush=True,
         )
     if pieces:
-        await _pieces(app, c, module, plain, batches[16], out, seen, n)
+        await _pieces(app, c, module, plain, b'{"items":[%s]}' % items[16], out, seen, n)
     app.store.close()
 
 

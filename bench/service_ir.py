@@ -77,7 +77,8 @@ def _bodies(lab: Lab, work: Path) -> dict[str, tuple[str, Path]]:
     # The module's own spelling (client/api.py crypto() and _send_batch): each item's token is
     # its request's first field, no item token.
     in_body = {"token": lab.token, **hmac}
-    module_batch = {"items": [{"op": "sign", "request": in_body}] * 4}
+    # Its request id is the body's first field (client/wire.py batch_body), no header.
+    module_batch = {"request_id": "0a1b2c3d4e-1", "items": [{"op": "sign", "request": in_body}] * 4}
     # A single request as the module sends it (client/request_ids.py): its request id, then its
     # token, in the body; no Authorization header (_curl sends none for this case).
     module_single = {"request_id": "0a1b2c3d4e-1", **in_body}

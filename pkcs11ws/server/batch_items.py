@@ -54,10 +54,13 @@ class BatchPath:
     async def _batch(self, req: Request) -> Response:
         """POST /crypto/v1/batch: each item as its own single request would go."""
         body = req.body
-        if protocol.REQUEST_ID_FIELD in body:
-            _app._request_id(body)  # the body's request id wins over the header's
         items: list[Any] = body["items"]
         runs = bool(items) and type(items[0]) is tuple  # fastjson.batch's runs
+        if protocol.REQUEST_ID_FIELD in body:  # the body's request id wins over the header's
+            if runs:  # fastjson.batch took only a valid one
+                audit.REQUEST_ID.set(body[protocol.REQUEST_ID_FIELD])
+            else:
+                _app._request_id(body)
         n = fastjson.count(items) if runs else len(items)
         if n > self.batch_max_items:
             raise ApiError(

@@ -265,9 +265,11 @@ def decoder(struct: str) -> Callable[[bytes], Decoded | None] | None:
 # is tested byte by byte); batch() then asks of it what _PLAIN would have.
 _ITEM: Final = re.compile(rb'\{"op":"([a-z_]{1,32})"(?:,"token":"([^"]*)")?,"request":')
 _BATCH_HEAD: Final = b'{"items":['
-# A batch's request id, when it is the body's first field (protocol: Batch), then its items.
+# A batch's request id, when it is the body's first field (protocol: Batch), then its items;
+# only a valid one (protocol.REQUEST_ID_RE's class and length): the generic path words the
+# refusal of any other.
 _BATCH_RID: Final = re.compile(
-    rb'\{"' + protocol.REQUEST_ID_FIELD.encode("ascii") + rb'":"([ !#-\[\]-~]{0,64})","items":\['
+    rb'\{"' + protocol.REQUEST_ID_FIELD.encode("ascii") + rb'":"([A-Za-z0-9_.:-]{1,64})","items":\['
 ).match
 # By the op's bytes: the op (the protocol's own str) and its request's structure.
 _BATCH_REQUEST: Final[dict[bytes, tuple[str, _Structure]]] = {
@@ -290,7 +292,10 @@ BatchRun = tuple[str, str | None, Decoded, str | None, list[Any] | None]
 
 def count(runs: list[BatchRun]) -> int:
     """The number of items in runs."""
-    return sum(1 if r[4] is None else len(r[4]) for r in runs)
+    n = 0
+    for r in runs:
+        n += 1 if r[4] is None else len(r[4])
+    return n
 
 
 def items(runs: list[BatchRun]) -> BatchItems:
@@ -315,9 +320,9 @@ _FIRST: list[tuple[bytes, str, str | None, _Structure, Decoded] | None] = [None]
 
 
 def batch(raw: bytes) -> tuple[str | None, list[BatchRun]] | None:
-    """A batch body's request id (None: not in the body) and its items in runs, each request
-    decoded in its endpoint's structure; None when any part is off this path (the generic path
-    then decodes the whole body)."""
+    """A batch body's request id (None: not in the body; else valid) and its items in runs,
+    each request decoded in its endpoint's structure; None when any part is off this path
+    (the generic path then decodes the whole body)."""
     if not raw.endswith(b"]}"):
         return None
     if raw.startswith(_BATCH_HEAD):
