@@ -220,12 +220,19 @@ async def _inner(work: Path, n: int, out: Path, pieces: bool, only: list[str]) -
             flush=True,
         )
     if pieces:
-        await _pieces(app, c, module, plain, b'{"items":[%s]}' % items[16], out, seen, n)
+        await _pieces(app, c, module, plain, items, out, seen, n)
     app.store.close()
 
 
 async def _pieces(
-    app: Any, c: Caller, module: bytes, plain: bytes, b16: bytes, out: Path, seen: int, n: int
+    app: Any,
+    c: Caller,
+    module: bytes,
+    plain: bytes,
+    items: dict[int, bytes],
+    out: Path,
+    seen: int,
+    n: int,
 ) -> None:
     """Parts of the hmac case's path, each called n times in a row between the markers."""
     import hmac as hmac_mod
@@ -244,9 +251,28 @@ async def _pieces(
     svc = app.service
     claims = svc.authenticate(auth, None, ident)
     key = b"k" * 32
+    from pkcs11ws import protocol
+    from pkcs11ws.server.pipeline import Request
+
+    b1 = b'{"request_id":"r-1","items":[%s]}' % items[1]
+    b16 = b'{"items":[%s]}' % items[16]
+    batch_ep = protocol.ENDPOINT_BY_OP["batch"]
+
+    def batch_handler(raw: bytes) -> Any:
+        """App._batch of a decoded body, driven to its end (no await suspends it here)."""
+        req = Request(batch_ep, {}, {}, app_mod._decode("Batch", raw), None, None, ident)
+        try:
+            app._batch(req).send(None)
+        except StopIteration as done:
+            return done.value
+        raise AssertionError("the batch handler waited")
+
     parts: dict[str, Callable[[], Any]] = {
         "decode (fastjson Sign)": lambda: app_mod._decode("Sign", raw),
         "decode (fastjson.batch, 16 items)": lambda: fastjson.batch(b16),
+        "decode (Batch, 1 item, body request id)": lambda: app_mod._decode("Batch", b1),
+        "decode + App._batch (1 item)": lambda: batch_handler(b1),
+        "decode + App._batch (16 items)": lambda: batch_handler(b16),
         "_request_id": lambda: app_mod._request_id({"request_id": "0a1b2c3d4e-7"}),
         "_bearer": lambda: app_mod._bearer(token),
         "authenticate": lambda: svc.authenticate(auth, None, ident),

@@ -73,7 +73,6 @@ class BatchPath:
         # Items whose work goes to the thread pool, run together in one hand-off after the
         # loop (handlers_crypto.Offloaded).
         offloaded: _Offloads = []
-        in_batch = IN_BATCH.set(True)
         # Items mostly share one token: one Authorization value for a run of them (its hash,
         # which authenticate's cache needs, is then computed once): the last token and value.
         auth: list[Any] = [None, None]
@@ -82,6 +81,9 @@ class BatchPath:
         # and its claims.
         keyed = runs and not self.service._reads_block
         opened: list[Any] = [None, None]
+        # IN_BATCH for the items through _operation (its keyed path raises their offloaded
+        # work for the batch to run); _keyed_run's raise theirs anyway: not set for those.
+        in_batch = None if keyed else IN_BATCH.set(True)
         for item in items:
             if audit.REQUEST_ID.get() is not rid:
                 audit.REQUEST_ID.set(rid)
@@ -93,6 +95,8 @@ class BatchPath:
             elif keyed and item[0] in _app._KEYED_OPS:
                 self._keyed_run(item, ident, opened, offloaded, parts, rid)
             else:  # (random, or a store whose reads block: item by item)
+                if in_batch is None:
+                    in_batch = IN_BATCH.set(True)
                 for i, (op, token, request) in enumerate(fastjson.items([item])):
                     if i and audit.REQUEST_ID.get() is not rid:
                         audit.REQUEST_ID.set(rid)
@@ -101,7 +105,8 @@ class BatchPath:
                             op, token, request, True, ident, auth, offloaded, parts
                         )
                     )
-        IN_BATCH.reset(in_batch)  # (an exception escaping the loop ends the request task)
+        if in_batch is not None:
+            IN_BATCH.reset(in_batch)  # (an exception escaping the loop ends the request task)
         if offloaded:
             await _run_offloaded(offloaded, parts)
         return Response(200, b'{"results":[' + b",".join(parts) + b"]}")

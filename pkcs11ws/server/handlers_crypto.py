@@ -73,9 +73,10 @@ class _KeyMeta:
     usage: frozenset[str]
 
 
-# True while App._batch runs its items: an item whose work goes to the thread pool (offload) is
-# then raised as Offloaded once its checks passed, and the batch hands all of them to one
-# thread in one go (one hand-off per batch instead of one per item, ~55 us each).
+# True while App._batch (server/batch_items.py) runs items through _operation: an item whose
+# work goes to the thread pool (offload) is then raised as Offloaded once its checks passed,
+# and the batch hands all of them to one thread in one go (one hand-off per batch instead of
+# one per item, ~55 us each).
 IN_BATCH: Final[contextvars.ContextVar[bool]] = contextvars.ContextVar(
     "pkcs11ws_in_batch", default=False
 )

@@ -450,7 +450,7 @@ def test_batch_offloaded_items_each_answered_as_alone(
     shared_card: Any, rsa_pair: Any, ec_pair: Any
 ) -> None:
     """A batch's RSA items leave the event loop together (one thread hand-off for the batch,
-    app._run_offloaded); each still gets the answer its single request gets, in its place:
+    batch_items._run_offloaded); each still gets the answer its single request gets, in its place:
     signatures, an error raised by the signing itself, a refusal before it, next to an ECDSA
     P-256 item signed on the loop."""
     api, _, token = shared_card

@@ -1,4 +1,4 @@
-"""The batch's fast path (App._keyed_item: keyed crypto items fastjson decoded, run as plain
+"""The batch's fast path (batch_items._keyed_item: keyed crypto items fastjson decoded, run as plain
 calls, a token the previous item opened admitted again instead of reopened), attacked over real
 mutual TLS.
 
