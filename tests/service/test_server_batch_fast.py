@@ -340,3 +340,23 @@ def test_a_batchs_request_id_in_its_body_wins_over_the_header(
         raw = json.dumps({"request_id": bad, "items": items}, separators=(",", ":")).encode()
         r = alice.post(BATCH, raw)
         assert (r.status, r.code) == (400, "BAD_REQUEST"), bad
+
+
+def test_a_run_on_a_locked_out_card_answers_as_its_single_requests(
+    service: Service, people: dict[str, Api]
+) -> None:
+    # Wrong passphrases until the card locks: new logins are refused, and a batch run with the
+    # token from before answers each item exactly as its single request (both_ways).
+    alice = people["alice"]
+    card = Card(alice)
+    wrong = {"passphrase": b64(b"not the passphrase")}
+    for _ in range(50):
+        r = alice.post(f"{CARDS}/{card.id}/activate", wrong)
+        if r.code == "PASSPHRASE_LOCKED":
+            break
+        assert r.code == "PASSPHRASE_INCORRECT", r.body
+    r = alice.post(f"{CARDS}/{card.id}/activate", {"passphrase": b64(PASS)})
+    assert (r.status, r.code) == (429, "PASSPHRASE_LOCKED")
+    datas = [b"locked", b"out", b"card"]
+    got = both_ways(service, alice, [item(request(card.token, card.mac, x)) for x in datas])
+    assert got == macs(card.value, datas)  # the login from before stays (a lockout stops logins)
