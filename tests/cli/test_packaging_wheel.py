@@ -69,6 +69,8 @@ def test_sdist_holds_every_source():
         "pkcs11ws/_native/trampolines.h",
         "pkcs11ws/_native/pyglue.h",
         "pkcs11ws/_native/runtime.h",
+        "pkcs11ws/server/_hot.pyx",
+        "pkcs11ws/server/_hot.pyi",
         "tools/gen_native.py",
     ):
         assert need in names, need
@@ -76,7 +78,8 @@ def test_sdist_holds_every_source():
     for src in (ROOT / "pkcs11ws" / "_native").iterdir():
         if src.suffix in (".pyx", ".pxi", ".pxd", ".h") and src.name != "core_api.h":
             assert f"pkcs11ws/_native/{src.name}" in names, src.name
-    assert not [n for n in names if n.endswith((".so", ".o")) or n == "pkcs11ws/_native/core.c"]
+    cython_out = ("pkcs11ws/_native/core.c", "pkcs11ws/_native/sqlmark.c", "pkcs11ws/server/_hot.c")
+    assert not [n for n in names if n.endswith((".so", ".o")) or n in cython_out]
 
 
 def test_wheel_metadata_and_no_build_path():
@@ -94,6 +97,8 @@ def test_wheel_metadata_and_no_build_path():
         "pkcs11ws/_native/libpkcs11ws.so",
         "pkcs11ws/_native/libpkcs11ws-python.so",
     }
+    assert any(n.startswith("pkcs11ws/server/_hot.") for n in objects)  # the service's helpers
+    assert "pkcs11ws/server/_hot.pyi" in names
     extracted = workdir() / "wheel-objects"
     extracted.mkdir(exist_ok=True)
     for name, data in objects.items():
