@@ -134,6 +134,9 @@ class KeyServiceClient:
         self.group: GroupCommit | None = None
         if cfg.batchinflight:
             self.group = GroupCommit(cfg.batchinflight * len(cfg.servers), cfg.batchsize)
+        # A batch's request id goes in its body (Batch.request_id) until a service refuses the
+        # field (one from before it): then as the X-Request-Id header (_send_batch).
+        self._batch_rid_in_body = True
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -283,8 +286,13 @@ class KeyServiceClient:
     def _send_batch(self, calls: list[Call]) -> None:
         """Send calls in one batch request; leave each its answer or error (never raises)."""
         ids = _REQUEST_IDS  # the request id as the body's first field (request_ids.py)
-        body = batch_body(calls, ids.field, next(ids.count))
-        headers = BASE_HEADERS
+        headers: Sequence[str]
+        if self._batch_rid_in_body:
+            body = batch_body(calls, ids.field, next(ids.count))
+            headers = BASE_HEADERS
+        else:
+            body = batch_body(calls, None, 0)
+            headers = (*BASE_HEADERS, ids.header())
         try:
             # One request for all: the deadline counts from the oldest call's start.
             status, raw = self._send(
@@ -302,6 +310,17 @@ class KeyServiceClient:
                     "malformed answer from the key service",
                 )
         except ServiceError as e:
+            if e.code == "UNKNOWN_FIELD" and self._batch_rid_in_body:
+                # A service from before Batch.request_id refuses the field (and so the whole
+                # batch, before any item ran): the header spelling from now on, this batch again.
+                self._batch_rid_in_body = False
+                if self.log.enabled(WARNING):
+                    self.log.warning(
+                        "batch refused (no request id field in the service's schema): "
+                        "sending batch request ids as a header"
+                    )
+                self._send_batch(calls)
+                return
             if e.code in NO_BATCH:
                 if e.code != "BATCH_TOO_LARGE" and self.group is not None:
                     self.group.size = 1  # no batch endpoint there: single requests from now on

@@ -193,12 +193,16 @@ def crypto_tail(spec: Endpoint, mac_length: int | None, params: dict[str, Any] |
     return b'",' + dumps(fields)[1:].encode("ascii")
 
 
-def batch_body(calls: Sequence[Call], rid_field: bytes, n: int) -> bytes:
+def batch_body(calls: Sequence[Call], rid_field: bytes | None, n: int) -> bytes:
     """A batch request carrying calls' bodies as they are. Each request carries its own token
     (crypto()): the items need none of theirs. Its request id is the body's first field
     (rid_field: request_ids.RequestIds.field, then the number n), not an X-Request-Id header:
-    a header that changes per request makes pycurl rebuild the handle's header list."""
+    a header that changes per request makes pycurl rebuild the handle's header list. With
+    rid_field None the body has no request id (a service from before Batch.request_id: the
+    caller sends it as a header)."""
     parts = [_ITEM_HEADS[c.op] + c.data + b"}" for c in calls]
+    if rid_field is None:
+        return b'{"items":[%s]}' % b",".join(parts)
     return b'%s%d","items":[%s]}' % (rid_field, n, b",".join(parts))
 
 

@@ -266,3 +266,43 @@ def test_calls_below_the_batch_in_flight_leave_when_it_ends(fresh_service: Any) 
         assert group._busy == 0 and group._carried == 0
     finally:
         c.close()
+
+
+def test_a_service_without_the_batch_request_id_field_gets_the_header(
+    service: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A service from before Batch.request_id refuses the field as it refuses any unknown one
+    # (UNKNOWN_FIELD, before any item runs). Stand in for its schema by naming the field
+    # something this service does not know: the batch is sent again with the id as a header,
+    # and so is every later batch; every call gets its own answer.
+    from pkcs11ws.client import api, wire
+
+    real = wire.batch_body
+
+    def unknown_field(calls: Any, rid_field: bytes | None, n: int) -> bytes:
+        body = real(calls, rid_field, n)
+        if rid_field is not None:
+            assert body.startswith(b'{"request_id":"')
+            body = b'{"request_idx":"' + body[len(b'{"request_id":"') :]
+        return body
+
+    monkeypatch.setattr(api, "batch_body", unknown_field)
+    c = make_client(service, maxretries=0, batchinflight=1, batchsize=8)
+    try:
+        token, mac, _ = _setup(c)
+        assert c.group is not None
+        for round_ in range(2):
+            datas = [b"%d-%d" % (round_, i) for i in range(4)]
+            before = c.group.sizes.get(4, 0)
+            out = queued(
+                c.group,
+                [
+                    lambda d=d: c.sign(token, mac, "CKM_SHA256_HMAC", d)  # type: ignore[misc]
+                    for d in datas
+                ],
+            )
+            assert out == [hmac.digest(HMAC_KEY, d, hashlib.sha256) for d in datas]
+            assert c.group.sizes.get(4, 0) == before + 1  # still one batch, not four singles
+        assert c._batch_rid_in_body is False
+    finally:
+        c.close()
