@@ -166,15 +166,17 @@ class GroupCommit:
 
     def reset(self) -> None:
         """A fresh state (after fork: the parent's waiting threads do not exist here)."""
-        self._lock = _thread.allocate_lock()
         # Inside the module, queued calls are the core's Queued, whose wake-ups wait until the
         # waking thread has released the GIL (pkcs11ws/_native/wake.pxi); flush() posts this
-        # thread's deferred ones before it does anything that may block.
+        # thread's deferred ones before it does anything that may block. The lock is the
+        # core's Mutex there: a _thread.lock whose acquire() parses no arguments.
         core = sys.modules.get("pkcs11ws._native.core")
+        self._lock: Any = _thread.allocate_lock()
         self._new_call: Callable[[str, str | None, bytes], Call] = Call
         self._flush: Callable[[], None] = _nothing
         if core is not None and hasattr(core, "Queued"):
             self._new_call, self._flush = core.Queued, core.flush_wakes
+            self._lock = core.Mutex()
         self._busy = 0  # requests in flight
         self._carried = 0  # calls those requests carry
         self._queue: list[Call] = []

@@ -15,6 +15,8 @@ import time
 from ctypes import byref
 from typing import Any
 
+import pytest
+
 from pkcs11ws import constants as C
 from tests.support.p11ctypes import Module, mechanism
 from tests.support.queued import hmac_key, queued_hmac_signs
@@ -30,6 +32,7 @@ def test_queued_c_sign_calls_each_wake_with_their_own_answer(
     core = sys.modules["pkcs11ws._native.core"]
     group = core.current_provider().client.group
     assert group is not None and group._new_call is core.Queued
+    assert type(group._lock) is core.Mutex
     n = 6
     datas = [b"message %d" % i for i in range(n)]
     before = group.sizes.get(n, 0)
@@ -91,3 +94,34 @@ def test_a_call_that_hands_on_a_full_batch_wakes_its_sender_before_it_waits(
     assert out[2] == hmac.digest(HMAC_KEY, datas[2], hashlib.sha256)
     for s in sessions:
         mod.call("C_CloseSession", s)
+
+
+def test_the_cores_mutex_excludes_and_waits_without_the_gil(
+    mod: Module, logged_card: tuple[int, int, bytes]
+) -> None:
+    # group.py's lock inside the module (wake.pxi Mutex): a waiter blocks until the holder
+    # releases it, and lets go of the GIL meanwhile (the holder's thread runs on); releasing
+    # it unheld is an error, as for a _thread.lock.
+    core = sys.modules["pkcs11ws._native.core"]
+    m = core.Mutex()
+    assert not m.locked()
+    with pytest.raises(RuntimeError):
+        m.release()
+    order: list[str] = []
+    with m:
+        assert m.locked()
+
+        def waiter() -> None:
+            m.acquire()
+            order.append("waiter")
+            m.release()
+
+        t = threading.Thread(target=waiter, daemon=True)
+        t.start()
+        time.sleep(0.2)  # the waiter blocks in acquire() meanwhile
+        spins = sum(1 for _ in range(100_000))  # Python code: the waiter let go of the GIL
+        assert spins == 100_000 and t.is_alive() and not order
+        order.append("holder")
+    t.join(60)
+    assert not t.is_alive()
+    assert order == ["holder", "waiter"] and not m.locked()
