@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from pkcs11ws import constants as C
 from pkcs11ws.errors import PKCS11Error
+from pkcs11ws.protocol import BATCH_PATH
 from tests.support.p11ctypes import CK_ULONG, CKError, Module, Template, mechanism
 from tests.support.queued import hmac_key, queued_hmac_signs
 
@@ -380,6 +381,47 @@ def test_batched_calls_read_their_items_fast(
     else:
         assert bad == []
     assert group.sizes.get(n, 0) == before + 1
+    assert counted.calls == 1
+
+
+def test_a_failed_batch_request_gives_each_queued_call_the_ckr_of_a_failed_request(
+    mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
+) -> None:
+    """The batch request as a whole fails (libcurl gives up on it, not retryable): every call
+    it carried gets its own CKError, the one a lone call's failed request gives, and the group
+    ends idle (nothing in flight, nothing queued, the lane free): the next call goes through."""
+    slot, h, _ = logged_card
+    key = hmac_key(mod, h, HMAC_KEY)
+    p = _provider()
+    group = p.client.group
+    assert group is not None
+    assert _sign(mod, h, key, b"warm") == hmac.digest(HMAC_KEY, b"warm", hashlib.sha256)
+    fatal = pycurl.error(pycurl.E_UNSUPPORTED_PROTOCOL, "no https")
+    batches: list[bytes] = []
+
+    def perform(conn: Any, real: Callable[[], None], body: bytes) -> None:
+        if conn.path == BATCH_PATH:
+            batches.append(body)
+            raise fatal
+        real()
+
+    undo = _on_perform(p, perform)
+    try:
+        out = queued_hmac_signs(mod, slot, key, group, [b"doomed %d" % i for i in range(4)])
+    finally:
+        undo()
+    bodies, undo = _failing_first(p, fatal)
+    try:
+        lone = _outcome(lambda: _sign(mod, h, key, b"alone"))
+    finally:
+        undo()
+    assert len(batches) == 1 and len(bodies) == 1  # not retryable: one attempt each
+    assert lone[0] == "CKR" and lone[1] != C.CKR_OK
+    assert all(isinstance(e, CKError) and e.rv == lone[1] for e in out), out
+    assert len({id(e) for e in out}) == 4  # each call its own error
+    assert group._busy == 0 and group._carried == 0 and not group._queue
+    assert group.lane.free and not group._parked
+    assert _sign(mod, h, key, b"after") == hmac.digest(HMAC_KEY, b"after", hashlib.sha256)
     assert counted.calls == 1
 
 
