@@ -186,7 +186,11 @@ cdef class Mutex:
         PyThread_release_lock(self.lock)
 
     def locked(self) -> bool:
-        return self.held
+        # The lock itself, not `held` (set only once the waiter has the GIL back).
+        if PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+            PyThread_release_lock(self.lock)
+            return False
+        return True
 
     def __enter__(self) -> bool:
         return self.acquire()
