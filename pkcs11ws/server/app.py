@@ -502,6 +502,12 @@ class App(BatchPath):
         # str too: the decoders hand out one str per token value (fastjson._text's cache, the
         # repeated-request path), whose hash Python keeps, so a repeated token costs no copy
         # into an Authorization value and no hash of its ~200 bytes.
+        return self._token_claims(token, ident), body
+
+    def _token_claims(self, token: Any, ident: Identity) -> TokenClaims:
+        """Service.authenticate(_bearer(token), None, ident) for a token sent in a body, its
+        claims cached by the token's str (the one place of that cache and of its checks: single
+        requests here, batch items in batch_items.py)."""
         claims = self._opened.get(token) if type(token) is str else None
         if claims is None:
             claims = self.service.authenticate(_bearer(token), None, ident)
@@ -514,7 +520,7 @@ class App(BatchPath):
             pipeline.check_token(claims, ident)
             if claims.expires <= time.time():
                 raise expired()
-        return claims, body
+        return claims
 
     async def _body(
         self,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pkcs11ws import protocol
 from pkcs11ws.protocol import ProtocolError as ApiError
-from pkcs11ws.server import audit, fastjson, pipeline
+from pkcs11ws.server import audit, fastjson
 from pkcs11ws.server._hot import HmacState, mac_run
 from pkcs11ws.server.handlers import expired
 from pkcs11ws.server.handlers_crypto import B64_ANSWERS, IN_BATCH, Offloaded
@@ -50,6 +50,7 @@ class BatchPath:
     _handlers: dict[str, Callable[[Request], Awaitable[Response]]]
     _operation: Callable[..., Awaitable[Response]]
     _opened: dict[str, TokenClaims]
+    _token_claims: Callable[[Any, Identity], TokenClaims]
 
     async def _batch(self, req: Request) -> Response:
         """POST /crypto/v1/batch: each item as its own single request would go."""
@@ -255,20 +256,9 @@ class BatchPath:
                 if claims.expires <= time.time():
                     raise expired()
             else:
-                # _body_claims's cache of claims by the token's str (shared with the single
-                # requests: a client's batches carry the token its requests do), with
-                # authenticate's checks of cached claims: the identity, then the expiry.
-                claims = self._opened.get(token) if type(token) is str else None
-                if claims is None:
-                    claims = service.authenticate(_app._bearer(token), None, ident)
-                    if type(token) is str:
-                        if len(self._opened) >= _app._OPENED_MAX:
-                            self._opened.clear()
-                        self._opened[token] = claims
-                else:
-                    pipeline.check_token(claims, ident)
-                    if claims.expires <= time.time():
-                        raise expired()
+                # The single requests' cache of claims by the token's str (a client's batches
+                # carry the token its requests do), with its checks.
+                claims = self._token_claims(token, ident)
                 opened[0], opened[1] = token, claims
             if shown is None:
                 if protocol.REQUEST_ID_FIELD in body:
