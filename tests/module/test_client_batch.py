@@ -22,6 +22,7 @@ from pkcs11ws.client import KeyServiceClient
 from pkcs11ws.client.group import GroupCommit
 from pkcs11ws.errors import PKCS11Error, TransportError
 from tests.module.test_client import make_client, unique_name
+from tests.support.queued import hold_slots, wait_queued
 
 PASS = b"batch horse 1"
 HMAC_KEY = b"h" * 32
@@ -62,17 +63,11 @@ def queued(group: GroupCommit, calls: list[Callable[[], Any]]) -> list[Any]:
         except Exception as e:
             out[i] = e
 
-    with group._lock:
-        held = group.limit - group._busy
-        group._busy = group.limit
-        group._lane_busy()  # the lane's token parked while anything is in flight, as run() does
+    held = hold_slots(group)
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 60
-    while len(group._queue) < len(calls):
-        assert time.monotonic() < deadline, "the calls did not queue"
-        time.sleep(0.01)
+    wait_queued(group, len(calls))
     for _ in range(held - 1):
         group._release(0)
     group._release(0)  # the held slot's "request" ends: the queue leaves as one batch
@@ -190,13 +185,6 @@ def _in_flight(group: GroupCommit, requests: int, calls: int) -> None:
         group._lane_busy()  # the lane's token parked while anything is in flight, as run() does
 
 
-def _wait_queued(group: GroupCommit, n: int) -> None:
-    deadline = time.monotonic() + 60
-    while len(group._queue) < n:
-        assert time.monotonic() < deadline, "the calls did not queue"
-        time.sleep(0.01)
-
-
 def test_a_free_second_slot_takes_a_lone_call_behind_a_lone_request(fresh_service: Any) -> None:
     # Two threads, each with its own request in flight: neither waits for the other.
     c = make_client(fresh_service(), maxretries=0, batchinflight=2)
@@ -234,7 +222,7 @@ def test_second_slot_waits_for_a_batch_as_big_as_the_one_in_flight(fresh_service
         threads = [threading.Thread(target=sign, args=(d,)) for d in datas]
         for t in threads[:2]:
             t.start()
-        _wait_queued(group, 2)  # two are not enough: they wait
+        wait_queued(group, 2)  # two are not enough: they wait
         assert group._busy == 1
         threads[2].start()  # the third fills the batch: all three leave on the free slot
         for t in threads:
@@ -257,7 +245,7 @@ def test_calls_below_the_batch_in_flight_leave_when_it_ends(fresh_service: Any) 
         out = []
         t = threading.Thread(target=lambda: out.append(c.sign(token, mac, "CKM_SHA256_HMAC", b"q")))
         t.start()
-        _wait_queued(group, 1)
+        wait_queued(group, 1)
         assert group._busy == 1  # one call is less than the 4 in flight: it waits
         group._release(4)  # the test's request ends: nothing is in flight, the call leaves
         t.join(60)

@@ -20,7 +20,8 @@ from typing import Any
 from pkcs11ws.client import KeyServiceClient
 from pkcs11ws.client.group import GroupCommit
 from tests.module.test_client import make_client
-from tests.module.test_client_batch import HMAC_KEY, _setup, _wait_queued
+from tests.module.test_client_batch import HMAC_KEY, _setup
+from tests.support.queued import wait_queued
 
 
 def _mac(data: bytes) -> bytes:
@@ -131,7 +132,7 @@ def test_a_lane_call_ending_after_another_queued_sends_it(service: Any) -> None:
         second: list[Any] = []
         t2 = _thread(lambda: c.sign(token, mac, "CKM_SHA256_HMAC", b"queued"), second)
         t2.start()
-        _wait_queued(group, 1)  # one slot, the lane's call in it: the second call waits
+        wait_queued(group, 1)  # one slot, the lane's call in it: the second call waits
         assert not second
         go.set()
         for t in (lane[0], t2):

@@ -31,6 +31,25 @@ def hmac_key(mod: Module, h: int, value: bytes) -> int:
     )
 
 
+def hold_slots(group: Any) -> int:
+    """Every free slot of group now carries a "request" of the test's own (the lane's token
+    parked while anything is in flight, as run() does): how many; group._release(0) once per
+    held slot ends them."""
+    with group._lock:
+        held: int = group.limit - group._busy
+        group._busy = group.limit
+        group._lane_busy()
+    return held
+
+
+def wait_queued(group: Any, n: int) -> None:
+    """Until n calls wait in group's queue (at most a minute)."""
+    deadline = time.monotonic() + 60
+    while len(group._queue) < n:
+        assert time.monotonic() < deadline, "the calls did not queue"
+        time.sleep(0.01)
+
+
 def queued_hmac_signs(
     mod: Module, slot: int, key: int, group: Any, datas: list[bytes]
 ) -> list[Any]:
@@ -49,18 +68,12 @@ def queued_hmac_signs(
         except CKError as e:
             out[i] = e
 
-    with group._lock:
-        held = group.limit - group._busy
-        group._busy = group.limit
-        group._lane_busy()  # the lane's token parked while anything is in flight, as run() does
+    held = hold_slots(group)
     threads = [threading.Thread(target=sign, args=(i,), daemon=True) for i in range(n)]
     try:
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 60
-        while len(group._queue) < n:
-            assert time.monotonic() < deadline, "the calls did not queue"
-            time.sleep(0.01)
+        wait_queued(group, n)
     finally:
         for _ in range(held):
             group._release(0)  # the held slots' "requests" end: the queue leaves as one batch
