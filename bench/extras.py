@@ -24,7 +24,7 @@ from typing import Any
 
 from bench.build import ROOT
 from bench.lab import SIGN_LOG_LINE, Lab
-from bench.procs import pinned
+from bench.procs import in_turn, pinned
 from bench.services import TOKEN_LABEL
 
 
@@ -57,7 +57,7 @@ def startup(lab: Lab, runs: int, progress: Any = None) -> list[dict[str, Any]]:
         subjects.append(("softhsm", lab.hsm.module, lab.hsm.env()))
     samples: dict[str, list[tuple[float, int]]] = {name: [] for name, _, _ in subjects}
     for i in range(runs):
-        for name, module, env in subjects:  # alternate A B A B
+        for name, module, env in in_turn(subjects, i):
             cmd = pinned([tool, "--module", module, "-L"], lab.placement.client)
             wall, rss, rc, out = _run_timed(cmd, {**os.environ, **env}, gnu_time)
             if rc != 0 or TOKEN_LABEL not in out:
@@ -143,8 +143,8 @@ def thread_churn(lab: Lab, seconds: float, reps: int, threads: int = 4,
             "0.3"]  # fmt: skip
     env = {**os.environ, **lab.module_env(), "PYTHONPATH": str(ROOT)}
     runs: dict[int, list[dict[str, Any]]] = {0: [], per_thread: []}
-    for _ in range(reps):
-        for churn in runs:
+    for rep in range(reps):
+        for churn in in_turn(list(runs), rep):
             cmd = pinned(base + (["--churn", str(churn)] if churn else []), lab.placement.client)
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
             if r.returncode != 0 or not r.stdout.strip():

@@ -7,9 +7,11 @@ threads; (2b) thread churn: our module's sign64 with a new host thread every CHU
 operations, next to the same fixed threads (ops/s and new connections); (3) key service scaling
 with 1 and 2 workers (unpinned); (4) start-up; (5) the request counter; (6) the stores: service
 CPU per operation on SQLite and PostgreSQL (bench/store_cpu.py), 1 and 2 replicas on PostgreSQL
-(bench/replicas.py). Within a phase the variants alternate (A B C A B C ...) for each
-repetition, and medians of the repetitions are reported, so slow drifts of a shared machine hit
-every variant alike.
+(bench/replicas.py). Within a phase the variants alternate for each repetition, in an order
+that turns round every other repetition (A B C, C B A, A B C, ...), and medians of the
+repetitions are reported: a slow drift of a shared machine then hits every variant alike instead
+of always favouring the later of two neighbours (the sweep has an even number of repetitions in
+a full run, so each variant's mean place in time is the same).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 from bench import extras
 from bench.lab import Lab
-from bench.procs import default_placement, free_port
+from bench.procs import default_placement, free_port, in_turn
 from bench.runner import Point, PointError, Variant, run_point
 from bench.services import KeyService
 
@@ -47,6 +49,7 @@ class Settings:
     churn_threads: tuple[int, ...] = (1, 8)
     asym_ops: tuple[str, ...] = ("rsasign", "ecsign", "gcm4k")
     asym_threads: tuple[int, ...] = (1, 8)
+    sweep_reps: int = 0  # the sign64 sweep's repetitions (0: reps)
 
 
 def settings(quick: bool | None = None) -> Settings:
@@ -83,12 +86,14 @@ def settings(quick: bool | None = None) -> Settings:
             (1, 8),
             5,
             200,
+            sweep_reps=4,
         )
     if os.environ.get("BENCH_SECONDS"):
         secs = float(os.environ["BENCH_SECONDS"])
         s = Settings(**{**s.__dict__, "seconds": secs, "other_seconds": secs})
     if os.environ.get("BENCH_REPS"):
-        s = Settings(**{**s.__dict__, "reps": int(os.environ["BENCH_REPS"])})
+        n = int(os.environ["BENCH_REPS"])
+        s = Settings(**{**s.__dict__, "reps": n, "sweep_reps": n})
     return s
 
 
@@ -180,7 +185,8 @@ def run_all(s: Settings, work: Path | None = None) -> dict[str, Any]:
         out["variant_describe"] = {v.name: v.describe for v in sweep}
         assert lab.service is not None and lab.ksd is not None
         peers = [lab.module_variant(lab.service), *lab.peer_variants()]
-        n_sweep = len(s.threads) * s.reps * len(sweep)
+        sweep_reps = s.sweep_reps or s.reps
+        n_sweep = len(s.threads) * sweep_reps * len(sweep)
         n_other = (
             len(s.other_threads) * s.reps * sum(op in v.ops for op in s.other_ops for v in peers)
         )
@@ -193,15 +199,15 @@ def run_all(s: Settings, work: Path | None = None) -> dict[str, Any]:
         prog.total = n_sweep + n_other + n_workers
 
         for t in s.threads:
-            for rep in range(s.reps):
-                for v in sweep:
+            for rep in range(sweep_reps):
+                for v in in_turn(sweep, rep):
                     _run(results, prog, "sweep", v, Point("sign64", t, s.seconds, s.warmup), rep)
         # The harness's own cost per op (two clock reads, the loop): once.
         _run(results, prog, "other", peers[0], Point("noop", 1, s.other_seconds, s.warmup), 0)
         for op in s.other_ops:
             for t in s.other_threads:
                 for rep in range(s.reps):
-                    for v in (v for v in peers if op in v.ops):
+                    for v in in_turn([v for v in peers if op in v.ops], rep):
                         _run(
                             results, prog, "other", v, Point(op, t, s.other_seconds, s.warmup), rep
                         )
@@ -210,13 +216,13 @@ def run_all(s: Settings, work: Path | None = None) -> dict[str, Any]:
         for op in s.asym_ops:
             for t in s.asym_threads:
                 for rep in range(s.reps):
-                    for v in (v for v in peers if op in v.ops):
+                    for v in in_turn([v for v in peers if op in v.ops], rep):
                         point = Point(op, t, s.other_seconds, s.warmup)
                         _run(results, prog, "asym", v, point, rep)
 
         for t in s.churn_threads:
             for rep in range(s.reps):
-                for churn in (0, CHURN_OPS):
+                for churn in in_turn((0, CHURN_OPS), rep):
                     point = Point("sign64", t, s.other_seconds, s.warmup, churn=churn)
                     _run(results, prog, "churn", peers[0], point, rep)
 
@@ -234,7 +240,7 @@ def run_all(s: Settings, work: Path | None = None) -> dict[str, Any]:
             ]
             for t in s.worker_threads:
                 for rep in range(s.reps):
-                    for v in scaling:
+                    for v in in_turn(scaling, rep):
                         _run(
                             results,
                             prog,

@@ -1,6 +1,7 @@
 """Process plumbing for the benchmarks: free ports, CPU placement, stopping by PID, the CPU time
 of a process tree (from /proc/PID/stat), and the client ports of TCP connections to a port (from
-/proc/net/tcp*) to prove that a steady state makes no new connections.
+/proc/net/tcp*) to prove that a steady state makes no new connections; and the order in which
+a repetition runs its variants.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _LISTEN = "0A"
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -46,6 +49,12 @@ def default_placement() -> Placement:
     if shutil.which("taskset") is None or (os.cpu_count() or 1) < 2:
         return UNPINNED
     return Placement("0", "1")
+
+
+def in_turn(variants: Sequence[T], rep: int) -> list[T]:
+    """The variants in the order repetition rep runs them: forwards, then backwards (A B C,
+    C B A, ...), so a steady drift of a shared machine favours none of them."""
+    return list(variants) if rep % 2 == 0 else list(reversed(variants))
 
 
 def pinned(cmd: Sequence[str], cpus: str | None) -> list[str]:

@@ -162,6 +162,31 @@ class Target:
     ok: bool | None
 
 
+def sweep_targets(hi: int) -> list[tuple[str, str, str, int, str, str, float]]:
+    """The sign64 sweep's targets, one row each: (name, variant, over variant, threads, metric,
+    op, limit); a target is the variant's median metric over the other's (issue 15's last)."""
+    return [
+        ("1-thread C_Sign p50 latency: module (C host) / raw libcurl",
+         "module-c", "libcurl-c", 1, "p50_us", "<=", 1.15),
+        (f"{hi}-thread C_Sign throughput: module (C host) / raw libcurl",
+         "module-c", "libcurl-c", hi, "ops_per_s", ">=", 0.9),
+        (f"key service sign, {hi} client threads / minimal ASGI HMAC floor (libcurl C)",
+         "libcurl-c", "floor-libcurl", hi, "ops_per_s", ">=", 0.7),
+        (f"{hi}-thread throughput: module / p11-kit remoting of SoftHSM2",
+         "module-c", "p11kit-softhsm", hi, "ops_per_s", ">=", 0.75),
+        ("1-thread p50 latency: module / p11-kit remoting of SoftHSM2",
+         "module-c", "p11kit-softhsm", 1, "p50_us", "<=", 1.5),
+        (f"issue 15: {hi}-thread throughput: module / p11-kit remoting of SoftHSM2",
+         "module-c", "p11kit-softhsm", hi, "ops_per_s", ">=", 1.0),
+        ("issue 15: 1-thread p50: module / libcurl from C to the minimal ASGI HMAC app",
+         "module-c", "floor-libcurl", 1, "p50_us", "<=", 1.15),
+        (f"issue 15: service CPU per signature at {hi} threads: module / minimal app",
+         "module-c", "floor-libcurl", hi, "server_cpu_us_per_op", "<=", 1.0),
+        ("issue 15: nothing slower at 1 thread: module p50 with / without group commit",
+         "module-c", "module-c-single", 1, "p50_us", "<=", 1.0),
+    ]  # fmt: skip
+
+
 def targets(agg: dict[Key, Agg], run: dict[str, Any]) -> list[Target]:
     def m(variant: str, threads: int, metric: str, phase: str = "sweep") -> float | None:
         a = agg.get((phase, variant, "sign64", threads))
@@ -183,31 +208,9 @@ def targets(agg: dict[Key, Agg], run: dict[str, Any]) -> list[Target]:
 
     hi = max((k[3] for k in agg if k[0] == "sweep"), default=8)
     unit = {"p50_us": "us", "ops_per_s": "ops/s", "server_cpu_us_per_op": "us"}
-    # The sign64 sweep's targets, one row each: (name, variant, over variant, threads, metric,
-    # op, limit); a target is the variant's median metric over the other's (issue 15's last).
-    rows = [
-        ("1-thread C_Sign p50 latency: module (C host) / raw libcurl",
-         "module-c", "libcurl-c", 1, "p50_us", "<=", 1.15),
-        (f"{hi}-thread C_Sign throughput: module (C host) / raw libcurl",
-         "module-c", "libcurl-c", hi, "ops_per_s", ">=", 0.9),
-        (f"key service sign, {hi} client threads / minimal ASGI HMAC floor (libcurl C)",
-         "libcurl-c", "floor-libcurl", hi, "ops_per_s", ">=", 0.7),
-        (f"{hi}-thread throughput: module / p11-kit remoting of SoftHSM2",
-         "module-c", "p11kit-softhsm", hi, "ops_per_s", ">=", 0.75),
-        ("1-thread p50 latency: module / p11-kit remoting of SoftHSM2",
-         "module-c", "p11kit-softhsm", 1, "p50_us", "<=", 1.5),
-        (f"issue 15: {hi}-thread throughput: module / p11-kit remoting of SoftHSM2",
-         "module-c", "p11kit-softhsm", hi, "ops_per_s", ">=", 1.0),
-        ("issue 15: 1-thread p50: module / libcurl from C to the minimal ASGI HMAC app",
-         "module-c", "floor-libcurl", 1, "p50_us", "<=", 1.15),
-        (f"issue 15: service CPU per signature at {hi} threads: module / minimal app",
-         "module-c", "floor-libcurl", hi, "server_cpu_us_per_op", "<=", 1.0),
-        ("issue 15: nothing slower at 1 thread: module p50 with / without group commit",
-         "module-c", "module-c-single", 1, "p50_us", "<=", 1.0),
-    ]  # fmt: skip
     out = [
         ratio(name, m(a, t, metric), m(b, t, metric), unit[metric], op, limit)
-        for name, a, b, t, metric, op, limit in rows
+        for name, a, b, t, metric, op, limit in sweep_targets(hi)
     ]
     # Issue 14: private-key signatures, and the same ratio from CPU per op (load-robust: client
     # and server each have a CPU, so an op's ceiling is 1e6 / the larger of the two).
@@ -312,6 +315,37 @@ def targets(agg: dict[Key, Agg], run: dict[str, Any]) -> list[Target]:
     return out
 
 
+def per_rep_section(run: dict[str, Any]) -> list[str]:
+    """Issue 15's sweep targets repetition by repetition: within a repetition the two variants
+    ran seconds apart, so a drift of the machine between repetitions shows here as a spread of
+    values, and the ratio of medians above can be read against it."""
+    hi = max((int(r["threads"]) for r in run["results"] if r["phase"] == "sweep"), default=8)
+    val: dict[tuple[str, int, int], dict[str, float]] = defaultdict(dict)
+    for r in run["results"]:
+        if r["phase"] == "sweep" and r["op"] == "sign64" and "failed" not in r:
+            val[(r["variant"], int(r["threads"]), int(r["rep"]))].update(r)
+    rows = []
+    for name, a, b, t, metric, _, _ in sweep_targets(hi):
+        if not name.startswith("issue 15"):
+            continue
+        reps = sorted({k[2] for k in val if k[1] == t})
+        cells = []
+        for rep in reps:
+            x = val.get((a, t, rep), {}).get(metric)
+            y = val.get((b, t, rep), {}).get(metric)
+            cells.append(f"{_f(x)} / {_f(y)} = {_f(x / y, 3)}" if x and y else "-")
+        rows.append([name.removeprefix("issue 15: "), "; ".join(cells)])
+    if not rows:
+        return []
+    return [
+        "",
+        "Issue 15's targets repetition by repetition (both variants of a pair ran within the same "
+        "repetition; the target is the ratio of the medians above):",
+        "",
+        *_table(["target", "repetitions 1, 2, ..."], rows),
+    ]
+
+
 def ceiling(a: Agg) -> float | None:
     """The ops/s an op's CPU allows when client and server each have a CPU of their own (the
     bench's placement): 1e6 / the larger of client and server CPU us per op. Other processes
@@ -382,7 +416,9 @@ def markdown(run: dict[str, Any], mach: dict[str, str]) -> str:
         f"- Python {mach['python']}; {mach['curl']}",
         f"- placement: {run['placement']}",
         f"- {'quick run (BENCH_QUICK=1)' if s['quick'] else 'full run'}: {s['reps']} "
-        f"repetition(s) per point, {s['seconds']} s measured after {s['warmup']} s warm-up "
+        f"repetition(s) per point ({s.get('sweep_reps') or s['reps']} in the sign64 sweep; "
+        "the variants' order turns round every other repetition), "
+        f"{s['seconds']} s measured after {s['warmup']} s warm-up "
         f"(other operations {s['other_seconds']} s); medians of the repetitions; "
         f"total {run.get('elapsed_s', 0):.0f} s",
         "- latency percentiles from per-thread log-linear histograms (about 1.6 % buckets) in "
@@ -405,6 +441,7 @@ def markdown(run: dict[str, Any], mach: dict[str, str]) -> str:
         for t in targets(agg, run)
     ]
     lines += _table(["target", "measured", "ratio", "threshold", "result"], tr)
+    lines += per_rep_section(run)
 
     def vorder(k: Key) -> Any:
         return (k[2], k[3], variant_order.get(k[1], 99), k[1])

@@ -259,6 +259,25 @@ def test_report_computes_the_target_ratios(tmp_path):
         assert (tmp_path / "x.png").stat().st_size > 1000
 
 
+def test_variants_take_turns_and_each_repetition_shows_its_ratio():
+    # The order turns round every other repetition: over an even number each variant's mean
+    # place in time is the same, so a drift of the machine favours none of them.
+    order = [procs.in_turn("ABC", rep) for rep in range(4)]
+    assert order == [list("ABC"), list("CBA"), list("ABC"), list("CBA")]
+    places = {v: sum(o.index(v) for o in order) for v in "ABC"}
+    assert len(set(places.values())) == 1
+    # Each repetition's pair is shown with its own ratio next to the ratio of medians.
+    results = []
+    for rep, (on, off) in enumerate([(300.0, 250.0), (260.0, 265.0), (240.0, 230.0)]):
+        results += [
+            {**_fake("module-c", 1, 1000, on), "rep": rep},
+            {**_fake("module-c-single", 1, 1000, off), "rep": rep},
+        ]
+    text = "\n".join(report.per_rep_section({"results": results}))
+    row = next(x for x in text.splitlines() if "with / without group commit" in x)
+    assert "300.0 / 250.0 = 1.200; 260.0 / 265.0 = 0.981; 240.0 / 230.0 = 1.043" in row
+
+
 def test_store_cpu_runs_every_operation_in_process():
     # bench/store_cpu.py (make bench's stores phase) on SQLite with a handful of requests: every
     # operation, issue 14's private-key signatures and their bare-function references included.
