@@ -350,6 +350,7 @@ def _serve(args: argparse.Namespace, s: settings_mod.Settings) -> int:
         uvicorn.run(
             APP_FACTORY,
             factory=True,
+            interface="asgi3",  # App.__call__ returns its coroutine: not a coroutine function
             host=s.host,
             port=port,
             workers=workers,
