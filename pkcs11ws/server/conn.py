@@ -358,6 +358,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     _in_body = False  # between a request's headers and the end of its body
     _feeding = False  # in parser.feed_data: a request's cycle is started after it
     _pending: tuple[Any, Any] | None = None  # that cycle and its app
+    _context: contextvars.Context  # the connection's, outside any request
     _records: _OneRecord
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -371,6 +372,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             transport.close()
             return
         super().connection_made(transport)
+        self._context = contextvars.copy_context()
         self._records = _OneRecord(transport)
         self.transport = cast(asyncio.Transport, self._records)
         # Idle before the first request: the keep-alive timeout applies (uvicorn only arms it
@@ -396,6 +398,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
+            self._feeding = False
             self._start_pending(False)
             if self._reject is not None:
                 self._send_reject()
@@ -405,12 +408,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.send_400_response(msg)
             return
         except httptools.HttpParserUpgrade:
+            self._feeding = False
             self._start_pending(False)
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
             return
+        except BaseException:
+            self._feeding = False
+            self._start_pending(False)
+            raise
+        self._feeding = False
         self._start_pending(True)
         if self._hdr_started is not None and self._hdr_bytes > _limits.max_header_bytes:
             self._reject = b"the request headers are over %d bytes" % _limits.max_header_bytes
@@ -425,10 +434,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._start_pending(False)
             self._pending = (cycle, app)
         else:
-            _start_task(self, cycle, app)
+            # From on_response_complete, inside the previous request's context: a pipelined
+            # request's task copies the connection's instead (as one started from a read),
+            # or the previous request's id would be its audit lines' too.
+            self._context.run(_start_task, self, cycle, app)
 
     def _start_pending(self, eager: bool) -> None:
-        self._feeding = False
         pending = self._pending
         if pending is None:
             return
