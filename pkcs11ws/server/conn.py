@@ -130,7 +130,6 @@ _sweepers: dict[int, _Sweeper] = {}
 _tick = 0
 _on_headers_complete: Final = HttpToolsProtocol.on_headers_complete  # without super() per request
 _on_message_complete: Final = HttpToolsProtocol.on_message_complete
-_on_response_complete: Final = HttpToolsProtocol.on_response_complete
 _start_task: Final = HttpToolsProtocol._start_asgi_task
 
 
@@ -359,6 +358,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     _feeding = False  # in parser.feed_data: a request's cycle is started after it
     _pending: tuple[Any, Any] | None = None  # that cycle and its app
     _context: contextvars.Context  # the connection's, outside any request
+    _idle_since: float | None = None  # loop time it went idle; None: a request is under way
     _records: _OneRecord
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -376,7 +376,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._records = _OneRecord(transport)
         self.transport = cast(asyncio.Transport, self._records)
         # Idle before the first request: the keep-alive timeout applies (uvicorn only arms it
-        # after a response).
+        # after a response). This one timer serves the connection's whole life
+        # (timeout_keep_alive_handler).
+        self._idle_since = self.loop.time()
         self.timeout_keep_alive_task = self.loop.call_later(
             self.timeout_keep_alive, self.timeout_keep_alive_handler
         )
@@ -393,7 +395,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if self._hdr_started is None:
                 self._hdr_started = _tick
             self._hdr_bytes += len(data)
-        self._unset_keepalive_if_required()
+        self._idle_since = None  # (uvicorn cancels its keep-alive timer here)
         self._feeding = True
         try:
             self.parser.feed_data(data)
@@ -506,4 +508,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         self._records.flush()  # a head without a body (HEAD) leaves now
-        _on_response_complete(self)
+        # uvicorn's, but for the keep-alive timer: it cancels its timer and arms a new one
+        # after each answer; here the connection's one timer stays and the time it went idle
+        # is noted (timeout_keep_alive_handler).
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._idle_since = self.loop.time()
+
+    def timeout_keep_alive_handler(self) -> None:
+        """Closes the connection once it has been idle for the keep-alive timeout (since its
+        last answer, or since it was made), else looks again when that could be: busy (a
+        request being received or answered), a whole timeout from now."""
+        if self.transport.is_closing():
+            return
+        since = self._idle_since
+        wait: float = self.timeout_keep_alive
+        if since is not None:
+            wait += since - self.loop.time()
+            if wait <= 0:
+                self.transport.close()
+                return
+        self.timeout_keep_alive_task = self.loop.call_later(wait, self.timeout_keep_alive_handler)

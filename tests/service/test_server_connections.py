@@ -257,3 +257,20 @@ def test_connection_cap(fresh_service, make_api):
     time.sleep(0.5)
     fresh = make_api(s)
     assert fresh.get("/health").status == 200
+
+
+def test_kept_alive_connection_idle_after_its_answers_is_closed(svc):
+    # The keep-alive timeout counts from the last answer (conn.py keeps one timer per
+    # connection and notes when it went idle): asked every second for longer than the timeout,
+    # the connection stays; left idle, it is closed, not at once.
+    with _tls(svc) as s:
+        for _ in range(5):
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = None
+            while got is None:  # (a TLS 1.3 session ticket wakes the socket with no data)
+                got = _poll(s, CLOSE_WITHIN)
+            assert got.startswith(b"HTTP/1.1 200 "), got
+            time.sleep(1.0)
+        t0 = time.monotonic()
+        assert _closed_by_peer(s)
+        assert time.monotonic() - t0 >= 1.0  # keep_alive_timeout (3 s) after the last answer
