@@ -261,3 +261,17 @@ def test_a_request_id_stays_with_its_request(service, people, rc):
     assert [a.status for a in rc.answers(3)] == [400, 200, 400]
     assert rc.ask(refused).status == 400
     assert _audit(service, rid) == [], _audit(service, rid)
+
+
+def test_a_client_that_does_not_read_still_gets_every_answer_in_order(rc):
+    # Requests one after another whose answers (~87 KB each, ~3.5 MB in all) the client leaves
+    # unread while it sends: they wait in the transport and the kernel's buffers (whether
+    # uvicorn pauses writing depends on how large the kernel lets those grow: a start that finds
+    # writing paused waits for the drain as uvicorn's send does). Read at last, every answer is
+    # there, in order.
+    sizes = [65536 - i for i in range(40)]
+    for n in sizes:
+        rc.send(_request("POST", "/crypto/v1/random", json.dumps({"length": n}).encode()))
+    got = rc.answers(len(sizes))
+    assert [a.status for a in got] == [200] * len(sizes)
+    assert [len(unb64(json.loads(a.body)["data"])) for a in got] == sizes
