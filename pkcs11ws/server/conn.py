@@ -59,6 +59,7 @@ from uvicorn.protocols.http.httptools_impl import (
     HEADER_VALUE_RE,
     STATUS_LINE,
     HttpToolsProtocol,
+    RequestResponseCycle,
 )
 
 from pkcs11ws.server.settings import DEFAULT_CONNECTIONS, Connections, Settings
@@ -131,6 +132,37 @@ _tick = 0
 _on_headers_complete: Final = HttpToolsProtocol.on_headers_complete  # without super() per request
 _on_message_complete: Final = HttpToolsProtocol.on_message_complete
 _start_task: Final = HttpToolsProtocol._start_asgi_task
+# What _Lean reads and sets of uvicorn's RequestResponseCycle (its private state, as of uvicorn
+# 0.55): checked once on a cycle of this uvicorn; if any is missing, every request runs as
+# uvicorn runs it (LEAN is False; tests/unit/test_server_conn_lean.py fails so that it is noticed).
+_CYCLE_STATE: Final = (
+    "scope", "transport", "flow", "access_log", "default_headers", "message_event",
+    "on_response", "disconnected", "keep_alive", "waiting_for_100_continue", "body",
+    "more_body", "response_started", "response_complete", "run_asgi", "receive", "send",
+)  # fmt: skip
+
+
+def _fits() -> bool:
+    try:
+        cycle = RequestResponseCycle(
+            scope={},  # type: ignore[typeddict-item]
+            transport=None,  # type: ignore[arg-type]
+            flow=None,  # type: ignore[arg-type]
+            logger=log,
+            access_logger=log,
+            access_log=False,
+            default_headers=[],
+            message_event=None,  # type: ignore[arg-type]
+            expect_100_continue=False,
+            keep_alive=True,
+            on_response=lambda: None,
+        )
+    except TypeError:
+        return False
+    return all(hasattr(cycle, name) for name in _CYCLE_STATE)
+
+
+LEAN: Final = _fits()
 
 
 class _Rest:
@@ -428,7 +460,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._send_reject()
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        if self._feeding and not cycle.waiting_for_100_continue:
+        if self._feeding and LEAN and not cycle.waiting_for_100_continue:
             # Started when this read has been parsed (_start_pending): at once if the whole
             # request has arrived by then, else as a task, as uvicorn starts it. (A request
             # that expects 100 Continue starts now: it is waiting for the app's first read.)
@@ -458,7 +490,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if cycle.scope["method"] != "HEAD":  # (uvicorn's send writes no body then)
             app = _Lean(app, cycle, self._records)
         coro = cycle.run_asgi(app)
-        ctx = contextvars.Context() if self.config.reset_contextvars else contextvars.copy_context()
+        fresh = getattr(self.config, "reset_contextvars", False)  # (uvicorn's option, as there)
+        ctx = contextvars.Context() if fresh else contextvars.copy_context()
         try:
             yielded = ctx.run(coro.send, None)
         except StopIteration:
