@@ -1,11 +1,14 @@
-"""Connection hygiene of the key service: uvicorn's httptools protocol with limits.
+"""Connection hygiene of the key service: uvicorn's httptools protocol with limits, one TLS
+record per answer, and a complete request run at once.
 
 What a client may hold without doing useful work is bounded (server.yaml `connections:`):
 - the TLS handshake: `handshake_timeout` (the listening server's ssl_handshake_timeout, set by
   cli.event_loop's create_server);
 - an idle connection, before its first request or between requests: `keep_alive_timeout`
-  (uvicorn arms its timer only after a response; here it is also armed when the connection
-  is made, so a client that completes the handshake and sends nothing is closed too);
+  (uvicorn arms its timer only after a response; here it also runs from when the connection
+  is made, so a client that completes the handshake and sends nothing is closed too). uvicorn
+  cancels its timer at each read and arms a new one after each answer; here one timer serves
+  the connection's life, noting when it went idle (timeout_keep_alive_handler);
 - a request's headers: at most `max_header_bytes` and `max_headers` (431 beyond), received
   within `header_timeout` of the request's first byte (slow-header clients are closed);
 - established connections per worker: `max`; beyond it a new connection is closed at once
@@ -41,7 +44,8 @@ state, the head and body in one write), falling back to the cycle's own for anyt
 uvicorn still parses (httptools), owns the connection and each request's cycle (keep-alive,
 pipelining, flow control, shutdown, timeouts), and runs every other request as before; the app
 sees the same ASGI messages. No task, no scheduled step and no event wait per request: with the
-lean send, ~18k of ~240k instructions per request (bench/results/profile-issue15-r8-service.md).
+lean receive/send and the one keep-alive timer, ~35k of ~250k instructions per single request
+(bench/results/profile-issue15-r8-service.md).
 """
 
 from __future__ import annotations
