@@ -48,10 +48,22 @@ if TYPE_CHECKING:
     REQUEST_ID_RE: re.Pattern[str]
     NAME_RE: re.Pattern[str]
     IDEMPOTENCY_RE: re.Pattern[str]
+    # The error and attribute tables (~90 records) are built when first read (see __getattr__):
+    # the service's paths and the module's error and object paths read them; `pkcs11-tool -L`
+    # never does, and every run of it would otherwise build them.
+    ERRORS: dict[str, ErrorCode]
+    ATTRIBUTES: tuple[Attr, ...]
+    ATTR_BY_NAME: dict[str, Attr]
+    ATTR_BY_CODE: dict[int, Attr]
 
 
-def __getattr__(name: str) -> re.Pattern[str]:
-    """One of _PATTERNS, compiled on first use and then a plain module attribute."""
+def __getattr__(name: str) -> object:
+    """One of _PATTERNS compiled, or a table of _TABLES built, on first use; then a plain
+    module attribute (later reads never come here)."""
+    build = _TABLES.get(name)
+    if build is not None:
+        build()
+        return globals()[name]
     source = _PATTERNS.get(name)
     if source is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -82,9 +94,8 @@ class ErrorCode:
     doc: str
 
 
-ERRORS: Final[dict[str, ErrorCode]] = {
-    e.code: e
-    for e in (
+def _error_rows() -> tuple[ErrorCode, ...]:
+    return (
         ErrorCode("BAD_REQUEST", 400, C.CKR_ARGUMENTS_BAD, "Body not JSON or off the schema."),
         ErrorCode("UNKNOWN_FIELD", 400, C.CKR_ARGUMENTS_BAD, "A field the schema does not know."),
         ErrorCode("BAD_BASE64", 400, C.CKR_ARGUMENTS_BAD, "A binary field is not strict base64."),
@@ -155,13 +166,21 @@ ERRORS: Final[dict[str, ErrorCode]] = {
                   "batch.max_bytes (the module splits its batches below its BATCHSIZE)."),
         ErrorCode("INTERNAL", 500, C.CKR_DEVICE_ERROR, "An unexpected failure in the service."),
         ErrorCode("UNAVAILABLE", 503, C.CKR_DEVICE_ERROR, "The service is starting or stopping."),
-    )
-}  # fmt: skip
+    )  # fmt: skip
+
+
+def _errors() -> dict[str, ErrorCode]:
+    """ERRORS, built on first use (see __getattr__)."""
+    g = globals()
+    table: dict[str, ErrorCode] | None = g.get("ERRORS")
+    if table is None:
+        table = g["ERRORS"] = {e.code: e for e in _error_rows()}
+    return table
 
 
 def ckr_for(code: str, http: int = 0) -> int:
     """The CKR for an error code; unknown codes fall back on the HTTP status (design.md 4)."""
-    err = ERRORS.get(code)
+    err = _errors().get(code)
     if err is not None:
         return err.ckr
     if http in (401, 403):
@@ -188,9 +207,13 @@ class Attr:
     kind: str  # BOOL | ULONG | BYTES | ULONGS
 
 
-ATTRIBUTES: Final[tuple[Attr, ...]] = tuple(
-    Attr(n, getattr(C, n), k)
-    for n, k in (
+def _attributes() -> dict[str, Attr]:
+    """ATTR_BY_NAME, built on first use with ATTRIBUTES and ATTR_BY_CODE (see __getattr__)."""
+    g = globals()
+    by_name: dict[str, Attr] | None = g.get("ATTR_BY_NAME")
+    if by_name is not None:
+        return by_name
+    rows = (
         ("CKA_CLASS", ULONG), ("CKA_TOKEN", BOOL), ("CKA_PRIVATE", BOOL), ("CKA_LABEL", BYTES),
         ("CKA_APPLICATION", BYTES), ("CKA_VALUE", BYTES), ("CKA_OBJECT_ID", BYTES),
         ("CKA_CERTIFICATE_TYPE", ULONG), ("CKA_ISSUER", BYTES), ("CKA_SERIAL_NUMBER", BYTES),
@@ -209,10 +232,20 @@ ATTRIBUTES: Final[tuple[Attr, ...]] = tuple(
         ("CKA_EXPONENT_1", BYTES), ("CKA_EXPONENT_2", BYTES), ("CKA_COEFFICIENT", BYTES),
         ("CKA_PUBLIC_KEY_INFO", BYTES), ("CKA_EC_PARAMS", BYTES), ("CKA_EC_POINT", BYTES),
         ("CKA_ALLOWED_MECHANISMS", ULONGS),
-    )
-)  # fmt: skip
-ATTR_BY_NAME: Final[dict[str, Attr]] = {a.name: a for a in ATTRIBUTES}
-ATTR_BY_CODE: Final[dict[int, Attr]] = {a.code: a for a in ATTRIBUTES}
+    )  # fmt: skip
+    table = tuple(Attr(n, getattr(C, n), k) for n, k in rows)
+    g["ATTRIBUTES"] = table
+    g["ATTR_BY_CODE"] = {a.code: a for a in table}
+    by_name = g["ATTR_BY_NAME"] = {a.name: a for a in table}
+    return by_name
+
+
+_TABLES: Final = {
+    "ERRORS": _errors,
+    "ATTRIBUTES": _attributes,
+    "ATTR_BY_NAME": _attributes,
+    "ATTR_BY_CODE": _attributes,
+}
 
 AttrValue = bool | int | bytes | tuple[int, ...]
 Attrs = dict[str, AttrValue]
@@ -586,9 +619,10 @@ def b64d(text: object, where: str) -> bytes:
 
 
 def encode_attrs(attrs: Attrs) -> dict[str, Any]:
+    by_name = _attributes()
     out: dict[str, Any] = {}
     for name, value in attrs.items():
-        a = ATTR_BY_NAME[name]
+        a = by_name[name]
         if a.kind == BYTES:
             out[name] = b64e(value)  # type: ignore[arg-type]
         elif a.kind == ULONGS:
@@ -601,9 +635,10 @@ def encode_attrs(attrs: Attrs) -> dict[str, Any]:
 def decode_attrs(obj: object, where: str = "attrs") -> Attrs:
     if not isinstance(obj, dict):
         raise ProtocolError("BAD_REQUEST", f"{where}: expected an object")
+    by_name = _attributes()
     out: Attrs = {}
     for name, value in obj.items():
-        a = ATTR_BY_NAME.get(name)
+        a = by_name.get(name)
         if a is None:
             raise ProtocolError("ATTRIBUTE_TYPE_INVALID", f"{where}: unknown attribute {name!r}")
         if a.kind == BOOL:

@@ -105,9 +105,11 @@ REPORT = (
     "mods = sorted(sys.modules)\n"
     "import gc, json\n"
     "consts = vars(sys.modules['pkcs11ws.constants'])\n"
+    "proto = vars(sys.modules['pkcs11ws.protocol'])\n"
     "print(json.dumps({'modules': mods, 'path': sys.path, 'gc': gc.isenabled(),\n"
     "                  'frozen': gc.get_freeze_count(),\n"
-    "                  'tables': [n for n in consts['_NAME_TABLES'] if n in consts]}))\n"
+    "                  'tables': [n for n in consts['_NAME_TABLES'] if n in consts],\n"
+    "                  'protocol': [n for n in proto['_TABLES'] if n in proto]}))\n"
     "sys.stdout.flush()\n"  # the interpreter is never finalised: nothing else flushes it
 )
 
@@ -135,5 +137,7 @@ def test_the_booted_interpreter_lists_slots_without_site(service: Service, tmp_p
     assert all(p.startswith(sys.base_prefix) for p in path[1:-1]) and stdlib in path
     # The start-up's objects are frozen out of the collector, which runs again.
     assert got["gc"] is True and got["frozen"] > 5_000
-    # Nor are the number -> name tables of constants.py built (on first use only).
+    # Nor are the number -> name tables of constants.py built, nor the protocol's error and
+    # attribute tables (on first use only).
     assert got["tables"] == []
+    assert got["protocol"] == []

@@ -158,3 +158,39 @@ def test_canonical_b64_matches_the_reencode_rule():
     cases += ["".join(p) for p in itertools.product("AQ=", repeat=4)]
     for text in cases:
         assert P.canonical_b64(text) == by_reencoding(text), text
+
+
+# Each entry point into the error and attribute tables, first in a fresh interpreter: they are
+# built on first use (pkcs11-tool -L never reads them), whichever read comes first.
+_FIRST_READS = {
+    "ckr_for": "assert P.ckr_for('PASSPHRASE_INCORRECT') == C.CKR_PIN_INCORRECT",
+    "from_import": "from pkcs11ws.protocol import ERRORS; assert ERRORS is P.ERRORS",
+    "by_code": "assert P.ATTR_BY_CODE[C.CKA_LABEL] is P.ATTR_BY_NAME['CKA_LABEL']",
+    "decode_attrs": "assert P.decode_attrs({'CKA_TOKEN': True}) == {'CKA_TOKEN': True}",
+    "encode_attrs": "assert P.encode_attrs({'CKA_ID': b'ab'}) == {'CKA_ID': 'YWI='}",
+    "attributes": "assert P.ATTRIBUTES[0] is P.ATTR_BY_NAME['CKA_CLASS']",
+}
+
+
+@pytest.mark.parametrize("first", sorted(_FIRST_READS))
+def test_error_and_attribute_tables_are_built_on_first_use(first: str) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "from pkcs11ws import protocol as P, constants as C\n"
+        "tables = ('ERRORS', 'ATTRIBUTES', 'ATTR_BY_NAME', 'ATTR_BY_CODE')\n"
+        "assert [t for t in tables if t in vars(P)] == [], 'built at import'\n"
+        f"{_FIRST_READS[first]}\n"
+        "assert len(P.ATTR_BY_CODE) == len(P.ATTRIBUTES) == len(P.ATTR_BY_NAME) > 50\n"
+        "assert P.ERRORS['INTERNAL'].http == 500 and len(P.ERRORS) > 30\n"
+        "try:\n"
+        "    P.NO_SUCH_TABLE\n"
+        "except AttributeError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise AssertionError('a missing name must stay an AttributeError')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
