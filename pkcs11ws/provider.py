@@ -52,8 +52,36 @@ if TYPE_CHECKING:
     from pkcs11ws import params, templates
 
     T = TypeVar("T")
+
+    # The core's hooks, for type checkers only (a class costs every start-up ~0.1 M
+    # instructions to make; the annotations that name it are strings at run time).
+    class Native(Protocol):
+        """The core's hooks (pkcs11ws._native.core)."""
+
+        def slot_update(
+            self, slot_id: int, present: bool, label: bytes, description: bytes, serial: bytes
+        ) -> None: ...
+
+        def slot_set_login(self, slot_id: int, logged_in: bool) -> None: ...
+
+        def slot_set_pin_flags(self, slot_id: int, flags: int) -> None: ...
+
+        def object_put(
+            self,
+            handle: int,
+            slot_id: int,
+            cls: int,
+            key_type: int,
+            encrypt: bool,
+            decrypt: bool,
+            sign: bool,
+            verify: bool,
+            size: int = 0,
+            private: bool = True,
+        ) -> int: ...
+
+        def object_drop(self, handle: int) -> None: ...
 else:  # typing is too heavy for the module's start-up
-    Protocol = object
     # Object templates and mechanism parameters: imported by the first call that needs them
     # (pkcs11-tool -L, a C_Sign of HMAC, need neither; ~1.5 M instructions of every start-up).
     templates = _lite.LazyModule("pkcs11ws.templates", globals(), "templates")
@@ -67,34 +95,6 @@ _VERIFY = 3  # the core's OP_VERIFY
 # The protocol's operation for each of the core's OP_ENCRYPT, OP_DECRYPT, OP_SIGN, OP_VERIFY.
 _OP_NAMES = ("encrypt", "decrypt", "sign", "verify")
 _monotonic = time.monotonic
-
-
-class Native(Protocol):
-    """The core's hooks (pkcs11ws._native.core)."""
-
-    def slot_update(
-        self, slot_id: int, present: bool, label: bytes, description: bytes, serial: bytes
-    ) -> None: ...
-
-    def slot_set_login(self, slot_id: int, logged_in: bool) -> None: ...
-
-    def slot_set_pin_flags(self, slot_id: int, flags: int) -> None: ...
-
-    def object_put(
-        self,
-        handle: int,
-        slot_id: int,
-        cls: int,
-        key_type: int,
-        encrypt: bool,
-        decrypt: bool,
-        sign: bool,
-        verify: bool,
-        size: int = 0,
-        private: bool = True,
-    ) -> int: ...
-
-    def object_drop(self, handle: int) -> None: ...
 
 
 @dataclass()
