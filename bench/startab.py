@@ -1,12 +1,15 @@
 """A/B start-up of `pkcs11-tool --module M -L`: two builds of the module, alternated, and SoftHSM2.
 
     python -m bench.startab --base OTHER/libpkcs11ws.so [--runs 30] [--callgrind 3] [--hold]
+                            [--base-env NAME=VALUE ...]
 
 Starts the key service (one softcard, pinned to the server CPU) and a SoftHSM2 token as the
 bench does (bench/lab.py), then runs `pkcs11-tool -L` pinned to the client CPU for this tree's
 module, the --base module (e.g. a copy of main's built package) and SoftHSM2 in turn, A B C A B
 C..., and prints each one's median and minimum wall time and CPU time (user + system).
 --callgrind N adds the median instruction count of N runs each under valgrind (no pinning).
+--base-env adds a variable to the base's environment only (e.g. this tree's module as --base with
+SASL_PATH=/nonexistent: what libldap's SASL plug-ins cost a start).
 --hold keeps the service up afterwards and prints the environment that reaches it, for
 strace/perf by hand (Ctrl-C or SIGTERM ends it and stops the service).
 The idle `make bench` (bench/extras.py startup) stays the judge of the target; this is for
@@ -73,6 +76,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--callgrind", type=int, default=0)
     ap.add_argument("--hold", action="store_true")
+    ap.add_argument("--base-env", action="append", default=[], metavar="NAME=VALUE")
     ap.add_argument("--no-softhsm", action="store_true")
     args = ap.parse_args()
     tool = shutil.which("pkcs11-tool")
@@ -83,7 +87,8 @@ def main() -> None:
         lab = Lab(Path(work), placement, stack)
         lab.start_service_only(say=lambda s: print(s, flush=True))
         env = {**os.environ, **lab.module_env()}
-        subjects = [("this", lab.module, env), ("base", args.base, env)]
+        extra = dict(kv.split("=", 1) for kv in args.base_env)
+        subjects = [("this", lab.module, env), ("base", args.base, {**env, **extra})]
         if not args.no_softhsm:
             hsm = SoftHSM(Path(work) / "softhsm")
             hsm.init_token(lab.bins["p11bench"])
