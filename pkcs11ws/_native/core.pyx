@@ -10,7 +10,8 @@ every such block catches everything and maps it through _ckr(), the one error fu
 Files: tables.pxi (C tables), objects.pxi (objects, find, attributes), params.pxi (one parser
 per mechanism parameter kind), crypto.pxi (keys, single-part encrypt, decrypt, sign, verify,
 random), multipart.pxi (C_*Update, C_*Final), digest.pxi (C_Digest*, in the module), funcs.pxi
-(generated: stubs and the list filling), wake.pxi (the group commit's waits).
+(generated: stubs and the list filling), wake.pxi (the group commit's waits), group.pxi
+(group commit: the queue, the slots, who sends).
 """
 
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -31,6 +32,7 @@ from pkcs11ws.log import SESSION as _log_session
 
 include "tables.pxi"
 include "wake.pxi"
+include "group.pxi"
 
 cdef extern from "<string.h>" nogil:
     size_t strnlen(const char*, size_t)

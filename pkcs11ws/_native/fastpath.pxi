@@ -325,30 +325,12 @@ cdef object _send_one(object client, int which, bytes body):
     return status, raw
 
 
-cdef object _hand_off(object client, object group, object lane, int which, bytes body):
-    """group.run(name, None, body, client) (client/group.py), or the client's single request
-    (_send_one) without group commit. A lone call with nothing in flight takes
-    GroupCommit.run()'s lane here, in the same steps (keep the two alike): take the token,
-    post this thread's deferred wake-ups, send, then count, give the token back, and only then
-    look at the queue (the order that keeps a queued call from being left behind: group.py).
-    The lane's fields are C (wake.pxi Lane): at one thread this adds no Python operation to
-    what group commit off does, a C test and a few stores (issue 15)."""
-    cdef Lane ln
+cdef object _hand_off(object client, object group, int which, bytes body):
+    """group.run(name, None, body, client) (group.pxi), its lone requests sent by _send_one,
+    or _send_one itself without group commit."""
     if group is None:
         return _send_one(client, which, body)
-    if type(lane) is Lane:
-        ln = <Lane>lane
-        if ln.free:
-            ln.free = False
-            p11ws_flush_wakes()
-            try:
-                return _send_one(client, which, body)
-            finally:
-                ln.sent += 1
-                ln.free = True
-                if PyList_GET_SIZE(ln.queue):
-                    group._lane_ended()
-    return group.run(_OP_NAME[which], None, body, client)
+    return (<Group?>group)._run(which, <str>_OP_NAME[which], None, body, client)
 
 
 cdef object _fast(Call* c, int which, CK_BYTE* sig, CK_ULONG sig_len):
@@ -398,7 +380,7 @@ cdef object _fast(Call* c, int which, CK_BYTE* sig, CK_ULONG sig_len):
     name = _OP_NAME[which]
     client = e[5]
     try:
-        status, r = _hand_off(client, e[6], e[8], which, body)
+        status, r = _hand_off(client, e[6], which, body)
         out = _read_answer(which, r)
         if out is _SLOW:
             out = client.answer(name, status, r)

@@ -1,10 +1,10 @@
-# Included by core.pyx: what the group commit (client/group.py) waits on inside the module.
+# Included by core.pyx: what the group commit (group.pxi) waits on.
 # A queued call is a Queued (its fields and a POSIX semaphore it waits on, the GIL released).
 # The thread that sends a batch wakes its calls while it still runs Python: woken at once,
 # each would find the GIL held by its waker and block a second time on the GIL's mutex (most
 # of the 8-thread client's kernel time: bench/results/profile-issue15.md). So a wake-up made
 # inside _in_python is deferred until that thread has let go of the GIL, and each woken caller
-# finds it free; group.py flushes them earlier when the thread is about to block (waiting
+# finds it free; Group._run flushes them earlier when the thread is about to block (waiting
 # itself, a request, an error). Outside _in_python (a Python host using the client directly)
 # a wake-up is immediate.
 
@@ -54,16 +54,17 @@ cdef extern from *:
 
 
 cdef class Queued:
-    """One queued call of the group commit inside the module: client/group.py Call's fields
-    and its wait in one object made in C (no Python __init__ frame, no second object for the
-    wait, the start time read here: per queued call at 8 threads, issue 15). wait() blocks
-    (without the GIL) until wake(), which wakes at once or, inside _in_python, once the waking
-    thread has released the GIL. The same fields and methods as Call."""
+    """One queued call of the group commit (group.pxi; client/group.py's Call): what it sends,
+    the answer its sender leaves for it, and the POSIX semaphore it waits on, in one object
+    made in C (no Python __init__ frame, no second object for the wait, the start time read
+    here: per queued call at 8 threads, issue 15). wait() blocks (without the GIL) until
+    wake(), which wakes at once or, inside _in_python, once the waking thread has released the
+    GIL. Group._run makes it with Queued.__new__ and sets the fields itself."""
 
     cdef sem_t sem
     cdef public object op
     cdef public object token
-    cdef public object data
+    cdef public bytes data
     cdef public double started          # _now(), time.monotonic()'s clock: TIMEOUT counts from it
     cdef public object status
     cdef public object answer
@@ -71,14 +72,16 @@ cdef class Queued:
     cdef public object lead             # set on the call chosen to send the next request
     cdef public bint alone              # set when the batch endpoint is unusable
 
-    def __cinit__(self, op: str, token: object, data: bytes) -> None:
+    def __cinit__(self) -> None:
         if sem_init(&self.sem, 0, 0) != 0:
             raise OSError("sem_init failed")
+        self.started = _now()
+        self.status = 0
+
+    def __init__(self, op: str, token: object, data: bytes) -> None:
         self.op = op
         self.token = token
         self.data = data
-        self.started = _now()
-        self.status = 0
 
     def __dealloc__(self) -> None:
         sem_destroy(&self.sem)
@@ -98,13 +101,12 @@ def flush_wakes() -> None:
 
 
 cdef class Lane:
-    """Group commit's lane (client/group.py): the one token a lone call takes when nothing is
-    in flight. A C flag rather than a one-item list: take() and ended() run no Python code, so
-    each is atomic under the GIL as the list's pop and append were, and the core's fast path
-    (fastpath.pxi _hand_off) tests and sets the fields themselves: at one thread, group commit
-    on then costs the call no Python attribute, list or method operation more than off
-    (issue 15: nothing slower at one thread). The object lives as long as its group; reset()
-    (after fork) renews it in place, so a reference kept to it never goes stale."""
+    """Group commit's lane (group.pxi): the one token a lone call takes when nothing is in
+    flight. A C flag tested and set with the GIL held, so at one thread group commit on costs
+    the call a C test and a few stores more than off, no Python operation (issue 15: nothing
+    slower at one thread). The object lives as long as its group; Group.reset() (after fork)
+    renews it in place, so a reference kept to it (the provider's fast-path entries) never goes
+    stale."""
 
     cdef readonly bint free
     cdef readonly Py_ssize_t sent       # requests the lane sent (written only by its holder)
@@ -113,30 +115,6 @@ cdef class Lane:
     def __cinit__(self, list queue not None) -> None:
         self.free = True
         self.queue = queue
-
-    def reset(self, list queue not None) -> None:
-        """The token free, the group's new queue (a forked child: no call is in flight)."""
-        self.free = True
-        self.queue = queue
-
-    def take(self) -> bool:
-        """Take the token: True if it was free."""
-        if self.free:
-            self.free = False
-            return True
-        return False
-
-    def give(self) -> None:
-        """Give back a token taken by take() without a call sent (the locked side's park)."""
-        self.free = True
-
-    def ended(self) -> bool:
-        """The lane's call ended: count it, give the token back, and only then say whether
-        calls are queued (the order group.py relies on: a queuing call tries the token again
-        after it has queued)."""
-        self.sent += 1
-        self.free = True
-        return len(self.queue) > 0
 
 
 from cpython.pythread cimport (
@@ -151,12 +129,12 @@ from cpython.pythread cimport (
 
 
 cdef class Mutex:
-    """Group commit's lock inside the module (client/group.py GroupCommit._lock): a
+    """Group commit's lock (group.pxi Group._lock; Group takes its C lock directly): a
     _thread.lock whose acquire() takes no arguments. _thread.lock.acquire() parses its
     (empty) arguments with PyArg_ParseTupleAndKeywords, ~300-400 instructions, and at 8
     threads every call takes the lock once or twice (issue 15, Round 7's notes). Uncontended,
     acquire() is one non-blocking try with the GIL held; contended, it waits without the GIL.
-    Same methods as the lock group.py uses (acquire, release, locked, the with statement)."""
+    The methods (acquire, release, locked, the with statement) are the tests' way in."""
 
     cdef PyThread_type_lock lock
     cdef bint held

@@ -1,11 +1,12 @@
-"""Group commit's lane (client/group.py): the lone call that sends without the lock, against the
-real key service over mutual TLS.
+"""Group commit's lane (pkcs11ws/_native/group.pxi): the lone call that sends without the lock,
+against the real key service over mutual TLS.
 
 The lane's holder frees its token before it looks at the queue; a queuing call tries to take
 the token again after it has queued. The tests below force each order of that race (the lane's
-call held in its request by a gate, the queuing call's failed token grab used as the moment to
-let it end), and then start many threads at once: every call gets its own answer, each is
-counted in exactly one request, and the group ends idle with its token free.
+call held in its request by a gate; the group's test hook, called when a queuing call has found
+the lane's call in flight, as the moment to let it end), and then start many threads at once:
+every call gets its own answer, each is counted in exactly one request, and the group ends idle
+with its token free.
 """
 
 from __future__ import annotations
@@ -62,25 +63,6 @@ def _thread(fn: Callable[[], Any], out: list[Any]) -> threading.Thread:
     return threading.Thread(target=run, daemon=True)
 
 
-class _Hooked:
-    """The group's lane, calling `hook` at the first failed take() made under the lock (the
-    queuing call's, not its lock-free try before it)."""
-
-    def __init__(self, group: GroupCommit, hook: Callable[[], None]) -> None:
-        self.lane, self.group, self.hook, self.fired = group.lane, group, hook, False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.lane, name)
-
-    def take(self) -> bool:
-        if self.lane.take():
-            return True
-        if not self.fired and self.group._lock.locked():
-            self.fired = True
-            self.hook()
-        return False
-
-
 def test_a_lane_call_ending_while_another_queues_still_sends_it(service: Any) -> None:
     # The lane's call ends after the second call found its token taken but before that call
     # queued: the lane's holder sees no queue, so the queued call must take the token itself.
@@ -98,8 +80,15 @@ def test_a_lane_call_ending_while_another_queues_still_sends_it(service: Any) ->
             t1.join(60)  # its token back and no queue seen: it took no lock on the way out
             assert not t1.is_alive()
 
-        hooked = _Hooked(group, let_the_lane_end)
-        group.lane = hooked
+        fired: list[bool] = []
+
+        def hook() -> None:  # the queuing call found the lane's call in flight (lock held)
+            assert group._lock.locked()
+            if not fired:
+                fired.append(True)
+                let_the_lane_end()
+
+        group._hook = hook
         lane.append(t1)
         t1.start()
         assert entered.wait(60)
@@ -109,7 +98,7 @@ def test_a_lane_call_ending_while_another_queues_still_sends_it(service: Any) ->
         t2.start()
         t2.join(60)
         assert not t2.is_alive(), "the queued call was left behind the lane's ended call"
-        assert hooked.fired
+        assert fired
         assert first == [_mac(b"lane")] and second == [_mac(b"queued")]
         _idle(group)
     finally:

@@ -31,8 +31,7 @@ def test_queued_c_sign_calls_each_wake_with_their_own_answer(
     key = hmac_key(mod, h, HMAC_KEY)
     core = sys.modules["pkcs11ws._native.core"]
     group = core.current_provider().client.group
-    assert group is not None and group._new_call is core.Queued
-    assert type(group._lock) is core.Mutex
+    assert type(group) is core.Group and type(group._lock) is core.Mutex
     n = 6
     datas = [b"message %d" % i for i in range(n)]
     before = group.sizes.get(n, 0)
@@ -99,7 +98,7 @@ def test_a_call_that_hands_on_a_full_batch_wakes_its_sender_before_it_waits(
 def test_the_cores_mutex_excludes_and_waits_without_the_gil(
     mod: Module, logged_card: tuple[int, int, bytes]
 ) -> None:
-    # group.py's lock inside the module (wake.pxi Mutex): a waiter blocks until the holder
+    # group commit's lock (wake.pxi Mutex): a waiter blocks until the holder
     # releases it, and lets go of the GIL meanwhile (the holder's thread runs on); releasing
     # it unheld is an error, as for a _thread.lock.
     core = sys.modules["pkcs11ws._native.core"]
