@@ -11,7 +11,8 @@ Files: tables.pxi (C tables), objects.pxi (objects, find, attributes), params.px
 per mechanism parameter kind), crypto.pxi (keys, single-part encrypt, decrypt, sign, verify,
 random), multipart.pxi (C_*Update, C_*Final), digest.pxi (C_Digest*, in the module), funcs.pxi
 (generated: stubs and the list filling), wake.pxi (the group commit's waits), group.pxi
-(group commit: the queue, the slots, who sends).
+(group commit: the queue, the slots, who sends), fastpath.pxi and batchpath.pxi (the
+steady-state crypto request and the batch request, built, sent and read in C).
 """
 
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -876,6 +877,7 @@ cdef CK_RV f_SessionCancel(CK_SESSION_HANDLE hSession, CK_FLAGS flags) noexcept 
 include "objects.pxi"
 include "params.pxi"
 include "fastpath.pxi"
+include "batchpath.pxi"
 include "crypto.pxi"
 include "multipart.pxi"
 include "digest.pxi"

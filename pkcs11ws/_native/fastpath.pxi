@@ -197,6 +197,9 @@ cdef object g_postfields = None
 cdef object g_response_code = None
 cdef object g_num_connects = None
 cdef object g_curl_error = None
+cdef object g_timeout_opt = None         # pycurl.TIMEOUT_MS, CONNECTTIMEOUT_MS, URL
+cdef object g_connect_opt = None
+cdef object g_url_opt = None
 cdef object g_finalizing = None
 cdef Py_ssize_t g_max_idle = 0
 
@@ -204,6 +207,7 @@ cdef Py_ssize_t g_max_idle = 0
 cdef void _transport_parts():
     global g_transport, g_in_curl, g_get_ident, g_postfields, g_response_code
     global g_num_connects, g_curl_error, g_finalizing, g_max_idle
+    global g_timeout_opt, g_connect_opt, g_url_opt
     from pkcs11ws.client import transport  # loaded with the provider already
 
     g_in_curl = transport._IN_CURL
@@ -212,48 +216,69 @@ cdef void _transport_parts():
     g_response_code = transport._RESPONSE_CODE
     g_num_connects = transport._NUM_CONNECTS
     g_curl_error = transport.pycurl.error
+    g_timeout_opt = transport.pycurl.TIMEOUT_MS
+    g_connect_opt = transport.pycurl.CONNECTTIMEOUT_MS
+    g_url_opt = transport.pycurl.URL
     g_finalizing = transport.Finalizing
     g_max_idle = transport.MAX_IDLE
     g_transport = transport
 
 
-cdef object _request(object t, str path, bytes data, tuple headers):
-    """t.request("POST", path, data, headers) (client/transport.py Transport.request), its
-    usual case written here (keep the two alike): one server, no deadline, an idle pooled
-    handle whose URL path, method (POST), header list and timeout (TIMEOUT, or at most a
-    step below it) are already this request's, this thread in no transfer, the transport
-    open and not forked since. Anything else is t.request() itself. (After each wait for an
-    answer the interpreter runs cold: request()'s frame and bytecode were the largest piece
-    of the module's own path left at one thread, bench/results/profile-issue15-client-cpu.md.)
+cdef object _request(object t, str path, bytes data, tuple headers, double deadline):
+    """t.request("POST", path, data, headers, deadline) (client/transport.py
+    Transport.request), its usual case written here (keep the two alike): one server, an idle
+    pooled handle whose method (POST) and header list are already this request's (its URL
+    path and timeouts are set here as request() sets them), this thread in no transfer, the
+    transport open and not forked since. Anything else is t.request() itself. (After each
+    wait for an answer the interpreter runs cold: request()'s frame and bytecode were the
+    largest piece of the module's own path left at one thread,
+    bench/results/profile-issue15-client-cpu.md.)
     """
     cdef list servers, idle, chunks
-    cdef long long ms, full
+    cdef long long ms, full, step
+    cdef double left
     if g_transport is None:
         _transport_parts()
     servers = <list?>t.servers
     if len(servers) != 1 or t._pid != g_transport._PID or t.aborted or t._closed:
-        return t.request("POST", path, data, headers)
+        return t.request("POST", path, data, headers, deadline)
     server = servers[0]
     idle = <list?>server.idle
     if not idle:
-        return t.request("POST", path, data, headers)
+        return t.request("POST", path, data, headers, deadline)
     me = g_get_ident()
     if me in g_in_curl:
-        return t.request("POST", path, data, headers)  # it raises (a nested call)
+        return t.request("POST", path, data, headers, deadline)  # it raises (a nested call)
+    if deadline:  # (a batch's: its oldest call's start + TIMEOUT)
+        left = deadline - _now()
+        if left <= 0.001:
+            return t.request("POST", path, data, headers, deadline)  # it raises
+        full = <long long>(left * 1000)
+    else:
+        full = t._timeout_ms
     conn = idle.pop()  # nothing below runs Python code before the handle is looked at
     c = conn.curl
-    ms = conn.timeout_ms
-    full = t._timeout_ms
-    if c is None or conn.path != path or conn.method != "POST" or conn.headers is not headers \
-            or ms > full or ms < full - <long long>t._step_ms:
+    if c is None or conn.method != "POST" or conn.headers is not headers:
         idle.append(conn)
-        return t.request("POST", path, data, headers)
+        return t.request("POST", path, data, headers, deadline)
     g_in_curl.add(me)
     try:
         conn.busy = True
         try:
             if t.aborted:
                 raise g_finalizing()
+            # The handle's timeouts and URL as request() sets them (lone requests and batches
+            # share the pool: a handle goes from one endpoint to the other).
+            ms = conn.timeout_ms
+            step = t._step_ms
+            if ms > full or ms < full - step:
+                ms = max(1, full - full % step) if deadline else full
+                c.setopt(g_timeout_opt, ms)
+                c.setopt(g_connect_opt, min(ms, <long long>t._cfg.connecttimeout * 1000))
+                conn.timeout_ms = ms
+            if conn.path != path:
+                c.setopt(g_url_opt, server.url + path)
+                conn.path = path
             conn.setopt(g_postfields, data)
             chunks = <list?>conn.chunks
             socks = conn.socks
@@ -315,7 +340,7 @@ cdef object _send_one(object client, int which, bytes body):
         if path is None:
             status, raw = client.transport.request(spec.method, spec.path, data, g_base_headers)
         else:
-            status, raw = _request(client.transport, <str>path, data, g_base_headers)
+            status, raw = _request(client.transport, <str>path, data, g_base_headers, 0.0)
     except BaseException as failure:
         if not isinstance(failure, g_curl_failure):
             raise

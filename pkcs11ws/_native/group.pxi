@@ -306,6 +306,8 @@ cdef class Group:
                         call.status, call.answer = self._send(which, op, token, data, sender)
                     except BaseException as e:  # handed to the caller below
                         call.error = e
+                elif which >= 0:  # the core's fast path leads: its batch request in C
+                    _send_batch(sender, group)
                 else:
                     sender._send_batch(group)
             finally:

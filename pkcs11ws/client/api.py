@@ -283,11 +283,21 @@ class KeyServiceClient:
                     status, raw = self._send(spec, spec.path, data, headers, (status, raw), started)
         return status, raw
 
-    def _send_batch(self, calls: list[Call]) -> None:
-        """Send calls in one batch request; leave each its answer or error (never raises)."""
+    def _send_batch(
+        self,
+        calls: list[Call],
+        body: bytes | None = None,
+        first: tuple[int, bytes] | CurlFailure | None = None,
+    ) -> None:
+        """Send calls in one batch request; leave each its answer or error (never raises).
+        body, first: the request (its id in the body) that the core already sent for them
+        (fastpath.pxi _send_batch), and its outcome, counted as attempt 1: the core reads the
+        usual answer itself and hands every other outcome here."""
         ids = _REQUEST_IDS  # the request id as the body's first field (request_ids.py)
         headers: Sequence[str]
-        if self._batch_rid_in_body:
+        if body is not None:
+            headers = BASE_HEADERS
+        elif self._batch_rid_in_body:
             body = batch_body(calls, ids.field, next(ids.count))
             headers = BASE_HEADERS
         else:
@@ -296,7 +306,7 @@ class KeyServiceClient:
         try:
             # One request for all: the deadline counts from the oldest call's start.
             status, raw = self._send(
-                BATCH, BATCH.path, body, headers, None, min(c.started for c in calls)
+                BATCH, BATCH.path, body, headers, first, min(c.started for c in calls)
             )
             results = batch_results(raw)
             if results is None:  # not the expected shape: the strict decoder says why

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import hmac
+import json
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -384,6 +385,99 @@ def test_batched_calls_read_their_items_fast(
     assert counted.calls == 1
 
 
+def _first_item_fails(r: bytes) -> bytes:
+    """The first item answered with an error whose message holds braces and escaped quotes."""
+    start = r.index(b'{"status":200,"answer":')
+    end = r.index(b"}}", start) + 2
+    error = b'{"code":"MECHANISM_INVALID","message":"not \\"this\\" {[}"}'
+    return r[:start] + b'{"status":400,"answer":%s}' % error + r[end:]
+
+
+def _last_item_dropped(r: bytes) -> bytes:
+    return r[: r.rindex(b',{"status":')] + b"]}"
+
+
+# (name, change, the calls' outcomes by CKR (0: the right signature), whether the client's
+# _send_batch reads the answer instead of the core)
+BATCH_READS: list[tuple[str, Odd | None, list[int], bool]] = [
+    ("usual", None, [0] * 4, False),
+    ("an item's error", _first_item_fails, [C.CKR_MECHANISM_INVALID] + [0] * 3, True),
+    # Braces and a quote inside a string of an item: the item ends where its JSON does; the
+    # answer's extra field is BAD_RESPONSE for that call alone (the strict decoder's verdict).
+    (
+        "a brace in a string",
+        lambda r: r.replace(b'"}}', b'","x":"}{\\"]"}}', 1),
+        [C.CKR_DEVICE_ERROR] + [0] * 3,
+        False,
+    ),
+    ("an item short", _last_item_dropped, [C.CKR_DEVICE_ERROR] * 4, True),
+]
+
+
+@pytest.mark.parametrize(
+    "name,change,ckrs,by_client", BATCH_READS, ids=[n for n, _, _, _ in BATCH_READS]
+)
+def test_the_cores_batch_request_and_what_it_hands_to_the_client(
+    mod: Module,
+    logged_card: tuple[int, int, bytes],
+    counted: Counted,
+    name: str,
+    change: Odd | None,
+    ckrs: list[int],
+    by_client: bool,
+) -> None:
+    """Queued fast-path calls leave in a batch request that the core writes, sends (no
+    Transport.request) and reads itself in the usual case (batchpath.pxi); any other answer
+    goes to the client's _send_batch with that outcome, no second request: each call still
+    gets its own answer or CKR."""
+    slot, h, _ = logged_card
+    key = hmac_key(mod, h, HMAC_KEY)
+    p = _provider()
+    client, group = p.client, p.client.group
+    assert group is not None
+    assert _sign(mod, h, key, b"warm") == hmac.digest(HMAC_KEY, b"warm", hashlib.sha256)
+    handed: list[Any] = []
+    paths: list[str] = []
+    real_batch, real_request = client._send_batch, client.transport.request
+
+    def send_batch(calls: list[Any], *args: Any) -> None:
+        handed.append(args)
+        real_batch(calls, *args)
+
+    def request(method: str, path: str, *args: Any, **kw: Any) -> tuple[int, bytes]:
+        paths.append(path)
+        return real_request(method, path, *args, **kw)
+
+    datas = [b"read %d" % i for i in range(4)]
+    before = group.sizes.get(4, 0)
+    bodies: list[bytes] = []
+
+    def perform(conn: Any, real: Callable[[], None], body: bytes) -> None:
+        real()
+        if conn.path == BATCH_PATH:
+            bodies.append(body)
+            if change is not None:
+                conn.chunks[:] = [change(b"".join(conn.chunks))]
+
+    undo = _on_perform(p, perform)
+    client._send_batch, client.transport.request = send_batch, request
+    try:
+        out = queued_hmac_signs(mod, slot, key, group, datas)
+    finally:
+        del client._send_batch, client.transport.request
+        undo()
+    want = [hmac.digest(HMAC_KEY, d, hashlib.sha256) for d in datas]
+    got = [0 if o == w else o.rv for o, w in zip(out, want, strict=True)]
+    assert sorted(got) == sorted(ckrs), out  # the batch's order is the queue's
+    assert len(bodies) == 1 and paths == []  # one request, sent by the core
+    sent = json.loads(bodies[0])
+    assert list(sent) == ["request_id", "items"] and len(sent["items"]) == 4
+    assert handed == ([(bodies[0], (200, handed[0][1][1]))] if by_client else [])
+    assert group.sizes.get(4, 0) == before + 1
+    assert group._busy == 0 and group._carried == 0 and not group._queue
+    assert counted.calls == 1
+
+
 def test_a_failed_batch_request_gives_each_queued_call_the_ckr_of_a_failed_request(
     mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
 ) -> None:
@@ -516,8 +610,10 @@ def test_a_lone_request_runs_the_cores_copy_of_the_transport_request_in_its_usua
     mod: Module, logged_card: tuple[int, int, bytes], counted: Counted
 ) -> None:
     """The fast path's lone request runs fastpath.pxi _request (Transport.request's usual
-    case) and not the transport's Python method; a pooled handle that is not set up for this
-    request (here: another URL path) goes to Transport.request, which sets it up again."""
+    case) and not the transport's Python method, also on a handle whose URL is another
+    endpoint's (set again there, as request() does); a pooled handle that is not set up for
+    this request otherwise (here: another header list) goes to Transport.request, which sets
+    it up again."""
     _, h, _ = logged_card
     key = hmac_key(mod, h, HMAC_KEY)
     p = _provider()
@@ -537,7 +633,12 @@ def test_a_lone_request_runs_the_cores_copy_of_the_transport_request_in_its_usua
             assert _sign(mod, h, key, d) == hmac.digest(HMAC_KEY, d, hashlib.sha256)
         assert paths == [] and transport.stats()["requests"] == requests + 3
         for conn in transport.servers[0].idle:
-            conn.path = ""  # as if the handle's URL were another endpoint's
+            conn.path = "/crypto/v1/batch"  # as if the handle's URL were another endpoint's
+            conn.curl.setopt(pycurl.URL, transport.servers[0].url + conn.path)
+        assert _sign(mod, h, key, b"c2") == hmac.digest(HMAC_KEY, b"c2", hashlib.sha256)
+        assert paths == [] and {c.path for c in transport.servers[0].idle} >= {"/crypto/v1/sign"}
+        for conn in transport.servers[0].idle:
+            conn.headers = ()  # as if the handle's header list were another request's
         assert _sign(mod, h, key, b"d") == hmac.digest(HMAC_KEY, b"d", hashlib.sha256)
         assert paths == ["/crypto/v1/sign"]
         assert _sign(mod, h, key, b"e") == hmac.digest(HMAC_KEY, b"e", hashlib.sha256)
