@@ -1,6 +1,6 @@
 """Type stubs for the Cython core (pkcs11ws/_native/core.pyx): the hooks the provider calls."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 def slot_update(
@@ -73,6 +73,25 @@ class Group:
     def run(self, op: str, token: str | None, data: bytes, sender: Any) -> tuple[int, Any]: ...
 
 def flush_wakes() -> None: ...
+
+class Handle:
+    curl: Any
+    setopt: Any
+    perform: Any
+    getinfo: Any
+    chunks: list[bytes]
+    socks: Any
+    server: Any
+    headers: Sequence[str] | None
+    method: str
+    path: str
+    timeout_ms: int
+    pid: int
+    busy: bool
+    used: bool
+    requests: int
+    connects: int
+    failures: int
 
 class Mutex:
     def acquire(self) -> bool: ...

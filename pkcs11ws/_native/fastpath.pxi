@@ -189,6 +189,32 @@ cdef void _client_parts():
     g_debug3 = DEBUG3
 
 
+cdef class Handle:
+    """The per-request fields of an easy handle of the transport's pool: client/transport.py's
+    _Conn is this class with its set-up and closing. C fields, so _request below reads and
+    writes them without an instance lookup each (about twenty per request), and Python code
+    sees them as ordinary attributes."""
+
+    cdef public object curl             # the pycurl.Curl, None once closed
+    cdef public object setopt           # its methods, looked up once (pycurl's lookup is slow)
+    cdef public object perform
+    cdef public object getinfo
+    cdef public list chunks             # the answer's pieces (its WRITEFUNCTION is their append)
+    cdef public object socks
+    cdef public object server
+    cdef public object headers          # the header list set on the handle (by identity)
+    cdef public str method
+    cdef public str path                # the path in the handle's URL
+    cdef public long long timeout_ms    # the handle's CURLOPT_TIMEOUT_MS now
+    cdef public long pid
+    cdef public bint busy               # a request runs on it: close() waits for it
+    cdef public bint used
+    cdef public Py_ssize_t requests
+    cdef public Py_ssize_t connects
+    cdef public Py_ssize_t failures
+    cdef object __weakref__
+
+
 # The transport's pieces (client/transport.py), read on first use like the client's.
 cdef object g_transport = None          # the module: its _PID is renewed in a forked child
 cdef object g_in_curl = None            # _IN_CURL (cleared, never replaced, in a child)
@@ -237,6 +263,7 @@ cdef object _request(object t, str path, bytes data, tuple headers, double deadl
     cdef list servers, idle, chunks
     cdef long long ms, full, step
     cdef double left
+    cdef Handle conn
     if g_transport is None:
         _transport_parts()
     servers = <list?>t.servers
@@ -256,7 +283,7 @@ cdef object _request(object t, str path, bytes data, tuple headers, double deadl
         full = <long long>(left * 1000)
     else:
         full = t._timeout_ms
-    conn = idle.pop()  # nothing below runs Python code before the handle is looked at
+    conn = <Handle?>idle.pop()  # no Python code runs below before the handle is looked at
     c = conn.curl
     if c is None or conn.method != "POST" or conn.headers is not headers:
         idle.append(conn)
@@ -280,7 +307,7 @@ cdef object _request(object t, str path, bytes data, tuple headers, double deadl
                 c.setopt(g_url_opt, server.url + path)
                 conn.path = path
             conn.setopt(g_postfields, data)
-            chunks = <list?>conn.chunks
+            chunks = conn.chunks
             socks = conn.socks
             opened = socks.count
             try:

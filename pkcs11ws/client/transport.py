@@ -54,6 +54,7 @@ import pycurl
 
 from pkcs11ws import _os as os  # not os itself: start-up cost (pkcs11ws/_os.py)
 from pkcs11ws._lite import Flag, WeakSet, suppress
+from pkcs11ws._native.core import Handle
 from pkcs11ws.client._curl_boot import pycurl_fix
 from pkcs11ws.config import Config, server_label
 from pkcs11ws.errors import Finalizing, InstallationError
@@ -318,29 +319,11 @@ class _Sockets:
         return 0
 
 
-class _Conn:
-    """An easy handle of one server's pool and what it remembers between requests."""
+class _Conn(Handle):
+    """An easy handle of one server's pool and what it remembers between requests (its fields
+    are the core's Handle: pkcs11ws/_native/fastpath.pxi)."""
 
-    __slots__ = (
-        "__weakref__",
-        "busy",
-        "chunks",
-        "connects",
-        "curl",
-        "failures",
-        "getinfo",
-        "headers",
-        "method",
-        "path",
-        "perform",
-        "pid",
-        "requests",
-        "server",
-        "setopt",
-        "socks",
-        "timeout_ms",
-        "used",
-    )
+    __slots__ = ()
 
     def __init__(self, cfg: Config, share: Any, pid: int, server: _Server, socks: _Sockets) -> None:
         self.pid = pid
@@ -352,14 +335,14 @@ class _Conn:
         self.failures = 0
         self.server = server
         self.socks = socks
-        self.chunks: list[bytes] = []
-        self.headers: Sequence[str] | None = None
+        self.chunks = []
+        self.headers = None
         self.method = "GET"
         self.path = ""  # the path in the handle's URL (setting CURLOPT_URL costs libcurl a parse)
         self.used = False
         self.timeout_ms = cfg.timeout * 1000  # the handle's CURLOPT_TIMEOUT_MS now
         c = pycurl.Curl()
-        self.curl: Any = c
+        self.curl = c
         # The handle's methods, looked up once (pycurl's attribute lookup is slow).
         self.setopt = c.setopt
         self.perform = c.perform
