@@ -291,7 +291,7 @@ class KeyServiceClient:
     ) -> None:
         """Send calls in one batch request; leave each its answer or error (never raises).
         body, first: the request (its id in the body) that the core already sent for them
-        (fastpath.pxi _send_batch), and its outcome, counted as attempt 1: the core reads the
+        (batchpath.pxi _send_batch), and its outcome, counted as attempt 1: the core reads the
         usual answer itself and hands every other outcome here."""
         ids = _REQUEST_IDS  # the request id as the body's first field (request_ids.py)
         headers: Sequence[str]
