@@ -2,7 +2,8 @@
 so each call enters the core as a C host's does) queues behind slots the test holds, then
 leaves in one batch. The sender wakes the others only once it has released the GIL
 (pkcs11ws/_native/wake.pxi): every caller must still wake, each with its own answer; and each
-its own CKR when the batch's deadline has passed or C_Finalize ran while they waited. (Daemon
+its own CKR when the batch's deadline has passed (C_Finalize meanwhile:
+test_module_batch_finalize.py). (Daemon
 threads: a call never woken fails its test instead of hanging the run.)
 """
 
@@ -19,9 +20,8 @@ from typing import Any
 import pytest
 
 from pkcs11ws import constants as C
-from tests.support.cards import client_card
 from tests.support.p11ctypes import CKError, Module, mechanism
-from tests.support.queued import hmac_key, hold_slots, queued_hmac_signs, wait_queued
+from tests.support.queued import hmac_key, hmac_sign, queue_signs, queued_hmac_signs
 
 HMAC_KEY = b"k" * 32
 
@@ -128,46 +128,6 @@ def test_the_cores_mutex_excludes_and_waits_without_the_gil(
     assert order == ["holder", "waiter"] and not m.locked()
 
 
-def _queue_signs(
-    mod: Module, slot: int, key: int, group: Any, n: int
-) -> tuple[list[Any], list[threading.Thread], int]:
-    """n C_Sign calls (their key's fast path warmed first) queued behind every slot of group,
-    held by the test: (their outcomes, filled in as they end; their threads, started; the
-    number of held slots, each to end with group._release(0))."""
-    h = mod.open(slot)
-    assert hmac_sign(mod, h, key, b"warm") == hmac.digest(HMAC_KEY, b"warm", hashlib.sha256)
-    sessions = [mod.open(slot) for _ in range(n)]
-    m, _ = mechanism(C.CKM_SHA256_HMAC)
-    for s in sessions:
-        mod.ok("C_SignInit", s, byref(m), key)
-    out: list[Any] = [None] * n
-
-    def sign(i: int) -> None:
-        try:
-            out[i] = mod.single("C_Sign", sessions[i], b"queued %d" % i, 32)
-        except CKError as e:
-            out[i] = e
-
-    threads = [threading.Thread(target=sign, args=(i,), daemon=True) for i in range(n)]
-    held = hold_slots(group)
-    for t in threads:
-        t.start()
-    try:
-        wait_queued(group, n)
-    except BaseException:
-        for _ in range(held):
-            group._release(0)
-        raise
-    return out, threads, held
-
-
-def hmac_sign(mod: Module, h: int, key: int, data: bytes) -> bytes:
-    m, _ = mechanism(C.CKM_SHA256_HMAC)
-    mod.ok("C_SignInit", h, byref(m), key)
-    out: bytes = mod.single("C_Sign", h, data, 32)
-    return out
-
-
 def test_queued_calls_past_their_deadline_fail_each_without_a_request(
     mod: Module, logged_card: tuple[int, int, bytes]
 ) -> None:
@@ -178,7 +138,7 @@ def test_queued_calls_past_their_deadline_fail_each_without_a_request(
     key = hmac_key(mod, h, HMAC_KEY)
     client = sys.modules["pkcs11ws._native.core"].current_provider().client
     group = client.group
-    out, threads, held = _queue_signs(mod, slot, key, group, 4)
+    out, threads, held = queue_signs(mod, slot, key, HMAC_KEY, group, 4)
     try:
         for call in group._queue:
             call.started -= client.timeout + 1  # as if they had waited for TIMEOUT already
@@ -194,37 +154,3 @@ def test_queued_calls_past_their_deadline_fail_each_without_a_request(
     assert client.transport.stats()["requests"] == requests
     assert group._busy == 0 and group._carried == 0 and not group._queue and group.lane.free
     assert hmac_sign(mod, h, key, b"after") == hmac.digest(HMAC_KEY, b"after", hashlib.sha256)
-
-
-def test_c_finalize_with_calls_queued_ends_each_with_its_ckr(
-    bare_mod: Module, service: Any
-) -> None:
-    # C_Finalize does not wait for calls queued in group commit; once their turn comes, their
-    # request is refused (the transport is closed) and each ends with CKR_CRYPTOKI_NOT_INITIALIZED,
-    # none left waiting, the module usable again after C_Initialize.
-    m = bare_mod
-    assert m.initialize(str(service.client_cfg)) == C.CKR_OK
-    name, text = client_card(service.client_cfg, "q")
-    slot = m.slot_by_label(name)
-    h = m.open(slot)
-    assert m.login(h, text.encode()) == C.CKR_OK
-    key = hmac_key(m, h, HMAC_KEY)
-    group = sys.modules["pkcs11ws._native.core"].current_provider().client.group
-    out, threads, held = _queue_signs(m, slot, key, group, 4)
-    try:
-        assert m.call("C_Finalize", None) == C.CKR_OK
-    finally:
-        for _ in range(held):
-            group._release(0)
-    for t in threads:
-        t.join(60)
-        assert not t.is_alive(), "a queued C_Sign was never woken"
-    assert [type(e) for e in out] == [CKError] * 4, out
-    assert {e.rv for e in out} == {C.CKR_CRYPTOKI_NOT_INITIALIZED}
-    assert group._busy == 0 and not group._queue
-    assert m.initialize(str(service.client_cfg)) == C.CKR_OK
-    slot = m.slot_by_label(name)
-    h = m.open(slot)
-    assert m.login(h, text.encode()) == C.CKR_OK
-    key = hmac_key(m, h, HMAC_KEY)
-    assert hmac_sign(m, h, key, b"again") == hmac.digest(HMAC_KEY, b"again", hashlib.sha256)

@@ -6,6 +6,8 @@ never woken fails its test instead of hanging the run. Also the HMAC key those t
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import threading
 import time
 from ctypes import byref
@@ -83,4 +85,46 @@ def queued_hmac_signs(
         assert not t.is_alive(), "a queued C_Sign was never woken"
     for s in sessions:
         mod.call("C_CloseSession", s)
+    return out
+
+
+def queue_signs(
+    mod: Module, slot: int, key: int, key_value: bytes, group: Any, n: int
+) -> tuple[list[Any], list[threading.Thread], int]:
+    """n HMAC C_Sign calls with key (its value key_value; the key's fast path warmed first)
+    queued behind every slot of group,
+    held by the test: (their outcomes, filled in as they end; their threads, started; the
+    number of held slots, each to end with group._release(0))."""
+    h = mod.open(slot)
+    assert hmac_sign(mod, h, key, b"warm") == hmac.digest(key_value, b"warm", hashlib.sha256)
+    sessions = [mod.open(slot) for _ in range(n)]
+    m, _ = mechanism(C.CKM_SHA256_HMAC)
+    for s in sessions:
+        mod.ok("C_SignInit", s, byref(m), key)
+    out: list[Any] = [None] * n
+
+    def sign(i: int) -> None:
+        try:
+            out[i] = mod.single("C_Sign", sessions[i], b"queued %d" % i, 32)
+        except CKError as e:
+            out[i] = e
+
+    threads = [threading.Thread(target=sign, args=(i,), daemon=True) for i in range(n)]
+    held = hold_slots(group)
+    for t in threads:
+        t.start()
+    try:
+        wait_queued(group, n)
+    except BaseException:
+        for _ in range(held):
+            group._release(0)
+        raise
+    return out, threads, held
+
+
+def hmac_sign(mod: Module, h: int, key: int, data: bytes) -> bytes:
+    """data's HMAC-SHA256 with key, signed in session h."""
+    m, _ = mechanism(C.CKM_SHA256_HMAC)
+    mod.ok("C_SignInit", h, byref(m), key)
+    out: bytes = mod.single("C_Sign", h, data, 32)
     return out
