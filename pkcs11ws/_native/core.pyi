@@ -74,6 +74,18 @@ class Group:
 
 def flush_wakes() -> None: ...
 
+class TransportFields:
+    servers: list[Any]
+    _pid: int
+    aborted: bool
+    _closed: bool
+    _timeout_ms: int
+    _step_ms: int
+
+class ServerFields:
+    idle: list[Any]
+    url: str
+
 class Handle:
     curl: Any
     setopt: Any

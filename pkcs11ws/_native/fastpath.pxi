@@ -215,6 +215,25 @@ cdef class Handle:
     cdef object __weakref__
 
 
+cdef class TransportFields:
+    """The fields of client/transport.py's Transport (its base class) that every request reads:
+    C fields, so _request below reads them without an instance dict lookup each."""
+
+    cdef public list servers            # the _Server of each HOST, in order
+    cdef public long _pid               # the process the handles were made in
+    cdef public bint aborted            # C_Finalize: no transfer starts any more
+    cdef public bint _closed
+    cdef public long long _timeout_ms   # TIMEOUT in ms
+    cdef public long long _step_ms      # how far below the time left a handle's timeout may be
+
+
+cdef class ServerFields:
+    """The fields of client/transport.py's _Server (its base class) that every request reads."""
+
+    cdef public list idle               # its idle handles (list.append/pop: atomic, no lock)
+    cdef public str url
+
+
 # The transport's pieces (client/transport.py), read on first use like the client's.
 cdef object g_transport = None          # the module: its _PID is renewed in a forked child
 cdef object g_in_curl = None            # _IN_CURL (cleared, never replaced, in a child)
@@ -264,13 +283,15 @@ cdef object _request(object t, str path, bytes data, tuple headers, double deadl
     cdef long long ms, full, step
     cdef double left
     cdef Handle conn
+    cdef TransportFields tf = <TransportFields?>t
+    cdef ServerFields server
     if g_transport is None:
         _transport_parts()
-    servers = <list?>t.servers
-    if len(servers) != 1 or t._pid != g_transport._PID or t.aborted or t._closed:
+    servers = tf.servers
+    if len(servers) != 1 or tf._pid != <long>g_transport._PID or tf.aborted or tf._closed:
         return t.request("POST", path, data, headers, deadline)
-    server = servers[0]
-    idle = <list?>server.idle
+    server = <ServerFields?>servers[0]
+    idle = server.idle
     if not idle:
         return t.request("POST", path, data, headers, deadline)
     me = g_get_ident()
@@ -282,7 +303,7 @@ cdef object _request(object t, str path, bytes data, tuple headers, double deadl
             return t.request("POST", path, data, headers, deadline)  # it raises
         full = <long long>(left * 1000)
     else:
-        full = t._timeout_ms
+        full = tf._timeout_ms
     conn = <Handle?>idle.pop()  # no Python code runs below before the handle is looked at
     c = conn.curl
     if c is None or conn.method != "POST" or conn.headers is not headers:
@@ -292,12 +313,12 @@ cdef object _request(object t, str path, bytes data, tuple headers, double deadl
     try:
         conn.busy = True
         try:
-            if t.aborted:
+            if tf.aborted:
                 raise g_finalizing()
             # The handle's timeouts and URL as request() sets them (lone requests and batches
             # share the pool: a handle goes from one endpoint to the other).
             ms = conn.timeout_ms
-            step = t._step_ms
+            step = tf._step_ms
             if ms > full or ms < full - step:
                 ms = max(1, full - full % step) if deadline else full
                 c.setopt(g_timeout_opt, ms)
@@ -326,7 +347,7 @@ cdef object _request(object t, str path, bytes data, tuple headers, double deadl
             return status, out
         finally:
             # Back to the pool, unless the transport was closed (C_Finalize) or forked since.
-            if t._closed or conn.pid != t._pid or len(idle) >= g_max_idle:
+            if tf._closed or conn.pid != tf._pid or len(idle) >= g_max_idle:
                 t._retire(conn)
             else:
                 idle.append(conn)

@@ -54,7 +54,7 @@ import pycurl
 
 from pkcs11ws import _os as os  # not os itself: start-up cost (pkcs11ws/_os.py)
 from pkcs11ws._lite import Flag, WeakSet, suppress
-from pkcs11ws._native.core import Handle
+from pkcs11ws._native.core import Handle, ServerFields, TransportFields
 from pkcs11ws.client._curl_boot import pycurl_fix
 from pkcs11ws.config import Config, server_label
 from pkcs11ws.errors import Finalizing, InstallationError
@@ -398,17 +398,18 @@ class _Conn(Handle):
             self.close()
 
 
-class _Server:
-    """One key service of HOST's list: its idle handles and its health."""
+class _Server(ServerFields):
+    """One key service of HOST's list: its idle handles and its health (`idle` and `url` are
+    the core's ServerFields: pkcs11ws/_native/fastpath.pxi)."""
 
-    __slots__ = ("failing", "host", "idle", "label", "port", "retry_at", "url")
+    __slots__ = ("failing", "host", "label", "port", "retry_at")
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
         self.label = server_label(host, port)
         self.url = f"https://{self.label}"
-        self.idle: list[_Conn] = []  # list.append/pop are atomic: no lock on the request path
+        self.idle = []  # list.append/pop are atomic: no lock on the request path
         self.failing = False
         self.retry_at = 0.0  # monotonic time until which it is tried last
 
@@ -439,8 +440,9 @@ def resolve_entry(host: str, port: int) -> str | None:
     return f"{bare}:{port}:{','.join(addrs)}"
 
 
-class Transport:
+class Transport(TransportFields):
     """Sends one HTTP request and returns (status, body); raises CurlFailure without an answer.
+    (The fields every request reads are the core's TransportFields: pkcs11ws/_native/fastpath.pxi.)
 
     no_threads: the host forbade the library to start threads (C_Initialize with
     CKF_LIBRARY_CANT_CREATE_OS_THREADS). libcurl's resolver runs on a thread of its own, so the
