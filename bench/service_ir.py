@@ -16,7 +16,8 @@ header), hmac-m (the same in the module's spelling: request id and token in the 
 P-256 over a 32-byte hash), hmac-b1 / hmac-b4 / hmac-b16 / ec-b16 (the batch endpoint with 1, 4
 or 16 items, each item the single request's; Ir per request, so an item costs (b16 - b1) / 15;
 hmac-b4 is the batch the module's group commit sends at 8 threads, in its spelling: each
-item's token in its request), rsa and
+item's token in its request; hmac-vb4 the same with 4 HMAC verifies, each its own data and
+MAC), rsa and
 rsa-b8 (RSA-2048 PKCS#1 v1.5 with SHA-256: work that goes to the thread pool).
 
 Run: python -m bench.service_ir [--cases floor,hmac,...] [--n1 100] [--n2 400] [--runs 2]
@@ -51,6 +52,7 @@ CASES = (
     "hmac-b1",
     "hmac-b4",
     "hmac-b16",
+    "hmac-vb4",
     "ec",
     "ec-b16",
     "rsa",
@@ -82,6 +84,16 @@ def _bodies(lab: Lab, work: Path) -> dict[str, tuple[str, Path]]:
     # A single request as the module sends it (client/request_ids.py): its request id, then its
     # token, in the body; no Authorization header (_curl sends none for this case).
     module_single = {"request_id": "0a1b2c3d4e-1", **in_body}
+    # A verify batch of 4 in the module's spelling (C_Verify at 8 threads): each item its own
+    # data and its (valid) MAC, as separate callers' verifications are.
+    vitems = []
+    for data, mac in _macs(lab, [bytes([i]) * 64 for i in range(4)]):
+        req = encode(
+            STRUCTS["Verify"],
+            {"key": lab.key_handle, "mechanism": "CKM_SHA256_HMAC", "data": data, "signature": mac},
+        )
+        vitems.append({"op": "verify", "request": {"token": lab.token, **req}})
+    module_verify = {"request_id": "0a1b2c3d4e-1", "items": vitems}
 
     out: dict[str, tuple[str, Path]] = {}
     for name, path, body in (
@@ -91,6 +103,7 @@ def _bodies(lab: Lab, work: Path) -> dict[str, tuple[str, Path]]:
         ("hmac-b1", "/crypto/v1/batch", batch(hmac, 1)),
         ("hmac-b4", "/crypto/v1/batch", module_batch),
         ("hmac-b16", "/crypto/v1/batch", batch(hmac, 16)),
+        ("hmac-vb4", "/crypto/v1/batch", module_verify),
         ("ec-b16", "/crypto/v1/batch", batch(ec, 16)),
         ("rsa", "/crypto/v1/sign", rsa),
         ("rsa-b8", "/crypto/v1/batch", batch(rsa, 8)),
@@ -101,6 +114,19 @@ def _bodies(lab: Lab, work: Path) -> dict[str, tuple[str, Path]]:
     assert lab.body_file is not None
     out["floor"] = ("/crypto/v1/sign", lab.body_file)
     return out
+
+
+def _macs(lab: Lab, datas: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """(data, its HMAC-SHA256 under the bench key) per data, signed by the service."""
+    from pkcs11ws.client.api import KeyServiceClient
+    from pkcs11ws.config import load_config
+
+    assert lab.ksd is not None
+    client = KeyServiceClient(load_config(str(lab.ksd.client_cfg)))
+    try:
+        return [(d, client.sign(lab.token, lab.key_handle, "CKM_SHA256_HMAC", d)) for d in datas]
+    finally:
+        client.close()
 
 
 def _private_key(lab: Lab, label: bytes) -> str:
@@ -131,6 +157,8 @@ def _curl(
         "0",
     ]
     cmd += ["--count", str(count)] if count else ["--seconds", str(secs)]
+    if body.name == "hmac-vb4.json":
+        cmd += ["--expect", '"valid":true']  # (curlbench's default: a signature)
     # The module's spelling carries its token in the body: no Authorization header then.
     return cmd, {"BENCH_TOKEN": "" if body.name == "hmac-m.json" else lab.token}
 

@@ -21,12 +21,20 @@ def mac_run(
     suffix: bytes,
     parts: list[bytes],
 ) -> int: ...
+def verify_run(
+    state: HmacState,
+    values: list[Any],
+    i: int,
+    until: float,
+    part: bytes,
+    parts: list[bytes],
+) -> int: ...
 def scan_run(
     raw: bytes,
     pos: int,
     head: bytes,
     end: int,
-    convert: Callable[[bytes], Any],
-    max_len: int,
+    last: tuple[tuple[str, Callable[[bytes], Any], int], ...],
+    mids: tuple[bytes, ...],
     values: list[Any],
 ) -> int: ...

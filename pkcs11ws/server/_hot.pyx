@@ -11,9 +11,11 @@ Round 7): an HMAC key's prepared state and the canonical base64 of the request d
 - b64_canonical: what protocol.canonical_b64 accepts, decoded (strict alphabet, padding only
   at the end, unused low bits zero), else None: one pass, no Python frame.
 - scan_run: fastjson.batch's loop over the items of a run (items whose bytes repeat the run's
-  first item up to its last value, a string): each value found and converted, in C.
+  first item up to its trailing values, strings): each value found and converted, in C.
 - mac_run: a run's HMAC items answered from its verdict (server/batch_items.py), while the
   verdict's time holds: MAC, base64 and the item's answer bytes, in C.
+- verify_run: the same for a run's HMAC verify items: MAC and a constant-time compare; a
+  mismatch is left to the full path (its refusal and audit line).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -303,36 +305,66 @@ def scan_run(
     Py_ssize_t pos,
     bytes head not None,
     Py_ssize_t end,
-    object convert,
-    Py_ssize_t max_len,
+    tuple last not None,
+    tuple mids not None,
     list values not None,
 ):
-    """fastjson.batch's loop over a run's next items, for a last value that is a string
-    matched up to its closing quote (fastjson._TEXT: kinds bytes and text). An item at pos
-    joins the run when its bytes start with head and then hold that value, its closing quote,
-    the request's closing brace and the item's: the value, through convert (None: refused),
-    is appended to values. Returns -2 when an item ended at end (the last one); the position
-    of the first item that does not repeat head (fastjson.batch decodes it in full); -1 when
-    the batch is off the fast path (a value convert refuses or over max_len, no comma after
-    an item)."""
+    """fastjson.batch's loop over a run's next items, for trailing values that are strings
+    matched up to their closing quotes (fastjson._TEXT: kinds bytes and text). last: per
+    trailing value (name, convert, max_len); mids: the bytes between two of them, from one's
+    closing quote to the next one's opening quote. An item at pos joins the run when its
+    bytes start with head and then hold those values (each up to its closing quote, then the
+    next mid), the request's closing brace and the item's: its values, each through convert
+    (None: refused), are appended to values (one value alone, several as a tuple). Returns -2
+    when an item ended at end (the last one); the position of the first item that does not
+    repeat head (fastjson.batch decodes it in full); -1 when the batch is off the fast path
+    (a value convert refuses or over max_len, no comma after an item)."""
     cdef const char* s = PyBytes_AS_STRING(raw)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(raw)
     cdef const char* h = PyBytes_AS_STRING(head)
     cdef Py_ssize_t hn = PyBytes_GET_SIZE(head)
+    cdef Py_ssize_t k = len(last)
+    cdef Py_ssize_t at[8]  # each value's start, and its closing quote's offset
+    cdef Py_ssize_t to[8]
     cdef const char* q
-    cdef Py_ssize_t v
+    cdef Py_ssize_t v, j, mn
+    cdef bytes mid
+    if k < 1 or k > 8 or len(mids) != k - 1:
+        raise ValueError("1 to 8 trailing values, and a mid between each two")
     while True:
         if pos + hn > n or memcmp(s + pos, h, hn) != 0:
             return pos
         v = pos + hn
-        q = <const char*>memchr(s + v, 34, n - v)  # the closing quote
-        if q == NULL or q - s + 1 >= n or q[1] != 125:  # then "}": else not this spelling
-            return pos
-        value = convert(PyBytes_FromStringAndSize(s + v, q - s - v))
-        if value is None or (max_len and len(value) > max_len):
-            return -1
+        for j in range(k):
+            q = <const char*>memchr(s + v, 34, n - v)  # the closing quote
+            if q == NULL:
+                return pos
+            at[j] = v
+            to[j] = q - s
+            if j + 1 < k:
+                mid = <bytes>mids[j]
+                mn = PyBytes_GET_SIZE(mid)
+                if to[j] + mn > n or memcmp(q, PyBytes_AS_STRING(mid), mn) != 0:
+                    return pos  # not this spelling
+                v = to[j] + mn
+            elif to[j] + 1 >= n or q[1] != 125:  # then "}": else not this spelling
+                return pos
+        if k == 1:
+            _, convert, max_len = <tuple>last[0]
+            value = convert(PyBytes_FromStringAndSize(s + at[0], to[0] - at[0]))
+            if value is None or (max_len and len(value) > max_len):
+                return -1
+        else:
+            got = []
+            for j in range(k):
+                _, convert, max_len = <tuple>last[j]
+                one = convert(PyBytes_FromStringAndSize(s + at[j], to[j] - at[j]))
+                if one is None or (max_len and len(one) > max_len):
+                    return -1
+                got.append(one)
+            value = tuple(got)
         values.append(value)
-        pos = q - s + 2
+        pos = to[k - 1] + 2
         if pos >= n or s[pos] != 125:  # the item's "}"
             return -1
         pos += 1
@@ -341,3 +373,48 @@ def scan_run(
         if s[pos] != 44:  # ","
             return -1
         pos += 1
+
+
+cdef extern from "openssl/crypto.h" nogil:
+    int CRYPTO_memcmp(const void* a, const void* b, size_t n)
+
+
+def verify_run(
+    HmacState state not None,
+    list values not None,
+    Py_ssize_t i,
+    double until,
+    bytes part not None,
+    list parts not None,
+):
+    """For values[i:] in order, each a (data, mac) tuple, while time.time() (the same clock)
+    is before until: part appended to parts when mac is data's full MAC (compared in
+    constant time). Returns the index of the first value not answered (len(values): all
+    were): one whose MAC is not the full length or does not match (the full path refuses it,
+    with its audit line), or not two bytes."""
+    cdef timespec ts
+    cdef unsigned char md[64]
+    cdef Py_ssize_t n = len(values)
+    cdef tuple pair
+    while i < n:
+        clock_gettime(CLOCK_REALTIME, &ts)
+        if ts.tv_sec + ts.tv_nsec * 1e-9 >= until:
+            return i
+        item = values[i]
+        if type(item) is not tuple or len(<tuple>item) != 2:
+            return i
+        pair = <tuple>item
+        data = pair[0]
+        mac = pair[1]
+        if type(data) is not bytes or type(mac) is not bytes:
+            return i
+        if PyBytes_GET_SIZE(mac) != state.size:
+            return i
+        state._mac(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), md)
+        if CRYPTO_memcmp(md, PyBytes_AS_STRING(mac), state.size) != 0:
+            OPENSSL_cleanse(md, sizeof(md))
+            return i
+        parts.append(part)
+        i += 1
+    OPENSSL_cleanse(md, sizeof(md))
+    return n

@@ -3,7 +3,7 @@
 Each item is checked and answered as its single request would be (token, identity binding,
 authorization, decoding, audit of a refusal); one item's refusal is its own answer and never
 fails the others. Keyed crypto items the fast decoder took (fastjson.batch: runs of items that
-differ only in their last value) on a store whose reads do not block run as plain calls
+differ only in their trailing values) on a store whose reads do not block run as plain calls
 (_keyed_item: _keyed's checks in their order, no coroutine). In a run, once an item has passed
 on a verdict the service caches (handlers_crypto._key: valid while the store's change mark
 stays the same within this turn of the event loop, and until a time its session is known to
@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, Final
 from pkcs11ws import protocol
 from pkcs11ws.protocol import ProtocolError as ApiError
 from pkcs11ws.server import audit, fastjson
-from pkcs11ws.server._hot import HmacState, mac_run
+from pkcs11ws.server._hot import HmacState, mac_run, verify_run
 from pkcs11ws.server.handlers import expired
-from pkcs11ws.server.handlers_crypto import B64_ANSWERS, IN_BATCH, Offloaded
+from pkcs11ws.server.handlers_crypto import B64_ANSWERS, IN_BATCH, VERIFIED_BODY, Offloaded
 from pkcs11ws.server.identity import Identity
 from pkcs11ws.server.pipeline import Request, Response
 
@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 _Offloads = list[tuple[int, Offloaded, list[Any], str | None]]
 _OK: Final = b'{"status":200,"answer":'
 _B64_END: Final = b'"}}'  # a B64_ANSWERS answer's end, and its item's
+_VERIFIED_PART: Final = _OK + VERIFIED_BODY + b"}"  # a verify item's answer
+# A run's trailing values (fastjson.BatchRun's names): a sign's data alone; a verify's data
+# and signature.
+_DATA: Final = ("data",)
+_DATA_AND_MAC: Final = ("data", "signature")
 
 
 class BatchPath:
@@ -169,11 +174,10 @@ class BatchPath:
     ) -> None:
         """A run of keyed items (fastjson.BatchRun): each one's part of the answer into parts.
         The first item, and any the run's verdict cannot answer, through _keyed_item."""
-        op, token, request, name, values = run
-        if values is None:
+        op, token, request, names, values = run
+        if values is None or names is None:
             parts.append(self._keyed_item(op, token, request, ident, opened, offloaded, parts))
             return
-        assert name is not None
         # The verdict the run's items share, once an item passed on a cached one: the request
         # that item's work saw (its data replaced per item) and the op as a function of the
         # data alone. Never with a request id in the request (each item sets its own).
@@ -181,8 +185,11 @@ class BatchPath:
         seen_body: dict[str, Any] = {}
         direct: Any = None
         # An HMAC sign run: its prepared state, whose items mac_run answers in C, each as the
-        # verdict's answer (handlers_crypto.B64_ANSWERS) inside its batch answer.
+        # verdict's answer (handlers_crypto.B64_ANSWERS) inside its batch answer. An HMAC
+        # verify run: the state whose full MAC each item's must equal (verify_run, in C; an
+        # item it cannot answer, a wrong MAC, takes the full path: its refusal, its audit line).
         state: HmacState | None = None
+        check: HmacState | None = None
         head = b""
         i, count = 0, len(values)
         while i < count:
@@ -191,13 +198,17 @@ class BatchPath:
                     i = mac_run(state, values, i, verdict.until, head, _B64_END, parts)
                     if i == count:
                         return
+                elif check is not None:
+                    i = verify_run(check, values, i, verdict.until, _VERIFIED_PART, parts)
+                    if i == count:
+                        return
                 elif time.time() < verdict.until:
                     try:
                         if direct is not None:
                             out = direct(values[i])
                         else:
                             body = seen_body.copy()
-                            body[name] = values[i]
+                            fastjson.put(body, names, values[i])
                             out = verdict.work(verdict.mech, verdict.key, body)
                         parts.append(_OK + verdict.answer(out) + b"}")
                         i += 1
@@ -207,7 +218,7 @@ class BatchPath:
             if audit.REQUEST_ID.get() is not rid:
                 audit.REQUEST_ID.set(rid)
             body = request.copy()
-            body[name] = values[i]
+            fastjson.put(body, names, values[i])
             i += 1
             got: list[Any] = [None]
             parts.append(self._keyed_item(op, token, body, ident, opened, offloaded, parts, got))
@@ -219,9 +230,11 @@ class BatchPath:
                 and protocol.REQUEST_ID_FIELD not in request
             ):
                 verdict, seen_body = v, body
-                direct = v.direct if name == "data" else None
+                direct = v.direct if names == _DATA and op != "verify" else None
                 if type(direct) is HmacState and op in B64_ANSWERS:
                     state, head = direct, _OK + B64_ANSWERS[op]
+                elif type(v.direct) is HmacState and op == "verify" and names == _DATA_AND_MAC:
+                    check = v.direct
 
     def _keyed_item(
         self,

@@ -13,8 +13,9 @@ its own value; base64 goes through the same canonical check; lengths and ranges 
 alike, and a value over a limit is left to the generic path to refuse.
 
 Batches (`{"items":[...]}`) are matched item by item: op, optional token, and the request in
-its endpoint's structure, and given as runs of items that differ only in their last value
-(BatchRun). A batch with any item off this path is decoded generically as a whole.
+its endpoint's structure, and given as runs of items that differ only in their trailing values
+(BatchRun: a sign's data; a verify's data and signature). A batch with any item off this path
+is decoded generically as a whole.
 """
 
 from __future__ import annotations
@@ -135,15 +136,38 @@ def _values(groups: tuple[bytes | None, ...], fields: _Fields) -> Decoded | None
     return out
 
 
+def _trailing(fields: tuple[Field, ...]) -> int:
+    """How many values end a spelling of these fields and make a run's items differ (BatchRun):
+    its last one, and the required base64 fields right before it when it is one too (a
+    verify's data and signature: each caller's own)."""
+    k = 1
+    if _kind(fields[-1]) == "bytes":
+        while k < len(fields) and fields[-k - 1].required and _kind(fields[-k - 1]) == "bytes":
+            k += 1
+    return k
+
+
 class _Structure:
     """A structure's expression (match, fields) and, when optional fields follow its last
     required one, the expression of its common spelling without those (short,
     short_fields), tried first: fewer groups to walk and no optional group to try at the end
-    (a 16-item batch of signatures: 551k -> 513k instructions). tail: the short spelling's
-    last value and the closing brace, for a batch item that repeats the previous item's bytes
-    up to that value (batch())."""
+    (a 16-item batch of signatures: 551k -> 513k instructions). last: the short spelling's
+    trailing values (_trailing), names their names; tail: those values and the closing brace,
+    for a batch item that repeats the previous item's bytes up to the first of them
+    (batch()); mids: the bytes between two of them, from one's closing quote to the next
+    one's opening quote."""
 
-    __slots__ = ("fields", "last", "match", "scan", "short", "short_fields", "tail")
+    __slots__ = (
+        "fields",
+        "last",
+        "match",
+        "mids",
+        "names",
+        "scan",
+        "short",
+        "short_fields",
+        "tail",
+    )
 
     def __init__(self, struct: Struct) -> None:
         made = _expression(struct)
@@ -155,30 +179,65 @@ class _Structure:
         short = _expression(head) if head.fields and head.fields != struct.fields else None
         self.short = short[0].match if short is not None else None
         self.short_fields = short[1] if short is not None else ()
-        # The short spelling's last field: its value's expression without the opening quote
-        # (where its group starts), then the closing brace.
-        self.last = (self.short_fields or self.fields)[-1:]
-        kind = _kind((head if short is not None else struct).fields[-1])
-        value = _TEXT if kind == "text" else _VALUE[kind]
-        self.tail = re.compile(value.removeprefix(b'"') + rb"\}").match
-        # The last value is matched up to the next quote (_TEXT): batch() then scans a run's
+        # The short spelling's trailing fields: the first one's value's expression without the
+        # opening quote (where its group starts), the others' pieces as _expression spells
+        # them after a required field, then the closing brace.
+        spelled = (head if short is not None else struct).fields
+        k = _trailing(spelled)
+        self.last = (self.short_fields or self.fields)[-k:]
+        self.names = tuple(name for name, _, _ in self.last)
+        values = [_TEXT if _kind(f) == "text" else _VALUE[_kind(f)] for f in spelled[-k:]]
+        pieces = [values[0].removeprefix(b'"')]
+        pieces += [
+            b',"' + re.escape(n.encode("ascii")) + b'":' + v
+            for n, v in zip(self.names[1:], values[1:], strict=True)
+        ]
+        self.tail = re.compile(b"".join(pieces) + rb"\}").match
+        self.mids = tuple(b'","' + n.encode("ascii") + b'":"' for n in self.names[1:])
+        # The values are matched up to the next quote (_TEXT): batch() then scans a run's
         # items in C (_hot.scan_run, the same matching as tail and the loop's checks).
-        self.scan = value == _TEXT
+        self.scan = all(v == _TEXT for v in values)
 
     def decode(self, raw: bytes, pos: int) -> tuple[Decoded | None, int, int]:
-        """The structure's object at raw[pos:], where it ends, and where the group of its last
-        value starts when that is the object's last field (short spelling, or no optional
+        """The structure's object at raw[pos:], where it ends, and where the group of its first
+        trailing value (last) starts when those end the object (short spelling, or no optional
         field), else -1; (None, -1, -1) when it is off this path."""
+        first = 1 - len(self.last)
         if self.short is not None:
             m = self.short(raw, pos)
             if m is not None:  # the full expression's groups and end, but for the Nones
                 groups = m.groups()
-                return _values(groups, self.short_fields), m.end(), m.start(len(groups))
+                return _values(groups, self.short_fields), m.end(), m.start(len(groups) + first)
         m = self.match(raw, pos)
         if m is None:
             return None, -1, -1
         groups = m.groups()
-        return _values(groups, self.fields), m.end(), -1 if self.short else m.start(len(groups))
+        at = -1 if self.short else m.start(len(groups) + first)
+        return _values(groups, self.fields), m.end(), at
+
+    def run_value(self, body: Decoded) -> Any:
+        """A decoded body's trailing values as a run holds them (BatchRun)."""
+        if len(self.names) == 1:
+            return body[self.names[0]]
+        return tuple(body[n] for n in self.names)
+
+    def tail_value(self, t: re.Match[bytes]) -> Any:
+        """The trailing values tail matched, as a run holds them; None: off this path."""
+        out = []
+        for i, (_, convert, max_len) in enumerate(self.last):
+            value = convert(t.group(i + 1))
+            if value is None or (max_len and len(value) > max_len):
+                return None
+            out.append(value)
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+def put(body: Decoded, names: tuple[str, ...], value: Any) -> None:
+    """An item's trailing values (as a run holds them: BatchRun) into its request."""
+    if len(names) == 1:
+        body[names[0]] = value
+    else:
+        body.update(zip(names, value, strict=True))
 
 
 def _structures() -> dict[str, _Structure]:
@@ -217,11 +276,14 @@ def decoder(struct: str) -> Callable[[bytes], Decoded | None] | None:
         return decode
 
     # A body that starts with the request id and whose bytes from the end of that value up
-    # to its last value's are those of the last body decoded in full (rest) has that body's
-    # other fields: JSON without escapes splits only one way, and rest was matched in the
-    # same place (after a string's closing quote). Only the request id (checked as _PLAIN
-    # checks it) and the last value (its kind's expression and conversion) are decoded.
+    # to its trailing values (_Structure.last) are those of the last body decoded in full
+    # (rest) has that body's other fields: JSON without escapes splits only one way, and rest
+    # was matched in the same place (after a string's closing quote). Only the request id
+    # (checked as _PLAIN checks it) and the trailing values (their kinds' expressions and
+    # conversions) are decoded.
     name, convert, max_len = s.last[0]
+    names = s.names
+    one = len(names) == 1
     tail = s.tail
     skip = len(_RID_HEAD)
     rid_max = first.max_len
@@ -236,15 +298,22 @@ def decoder(struct: str) -> Callable[[bytes], Decoded | None] | None:
                 t = tail(raw, q + len(rest))
                 if t is not None and t.end() == len(raw):
                     rid = raw[skip:q]
-                    value = convert(t.group(1))
+                    if one:
+                        value = convert(t.group(1))
+                        if value is not None and max_len and len(value) > max_len:
+                            value = None
+                    else:
+                        value = s.tail_value(t)
                     if (
                         value is not None
-                        and not (max_len and len(value) > max_len)
                         and (not rid_max or len(rid) <= rid_max)
                         and _PLAIN_ALL(rid) is not None
                     ):
                         again: Decoded = {rid_name: rid.decode(), **last[1]}  # (in order)
-                        again[name] = value
+                        if one:
+                            again[name] = value
+                        else:
+                            again.update(zip(names, value, strict=True))
                         return again
         body, end, last_at = structure(raw, 0)
         if end != len(raw) or body is None:
@@ -253,7 +322,8 @@ def decoder(struct: str) -> Callable[[bytes], Decoded | None] | None:
             q = raw.find(b'"', skip)
             kept = body.copy()
             del kept[rid_name]
-            del kept[name]
+            for n in names:
+                del kept[n]
             last[0], last[1] = raw[q:last_at], kept
         return body
 
@@ -280,14 +350,15 @@ _BATCH_REQUEST: Final[dict[bytes, tuple[str, _Structure]]] = {
 
 # (op, token, decoded request) per item.
 BatchItems = list[tuple[str, str | None, Decoded]]
-# A run of items (op, token, request, name, values): the items of a batch mostly differ only in
-# their request's last value (the data to sign). A run is items whose bytes up to that value
-# are the first's (so the same op, token and other values, as JSON without escapes splits only
-# one way); request is the first's decoded request, name its last field, values that field's
-# value per item of the run (the first's included). name and values are None for an item that
-# repeats none (its last field is not its last value: an optional field follows). request is
-# shared by the run: whoever changes an item's request changes a copy.
-BatchRun = tuple[str, str | None, Decoded, str | None, list[Any] | None]
+# A run of items (op, token, request, names, values): the items of a batch mostly differ only in
+# their request's trailing values (_Structure.last: the data to sign; the data and MAC to
+# verify). A run is items whose bytes up to those values are the first's (so the same op,
+# token and other values, as JSON without escapes splits only one way); request is the first's
+# decoded request, names the trailing fields, values their values per item of the run (the
+# first's included): the value itself for one name, else a tuple (fastjson.put). names and
+# values are None for an item that repeats none (an optional field follows its trailing
+# values). request is shared by the run: whoever changes an item's request changes a copy.
+BatchRun = tuple[str, str | None, Decoded, tuple[str, ...] | None, list[Any] | None]
 
 
 def count(runs: list[BatchRun]) -> int:
@@ -301,13 +372,13 @@ def count(runs: list[BatchRun]) -> int:
 def items(runs: list[BatchRun]) -> BatchItems:
     """runs as one (op, token, request) per item, each with its own request dict."""
     out: BatchItems = []
-    for op, token, request, name, values in runs:
-        if values is None:
+    for op, token, request, names, values in runs:
+        if values is None or names is None:
             out.append((op, token, request.copy()))
         else:
             for value in values:
                 body = request.copy()
-                body[name] = value  # type: ignore[index]
+                put(body, names, value)
                 out.append((op, token, body))
     return out
 
@@ -348,21 +419,22 @@ def _runs(raw: bytes, pos: int) -> list[BatchRun] | None:
     item = _ITEM.match
     last_raw: bytes | None = None
     last_token: str | None = None
-    # An item whose bytes up to its last value are those of the run's first item (head) joins
-    # that run: only its tail (that value and the closing brace) is matched and decoded.
+    # An item whose bytes up to its trailing values are those of the run's first item (head)
+    # joins that run: only its tail (those values and the closing brace) is matched and
+    # decoded. s: the run's structure.
     head = b""
     tail: Callable[[bytes, int], re.Match[bytes] | None] | None = None
     scan = False
     values: list[Any] = []
+    s: Any = None
     convert: Callable[[bytes], Any] = bytes.decode
     max_len = 0
     first = _FIRST[0]
     if first is not None and raw.startswith(first[0], pos):
         head, op, token, s, request = first
-        name, convert, max_len = s.last[0]
-        at = scan_run(raw, pos, head, end, convert, max_len, values)
-        if values:  # (else its value did not end it: decoded in full below)
-            runs.append((op, token, request.copy(), name, values))
+        at = scan_run(raw, pos, head, end, s.last, s.mids, values)
+        if values:  # (else its values did not end it: decoded in full below)
+            runs.append((op, token, request.copy(), s.names, values))
             if at < 0:
                 return runs if at == -2 else None
             pos, tail, scan = at, s.tail, True
@@ -370,16 +442,21 @@ def _runs(raw: bytes, pos: int) -> list[BatchRun] | None:
             return None
     while True:
         if scan:
-            pos = scan_run(raw, pos, head, end, convert, max_len, values)
+            pos = scan_run(raw, pos, head, end, s.last, s.mids, values)
             if pos < 0:
                 return runs if pos == -2 else None
         elif tail is not None and raw.startswith(head, pos):
             t = tail(raw, pos + len(head))
             if t is not None:
-                # _values for the one field, inline: a call and a dict merge cost ~4.5k
-                # instructions an item
-                value = convert(t.group(1))
-                if value is None or (max_len and len(value) > max_len):
+                if len(s.last) == 1:
+                    # _values for the one field, inline: a call and a dict merge cost ~4.5k
+                    # instructions an item
+                    value = convert(t.group(1))
+                    if value is not None and max_len and len(value) > max_len:
+                        value = None
+                else:
+                    value = s.tail_value(t)
+                if value is None:
                     return None
                 values.append(value)
                 pos = t.end()
@@ -419,9 +496,9 @@ def _runs(raw: bytes, pos: int) -> list[BatchRun] | None:
             scan = s.scan
             if start == start_at and scan:
                 _FIRST[0] = (head, op, token, s, body.copy())
-            name, convert, max_len = s.last[0]
-            values = [body[name]]
-            runs.append((op, token, body, name, values))
+            _, convert, max_len = s.last[0]
+            values = [s.run_value(body)]
+            runs.append((op, token, body, s.names, values))
         else:
             tail = None
             scan = False

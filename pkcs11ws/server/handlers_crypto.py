@@ -29,6 +29,7 @@ _KEY_META_CACHE_MAX: Final = 20000
 _KEY_VALUE_CACHE_MAX: Final = 20000
 _VERDICT_CACHE_MAX: Final = 20000
 _VERIFIED: Final = Response(200, b'{"valid":true}')
+VERIFIED_BODY: Final = _VERIFIED.body  # a verify's answer (the batch path's verify runs)
 
 _T = TypeVar("_T")
 _VerdictKey = tuple[str, str, bytes, str, str, str]
@@ -47,8 +48,9 @@ class _Verdict:
     what needs no lookup then: the operation's function in the key's family module, its
     answer body, the offload decision (fixed per key), and direct: the operation as a
     function of the request's data alone, valid for a request with no optional field (the
-    family's direct(); None: the family has none for this op and mechanism). A batch's run of
-    items that differ only in their data uses it (server/batch_items.py)."""
+    family's direct(); None: the family has none for this op and mechanism; for an HMAC
+    verify, the MAC the signature must equal). A batch's run of items that differ only in
+    their data (and a verify's signature) uses it (server/batch_items.py)."""
 
     __slots__ = ("answer", "direct", "key", "mech", "offload", "until", "work")
 

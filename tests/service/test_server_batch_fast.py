@@ -104,11 +104,12 @@ def both_ways(svc: Service, api: Api, items: list[dict[str, Any]]) -> list[tuple
     assert len(lines) == sum(refused) and lines == audited(svc, slow_rid)
     codes = [json.loads(answer)["code"] for status, answer in fast if status >= 300]
     assert [x["code"] for x in lines] == codes
-    assert all(x["op"] == "sign" and x["outcome"] == "refused" for x in lines)
+    assert [x["op"] for x in lines] == [it["op"] for it, r in zip(items, refused, strict=True) if r]
+    assert all(x["outcome"] == "refused" for x in lines)
     for it, got in zip(items, fast, strict=True):
         if "token" not in it:
             raw = json.dumps(it["request"], separators=(",", ":")).encode()
-            one = api.post(SIGN, raw)
+            one = api.post(protocol.ENDPOINT_BY_OP[it["op"]].path, raw)
             assert (one.status, one.body) == got, it
     return fast
 
@@ -282,6 +283,95 @@ def test_a_verify_run_refuses_a_bad_mac_alone(service: Service, people: dict[str
     lines = audited(service, rid)
     assert [x["code"] for x in lines] == [c for c in codes_of(got) if c != 200]
     assert lines == audited(service, slow) and all(x["op"] == "verify" for x in lines)
+
+
+def verify(token: str, key: str, data: bytes, mac: bytes) -> dict[str, Any]:
+    """A verify item in the module's spelling (its token in its request)."""
+    req = {"token": token, "key": key, "mechanism": "CKM_SHA256_HMAC"}
+    return {"op": "verify", "request": {**req, "data": b64(data), "signature": b64(mac)}}
+
+
+VALID = (200, b'{"valid":true}')
+
+
+def test_a_verify_run_of_many_macs_refuses_each_wrong_one_alone(
+    service: Service, people: dict[str, Api]
+) -> None:
+    # Items that differ in data AND MAC (separate callers' C_Verify) form one run: its
+    # verdict is decided once, each MAC compared on its own; a wrong one is refused alone, with
+    # its audit line, exactly as its single request is (both_ways), and the run goes on.
+    alice = people["alice"]
+    card, other = Card(alice), Card(alice)
+    datas = [bytes([i]) * (i * 9) for i in range(9)]
+    macs = [hmac.digest(card.value, d, "sha256") for d in datas]
+    macs[2] = bytes([macs[2][0] ^ 1]) + macs[2][1:]  # one bit off
+    macs[4] = macs[4][:16]  # truncated
+    macs[5] = hmac.digest(other.value, datas[5], "sha256")  # another key's MAC
+    macs[6] = macs[7]  # another data's MAC
+    macs[8] = macs[8] + b"\x00"  # too long
+    items = [verify(card.token, card.mac, d, m) for d, m in zip(datas, macs, strict=True)]
+    assert run_lengths(items) == [len(items)]
+    got = both_ways(service, alice, items)
+    assert codes_of(got) == [
+        200,
+        200,
+        "SIGNATURE_INVALID",
+        200,
+        "SIGNATURE_LEN_RANGE",
+        "SIGNATURE_INVALID",
+        "SIGNATURE_INVALID",
+        200,
+        "SIGNATURE_LEN_RANGE",
+    ]
+    assert got[0] == VALID
+    # A run that starts with a wrong MAC, and the same items with an item token (no run in the
+    # module's spelling then, each item on its own): the same answers.
+    flipped = [items[2], *items[:2], items[5], items[3]]
+    want = ["SIGNATURE_INVALID", 200, 200, "SIGNATURE_INVALID", 200]
+    assert codes_of(both_ways(service, alice, flipped)) == want
+    tokened: list[dict[str, Any]] = []
+    for x in items:
+        request = {k: v for k, v in x["request"].items() if k != "token"}
+        tokened.append({"op": "verify", "token": card.token, "request": request})
+    assert both_ways(service, alice, tokened) == got
+
+
+def test_verify_runs_after_a_grant_revoked_a_key_destroyed_and_replaced(
+    service: Service, people: dict[str, Api], tmp_path: Any
+) -> None:
+    alice = people["alice"]
+    name = f"dave-{uuid.uuid4().hex[:8]}"
+    d = issue_client(service, name, tmp_path)
+    dave = Api(service, d / "client.pem", d / "client.key")
+    try:
+        assert dave.get(CARDS).status == 200
+        card = Card(alice)
+        grant = f"{CARDS}/{card.id}/grants/{name}"
+        assert alice.request("PUT", grant).status == 200
+        token = dave.activate(card.id, PASS)
+        datas = [bytes([i]) * 8 for i in range(5)]
+        macs = [hmac.digest(card.value, x, "sha256") for x in datas]
+        daves = [verify(token, card.mac, x, m) for x, m in zip(datas, macs, strict=True)]
+        assert both_ways(service, dave, daves) == [VALID] * 5
+        # Dave's token on alice's connection, alice's on dave's: refused item by item.
+        assert codes_of(both_ways(service, alice, daves)) == ["NOT_ACTIVATED"] * 5
+        alices = [verify(card.token, card.mac, x, m) for x, m in zip(datas, macs, strict=True)]
+        assert codes_of(both_ways(service, dave, alices)) == ["NOT_ACTIVATED"] * 5
+        assert alice.delete(grant).status == 200  # revoking the grant ends dave's login
+        assert codes_of(both_ways(service, dave, daves)) == ["NOT_ACTIVATED"] * 5
+        assert both_ways(service, alice, alices) == [VALID] * 5
+        path = f"{CARDS}/{card.id}/objects/{card.mac}"
+        assert alice.delete(path, token=card.token, idem=new_idem()).status == 200
+        assert codes_of(both_ways(service, alice, alices)) == ["KEY_NOT_FOUND"] * 5
+        # Another value in its place: the old MACs no longer verify, the new ones do.
+        value = bytes(reversed(card.value))
+        new = alice.import_key(card.id, card.token, HMAC_KEY, value)
+        old = [verify(card.token, new, x, m) for x, m in zip(datas, macs, strict=True)]
+        assert codes_of(both_ways(service, alice, old)) == ["SIGNATURE_INVALID"] * 5
+        renewed = [verify(card.token, new, x, hmac.digest(value, x, "sha256")) for x in datas]
+        assert both_ways(service, alice, renewed) == [VALID] * 5
+    finally:
+        dave.close()
 
 
 def test_runs_after_a_grant_revoked_a_key_destroyed_and_replaced(

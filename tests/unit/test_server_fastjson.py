@@ -312,3 +312,44 @@ def test_a_batchs_request_id_in_its_body_agrees_with_the_generic_path() -> None:
         b'{"request_id":1,"items":' + items,
     ):
         assert fastjson.batch(raw) is None, raw
+
+
+def test_verify_runs_of_data_and_mac_agree_with_the_generic_path() -> None:
+    """Verify items whose bytes repeat the run's first up to the data (each its own data and
+    MAC) form one run of (data, signature) values; every way the tail can differ (another
+    field between them, their order, bad base64 in either, an optional field after) is what
+    the generic path makes of it, or off the fast path."""
+    head = b'{"token":"' + TOKEN.encode() + b'","key":"' + KEY.encode()
+    head += b'","mechanism":"CKM_SHA256_HMAC","data":"'
+    tails = [b'QQ==","signature":"QUI="}', b'","signature":""}', b'QUJD","signature":"QQ=="}']
+    odd = [
+        b'QQ==","signature":"QUI=","mac_length":16}',
+        b'QQ==","signature":"QR=="}',
+        b'QR==","signature":"QUI="}',
+        b'QQ==","data":"QQ==","signature":"QUI="}',
+        b'QQ==","signature":"QUI=","signature":"QUI="}',
+        b'QQ==", "signature":"QUI="}',
+        b'QQ=="}',
+    ]
+    good: list[tuple[str, str | None, bytes]] = [("verify", None, head + t) for t in tails]
+    raw = _batch_body(good * 2)
+    found = fastjson.batch(raw)
+    assert found is not None and [len(r[4] or ()) for r in found[1]] == [6]
+    assert found[1][0][3] == ("data", "signature")
+    assert _fast_batch(raw) == _batch_generic(raw) is not None
+    for tail in odd:
+        raw = _batch_body([*good, ("verify", None, head + tail), *good])
+        fast = _fast_batch(raw)
+        assert fast is None or fast == _batch_generic(raw), tail
+    rng = random.Random(19)
+    for m in _mutations(raw, rng, 3000):
+        fast = _fast_batch(m)
+        assert fast is None or fast == _batch_generic(m), m
+    # A single verify in the module's spelling (request id first) repeats its head the same way.
+    single = fastjson.decoder("Verify")
+    assert single is not None
+    for tail in [*tails, *odd]:
+        body = b'{"request_id":"r-1",' + head[1:] + tail
+        got = single(body)
+        assert got is None or got == _generic("Verify", body), tail
+        assert single(body) == got  # (the second time through the kept rest)

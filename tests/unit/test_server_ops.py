@@ -15,8 +15,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
+from pkcs11ws.mechanisms import by_name
 from pkcs11ws.protocol import canonical_b64
-from pkcs11ws.server._hot import HmacState, b64_canonical, mac_run
+from pkcs11ws.server._hot import HmacState, b64_canonical, mac_run, scan_run, verify_run
 from pkcs11ws.server.ops import ec as ec_ops
 from pkcs11ws.server.ops import hmac as hmac_ops
 
@@ -97,3 +98,60 @@ def test_mac_run_answers_while_its_time_holds() -> None:
     assert mac_run(state, values, 0, time.time() - 1, b"<", b">", parts) == 0  # time is up
     assert len(parts) == 4
     assert state(b"x") == state.mac(b"x") == hmac.digest(key, b"x", "sha256")
+
+
+def test_verify_run_answers_only_full_matching_macs() -> None:
+    key = os.urandom(32)
+    state = HmacState("sha256", key)
+    good = [(d, hmac.digest(key, d, "sha256")) for d in (b"", b"a", os.urandom(100))]
+    wrong = (b"a", bytes([good[1][1][0] ^ 1]) + good[1][1][1:])  # one bit off
+    short = (b"a", good[1][1][:16])  # a truncated MAC: its length is the full path's to refuse
+    far = time.time() + 3600
+    for odd in (wrong, short, (b"a", "not bytes"), (b"a",), [b"a", good[1][1]], b"a"):
+        values: list[object] = [*good, odd, good[0]]
+        parts: list[bytes] = []
+        assert verify_run(state, values, 0, far, b"ok", parts) == 3, odd
+        assert parts == [b"ok"] * 3
+        assert verify_run(state, values, 4, far, b"ok", parts) == 5
+        assert len(parts) == 4
+    parts = []
+    assert verify_run(state, list(good), 0, time.time() - 1, b"ok", parts) == 0  # time is up
+    assert parts == []
+    # Another key's MAC never passes.
+    other = HmacState("sha256", os.urandom(32))
+    assert verify_run(other, list(good), 0, far, b"ok", parts) == 0
+
+
+def test_hmac_direct_is_the_full_mac_for_verify_too() -> None:
+    key = hmac_ops.load(os.urandom(32))
+    for name, op in (("CKM_SHA256_HMAC", "sign"), ("CKM_SHA384_HMAC", "verify")):
+        mech = by_name(name)
+        assert mech is not None
+        state = hmac_ops.direct(mech, key, op)
+        assert isinstance(state, HmacState) and state.size == mech.out_len
+        assert state(b"x") == hmac.digest(key, b"x", mech.digest)
+    general = by_name("CKM_SHA256_HMAC_GENERAL")
+    assert general is not None and hmac_ops.direct(general, key, "verify") is None
+
+
+def test_scan_run_takes_two_trailing_values() -> None:
+    last = (("data", b64_canonical, 0), ("signature", b64_canonical, 4))
+    mids = (b'","signature":"',)
+    head = b'{"op":"verify","request":{"key":"k","data":"'
+    item = head + b'QQ==","signature":"QUI="}}'
+    raw = b"[" + item + b"," + item.replace(b"QQ==", b"QUJD") + b"]"
+    values: list[object] = []
+    assert scan_run(raw, 1, head, len(raw) - 1, last, mids, values) == -2
+    assert values == [(b"A", b"AB"), (b"ABC", b"AB")]
+    for odd, want in (
+        (b'QQ==","signature":"QR=="}}', -1),  # non-canonical base64: the generic path
+        (b'QQ==","signature":"QUJDREU="}}', -1),  # over max_len
+        (b'QQ==","signatur":"QUI="}}', 1),  # another field: decoded in full
+        (b'QQ==","signature":"QUI=","mac_length":16}}', 1),
+        (b'QQ==","signature":"QUI="}', -1),  # no item brace
+        (b'QQ=="}}', 1),
+    ):
+        values = []
+        raw = b"[" + head + odd + b"]"
+        assert scan_run(raw, 1, head, len(raw) - 1, last, mids, values) == want, odd
+        assert values == [] or want == -1

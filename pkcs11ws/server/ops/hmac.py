@@ -73,13 +73,15 @@ def sign(mech: Mechanism, key: HmacKey, body: dict[str, Any]) -> bytes:
 def direct(mech: Mechanism, key: HmacKey, op: str) -> Callable[[bytes], bytes] | None:
     """op as a function of the request's data alone, for a request without optional fields
     (no mac_length): a sign with a full-length mechanism is its state's MAC (the state is
-    callable; the batch path gives its runs to _hot.mac_run)."""
-    if op != "sign" or mech.general:
+    callable; the batch path gives its runs to _hot.mac_run). A verify with such a mechanism
+    gets the same state: the MAC its signature must equal in full (verify() below without
+    mac_length; the batch path gives its runs to _hot.verify_run)."""
+    if op not in ("sign", "verify") or mech.general:
         return None
     state = key.pads.get(mech.digest)
     if state is None:
         state = key.pads[mech.digest] = HmacState(mech.digest, key)
-    return state
+    return state if state.size == mech.out_len else None
 
 
 def verify(mech: Mechanism, key: HmacKey, body: dict[str, Any]) -> None:
