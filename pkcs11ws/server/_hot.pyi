@@ -38,3 +38,14 @@ def scan_run(
     mids: tuple[bytes, ...],
     values: list[Any],
 ) -> int: ...
+def scan_single(
+    raw: bytes,
+    head: bytes,
+    rest: bytes,
+    last: tuple[tuple[str, Callable[[bytes], Any], int], ...],
+    mids: tuple[bytes, ...],
+    allowed: bytes,
+    rid_max: int,
+) -> tuple[str, Any] | None: ...
+def mac_answer(state: HmacState, data: bytes, prefix: bytes, suffix: bytes) -> bytes: ...
+def mac_equals(state: HmacState, data: bytes, mac: bytes) -> bool: ...

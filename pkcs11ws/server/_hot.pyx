@@ -14,11 +14,15 @@ Round 7): an HMAC key's prepared state and the canonical base64 of the request d
   first item up to its trailing values, strings): each value found and converted, in C.
 - mac_run: a run's HMAC items answered from its verdict (server/batch_items.py), while the
   verdict's time holds: MAC, base64 and the item's answer bytes, in C.
+- scan_single: fastjson.RidFirst's check of a single request that repeats the last one up to
+  its trailing values: its request id and those values, in C.
+- mac_answer, mac_equals: a single request's HMAC sign answer bytes, its verify's compare.
 - verify_run: the same for a run's HMAC verify items: MAC and a constant-time compare; a
   mismatch is left to the full path (its refusal and audit line).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.string cimport memchr, memcmp, memcpy, memset
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
@@ -323,48 +327,15 @@ def scan_run(
     cdef Py_ssize_t n = PyBytes_GET_SIZE(raw)
     cdef const char* h = PyBytes_AS_STRING(head)
     cdef Py_ssize_t hn = PyBytes_GET_SIZE(head)
-    cdef Py_ssize_t k = len(last)
-    cdef Py_ssize_t at[8]  # each value's start, and its closing quote's offset
-    cdef Py_ssize_t to[8]
-    cdef const char* q
-    cdef Py_ssize_t v, j, mn
-    cdef bytes mid
-    if k < 1 or k > 8 or len(mids) != k - 1:
-        raise ValueError("1 to 8 trailing values, and a mid between each two")
+    cdef Py_ssize_t stop
     while True:
         if pos + hn > n or memcmp(s + pos, h, hn) != 0:
             return pos
-        v = pos + hn
-        for j in range(k):
-            q = <const char*>memchr(s + v, 34, n - v)  # the closing quote
-            if q == NULL:
-                return pos
-            at[j] = v
-            to[j] = q - s
-            if j + 1 < k:
-                mid = <bytes>mids[j]
-                mn = PyBytes_GET_SIZE(mid)
-                if to[j] + mn > n or memcmp(q, PyBytes_AS_STRING(mid), mn) != 0:
-                    return pos  # not this spelling
-                v = to[j] + mn
-            elif to[j] + 1 >= n or q[1] != 125:  # then "}": else not this spelling
-                return pos
-        if k == 1:
-            _, convert, max_len = <tuple>last[0]
-            value = convert(PyBytes_FromStringAndSize(s + at[0], to[0] - at[0]))
-            if value is None or (max_len and len(value) > max_len):
-                return -1
-        else:
-            got = []
-            for j in range(k):
-                _, convert, max_len = <tuple>last[j]
-                one = convert(PyBytes_FromStringAndSize(s + at[j], to[j] - at[j]))
-                if one is None or (max_len and len(one) > max_len):
-                    return -1
-                got.append(one)
-            value = tuple(got)
+        value = _trailing(s, n, pos + hn, last, mids, &stop)
+        if value is None:
+            return pos if stop == -1 else -1
         values.append(value)
-        pos = to[k - 1] + 2
+        pos = stop + 1
         if pos >= n or s[pos] != 125:  # the item's "}"
             return -1
         pos += 1
@@ -418,3 +389,122 @@ def verify_run(
         i += 1
     OPENSSL_cleanse(md, sizeof(md))
     return n
+
+
+cdef object _trailing(
+    const char* s, Py_ssize_t n, Py_ssize_t v, tuple last, tuple mids, Py_ssize_t* end
+):
+    """The trailing values from s + v (each up to its closing quote, then the next mid; the
+    last one's quote followed by a closing brace, whose offset goes to end), converted: one
+    value, or a tuple of several; None when not this spelling (end -1) or a value is refused
+    (a convert's None, over its max_len: end -2)."""
+    cdef Py_ssize_t k = len(last)
+    cdef Py_ssize_t at[8]
+    cdef Py_ssize_t to[8]
+    cdef const char* q
+    cdef Py_ssize_t j, mn
+    cdef bytes mid
+    end[0] = -1
+    if k < 1 or k > 8 or len(mids) != k - 1:
+        raise ValueError("1 to 8 trailing values, and a mid between each two")
+    for j in range(k):
+        q = <const char*>memchr(s + v, 34, n - v)  # the closing quote
+        if q == NULL:
+            return None
+        at[j] = v
+        to[j] = q - s
+        if j + 1 < k:
+            mid = <bytes>mids[j]
+            mn = PyBytes_GET_SIZE(mid)
+            if to[j] + mn > n or memcmp(q, PyBytes_AS_STRING(mid), mn) != 0:
+                return None
+            v = to[j] + mn
+        elif to[j] + 1 >= n or q[1] != 125:  # then "}"
+            return None
+    end[0] = -2
+    if k == 1:
+        _, convert, max_len = <tuple>last[0]
+        value = convert(PyBytes_FromStringAndSize(s + at[0], to[0] - at[0]))
+        if value is None or (max_len and len(value) > max_len):
+            return None
+    else:
+        got = []
+        for j in range(k):
+            _, convert, max_len = <tuple>last[j]
+            one = convert(PyBytes_FromStringAndSize(s + at[j], to[j] - at[j]))
+            if one is None or (max_len and len(one) > max_len):
+                return None
+            got.append(one)
+        value = tuple(got)
+    end[0] = to[k - 1] + 1
+    return value
+
+
+def scan_single(
+    bytes raw not None,
+    bytes head not None,
+    bytes rest not None,
+    tuple last not None,
+    tuple mids not None,
+    bytes allowed not None,
+    Py_ssize_t rid_max,
+):
+    """A body that is head, a request id (1 to rid_max bytes, each one allowed[byte] is
+    non-zero for), then rest (from the id's closing quote), then its trailing values (last,
+    mids: as scan_run) and the closing brace, at its very end: (request id as a str, the
+    values: one, or a tuple of several); else None."""
+    cdef const char* s = PyBytes_AS_STRING(raw)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw)
+    cdef Py_ssize_t hn = PyBytes_GET_SIZE(head)
+    cdef Py_ssize_t rn = PyBytes_GET_SIZE(rest)
+    cdef const unsigned char* ok = <const unsigned char*>PyBytes_AS_STRING(allowed)
+    cdef const char* q
+    cdef Py_ssize_t i, idn, end
+    if PyBytes_GET_SIZE(allowed) != 256:
+        raise ValueError("allowed: one byte per byte value")
+    if n < hn or memcmp(s, PyBytes_AS_STRING(head), hn) != 0:
+        return None
+    q = <const char*>memchr(s + hn, 34, n - hn)
+    if q == NULL:
+        return None
+    idn = q - s - hn
+    if idn < 1 or idn > rid_max:
+        return None
+    for i in range(hn, hn + idn):
+        if not ok[<unsigned char>s[i]]:
+            return None
+    if q - s + rn > n or memcmp(q, PyBytes_AS_STRING(rest), rn) != 0:
+        return None
+    value = _trailing(s, n, q - s + rn, last, mids, &end)
+    if value is None or end != n - 1:
+        return None
+    return PyUnicode_DecodeASCII(s + hn, idn, NULL), value
+
+
+def mac_answer(HmacState state not None, bytes data not None, bytes prefix not None,
+               bytes suffix not None):
+    """prefix, the base64 of data's full MAC, suffix: a sign's answer bytes."""
+    cdef unsigned char md[64]
+    cdef Py_ssize_t pn = PyBytes_GET_SIZE(prefix)
+    cdef Py_ssize_t sn = PyBytes_GET_SIZE(suffix)
+    cdef char* w
+    state._mac(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), md)
+    out = PyBytes_FromStringAndSize(NULL, pn + (state.size + 2) // 3 * 4 + sn)
+    w = PyBytes_AS_STRING(out)
+    memcpy(w, PyBytes_AS_STRING(prefix), pn)
+    w = _b64_put(md, state.size, w + pn)
+    memcpy(w, PyBytes_AS_STRING(suffix), sn)
+    OPENSSL_cleanse(md, sizeof(md))
+    return out
+
+
+def mac_equals(HmacState state not None, bytes data not None, bytes mac not None):
+    """mac is data's full MAC (its length, then a constant-time compare)."""
+    cdef unsigned char md[64]
+    cdef bint same
+    if PyBytes_GET_SIZE(mac) != state.size:
+        return False
+    state._mac(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), md)
+    same = CRYPTO_memcmp(md, PyBytes_AS_STRING(mac), state.size) == 0
+    OPENSSL_cleanse(md, sizeof(md))
+    return same

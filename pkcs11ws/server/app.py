@@ -36,6 +36,7 @@ from pkcs11ws.server.peer import PEER_KEY
 from pkcs11ws.server.pipeline import Idem, Request, Response, dumps
 from pkcs11ws.server.sealing import MasterKeys, TokenClaims
 from pkcs11ws.server.settings import Settings
+from pkcs11ws.server.single import SinglePath
 from pkcs11ws.server.store import Store, StoreUnavailable
 from pkcs11ws.server.store import open_store as _open_store
 
@@ -149,6 +150,8 @@ class App(BatchPath):
                 )
             route.methods[ep.method] = (ep, handler)
         self._opened: dict[str, TokenClaims] = {}  # _keyed: claims by a body's token
+        # A single keyed request's direct path (server/single.py; None: the full path's).
+        self._single = SinglePath(self.service, self._token_claims, _KEYED_OPS).answer
         # The keyed endpoints by path, for the single request's direct path (_dispatch).
         self._keyed_paths = {
             ep.path: ep for ep in protocol.ENDPOINTS if ep.op in _KEYED_OPS and ep.method == "POST"
@@ -296,6 +299,8 @@ class App(BatchPath):
                         resp = await self._keyed(
                             keyed, raw, _UNPARSED, authorization, ident, seen, False
                         )
+                    elif (answer := self._single(ident, keyed, None, raw)) is not None:
+                        resp = Response(200, answer)
                     else:
                         claims, body = self._body_claims(keyed, raw, _UNPARSED, False, ident, seen)
                         try:

@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from pkcs11ws import protocol
 from pkcs11ws.protocol import STRUCTS, Field, Struct
-from pkcs11ws.server._hot import b64_canonical, scan_run
+from pkcs11ws.server._hot import b64_canonical, scan_run, scan_single
 
 _MAX_ULONG: Final = 0xFFFFFFFFFFFFFFFF
 # Printable ASCII but the quote and the backslash: a JSON string made of these is its value.
@@ -252,20 +252,96 @@ _STRUCTURES: Final = _structures()
 
 
 # A single crypto request in the module's spelling starts with its request id, which changes
-# with every request; the rest up to its last value (token, key, mechanism) is mostly the
-# previous request's.
+# with every request; the rest up to its trailing values (token, key, mechanism) is mostly
+# the previous request's.
 _RID_HEAD: Final = b'{"' + protocol.REQUEST_ID_FIELD.encode("ascii") + b'":"'
-_PLAIN_ALL: Final = re.compile(rb"[ !#-\[\]-~]*").fullmatch
+
+
+def _rid_bytes() -> bytes:
+    """The bytes protocol.REQUEST_ID_RE allows in a request id (a 256-entry table for
+    _hot.scan_single), checked to be all it asks: 1 to the field's max_len of them."""
+    rid = protocol.REQUEST_ID_RE.fullmatch
+    table = bytes(rid(chr(c)) is not None for c in range(256))
+    most = STRUCTS["Sign"].by_name[protocol.REQUEST_ID_FIELD].max_len
+    ok = bytes(c for c in range(256) if table[c]).decode("ascii")
+    if rid(ok[:most]) is None or rid(ok[0] * (most + 1)) or rid(""):
+        raise RuntimeError("REQUEST_ID_RE is more than a class of bytes and a length")
+    return table
+
+
+_RID_BYTES: Final = _rid_bytes()
+
+
+class RidFirst:
+    """The fast decoder of a structure whose first field is the request id, and whose trailing
+    values (_Structure.last) are strings matched up to their quotes (crypto requests).
+
+    A body that starts with the request id and whose bytes from the end of that value up to
+    its trailing values are those of the last body decoded in full (rest) has that body's
+    other fields (kept: without the request id and the trailing values): JSON without escapes
+    splits only one way, and rest was matched in the same place (after a string's closing
+    quote). Only the request id (one of protocol.REQUEST_ID_RE's) and the trailing values
+    (their kinds' conversions) are decoded, in C (scan). The single request's direct path
+    (server/single.py) uses rest and kept as they are, without a dict per request."""
+
+    __slots__ = ("kept", "last", "mids", "names", "rest", "rid_max", "rid_name", "structure")
+
+    def __init__(self, s: _Structure, first: Field) -> None:
+        self.structure = s.decode
+        self.last = s.last
+        self.mids = s.mids
+        self.names = s.names
+        self.rid_max = first.max_len
+        self.rid_name = first.name
+        self.rest = b"\x00"  # (a rest starts with a quote: matches nothing until a body has)
+        self.kept: Decoded = {}
+
+    def scan(self, raw: bytes) -> tuple[str, Any] | None:
+        """The request id and the trailing values (one value, or a tuple of several) of a body
+        that repeats rest; else None."""
+        return scan_single(
+            raw, _RID_HEAD, self.rest, self.last, self.mids, _RID_BYTES, self.rid_max
+        )
+
+    def __call__(self, raw: bytes) -> Decoded | None:
+        found = scan_single(
+            raw, _RID_HEAD, self.rest, self.last, self.mids, _RID_BYTES, self.rid_max
+        )
+        if found is not None:
+            again: Decoded = {self.rid_name: found[0], **self.kept}  # (in order)
+            put(again, self.names, found[1])
+            return again
+        body, end, last_at = self.structure(raw, 0)
+        if end != len(raw) or body is None:
+            return None
+        if last_at >= 0 and self.rid_name in body:
+            q = raw.find(b'"', len(_RID_HEAD))
+            kept = body.copy()
+            del kept[self.rid_name]
+            for n in self.names:
+                del kept[n]
+            self.rest, self.kept = raw[q:last_at], kept
+        return body
+
+
+_DECODERS: dict[str, Callable[[bytes], Decoded | None]] = {}
 
 
 def decoder(struct: str) -> Callable[[bytes], Decoded | None] | None:
-    """The fast decoder of a structure (None: it has fields this path does not take)."""
+    """The fast decoder of a structure (None: it has fields this path does not take); the
+    same one for every caller (a RidFirst's rest is shared by the app's decoding and the
+    single request's direct path)."""
+    made = _DECODERS.get(struct)
+    if made is not None:
+        return made
     s = _STRUCTURES.get(struct)
     if s is None:
         return None
     structure = s.decode
     first = STRUCTS[struct].fields[0]
-    if first.name != protocol.REQUEST_ID_FIELD or first.kind != "str" or first.max_len > _LONG:
+    if first.name == protocol.REQUEST_ID_FIELD and first.kind == "str" and s.scan:
+        made = RidFirst(s, first)
+    else:
 
         def decode(raw: bytes) -> Decoded | None:
             body, end, _ = structure(raw, 0)
@@ -273,61 +349,9 @@ def decoder(struct: str) -> Callable[[bytes], Decoded | None] | None:
                 return None
             return body
 
-        return decode
-
-    # A body that starts with the request id and whose bytes from the end of that value up
-    # to its trailing values (_Structure.last) are those of the last body decoded in full
-    # (rest) has that body's other fields: JSON without escapes splits only one way, and rest
-    # was matched in the same place (after a string's closing quote). Only the request id
-    # (checked as _PLAIN checks it) and the trailing values (their kinds' expressions and
-    # conversions) are decoded.
-    name, convert, max_len = s.last[0]
-    names = s.names
-    one = len(names) == 1
-    tail = s.tail
-    skip = len(_RID_HEAD)
-    rid_max = first.max_len
-    rid_name = first.name
-    last: list[Any] = [b"\x00", None]  # rest, and the body it came with (without its ends)
-
-    def decode_rid(raw: bytes) -> Decoded | None:
-        if raw.startswith(_RID_HEAD):
-            q = raw.find(b'"', skip)
-            rest = last[0]
-            if q > 0 and raw.startswith(rest, q):
-                t = tail(raw, q + len(rest))
-                if t is not None and t.end() == len(raw):
-                    rid = raw[skip:q]
-                    if one:
-                        value = convert(t.group(1))
-                        if value is not None and max_len and len(value) > max_len:
-                            value = None
-                    else:
-                        value = s.tail_value(t)
-                    if (
-                        value is not None
-                        and (not rid_max or len(rid) <= rid_max)
-                        and _PLAIN_ALL(rid) is not None
-                    ):
-                        again: Decoded = {rid_name: rid.decode(), **last[1]}  # (in order)
-                        if one:
-                            again[name] = value
-                        else:
-                            again.update(zip(names, value, strict=True))
-                        return again
-        body, end, last_at = structure(raw, 0)
-        if end != len(raw) or body is None:
-            return None
-        if last_at >= 0 and rid_name in body:
-            q = raw.find(b'"', skip)
-            kept = body.copy()
-            del kept[rid_name]
-            for n in names:
-                del kept[n]
-            last[0], last[1] = raw[q:last_at], kept
-        return body
-
-    return decode_rid
+        made = decode
+    _DECODERS[struct] = made
+    return made
 
 
 # One batch item up to its request: {"op":"...","token":"...","request":

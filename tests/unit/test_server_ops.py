@@ -17,7 +17,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from pkcs11ws.mechanisms import by_name
 from pkcs11ws.protocol import canonical_b64
-from pkcs11ws.server._hot import HmacState, b64_canonical, mac_run, scan_run, verify_run
+from pkcs11ws.server._hot import (
+    HmacState,
+    b64_canonical,
+    mac_answer,
+    mac_equals,
+    mac_run,
+    scan_run,
+    scan_single,
+    verify_run,
+)
 from pkcs11ws.server.ops import ec as ec_ops
 from pkcs11ws.server.ops import hmac as hmac_ops
 
@@ -155,3 +164,44 @@ def test_scan_run_takes_two_trailing_values() -> None:
         raw = b"[" + head + odd + b"]"
         assert scan_run(raw, 1, head, len(raw) - 1, last, mids, values) == want, odd
         assert values == [] or want == -1
+
+
+def test_scan_single_reads_only_a_repeated_body() -> None:
+    allowed = bytes(c in b"abc-" for c in range(256))
+    last = (("data", b64_canonical, 0), ("signature", b64_canonical, 3))
+    mids = (b'","signature":"',)
+    head, rest = b'{"id":"', b'","key":"k","data":"'
+    good = head + b"ab-c" + rest + b'QQ==","signature":"QUI="}'
+    assert scan_single(good, head, rest, last, mids, allowed, 4) == ("ab-c", (b"A", b"AB"))
+    one = head + b"a" + rest + b'QQ=="}'
+    assert scan_single(one, head, rest, last[:1], (), allowed, 4) == ("a", b"A")
+    for odd in (
+        good.replace(b"ab-c", b"ab-cc"),  # an id over rid_max
+        good.replace(b"ab-c", b""),  # an empty id
+        good.replace(b"ab-c", b"ab d"),  # a byte the table refuses
+        good.replace(b'"key":"k"', b'"key":"j"'),  # not rest
+        good.replace(b"QQ==", b"QR=="),  # non-canonical base64
+        good.replace(b"QUI=", b"QUJDRA=="),  # over max_len
+        good + b" ",  # anything after the closing brace
+        good[:-1],
+        good.replace(b'","signature', b'", "signature'),
+        good.replace(b'QUI="}', b'QUI=","mac_length":16}'),
+        head + b"ab",
+        b"",
+    ):
+        assert scan_single(odd, head, rest, last, mids, allowed, 4) is None, odd
+    with pytest.raises(ValueError, match="one byte per byte value"):
+        scan_single(good, head, rest, last, mids, b"", 4)
+
+
+def test_mac_answer_and_mac_equals_are_hmac() -> None:
+    key = os.urandom(32)
+    state = HmacState("sha256", key)
+    for data in (b"", b"x", os.urandom(1000)):
+        mac = hmac.digest(key, data, "sha256")
+        assert mac_answer(state, data, b"<", b">") == b"<" + base64.b64encode(mac) + b">"
+        assert mac_equals(state, data, mac) is True
+        assert mac_equals(state, data, bytes([mac[0] ^ 1]) + mac[1:]) is False
+        assert mac_equals(state, data, mac[:16]) is False
+        assert mac_equals(state, data, mac + b"\x00") is False
+        assert mac_equals(state, data + b"!", mac) is False
