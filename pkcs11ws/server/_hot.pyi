@@ -49,3 +49,15 @@ def scan_single(
 ) -> tuple[str, Any] | None: ...
 def mac_answer(state: HmacState, data: bytes, prefix: bytes, suffix: bytes) -> bytes: ...
 def mac_equals(state: HmacState, data: bytes, mac: bytes) -> bool: ...
+def scan_batch(
+    raw: bytes,
+    bare: bytes,
+    rid_head: bytes,
+    rid_tail: bytes,
+    allowed: bytes,
+    rid_max: int,
+    head: bytes,
+    last: tuple[tuple[str, Callable[[bytes], Any], int], ...],
+    mids: tuple[bytes, ...],
+    values: list[Any],
+) -> tuple[str | None] | None: ...

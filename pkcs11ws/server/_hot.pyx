@@ -16,6 +16,8 @@ Round 7): an HMAC key's prepared state and the canonical base64 of the request d
   verdict's time holds: MAC, base64 and the item's answer bytes, in C.
 - scan_single: fastjson.RidFirst's check of a single request that repeats the last one up to
   its trailing values: its request id and those values, in C.
+- scan_batch: a batch body that is one run of the previous batch's first head, read in C (the
+  batch's direct path, server/single.py).
 - mac_answer, mac_equals: a single request's HMAC sign answer bytes, its verify's compare.
 - verify_run: the same for a run's HMAC verify items: MAC and a constant-time compare; a
   mismatch is left to the full path (its refusal and audit line).
@@ -508,3 +510,73 @@ def mac_equals(HmacState state not None, bytes data not None, bytes mac not None
     same = CRYPTO_memcmp(md, PyBytes_AS_STRING(mac), state.size) == 0
     OPENSSL_cleanse(md, sizeof(md))
     return same
+
+
+def scan_batch(
+    bytes raw not None,
+    bytes bare not None,
+    bytes rid_head not None,
+    bytes rid_tail not None,
+    bytes allowed not None,
+    Py_ssize_t rid_max,
+    bytes head not None,
+    tuple last not None,
+    tuple mids not None,
+    list values not None,
+):
+    """A batch body that is bare, or rid_head, a request id (as scan_single) and rid_tail
+    (from the id's closing quote to the items' opening bracket); then one or more items that
+    each start with head and end with their trailing values (as scan_run), the request's and
+    the item's closing braces, separated by commas; then "]}" at its very end. Their values go
+    to values; returns (the request id or None,); None for any other body (values may then
+    hold some: the caller drops them)."""
+    cdef const char* s = PyBytes_AS_STRING(raw)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(raw)
+    cdef const char* h = PyBytes_AS_STRING(head)
+    cdef Py_ssize_t hn = PyBytes_GET_SIZE(head)
+    cdef Py_ssize_t bn = PyBytes_GET_SIZE(bare)
+    cdef Py_ssize_t rn = PyBytes_GET_SIZE(rid_head)
+    cdef Py_ssize_t tn = PyBytes_GET_SIZE(rid_tail)
+    cdef const unsigned char* ok = <const unsigned char*>PyBytes_AS_STRING(allowed)
+    cdef Py_ssize_t pos, end, stop, i, idn
+    cdef const char* q
+    if PyBytes_GET_SIZE(allowed) != 256:
+        raise ValueError("allowed: one byte per byte value")
+    if n < 2 or s[n - 2] != 93 or s[n - 1] != 125:  # "]}"
+        return None
+    end = n - 2
+    rid = None
+    if n >= bn and memcmp(s, PyBytes_AS_STRING(bare), bn) == 0:
+        pos = bn
+    elif n >= rn and memcmp(s, PyBytes_AS_STRING(rid_head), rn) == 0:
+        q = <const char*>memchr(s + rn, 34, n - rn)
+        if q == NULL:
+            return None
+        idn = q - s - rn
+        if idn < 1 or idn > rid_max:
+            return None
+        for i in range(rn, rn + idn):
+            if not ok[<unsigned char>s[i]]:
+                return None
+        if q - s + tn > n or memcmp(q, PyBytes_AS_STRING(rid_tail), tn) != 0:
+            return None
+        rid = PyUnicode_DecodeASCII(s + rn, idn, NULL)
+        pos = q - s + tn
+    else:
+        return None
+    while True:
+        if pos + hn > end or memcmp(s + pos, h, hn) != 0:
+            return None
+        value = _trailing(s, n, pos + hn, last, mids, &stop)
+        if value is None:
+            return None
+        values.append(value)
+        pos = stop + 1
+        if pos >= end or s[pos] != 125:  # the item's "}"
+            return None
+        pos += 1
+        if pos == end:
+            return (rid,)
+        if s[pos] != 44:  # ","
+            return None
+        pos += 1

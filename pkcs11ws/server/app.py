@@ -28,6 +28,7 @@ from pkcs11ws.protocol import ProtocolError as ApiError
 from pkcs11ws.server import audit, fastjson, pipeline, reload
 from pkcs11ws.server.accesslog import AccessLog
 from pkcs11ws.server.batch_items import BatchPath
+from pkcs11ws.server.direct import Direct
 from pkcs11ws.server.handlers import Service, expired
 from pkcs11ws.server.handlers_crypto import IN_BATCH, Offloaded
 from pkcs11ws.server.identity import Clients, Identity
@@ -36,7 +37,6 @@ from pkcs11ws.server.peer import PEER_KEY
 from pkcs11ws.server.pipeline import Idem, Request, Response, dumps
 from pkcs11ws.server.sealing import MasterKeys, TokenClaims
 from pkcs11ws.server.settings import Settings
-from pkcs11ws.server.single import SinglePath
 from pkcs11ws.server.store import Store, StoreUnavailable
 from pkcs11ws.server.store import open_store as _open_store
 
@@ -150,8 +150,9 @@ class App(BatchPath):
                 )
             route.methods[ep.method] = (ep, handler)
         self._opened: dict[str, TokenClaims] = {}  # _keyed: claims by a body's token
-        # A single keyed request's direct path (server/single.py; None: the full path's).
-        self._single = SinglePath(self.service, self._token_claims, _KEYED_OPS).answer
+        # The keyed requests' direct paths (server/direct.py; None: the full path's).
+        direct = Direct(self.service, self._token_claims, _KEYED_OPS, self.batch_max_items)
+        self._single, self._direct_batch = direct.single, direct.batch
         # The keyed endpoints by path, for the single request's direct path (_dispatch).
         self._keyed_paths = {
             ep.path: ep for ep in protocol.ENDPOINTS if ep.op in _KEYED_OPS and ep.method == "POST"
@@ -287,11 +288,14 @@ class App(BatchPath):
                     # _operation's steps for the batch endpoint (no token, no Idempotency-Key,
                     # any identity: checked in __init__), then its handler.
                     query = _query(ep, qs)
-                    body = _decode(ep.request, raw)
-                    seen[3] = body
-                    resp = await self._batch_handler(
-                        Request(ep, _NO_PARAMS, query, body, None, None, ident, None)
-                    )
+                    if (answer := self._direct_batch(ident, raw)) is not None:
+                        resp = Response(200, answer)
+                    else:
+                        body = _decode(ep.request, raw)
+                        seen[3] = body
+                        resp = await self._batch_handler(
+                            Request(ep, _NO_PARAMS, query, body, None, None, ident, None)
+                        )
                 else:
                     if qs:
                         _query(keyed, qs)  # a keyed endpoint takes no query: refused as there

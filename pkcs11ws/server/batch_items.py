@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from pkcs11ws import protocol
 from pkcs11ws.protocol import ProtocolError as ApiError
 from pkcs11ws.server import audit, fastjson
 from pkcs11ws.server._hot import HmacState, mac_run, verify_run
+from pkcs11ws.server.direct import ITEM_B64_END as _B64_END
+from pkcs11ws.server.direct import ITEM_OK as _OK
+from pkcs11ws.server.direct import ITEM_VERIFIED as _VERIFIED_PART
+from pkcs11ws.server.direct import RUN_DATA as _DATA
+from pkcs11ws.server.direct import RUN_DATA_AND_MAC as _DATA_AND_MAC
 from pkcs11ws.server.handlers import expired
-from pkcs11ws.server.handlers_crypto import B64_ANSWERS, IN_BATCH, VERIFIED_BODY, Offloaded
+from pkcs11ws.server.handlers_crypto import B64_ANSWERS, IN_BATCH, Offloaded
 from pkcs11ws.server.identity import Identity
 from pkcs11ws.server.pipeline import Request, Response
 
@@ -38,13 +43,6 @@ if TYPE_CHECKING:
 
 # (place in the answer's parts, the work, the audit's seen, the item's request id)
 _Offloads = list[tuple[int, Offloaded, list[Any], str | None]]
-_OK: Final = b'{"status":200,"answer":'
-_B64_END: Final = b'"}}'  # a B64_ANSWERS answer's end, and its item's
-_VERIFIED_PART: Final = _OK + VERIFIED_BODY + b"}"  # a verify item's answer
-# A run's trailing values (fastjson.BatchRun's names): a sign's data alone; a verify's data
-# and signature.
-_DATA: Final = ("data",)
-_DATA_AND_MAC: Final = ("data", "signature")
 
 
 class BatchPath:

@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from pkcs11ws import protocol
 from pkcs11ws.protocol import STRUCTS, Field, Struct
-from pkcs11ws.server._hot import b64_canonical, scan_run, scan_single
+from pkcs11ws.server._hot import b64_canonical, scan_batch, scan_run, scan_single
 
 _MAX_ULONG: Final = 0xFFFFFFFFFFFFFFFF
 # Printable ASCII but the quote and the backslash: a JSON string made of these is its value.
@@ -365,6 +365,10 @@ _BATCH_HEAD: Final = b'{"items":['
 _BATCH_RID: Final = re.compile(
     rb'\{"' + protocol.REQUEST_ID_FIELD.encode("ascii") + rb'":"([A-Za-z0-9_.:-]{1,64})","items":\['
 ).match
+# A batch's request id, when it is the body's first field, up to the items' opening bracket
+# (from the id's closing quote): one_run's spelling of what _BATCH_RID matches.
+_BATCH_RID_TAIL: Final = b'","items":['
+_BATCH_RID_MAX: Final = STRUCTS["Batch"].by_name[protocol.REQUEST_ID_FIELD].max_len
 # By the op's bytes: the op (the protocol's own str) and its request's structure.
 _BATCH_REQUEST: Final[dict[bytes, tuple[str, _Structure]]] = {
     op.encode("ascii"): (op, _STRUCTURES[protocol.ENDPOINT_BY_OP[op].request])
@@ -431,6 +435,34 @@ def batch(raw: bytes) -> tuple[str | None, list[BatchRun]] | None:
         pos = m.end()
     runs = _runs(raw, pos)
     return None if runs is None else (rid, runs)
+
+
+def one_run(raw: bytes) -> tuple[str | None, str, Decoded, tuple[str, ...], list[Any]] | None:
+    """A batch body whose items are all one run that repeats the last batch's first head
+    (_FIRST), each item without a token of its own (the module's spelling): its request id
+    (None: not in the body; else valid) and that run (op, request, names, values: as
+    BatchRun's), read in C (_hot.scan_batch); None for any other body (batch() then decodes
+    it). The run's request is _FIRST's own dict: read it, never change it."""
+    first = _FIRST[0]
+    if first is None or first[2] is not None:
+        return None
+    head, op, _, s, request = first
+    values: list[Any] = []
+    found = scan_batch(
+        raw,
+        _BATCH_HEAD,
+        _RID_HEAD,
+        _BATCH_RID_TAIL,
+        _RID_BYTES,
+        _BATCH_RID_MAX,
+        head,
+        s.last,
+        s.mids,
+        values,
+    )
+    if found is None:
+        return None
+    return found[0], op, request, s.names, values
 
 
 def _runs(raw: bytes, pos: int) -> list[BatchRun] | None:

@@ -374,3 +374,30 @@ def test_repeated_request_id_bodies_agree_with_the_generic_path(struct: str) -> 
             got["key"] = "changed"  # a consumer's change reaches no other body
     assert taken > 50
     assert fast(raw) == _generic(struct, raw)
+
+
+def test_one_run_agrees_with_the_generic_path() -> None:
+    """A batch that repeats the last batch's first head in every item (fastjson.one_run, the
+    batch's direct path) is exactly the generic path's one run of those items, mutated any way."""
+    head = b'{"token":"' + TOKEN.encode() + b'","key":"' + KEY.encode()
+    head += b'","mechanism":"CKM_SHA256_HMAC","data":"'
+    good = _batch_body([("sign", None, head + t) for t in (b'QQ=="}', b'QUI="}', b'"}')])
+    raw = b'{"request_id":"r-1",' + good[1:]
+    rng = random.Random(21)
+    taken = 0
+    for m in [raw, good, *_mutations(raw, rng, 3000)]:
+        assert fastjson.batch(good) is not None  # primes _FIRST
+        found = fastjson.one_run(m)
+        if found is None:
+            continue
+        taken += 1
+        rid, op, request, names, values = found
+        generic = decode_generic("Batch", m)
+        assert generic.get("request_id") == rid
+        want = _batch_generic(b'{"items":' + json.dumps(generic["items"]).encode() + b"}")
+        assert want is not None and len(want) == len(values)
+        for (wop, wtoken, wbody), value in zip(want, values, strict=True):
+            body = dict(request)
+            fastjson.put(body, names, value)
+            assert (wop, wtoken, wbody) == (op, None, body)
+    assert taken > 10  # (the two unchanged bodies, and mutations that stay valid)

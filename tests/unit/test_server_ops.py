@@ -23,6 +23,7 @@ from pkcs11ws.server._hot import (
     mac_answer,
     mac_equals,
     mac_run,
+    scan_batch,
     scan_run,
     scan_single,
     verify_run,
@@ -205,3 +206,32 @@ def test_mac_answer_and_mac_equals_are_hmac() -> None:
         assert mac_equals(state, data, mac[:16]) is False
         assert mac_equals(state, data, mac + b"\x00") is False
         assert mac_equals(state, data + b"!", mac) is False
+
+
+def test_scan_batch_takes_only_one_whole_run() -> None:
+    allowed = bytes(c in b"abc-" for c in range(256))
+    last = (("data", b64_canonical, 0),)
+    bare, rid_head, rid_tail = b'{"items":[', b'{"id":"', b'","items":['
+    head = b'{"op":"sign","request":{"key":"k","data":"'
+    item = head + b'QQ=="}}'
+    args = (bare, rid_head, rid_tail, allowed, 4, head, last, ())
+
+    def scan(raw: bytes) -> tuple[object, list[object]]:
+        values: list[object] = []
+        return scan_batch(raw, *args, values), values
+
+    assert scan(bare + item + b"," + item.replace(b"QQ==", b"") + b"]}") == ((None,), [b"A", b""])
+    assert scan(rid_head + b"ab" + rid_tail + item + b"]}") == (("ab",), [b"A"])
+    for odd in (
+        bare + b"]}",  # no item
+        bare + item + b"," + item.replace(b'"k"', b'"j"') + b"]}",  # an item off the run
+        bare + item + b"," + item + b",]}",
+        bare + item + b"]} ",
+        bare + item + b"}",
+        bare + item.replace(b"QQ==", b"QR==") + b"]}",  # non-canonical base64
+        rid_head + b"a b" + rid_tail + item + b"]}",  # a byte the table refuses
+        rid_head + b"abcab" + rid_tail + item + b"]}",  # over rid_max
+        rid_head + rid_tail + item + b"]}",  # an empty id
+        b'{"items":[ ' + item + b"]}",
+    ):
+        assert scan(odd)[0] is None, odd

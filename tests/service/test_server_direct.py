@@ -1,18 +1,23 @@
-"""The single keyed request's direct path (server/single.py: a request in the module's spelling
-whose bytes after its request id repeat the previous request's up to its trailing values is
-answered from that request's decoded head, an HMAC sign or verify in C), attacked over real
-mutual TLS.
+"""The keyed requests' direct paths (server/direct.py), attacked over real mutual TLS.
 
-Each request is sent twice: right after a request with the same token (the direct path) and
-right after one with another token of the same card (decoded in full): the answers must be the
-same bytes and each refusal must have the same audit line. Between requests the state changes
-as an attacker would have it: another identity's connection, a revoked grant, an ended
-session, a destroyed key and a new key in its place.
+- A single request in the module's spelling whose bytes after its request id repeat the
+  previous request's up to its trailing values is answered from that request's decoded head,
+  an HMAC sign or verify in C. Each request is sent twice: right after a request with the same
+  token (the direct path) and right after one with another token of the same card (decoded in
+  full): the answers must be the same bytes and each refusal must have the same audit line.
+- A batch whose items all repeat the previous batch's first item up to their trailing values
+  (fastjson.one_run) is answered from one verdict, its HMAC items in C. Each batch is sent twice
+  in the module's spelling (the first primes the head, the second takes the direct path) and
+  once spaced out (the generic decoder): the same answers, and each refused item its audit line.
+
+Between requests the state changes as an attacker would have it: another identity's
+connection, a revoked grant, an ended session, a destroyed key and a new key in its place.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import json
 import uuid
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pkcs11ws import protocol
+from pkcs11ws.server import fastjson
 from tests.support.people import HMAC_VALUE, PASS, Who
 from tests.support.service import Api, Service, b64, issue_client, new_idem
 
@@ -234,3 +240,160 @@ def test_direct_path_after_a_grant_revoked_a_key_destroyed_and_replaced(
         assert len(lines) == 1
     finally:
         erin.close()
+
+
+def batch_raw(rid: str, items: list[dict[str, Any]], compact: bool = True) -> bytes:
+    body = {protocol.REQUEST_ID_FIELD: rid, "items": items}
+    return json.dumps(body, separators=(",", ":") if compact else (", ", ": ")).encode()
+
+
+def item(op: str, token: str, fields: list[tuple[str, str]]) -> dict[str, Any]:
+    """A batch item in the module's spelling: its token in its request."""
+    return {"op": op, "request": {protocol.TOKEN_FIELD: token, **dict(fields)}}
+
+
+def batch3(svc: Service, api: Api, items: list[dict[str, Any]]) -> list[tuple[int, bytes]]:
+    """The batch's (status, answer bytes) per item, sent in the module's spelling twice (the
+    second repeats the first's head: the direct path's spelling, checked with fastjson itself)
+    and spaced out: all three equal, with the same audit lines (one per refused item)."""
+    rids = ["db-" + uuid.uuid4().hex[:12] for _ in range(3)]
+    raws = [batch_raw(rids[0], items), batch_raw(rids[1], items), batch_raw(rids[2], items, False)]
+    assert fastjson.batch(raws[0]) is not None
+    one = fastjson.one_run(raws[1])
+    assert one is not None and len(one[4]) == len(items)
+    got = []
+    for raw in raws:
+        r = api.request("POST", protocol.BATCH_PATH, raw)
+        assert r.status == 200, r.body
+        got.append([(x["status"], json.dumps(x["answer"], separators=(",", ":")).encode())
+                    for x in r.json["results"]])  # fmt: skip
+    assert got[0] == got[1] == got[2]
+    lines = [audit_lines(svc, rid) for rid in rids]
+    for x in (*lines[0], *lines[1], *lines[2]):
+        del x["request"]
+    assert lines[0] == lines[1] == lines[2]
+    assert [x["code"] for x in lines[0]] == [code(a) for a in got[0] if a[0] >= 300]
+    return got[0]
+
+
+def test_direct_batch_answers_as_the_full_path(people: dict[str, Who], service: Service) -> None:
+    a, b = people["alice"], people["bob"]
+    datas = [b"", b"x", bytes(range(64)), b"y" * 1000, b"x"]
+    macs = [hmac.digest(HMAC_VALUE, d, "sha256") for d in datas]
+    signs = [item("sign", a.token, sign_fields(a.mac, d)) for d in datas]
+    want = [(200, b'{"signature":"' + base64.b64encode(m) + b'"}') for m in macs]
+    assert batch3(service, a.api, signs) == want
+    verifies = [
+        item("verify", a.token, verify_fields(a.mac, d, m))
+        for d, m in zip(datas, macs, strict=True)
+    ]
+    assert batch3(service, a.api, verifies) == [(200, b'{"valid":true}')] * len(datas)
+    # Wrong MACs inside the run: each refused alone, with its audit line.
+    bad = list(macs)
+    bad[1] = bytes([bad[1][0] ^ 1]) + bad[1][1:]
+    bad[3] = bad[3][:16]
+    bad[4] = hmac.digest(b"k" * 32, datas[4], "sha256")
+    wrong = [
+        item("verify", a.token, verify_fields(a.mac, d, m)) for d, m in zip(datas, bad, strict=True)
+    ]
+    assert [code(x) for x in batch3(service, a.api, wrong)] == [
+        200, "SIGNATURE_INVALID", 200, "SIGNATURE_LEN_RANGE", "SIGNATURE_INVALID"
+    ]  # fmt: skip
+    # alice's batch on bob's connection (her token, her key): refused item by item, as bob.
+    got = batch3(service, b.api, signs)
+    assert [code(x) for x in got] == ["NOT_ACTIVATED"] * len(datas)
+    rid = "db-" + uuid.uuid4().hex[:12]
+    r = b.api.request("POST", protocol.BATCH_PATH, batch_raw(rid, signs))
+    assert r.status == 200
+    assert [(x["client"], x["code"]) for x in audit_lines(service, rid)] == (
+        [(b.name, "NOT_ACTIVATED")] * len(datas)
+    )
+    # An AES key, another card's key, a missing key: the verdict refuses the whole run.
+    for key, why in ((a.aes, "KEY_TYPE_INCONSISTENT"), (b.mac, "KEY_NOT_FOUND")):
+        run = [item("sign", a.token, sign_fields(key, d)) for d in datas[:3]]
+        assert [code(x) for x in batch3(service, a.api, run)] == [why] * 3
+    # More items than batch.max_items (64): the batch is refused whole, both ways.
+    many = [item("sign", a.token, sign_fields(a.mac, bytes([i]))) for i in range(65)]
+    for _ in range(2):
+        r = a.api.request("POST", protocol.BATCH_PATH, batch_raw("db-many", many))
+        assert (r.status, r.code) == (413, "BATCH_TOO_LARGE")
+
+
+def test_direct_batch_after_a_session_ended_a_key_destroyed_and_replaced(
+    people: dict[str, Who], service: Service
+) -> None:
+    a = people["alice"]
+    token = a.api.activate(a.card, PASS)
+    key = a.api.import_key(a.card, token, 0x2B, HMAC_VALUE)
+    datas = [bytes([i]) * 8 for i in range(4)]
+    macs = [base64.b64encode(hmac.digest(HMAC_VALUE, d, "sha256")) for d in datas]
+    want = [(200, b'{"signature":"' + m + b'"}') for m in macs]
+    signs = [item("sign", token, sign_fields(key, d)) for d in datas]
+    assert batch3(service, a.api, signs) == want
+    path = f"{CARDS}/{a.card}/objects/{key}"
+    assert a.api.delete(path, token=token, idem=new_idem()).status == 200
+    assert [code(x) for x in batch3(service, a.api, signs)] == ["KEY_NOT_FOUND"] * 4
+    value = bytes(reversed(HMAC_VALUE))
+    new = a.api.import_key(a.card, token, 0x2B, value)
+    raw_macs = [hmac.digest(HMAC_VALUE, d, "sha256") for d in datas]
+    old = [
+        item("verify", token, verify_fields(new, d, m))
+        for d, m in zip(datas, raw_macs, strict=True)
+    ]
+    assert [code(x) for x in batch3(service, a.api, old)] == ["SIGNATURE_INVALID"] * 4
+    assert a.api.post(f"{CARDS}/{a.card}/deactivate", token=token).status == 200
+    renewed = [item("sign", token, sign_fields(new, d)) for d in datas]
+    assert [code(x) for x in batch3(service, a.api, renewed)] == ["NOT_ACTIVATED"] * 4
+
+
+def test_direct_batch_odd_bodies_answer_as_the_generic_decoder(
+    people: dict[str, Who], service: Service
+) -> None:
+    """Batches that repeat a primed run's head and then differ in one item: each answered as
+    when decoded in full (the whole batch refused, or each item answered in its place)."""
+    a = people["alice"]
+    signs = [item("sign", a.token, sign_fields(a.mac, bytes([i]))) for i in range(3)]
+    good = batch_raw("db-odd", signs)
+    last = b'"data":"' + b64(bytes([2])).encode() + b'"}}]}'
+    assert good.endswith(last)
+    cut = good[: -len(last)]
+    odd = {
+        "duplicate data": cut + b'"data":"QQ==","data":"QQ=="}}]}',
+        "an unknown field": cut + b'"data":"QQ==","extra":"x"}}]}',
+        "an item field": cut + b'"data":"QQ=="},"x":1}]}',
+        "non-canonical data": cut + b'"data":"QR=="}}]}',
+        "a number": cut + b'"data":1}}]}',
+        "a huge mac_length": cut + b'"data":"QQ==","mac_length":' + b"9" * 300 + b"}}]}",
+        "an escape": cut + b'"data":"\\u0051Q=="}}]}',
+        "a space": cut + b'"data": "QQ=="}}]}',
+        "trailing bytes": good + b" ",
+        "a second batch": good + b"{}",
+        "no closing bracket": good[:-2] + b"}",
+        "an item token too": good.replace(
+            b'{"op":"sign","request"',
+            b'{"op":"sign","token":"' + a.token.encode() + b'","request"',
+            1,
+        ),
+        "another op": good.replace(b'"op":"sign"', b'"op":"verify"', 1),
+        "a request id twice": good.replace(b'"items"', b'"request_id":"x","items"', 1),
+    }
+    for name, raw in odd.items():
+        got = []
+        for _ in range(2):
+            assert a.api.request("POST", protocol.BATCH_PATH, good).status == 200  # primes
+            r = a.api.request("POST", protocol.BATCH_PATH, raw)
+            got.append((r.status, r.body))
+        assert got[0] == got[1], name
+        spaced = None
+        with contextlib.suppress(ValueError):
+            spaced = json.dumps(json.loads(raw), separators=(", ", ": ")).encode()
+        if spaced is not None and got[0][0] == 200:
+            r = a.api.request("POST", protocol.BATCH_PATH, spaced)
+            assert (r.status, r.body) == got[0], name
+        whole = ("duplicate data", "an item field", "a second batch", "no closing bracket")
+        if name in ("an escape", "a space", "trailing bytes"):  # (JSON as JSON reads it)
+            assert got[0][0] == 200 and b'"status":4' not in got[0][1], (name, got[0])
+        elif name in (*whole, "a request id twice"):
+            assert got[0][0] == 400, (name, got[0])
+        else:  # one item refused in its place, the others answered
+            assert got[0][0] == 200 and got[0][1].count(b'"status":400') == 1, (name, got[0])
