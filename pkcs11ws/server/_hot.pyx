@@ -425,20 +425,27 @@ cdef object _trailing(
             return None
     end[0] = -2
     if k == 1:
-        _, convert, max_len = <tuple>last[0]
-        value = convert(PyBytes_FromStringAndSize(s + at[0], to[0] - at[0]))
-        if value is None or (max_len and len(value) > max_len):
+        return _converted(<tuple>last[0], s + at[0], to[0] - at[0], end, to[0] + 1)
+    got = []
+    for j in range(k):
+        one = _converted(<tuple>last[j], s + at[j], to[j] - at[j], end, -2)
+        if one is None:
             return None
-    else:
-        got = []
-        for j in range(k):
-            _, convert, max_len = <tuple>last[j]
-            one = convert(PyBytes_FromStringAndSize(s + at[j], to[j] - at[j]))
-            if one is None or (max_len and len(one) > max_len):
-                return None
-            got.append(one)
-        value = tuple(got)
+        got.append(one)
     end[0] = to[k - 1] + 1
+    return tuple(got)
+
+
+cdef inline object _converted(
+    tuple field, const char* p, Py_ssize_t n, Py_ssize_t* end, Py_ssize_t ok
+):
+    """A trailing value's bytes through its field's (name, convert, max_len); None when
+    refused (end keeps -2), else end set to ok."""
+    cdef Py_ssize_t max_len = field[2]
+    value = field[1](PyBytes_FromStringAndSize(p, n))
+    if value is None or (max_len and len(value) > max_len):
+        return None
+    end[0] = ok
     return value
 
 

@@ -216,7 +216,10 @@ class BatchPath:
             if audit.REQUEST_ID.get() is not rid:
                 audit.REQUEST_ID.set(rid)
             body = request.copy()
-            fastjson.put(body, names, values[i])
+            if len(names) == 1:
+                body[names[0]] = values[i]  # (fastjson.put inline: the common case)
+            else:
+                fastjson.put(body, names, values[i])
             i += 1
             got: list[Any] = [None]
             parts.append(self._keyed_item(op, token, body, ident, opened, offloaded, parts, got))

@@ -158,6 +158,7 @@ class _Structure:
     one's opening quote."""
 
     __slots__ = (
+        "back",
         "fields",
         "last",
         "match",
@@ -186,6 +187,7 @@ class _Structure:
         k = _trailing(spelled)
         self.last = (self.short_fields or self.fields)[-k:]
         self.names = tuple(name for name, _, _ in self.last)
+        self.back = len(self.last) - 1  # the first trailing value's group: the last's - back
         values = [_TEXT if _kind(f) == "text" else _VALUE[_kind(f)] for f in spelled[-k:]]
         pieces = [values[0].removeprefix(b'"')]
         pieces += [
@@ -202,17 +204,16 @@ class _Structure:
         """The structure's object at raw[pos:], where it ends, and where the group of its first
         trailing value (last) starts when those end the object (short spelling, or no optional
         field), else -1; (None, -1, -1) when it is off this path."""
-        first = 1 - len(self.last)
         if self.short is not None:
             m = self.short(raw, pos)
             if m is not None:  # the full expression's groups and end, but for the Nones
                 groups = m.groups()
-                return _values(groups, self.short_fields), m.end(), m.start(len(groups) + first)
+                return _values(groups, self.short_fields), m.end(), m.start(len(groups) - self.back)
         m = self.match(raw, pos)
         if m is None:
             return None, -1, -1
         groups = m.groups()
-        at = -1 if self.short else m.start(len(groups) + first)
+        at = -1 if self.short else m.start(len(groups) - self.back)
         return _values(groups, self.fields), m.end(), at
 
     def run_value(self, body: Decoded) -> Any:
@@ -504,7 +505,7 @@ def _runs(raw: bytes, pos: int) -> list[BatchRun] | None:
         elif tail is not None and raw.startswith(head, pos):
             t = tail(raw, pos + len(head))
             if t is not None:
-                if len(s.last) == 1:
+                if not s.back:
                     # _values for the one field, inline: a call and a dict merge cost ~4.5k
                     # instructions an item
                     value = convert(t.group(1))
@@ -552,8 +553,8 @@ def _runs(raw: bytes, pos: int) -> list[BatchRun] | None:
             scan = s.scan
             if start == start_at and scan:
                 _FIRST[0] = (head, op, token, s, body.copy())
-            _, convert, max_len = s.last[0]
-            values = [s.run_value(body)]
+            name, convert, max_len = s.last[0]
+            values = [body[name] if not s.back else s.run_value(body)]
             runs.append((op, token, body, s.names, values))
         else:
             tail = None
