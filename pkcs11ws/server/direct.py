@@ -8,7 +8,8 @@ mechanism, then its data (fastjson.RidFirst): a body whose bytes from the end of
 id up to its trailing values repeat the last body decoded in full has that body's token, key
 and mechanism (RidFirst.kept), so only the request id and the trailing values are read (in C),
 and no dict is made for the request. Batch: a body whose items all repeat the last batch's
-first item up to their trailing values (fastjson.one_run, in C), each without an item token.
+first item up to their trailing values (fastjson.one_run, in C): one token for all of them,
+in each item's request (the module's spelling) or as each item's token.
 
 The checks are the full paths' (App._body_claims then CryptoHandlers.crypto_now; a batch run's
 first item in batch_items._keyed_item, then its verdict for the others), in their order and by
@@ -129,12 +130,17 @@ class Direct:
         found = fastjson.one_run(raw)
         if found is None:
             return None
-        rid, op, request, names, values = found
+        rid, (op, token, request, names, values) = found
         service = self._service
-        if op not in self._ops or service._reads_block or len(values) > self._max_items:
+        if op not in self._ops or service._reads_block or names is None or values is None:
             return None
-        token = request.get(_TOKEN)
-        if token is None or _RID in request:  # (an item's own request id: the full path's)
+        if len(values) > self._max_items or _RID in request:  # (an item's own request id)
+            return None
+        if token is None:  # the module's spelling: the token in each item's request
+            token = request.get(_TOKEN)
+            if token is None:
+                return None
+        elif _TOKEN in request:  # given twice: the full path's to refuse
             return None
         try:
             claims = self._token_claims(token, ident)

@@ -438,16 +438,15 @@ def batch(raw: bytes) -> tuple[str | None, list[BatchRun]] | None:
     return None if runs is None else (rid, runs)
 
 
-def one_run(raw: bytes) -> tuple[str | None, str, Decoded, tuple[str, ...], list[Any]] | None:
+def one_run(raw: bytes) -> tuple[str | None, BatchRun] | None:
     """A batch body whose items are all one run that repeats the last batch's first head
-    (_FIRST), each item without a token of its own (the module's spelling): its request id
-    (None: not in the body; else valid) and that run (op, request, names, values: as
-    BatchRun's), read in C (_hot.scan_batch); None for any other body (batch() then decodes
+    (_FIRST): its request id (None: not in the body; else valid) and that run (its values
+    never None), read in C (_hot.scan_batch); None for any other body (batch() then decodes
     it). The run's request is _FIRST's own dict: read it, never change it."""
     first = _FIRST[0]
-    if first is None or first[2] is not None:
+    if first is None:
         return None
-    head, op, _, s, request = first
+    head, op, token, s, request = first
     values: list[Any] = []
     found = scan_batch(
         raw,
@@ -463,7 +462,7 @@ def one_run(raw: bytes) -> tuple[str | None, str, Decoded, tuple[str, ...], list
     )
     if found is None:
         return None
-    return found[0], op, request, s.names, values
+    return found[0], (op, token, request, s.names, values)
 
 
 def _runs(raw: bytes, pos: int) -> list[BatchRun] | None:

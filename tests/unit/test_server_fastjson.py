@@ -391,7 +391,8 @@ def test_one_run_agrees_with_the_generic_path() -> None:
         if found is None:
             continue
         taken += 1
-        rid, op, request, names, values = found
+        rid, (op, token, request, names, values) = found
+        assert names is not None and values is not None and token is None
         generic = decode_generic("Batch", m)
         assert generic.get("request_id") == rid
         want = _batch_generic(b'{"items":' + json.dumps(generic["items"]).encode() + b"}")
