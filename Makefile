@@ -1,6 +1,13 @@
 # Entry points (stable): setup, test, demo, bench, dist. See README.md.
 SHELL := /bin/bash
-PYTHON ?= python3
+# The interpreter ./.venv is built on: Debian's /usr/bin/python3.11 (DEBIAN_PYTHON, which the apt
+# step installs) when it exists, else `python3` from PATH; `make setup PYTHON=...` picks another.
+# Debian's is built with PGO and LTO, an interpreter from pyenv (often first in PATH) by default
+# with neither: ~14 % more CPU per key service request and ~20 % on Python-heavy loops there
+# (bench/results/profile-issue15.md, round 8). It is also what `make dist` ships the client's
+# runtime on, so the tests, the demo and the benchmarks run on the interpreter that ships.
+DEBIAN_PYTHON := /usr/bin/python3.11
+PYTHON ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -58,10 +65,24 @@ apt-backports:
 	  && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get $$o install -y -qq $$missing; \
 	rc=$$?; $$SUDO rm -rf $$d; exit $$rc
 
+# The interpreter chosen for a new venv, into $$py (after `make apt`, so decided in the shell).
+CHOOSE_PYTHON = py='$(PYTHON)'; [ -n "$$py" ] || { py=python3; [ ! -x $(DEBIAN_PYTHON) ] || py=$(DEBIAN_PYTHON); }
+REAL_EXE = -c 'import os, sys; print(os.path.realpath(sys.executable), sys.version.split()[0])'
+
+# An existing venv is kept (never deleted here), but `make setup` says which interpreter it runs
+# on, and how to rebuild it when that is not the one a new venv would get (e.g. one made on
+# pyenv's python3 before DEBIAN_PYTHON became the default).
 venv: $(VENV)/.deps-stamp
+	@$(CHOOSE_PYTHON); \
+	read have hv < <($(PY) $(REAL_EXE)); read want wv < <($$py $(REAL_EXE) 2>/dev/null); \
+	echo "$(VENV) runs Python $$hv ($$have)"; \
+	if [ -n "$$want" ] && [ "$$have" != "$$want" ]; then \
+	  echo "note: a new $(VENV) would run on Python $$wv ($$want); this one is kept."; \
+	  echo "      To switch: rm -rf $(VENV) && make setup"; \
+	fi
 
 $(VENV)/.deps-stamp: pyproject.toml
-	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	@[ -x $(PY) ] || { $(CHOOSE_PYTHON); echo "creating $(VENV) on $$py"; $$py -m venv $(VENV); }
 	$(PIP) install -q --upgrade pip setuptools wheel "Cython>=3.0"
 	@# pycurl from source against the system libcurl (design.md section 3): never the bundled
 	@# wheel, whose own libcurl/OpenSSL crash inside hosts that link the system OpenSSL.
@@ -87,7 +108,7 @@ bench:
 
 # The client tarball dist/pkcs11ws-client-<version>-linux-<arch>.tar.gz (tools/make_dist.py):
 # a runtime on Debian's python3.11 (DIST_PYTHON), to extract at / on an application server.
-DIST_PYTHON ?= /usr/bin/python3.11
+DIST_PYTHON ?= $(DEBIAN_PYTHON)
 dist: venv
 	$(PY) tools/make_dist.py --python $(DIST_PYTHON)
 
