@@ -331,8 +331,10 @@ def test_c_host_under_address_sanitizer(asan_host, own_service, make_api):
     service = own_service
     api = make_api(service)
     supp = Path(__file__).resolve().parent / "c" / "lsan-cpython.supp"
+    # malloc_context_size=2: the suppressions judge a leak by the function that called malloc.
     asan = {
-        "ASAN_OPTIONS": "detect_leaks=1:halt_on_error=1:detect_stack_use_after_return=0",
+        "ASAN_OPTIONS": "detect_leaks=1:halt_on_error=1:detect_stack_use_after_return=0"
+        ":malloc_context_size=2",
         "LSAN_OPTIONS": f"suppressions={supp}:print_suppressions=0",
     }
     live = {"PKCS11WS_CONFIG": str(service.client_cfg), "PKCS11WS_LOGLEVEL": "1", **asan}
