@@ -3,8 +3,8 @@ SHELL := /bin/bash
 # The interpreter ./.venv is built on: Debian's /usr/bin/python3.11 (DEBIAN_PYTHON, which the apt
 # step installs) when it exists, else `python3` from PATH; `make setup PYTHON=...` picks another.
 # Debian's is built with PGO and LTO, an interpreter from pyenv (often first in PATH) by default
-# with neither: ~14 % more CPU per key service request and ~20 % on Python-heavy loops there
-# (bench/results/profile-issue15.md, round 8). It is also what `make dist` ships the client's
+# with neither: ~14 % more CPU in the key service's request handling (in process) and ~20 % on
+# Python-heavy loops there (bench/results/profile-issue15.md, round 8). It is also what `make dist` ships the client's
 # runtime on, so the tests, the demo and the benchmarks run on the interpreter that ships.
 DEBIAN_PYTHON := /usr/bin/python3.11
 PYTHON ?=
