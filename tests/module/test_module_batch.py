@@ -21,7 +21,13 @@ import pytest
 
 from pkcs11ws import constants as C
 from tests.support.p11ctypes import CKError, Module, mechanism
-from tests.support.queued import hmac_key, hmac_sign, queue_signs, queued_hmac_signs
+from tests.support.queued import (
+    hmac_key,
+    hmac_sign,
+    queue_signs,
+    queued_hmac_signs,
+    release_and_join,
+)
 
 HMAC_KEY = b"k" * 32
 
@@ -144,11 +150,7 @@ def test_queued_calls_past_their_deadline_fail_each_without_a_request(
             call.started -= client.timeout + 1  # as if they had waited for TIMEOUT already
         requests = client.transport.stats()["requests"]
     finally:
-        for _ in range(held):
-            group._release(0)
-    for t in threads:
-        t.join(60)
-        assert not t.is_alive(), "a queued C_Sign was never woken"
+        release_and_join(group, held, threads)
     assert [type(e) for e in out] == [CKError] * 4, out
     assert {e.rv for e in out} == {C.CKR_DEVICE_ERROR} and len({id(e) for e in out}) == 4
     assert client.transport.stats()["requests"] == requests

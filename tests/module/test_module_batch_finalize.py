@@ -15,7 +15,7 @@ from typing import Any
 from pkcs11ws import constants as C
 from tests.support.cards import client_card
 from tests.support.p11ctypes import CKError, Module
-from tests.support.queued import hmac_key, hmac_sign, queue_signs
+from tests.support.queued import hmac_key, hmac_sign, queue_signs, release_and_join
 
 HMAC_KEY = b"z" * 32
 
@@ -35,11 +35,7 @@ def test_c_finalize_with_calls_queued_ends_each_with_its_ckr(
     try:
         assert m.call("C_Finalize", None) == C.CKR_OK
     finally:
-        for _ in range(held):
-            group._release(0)
-    for t in threads:
-        t.join(60)
-        assert not t.is_alive(), "a queued C_Sign was never woken"
+        release_and_join(group, held, threads)
     assert [type(e) for e in out] == [CKError] * 4, out
     assert {e.rv for e in out} == {C.CKR_CRYPTOKI_NOT_INITIALIZED}
     assert len({id(e) for e in out}) == 4

@@ -52,6 +52,16 @@ def wait_queued(group: Any, n: int) -> None:
         time.sleep(0.01)
 
 
+def release_and_join(group: Any, held: int, threads: list[threading.Thread]) -> None:
+    """End the test's held slots (hold_slots), so the queued calls leave, and wait (a minute at
+    most each) until every call's thread has ended."""
+    for _ in range(held):
+        group._release(0)
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive(), "a queued call was never woken"
+
+
 def queued_hmac_signs(
     mod: Module, slot: int, key: int, group: Any, datas: list[bytes]
 ) -> list[Any]:
@@ -77,12 +87,7 @@ def queued_hmac_signs(
             t.start()
         wait_queued(group, n)
     finally:
-        for _ in range(held):
-            group._release(0)  # the held slots' "requests" end: the queue leaves as one batch
-        for t in threads:
-            t.join(60)
-    for t in threads:
-        assert not t.is_alive(), "a queued C_Sign was never woken"
+        release_and_join(group, held, threads)  # the queue leaves as one batch
     for s in sessions:
         mod.call("C_CloseSession", s)
     return out

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pkcs11ws.client.group import Call, GroupCommit
-from tests.support.queued import hold_slots, wait_queued
+from tests.support.queued import hold_slots, release_and_join, wait_queued
 
 
 class Sender:
@@ -56,11 +56,7 @@ def _queued(group: GroupCommit, sender: Sender, datas: list[bytes]) -> list[Any]
             threads.append(t)
             wait_queued(group, i + 1)  # the queue's order is the bodies' order
     finally:
-        for _ in range(held):
-            group._release(0)
-    for t in threads:
-        t.join(60)
-        assert not t.is_alive(), "a queued call was never woken"
+        release_and_join(group, held, threads)
     assert group._busy == 0 and group._carried == 0 and not group._queue
     assert group.lane.free and not group._parked
     return out
