@@ -6,7 +6,8 @@
 Starts the key service (one softcard, pinned to the server CPU) and a SoftHSM2 token as the
 bench does (bench/lab.py), then runs `pkcs11-tool -L` pinned to the client CPU for this tree's
 module, the --base module (e.g. a copy of main's built package) and SoftHSM2 in turn, A B C A B
-C..., and prints each one's median and minimum wall time and CPU time (user + system).
+C..., and prints each one's median, minimum and low quantiles (p10, p25) of wall time and CPU
+time (user + system), and the median of this - base per round with a bootstrap interval.
 --callgrind N adds the median instruction count of N runs each under valgrind (no pinning).
 --base-env adds a variable to the base's environment only (e.g. this tree's module as --base with
 SASL_PATH=/nonexistent: what libldap's SASL plug-ins cost a start).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -53,6 +55,22 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int, int, s
         text = rss_file.read().strip().splitlines()
     rss = int(text[-1]) if text and text[-1].isdigit() else 0
     return wall, (ru.ru_utime + ru.ru_stime) * 1e3, rss, p.returncode, out
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """The q-quantile (nearest rank): on a loaded box the low quantiles of alternating runs are
+    the ones least disturbed by the other processes on the client CPU."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _median_ci(diffs: list[float], rounds: int = 1000) -> tuple[float, float]:
+    """A bootstrap 95 % interval of the median of paired differences. Each round ran this and
+    the base next to each other, so a difference cancels most of the box's slow drift; on a
+    loaded box it is the figure that still tells a change of ~1 ms from noise."""
+    rng = random.Random(1)
+    meds = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(rounds))
+    return meds[int(0.025 * rounds)], meds[int(0.975 * rounds) - 1]
 
 
 def _callgrind(cmd: list[str], env: dict[str, str]) -> int:
@@ -114,13 +132,22 @@ def main() -> None:
             w, c = walls[name], cpus[name]
             print(
                 f"  {name:8s} wall median {statistics.median(w):6.1f} ms  min {min(w):6.1f}"
+                f"  p10 {_quantile(w, 0.1):6.1f}  p25 {_quantile(w, 0.25):6.1f}"
                 f"  CPU median {statistics.median(c):6.1f} ms  min {min(c):6.1f}"
+                f"  p10 {_quantile(c, 0.1):6.1f}"
                 f"  RSS {statistics.median(rss[name]) / 1024:.1f} MB"
             )
         if "softhsm" in walls:
             s = statistics.median(walls["softhsm"])
             for name in ("this", "base"):
                 print(f"  {name} / softhsm: {statistics.median(walls[name]) / s:.2f}x")
+        for label, series in (("wall", walls), ("CPU", cpus)):
+            diffs = [a - b for a, b in zip(series["this"], series["base"], strict=True)]
+            low, high = _median_ci(diffs)
+            print(
+                f"  this - base, {label}: paired median {statistics.median(diffs):+.2f} ms"
+                f" (95 % CI {low:+.2f} .. {high:+.2f})"
+            )
         for _ in range(args.callgrind and 1):
             for name, module, e in subjects:
                 counts = [
