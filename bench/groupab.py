@@ -1,15 +1,19 @@
 """Group commit settings side by side: module-c (p11bench -> libpkcs11ws.so -> key service)
 HMAC-SHA256 sign of 64 B at chosen thread counts, once per setting per repetition, the settings
-alternating (A B C A B C ...) so a shared machine's drift hits them alike. Not part of `make
+taking turns as `make bench`'s sweep does (A B C, then C B A: bench/procs.py in_turn), so a
+shared machine's drift hits them alike and no setting always runs first. Not part of `make
 bench`; it is how BATCHINFLIGHT/BATCHSIZE defaults were chosen (bench/results/profile-issue15.md).
 
-Run: python -m bench.groupab [--threads 2,8] [--reps 3] [--seconds 4]
+Run: python -m bench.groupab [--threads 2,8] [--reps 3] [--seconds 4] [--warmup 1]
          [--setting NAME:KEY=VALUE,KEY=VALUE ...]
 A setting's keys are client configuration keys (PKCS11WS_ + key in the environment), e.g.
-`--setting in1:BATCHINFLIGHT=1 --setting in2:BATCHINFLIGHT=2`. Prints, per setting and thread
-count, the medians of ops/s, client and service CPU per operation, calls per request (the
-service's access log: crypto requests in the measured window) and the client's context
-switches per operation.
+`--setting in1:BATCHINFLIGHT=1 --setting in2:BATCHINFLIGHT=2`; a setting with no keys is the
+default configuration, and the same setting under two names is an A/A control (how far two
+runs of one thing differ on this machine). `--seconds 2.5 --warmup 0.3` is the sweep's point.
+Prints, per setting and thread count, the medians of ops/s, client and service CPU per
+operation, calls per request (the service's access log: crypto requests in the measured window)
+and the client's context switches per operation; then, per other setting, its repetitions'
+paired differences from the first setting (median, and in how many repetitions it was higher).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.lab import Lab
-from bench.procs import default_placement
+from bench.procs import default_placement, in_turn
 from bench.runner import Point, run_point
 
 
@@ -51,6 +55,32 @@ def _row(name: str, threads: int, rs: list[dict[str, Any]]) -> str:
     )
 
 
+_PAIRED = (("p50_us", "p50 us"), ("cpu_us_per_op", "client CPU us/op"),
+           ("server_cpu_us_per_op", "service CPU us/op"), ("ops_per_s", "ops/s"))  # fmt: skip
+
+
+def _paired(
+    first: str, others: list[str], threads: list[int], results: dict[tuple[str, int], Any]
+) -> str:
+    """Per other setting and thread count: first's value minus the other's, repetition by
+    repetition (each pair ran next to each other), as the median and the count of repetitions
+    where first's was higher."""
+    head = " | ".join(label for _, label in _PAIRED)
+    lines = [f"| {first} minus | threads | {head} |", "|---|---|" + "---|" * len(_PAIRED)]
+    for t in threads:
+        for other in others:
+            a, b = results[(first, t)], results[(other, t)]
+            cells = []
+            for key, _ in _PAIRED:
+                d = [
+                    float(x.get(key, 0.0)) - float(y.get(key, 0.0))
+                    for x, y in zip(a, b, strict=True)
+                ]
+                cells.append(f"{statistics.median(d):+.1f} ({sum(v > 0 for v in d)}/{len(d)})")
+            lines.append(f"| {other} | {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", default="8")
@@ -69,7 +99,7 @@ def main() -> None:
         results: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for rep in range(args.reps):
             for t in threads:
-                for name, env in settings:
+                for name, env in in_turn(settings, rep):
                     command = base.command
 
                     def with_env(p: Point, command: Any = command, env: Any = env) -> Any:
@@ -97,6 +127,9 @@ def main() -> None:
         for t in threads:
             for name, _ in settings:
                 print(_row(name, t, results[(name, t)]))
+        if len(settings) > 1:
+            print()
+            print(_paired(settings[0][0], [n for n, _ in settings[1:]], threads, results))
 
 
 if __name__ == "__main__":
