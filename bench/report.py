@@ -337,12 +337,43 @@ def per_rep_section(run: dict[str, Any]) -> list[str]:
         rows.append([name.removeprefix("issue 15: "), "; ".join(cells)])
     if not rows:
         return []
+    a_a = back_to_back(run, val)
+    rows += a_a
+    say = (
+        " Where the order turns round, one variant runs twice in a row: the A/A rows are those "
+        "pairs, the same program and settings seconds apart, so they show how far two runs of "
+        "one thing differ here."
+        if a_a
+        else ""
+    )
     return [
         "",
         "Issue 15's targets repetition by repetition (both variants of a pair ran within the same "
-        "repetition; the target is the ratio of the medians above):",
+        f"repetition; the target is the ratio of the medians above).{say}",
         "",
         *_table(["target", "repetitions 1, 2, ..."], rows),
+    ]
+
+
+def back_to_back(
+    run: dict[str, Any], val: dict[tuple[str, int, int], dict[str, Any]]
+) -> list[list[str]]:
+    """Rows of 1-thread p50 for each variant that ran twice in a row where the sweep's order
+    turns round (the last of repetition k is the first of k + 1): later / earlier."""
+    order = run.get("variant_order") or []
+    if not order:
+        return []
+    reps = sorted({k[2] for k in val if k[1] == 1})
+    pairs: dict[str, list[str]] = defaultdict(list)
+    for rep in reps[:-1]:
+        name = order[-1] if rep % 2 == 0 else order[0]
+        x = val.get((name, 1, rep), {}).get("p50_us")
+        y = val.get((name, 1, rep + 1), {}).get("p50_us")
+        if x and y:
+            pairs[name].append(f"{_f(y)} / {_f(x)} = {_f(y / x, 3)}")
+    return [
+        [f"A/A: {name} twice in a row, 1-thread p50, later / earlier", "; ".join(cells)]
+        for name, cells in pairs.items()
     ]
 
 

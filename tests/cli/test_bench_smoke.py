@@ -401,3 +401,26 @@ def test_python_host_thread_churn_reuses_pooled_connections(own_service):
     assert out["errors"] == 0 and out["ops"] > 0, out
     assert out["churn"] == 10 and out["threads_started"] >= 1, out
     assert 0 <= out["module_connects"] <= 2, out  # not one per thread started
+
+
+def test_the_per_repetition_section_shows_the_back_to_back_a_a_pairs():
+    # Where the order turns round (A B, then B A) one variant runs twice in a row: its two
+    # 1-thread p50s, later over earlier, are the noise scale the on/off ratio is read against.
+    results = []
+    for rep, (on, off) in enumerate([(300.0, 250.0), (260.0, 265.0), (240.0, 230.0)]):
+        results += [
+            {**_fake("module-c", 1, 1000, on), "rep": rep},
+            {**_fake("module-c-single", 1, 1000, off), "rep": rep},
+        ]
+    run = {"results": results, "variant_order": ["module-c", "module-c-single"]}
+    lines = report.per_rep_section(run)
+    rows = [x for x in lines if x.startswith("| A/A")]
+    # rep 1 ends with module-c-single (A B), rep 2 starts with it (B A); rep 2 ends with
+    # module-c, rep 3 starts with it.
+    assert rows == [
+        "| A/A: module-c-single twice in a row, 1-thread p50, later / earlier "
+        "| 265.0 / 250.0 = 1.060 |",
+        "| A/A: module-c twice in a row, 1-thread p50, later / earlier | 240.0 / 260.0 = 0.923 |",
+    ]
+    assert not [x for x in report.per_rep_section({"results": results}) if "A/A" in x]
+    assert "twice in a row" in lines[1]
