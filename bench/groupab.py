@@ -14,20 +14,34 @@ Prints, per setting and thread count, the medians of ops/s, client and service C
 operation, calls per request (the service's access log: crypto requests in the measured window)
 and the client's context switches per operation; then, per other setting, its repetitions'
 paired differences from the first setting (median, and in how many repetitions it was higher).
+
+--ir [--n1 100 --n2 400]: instead of timed runs, executed instructions (valgrind's callgrind),
+which a loaded machine does not change: per setting, the client's per C_Sign (p11bench under
+callgrind doing n1 and then n2 signatures, bench/instructions.py) and the key service's per
+request (the service under callgrind, counted while p11bench in that setting does n1 and then
+n2 signatures, bench/service_ir.py's way); each is (Ir(n2) - Ir(n1)) / (n2 - n1), so start-up,
+login and the TLS handshake cancel out. At one thread this is how group commit on and off were
+shown to do the same work (bench/results/profile-issue15-onoff.md). valgrind runs one thread at
+a time: above one thread the figures are those of that mix of lone calls and batches.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+from bench import instructions, service_ir
 from bench.lab import Lab
-from bench.procs import default_placement, in_turn
+from bench.procs import default_placement, free_port, in_turn
 from bench.runner import Point, run_point
+from bench.services import TOKEN_LABEL, KeyService
 
 
 def _setting(text: str) -> tuple[str, dict[str, str]]:
@@ -81,6 +95,95 @@ def _paired(
     return "\n".join(lines)
 
 
+def _service_window(lab: Lab, svc: KeyService, out: Path, env: dict[str, str], n: int,
+                    threads: int) -> int:  # fmt: skip
+    """Ir of the service (under callgrind, writing dumps to out*) while one p11bench process
+    with env signs n times."""
+    before = set(out.parent.glob(out.name + "*"))
+    service_ir._ctl(svc.pid, "-z")
+    cmd = [str(lab.bins["p11bench"]), "--module", lab.module, "--token", TOKEN_LABEL, "--op",
+           "sign64", "--threads", str(threads), "--seconds", "1", "--warmup", "0", "--count",
+           str(n)]  # fmt: skip
+    r = subprocess.run(
+        cmd,
+        env={**os.environ, **lab.module_env(svc.port), **env},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"p11bench failed: {r.stderr[-1500:]}")
+    service_ir._ctl(svc.pid, "-d")
+    deadline = time.monotonic() + 120
+    while True:
+        for f in sorted(set(out.parent.glob(out.name + "*")) - before):
+            m = service_ir._TOTALS.search(f.read_text(errors="replace"))
+            if m is not None:
+                return int(m.group(1))
+        if time.monotonic() > deadline:
+            raise RuntimeError("callgrind wrote no dump")
+        time.sleep(0.5)
+
+
+def ir(
+    args: argparse.Namespace,
+    settings: list[tuple[str, dict[str, str]]],
+    threads: list[int],
+    lab: Lab,
+    work: Path,
+    stack: contextlib.ExitStack,
+) -> None:
+    """--ir: client instructions per C_Sign and service instructions per request, per setting."""
+    n1, n2 = args.n1, args.n2
+    instructions.instructions(lab, "sign64", n1, work / "cg.w", 1)  # warm: a fresh build's caches
+    client: dict[tuple[str, int], list[float]] = {}
+    for rep in range(args.reps):
+        for t in threads:
+            for name, env in in_turn(settings, rep):
+                a = instructions.instructions(lab, "sign64", n1, work / "cg.a", t, env)
+                b = instructions.instructions(lab, "sign64", n2, work / "cg.b", t, env)
+                client.setdefault((name, t), []).append((b - a) / (n2 - n1))
+                print(f"rep {rep} {name} x{t}: client {client[(name, t)][-1]:,.0f} Ir per C_Sign",
+                      flush=True)  # fmt: skip
+    assert lab.service is not None and lab.ksd is not None
+    lab.service.stop()
+    out = work / "cg.service"
+    svc = stack.enter_context(
+        KeyService(
+            lab.ksd,
+            1,
+            None,
+            "service-cg",
+            free_port(),
+            (*service_ir._VALGRIND, f"--callgrind-out-file={out}"),
+            600,
+        )
+    )
+    service_ir._ctl(svc.pid, "-i", "on")
+    _service_window(lab, svc, out, {}, 20, 1)  # warm: first-use imports, caches
+    service: dict[tuple[str, int], list[float]] = {}
+    for rep in range(args.reps):
+        for t in threads:
+            for name, env in in_turn(settings, rep):
+                a = _service_window(lab, svc, out, env, n1, t)
+                b = _service_window(lab, svc, out, env, n2, t)
+                service.setdefault((name, t), []).append((b - a) / (n2 - n1))
+                print(f"rep {rep} {name} x{t}: service {service[(name, t)][-1]:,.0f} Ir per "
+                      "signature", flush=True)  # fmt: skip
+    print()
+    print("| setting | threads | client Ir per C_Sign, median (each rep) | service Ir per "
+          "signature, median (each rep) |")  # fmt: skip
+    print("|---|---|---|---|")
+    for t in threads:
+        for name, _ in settings:
+            cells = []
+            for per in (client[(name, t)], service[(name, t)]):
+                each = " ".join(f"{x / 1000:.1f}k" for x in per)
+                cells.append(f"{statistics.median(per) / 1000:.1f}k ({each})")
+            print(f"| {name} | {t} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", default="8")
@@ -88,6 +191,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--setting", action="append", default=[])
+    ap.add_argument("--ir", action="store_true", help="instructions (callgrind), not timed runs")
+    ap.add_argument("--n1", type=int, default=100)
+    ap.add_argument("--n2", type=int, default=400)
     args = ap.parse_args()
     settings = [_setting(s) for s in args.setting] or [("default", {})]
     threads = [int(t) for t in args.threads.split(",")]
@@ -95,6 +201,9 @@ def main() -> None:
         lab = Lab(Path(work), default_placement(), stack)
         lab.start_service_only()
         assert lab.service is not None
+        if args.ir:
+            ir(args, settings, threads, lab, Path(work), stack)
+            return
         base = lab.module_variant(lab.service)
         results: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for rep in range(args.reps):

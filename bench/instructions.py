@@ -28,10 +28,13 @@ from bench.procs import default_placement
 from bench.services import TOKEN_LABEL
 
 
-def instructions(lab: Lab, op: str, n: int, out: Path, threads: int = 1) -> int:
-    """Ir of one p11bench process doing n operations."""
+def instructions(
+    lab: Lab, op: str, n: int, out: Path, threads: int = 1, extra: dict[str, str] | None = None
+) -> int:
+    """Ir of one p11bench process doing n operations (extra: more environment, e.g. a client
+    setting PKCS11WS_BATCHINFLIGHT=0, bench/groupab.py --ir)."""
     assert lab.service is not None
-    env = {**os.environ, **lab.module_env(lab.service.port)}
+    env = {**os.environ, **lab.module_env(lab.service.port), **(extra or {})}
     cmd = [
         "valgrind",
         "--tool=callgrind",
