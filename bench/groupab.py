@@ -23,12 +23,19 @@ n2 signatures, bench/service_ir.py's way); each is (Ir(n2) - Ir(n1)) / (n2 - n1)
 login and the TLS handshake cancel out. At one thread this is how group commit on and off were
 shown to do the same work (bench/results/profile-issue15-onoff.md). valgrind runs one thread at
 a time: above one thread the figures are those of that mix of lone calls and batches.
+
+--together: the first two settings' p11bench processes run at the same time (--threads each,
+pinned to the client CPU, the one started first alternating), so a drift of the machine hits
+both at once; prints their paired differences in client CPU per operation, p50 and operations.
+The two share the client CPU and the service, so this compares the settings' own cost, not
+their latency alone (their p50s move together); `--setting on: --setting on2:` is the A/A.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import subprocess
@@ -184,6 +191,62 @@ def ir(
             print(f"| {name} | {t} | " + " | ".join(cells) + " |")
 
 
+def together(
+    args: argparse.Namespace, settings: list[tuple[str, dict[str, str]]], threads: list[int],
+    lab: Lab,
+) -> list[str]:  # fmt: skip
+    """--together: the first two settings run at the same time, repetition by repetition;
+    returns the table's rows."""
+    assert lab.service is not None
+    (a_name, a_env), (b_name, b_env) = settings[0], settings[1]
+    cpu = lab.placement.client
+
+    def start(env: dict[str, str], t: int) -> subprocess.Popen[str]:
+        cmd = [str(lab.bins["p11bench"]), "--module", lab.module, "--token", TOKEN_LABEL,
+               "--op", "sign64", "--threads", str(t), "--seconds", str(args.seconds),
+               "--warmup", str(args.warmup)]  # fmt: skip
+        assert lab.service is not None
+        return subprocess.Popen(
+            ["taskset", "-c", cpu, *cmd] if cpu else cmd,
+            env={**os.environ, **lab.module_env(lab.service.port), **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+
+    def result(p: subprocess.Popen[str]) -> dict[str, Any]:
+        out, _ = p.communicate(timeout=120 + args.seconds)
+        lines = out.strip().splitlines()
+        if p.returncode != 0 or not lines:
+            raise RuntimeError(f"p11bench failed (exit {p.returncode})")
+        r: dict[str, Any] = json.loads(lines[-1])
+        return r
+
+    keys = (("cpu_us_per_op", "client CPU us/op"), ("p50_us", "p50 us"), ("ops", "operations"))
+    rows = []
+    for t in threads:
+        diffs: dict[str, list[float]] = {k: [] for k, _ in keys}
+        for rep in range(args.reps):
+            if rep % 2 == 0:
+                pa = start(a_env, t)
+                pb = start(b_env, t)
+            else:
+                pb = start(b_env, t)
+                pa = start(a_env, t)
+            ra, rb = result(pa), result(pb)
+            for k, _ in keys:
+                diffs[k].append(float(ra[k]) - float(rb[k]))
+            print(f"rep {rep} x{t}: {a_name} / {b_name}: client {ra['cpu_us_per_op']:.1f} / "
+                  f"{rb['cpu_us_per_op']:.1f} us/op, p50 {ra['p50_us']:.1f} / "
+                  f"{rb['p50_us']:.1f} us, ops {ra['ops']} / {rb['ops']}", flush=True)  # fmt: skip
+        cells = [
+            f"{statistics.median(d):+.1f} ({sum(v > 0 for v in d)}/{len(d)})"
+            for d in diffs.values()
+        ]
+        rows.append(f"| {a_name} minus {b_name}, together | {t} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", default="8")
@@ -194,6 +257,7 @@ def main() -> None:
     ap.add_argument("--ir", action="store_true", help="instructions (callgrind), not timed runs")
     ap.add_argument("--n1", type=int, default=100)
     ap.add_argument("--n2", type=int, default=400)
+    ap.add_argument("--together", action="store_true", help="the first two settings at once")
     args = ap.parse_args()
     settings = [_setting(s) for s in args.setting] or [("default", {})]
     threads = [int(t) for t in args.threads.split(",")]
@@ -203,6 +267,16 @@ def main() -> None:
         assert lab.service is not None
         if args.ir:
             ir(args, settings, threads, lab, Path(work), stack)
+            return
+        if args.together:
+            if len(settings) < 2:
+                raise SystemExit("--together needs two settings")
+            rows = together(args, settings, threads, lab)
+            print()
+            print("| paired differences: median (reps where the first was higher) | threads"
+                  " | client CPU us/op | p50 us | operations |")  # fmt: skip
+            print("|---|---|---|---|---|")
+            print("\n".join(rows))
             return
         base = lab.module_variant(lab.service)
         results: dict[tuple[str, int], list[dict[str, Any]]] = {}
