@@ -424,3 +424,26 @@ def test_the_per_repetition_section_shows_the_back_to_back_a_a_pairs():
     ]
     assert not [x for x in report.per_rep_section({"results": results}) if "A/A" in x]
     assert "twice in a row" in lines[1]
+
+
+def test_groupab_pairs_each_setting_with_the_first_repetition_by_repetition():
+    # bench/groupab.py's last table: per other setting, the first setting's value minus its
+    # own in the same repetition (median, and in how many repetitions the first was higher).
+    from bench import groupab
+
+    assert groupab._setting("off:BATCHINFLIGHT=0, batchsize=4") == (
+        "off",
+        {"PKCS11WS_BATCHINFLIGHT": "0", "PKCS11WS_BATCHSIZE": "4"},
+    )
+    assert groupab._setting("on:") == ("on", {})
+
+    def r(p50: float, cpu: float) -> dict[str, float]:
+        return {"p50_us": p50, "cpu_us_per_op": cpu, "server_cpu_us_per_op": 0.0, "ops_per_s": 1}
+
+    results = {
+        ("on", 1): [r(250, 100), r(240, 99), r(260, 101)],
+        ("off", 1): [r(230, 100), r(245, 98), r(250, 100)],
+    }
+    text = groupab._paired("on", ["off"], [1], results)
+    row = text.splitlines()[-1]
+    assert row.startswith("| off | 1 | +10.0 (2/3) | +1.0 (2/3) | +0.0 (0/3) | +0.0 (0/3) |")
