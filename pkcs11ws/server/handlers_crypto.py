@@ -164,7 +164,7 @@ class CryptoHandlers:
         self._marks = type(store).change_mark is not Store.change_mark
         self._verdicts: dict[_VerdictKey, _Verdict] = {}
         self._verdicts_mark: object = None
-        self._mark_read = False  # the mark was read in this turn of the event loop
+        self._mark_read = False  # a costly mark was read in this turn of the event loop
 
     async def _found(self, claims: TokenClaims, handle: str) -> tuple[bool, ObjectRow | None]:
         """session_object off the event loop (stores whose reads block)."""
@@ -174,16 +174,20 @@ class CryptoHandlers:
 
     def _verdict_cache(self) -> dict[_VerdictKey, _Verdict]:
         """The verdicts still valid now: all of them are dropped when the store's change mark
-        moved. The mark is read at most once per turn of the event loop (the items of a batch
-        and the requests handled in the same turn share it): a request whose bytes arrived
-        after a change committed is always handled in a later turn, so it sees the change."""
-        if not self._mark_read:
-            mark = self.store.change_mark()
+        moved. A cheap mark (Store.cheap_mark: SQLite's wal-index header) is read for every
+        request, after its bytes arrived. A costly one is read at most once per turn of the
+        event loop (the items of a batch and the requests handled in the same turn share it):
+        a request whose bytes arrived after a change committed is handled in a later turn, so
+        it sees the change. (At one request per turn the turn's bookkeeping, a call_soon and
+        its callback, cost more than reading a cheap mark again.)"""
+        store = self.store
+        mark = store.change_mark()
+        if not store.cheap_mark:
             self._mark_read = True
             asyncio.get_running_loop().call_soon(self._turn_over)
-            if mark != self._verdicts_mark:
-                self._verdicts.clear()
-                self._verdicts_mark = mark
+        if mark != self._verdicts_mark:
+            self._verdicts.clear()
+            self._verdicts_mark = mark
         return self._verdicts
 
     def _turn_over(self) -> None:

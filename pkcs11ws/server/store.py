@@ -409,6 +409,11 @@ class Store(abc.ABC):
         store on every request. Read it BEFORE the reads it vouches for."""
         return None
 
+    # True once change_mark has been read and costs no system call and no statement (a few
+    # hundred instructions): the service then reads it for every request (else once per turn
+    # of its event loop, which the requests handled in that turn share).
+    cheap_mark: bool = False
+
     def describe(self) -> str:
         """Where the data is, for logs (no password)."""
         return self.scheme
