@@ -6,6 +6,8 @@ instructions are not, so a hot-path change can be compared before and after even
 part of `make bench` (valgrind is slow: about 20 s per run).
 
 Run: python -m bench.instructions [--op sign64] [--n1 50] [--n2 250] [--runs 3] [--threads 1]
+         [--curl] (libcurl-c: curlbench, its token as a header)
+         [--keep DIR] (the callgrind files, for callgrind_annotate or a per-function diff)
 Prints each run's Ir per op and their median. Runs with an outlier (a reconnection, a slot
 refresh) show up as one value far from the others: take the median.
 """
@@ -29,36 +31,33 @@ from bench.services import TOKEN_LABEL
 
 
 def instructions(
-    lab: Lab, op: str, n: int, out: Path, threads: int = 1, extra: dict[str, str] | None = None
+    lab: Lab,
+    op: str,
+    n: int,
+    out: Path,
+    threads: int = 1,
+    extra: dict[str, str] | None = None,
+    curl: bool = False,
 ) -> int:
     """Ir of one p11bench process doing n operations (extra: more environment, e.g. a client
-    setting PKCS11WS_BATCHINFLIGHT=0, bench/groupab.py --ir)."""
+    setting PKCS11WS_BATCHINFLIGHT=0; curl: of curlbench sending the module's sign request
+    from C instead, the bench's libcurl-c row)."""
     assert lab.service is not None
-    env = {**os.environ, **lab.module_env(lab.service.port), **(extra or {})}
-    cmd = [
-        "valgrind",
-        "--tool=callgrind",
-        f"--callgrind-out-file={out}",
-        str(lab.bins["p11bench"]),
-        "--module",
-        lab.module,
-        "--token",
-        TOKEN_LABEL,
-        "--op",
-        op,
-        "--threads",
-        str(threads),
-        "--seconds",
-        "1",
-        "--warmup",
-        "0",
-        "--count",
-        str(n),
-    ]
+    window = ["--threads", str(threads), "--seconds", "1", "--warmup", "0", "--count", str(n)]
+    if curl:
+        assert lab.ksd is not None and lab.body_file is not None
+        url = f"https://127.0.0.1:{lab.service.port}/crypto/v1/sign"
+        env = {**os.environ, "BENCH_TOKEN": lab.token}
+        gen = [*lab.ksd.curlbench(lab.bins["curlbench"], url, lab.body_file), *window]
+    else:
+        env = {**os.environ, **lab.module_env(lab.service.port), **(extra or {})}
+        gen = [str(lab.bins["p11bench"]), "--module", lab.module, "--token", TOKEN_LABEL]
+        gen += ["--op", op, *window]
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *gen]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
     m = re.search(r"Collected : (\d+)", r.stderr)
     if r.returncode != 0 or m is None:
-        raise RuntimeError(f"p11bench under callgrind failed: {r.stderr[-2000:]}")
+        raise RuntimeError(f"{gen[0]} under callgrind failed: {r.stderr[-2000:]}")
     return int(m.group(1))
 
 
@@ -71,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     # Several threads: valgrind runs one at a time, so how calls meet in group commit differs
     # from a real run; the figure is the client's instructions per operation for that mix.
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--curl", action="store_true", help="curlbench (libcurl-c), not p11bench")
+    ap.add_argument("--keep", type=Path, help="DIR: keep the callgrind files (callgrind_annotate)")
     args = ap.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind is not installed", file=sys.stderr)
@@ -81,10 +82,18 @@ def main(argv: list[str] | None = None) -> int:
         lab.start_service_only(lambda m: print(m, file=sys.stderr))
         per_op = []
         for i in range(args.runs):
-            a = instructions(lab, args.op, args.n1, work / f"cg.{i}.a", args.threads)
-            b = instructions(lab, args.op, args.n2, work / f"cg.{i}.b", args.threads)
+            a = instructions(
+                lab, args.op, args.n1, work / f"cg.{i}.a", args.threads, None, args.curl
+            )
+            b = instructions(
+                lab, args.op, args.n2, work / f"cg.{i}.b", args.threads, None, args.curl
+            )
             per_op.append((b - a) / (args.n2 - args.n1))
             print(f"run {i + 1}: {per_op[-1]:,.0f} Ir per {args.op}", flush=True)
+            if args.keep is not None:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                for part in ("a", "b"):
+                    shutil.copy(work / f"cg.{i}.{part}", args.keep / f"cg.{i}.{part}")
         print(f"median: {statistics.median(per_op):,.0f} Ir per {args.op}")
     return 0
 

@@ -86,6 +86,11 @@ class ServerFields:
     idle: list[Any]
     url: str
 
+class SocketFields:
+    count: int
+    fds: set[int]
+    lock: Any
+
 class Handle:
     curl: Any
     setopt: Any

@@ -105,13 +105,34 @@ cdef CK_RV _unsupported(CK_RV rv) noexcept nogil:
     return rv
 
 
+# The value this thread last gave log.SESSION.session (a C thread-local: its lifetime is the
+# thread's, as is the Python thread-local's value). Setting the Python thread-local costs ~800
+# instructions and touches the thread-state dict, the local's dict and weakref (cold after every
+# wait for an answer: bench/results/profile-issue15-client-cpu.md, round 9); a thread mostly
+# works for one session, so the core sets it only when it changes. The core is the only writer
+# inside the module (log.set_session() is for Python callers, and an unset value reads as 0,
+# the C cache's start).
+cdef extern from *:
+    """
+    static __thread unsigned long p11ws_log_session_set;
+    """
+    unsigned long p11ws_log_session_set
+
+
+cdef inline void _log_session_set(CK_SESSION_HANDLE h):
+    global p11ws_log_session_set
+    if p11ws_log_session_set != h:
+        _log_session.session = h
+        p11ws_log_session_set = h
+
+
 cdef object _prov_s(CK_SESSION_HANDLE h):
     """The provider, for work on behalf of session h (0: none): the log lines it causes carry
-    h (log.set_session, inlined: one attribute set on the thread-local, no Python frame)."""
+    h (log.set_session, inlined: the thread-local set only when it changes, no Python frame)."""
     p = g_provider
     if p is None:
         raise PKCS11Error(CKR_CRYPTOKI_NOT_INITIALIZED)
-    _log_session.session = h
+    _log_session_set(h)
     return p
 
 
@@ -388,7 +409,7 @@ cdef CK_RV _initialize(const char* reserved, bint no_threads) noexcept:
                 path = os.fsdecode(text[7:])
         from pkcs11ws.provider import Provider
 
-        _log_session.session = 0
+        _log_session_set(0)
         g_provider = Provider(path, sys.modules[__name__], no_threads=no_threads)
         return CKR_OK
     except ConfigError as e:
@@ -513,7 +534,7 @@ cdef CK_RV f_Finalize(CK_VOID_PTR pReserved) noexcept nogil:
         g_provider = None
         _digests_clear()
         try:
-            _log_session.session = 0
+            _log_session_set(0)
             if p is not None:
                 p.finalize()
         except BaseException as e:

@@ -19,8 +19,15 @@
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_SIZE
+from cpython.object cimport PyObject
+from cpython.long cimport PyLong_FromUnsignedLong
+from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdio cimport snprintf
+
+cdef extern from "Python.h":
+    # NULL items: the slice is deleted (list.clear() without a method call).
+    int _list_cut "PyList_SetSlice" (object, Py_ssize_t, Py_ssize_t, PyObject*) except -1
 
 from pkcs11ws.errors import ServiceError as _ServiceError
 
@@ -227,6 +234,15 @@ cdef class TransportFields:
     cdef public long long _step_ms      # how far below the time left a handle's timeout may be
 
 
+cdef class SocketFields:
+    """The fields of client/transport.py's _Sockets (its base class): `count` is read twice per
+    request (a C field: no slot descriptor lookup on a cold object)."""
+
+    cdef public Py_ssize_t count        # sockets opened (none in a request: it reused a connection)
+    cdef public set fds
+    cdef public object lock
+
+
 cdef class ServerFields:
     """The fields of client/transport.py's _Server (its base class) that every request reads."""
 
@@ -236,8 +252,7 @@ cdef class ServerFields:
 
 # The transport's pieces (client/transport.py), read on first use like the client's.
 cdef object g_transport = None          # the module: its _PID is renewed in a forked child
-cdef object g_in_curl = None            # _IN_CURL (cleared, never replaced, in a child)
-cdef object g_get_ident = None
+cdef set g_in_curl = None               # _IN_CURL (cleared, never replaced, in a child)
 cdef object g_postfields = None
 cdef object g_response_code = None
 cdef object g_num_connects = None
@@ -250,13 +265,12 @@ cdef Py_ssize_t g_max_idle = 0
 
 
 cdef void _transport_parts():
-    global g_transport, g_in_curl, g_get_ident, g_postfields, g_response_code
+    global g_transport, g_in_curl, g_postfields, g_response_code
     global g_num_connects, g_curl_error, g_finalizing, g_max_idle
     global g_timeout_opt, g_connect_opt, g_url_opt
     from pkcs11ws.client import transport  # loaded with the provider already
 
     g_in_curl = transport._IN_CURL
-    g_get_ident = transport._get_ident
     g_postfields = transport._POSTFIELDS
     g_response_code = transport._RESPONSE_CODE
     g_num_connects = transport._NUM_CONNECTS
@@ -283,6 +297,8 @@ cdef object _request(object t, str path, bytes data, tuple headers, double deadl
     cdef long long ms, full, step
     cdef double left
     cdef Handle conn
+    cdef SocketFields socks
+    cdef Py_ssize_t opened
     cdef TransportFields tf = <TransportFields?>t
     cdef ServerFields server
     if g_transport is None:
@@ -294,7 +310,7 @@ cdef object _request(object t, str path, bytes data, tuple headers, double deadl
     idle = server.idle
     if not idle:
         return t.request("POST", path, data, headers, deadline)
-    me = g_get_ident()
+    me = PyLong_FromUnsignedLong(PyThread_get_thread_ident())  # _thread.get_ident()'s value
     if me in g_in_curl:
         return t.request("POST", path, data, headers, deadline)  # it raises (a nested call)
     if deadline:  # (a batch's: its oldest call's start + TIMEOUT)
@@ -329,7 +345,7 @@ cdef object _request(object t, str path, bytes data, tuple headers, double deadl
                 conn.path = path
             conn.setopt(g_postfields, data)
             chunks = conn.chunks
-            socks = conn.socks
+            socks = <SocketFields?>conn.socks
             opened = socks.count
             try:
                 conn.perform()
@@ -340,8 +356,8 @@ cdef object _request(object t, str path, bytes data, tuple headers, double deadl
             status = conn.getinfo(g_response_code)
             if socks.count != opened:  # a new connection (only then worth asking libcurl)
                 conn.connects += conn.getinfo(g_num_connects)
-            out = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            del chunks[:]
+            out = chunks[0] if PyList_GET_SIZE(chunks) == 1 else b"".join(chunks)
+            _list_cut(chunks, 0, PyList_GET_SIZE(chunks), NULL)
             conn.used = True
             conn.requests += 1
             return status, out

@@ -54,7 +54,7 @@ import pycurl
 
 from pkcs11ws import _os as os  # not os itself: start-up cost (pkcs11ws/_os.py)
 from pkcs11ws._lite import Flag, WeakSet, suppress
-from pkcs11ws._native.core import Handle, ServerFields, TransportFields
+from pkcs11ws._native.core import Handle, ServerFields, SocketFields, TransportFields
 from pkcs11ws.client._curl_boot import pycurl_fix
 from pkcs11ws.config import Config, server_label
 from pkcs11ws.errors import Finalizing, InstallationError
@@ -288,15 +288,16 @@ def _new_share() -> Any:
     return share
 
 
-class _Sockets:
-    """The sockets libcurl has open, per handle, so abort() can shut them down.
+class _Sockets(SocketFields):
+    """The sockets libcurl has open, per handle, so abort() can shut them down (its fields are
+    the core's SocketFields: pkcs11ws/_native/fastpath.pxi).
 
     libcurl reports each socket it opens (SOCKOPTFUNCTION) and lets us close it
     (CLOSESOCKETFUNCTION): both run under the lock, so abort() never shuts down a descriptor
     number that was closed and reused by someone else in the meantime.
     """
 
-    __slots__ = ("count", "fds", "lock")
+    __slots__ = ()
 
     def __init__(self, lock: _thread.LockType) -> None:
         self.fds: set[int] = set()

@@ -326,6 +326,44 @@ def test_log_levels_and_format(bare_mod, service, tmp_path, level):
         assert not log.exists() or log.read_text() == ""
 
 
+def test_one_thread_switching_sessions_logs_each_calls_session(bare_mod, service, tmp_path):
+    # The core gives the log's thread-local session only when it changes (a C copy per
+    # thread): one thread going back and forth between two sessions, and to calls outside any
+    # session, must still name the session of each call.
+    name, text = client_card(service.client_cfg, "sw")
+    log = tmp_path / "switch.log"
+    cfg = write_cfg(tmp_path, service, loglevel="5", logfilepath=str(log))
+    assert bare_mod.initialize(str(cfg)) == C.CKR_OK
+    slot = bare_mod.slot_by_label(name)
+    a, b = bare_mod.open(slot), bare_mod.open(slot)
+    assert bare_mod.login(a, text.encode()) == C.CKR_OK
+    key = bare_mod.create(
+        a,
+        [
+            *KEY_BASE,
+            (C.CKA_CLASS, C.CKO_SECRET_KEY),
+            (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC),
+            (C.CKA_SIGN, True),
+            (C.CKA_VALUE, os.urandom(32)),
+        ],
+    )
+    m, _ = mechanism(C.CKM_SHA256_HMAC)
+    order = [a, b, b, a, 0, a, b, 0, b]
+    n = CK_ULONG()
+    for h in order:
+        if h:
+            bare_mod.ok("C_SignInit", h, byref(m), key)
+            bare_mod.single("C_Sign", h, b"switch")
+        else:
+            bare_mod.ok("C_GetSlotList", 0, None, byref(n))  # no session: a listing request
+    bare_mod.ok("C_Finalize", None)
+    lines = read_log(log)
+    signs = [ln.session for ln in lines if ln.msg.startswith("sign POST /crypto/v1/sign")]
+    assert signs == [h for h in order if h]
+    listings = [ln.session for ln in lines if "list_softcards" in ln.msg]
+    assert listings and set(listings) == {0}
+
+
 # ---- no secret in the log --------------------------------------------------------------------
 
 
