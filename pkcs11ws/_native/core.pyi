@@ -3,6 +3,9 @@
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pkcs11ws.client.transport import Transport
+from pkcs11ws.log import Logger
+
 def slot_update(
     slot_id: int, present: bool, label: bytes, description: bytes, serial: bytes
 ) -> None: ...
@@ -85,6 +88,10 @@ class TransportFields:
 class ServerFields:
     idle: list[Any]
     url: str
+
+class ClientFields:
+    transport: Transport
+    log: Logger
 
 class SocketFields:
     count: int

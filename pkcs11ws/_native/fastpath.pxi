@@ -372,6 +372,31 @@ cdef object _request(object t, str path, bytes data, tuple headers, double deadl
         g_in_curl.discard(me)
 
 
+cdef class ClientFields:
+    """The fields of client/api.py's KeyServiceClient (its base class) that every lone request
+    reads: C fields, so _send_one does not touch the client's instance dict (cold after each
+    wait for an answer)."""
+
+    cdef public object transport        # client/transport.py Transport
+    cdef public object log              # pkcs11ws.log Logger
+
+
+cdef int _put_decimal(char* w, unsigned long long v) noexcept nogil:
+    """v in decimal at w; returns the digits' count (snprintf's ~700 instructions, ~50 here)."""
+    cdef char tmp[24]
+    cdef int n = 0
+    cdef int i
+    while True:
+        tmp[n] = <char>(48 + v % 10)  # "0" + digit
+        n += 1
+        v //= 10
+        if v == 0:
+            break
+    for i in range(n):
+        w[i] = tmp[n - 1 - i]
+    return n
+
+
 cdef object _send_one(object client, int which, bytes body):
     """client._single(name, None, body) (client/api.py) written here, so a lone request runs
     no Python frame between the core and the transport's request() (keep the two alike): the
@@ -383,14 +408,18 @@ cdef object _send_one(object client, int which, bytes body):
     cdef int num_len
     cdef Py_ssize_t fn, bn
     cdef char* w
+    cdef ClientFields cf = <ClientFields?>client
     if g_specs is None:
         _client_parts()
-    if client.log.level >= g_debug3:
+    if cf.log.level >= g_debug3:
         return client._single(_OP_NAME[which], None, body)
     spec = g_specs[which]
     ids = g_ids
     field = <bytes?>ids.field
-    num_len = snprintf(num, sizeof(num), b'%lld",', <long long>next(ids.count))
+    num_len = _put_decimal(num, <unsigned long long>next(ids.count))
+    num[num_len] = b'"'
+    num[num_len + 1] = b","
+    num_len += 2
     fn = PyBytes_GET_SIZE(field)
     bn = PyBytes_GET_SIZE(body)
     data = PyBytes_FromStringAndSize(NULL, fn + num_len + bn - 1)  # body's own "{" dropped
@@ -402,9 +431,9 @@ cdef object _send_one(object client, int which, bytes body):
     try:
         path = g_post_paths[which]
         if path is None:
-            status, raw = client.transport.request(spec.method, spec.path, data, g_base_headers)
+            status, raw = cf.transport.request(spec.method, spec.path, data, g_base_headers)
         else:
-            status, raw = _request(client.transport, <str>path, data, g_base_headers, 0.0)
+            status, raw = _request(cf.transport, <str>path, data, g_base_headers, 0.0)
     except BaseException as failure:
         if not isinstance(failure, g_curl_failure):
             raise

@@ -65,6 +65,7 @@ import time
 
 from pkcs11ws import constants as C
 from pkcs11ws import protocol
+from pkcs11ws._native.core import ClientFields
 from pkcs11ws.client.group import Call, GroupCommit
 from pkcs11ws.client.idempotency import PendingKeys, new_idempotency_key
 from pkcs11ws.client.request_ids import RequestIds, request_id
@@ -109,8 +110,9 @@ REJECTED: Final = "the service refused this client certificate (expired? other C
 _REQUEST_IDS: Final = RequestIds()
 
 
-class KeyServiceClient:
-    """Talks to one key service (HOST:PORT of a Config) with mutual TLS."""
+class KeyServiceClient(ClientFields):
+    """Talks to one key service (HOST:PORT of a Config) with mutual TLS. (`transport` and `log`
+    are the core's ClientFields, read by its lone request: pkcs11ws/_native/fastpath.pxi.)"""
 
     def __init__(
         self,
