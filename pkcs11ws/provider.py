@@ -34,6 +34,7 @@ import time
 from pkcs11ws import _lite, mechanisms
 from pkcs11ws import constants as C
 from pkcs11ws._lite import dataclass
+from pkcs11ws._native.core import ProviderFields
 from pkcs11ws.client import transport
 from pkcs11ws.client.api import KeyServiceClient
 from pkcs11ws.client.idempotency import PendingKeys
@@ -190,8 +191,10 @@ def _usage(attrs: Attrs) -> tuple[bool, bool, bool, bool]:
     )
 
 
-class Provider:
-    """One C_Initialize .. C_Finalize: the configuration, the client, the login state."""
+class Provider(ProviderFields):
+    """One C_Initialize .. C_Finalize: the configuration, the client, the login state. (`fast`,
+    `dir`, `tokens` and `renew_at` are the core's ProviderFields, read by its fast path:
+    pkcs11ws/_native/fastpath.pxi.)"""
 
     def __init__(self, config_path: str | None, native: Native, no_threads: bool = False) -> None:
         cfg = load_config(config_path)

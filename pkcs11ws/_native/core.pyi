@@ -5,6 +5,7 @@ from typing import Any
 
 from pkcs11ws.client.transport import Transport
 from pkcs11ws.log import Logger
+from pkcs11ws.provider import Directory
 
 def slot_update(
     slot_id: int, present: bool, label: bytes, description: bytes, serial: bytes
@@ -88,6 +89,15 @@ class TransportFields:
 class ServerFields:
     idle: list[Any]
     url: str
+
+def set_process(pid: int) -> None: ...
+def process() -> int: ...
+
+class ProviderFields:
+    fast: dict[int, tuple[Any, ...]]
+    dir: Directory
+    tokens: dict[int, str]
+    renew_at: dict[int, float]
 
 class ClientFields:
     transport: Transport

@@ -251,7 +251,23 @@ cdef class ServerFields:
 
 
 # The transport's pieces (client/transport.py), read on first use like the client's.
-cdef object g_transport = None          # the module: its _PID is renewed in a forked child
+cdef object g_transport = None          # the module
+# This process's id: client/transport.py's _PID, which it gives here too (set_process) at
+# import and in a forked child's at-fork hook, so a request compares two C longs.
+cdef long g_pid = 0
+
+
+def set_process(long pid) -> None:
+    """client/transport.py: the process's id, at import and in a forked child."""
+    global g_pid
+    g_pid = pid
+
+
+def process() -> int:
+    """The process id the core's request path compares with (set_process's)."""
+    return g_pid
+
+
 cdef set g_in_curl = None               # _IN_CURL (cleared, never replaced, in a child)
 cdef object g_postfields = None
 cdef object g_response_code = None
@@ -304,7 +320,7 @@ cdef object _request(object t, str path, bytes data, tuple headers, double deadl
     if g_transport is None:
         _transport_parts()
     servers = tf.servers
-    if len(servers) != 1 or tf._pid != <long>g_transport._PID or tf.aborted or tf._closed:
+    if len(servers) != 1 or tf._pid != g_pid or tf.aborted or tf._closed:
         return t.request("POST", path, data, headers, deadline)
     server = <ServerFields?>servers[0]
     idle = server.idle
@@ -451,6 +467,17 @@ cdef object _hand_off(object client, object group, int which, bytes body):
     return (<Group?>group)._run(which, <str>_OP_NAME[which], None, body, client)
 
 
+cdef class ProviderFields:
+    """The fields of pkcs11ws/provider.py's Provider (its base class) that _fast reads on every
+    call: C fields, so the call does not touch the provider's instance dict (cold after each
+    wait for an answer). What they hold is said in Provider.__init__."""
+
+    cdef public dict fast
+    cdef public object dir
+    cdef public dict tokens
+    cdef public dict renew_at
+
+
 cdef object _fast(Call* c, int which, CK_BYTE* sig, CK_ULONG sig_len):
     """The output of c's request (None: verified) made here, or _SLOW (see above)."""
     cdef OpState* op = c.op
@@ -461,10 +488,11 @@ cdef object _fast(Call* c, int which, CK_BYTE* sig, CK_ULONG sig_len):
     cdef int tail_len
     cdef Py_ssize_t size
     cdef char* w
+    cdef ProviderFields p
     if op.prmlen or (kind != PARAM_NONE and kind != PARAM_MAC_LEN):
         return _SLOW
-    p = _prov_s(c.h)
-    found = (<dict?>p.fast).get(op.key)
+    p = <ProviderFields?>_prov_s(c.h)
+    found = p.fast.get(op.key)
     if found is None:
         return _SLOW
     e = <tuple?>found
@@ -472,9 +500,9 @@ cdef object _fast(Call* c, int which, CK_BYTE* sig, CK_ULONG sig_len):
         return _SLOW
     if (<dict?>p.dir.objects).get(op.key) is not e[2]:
         return _SLOW
-    if (<dict?>p.tokens).get(c.slot) is not e[3]:
+    if p.tokens.get(c.slot) is not e[3]:
         return _SLOW
-    renew_at = (<dict?>p.renew_at).get(c.slot)
+    renew_at = p.renew_at.get(c.slot)
     if renew_at is not None and _now() >= <double>renew_at:
         return _SLOW
     if e[7]:  # a _GENERAL mechanism: the MAC length the request asks for

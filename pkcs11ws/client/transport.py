@@ -54,7 +54,13 @@ import pycurl
 
 from pkcs11ws import _os as os  # not os itself: start-up cost (pkcs11ws/_os.py)
 from pkcs11ws._lite import Flag, WeakSet, suppress
-from pkcs11ws._native.core import Handle, ServerFields, SocketFields, TransportFields
+from pkcs11ws._native.core import (
+    Handle,
+    ServerFields,
+    SocketFields,
+    TransportFields,
+    set_process,
+)
 from pkcs11ws.client._curl_boot import pycurl_fix
 from pkcs11ws.config import Config, server_label
 from pkcs11ws.errors import Finalizing, InstallationError
@@ -208,11 +214,13 @@ os.register_at_fork(after_in_child=_IN_CURL.clear)
 # pthread_atfork child handler runs PyOS_AfterFork_Child: loader.c), as Python requires of any
 # C code that forks and goes on running Python.
 _PID = os.getpid()
+set_process(_PID)  # the core's copy, which its request path compares (fastpath.pxi)
 
 
 def _forked() -> None:
     global _PID
     _PID = os.getpid()
+    set_process(_PID)
 
 
 os.register_at_fork(after_in_child=_forked)

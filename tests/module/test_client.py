@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from pkcs11ws import constants as C
+from pkcs11ws._native import core
 from pkcs11ws.client import KeyServiceClient
 from pkcs11ws.config import load_config
 from pkcs11ws.errors import Finalizing, ServiceError, TransportError
@@ -441,6 +442,8 @@ def test_fork_of_a_forked_child_and_fork_from_a_thread(service) -> None:
     # main one included, and each process keeps its own kept-alive connection.
     c = make_client(service)
     c.health()
+    parent = os.getpid()
+    assert core.process() == parent
     outcome: list[int] = []  # the grandchild's exit status, in the child
 
     def grandchild() -> None:
@@ -449,7 +452,7 @@ def test_fork_of_a_forked_child_and_fork_from_a_thread(service) -> None:
             code = 1
             try:
                 ok = c.health()["status"] == "ok" and c.stats()["connects"] == 1
-                code = 0 if ok else 3
+                code = 0 if ok and core.process() == os.getpid() else 3
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
@@ -458,6 +461,8 @@ def test_fork_of_a_forked_child_and_fork_from_a_thread(service) -> None:
     def child() -> str:
         c.health()
         fresh = c.stats() == {"requests": 1, "connects": 1, "failures": 0}
+        # The core's copy of the pid (its lone request's fork check) follows too.
+        fresh = fresh and core.process() == os.getpid() != parent
         t = threading.Thread(target=grandchild)
         t.start()
         t.join(60)
