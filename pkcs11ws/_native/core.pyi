@@ -1,6 +1,6 @@
 """Type stubs for the Cython core (pkcs11ws/_native/core.pyx): the hooks the provider calls."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from pkcs11ws.client.transport import Transport
@@ -98,6 +98,10 @@ class ProviderFields:
     dir: Directory
     tokens: dict[int, str]
     renew_at: dict[int, float]
+
+class RequestIdFields:
+    field: bytes
+    count: Iterator[int]
 
 class ClientFields:
     transport: Transport

@@ -388,6 +388,14 @@ cdef object _request(object t, str path, bytes data, tuple headers, double deadl
         g_in_curl.discard(me)
 
 
+cdef class RequestIdFields:
+    """The fields of client/request_ids.py's RequestIds (its base class) every lone request
+    reads: the body's id field up to the number, and the numbers' iterator."""
+
+    cdef public bytes field
+    cdef public object count
+
+
 cdef class ClientFields:
     """The fields of client/api.py's KeyServiceClient (its base class) that every lone request
     reads: C fields, so _send_one does not touch the client's instance dict (cold after each
@@ -425,13 +433,14 @@ cdef object _send_one(object client, int which, bytes body):
     cdef Py_ssize_t fn, bn
     cdef char* w
     cdef ClientFields cf = <ClientFields?>client
+    cdef RequestIdFields ids
     if g_specs is None:
         _client_parts()
     if cf.log.level >= g_debug3:
         return client._single(_OP_NAME[which], None, body)
     spec = g_specs[which]
-    ids = g_ids
-    field = <bytes?>ids.field
+    ids = <RequestIdFields?>g_ids  # read per request: a forked child renews it in place
+    field = ids.field
     num_len = _put_decimal(num, <unsigned long long>next(ids.count))
     num[num_len] = b'"'
     num[num_len + 1] = b","

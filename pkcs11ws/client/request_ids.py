@@ -15,6 +15,7 @@ import sys
 
 from pkcs11ws import _os as os  # not os itself: start-up cost (pkcs11ws/_os.py)
 from pkcs11ws import protocol
+from pkcs11ws._native.core import RequestIdFields
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at start-up
 if TYPE_CHECKING:
@@ -25,10 +26,11 @@ _SKIP: Final = len(protocol.REQUEST_ID_HEADER) + 2
 _FIELD: Final = b'{"' + protocol.REQUEST_ID_FIELD.encode("ascii") + b'":"'
 
 
-class RequestIds:
+class RequestIds(RequestIdFields):
     """header() makes an X-Request-Id line; a body's id is `field`, next(count), then '",'
-    before the rest of the JSON object (written inline by KeyServiceClient._single and
-    wire.batch_body)."""
+    before the rest of the JSON object (written inline by KeyServiceClient._single,
+    wire.batch_body and the core's lone request; `field` and `count` are the core's
+    RequestIdFields: pkcs11ws/_native/fastpath.pxi)."""
 
     def __init__(self) -> None:
         self.reset()
