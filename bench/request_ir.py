@@ -10,6 +10,13 @@ os.getppid() zeroes the counters (--zero-before), a call of os.getgid() dumps th
 ("before": what the 1-thread latency waits for) and from there to the app's return ("after":
 CPU only). Pieces of the path are timed alone the same way (a loop of calls between markers).
 
+The markers are named by the C library's functions those two calls end in (`getppid`,
+`getgid`: glibc exports them, so callgrind sees their names in any build), not by the
+interpreter's wrappers (`os_getppid`, `os_getgid`: static functions whose names a stripped
+interpreter such as Debian's /usr/bin/python3.11 does not carry; with those names callgrind
+never zeroed nor dumped and the tool ended without a figure). The count of dumps is checked:
+a marker callgrind did not see, or one something else also calls, is an error that says so.
+
 Cases: floor (the floor app), hmac (HMAC-SHA256 sign of 64 B in the module's spelling: the
 request id and the token in the body, client/wire.py and client/request_ids.py), hmac-header
 (the token in an Authorization header, as bench/service_ir.py's hmac case), the refusals
@@ -25,6 +32,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,6 +43,10 @@ from pathlib import Path
 from typing import Any
 
 _TOTALS = re.compile(r"^(?:summary|totals):\s+(\d+)", re.M)
+# glibc's exported functions that os.getppid() and os.getgid() call (see the docstring).
+ZERO_AT, DUMP_AT = "getppid", "getgid"
+CASES = ("floor", "hmac", "hmac-header", "bad-token", "no-key", "bad-json", "batch-1",
+         "batch-4", "batch-16")  # fmt: skip
 PASSPHRASE = b"bench-request-passphrase"  # not a secret: a throw-away card
 
 
@@ -108,6 +120,24 @@ class Caller:
         if marks:
             os.getgid()  # dump: the "after" part
         return out[0]["status"], out[1]["body"]
+
+
+class MarkerError(RuntimeError):
+    """Callgrind's dumps do not match the markers the tool called."""
+
+
+def _expect(got: int, want: int, what: str) -> None:
+    if got == want:
+        return
+    if got == 0:
+        why = (
+            f"callgrind wrote no dump: it did not see the marker functions {ZERO_AT}() and "
+            f"{DUMP_AT}() (run under `valgrind --tool=callgrind --zero-before={ZERO_AT} "
+            f"--dump-before={DUMP_AT}`, as `python -m bench.request_ir` does)"
+        )
+    else:
+        why = f"callgrind wrote {got} dumps, not {want}: something else calls {DUMP_AT}()"
+    raise MarkerError(f"{what}: {why}")
 
 
 def _dumps(prefix: Path) -> list[int]:
@@ -195,6 +225,7 @@ async def _inner(work: Path, n: int, out: Path, pieces: bool, only: list[str]) -
         "batch-4": lambda i: batch(4, i),
         "batch-16": lambda i: batch(16, i),
     }
+    assert tuple(cases) == CASES, "CASES lists the cases"
     if only:
         cases = {k: v for k, v in cases.items() if k in only}
     results: dict[str, tuple[float, float]] = {}
@@ -212,6 +243,7 @@ async def _inner(work: Path, n: int, out: Path, pieces: bool, only: list[str]) -
         ir = _dumps(out)
         new = ir[seen:]
         seen = len(ir)
+        _expect(len(new), 2 * n, f"case {name}")
         before, after = new[0::2], new[1::2]
         results[name] = (statistics.median(before), statistics.median(after))
         print(
@@ -293,6 +325,7 @@ async def _pieces(
         os.getgid()
         ir = _dumps(out)[seen:]
         seen += len(ir)
+        _expect(len(ir), 1, f"piece {name}")
         print(f"  piece {name:32s} {ir[-1] / n:8,.0f}", flush=True)
 
 
@@ -306,18 +339,32 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.inner:
         only = [c for c in args.cases.split(",") if c]
-        asyncio.run(
-            _inner(Path(args.inner), args.n, Path(args.inner) / "cg.out", args.pieces, only)
-        )
+        try:
+            asyncio.run(
+                _inner(Path(args.inner), args.n, Path(args.inner) / "cg.out", args.pieces, only)
+            )
+        except MarkerError as err:
+            print(f"bench.request_ir: {err}", file=sys.stderr)
+            return 2
         return 0
+    unknown = [c for c in args.cases.split(",") if c and c not in CASES]
+    if unknown:
+        print(f"bench.request_ir: unknown cases {unknown}; the cases: {', '.join(CASES)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if shutil.which("valgrind") is None:
+        print("bench.request_ir: valgrind is not installed", file=sys.stderr)
+        return 2
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="pkcs11ws-rq-"))
     work.mkdir(parents=True, exist_ok=True)
+    log = work / "valgrind.log"
     cmd = [
         "valgrind",
         "--tool=callgrind",
-        "--zero-before=os_getppid",
-        "--dump-before=os_getgid",
+        f"--zero-before={ZERO_AT}",
+        f"--dump-before={DUMP_AT}",
         "--collect-atstart=yes",
+        f"--log-file={log}",
         f"--callgrind-out-file={work / 'cg.out'}",
         sys.executable,
         "-m",
@@ -329,7 +376,15 @@ def main(argv: list[str] | None = None) -> int:
         *(["--pieces"] if args.pieces else []),
         *(["--cases", args.cases] if args.cases else []),
     ]
-    r = subprocess.run(cmd, stderr=subprocess.DEVNULL, check=False)
+    # valgrind's own messages go to its log; the measured program's errors reach stderr.
+    r = subprocess.run(cmd, check=False)
+    if r.returncode != 0:
+        tail = log.read_text(errors="replace")[-1500:] if log.exists() else "(no log)"
+        print(
+            f"bench.request_ir: the run under callgrind ended with exit code {r.returncode}"
+            f" (its errors are above; valgrind's log {log} ends):\n{tail}",
+            file=sys.stderr,
+        )
     return r.returncode
 
 
