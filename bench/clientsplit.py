@@ -80,10 +80,11 @@ def _perf_counts(text: str) -> dict[str, int]:
 
 def run(variant: Variant, point: Point, strace: bool, perf: Path | None = None) -> dict[str, Any]:
     cmd, extra = variant.command(point)
+    errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed below; its tail explains a failure)
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=errors,
         stdin=subprocess.PIPE,
         env={**os.environ, **extra},
         cwd=ROOT,
@@ -143,6 +144,17 @@ def run(variant: Variant, point: Point, strace: bool, perf: Path | None = None) 
         proc.stdin.flush()
     proc.stdin.close()
     proc.wait()
+    errors.seek(0)
+    said = errors.read().decode(errors="replace").strip()
+    errors.close()
+    if proc.returncode != 0 or not result:
+        if tracer is not None:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait()
+        raise RuntimeError(
+            f"{variant.name}: the generator failed (exit {proc.returncode}, "
+            f"{'no' if not result else 'a'} result line): {said[-1500:] or '(no output)'}"
+        )
     ops = int(result.get("ops", 0)) or 1
     _, ran = _delta(t0, t1)
     row: dict[str, Any] = {

@@ -210,15 +210,15 @@ def together(
             ["taskset", "-c", cpu, *cmd] if cpu else cmd,
             env={**os.environ, **lab.module_env(lab.service.port), **env},
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
         )
 
     def result(p: subprocess.Popen[str]) -> dict[str, Any]:
-        out, _ = p.communicate(timeout=120 + args.seconds)
+        out, err = p.communicate(timeout=120 + args.seconds)
         lines = out.strip().splitlines()
         if p.returncode != 0 or not lines:
-            raise RuntimeError(f"p11bench failed (exit {p.returncode})")
+            raise RuntimeError(f"p11bench failed (exit {p.returncode}): {err[-1500:]}")
         r: dict[str, Any] = json.loads(lines[-1])
         return r
 

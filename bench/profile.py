@@ -4,6 +4,14 @@ p11bench signs with N threads. Not part of `make bench` (py-spy needs ptrace).
 Run: python -m bench.profile [--threads 8] [--seconds 8] [--out DIR]
 Prints the functions with the most samples (self, and inclusive for a few chosen frames) for
 both processes and writes the raw collapsed stacks (py-spy --format raw) into DIR.
+
+A sample with no Python frame is shown as NO_FRAME: the thread ran C or Cython code that was
+called from C, as the module's core fast path and group commit are (pkcs11ws/_native); py-spy
+sees only Python frames, so the C host's 1-thread calls are mostly that. On a stripped
+interpreter (Debian's /usr/bin/python3.11) py-spy still works (it finds the interpreter's
+exported _PyRuntime), and perf's shares by shared object are unchanged; perf cannot name the
+functions inside python3.11 or libpython3.11.so there (no symbol table; install the
+interpreter's debug symbols, or use a build with them, for `perf report --sort sym`).
 """
 
 from __future__ import annotations
@@ -41,6 +49,9 @@ MARKERS = (
 )
 
 
+NO_FRAME = "(no Python frame: C or Cython code)"
+
+
 def summarize(raw: Path, top: int = 15) -> str:
     """Self (leaf) and inclusive sample counts from py-spy's collapsed stacks."""
     leaf: Counter[str] = Counter()
@@ -51,7 +62,7 @@ def summarize(raw: Path, top: int = 15) -> str:
         if not n.isdigit():
             continue
         count = int(n)
-        frames = stack.split(";")
+        frames = stack.split(";") if stack else [NO_FRAME]
         total += count
         leaf[frames[-1]] += count
         for f in set(frames):
@@ -75,6 +86,8 @@ def perf_dsos(data: Path, top: int = 12) -> str:
         capture_output=True,
         text=True,
     )
+    if r.returncode != 0:
+        return f"{data.name}: perf report failed (exit {r.returncode}): {r.stderr[-300:]}\n"
     rows = [ln.strip() for ln in r.stdout.splitlines() if ln.strip() and not ln.startswith("#")]
     return (
         f"{data.name} (perf, CPU samples by shared object):\n"
@@ -125,57 +138,71 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1.5)  # past boot, login and warm-up
             dur = str(max(1, int(a.seconds - 1)))
             spies = [
-                subprocess.Popen(
-                    [
-                        pyspy,
-                        "record",
-                        "--pid",
-                        str(pid),
-                        "--duration",
-                        dur,
-                        "--rate",
-                        str(a.rate),
-                        "--format",
-                        "raw",
-                        "--nonblocking",
-                        "-o",
-                        str(a.out / f"{name}.txt"),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
+                (
+                    f"py-spy on the {name}",
+                    subprocess.Popen(
+                        [
+                            pyspy,
+                            "record",
+                            "--pid",
+                            str(pid),
+                            "--duration",
+                            dur,
+                            "--rate",
+                            str(a.rate),
+                            "--format",
+                            "raw",
+                            "--nonblocking",
+                            "-o",
+                            str(a.out / f"{name}.txt"),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
+                    ),
                 )
                 for name, pid in (("server", lab.service.pid), ("client", host.pid))
             ]
             perf = shutil.which("perf")
             if perf:
                 spies += [
-                    subprocess.Popen(
-                        [
-                            perf,
-                            "record",
-                            "-e",
-                            "cpu-clock",
-                            "-F",
-                            "999",
-                            "-p",
-                            str(pid),
-                            "-o",
-                            str(a.out / f"{name}.perf"),
-                            "--",
-                            "sleep",
-                            dur,
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.PIPE,
+                    (
+                        f"perf on the {name}",
+                        subprocess.Popen(
+                            [
+                                perf,
+                                "record",
+                                "-e",
+                                "cpu-clock",
+                                "-F",
+                                "999",
+                                "-p",
+                                str(pid),
+                                "-o",
+                                str(a.out / f"{name}.perf"),
+                                "--",
+                                "sleep",
+                                dur,
+                            ],
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE,
+                        ),
                     )
                     for name, pid in (("server", lab.service.pid), ("client", host.pid))
                 ]
-            for spy in spies:
+            for what, spy in spies:
                 _, err = spy.communicate(timeout=a.seconds + 60)
                 if spy.returncode != 0:
-                    print(f"py-spy failed: {err.decode(errors='replace')[-300:]}", file=sys.stderr)
+                    print(
+                        f"bench.profile: {what} failed (exit {spy.returncode}): "
+                        f"{err.decode(errors='replace')[-300:]}",
+                        file=sys.stderr,
+                    )
             out, _ = host.communicate(timeout=120)
-            print(out.decode().splitlines()[-1])
+            lines = out.decode(errors="replace").splitlines()
+            if host.returncode != 0 or not lines:
+                print(f"bench.profile: p11bench failed (exit {host.returncode})", file=sys.stderr)
+                return 1
+            print(lines[-1])
         finally:
             stop_pid(host)
         for name in ("server", "client"):
