@@ -167,15 +167,23 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
     r = subprocess.run(
         cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=1800, check=False
     )
-    result = json.loads(r.stdout.splitlines()[-1]) if r.stdout.strip() else {}
-    if r.returncode != 0 or result.get("errors"):
+    try:
+        result = json.loads(r.stdout.splitlines()[-1]) if r.stdout.strip() else {}
+    except json.JSONDecodeError:
+        result = {}
+    if r.returncode != 0 or not result or result.get("errors"):
         raise RuntimeError(f"curlbench failed: {r.stdout[-500:]} {r.stderr[-1500:]}")
 
 
 def _ctl(pid: int, *args: str) -> None:
-    subprocess.run(
-        ["callgrind_control", *args, str(pid)], capture_output=True, check=True, timeout=600
+    r = subprocess.run(
+        ["callgrind_control", *args, str(pid)], capture_output=True, text=True, timeout=600
     )
+    if r.returncode != 0:
+        raise RuntimeError(
+            f"callgrind_control {' '.join(args)} {pid} failed (exit {r.returncode}; is the "
+            f"process still running under callgrind?): {(r.stdout + r.stderr)[-1000:]}"
+        )
 
 
 def _window(
@@ -313,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--module", action="store_true", help="--cpu: also module-c sign64/ecsign")
     args = ap.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+        print(f"unknown cases {unknown}; the cases: {', '.join(CASES)}", file=sys.stderr)
+        return 2
     if not args.cpu and shutil.which("valgrind") is None:
         print("valgrind is not installed", file=sys.stderr)
         return 1
