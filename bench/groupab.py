@@ -24,9 +24,8 @@ login and the TLS handshake cancel out. At one thread this is how group commit o
 shown to do the same work (bench/results/profile-issue15-onoff.md). valgrind runs one thread at
 a time: above one thread the figures are those of that mix of lone calls and batches.
 Each service window also holds its p11bench's start (C_Initialize, login: ~107M Ir on the
-service, most of it the passphrase's scrypt) which varies by up to ~5M Ir from one process to
-the next: keep n2 - n1 at the default 300 or more (at 40, one setting once read 35.7k for
-~171k per signature).
+service in all), which varies by up to ~5M Ir from one process to the next: keep n2 - n1 at
+the default 300 or more (at 40, one setting once read 35.7k for ~171k per signature).
 
 --together: the first two settings' p11bench processes run at the same time (--threads each,
 pinned to the client CPU, the one started first alternating), so a drift of the machine hits
