@@ -132,7 +132,9 @@ def _service_window(lab: Lab, svc: KeyService, out: Path, env: dict[str, str], n
             if m is not None:
                 return int(m.group(1))
         if time.monotonic() > deadline:
-            raise RuntimeError("callgrind wrote no dump")
+            raise RuntimeError(
+                f"callgrind (pid {svc.pid}) wrote no dump {out}.N within 120 s of -d"
+            )
         time.sleep(0.5)
 
 

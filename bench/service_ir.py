@@ -206,7 +206,7 @@ def _window(
                     shutil.copy(new[-1], keep)
                 return int(m.group(1))
         if time.monotonic() > deadline:
-            raise RuntimeError("callgrind wrote no dump")
+            raise RuntimeError(f"callgrind (pid {pid}) wrote no dump {out}.N within 120 s of -d")
         time.sleep(0.5)
 
 
