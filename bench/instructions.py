@@ -10,6 +10,9 @@ Run: python -m bench.instructions [--op sign64] [--n1 50] [--n2 250] [--runs 3] 
          [--keep DIR] (the callgrind files, for callgrind_annotate or a per-function diff)
 Prints each run's Ir per op and their median. Runs with an outlier (a reconnection, a slot
 refresh) show up as one value far from the others: take the median.
+The totals do not need any symbol. In a kept file, Debian's libpython3.11.so (stripped) names
+only its exported functions (_PyEval_EvalFrameDefault, PyDict_SetItem, ...): its static ones
+are bare offsets (0x...), the same offsets for the same library, so two kept runs still diff.
 """
 
 from __future__ import annotations
