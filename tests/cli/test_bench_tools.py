@@ -24,7 +24,7 @@ def test_request_ir_outside_callgrind_says_no_marker_was_seen(tmp_path):
     # the marker functions, instead of ending with rc 1 and no word (round 8's failure).
     r = _tool("bench.request_ir", "--inner", str(tmp_path), "-n", "2", "--cases", "floor")
     assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "case floor: callgrind wrote no dump" in r.stderr, r.stderr
+    assert "case floor (the dump before it): callgrind wrote no dump" in r.stderr, r.stderr
     assert "--zero-before=getppid --dump-before=getgid" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert r.stdout == ""
