@@ -49,7 +49,7 @@ from typing import Any
 
 from bench import instructions, service_ir
 from bench.lab import Lab
-from bench.procs import default_placement, free_port, in_turn
+from bench.procs import default_placement, in_turn
 from bench.runner import Point, run_point
 from bench.services import TOKEN_LABEL, KeyService
 
@@ -161,17 +161,7 @@ def ir(
     assert lab.service is not None and lab.ksd is not None
     lab.service.stop()
     out = work / "cg.service"
-    svc = stack.enter_context(
-        KeyService(
-            lab.ksd,
-            1,
-            None,
-            "service-cg",
-            free_port(),
-            (*service_ir._VALGRIND, f"--callgrind-out-file={out}"),
-            600,
-        )
-    )
+    svc = stack.enter_context(service_ir.callgrind_service(lab, out))
     service_ir._ctl(svc.pid, "-i", "on")
     _service_window(lab, svc, out, {}, 20, 1)  # warm: first-use imports, caches
     service: dict[tuple[str, int], list[float]] = {}

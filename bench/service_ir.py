@@ -217,17 +217,7 @@ def instructions(
     bodies = _bodies(lab, work)
     lab.service.stop()
     cg_svc, cg_floor = work / "cg.service", work / "cg.floor"
-    svc = stack.enter_context(
-        KeyService(
-            lab.ksd,
-            1,
-            None,
-            "service-cg",
-            free_port(),
-            (*_VALGRIND, f"--callgrind-out-file={cg_svc}"),
-            600,
-        )
-    )
+    svc = stack.enter_context(callgrind_service(lab, cg_svc))
     floor = None
     if "floor" in args.cases:
         floor = stack.enter_context(
@@ -252,6 +242,21 @@ def instructions(
             print(f"run {run + 1} {case}: {results[case][-1]:,.0f} Ir per request", flush=True)
     for case, vals in results.items():
         print(f"{case:10s} median {statistics.median(vals):,.0f} Ir per request")
+
+
+def callgrind_service(lab: Lab, out: Path) -> KeyService:
+    """The lab's key service again, one worker under callgrind (collection off until _ctl turns
+    it on), writing to OUT; enter it as a context manager."""
+    assert lab.ksd is not None
+    return KeyService(
+        lab.ksd,
+        1,
+        None,
+        "service-cg",
+        free_port(),
+        (*_VALGRIND, f"--callgrind-out-file={out}"),
+        600,
+    )
 
 
 def _pid_of(server: KeyService | FloorServer) -> Callable[[], int | None]:

@@ -30,6 +30,7 @@ import pytest
 from pkcs11ws import constants as C
 from tests.support.cards import client_card
 from tests.support.p11ctypes import CK_INFO, CK_ULONG, mechanism
+from tests.support.queued import hmac_key
 from tests.support.service import free_port
 
 LEVELS = ("NONE", "FATAL", "ERROR", "WARNING", "DEBUG1", "DEBUG3", "DEBUG9")
@@ -241,16 +242,7 @@ def session_work(bare_mod, service, name: str, pin: bytes) -> dict[str, int]:
     slot = bare_mod.slot_by_label(name)
     h = bare_mod.open(slot)
     assert bare_mod.login(h, pin) == C.CKR_OK
-    key = bare_mod.create(
-        h,
-        [
-            *KEY_BASE,
-            (C.CKA_CLASS, C.CKO_SECRET_KEY),
-            (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC),
-            (C.CKA_SIGN, True),
-            (C.CKA_VALUE, os.urandom(32)),
-        ],
-    )
+    key = hmac_key(bare_mod, h, os.urandom(32))
     m, _ = mechanism(C.CKM_SHA256_HMAC)
     bare_mod.ok("C_SignInit", h, byref(m), key)
     bare_mod.single("C_Sign", h, b"message")
@@ -337,16 +329,7 @@ def test_one_thread_switching_sessions_logs_each_calls_session(bare_mod, service
     slot = bare_mod.slot_by_label(name)
     a, b = bare_mod.open(slot), bare_mod.open(slot)
     assert bare_mod.login(a, text.encode()) == C.CKR_OK
-    key = bare_mod.create(
-        a,
-        [
-            *KEY_BASE,
-            (C.CKA_CLASS, C.CKO_SECRET_KEY),
-            (C.CKA_KEY_TYPE, C.CKK_SHA256_HMAC),
-            (C.CKA_SIGN, True),
-            (C.CKA_VALUE, os.urandom(32)),
-        ],
-    )
+    key = hmac_key(bare_mod, a, os.urandom(32))
     m, _ = mechanism(C.CKM_SHA256_HMAC)
     order = [a, b, b, a, 0, a, b, 0, b]
     n = CK_ULONG()
