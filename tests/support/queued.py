@@ -62,17 +62,17 @@ def release_and_join(group: Any, held: int, threads: list[threading.Thread]) -> 
         assert not t.is_alive(), "a queued call was never woken"
 
 
-def queued_hmac_signs(
-    mod: Module, slot: int, key: int, group: Any, datas: list[bytes]
-) -> list[Any]:
-    """Each message's C_Sign (HMAC-SHA256, 32 bytes) queued behind the held slots; the
-    signatures, or the CKError a call raised, in the messages' order."""
-    n = len(datas)
-    sessions = [mod.open(slot) for _ in range(n)]
+def _signers(
+    mod: Module, slot: int, key: int, datas: list[bytes]
+) -> tuple[list[int], list[Any], list[threading.Thread]]:
+    """One session per message, each with its HMAC-SHA256 C_SignInit done, and one daemon
+    thread per message (not started) whose C_Sign of 32 bytes puts the signature, or the
+    CKError raised, at the message's place in the outcomes list."""
+    sessions = [mod.open(slot) for _ in datas]
     m, _ = mechanism(C.CKM_SHA256_HMAC)
     for s in sessions:
         mod.ok("C_SignInit", s, byref(m), key)
-    out: list[Any] = [None] * n
+    out: list[Any] = [None] * len(datas)
 
     def sign(i: int) -> None:
         try:
@@ -80,8 +80,18 @@ def queued_hmac_signs(
         except CKError as e:
             out[i] = e
 
+    threads = [threading.Thread(target=sign, args=(i,), daemon=True) for i in range(len(datas))]
+    return sessions, out, threads
+
+
+def queued_hmac_signs(
+    mod: Module, slot: int, key: int, group: Any, datas: list[bytes]
+) -> list[Any]:
+    """Each message's C_Sign (HMAC-SHA256, 32 bytes) queued behind the held slots; the
+    signatures, or the CKError a call raised, in the messages' order."""
+    n = len(datas)
+    sessions, out, threads = _signers(mod, slot, key, datas)
     held = hold_slots(group)
-    threads = [threading.Thread(target=sign, args=(i,), daemon=True) for i in range(n)]
     try:
         for t in threads:
             t.start()
@@ -102,19 +112,7 @@ def queue_signs(
     number of held slots, each to end with group._release(0))."""
     h = mod.open(slot)
     assert hmac_sign(mod, h, key, b"warm") == hmac.digest(key_value, b"warm", hashlib.sha256)
-    sessions = [mod.open(slot) for _ in range(n)]
-    m, _ = mechanism(C.CKM_SHA256_HMAC)
-    for s in sessions:
-        mod.ok("C_SignInit", s, byref(m), key)
-    out: list[Any] = [None] * n
-
-    def sign(i: int) -> None:
-        try:
-            out[i] = mod.single("C_Sign", sessions[i], b"queued %d" % i, 32)
-        except CKError as e:
-            out[i] = e
-
-    threads = [threading.Thread(target=sign, args=(i,), daemon=True) for i in range(n)]
+    _, out, threads = _signers(mod, slot, key, [b"queued %d" % i for i in range(n)])
     held = hold_slots(group)
     for t in threads:
         t.start()
